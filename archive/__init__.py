@@ -1,0 +1,5 @@
+"""The store: SQLite index, encrypted blob storage, ingest. No DICOM networking here."""
+from .crypto import IntegrityError
+from .ingest import Archive, IngestResult, Outcome
+
+__all__ = ["Archive", "IngestResult", "IntegrityError", "Outcome"]

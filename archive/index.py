@@ -1,0 +1,158 @@
+"""The SQLite index: the one source of truth for what the node holds.
+
+WAL journal, `synchronous=FULL`, one writer (a lock), numbered migrations through
+sqlite-utils. The `changes` table is a sequenced log that every consumer tails by `seq`.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import sqlite_utils
+
+migrations = sqlite_utils.Migrations("m3dicom")
+
+
+@migrations(name="0001_initial")
+def _initial(db: sqlite_utils.Database) -> None:
+    db.executescript("""
+    CREATE TABLE patients (
+        pk INTEGER PRIMARY KEY,
+        patient_id TEXT NOT NULL UNIQUE,
+        patient_name TEXT, birth_date TEXT, sex TEXT
+    );
+    CREATE TABLE studies (
+        pk INTEGER PRIMARY KEY,
+        study_uid TEXT NOT NULL UNIQUE,
+        patient_pk INTEGER NOT NULL REFERENCES patients(pk),
+        study_date TEXT, study_time TEXT, accession_number TEXT, study_description TEXT,
+        referring_physician TEXT, study_id TEXT, character_set TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE series (
+        pk INTEGER PRIMARY KEY,
+        series_uid TEXT NOT NULL UNIQUE,
+        study_pk INTEGER NOT NULL REFERENCES studies(pk),
+        modality TEXT, series_number INTEGER, series_description TEXT, body_part TEXT
+    );
+    CREATE TABLE instances (
+        pk INTEGER PRIMARY KEY,
+        sop_instance_uid TEXT NOT NULL UNIQUE,
+        series_pk INTEGER NOT NULL REFERENCES series(pk),
+        sop_class_uid TEXT NOT NULL, instance_number INTEGER, transfer_syntax TEXT NOT NULL,
+        size INTEGER NOT NULL, sha256 TEXT NOT NULL, blob_id TEXT NOT NULL UNIQUE,
+        calling_ae TEXT, received_at REAL NOT NULL
+    );
+    CREATE TABLE changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        instance_pk INTEGER, study_uid TEXT, series_uid TEXT, sop_instance_uid TEXT, blob_id TEXT,
+        time REAL NOT NULL
+    );
+    CREATE INDEX studies_patient ON studies(patient_pk);
+    CREATE INDEX series_study ON series(study_pk);
+    CREATE INDEX instances_series ON instances(series_pk);
+    CREATE INDEX changes_kind ON changes(kind, seq);
+    """)
+
+
+PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL", "PRAGMA foreign_keys=ON",
+           "PRAGMA busy_timeout=10000")
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+    conn.row_factory = sqlite3.Row
+    for pragma in PRAGMAS:
+        conn.execute(pragma)
+    return conn
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    pk: int
+    sop_instance_uid: str
+    sha256: str
+    blob_id: str
+    size: int
+
+
+class Index:
+    """All writes go through one connection under one lock; reads may use their own."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._conn = connect(self.path)
+        migrations.apply(sqlite_utils.Database(self._conn))
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction; committed (and durable) when the block ends."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
+        rows = self.query("SELECT pk, sop_instance_uid, sha256, blob_id, size FROM instances "
+                          "WHERE sop_instance_uid = ?", (sop_instance_uid,))
+        return StoredInstance(*rows[0]) if rows else None
+
+    def blob_ids(self) -> set[str]:
+        return {row[0] for row in self.query("SELECT blob_id FROM instances")}
+
+    def changes_since(self, seq: int, limit: int = 1000) -> list[sqlite3.Row]:
+        return self.query("SELECT * FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
+
+    # -- writes used by ingest (inside `write()`) ---------------------------------------
+
+    @staticmethod
+    def upsert_hierarchy(conn: sqlite3.Connection, header, now: float) -> int:
+        """Create or refresh patient, study and series rows; return the series pk."""
+        a = header.attrs
+        patient_id = a["PatientID"] or ""
+        conn.execute(
+            "INSERT INTO patients (patient_id, patient_name, birth_date, sex) VALUES (?,?,?,?) "
+            "ON CONFLICT(patient_id) DO UPDATE SET patient_name=excluded.patient_name, "
+            "birth_date=excluded.birth_date, sex=excluded.sex",
+            (patient_id, a["PatientName"], a["PatientBirthDate"], a["PatientSex"]))
+        patient_pk = conn.execute("SELECT pk FROM patients WHERE patient_id=?", (patient_id,)).fetchone()[0]
+        conn.execute(
+            "INSERT INTO studies (study_uid, patient_pk, study_date, study_time, accession_number, "
+            "study_description, referring_physician, study_id, character_set, updated_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(study_uid) DO UPDATE SET updated_at=excluded.updated_at",
+            (header.study_uid, patient_pk, a["StudyDate"], a["StudyTime"], a["AccessionNumber"],
+             a["StudyDescription"], a["ReferringPhysicianName"], a["StudyID"], a["SpecificCharacterSet"], now))
+        study_pk = conn.execute("SELECT pk FROM studies WHERE study_uid=?", (header.study_uid,)).fetchone()[0]
+        conn.execute(
+            "INSERT INTO series (series_uid, study_pk, modality, series_number, series_description, "
+            "body_part) VALUES (?,?,?,?,?,?) ON CONFLICT(series_uid) DO NOTHING",
+            (header.series_uid, study_pk, a["Modality"], a["SeriesNumber"], a["SeriesDescription"],
+             a["BodyPartExamined"]))
+        return conn.execute("SELECT pk FROM series WHERE series_uid=?", (header.series_uid,)).fetchone()[0]
+
+    @staticmethod
+    def add_change(conn: sqlite3.Connection, kind: str, instance_pk: int | None, header,
+                   blob_id: str | None, now: float | None = None) -> None:
+        conn.execute(
+            "INSERT INTO changes (kind, instance_pk, study_uid, series_uid, sop_instance_uid, blob_id, "
+            "time) VALUES (?,?,?,?,?,?,?)",
+            (kind, instance_pk, header.study_uid, header.series_uid, header.sop_instance_uid, blob_id,
+             now if now is not None else time.time()))

@@ -1,0 +1,172 @@
+"""Ingest: the one path by which an instance enters the archive.
+
+validate -> encrypted blob (tmp, fsync, rename, dir fsync) -> ONE index transaction
+(instance row + change row). Only a returned `Outcome.STORED` (or an idempotent
+duplicate) means the instance is durable. On any failure no blob and no row remain.
+Modalities (C-STORE), uploads and analysis results all come through here.
+"""
+from __future__ import annotations
+
+import enum
+import errno
+import hashlib
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .crypto import LocalKeyring
+from .dicomfile import InstanceHeader, InvalidInstance, inspect
+from .index import Index
+from .storage import BlobInfo, LocalStorage, StorageFull
+
+log = logging.getLogger(__name__)
+_CHUNK = 1 << 20
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    ALREADY_STORED = "already stored"        # same SOP Instance UID, same bytes
+    DUPLICATE_KEPT_FIRST = "duplicate kept"  # same UID, different bytes, policy keep-first
+    REPLACED = "replaced"                    # same UID, different bytes, policy replace
+    INVALID = "invalid"                      # cannot be understood
+    MISMATCH = "mismatch"                    # data set does not match the request
+    STORAGE_FULL = "storage full"
+    FAILURE = "failure"
+
+    @property
+    def ok(self) -> bool:
+        return self in (Outcome.STORED, Outcome.ALREADY_STORED, Outcome.DUPLICATE_KEPT_FIRST,
+                        Outcome.REPLACED)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcome: Outcome
+    reason: str = ""
+    sop_instance_uid: str | None = None
+    study_uid: str | None = None
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+
+
+class Archive:
+    """The index and the blob store of one node's data directory."""
+
+    def __init__(self, data_dir: Path, *, duplicates: str = "keep-first", segment_size: int = 1 << 20):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.keyring = LocalKeyring.open(self.data_dir / "keys")
+        self.storage = LocalStorage(self.data_dir / "blobs", self.keyring, segment_size)
+        self.index = Index(self.data_dir / "index.sqlite3")
+        self.duplicates = duplicates
+
+    def close(self) -> None:
+        self.index.close()
+
+    def recover(self) -> tuple[int, int]:
+        """After a crash: drop partial writes and blobs that no committed row references.
+
+        Must run before anything is ingested (the node calls it at start).
+        """
+        partial = self.storage.remove_partial()
+        referenced = self.index.blob_ids()
+        orphans = [b for b in self.storage.blob_ids() if b not in referenced]
+        for blob_id in orphans:
+            self.storage.remove(blob_id)
+        if partial or orphans:
+            log.warning("recovery: removed %d partial and %d orphan blobs", partial, len(orphans))
+        return partial, len(orphans)
+
+    def ingest_file(self, path: Path, sop_class_uid: str | None = None,
+                    sop_instance_uid: str | None = None, calling_ae: str | None = None) -> IngestResult:
+        """Store the DICOM Part 10 file at `path` exactly as it is.
+
+        `sop_class_uid` / `sop_instance_uid` are what the peer announced (C-STORE's
+        Affected SOP Class / Instance); the data set must agree with them.
+        """
+        try:
+            header = inspect(Path(path), sop_class_uid, sop_instance_uid)
+        except InvalidInstance as exc:
+            outcome = Outcome.MISMATCH if exc.status == "mismatch" else Outcome.INVALID
+            return IngestResult(outcome, str(exc), sop_instance_uid)
+        except OSError as exc:
+            return IngestResult(Outcome.FAILURE, f"cannot read the received data: {exc}", sop_instance_uid)
+        digest = hashlib.sha256()
+        try:
+            blob = self.storage.create(self._chunks(Path(path), header.dataset_offset, digest))
+        except StorageFull:
+            log.error("storage full: refused %s", _short(header))
+            return IngestResult(Outcome.STORAGE_FULL, "no space left on the node", header.sop_instance_uid)
+        except OSError as exc:
+            log.error("blob write failed: %s", exc)
+            return IngestResult(Outcome.FAILURE, "the node could not write the instance", header.sop_instance_uid)
+        try:
+            return self._commit(header, blob, digest.hexdigest(), calling_ae)
+        except Exception as exc:
+            self.storage.remove(blob.blob_id)
+            if _is_disk_full(exc):
+                log.error("index full: refused %s", _short(header))
+                return IngestResult(Outcome.STORAGE_FULL, "no space left on the node", header.sop_instance_uid)
+            log.exception("index transaction failed")
+            return IngestResult(Outcome.FAILURE, "the node could not index the instance",
+                                header.sop_instance_uid)
+
+    @staticmethod
+    def _chunks(path: Path, dataset_offset: int, digest) -> Iterator[bytes]:
+        """The file's bytes; the SHA-256 covers the data set (what the peer sent)."""
+        with open(path, "rb") as fh:
+            head = fh.read(dataset_offset)
+            yield head
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+                yield chunk
+
+    def _commit(self, header: InstanceHeader, blob: BlobInfo, sha256: str,
+                calling_ae: str | None) -> IngestResult:
+        now = time.time()
+        obsolete_blob = None
+        with self.index.write() as conn:
+            row = conn.execute("SELECT pk, sha256, blob_id FROM instances WHERE sop_instance_uid=?",
+                               (header.sop_instance_uid,)).fetchone()
+            if row is None:
+                series_pk = Index.upsert_hierarchy(conn, header, now)
+                cur = conn.execute(
+                    "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, "
+                    "transfer_syntax, size, sha256, blob_id, calling_ae, received_at) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (header.sop_instance_uid, series_pk, header.sop_class_uid,
+                     header.attrs["InstanceNumber"], header.transfer_syntax, blob.size, sha256,
+                     blob.blob_id, calling_ae, now))
+                Index.add_change(conn, "stored", cur.lastrowid, header, blob.blob_id, now)
+                outcome = Outcome.STORED
+            elif row["sha256"] == sha256:
+                obsolete_blob, outcome = blob.blob_id, Outcome.ALREADY_STORED
+            elif self.duplicates == "replace":
+                series_pk = Index.upsert_hierarchy(conn, header, now)
+                conn.execute(
+                    "UPDATE instances SET series_pk=?, sop_class_uid=?, instance_number=?, transfer_syntax=?, "
+                    "size=?, sha256=?, blob_id=?, calling_ae=?, received_at=? WHERE pk=?",
+                    (series_pk, header.sop_class_uid, header.attrs["InstanceNumber"], header.transfer_syntax,
+                     blob.size, sha256, blob.blob_id, calling_ae, now, row["pk"]))
+                Index.add_change(conn, "replaced", row["pk"], header, blob.blob_id, now)
+                obsolete_blob, outcome = row["blob_id"], Outcome.REPLACED
+            else:
+                obsolete_blob, outcome = blob.blob_id, Outcome.DUPLICATE_KEPT_FIRST
+        if obsolete_blob:
+            self.storage.remove(obsolete_blob)
+        if outcome in (Outcome.REPLACED, Outcome.DUPLICATE_KEPT_FIRST):
+            log.warning("instance received again with different content from %s: %s (%s)",
+                        calling_ae, outcome.value, _short(header))
+        return IngestResult(outcome, "", header.sop_instance_uid, header.study_uid)
+
+
+def _short(header: InstanceHeader) -> str:
+    """An instance named without patient data (UIDs only), for the log."""
+    return f"SOP Instance {header.sop_instance_uid}"

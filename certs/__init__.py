@@ -1,0 +1,1 @@
+"""Development PKI (`m3dicom certs ...`). Generated certificates and keys land here, git-ignored."""

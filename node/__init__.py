@@ -1,0 +1,2 @@
+"""Configuration, command line and process wiring of the m3dicom node."""
+__version__ = "0.1.0"

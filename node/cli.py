@@ -1,0 +1,157 @@
+"""The `m3dicom` command line. `main(args=None)` so that tests can call it."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import Config, ConfigError, load
+
+
+def _config(args) -> Config:
+    return load(args.config)
+
+
+def cmd_serve(args) -> int:
+    from .service import serve
+
+    config = _config(args)
+    logging.basicConfig(level=config.log.level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        serve(config, ready=lambda line: print(line, flush=True))
+    except RuntimeError as exc:
+        print(f"m3dicom: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_certs_init(args) -> int:
+    from certs import pki
+
+    written = pki.init(Path(args.dir), tuple(args.host or ()), force=args.force)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_certs_issue_client(args) -> int:
+    from certs import pki
+
+    cert, key = pki.issue_client(Path(args.dir), args.name, force=args.force)
+    print(f"wrote {cert}\nwrote {key}")
+    return 0
+
+
+def _peer(args, config: Config):
+    from scp.scu import Peer
+    from scp.tls import client_context
+
+    d, c = config.dicom, config.client
+    port = args.port or (d.plain_port if args.no_tls else d.port)
+    if not port:
+        raise ConfigError("no port: pass --port (dicom.plain_port is 0, so the node has no plain port)")
+    tls = None
+    if not args.no_tls:
+        tls = client_context(Path(args.ca or d.ca_certificates), Path(args.cert or c.certificate),
+                             Path(args.key or c.private_key), check_hostname=not args.no_hostname_check)
+    return Peer(args.host or d.host, port, args.called_ae or config.node.ae_title,
+                args.calling_ae or c.ae_title, tls)
+
+
+def cmd_echo(args) -> int:
+    from scp.scu import echo
+
+    status = echo(_peer(args, _config(args)))
+    print(f"C-ECHO status 0x{status:04X}")
+    return 0 if status == 0 else 1
+
+
+def cmd_send(args) -> int:
+    from tqdm import tqdm
+
+    from scp.scu import find_files, send
+
+    peer = _peer(args, _config(args))
+    total = len(find_files(args.paths))
+    with tqdm(total=total, unit="file", disable=args.quiet or None) as bar:
+        report = send(peer, args.paths, progress=bar.update)
+    for path, why in report.skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    for path, why in report.failed:
+        print(f"failed  {path}: {why}", file=sys.stderr)
+    print(f"sent {report.sent}, failed {len(report.failed)}, skipped {len(report.skipped)}")
+    return 0 if not report.failed else 1
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="peer address (default: dicom.host)")
+    p.add_argument("--port", type=int, help="peer port (default: dicom.port, or dicom.plain_port with --no-tls)")
+    p.add_argument("--called-ae", help="the peer's AE title (default: node.ae_title)")
+    p.add_argument("--calling-ae", help="our AE title (default: client.ae_title)")
+    p.add_argument("--no-tls", action="store_true", help="plain DICOM instead of DICOM TLS")
+    p.add_argument("--cert", help="client certificate (default: client.certificate)")
+    p.add_argument("--key", help="client private key (default: client.private_key)")
+    p.add_argument("--ca", help="CA certificates that the peer's certificate must chain to")
+    p.add_argument("--no-hostname-check", action="store_true",
+                   help="accept a peer certificate that does not name the host")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="m3dicom", description="DICOM network node with cloud offload")
+    top.add_argument("--version", action="version", version=f"m3dicom {__version__}")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("--config", type=Path, help="TOML configuration file (default: built-in "
+                       "defaults, paths relative to the current directory)")
+        return p
+
+    p = with_config(sub.add_parser("serve", help="run the node"))
+    p.set_defaults(func=cmd_serve)
+
+    certs = sub.add_parser("certs", help="development certificates").add_subparsers(dest="certs", required=True)
+    p = certs.add_parser("init", help="write a development CA, server and client certificates")
+    p.add_argument("--dir", default="certs", help="directory to write into (default: certs)")
+    p.add_argument("--host", action="append", help="extra server host name or address (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(func=cmd_certs_init)
+    p = certs.add_parser("issue-client", help="issue another client certificate from the CA")
+    p.add_argument("name")
+    p.add_argument("--dir", default="certs")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(func=cmd_certs_issue_client)
+
+    p = with_config(sub.add_parser("echo", help="C-ECHO a DICOM node (TLS by default)"))
+    _client_options(p)
+    p.set_defaults(func=cmd_echo)
+
+    p = with_config(sub.add_parser("send", help="C-STORE files or directories (TLS by default)"))
+    _client_options(p)
+    p.add_argument("paths", nargs="+", type=Path, metavar="FILES|DIRS")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_send)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"m3dicom: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a clear one-line refusal for anticipated errors
+        from certs.pki import PKIError
+        from scp.scu import SendError
+
+        if isinstance(exc, (PKIError, SendError, FileNotFoundError)):
+            print(f"m3dicom: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

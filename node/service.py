@@ -1,0 +1,82 @@
+"""Process wiring for `m3dicom serve`: open the archive, recover, listen, stop cleanly."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+
+import pydicom.config
+from pynetdicom import _config as pynetdicom_config
+
+from archive import Archive
+from scp.server import build_ae, start_servers
+
+from .config import Config
+
+
+def storescu_hint(config: Config) -> str:
+    """A ready-to-paste dcmtk command that sends a file to this node over TLS."""
+    d, c = config.dicom, config.client
+    return (f"TCP_NODELAY=1 storescu +tls {c.private_key} {c.certificate} +cf {d.ca_certificates} "
+            f"-aet {c.ae_title} -aec {config.node.ae_title} {d.host} {d.port} FILE.dcm")
+
+log = logging.getLogger(__name__)
+
+
+def configure_libraries() -> None:
+    """Settings of pynetdicom and pydicom for a receiving node (see notes/ingest-performance.md).
+
+    Received data sets are streamed to a spool file (memory stays bounded for any size);
+    pynetdicom's per-event debug handlers and pydicom's value validation are off on the
+    hot path: the archive validates what it needs itself.
+    """
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
+def prepare_spool(config: Config) -> None:
+    """Received data sets are spooled inside the data directory (0700), never in /tmp.
+
+    pynetdicom writes them with `tempfile`, whose documented `tempdir` sets the place.
+    Leftovers of a crash are plaintext: they are removed at start.
+    """
+    spool = config.data_dir / "spool"
+    if spool.exists():
+        shutil.rmtree(spool)
+    spool.mkdir(mode=0o700, parents=True)
+    tempfile.tempdir = str(spool)
+
+
+def open_archive(config: Config) -> Archive:
+    return Archive(config.data_dir, duplicates=config.storage.duplicates,
+                   segment_size=config.storage.segment_size)
+
+
+def serve(config: Config, ready=print) -> None:
+    """Run the node until SIGTERM / SIGINT."""
+    configure_libraries()
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(config.data_dir, 0o700)
+    prepare_spool(config)
+    archive = open_archive(config)
+    archive.recover()
+    ae = build_ae(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        start_servers(ae, config, archive)
+        d = config.dicom
+        ready(f"m3dicom {config.node.ae_title} listening on {d.host}:{d.port} (DICOM TLS)"
+              + (f" and {d.host}:{d.plain_port} (plain DICOM)" if d.plain_port else ""))
+        ready(f"data directory: {config.data_dir}")
+        ready(f"send a study: {storescu_hint(config)}")
+        stop.wait()
+        log.info("stopping")
+    finally:
+        ae.shutdown()
+        archive.close()

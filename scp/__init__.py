@@ -1,0 +1,1 @@
+"""DICOM services: AE and TLS set-up, thin event handlers, SCU for sending."""

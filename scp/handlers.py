@@ -1,0 +1,61 @@
+"""Event handlers: thin translations between DIMSE and the archive.
+
+Each handler gets its dependencies as extra arguments (bound in `scp.server`); the
+statuses are chosen on purpose: 0xA700 out of resources, 0xA900 data set does not match
+the SOP class, 0xC000 cannot understand, 0x0110 processing failure.
+"""
+from __future__ import annotations
+
+import logging
+
+from pydicom.dataset import Dataset
+
+from archive import Archive, Outcome
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    Outcome.STORED: 0x0000,
+    Outcome.ALREADY_STORED: 0x0000,
+    Outcome.DUPLICATE_KEPT_FIRST: 0x0000,
+    Outcome.REPLACED: 0x0000,
+    Outcome.INVALID: 0xC000,
+    Outcome.MISMATCH: 0xA900,
+    Outcome.STORAGE_FULL: 0xA700,
+    Outcome.FAILURE: 0x0110,
+}
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    status = Dataset()
+    status.Status = code
+    if comment:
+        status.ErrorComment = comment[:64]
+    return status
+
+
+def handle_store(event, archive: Archive) -> Dataset | int:
+    """C-STORE: Success only once the instance is durable (blob fsynced, index committed)."""
+    request = event.request
+    calling_ae = event.assoc.requestor.ae_title
+    try:
+        result = archive.ingest_file(event.dataset_path, str(request.AffectedSOPClassUID),
+                                     str(request.AffectedSOPInstanceUID), calling_ae)
+    except Exception:
+        log.exception("C-STORE from %s failed", calling_ae)
+        return _status(0x0110, "processing failure")
+    code = _STATUS[result.outcome]
+    if code:
+        log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae, code, result.reason)
+    return code if code == 0 else _status(code, result.reason)
+
+
+def handle_established(event) -> None:
+    assoc = event.assoc
+    log.info("association from %s (%s:%s)", assoc.requestor.ae_title,
+             assoc.requestor.address, assoc.requestor.port)
+
+
+def handle_rejected(event) -> None:
+    assoc = event.assoc
+    log.warning("association from %s (%s) rejected", assoc.requestor.ae_title, assoc.requestor.address)

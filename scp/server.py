@@ -1,0 +1,93 @@
+"""The node's Application Entity: presentation contexts, policy, TLS and plain listeners."""
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+
+from pynetdicom import AE, evt
+from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
+from pynetdicom.sop_class import Verification
+from pydicom import uid
+
+from archive import Archive
+from node.config import Config
+
+from . import handlers
+from .tls import TLSAssociationServer, server_context
+
+log = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES = [
+    uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.ExplicitVRBigEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1,
+    uid.JPEGLSLossless, uid.JPEGLSNearLossless, uid.JPEG2000Lossless, uid.JPEG2000,
+    uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K, uid.RLELossless,
+]
+
+
+class _Context(PresentationContext):
+    """A supported context that is cheap to copy.
+
+    pynetdicom deep-copies every supported context for each association; with every
+    storage SOP class times 16 transfer syntaxes that cost ~200 ms of CPU per
+    association. UIDs are immutable strings, so copying the list is enough.
+    """
+
+    def __deepcopy__(self, memo):
+        clone = copy.copy(self)
+        clone._transfer_syntax = list(self._transfer_syntax)
+        return clone
+
+
+def supported_contexts() -> list[PresentationContext]:
+    abstract = [Verification] + [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+    contexts = []
+    for syntax in abstract:
+        cx = _Context()
+        cx.abstract_syntax = syntax
+        cx.transfer_syntax = list(TRANSFER_SYNTAXES)
+        contexts.append(cx)
+    return contexts
+
+
+def build_ae(config: Config) -> AE:
+    d = config.dicom
+    ae = AE(ae_title=config.node.ae_title)
+    ae.supported_contexts = supported_contexts()
+    ae.maximum_associations = d.max_associations
+    ae.maximum_pdu_size = d.max_pdu_size
+    ae.acse_timeout = d.acse_timeout
+    ae.dimse_timeout = d.dimse_timeout
+    ae.network_timeout = d.network_timeout
+    ae.require_called_aet = d.require_called_aet
+    ae.require_calling_aet = list(d.allowed_calling_aets)
+    return ae
+
+
+def event_handlers(archive: Archive) -> list:
+    return [
+        (evt.EVT_C_STORE, handlers.handle_store, [archive]),
+        (evt.EVT_ESTABLISHED, handlers.handle_established),
+        (evt.EVT_REJECTED, handlers.handle_rejected),
+    ]
+
+
+def start_servers(ae: AE, config: Config, archive: Archive) -> list:
+    """Start the TLS listener (and the plain one when configured); non-blocking."""
+    d = config.dicom
+    tls = server_context(d.certificate, d.private_key, d.ca_certificates, d.require_client_certificate)
+    servers = [_serve(ae, (d.host, d.port), archive, tls, d.tls_handshake_timeout)]
+    if d.plain_port:
+        servers.append(_serve(ae, (d.host, d.plain_port), archive, None, d.tls_handshake_timeout))
+    return servers
+
+
+def _serve(ae: AE, address, archive: Archive, ssl_context, handshake_timeout: float):
+    server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=event_handlers(archive),
+                            server_class=TLSAssociationServer, handshake_timeout=handshake_timeout)
+    ae._servers.append(server)  # as AE.start_server does: AE.shutdown() stops it, shutdown() expects it
+    thread = threading.Thread(target=server.serve_forever, name=f"listener-{address[1]}", daemon=True)
+    thread.start()
+    return server
