@@ -1,0 +1,174 @@
+"""Test helpers: test data, `m3dicom serve` as a real subprocess, polling with a deadline."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+
+ROOT = Path(__file__).resolve().parent.parent
+M3DICOM = [sys.executable, "-m", "node.cli"]
+_PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def data_file(name: str) -> Path:
+    """A file shipped with pydicom or pydicom-data (never downloaded)."""
+    for base in (_PYDICOM_FILES, _pydicom_data_dir()):
+        if base and (base / name).is_file():
+            return base / name
+    raise FileNotFoundError(name)
+
+
+def _pydicom_data_dir() -> Path | None:
+    try:
+        import data_store
+    except ImportError:
+        return None
+    return Path(data_store.__file__).parent / "data"
+
+
+def dataset_sha256(path: Path | bytes) -> str:
+    """SHA-256 of a Part 10 file's data set (everything after the file meta group)."""
+    data = path if isinstance(path, bytes) else Path(path).read_bytes()
+    from io import BytesIO
+
+    from pydicom.filereader import read_preamble, _read_file_meta_info
+
+    fh = BytesIO(data)
+    read_preamble(fh, False)
+    _read_file_meta_info(fh)
+    return hashlib.sha256(data[fh.tell():]).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Node:
+    """`m3dicom serve` in a subprocess with its own data directory and ports."""
+
+    def __init__(self, workdir: Path, pki: Path, **sections):
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.pki = pki
+        self.port = free_port()
+        self.plain_port = free_port()
+        self.data_dir = workdir / "var"
+        self.config_path = workdir / "node.toml"
+        self.log_path = workdir / "node.log"
+        self.proc: subprocess.Popen | None = None
+        settings = {
+            "node": {"ae_title": "M3DICOM", "data_dir": str(self.data_dir)},
+            "dicom": {"host": "127.0.0.1", "port": self.port, "plain_port": self.plain_port,
+                      "certificate": str(pki / "server.pem"), "private_key": str(pki / "server.key"),
+                      "ca_certificates": str(pki / "ca.pem")},
+            "client": {"certificate": str(pki / "client.pem"), "private_key": str(pki / "client.key")},
+        }
+        for name, values in sections.items():
+            settings.setdefault(name, {}).update(values)
+        self.config_path.write_text(_toml(settings))
+
+    def start(self) -> "Node":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(M3DICOM + ["serve", "--config", str(self.config_path)], cwd=ROOT,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(lambda: b"listening on" in self.log_path.read_bytes() or self.proc.poll() is not None,
+                 timeout=30, what="the node to listen")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"node exited at start:\n{self.log()}")
+        return self
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
+            self._log.close()
+        self.proc = None
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    # -- looking inside (read-only) ----------------------------------------------------
+
+    def rows(self, sql: str, params: tuple = ()) -> list[tuple]:
+        import sqlite3
+
+        conn = sqlite3.connect(f"file:{self.data_dir / 'index.sqlite3'}?mode=ro", uri=True)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def stored_bytes(self, sop_instance_uid: str) -> bytes:
+        from archive.crypto import LocalKeyring
+        from archive.storage import LocalStorage
+
+        (blob_id,), = self.rows("SELECT blob_id FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+        storage = LocalStorage(self.data_dir / "blobs", LocalKeyring.open(self.data_dir / "keys", create=False))
+        return storage.read_all(blob_id)
+
+    def blob_files(self) -> list[Path]:
+        return [p for p in (self.data_dir / "blobs").rglob("*") if p.is_file() and p.parent.name != "tmp"]
+
+    # -- peers -----------------------------------------------------------------------
+
+    def tls_args(self) -> list[str]:
+        return ["+tls", str(self.pki / "client.key"), str(self.pki / "client.pem"), "+cf", str(self.pki / "ca.pem")]
+
+    def storescu(self, *files, tls: bool = True, extra=(), check: bool = True, timeout: float = 300,
+                 aet: str = "STORESCU", aec: str = "M3DICOM") -> subprocess.CompletedProcess:
+        port = self.port if tls else self.plain_port
+        cmd = ["storescu", *(self.tls_args() if tls else []), "-aet", aet, "-aec", aec, *extra,
+               "127.0.0.1", str(port), *map(str, files)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                env={**os.environ, "TCP_NODELAY": "1"})
+        if check and result.returncode != 0:
+            raise AssertionError(f"storescu failed ({result.returncode}):\n{result.stderr}\n--- node log\n{self.log()[-3000:]}")
+        return result
+
+
+def _toml(settings: dict) -> str:
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return str(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in values.items()) + "\n"
+                   for name, values in settings.items())
+
+
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
