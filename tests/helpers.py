@@ -34,17 +34,22 @@ def _pydicom_data_dir() -> Path | None:
     return Path(data_store.__file__).parent / "data"
 
 
-def dataset_sha256(path: Path | bytes) -> str:
-    """SHA-256 of a Part 10 file's data set (everything after the file meta group)."""
-    data = path if isinstance(path, bytes) else Path(path).read_bytes()
+def dataset_offset(data: bytes) -> int:
+    """Where a Part 10 file's data set starts (after preamble and file meta group)."""
     from io import BytesIO
 
-    from pydicom.filereader import read_preamble, _read_file_meta_info
+    from pydicom.filereader import _read_file_meta_info, read_preamble
 
     fh = BytesIO(data)
     read_preamble(fh, False)
     _read_file_meta_info(fh)
-    return hashlib.sha256(data[fh.tell():]).hexdigest()
+    return fh.tell()
+
+
+def dataset_sha256(path: Path | bytes) -> str:
+    """SHA-256 of a Part 10 file's data set (everything after the file meta group)."""
+    data = path if isinstance(path, bytes) else Path(path).read_bytes()
+    return hashlib.sha256(data[dataset_offset(data):]).hexdigest()
 
 
 def free_port() -> int:
