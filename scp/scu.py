@@ -47,9 +47,9 @@ def _associate(ae: AE, peer: Peer):
     except (OSError, ssl.SSLError) as exc:
         raise SendError(f"cannot connect to {peer.host}:{peer.port}: {exc}") from None
     if not assoc.is_established:
-        how = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
-        raise SendError(f"association with {peer.called_ae}@{peer.host}:{peer.port} {how} "
-                        "(check the AE titles, the certificates and the port)")
+        how = ("rejected (check the AE titles)" if assoc.is_rejected
+               else "failed (nothing listening, a TLS refusal, or an abort: check the port and the certificates)")
+        raise SendError(f"cannot connect to {peer.called_ae}@{peer.host}:{peer.port}: association {how}")
     return assoc
 
 
