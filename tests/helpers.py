@@ -90,6 +90,7 @@ class Node:
         }
         for name, values in sections.items():
             settings.setdefault(name, {}).update(values)
+        self.data_dir = Path(settings["node"]["data_dir"])
         self.config_path.write_text(_toml(settings))
 
     def start(self) -> "Node":
@@ -125,7 +126,7 @@ class Node:
     def rows(self, sql: str, params: tuple = ()) -> list[tuple]:
         import sqlite3
 
-        conn = sqlite3.connect(f"file:{self.data_dir / 'index.sqlite3'}?mode=ro", uri=True)
+        conn = sqlite3.connect(self.data_dir / "index.sqlite3", timeout=10)
         try:
             return conn.execute(sql, params).fetchall()
         finally:
@@ -138,6 +139,19 @@ class Node:
         (blob_id,), = self.rows("SELECT blob_id FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
         storage = LocalStorage(self.data_dir / "blobs", LocalKeyring.open(self.data_dir / "keys", create=False))
         return storage.read_all(blob_id)
+
+    def stored_dataset_sha256(self, blob_id: str) -> str:
+        """SHA-256 of a stored instance's data set, streamed (never whole in memory)."""
+        from archive.crypto import LocalKeyring
+        from archive.storage import LocalStorage
+
+        storage = LocalStorage(self.data_dir / "blobs", LocalKeyring.open(self.data_dir / "keys", create=False))
+        digest = hashlib.sha256()
+        with storage.open(blob_id) as reader:
+            skip = dataset_offset(b"".join(reader.iter_plaintext(0, 65536)))
+            for chunk in reader.iter_plaintext(skip):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def blob_files(self) -> list[Path]:
         return [p for p in (self.data_dir / "blobs").rglob("*") if p.is_file() and p.parent.name != "tmp"]
