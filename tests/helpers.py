@@ -95,9 +95,10 @@ class Node:
 
     def start(self) -> "Node":
         self._log = open(self.log_path, "ab")
+        offset = self.log_path.stat().st_size  # a restart appends: look only at the new lines
         self.proc = subprocess.Popen(M3DICOM + ["serve", "--config", str(self.config_path)], cwd=ROOT,
                                      stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for(lambda: b"listening on" in self.log_path.read_bytes() or self.proc.poll() is not None,
+        wait_for(lambda: b"listening on" in self.log_path.read_bytes()[offset:] or self.proc.poll() is not None,
                  timeout=30, what="the node to listen")
         if self.proc.poll() is not None:
             raise AssertionError(f"node exited at start:\n{self.log()}")

@@ -31,7 +31,7 @@ def open_(ring, blob: bytes) -> EnvelopeReader:
 def test_round_trip(ring, size):
     data = os.urandom(size)
     blob = seal(ring, data)
-    assert data[:64] not in blob or size == 0
+    assert size < 16 or data[:64] not in blob
     reader = open_(ring, blob)
     assert reader.plaintext_size == size
     assert b"".join(reader.iter_plaintext()) == data
