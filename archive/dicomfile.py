@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.filereader import data_element_generator, read_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
@@ -56,7 +57,7 @@ def _text(ds: Dataset, keyword: str) -> str | None:
         return None
     if value is None or value == "":
         return None
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+    if isinstance(value, (list, tuple, MultiValue)):
         return "\\".join(str(v) for v in value)
     return str(value)
 

@@ -9,7 +9,6 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -73,15 +72,6 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-@dataclass(frozen=True)
-class StoredInstance:
-    pk: int
-    sop_instance_uid: str
-    sha256: str
-    blob_id: str
-    size: int
-
-
 class Index:
     """All writes go through one connection under one lock; reads may use their own."""
 
@@ -109,11 +99,6 @@ class Index:
     def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
-
-    def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
-        rows = self.query("SELECT pk, sop_instance_uid, sha256, blob_id, size FROM instances "
-                          "WHERE sop_instance_uid = ?", (sop_instance_uid,))
-        return StoredInstance(*rows[0]) if rows else None
 
     def blob_ids(self) -> set[str]:
         return {row[0] for row in self.query("SELECT blob_id FROM instances")}

@@ -75,9 +75,9 @@ def cmd_send(args) -> int:
     from scp.scu import find_files, send
 
     peer = _peer(args, _config(args))
-    total = len(find_files(args.paths))
-    with tqdm(total=total, unit="file", disable=args.quiet or None) as bar:
-        report = send(peer, args.paths, progress=bar.update)
+    files = find_files(args.paths)
+    with tqdm(total=len(files), unit="file", disable=args.quiet or None) as bar:
+        report = send(peer, files, progress=bar.update)
     for path, why in report.skipped:
         print(f"skipped {path}: {why}", file=sys.stderr)
     for path, why in report.failed:

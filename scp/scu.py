@@ -78,7 +78,7 @@ def find_files(paths: Iterable[Path]) -> list[Path]:
 
 
 def send(peer: Peer, paths: Iterable[Path], progress: Callable[[int], None] = lambda n: None) -> SendReport:
-    """C-STORE every DICOM file under `paths`; non-DICOM files are skipped and reported.
+    """C-STORE every file in `paths` (see `find_files`); non-DICOM files are skipped and reported.
 
     Files are sent byte for byte as they are on disk (streamed, never decoded), in their
     own transfer syntax.
@@ -87,7 +87,7 @@ def send(peer: Peer, paths: Iterable[Path], progress: Callable[[int], None] = la
     report = SendReport()
     batches: list[list[tuple[Path, str, str]]] = [[]]
     contexts: list[set[tuple[str, str]]] = [set()]
-    for path in find_files(paths):
+    for path in paths:
         try:
             ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
             sop_class, syntax = str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)

@@ -60,10 +60,15 @@ def test_same_bytes_twice_is_idempotent(archive):
     assert len(list(archive.storage.blob_ids())) == 1
 
 
-def test_different_bytes_keep_first_by_default(archive, tmp_path):
+def two_versions(tmp_path):
+    """Two files with one SOP Instance UID and different bytes."""
     uid = generate_uid()
-    first = copy_with(tmp_path, SOPInstanceUID=uid, StudyDescription="first")
-    second = copy_with(tmp_path, SOPInstanceUID=uid, StudyDescription="second")
+    return (copy_with(tmp_path, SOPInstanceUID=uid, StudyDescription="first"),
+            copy_with(tmp_path, SOPInstanceUID=uid, StudyDescription="second"))
+
+
+def test_different_bytes_keep_first_by_default(archive, tmp_path):
+    first, second = two_versions(tmp_path)
     archive.ingest_file(first)
     assert archive.ingest_file(second).outcome is Outcome.DUPLICATE_KEPT_FIRST
     (row,) = archive.index.query("SELECT sha256, blob_id FROM instances")
@@ -73,9 +78,7 @@ def test_different_bytes_keep_first_by_default(archive, tmp_path):
 
 def test_different_bytes_replace_when_configured(tmp_path):
     archive = Archive(tmp_path / "data", duplicates="replace")
-    uid = generate_uid()
-    first = copy_with(tmp_path, SOPInstanceUID=uid, StudyDescription="first")
-    second = copy_with(tmp_path, SOPInstanceUID=uid, StudyDescription="second")
+    first, second = two_versions(tmp_path)
     archive.ingest_file(first)
     assert archive.ingest_file(second).outcome is Outcome.REPLACED
     (row,) = archive.index.query("SELECT sha256, blob_id FROM instances")
