@@ -6,24 +6,29 @@ that the index stores. It raises `InvalidInstance` with a reason a peer can be t
 """
 from __future__ import annotations
 
+import mmap
+import os
 import re
+import struct
 import zlib
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO
 
+from pydicom.charset import convert_encodings
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 from pydicom.multival import MultiValue
-from pydicom.filereader import data_element_generator, read_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_LAST_INDEXED_TAG = 0x00200013  # InstanceNumber: everything the index needs lies below it
 
 _TEXT = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
          "AccessionNumber", "StudyDescription", "ReferringPhysicianName", "StudyID", "Modality",
          "SeriesDescription", "BodyPartExamined", "SpecificCharacterSet")
+_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_WANTED = frozenset(tag_for_keyword(kw) for kw in _TEXT + _UIDS + ("SeriesNumber", "InstanceNumber"))
 
 
 class InvalidInstance(ValueError):
@@ -50,22 +55,41 @@ class InstanceHeader:
     attrs: dict           # descriptive attributes for the index (strings or None)
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
-    try:
-        value = ds.get(keyword)
-    except Exception:  # a malformed descriptive value is not a reason to refuse the image
-        return None
-    if value is None or value == "":
+_FAILED = object()  # a value pydicom could not convert
+
+
+def _decode(raw: dict) -> dict:
+    """keyword -> converted value of the collected elements, in the data set's character set.
+
+    Uses pydicom's element conversion directly: a Dataset would look up the Specific
+    Character Set again for every element.
+    """
+    encodings = None
+    if 0x00080005 in raw:
+        try:
+            encodings = convert_encodings(convert_raw_data_element(raw[0x00080005]).value or None)
+        except Exception:
+            encodings = None
+    values = {}
+    for tag, element in raw.items():
+        try:
+            values[keyword_for_tag(tag)] = convert_raw_data_element(element, encoding=encodings).value
+        except Exception:  # a malformed descriptive value is not a reason to refuse the image
+            values[keyword_for_tag(tag)] = _FAILED
+    return values
+
+
+def _text(value) -> str | None:
+    if value is None or value is _FAILED or value == "":
         return None
     if isinstance(value, (list, tuple, MultiValue)):
         return "\\".join(str(v) for v in value)
     return str(value)
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int(value) -> int | None:
     try:
-        value = ds.get(keyword)
-        return None if value in (None, "") else int(value)
+        return None if value in (None, "", _FAILED) else int(value)
     except Exception:
         return None
 
@@ -74,55 +98,152 @@ def inspect(path: Path, expected_sop_class: str | None = None,
             expected_sop_instance: str | None = None) -> InstanceHeader:
     """Validate the Part 10 file at `path` (as written by the receiver) and read its header."""
     with open(path, "rb") as fh:
-        size = fh.seek(0, 2)
-        fh.seek(128)
-        if fh.read(4) != b"DICM":
+        if os.fstat(fh.fileno()).st_size < 132 + 12:
             raise InvalidInstance("not a DICOM Part 10 stream")
-        try:
-            meta = read_file_meta_info(path)
-        except Exception as exc:
-            raise InvalidInstance(f"file meta information cannot be read: {exc}") from None
-        offset = 132 + 12 + int(meta[0x00020000].value)
-        syntax = str(meta.get("TransferSyntaxUID", ""))
-        fh.seek(offset)
-        return _walk(fh, size, offset, syntax, expected_sop_class, expected_sop_instance)
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[128:132] != b"DICM":
+                raise InvalidInstance("not a DICOM Part 10 stream")
+            return _inspect(buf, expected_sop_class, expected_sop_instance)
 
 
-def _walk(fh: BinaryIO, size: int, offset: int, syntax: str, sop_class: str | None,
-          sop_instance: str | None) -> InstanceHeader:
-    stream: BinaryIO = fh
-    end = size
-    if syntax == DeflatedExplicitVRLittleEndian:
-        try:
-            stream = BytesIO(zlib.decompress(fh.read(), -zlib.MAX_WBITS))
-        except zlib.error as exc:
-            raise InvalidInstance(f"deflated data set cannot be inflated: {exc}") from None
-        end = len(stream.getbuffer())
+class _Malformed(ValueError):
+    pass
+
+
+# Explicit VR value representations with a 4-byte length (PS3.5 Table 7.1-1)
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+                       b"UT", b"UV"))
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xE000, 0xE00D, 0xE0DD
+
+
+def check_structure(buf, pos: int, end: int, implicit: bool, little: bool,
+                    collect: dict | None = None) -> int:
+    """Walk every element header in `buf[pos:end]` without decoding values.
+
+    Lengths must fit, undefined-length sequences and encapsulated pixel data must be
+    closed by their delimiters (PS3.5 7.1, 7.5, A.4). Returns the number of top-level
+    elements; raises `_Malformed`. `buf` is any buffer (an mmap of the received file):
+    a few struct reads per element, much cheaper than a full parse. The top-level
+    elements whose tags are in `_WANTED` are put in `collect` as pydicom RawDataElements.
+    """
+    count, pos = _elements(buf, pos, end, implicit, little, in_item=False, collect=collect)
+    return count
+
+
+def _elements(buf, pos: int, end: int, implicit: bool, little: bool, in_item: bool,
+              collect: dict | None = None) -> tuple[int, int]:
+    order = "<" if little else ">"
+    count = 0
+    head = struct.Struct(order + "HHI")
+    explicit = struct.Struct(order + "HH2sH")
+    long_length = struct.Struct(order + "I")
+    while True:
+        if pos >= end:
+            if in_item:
+                raise _Malformed("an item has no delimiter")
+            return count, pos
+        if end - pos < 8:
+            raise _Malformed("an element header is cut off")
+        group, elem, length = head.unpack_from(buf, pos)
+        if group == 0xFFFE:
+            if in_item and elem == _ITEM_END:
+                return count, pos + 8
+            raise _Malformed(f"unexpected delimiter (FFFE,{elem:04X})")
+        vr = None
+        if not implicit:
+            _, _, vr, length = explicit.unpack_from(buf, pos)
+            if vr in _LONG_VRS:
+                if end - pos < 12:
+                    raise _Malformed("an element header is cut off")
+                (length,) = long_length.unpack_from(buf, pos + 8)
+                pos += 4
+        pos += 8
+        count += 1
+        if length != _UNDEFINED:
+            if length > end - pos:
+                raise _Malformed(f"element ({group:04X},{elem:04X}) is longer than the data left")
+            if collect is not None and (tag := group << 16 | elem) in _WANTED:
+                collect[tag] = RawDataElement(BaseTag(tag), vr and vr.decode("ascii", "replace"), length,
+                                              bytes(buf[pos:pos + length]), pos, implicit, little)
+            pos += length
+        elif (group, elem) == (0x7FE0, 0x0010) and vr in (b"OB", b"OW"):
+            pos = _items(buf, pos, end, little, None)           # encapsulated fragments
+        elif vr == b"UN":                                        # PS3.5 6.2.2: implicit VR LE inside
+            pos = _items(buf, pos, end, True, True)
+        elif implicit or vr == b"SQ":
+            pos = _items(buf, pos, end, little, implicit)
+        else:
+            raise _Malformed(f"element ({group:04X},{elem:04X}) has an undefined length")
+
+
+def _items(buf, pos: int, end: int, little: bool, implicit: bool | None) -> int:
+    """Items up to the sequence delimiter; `implicit` None: fragments (no data sets inside)."""
+    item = struct.Struct(("<" if little else ">") + "HHI")
+    while True:
+        if end - pos < 8:
+            raise _Malformed("a sequence has no delimiter")
+        group, elem, length = item.unpack_from(buf, pos)
+        pos += 8
+        if group != 0xFFFE or elem not in (_ITEM, _SEQUENCE_END):
+            raise _Malformed(f"({group:04X},{elem:04X}) where an item was expected")
+        if elem == _SEQUENCE_END:
+            return pos
+        if length == _UNDEFINED and implicit is not None:
+            _, pos = _elements(buf, pos, end, implicit, little, in_item=True)
+        elif length == _UNDEFINED or length > end - pos:
+            raise _Malformed("an item is longer than the data left")
+        else:
+            pos += length
+
+
+def _file_meta(buf) -> tuple[int, str]:
+    """Where the data set starts (after the group 0002 elements) and its transfer syntax."""
+    meta: dict = {}
+    pos, end = 132, len(buf)
+    while end - pos >= 8 and buf[pos:pos + 2] == b"\x02\x00":
+        group, elem, vr, length = struct.unpack_from("<HH2sH", buf, pos)
+        pos += 8
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+        if length > end - pos:
+            raise InvalidInstance("file meta information is truncated")
+        tag = group << 16 | elem
+        meta[tag] = RawDataElement(BaseTag(tag), vr.decode("ascii", "replace"), length, bytes(buf[pos:pos + length]),
+                                   pos, False, True)
+        pos += length
+    try:
+        syntax = Dataset(meta).get("TransferSyntaxUID")
+    except Exception as exc:
+        raise InvalidInstance(f"file meta information cannot be read: {exc}") from None
+    if not syntax:
+        raise InvalidInstance("file meta information has no Transfer Syntax UID")
+    return pos, str(syntax)
+
+
+def _inspect(buf, sop_class: str | None, sop_instance: str | None) -> InstanceHeader:
+    offset, syntax = _file_meta(buf)
     implicit = syntax == ImplicitVRLittleEndian
     little = syntax != ExplicitVRBigEndian
-    start = stream.tell()
-    raw = {}
-    count = 0
+    data_set, start = buf, offset
+    if syntax == DeflatedExplicitVRLittleEndian:
+        try:
+            data_set, start = zlib.decompressobj(-zlib.MAX_WBITS).decompress(buf[offset:]), 0
+        except zlib.error as exc:
+            raise InvalidInstance(f"deflated data set cannot be inflated: {exc}") from None
+    raw: dict = {}
     try:
-        for elem in data_element_generator(stream, implicit, little, defer_size=256):
-            count += 1
-            if elem.tag <= _LAST_INDEXED_TAG:
-                raw[elem.tag] = elem
-    except Exception as exc:
-        raise InvalidInstance(f"data set cannot be parsed: {exc}") from None
+        count = check_structure(data_set, start, len(data_set), implicit, little, raw)
+    except _Malformed as exc:
+        raise InvalidInstance(f"data set is truncated or malformed: {exc}") from None
     if count == 0:
         raise InvalidInstance("data set is empty")
-    if stream.tell() != end:
-        raise InvalidInstance(f"data set is truncated or has trailing garbage "
-                              f"(parsed {stream.tell() - start} of {end - start} bytes)")
-    ds = Dataset(raw)
-    ds.set_original_encoding(implicit, little)
-    try:
-        uids = {kw: ds.get(kw) for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                                          "SeriesInstanceUID")}
-    except Exception as exc:
-        raise InvalidInstance(f"UIDs cannot be decoded: {exc}") from None
+    values = _decode(raw)
+    uids = {kw: values.get(kw) for kw in _UIDS}
     for keyword, value in uids.items():
+        if value is _FAILED:
+            raise InvalidInstance(f"{keyword} cannot be decoded")
         value = None if value is None else str(value)
         if not value:
             raise InvalidInstance(f"{keyword} is missing")
@@ -133,8 +254,8 @@ def _walk(fh: BinaryIO, size: int, offset: int, syntax: str, sop_class: str | No
         raise InvalidInstance("SOP Class UID in the data set differs from the request", "mismatch")
     if sop_instance is not None and uids["SOPInstanceUID"] != sop_instance:
         raise InvalidInstance("SOP Instance UID in the data set differs from the request", "mismatch")
-    attrs = {kw: _text(ds, kw) for kw in _TEXT}
-    attrs["SeriesNumber"] = _int(ds, "SeriesNumber")
-    attrs["InstanceNumber"] = _int(ds, "InstanceNumber")
+    attrs = {kw: _text(values.get(kw)) for kw in _TEXT}
+    attrs["SeriesNumber"] = _int(values.get("SeriesNumber"))
+    attrs["InstanceNumber"] = _int(values.get("InstanceNumber"))
     return InstanceHeader(uids["SOPClassUID"], uids["SOPInstanceUID"], uids["StudyInstanceUID"],
                           uids["SeriesInstanceUID"], syntax, offset, attrs)

@@ -1,6 +1,6 @@
 """Ingest: the one path by which an instance enters the archive.
 
-validate -> encrypted blob (tmp, fsync, rename, dir fsync) -> ONE index transaction
+validate -> encrypted blob (fsync file and directory) -> ONE index transaction
 (instance row + change row). Only a returned `Outcome.STORED` (or an idempotent
 duplicate) means the instance is durable. On any failure no blob and no row remain.
 Modalities (C-STORE), uploads and analysis results all come through here.
@@ -70,19 +70,19 @@ class Archive:
     def close(self) -> None:
         self.index.close()
 
-    def recover(self) -> tuple[int, int]:
-        """After a crash: drop partial writes and blobs that no committed row references.
+    def recover(self) -> int:
+        """After a crash: remove blobs that no committed row references (writes cut off).
 
-        Must run before anything is ingested (the node calls it at start).
+        Must run before anything is ingested (the node calls it at start). Returns how
+        many were removed.
         """
-        partial = self.storage.remove_partial()
         referenced = self.index.blob_ids()
         orphans = [b for b in self.storage.blob_ids() if b not in referenced]
         for blob_id in orphans:
             self.storage.remove(blob_id)
-        if partial or orphans:
-            log.warning("recovery: removed %d partial and %d orphan blobs", partial, len(orphans))
-        return partial, len(orphans)
+        if orphans:
+            log.warning("recovery: removed %d blobs that no committed instance references", len(orphans))
+        return len(orphans)
 
     def ingest_file(self, path: Path, sop_class_uid: str | None = None,
                     sop_instance_uid: str | None = None, calling_ae: str | None = None) -> IngestResult:

@@ -55,21 +55,35 @@ class LocalStorage:
         self.root = Path(root)
         self.keyring = keyring
         self.segment_size = segment_size
-        self._tmp = self.root / "tmp"
-        for path in (self.root, self._tmp):
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._make_shards()
+
+    def _make_shards(self) -> None:
+        """256 directories named by the blob id's first two hex digits, made once."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        made = False
+        for shard in range(256):
+            path = self.root / f"{shard:02x}"
+            if not path.is_dir():
+                path.mkdir(mode=0o700)
+                made = True
+        if made:
+            _fsync_dir(self.root)
 
     def _path(self, blob_id: str) -> Path:
         check_blob_id(blob_id)
-        return self.root / blob_id[:2] / blob_id[2:4] / blob_id
+        return self.root / blob_id[:2] / blob_id
 
     def create(self, chunks: Iterable[bytes]) -> BlobInfo:
-        """Encrypt `chunks` into a new blob; durable (fsynced, renamed, dir fsynced) on return."""
+        """Encrypt `chunks` into a new blob; durable (file and directory fsynced) on return.
+
+        The blob is written under its final name: the index is what says an instance
+        exists, and a blob that no committed row references (a write cut off by a crash)
+        is removed by `Archive.recover()`. That saves a rename per instance.
+        """
         blob_id = secrets.token_hex(16)
-        final = self._path(blob_id)
-        tmp = self._tmp / f"{blob_id}.part"
+        path = self._path(blob_id)
         try:
-            with open(tmp, "xb") as fh:
+            with open(path, "xb") as fh:
                 writer = EnvelopeWriter(fh, self.keyring, self.segment_size)
                 for chunk in chunks:
                     writer.write(chunk)
@@ -77,24 +91,13 @@ class LocalStorage:
                 fh.flush()
                 os.fsync(fh.fileno())
                 stored = fh.tell()
-            self._make_parents(final.parent)
-            os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            _fsync_dir(path.parent)
         except BaseException as exc:
-            tmp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                final.unlink(missing_ok=True)
                 raise StorageFull(exc.errno, "no space left in the storage area") from exc
             raise
         return BlobInfo(blob_id, writer.plaintext_size, stored)
-
-    def _make_parents(self, shard: Path) -> None:
-        if shard.is_dir():
-            return
-        for directory in (shard.parent, shard):
-            if not directory.is_dir():
-                directory.mkdir(mode=0o700, exist_ok=True)
-                _fsync_dir(directory.parent)
 
     @contextmanager
     def open(self, blob_id: str) -> Iterator[EnvelopeReader]:
@@ -130,20 +133,9 @@ class LocalStorage:
         _fsync_dir(path.parent)
 
     def blob_ids(self) -> Iterator[str]:
-        """Every blob id present (for recovery after a crash)."""
-        for first in os.scandir(self.root):
-            if not first.is_dir() or len(first.name) != 2 or first.name == "tmp":
-                continue
-            for second in os.scandir(first.path):
-                if second.is_dir():
-                    for entry in os.scandir(second.path):
-                        if _BLOB_ID.match(entry.name):
-                            yield entry.name
-
-    def remove_partial(self) -> int:
-        """Delete temporary files left by an interrupted write."""
-        count = 0
-        for entry in os.scandir(self._tmp):
-            os.unlink(entry.path)
-            count += 1
-        return count
+        """Every blob id present, complete or not (for recovery after a crash)."""
+        for shard in os.scandir(self.root):
+            if shard.is_dir() and len(shard.name) == 2:
+                for entry in os.scandir(shard.path):
+                    if _BLOB_ID.match(entry.name):
+                        yield entry.name

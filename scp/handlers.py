@@ -34,20 +34,36 @@ def _status(code: int, comment: str = "") -> Dataset:
     return status
 
 
-def handle_store(event, archive: Archive) -> Dataset | int:
-    """C-STORE: Success only once the instance is durable (blob fsynced, index committed)."""
-    request = event.request
-    calling_ae = event.assoc.requestor.ae_title
+def store(archive: Archive, path, sop_class: str, sop_instance: str, calling_ae: str) -> tuple[int, str]:
+    """Ingest one received file: the C-STORE status and its error comment.
+
+    Success only once the instance is durable (blob fsynced, index committed). Shared by
+    the fast path (`scp.fastpath`) and pynetdicom's own C-STORE path below.
+    """
     try:
-        result = archive.ingest_file(event.dataset_path, str(request.AffectedSOPClassUID),
-                                     str(request.AffectedSOPInstanceUID), calling_ae)
+        result = archive.ingest_file(path, sop_class, sop_instance, calling_ae)
     except Exception:
         log.exception("C-STORE from %s failed", calling_ae)
-        return _status(0x0110, "processing failure")
+        return 0x0110, "processing failure"
     code = _STATUS[result.outcome]
     if code:
         log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae, code, result.reason)
-    return code if code == 0 else _status(code, result.reason)
+    return code, result.reason if code else ""
+
+
+def handle_store(event, archive: Archive) -> Dataset | int:
+    """EVT_C_STORE, for the requests the fast path leaves to pynetdicom."""
+    request = event.request
+    code, comment = store(archive, event.dataset_path, str(request.AffectedSOPClassUID),
+                          str(request.AffectedSOPInstanceUID), event.assoc.requestor.ae_title)
+    return code if code == 0 else _status(code, comment)
+
+
+def handle_closed(event) -> None:
+    """EVT_CONN_CLOSE: a data set cut off by an abort leaves no spool file behind."""
+    drop = getattr(event.assoc.dimse, "drop", None)
+    if drop is not None:
+        drop()
 
 
 def handle_established(event) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from functools import partial
 
+import pynetdicom
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import Verification
@@ -13,7 +15,7 @@ from pydicom import uid
 from archive import Archive
 from node.config import Config
 
-from . import handlers
+from . import fastpath, handlers
 from .tls import TLSAssociationServer, server_context
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ def event_handlers(archive: Archive) -> list:
         (evt.EVT_C_STORE, handlers.handle_store, [archive]),
         (evt.EVT_ESTABLISHED, handlers.handle_established),
         (evt.EVT_REJECTED, handlers.handle_rejected),
+        (evt.EVT_CONN_CLOSE, handlers.handle_closed),
     ]
 
 
@@ -85,8 +88,15 @@ def start_servers(ae: AE, config: Config, archive: Archive) -> list:
 
 
 def _serve(ae: AE, address, archive: Archive, ssl_context, handshake_timeout: float):
+    extra = {}
+    if fastpath.ENABLED:
+        extra["request_handler"] = fastpath.request_handler(partial(handlers.store, archive))
+    else:
+        log.warning("pynetdicom %s is not %s: C-STORE takes pynetdicom's slower generic path",
+                    pynetdicom.__version__, fastpath.PYNETDICOM_VERSION)
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=event_handlers(archive),
-                            server_class=TLSAssociationServer, handshake_timeout=handshake_timeout)
+                            server_class=TLSAssociationServer, handshake_timeout=handshake_timeout,
+                            **extra)
     ae._servers.append(server)  # as AE.start_server does: AE.shutdown() stops it, shutdown() expects it
     thread = threading.Thread(target=server.serve_forever, name=f"listener-{address[1]}", daemon=True)
     thread.start()

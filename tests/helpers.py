@@ -155,7 +155,7 @@ class Node:
         return digest.hexdigest()
 
     def blob_files(self) -> list[Path]:
-        return [p for p in (self.data_dir / "blobs").rglob("*") if p.is_file() and p.parent.name != "tmp"]
+        return [p for p in (self.data_dir / "blobs").rglob("*") if p.is_file()]
 
     # -- peers -----------------------------------------------------------------------
 

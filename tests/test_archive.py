@@ -117,9 +117,10 @@ def test_index_failure_removes_the_blob(archive, monkeypatch):
 def test_recover_removes_orphans_and_partials(archive):
     archive.ingest_file(data_file("CT_small.dcm"))
     orphan = archive.storage.create([b"written but never indexed"])
-    (archive.storage.root / "tmp" / "dead.part").write_bytes(b"half")
-    assert archive.recover() == (1, 1)
-    assert not archive.storage.exists(orphan.blob_id)
+    cut_off = archive.storage.root / "ab" / ("ab" + "0" * 30)
+    cut_off.write_bytes(b"M3BLOB half a header")
+    assert archive.recover() == 2
+    assert not archive.storage.exists(orphan.blob_id) and not cut_off.exists()
     assert len(list(archive.storage.blob_ids())) == 1
 
 

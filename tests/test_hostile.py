@@ -50,9 +50,14 @@ def _ct_with(**changes) -> bytes:
     return buf.getvalue()[dataset_offset(buf.getvalue()):]
 
 
+@pytest.fixture(autouse=True)
+def datasets_sent_from_files(monkeypatch):
+    """pynetdicom's chunked send streams a file's bytes untouched (it does not parse them)."""
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
 def _send_raw(node, path: Path) -> int | None:
-    """Send the file's bytes untouched (pynetdicom's chunked send does not parse the data set)."""
-    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    """Send the file's bytes untouched."""
     ae = AE(ae_title="HOSTILE")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     tls = client_context(node.pki / "ca.pem", node.pki / "client.pem", node.pki / "client.key")

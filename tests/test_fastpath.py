@@ -1,0 +1,185 @@
+"""The C-STORE fast path: its encoders against pydicom / pynetdicom, and its fall-backs on a live node."""
+from __future__ import annotations
+
+import time
+from io import BytesIO
+
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+
+from helpers import data_file, dataset_offset, wait_for
+from scp import fastpath
+from scp.tls import client_context
+
+ODD_UID = "1.2.826.0.1.3680043.8.498.1234567"       # 33 characters: padded
+EVEN_UID = "1.2.826.0.1.3680043.8.498.12345678"     # 34 characters
+
+
+def _command_bytes(message, primitive) -> bytes:
+    message.primitive_to_message(primitive)
+    (pdata,) = list(message.encode_msg(1, 16382))[:1]
+    (context_id, data), *_ = pdata.presentation_data_value_list
+    assert data[0] & 1
+    return data[1:]
+
+
+@pytest.mark.parametrize("status,comment", [(0x0000, ""), (0xA700, "no space left on the node"),
+                                            (0xC000, "SOPInstanceUID is not a valid UID (odd)")])
+@pytest.mark.parametrize("instance", [ODD_UID, EVEN_UID])
+def test_store_rsp_is_what_pynetdicom_encodes(status, comment, instance):
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 513
+    rsp.AffectedSOPClassUID = CTImageStorage
+    rsp.AffectedSOPInstanceUID = instance
+    rsp.Status = status
+    if comment:
+        rsp.ErrorComment = comment
+    expected = _command_bytes(C_STORE_RSP(), rsp)
+    assert fastpath.encode_store_rsp(513, CTImageStorage, instance, status, comment) == expected
+
+
+def test_p_data_tf_is_what_pynetdicom_decodes():
+    command = fastpath.encode_store_rsp(1, CTImageStorage, ODD_UID, 0)
+    raw = fastpath.p_data_tf(5, command)
+    pdu = P_DATA_TF()
+    pdu.decode(raw)
+    assert pdu.presentation_data_value_items[0].presentation_context_id == 5
+    assert pdu.presentation_data_value_items[0].presentation_data_value == b"\x03" + command
+    assert pdu.encode() == raw
+
+
+@pytest.mark.parametrize("source_ae", ["MODALITY", "CT1", ""])
+@pytest.mark.parametrize("instance", [ODD_UID, EVEN_UID])
+def test_file_meta_is_what_pydicom_writes(source_ae, instance):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = instance
+    meta.TransferSyntaxUID = JPEGBaseline8Bit
+    meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae
+    buf = BytesIO()
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    expected = b"\0" * 128 + b"DICM" + buf.getvalue()
+    assert fastpath.file_meta(CTImageStorage, instance, JPEGBaseline8Bit, source_ae) == expected
+    assert pydicom.dcmread(BytesIO(expected + b"")).file_meta.MediaStorageSOPInstanceUID == instance
+
+
+def test_store_rq_parsed_from_pynetdicom_encoding():
+    rq = C_STORE()
+    rq.MessageID = 77
+    rq.AffectedSOPClassUID = MRImageStorage
+    rq.AffectedSOPInstanceUID = ODD_UID
+    rq.Priority = 2
+    rq.MoveOriginatorApplicationEntityTitle = "PACS"
+    rq.MoveOriginatorMessageID = 3
+    rq.DataSet = BytesIO(b"\x08\x00\x16\x00")
+    command = _command_bytes(C_STORE_RQ(), rq)
+    assert fastpath.parse_store_rq(command) == fastpath.StoreRequest(77, MRImageStorage, ODD_UID)
+    # anything else is left to pynetdicom: other commands, truncation, foreign groups
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = Verification
+    assert fastpath.parse_store_rq(_command_bytes(C_ECHO_RQ(), echo)) is None
+    assert fastpath.parse_store_rq(command[:-3]) is None
+    assert fastpath.parse_store_rq(b"\x08\x00" + command[2:]) is None
+    assert fastpath.parse_store_rq(b"") is None
+
+
+def test_fast_path_is_on_for_the_pinned_pynetdicom():
+    assert fastpath.ENABLED, "pynetdicom differs from the version the fast path was written for"
+
+
+# -- on a live node --------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def datasets_sent_from_memory(monkeypatch):
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", False)
+
+
+def _associate(node, *contexts):
+    ae = AE(ae_title="FASTPATH")
+    for sop_class in contexts:
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    tls = client_context(node.pki / "ca.pem", node.pki / "client.pem", node.pki / "client.key")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="M3DICOM", tls_args=(tls, "localhost"))
+    assert assoc.is_established
+    return assoc
+
+
+@pytest.mark.interop
+def test_stores_and_echoes_interleave_on_one_association(node):
+    ct, mr = pydicom.dcmread(data_file("CT_small.dcm")), pydicom.dcmread(data_file("MR_small.dcm"))
+    assoc = _associate(node, Verification, CTImageStorage, MRImageStorage)
+    try:
+        statuses = [assoc.send_c_echo().Status, assoc.send_c_store(ct).Status,
+                    assoc.send_c_echo().Status, assoc.send_c_store(mr).Status,
+                    assoc.send_c_store(ct).Status]
+    finally:
+        assoc.release()
+    assert statuses == [0, 0, 0, 0, 0]
+    stored = node.rows("SELECT sop_instance_uid, calling_ae FROM instances ORDER BY pk")
+    assert stored == [(ct.SOPInstanceUID, "FASTPATH"), (mr.SOPInstanceUID, "FASTPATH")]
+    header = pydicom.dcmread(BytesIO(node.stored_bytes(ct.SOPInstanceUID)), stop_before_pixels=True)
+    assert header.file_meta.SourceApplicationEntityTitle == "FASTPATH"
+
+
+@pytest.mark.interop
+def test_request_off_its_context_takes_the_stock_path_and_is_answered(node):
+    """A C-STORE naming MR on the CT context: pynetdicom's path answers 0xA900, no hang."""
+    ct = pydicom.dcmread(data_file("CT_small.dcm"))
+    buf = BytesIO()
+    pydicom.dcmwrite(buf, ct, enforce_file_format=True)
+    data_set = buf.getvalue()[dataset_offset(buf.getvalue()):]
+    assoc = _associate(node, CTImageStorage, MRImageStorage)
+    try:
+        ct_context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage)
+        rq = C_STORE()
+        rq.MessageID = 9
+        rq.AffectedSOPClassUID = MRImageStorage
+        rq.AffectedSOPInstanceUID = ct.SOPInstanceUID
+        rq.Priority = 0
+        rq.DataSet = BytesIO(data_set)
+        assoc.dimse.send_msg(rq, ct_context.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc.release()
+    assert rsp is not None and rsp.Status == 0xA900
+    assert node.rows("SELECT COUNT(*) FROM instances") == [(0,)]
+
+
+@pytest.mark.interop
+def test_abort_in_the_middle_of_a_data_set_leaves_nothing(node):
+    ct = pydicom.dcmread(data_file("CT_small.dcm"))
+    assoc = _associate(node, CTImageStorage)
+    rq = C_STORE()
+    rq.MessageID = 1
+    rq.AffectedSOPClassUID = CTImageStorage
+    rq.AffectedSOPInstanceUID = ct.SOPInstanceUID
+    rq.Priority = 0
+    rq.DataSet = BytesIO(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" * 4000)
+    message = C_STORE_RQ()
+    message.primitive_to_message(rq)
+    context_id = assoc.accepted_contexts[0].context_id
+    pdatas = list(message.encode_msg(context_id, 16382))
+    for pdata in pdatas[:3]:  # the command set and the first data set fragments only
+        assoc.dul.send_pdu(pdata)
+    spool = node.data_dir / "spool"
+    wait_for(lambda: any(spool.iterdir()), what="the data set to be spooled")
+    time.sleep(0.2)
+    assoc.abort()
+    wait_for(lambda: not any(spool.iterdir()), what="the spool file to be removed")
+    assert node.rows("SELECT COUNT(*) FROM instances") == [(0,)]
+    assert node.blob_files() == []
+    node.storescu(data_file("CT_small.dcm"))
+    assert node.rows("SELECT COUNT(*) FROM instances") == [(1,)]
