@@ -30,7 +30,7 @@ import pynetdicom
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import RequestHandler
+from pynetdicom.transport import AssociationSocket, RequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,23 @@ class FastDIMSE(DIMSEServiceProvider):
             self._incoming = None
 
 
+class FastSocket(AssociationSocket):
+    """Reads a PDU with `recv_into` one buffer instead of 4 KiB `recv` calls appended together."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        received = 0
+        while received < nr_bytes:
+            count = self.socket.recv_into(view[received:], nr_bytes - received)
+            if not count:
+                del buffer[received:]
+                break
+            received += count
+        view.release()
+        return buffer
+
+
 def request_handler(store: StoreFunction) -> type[RequestHandler]:
     """A pynetdicom RequestHandler whose associations use the fast path (when enabled)."""
 
@@ -249,6 +266,7 @@ def request_handler(store: StoreFunction) -> type[RequestHandler]:
         def _create_association(self):
             assoc = super()._create_association()
             assoc.dimse = FastDIMSE(assoc, store)
+            assoc.dul.socket.__class__ = FastSocket
             return assoc
 
     return FastRequestHandler

@@ -94,7 +94,10 @@ def _serve(ae: AE, address, archive: Archive, ssl_context, handshake_timeout: fl
     else:
         log.warning("pynetdicom %s is not %s: C-STORE takes pynetdicom's slower generic path",
                     pynetdicom.__version__, fastpath.PYNETDICOM_VERSION)
-    server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=event_handlers(archive),
+    # the contexts are passed explicitly: AE.supported_contexts holds plain copies, which
+    # pynetdicom would deep-copy for every association
+    server = ae.make_server(address, contexts=supported_contexts(), ssl_context=ssl_context,
+                            evt_handlers=event_handlers(archive),
                             server_class=TLSAssociationServer, handshake_timeout=handshake_timeout,
                             **extra)
     ae._servers.append(server)  # as AE.start_server does: AE.shutdown() stops it, shutdown() expects it
