@@ -127,6 +127,7 @@ class Receiver:
 
 class M3dicom(Receiver):
     name, aet = "m3dicom", "M3DICOM"
+    receivers = 1  # dicom.receivers
 
     def start(self) -> None:
         data = self.work / "m3-data"
@@ -134,7 +135,7 @@ class M3dicom(Receiver):
         config.write_text(f'[node]\nae_title = "M3DICOM"\ndata_dir = "{data}"\n'
                           f'[dicom]\nport = {self.port}\ncertificate = "{self.pki}/server.pem"\n'
                           f'private_key = "{self.pki}/server.key"\nca_certificates = "{self.pki}/ca.pem"\n'
-                          f'max_associations = 64\n[log]\nlevel = "WARNING"\n')
+                          f'max_associations = 64\nreceivers = {self.receivers}\n[log]\nlevel = "WARNING"\n')
         self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
                                      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.work / "m3.log", "ab"))
         wait_port(self.port)
@@ -207,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--large", type=int, default=50)
     ap.add_argument("--short", type=int, default=60)
     ap.add_argument("--only", default="m3dicom,orthanc,storescp")
+    ap.add_argument("--receivers", type=int, default=1, help="m3dicom's dicom.receivers (0 = one per core)")
+    ap.add_argument("--scenarios", default="small,large,short,parallel")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     args = ap.parse_args(argv)
 
@@ -221,6 +224,8 @@ def main(argv=None) -> int:
                 "short": None, "parallel": None}
         data["short"] = data["small"][:args.short]
         data["parallel"] = data["small"]
+        M3dicom.receivers = args.receivers
+        data = {k: v for k, v in data.items() if k in args.scenarios.split(",")}
         kinds = {"m3dicom": M3dicom, "orthanc": Orthanc, "storescp": Storescp}
         results: dict[str, dict[str, list[tuple[float, float]]]] = {}
         for name in args.only.split(","):
@@ -250,15 +255,18 @@ def main(argv=None) -> int:
 
 
 def table(results, data, sizes, args) -> str:
-    head = (f"| receiver | (a) {args.small} small, 1 assoc: inst/s | (b) {args.large} large: MB/s | "
-            f"(c) {args.short} short assocs: inst/s | (d) 4 parallel senders: inst/s | receiver CPU s (a/b/c/d) |")
-    lines = [head, "|" + "---|" * 6]
+    columns = {"small": f"(a) {args.small} small, 1 assoc: inst/s", "large": f"(b) {args.large} large: MB/s",
+               "short": f"(c) {args.short} short assocs: inst/s", "parallel": "(d) 4 parallel senders: inst/s"}
+    shown = [k for k in columns if k in data]
+    lines = ["| receiver | " + " | ".join(columns[k] for k in shown) + f" | receiver CPU s ({'/'.join(shown)}) |",
+             "|" + "---|" * (len(shown) + 2)]
     for name, by in results.items():
         med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in by.items()}
-        lines.append(
-            f"| {name} | {len(data['small']) / med['small'][0]:.0f} | {sizes['large'] / med['large'][0]:.0f} | "
-            f"{len(data['short']) / med['short'][0]:.1f} | {len(data['parallel']) / med['parallel'][0]:.0f} | "
-            + "/".join(f"{med[k][1]:.1f}" for k in ("small", "large", "short", "parallel")) + " |")
+        cells = []
+        for k in shown:
+            rate = (sizes[k] if k == "large" else len(data[k])) / med[k][0]
+            cells.append(f"{rate:.1f}" if k == "short" else f"{rate:.0f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " | " + "/".join(f"{med[k][1]:.1f}" for k in shown) + " |")
     return "\n".join(lines)
 
 

@@ -15,11 +15,11 @@ def _config(args) -> Config:
 
 
 def cmd_serve(args) -> int:
+    from .receivers import LOG_FORMAT
     from .service import serve
 
     config = _config(args)
-    logging.basicConfig(level=config.log.level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=config.log.level, format=LOG_FORMAT, stream=sys.stderr)
     try:
         serve(config, ready=lambda line: print(line, flush=True))
     except RuntimeError as exc:

@@ -63,7 +63,10 @@ class DicomSection:
     allowed_calling_aets: list = setting([], "Calling AE titles allowed to associate; empty = any AE "
                                          "that passes TLS.")
     require_called_aet: bool = setting(True, "Refuse associations whose called AE title is not node.ae_title.")
-    max_associations: int = setting(16, "Maximum simultaneous associations; more are rejected.")
+    receivers: int = setting(1, "Receiving processes sharing the DICOM ports (pynetdicom uses one core "
+                             "per process); 0 = one per CPU core, at most 4.")
+    max_associations: int = setting(16, "Maximum simultaneous associations per receiving process; "
+                                    "more are rejected.")
     max_pdu_size: int = setting(1048576, "Maximum PDU length advertised to peers, bytes "
                                 "(1 MiB doubles large-instance throughput).")
     tls_handshake_timeout: float = setting(10.0, "Seconds a TLS peer has to finish its handshake.")
@@ -80,6 +83,8 @@ class DicomSection:
             if not isinstance(aet, str):
                 raise ConfigError(f"dicom.allowed_calling_aets[{i}]: expected a string, got {aet!r}")
             _check_ae(f"dicom.allowed_calling_aets[{i}]", aet)
+        if not 0 <= self.receivers <= 64:
+            raise ConfigError(f"dicom.receivers: {self.receivers} is not in 0-64")
         if not 1 <= self.max_associations <= 1000:
             raise ConfigError(f"dicom.max_associations: {self.max_associations} is not in 1-1000")
         if not 4096 <= self.max_pdu_size <= 16 * 1048576:

@@ -5,15 +5,14 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 
 import pydicom.config
 from pynetdicom import _config as pynetdicom_config
 
 from archive import Archive
-from scp.server import build_ae, start_servers
 
+from . import receivers
 from .config import Config
 
 
@@ -41,14 +40,13 @@ def configure_libraries() -> None:
 def prepare_spool(config: Config) -> None:
     """Received data sets are spooled inside the data directory (0700), never in /tmp.
 
-    pynetdicom writes them with `tempfile`, whose documented `tempdir` sets the place.
-    Leftovers of a crash are plaintext: they are removed at start.
+    Each receiving process has its own directory below `spool/`. Leftovers of a crash are
+    plaintext: they are removed at start.
     """
     spool = config.data_dir / "spool"
     if spool.exists():
         shutil.rmtree(spool)
     spool.mkdir(mode=0o700, parents=True)
-    tempfile.tempdir = str(spool)
 
 
 def open_archive(config: Config) -> Archive:
@@ -63,20 +61,27 @@ def serve(config: Config, ready=print) -> None:
     os.chmod(config.data_dir, 0o700)
     prepare_spool(config)
     archive = open_archive(config)
-    archive.recover()
-    ae = build_ae(config)
+    archive.recover()   # before any receiver ingests
+    archive.close()
+    sockets = receivers.listen(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        start_servers(ae, config, archive)
+    count = receivers.receiver_count(config)
+    children = receivers.Children(config, sockets, count)
+
+    def announce() -> None:
         d = config.dicom
         ready(f"m3dicom {config.node.ae_title} listening on {d.host}:{d.port} (DICOM TLS)"
-              + (f" and {d.host}:{d.plain_port} (plain DICOM)" if d.plain_port else ""))
+              + (f" and {d.host}:{d.plain_port} (plain DICOM)" if d.plain_port else "")
+              + f", {count} receiving process{'es' if count > 1 else ''}")
         ready(f"data directory: {config.data_dir}")
         ready(f"send a study: {storescu_hint(config)}")
-        stop.wait()
+
+    try:
+        receivers.receive(config, 0, sockets, stop, announce, children.supervise)
         log.info("stopping")
     finally:
-        ae.shutdown()
-        archive.close()
+        children.stop()
+        for sock in sockets.values():
+            sock.close()

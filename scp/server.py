@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import socket
 import threading
 from functools import partial
 
@@ -77,17 +78,18 @@ def event_handlers(archive: Archive) -> list:
     ]
 
 
-def start_servers(ae: AE, config: Config, archive: Archive) -> list:
-    """Start the TLS listener (and the plain one when configured); non-blocking."""
+def start_servers(ae: AE, config: Config, archive: Archive, sockets: dict[int, socket.socket]) -> list:
+    """Serve the listening `sockets` (by port: TLS, and plain when configured); non-blocking."""
     d = config.dicom
     tls = server_context(d.certificate, d.private_key, d.ca_certificates, d.require_client_certificate)
-    servers = [_serve(ae, (d.host, d.port), archive, tls, d.tls_handshake_timeout)]
+    servers = [_serve(ae, sockets[d.port], archive, tls, d.tls_handshake_timeout)]
     if d.plain_port:
-        servers.append(_serve(ae, (d.host, d.plain_port), archive, None, d.tls_handshake_timeout))
+        servers.append(_serve(ae, sockets[d.plain_port], archive, None, d.tls_handshake_timeout))
     return servers
 
 
-def _serve(ae: AE, address, archive: Archive, ssl_context, handshake_timeout: float):
+def _serve(ae: AE, sock: socket.socket, archive: Archive, ssl_context, handshake_timeout: float):
+    address = sock.getsockname()[:2]
     extra = {}
     if fastpath.ENABLED:
         extra["request_handler"] = fastpath.request_handler(partial(handlers.store, archive))
@@ -99,7 +101,7 @@ def _serve(ae: AE, address, archive: Archive, ssl_context, handshake_timeout: fl
     server = ae.make_server(address, contexts=supported_contexts(), ssl_context=ssl_context,
                             evt_handlers=event_handlers(archive),
                             server_class=TLSAssociationServer, handshake_timeout=handshake_timeout,
-                            **extra)
+                            listening_socket=sock, **extra)
     ae._servers.append(server)  # as AE.start_server does: AE.shutdown() stops it, shutdown() expects it
     thread = threading.Thread(target=server.serve_forever, name=f"listener-{address[1]}", daemon=True)
     thread.start()

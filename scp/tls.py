@@ -54,16 +54,40 @@ def client_context(ca_certificates: Path, certificate: Path | None = None,
 
 
 class TLSAssociationServer(ThreadedAssociationServer):
-    """A threaded association server whose TLS handshakes cannot block the accept loop."""
+    """A threaded association server whose TLS handshakes cannot block the accept loop.
+
+    With `listening_socket`, it serves a socket made (and shared with other receiving
+    processes) by the caller instead of binding its own: accepting is non-blocking, so a
+    process that loses the race for a connection goes back to waiting.
+    """
 
     def __init__(self, *args, handshake_timeout: float = 10.0, max_pending_handshakes: int = 64,
-                 **kwargs):
+                 listening_socket: socket.socket | None = None, **kwargs):
         self.handshake_timeout = handshake_timeout
         self._pending = threading.BoundedSemaphore(max_pending_handshakes)
+        self._shared = listening_socket
         super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self._shared is None:
+            return super().server_bind()
+        self.socket.close()
+        self.socket = self._shared
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._shared is None:
+            return super().server_activate()
+        self.socket.setblocking(False)
+
+    def server_close(self) -> None:
+        if self._shared is None:
+            return super().server_close()
+        # no shutdown(): the socket stays open in the other receivers; the owner closes it
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         sock, address = self.socket.accept()
+        sock.setblocking(True)  # the listening socket may be non-blocking; connections are not
         # Without it, a small write (the A-ASSOCIATE-AC after TLS 1.3 session tickets, a
         # C-STORE-RSP) can wait for the peer's delayed ACK: ~30 ms per association.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

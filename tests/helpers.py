@@ -133,6 +133,10 @@ class Node:
         finally:
             conn.close()
 
+    def spool_files(self) -> list[Path]:
+        """Received data sets not yet stored (plaintext), in every receiver's spool."""
+        return [p for p in (self.data_dir / "spool").rglob("*") if p.is_file()]
+
     def stored_bytes(self, sop_instance_uid: str) -> bytes:
         from archive.crypto import LocalKeyring
         from archive.storage import LocalStorage

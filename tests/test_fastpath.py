@@ -150,8 +150,12 @@ def test_request_off_its_context_takes_the_stock_path_and_is_answered(node):
         rq.AffectedSOPInstanceUID = ct.SOPInstanceUID
         rq.Priority = 0
         rq.DataSet = BytesIO(data_set)
+        assoc._reactor_checkpoint.clear()  # as pynetdicom's send_*() do: its reactor must
+        while not assoc._is_paused:         # not take the response off the queue
+            time.sleep(0.0001)
         assoc.dimse.send_msg(rq, ct_context.context_id)
         _, rsp = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.set()
     finally:
         assoc.release()
     assert rsp is not None and rsp.Status == 0xA900
@@ -174,11 +178,10 @@ def test_abort_in_the_middle_of_a_data_set_leaves_nothing(node):
     pdatas = list(message.encode_msg(context_id, 16382))
     for pdata in pdatas[:3]:  # the command set and the first data set fragments only
         assoc.dul.send_pdu(pdata)
-    spool = node.data_dir / "spool"
-    wait_for(lambda: any(spool.iterdir()), what="the data set to be spooled")
+    wait_for(node.spool_files, what="the data set to be spooled")
     time.sleep(0.2)
     assoc.abort()
-    wait_for(lambda: not any(spool.iterdir()), what="the spool file to be removed")
+    wait_for(lambda: not node.spool_files(), what="the spool file to be removed")
     assert node.rows("SELECT COUNT(*) FROM instances") == [(0,)]
     assert node.blob_files() == []
     node.storescu(data_file("CT_small.dcm"))

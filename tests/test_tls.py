@@ -138,7 +138,7 @@ def test_max_associations_is_enforced(make_node):
 
     from scp.tls import client_context
 
-    node = make_node(dicom={"max_associations": 2})
+    node = make_node(dicom={"max_associations": 2, "receivers": 1})  # the limit is per process
     tls = (client_context(node.pki / "ca.pem", node.pki / "client.pem", node.pki / "client.key"), "localhost")
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context(Verification)
