@@ -60,6 +60,56 @@ def _initial(db: sqlite_utils.Database) -> None:
     """)
 
 
+@migrations(name="0002_query")
+def _query(db: sqlite_utils.Database) -> None:
+    """Columns and indexes for C-FIND (keys normalised for matching), storage commitment."""
+    db.executescript("""
+    ALTER TABLE patients ADD COLUMN patient_name_key TEXT;
+    ALTER TABLE studies ADD COLUMN referring_physician_key TEXT;
+    ALTER TABLE studies ADD COLUMN study_time_key TEXT;
+    CREATE INDEX patients_name_key ON patients(patient_name_key);
+    CREATE INDEX studies_date ON studies(study_date);
+    CREATE INDEX studies_accession ON studies(accession_number);
+    CREATE INDEX studies_study_id ON studies(study_id);
+    CREATE INDEX series_modality ON series(modality, study_pk);
+    CREATE TABLE commitments (
+        transaction_uid TEXT PRIMARY KEY,
+        calling_ae TEXT NOT NULL,
+        items TEXT NOT NULL,             -- JSON [[sop_class_uid, sop_instance_uid], ...]
+        state TEXT NOT NULL,             -- pending | reported
+        failures INTEGER,
+        received_at REAL NOT NULL,
+        reported_at REAL
+    );
+    CREATE INDEX commitments_state ON commitments(state);
+    """)
+    conn = db.conn
+    for pk, name in conn.execute("SELECT pk, patient_name FROM patients").fetchall():
+        conn.execute("UPDATE patients SET patient_name_key=? WHERE pk=?", (name_key(name), pk))
+    for pk, physician, study_time in conn.execute(
+            "SELECT pk, referring_physician, study_time FROM studies").fetchall():
+        conn.execute("UPDATE studies SET referring_physician_key=?, study_time_key=? WHERE pk=?",
+                     (name_key(physician), time_key(study_time), pk))
+
+
+def name_key(name: str | None) -> str | None:
+    """A person name as matched case-insensitively."""
+    return name.upper() if name else None
+
+
+def time_key(value: str | None, upper: bool = False) -> str | None:
+    """A DICOM TM as 'HHMMSS.ffffff' so that strings compare as times.
+
+    Missing digits are zeros, or nines for the upper bound of a range (`1200` as an upper
+    bound means up to 12:00:59.999999).
+    """
+    if not value:
+        return None
+    whole, _, fraction = value.strip().replace(":", "").partition(".")
+    fill = "9" if upper else "0"
+    return whole[:6].ljust(6, fill) + "." + fraction[:6].ljust(6, fill)
+
+
 PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL", "PRAGMA foreign_keys=ON",
            "PRAGMA busy_timeout=10000")
 
@@ -114,17 +164,20 @@ class Index:
         a = header.attrs
         patient_id = a["PatientID"] or ""
         conn.execute(
-            "INSERT INTO patients (patient_id, patient_name, birth_date, sex) VALUES (?,?,?,?) "
-            "ON CONFLICT(patient_id) DO UPDATE SET patient_name=excluded.patient_name, "
-            "birth_date=excluded.birth_date, sex=excluded.sex",
-            (patient_id, a["PatientName"], a["PatientBirthDate"], a["PatientSex"]))
+            "INSERT INTO patients (patient_id, patient_name, patient_name_key, birth_date, sex) "
+            "VALUES (?,?,?,?,?) ON CONFLICT(patient_id) DO UPDATE SET patient_name=excluded.patient_name, "
+            "patient_name_key=excluded.patient_name_key, birth_date=excluded.birth_date, sex=excluded.sex",
+            (patient_id, a["PatientName"], name_key(a["PatientName"]), a["PatientBirthDate"],
+             a["PatientSex"]))
         patient_pk = conn.execute("SELECT pk FROM patients WHERE patient_id=?", (patient_id,)).fetchone()[0]
         conn.execute(
-            "INSERT INTO studies (study_uid, patient_pk, study_date, study_time, accession_number, "
-            "study_description, referring_physician, study_id, character_set, updated_at) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(study_uid) DO UPDATE SET updated_at=excluded.updated_at",
-            (header.study_uid, patient_pk, a["StudyDate"], a["StudyTime"], a["AccessionNumber"],
-             a["StudyDescription"], a["ReferringPhysicianName"], a["StudyID"], a["SpecificCharacterSet"], now))
+            "INSERT INTO studies (study_uid, patient_pk, study_date, study_time, study_time_key, "
+            "accession_number, study_description, referring_physician, referring_physician_key, study_id, "
+            "character_set, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT(study_uid) DO UPDATE SET updated_at=excluded.updated_at",
+            (header.study_uid, patient_pk, a["StudyDate"], a["StudyTime"], time_key(a["StudyTime"]),
+             a["AccessionNumber"], a["StudyDescription"], a["ReferringPhysicianName"],
+             name_key(a["ReferringPhysicianName"]), a["StudyID"], a["SpecificCharacterSet"], now))
         study_pk = conn.execute("SELECT pk FROM studies WHERE study_uid=?", (header.study_uid,)).fetchone()[0]
         conn.execute(
             "INSERT INTO series (series_uid, study_pk, modality, series_number, series_description, "

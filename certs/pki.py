@@ -57,7 +57,9 @@ def _issue(subject: str, ca_key, ca_cert, *, server_names: tuple[str, ...] = (),
            client: bool = False) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.timezone.utc)
-    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    # the node's certificate also authenticates it as a client (C-MOVE, results to a PACS)
+    usage = ([ExtendedKeyUsageOID.CLIENT_AUTH] if client
+             else [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
     builder = (x509.CertificateBuilder()
                .subject_name(_name(subject)).issuer_name(ca_cert.subject)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -68,7 +70,7 @@ def _issue(subject: str, ca_key, ca_cert, *, server_names: tuple[str, ...] = (),
                                             content_commitment=False, data_encipherment=False,
                                             key_agreement=True, key_cert_sign=False, crl_sign=False,
                                             encipher_only=False, decipher_only=False), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+               .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                               critical=False))
     if server_names:

@@ -121,6 +121,41 @@ class StorageSection:
 
 
 @dataclass(frozen=True)
+class QuerySection:
+    max_results: int = setting(1000, "C-FIND matches answered at most; a query with more ends with "
+                               "status 0xA700 and a comment asking to narrow it.")
+    case_insensitive_names: bool = setting(True, "Match person names (PatientName, ReferringPhysicianName) "
+                                           "without regard to case.")
+
+    def validate(self) -> None:
+        if not 1 <= self.max_results <= 65535:
+            raise ConfigError(f"query.max_results: {self.max_results} is not in 1-65535")
+
+
+@dataclass(frozen=True)
+class RemoteNode:
+    """A named DICOM node the node sends to ([remote.NAME]): C-MOVE destinations, results."""
+    ae_title: str = setting("", "AE title of the remote node (required).")
+    host: str = setting("", "Host name or address of the remote node (required).")
+    port: int = setting(104, "DICOM port of the remote node.")
+    tls: bool = setting(True, "Connect with TLS; the node's identity is [dicom] certificate / "
+                        "private_key unless overridden below.")
+    certificate: Path | None = setting(None, "Client certificate (PEM) presented to this node; "
+                                       "default: dicom.certificate.", path=True)
+    private_key: Path | None = setting(None, "Private key (PEM) of that certificate; default: "
+                                       "dicom.private_key.", path=True)
+    ca_certificates: Path | None = setting(None, "CA certificates (PEM) the remote's server certificate "
+                                           "must chain to; default: dicom.ca_certificates.", path=True)
+    server_name: str = setting("", "Name checked against the remote's certificate; default: host.")
+
+    def validate(self, key: str = "remote") -> None:
+        _check_ae(f"{key}.ae_title", self.ae_title)
+        if not self.host:
+            raise ConfigError(f"{key}.host: required")
+        _check_port(f"{key}.port", self.port, allow_zero=False)
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = setting("INFO", "Log level of the node.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -131,14 +166,23 @@ class Config:
     dicom: DicomSection = field(default_factory=DicomSection)
     client: ClientSection = field(default_factory=ClientSection)
     storage: StorageSection = field(default_factory=StorageSection)
+    query: QuerySection = field(default_factory=QuerySection)
     log: LogSection = field(default_factory=LogSection)
+    remote: dict = field(default_factory=dict)   # name -> RemoteNode
+
+    def remote_by_ae(self, ae_title: str) -> RemoteNode | None:
+        """The configured remote node with this AE title (C-MOVE destination, requester)."""
+        return next((r for r in self.remote.values() if r.ae_title == ae_title), None)
 
     @property
     def data_dir(self) -> Path:
         return self.node.data_dir
 
 
-SECTIONS: dict[str, type] = {f.name: get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+SECTIONS: dict[str, type] = {f.name: get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
+                             if f.name != "remote"}
+NAMED_SECTIONS: dict[str, type] = {"remote": RemoteNode}   # [remote.NAME] tables
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def _coerce(key: str, value: Any, kind: Any, f: dataclasses.Field, base: Path) -> Any:
@@ -161,7 +205,7 @@ def _coerce(key: str, value: Any, kind: Any, f: dataclasses.Field, base: Path) -
         if choices and value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
         return value
-    if kind is Path:
+    if kind is Path or kind == (Path | None):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a path string, got {value!r}")
         path = Path(value).expanduser()
@@ -173,31 +217,47 @@ def _coerce(key: str, value: Any, kind: Any, f: dataclasses.Field, base: Path) -
     raise ConfigError(f"{key}: unsupported setting type {kind!r}")  # pragma: no cover
 
 
+def _section(name: str, cls: type, raw: Any, base: Path):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a table [{name}]")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    extra = set(raw) - set(fields)
+    if extra:
+        raise ConfigError(f"unknown setting {name}.{sorted(extra)[0]}")
+    values = {}
+    for key, f in fields.items():
+        if key in raw:
+            values[key] = _coerce(f"{name}.{key}", raw[key], hints[key], f, base)
+        elif f.metadata.get("path") and f.default is not None:
+            values[key] = base / f.default
+    section = cls(**values)
+    if hasattr(section, "validate"):
+        section.validate(name) if cls in NAMED_SECTIONS.values() else section.validate()
+    return section
+
+
 def from_dict(data: dict, base: Path) -> Config:
     """Build a validated Config; relative paths are resolved against `base`."""
-    unknown = set(data) - set(SECTIONS)
+    unknown = set(data) - set(SECTIONS) - set(NAMED_SECTIONS)
     if unknown:
-        raise ConfigError(f"unknown section [{sorted(unknown)[0]}] (known: {', '.join(SECTIONS)})")
-    sections = {}
-    for name, cls in SECTIONS.items():
-        raw = data.get(name, {})
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{name}: expected a table [{name}]")
-        hints = get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        extra = set(raw) - set(fields)
-        if extra:
-            raise ConfigError(f"unknown setting {name}.{sorted(extra)[0]}")
-        values = {}
-        for key, f in fields.items():
-            if key in raw:
-                values[key] = _coerce(f"{name}.{key}", raw[key], hints[key], f, base)
-            elif f.metadata.get("path"):
-                values[key] = base / f.default
-        section = cls(**values)
-        if hasattr(section, "validate"):
-            section.validate()
-        sections[name] = section
+        raise ConfigError(f"unknown section [{sorted(unknown)[0]}] "
+                          f"(known: {', '.join([*SECTIONS, *NAMED_SECTIONS])})")
+    sections = {name: _section(name, cls, data.get(name, {}), base) for name, cls in SECTIONS.items()}
+    for kind, cls in NAMED_SECTIONS.items():
+        tables = data.get(kind, {})
+        if not isinstance(tables, dict):
+            raise ConfigError(f"{kind}: expected tables [{kind}.NAME]")
+        named = {}
+        for name, raw in tables.items():
+            if not _NAME_RE.match(name):
+                raise ConfigError(f"{kind}.{name}: names are letters, digits, '_' and '-'")
+            named[name] = _section(f"{kind}.{name}", cls, raw, base)
+        titles = [r.ae_title for r in named.values()]
+        duplicate = next((t for t in titles if titles.count(t) > 1), None)
+        if duplicate:
+            raise ConfigError(f"{kind}: AE title {duplicate!r} is used by two nodes")
+        sections[kind] = named
     return Config(**sections)
 
 
@@ -218,7 +278,8 @@ def load(path: Path | None) -> Config:
 def documented_settings() -> list[tuple[str, Any, str]]:
     """(dotted name, default, help) for every setting, in declaration order."""
     rows = []
-    for name, cls in SECTIONS.items():
+    sections = [*SECTIONS.items(), *((f"{kind}.NAME", cls) for kind, cls in NAMED_SECTIONS.items())]
+    for name, cls in sections:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((f"{name}.{f.name}", default, f.metadata["help"]))

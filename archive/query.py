@@ -1,0 +1,275 @@
+"""C-FIND matching over the index (PS3.4 C.2.2.2), shared by the C-FIND SCP and the viewer.
+
+An identifier becomes one SQL statement with bound parameters, never SQL text made from
+values: single value, universal (empty or "*"), wildcard ("*", "?" as SQLite GLOB with
+"[" escaped, so "%", "_" and quotes mean themselves), range (dates, times), and list
+(UIDs, and code strings such as Modality). Person names match without regard to case
+through upper-cased key columns. Keys the index does not hold are returned empty and
+reported with status 0xFF01.
+"""
+from __future__ import annotations
+
+import re
+import sqlite3
+from dataclasses import dataclass
+from typing import Iterator
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
+
+from .index import name_key, time_key
+
+PATIENT_ROOT, STUDY_ROOT = "patient", "study"
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+MODEL_LEVELS = {PATIENT_ROOT: LEVELS, STUDY_ROOT: LEVELS[1:]}
+UNIQUE = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
+          "IMAGE": "SOPInstanceUID"}
+FROM = {
+    "PATIENT": "patients p",
+    "STUDY": "studies s JOIN patients p ON s.patient_pk = p.pk",
+    "SERIES": "series se JOIN studies s ON se.study_pk = s.pk JOIN patients p ON s.patient_pk = p.pk",
+    "IMAGE": ("instances i JOIN series se ON i.series_pk = se.pk JOIN studies s ON se.study_pk = s.pk "
+              "JOIN patients p ON s.patient_pk = p.pk"),
+}
+ORDER = {"PATIENT": "p.pk", "STUDY": "s.pk", "SERIES": "se.pk", "IMAGE": "i.pk"}
+MAX_VALUE_LENGTH = 1024
+MAX_LIST = 1000
+_DATE = re.compile(r"^\d{8}$")
+_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+
+
+class QueryError(ValueError):
+    """The identifier cannot be answered; `status` is the C-FIND failure to send."""
+
+    def __init__(self, message: str, status: int = 0xC000):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Attribute:
+    keyword: str
+    level: str
+    column: str      # SQL expression giving the value
+    kind: str        # uid | text | cs | pn | date | time | int | count | modalities
+    key: str = ""    # normalised column used for matching (pn, time)
+
+
+def _count(sql: str) -> str:
+    return f"(SELECT COUNT(*) FROM {sql})"
+
+
+ATTRIBUTES = {a.keyword: a for a in (
+    Attribute("PatientID", "PATIENT", "p.patient_id", "text"),
+    Attribute("PatientName", "PATIENT", "p.patient_name", "pn", "p.patient_name_key"),
+    Attribute("PatientBirthDate", "PATIENT", "p.birth_date", "date"),
+    Attribute("PatientSex", "PATIENT", "p.sex", "cs"),
+    Attribute("NumberOfPatientRelatedStudies", "PATIENT", _count("studies x WHERE x.patient_pk = p.pk"), "count"),
+    Attribute("NumberOfPatientRelatedSeries", "PATIENT",
+              _count("series x JOIN studies y ON x.study_pk = y.pk WHERE y.patient_pk = p.pk"), "count"),
+    Attribute("NumberOfPatientRelatedInstances", "PATIENT",
+              _count("instances x JOIN series y ON x.series_pk = y.pk JOIN studies z ON y.study_pk = z.pk "
+                     "WHERE z.patient_pk = p.pk"), "count"),
+    Attribute("StudyInstanceUID", "STUDY", "s.study_uid", "uid"),
+    Attribute("StudyDate", "STUDY", "s.study_date", "date"),
+    Attribute("StudyTime", "STUDY", "s.study_time", "time", "s.study_time_key"),
+    Attribute("AccessionNumber", "STUDY", "s.accession_number", "text"),
+    Attribute("StudyID", "STUDY", "s.study_id", "text"),
+    Attribute("StudyDescription", "STUDY", "s.study_description", "text"),
+    Attribute("ReferringPhysicianName", "STUDY", "s.referring_physician", "pn", "s.referring_physician_key"),
+    Attribute("ModalitiesInStudy", "STUDY",
+              "(SELECT group_concat(DISTINCT x.modality) FROM series x WHERE x.study_pk = s.pk)", "modalities"),
+    Attribute("NumberOfStudyRelatedSeries", "STUDY", _count("series x WHERE x.study_pk = s.pk"), "count"),
+    Attribute("NumberOfStudyRelatedInstances", "STUDY",
+              _count("instances x JOIN series y ON x.series_pk = y.pk WHERE y.study_pk = s.pk"), "count"),
+    Attribute("SeriesInstanceUID", "SERIES", "se.series_uid", "uid"),
+    Attribute("Modality", "SERIES", "se.modality", "cs"),
+    Attribute("SeriesNumber", "SERIES", "se.series_number", "int"),
+    Attribute("SeriesDescription", "SERIES", "se.series_description", "text"),
+    Attribute("BodyPartExamined", "SERIES", "se.body_part", "cs"),
+    Attribute("NumberOfSeriesRelatedInstances", "SERIES", _count("instances x WHERE x.series_pk = se.pk"), "count"),
+    Attribute("SOPInstanceUID", "IMAGE", "i.sop_instance_uid", "uid"),
+    Attribute("SOPClassUID", "IMAGE", "i.sop_class_uid", "uid"),
+    Attribute("InstanceNumber", "IMAGE", "i.instance_number", "int"),
+)}
+_NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "InstanceAvailability"}
+
+
+def _values(value) -> list[str]:
+    """The values of a query element: a DICOM multi-value or backslash-separated string."""
+    if value is None:
+        return []
+    items = list(value) if isinstance(value, (MultiValue, list, tuple)) else str(value).split("\\")
+    items = [str(v).strip() for v in items]
+    return [v for v in items if v]
+
+
+def _glob(value: str) -> str:
+    """A DICOM wildcard as a GLOB pattern: '*' and '?' keep their meaning, '[' is literal."""
+    return value.replace("[", "[[]")
+
+
+def _wild(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def _date_range(value: str, keyword: str) -> tuple[str | None, str | None]:
+    low, dash, high = value.replace(".", "").partition("-")
+    for part in (low, high):
+        if part and not _DATE.match(part):
+            raise QueryError(f"{keyword}: {value!r} is not a date or a date range (YYYYMMDD-YYYYMMDD)")
+    return (low or None, high or None) if dash else (low, low)
+
+
+def _time_range(value: str, keyword: str) -> tuple[str | None, str | None]:
+    low, dash, high = value.replace(":", "").partition("-")
+    for part in (low, high):
+        if part and not _TIME.match(part):
+            raise QueryError(f"{keyword}: {value!r} is not a time or a time range (HHMMSS-HHMMSS)")
+    if not dash:
+        high = low
+    return time_key(low) if low else None, time_key(high, upper=True) if high else None
+
+
+class Query:
+    """One C-FIND identifier, parsed against a model; `run(conn)` yields the responses."""
+
+    def __init__(self, model: str, identifier: Dataset, *, case_insensitive_names: bool = True,
+                 retrieve_ae: str = ""):
+        self.model = model
+        self.retrieve_ae = retrieve_ae
+        try:
+            self.level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+        except Exception:
+            raise QueryError("QueryRetrieveLevel cannot be read", 0xA900) from None
+        if self.level not in MODEL_LEVELS[model]:
+            raise QueryError(f"QueryRetrieveLevel {self.level!r} is not one of "
+                             f"{', '.join(MODEL_LEVELS[model])} for this information model", 0xA900)
+        depth = LEVELS.index(self.level)
+        self.return_keys: list[str] = []          # known attributes, in identifier order
+        self.unsupported: list[tuple[int, str]] = []  # (tag, VR) returned empty
+        self.conditions: list[str] = []
+        self.params: list = []
+        for element in identifier:
+            if element.tag.group in (0x0000, 0x0002) or element.keyword in _NOT_KEYS:
+                continue
+            attribute = ATTRIBUTES.get(element.keyword)
+            if attribute is None or LEVELS.index(attribute.level) > depth:
+                self.unsupported.append((element.tag, element.VR))
+                continue
+            self.return_keys.append(attribute.keyword)
+            if element.VR == "SQ":
+                continue
+            try:
+                value = element.value
+            except Exception:
+                raise QueryError(f"{element.keyword}: value cannot be decoded") from None
+            self._match(attribute, value, case_insensitive_names)
+        for level in LEVELS[LEVELS.index(MODEL_LEVELS[model][0]):depth + 1]:  # unique keys always answered
+            if UNIQUE[level] not in self.return_keys:
+                self.return_keys.append(UNIQUE[level])
+
+    def _match(self, attribute: Attribute, value, case_insensitive: bool) -> None:
+        values = _values(value)
+        if not values or values == ["*"]:
+            return                                            # universal matching
+        if len(values) > MAX_LIST or any(len(v) > MAX_VALUE_LENGTH for v in values):
+            raise QueryError(f"{attribute.keyword}: value too long or too many values")
+        kind, column = attribute.kind, attribute.key or attribute.column
+        if kind == "count":
+            return                                            # return keys only
+        if kind == "pn":
+            if not case_insensitive:
+                column = attribute.column
+            values = [name_key(v) if case_insensitive else v for v in values]
+        if kind == "modalities":
+            inner = " OR ".join("x.modality GLOB ?" if _wild(v) else "x.modality = ?" for v in values)
+            self.conditions.append(f"EXISTS (SELECT 1 FROM series x WHERE x.study_pk = s.pk AND ({inner}))")
+            self.params += [_glob(v) if _wild(v) else v for v in values]
+            return
+        if kind in ("date", "time"):
+            ranges = [(_date_range if kind == "date" else _time_range)(v, attribute.keyword) for v in values]
+            parts = []
+            for low, high in ranges:
+                if low and high:
+                    parts.append(f"{column} BETWEEN ? AND ?")
+                    self.params += [low, high]
+                elif low:
+                    parts.append(f"{column} >= ?")
+                    self.params.append(low)
+                else:
+                    parts.append(f"{column} <= ?")
+                    self.params.append(high)
+            self.conditions.append("(" + " OR ".join(parts) + ")")
+            return
+        if kind == "int":
+            try:
+                numbers = [int(v) for v in values]
+            except ValueError:
+                raise QueryError(f"{attribute.keyword}: {value!r} is not an integer") from None
+            self.conditions.append(f"{column} IN ({','.join('?' * len(numbers))})")
+            self.params += numbers
+            return
+        if kind == "uid" or not any(_wild(v) for v in values):
+            self.conditions.append(f"{column} IN ({','.join('?' * len(values))})")
+            self.params += values
+            return
+        self.conditions.append("(" + " OR ".join(f"{column} GLOB ?" for _ in values) + ")")
+        self.params += [_glob(v) for v in values]
+
+    @property
+    def sql(self) -> str:
+        columns = ", ".join(f"{ATTRIBUTES[k].column} AS {k}" for k in self.return_keys)
+        where = " AND ".join(self.conditions) or "1"
+        charset = "s.character_set" if self.level != "PATIENT" else "NULL"
+        return (f"SELECT {columns}, {charset} AS _charset FROM {FROM[self.level]} WHERE {where} "
+                f"ORDER BY {ORDER[self.level]}")
+
+    def run(self, conn: sqlite3.Connection, limit: int | None = None) -> Iterator[Dataset]:
+        sql = self.sql + (f" LIMIT {int(limit)}" if limit else "")
+        for row in conn.execute(sql, self.params):
+            yield self._response(row)
+
+    def _response(self, row) -> Dataset:
+        ds = Dataset()
+        text = []
+        for keyword in self.return_keys:
+            value = row[keyword]
+            kind = ATTRIBUTES[keyword].kind
+            if value is None or value == "":
+                value = "" if dictionary_VR(keyword) != "SQ" else []
+            elif kind == "modalities":
+                value = sorted(value.split(","))
+            elif kind in ("int", "count"):
+                value = int(value)
+            elif kind == "uid":
+                value = UID(value)
+            elif isinstance(value, str):
+                text.append(value)
+            setattr(ds, keyword, value)
+        for tag, vr in self.unsupported:
+            ds.add_new(tag, vr, [] if vr == "SQ" else None)
+        ds.QueryRetrieveLevel = self.level
+        if self.retrieve_ae:
+            ds.RetrieveAETitle = self.retrieve_ae
+        stored = row["_charset"]
+        if any(not t.isascii() for t in text):
+            ds.SpecificCharacterSet = "ISO_IR 192"   # what we hold is decoded text: UTF-8 holds it all
+        elif stored:
+            ds.SpecificCharacterSet = stored.split("\\")
+        return ds
+
+
+def model_of(sop_class_uid: str) -> str:
+    """The information model of a Q/R SOP class (FIND, MOVE or GET)."""
+    if sop_class_uid.startswith("1.2.840.10008.5.1.4.1.2.1."):
+        return PATIENT_ROOT
+    if sop_class_uid.startswith("1.2.840.10008.5.1.4.1.2.2."):
+        return STUDY_ROOT
+    raise QueryError(f"{sop_class_uid} is not a Patient Root or Study Root model", 0xA900)
+
+
+def keyword(tag: int) -> str:
+    return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
