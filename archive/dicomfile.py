@@ -222,6 +222,16 @@ def _file_meta(buf) -> tuple[int, str]:
     return pos, str(syntax)
 
 
+def dataset_offset(fh) -> int:
+    """Where the data set starts in the open Part 10 file `fh` (after the file meta group)."""
+    fh.seek(0)
+    head = fh.read(132)
+    if head[128:132] != b"DICM":
+        raise InvalidInstance("not a DICOM Part 10 stream")
+    with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        return _file_meta(buf)[0]
+
+
 def _inspect(buf, sop_class: str | None, sop_instance: str | None) -> InstanceHeader:
     offset, syntax = _file_meta(buf)
     implicit = syntax == ImplicitVRLittleEndian

@@ -11,16 +11,19 @@ import enum
 import errno
 import hashlib
 import logging
+import os
 import sqlite3
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .crypto import LocalKeyring
-from .dicomfile import InstanceHeader, InvalidInstance, inspect
+from .crypto import IntegrityError, LocalKeyring
+from .dicomfile import InstanceHeader, InvalidInstance, dataset_offset as inspect_offset, inspect
 from .index import Index
-from .storage import BlobInfo, LocalStorage, StorageFull
+from .storage import BlobInfo, BlobNotFound, LocalStorage, StorageFull
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -118,6 +121,40 @@ class Archive:
             return IngestResult(Outcome.FAILURE, "the node could not index the instance",
                                 header.sop_instance_uid)
 
+    @contextmanager
+    def exported(self, blob_id: str, sha256: str, directory: Path | None = None) -> Iterator[Path]:
+        """The stored Part 10 file, decrypted into a private temporary file, verified, then removed.
+
+        Every read of an instance goes through here (C-MOVE, C-GET, commitment checks,
+        workers): the blob is read through the storage backend (which may fetch it from
+        elsewhere), each segment is authenticated, and the data set's SHA-256 must be the
+        one indexed at reception. Raises IntegrityError or BlobNotFound.
+        """
+        fd, name = tempfile.mkstemp(suffix=".dcm", dir=directory)
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in self.storage.read(blob_id):
+                    out.write(chunk)
+            if dataset_sha256(path) != sha256:
+                raise IntegrityError(f"blob {blob_id}: data set does not match its indexed SHA-256")
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def verify(self, sop_instance_uid: str) -> str | None:
+        """Why the instance is not safely held (missing, unreadable, altered), or None if it is."""
+        row = self.index.query("SELECT blob_id, sha256 FROM instances WHERE sop_instance_uid=?",
+                               (sop_instance_uid,))
+        if not row:
+            return "not stored"
+        try:
+            with self.exported(row[0]["blob_id"], row[0]["sha256"]):
+                return None
+        except (IntegrityError, BlobNotFound, OSError) as exc:
+            log.error("instance %s cannot be read back: %s", sop_instance_uid, exc)
+            return "stored copy cannot be read back"
+
     @staticmethod
     def _chunks(path: Path, dataset_offset: int, digest) -> Iterator[bytes]:
         """The file's bytes; the SHA-256 covers the data set (what the peer sent)."""
@@ -165,6 +202,16 @@ class Archive:
             log.warning("instance received again with different content from %s: %s (%s)",
                         calling_ae, outcome.value, _short(header))
         return IngestResult(outcome, "", header.sop_instance_uid, header.study_uid)
+
+
+def dataset_sha256(path: Path) -> str:
+    """SHA-256 of a Part 10 file's data set (what the sender sent), as indexed at reception."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(inspect_offset(fh))
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _short(header: InstanceHeader) -> str:

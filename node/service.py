@@ -28,13 +28,18 @@ log = logging.getLogger(__name__)
 def configure_libraries() -> None:
     """Settings of pynetdicom and pydicom for a receiving node (see notes/ingest-performance.md).
 
-    Received data sets are streamed to a spool file (memory stays bounded for any size);
+    Received data sets are streamed to a spool file and sent ones streamed from their file
+    (memory stays bounded for any size, bytes are never re-encoded);
     pynetdicom's per-event debug handlers and pydicom's value validation are off on the
     hot path: the archive validates what it needs itself.
     """
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # C-MOVE / C-GET send stored files as they are
     pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    # pynetdicom logs whole identifiers (patient names) at INFO: keep it to problems
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 def prepare_spool(config: Config) -> None:

@@ -11,6 +11,8 @@ import logging
 from pydicom.dataset import Dataset
 
 from archive import Archive, Outcome
+from archive.query import Query, QueryError, model_of
+from node.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,35 @@ def handle_closed(event) -> None:
     drop = getattr(event.assoc.dimse, "drop", None)
     if drop is not None:
         drop()
+
+
+def handle_find(event, archive: Archive, config: Config):
+    """EVT_C_FIND: Patient Root and Study Root, every level; at most `query.max_results` matches."""
+    calling_ae = event.assoc.requestor.ae_title
+    try:
+        query = Query(model_of(str(event.request.AffectedSOPClassUID)), event.identifier,
+                      case_insensitive_names=config.query.case_insensitive_names,
+                      retrieve_ae=config.node.ae_title)
+    except QueryError as exc:
+        log.warning("C-FIND from %s refused (0x%04X): %s", calling_ae, exc.status, exc)
+        yield _status(exc.status, str(exc)), None
+        return
+    except Exception as exc:  # an identifier pydicom cannot decode
+        log.warning("C-FIND from %s refused: %s", calling_ae, exc)
+        yield _status(0xC000, "identifier cannot be decoded"), None
+        return
+    limit = config.query.max_results
+    pending = 0xFF01 if query.unsupported else 0xFF00  # some optional keys are not supported
+    with archive.index.reader() as conn:
+        for count, response in enumerate(query.run(conn, limit + 1)):
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            if count == limit:
+                log.warning("C-FIND from %s stopped at %d matches", calling_ae, limit)
+                yield _status(0xA700, f"more than {limit} matches: narrow the query"), None
+                return
+            yield pending, response
 
 
 def handle_established(event) -> None:

@@ -10,13 +10,17 @@ from functools import partial
 import pynetdicom
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove, StorageCommitmentPushModel,
+    StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove, Verification)
 from pydicom import uid
 
 from archive import Archive
 from node.config import Config
 
-from . import fastpath, handlers
+from . import fastpath, handlers, retrieve
 from .tls import TLSAssociationServer, server_context
 
 log = logging.getLogger(__name__)
@@ -44,13 +48,28 @@ class _Context(PresentationContext):
         return clone
 
 
+SERVICES = [  # identifiers and commitment requests: uncompressed syntaxes only
+    PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet,
+    StorageCommitmentPushModel,
+]
+
+
+def _context(abstract_syntax: str, transfer_syntaxes: list) -> _Context:
+    cx = _Context()
+    cx.abstract_syntax = abstract_syntax
+    cx.transfer_syntax = list(transfer_syntaxes)
+    return cx
+
+
 def supported_contexts() -> list[PresentationContext]:
-    abstract = [Verification] + [cx.abstract_syntax for cx in AllStoragePresentationContexts]
-    contexts = []
-    for syntax in abstract:
-        cx = _Context()
-        cx.abstract_syntax = syntax
-        cx.transfer_syntax = list(TRANSFER_SYNTAXES)
+    contexts = [_context(Verification, TRANSFER_SYNTAXES)]
+    contexts += [_context(sop_class, TRANSFER_SYNTAXES[:3]) for sop_class in SERVICES]
+    for storage in AllStoragePresentationContexts:
+        cx = _context(storage.abstract_syntax, TRANSFER_SYNTAXES)
+        # SCP/SCU role selection: a C-GET requestor asks to be the storage SCP
+        cx.scu_role = cx.scp_role = True
         contexts.append(cx)
     return contexts
 
@@ -69,9 +88,13 @@ def build_ae(config: Config) -> AE:
     return ae
 
 
-def event_handlers(archive: Archive) -> list:
+def event_handlers(archive: Archive, config: Config) -> list:
     return [
         (evt.EVT_C_STORE, handlers.handle_store, [archive]),
+        (evt.EVT_C_FIND, handlers.handle_find, [archive, config]),
+        (evt.EVT_C_MOVE, retrieve.handle_move, [archive, config]),
+        (evt.EVT_C_GET, retrieve.handle_get, [archive]),
+        (evt.EVT_ESTABLISHED, retrieve.sends_stored_files),
         (evt.EVT_ESTABLISHED, handlers.handle_established),
         (evt.EVT_REJECTED, handlers.handle_rejected),
         (evt.EVT_CONN_CLOSE, handlers.handle_closed),
@@ -82,13 +105,15 @@ def start_servers(ae: AE, config: Config, archive: Archive, sockets: dict[int, s
     """Serve the listening `sockets` (by port: TLS, and plain when configured); non-blocking."""
     d = config.dicom
     tls = server_context(d.certificate, d.private_key, d.ca_certificates, d.require_client_certificate)
-    servers = [_serve(ae, sockets[d.port], archive, tls, d.tls_handshake_timeout)]
+    bound = event_handlers(archive, config)
+    servers = [_serve(ae, sockets[d.port], archive, bound, tls, d.tls_handshake_timeout)]
     if d.plain_port:
-        servers.append(_serve(ae, sockets[d.plain_port], archive, None, d.tls_handshake_timeout))
+        servers.append(_serve(ae, sockets[d.plain_port], archive, bound, None, d.tls_handshake_timeout))
     return servers
 
 
-def _serve(ae: AE, sock: socket.socket, archive: Archive, ssl_context, handshake_timeout: float):
+def _serve(ae: AE, sock: socket.socket, archive: Archive, bound: list, ssl_context,
+           handshake_timeout: float):
     address = sock.getsockname()[:2]
     extra = {}
     if fastpath.ENABLED:
@@ -99,7 +124,7 @@ def _serve(ae: AE, sock: socket.socket, archive: Archive, ssl_context, handshake
     # the contexts are passed explicitly: AE.supported_contexts holds plain copies, which
     # pynetdicom would deep-copy for every association
     server = ae.make_server(address, contexts=supported_contexts(), ssl_context=ssl_context,
-                            evt_handlers=event_handlers(archive),
+                            evt_handlers=bound,
                             server_class=TLSAssociationServer, handshake_timeout=handshake_timeout,
                             listening_socket=sock, **extra)
     ae._servers.append(server)  # as AE.start_server does: AE.shutdown() stops it, shutdown() expects it

@@ -188,8 +188,12 @@ def _toml(settings: dict) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in values.items()) + "\n"
-                   for name, values in settings.items())
+    def table(name: str, values: dict) -> str:
+        plain = "".join(f"{k} = {value(v)}\n" for k, v in values.items() if not isinstance(v, dict))
+        nested = "".join(table(f"{name}.{k}", v) for k, v in values.items() if isinstance(v, dict))
+        return f"[{name}]\n{plain}\n{nested}"
+
+    return "".join(table(name, values) for name, values in settings.items())
 
 
 

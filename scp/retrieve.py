@@ -1,0 +1,141 @@
+"""C-MOVE and C-GET SCP: stored instances go out byte for byte, as they were received.
+
+pynetdicom runs the retrieve protocol (pending responses with the remaining / completed /
+failed / warning counts, the Failed SOP Instance UID List, C-CANCEL); our handlers say
+which instances, and where. Its sub-operation loop only accepts pydicom Datasets and would
+re-encode them, so each instance is handed over as a `StoredInstance` (a Dataset naming
+the instance, plus the path of its decrypted Part 10 file) and the associations that send
+them stream that file unchanged (`FileSendingAssociation`, pynetdicom's chunked send).
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import build_context
+
+from archive import Archive, IntegrityError
+from archive.query import UNIQUE, Query, QueryError, model_of
+from archive.storage import BlobNotFound
+from node.config import Config, RemoteNode
+
+from .tls import client_context
+
+log = logging.getLogger(__name__)
+MAX_CONTEXTS = 128
+
+
+class StoredInstance(Dataset):
+    """An instance to send: its UIDs as elements (for pynetdicom's failed list) and its file."""
+
+    def __init__(self, sop_class_uid: str, sop_instance_uid: str, path: Path | None):
+        super().__init__()
+        self.SOPClassUID = sop_class_uid
+        self.SOPInstanceUID = sop_instance_uid
+        self.__dict__["file_path"] = path  # not a DICOM element
+
+
+class FileSendingAssociation(Association):
+    """Sends a StoredInstance as the bytes of its file (STORE_SEND_CHUNKED_DATASET is on)."""
+
+    def send_c_store(self, dataset, *args, **kwargs):
+        if isinstance(dataset, StoredInstance):
+            if dataset.file_path is None:
+                raise ValueError(f"instance {dataset.SOPInstanceUID} cannot be read back")
+            dataset = dataset.file_path
+        return super().send_c_store(dataset, *args, **kwargs)
+
+
+def sends_stored_files(event) -> None:
+    """EVT_ESTABLISHED on the C-MOVE destination association."""
+    event.assoc.__class__ = FileSendingAssociation
+
+
+@dataclass(frozen=True)
+class Match:
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    blob_id: str
+    sha256: str
+
+
+def matches(archive: Archive, sop_class_uid: str, identifier: Dataset) -> list[Match]:
+    """The instances a C-MOVE / C-GET identifier names; its unique key must be given."""
+    query = Query(model_of(sop_class_uid), identifier)
+    unique = UNIQUE[query.level]
+    if not str(identifier.get(unique, "") or "").strip("*\\ "):
+        raise QueryError(f"a {query.level} retrieve needs {unique}", 0xC000)
+    sql = ("SELECT i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, i.blob_id, i.sha256 "
+           "FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies s ON se.study_pk = s.pk "
+           "JOIN patients p ON s.patient_pk = p.pk WHERE " + (" AND ".join(query.conditions) or "1")
+           + " ORDER BY i.pk")
+    with archive.index.reader() as conn:
+        conn.row_factory = sqlite3.Row
+        return [Match(*row) for row in conn.execute(sql, query.params)]
+
+
+def _instances(event, archive: Archive, found: list[Match]):
+    """(status, StoredInstance) for pynetdicom's sub-operation loop; each decrypted file lives
+    in the receiver's spool directory until pynetdicom asks for the next one."""
+    for match in found:
+        if event.is_cancelled:
+            yield 0xFE00, None
+            return
+        with ExitStack() as stack:
+            try:
+                path = stack.enter_context(archive.exported(match.blob_id, match.sha256))
+            except (IntegrityError, BlobNotFound, OSError) as exc:
+                log.error("instance %s cannot be read back: %s", match.sop_instance_uid, exc)
+                path = None
+            yield 0xFF00, StoredInstance(match.sop_class_uid, match.sop_instance_uid, path)
+
+
+def _tls(remote: RemoteNode, config: Config):
+    if not remote.tls:
+        return None
+    d = config.dicom
+    context = client_context(remote.ca_certificates or d.ca_certificates, remote.certificate or d.certificate,
+                             remote.private_key or d.private_key)
+    return context, remote.server_name or remote.host
+
+
+def handle_move(event, archive: Archive, config: Config):
+    """EVT_C_MOVE: to a [remote.NAME] node known by its AE title; unknown: 0xA801."""
+    request = event.request
+    calling = event.assoc.requestor.ae_title
+    found = matches(archive, str(request.AffectedSOPClassUID), event.identifier)
+    destination = config.remote_by_ae(str(request.MoveDestination).strip())
+    if destination is None:
+        log.warning("C-MOVE from %s to unknown destination %r", calling, str(request.MoveDestination))
+        yield None, None
+        return
+    pairs = sorted({(m.sop_class_uid, m.transfer_syntax) for m in found})
+    if len(pairs) > MAX_CONTEXTS:
+        log.warning("C-MOVE to %s: %d kinds of instances, only %d presentation contexts: the rest fail",
+                    destination.ae_title, len(pairs), MAX_CONTEXTS)
+    log.info("C-MOVE from %s: %d instances to %s", calling, len(found), destination.ae_title)
+    options = {"ae_title": destination.ae_title, "max_pdu": config.dicom.max_pdu_size,
+               "contexts": [build_context(sop_class, [syntax]) for sop_class, syntax in pairs[:MAX_CONTEXTS]],
+               "evt_handlers": [(evt.EVT_ESTABLISHED, sends_stored_files)]}
+    tls = _tls(destination, config)
+    if tls:
+        options["tls_args"] = tls
+    yield destination.host, destination.port, options
+    yield len(found)
+    yield from _instances(event, archive, found)
+
+
+def handle_get(event, archive: Archive):
+    """EVT_C_GET: the instances come back on the requestor's association (it is the storage SCP)."""
+    found = matches(archive, str(event.request.AffectedSOPClassUID), event.identifier)
+    log.info("C-GET from %s: %d instances", event.assoc.requestor.ae_title, len(found))
+    yield len(found)
+    yield from _instances(event, archive, found)
+

@@ -1,0 +1,250 @@
+"""C-FIND matching: the query engine over a real index, then dcmtk findscu over TLS."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from archive import Archive
+from archive.query import PATIENT_ROOT, STUDY_ROOT, Query, QueryError
+from helpers import data_file
+
+# (patient id, name, study date, time, accession, modalities, series per study, charset)
+PEOPLE = [
+    ("P1", "Smith^John", "20240115", "093000", "ACC1", ("CT", "MR"), "ISO_IR 100"),
+    ("P2", "SMITHERS^Anna", "20240220", "141500.25", "ACC2", ("CT",), None),
+    ("P3", "O'Brien^Pat", "20231231", "2359", "A'3", ("MR",), None),
+    ("P4", "Müller^Jörg", "20240301", "080000", "ACC4", ("US",), "ISO_IR 100"),
+    ("P5", "100%_Test^X", "20240116", "120000", "AC_5", ("CT",), None),
+]
+
+
+def build_studies(directory: Path) -> dict[str, dict]:
+    """One study per person, one series per modality, two images per series."""
+    directory.mkdir(parents=True, exist_ok=True)
+    template = pydicom.dcmread(data_file("CT_small.dcm"))
+    studies = {}
+    for pid, name, date, time, accession, modalities, charset in PEOPLE:
+        study = generate_uid()
+        studies[pid] = {"study": study, "series": {}, "files": []}
+        for number, modality in enumerate(modalities, 1):
+            series = generate_uid()
+            studies[pid]["series"][modality] = series
+            for image in (1, 2):
+                ds = template.copy()
+                if charset:
+                    ds.SpecificCharacterSet = charset
+                elif "SpecificCharacterSet" in ds:
+                    del ds.SpecificCharacterSet
+                ds.PatientID, ds.PatientName, ds.StudyDate, ds.StudyTime = pid, name, date, time
+                ds.AccessionNumber, ds.Modality, ds.StudyInstanceUID = accession, modality, study
+                ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series, number, image
+                ds.StudyDescription = f"study of {pid}"
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+                path = directory / f"{pid}-{modality}-{image}.dcm"
+                ds.save_as(path, enforce_file_format=True)
+                studies[pid]["files"].append(path)
+    return studies
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("query")
+    studies = build_studies(root / "files")
+    archive = Archive(root / "var")
+    for entry in studies.values():
+        for path in entry["files"]:
+            assert archive.ingest_file(path).outcome.ok
+    yield archive, studies
+    archive.close()
+
+
+def find(archive, model=STUDY_ROOT, ci=True, **keys) -> list[Dataset]:
+    identifier = Dataset()
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    with archive.index.reader() as conn:
+        return list(Query(model, identifier, case_insensitive_names=ci).run(conn))
+
+
+def ids(results) -> list[str]:
+    return sorted(str(r.PatientID) for r in results)
+
+
+@pytest.mark.parametrize("keys,expected", [
+    ({"PatientName": "Smith*"}, ["P1", "P2"]),                 # wildcard, case-insensitive
+    ({"PatientName": "smith^john"}, ["P1"]),                   # single value, case-insensitive
+    ({"PatientName": "S?ITH^*"}, ["P1"]),
+    ({"PatientName": "*"}, ["P1", "P2", "P3", "P4", "P5"]),   # universal
+    ({"PatientName": ""}, ["P1", "P2", "P3", "P4", "P5"]),
+    ({"PatientName": "müller*"}, ["P4"]),                      # non-ASCII, case-insensitive
+    ({"PatientName": "O'Brien*"}, ["P3"]),                     # quote is literal
+    ({"PatientName": "' OR 1=1--"}, []),
+    ({"PatientName": "100%_Test^X"}, ["P5"]),                  # % and _ are literal
+    ({"PatientName": "%"}, []),
+    ({"PatientName": "_*"}, []),
+    ({"PatientName": "[S]*"}, []),                              # GLOB classes are literal too
+    ({"StudyDate": "20240115"}, ["P1"]),
+    ({"StudyDate": "20240101-20240131"}, ["P1", "P5"]),        # range
+    ({"StudyDate": "-20231231"}, ["P3"]),
+    ({"StudyDate": "20240220-"}, ["P2", "P4"]),
+    ({"StudyTime": "0900-1000"}, ["P1"]),                      # time range
+    ({"StudyTime": "1415"}, ["P2"]),                           # minute precision
+    ({"StudyTime": "2359-"}, ["P3"]),
+    ({"AccessionNumber": "A'3"}, ["P3"]),
+    ({"AccessionNumber": "AC_5"}, ["P5"]),
+    ({"AccessionNumber": "AC?5"}, ["P5"]),
+    ({"AccessionNumber": "acc1"}, []),                         # case-sensitive outside names
+    ({"ModalitiesInStudy": "MR"}, ["P1", "P3"]),
+    ({"ModalitiesInStudy": ["US", "MR"]}, ["P1", "P3", "P4"]),  # list
+    ({"StudyDate": "20240115", "AccessionNumber": "ACC2"}, []),  # every key must match
+    ({"StudyDate": "20240115", "AccessionNumber": "ACC1"}, ["P1"]),
+])
+def test_study_level_matching(filled, keys, expected):
+    archive, _ = filled
+    assert ids(find(archive, QueryRetrieveLevel="STUDY", **{"PatientID": "", **keys})) == expected
+
+
+def test_uid_list_matching_and_returned_keys(filled):
+    archive, studies = filled
+    wanted = [studies["P1"]["study"], studies["P4"]["study"]]
+    results = find(archive, QueryRetrieveLevel="STUDY", StudyInstanceUID=wanted, PatientName="",
+                   ModalitiesInStudy="", NumberOfStudyRelatedSeries="", NumberOfStudyRelatedInstances="",
+                   StudyDate="")
+    by_id = {str(r.StudyInstanceUID): r for r in results}
+    assert set(by_id) == set(wanted)
+    p1 = by_id[studies["P1"]["study"]]
+    assert list(p1.ModalitiesInStudy) == ["CT", "MR"]
+    assert (p1.NumberOfStudyRelatedSeries, p1.NumberOfStudyRelatedInstances) == (2, 4)
+    assert p1.StudyDate == "20240115" and str(p1.PatientName) == "Smith^John"
+    p4 = by_id[studies["P4"]["study"]]
+    assert p4.SpecificCharacterSet == "ISO_IR 192" and str(p4.PatientName) == "Müller^Jörg"
+    assert all("PatientID" not in r for r in results) and all(0x0002 not in (e.tag.group for e in r)
+                                                                 for r in results)
+
+
+def test_levels_and_models(filled):
+    archive, studies = filled
+    patients = find(archive, PATIENT_ROOT, QueryRetrieveLevel="PATIENT", PatientName="SMITH*",
+                    NumberOfPatientRelatedStudies="", NumberOfPatientRelatedInstances="")
+    assert [(r.PatientID, r.NumberOfPatientRelatedStudies, r.NumberOfPatientRelatedInstances)
+            for r in patients] == [("P1", 1, 4), ("P2", 1, 2)]
+    series = find(archive, QueryRetrieveLevel="SERIES", StudyInstanceUID=studies["P1"]["study"], Modality="MR",
+                  NumberOfSeriesRelatedInstances="", SeriesNumber="")
+    assert [(r.SeriesInstanceUID, r.NumberOfSeriesRelatedInstances, r.SeriesNumber) for r in series] == [
+        (studies["P1"]["series"]["MR"], 2, 2)]
+    images = find(archive, QueryRetrieveLevel="IMAGE", SeriesInstanceUID=studies["P1"]["series"]["CT"],
+                  InstanceNumber="2", SOPClassUID="")
+    assert len(images) == 1 and images[0].InstanceNumber == 2 and images[0].SOPClassUID == pydicom.dcmread(
+        data_file("CT_small.dcm")).SOPClassUID
+    assert images[0].StudyInstanceUID == studies["P1"]["study"]  # unique keys of the levels above
+    with pytest.raises(QueryError) as exc:
+        find(archive, STUDY_ROOT, QueryRetrieveLevel="PATIENT")
+    assert exc.value.status == 0xA900
+
+
+def test_unknown_and_lower_level_keys_come_back_empty(filled):
+    archive, _ = filled
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.PatientID = "P2"
+    identifier.InstitutionName = "ignored"           # not held by the index
+    identifier.SOPInstanceUID = ""                    # a lower level
+    identifier.add_new(0x00091010, "LO", "private")
+    with archive.index.reader() as conn:
+        query = Query(STUDY_ROOT, identifier)
+        (result,) = list(query.run(conn))
+    assert query.unsupported and result.InstitutionName in (None, "") and result.SOPInstanceUID in (None, "")
+    assert result[0x00091010].value in (None, "")
+
+
+@pytest.mark.parametrize("keys,message", [
+    ({"StudyDate": "2024-01-01"}, "StudyDate"),
+    ({"StudyDate": "yesterday"}, "StudyDate"),
+    ({"StudyTime": "25h"}, "StudyTime"),
+    ({"PatientName": "A" * 5000}, "too long"),
+])
+def test_bad_values_are_refused_with_a_reason(filled, keys, message):
+    archive, _ = filled
+    with pytest.raises(QueryError, match=message):
+        find(archive, QueryRetrieveLevel="STUDY", **keys)
+
+
+def test_names_case_sensitive_when_configured(filled):
+    archive, _ = filled
+    assert ids(find(archive, ci=False, QueryRetrieveLevel="STUDY", PatientID="", PatientName="smith*")) == []
+    assert ids(find(archive, ci=False, QueryRetrieveLevel="STUDY", PatientID="", PatientName="Smith*")) == ["P1"]
+
+
+# -- dcmtk findscu over TLS against a node filled by storescu ------------------------------
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, pki):
+    from helpers import Node
+
+    root = tmp_path_factory.mktemp("findscu")
+    studies = build_studies(root / "files")
+    node = Node(root / "node", pki, query={"max_results": 3}).start()
+    node.storescu(*[p for entry in studies.values() for p in entry["files"]])
+    yield node, studies
+    node.stop()
+
+
+def findscu(node, model: str, *keys: str, check: bool = True) -> tuple[list[Dataset], str]:
+    out = Path(node.workdir) / f"find-{os.getpid()}"
+    out.mkdir(exist_ok=True)
+    for old in out.iterdir():
+        old.unlink()
+    cmd = ["findscu", *node.tls_args(), "-aet", "FINDSCU", "-aec", "M3DICOM", model, "-v", "-X", "-od", str(out)]
+    for key in keys:
+        cmd += ["-k", key]
+    result = subprocess.run(cmd + ["127.0.0.1", str(node.port)], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "TCP_NODELAY": "1"})
+    if check:
+        assert result.returncode == 0, result.stderr
+    return [pydicom.dcmread(p) for p in sorted(out.iterdir())], result.stdout + result.stderr
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("model,keys,expected", [
+    ("-P", ["QueryRetrieveLevel=PATIENT", "PatientName=smith*", "PatientID"], ["P1", "P2"]),
+    ("-S", ["QueryRetrieveLevel=STUDY", "StudyDate=20240101-20240131", "PatientID"], ["P1", "P5"]),
+    ("-S", ["QueryRetrieveLevel=STUDY", "ModalitiesInStudy=US\\MR", "PatientID"], ["P1", "P3", "P4"]),
+    ("-P", ["QueryRetrieveLevel=STUDY", "PatientID=P3", "AccessionNumber=A'3"], ["P3"]),
+    ("-S", ["QueryRetrieveLevel=SERIES", "Modality=MR", "PatientID"], ["P1", "P3"]),
+    ("-P", ["QueryRetrieveLevel=IMAGE", "PatientName=O'Brien*", "InstanceNumber=1", "PatientID"], ["P3"]),
+])
+def test_findscu_levels_and_models(served, model, keys, expected):
+    node, _ = served
+    results, _ = findscu(node, model, *keys)
+    assert sorted(str(r.PatientID) for r in results) == expected
+
+
+@pytest.mark.interop
+def test_findscu_image_level_uid_list(served):
+    node, studies = served
+    series = studies["P1"]["series"]
+    results, _ = findscu(node, "-S", "QueryRetrieveLevel=IMAGE", f"SeriesInstanceUID={series['CT']}\\{series['MR']}",
+                         "SOPInstanceUID", "InstanceNumber=2")
+    assert sorted(str(r.SeriesInstanceUID) for r in results) == sorted([series["CT"], series["MR"]])
+    assert {r.InstanceNumber for r in results} == {2}
+
+
+@pytest.mark.interop
+def test_findscu_result_limit_and_hostile_values(served):
+    node, _ = served
+    results, log = findscu(node, "-S", "QueryRetrieveLevel=STUDY", "PatientID", check=False)
+    assert len(results) == 3 and "Refused: OutOfResources" in log, log  # max_results = 3 here, 5 studies held
+    results, _ = findscu(node, "-S", "QueryRetrieveLevel=STUDY", "PatientName=' OR 1=1--")
+    assert results == []
+    results, log = findscu(node, "-S", "QueryRetrieveLevel=STUDY", "StudyDate=2024-13", check=False)
+    assert results == [] and "StudyDate" in log
+    results, _ = findscu(node, "-S", "QueryRetrieveLevel=STUDY", "PatientName=" + "X" * 60 + "*")
+    assert results == []
+    results, _ = findscu(node, "-S", "QueryRetrieveLevel=STUDY", "PatientID=P2", "InstitutionName")
+    assert [str(r.PatientID) for r in results] == ["P2"]
