@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from scp.commitment import Committer
 from scp.server import build_ae, start_servers
 
 from .config import Config
@@ -66,8 +67,11 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
     tempfile.tempdir = str(spool)  # pynetdicom and the fast path spool received data sets here
     archive = open_archive(config)
     ae = build_ae(config)
+    committer = Committer(archive, config)
     try:
-        start_servers(ae, config, archive, sockets)
+        start_servers(ae, config, archive, sockets, committer)
+        if index == 0 and (pending := committer.resume_pending()):
+            log.info("%d storage commitment reports to deliver from before the restart", pending)
         on_ready()
         while not stop.wait(1.0):
             every_second()

@@ -21,6 +21,7 @@ from archive import Archive
 from node.config import Config
 
 from . import fastpath, handlers, retrieve
+from .commitment import Committer
 from .tls import TLSAssociationServer, server_context
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,10 @@ def build_ae(config: Config) -> AE:
     return ae
 
 
-def event_handlers(archive: Archive, config: Config) -> list:
+def event_handlers(archive: Archive, config: Config, committer: Committer | None = None) -> list:
+    committer = committer or Committer(archive, config)
     return [
+        (evt.EVT_N_ACTION, committer.handle_action),
         (evt.EVT_C_STORE, handlers.handle_store, [archive]),
         (evt.EVT_C_FIND, handlers.handle_find, [archive, config]),
         (evt.EVT_C_MOVE, retrieve.handle_move, [archive, config]),
@@ -101,11 +104,12 @@ def event_handlers(archive: Archive, config: Config) -> list:
     ]
 
 
-def start_servers(ae: AE, config: Config, archive: Archive, sockets: dict[int, socket.socket]) -> list:
+def start_servers(ae: AE, config: Config, archive: Archive, sockets: dict[int, socket.socket],
+                  committer: Committer | None = None) -> list:
     """Serve the listening `sockets` (by port: TLS, and plain when configured); non-blocking."""
     d = config.dicom
     tls = server_context(d.certificate, d.private_key, d.ca_certificates, d.require_client_certificate)
-    bound = event_handlers(archive, config)
+    bound = event_handlers(archive, config, committer)
     servers = [_serve(ae, sockets[d.port], archive, bound, tls, d.tls_handshake_timeout)]
     if d.plain_port:
         servers.append(_serve(ae, sockets[d.plain_port], archive, bound, None, d.tls_handshake_timeout))

@@ -163,6 +163,22 @@ class Node:
 
     # -- peers -----------------------------------------------------------------------
 
+    def associate(self, calling_ae: str, *contexts: str, tls: bool = True, **options):
+        """A pynetdicom association to this node (mutual TLS unless `tls=False`), established."""
+        from pynetdicom import AE
+
+        from scp.tls import client_context
+
+        ae = AE(ae_title=calling_ae)
+        for sop_class in contexts:
+            ae.add_requested_context(sop_class)
+        if tls:
+            context = client_context(self.pki / "ca.pem", self.pki / "client.pem", self.pki / "client.key")
+            options["tls_args"] = (context, "localhost")
+        assoc = ae.associate("127.0.0.1", self.port if tls else self.plain_port, ae_title="M3DICOM", **options)
+        assert assoc.is_established, f"association refused:\n{self.log()[-2000:]}"
+        return assoc
+
     def tls_args(self) -> list[str]:
         return ["+tls", str(self.pki / "client.key"), str(self.pki / "client.pem"), "+cf", str(self.pki / "ca.pem")]
 

@@ -1,9 +1,6 @@
 """Ingest through the archive API: outcomes, duplicates, recovery, no peer value in a path."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 
 import pydicom
 import pytest

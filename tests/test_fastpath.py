@@ -8,8 +8,8 @@ import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
-from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pydicom.uid import JPEGBaseline8Bit
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
@@ -18,7 +18,6 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from helpers import data_file, dataset_offset, wait_for
 from scp import fastpath
-from scp.tls import client_context
 
 ODD_UID = "1.2.826.0.1.3680043.8.498.1234567"       # 33 characters: padded
 EVEN_UID = "1.2.826.0.1.3680043.8.498.12345678"     # 34 characters
@@ -108,13 +107,7 @@ def datasets_sent_from_memory(monkeypatch):
 
 
 def _associate(node, *contexts):
-    ae = AE(ae_title="FASTPATH")
-    for sop_class in contexts:
-        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-    tls = client_context(node.pki / "ca.pem", node.pki / "client.pem", node.pki / "client.key")
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="M3DICOM", tls_args=(tls, "localhost"))
-    assert assoc.is_established
-    return assoc
+    return node.associate("FASTPATH", *contexts)
 
 
 @pytest.mark.interop

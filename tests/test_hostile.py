@@ -9,12 +9,10 @@ import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage
 
 from helpers import data_file, dataset_offset
-from scp.tls import client_context
 
 pytestmark = pytest.mark.interop
 
@@ -58,11 +56,7 @@ def datasets_sent_from_files(monkeypatch):
 
 def _send_raw(node, path: Path) -> int | None:
     """Send the file's bytes untouched."""
-    ae = AE(ae_title="HOSTILE")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    tls = client_context(node.pki / "ca.pem", node.pki / "client.pem", node.pki / "client.key")
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="M3DICOM", tls_args=(tls, "localhost"))
-    assert assoc.is_established
+    assoc = node.associate("HOSTILE", CTImageStorage)
     try:
         status = assoc.send_c_store(path)
         return int(status.Status) if status else None

@@ -10,11 +10,9 @@ import urllib.request
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from helpers import free_port, wait_for
-from scp.tls import client_context
 from test_query import build_studies
 
 pytestmark = pytest.mark.interop
@@ -100,10 +98,7 @@ def test_orthanc_finds_and_retrieves_a_study_over_tls(pacs):
 
 def test_node_moves_a_study_into_orthanc_over_tls(pacs):
     node, orthanc, studies = pacs
-    ae = AE(ae_title="WORKSTATION")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    tls = client_context(node.pki / "ca.pem", node.pki / "client.pem", node.pki / "client.key")
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="M3DICOM", tls_args=(tls, "localhost"))
+    assoc = node.associate("WORKSTATION", StudyRootQueryRetrieveInformationModelMove)
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
     identifier.StudyInstanceUID = [studies["P3"]["study"], studies["P5"]["study"]]

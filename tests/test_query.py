@@ -248,3 +248,33 @@ def test_findscu_result_limit_and_hostile_values(served):
     assert results == []
     results, _ = findscu(node, "-S", "QueryRetrieveLevel=STUDY", "PatientID=P2", "InstitutionName")
     assert [str(r.PatientID) for r in results] == ["P2"]
+
+
+@pytest.mark.interop
+def test_c_cancel_stops_a_running_query(make_node, tmp_path):
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    node = make_node(start=False)
+    archive = Archive(node.data_dir)
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    for i in range(300):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = tmp_path / "one.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert archive.ingest_file(path).outcome.ok
+    archive.close()
+    node.start()
+    assoc = node.associate("CANCELLER", FIND)
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = ""
+    statuses = []
+    try:
+        for status, _ in assoc.send_c_find(identifier, FIND, msg_id=7):
+            statuses.append(status.Status)
+            if len(statuses) == 1:
+                assoc.send_c_cancel(7, assoc.accepted_contexts[0].context_id)
+    finally:
+        assoc.release()
+    assert statuses[-1] == 0xFE00 and len(statuses) < 300
