@@ -17,7 +17,7 @@ import threading
 import time
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role
+from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from archive import Archive, IntegrityError
@@ -26,6 +26,7 @@ from archive.storage import BlobNotFound
 from node.config import Config
 
 from .retrieve import _tls
+from .tls import no_delay
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class Committer:
             return False
         ae = AE(ae_title=self.config.node.ae_title)
         ae.add_requested_context(StorageCommitmentPushModel)
-        options = {"ae_title": remote.ae_title,
+        options = {"ae_title": remote.ae_title, "evt_handlers": [(evt.EVT_CONN_OPEN, no_delay)],
                    "ext_neg": [build_role(StorageCommitmentPushModel, scp_role=True)]}
         tls = _tls(remote, self.config)
         if tls:

@@ -25,7 +25,7 @@ from archive.query import UNIQUE, Query, QueryError, model_of
 from archive.storage import BlobNotFound
 from node.config import Config, RemoteNode
 
-from .tls import client_context
+from .tls import client_context, no_delay
 
 log = logging.getLogger(__name__)
 MAX_CONTEXTS = 128
@@ -123,7 +123,7 @@ def handle_move(event, archive: Archive, config: Config):
     log.info("C-MOVE from %s: %d instances to %s", calling, len(found), destination.ae_title)
     options = {"ae_title": destination.ae_title, "max_pdu": config.dicom.max_pdu_size,
                "contexts": [build_context(sop_class, [syntax]) for sop_class, syntax in pairs[:MAX_CONTEXTS]],
-               "evt_handlers": [(evt.EVT_ESTABLISHED, sends_stored_files)]}
+               "evt_handlers": [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_ESTABLISHED, sends_stored_files)]}
     tls = _tls(destination, config)
     if tls:
         options["tls_args"] = tls

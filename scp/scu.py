@@ -9,9 +9,11 @@ from typing import Callable, Iterable
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification
+
+from .tls import no_delay
 
 log = logging.getLogger(__name__)
 _MAX_CONTEXTS = 128
@@ -39,7 +41,7 @@ class SendReport:
 
 
 def _associate(ae: AE, peer: Peer):
-    kwargs = {"ae_title": peer.called_ae}
+    kwargs = {"ae_title": peer.called_ae, "evt_handlers": [(evt.EVT_CONN_OPEN, no_delay)]}
     if peer.tls is not None:
         kwargs["tls_args"] = (peer.tls, peer.server_hostname or peer.host)
     try:

@@ -53,6 +53,17 @@ def client_context(ca_certificates: Path, certificate: Path | None = None,
     return ctx
 
 
+def no_delay(event) -> None:
+    """EVT_CONN_OPEN handler for outgoing associations: turn Nagle off.
+
+    pynetdicom writes a DIMSE message as several PDUs; with Nagle on, the second one waits
+    for the peer's delayed ACK (~40 ms per message: a C-FIND took 50 ms whatever it found).
+    """
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class TLSAssociationServer(ThreadedAssociationServer):
     """A threaded association server whose TLS handshakes cannot block the accept loop.
 

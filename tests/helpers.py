@@ -165,9 +165,9 @@ class Node:
 
     def associate(self, calling_ae: str, *contexts: str, tls: bool = True, **options):
         """A pynetdicom association to this node (mutual TLS unless `tls=False`), established."""
-        from pynetdicom import AE
+        from pynetdicom import AE, evt
 
-        from scp.tls import client_context
+        from scp.tls import client_context, no_delay
 
         ae = AE(ae_title=calling_ae)
         for sop_class in contexts:
@@ -175,6 +175,7 @@ class Node:
         if tls:
             context = client_context(self.pki / "ca.pem", self.pki / "client.pem", self.pki / "client.key")
             options["tls_args"] = (context, "localhost")
+        options.setdefault("evt_handlers", []).append((evt.EVT_CONN_OPEN, no_delay))
         assoc = ae.associate("127.0.0.1", self.port if tls else self.plain_port, ae_title="M3DICOM", **options)
         assert assoc.is_established, f"association refused:\n{self.log()[-2000:]}"
         return assoc

@@ -217,6 +217,8 @@ def findscu(node, model: str, *keys: str, check: bool = True) -> tuple[list[Data
     ("-S", ["QueryRetrieveLevel=STUDY", "ModalitiesInStudy=US\\MR", "PatientID"], ["P1", "P3", "P4"]),
     ("-P", ["QueryRetrieveLevel=STUDY", "PatientID=P3", "AccessionNumber=A'3"], ["P3"]),
     ("-S", ["QueryRetrieveLevel=SERIES", "Modality=MR", "PatientID"], ["P1", "P3"]),
+    ("-P", ["QueryRetrieveLevel=SERIES", "PatientID=P1", "Modality=CT\\MR", "SeriesNumber"], ["P1", "P1"]),
+    ("-S", ["QueryRetrieveLevel=IMAGE", "AccessionNumber=ACC2", "InstanceNumber", "PatientID"], ["P2", "P2"]),
     ("-P", ["QueryRetrieveLevel=IMAGE", "PatientName=O'Brien*", "InstanceNumber=1", "PatientID"], ["P3"]),
 ])
 def test_findscu_levels_and_models(served, model, keys, expected):
@@ -278,3 +280,22 @@ def test_c_cancel_stops_a_running_query(make_node, tmp_path):
     finally:
         assoc.release()
     assert statuses[-1] == 0xFE00 and len(statuses) < 300
+
+
+@pytest.mark.parametrize("keys,index", [
+    ({"QueryRetrieveLevel": "STUDY", "PatientName": "SMI*"}, "patients_name_key"),
+    ({"QueryRetrieveLevel": "STUDY", "StudyDate": "20240101-20240131"}, "studies_date"),
+    ({"QueryRetrieveLevel": "STUDY", "AccessionNumber": "ACC1"}, "studies_accession"),
+    ({"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": "1.2.3"}, "sqlite_autoindex_studies_1"),
+    ({"QueryRetrieveLevel": "IMAGE", "SeriesInstanceUID": "1.2.3"}, "sqlite_autoindex_series_1"),
+])
+def test_selective_queries_use_an_index(filled, keys, index):
+    """A query stays fast as the archive grows: SQLite searches an index, never scans."""
+    archive, _ = filled
+    identifier = Dataset()
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    query = Query(STUDY_ROOT, identifier)
+    with archive.index.reader() as conn:
+        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query.sql, query.params))
+    assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan

@@ -1,0 +1,285 @@
+"""Query benchmark: C-FIND latency through a real TLS association as the index grows.
+
+The index is filled with synthetic patients / studies / series / instances through the
+index's write API (no network, no blobs: the query path never reads them), then the node
+is started on it and answers 200 queries of each kind through pynetdicom over mutual TLS:
+study level by patient-name prefix wildcard, by PatientID, by a one-month StudyDate range,
+and series level within a study. Orthanc (Debian, DICOM TLS) gets the same 10k instances by
+C-STORE (storescu) and the same queries, for comparison. Prints p50 / p95 in ms as a
+Markdown table. Not a test: nothing is asserted.
+
+    .venv/bin/python bench/query.py [--sizes 10000,100000,1000000] [--queries 200] [--no-orthanc]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from archive.dicomfile import InstanceHeader  # noqa: E402
+from archive.index import Index  # noqa: E402
+from bench.ingest import ENV, ROOT, free_port, wait_port  # noqa: E402
+from scp.tls import client_context, no_delay  # noqa: E402
+
+SURNAMES = ["SMITH", "JONES", "TAYLOR", "BROWN", "WILLIAMS", "WILSON", "JOHNSON", "DAVIES", "ROBINSON",
+            "WRIGHT", "THOMPSON", "EVANS", "WALKER", "WHITE", "ROBERTS", "GREEN", "HALL", "WOOD", "JACKSON",
+            "CLARKE", "MARTIN", "MULLER", "SCHMIDT", "DUBOIS", "ROSSI", "GARCIA", "NOVAK", "KOWALSKI"]
+FIRST = ["ANNA", "JOHN", "MARIA", "PETER", "EVA", "PAUL", "SARA", "LUCAS", "EMMA", "NOAH"]
+MODALITIES = ["CT", "MR", "CR", "US", "MG", "PT"]
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@dataclass
+class Synthetic:
+    """What the queries ask for, drawn from what was filled."""
+    names: list[str]
+    patient_ids: list[str]
+    study_uids: list[str]
+
+
+def synthetic(size: int, seed: int = 7):
+    """(patient, study, series, instances) tuples: ~65 instances per study over ten years."""
+    rng = random.Random(seed)
+    start = date(2015, 1, 1)
+    made, patient_no = 0, 0
+    while made < size:
+        patient_no += 1
+        pid = f"PAT{patient_no:07d}"
+        name = f"{rng.choice(SURNAMES)}{rng.randint(1, 400)}^{rng.choice(FIRST)}"
+        for _ in range(rng.randint(1, 3)):
+            study = {"uid": generate_uid(), "date": (start + timedelta(days=rng.randint(0, 3650))).strftime("%Y%m%d"),
+                     "time": f"{rng.randint(7, 19):02d}{rng.randint(0, 59):02d}00",
+                     "accession": f"ACC{rng.randint(0, 10**8):08d}", "description": "synthetic"}
+            for number in range(1, rng.randint(1, 4) + 1):
+                count = min(rng.randint(5, 40), size - made)
+                if count <= 0:
+                    return
+                yield (pid, name), study, (generate_uid(), number, rng.choice(MODALITIES)), count
+                made += count
+
+
+def fill(index: Index, size: int) -> Synthetic:
+    names, ids, studies = set(), [], []
+    batch, now = [], time.time()
+
+    def flush():
+        with index.write() as conn:
+            for (pid, name), study, (series_uid, number, modality), count in batch:
+                attrs = {"PatientID": pid, "PatientName": name, "PatientBirthDate": None, "PatientSex": "O",
+                         "StudyDate": study["date"], "StudyTime": study["time"],
+                         "AccessionNumber": study["accession"], "StudyDescription": study["description"],
+                         "ReferringPhysicianName": None, "StudyID": "1", "Modality": modality,
+                         "SeriesDescription": None, "BodyPartExamined": None, "SpecificCharacterSet": None,
+                         "SeriesNumber": number, "InstanceNumber": None}
+                header = InstanceHeader(CT_IMAGE, "", study["uid"], series_uid, "1.2.840.10008.1.2.1", 0, attrs)
+                series_pk = Index.upsert_hierarchy(conn, header, now)
+                conn.executemany(
+                    "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, "
+                    "transfer_syntax, size, sha256, blob_id, calling_ae, received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    [(generate_uid(), series_pk, CT_IMAGE, i + 1, "1.2.840.10008.1.2.1", 40000, "0" * 64,
+                      generate_uid().replace(".", "")[-32:].rjust(32, "0"), "BENCH", now) for i in range(count)])
+        batch.clear()
+
+    rows = 0
+    for entry in synthetic(size):
+        batch.append(entry)
+        (pid, name), study = entry[0], entry[1]
+        names.add(name.split("^")[0])
+        if not ids or ids[-1] != pid:
+            ids.append(pid)
+        if not studies or studies[-1] != study["uid"]:
+            studies.append(study["uid"])
+        rows += entry[3]
+        if len(batch) >= 2000:
+            flush()
+    flush()
+    return Synthetic(sorted(names), ids, studies)
+
+
+def queries(data: Synthetic, count: int, seed: int = 11) -> dict[str, list[Dataset]]:
+    rng = random.Random(seed)
+
+    def study_level(**keys) -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        for k in ("PatientName", "PatientID", "StudyDate", "StudyInstanceUID", "AccessionNumber",
+                  "ModalitiesInStudy", "NumberOfStudyRelatedInstances"):
+            setattr(ds, k, "")
+        for k, v in keys.items():
+            setattr(ds, k, v)
+        return ds
+
+    def series_level(study: str) -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "SERIES"
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = ds.Modality = ds.SeriesNumber = ds.NumberOfSeriesRelatedInstances = ""
+        return ds
+
+    def month() -> str:
+        first = date(2015, 1, 1) + timedelta(days=rng.randint(0, 3600))
+        first = first.replace(day=1)
+        last = (first + timedelta(days=32)).replace(day=1) - timedelta(days=1)
+        return f"{first:%Y%m%d}-{last:%Y%m%d}"
+
+    return {
+        "name prefix": [study_level(PatientName=rng.choice(data.names) + "*") for _ in range(count)],
+        "PatientID": [study_level(PatientID=rng.choice(data.patient_ids)) for _ in range(count)],
+        "one month": [study_level(StudyDate=month()) for _ in range(count)],
+        "series in study": [series_level(rng.choice(data.study_uids)) for _ in range(count)],
+    }
+
+
+def run_queries(port: int, aec: str, pki: Path, asked: dict[str, list[Dataset]]) -> dict[str, tuple]:
+    """One association per kind of query; each query timed from request to final response."""
+    ae = AE(ae_title="QBENCH")
+    ae.add_requested_context(FIND)
+    tls = client_context(pki / "ca.pem", pki / "client.pem", pki / "client.key")
+    results = {}
+    for kind, identifiers in asked.items():
+        assoc = ae.associate("127.0.0.1", port, ae_title=aec, tls_args=(tls, "localhost"),
+                             evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)])
+        if not assoc.is_established:
+            raise RuntimeError(f"cannot associate with {aec} on {port}")
+        times, matches = [], []
+        try:
+            for identifier in identifiers:
+                t0 = time.perf_counter()
+                statuses = [(status.get("Status"), ds) for status, ds in assoc.send_c_find(identifier, FIND)]
+                times.append((time.perf_counter() - t0) * 1000)
+                if not statuses or statuses[-1][0] != 0:
+                    raise RuntimeError(f"{aec}: {kind} query ended with {statuses[-1:]}\n{identifier}")
+                matches.append(sum(1 for status, ds in statuses if status in (0xFF00, 0xFF01)))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        times.sort()
+        results[kind] = (statistics.median(times), times[int(len(times) * 0.95) - 1], statistics.mean(matches))
+    return results
+
+
+def node(work: Path, pki: Path, data_dir: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    config = work / "m3.toml"
+    config.write_text(f'[node]\nae_title = "M3DICOM"\ndata_dir = "{data_dir}"\n'
+                      f'[dicom]\nport = {port}\ncertificate = "{pki}/server.pem"\nprivate_key = "{pki}/server.key"\n'
+                      f'ca_certificates = "{pki}/ca.pem"\n[query]\nmax_results = 5000\n[log]\nlevel = "WARNING"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=open(work / "m3.log", "ab"))
+    wait_port(port)
+    return proc, port
+
+
+def orthanc_filled(work: Path, pki: Path, size: int) -> tuple[subprocess.Popen, int, Synthetic]:
+    """Orthanc with the synthetic instances of `size`, sent by storescu over TLS."""
+    import pydicom
+
+    template = pydicom.dcmread(Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm")
+    files = work / "orthanc-files"
+    files.mkdir()
+    names, ids, studies, n = set(), [], [], 0
+    for (pid, name), study, (series_uid, number, modality), count in synthetic(size):
+        names.add(name.split("^")[0])
+        if not ids or ids[-1] != pid:
+            ids.append(pid)
+        if not studies or studies[-1] != study["uid"]:
+            studies.append(study["uid"])
+        for i in range(count):
+            ds = template.copy()
+            ds.PatientID, ds.PatientName, ds.StudyInstanceUID = pid, name, study["uid"]
+            ds.StudyDate, ds.StudyTime, ds.AccessionNumber = study["date"], study["time"], study["accession"]
+            ds.SeriesInstanceUID, ds.SeriesNumber, ds.Modality, ds.InstanceNumber = series_uid, number, modality, i + 1
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.save_as(files / f"{n:07d}.dcm", enforce_file_format=True)
+            n += 1
+    port = free_port()
+    store = work / "orthanc-db"
+    config = work / "orthanc.json"
+    config.write_text(json.dumps({
+        "Name": "qbench", "StorageDirectory": str(store), "IndexDirectory": str(store), "DicomAet": "ORTHANC",
+        "DicomPort": port, "HttpPort": free_port(), "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": f"{pki}/server.pem", "DicomTlsPrivateKey": f"{pki}/server.key",
+        "DicomTlsTrustedCertificates": f"{pki}/ca.pem", "DicomTlsRemoteCertificateRequired": True,
+        "LimitFindResults": 0, "LimitFindInstances": 0, "Plugins": [], "LogLevel": "default"}))
+    proc = subprocess.Popen(["Orthanc", str(config)], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=open(work / "orthanc.log", "ab"))
+    wait_port(port)
+    subprocess.run(["storescu", "+tls", f"{pki}/client.key", f"{pki}/client.pem", "+cf", f"{pki}/ca.pem",
+                    "-aec", "ORTHANC", "+sd", "127.0.0.1", str(port), str(files)], env=ENV, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shutil.rmtree(files)
+    return proc, port, Synthetic(sorted(names), ids, studies)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--no-orthanc", action="store_true")
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="m3qbench-"))
+    rows = []
+    try:
+        pki = work / "pki"
+        subprocess.run([sys.executable, "-m", "node.cli", "certs", "init", "--dir", str(pki)], cwd=ROOT,
+                       check=True, capture_output=True)
+        for size in map(int, args.sizes.split(",")):
+            data_dir = work / f"m3-{size}"
+            t0 = time.perf_counter()
+            data_dir.mkdir(mode=0o700, parents=True)
+            index = Index(data_dir / "index.sqlite3")
+            data = fill(index, size)
+            index.close()
+            print(f"filled {size} instances in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            proc, port = node(work, pki, data_dir)
+            try:
+                rows.append((f"m3dicom, {size:,} instances", run_queries(port, "M3DICOM", pki,
+                                                                         queries(data, args.queries))))
+            finally:
+                proc.terminate()
+                proc.wait(20)
+            shutil.rmtree(data_dir)
+            print(rows[-1], file=sys.stderr)
+        if not args.no_orthanc:
+            size = 10000
+            proc, port, data = orthanc_filled(work, pki, size)
+            try:
+                rows.append((f"Orthanc, {size:,} instances", run_queries(port, "ORTHANC", pki,
+                                                                         queries(data, args.queries))))
+            finally:
+                proc.terminate()
+                proc.wait(20)
+            print(rows[-1], file=sys.stderr)
+        kinds = list(rows[0][1])
+        print("| index | " + " | ".join(f"{k}: p50 / p95 ms (matches)" for k in kinds) + " |")
+        print("|---|" + "---|" * len(kinds))
+        for name, results in rows:
+            print(f"| {name} | " + " | ".join(f"{results[k][0]:.1f} / {results[k][1]:.1f} ({results[k][2]:.0f})"
+                                             for k in kinds) + " |")
+    finally:
+        for log in work.glob("*.log"):
+            shutil.copy(log, Path(tempfile.gettempdir()) / f"qbench-{log.name}")
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
