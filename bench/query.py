@@ -28,6 +28,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -148,6 +149,7 @@ def queries(data: Synthetic, count: int, seed: int = 11) -> dict[str, list[Datas
 
 def run_queries(port: int, aec: str, pki: Path, asked: dict[str, list[Dataset]]) -> dict[str, tuple]:
     """One association per kind of query; each query timed from request to final response."""
+    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False  # the client's own logging would dominate
     ae = AE(ae_title="QBENCH")
     ae.add_requested_context(FIND)
     tls = client_context(pki / "ca.pem", pki / "client.pem", pki / "client.key")
