@@ -32,6 +32,7 @@ test: install
 
 bench: install
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/query.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
