@@ -11,8 +11,8 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import JPEGBaseline8Bit
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
-from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
@@ -44,6 +44,24 @@ def test_store_rsp_is_what_pynetdicom_encodes(status, comment, instance):
         rsp.ErrorComment = comment
     expected = _command_bytes(C_STORE_RSP(), rsp)
     assert fastpath.encode_store_rsp(513, CTImageStorage, instance, status, comment) == expected
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16382, 64])
+@pytest.mark.parametrize("status", [0xFF00, 0xFF01])
+def test_pending_find_rsp_is_what_pynetdicom_sends(max_pdu, status):
+    identifier = BytesIO(b"\x08\x00\x52\x00\x06\x00STUDY " + b"\x10\x00\x10\x00\x0a\x00Smith^John" * 9)
+    rsp = C_FIND()
+    rsp.MessageIDBeingRespondedTo = 3
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+    rsp.Status = status
+    rsp.Identifier = identifier
+    message = C_FIND_RSP()
+    message.primitive_to_message(rsp)
+    expected = [p.presentation_data_value_list for p in message.encode_msg(5, max_pdu)]
+    command = fastpath.encode_find_rsp(3, "1.2.840.10008.5.1.4.1.2.2.1", status)
+    ours = [p.presentation_data_value_list for p in fastpath.p_data(5, command, identifier.getvalue(), max_pdu)]
+    assert [[(c, bytes(d)) for c, d in pdvs] for pdvs in ours] == [[(c, bytes(d)) for c, d in pdvs]
+                                                                   for pdvs in expected]
 
 
 def test_p_data_tf_is_what_pynetdicom_decodes():
