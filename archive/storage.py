@@ -48,7 +48,23 @@ def check_blob_id(blob_id: str) -> str:
     return blob_id
 
 
-class LocalStorage:
+class BlobReads:
+    """The reads every backend shares, on top of its `open(blob_id)` -> EnvelopeReader."""
+
+    def read(self, blob_id: str) -> Iterator[bytes]:
+        """Yield the whole plaintext, authenticated segment by segment."""
+        with self.open(blob_id) as reader:
+            yield from reader.iter_plaintext()
+
+    def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
+        with self.open(blob_id) as reader:
+            return b"".join(reader.iter_plaintext(offset, length))
+
+    def read_all(self, blob_id: str) -> bytes:
+        return b"".join(self.read(blob_id))
+
+
+class LocalStorage(BlobReads):
     """create / read / read_range / exists / remove over encrypted files."""
 
     def __init__(self, root: Path, keyring: LocalKeyring, segment_size: int = 1 << 20):
@@ -108,18 +124,6 @@ class LocalStorage:
             raise BlobNotFound(blob_id) from None
         with fh:
             yield EnvelopeReader(fh, self.keyring, os.fstat(fh.fileno()).st_size)
-
-    def read(self, blob_id: str) -> Iterator[bytes]:
-        """Yield the whole plaintext, authenticated segment by segment."""
-        with self.open(blob_id) as reader:
-            yield from reader.iter_plaintext()
-
-    def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
-        with self.open(blob_id) as reader:
-            return b"".join(reader.iter_plaintext(offset, length))
-
-    def read_all(self, blob_id: str) -> bytes:
-        return b"".join(self.read(blob_id))
 
     def exists(self, blob_id: str) -> bool:
         return self._path(blob_id).is_file()
