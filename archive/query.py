@@ -14,7 +14,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Iterator
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
@@ -270,6 +270,3 @@ def model_of(sop_class_uid: str) -> str:
         return STUDY_ROOT
     raise QueryError(f"{sop_class_uid} is not a Patient Root or Study Root model", 0xA900)
 
-
-def keyword(tag: int) -> str:
-    return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"

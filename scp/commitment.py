@@ -25,8 +25,7 @@ from archive.dicomfile import valid_uid
 from archive.storage import BlobNotFound
 from node.config import Config
 
-from .retrieve import _tls
-from .tls import no_delay
+from .tls import no_delay, remote_tls
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +169,7 @@ class Committer:
         ae.add_requested_context(StorageCommitmentPushModel)
         options = {"ae_title": remote.ae_title, "evt_handlers": [(evt.EVT_CONN_OPEN, no_delay)],
                    "ext_neg": [build_role(StorageCommitmentPushModel, scp_role=True)]}
-        tls = _tls(remote, self.config)
+        tls = remote_tls(remote, self.config)
         if tls:
             options["tls_args"] = tls
         try:

@@ -10,7 +10,6 @@ them stream that file unchanged (`FileSendingAssociation`, pynetdicom's chunked 
 from __future__ import annotations
 
 import logging
-import sqlite3
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,11 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
 from archive import Archive, IntegrityError
-from archive.query import UNIQUE, Query, QueryError, model_of
+from archive.query import FROM, UNIQUE, Query, QueryError, model_of
 from archive.storage import BlobNotFound
-from node.config import Config, RemoteNode
+from node.config import Config
 
-from .tls import client_context, no_delay
+from .tls import no_delay, remote_tls
 
 log = logging.getLogger(__name__)
 MAX_CONTEXTS = 128
@@ -72,12 +71,9 @@ def matches(archive: Archive, sop_class_uid: str, identifier: Dataset) -> list[M
     unique = UNIQUE[query.level]
     if not str(identifier.get(unique, "") or "").strip("*\\ "):
         raise QueryError(f"a {query.level} retrieve needs {unique}", 0xC000)
-    sql = ("SELECT i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, i.blob_id, i.sha256 "
-           "FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies s ON se.study_pk = s.pk "
-           "JOIN patients p ON s.patient_pk = p.pk WHERE " + (" AND ".join(query.conditions) or "1")
-           + " ORDER BY i.pk")
+    sql = (f"SELECT i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, i.blob_id, i.sha256 "
+           f"FROM {FROM['IMAGE']} WHERE {' AND '.join(query.conditions) or '1'} ORDER BY i.pk")
     with archive.index.reader() as conn:
-        conn.row_factory = sqlite3.Row
         return [Match(*row) for row in conn.execute(sql, query.params)]
 
 
@@ -95,15 +91,6 @@ def _instances(event, archive: Archive, found: list[Match]):
                 log.error("instance %s cannot be read back: %s", match.sop_instance_uid, exc)
                 path = None
             yield 0xFF00, StoredInstance(match.sop_class_uid, match.sop_instance_uid, path)
-
-
-def _tls(remote: RemoteNode, config: Config):
-    if not remote.tls:
-        return None
-    d = config.dicom
-    context = client_context(remote.ca_certificates or d.ca_certificates, remote.certificate or d.certificate,
-                             remote.private_key or d.private_key)
-    return context, remote.server_name or remote.host
 
 
 def handle_move(event, archive: Archive, config: Config):
@@ -124,7 +111,7 @@ def handle_move(event, archive: Archive, config: Config):
     options = {"ae_title": destination.ae_title, "max_pdu": config.dicom.max_pdu_size,
                "contexts": [build_context(sop_class, [syntax]) for sop_class, syntax in pairs[:MAX_CONTEXTS]],
                "evt_handlers": [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_ESTABLISHED, sends_stored_files)]}
-    tls = _tls(destination, config)
+    tls = remote_tls(destination, config)
     if tls:
         options["tls_args"] = tls
     yield destination.host, destination.port, options

@@ -53,6 +53,16 @@ def client_context(ca_certificates: Path, certificate: Path | None = None,
     return ctx
 
 
+def remote_tls(remote, config) -> tuple[ssl.SSLContext, str] | None:
+    """`tls_args` for an association to a [remote.NAME] node: its overrides, else [dicom]'s."""
+    if not remote.tls:
+        return None
+    d = config.dicom
+    context = client_context(remote.ca_certificates or d.ca_certificates, remote.certificate or d.certificate,
+                             remote.private_key or d.private_key)
+    return context, remote.server_name or remote.host
+
+
 def no_delay(event) -> None:
     """EVT_CONN_OPEN handler for outgoing associations: turn Nagle off.
 
