@@ -23,7 +23,7 @@ from typing import Iterator
 from .crypto import IntegrityError, LocalKeyring
 from .dicomfile import InstanceHeader, InvalidInstance, dataset_offset as inspect_offset, inspect
 from .index import Index
-from .storage import BlobInfo, BlobNotFound, LocalStorage, StorageFull
+from .storage import BlobInfo, LocalStorage, StorageFull
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -141,19 +141,6 @@ class Archive:
             yield path
         finally:
             path.unlink(missing_ok=True)
-
-    def verify(self, sop_instance_uid: str) -> str | None:
-        """Why the instance is not safely held (missing, unreadable, altered), or None if it is."""
-        row = self.index.query("SELECT blob_id, sha256 FROM instances WHERE sop_instance_uid=?",
-                               (sop_instance_uid,))
-        if not row:
-            return "not stored"
-        try:
-            with self.exported(row[0]["blob_id"], row[0]["sha256"]):
-                return None
-        except (IntegrityError, BlobNotFound, OSError) as exc:
-            log.error("instance %s cannot be read back: %s", sop_instance_uid, exc)
-            return "stored copy cannot be read back"
 
     @staticmethod
     def _chunks(path: Path, dataset_offset: int, digest) -> Iterator[bytes]:

@@ -231,6 +231,18 @@ def orthanc_filled(work: Path, pki: Path, size: int) -> tuple[subprocess.Popen, 
     return proc, port, Synthetic(sorted(names), ids, studies)
 
 
+def measure(name: str, proc: subprocess.Popen, port: int, aec: str, pki: Path, data: Synthetic,
+            count: int) -> tuple[str, dict]:
+    """Run the queries against a started receiver, then stop it."""
+    try:
+        row = (name, run_queries(port, aec, pki, queries(data, count)))
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    print(row, file=sys.stderr)
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10000,100000,1000000")
@@ -252,24 +264,12 @@ def main(argv=None) -> int:
             index.close()
             print(f"filled {size} instances in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             proc, port = node(work, pki, data_dir)
-            try:
-                rows.append((f"m3dicom, {size:,} instances", run_queries(port, "M3DICOM", pki,
-                                                                         queries(data, args.queries))))
-            finally:
-                proc.terminate()
-                proc.wait(20)
+            rows.append(measure(f"m3dicom, {size:,} instances", proc, port, "M3DICOM", pki, data, args.queries))
             shutil.rmtree(data_dir)
-            print(rows[-1], file=sys.stderr)
         if not args.no_orthanc:
             size = 10000
             proc, port, data = orthanc_filled(work, pki, size)
-            try:
-                rows.append((f"Orthanc, {size:,} instances", run_queries(port, "ORTHANC", pki,
-                                                                         queries(data, args.queries))))
-            finally:
-                proc.terminate()
-                proc.wait(20)
-            print(rows[-1], file=sys.stderr)
+            rows.append(measure(f"Orthanc, {size:,} instances", proc, port, "ORTHANC", pki, data, args.queries))
         kinds = list(rows[0][1])
         print("| index | " + " | ".join(f"{k}: p50 / p95 ms (matches)" for k in kinds) + " |")
         print("|---|" + "---|" * len(kinds))

@@ -78,7 +78,6 @@ def supported_contexts() -> list[PresentationContext]:
 def build_ae(config: Config) -> AE:
     d = config.dicom
     ae = AE(ae_title=config.node.ae_title)
-    ae.supported_contexts = supported_contexts()
     ae.maximum_associations = d.max_associations
     ae.maximum_pdu_size = d.max_pdu_size
     ae.acse_timeout = d.acse_timeout
@@ -110,13 +109,17 @@ def start_servers(ae: AE, config: Config, archive: Archive, sockets: dict[int, s
     d = config.dicom
     tls = server_context(d.certificate, d.private_key, d.ca_certificates, d.require_client_certificate)
     bound = event_handlers(archive, config, committer)
-    servers = [_serve(ae, sockets[d.port], archive, bound, tls, d.tls_handshake_timeout)]
+    # the contexts go to the servers, not to AE.supported_contexts: that setter makes plain
+    # copies, which pynetdicom would deep-copy for every association
+    contexts = supported_contexts()
+    servers = [_serve(ae, sockets[d.port], archive, bound, contexts, tls, d.tls_handshake_timeout)]
     if d.plain_port:
-        servers.append(_serve(ae, sockets[d.plain_port], archive, bound, None, d.tls_handshake_timeout))
+        servers.append(_serve(ae, sockets[d.plain_port], archive, bound, contexts, None,
+                              d.tls_handshake_timeout))
     return servers
 
 
-def _serve(ae: AE, sock: socket.socket, archive: Archive, bound: list, ssl_context,
+def _serve(ae: AE, sock: socket.socket, archive: Archive, bound: list, contexts: list, ssl_context,
            handshake_timeout: float):
     address = sock.getsockname()[:2]
     extra = {}
@@ -125,9 +128,7 @@ def _serve(ae: AE, sock: socket.socket, archive: Archive, bound: list, ssl_conte
     else:
         log.warning("pynetdicom %s is not %s: C-STORE takes pynetdicom's slower generic path",
                     pynetdicom.__version__, fastpath.PYNETDICOM_VERSION)
-    # the contexts are passed explicitly: AE.supported_contexts holds plain copies, which
-    # pynetdicom would deep-copy for every association
-    server = ae.make_server(address, contexts=supported_contexts(), ssl_context=ssl_context,
+    server = ae.make_server(address, contexts=contexts, ssl_context=ssl_context,
                             evt_handlers=bound,
                             server_class=TLSAssociationServer, handshake_timeout=handshake_timeout,
                             listening_socket=sock, **extra)

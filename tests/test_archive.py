@@ -64,24 +64,19 @@ def two_versions(tmp_path):
             copy_with(tmp_path, SOPInstanceUID=uid, StudyDescription="second"))
 
 
-def test_different_bytes_keep_first_by_default(archive, tmp_path):
-    first, second = two_versions(tmp_path)
-    archive.ingest_file(first)
-    assert archive.ingest_file(second).outcome is Outcome.DUPLICATE_KEPT_FIRST
+@pytest.mark.parametrize("policy,outcome,kept,changes", [
+    ("keep-first", Outcome.DUPLICATE_KEPT_FIRST, 0, ["stored"]),
+    ("replace", Outcome.REPLACED, 1, ["stored", "replaced"]),
+])
+def test_different_bytes_follow_the_duplicates_policy(tmp_path, policy, outcome, kept, changes):
+    archive = Archive(tmp_path / "data", duplicates=policy)
+    versions = two_versions(tmp_path)
+    archive.ingest_file(versions[0])
+    assert archive.ingest_file(versions[1]).outcome is outcome
     (row,) = archive.index.query("SELECT sha256, blob_id FROM instances")
-    assert row["sha256"] == dataset_sha256(first)
+    assert row["sha256"] == dataset_sha256(versions[kept])
     assert list(archive.storage.blob_ids()) == [row["blob_id"]]
-
-
-def test_different_bytes_replace_when_configured(tmp_path):
-    archive = Archive(tmp_path / "data", duplicates="replace")
-    first, second = two_versions(tmp_path)
-    archive.ingest_file(first)
-    assert archive.ingest_file(second).outcome is Outcome.REPLACED
-    (row,) = archive.index.query("SELECT sha256, blob_id FROM instances")
-    assert row["sha256"] == dataset_sha256(second)
-    assert list(archive.storage.blob_ids()) == [row["blob_id"]]
-    assert [c["kind"] for c in archive.index.changes_since(0)] == ["stored", "replaced"]
+    assert [c["kind"] for c in archive.index.changes_since(0)] == changes
 
 
 def test_refusals_leave_nothing(archive, tmp_path):
