@@ -12,16 +12,22 @@ Layout::
     KEK id length (1) | KEK id | wrapped key length (2, BE) | wrapped key  <- checked by the key wrap
     segment 0 ciphertext + tag (16) | segment 1 ... | last segment (may be empty)
 
-The wrapped key is outside the AAD so that rotating the KEK only rewrites the header.
+The wrapped key is outside the AAD so that rotating the KEK only rewrites the header
+(`rewrapped_header`), never the data.
+
+Key ids name where a data key is wrapped: a local KEK file (`0001-3f2a9c1b`) or AWS KMS
+(`kms:` + the key's ARN). `Keyring` resolves both; local blobs are always wrapped by the
+local KEK (C-STORE never waits on a network call), objects in S3 by KMS when it is set.
 """
 from __future__ import annotations
 
 import os
 import secrets
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -42,32 +48,63 @@ class KeyEncryptionKey:
     key: bytes
 
 
+class KeyWrapper(Protocol):
+    """What envelopes need of a key-encryption key: a fresh wrapped data key, and unwrapping."""
+
+    def new_data_key(self) -> tuple[bytes, str, bytes]: ...   # (plaintext key, key id, wrapped key)
+
+    def wrap(self, data_key: bytes) -> tuple[str, bytes]: ...
+
+    def unwrap(self, key_id: str, wrapped: bytes) -> bytes: ...
+
+
 class LocalKeyring:
-    """Key-encryption keys kept as 0600 files in `directory`; the newest is current."""
+    """Key-encryption keys kept as 0600 files in `directory`; the newest is current.
+
+    `m3dicom keys rotate` may add a key while the node runs: a key id that is not loaded,
+    or a change of the directory, makes the keyring read the directory again.
+    """
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self._keys: dict[str, KeyEncryptionKey] = {}
         self.current: KeyEncryptionKey | None = None
+        self._seen = 0
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, directory: Path, create: bool = True) -> "LocalKeyring":
         ring = cls(directory)
         ring.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        files = sorted(ring.directory.glob("*.kek"))
-        for path in files:
-            data = path.read_bytes()
-            if len(data) != 32:
-                raise IntegrityError(f"key file {path} is damaged (expected 32 bytes)")
-            ring._keys[path.stem] = KeyEncryptionKey(path.stem, data)
-        if files:
-            ring.current = ring._keys[files[-1].stem]
-        elif create:
+        ring._load()
+        if ring.current is None and create:
             ring.current = ring.add_new()
         return ring
 
+    def _load(self) -> None:
+        with self._lock:
+            self._seen = os.stat(self.directory).st_mtime_ns
+            files = sorted(self.directory.glob("*.kek"))
+            for path in files:
+                if path.stem in self._keys:
+                    continue
+                data = path.read_bytes()
+                if len(data) != 32:
+                    raise IntegrityError(f"key file {path} is damaged (expected 32 bytes)")
+                self._keys[path.stem] = KeyEncryptionKey(path.stem, data)
+            if files:
+                self.current = self._keys[files[-1].stem]
+
+    def _refresh(self) -> None:
+        try:
+            if os.stat(self.directory).st_mtime_ns != self._seen:
+                self._load()
+        except FileNotFoundError:
+            pass
+
     def add_new(self) -> KeyEncryptionKey:
         """Create a new KEK and make it current. Ids sort by creation order."""
+        self._refresh()
         index = len(self._keys) + 1
         key_id = f"{index:04d}-{secrets.token_hex(4)}"
         path = self.directory / f"{key_id}.kek"
@@ -76,17 +113,27 @@ class LocalKeyring:
             fh.write(secrets.token_bytes(32))
             fh.flush()
             os.fsync(fh.fileno())
+        _fsync_directory(self.directory)
         kek = KeyEncryptionKey(key_id, path.read_bytes())
         self._keys[key_id] = kek
         self.current = kek
         return kek
 
+    def new_data_key(self) -> tuple[bytes, str, bytes]:
+        data_key = AESGCM.generate_key(256)
+        return (data_key, *self.wrap(data_key))
+
     def wrap(self, data_key: bytes) -> tuple[str, bytes]:
-        assert self.current is not None
+        self._refresh()
+        if self.current is None:
+            raise IntegrityError(f"no key-encryption key in {self.directory}")
         return self.current.key_id, aes_key_wrap(self.current.key, data_key)
 
     def unwrap(self, key_id: str, wrapped: bytes) -> bytes:
         kek = self._keys.get(key_id)
+        if kek is None:
+            self._load()
+            kek = self._keys.get(key_id)
         if kek is None:
             raise IntegrityError(f"the blob's key-encryption key {key_id!r} is not in the keyring "
                                  f"{self.directory}")
@@ -97,6 +144,93 @@ class LocalKeyring:
                                  "key or altered header") from None
 
 
+KMS_PREFIX = "kms:"
+
+
+class KmsKeyring:
+    """Data keys generated and unwrapped by AWS KMS (any boto3 KMS client: AWS, or moto in tests)."""
+
+    def __init__(self, client, key_id: str):
+        self.client, self.key_id = client, key_id
+
+    def new_data_key(self) -> tuple[bytes, str, bytes]:
+        answer = self._call(self.client.generate_data_key, KeyId=self.key_id, KeySpec="AES_256")
+        return answer["Plaintext"], KMS_PREFIX + answer["KeyId"], answer["CiphertextBlob"]
+
+    def wrap(self, data_key: bytes) -> tuple[str, bytes]:
+        answer = self._call(self.client.encrypt, KeyId=self.key_id, Plaintext=data_key)
+        return KMS_PREFIX + answer["KeyId"], answer["CiphertextBlob"]
+
+    def unwrap(self, key_id: str, wrapped: bytes) -> bytes:
+        try:
+            return self._call(self.client.decrypt, CiphertextBlob=wrapped,
+                              KeyId=key_id.removeprefix(KMS_PREFIX))["Plaintext"]
+        except KmsError as exc:
+            if exc.code in ("InvalidCiphertextException", "IncorrectKeyException"):
+                raise IntegrityError("the blob's data key cannot be unwrapped by KMS: altered header "
+                                     "or wrong key") from None
+            raise
+
+    @staticmethod
+    def _call(method, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return method(**kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            raise KmsError(code, f"AWS KMS refused {method.__name__}: {code}: "
+                           f"{exc.response.get('Error', {}).get('Message', '')}") from None
+        except BotoCoreError as exc:
+            raise KmsError("", f"AWS KMS cannot be reached: {exc}") from None
+
+
+class KmsError(RuntimeError):
+    """AWS KMS refused a request or cannot be reached (the blob itself may be fine)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Keyring:
+    """The node's keys: the local KEK wraps local blobs; `remote` (KMS, or the local KEK) wraps
+    objects in S3; any of them unwraps by the key id written in the blob."""
+
+    def __init__(self, local: LocalKeyring, kms: KmsKeyring | None = None):
+        self.local, self.kms = local, kms
+        self.remote: KeyWrapper = kms or local
+
+    def new_data_key(self) -> tuple[bytes, str, bytes]:
+        return self.local.new_data_key()
+
+    def wrap(self, data_key: bytes) -> tuple[str, bytes]:
+        return self.local.wrap(data_key)
+
+    def unwrap(self, key_id: str, wrapped: bytes) -> bytes:
+        if key_id.startswith(KMS_PREFIX):
+            if self.kms is None:
+                raise IntegrityError(f"the blob's data key is wrapped by AWS KMS ({key_id}) but "
+                                     "crypto.kms_key_id is not set")
+            return self.kms.unwrap(key_id, wrapped)
+        return self.local.unwrap(key_id, wrapped)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _header_bytes(aad: bytes, key_id: str, wrapped: bytes) -> bytes:
+    kid = key_id.encode("ascii")
+    if len(kid) > 255:
+        raise ValueError(f"key id too long for a blob header: {key_id!r}")
+    return aad + struct.pack(">B", len(kid)) + kid + struct.pack(">H", len(wrapped)) + wrapped
+
+
 def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
     return prefix + struct.pack(">IB", index, 1 if last else 0)
 
@@ -104,17 +238,15 @@ def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
 class EnvelopeWriter:
     """Encrypt a stream of bytes to `out`, one segment in memory at a time."""
 
-    def __init__(self, out: BinaryIO, keyring: LocalKeyring, segment_size: int = 1 << 20):
+    def __init__(self, out: BinaryIO, keyring: KeyWrapper, segment_size: int = 1 << 20):
         self._out = out
         self._segment_size = segment_size
-        data_key = AESGCM.generate_key(256)
+        data_key, key_id, wrapped = keyring.new_data_key()
         self._aead = AESGCM(data_key)
-        key_id, wrapped = keyring.wrap(data_key)
         prefix = secrets.token_bytes(7)
         self._prefix = prefix
         self._aad = _FIXED.pack(MAGIC, prefix, segment_size)
-        kid = key_id.encode()
-        out.write(self._aad + struct.pack(">B", len(kid)) + kid + struct.pack(">H", len(wrapped)) + wrapped)
+        out.write(_header_bytes(self._aad, key_id, wrapped))
         self._buffer = bytearray()
         self._index = 0
         self.plaintext_size = 0
@@ -176,7 +308,7 @@ def _read_header(fh: BinaryIO) -> _Header:
 class EnvelopeReader:
     """Decrypt a blob opened for reading; every byte returned has been authenticated."""
 
-    def __init__(self, fh: BinaryIO, keyring: LocalKeyring, total_size: int):
+    def __init__(self, fh: BinaryIO, keyring: KeyWrapper, total_size: int):
         self._fh = fh
         self._header = _read_header(fh)
         self._aead = AESGCM(keyring.unwrap(self._header.key_id, self._header.wrapped))
@@ -214,3 +346,23 @@ class EnvelopeReader:
             start = offset - index * size if index == offset // size else 0
             stop = end - index * size
             yield data[start:stop]
+
+
+def header_key_id(fh: BinaryIO) -> tuple[str, int]:
+    """(key id, header length) of the envelope at the start of `fh` (position moved)."""
+    fh.seek(0)
+    header = _read_header(fh)
+    return header.key_id, header.length
+
+
+def rewrapped_header(fh: BinaryIO, keyring: KeyWrapper, target: KeyWrapper) -> tuple[bytes, int]:
+    """A new header for the envelope in `fh`, its data key wrapped by `target` instead.
+
+    Returns (new header, length of the old one): the ciphertext after the old header is
+    kept as it is. The data key is unwrapped with `keyring` (so the old key must be known).
+    """
+    fh.seek(0)
+    header = _read_header(fh)
+    data_key = keyring.unwrap(header.key_id, header.wrapped)
+    key_id, wrapped = target.wrap(data_key)
+    return _header_bytes(header.aad, key_id, wrapped), header.length

@@ -93,6 +93,30 @@ def _query(db: sqlite_utils.Database) -> None:
                      (name_key(physician), time_key(study_time), pk))
 
 
+@migrations(name="0003_offload")
+def _offload(db: sqlite_utils.Database) -> None:
+    """The S3 outbox (one row per blob to push, pushed, or to delete there) and consumer cursors."""
+    db.executescript("""
+    CREATE TABLE offload (
+        blob_id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,             -- pending | offloaded | failed | remove
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_try REAL NOT NULL,
+        last_error TEXT,
+        queued_at REAL NOT NULL,
+        offloaded_at REAL,
+        stored_size INTEGER,             -- bytes at rest (ciphertext)
+        evicted_at REAL                  -- the local copy was removed; reads go to S3
+    );
+    CREATE INDEX offload_due ON offload(state, next_try);
+    CREATE INDEX offload_cache ON offload(evicted_at, state, offloaded_at);
+    CREATE TABLE cursors (
+        name TEXT PRIMARY KEY,           -- a consumer of the changes log
+        seq INTEGER NOT NULL             -- the last change it has taken
+    );
+    """)
+
+
 def name_key(name: str | None) -> str | None:
     """A person name as matched case-insensitively."""
     return name.upper() if name else None
@@ -164,6 +188,10 @@ class Index:
 
     def blob_ids(self) -> set[str]:
         return {row[0] for row in self.query("SELECT blob_id FROM instances")}
+
+    def blob_referenced(self, blob_id: str) -> bool:
+        """Whether a committed row still needs this blob."""
+        return bool(self.query("SELECT 1 FROM instances WHERE blob_id=? LIMIT 1", (blob_id,)))
 
     def changes_since(self, seq: int, limit: int = 1000) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))

@@ -18,12 +18,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from .crypto import IntegrityError, LocalKeyring
+from .crypto import IntegrityError, Keyring, KmsKeyring, LocalKeyring
 from .dicomfile import InstanceHeader, InvalidInstance, dataset_offset as inspect_offset, inspect
 from .index import Index
-from .storage import BlobInfo, LocalStorage, StorageFull
+from .storage import BlobInfo, LocalStorage, StorageFull, TieredStorage
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -62,11 +62,16 @@ def _is_disk_full(exc: BaseException) -> bool:
 class Archive:
     """The index and the blob store of one node's data directory."""
 
-    def __init__(self, data_dir: Path, *, duplicates: str = "keep-first", segment_size: int = 1 << 20):
+    def __init__(self, data_dir: Path, *, duplicates: str = "keep-first", segment_size: int = 1 << 20,
+                 kms: KmsKeyring | None = None, remote: Callable[[Keyring], object] | None = None):
+        """`remote(keyring)` makes the S3 tier (`archive.s3.S3Storage`) when the node offloads;
+        `kms` wraps the data keys of what goes there."""
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.keyring = LocalKeyring.open(self.data_dir / "keys")
-        self.storage = LocalStorage(self.data_dir / "blobs", self.keyring, segment_size)
+        self.keyring = Keyring(LocalKeyring.open(self.data_dir / "keys"), kms)
+        self.local = LocalStorage(self.data_dir / "blobs", self.keyring, segment_size)
+        self.remote = remote(self.keyring) if remote else None
+        self.storage = TieredStorage(self.local, self.remote) if self.remote else self.local
         self.index = Index(self.data_dir / "index.sqlite3")
         self.duplicates = duplicates
 
@@ -180,6 +185,7 @@ class Archive:
                     (series_pk, header.sop_class_uid, header.attrs["InstanceNumber"], header.transfer_syntax,
                      blob.size, sha256, blob.blob_id, calling_ae, now, row["pk"]))
                 Index.add_change(conn, "replaced", row["pk"], header, blob.blob_id, now)
+                Index.add_change(conn, "blob_removed", row["pk"], header, row["blob_id"], now)
                 obsolete_blob, outcome = row["blob_id"], Outcome.REPLACED
             else:
                 obsolete_blob, outcome = blob.blob_id, Outcome.DUPLICATE_KEPT_FIRST

@@ -1,86 +1,112 @@
-"""The S3 storage backend (issue 4, first part): local blobs' envelope, in a bucket, through boto3.
+"""The S3 tier: blobs' authenticated envelopes in a bucket, through boto3.
 
-The same interface as `LocalStorage` (create, open, read, read_range, exists, remove,
-blob_ids). Objects are the authenticated envelope (`archive.crypto`): S3 only ever holds
-ciphertext, under opaque keys (`prefix` + two hex digits + the random blob id). Writes
-stream: an object larger than one part goes up as a multipart upload, one part in memory
-at a time, each part with a SHA-256 checksum that S3 verifies; a failed write aborts its
-multipart upload. Uploads are conditional (If-None-Match): an existing object is never
-overwritten silently. Reads fetch what they need with ranged GETs, segment by segment.
+The same reading interface as `LocalStorage` (open, read, read_range, exists, remove,
+blob_ids). Objects are the envelope of `archive.crypto`, so S3 only ever holds ciphertext,
+under opaque keys (`prefix` + two hex digits + the random blob id). Uploads go through
+boto3's transfer manager (`TransferConfig`: multipart above `part_size`, parts in parallel,
+never the whole object in memory) with a SHA-256 checksum per request that S3 verifies,
+and are conditional (If-None-Match): an existing object is never overwritten silently. After
+an upload the object's size and checksum are checked against what was sent. Reads fetch
+what they need with ranged GETs (a few MiB at a time).
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import secrets
+import tempfile
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
+from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
+from s3transfer.utils import ChunksizeAdjuster
 
-from .crypto import EnvelopeReader, EnvelopeWriter, LocalKeyring
+from .crypto import EnvelopeReader, EnvelopeWriter, KeyWrapper
 from .storage import BlobInfo, BlobNotFound, BlobReads, check_blob_id
 
-MIN_PART = 5 << 20  # S3's smallest part (except the last)
+MIN_PART = 5 << 20         # S3's smallest part (except the last)
+SINGLE_PUT_LIMIT = 5 << 30  # S3's largest single PUT
+READ_AHEAD = 8 << 20
+_MISSING = ("404", "NoSuchKey", "NotFound")
+_PRECONDITION = ("PreconditionFailed", "ConditionalRequestConflict")
 
 
 class ObjectExists(FileExistsError):
-    """The key is already taken in the bucket: nothing was written."""
+    """The key is taken in the bucket by other content: nothing was written."""
 
 
-class _Upload:
-    """A write-only stream into one object: put_object if small, else a multipart upload."""
+class UploadMismatch(IOError):
+    """The object in the bucket is not what was sent (size or checksum)."""
 
-    def __init__(self, client, bucket: str, key: str, part_size: int):
-        self.client, self.bucket, self.key, self.part_size = client, bucket, key, part_size
-        self.buffer = bytearray()
-        self.size = 0
-        self.upload_id: str | None = None
-        self.parts: list[dict] = []
 
-    def write(self, data) -> None:
-        self.buffer += data
-        self.size += len(data)
-        while len(self.buffer) >= self.part_size:
-            self._part(bytes(self.buffer[:self.part_size]))
-            del self.buffer[:self.part_size]
+def client(endpoint_url: str = "", region: str = "us-east-1", timeout: float = 30.0, service: str = "s3"):
+    """A boto3 client; credentials come from boto3's usual chain (environment, profile, role)."""
+    import boto3
+    from botocore.config import Config
 
-    def _part(self, body: bytes) -> None:
-        if self.upload_id is None:
-            self.upload_id = self.client.create_multipart_upload(
-                Bucket=self.bucket, Key=self.key, ChecksumAlgorithm="SHA256")["UploadId"]
-        number = len(self.parts) + 1
-        answer = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                                         PartNumber=number, Body=body, ChecksumAlgorithm="SHA256")
-        self.parts.append({"PartNumber": number, "ETag": answer["ETag"],
-                           "ChecksumSHA256": answer.get("ChecksumSHA256")})
+    config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 3, "mode": "standard"},
+                    max_pool_connections=32)
+    return boto3.client(service, endpoint_url=endpoint_url or None, region_name=region or None, config=config)
 
-    def finish(self) -> None:
-        try:
-            if self.upload_id is None:
-                self.client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer),
-                                       ChecksumAlgorithm="SHA256", IfNoneMatch="*")
-                return
-            if self.buffer:
-                self._part(bytes(self.buffer))
-            parts = [{k: v for k, v in p.items() if v is not None} for p in self.parts]
-            self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                                                  MultipartUpload={"Parts": parts}, IfNoneMatch="*")
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-                raise ObjectExists(f"object {self.key} exists already") from None
-            raise
 
-    def abort(self) -> None:
-        if self.upload_id is not None:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+def error_code(exc: BaseException) -> str:
+    return exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+
+
+def _no_overwrite(params, **_) -> None:
+    """Every PUT and multipart completion by this client is conditional, unless it names the ETag it replaces."""
+    if "IfMatch" not in params:
+        params.setdefault("IfNoneMatch", "*")
+
+
+class Spliced(io.RawIOBase):
+    """`head` followed by `source` from `offset`: an envelope with a new header, seekable, nothing copied."""
+
+    def __init__(self, head: bytes, source: BinaryIO, offset: int, size: int):
+        self.head, self.source, self.offset = head, source, offset
+        self.size = len(head) + size - offset
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.position = {0: offset, 1: self.position + offset, 2: self.size + offset}[whence]
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        """Fill `buffer` as far as the end (a short read would make a short multipart part)."""
+        view = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(view) and self.position < self.size:
+            if self.position < len(self.head):
+                data = self.head[self.position:self.position + len(view) - filled]
+            else:
+                self.source.seek(self.offset + self.position - len(self.head))
+                data = self.source.read(min(len(view) - filled, self.size - self.position))
+                if not data:
+                    raise EOFError("the blob file is shorter than expected")
+            view[filled:filled + len(data)] = data
+            filled += len(data)
+            self.position += len(data)
+        return filled
 
 
 class _Ranges(io.RawIOBase):
-    """A seekable read-only view of an object, each read one ranged GET."""
+    """A seekable read-only view of an object: ranged GETs, `READ_AHEAD` bytes at a time."""
 
     def __init__(self, client, bucket: str, key: str, size: int):
         self.client, self.bucket, self.key, self.size = client, bucket, key, size
         self.position = 0
+        self._start, self._buffer = 0, b""
 
     def seekable(self) -> bool:
         return True
@@ -96,58 +122,134 @@ class _Ranges(io.RawIOBase):
         end = self.size if size < 0 else min(self.size, self.position + size)
         if end <= self.position:
             return b""
-        body = self.client.get_object(Bucket=self.bucket, Key=self.key,
-                                      Range=f"bytes={self.position}-{end - 1}")["Body"].read()
-        self.position += len(body)
-        return body
+        if not (self._start <= self.position and end <= self._start + len(self._buffer)):
+            stop = max(end, min(self.size, self.position + READ_AHEAD))
+            self._buffer = self.client.get_object(Bucket=self.bucket, Key=self.key,
+                                                  Range=f"bytes={self.position}-{stop - 1}")["Body"].read()
+            self._start = self.position
+        data = self._buffer[self.position - self._start:end - self._start]
+        self.position += len(data)
+        return data
 
 
 class S3Storage(BlobReads):
-    """create / open / read / read_range / exists / remove over encrypted objects."""
+    """Encrypted objects in one bucket under `prefix`. It owns `client`: every PUT it makes is
+    conditional (If-None-Match) unless it says which version it replaces (If-Match)."""
 
-    def __init__(self, client, bucket: str, keyring: LocalKeyring, *, prefix: str = "m3dicom/",
-                 segment_size: int = 1 << 20, part_size: int = 8 << 20):
+    def __init__(self, client, bucket: str, keyring: KeyWrapper, *, prefix: str = "m3dicom/",
+                 segment_size: int = 1 << 20, part_size: int = 8 << 20, concurrency: int = 4):
         if part_size < MIN_PART:
             raise ValueError(f"part_size must be at least {MIN_PART} bytes (S3's minimum)")
         self.client, self.bucket, self.prefix = client, bucket, prefix
         self.keyring, self.segment_size, self.part_size = keyring, segment_size, part_size
+        self.transfer = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
+                                       max_concurrency=concurrency)
+        for operation in ("PutObject", "CompleteMultipartUpload"):
+            client.meta.events.register(f"before-parameter-build.s3.{operation}", _no_overwrite)
 
     def key(self, blob_id: str) -> str:
         check_blob_id(blob_id)
         return f"{self.prefix}{blob_id[:2]}/{blob_id}"
 
-    def create(self, chunks: Iterable[bytes], blob_id: str | None = None) -> BlobInfo:
-        """Encrypt `chunks` into a new object; stored (and checksum-verified by S3) on return."""
-        blob_id = blob_id or secrets.token_hex(16)
-        upload = _Upload(self.client, self.bucket, self.key(blob_id), self.part_size)
+    # -- writing ---------------------------------------------------------------------------
+
+    def put(self, blob_id: str, source: BinaryIO, size: int) -> None:
+        """Upload `size` bytes of an envelope from `source` (seekable) as the blob's object.
+
+        On return the object is in the bucket and its size and SHA-256 checksum are the ones
+        sent. If the key exists already with this very content (an earlier attempt whose
+        answer was lost), that is success; with other content, ObjectExists.
+        """
+        expected = self.checksum(source, size)
+        source.seek(0)
         try:
-            writer = EnvelopeWriter(upload, self.keyring, self.segment_size)
+            self.client.upload_fileobj(source, self.bucket, self.key(blob_id),
+                                       ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=self.transfer)
+        except ClientError as exc:
+            if error_code(exc) not in _PRECONDITION:
+                raise
+            if not self.holds(blob_id, size, expected):
+                raise ObjectExists(f"object {self.key(blob_id)} exists with other content") from None
+            return
+        if not self.holds(blob_id, size, expected):
+            raise UploadMismatch(f"object {self.key(blob_id)} does not match what was uploaded")
+
+    def create(self, chunks: Iterable[bytes], blob_id: str | None = None) -> BlobInfo:
+        """Encrypt `chunks` straight into a new object (the ciphertext is spooled on local disk)."""
+        blob_id = blob_id or secrets.token_hex(16)
+        with tempfile.TemporaryFile() as spool:
+            writer = EnvelopeWriter(spool, self.keyring, self.segment_size)
             for chunk in chunks:
                 writer.write(chunk)
             writer.finish()
-            upload.finish()
-        except BaseException:
-            upload.abort()
-            raise
-        return BlobInfo(blob_id, writer.plaintext_size, upload.size)
+            size = spool.tell()
+            self.put(blob_id, spool, size)
+        return BlobInfo(blob_id, writer.plaintext_size, size)
 
-    def _size(self, blob_id: str) -> int | None:
+    def replace(self, blob_id: str, source: BinaryIO, size: int, etag: str) -> None:
+        """Overwrite the object, only if it is still version `etag` (key rotation)."""
+        if size > SINGLE_PUT_LIMIT:
+            raise ValueError(f"object {self.key(blob_id)} is larger than one PUT ({size} bytes)")
+        self.client.put_object(Bucket=self.bucket, Key=self.key(blob_id), Body=source, ContentLength=size,
+                               ChecksumAlgorithm="SHA256", IfMatch=etag)
+
+    def checksum(self, source: BinaryIO, size: int) -> str:
+        """The SHA-256 checksum S3 reports for these bytes uploaded with our transfer settings:
+        of the whole object, or (multipart) of the parts' digests."""
+        source.seek(0)
+        if size < self.transfer.multipart_threshold:
+            digest = hashlib.sha256()
+            while chunk := source.read(1 << 20):
+                digest.update(chunk)
+            return base64.b64encode(digest.digest()).decode()
+        part = ChunksizeAdjuster().adjust_chunksize(self.transfer.multipart_chunksize, size)
+        digests = b""
+        while chunk := source.read(part):
+            digests += hashlib.sha256(chunk).digest()
+        return base64.b64encode(hashlib.sha256(digests).digest()).decode()
+
+    def holds(self, blob_id: str, size: int, checksum: str) -> bool:
+        """Whether the bucket has this blob's object with this size and checksum."""
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=self.key(blob_id))["ContentLength"]
+            head = self.client.head_object(Bucket=self.bucket, Key=self.key(blob_id), ChecksumMode="ENABLED")
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if error_code(exc) in _MISSING:
+                return False
+            raise
+        reported = head.get("ChecksumSHA256")
+        return head["ContentLength"] == size and (reported is None or reported.split("-")[0] == checksum)
+
+    def abort_incomplete(self) -> int:
+        """Abort the multipart uploads left under our prefix (a crash or an outage mid-upload)."""
+        aborted = 0
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                 Prefix=self.prefix):
+            for upload in page.get("Uploads", []):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                   UploadId=upload["UploadId"])
+                aborted += 1
+        return aborted
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def head(self, blob_id: str) -> dict | None:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self.key(blob_id))
+        except ClientError as exc:
+            if error_code(exc) in _MISSING:
                 return None
             raise
 
     @contextmanager
     def open(self, blob_id: str) -> Iterator[EnvelopeReader]:
-        size = self._size(blob_id)
-        if size is None:
+        head = self.head(blob_id)
+        if head is None:
             raise BlobNotFound(blob_id)
+        size = head["ContentLength"]
         yield EnvelopeReader(_Ranges(self.client, self.bucket, self.key(blob_id), size), self.keyring, size)
 
     def exists(self, blob_id: str) -> bool:
-        return self._size(blob_id) is not None
+        return self.head(blob_id) is not None
 
     def remove(self, blob_id: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.key(blob_id))

@@ -9,12 +9,12 @@ import errno
 import os
 import re
 import secrets
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .crypto import EnvelopeReader, EnvelopeWriter, LocalKeyring
+from .crypto import EnvelopeReader, EnvelopeWriter, KeyWrapper
 
 _BLOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -67,7 +67,7 @@ class BlobReads:
 class LocalStorage(BlobReads):
     """create / read / read_range / exists / remove over encrypted files."""
 
-    def __init__(self, root: Path, keyring: LocalKeyring, segment_size: int = 1 << 20):
+    def __init__(self, root: Path, keyring: KeyWrapper, segment_size: int = 1 << 20):
         self.root = Path(root)
         self.keyring = keyring
         self.segment_size = segment_size
@@ -85,7 +85,8 @@ class LocalStorage(BlobReads):
         if made:
             _fsync_dir(self.root)
 
-    def _path(self, blob_id: str) -> Path:
+    def path(self, blob_id: str) -> Path:
+        """Where the blob's envelope lies (the id is checked: nothing else becomes a path)."""
         check_blob_id(blob_id)
         return self.root / blob_id[:2] / blob_id
 
@@ -97,7 +98,7 @@ class LocalStorage(BlobReads):
         is removed by `Archive.recover()`. That saves a rename per instance.
         """
         blob_id = secrets.token_hex(16)
-        path = self._path(blob_id)
+        path = self.path(blob_id)
         try:
             with open(path, "xb") as fh:
                 writer = EnvelopeWriter(fh, self.keyring, self.segment_size)
@@ -117,7 +118,7 @@ class LocalStorage(BlobReads):
 
     @contextmanager
     def open(self, blob_id: str) -> Iterator[EnvelopeReader]:
-        path = self._path(blob_id)
+        path = self.path(blob_id)
         try:
             fh = open(path, "rb")
         except FileNotFoundError:
@@ -126,10 +127,10 @@ class LocalStorage(BlobReads):
             yield EnvelopeReader(fh, self.keyring, os.fstat(fh.fileno()).st_size)
 
     def exists(self, blob_id: str) -> bool:
-        return self._path(blob_id).is_file()
+        return self.path(blob_id).is_file()
 
     def remove(self, blob_id: str) -> None:
-        path = self._path(blob_id)
+        path = self.path(blob_id)
         try:
             path.unlink()
         except FileNotFoundError:
@@ -143,3 +144,37 @@ class LocalStorage(BlobReads):
                 for entry in os.scandir(shard.path):
                     if _BLOB_ID.match(entry.name):
                         yield entry.name
+
+
+class TieredStorage(BlobReads):
+    """The local store as a cache in front of S3 (`archive.s3.S3Storage`).
+
+    Blobs are written locally (durable before Success); the offloader copies them to S3 and
+    may evict the local copy. A read takes the local copy when there is one, else the object
+    in S3, authenticated segment by segment like a local one. `remove` and `blob_ids` are
+    about the local copies: objects in S3 are removed by the offloader, through the index.
+    """
+
+    def __init__(self, local: LocalStorage, remote):
+        self.local, self.remote = local, remote
+
+    def create(self, chunks: Iterable[bytes]) -> BlobInfo:
+        return self.local.create(chunks)
+
+    @contextmanager
+    def open(self, blob_id: str) -> Iterator[EnvelopeReader]:
+        with ExitStack() as stack:
+            try:
+                reader = stack.enter_context(self.local.open(blob_id))
+            except BlobNotFound:
+                reader = stack.enter_context(self.remote.open(blob_id))
+            yield reader
+
+    def exists(self, blob_id: str) -> bool:
+        return self.local.exists(blob_id) or self.remote.exists(blob_id)
+
+    def remove(self, blob_id: str) -> None:
+        self.local.remove(blob_id)
+
+    def blob_ids(self) -> Iterator[str]:
+        return self.local.blob_ids()

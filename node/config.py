@@ -106,18 +106,76 @@ class ClientSection:
         _check_ae("client.ae_title", self.ae_title)
 
 
+_PREFIX_RE = re.compile(r"^([A-Za-z0-9_.-]+/)*$")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class S3Section:
+    bucket: str = setting("", "Bucket the node offloads to (required with storage.backend = \"s3\").")
+    endpoint_url: str = setting("", "S3 endpoint URL; empty = AWS. Set it for any S3-compatible endpoint.")
+    region: str = setting("us-east-1", "Region of the bucket.")
+    prefix: str = setting("m3dicom/", "Key prefix of this node's objects (one node per prefix); keys are "
+                          "the prefix and random blob ids, never a UID or patient value.")
+    part_size: int = setting(8 << 20, "Multipart upload part size in bytes; larger objects go up in parts "
+                             "(at least 5 MiB, S3's minimum).")
+    concurrency: int = setting(4, "Objects uploaded at the same time (each large one also sends 4 parts "
+                               "at a time).")
+    timeout: float = setting(30.0, "Connect and read timeout of one S3 request, seconds.")
+    retry_max_delay: float = setting(300.0, "Longest wait between two attempts of a failed upload, seconds "
+                                     "(exponential backoff with jitter from 2 s).")
+
+    def validate(self) -> None:
+        key = "storage.s3"
+        if self.bucket and not _BUCKET_RE.match(self.bucket):
+            raise ConfigError(f"{key}.bucket: {self.bucket!r} is not an S3 bucket name")
+        if not _PREFIX_RE.match(self.prefix):
+            raise ConfigError(f"{key}.prefix: {self.prefix!r} must be empty or end with '/' "
+                              "(letters, digits, '_', '-', '.')")
+        if not 5 << 20 <= self.part_size <= 5 << 30:
+            raise ConfigError(f"{key}.part_size: {self.part_size} is not in 5 MiB - 5 GiB")
+        if not 1 <= self.concurrency <= 64:
+            raise ConfigError(f"{key}.concurrency: {self.concurrency} is not in 1-64")
+        if not 0 < self.timeout <= 600:
+            raise ConfigError(f"{key}.timeout: must be between 0 and 600 seconds")
+        if not 1 <= self.retry_max_delay <= 86400:
+            raise ConfigError(f"{key}.retry_max_delay: must be between 1 and 86400 seconds")
+
+
 @dataclass(frozen=True)
 class StorageSection:
+    backend: str = setting("local", "Where blobs live: \"local\" (the data directory only) or \"s3\" "
+                           "(kept locally first, then offloaded to [storage.s3]; the local copies become "
+                           "a cache).", choices=("local", "s3"))
     duplicates: str = setting("keep-first", "A SOP Instance UID received again with different bytes: "
                               "\"keep-first\" keeps the stored copy and answers Success, "
                               "\"replace\" stores the new one. Identical bytes are always a no-op.",
                               choices=("keep-first", "replace"))
     segment_size: int = setting(1048576, "Plaintext bytes per authenticated encryption segment "
                                 "of a blob (memory used per instance being written or read).")
+    cache_max_bytes: int = setting(0, "With backend \"s3\": local copies of offloaded blobs kept at most, "
+                                   "bytes (oldest evicted first); 0 = keep everything.")
+    cache_max_age_days: float = setting(0.0, "With backend \"s3\": days a local copy is kept after its "
+                                        "upload; 0 = no age limit.")
+    s3: S3Section = field(default_factory=S3Section)
 
     def validate(self) -> None:
         if not 4096 <= self.segment_size <= 64 * 1048576:
             raise ConfigError(f"storage.segment_size: {self.segment_size} is not in 4096-67108864")
+        if self.cache_max_bytes < 0:
+            raise ConfigError("storage.cache_max_bytes: must be 0 or more")
+        if self.cache_max_age_days < 0:
+            raise ConfigError("storage.cache_max_age_days: must be 0 or more")
+        if self.backend == "s3" and not self.s3.bucket:
+            raise ConfigError("storage.s3.bucket: required when storage.backend = \"s3\"")
+
+
+@dataclass(frozen=True)
+class CryptoSection:
+    kms_key_id: str = setting("", "AWS KMS key (id, ARN or alias) that wraps the data keys of objects in S3; "
+                              "empty = the local key file wraps them too.")
+    kms_endpoint_url: str = setting("", "KMS endpoint URL; empty = AWS.")
+    kms_region: str = setting("", "Region of the KMS key; empty = storage.s3.region.")
 
 
 @dataclass(frozen=True)
@@ -166,6 +224,7 @@ class Config:
     dicom: DicomSection = field(default_factory=DicomSection)
     client: ClientSection = field(default_factory=ClientSection)
     storage: StorageSection = field(default_factory=StorageSection)
+    crypto: CryptoSection = field(default_factory=CryptoSection)
     query: QuerySection = field(default_factory=QuerySection)
     log: LogSection = field(default_factory=LogSection)
     remote: dict = field(default_factory=dict)   # name -> RemoteNode
@@ -227,7 +286,9 @@ def _section(name: str, cls: type, raw: Any, base: Path):
         raise ConfigError(f"unknown setting {name}.{sorted(extra)[0]}")
     values = {}
     for key, f in fields.items():
-        if key in raw:
+        if dataclasses.is_dataclass(hints[key]):                 # a nested table, e.g. [storage.s3]
+            values[key] = _section(f"{name}.{key}", hints[key], raw.get(key, {}), base)
+        elif key in raw:
             values[key] = _coerce(f"{name}.{key}", raw[key], hints[key], f, base)
         elif f.metadata.get("path") and f.default is not None:
             values[key] = base / f.default
@@ -278,9 +339,16 @@ def load(path: Path | None) -> Config:
 def documented_settings() -> list[tuple[str, Any, str]]:
     """(dotted name, default, help) for every setting, in declaration order."""
     rows = []
-    sections = [*SECTIONS.items(), *((f"{kind}.NAME", cls) for kind, cls in NAMED_SECTIONS.items())]
-    for name, cls in sections:
+
+    def walk(name: str, cls: type) -> None:
+        hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(f"{name}.{f.name}", hints[f.name])
+                continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((f"{name}.{f.name}", default, f.metadata["help"]))
+
+    for name, cls in [*SECTIONS.items(), *((f"{kind}.NAME", cls) for kind, cls in NAMED_SECTIONS.items())]:
+        walk(name, cls)
     return rows

@@ -80,8 +80,13 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
         archive.close()
 
 
-def _child(config: Config, index: int, sockets: dict[int, socket.socket], parent: int) -> None:
-    """Entry point of a spawned receiver."""
+def _receiver(config: Config, index: int, sockets: dict[int, socket.socket], stop: threading.Event,
+              parent_alive: Callable[[], None]) -> None:
+    receive(config, index, sockets, stop, lambda: log.info("receiver %d ready", index), parent_alive)
+
+
+def _child(config: Config, parent: int, target: Callable, *args) -> None:
+    """Entry point of a spawned process: dies with the node, stops on SIGTERM, runs `target`."""
     _die_with(parent)
     from .service import configure_libraries
 
@@ -95,7 +100,7 @@ def _child(config: Config, index: int, sockets: dict[int, socket.socket], parent
         if os.getppid() != parent:
             stop.set()
 
-    receive(config, index, sockets, stop, lambda: log.info("receiver %d ready", index), parent_alive)
+    target(config, *args, stop, parent_alive)
 
 
 def _die_with(parent: int) -> None:
@@ -108,33 +113,43 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
+def receiver_workers(config: Config, sockets: dict[int, socket.socket], count: int) -> dict[str, tuple]:
+    """The spawned receivers 1..count-1, as `Children` workers."""
+    return {f"receiver-{index}": (_receiver, index, sockets) for index in range(1, count)}
+
+
 class Children:
-    """The spawned receivers 1..n-1 of this node."""
+    """The node's spawned processes (receivers 1..n-1, the offloader, ...), by name.
 
-    def __init__(self, config: Config, sockets: dict[int, socket.socket], count: int):
-        self._args = (config, sockets, os.getpid())
+    A worker is `(target, *args)`; the process calls `target(config, *args, stop, parent_alive)`
+    where `stop` is a threading.Event set on SIGTERM and `parent_alive()` should be called
+    now and then (it sets `stop` when the node is gone).
+    """
+
+    def __init__(self, config: Config, workers: dict[str, tuple]):
+        self._config, self._parent = config, os.getpid()
+        self._workers = workers
         self._context = multiprocessing.get_context("spawn")
-        self._procs: dict[int, multiprocessing.Process] = {}
-        self._started: dict[int, float] = {}
-        for index in range(1, count):
-            self._start(index)
+        self._procs: dict[str, multiprocessing.Process] = {}
+        self._started: dict[str, float] = {}
+        for name in workers:
+            self._start(name)
 
-    def _start(self, index: int) -> None:
-        config, sockets, parent = self._args
-        proc = self._context.Process(target=_child, args=(config, index, sockets, parent),
-                                     name=f"receiver-{index}", daemon=True)
+    def _start(self, name: str) -> None:
+        proc = self._context.Process(target=_child, args=(self._config, self._parent, *self._workers[name]),
+                                     name=name, daemon=True)
         proc.start()
-        self._procs[index], self._started[index] = proc, time.monotonic()
+        self._procs[name], self._started[name] = proc, time.monotonic()
 
     def supervise(self) -> None:
-        """Restart a receiver that exited on its own (not more often than every few seconds)."""
-        for index, proc in list(self._procs.items()):
+        """Restart a process that exited on its own (not more often than every few seconds)."""
+        for name, proc in list(self._procs.items()):
             if proc.is_alive():
                 continue
-            if time.monotonic() - self._started[index] < _RESTART_DELAY:
+            if time.monotonic() - self._started[name] < _RESTART_DELAY:
                 continue
-            log.error("receiver %d exited (code %s): restarting it", index, proc.exitcode)
-            self._start(index)
+            log.error("%s exited (code %s): restarting it", name, proc.exitcode)
+            self._start(name)
 
     def stop(self, timeout: float = 15.0) -> None:
         for proc in self._procs.values():

@@ -58,8 +58,45 @@ def prepare_spool(config: Config) -> None:
 
 
 def open_archive(config: Config) -> Archive:
-    return Archive(config.data_dir, duplicates=config.storage.duplicates,
-                   segment_size=config.storage.segment_size)
+    """The node's archive; with storage.backend = "s3", with its S3 tier (and KMS when set)."""
+    st, cr = config.storage, config.crypto
+    remote = kms = None
+    if st.backend == "s3":
+        from archive import s3
+
+        def remote(keyring):
+            return s3.S3Storage(s3.client(st.s3.endpoint_url, st.s3.region, st.s3.timeout), st.s3.bucket, keyring,
+                                prefix=st.s3.prefix, segment_size=st.segment_size, part_size=st.s3.part_size)
+    if cr.kms_key_id:
+        from archive import s3
+        from archive.crypto import KmsKeyring
+
+        kms = KmsKeyring(s3.client(cr.kms_endpoint_url, cr.kms_region or st.s3.region, st.s3.timeout, "kms"),
+                         cr.kms_key_id)
+    return Archive(config.data_dir, duplicates=st.duplicates, segment_size=st.segment_size, kms=kms, remote=remote)
+
+
+def offload(config: Config, stop: threading.Event, parent_alive) -> None:
+    """The offloader process (`Children` worker): push blobs to S3 until stopped."""
+    from archive.offload import Offloader, Policy
+
+    st = config.storage
+    archive = open_archive(config)
+    policy = Policy(concurrency=st.s3.concurrency, retry_max=st.s3.retry_max_delay,
+                    cache_max_bytes=st.cache_max_bytes, cache_max_age=st.cache_max_age_days * 86400)
+    offloader = Offloader(archive, policy)
+    log.info("offloading to s3://%s/%s", st.s3.bucket, st.s3.prefix)
+
+    def watch_parent() -> None:
+        while not stop.wait(1.0):
+            parent_alive()
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    try:
+        offloader.run(stop)
+    finally:
+        offloader.close()
+        archive.close()
 
 
 def serve(config: Config, ready=print) -> None:
@@ -76,14 +113,19 @@ def serve(config: Config, ready=print) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     count = receivers.receiver_count(config)
-    children = receivers.Children(config, sockets, count)
+    workers = receivers.receiver_workers(config, sockets, count)
+    if config.storage.backend == "s3":
+        workers["offloader"] = (offload,)
+    children = receivers.Children(config, workers)
 
     def announce() -> None:
         d = config.dicom
         ready(f"m3dicom {config.node.ae_title} listening on {d.host}:{d.port} (DICOM TLS)"
               + (f" and {d.host}:{d.plain_port} (plain DICOM)" if d.plain_port else "")
               + f", {count} receiving process{'es' if count > 1 else ''}")
-        ready(f"data directory: {config.data_dir}")
+        ready(f"data directory: {config.data_dir}"
+              + (f", offloading to s3://{config.storage.s3.bucket}/{config.storage.s3.prefix}"
+                 if config.storage.backend == "s3" else ""))
         ready(f"send a study: {storescu_hint(config)}")
 
     try:

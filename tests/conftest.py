@@ -1,4 +1,4 @@
-"""Fixtures: a development PKI and nodes started as real subprocesses."""
+"""Fixtures: a development PKI, nodes started as real subprocesses, moto's S3 server."""
 from __future__ import annotations
 
 import subprocess
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import M3DICOM, ROOT, Node
+from helpers import M3DICOM, ROOT, MotoServer, Node
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +34,11 @@ def make_node(tmp_path, pki):
 @pytest.fixture
 def node(make_node) -> Node:
     return make_node()
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory):
+    """moto's standalone server: a real HTTP S3 (and KMS) endpoint on a free loopback port."""
+    server = MotoServer(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()

@@ -215,5 +215,63 @@ def _toml(settings: dict) -> str:
 
 
 
+class MotoServer:
+    """`moto_server -H 127.0.0.1 -p PORT` as a subprocess; clients use fake credentials."""
+
+    CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "moto.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "MotoServer":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                                      "-p", str(self.port)], stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(self._up, timeout=30, what="moto_server")
+        return self
+
+    def _up(self) -> bool:
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(self.url, timeout=1)
+            return True
+        except OSError as exc:
+            return getattr(exc, "code", None) is not None
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self._log.close()
+            self.proc = None
+
+    def client(self, service: str = "s3", url: str | None = None):
+        import boto3
+
+        return boto3.client(service, endpoint_url=url or self.url, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def new_bucket(self) -> str:
+        import uuid
+
+        name = f"m3-{uuid.uuid4().hex[:20]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def objects(self, bucket: str) -> dict[str, bytes]:
+        client = self.client()
+        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                for o in page.get("Contents", [])]
+        return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+
+    def incomplete_uploads(self, bucket: str) -> list:
+        return self.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None

@@ -66,7 +66,7 @@ def two_versions(tmp_path):
 
 @pytest.mark.parametrize("policy,outcome,kept,changes", [
     ("keep-first", Outcome.DUPLICATE_KEPT_FIRST, 0, ["stored"]),
-    ("replace", Outcome.REPLACED, 1, ["stored", "replaced"]),
+    ("replace", Outcome.REPLACED, 1, ["stored", "replaced", "blob_removed"]),
 ])
 def test_different_bytes_follow_the_duplicates_policy(tmp_path, policy, outcome, kept, changes):
     archive = Archive(tmp_path / "data", duplicates=policy)
@@ -120,5 +120,5 @@ def test_migrations_are_recorded(tmp_path):
     Archive(tmp_path / "d").close()
     again = Archive(tmp_path / "d")  # reopening applies nothing twice
     rows = again.index.query("SELECT name FROM _sqlite_migrations")
-    assert [r[0] for r in rows] == ["0001_initial", "0002_query"]
+    assert [r[0] for r in rows] == ["0001_initial", "0002_query", "0003_offload"]
     assert again.index.query("PRAGMA journal_mode")[0][0] == "wal"

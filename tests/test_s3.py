@@ -1,62 +1,28 @@
-"""The S3 backend against moto's standalone server, a real HTTP S3 endpoint on loopback."""
+"""The S3 tier and KMS against moto's standalone server, a real HTTP endpoint on loopback."""
 from __future__ import annotations
 
+import io
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-import boto3
 import pytest
 
-from archive.crypto import IntegrityError, LocalKeyring
-from archive.s3 import MIN_PART, ObjectExists, S3Storage
+from archive.crypto import (EnvelopeReader, EnvelopeWriter, IntegrityError, Keyring, KmsKeyring, LocalKeyring,
+                            header_key_id, rewrapped_header)
+from archive.s3 import MIN_PART, ObjectExists, S3Storage, Spliced
 from archive.storage import BlobNotFound
-from helpers import data_file, free_port, wait_for
-
-BUCKET = "m3-test"
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    port = free_port()
-    server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        import urllib.request
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return True
-        except OSError as exc:
-            return getattr(exc, "code", None) is not None
-
-    wait_for(up, timeout=30, what="moto_server")
-    yield url
-    proc.terminate()
-    proc.wait(10)
+from helpers import data_file
 
 
 @pytest.fixture
-def s3(endpoint, tmp_path):
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-    bucket = f"{BUCKET}-{os.getpid()}-{len(list(tmp_path.parts))}-{tmp_path.name[-12:].lower().replace('_', '-')}"
-    client.create_bucket(Bucket=bucket)
-    storage = S3Storage(client, bucket, LocalKeyring.open(tmp_path / "keys"), part_size=MIN_PART,
+def s3(moto, tmp_path):
+    bucket = moto.new_bucket()
+    storage = S3Storage(moto.client(), bucket, LocalKeyring.open(tmp_path / "keys"), part_size=MIN_PART,
                         segment_size=1 << 16)
-    return client, bucket, storage
-
-
-def _objects(client, bucket) -> dict[str, bytes]:
-    listing = client.list_objects_v2(Bucket=bucket).get("Contents", [])
-    return {o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listing}
+    return moto, bucket, storage
 
 
 def test_round_trip_small_and_multipart_ciphertext_only(s3):
-    client, bucket, storage = s3
+    moto, bucket, storage = s3
     small = data_file("CT_small.dcm").read_bytes()
     large = os.urandom(3 * MIN_PART + 12345)  # three full parts and a last one
     a = storage.create([small])
@@ -64,10 +30,10 @@ def test_round_trip_small_and_multipart_ciphertext_only(s3):
     assert storage.read_all(a.blob_id) == small and storage.read_all(b.blob_id) == large
     assert storage.read_range(b.blob_id, MIN_PART - 10, 70000) == large[MIN_PART - 10:MIN_PART + 69990]
     assert sorted(storage.blob_ids()) == sorted([a.blob_id, b.blob_id])
-    stored = _objects(client, bucket)
+    stored = moto.objects(bucket)
     assert all(b"DICM" not in body and b"CompressedSamples" not in body for body in stored.values())
     assert all(a.blob_id in key or b.blob_id in key for key in stored) and not any("1.2." in k for k in stored)
-    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert moto.incomplete_uploads(bucket) == []
 
 
 def test_existing_object_is_never_overwritten(s3):
@@ -78,8 +44,19 @@ def test_existing_object_is_never_overwritten(s3):
     assert storage.read_all(first.blob_id) == b"first"
 
 
-def test_failed_write_leaves_no_multipart_upload(s3):
-    client, bucket, storage = s3
+@pytest.mark.parametrize("size", [1000, 2 * MIN_PART + 7])
+def test_uploading_the_same_bytes_again_is_success_not_a_copy(s3, size):
+    moto, bucket, storage = s3
+    body = os.urandom(size)
+    storage.put("ab" * 16, io.BytesIO(body), size)
+    storage.put("ab" * 16, io.BytesIO(body), size)   # an earlier attempt's answer was lost
+    with pytest.raises(ObjectExists):
+        storage.put("ab" * 16, io.BytesIO(body[::-1]), size)
+    assert list(moto.objects(bucket).values()) == [body]
+
+
+def test_failed_write_leaves_nothing(s3):
+    moto, bucket, storage = s3
 
     def broken():
         yield os.urandom(2 * MIN_PART)
@@ -87,19 +64,28 @@ def test_failed_write_leaves_no_multipart_upload(s3):
 
     with pytest.raises(OSError):
         storage.create(broken())
-    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
-    assert list(storage.blob_ids()) == []
+    assert moto.incomplete_uploads(bucket) == [] and list(storage.blob_ids()) == []
+
+
+def test_incomplete_uploads_under_the_prefix_are_aborted(s3):
+    moto, bucket, storage = s3
+    client = moto.client()
+    client.create_multipart_upload(Bucket=bucket, Key=storage.key("cd" * 16))
+    client.create_multipart_upload(Bucket=bucket, Key="someone-else/x")
+    assert storage.abort_incomplete() == 1
+    assert [u["Key"] for u in moto.incomplete_uploads(bucket)] == ["someone-else/x"]
 
 
 @pytest.mark.parametrize("where", ["data", "tag", "wrapped key"])
 def test_tampered_object_fails_with_an_integrity_error(s3, where):
-    client, bucket, storage = s3
+    moto, bucket, storage = s3
     blob = storage.create([os.urandom(200_000)])
     key = storage.key(blob.blob_id)
-    body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    attacker = moto.client()
+    body = bytearray(attacker.get_object(Bucket=bucket, Key=key)["Body"].read())
     position = {"data": len(body) // 2, "tag": len(body) - 3, "wrapped key": 40}[where]
     body[position] ^= 0x01
-    client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    attacker.put_object(Bucket=bucket, Key=key, Body=bytes(body))
     with pytest.raises(IntegrityError):
         storage.read_all(blob.blob_id)
 
@@ -112,3 +98,50 @@ def test_remove_and_missing(s3):
     assert not storage.exists(blob.blob_id)
     with pytest.raises(BlobNotFound):
         storage.read_all(blob.blob_id)
+
+
+# -- KMS ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def kms(moto):
+    client = moto.client("kms")
+    return KmsKeyring(client, client.create_key()["KeyMetadata"]["Arn"])
+
+
+def _envelope(keyring, data: bytes) -> io.BytesIO:
+    out = io.BytesIO()
+    writer = EnvelopeWriter(out, keyring, 4096)
+    writer.write(data)
+    writer.finish()
+    out.seek(0)
+    return out
+
+
+def test_kms_generates_and_unwraps_data_keys(kms, tmp_path):
+    ring = Keyring(LocalKeyring.open(tmp_path / "keys"), kms)
+    data = os.urandom(10_000)
+    blob = _envelope(kms, data)
+    key_id, _ = header_key_id(blob)
+    assert key_id == "kms:" + kms.key_id
+    blob.seek(0)
+    assert b"".join(EnvelopeReader(blob, ring, len(blob.getvalue())).iter_plaintext()) == data
+    blob.seek(0)
+    with pytest.raises(IntegrityError, match="crypto.kms_key_id is not set"):
+        EnvelopeReader(blob, Keyring(ring.local), len(blob.getvalue()))
+
+
+def test_rewrapping_for_kms_keeps_the_ciphertext(kms, tmp_path):
+    """What the offloader sends with KMS set: the local envelope with a KMS-wrapped data key."""
+    ring = Keyring(LocalKeyring.open(tmp_path / "keys"), kms)
+    data = os.urandom(20_000)
+    local = _envelope(ring, data)
+    header, old = rewrapped_header(local, ring, kms)
+    size = len(local.getvalue())
+    remote = Spliced(header, local, old, size).read()
+    assert remote[len(header):] == local.getvalue()[old:]           # not re-encrypted
+    assert header_key_id(io.BytesIO(remote))[0].startswith("kms:")
+    assert b"".join(EnvelopeReader(io.BytesIO(remote), ring, len(remote)).iter_plaintext()) == data
+    damaged = bytearray(remote)
+    damaged[len(header) - 20] ^= 1                                    # inside KMS's ciphertext blob
+    with pytest.raises(IntegrityError):
+        EnvelopeReader(io.BytesIO(bytes(damaged)), ring, len(damaged))

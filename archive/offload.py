@@ -1,0 +1,283 @@
+"""The S3 outbox: every blob the archive keeps is pushed to S3, encrypted, exactly once.
+
+The offloader tails the `changes` log (its position is the `offload` cursor) and keeps one
+row per blob in the `offload` table: pending -> offloaded, or failed when it can never
+succeed (the local blob is damaged or gone). An upload sends the blob's envelope as it is
+(with KMS set, its data key re-wrapped by KMS first: the data is not re-encrypted), S3
+checks the SHA-256 of every part, and the object's size and checksum are checked again
+before the row says offloaded. An attempt that fails for a reason that may pass (S3
+unreachable, throttled, KMS down) is retried with exponential backoff and jitter; once an
+upload succeeds again, the waiting ones are retried at once. Object keys are the blob ids,
+so a retry after a crash or a lost answer can never make a second copy, and the multipart
+uploads a crash left behind are aborted when the offloader starts.
+
+Local copies of offloaded blobs are evicted beyond `cache_max_bytes` or `cache_max_age`
+(oldest first); reads then go to S3 (`storage.TieredStorage`). It runs in a process of its
+own (`m3dicom serve` starts it), so it never slows C-STORE answers.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .crypto import IntegrityError, KmsError, rewrapped_header
+from .ingest import Archive
+from .s3 import ObjectExists, S3Storage, Spliced, UploadMismatch
+
+log = logging.getLogger(__name__)
+
+CURSOR = "offload"
+UPLOAD_KINDS = ("stored", "replaced")   # a change that brings a new blob
+REMOVE_KINDS = ("blob_removed",)         # a blob nobody needs any more
+
+
+@dataclass(frozen=True)
+class Policy:
+    concurrency: int = 4              # objects uploaded at the same time
+    retry_base: float = 2.0           # seconds before the first retry
+    retry_max: float = 300.0          # longest wait between two attempts
+    cache_max_bytes: int = 0          # local copies kept at most (0 = no limit)
+    cache_max_age: float = 0.0        # seconds a local copy is kept after its upload (0 = no limit)
+    batch: int = 64                   # rows taken per step
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    blob_id: str
+    state: str                        # offloaded | retry | failed | gone | removed
+    error: str = ""
+    stored_size: int | None = None
+
+
+class Offloader:
+    """Moves the archive's blobs to its S3 tier; `step()` does one round, `run()` loops."""
+
+    def __init__(self, archive: Archive, policy: Policy = Policy(), clock=time.time):
+        if archive.remote is None:
+            raise ValueError("the archive has no S3 tier (storage.backend is not \"s3\")")
+        self.archive, self.policy, self.clock = archive, policy, clock
+        self.remote: S3Storage = archive.remote
+        self._pool = ThreadPoolExecutor(policy.concurrency, thread_name_prefix="offload")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def run(self, stop: threading.Event, idle: float = 0.5) -> None:
+        """Until `stop` is set: abort leftovers once S3 answers, then take changes, upload, evict."""
+        cleaned = False
+        while not stop.is_set():
+            if not cleaned:
+                cleaned = self._abort_leftovers()
+            try:
+                busy = self.step()
+            except Exception:
+                log.exception("offload round failed")
+                busy = False
+            if not busy:
+                stop.wait(idle)
+
+    def _abort_leftovers(self) -> bool:
+        try:
+            aborted = self.remote.abort_incomplete()
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("S3 not reachable yet (%s); uploads wait", _describe(exc))
+            return False
+        if aborted:
+            log.warning("aborted %d incomplete multipart uploads left by an earlier run", aborted)
+        return True
+
+    def step(self) -> bool:
+        """One round; True when there was work (call again soon)."""
+        taken = self.take_changes()
+        outcomes = self.push_due()
+        evicted = self.evict()
+        return bool(taken or outcomes or evicted)
+
+    # -- the changes log -> the outbox -------------------------------------------------------
+
+    def take_changes(self, limit: int = 5000) -> int:
+        """Queue the blobs that changes since the cursor bring or drop; one transaction."""
+        now = self.clock()
+        with self.archive.index.write() as conn:
+            row = conn.execute("SELECT seq FROM cursors WHERE name=?", (CURSOR,)).fetchone()
+            cursor = row[0] if row else 0
+            changes = conn.execute(
+                "SELECT seq, kind, blob_id FROM changes WHERE seq > ? AND blob_id IS NOT NULL ORDER BY seq LIMIT ?",
+                (cursor, limit)).fetchall()
+            if not changes:
+                return 0
+            for change in changes:
+                blob_id = change["blob_id"]
+                if change["kind"] in UPLOAD_KINDS:
+                    conn.execute("INSERT INTO offload (blob_id, state, next_try, queued_at, stored_size) "
+                                 "VALUES (?, 'pending', ?, ?, ?) ON CONFLICT(blob_id) DO NOTHING",
+                                 (blob_id, now, now, self._local_size(blob_id)))
+                elif change["kind"] in REMOVE_KINDS:
+                    conn.execute("INSERT INTO offload (blob_id, state, next_try, queued_at) VALUES (?, 'remove', ?, ?) "
+                                 "ON CONFLICT(blob_id) DO UPDATE SET state='remove', next_try=excluded.next_try",
+                                 (blob_id, now, now))
+            conn.execute("INSERT INTO cursors (name, seq) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET seq=excluded.seq",
+                         (CURSOR, changes[-1]["seq"]))
+        return len(changes)
+
+    def _local_size(self, blob_id: str) -> int | None:
+        try:
+            return self.archive.local.path(blob_id).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    # -- uploads and removals -------------------------------------------------------------
+
+    def push_due(self) -> int:
+        """Upload (or remove in S3) the rows whose time has come; record the outcomes together."""
+        due = self.archive.index.query(
+            "SELECT blob_id, state, attempts FROM offload WHERE state IN ('pending', 'remove') AND next_try <= ? "
+            "ORDER BY next_try LIMIT ?", (self.clock(), self.policy.batch))
+        if not due:
+            return 0
+        work = [self._pool.submit(self._remove if row["state"] == "remove" else self._upload, row["blob_id"])
+                for row in due]
+        outcomes = [future.result() for future in work]
+        self._record(outcomes, {row["blob_id"]: row["attempts"] for row in due})
+        return len(outcomes)
+
+    def _upload(self, blob_id: str) -> _Outcome:
+        if not self.archive.index.blob_referenced(blob_id):
+            return _Outcome(blob_id, "gone")          # replaced meanwhile: nothing to keep
+        path = self.archive.local.path(blob_id)
+        try:
+            with open(path, "rb") as fh:
+                size = _size(fh)
+                source, length = fh, size
+                if self.archive.keyring.kms is not None:   # S3 gets the data key wrapped by KMS
+                    header, old = rewrapped_header(fh, self.archive.keyring, self.archive.keyring.kms)
+                    source = Spliced(header, fh, old, size)
+                    length = source.size
+                self.remote.put(blob_id, source, length)
+            return _Outcome(blob_id, "offloaded", stored_size=size)
+        except FileNotFoundError:
+            return _Outcome(blob_id, "failed", "the local blob is missing")
+        except IntegrityError as exc:
+            return _Outcome(blob_id, "failed", f"the local blob is damaged: {exc}")
+        except (ObjectExists, UploadMismatch) as exc:
+            return _Outcome(blob_id, "failed", str(exc))
+        except (BotoCoreError, ClientError, KmsError, OSError) as exc:
+            return _Outcome(blob_id, "retry", _describe(exc))
+
+    def _remove(self, blob_id: str) -> _Outcome:
+        try:
+            self.remote.remove(blob_id)
+            return _Outcome(blob_id, "removed")
+        except (BotoCoreError, ClientError, OSError) as exc:
+            return _Outcome(blob_id, "retry", _describe(exc))
+
+    def _record(self, outcomes: list[_Outcome], attempts: dict[str, int]) -> None:
+        now = self.clock()
+        with self.archive.index.write() as conn:
+            for o in outcomes:
+                if o.state == "offloaded":
+                    conn.execute("UPDATE offload SET state='offloaded', offloaded_at=?, stored_size=?, last_error=NULL, "
+                                 "attempts=attempts+1 WHERE blob_id=?", (now, o.stored_size, o.blob_id))
+                elif o.state in ("gone", "removed"):
+                    conn.execute("DELETE FROM offload WHERE blob_id=?", (o.blob_id,))
+                elif o.state == "failed":
+                    log.error("offload of blob %s failed for good: %s", o.blob_id, o.error)
+                    conn.execute("UPDATE offload SET state='failed', last_error=?, attempts=attempts+1 WHERE blob_id=?",
+                                 (o.error, o.blob_id))
+                else:
+                    delay = self.backoff(attempts[o.blob_id])
+                    conn.execute("UPDATE offload SET attempts=attempts+1, next_try=?, last_error=? WHERE blob_id=?",
+                                 (now + delay, o.error, o.blob_id))
+            if any(o.state in ("offloaded", "removed") for o in outcomes):
+                # S3 answers again: what waits for a retry need not wait any longer
+                conn.execute("UPDATE offload SET next_try=? WHERE state IN ('pending', 'remove') AND attempts > 0 "
+                             "AND next_try > ?", (now, now))
+        retries = [o for o in outcomes if o.state == "retry"]
+        if retries:
+            log.warning("offload: %d uploads will be retried (%s)", len(retries), retries[0].error)
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before the next attempt: exponential, capped, with jitter (half to full)."""
+        delay = min(self.policy.retry_max, self.policy.retry_base * 2 ** min(attempts, 30))
+        return delay * random.uniform(0.5, 1.0)
+
+    # -- the local cache ------------------------------------------------------------------
+
+    def evict(self) -> int:
+        """Remove local copies of offloaded blobs beyond the age and size limits, oldest first."""
+        p = self.policy
+        if not p.cache_max_bytes and not p.cache_max_age:
+            return 0
+        now = self.clock()
+        victims: list[str] = []
+        if p.cache_max_age:
+            victims += [r[0] for r in self.archive.index.query(
+                "SELECT blob_id FROM offload WHERE evicted_at IS NULL AND state='offloaded' AND offloaded_at < ? "
+                "LIMIT 1000", (now - p.cache_max_age,))]
+        if p.cache_max_bytes:
+            (held,), = self.archive.index.query(
+                "SELECT COALESCE(SUM(stored_size), 0) FROM offload WHERE evicted_at IS NULL AND state != 'remove'")
+            held -= sum(self._local_size(b) or 0 for b in victims)
+            if held > p.cache_max_bytes:
+                for row in self.archive.index.query(
+                        "SELECT blob_id, stored_size FROM offload WHERE evicted_at IS NULL AND state='offloaded' "
+                        "ORDER BY offloaded_at LIMIT 1000"):
+                    if held <= p.cache_max_bytes:
+                        break
+                    if row["blob_id"] not in victims:
+                        victims.append(row["blob_id"])
+                        held -= row["stored_size"] or 0
+        for blob_id in victims:
+            self.archive.local.remove(blob_id)
+        if victims:
+            with self.archive.index.write() as conn:
+                conn.executemany("UPDATE offload SET evicted_at=? WHERE blob_id=?", [(now, b) for b in victims])
+            log.info("evicted %d local copies of offloaded blobs", len(victims))
+        return len(victims)
+
+
+def _size(fh) -> int:
+    fh.seek(0, 2)
+    size = fh.tell()
+    fh.seek(0)
+    return size
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return f"S3 refused: {error.get('Code', '?')} {error.get('Message', '')}".strip()
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True)
+class Status:
+    pending: int
+    retrying: int
+    offloaded: int
+    failed: int
+    removing: int
+    evicted: int
+    local_bytes: int
+    oldest_pending: float | None      # when the oldest pending blob was queued
+    last_error: str | None
+
+
+def status(index) -> Status:
+    """Counts by state, the oldest pending item and the last error (for `m3dicom status`)."""
+    counts = {row[0]: row[1] for row in index.query("SELECT state, COUNT(*) FROM offload GROUP BY state")}
+    (retrying,), = index.query("SELECT COUNT(*) FROM offload WHERE state='pending' AND attempts > 0")
+    (evicted,), = index.query("SELECT COUNT(*) FROM offload WHERE evicted_at IS NOT NULL")
+    (local,), = index.query("SELECT COALESCE(SUM(stored_size), 0) FROM offload WHERE evicted_at IS NULL")
+    (oldest,), = index.query("SELECT MIN(queued_at) FROM offload WHERE state='pending'")
+    error = index.query("SELECT last_error FROM offload WHERE last_error IS NOT NULL "
+                        "ORDER BY (state='failed') DESC, next_try DESC LIMIT 1")
+    return Status(counts.get("pending", 0), retrying, counts.get("offloaded", 0), counts.get("failed", 0),
+                  counts.get("remove", 0), evicted, local, oldest, error[0][0] if error else None)
+
