@@ -51,6 +51,8 @@ class KeyEncryptionKey:
 class KeyWrapper(Protocol):
     """What envelopes need of a key-encryption key: a fresh wrapped data key, and unwrapping."""
 
+    def current_key_id(self) -> str: ...                      # what new wraps are written with
+
     def new_data_key(self) -> tuple[bytes, str, bytes]: ...   # (plaintext key, key id, wrapped key)
 
     def wrap(self, data_key: bytes) -> tuple[str, bytes]: ...
@@ -119,6 +121,12 @@ class LocalKeyring:
         self.current = kek
         return kek
 
+    def current_key_id(self) -> str:
+        self._refresh()
+        if self.current is None:
+            raise IntegrityError(f"no key-encryption key in {self.directory}")
+        return self.current.key_id
+
     def new_data_key(self) -> tuple[bytes, str, bytes]:
         data_key = AESGCM.generate_key(256)
         return (data_key, *self.wrap(data_key))
@@ -152,6 +160,13 @@ class KmsKeyring:
 
     def __init__(self, client, key_id: str):
         self.client, self.key_id = client, key_id
+        self._arn: str | None = None
+
+    def current_key_id(self) -> str:
+        """`kms:` + the key's ARN (the configured id may be an alias)."""
+        if self._arn is None:
+            self._arn = self._call(self.client.describe_key, KeyId=self.key_id)["KeyMetadata"]["Arn"]
+        return KMS_PREFIX + self._arn
 
     def new_data_key(self) -> tuple[bytes, str, bytes]:
         answer = self._call(self.client.generate_data_key, KeyId=self.key_id, KeySpec="AES_256")
@@ -200,6 +215,9 @@ class Keyring:
     def __init__(self, local: LocalKeyring, kms: KmsKeyring | None = None):
         self.local, self.kms = local, kms
         self.remote: KeyWrapper = kms or local
+
+    def current_key_id(self) -> str:
+        return self.local.current_key_id()
 
     def new_data_key(self) -> tuple[bytes, str, bytes]:
         return self.local.new_data_key()

@@ -84,6 +84,7 @@ class Archive:
         Must run before anything is ingested (the node calls it at start). Returns how
         many were removed.
         """
+        self.local.remove_partials()
         referenced = self.index.blob_ids()
         orphans = [b for b in self.storage.blob_ids() if b not in referenced]
         for blob_id in orphans:

@@ -21,7 +21,7 @@ import logging
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CURSOR = "offload"
 UPLOAD_KINDS = ("stored", "replaced")   # a change that brings a new blob
 REMOVE_KINDS = ("blob_removed",)         # a blob nobody needs any more
+RECORD_EVERY = 0.5                       # seconds between two commits of finished uploads
 
 
 @dataclass(frozen=True)
@@ -64,16 +65,15 @@ class Offloader:
         self.archive, self.policy, self.clock = archive, policy, clock
         self.remote: S3Storage = archive.remote
         self._pool = ThreadPoolExecutor(policy.concurrency, thread_name_prefix="offload")
+        self._leftovers = True     # incomplete multipart uploads may be waiting to be aborted
+        self._reachable = True
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
     def run(self, stop: threading.Event, idle: float = 0.5) -> None:
-        """Until `stop` is set: abort leftovers once S3 answers, then take changes, upload, evict."""
-        cleaned = False
+        """Take changes, upload, evict, until `stop` is set."""
         while not stop.is_set():
-            if not cleaned:
-                cleaned = self._abort_leftovers()
             try:
                 busy = self.step()
             except Exception:
@@ -82,22 +82,30 @@ class Offloader:
             if not busy:
                 stop.wait(idle)
 
-    def _abort_leftovers(self) -> bool:
-        try:
-            aborted = self.remote.abort_incomplete()
-        except (BotoCoreError, ClientError) as exc:
-            log.warning("S3 not reachable yet (%s); uploads wait", _describe(exc))
-            return False
-        if aborted:
-            log.warning("aborted %d incomplete multipart uploads left by an earlier run", aborted)
-        return True
-
     def step(self) -> bool:
         """One round; True when there was work (call again soon)."""
         taken = self.take_changes()
+        if self._leftovers:   # at start, and after failed uploads: between rounds nothing is in flight
+            self._leftovers = not self._abort_leftovers()
         outcomes = self.push_due()
         evicted = self.evict()
         return bool(taken or outcomes or evicted)
+
+    def _abort_leftovers(self) -> bool:
+        """Abort the multipart uploads that a crash or a failed attempt left in the bucket."""
+        try:
+            aborted = self.remote.abort_incomplete()
+        except (BotoCoreError, ClientError) as exc:
+            if self._reachable:
+                log.warning("S3 cannot be reached (%s): uploads wait and retry", _describe(exc))
+            self._reachable = False
+            return False
+        if not self._reachable:
+            log.info("S3 answers again")
+        self._reachable = True
+        if aborted:
+            log.warning("aborted %d incomplete multipart uploads left by a crash or a failed attempt", aborted)
+        return True
 
     # -- the changes log -> the outbox -------------------------------------------------------
 
@@ -141,11 +149,18 @@ class Offloader:
             "ORDER BY next_try LIMIT ?", (self.clock(), self.policy.batch))
         if not due:
             return 0
+        attempts = {row["blob_id"]: row["attempts"] for row in due}
         work = [self._pool.submit(self._remove if row["state"] == "remove" else self._upload, row["blob_id"])
                 for row in due]
-        outcomes = [future.result() for future in work]
-        self._record(outcomes, {row["blob_id"]: row["attempts"] for row in due})
-        return len(outcomes)
+        done: list[_Outcome] = []
+        flushed = time.monotonic()
+        for future in as_completed(work):   # recorded as they finish (a crash loses little), in few commits
+            done.append(future.result())
+            if time.monotonic() - flushed > RECORD_EVERY:
+                self._record(done, attempts)
+                done, flushed = [], time.monotonic()
+        self._record(done, attempts)
+        return len(work)
 
     def _upload(self, blob_id: str) -> _Outcome:
         if not self.archive.index.blob_referenced(blob_id):
@@ -178,6 +193,8 @@ class Offloader:
             return _Outcome(blob_id, "retry", _describe(exc))
 
     def _record(self, outcomes: list[_Outcome], attempts: dict[str, int]) -> None:
+        if not outcomes:
+            return
         now = self.clock()
         with self.archive.index.write() as conn:
             for o in outcomes:
@@ -200,6 +217,7 @@ class Offloader:
                              "AND next_try > ?", (now, now))
         retries = [o for o in outcomes if o.state == "retry"]
         if retries:
+            self._leftovers = True
             log.warning("offload: %d uploads will be retried (%s)", len(retries), retries[0].error)
 
     def backoff(self, attempts: int) -> float:

@@ -23,7 +23,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 from s3transfer.utils import ChunksizeAdjuster
 
-from .crypto import EnvelopeReader, EnvelopeWriter, KeyWrapper
+from .crypto import EnvelopeReader, EnvelopeWriter, KeyWrapper, header_key_id, rewrapped_header
 from .storage import BlobInfo, BlobNotFound, BlobReads, check_blob_id
 
 MIN_PART = 5 << 20         # S3's smallest part (except the last)
@@ -192,6 +192,23 @@ class S3Storage(BlobReads):
             raise ValueError(f"object {self.key(blob_id)} is larger than one PUT ({size} bytes)")
         self.client.put_object(Bucket=self.bucket, Key=self.key(blob_id), Body=source, ContentLength=size,
                                ChecksumAlgorithm="SHA256", IfMatch=etag)
+
+    def rewrap(self, blob_id: str, target: KeyWrapper) -> bool:
+        """Re-wrap the object's data key for `target` if it is wrapped by another key: the object is
+        rewritten with a new header and the same ciphertext (only if nobody changed it meanwhile).
+        Returns whether it was rewritten."""
+        head = self.head(blob_id)
+        if head is None:
+            raise BlobNotFound(blob_id)
+        size = head["ContentLength"]
+        view = _Ranges(self.client, self.bucket, self.key(blob_id), size)
+        if header_key_id(view)[0] == target.current_key_id():
+            return False
+        with tempfile.TemporaryFile() as copy:
+            self.client.download_fileobj(self.bucket, self.key(blob_id), copy)
+            header, old = rewrapped_header(copy, self.keyring, target)
+            self.replace(blob_id, Spliced(header, copy, old, size), len(header) + size - old, head["ETag"])
+        return True
 
     def checksum(self, source: BinaryIO, size: int) -> str:
         """The SHA-256 checksum S3 reports for these bytes uploaded with our transfer settings:

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 from .crypto import EnvelopeReader, EnvelopeWriter, KeyWrapper
 
 _BLOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_PARTIAL = ".partial"
 
 
 class StorageFull(OSError):
@@ -128,6 +129,32 @@ class LocalStorage(BlobReads):
 
     def exists(self, blob_id: str) -> bool:
         return self.path(blob_id).is_file()
+
+    def replace_header(self, blob_id: str, header: bytes, old_length: int) -> None:
+        """Give the blob a new envelope header (a re-wrapped data key); the ciphertext is copied
+        as it is. Atomic: a new file next to it, fsynced, renamed over it."""
+        path = self.path(blob_id)
+        partial = path.with_name(path.name + _PARTIAL)
+        try:
+            with open(path, "rb") as src, open(partial, "xb") as out:
+                out.write(header)
+                src.seek(old_length)
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+    def remove_partials(self) -> int:
+        """Remove what an interrupted `replace_header` left (at start, after a crash)."""
+        partials = list(self.root.glob(f"??/*{_PARTIAL}"))
+        for path in partials:
+            path.unlink()
+        return len(partials)
 
     def remove(self, blob_id: str) -> None:
         path = self.path(blob_id)

@@ -86,6 +86,61 @@ def cmd_send(args) -> int:
     return 0 if not report.failed else 1
 
 
+def cmd_status(args) -> int:
+    import time
+
+    from archive.offload import status
+
+    from .service import open_index
+
+    config = _config(args)
+    index = open_index(config)
+    try:
+        (instances,), = index.query("SELECT COUNT(*) FROM instances")
+        (studies,), = index.query("SELECT COUNT(*) FROM studies")
+        print(f"data directory: {config.data_dir}")
+        print(f"archive: {instances} instances in {studies} studies")
+        if config.storage.backend != "s3":
+            print("offload: off (storage.backend = \"local\")")
+            return 0
+        s = status(index)
+        print(f"offload to s3://{config.storage.s3.bucket}/{config.storage.s3.prefix}:")
+        print(f"  pending   {s.pending}" + (f" ({s.retrying} waiting to retry)" if s.retrying else ""))
+        print(f"  offloaded {s.offloaded} ({s.evicted} evicted from the local cache)")
+        print(f"  failed    {s.failed}")
+        if s.removing:
+            print(f"  to delete {s.removing}")
+        print(f"  local cache: {s.local_bytes / 1e6:.1f} MB")
+        if s.oldest_pending is not None:
+            print(f"  oldest pending: queued {time.time() - s.oldest_pending:.0f} s ago")
+        if s.last_error:
+            print(f"  last error: {s.last_error}")
+        return 1 if s.failed else 0
+    finally:
+        index.close()
+
+
+def cmd_keys_rotate(args) -> int:
+    from tqdm import tqdm
+
+    from archive.keys import rotate, work
+
+    from .service import open_archive
+
+    archive = open_archive(_config(args))
+    try:
+        total = sum(map(len, work(archive)))
+        with tqdm(total=total, unit="blob", disable=args.quiet or None) as bar:
+            report = rotate(archive, progress=bar.update)
+    finally:
+        archive.close()
+    print(f"new key-encryption key {report.key_id}: re-wrapped {report.local} local blobs and "
+          f"{report.remote} objects in S3 ({report.unchanged} already current, {len(report.failed)} failed)")
+    for blob_id, why in report.failed:
+        print(f"failed  {blob_id}: {why}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
 def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="peer address (default: dicom.host)")
     p.add_argument("--port", type=int, help="peer port (default: dicom.port, or dicom.plain_port with --no-tls)")
@@ -124,6 +179,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace existing files")
     p.set_defaults(func=cmd_certs_issue_client)
 
+    p = with_config(sub.add_parser("status", help="what the node holds, and where its offload stands"))
+    p.set_defaults(func=cmd_status)
+
+    keys = sub.add_parser("keys", help="key-encryption keys").add_subparsers(dest="keys", required=True)
+    p = with_config(keys.add_parser("rotate", help="new key-encryption key; re-wrap every data key "
+                                    "(local blobs and S3 objects) without re-encrypting data"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_keys_rotate)
+
     p = with_config(sub.add_parser("echo", help="C-ECHO a DICOM node (TLS by default)"))
     _client_options(p)
     p.set_defaults(func=cmd_echo)
@@ -144,10 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"m3dicom: configuration error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a clear one-line refusal for anticipated errors
+        from archive.crypto import IntegrityError
         from certs.pki import PKIError
         from scp.scu import SendError
 
-        if isinstance(exc, (PKIError, SendError, FileNotFoundError)):
+        # RuntimeError: our clear refusals (TLS set-up, missing index, KMS unreachable)
+        if isinstance(exc, (PKIError, SendError, FileNotFoundError, IntegrityError, RuntimeError)):
             print(f"m3dicom: {exc}", file=sys.stderr)
             return 1
         raise

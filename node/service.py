@@ -76,6 +76,16 @@ def open_archive(config: Config) -> Archive:
     return Archive(config.data_dir, duplicates=st.duplicates, segment_size=st.segment_size, kms=kms, remote=remote)
 
 
+def open_index(config: Config):
+    """The node's index alone (no keys, no storage): for reports such as `m3dicom status`."""
+    from archive.index import Index
+
+    path = config.data_dir / "index.sqlite3"
+    if not path.exists():
+        raise RuntimeError(f"no index at {path}: is node.data_dir right? (the node creates it at its first start)")
+    return Index(path)
+
+
 def offload(config: Config, stop: threading.Event, parent_alive) -> None:
     """The offloader process (`Children` worker): push blobs to S3 until stopped."""
     from archive.offload import Offloader, Policy

@@ -298,15 +298,15 @@ class FastSocket(AssociationSocket):
 
     def recv(self, nr_bytes: int) -> bytearray:
         buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
         received = 0
-        while received < nr_bytes:
-            count = self.socket.recv_into(view[received:], nr_bytes - received)
-            if not count:
-                del buffer[received:]
-                break
-            received += count
-        view.release()
+        with memoryview(buffer) as view:
+            while received < nr_bytes:
+                count = self.socket.recv_into(view[received:], nr_bytes - received)
+                if not count:
+                    break
+                received += count
+        if received < nr_bytes:  # the peer closed the connection: what came, as pynetdicom's recv does
+            del buffer[received:]
         return buffer
 
 

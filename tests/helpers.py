@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +82,7 @@ class Node:
         self.config_path = workdir / "node.toml"
         self.log_path = workdir / "node.log"
         self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}   # extra environment of the node process
         settings = {
             "node": {"ae_title": "M3DICOM", "data_dir": str(self.data_dir)},
             "dicom": {"host": "127.0.0.1", "port": self.port, "plain_port": self.plain_port,
@@ -97,7 +99,7 @@ class Node:
         self._log = open(self.log_path, "ab")
         offset = self.log_path.stat().st_size  # a restart appends: look only at the new lines
         self.proc = subprocess.Popen(M3DICOM + ["serve", "--config", str(self.config_path)], cwd=ROOT,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+                                     stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         wait_for(lambda: b"listening on" in self.log_path.read_bytes()[offset:] or self.proc.poll() is not None,
                  timeout=30, what="the node to listen")
         if self.proc.poll() is not None:
@@ -179,6 +181,14 @@ class Node:
         assoc = ae.associate("127.0.0.1", self.port if tls else self.plain_port, ae_title="M3DICOM", **options)
         assert assoc.is_established, f"association refused:\n{self.log()[-2000:]}"
         return assoc
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`m3dicom ARGS --config` this node's configuration, with its environment."""
+        result = subprocess.run(M3DICOM + [*args, "--config", str(self.config_path)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300, env={**os.environ, **self.env})
+        if check and result.returncode != 0:
+            raise AssertionError(f"m3dicom {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
 
     def tls_args(self) -> list[str]:
         return ["+tls", str(self.pki / "client.key"), str(self.pki / "client.pem"), "+cf", str(self.pki / "ca.pem")]
@@ -271,6 +281,99 @@ class MotoServer:
 
     def incomplete_uploads(self, bucket: str) -> list:
         return self.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+class Outage:
+    """A TCP relay to `target_port` that can be cut: an S3 outage without losing S3's state.
+
+    `cut()` closes the listener and resets every open connection (clients see refused and
+    reset connections, as when a link or the endpoint goes down); `restore()` listens again
+    on the same port.
+    """
+
+    def __init__(self, target_port: int):
+        self.target = target_port
+        self.rate: float | None = None   # bytes per second each way, when the link is slow
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        listener, self._listener = self._listener, None
+        listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                conn.close()  # RST
+            except OSError:
+                pass
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                if self.rate:
+                    time.sleep(len(data) / self.rate)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def synthetic_instances(directory: Path, count: int, pixel_bytes: int = 0, study: str | None = None,
+                        patient: str = "Offload^Test") -> list[Path]:
+    """CT_small copies with fresh UIDs in one study; with `pixel_bytes`, that much random
+    pixel data instead (large instances without large test files). Without CT_small's
+    DataSetTrailingPadding, which dcmtk's storescu drops when it sends."""
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study or generate_uid(), generate_uid()
+    ds.PatientName = patient
+    del ds[0xFFFCFFFC]
+    if pixel_bytes:
+        side = int((pixel_bytes // 2) ** 0.5)
+        ds.Rows = ds.Columns = side
+        ds.PixelData = np.random.default_rng(count).integers(0, 4096, side * side, dtype=np.uint16).tobytes()
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        path = directory / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
 
 
 def have(tool: str) -> bool:

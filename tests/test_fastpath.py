@@ -113,6 +113,20 @@ def test_store_rq_parsed_from_pynetdicom_encoding():
     assert fastpath.parse_store_rq(b"") is None
 
 
+def test_socket_read_cut_short_by_the_peer_returns_what_came():
+    """A peer that closes mid-PDU (or after its release) gives the bytes received, no exception."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    theirs.sendall(b"\x07\x00\x00")
+    theirs.close()
+    reader = fastpath.FastSocket.__new__(fastpath.FastSocket)
+    reader.socket = ours
+    assert reader.recv(6) == b"\x07\x00\x00"
+    assert reader.recv(6) == b""
+    ours.close()
+
+
 def test_fast_path_is_on_for_the_pinned_pynetdicom():
     assert fastpath.ENABLED, "pynetdicom differs from the version the fast path was written for"
 
