@@ -33,6 +33,7 @@ test: install
 bench: install
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/query.py
+	$(BIN)/python bench/offload.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -107,7 +107,8 @@ def test_node_killed_during_offload_resumes_and_completes(s3_node, moto, tmp_pat
     node, bucket = s3_node(endpoint=outage.url, concurrency=1)
     files = synthetic_instances(tmp_path / "in", 4, 12 << 20)
     node.storescu(*files)
-    wait_for(lambda: states(node).get("offloaded", 0) >= 1, timeout=60, what="a first upload")
+    wait_for(lambda: states(node).get("offloaded", 0) >= 1 and moto.incomplete_uploads(bucket), timeout=60,
+             what="a first upload done and the next one under way")
     node.kill9()                                    # the offloader dies with the node (PDEATHSIG)
     left = states(node)
     assert left.get("pending", 0) >= 1, left

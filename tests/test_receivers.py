@@ -51,7 +51,7 @@ def test_receivers_die_with_the_node_and_restart(make_node):
     wait_for(lambda: len(receivers_of(node)) == 1 and "receiver 1 ready" in node.log(), what="receiver 1")
     (child,) = receivers_of(node)
     child.kill()  # a receiver that crashes is replaced
-    wait_for(lambda: "receiver 1 exited" in node.log(), timeout=20, what="the restart")
+    wait_for(lambda: "receiver-1 exited" in node.log(), timeout=20, what="the restart")
     wait_for(lambda: [p.pid for p in receivers_of(node)] not in ([], [child.pid]), timeout=20,
              what="a new receiver")
     (replacement,) = receivers_of(node)
