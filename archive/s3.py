@@ -14,9 +14,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import re
 import secrets
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator
 
 from boto3.s3.transfer import TransferConfig
@@ -132,6 +134,29 @@ class _Ranges(io.RawIOBase):
         return data
 
 
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    sha256: str               # S3's ChecksumSHA256 (multipart: of the parts' digests)
+    etag: str                 # S3's ETag when it is an MD5 (multipart: "md5-of-md5s-N")
+    content_md5: str = ""     # Content-MD5 header of a single PUT
+
+    def matches(self, answer: dict) -> bool | None:
+        """Whether an S3 answer (PUT or HEAD) shows these bytes; None when it shows nothing
+        comparable (no checksum, and an ETag that is not an MD5, as with SSE-KMS buckets)."""
+        verdicts = []
+        reported = answer.get("ChecksumSHA256")
+        if reported:
+            verdicts.append(reported.split("-")[0] == self.sha256)
+        etag = answer.get("ETag", "").strip('"')
+        if re.fullmatch(r"[0-9a-f]{32}(-\d+)?", etag) and ("-" in etag) == ("-" in self.etag):
+            verdicts.append(etag == self.etag)
+        return all(verdicts) if verdicts else None
+
+
 class S3Storage(BlobReads):
     """Encrypted objects in one bucket under `prefix`. It owns `client`: every PUT it makes is
     conditional (If-None-Match) unless it says which version it replaces (If-Match)."""
@@ -156,15 +181,26 @@ class S3Storage(BlobReads):
     def put(self, blob_id: str, source: BinaryIO, size: int) -> None:
         """Upload `size` bytes of an envelope from `source` (seekable) as the blob's object.
 
-        On return the object is in the bucket and its size and SHA-256 checksum are the ones
-        sent. If the key exists already with this very content (an earlier attempt whose
-        answer was lost), that is success; with other content, ObjectExists.
+        On return the object is in the bucket and what S3 reports of it (size, SHA-256
+        checksum, MD5 ETag) is what was sent. If the key exists already with this very
+        content (an earlier attempt whose answer was lost), that is success; with other
+        content, ObjectExists.
         """
-        expected = self.checksum(source, size)
+        expected = self.fingerprint(source, size)
         source.seek(0)
         try:
-            self.client.upload_fileobj(source, self.bucket, self.key(blob_id),
-                                       ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=self.transfer)
+            if size < self.transfer.multipart_threshold:
+                # one PUT carrying its SHA-256 and MD5 (S3 refuses a body that does not match them)
+                answer = self.client.put_object(Bucket=self.bucket, Key=self.key(blob_id), Body=source.read(size),
+                                                ChecksumSHA256=expected.sha256, ContentMD5=expected.content_md5)
+                verdict = expected.matches(answer)
+                if verdict is not None:                    # the answer shows what was stored: no HEAD
+                    if not verdict:
+                        raise UploadMismatch(f"object {self.key(blob_id)}: S3 stored other bytes than were sent")
+                    return
+            else:
+                self.client.upload_fileobj(source, self.bucket, self.key(blob_id),
+                                           ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=self.transfer)
         except ClientError as exc:
             if error_code(exc) not in _PRECONDITION:
                 raise
@@ -210,31 +246,31 @@ class S3Storage(BlobReads):
             self.replace(blob_id, Spliced(header, copy, old, size), len(header) + size - old, head["ETag"])
         return True
 
-    def checksum(self, source: BinaryIO, size: int) -> str:
-        """The SHA-256 checksum S3 reports for these bytes uploaded with our transfer settings:
-        of the whole object, or (multipart) of the parts' digests."""
+    def fingerprint(self, source: BinaryIO, size: int) -> "Fingerprint":
+        """What S3 reports for these bytes uploaded with our transfer settings: the SHA-256
+        checksum and the ETag, of the whole object or (multipart) of its parts' digests."""
         source.seek(0)
         if size < self.transfer.multipart_threshold:
-            digest = hashlib.sha256()
-            while chunk := source.read(1 << 20):
-                digest.update(chunk)
-            return base64.b64encode(digest.digest()).decode()
+            body = source.read(size)
+            return Fingerprint(_b64(hashlib.sha256(body).digest()), hashlib.md5(body).hexdigest(),
+                               _b64(hashlib.md5(body).digest()))
         part = ChunksizeAdjuster().adjust_chunksize(self.transfer.multipart_chunksize, size)
-        digests = b""
+        shas, md5s, parts = b"", b"", 0
         while chunk := source.read(part):
-            digests += hashlib.sha256(chunk).digest()
-        return base64.b64encode(hashlib.sha256(digests).digest()).decode()
+            shas += hashlib.sha256(chunk).digest()
+            md5s += hashlib.md5(chunk).digest()
+            parts += 1
+        return Fingerprint(_b64(hashlib.sha256(shas).digest()), f"{hashlib.md5(md5s).hexdigest()}-{parts}")
 
-    def holds(self, blob_id: str, size: int, checksum: str) -> bool:
-        """Whether the bucket has this blob's object with this size and checksum."""
+    def holds(self, blob_id: str, size: int, expected: "Fingerprint") -> bool:
+        """Whether the bucket has this blob's object with this size and content."""
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.key(blob_id), ChecksumMode="ENABLED")
         except ClientError as exc:
             if error_code(exc) in _MISSING:
                 return False
             raise
-        reported = head.get("ChecksumSHA256")
-        return head["ContentLength"] == size and (reported is None or reported.split("-")[0] == checksum)
+        return head["ContentLength"] == size and expected.matches(head) is not False
 
     def abort_incomplete(self) -> int:
         """Abort the multipart uploads left under our prefix (a crash or an outage mid-upload)."""

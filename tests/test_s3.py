@@ -8,7 +8,7 @@ import pytest
 
 from archive.crypto import (EnvelopeReader, EnvelopeWriter, IntegrityError, Keyring, KmsKeyring, LocalKeyring,
                             header_key_id, rewrapped_header)
-from archive.s3 import MIN_PART, ObjectExists, S3Storage, Spliced
+from archive.s3 import MIN_PART, Fingerprint, ObjectExists, S3Storage, Spliced
 from archive.storage import BlobNotFound
 from helpers import data_file
 
@@ -53,6 +53,21 @@ def test_uploading_the_same_bytes_again_is_success_not_a_copy(s3, size):
     with pytest.raises(ObjectExists):
         storage.put("ab" * 16, io.BytesIO(body[::-1]), size)
     assert list(moto.objects(bucket).values()) == [body]
+
+
+def test_what_s3_reports_is_compared_with_what_was_sent(s3):
+    _, _, storage = s3
+    single = storage.fingerprint(io.BytesIO(b"abc"), 3)
+    assert single.etag == "900150983cd24fb0d6963f7d28e17f72"          # MD5 of "abc"
+    assert single.matches({"ETag": '"900150983cd24fb0d6963f7d28e17f72"'}) is True
+    assert single.matches({"ETag": '"' + "0" * 32 + '"'}) is False
+    assert single.matches({"ChecksumSHA256": single.sha256, "ETag": '"kms-encrypted-etag"'}) is True
+    assert single.matches({"ETag": '"kms-encrypted-etag"'}) is None     # nothing comparable: HEAD decides
+    body = os.urandom(2 * MIN_PART + 1)
+    multi = storage.fingerprint(io.BytesIO(body), len(body))
+    assert multi.etag.endswith("-3") and multi.matches({"ChecksumSHA256": multi.sha256 + "-3"}) is True
+    assert multi.matches({"ETag": f'"{multi.etag}"', "ChecksumSHA256": "x"}) is False
+    assert isinstance(multi, Fingerprint)
 
 
 def test_failed_write_leaves_nothing(s3):
