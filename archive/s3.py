@@ -181,33 +181,45 @@ class S3Storage(BlobReads):
     def put(self, blob_id: str, source: BinaryIO, size: int) -> None:
         """Upload `size` bytes of an envelope from `source` (seekable) as the blob's object.
 
-        On return the object is in the bucket and what S3 reports of it (size, SHA-256
-        checksum, MD5 ETag) is what was sent. If the key exists already with this very
-        content (an earlier attempt whose answer was lost), that is success; with other
-        content, ObjectExists.
+        Every request carries a SHA-256 checksum that S3 verifies on receipt (a single PUT
+        also its MD5). On return the object is in the bucket and what S3 reports of it is
+        what was sent. If the key exists already with this very content (an earlier
+        attempt whose answer was lost), that is success; with other content, ObjectExists.
         """
-        expected = self.fingerprint(source, size)
-        source.seek(0)
         try:
             if size < self.transfer.multipart_threshold:
-                # one PUT carrying its SHA-256 and MD5 (S3 refuses a body that does not match them)
-                answer = self.client.put_object(Bucket=self.bucket, Key=self.key(blob_id), Body=source.read(size),
-                                                ChecksumSHA256=expected.sha256, ContentMD5=expected.content_md5)
-                verdict = expected.matches(answer)
-                if verdict is not None:                    # the answer shows what was stored: no HEAD
-                    if not verdict:
-                        raise UploadMismatch(f"object {self.key(blob_id)}: S3 stored other bytes than were sent")
-                    return
+                self._put_single(blob_id, source, size)
             else:
-                self.client.upload_fileobj(source, self.bucket, self.key(blob_id),
-                                           ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=self.transfer)
+                self._put_multipart(blob_id, source, size)
         except ClientError as exc:
             if error_code(exc) not in _PRECONDITION:
                 raise
-            if not self.holds(blob_id, size, expected):
+            if not self.holds(blob_id, size, self.fingerprint(source, size)):
                 raise ObjectExists(f"object {self.key(blob_id)} exists with other content") from None
-            return
-        if not self.holds(blob_id, size, expected):
+
+    def _put_single(self, blob_id: str, source: BinaryIO, size: int) -> None:
+        """One PUT, checked against its answer (checksum or MD5 ETag) or, when that shows
+        nothing comparable (an SSE-KMS bucket's ETag), a HEAD."""
+        expected = self.fingerprint(source, size)
+        source.seek(0)
+        answer = self.client.put_object(Bucket=self.bucket, Key=self.key(blob_id), Body=source.read(size),
+                                        ChecksumSHA256=expected.sha256, ContentMD5=expected.content_md5)
+        verdict = expected.matches(answer)
+        if verdict is None:
+            verdict = self.holds(blob_id, size, expected)
+        if not verdict:
+            raise UploadMismatch(f"object {self.key(blob_id)}: S3 stored other bytes than were sent")
+
+    def _put_multipart(self, blob_id: str, source: BinaryIO, size: int) -> None:
+        """boto3's transfer manager, parts in parallel, each with a SHA-256 that S3 verifies
+        (computed by botocore from the bytes it sends); then the object's size and part count."""
+        source.seek(0)
+        self.client.upload_fileobj(source, self.bucket, self.key(blob_id),
+                                   ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=self.transfer)
+        head = self.head(blob_id, checksum=True)
+        parts = -(-size // ChunksizeAdjuster().adjust_chunksize(self.transfer.multipart_chunksize, size))
+        reported = (head or {}).get("ChecksumSHA256", "")
+        if head is None or head["ContentLength"] != size or ("-" in reported and not reported.endswith(f"-{parts}")):
             raise UploadMismatch(f"object {self.key(blob_id)} does not match what was uploaded")
 
     def create(self, chunks: Iterable[bytes], blob_id: str | None = None) -> BlobInfo:
@@ -264,13 +276,8 @@ class S3Storage(BlobReads):
 
     def holds(self, blob_id: str, size: int, expected: "Fingerprint") -> bool:
         """Whether the bucket has this blob's object with this size and content."""
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self.key(blob_id), ChecksumMode="ENABLED")
-        except ClientError as exc:
-            if error_code(exc) in _MISSING:
-                return False
-            raise
-        return head["ContentLength"] == size and expected.matches(head) is not False
+        head = self.head(blob_id, checksum=True)
+        return head is not None and head["ContentLength"] == size and expected.matches(head) is not False
 
     def abort_incomplete(self) -> int:
         """Abort the multipart uploads left under our prefix (a crash or an outage mid-upload)."""
@@ -285,9 +292,10 @@ class S3Storage(BlobReads):
 
     # -- reading ---------------------------------------------------------------------------
 
-    def head(self, blob_id: str) -> dict | None:
+    def head(self, blob_id: str, checksum: bool = False) -> dict | None:
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=self.key(blob_id))
+            extra = {"ChecksumMode": "ENABLED"} if checksum else {}
+            return self.client.head_object(Bucket=self.bucket, Key=self.key(blob_id), **extra)
         except ClientError as exc:
             if error_code(exc) in _MISSING:
                 return None
