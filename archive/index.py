@@ -117,6 +117,75 @@ def _offload(db: sqlite_utils.Database) -> None:
     """)
 
 
+@migrations(name="0004_jobs")
+def _jobs(db: sqlite_utils.Database) -> None:
+    """Analysis jobs, their results and forwards; study completion for the router; job events."""
+    db.executescript("""
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        study_uid TEXT NOT NULL,
+        plugin TEXT NOT NULL,
+        params TEXT NOT NULL,                -- JSON
+        inputs TEXT NOT NULL,                -- JSON list of series UIDs
+        rule TEXT,                           -- the rule that made it; NULL: made through the API
+        created_by TEXT,
+        forward_to TEXT NOT NULL,            -- JSON list of [remote.NAME] names
+        state TEXT NOT NULL,                 -- queued | running | succeeded | failed | cancelled
+        attempts INTEGER NOT NULL,
+        max_attempts INTEGER NOT NULL,
+        worker TEXT,
+        lease_expires REAL,
+        errors TEXT NOT NULL,                -- JSON list, one per failed attempt
+        progress REAL,
+        progress_message TEXT,
+        summary TEXT,                        -- JSON from the plug-in
+        supersedes TEXT REFERENCES jobs(id), -- an earlier job of the same rule and study
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL
+    );
+    CREATE INDEX jobs_state ON jobs(state, created_at);
+    CREATE INDEX jobs_study ON jobs(study_uid, created_at);
+    CREATE TABLE job_results (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        kind TEXT NOT NULL,                  -- dicom | file
+        name TEXT NOT NULL,                  -- what the plug-in called it (model.x3d, sr, ...)
+        media_type TEXT NOT NULL,
+        sop_instance_uid TEXT,               -- kind dicom: the instance in the archive
+        blob_id TEXT,                        -- kind file: the blob
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        PRIMARY KEY (job_id, name)
+    );
+    CREATE INDEX job_results_blob ON job_results(blob_id);
+    CREATE TABLE forwards (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        destination TEXT NOT NULL,           -- [remote.NAME]
+        state TEXT NOT NULL,                 -- pending | sent | failed
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_try REAL NOT NULL,
+        last_error TEXT,
+        PRIMARY KEY (job_id, destination)
+    );
+    CREATE INDEX forwards_due ON forwards(state, next_try);
+    CREATE TABLE router_studies (            -- studies with instances the rules have not seen
+        study_uid TEXT PRIMARY KEY,
+        last_seq INTEGER NOT NULL,
+        last_time REAL NOT NULL
+    );
+    CREATE TABLE router_fired (              -- the last change each rule has judged, per study
+        study_uid TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        job_id TEXT,
+        PRIMARY KEY (study_uid, rule)
+    );
+    ALTER TABLE changes ADD COLUMN job_id TEXT;
+    CREATE INDEX changes_job ON changes(job_id);
+    ALTER TABLE instances ADD COLUMN job_id TEXT;   -- set on analysis results: the job that made them
+    """)
+
+
 def name_key(name: str | None) -> str | None:
     """A person name as matched case-insensitively."""
     return name.upper() if name else None
@@ -187,11 +256,13 @@ class Index:
             return self._conn.execute(sql, params).fetchall()
 
     def blob_ids(self) -> set[str]:
-        return {row[0] for row in self.query("SELECT blob_id FROM instances")}
+        return {row[0] for row in self.query("SELECT blob_id FROM instances UNION SELECT blob_id FROM job_results "
+                                             "WHERE blob_id IS NOT NULL")}
 
     def blob_referenced(self, blob_id: str) -> bool:
         """Whether a committed row still needs this blob."""
-        return bool(self.query("SELECT 1 FROM instances WHERE blob_id=? LIMIT 1", (blob_id,)))
+        return bool(self.query("SELECT 1 FROM instances WHERE blob_id=? UNION ALL "
+                               "SELECT 1 FROM job_results WHERE blob_id=? LIMIT 1", (blob_id, blob_id)))
 
     def changes_since(self, seq: int, limit: int = 1000) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
@@ -234,3 +305,10 @@ class Index:
             "time) VALUES (?,?,?,?,?,?,?)",
             (kind, instance_pk, header.study_uid, header.series_uid, header.sop_instance_uid, blob_id,
              now if now is not None else time.time()))
+
+    @staticmethod
+    def add_job_change(conn: sqlite3.Connection, kind: str, job_id: str, study_uid: str,
+                       blob_id: str | None = None, now: float | None = None) -> None:
+        """A job event (job_queued, job_running, job_progress, job_succeeded, ...; file_stored)."""
+        conn.execute("INSERT INTO changes (kind, study_uid, blob_id, job_id, time) VALUES (?,?,?,?,?)",
+                     (kind, study_uid, blob_id, job_id, now if now is not None else time.time()))

@@ -94,11 +94,14 @@ class Archive:
         return len(orphans)
 
     def ingest_file(self, path: Path, sop_class_uid: str | None = None,
-                    sop_instance_uid: str | None = None, calling_ae: str | None = None) -> IngestResult:
+                    sop_instance_uid: str | None = None, calling_ae: str | None = None,
+                    job_id: str | None = None) -> IngestResult:
         """Store the DICOM Part 10 file at `path` exactly as it is.
 
         `sop_class_uid` / `sop_instance_uid` are what the peer announced (C-STORE's
-        Affected SOP Class / Instance); the data set must agree with them.
+        Affected SOP Class / Instance); the data set must agree with them. `job_id` marks
+        an analysis result: it is logged as "result_stored" (the router does not route it
+        again) instead of "stored".
         """
         try:
             header = inspect(Path(path), sop_class_uid, sop_instance_uid)
@@ -117,7 +120,7 @@ class Archive:
             log.error("blob write failed: %s", exc)
             return IngestResult(Outcome.FAILURE, "the node could not write the instance", header.sop_instance_uid)
         try:
-            return self._commit(header, blob, digest.hexdigest(), calling_ae)
+            return self._commit(header, blob, digest.hexdigest(), calling_ae, job_id)
         except Exception as exc:
             self.storage.remove(blob.blob_id)
             if _is_disk_full(exc):
@@ -159,7 +162,7 @@ class Archive:
                 yield chunk
 
     def _commit(self, header: InstanceHeader, blob: BlobInfo, sha256: str,
-                calling_ae: str | None) -> IngestResult:
+                calling_ae: str | None, job_id: str | None = None) -> IngestResult:
         now = time.time()
         obsolete_blob = None
         with self.index.write() as conn:
@@ -169,12 +172,13 @@ class Archive:
                 series_pk = Index.upsert_hierarchy(conn, header, now)
                 cur = conn.execute(
                     "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, "
-                    "transfer_syntax, size, sha256, blob_id, calling_ae, received_at) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    "transfer_syntax, size, sha256, blob_id, calling_ae, received_at, job_id) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (header.sop_instance_uid, series_pk, header.sop_class_uid,
                      header.attrs["InstanceNumber"], header.transfer_syntax, blob.size, sha256,
-                     blob.blob_id, calling_ae, now))
-                Index.add_change(conn, "stored", cur.lastrowid, header, blob.blob_id, now)
+                     blob.blob_id, calling_ae, now, job_id))
+                Index.add_change(conn, "result_stored" if job_id else "stored", cur.lastrowid, header,
+                                 blob.blob_id, now)
                 outcome = Outcome.STORED
             elif row["sha256"] == sha256:
                 obsolete_blob, outcome = blob.blob_id, Outcome.ALREADY_STORED

@@ -33,7 +33,7 @@ from .s3 import ObjectExists, S3Storage, Spliced, UploadMismatch
 log = logging.getLogger(__name__)
 
 CURSOR = "offload"
-UPLOAD_KINDS = ("stored", "replaced")   # a change that brings a new blob
+UPLOAD_KINDS = ("stored", "replaced", "result_stored", "file_stored")   # a change that brings a new blob
 REMOVE_KINDS = ("blob_removed",)         # a blob nobody needs any more
 RECORD_EVERY = 0.5                       # seconds between two commits of finished uploads
 

@@ -141,6 +141,146 @@ def cmd_keys_rotate(args) -> int:
     return 1 if report.failed else 0
 
 
+def _params(pairs: list[str] | None) -> dict:
+    params = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {pair!r}: expected NAME=VALUE")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def cmd_plugin_list(args) -> int:
+    import json
+
+    from gpu_workers.plugin import describe, discover
+
+    plugins = discover(_config(args).router.plugins)
+    if args.json:
+        print(json.dumps([describe(p) for p in plugins.values()], indent=2))
+        return 0
+    for plugin in plugins.values():
+        takes = ", ".join(plugin.accepts.modalities) or "any modality"
+        print(f"{plugin.name} {plugin.version}: {plugin.title} (takes {takes}, per {plugin.accepts.per}"
+              f"{', wants a GPU' if plugin.wants_gpu else ''})")
+        for p in plugin.params:
+            print(f"    {p.name} ({p.type}, default {p.default!r}): {p.help}")
+    return 0
+
+
+def cmd_plugin_run(args) -> int:
+    from tqdm import tqdm
+
+    from gpu_workers.local import run_local
+    from gpu_workers.plugin import ParamError, PluginError, discover
+    from scp.scu import find_files
+
+    plugins = discover(_config(args).router.plugins)
+    if args.name not in plugins:
+        print(f"m3dicom: no plug-in named {args.name!r} (installed: {', '.join(sorted(plugins)) or 'none'})",
+              file=sys.stderr)
+        return 2
+    with tqdm(total=100, unit="%", disable=args.quiet or None, bar_format="{l_bar}{bar}| {desc}") as bar:
+        def progress(fraction: float, message: str = "") -> None:
+            bar.n = round(100 * fraction)
+            bar.set_description_str(message)
+            bar.refresh()
+        try:
+            summary = run_local(plugins[args.name], find_files(args.paths), _params(args.param), Path(args.out),
+                                progress)
+        except (PluginError, ParamError) as exc:
+            print(f"m3dicom: {args.name}: {exc}", file=sys.stderr)
+            return 1
+    print(f"wrote {', '.join(summary['written'])} and summary.json to {args.out} ({summary['backend']})")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    """A Dask worker for an external cluster: this machine's plug-ins, and its GPUs as a resource."""
+    import os
+    import socket
+
+    from gpu_workers.backend import gpu_count
+    from gpu_workers.plugin import discover
+    from gpu_workers.runner import WORKER_CONFIG_ENV
+
+    config = _config(args)
+    plugins = discover(config.router.plugins)  # fail here, not in the first job, when one is broken
+    gpus = gpu_count() if args.gpus is None else args.gpus
+    command = [sys.executable, "-m", "distributed.cli.dask_worker", args.scheduler, "--nthreads", "1",
+               "--nworkers", str(args.nworkers), "--name", f"m3dicom-{socket.gethostname()}-{os.getpid()}",
+               "--no-dashboard"]
+    if gpus:
+        command += ["--resources", f"GPU={gpus}"]
+    if args.config:
+        os.environ[WORKER_CONFIG_ENV] = str(Path(args.config).resolve())
+    print(f"m3dicom worker for {args.scheduler}: {args.nworkers} process(es), {gpus} GPU(s), "
+          f"plug-ins: {', '.join(sorted(plugins)) or 'none'}", flush=True)
+    os.execv(sys.executable, command)
+    return 0  # pragma: no cover
+
+
+def _index_of(args):
+    from .service import open_index
+    return open_index(_config(args))
+
+
+def cmd_jobs_list(args) -> int:
+    import time
+
+    from router import queue
+
+    index = _index_of(args)
+    try:
+        found = queue.jobs(index, study_uid=args.study, states=tuple(args.state or ()), limit=args.limit)
+    finally:
+        index.close()
+    for job in found:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
+        print(f"{job.id} {job.state:9} {job.plugin} study {job.study_uid} attempts {job.attempts}/{job.max_attempts} "
+              f"created {when}" + (f" [{job.rule}]" if job.rule else ""))
+        if job.errors:
+            print(f"    last error: {job.errors[-1][:300]}")
+    return 0
+
+
+def cmd_jobs_run(args) -> int:
+    from gpu_workers.plugin import discover
+    from router.api import JobRequestError, request_job
+
+    config = _config(args)
+    index = _index_of(args)
+    try:
+        made = request_job(index, discover(config.router.plugins), study_uid=args.study, plugin=args.plugin,
+                           params=_params(args.param), series=args.series, created_by="cli",
+                           max_attempts=config.router.max_attempts)
+    except JobRequestError as exc:
+        print(f"m3dicom: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        index.close()
+    print("queued " + ", ".join(made))
+    return 0
+
+
+def cmd_jobs_cancel(args) -> int:
+    from router.api import cancel
+    from router.jobs import IllegalTransition
+    from router.queue import JobNotFound
+
+    index = _index_of(args)
+    try:
+        job = cancel(index, args.id)
+    except (IllegalTransition, JobNotFound) as exc:
+        print(f"m3dicom: cannot cancel {args.id}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        index.close()
+    print(f"{job.id} {job.state}")
+    return 0
+
+
 def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="peer address (default: dicom.host)")
     p.add_argument("--port", type=int, help="peer port (default: dicom.port, or dicom.plain_port with --no-tls)")
@@ -187,6 +327,40 @@ def parser() -> argparse.ArgumentParser:
                                     "(local blobs and S3 objects) without re-encrypting data"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_keys_rotate)
+
+    plugin = sub.add_parser("plugin", help="analysis plug-ins").add_subparsers(dest="plugin", required=True)
+    p = with_config(plugin.add_parser("list", help="the installed plug-ins and their parameters"))
+    p.add_argument("--json", action="store_true", help="as JSON (the schema the viewer's forms use)")
+    p.set_defaults(func=cmd_plugin_list)
+    p = with_config(plugin.add_parser("run", help="run a plug-in on DICOM files, without a node"))
+    p.add_argument("name")
+    p.add_argument("paths", nargs="+", type=Path, metavar="FILES|DIRS")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="a plug-in parameter (repeatable)")
+    p.add_argument("--out", required=True, help="folder for the results")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_plugin_run)
+
+    p = with_config(sub.add_parser("worker", help="a Dask worker for an external cluster (router.scheduler)"))
+    p.add_argument("--scheduler", required=True, help="the scheduler's address, tcp://host:8786")
+    p.add_argument("--gpus", type=int, help="GPUs offered (resource GPU=N); default: the CUDA devices found")
+    p.add_argument("--nworkers", type=int, default=1, help="worker processes (one thread each)")
+    p.set_defaults(func=cmd_worker)
+
+    jobs = sub.add_parser("jobs", help="analysis jobs").add_subparsers(dest="jobs", required=True)
+    p = with_config(jobs.add_parser("list", help="recent jobs, newest first"))
+    p.add_argument("--study", help="only this Study Instance UID")
+    p.add_argument("--state", action="append", choices=("queued", "running", "succeeded", "failed", "cancelled"))
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_jobs_list)
+    p = with_config(jobs.add_parser("run", help="queue a plug-in on a stored study"))
+    p.add_argument("plugin")
+    p.add_argument("--study", required=True, help="Study Instance UID")
+    p.add_argument("--series", action="append", help="only this series (repeatable); default: all it takes")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE")
+    p.set_defaults(func=cmd_jobs_run)
+    p = with_config(jobs.add_parser("cancel", help="cancel a queued or running job"))
+    p.add_argument("id")
+    p.set_defaults(func=cmd_jobs_cancel)
 
     p = with_config(sub.add_parser("echo", help="C-ECHO a DICOM node (TLS by default)"))
     _client_options(p)

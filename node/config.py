@@ -17,10 +17,11 @@ class ConfigError(ValueError):
     """A setting is unknown, has the wrong type or an invalid value."""
 
 
-def setting(default: Any, help: str, *, path: bool = False, choices: tuple = ()) -> Any:
-    meta = {"help": help, "path": path, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+def setting(default: Any, help: str, *, path: bool = False, choices: tuple = (), item: type | None = None) -> Any:
+    """A setting; `item`: a list of tables (`[[section.key]]`), each read as that dataclass."""
+    meta = {"help": help, "path": path, "choices": choices, "item": item}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -213,6 +214,79 @@ class RemoteNode:
         _check_port(f"{key}.port", self.port, allow_zero=False)
 
 
+MATCH_KEYS = ("Modality", "SOPClassUID", "BodyPartExamined", "CallingAETitle", "StudyDescription",
+              "SeriesDescription")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One routing rule ([[router.rules]]): which studies go to which plug-in."""
+    name: str = setting("", "Name of the rule (required, unique); jobs it creates carry it.")
+    match: dict = setting({}, "Conditions a series must all meet: a DICOM keyword (" + ", ".join(MATCH_KEYS) +
+                          ") = a value matched exactly, \"/regex/\" (full match), or a list of those; "
+                          "empty matches every study.")
+    plugin: str = setting("", "Plug-in the matching series go to (required).")
+    params: dict = setting({}, "Parameters for the plug-in, as its schema names them.")
+    forward_to: list = setting([], "[remote.NAME] nodes the results are sent to by C-STORE.")
+    quiet_seconds: float = setting(5.0, "Seconds without a new instance of the study before it counts as "
+                                   "complete and the rule is evaluated.")
+
+    def validate(self, key: str) -> None:
+        if not self.name or not _NAME_RE.match(self.name):
+            raise ConfigError(f"{key}.name: required; letters, digits, '_' and '-'")
+        if not self.plugin:
+            raise ConfigError(f"{key}.plugin: required")
+        for keyword, value in self.match.items():
+            if keyword not in MATCH_KEYS:
+                raise ConfigError(f"{key}.match.{keyword}: not a key rules can match on ({', '.join(MATCH_KEYS)})")
+            for pattern in value if isinstance(value, list) else [value]:
+                if not isinstance(pattern, str):
+                    raise ConfigError(f"{key}.match.{keyword}: expected strings, got {pattern!r}")
+                if len(pattern) > 1 and pattern.startswith("/") and pattern.endswith("/"):
+                    try:
+                        re.compile(pattern[1:-1])
+                    except re.error as exc:
+                        raise ConfigError(f"{key}.match.{keyword}: bad regular expression {pattern!r}: {exc}") from None
+        if not all(isinstance(n, str) for n in self.forward_to):
+            raise ConfigError(f"{key}.forward_to: expected names of [remote.NAME] nodes")
+        if not 0 <= self.quiet_seconds <= 86400:
+            raise ConfigError(f"{key}.quiet_seconds: must be between 0 and 86400")
+
+
+@dataclass(frozen=True)
+class RouterSection:
+    enabled: bool = setting(True, "Run the router: rules, jobs, and the Dask executor (a process of its own).")
+    scheduler: str = setting("", "Address of an external Dask scheduler (\"tcp://host:8786\"); empty = an "
+                             "embedded LocalCluster started with the first job.")
+    workers: int = setting(1, "Worker processes of the embedded LocalCluster (one thread each).")
+    plugins: list = setting([], "Plug-ins besides those installed (entry points `m3dicom.plugins`), as "
+                            "\"module:attribute\" importable by the node and its workers.")
+    max_attempts: int = setting(3, "Attempts of a job before it stays failed (errors of each are kept).")
+    job_timeout: float = setting(1800.0, "Seconds an attempt may run before it is stopped and counted as failed.")
+    forward_retry_max_delay: float = setting(600.0, "Longest wait between two attempts to forward results, seconds.")
+    rules: list = setting([], "Routing rules ([[router.rules]]), evaluated in order; every rule that matches "
+                          "a series creates a job.", item=Rule)
+
+    def validate(self) -> None:
+        if not 1 <= self.workers <= 64:
+            raise ConfigError(f"router.workers: {self.workers} is not in 1-64")
+        if not 1 <= self.max_attempts <= 100:
+            raise ConfigError(f"router.max_attempts: {self.max_attempts} is not in 1-100")
+        if not 1 <= self.job_timeout <= 7 * 86400:
+            raise ConfigError("router.job_timeout: must be between 1 second and 7 days")
+        if not 1 <= self.forward_retry_max_delay <= 86400:
+            raise ConfigError("router.forward_retry_max_delay: must be between 1 and 86400 seconds")
+        if self.scheduler and not re.match(r"^(tcp|tls|inproc|ucx)://", self.scheduler):
+            raise ConfigError(f"router.scheduler: {self.scheduler!r} is not a Dask address (tcp://host:port)")
+        for i, plugin in enumerate(self.plugins):
+            if not isinstance(plugin, str) or not re.match(r"^[\w.]+:[\w.]+$", plugin):
+                raise ConfigError(f"router.plugins[{i}]: expected \"module:attribute\", got {plugin!r}")
+        names = [r.name for r in self.rules]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate:
+            raise ConfigError(f"router.rules: two rules are named {duplicate!r}")
+
+
 @dataclass(frozen=True)
 class LogSection:
     level: str = setting("INFO", "Log level of the node.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -226,6 +300,7 @@ class Config:
     storage: StorageSection = field(default_factory=StorageSection)
     crypto: CryptoSection = field(default_factory=CryptoSection)
     query: QuerySection = field(default_factory=QuerySection)
+    router: RouterSection = field(default_factory=RouterSection)
     log: LogSection = field(default_factory=LogSection)
     remote: dict = field(default_factory=dict)   # name -> RemoteNode
 
@@ -241,6 +316,7 @@ class Config:
 SECTIONS: dict[str, type] = {f.name: get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
                              if f.name != "remote"}
 NAMED_SECTIONS: dict[str, type] = {"remote": RemoteNode}   # [remote.NAME] tables
+KEYED_SECTIONS = (RemoteNode, Rule)                         # told their own key (remote.X, router.rules[i])
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -272,6 +348,13 @@ def _coerce(key: str, value: Any, kind: Any, f: dataclasses.Field, base: Path) -
     if kind is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item = f.metadata.get("item")
+        if item is not None:                                     # [[key]]: a list of tables
+            return [_section(f"{key}[{i}]", item, raw, base) for i, raw in enumerate(value)]
+        return value
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported setting type {kind!r}")  # pragma: no cover
 
@@ -294,7 +377,7 @@ def _section(name: str, cls: type, raw: Any, base: Path):
             values[key] = base / f.default
     section = cls(**values)
     if hasattr(section, "validate"):
-        section.validate(name) if cls in NAMED_SECTIONS.values() else section.validate()
+        section.validate(name) if cls in KEYED_SECTIONS else section.validate()
     return section
 
 
@@ -319,6 +402,10 @@ def from_dict(data: dict, base: Path) -> Config:
         if duplicate:
             raise ConfigError(f"{kind}: AE title {duplicate!r} is used by two nodes")
         sections[kind] = named
+    for i, rule in enumerate(sections["router"].rules):
+        unknown_remote = next((n for n in rule.forward_to if n not in sections["remote"]), None)
+        if unknown_remote:
+            raise ConfigError(f"router.rules[{i}].forward_to: no [remote.{unknown_remote}] node")
     return Config(**sections)
 
 
@@ -345,6 +432,9 @@ def documented_settings() -> list[tuple[str, Any, str]]:
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(f"{name}.{f.name}", hints[f.name])
+                continue
+            if f.metadata.get("item"):
+                walk(f"{name}.{f.name}[]", f.metadata["item"])
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((f"{name}.{f.name}", default, f.metadata["help"]))

@@ -136,8 +136,10 @@ class Children:
             self._start(name)
 
     def _start(self, name: str) -> None:
+        # not daemonic: the router's Dask cluster has processes of its own; PR_SET_PDEATHSIG and
+        # stop() end them with the node
         proc = self._context.Process(target=_child, args=(self._config, self._parent, *self._workers[name]),
-                                     name=name, daemon=True)
+                                     name=name, daemon=False)
         proc.start()
         self._procs[name], self._started[name] = proc, time.monotonic()
 

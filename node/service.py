@@ -86,6 +86,29 @@ def open_index(config: Config):
     return Index(path)
 
 
+def _watch_parent(stop: threading.Event, parent_alive) -> None:
+    def watch() -> None:
+        while not stop.wait(1.0):
+            parent_alive()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def route(config: Config, stop: threading.Event, parent_alive) -> None:
+    """The router process (`Children` worker): rules, jobs, the Dask executor, results."""
+    from router.service import Router
+
+    archive = open_archive(config)
+    router = Router(config, archive)
+    log.info("router: %d rules, plug-ins: %s", len(config.router.rules), ", ".join(sorted(router.plugins)) or "none")
+    _watch_parent(stop, parent_alive)
+    try:
+        router.run(stop)
+    finally:
+        router.close()
+        archive.close()
+
+
 def offload(config: Config, stop: threading.Event, parent_alive) -> None:
     """The offloader process (`Children` worker): push blobs to S3 until stopped."""
     from archive.offload import Offloader, Policy
@@ -96,12 +119,7 @@ def offload(config: Config, stop: threading.Event, parent_alive) -> None:
                     cache_max_bytes=st.cache_max_bytes, cache_max_age=st.cache_max_age_days * 86400)
     offloader = Offloader(archive, policy)
     log.info("offloading to s3://%s/%s", st.s3.bucket, st.s3.prefix)
-
-    def watch_parent() -> None:
-        while not stop.wait(1.0):
-            parent_alive()
-
-    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    _watch_parent(stop, parent_alive)
     try:
         offloader.run(stop)
     finally:
@@ -115,6 +133,9 @@ def serve(config: Config, ready=print) -> None:
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(config.data_dir, 0o700)
     prepare_spool(config)
+    if config.router.enabled:
+        from router.service import load_plugins
+        load_plugins(config)   # an unknown plug-in or bad parameters stop the start, with the rule named
     archive = open_archive(config)
     archive.recover()   # before any receiver ingests
     archive.close()
@@ -126,6 +147,8 @@ def serve(config: Config, ready=print) -> None:
     workers = receivers.receiver_workers(config, sockets, count)
     if config.storage.backend == "s3":
         workers["offloader"] = (offload,)
+    if config.router.enabled:
+        workers["router"] = (route,)
     children = receivers.Children(config, workers)
 
     def announce() -> None:

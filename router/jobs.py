@@ -2,7 +2,7 @@
 
     queued --lease--> running --succeed--> succeeded
       ^                  |  \\--fail / expire (attempts left)--> queued
-      |                  |   \\-fail / expire (none left)-----> failed
+      |                  |   \\-fail / expire (none left, or a final failure)--> failed
       +----cancel--------+----cancel--> cancelled
 
 A lease says which worker runs the job and until when; a running job whose lease expired
@@ -57,6 +57,7 @@ class Succeed:
 class Fail:
     now: float
     error: str
+    final: bool = False                # the inputs cannot work (bad input): no attempt left to make
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def handle(job: Job, event: Event) -> Job:
         return replace(job, state=SUCCEEDED, lease_expires=None, finished_at=event.now)
     if isinstance(event, Fail):
         _expect(job, event, RUNNING)
-        return _failed_attempt(job, event.now, event.error)
+        return _failed_attempt(job, event.now, event.error, event.final)
     if isinstance(event, Expire):
         _expect(job, event, RUNNING)
         if job.lease_expires is None or event.now < job.lease_expires:
@@ -100,9 +101,9 @@ def handle(job: Job, event: Event) -> Job:
     raise IllegalTransition(f"unknown event {event!r}")  # pragma: no cover
 
 
-def _failed_attempt(job: Job, now: float, error: str) -> Job:
+def _failed_attempt(job: Job, now: float, error: str, final: bool = False) -> Job:
     errors = job.errors + (f"attempt {job.attempts}: {error}",)
-    if job.attempts >= job.max_attempts:
+    if final or job.attempts >= job.max_attempts:
         return replace(job, state=FAILED, errors=errors, lease_expires=None, worker=None, finished_at=now)
     return replace(job, state=QUEUED, errors=errors, lease_expires=None, worker=None)
 

@@ -73,3 +73,9 @@ def test_cancel_from_queued_and_running():
     running = handle(Job("j"), Lease("w", 0.0, 30.0))
     cancelled = handle(running, Cancel(5.0))
     assert (cancelled.state, cancelled.lease_expires, cancelled.finished_at) == (CANCELLED, None, 5.0)
+
+
+def test_a_final_failure_does_not_wait_for_more_attempts():
+    job = handle(Job("j", max_attempts=3), Lease("w", 0.0, 10.0))
+    job = handle(job, Fail(1.0, "not a mammogram", final=True))
+    assert (job.state, job.attempts, job.errors) == (FAILED, 1, ("attempt 1: not a mammogram",))

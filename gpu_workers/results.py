@@ -1,0 +1,126 @@
+"""Result objects every plug-in shares, built with highdicom: Secondary Capture and TID 1500 SR.
+
+Results join the source study in a new series; their UIDs come from the job (`ctx.uid`), so a
+job run again after a crash makes the very same objects. Each names the algorithm that made
+it (name, version, parameters): the SR as its observer device and Algorithm Identification,
+the SC in Derivation Description and Contributing Equipment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian
+
+from .plugin import Context
+
+MANUFACTURER = "m3dicom"
+
+
+def _equipment(ctx: Context) -> list[hd.ContributingEquipment]:
+    return [hd.ContributingEquipment(manufacturer=MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
+                                     manufacturer_model_name=ctx.algorithm.name[:64],
+                                     software_versions=ctx.algorithm.version[:64])]
+
+
+def _orientation(source: Dataset) -> tuple[str, str] | None:
+    value = source.get("PatientOrientation")
+    if value and len(value) == 2 and all(value):
+        return tuple(str(v) for v in value)
+    return None
+
+
+def secondary_capture(source: Dataset, pixels: np.ndarray, ctx: Context, *, name: str, description: str,
+                      series_number: int = 900, instance_number: int = 1,
+                      pixel_spacing: tuple[float, float] | None = None) -> Dataset:
+    """A Secondary Capture image derived from `source`, in its study, patient and frame.
+
+    `pixels`: uint8 (rows, columns) grey or (rows, columns, 3) RGB, or uint16 grey.
+    """
+    pixels = np.ascontiguousarray(pixels)
+    rgb = pixels.ndim == 3
+    if pixels.dtype not in (np.uint8, np.uint16) or (rgb and pixels.dtype != np.uint8):
+        raise ValueError(f"secondary capture pixels must be uint8 (grey or RGB) or uint16 grey, not {pixels.dtype}")
+    orientation = _orientation(source)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB" if rgb else "MONOCHROME2",
+        bits_allocated=pixels.dtype.itemsize * 8, coordinate_system="PATIENT",
+        series_instance_uid=ctx.uid(name, "series"), series_number=series_number,
+        sop_instance_uid=ctx.uid(name, instance_number), instance_number=instance_number,
+        manufacturer=MANUFACTURER, pixel_spacing=pixel_spacing,
+        patient_orientation=orientation or ("L", "F"),
+        laterality=source.get("ImageLaterality") or source.get("Laterality") or None,
+        transfer_syntax_uid=ExplicitVRLittleEndian, contributing_equipment=_equipment(ctx))
+    sc.SeriesDescription = description[:64]
+    if "Laterality" not in sc and "ImageLaterality" not in sc:
+        sc.Laterality = ""             # Type 2C (paired body parts): unknown
+    sc.DerivationDescription = f"{ctx.algorithm.name} {ctx.algorithm.version} {ctx.algorithm.parameters_text}"[:1024]
+    sc.BurnedInAnnotation = "YES"
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [reference]
+    return sc
+
+
+@dataclass
+class Finding:
+    """One measurement group of a TID 1500 report: a region on a source image and its values."""
+    tracking_id: str                   # short id, the same as burned into the SC and in findings.json
+    finding_type: Code
+    source: Dataset                    # the image the region is on
+    graphic_type: str                  # POINT | CIRCLE | POLYLINE | ELLIPSE
+    points: np.ndarray                 # (n, 2) column, row in source pixels (CIRCLE: centre, then a point on it)
+    measurements: list[tuple[Code, float, Code]] = field(default_factory=list)   # (name, value, unit)
+    evaluations: list[tuple[Code, Code]] = field(default_factory=list)           # (name, coded value)
+
+
+def measurement_report(findings: Sequence[Finding], evidence: Sequence[Dataset], ctx: Context, *, name: str,
+                       title: str, procedure: Code, series_number: int = 901) -> Dataset:
+    """A Comprehensive 3D SR with a TID 1500 Measurement Report: one group per finding.
+
+    An earlier job's report that this one supersedes is listed in the Predecessor Documents
+    Sequence (`ctx.predecessors`).
+    """
+    algorithm = hd.sr.AlgorithmIdentification(name=ctx.algorithm.name, version=ctx.algorithm.version,
+                                              parameters=[f"{k}={v}" for k, v in sorted(ctx.algorithm.params.items())])
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=ctx.uid("device"), name=ctx.algorithm.name[:64], manufacturer_name=MANUFACTURER,
+            model_name=ctx.algorithm.version[:64]))
+    groups = []
+    for finding in findings:
+        region = hd.sr.ImageRegion(
+            graphic_type=finding.graphic_type, graphic_data=np.asarray(finding.points, dtype=float) + 0.5,
+            source_image=hd.sr.SourceImageForRegion(finding.source.SOPClassUID, finding.source.SOPInstanceUID))
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=ctx.uid(name, "finding", finding.tracking_id),
+                                                         identifier=finding.tracking_id),
+            referenced_region=region, finding_type=finding.finding_type, algorithm_id=algorithm,
+            measurements=[hd.sr.Measurement(name=n, value=float(v), unit=u, algorithm_id=algorithm)
+                          for n, v, u in finding.measurements] or None,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=n, value=v)
+                                     for n, v in finding.evaluations] or None))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=procedure, imaging_measurements=groups or None,
+        title=codes.DCM.ImagingMeasurementReport)
+    previous = []
+    for ref in ctx.predecessors:
+        item = Dataset()
+        item.StudyInstanceUID, item.SeriesInstanceUID = ref["study_uid"], ref["series_uid"]
+        item.SOPClassUID, item.SOPInstanceUID = ref["sop_class_uid"], ref["sop_instance_uid"]
+        previous.append(item)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=list(evidence), content=report[0], series_instance_uid=ctx.uid(name, "series"),
+        series_number=series_number, sop_instance_uid=ctx.uid(name, 1), instance_number=1,
+        manufacturer=MANUFACTURER, is_complete=True, previous_versions=previous or None,
+        contributing_equipment=_equipment(ctx))
+    sr.SeriesDescription = title[:64]
+    return sr

@@ -1,0 +1,153 @@
+"""What a Dask worker runs for a job: inputs from the blob store, the plug-in, outputs to the blob store.
+
+Workers read their inputs themselves (local blobs or S3, through the archive's read path:
+authenticated, SHA-256 checked) instead of receiving bytes through the scheduler, and
+stage what the plug-in returns as encrypted blobs; the node then ingests the DICOM results
+and keeps the files (`router.intake`). Plain-text copies live only in a private work
+directory inside the data directory, removed when the job ends.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmwrite
+
+from .backend import array_module
+from .plugin import Algorithm, Context, Instance, PluginError, Result, Series, check_params, discover
+
+log = logging.getLogger(__name__)
+PROGRESS_TOPIC = "m3dicom-progress"
+WORKER_CONFIG_ENV = "M3DICOM_WORKER_CONFIG"   # `m3dicom worker --config`: this machine's own settings
+
+
+@dataclass(frozen=True)
+class InputInstance:
+    sop_instance_uid: str
+    sop_class_uid: str
+    blob_id: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class InputSeries:
+    series_uid: str
+    modality: str | None
+    instances: tuple[InputInstance, ...]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: str
+    plugin: str
+    params: dict
+    inputs: tuple[InputSeries, ...]
+    config: object                      # the node's Config (storage, keys, plug-ins)
+    predecessors: tuple[dict, ...] = ()
+
+
+@dataclass(frozen=True)
+class StagedOutput:
+    kind: str                           # dicom | file
+    name: str
+    media_type: str
+    blob_id: str
+    size: int                           # plaintext bytes
+    sha256: str                         # of the plaintext
+    sop_instance_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    outputs: tuple[StagedOutput, ...]
+    summary: dict
+    backend: str
+    seconds: float
+
+
+_ARCHIVES: dict[str, object] = {}   # per worker process: opened once, kept while the worker lives
+
+
+def _archive(config):
+    """The blob store of `config` (or of this worker's own configuration), opened once per process."""
+    from node.config import load
+    from node.service import open_archive
+
+    own = os.environ.get(WORKER_CONFIG_ENV)
+    if own:
+        config = load(Path(own))
+    key = str(config.data_dir)
+    if key not in _ARCHIVES:
+        _ARCHIVES[key] = open_archive(config)
+    return _ARCHIVES[key]
+
+
+def _progress(job_id: str):
+    try:
+        from distributed import get_worker
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return lambda fraction, message="": log.info("job %s: %.0f%% %s", job_id, 100 * fraction, message)
+
+    def report(fraction: float, message: str = "") -> None:
+        worker.log_event(PROGRESS_TOPIC, {"job": job_id, "fraction": float(fraction), "message": str(message)[:200]})
+    return report
+
+
+def run_job(spec: JobSpec) -> JobOutput:
+    """Run one job on this worker; exceptions travel back to the router as the attempt's error."""
+    started = time.perf_counter()
+    archive = _archive(spec.config)
+    plugins = discover(spec.config.router.plugins)
+    if spec.plugin not in plugins:
+        raise PluginError(f"plug-in {spec.plugin!r} is not installed on worker (have: {', '.join(plugins) or 'none'})")
+    plugin = plugins[spec.plugin]
+    params = check_params(plugin, spec.params)
+    xp, backend = array_module()
+    spool = spec.config.data_dir / "spool" / "jobs"
+    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{spec.job_id}-", dir=spool)))
+        series = []
+        for item in spec.inputs:
+            instances = tuple(Instance(i.sop_instance_uid, i.sop_class_uid,
+                                       stack.enter_context(archive.exported(i.blob_id, i.sha256, work)))
+                              for i in item.instances)
+            series.append(Series(item.series_uid, item.modality, instances))
+        ctx = Context(spec.job_id, Algorithm(plugin.name, plugin.version, params), xp, backend, work,
+                      _progress(spec.job_id), tuple(spec.predecessors))
+        result = plugin.run(series, params, ctx)
+        outputs = stage(archive, result)
+    return JobOutput(tuple(outputs), result.summary, backend, time.perf_counter() - started)
+
+
+def encode(dataset) -> bytes:
+    """A result data set as a Part 10 file."""
+    buffer = io.BytesIO()
+    dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def stage(archive, result: Result) -> list[StagedOutput]:
+    """Each output as an encrypted blob: in the node's local store when this worker shares its
+    data directory, in S3 when it runs with a configuration of its own (another machine)."""
+    store = archive.remote if os.environ.get(WORKER_CONFIG_ENV) and archive.remote is not None else archive.local
+    staged = []
+    for dataset in result.datasets:
+        data = encode(dataset)
+        blob = store.create([data])
+        staged.append(StagedOutput("dicom", f"{dataset.Modality.lower()}-{dataset.SOPInstanceUID}",
+                                   "application/dicom", blob.blob_id, len(data), hashlib.sha256(data).hexdigest(),
+                                   str(dataset.SOPInstanceUID)))
+    for item in result.files:
+        blob = store.create([item.data])
+        staged.append(StagedOutput("file", item.name, item.media_type, blob.blob_id, len(item.data),
+                                   hashlib.sha256(item.data).hexdigest()))
+    return staged

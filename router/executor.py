@@ -1,0 +1,74 @@
+"""The executor: dask.distributed, embedded (a LocalCluster) or an external scheduler.
+
+Embedded, the cluster starts with the first job: `router.workers` worker processes of one
+thread each, with the resource `GPU=n` when CUDA devices are there. Its scheduler marks a
+task bad at the first worker that dies under it, so that the router, not Dask, decides on
+retries (and counts them on the job). With `router.scheduler`, the node is a client of an
+existing cluster (`m3dicom worker` processes, which declare their GPUs); a plug-in that wants
+a GPU asks for one only when some worker has one, else it runs with NumPy.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+
+from gpu_workers.backend import gpu_count
+from gpu_workers.runner import PROGRESS_TOPIC, JobSpec, run_job
+from node.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class Executor:
+    def __init__(self, config: Config):
+        self.config = config
+        self._client = None
+        self._cluster = None
+        self.progress: queue.SimpleQueue = queue.SimpleQueue()   # {"job", "fraction", "message"} from workers
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._start()
+        return self._client
+
+    def _start(self) -> None:
+        import dask
+        from distributed import Client, LocalCluster
+
+        logging.getLogger("distributed").setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+        r = self.config.router
+        if r.scheduler:
+            log.info("connecting to the Dask scheduler at %s", r.scheduler)
+            self._client = Client(r.scheduler, timeout="15s", set_as_default=False)
+        else:
+            gpus = gpu_count()
+            dask.config.set({"distributed.scheduler.allowed-failures": 0})
+            self._cluster = LocalCluster(n_workers=r.workers, threads_per_worker=1, processes=True,
+                                         scheduler_kwargs={"dashboard": False}, worker_dashboard_address=None,
+                                         resources={"GPU": gpus} if gpus else None, silence_logs=logging.WARNING)
+            self._client = Client(self._cluster, set_as_default=False)
+            log.info("embedded Dask cluster: %d worker processes%s", r.workers, f", {gpus} GPUs" if gpus else "")
+        self._client.subscribe_topic(PROGRESS_TOPIC, lambda event: self.progress.put(event[1]))
+
+    def _workers(self) -> dict:
+        return self.client.scheduler_info(n_workers=-1).get("workers", {})
+
+    def capacity(self) -> int:
+        """Jobs that can run at once: the cluster's worker threads (at least 1)."""
+        return max(1, sum(w.get("nthreads", 1) for w in self._workers().values()))
+
+    def has_gpus(self) -> bool:
+        return any(w.get("resources", {}).get("GPU", 0) for w in self._workers().values())
+
+    def submit(self, spec: JobSpec, attempt: int, wants_gpu: bool):
+        resources = {"GPU": 1} if wants_gpu and self.has_gpus() else None
+        return self.client.submit(run_job, spec, key=f"m3dicom-job-{spec.job_id}-{attempt}", pure=False,
+                                  resources=resources)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+        self._client = self._cluster = None

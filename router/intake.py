@@ -1,0 +1,127 @@
+"""Results come home: staged outputs become archive instances and kept files, then go to PACS.
+
+DICOM results are ingested through the same path as a modality's C-STORE (durable, indexed,
+offloaded), marked with their job; other files (X3D, JSON) are kept as blobs linked to the
+job. Result UIDs come from the job, so taking the results of a job run again after a crash
+stores nothing twice. Forwarding is C-STORE (TLS where configured) to the rule's
+[remote.NAME] nodes, retried with backoff; each failure is kept on the job's forward row.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from archive import Archive, IntegrityError
+from archive.index import Index
+from archive.storage import BlobNotFound
+from gpu_workers.runner import StagedOutput
+from node.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class IntakeError(RuntimeError):
+    """A result could not be stored (the attempt fails; nothing of it is kept)."""
+
+
+def _fetch(archive: Archive, output: StagedOutput, directory: Path) -> Path:
+    """The staged blob's plaintext in a private file, checked against the worker's SHA-256."""
+    digest = hashlib.sha256()
+    handle = tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".out")
+    with handle:
+        for chunk in archive.storage.read(output.blob_id):
+            digest.update(chunk)
+            handle.write(chunk)
+    if digest.hexdigest() != output.sha256:
+        raise IntegrityError(f"staged result {output.name} does not match the worker's SHA-256")
+    return Path(handle.name)
+
+
+def discard(archive: Archive, outputs) -> None:
+    """Remove staged blobs (local, or in S3 when a remote worker staged them there)."""
+    for output in outputs:
+        archive.local.remove(output.blob_id)
+        if archive.remote is not None:
+            try:
+                archive.remote.remove(output.blob_id)
+            except Exception as exc:  # a leftover staging object is garbage, not a loss
+                log.warning("staged result %s not removed from S3: %s", output.blob_id, exc)
+
+
+def take_results(archive: Archive, job_id: str, study_uid: str, outputs, spool: Path) -> int:
+    """Store every output of a job; one transaction records them. Returns how many."""
+    rows, files = [], []
+    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        directory = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=spool)))
+        for output in outputs:
+            try:
+                path = _fetch(archive, output, directory)
+            except (IntegrityError, BlobNotFound) as exc:
+                raise IntakeError(f"result {output.name}: {exc}") from None
+            if output.kind == "dicom":
+                result = archive.ingest_file(path, job_id=job_id)
+                if not result.outcome.ok:
+                    raise IntakeError(f"result {output.name} refused by the archive: {result.reason}")
+                rows.append((job_id, "dicom", output.name, output.media_type, result.sop_instance_uid, None,
+                             output.size, output.sha256))
+            else:
+                with open(path, "rb") as fh:
+                    blob = archive.local.create(iter(lambda: fh.read(1 << 20), b""))
+                files.append(blob.blob_id)
+                rows.append((job_id, "file", output.name, output.media_type, None, blob.blob_id, output.size,
+                             output.sha256))
+    try:
+        with archive.index.write() as conn:
+            conn.executemany("INSERT OR REPLACE INTO job_results (job_id, kind, name, media_type, sop_instance_uid, "
+                             "blob_id, size, sha256) VALUES (?,?,?,?,?,?,?,?)", rows)
+            for blob_id in files:
+                Index.add_job_change(conn, "file_stored", job_id, study_uid, blob_id=blob_id)
+    except Exception:
+        for blob_id in files:
+            archive.local.remove(blob_id)
+        raise
+    discard(archive, outputs)
+    return len(rows)
+
+
+def forward(archive: Archive, config: Config, job_id: str, destination: str) -> str:
+    """C-STORE a job's DICOM results to [remote.`destination`]; '' on success, else why not."""
+    try:
+        return _forward(archive, config, job_id, destination)
+    except Exception as exc:  # whatever goes wrong is kept on the forward row, and retried
+        log.exception("forwarding job %s to %s", job_id, destination)
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _forward(archive: Archive, config: Config, job_id: str, destination: str) -> str:
+    from scp.scu import SendError, send_to_remote
+
+    remote = config.remote.get(destination)
+    if remote is None:
+        return f"no [remote.{destination}] node in the configuration"
+    found = archive.index.query("SELECT i.blob_id, i.sha256 FROM job_results r JOIN instances i "
+                                "ON i.sop_instance_uid = r.sop_instance_uid WHERE r.job_id=? AND r.kind='dicom'",
+                                (job_id,))
+    with ExitStack() as stack:
+        try:
+            paths = [stack.enter_context(archive.exported(r["blob_id"], r["sha256"])) for r in found]
+        except (IntegrityError, BlobNotFound, OSError) as exc:
+            return f"a result cannot be read back: {exc}"
+        try:
+            report = send_to_remote(remote, config, paths)
+        except SendError as exc:
+            return str(exc)
+    if report.failed:
+        path, why = report.failed[0]
+        return f"{len(report.failed)} of {len(paths)} refused ({why})"
+    return ""
+
+
+def backoff(attempts: int, cap: float) -> float:
+    """Seconds before the next forward attempt: 5 s doubling, capped, with jitter."""
+    return min(cap, 5.0 * 2 ** min(attempts, 20)) * random.uniform(0.5, 1.0)

@@ -1,0 +1,147 @@
+"""The durable job queue: jobs live in the index and change only through `router.jobs.handle`.
+
+Every write is one transaction: read the job, apply the event with the pure state machine,
+store it, and append a `job_<state>` row to the `changes` log (the viewer's notifications
+follow it). The router process, the viewer (create, cancel) and the command line all use
+these functions, so a job's life has a single set of rules wherever it is touched.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from archive.index import Index
+
+from .jobs import Job, handle
+
+STATE_CHANGE = "job_{}"
+
+
+class JobNotFound(KeyError):
+    """No job with this id."""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as the index holds it."""
+    id: str
+    study_uid: str
+    plugin: str
+    params: dict
+    inputs: list[str]                # series UIDs
+    rule: str | None
+    created_by: str | None
+    forward_to: list[str]
+    state: str
+    attempts: int
+    max_attempts: int
+    worker: str | None
+    lease_expires: float | None
+    errors: list[str]
+    progress: float | None
+    progress_message: str | None
+    summary: dict | None
+    supersedes: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    @classmethod
+    def of(cls, row: sqlite3.Row) -> "JobRecord":
+        values = dict(row)
+        for key in ("params", "inputs", "forward_to", "errors"):
+            values[key] = json.loads(values[key])
+        values["summary"] = json.loads(values["summary"]) if values["summary"] else None
+        return cls(**values)
+
+    @property
+    def machine(self) -> Job:
+        return Job(self.id, self.state, self.attempts, self.max_attempts, self.worker, self.lease_expires,
+                   tuple(self.errors), self.started_at, self.finished_at)
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def create(index: Index, *, study_uid: str, plugin: str, params: dict, inputs: list[str], rule: str | None = None,
+           created_by: str | None = None, forward_to: list[str] | tuple = (), max_attempts: int = 3,
+           supersedes: str | None = None, now: float | None = None, conn: sqlite3.Connection | None = None) -> str:
+    """A new queued job; its id. Inside `conn`'s transaction when given."""
+    job_id = secrets.token_hex(8)
+    now = time.time() if now is None else now
+
+    def insert(c: sqlite3.Connection) -> None:
+        c.execute("INSERT INTO jobs (id, study_uid, plugin, params, inputs, rule, created_by, forward_to, state, attempts, "
+                  "max_attempts, errors, supersedes, created_at) VALUES (?,?,?,?,?,?,?,?,'queued',0,?,'[]',?,?)",
+                  (job_id, study_uid, plugin, json.dumps(params, sort_keys=True), json.dumps(list(inputs)), rule,
+                   created_by, json.dumps(list(forward_to)), max_attempts, supersedes, now))
+        Index.add_job_change(c, STATE_CHANGE.format("queued"), job_id, study_uid, now=now)
+
+    if conn is not None:
+        insert(conn)
+    else:
+        with index.write() as c:
+            insert(c)
+    return job_id
+
+
+def get(index: Index, job_id: str, conn: sqlite3.Connection | None = None) -> JobRecord:
+    rows = (conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchall() if conn is not None
+            else index.query("SELECT * FROM jobs WHERE id=?", (job_id,)))
+    if not rows:
+        raise JobNotFound(job_id)
+    return JobRecord.of(rows[0])
+
+
+def apply(index: Index, job_id: str, event, **also) -> JobRecord:
+    """Apply a state machine event to a stored job (IllegalTransition leaves it untouched).
+
+    `also`: columns written in the same transaction (summary, progress, ...).
+    """
+    with index.write() as conn:
+        record = get(index, job_id, conn)
+        after = handle(record.machine, event)
+        columns = {"state": after.state, "attempts": after.attempts, "worker": after.worker,
+                   "lease_expires": after.lease_expires, "errors": json.dumps(list(after.errors)),
+                   "started_at": after.started_at, "finished_at": after.finished_at}
+        columns.update({k: json.dumps(v) if k == "summary" else v for k, v in also.items()})
+        conn.execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in columns)} WHERE id=?", (*columns.values(), job_id))
+        if after.state != record.state or after.attempts != record.attempts:
+            Index.add_job_change(conn, STATE_CHANGE.format(after.state), job_id, record.study_uid)
+        return get(index, job_id, conn)
+
+
+def set_progress(index: Index, job_id: str, fraction: float, message: str) -> None:
+    with index.write() as conn:
+        row = conn.execute("SELECT study_uid, state FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None or row["state"] != "running":
+            return
+        conn.execute("UPDATE jobs SET progress=?, progress_message=? WHERE id=?",
+                     (max(0.0, min(1.0, fraction)), message[:200], job_id))
+        Index.add_job_change(conn, "job_progress", job_id, row["study_uid"])
+
+
+def jobs(index: Index, *, study_uid: str | None = None, states: tuple[str, ...] = (), limit: int = 100) -> list[JobRecord]:
+    where, params = [], []
+    if study_uid:
+        where.append("study_uid=?")
+        params.append(study_uid)
+    if states:
+        where.append(f"state IN ({','.join('?' * len(states))})")
+        params += list(states)
+    sql = f"SELECT * FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY created_at DESC LIMIT ?"
+    return [JobRecord.of(r) for r in index.query(sql, (*params, limit))]
+
+
+def results(index: Index, job_id: str) -> list[dict]:
+    """What the job produced: DICOM instances (with their series) and files (blobs)."""
+    rows = index.query(
+        "SELECT r.kind, r.name, r.media_type, r.sop_instance_uid, r.blob_id, r.size, r.sha256, i.sop_class_uid, "
+        "se.series_uid, s.study_uid FROM job_results r LEFT JOIN instances i ON i.sop_instance_uid = r.sop_instance_uid "
+        "LEFT JOIN series se ON se.pk = i.series_pk LEFT JOIN studies s ON s.pk = se.study_pk "
+        "WHERE r.job_id=? ORDER BY r.name", (job_id,))
+    return [dict(r) for r in rows]
