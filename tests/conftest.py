@@ -1,12 +1,13 @@
 """Fixtures: a development PKI, nodes started as real subprocesses, moto's S3 server."""
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import M3DICOM, ROOT, MotoServer, Node
+from helpers import M3DICOM, ROOT, MotoServer, Node, free_port
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +43,17 @@ def moto(tmp_path_factory):
     server = MotoServer(tmp_path_factory.mktemp("moto")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def storescp(tmp_path, pki):
+    """dcmtk storescp over TLS, writing what it receives bit for bit: (port, folder)."""
+    port, out = free_port(), tmp_path / "received"
+    out.mkdir()
+    proc = subprocess.Popen(["storescp", "+tls", str(pki / "server.key"), str(pki / "server.pem"),
+                             "+cf", str(pki / "ca.pem"), "-aet", "STORESCP", "+xa", "+B", "-od", str(out), str(port)],
+                            env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    yield port, out
+    proc.terminate()
+    proc.wait(10)

@@ -213,6 +213,8 @@ def _toml(settings: dict) -> str:
             return str(v)
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):   # an inline table (inside a list: [[router.rules]] written inline)
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     def table(name: str, values: dict) -> str:

@@ -13,24 +13,11 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from pydicom.uid import generate_uid
 
-from helpers import data_file, dataset_sha256, free_port, wait_for
+from helpers import data_file, dataset_sha256, wait_for
 from test_interop_dcmtk import unique_copies
 
 pytestmark = pytest.mark.interop
 ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-@pytest.fixture
-def storescp(tmp_path, pki):
-    """dcmtk storescp over TLS, writing what it receives bit for bit."""
-    port, out = free_port(), tmp_path / "received"
-    out.mkdir()
-    proc = subprocess.Popen(["storescp", "+tls", str(pki / "server.key"), str(pki / "server.pem"),
-                             "+cf", str(pki / "ca.pem"), "-aet", "STORESCP", "+xa", "+B", "-od", str(out), str(port)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    yield port, out
-    proc.terminate()
-    proc.wait(10)
 
 
 def one_study(directory, count: int) -> list:

@@ -1,0 +1,161 @@
+"""The router's loop over the archive API, with a fake clock and an executor that runs inline.
+
+The real Dask path is in test_router.py; here the rules, the quiet period, superseding and
+a re-run after a crash are checked step by step.
+"""
+from __future__ import annotations
+
+import queue as stdqueue
+from pathlib import Path
+
+import pytest
+
+from archive import Archive
+from gpu_workers.runner import run_job
+from node.config import from_dict
+from router import queue
+from router.api import JobRequestError, plugins_for_study, request_job
+from router.service import Router, RouterError
+from helpers import synthetic_instances
+
+PLUGINS = ["plugins_for_tests:MarkedCopy", "plugins_for_tests:AlwaysFails"]
+
+
+class InlineFuture:
+    """What the router needs of a Dask future, for a call made at once."""
+
+    def __init__(self, fn, *args):
+        self._value = self._error = None
+        try:
+            self._value, self.status = fn(*args), "finished"
+        except Exception as exc:
+            self._error, self.status = exc, "error"
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        return self._value
+
+    def exception(self):
+        return self._error
+
+    def cancel(self) -> None:
+        self.status = "cancelled"
+
+
+class InlineExecutor:
+    def __init__(self):
+        self.progress = stdqueue.SimpleQueue()
+        self.submitted = []
+
+    def capacity(self) -> int:
+        return 1
+
+    def submit(self, spec, attempt, wants_gpu):
+        self.submitted.append(spec.job_id)
+        return InlineFuture(run_job, spec)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def setup(tmp_path):
+    clock = [1000.0]
+
+    def make(rules, **router):
+        config = from_dict({"node": {"data_dir": str(tmp_path / "var")},
+                            "router": {"plugins": PLUGINS, "rules": rules, **router}}, tmp_path)
+        archive = Archive(config.data_dir)
+        return Router(config, archive, InlineExecutor(), clock=lambda: clock[0]), archive
+    return make, clock
+
+
+def ingest(archive, paths, clock, at):
+    clock[0] = at
+    for path in paths:
+        # the change log's time is the time of ingest: pin it to the fake clock
+        assert archive.ingest_file(path).outcome.ok
+    with archive.index.write() as conn:
+        conn.execute("UPDATE changes SET time=? WHERE time > ?", (at, at - 1e6))
+
+
+def test_the_quiet_period_then_one_job_per_series_then_results(setup, tmp_path):
+    make, clock = setup
+    router, archive = make([{"name": "ct", "match": {"Modality": "CT"}, "plugin": "test-sc", "quiet_seconds": 5}])
+    study = "1.2.826.0.1.3680043.8.498.77"
+    ingest(archive, synthetic_instances(tmp_path / "a", 2, study=study) +
+           synthetic_instances(tmp_path / "b", 1, study=study), clock, 1000.0)
+    clock[0] = 1004.0
+    router.step()
+    assert queue.jobs(archive.index) == []                      # still inside the quiet period
+    clock[0] = 1005.5
+    router.step()
+    made = queue.jobs(archive.index)
+    assert sorted(len(j.inputs) for j in made) == [1, 1]         # per series: two series, two jobs
+    for _ in range(3):
+        router.step()
+    assert {j.state for j in queue.jobs(archive.index)} == {"succeeded"}
+    assert archive.index.query("SELECT COUNT(*) FROM instances WHERE job_id IS NOT NULL")[0][0] == 4
+    assert archive.index.query("SELECT COUNT(*) FROM router_studies")[0][0] == 0
+    router.step()
+    assert len(queue.jobs(archive.index)) == 2                   # results are not routed again
+
+
+def test_a_study_no_rule_matches_is_only_stored(setup, tmp_path):
+    make, clock = setup
+    router, archive = make([{"name": "mg", "match": {"Modality": "MG"}, "plugin": "test-sc", "quiet_seconds": 1}])
+    ingest(archive, synthetic_instances(tmp_path / "a", 1), clock, 1000.0)
+    clock[0] = 1010.0
+    router.step()
+    assert queue.jobs(archive.index) == [] and router.executor.submitted == []
+    assert archive.index.query("SELECT COUNT(*) FROM router_studies")[0][0] == 0
+
+
+def test_a_job_run_again_after_a_crash_stores_nothing_twice(setup, tmp_path):
+    make, clock = setup
+    router, archive = make([{"name": "ct", "match": {"Modality": "CT"}, "plugin": "test-sc", "quiet_seconds": 0}])
+    ingest(archive, synthetic_instances(tmp_path / "a", 1), clock, 1000.0)
+    for _ in range(3):
+        router.step()
+    (job,) = queue.jobs(archive.index)
+    stored = archive.index.query("SELECT sop_instance_uid FROM instances WHERE job_id=? ORDER BY 1", (job.id,))
+    # the node died after taking the results in, before the job was marked succeeded
+    with archive.index.write() as conn:
+        conn.execute("UPDATE jobs SET state='running', lease_expires=?, attempts=1 WHERE id=?", (clock[0] - 1, job.id))
+    restarted, _ = make([{"name": "ct", "match": {"Modality": "CT"}, "plugin": "test-sc", "quiet_seconds": 0}])
+    for _ in range(3):
+        restarted.step()
+    again = queue.get(archive.index, job.id)
+    assert again.state == "succeeded" and again.attempts == 2 and "lease expired" in again.errors[0]
+    assert archive.index.query("SELECT sop_instance_uid FROM instances WHERE job_id=? ORDER BY 1", (job.id,)) == stored
+    assert archive.index.query("SELECT COUNT(*) FROM job_results WHERE job_id=?", (job.id,))[0][0] == 3
+    assert archive.index.query("SELECT COUNT(*) FROM instances")[0][0] == 3
+
+
+def test_an_unknown_plugin_or_bad_parameters_stop_the_router_with_the_rule_named(setup):
+    make, _ = setup
+    with pytest.raises(RouterError, match=r"router.rules\[0\] \(x\): no plug-in named 'nope'"):
+        make([{"name": "x", "plugin": "nope"}])
+    with pytest.raises(RouterError, match=r"router.rules\[0\] \(x\).params: size"):
+        make([{"name": "x", "plugin": "test-sc", "params": {"size": 1000}}])
+
+
+def test_jobs_requested_through_the_api(setup, tmp_path):
+    make, clock = setup
+    router, archive = make([])
+    ingest(archive, synthetic_instances(tmp_path / "a", 1, study="1.2.3.4"), clock, 1000.0)
+    assert set(plugins_for_study(archive.index, router.plugins, "1.2.3.4")) == {"test-sc", "test-fail"}
+    with pytest.raises(JobRequestError, match="no plug-in"):
+        request_job(archive.index, router.plugins, study_uid="1.2.3.4", plugin="nope", params={}, created_by="t")
+    with pytest.raises(JobRequestError, match="takes no series"):
+        request_job(archive.index, router.plugins, study_uid="9.9", plugin="test-sc", params={}, created_by="t")
+    (job_id,) = request_job(archive.index, router.plugins, study_uid="1.2.3.4", plugin="test-sc",
+                            params={"size": 4}, created_by="alice")
+    router.step()
+    router.step()
+    job = queue.get(archive.index, job_id)
+    assert (job.state, job.created_by, job.params["size"]) == ("succeeded", "alice", 4)
+    kinds = [r[0] for r in archive.index.query("SELECT kind FROM changes WHERE job_id=? ORDER BY seq", (job_id,))]
+    assert kinds[0] == "job_queued" and kinds[-1] == "job_succeeded" and "job_running" in kinds
