@@ -140,6 +140,7 @@ def _jobs(db: sqlite_utils.Database) -> None:
         progress_message TEXT,
         summary TEXT,                        -- JSON from the plug-in
         supersedes TEXT REFERENCES jobs(id), -- an earlier job of the same rule and study
+        timings TEXT,                        -- JSON: worker_started, plugin_returned, stored, backend (last attempt)
         created_at REAL NOT NULL,
         started_at REAL,
         finished_at REAL

@@ -52,7 +52,7 @@ def wait_port(port: int, timeout: float = 30) -> None:
 def small_set(directory: Path, count: int) -> list[Path]:
     src = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
     ds = pydicom.dcmread(src)
-    ds.StudyInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     directory.mkdir(parents=True)
     paths = []
     for i in range(count):

@@ -70,6 +70,8 @@ class JobOutput:
     summary: dict
     backend: str
     seconds: float
+    started_at: float                   # wall clock: the worker began the job
+    returned_at: float                  # wall clock: the plug-in returned
 
 
 _ARCHIVES: dict[str, object] = {}   # per worker process: opened once, kept while the worker lives
@@ -103,7 +105,7 @@ def _progress(job_id: str):
 
 def run_job(spec: JobSpec) -> JobOutput:
     """Run one job on this worker; exceptions travel back to the router as the attempt's error."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     archive = _archive(spec.config)
     plugins = discover(spec.config.router.plugins)
     if spec.plugin not in plugins:
@@ -124,8 +126,9 @@ def run_job(spec: JobSpec) -> JobOutput:
         ctx = Context(spec.job_id, Algorithm(plugin.name, plugin.version, params), xp, backend, work,
                       _progress(spec.job_id), tuple(spec.predecessors))
         result = plugin.run(series, params, ctx)
+        returned_at = time.time()
         outputs = stage(archive, result)
-    return JobOutput(tuple(outputs), result.summary, backend, time.perf_counter() - started)
+    return JobOutput(tuple(outputs), result.summary, backend, time.perf_counter() - started, started_at, returned_at)
 
 
 def encode(dataset) -> bytes:

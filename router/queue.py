@@ -46,6 +46,7 @@ class JobRecord:
     progress_message: str | None
     summary: dict | None
     supersedes: str | None
+    timings: dict | None
     created_at: float
     started_at: float | None
     finished_at: float | None
@@ -55,7 +56,8 @@ class JobRecord:
         values = dict(row)
         for key in ("params", "inputs", "forward_to", "errors"):
             values[key] = json.loads(values[key])
-        values["summary"] = json.loads(values["summary"]) if values["summary"] else None
+        for key in ("summary", "timings"):
+            values[key] = json.loads(values[key]) if values[key] else None
         return cls(**values)
 
     @property
@@ -108,7 +110,7 @@ def apply(index: Index, job_id: str, event, **also) -> JobRecord:
         columns = {"state": after.state, "attempts": after.attempts, "worker": after.worker,
                    "lease_expires": after.lease_expires, "errors": json.dumps(list(after.errors)),
                    "started_at": after.started_at, "finished_at": after.finished_at}
-        columns.update({k: json.dumps(v) if k == "summary" else v for k, v in also.items()})
+        columns.update({k: json.dumps(v) if k in ("summary", "timings") else v for k, v in also.items()})
         conn.execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in columns)} WHERE id=?", (*columns.values(), job_id))
         if after.state != record.state or after.attempts != record.attempts:
             Index.add_job_change(conn, STATE_CHANGE.format(after.state), job_id, record.study_uid)

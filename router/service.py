@@ -79,19 +79,23 @@ class Router:
         self._forwarding: dict[tuple[str, str], ThreadFuture] = {}
         self._forwarder = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self._progress_sent: dict[str, float] = {}
+        self._wake = threading.Event()          # set when a task or a forward finishes
+        self._next_due = float("inf")           # when the next quiet period ends
         self.spool = config.data_dir / "spool" / "router"
 
     @property
     def index(self) -> Index:
         return self.archive.index
 
-    def run(self, stop: threading.Event, interval: float = 0.2) -> None:
+    def run(self, stop: threading.Event, idle: float = 0.25) -> None:
+        """Step, then sleep until the next quiet period ends, a task finishes, or `idle` passes."""
         while not stop.is_set():
             try:
                 self.step()
             except Exception:
                 log.exception("router round failed")
-            stop.wait(interval)
+            self._wake.wait(max(0.0, min(idle, self._next_due - self.clock())))
+            self._wake.clear()
 
     def close(self) -> None:
         self._forwarder.shutdown(wait=True)
@@ -129,6 +133,7 @@ class Router:
 
     def make_due_jobs(self, now: float) -> list[str]:
         made = []
+        self._next_due = float("inf")
         for study in self.index.query("SELECT study_uid, last_seq, last_time FROM router_studies"):
             waiting = False
             for rule in self.rules:
@@ -137,8 +142,10 @@ class Router:
                 fired_seq = fired[0]["seq"] if fired else 0
                 if fired_seq >= study["last_seq"]:
                     continue
-                if now - study["last_time"] < rule.rule.quiet_seconds:
+                due = study["last_time"] + rule.rule.quiet_seconds
+                if now < due:
                     waiting = True
+                    self._next_due = min(self._next_due, due)
                     continue
                 made += self._judge(rule, study["study_uid"], fired_seq, study["last_seq"], now)
             if not waiting:
@@ -221,6 +228,7 @@ class Router:
                 queue.apply(self.index, job.id, Fail(now, str(exc), final=True))
                 continue
             future = self.executor.submit(spec, job.attempts, self.plugins[job.plugin].wants_gpu)
+            future.add_done_callback(lambda _: self._wake.set())
             self.running[job.id] = _Running(future, job.attempts, now, now)
             log.info("job %s (%s) started, attempt %d of %d", job.id, job.plugin, job.attempts, job.max_attempts)
 
@@ -285,7 +293,10 @@ class Router:
                 discard(self.archive, output.outputs)
                 queue.apply(self.index, job_id, Fail(self.clock(), f"results not stored: {exc}"))
                 return
-            queue.apply(self.index, job_id, Succeed(self.clock()), summary=output.summary, progress=1.0)
+            timings = {"worker_started": output.started_at, "plugin_returned": output.returned_at,
+                       "stored": self.clock(), "seconds": output.seconds, "backend": output.backend}
+            queue.apply(self.index, job_id, Succeed(self.clock()), summary=output.summary, progress=1.0,
+                        timings=timings)
             log.info("job %s succeeded: %d results in %.1f s (%s)", job_id, count, output.seconds, output.backend)
             if job.forward_to:
                 with self.index.write() as conn:
@@ -346,4 +357,5 @@ class Router:
                                     "ORDER BY next_try LIMIT 1", (now,)):
             key = (row["job_id"], row["destination"])
             self._forwarding[key] = self._forwarder.submit(forward, self.archive, self.config, *key)
+            self._forwarding[key].add_done_callback(lambda _: self._wake.set())
 

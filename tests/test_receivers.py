@@ -20,7 +20,7 @@ def receivers_of(node) -> list[psutil.Process]:
 
 
 def test_every_receiver_starts_and_serves(make_node):
-    node = make_node(dicom={"receivers": 3})
+    node = make_node(dicom={"receivers": 3}, router={"enabled": False})
     wait_for(lambda: node.log().count("ready") >= 2, what="receivers 1 and 2 to be ready")
     assert len(receivers_of(node)) == 2
     assert "3 receiving processes" in node.log()
@@ -36,7 +36,7 @@ def test_every_receiver_starts_and_serves(make_node):
 
 def test_parallel_senders_over_two_receivers_lose_nothing(make_node, tmp_path):
     files = make_copies(tmp_path / "study", 60)
-    node = make_node(dicom={"receivers": 2})
+    node = make_node(dicom={"receivers": 2}, router={"enabled": False})
     senders = [subprocess.Popen(["storescu", *node.tls_args(), "-aec", "M3DICOM", "127.0.0.1", str(node.port),
                                  *map(str, files[i::4])], env={**os.environ, "TCP_NODELAY": "1"},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(4)]
@@ -47,7 +47,7 @@ def test_parallel_senders_over_two_receivers_lose_nothing(make_node, tmp_path):
 
 
 def test_receivers_die_with_the_node_and_restart(make_node):
-    node = make_node(dicom={"receivers": 2})
+    node = make_node(dicom={"receivers": 2}, router={"enabled": False})
     wait_for(lambda: len(receivers_of(node)) == 1 and "receiver 1 ready" in node.log(), what="receiver 1")
     (child,) = receivers_of(node)
     child.kill()  # a receiver that crashes is replaced

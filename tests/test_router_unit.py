@@ -43,6 +43,9 @@ class InlineFuture:
     def cancel(self) -> None:
         self.status = "cancelled"
 
+    def add_done_callback(self, callback) -> None:
+        callback(self)
+
 
 class InlineExecutor:
     def __init__(self):
