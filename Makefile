@@ -34,6 +34,7 @@ bench: install
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/query.py
 	$(BIN)/python bench/offload.py
+	$(BIN)/python bench/router.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,431 @@
+"""Candidate micro-calcifications and their features, in millimetres, written once for NumPy and CuPy.
+
+1. The image as attenuation (denser = higher): For Presentation as it is (MONOCHROME1
+   inverted), For Processing after the usual log and inversion; spacing from Imager Pixel
+   Spacing (or Pixel Spacing).
+2. The breast (largest bright component, skin line eroded) and, on MLO views, the
+   pectoral muscle (the bright region in the chest-wall corner) left out.
+3. A band-pass at calcification scale (fine Gaussian minus a ~1 mm local mean), divided by
+   the local noise: a z-score image. Regions above a low threshold whose peak passes a
+   high one, and small enough to be calcifications, are the candidates.
+4. Per candidate, on a small patch: geometry (area, diameter, compactness, eccentricity,
+   elongation), contrast and statistics (peak and mean z, contrast against the ring around
+   it, skewness, kurtosis), texture (GLCM contrast, homogeneity, energy, correlation), the
+   local glandular density and the distance to the skin.
+The heavy image work runs on `xp` (CuPy on a GPU); only small patches come back to NumPy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+from skimage.feature import graycomatrix
+
+from gpu_workers.backend import to_numpy
+from gpu_workers.plugin import PluginError
+
+MAMMOGRAPHY_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1.2": "FOR PRESENTATION", "1.2.840.10008.5.1.4.1.1.1.2.1": "FOR PROCESSING",
+    "1.2.840.10008.5.1.4.1.1.1.1": None, "1.2.840.10008.5.1.4.1.1.1.1.1": None,   # DX, when it is a breast
+}
+FEATURES = ("area_mm2", "diameter_mm", "compactness", "eccentricity", "elongation", "peak_z", "mean_z",
+            "ring_contrast", "skewness", "kurtosis", "glcm_contrast", "glcm_homogeneity", "glcm_energy",
+            "glcm_correlation", "density", "skin_mm")
+PATCH_MM = 2.4
+MAX_AREA_MM2 = 1.6
+MAX_CANDIDATES = 1000
+
+
+def ndimage_of(xp):
+    if xp.__name__ == "cupy":
+        import cupyx.scipy.ndimage as ndi
+        return ndi
+    from scipy import ndimage as ndi
+    return ndi
+
+
+@dataclass
+class Mammogram:
+    values: object               # xp float32, attenuation-like: denser is higher, breast 0..1
+    spacing: float               # mm per pixel
+    laterality: str
+    view: str
+    monochrome1: bool
+    for_processing: bool
+
+
+def spacing_of(ds: Dataset) -> float:
+    for keyword in ("ImagerPixelSpacing", "PixelSpacing"):
+        value = ds.get(keyword)
+        if value and len(value) == 2 and float(value[0]) > 0:
+            if abs(float(value[0]) - float(value[1])) > 1e-3:
+                raise PluginError(f"{keyword} {list(value)}: pixels are not square")
+            return float(value[0])
+    raise PluginError("the image has no Imager Pixel Spacing or Pixel Spacing: distances in mm are needed")
+
+
+def load(ds: Dataset, xp) -> Mammogram:
+    """Check that `ds` is a mammogram this detector can read, and bring it to attenuation values."""
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class not in MAMMOGRAPHY_CLASSES or (MAMMOGRAPHY_CLASSES[sop_class] is None and
+                                                str(ds.get("BodyPartExamined", "")).upper() != "BREAST"):
+        raise PluginError(f"not a mammogram (SOP class {sop_class}, modality {ds.get('Modality', '?')})")
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise PluginError("a single-frame greyscale mammogram is needed")
+    bits = int(ds.get("BitsStored", 0))
+    if not 8 <= bits <= 16:
+        raise PluginError(f"{bits} bits stored: 8-16 are handled")
+    spacing = spacing_of(ds)
+    if not 0.02 <= spacing <= 0.3:
+        raise PluginError(f"pixel spacing {spacing} mm is outside what a mammogram has (0.02-0.3 mm)")
+    raw = xp.asarray(ds.pixel_array, dtype=xp.float32)
+    if raw.ndim != 2 or min(raw.shape) < 64:
+        raise PluginError(f"image of {raw.shape} pixels: too small for a mammogram")
+    low, high = float(raw.min()), float(raw.max())
+    if high - low < 16:
+        raise PluginError("the image is empty (no contrast)")
+    intent = str(ds.get("PresentationIntentType", MAMMOGRAPHY_CLASSES[sop_class] or "FOR PRESENTATION")).upper()
+    monochrome1 = str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"
+    processing = intent == "FOR PROCESSING"
+    if processing:                          # raw: proportional to exposure; log, then denser is higher
+        values = -xp.log(xp.maximum(raw, 1.0))
+        if monochrome1:
+            values = -values
+    else:
+        values = (high - raw) if monochrome1 else (raw - low)
+    values = values - values.min()
+    values = values / max(float(values.max()), 1e-6)
+    laterality = str(ds.get("ImageLaterality") or ds.get("Laterality") or "")
+    return Mammogram(values.astype(xp.float32), spacing, laterality, str(ds.get("ViewPosition") or ""),
+                     monochrome1, processing)
+
+
+def _otsu(values: np.ndarray) -> float:
+    histogram, edges = np.histogram(values, bins=256)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight = np.cumsum(histogram)
+    mean = np.cumsum(histogram * centres)
+    total_weight, total_mean = weight[-1], mean[-1]
+    between = (total_mean * weight - mean * total_weight) ** 2 / np.maximum(weight * (total_weight - weight), 1e-9)
+    return float(centres[np.argmax(between)])
+
+
+def masks(image: Mammogram, xp, factor: int = 4) -> tuple[object, object, np.ndarray]:
+    """(breast mask without skin and pectoral muscle, on xp; chest wall side; skin distance in mm, downsampled)."""
+    from scipy import ndimage
+
+    rows, cols = image.values.shape
+    small = to_numpy(image.values[: rows - rows % factor, : cols - cols % factor]
+                     .reshape(rows // factor, factor, cols // factor, factor).mean(axis=(1, 3)))
+    small = ndimage.gaussian_filter(small, 1.0)
+    threshold = 0.5 * _otsu(small[small > 0.01]) if (small > 0.01).any() else 0.0
+    labels, count = ndimage.label(small > max(threshold, 0.02))
+    if count == 0:
+        raise PluginError("no breast found in the image")
+    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, count + 1))
+    breast = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
+    if breast.sum() < 0.02 * breast.size:
+        raise PluginError("no breast found in the image (too small a bright region)")
+    chest_left = breast[:, : breast.shape[1] // 10].sum() >= breast[:, -breast.shape[1] // 10:].sum()
+    skin = ndimage.distance_transform_edt(breast) * image.spacing * factor
+    keep = skin > 1.5
+    if image.view.upper().startswith("MLO"):
+        keep &= ~_pectoral(small, breast, chest_left)
+    full = xp.repeat(xp.repeat(xp.asarray(keep), factor, axis=0), factor, axis=1)
+    mask = xp.zeros((rows, cols), dtype=bool)
+    mask[: full.shape[0], : full.shape[1]] = full
+    return mask, chest_left, skin
+
+
+def _pectoral(small: np.ndarray, breast: np.ndarray, chest_left: bool) -> np.ndarray:
+    """The pectoral muscle on an MLO view: the bright region reaching the upper chest-wall corner."""
+    from scipy import ndimage
+
+    rows, cols = small.shape
+    corner = np.zeros_like(breast)
+    band = slice(0, int(cols * 0.45)) if chest_left else slice(int(cols * 0.55), cols)
+    corner[: int(rows * 0.7), band] = True
+    region = breast & corner
+    if region.sum() < 20:
+        return np.zeros_like(breast)
+    bright = region & (small > _otsu(small[region]))
+    labels, _ = ndimage.label(bright)
+    x = 0 if chest_left else cols - 1
+    seeds = {int(v) for v in labels[: max(2, rows // 20), :][:, max(0, x - 3): x + 4].ravel() if v}
+    seeds |= {int(v) for v in labels[:3, band].ravel() if v and np.any(labels[:, x] == v)}
+    muscle = np.isin(labels, sorted(seeds)) if seeds else np.zeros_like(breast)
+    if muscle.sum() > 0.35 * breast.sum():         # not a muscle: too big a share of the breast
+        return np.zeros_like(breast)
+    return ndimage.binary_dilation(muscle, iterations=2)
+
+
+@dataclass
+class Candidates:
+    x: np.ndarray                 # column (pixels)
+    y: np.ndarray                 # row (pixels)
+    features: np.ndarray          # (n, len(FEATURES))
+
+
+SCALES_MM = (0.05, 0.09, 0.15)   # Gaussian widths matched to calcifications of about 0.1-0.6 mm
+SURROUND = 3.0                   # each scale minus a blur SURROUND times as wide (a difference of Gaussians)
+NOISE_MM = 4.0                   # window of the local noise estimate
+_STRIPE = 64
+
+
+def _columns(image: np.ndarray, filter1d, **kwargs) -> np.ndarray:
+    """A 1-D filter along axis 0, in contiguous column stripes (strided access is ~2x slower)."""
+    out = np.empty_like(image)
+    for j in range(0, image.shape[1], _STRIPE):
+        out[:, j:j + _STRIPE] = filter1d(np.ascontiguousarray(image[:, j:j + _STRIPE]), axis=0, **kwargs)
+    return out
+
+
+def _blur_numpy(image: np.ndarray, sigma: float) -> np.ndarray:
+    """A separable Gaussian blur (three box passes when wide), the two halves in two threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scipy import ndimage
+
+    if sigma < 2.5:
+        def rows(part):
+            return ndimage.gaussian_filter1d(part, sigma, axis=1, truncate=3.0)
+
+        def cols(part):
+            return _columns(part, ndimage.gaussian_filter1d, sigma=sigma, truncate=3.0)
+    else:
+        width = int(round((4 * sigma * sigma + 1) ** 0.5)) | 1
+
+        def rows(part):
+            for _ in range(3):
+                part = ndimage.uniform_filter1d(part, width, axis=1)
+            return part
+
+        def cols(part):
+            for _ in range(3):
+                part = _columns(part, ndimage.uniform_filter1d, size=width)
+            return part
+    half_r, half_c = image.shape[0] // 2, image.shape[1] // 2 // _STRIPE * _STRIPE or image.shape[1]
+    with ThreadPoolExecutor(2) as pool:
+        top, bottom = pool.map(rows, (image[:half_r], image[half_r:]))
+        across = np.concatenate([top, bottom])
+        left, right = pool.map(cols, (across[:, :half_c], across[:, half_c:]))
+    return np.concatenate([left, right], axis=1) if right.size else left
+
+
+def blur(image, sigma: float, xp):
+    """A Gaussian blur of width `sigma` pixels, on either backend."""
+    if xp.__name__ == "numpy":
+        return _blur_numpy(image, sigma)
+    return ndimage_of(xp).gaussian_filter(image, sigma, truncate=3.0)
+
+
+def _coarse(image, factor: int, xp):
+    """Block means: the image `factor` (a power of 2) times smaller each way (an odd edge dropped)."""
+    while factor > 1:
+        rows, cols = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+        image = (image[0:rows:2, 0:cols:2] + image[1:rows:2, 0:cols:2] + image[0:rows:2, 1:cols:2]
+                 + image[1:rows:2, 1:cols:2]) * 0.25
+        factor //= 2
+    return image
+
+
+def _upsample2(small, shape: tuple[int, int], xp):
+    """Bilinear x2 of a block-mean half-resolution image, to `shape` (edges repeated)."""
+    rows, cols = small.shape
+    left = xp.concatenate([small[:, :1], small[:, :-1]], axis=1)
+    right = xp.concatenate([small[:, 1:], small[:, -1:]], axis=1)
+    wide = xp.empty((rows, cols, 2), dtype=small.dtype)
+    wide[:, :, 0] = 0.75 * small + 0.25 * left
+    wide[:, :, 1] = 0.75 * small + 0.25 * right
+    wide = wide.reshape(rows, 2 * cols)
+    up = xp.empty((2 * rows, 2 * cols), dtype=small.dtype)
+    up[0::2] = 0.75 * wide
+    up[1::2] = up[0::2]
+    up[2::2] += 0.25 * wide[:-1]
+    up[0] += 0.25 * wide[0]
+    up[1:-1:2] += 0.25 * wide[1:]
+    up[-1] += 0.25 * wide[-1]
+    full = xp.empty(shape, dtype=small.dtype)
+    r, c = min(shape[0], up.shape[0]), min(shape[1], up.shape[1])
+    full[:r, :c] = up[:r, :c]
+    full[r:, :c] = up[r - 1:r, :c]
+    full[:, c:] = full[:, c - 1:c]
+    return full
+
+
+def zscores(image: Mammogram, mask, xp) -> tuple[object, object, float]:
+    """(band-pass, z-score, noise) at calcification scale.
+
+    At each scale a difference of Gaussians (a cascade of five blurs serves all three); each
+    scale divided by its own noise (median absolute deviation in the breast); the best scale
+    per pixel (the band-pass returned is in those noise units); then divided by the local
+    noise around (NOISE_MM, on a coarse grid).
+    """
+    ndi = ndimage_of(xp)
+    p = image.spacing
+    widths = sorted({round(w, 6) for scale in SCALES_MM for w in (scale, SURROUND * scale)})
+    blurred, current, done, half = {}, image.values, 0.0, None
+    for width in widths:
+        sigma = max(0.5, width / p)
+        missing = (sigma * sigma - done * done) ** 0.5       # the cascade: add what is missing
+        if half is None and done >= 1.5 and missing >= 2.0:
+            half = _coarse(current, 2, xp)                   # band-limited by now: go on at half resolution
+        if half is None:
+            current = blur(current, missing, xp)
+            blurred[width] = current
+        else:
+            half = blur(half, missing / 2, xp)
+            blurred[width] = _upsample2(half, image.values.shape, xp)
+        done = sigma
+    step = max(1, int(mask.sum()) // 200000)
+    best = None
+    noise_fine = 1e-3
+    for scale in SCALES_MM:
+        band = blurred[round(scale, 6)] - blurred[round(SURROUND * scale, 6)]
+        sample = band[mask][::step]
+        noise = max(float(1.4826 * xp.median(xp.abs(sample - xp.median(sample)))) if sample.size else 1e-3, 1e-6)
+        band *= 1.0 / noise
+        if best is None:
+            best, noise_fine = band, noise
+        else:
+            xp.maximum(best, band, out=best)
+    factor = 4
+    coarse = _coarse(xp.minimum(best * best, 9.0), factor, xp)
+    local = xp.sqrt(xp.maximum(ndi.uniform_filter(coarse, int(round(NOISE_MM / p / factor)) | 1), 0.25))
+    local = xp.pad(local, ((0, 1), (0, 1)), mode="edge")
+    local = xp.repeat(xp.repeat(local, factor, axis=0), factor, axis=1)[: best.shape[0], : best.shape[1]]
+    return best, best / local, noise_fine
+
+
+def _bounds(mask, xp, margin: int) -> tuple[slice, slice]:
+    rows = xp.nonzero(mask.any(axis=1))[0]
+    cols = xp.nonzero(mask.any(axis=0))[0]
+    if rows.size == 0:
+        return slice(0, 0), slice(0, 0)
+    return (slice(max(0, int(rows[0]) - margin), int(rows[-1]) + margin + 1),
+            slice(max(0, int(cols[0]) - margin), int(cols[-1]) + margin + 1))
+
+
+def candidates(image: Mammogram, mask, skin_small: np.ndarray, xp, *, seed: float = 4.0, low: float = 2.5,
+               limit: int = MAX_CANDIDATES) -> Candidates:
+    """Candidate regions and their features (see FEATURES), in full-image pixel coordinates."""
+    ndi = ndimage_of(xp)
+    margin = int(round(2.0 / image.spacing))
+    box_rows, box_cols = _bounds(mask, xp, margin)
+    empty = Candidates(np.zeros(0), np.zeros(0), np.zeros((0, len(FEATURES))))
+    if box_rows.stop - box_rows.start < 8:
+        return empty
+    crop = Mammogram(xp.ascontiguousarray(image.values[box_rows, box_cols]), image.spacing, image.laterality,
+                     image.view, image.monochrome1, image.for_processing)
+    crop_mask = mask[box_rows, box_cols]
+    band, z, noise = zscores(crop, crop_mask, xp)
+    labels, count = ndi.label((z > low) & crop_mask)
+    if count == 0:
+        return empty
+    seeds = xp.nonzero((z >= seed) & (labels > 0))
+    seed_labels = labels[seeds]
+    peaks = xp.zeros(count + 1, dtype=xp.float32)
+    if xp.__name__ == "numpy":
+        np.maximum.at(peaks, seed_labels, z[seeds])
+    else:  # cupy
+        import cupyx
+        cupyx.scatter_max(peaks, seed_labels, z[seeds])
+    areas = xp.bincount(labels.ravel(), minlength=count + 1) * image.spacing ** 2
+    chosen = xp.nonzero((peaks > 0) & (areas <= MAX_AREA_MM2))[0]
+    order = to_numpy(chosen[xp.argsort(-peaks[chosen])][:limit])
+    if order.size == 0:
+        return empty
+    density = to_numpy(_coarse(crop.values, 8, xp))
+    half = int(round(PATCH_MM / 2 / image.spacing))
+    rows, cols = crop.values.shape
+    values, zs, bands, label_image = (to_numpy(a) for a in (crop.values, z, band, labels))
+    slices = ndimage_find_objects(label_image, order)
+    full_rows, full_cols = image.values.shape
+    xs, ys, out = [], [], []
+    for label_value, found in zip(order, slices):
+        if found is None:
+            continue
+        region_all = label_image[found] == label_value
+        weights = np.maximum(bands[found], 0) * region_all
+        total = weights.sum()
+        if total <= 0:
+            continue
+        gy, gx = np.indices(region_all.shape)
+        cy = found[0].start + float((gy * weights).sum() / total)
+        cx = found[1].start + float((gx * weights).sum() / total)
+        iy, ix = int(round(cy)), int(round(cx))
+        y0, y1, x0, x1 = max(0, iy - half), min(rows, iy + half + 1), max(0, ix - half), min(cols, ix + half + 1)
+        if y1 - y0 < 5 or x1 - x0 < 5:
+            continue
+        region = label_image[y0:y1, x0:x1] == label_value
+        if not region.any():
+            continue
+        local_density = float(density[min(density.shape[0] - 1, iy // 8), min(density.shape[1] - 1, ix // 8)])
+        xs.append(cx + box_cols.start)
+        ys.append(cy + box_rows.start)
+        out.append(_features(values[y0:y1, x0:x1], zs[y0:y1, x0:x1], region, image.spacing, local_density,
+                             skin_small, iy + box_rows.start, ix + box_cols.start, full_rows, full_cols))
+    return Candidates(np.array(xs), np.array(ys), np.array(out).reshape(-1, len(FEATURES)))
+
+
+def ndimage_find_objects(labels: np.ndarray, wanted: np.ndarray) -> list:
+    """Bounding slices of the `wanted` labels (scipy's find_objects up to the largest wanted)."""
+    from scipy import ndimage
+
+    found = ndimage.find_objects(labels, max_label=int(wanted.max()) if wanted.size else 0)
+    return [found[int(label) - 1] for label in wanted]
+
+
+_LEVELS = 16
+_I, _J = np.meshgrid(np.arange(_LEVELS), np.arange(_LEVELS), indexing="ij")
+
+
+def _texture(patch: np.ndarray) -> list[float]:
+    """GLCM contrast, homogeneity, energy and correlation (distance 1, four directions averaged)."""
+    span = patch.max() - patch.min()
+    quantised = np.clip(((patch - patch.min()) / (span + 1e-9) * (_LEVELS - 1)).astype(np.uint8), 0, _LEVELS - 1)
+    glcm = graycomatrix(quantised, [1], [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4], levels=_LEVELS,
+                        symmetric=True, normed=True)[:, :, 0, :].mean(axis=2)
+    mean_i = (glcm * _I).sum()
+    std_i = np.sqrt((glcm * (_I - mean_i) ** 2).sum()) + 1e-12
+    difference = (_I - _J) ** 2
+    return [float((glcm * difference).sum()), float((glcm / (1 + difference)).sum()),
+            float(np.sqrt((glcm ** 2).sum())), float((glcm * (_I - mean_i) * (_J - mean_i)).sum() / std_i ** 2)]
+
+
+def _shape(region: np.ndarray) -> tuple[float, float, float, float]:
+    """(pixel count, perimeter in pixels, eccentricity, major/minor axis) of a binary region."""
+    ys, xs = np.nonzero(region)
+    count = len(ys)
+    padded = np.pad(region, 1)
+    edges = (padded[1:-1, 1:-1] & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])).sum()
+    if count < 2:
+        return float(count), float(max(edges, 1)), 0.0, 1.0
+    cov = np.cov(np.vstack([ys, xs])) + np.eye(2) / 12      # a pixel has a variance of 1/12 each way
+    small, large = np.linalg.eigvalsh(cov)
+    return float(count), float(max(edges, 1)), float(np.sqrt(max(0.0, 1 - small / large))), float(np.sqrt(large / small))
+
+
+def _features(patch: np.ndarray, zpatch: np.ndarray, region: np.ndarray, spacing: float, density: float,
+              skin_small: np.ndarray, iy: int, ix: int, rows: int, cols: int) -> list[float]:
+    count, perimeter_px, eccentricity, elongation = _shape(region)
+    area = count * spacing ** 2
+    perimeter = perimeter_px * spacing
+    yy, xx = np.indices(patch.shape)
+    ys, xs = np.nonzero(region)
+    radius = np.hypot(yy - ys.mean(), xx - xs.mean())
+    ring = ~region & (radius > np.sqrt(count / np.pi) + 1.5)
+    inside, outside = patch[region], patch[ring] if ring.any() else patch[~region]
+    ring_contrast = (inside.mean() - outside.mean()) / (outside.std() + 1e-6)
+    flat = patch.ravel().astype(np.float64)
+    centred = flat - flat.mean()
+    variance = (centred ** 2).mean() + 1e-12
+    skewness = float((centred ** 3).mean() / variance ** 1.5)
+    kurtosis = float((centred ** 4).mean() / variance ** 2 - 3)
+    factor_y, factor_x = skin_small.shape[0] / rows, skin_small.shape[1] / cols
+    skin = float(skin_small[min(skin_small.shape[0] - 1, int(iy * factor_y)),
+                            min(skin_small.shape[1] - 1, int(ix * factor_x))])
+    return [area, 2 * np.sqrt(area / np.pi), perimeter ** 2 / (4 * np.pi * area), eccentricity, elongation,
+            float(zpatch[region].max()), float(zpatch[region].mean()), float(ring_contrast), skewness, kurtosis,
+            *_texture(patch), density, skin]
