@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBIAN_PACKAGES := dcmtk orthanc
+DEBIAN_PACKAGES := dcmtk orthanc invesalius-examples
 CONFIG ?=
 
 .PHONY: install run test bench clean

@@ -15,7 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from .plugin import Context
 
@@ -29,9 +29,13 @@ def _equipment(ctx: Context) -> list[hd.ContributingEquipment]:
 
 
 def _orientation(source: Dataset) -> tuple[str, str] | None:
+    """The source's Patient Orientation, each value reduced to its first (dominant) letter:
+    DICOM allows "FL" on an oblique view, highdicom's SC takes single directions."""
     value = source.get("PatientOrientation")
     if value and len(value) == 2 and all(value):
-        return tuple(str(v) for v in value)
+        letters = tuple(str(v).strip()[:1].upper() for v in value)
+        if all(letter in "APLRHF" and letter for letter in letters):
+            return letters
     return None
 
 
@@ -124,3 +128,58 @@ def measurement_report(findings: Sequence[Finding], evidence: Sequence[Dataset],
         contributing_equipment=_equipment(ctx))
     sr.SeriesDescription = title[:64]
     return sr
+
+
+ENCAPSULATED_STL = "1.2.840.10008.5.1.4.1.1.104.3"
+
+
+def encapsulated_stl(source: Dataset, stl: bytes, ctx: Context, *, name: str, title: str, series_number: int = 902,
+                     frame_of_reference: str | None = None) -> Dataset:
+    """Encapsulated STL Storage (PS3.3 A.85): the mesh in the source study, in the source's frame of
+    reference (coordinates in mm), so that a PACS keeps the model with the images."""
+    from datetime import datetime
+
+    from pydicom.dataset import FileMetaDataset
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ENCAPSULATED_STL
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ctx.uid(name, 1)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                    "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
+                    "SpecificCharacterSet"):
+        if keyword in source:
+            setattr(ds, keyword, source.get(keyword))
+        elif keyword != "SpecificCharacterSet" and keyword != "StudyDescription":
+            setattr(ds, keyword, "")
+    now = datetime.now()
+    ds.Modality = "M3D"
+    ds.SeriesInstanceUID = ctx.uid(name, "series")
+    ds.SeriesNumber, ds.InstanceNumber = series_number, 1
+    ds.SeriesDescription = title[:64]
+    ds.FrameOfReferenceUID = frame_of_reference or source.get("FrameOfReferenceUID") or generate_uid()
+    ds.PositionReferenceIndicator = ""
+    ds.Manufacturer, ds.ManufacturerModelName = MANUFACTURER, ctx.algorithm.name[:64]
+    ds.DeviceSerialNumber = ctx.uid("device")[-16:]
+    ds.SoftwareVersions = ctx.algorithm.version[:64]
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+    ds.BurnedInAnnotation = "NO"
+    ds.DocumentTitle = title[:64]
+    ds.ConceptNameCodeSequence = []
+    ds.MIMETypeOfEncapsulatedDocument = "model/stl"
+    ds.EncapsulatedDocument = stl + (b"\0" if len(stl) % 2 else b"")
+    ds.EncapsulatedDocumentLength = len(stl)
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    ds.SourceInstanceSequence = [reference]
+    series = Dataset()                           # Common Instance Reference: where the source lies
+    series.SeriesInstanceUID = source.SeriesInstanceUID
+    series.ReferencedInstanceSequence = [reference]
+    ds.ReferencedSeriesSequence = [series]
+    unit = Dataset()
+    unit.CodeValue, unit.CodingSchemeDesignator, unit.CodeMeaning = "mm", "UCUM", "millimeter"
+    ds.MeasurementUnitsCodeSequence = [unit]
+    return ds

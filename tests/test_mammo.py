@@ -34,7 +34,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
 def mammogram(tmp_path_factory):
     """A phantom with two clusters, written as DICOM."""
     path, truth = phantom.write(tmp_path_factory.mktemp("mg"), 424242,
-                                dataclasses.replace(SMALL, clusters=2, isolated=3, density=0.3))
+                                dataclasses.replace(SMALL, clusters=2, isolated=3, density=0.3, view="MLO"))
     return path, truth
 
 

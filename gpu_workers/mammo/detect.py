@@ -333,48 +333,33 @@ def candidates(image: Mammogram, mask, skin_small: np.ndarray, xp, *, seed: floa
         cupyx.scatter_max(peaks, seed_labels, z[seeds])
     areas = xp.bincount(labels.ravel(), minlength=count + 1) * image.spacing ** 2
     chosen = xp.nonzero((peaks > 0) & (areas <= MAX_AREA_MM2))[0]
-    order = to_numpy(chosen[xp.argsort(-peaks[chosen])][:limit])
+    order = chosen[xp.argsort(-peaks[chosen])][:limit]
     if order.size == 0:
         return empty
-    density = to_numpy(_coarse(crop.values, 8, xp))
+    # the peak pixel of each chosen region: the best seed of its label
+    by_z = xp.argsort(-z[seeds])
+    first = to_numpy(xp.unique(seed_labels[by_z], return_index=True)[1])
+    peak_label = to_numpy(seed_labels[by_z])[first]
+    peak_y, peak_x = to_numpy(seeds[0][by_z])[first], to_numpy(seeds[1][by_z])[first]
+    where = {int(label): i for i, label in enumerate(peak_label)}
+    order = to_numpy(order)
+    index = np.array([where[int(label)] for label in order])
     half = int(round(PATCH_MM / 2 / image.spacing))
+    offsets = np.arange(-half, half + 1)
     rows, cols = crop.values.shape
-    values, zs, bands, label_image = (to_numpy(a) for a in (crop.values, z, band, labels))
-    slices = ndimage_find_objects(label_image, order)
+    ys = np.clip(peak_y[index][:, None] + offsets, 0, rows - 1)
+    xs = np.clip(peak_x[index][:, None] + offsets, 0, cols - 1)
+    take = (ys[:, :, None], xs[:, None, :])
+    values = to_numpy(crop.values[take])
+    zs = to_numpy(z[take])
+    regions = to_numpy(labels[take]) == order[:, None, None]
+    density = to_numpy(_coarse(crop.values, 8, xp))
+    dens = density[np.minimum(peak_y[index] // 8, density.shape[0] - 1), np.minimum(peak_x[index] // 8,
+                                                                                    density.shape[1] - 1)]
     full_rows, full_cols = image.values.shape
-    xs, ys, out = [], [], []
-    for label_value, found in zip(order, slices):
-        if found is None:
-            continue
-        region_all = label_image[found] == label_value
-        weights = np.maximum(bands[found], 0) * region_all
-        total = weights.sum()
-        if total <= 0:
-            continue
-        gy, gx = np.indices(region_all.shape)
-        cy = found[0].start + float((gy * weights).sum() / total)
-        cx = found[1].start + float((gx * weights).sum() / total)
-        iy, ix = int(round(cy)), int(round(cx))
-        y0, y1, x0, x1 = max(0, iy - half), min(rows, iy + half + 1), max(0, ix - half), min(cols, ix + half + 1)
-        if y1 - y0 < 5 or x1 - x0 < 5:
-            continue
-        region = label_image[y0:y1, x0:x1] == label_value
-        if not region.any():
-            continue
-        local_density = float(density[min(density.shape[0] - 1, iy // 8), min(density.shape[1] - 1, ix // 8)])
-        xs.append(cx + box_cols.start)
-        ys.append(cy + box_rows.start)
-        out.append(_features(values[y0:y1, x0:x1], zs[y0:y1, x0:x1], region, image.spacing, local_density,
-                             skin_small, iy + box_rows.start, ix + box_cols.start, full_rows, full_cols))
-    return Candidates(np.array(xs), np.array(ys), np.array(out).reshape(-1, len(FEATURES)))
-
-
-def ndimage_find_objects(labels: np.ndarray, wanted: np.ndarray) -> list:
-    """Bounding slices of the `wanted` labels (scipy's find_objects up to the largest wanted)."""
-    from scipy import ndimage
-
-    found = ndimage.find_objects(labels, max_label=int(wanted.max()) if wanted.size else 0)
-    return [found[int(label) - 1] for label in wanted]
+    features, cy, cx = _features(values, zs, regions, image.spacing, dens, skin_small,
+                                 peak_y[index] + box_rows.start, peak_x[index] + box_cols.start, full_rows, full_cols)
+    return Candidates(cx + box_cols.start + peak_x[index] - half, cy + box_rows.start + peak_y[index] - half, features)
 
 
 _LEVELS = 16
@@ -394,38 +379,55 @@ def _texture(patch: np.ndarray) -> list[float]:
             float(np.sqrt((glcm ** 2).sum())), float((glcm * (_I - mean_i) * (_J - mean_i)).sum() / std_i ** 2)]
 
 
-def _shape(region: np.ndarray) -> tuple[float, float, float, float]:
-    """(pixel count, perimeter in pixels, eccentricity, major/minor axis) of a binary region."""
-    ys, xs = np.nonzero(region)
-    count = len(ys)
-    padded = np.pad(region, 1)
-    edges = (padded[1:-1, 1:-1] & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])).sum()
-    if count < 2:
-        return float(count), float(max(edges, 1)), 0.0, 1.0
-    cov = np.cov(np.vstack([ys, xs])) + np.eye(2) / 12      # a pixel has a variance of 1/12 each way
-    small, large = np.linalg.eigvalsh(cov)
-    return float(count), float(max(edges, 1)), float(np.sqrt(max(0.0, 1 - small / large))), float(np.sqrt(large / small))
+def _features(patches: np.ndarray, zpatches: np.ndarray, regions: np.ndarray, spacing: float, density: np.ndarray,
+              skin_small: np.ndarray, iy: np.ndarray, ix: np.ndarray, rows: int, cols: int):
+    """FEATURES of every candidate at once, from stacked patches (n, p, p) centred on their peaks.
 
-
-def _features(patch: np.ndarray, zpatch: np.ndarray, region: np.ndarray, spacing: float, density: float,
-              skin_small: np.ndarray, iy: int, ix: int, rows: int, cols: int) -> list[float]:
-    count, perimeter_px, eccentricity, elongation = _shape(region)
+    Returns (features, centroid row, centroid column), the centroids in patch coordinates.
+    """
+    n, size, _ = patches.shape
+    patches = patches.astype(np.float64)
+    count = regions.sum(axis=(1, 2)).astype(np.float64)
+    gy, gx = np.mgrid[0:size, 0:size].astype(np.float64)
+    weight = np.maximum(zpatches, 0) * regions
+    total = weight.sum(axis=(1, 2)) + 1e-12
+    cy = (weight * gy).sum(axis=(1, 2)) / total
+    cx = (weight * gx).sum(axis=(1, 2)) / total
+    # shape: second moments of the region (each pixel adds 1/12 of variance each way)
+    my = (regions * gy).sum(axis=(1, 2)) / count
+    mx = (regions * gx).sum(axis=(1, 2)) / count
+    dy, dx = gy - my[:, None, None], gx - mx[:, None, None]
+    syy = (regions * dy * dy).sum(axis=(1, 2)) / count + 1 / 12
+    sxx = (regions * dx * dx).sum(axis=(1, 2)) / count + 1 / 12
+    sxy = (regions * dy * dx).sum(axis=(1, 2)) / count
+    mean_s, root = (syy + sxx) / 2, np.sqrt(((syy - sxx) / 2) ** 2 + sxy ** 2)
+    large, small = mean_s + root, np.maximum(mean_s - root, 1e-9)
+    eccentricity = np.sqrt(np.clip(1 - small / large, 0, 1))
+    elongation = np.sqrt(large / small)
+    padded = np.pad(regions, ((0, 0), (1, 1), (1, 1)))
+    interior = padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1] & padded[:, 1:-1, :-2] & padded[:, 1:-1, 2:]
+    perimeter = np.maximum((regions & ~interior).sum(axis=(1, 2)), 1) * spacing
     area = count * spacing ** 2
-    perimeter = perimeter_px * spacing
-    yy, xx = np.indices(patch.shape)
-    ys, xs = np.nonzero(region)
-    radius = np.hypot(yy - ys.mean(), xx - xs.mean())
-    ring = ~region & (radius > np.sqrt(count / np.pi) + 1.5)
-    inside, outside = patch[region], patch[ring] if ring.any() else patch[~region]
-    ring_contrast = (inside.mean() - outside.mean()) / (outside.std() + 1e-6)
-    flat = patch.ravel().astype(np.float64)
-    centred = flat - flat.mean()
-    variance = (centred ** 2).mean() + 1e-12
-    skewness = float((centred ** 3).mean() / variance ** 1.5)
-    kurtosis = float((centred ** 4).mean() / variance ** 2 - 3)
-    factor_y, factor_x = skin_small.shape[0] / rows, skin_small.shape[1] / cols
-    skin = float(skin_small[min(skin_small.shape[0] - 1, int(iy * factor_y)),
-                            min(skin_small.shape[1] - 1, int(ix * factor_x))])
-    return [area, 2 * np.sqrt(area / np.pi), perimeter ** 2 / (4 * np.pi * area), eccentricity, elongation,
-            float(zpatch[region].max()), float(zpatch[region].mean()), float(ring_contrast), skewness, kurtosis,
-            *_texture(patch), density, skin]
+    # contrast against a ring around the region
+    radius = np.hypot(dy, dx)
+    ring = ~regions & (radius > (np.sqrt(count / np.pi) + 1.5)[:, None, None])
+    ring_n = np.maximum(ring.sum(axis=(1, 2)), 1)
+    ring_mean = (patches * ring).sum(axis=(1, 2)) / ring_n
+    ring_std = np.sqrt(np.maximum(((patches - ring_mean[:, None, None]) ** 2 * ring).sum(axis=(1, 2)) / ring_n, 0))
+    inside_mean = (patches * regions).sum(axis=(1, 2)) / count
+    ring_contrast = (inside_mean - ring_mean) / (ring_std + 1e-6)
+    # statistics of the patch
+    flat = patches.reshape(n, -1)
+    centred = flat - flat.mean(axis=1, keepdims=True)
+    variance = (centred ** 2).mean(axis=1) + 1e-12
+    skewness = (centred ** 3).mean(axis=1) / variance ** 1.5
+    kurtosis = (centred ** 4).mean(axis=1) / variance ** 2 - 3
+    peak_z = np.where(regions, zpatches, -np.inf).reshape(n, -1).max(axis=1)
+    mean_z = (zpatches * regions).sum(axis=(1, 2)) / count
+    texture = np.array([_texture(patch) for patch in patches]).reshape(n, 4)
+    sy = np.minimum((iy * skin_small.shape[0] / rows).astype(int), skin_small.shape[0] - 1)
+    sx = np.minimum((ix * skin_small.shape[1] / cols).astype(int), skin_small.shape[1] - 1)
+    features = np.column_stack([area, 2 * np.sqrt(area / np.pi), perimeter ** 2 / (4 * np.pi * area), eccentricity,
+                                elongation, peak_z, mean_z, ring_contrast, skewness, kurtosis, texture, density,
+                                skin_small[sy, sx]])
+    return features, cy, cx

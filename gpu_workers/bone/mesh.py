@@ -1,0 +1,160 @@
+"""Bone segmentation and its surface: threshold, clean-up, largest parts, marching cubes, decimation.
+
+Segmentation: a threshold in HU (default 300), or for a CBCT whose values are not HU an
+automatic one (Otsu, or the histogram valley) unless the user sets one; light Gaussian
+smoothing first; an opening removes specks; the largest connected components are kept (the
+table and the head rest fall away). Surface: marching cubes (scikit-image) on the smoothed
+values at the threshold, only around the kept parts and padded so the surface is closed;
+then quadric decimation to a triangle budget (fast-simplification, through trimesh), a
+25k level for phones, light Taubin smoothing, vertex normals; vertices in patient mm.
+The volume work runs on `xp` (CuPy on a GPU); the mesh work on the CPU.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpu_workers.backend import to_numpy
+from gpu_workers.plugin import PluginError
+
+from .volume import Volume
+
+MODES = ("auto", "hu", "otsu", "valley")
+
+
+def ndimage_of(xp):
+    if xp.__name__ == "cupy":
+        import cupyx.scipy.ndimage as ndi
+        return ndi
+    from scipy import ndimage as ndi
+    return ndi
+
+
+@dataclass
+class Segmentation:
+    field: np.ndarray                 # smoothed values, outside the kept parts pushed below the threshold
+    threshold: float
+    mode: str                         # how the threshold was chosen
+    parts: int                        # connected components kept
+    crop: tuple[slice, slice, slice]  # of the volume, around the kept parts
+    timings: dict = field(default_factory=dict)
+
+
+def choose_threshold(volume: Volume, threshold: float, mode: str) -> tuple[float, str]:
+    if mode not in MODES:
+        raise PluginError(f"threshold mode {mode!r}: one of {', '.join(MODES)}")
+    if mode == "hu" or (mode == "auto" and volume.calibrated):
+        if not volume.calibrated and mode == "hu":
+            raise PluginError("the values are not Hounsfield units (no air near -1000): use threshold mode "
+                              "otsu or valley, or calibrate")
+        return float(threshold), "hu"
+    from skimage.filters import threshold_minimum, threshold_otsu
+
+    sample = volume.values[:: max(1, len(volume.values) // 64), ::2, ::2].ravel()
+    if mode == "valley":
+        try:
+            return float(threshold_minimum(sample)), "valley"
+        except RuntimeError:
+            raise PluginError("the histogram has no valley between tissue and bone: use otsu or a threshold") from None
+    # Otsu twice: background vs body, then within the body, soft tissue vs bone
+    body = sample[sample > threshold_otsu(sample)]
+    return float(threshold_otsu(body)), "otsu"
+
+
+def segment(volume: Volume, xp, *, threshold: float = 300.0, mode: str = "auto", smoothing_mm: float = 0.5,
+            keep_fraction: float = 0.1, max_parts: int = 8) -> Segmentation:
+    ndi = ndimage_of(xp)
+    timings = {}
+    started = time.perf_counter()
+    level, how = choose_threshold(volume, threshold, mode)
+    values = xp.asarray(volume.values)
+    if smoothing_mm > 0:
+        sigma = [smoothing_mm / s for s in volume.spacing]
+        values = ndi.gaussian_filter(values, sigma, truncate=3.0)
+    timings["smooth"] = time.perf_counter() - started
+    started = time.perf_counter()
+    mask = values > level
+    mask = ndi.binary_opening(mask, structure=ndi.generate_binary_structure(3, 1))
+    labels, count = ndi.label(mask)
+    if count == 0:
+        raise PluginError(f"nothing above the threshold ({level:.0f}{' HU' if how == 'hu' else ''}): no bone found")
+    sizes = to_numpy(xp.bincount(labels.ravel()))[1:]
+    ranked = np.argsort(-sizes)[:max_parts]
+    kept = [int(i) + 1 for i in ranked if sizes[i] >= keep_fraction * sizes[ranked[0]]]
+    keep = xp.isin(labels, xp.asarray(kept))
+    timings["segment"] = time.perf_counter() - started
+    started = time.perf_counter()
+    where = [to_numpy(xp.nonzero(keep.any(axis=tuple(a for a in range(3) if a != axis)))[0]) for axis in range(3)]
+    crop = tuple(slice(max(0, int(w[0]) - 2), int(w[-1]) + 3) for w in where)
+    near = ndi.binary_dilation(keep[crop], iterations=2)
+    lowest = float(level) - 1000.0
+    cropped = xp.where(near, values[crop], lowest).astype(xp.float32)
+    padded = xp.pad(cropped, 1, mode="constant", constant_values=lowest)   # closed surfaces at the edges
+    timings["prepare"] = time.perf_counter() - started
+    return Segmentation(to_numpy(padded), level, how, len(kept), crop, timings)
+
+
+@dataclass
+class Mesh:
+    vertices: np.ndarray              # (n, 3) patient mm
+    faces: np.ndarray                 # (m, 3) int
+    normals: np.ndarray               # (n, 3) unit vertex normals
+
+    @property
+    def trimesh(self):
+        import trimesh
+        return trimesh.Trimesh(self.vertices, self.faces, vertex_normals=self.normals, process=False)
+
+
+def surface(volume: Volume, seg: Segmentation, *, budget: int, step: int | None = None) -> tuple[Mesh, dict]:
+    """The full-resolution surface (in patient mm) of the kept parts, and what it took."""
+    from skimage.measure import marching_cubes
+
+    timings = {}
+    started = time.perf_counter()
+    voxels = seg.field.size
+    step = step or (2 if voxels > 60_000_000 else 1)
+    verts, faces, _, _ = marching_cubes(seg.field, level=seg.threshold, spacing=volume.spacing, step_size=step,
+                                        allow_degenerate=False)
+    timings["marching_cubes"] = time.perf_counter() - started
+    offset = np.array([(c.start - 1) * s for c, s in zip(seg.crop, volume.spacing)])   # the crop and the padding
+    vertices = volume.to_patient(verts + offset)   # winding is made consistent and outward by `simplify`
+    return Mesh(vertices, faces.astype(np.int64), np.zeros_like(vertices)), {**timings, "step": step}
+
+
+SPECK = 0.002      # bodies with less than this share of the surface are specks (noise, tiny cavities)
+
+
+def simplify(mesh: Mesh, triangles: int, smooth: bool = True) -> Mesh:
+    """Quadric decimation to about `triangles`, light Taubin smoothing, a closed and consistently
+    outward surface per body (MeshFix mends what decimation breaks where thin bone brings two
+    surfaces together), vertex normals. Specks are dropped."""
+    import trimesh
+
+    tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=True, validate=False)
+    bodies = tm.split(only_watertight=False)
+    bodies = [b for b in bodies if len(b.faces) >= SPECK * len(tm.faces)] or list(bodies)
+    tm = trimesh.util.concatenate(bodies) if len(bodies) > 1 else bodies[0]
+    if len(tm.faces) > triangles:
+        tm = tm.simplify_quadric_decimation(face_count=triangles)
+    if smooth:
+        trimesh.smoothing.filter_taubin(tm, lamb=0.5, nu=-0.53, iterations=6)
+    parts = [_closed(body) for body in tm.split(only_watertight=False) if len(body.faces) >= 4]
+    tm = trimesh.util.concatenate(parts) if len(parts) > 1 else parts[0]
+    return Mesh(np.asarray(tm.vertices), np.asarray(tm.faces, dtype=np.int64), np.asarray(tm.vertex_normals))
+
+
+def _closed(body):
+    """The body as a closed, consistently wound surface facing outward."""
+    import trimesh
+
+    if not body.is_watertight:
+        import pymeshfix
+
+        fixer = pymeshfix.MeshFix(np.asarray(body.vertices, dtype=np.float64), np.asarray(body.faces, dtype=np.int32))
+        fixer.repair(joincomp=False, remove_smallest_components=False)
+        body = trimesh.Trimesh(fixer.points, fixer.faces, process=True)
+    trimesh.repair.fix_normals(body, multibody=False)
+    return body
