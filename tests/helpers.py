@@ -140,10 +140,14 @@ class Node:
         return [p for p in (self.data_dir / "spool").rglob("*") if p.is_file()]
 
     def stored_bytes(self, sop_instance_uid: str) -> bytes:
+        (blob_id,), = self.rows("SELECT blob_id FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+        return self.stored_bytes_of_blob(blob_id)
+
+    def stored_bytes_of_blob(self, blob_id: str) -> bytes:
+        """The plaintext of a local blob (an instance, or a job's file)."""
         from archive.crypto import LocalKeyring
         from archive.storage import LocalStorage
 
-        (blob_id,), = self.rows("SELECT blob_id FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
         storage = LocalStorage(self.data_dir / "blobs", LocalKeyring.open(self.data_dir / "keys", create=False))
         return storage.read_all(blob_id)
 

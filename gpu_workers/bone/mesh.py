@@ -143,18 +143,26 @@ def simplify(mesh: Mesh, triangles: int, smooth: bool = True) -> Mesh:
         trimesh.smoothing.filter_taubin(tm, lamb=0.5, nu=-0.53, iterations=6)
     parts = [_closed(body) for body in tm.split(only_watertight=False) if len(body.faces) >= 4]
     tm = trimesh.util.concatenate(parts) if len(parts) > 1 else parts[0]
+    tm = _closed(tm)                       # bodies may touch once joined at float32 precision
     return Mesh(np.asarray(tm.vertices), np.asarray(tm.faces, dtype=np.int64), np.asarray(tm.vertex_normals))
 
 
 def _closed(body):
-    """The body as a closed, consistently wound surface facing outward."""
+    """The body as a closed, consistently wound surface facing outward, at float32 precision (an
+    STL reader joins vertices by their float32 coordinates: nearly coincident ones must already be one)."""
     import trimesh
 
-    if not body.is_watertight:
+    for _ in range(3):
+        body = trimesh.Trimesh(np.asarray(body.vertices, dtype=np.float32).astype(np.float64), body.faces,
+                               process=True)
+        body.update_faces(body.nondegenerate_faces())
+        body.remove_unreferenced_vertices()
+        if body.is_watertight:
+            break
         import pymeshfix
 
         fixer = pymeshfix.MeshFix(np.asarray(body.vertices, dtype=np.float64), np.asarray(body.faces, dtype=np.int32))
         fixer.repair(joincomp=False, remove_smallest_components=False)
         body = trimesh.Trimesh(fixer.points, fixer.faces, process=True)
-    trimesh.repair.fix_normals(body, multibody=False)
+    trimesh.repair.fix_normals(body, multibody=True)
     return body

@@ -98,7 +98,7 @@ def load(datasets: list[Dataset]) -> Volume:
         raise PluginError("the slices have no single Image Orientation (Patient)")
     if len(spacings) != 1 or () in spacings:
         raise PluginError("the slices have no single Pixel Spacing")
-    row, col = _orientation(next(iter(orientations)))
+    row, col = _orientation(datasets[0].ImageOrientationPatient)   # the sets above are rounded: use the values
     planes = []
     for ds in datasets:
         if "ImagePositionPatient" not in ds:
@@ -106,7 +106,7 @@ def load(datasets: list[Dataset]) -> Volume:
         planes.append((np.array([float(v) for v in ds.ImagePositionPatient]),
                        _rescaled(ds.pixel_array, ds.get("RescaleSlope"), ds.get("RescaleIntercept"))))
     frames = {ds.get("FrameOfReferenceUID") for ds in datasets}
-    return _stack(planes, row, col, next(iter(spacings)), frames.pop() if len(frames) == 1 else None)
+    return _stack(planes, row, col, datasets[0].PixelSpacing, frames.pop() if len(frames) == 1 else None)
 
 
 def _group(ds: Dataset, frame: int, sequence: str, attribute: str):
