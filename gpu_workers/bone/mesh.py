@@ -2,8 +2,8 @@
 
 Segmentation: a threshold in HU (default 300), or for a CBCT whose values are not HU an
 automatic one (Otsu, or the histogram valley) unless the user sets one; light Gaussian
-smoothing first; an opening removes specks; the largest connected components are kept (the
-table and the head rest fall away). Surface: marching cubes (scikit-image) on the smoothed
+smoothing first; the largest connected components are kept (the table, the head rest and
+specks fall away). Surface: marching cubes (scikit-image) on the smoothed
 values at the threshold, only around the kept parts and padded so the surface is closed;
 then quadric decimation to a triangle budget (fast-simplification, through trimesh), a
 25k level for phones, light Taubin smoothing, vertex normals; vertices in patient mm.
@@ -71,29 +71,52 @@ def segment(volume: Volume, xp, *, threshold: float = 300.0, mode: str = "auto",
     level, how = choose_threshold(volume, threshold, mode)
     values = xp.asarray(volume.values)
     if smoothing_mm > 0:
-        sigma = [smoothing_mm / s for s in volume.spacing]
-        values = ndi.gaussian_filter(values, sigma, truncate=3.0)
+        values = _smooth(values, [smoothing_mm / s for s in volume.spacing], xp)
     timings["smooth"] = time.perf_counter() - started
     started = time.perf_counter()
     mask = values > level
-    mask = ndi.binary_opening(mask, structure=ndi.generate_binary_structure(3, 1))
     labels, count = ndi.label(mask)
     if count == 0:
         raise PluginError(f"nothing above the threshold ({level:.0f}{' HU' if how == 'hu' else ''}): no bone found")
-    sizes = to_numpy(xp.bincount(labels.ravel()))[1:]
+    # sizes only need comparing: every second voxel each way is enough (and 8 times cheaper)
+    sizes = to_numpy(xp.bincount(labels[::2, ::2, ::2].ravel(), minlength=count + 1))[1:] * 8
     ranked = np.argsort(-sizes)[:max_parts]
-    kept = [int(i) + 1 for i in ranked if sizes[i] >= keep_fraction * sizes[ranked[0]]]
+    kept = [int(i) + 1 for i in ranked if sizes[i] >= max(1, keep_fraction * sizes[ranked[0]])]
     keep = xp.isin(labels, xp.asarray(kept))
     timings["segment"] = time.perf_counter() - started
     started = time.perf_counter()
     where = [to_numpy(xp.nonzero(keep.any(axis=tuple(a for a in range(3) if a != axis)))[0]) for axis in range(3)]
     crop = tuple(slice(max(0, int(w[0]) - 2), int(w[-1]) + 3) for w in where)
-    near = ndi.binary_dilation(keep[crop], iterations=2)
+    # the surface sees the kept parts and everything below the threshold, never the other parts
+    other = mask[crop] & ~keep[crop]
+    del labels, mask
     lowest = float(level) - 1000.0
-    cropped = xp.where(near, values[crop], lowest).astype(xp.float32)
+    cropped = xp.where(other, xp.float32(lowest), values[crop]).astype(xp.float32)
+    del other, values
     padded = xp.pad(cropped, 1, mode="constant", constant_values=lowest)   # closed surfaces at the edges
     timings["prepare"] = time.perf_counter() - started
     return Segmentation(to_numpy(padded), level, how, len(kept), crop, timings)
+
+
+def _smooth(values, sigma: list[float], xp):
+    """A 3-D Gaussian blur; with NumPy each axis's pass split in two halves for two threads."""
+    ndi = ndimage_of(xp)
+    if xp.__name__ != "numpy":
+        return ndi.gaussian_filter(values, sigma, truncate=3.0)
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = values.astype(np.float32, copy=True)
+    with ThreadPoolExecutor(2) as pool:
+        for axis, s in enumerate(sigma):
+            split = 1 if axis == 0 else 0                 # cut across an axis the pass does not run along
+            half = out.shape[split] // 2
+            parts = [tuple(slice(None) if a != split else part for a in range(3))
+                     for part in (slice(0, half), slice(half, None))]
+
+            def run(index, axis=axis, s=s):
+                out[index] = ndi.gaussian_filter1d(out[index], s, axis=axis, truncate=3.0)
+            list(pool.map(run, parts))
+    return out
 
 
 @dataclass
@@ -108,14 +131,17 @@ class Mesh:
         return trimesh.Trimesh(self.vertices, self.faces, vertex_normals=self.normals, process=False)
 
 
-def surface(volume: Volume, seg: Segmentation, *, budget: int, step: int | None = None) -> tuple[Mesh, dict]:
-    """The full-resolution surface (in patient mm) of the kept parts, and what it took."""
+def surface(volume: Volume, seg: Segmentation, *, resolution_mm: float = 1.0, step: int | None = None
+            ) -> tuple[Mesh, dict]:
+    """The surface (in patient mm) of the kept parts, marching cubes every `step` voxels: by default
+    as many as make about `resolution_mm` (a triangle budget of 100k on a skull means ~2 mm
+    triangles: sampling finer only makes decimation slower)."""
     from skimage.measure import marching_cubes
 
     timings = {}
     started = time.perf_counter()
-    voxels = seg.field.size
-    step = step or (2 if voxels > 60_000_000 else 1)
+    if step is None:
+        step = max(1, int(round(resolution_mm / min(volume.spacing)))) if resolution_mm > 0 else 1
     verts, faces, _, _ = marching_cubes(seg.field, level=seg.threshold, spacing=volume.spacing, step_size=step,
                                         allow_degenerate=False)
     timings["marching_cubes"] = time.perf_counter() - started
@@ -130,20 +156,22 @@ SPECK = 0.002      # bodies with less than this share of the surface are specks 
 def simplify(mesh: Mesh, triangles: int, smooth: bool = True) -> Mesh:
     """Quadric decimation to about `triangles`, light Taubin smoothing, a closed and consistently
     outward surface per body (MeshFix mends what decimation breaks where thin bone brings two
-    surfaces together), vertex normals. Specks are dropped."""
+    surfaces together), vertex normals. Specks (under SPECK of the surface) are dropped."""
+    import fast_simplification
     import trimesh
 
-    tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=True, validate=False)
-    bodies = tm.split(only_watertight=False)
-    bodies = [b for b in bodies if len(b.faces) >= SPECK * len(tm.faces)] or list(bodies)
-    tm = trimesh.util.concatenate(bodies) if len(bodies) > 1 else bodies[0]
-    if len(tm.faces) > triangles:
-        tm = tm.simplify_quadric_decimation(face_count=triangles)
+    vertices, faces = mesh.vertices, mesh.faces
+    if len(faces) > triangles:
+        vertices, faces = fast_simplification.simplify(vertices.astype(np.float32), faces.astype(np.int32),
+                                                       target_count=triangles, agg=9)   # faster, area within 0.1%
+    tm = trimesh.Trimesh(vertices.astype(np.float64), faces, process=True, validate=False)
     if smooth:
         trimesh.smoothing.filter_taubin(tm, lamb=0.5, nu=-0.53, iterations=6)
-    parts = [_closed(body) for body in tm.split(only_watertight=False) if len(body.faces) >= 4]
-    tm = trimesh.util.concatenate(parts) if len(parts) > 1 else parts[0]
-    tm = _closed(tm)                       # bodies may touch once joined at float32 precision
+    bodies = [b for b in tm.split(only_watertight=False) if len(b.faces) >= max(4, SPECK * len(tm.faces))]
+    if not bodies:
+        raise PluginError("the surface fell apart into specks: lower the threshold or raise the triangle budget")
+    parts = [_closed(body) for body in bodies]
+    tm = _closed(trimesh.util.concatenate(parts) if len(parts) > 1 else parts[0])  # bodies may touch once joined
     return Mesh(np.asarray(tm.vertices), np.asarray(tm.faces, dtype=np.int64), np.asarray(tm.vertex_normals))
 
 

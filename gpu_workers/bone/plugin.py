@@ -35,6 +35,8 @@ class BoneModel:
         Param("phone_triangles", "int", 25000, "Triangles of the level of detail for phones.", 500, 500000),
         Param("keep_fraction", "float", 0.1, "Connected parts kept: at least this share of the largest one "
               "(drops the table and the head rest).", 0.0, 1.0),
+        Param("resolution_mm", "float", 1.0, "Marching cubes sampling: every voxel, or every few voxels to about "
+              "this (the triangle budget sets the detail kept); 0: every voxel.", 0.0, 5.0, unit="mm"),
     )
     wants_gpu = True
 
@@ -52,7 +54,7 @@ class BoneModel:
                               smoothing_mm=params["smoothing_mm"], keep_fraction=params["keep_fraction"])
         timings.update(seg.timings)
         ctx.progress(0.4, "marching cubes")
-        full, surface_timings = meshing.surface(volume, seg, budget=params["triangles"])
+        full, surface_timings = meshing.surface(volume, seg, resolution_mm=params["resolution_mm"])
         timings.update(surface_timings)
         ctx.progress(0.6, f"decimating {len(full.faces)} triangles")
         clock = time.perf_counter()

@@ -50,13 +50,15 @@ def _rescaled(pixels: np.ndarray, slope, intercept) -> np.ndarray:
     return pixels.astype(np.float32) * np.float32(float(slope or 1)) + np.float32(float(intercept or 0))
 
 
-def _stack(planes: list[tuple[np.ndarray, np.ndarray]], row: np.ndarray, col: np.ndarray, pixel_spacing,
+def _stack(planes: list[tuple[np.ndarray, object]], row: np.ndarray, col: np.ndarray, pixel_spacing,
            frame: str | None) -> Volume:
-    """planes: (image position, rescaled pixels); one orientation and pixel spacing for all."""
+    """planes: (image position, a function giving the rescaled pixels); one orientation and pixel
+    spacing for all. The geometry is checked before any pixels are decoded; then each slice is
+    decoded straight into its place in the volume (one copy of the data in memory)."""
     if len(planes) < MIN_SLICES:
         raise PluginError(f"{len(planes)} slice(s): a volume needs at least {MIN_SLICES} (a single image "
                           "cannot make a 3D model)")
-    shapes = {p.shape for _, p in planes}
+    shapes = {shape for _, (shape, _) in planes}
     if len(shapes) != 1:
         raise PluginError(f"the slices have different sizes: {sorted(shapes)}")
     normal = np.cross(row, col)
@@ -73,7 +75,9 @@ def _stack(planes: list[tuple[np.ndarray, np.ndarray]], row: np.ndarray, col: np
     if np.abs(sideways).max() > max(0.5, 0.05 * np.median(steps)):
         raise PluginError("the slices are shifted sideways along the stack (gantry tilt or a sheared series): "
                           "resample it to an orthogonal volume first")
-    values = np.stack([planes[i][1] for i in order]).astype(np.float32)
+    values = np.empty((len(planes), *shapes.pop()), dtype=np.float32)
+    for k, i in enumerate(order):
+        values[k] = planes[i][1][1]()
     row_spacing, col_spacing = float(pixel_spacing[0]), float(pixel_spacing[1])
     if row_spacing <= 0 or col_spacing <= 0:
         raise PluginError("Pixel Spacing must be positive")
@@ -104,7 +108,8 @@ def load(datasets: list[Dataset]) -> Volume:
         if "ImagePositionPatient" not in ds:
             raise PluginError("a slice has no Image Position (Patient)")
         planes.append((np.array([float(v) for v in ds.ImagePositionPatient]),
-                       _rescaled(ds.pixel_array, ds.get("RescaleSlope"), ds.get("RescaleIntercept"))))
+                       ((int(ds.Rows), int(ds.Columns)),
+                        lambda ds=ds: _rescaled(ds.pixel_array, ds.get("RescaleSlope"), ds.get("RescaleIntercept")))))
     frames = {ds.get("FrameOfReferenceUID") for ds in datasets}
     return _stack(planes, row, col, datasets[0].PixelSpacing, frames.pop() if len(frames) == 1 else None)
 
@@ -133,6 +138,7 @@ def _enhanced(ds: Dataset) -> Volume:
         if position is None:
             raise PluginError(f"frame {i + 1} has no plane position")
         planes.append((np.array([float(v) for v in position]),
-                       _rescaled(pixels[i], _group(ds, i, "PixelValueTransformationSequence", "RescaleSlope"),
-                                 _group(ds, i, "PixelValueTransformationSequence", "RescaleIntercept"))))
+                       ((int(ds.Rows), int(ds.Columns)),
+                        lambda i=i: _rescaled(pixels[i], _group(ds, i, "PixelValueTransformationSequence", "RescaleSlope"),
+                                              _group(ds, i, "PixelValueTransformationSequence", "RescaleIntercept")))))
     return _stack(planes, row, col, spacing, ds.get("FrameOfReferenceUID"))
