@@ -35,6 +35,8 @@ bench: install
 	$(BIN)/python bench/query.py
 	$(BIN)/python bench/offload.py
 	$(BIN)/python bench/router.py
+	$(BIN)/python bench/mammo_froc.py
+	$(BIN)/python bench/bone_mesh.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
