@@ -288,6 +288,40 @@ class RouterSection:
 
 
 @dataclass(frozen=True)
+class ViewerSection:
+    enabled: bool = setting(True, "Run the web viewer with the node (a process of its own); `m3dicom viewer` runs "
+                            "it alone.")
+    host: str = setting("127.0.0.1", "Address the viewer listens on. Beyond loopback it needs TLS and at least "
+                        "one user, or it refuses to start.")
+    port: int = setting(8443, "Port of the viewer (HTTPS).")
+    tls: bool = setting(True, "Serve HTTPS with the node's certificate (or the one below).")
+    certificate: Path | None = setting(None, "Certificate (PEM) of the viewer; default: dicom.certificate.", path=True)
+    private_key: Path | None = setting(None, "Its private key (PEM); default: dicom.private_key.", path=True)
+    session_idle_minutes: float = setting(30.0, "A session unused this long ends.")
+    session_hours: float = setting(12.0, "A session ends this long after its login, used or not.")
+    share_link_days: float = setting(7.0, "Default lifetime of a share link (at most 90 days).")
+    max_upload_mb: int = setting(2048, "Largest upload (all files of one request together), MB.")
+    max_file_mb: int = setting(1024, "Largest single file of an upload (or inside a zip), MB.")
+    image_cache_mb: int = setting(512, "Memory for decoded images and rendered tiles.")
+    public_url: str = setting("", "The viewer's address as clinicians reach it (share links use it); empty: "
+                              "https://host:port.")
+
+    def validate(self) -> None:
+        _check_port("viewer.port", self.port, allow_zero=False)
+        for name in ("session_idle_minutes", "session_hours"):
+            if not 0 < getattr(self, name) <= 24 * 30 * 60:
+                raise ConfigError(f"viewer.{name}: must be positive")
+        if not 0 < self.share_link_days <= 90:
+            raise ConfigError("viewer.share_link_days: must be between 0 and 90")
+        if not 1 <= self.max_file_mb <= self.max_upload_mb <= 1 << 20:
+            raise ConfigError("viewer.max_file_mb / max_upload_mb: 1 <= max_file_mb <= max_upload_mb")
+        if not 16 <= self.image_cache_mb <= 1 << 16:
+            raise ConfigError("viewer.image_cache_mb: must be between 16 and 65536")
+        if self.public_url and not re.match(r"^https?://[^\s/]+(:\d+)?(/.*)?$", self.public_url):
+            raise ConfigError(f"viewer.public_url: {self.public_url!r} is not an http(s) address")
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = setting("INFO", "Log level of the node.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -301,6 +335,7 @@ class Config:
     crypto: CryptoSection = field(default_factory=CryptoSection)
     query: QuerySection = field(default_factory=QuerySection)
     router: RouterSection = field(default_factory=RouterSection)
+    viewer: ViewerSection = field(default_factory=ViewerSection)
     log: LogSection = field(default_factory=LogSection)
     remote: dict = field(default_factory=dict)   # name -> RemoteNode
 

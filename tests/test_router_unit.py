@@ -149,7 +149,7 @@ def test_jobs_requested_through_the_api(setup, tmp_path):
     make, clock = setup
     router, archive = make([])
     ingest(archive, synthetic_instances(tmp_path / "a", 1, study="1.2.3.4"), clock, 1000.0)
-    assert set(plugins_for_study(archive.index, router.plugins, "1.2.3.4")) == {"test-sc", "test-fail"}
+    assert set(plugins_for_study(archive.index, router.plugins, "1.2.3.4")) == {"test-sc", "test-fail", "bone-model"}
     with pytest.raises(JobRequestError, match="no plug-in"):
         request_job(archive.index, router.plugins, study_uid="1.2.3.4", plugin="nope", params={}, created_by="t")
     with pytest.raises(JobRequestError, match="takes no series"):

@@ -1,0 +1,259 @@
+"""People, sessions, share links and the audit trail, in the index. No HTTP here.
+
+- Passwords: scrypt (memory-hard: n=2^15, r=8, p=1, 32 MiB), a random salt each.
+- Sessions: a random token in an HttpOnly cookie; the index keeps only its SHA-256, so a
+  copy of the index opens no session. Each has a CSRF token, an idle and an absolute limit.
+- Failed logins are counted per user name and per address; the answer is slowed down
+  (doubling, up to 8 s) and is the same whatever was wrong.
+- Share links: a random id and its expiry, signed (HMAC-SHA256) with the viewer's secret,
+  kept in the index so they can be revoked; a share session sees one study, read-only.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from archive.index import Index
+
+ROLES = ("clinician", "admin")
+_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1
+MAX_DELAY = 8.0
+
+
+class AccountError(ValueError):
+    """A user cannot be made or changed as asked."""
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, maxmem=64 << 20,
+                            dklen=32)
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+    except ValueError:
+        return False
+    if scheme != "scrypt":
+        return False
+    candidate = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p),
+                               maxmem=64 << 20, dklen=len(digest) // 2)
+    return hmac.compare_digest(candidate.hex(), digest)
+
+
+@functools.lru_cache(maxsize=1)
+def _dummy_hash() -> str:
+    """Checked against when the user does not exist: wrong names take as long as wrong passwords."""
+    return hash_password(secrets.token_hex(8))
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: str
+
+
+def add_user(index: Index, name: str, password: str, role: str = "clinician", replace: bool = False) -> User:
+    if not _NAME.match(name):
+        raise AccountError(f"user name {name!r}: 1-64 letters, digits, '.', '_', '@' or '-'")
+    if role not in ROLES:
+        raise AccountError(f"role {role!r}: one of {', '.join(ROLES)}")
+    if len(password) < 10:
+        raise AccountError("the password needs at least 10 characters")
+    with index.write() as conn:
+        exists = conn.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone()
+        if exists and not replace:
+            raise AccountError(f"user {name!r} exists (change a password with `m3dicom user passwd`)")
+        conn.execute("INSERT INTO users (name, role, password, created_at) VALUES (?,?,?,?) ON CONFLICT(name) "
+                     "DO UPDATE SET role=excluded.role, password=excluded.password, disabled=0",
+                     (name, role, hash_password(password), time.time()))
+        if exists:   # a new password ends the sessions opened with the old one
+            conn.execute("DELETE FROM sessions WHERE user_name=?", (name,))
+    return User(name, role)
+
+
+def users(index: Index) -> list[tuple[str, str, bool]]:
+    return [(r["name"], r["role"], bool(r["disabled"])) for r in index.query("SELECT * FROM users ORDER BY name")]
+
+
+def count_users(index: Index) -> int:
+    return index.query("SELECT COUNT(*) FROM users WHERE disabled=0")[0][0]
+
+
+def failure_delay(index: Index, name: str, address: str) -> float:
+    """Seconds to wait before answering a login attempt (grows with recent failures)."""
+    rows = index.query("SELECT count, last FROM login_failures WHERE key IN (?, ?)", (f"user:{name}", f"addr:{address}"))
+    recent = [r["count"] for r in rows if time.time() - r["last"] < 900]
+    failures = max(recent, default=0)
+    return 0.0 if failures == 0 else min(MAX_DELAY, 0.25 * 2 ** (failures - 1))
+
+
+def authenticate(index: Index, name: str, password: str, address: str) -> User | None:
+    """The user when name and password are right (counted as a failure otherwise)."""
+    rows = index.query("SELECT name, role, password, disabled FROM users WHERE name=?", (name,))
+    stored = rows[0]["password"] if rows else _dummy_hash()
+    ok = check_password(password, stored) and bool(rows) and not rows[0]["disabled"]
+    now = time.time()
+    with index.write() as conn:
+        for key in (f"user:{name}", f"addr:{address}"):
+            if ok and key.startswith("user:"):
+                conn.execute("DELETE FROM login_failures WHERE key=?", (key,))
+            elif not ok:
+                conn.execute("INSERT INTO login_failures (key, count, last) VALUES (?, 1, ?) ON CONFLICT(key) DO UPDATE "
+                             "SET count = CASE WHEN ? - last > 900 THEN 1 ELSE count + 1 END, last=excluded.last",
+                             (key, now, now))
+    return User(rows[0]["name"], rows[0]["role"]) if ok else None
+
+
+# -- sessions ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Session:
+    token_hash: str
+    user: User | None
+    study_uid: str | None        # set: a share-link session, this study only
+    share_id: str | None
+    csrf: str
+    expires_at: float
+
+    @property
+    def is_share(self) -> bool:
+        return self.user is None
+
+    @property
+    def who(self) -> str:
+        return self.user.name if self.user else f"share:{self.share_id}"
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def open_session(index: Index, *, user: User | None = None, share_id: str | None = None,
+                 study_uid: str | None = None, hours: float, now: float | None = None) -> tuple[str, Session]:
+    """(cookie token, session)."""
+    now = time.time() if now is None else now
+    token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
+    expires = now + hours * 3600
+    with index.write() as conn:
+        conn.execute("INSERT INTO sessions (token_hash, user_name, share_id, study_uid, csrf, created_at, last_seen, "
+                     "expires_at) VALUES (?,?,?,?,?,?,?,?)",
+                     (_digest(token), user.name if user else None, share_id, study_uid, csrf, now, now, expires))
+        conn.execute("DELETE FROM sessions WHERE expires_at < ?", (now,))
+    return token, Session(_digest(token), user, study_uid, share_id, csrf, expires)
+
+
+def session(index: Index, token: str | None, idle_minutes: float, now: float | None = None) -> Session | None:
+    """The live session of a cookie token (its last use refreshed), or None."""
+    if not token or len(token) > 200:
+        return None
+    now = time.time() if now is None else now
+    rows = index.query("SELECT s.*, u.role, u.disabled FROM sessions s LEFT JOIN users u ON u.name = s.user_name "
+                       "WHERE s.token_hash=?", (_digest(token),))
+    if not rows:
+        return None
+    row = rows[0]
+    expired = now > row["expires_at"] or now - row["last_seen"] > idle_minutes * 60
+    user_gone = row["user_name"] is not None and (row["role"] is None or row["disabled"])
+    share_gone = row["share_id"] is not None and not share_valid(index, row["share_id"], now)
+    if expired or user_gone or share_gone:
+        close_session(index, token)
+        return None
+    if now - row["last_seen"] > 30:     # refresh at most every 30 s: fewer writes
+        with index.write() as conn:
+            conn.execute("UPDATE sessions SET last_seen=? WHERE token_hash=?", (now, row["token_hash"]))
+    user = User(row["user_name"], row["role"]) if row["user_name"] else None
+    return Session(row["token_hash"], user, row["study_uid"], row["share_id"], row["csrf"], row["expires_at"])
+
+
+def close_session(index: Index, token: str) -> None:
+    with index.write() as conn:
+        conn.execute("DELETE FROM sessions WHERE token_hash=?", (_digest(token),))
+
+
+# -- share links ---------------------------------------------------------------------------
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _sign(secret: bytes, message: str) -> str:
+    return _b64(hmac.new(secret, message.encode(), hashlib.sha256).digest())
+
+
+def create_share(index: Index, secret: bytes, study_uid: str, created_by: str, days: float) -> tuple[str, float]:
+    """(the link's token, its expiry)."""
+    link_id, now = secrets.token_urlsafe(12), time.time()
+    expires = now + days * 86400
+    with index.write() as conn:
+        conn.execute("INSERT INTO share_links (id, study_uid, created_by, created_at, expires_at) VALUES (?,?,?,?,?)",
+                     (link_id, study_uid, created_by, now, expires))
+    message = f"{link_id}.{int(expires)}"
+    return f"{message}.{_sign(secret, message)}", expires
+
+
+def open_share(index: Index, secret: bytes, token: str, now: float | None = None) -> tuple[str, str] | None:
+    """(link id, study UID) of a valid link token, or None (bad signature, unknown, expired, revoked)."""
+    now = time.time() if now is None else now
+    parts = token.split(".")
+    if len(parts) != 3 or len(token) > 200:
+        return None
+    link_id, expires, signature = parts
+    if not hmac.compare_digest(_sign(secret, f"{link_id}.{expires}"), signature):
+        return None
+    if not share_valid(index, link_id, now):
+        return None
+    return link_id, index.query("SELECT study_uid FROM share_links WHERE id=?", (link_id,))[0][0]
+
+
+def share_valid(index: Index, link_id: str, now: float | None = None) -> bool:
+    rows = index.query("SELECT expires_at, revoked_at FROM share_links WHERE id=?", (link_id,))
+    return bool(rows) and rows[0]["revoked_at"] is None and (time.time() if now is None else now) < rows[0]["expires_at"]
+
+
+def revoke_share(index: Index, link_id: str) -> bool:
+    with index.write() as conn:
+        changed = conn.execute("UPDATE share_links SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
+                               (time.time(), link_id)).rowcount
+        conn.execute("DELETE FROM sessions WHERE share_id=?", (link_id,))
+    return bool(changed)
+
+
+def shares(index: Index, study_uid: str) -> list[dict]:
+    return [dict(r) for r in index.query("SELECT id, created_by, created_at, expires_at, revoked_at FROM share_links "
+                                         "WHERE study_uid=? ORDER BY created_at DESC", (study_uid,))]
+
+
+# -- audit ---------------------------------------------------------------------------------
+
+def audit(index: Index, who: str | None, action: str, outcome: str = "ok", *, study_uid: str | None = None,
+          detail: str | None = None, address: str | None = None) -> None:
+    with index.write() as conn:
+        conn.execute("INSERT INTO audit (time, user_name, action, study_uid, outcome, detail, address) "
+                     "VALUES (?,?,?,?,?,?,?)", (time.time(), who, action, study_uid, outcome,
+                                                (detail or "")[:500] or None, address))
+
+
+def secret_key(data_dir) -> bytes:
+    """The viewer's signing secret: a 0600 file in the data directory, made once."""
+    path = data_dir / "keys" / "viewer.secret"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secrets.token_bytes(32))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path.read_bytes()

@@ -1,0 +1,541 @@
+"""Routes of the viewer: pages, and the JSON API the pages' scripts use.
+
+Every path parameter is checked against what it must be (a UID: digits and dots; a job id:
+16 hex digits; a job file: one of that job's results by name) before anything is looked up:
+nothing from a URL becomes a path. A share-link session sees one study: its pages, its
+images, its results; the list, uploads, jobs and sharing answer 403.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from urllib.parse import quote
+
+from aiohttp import web
+
+from archive.query import STUDY_ROOT, Query, QueryError
+from router import queue
+from router.api import JobRequestError, plugins_for_study, request_job
+from router.jobs import IllegalTransition
+
+from . import accounts, upload
+from .app import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, JOB_ID, PLUGINS, SECRET, render, run,
+                  valid_uid)
+from .images import NotAnImage
+
+PAGE = 50
+
+
+def routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/", home)
+    r.add_get("/login", login_page)
+    r.add_post("/login", login)
+    r.add_post("/logout", logout)
+    r.add_get("/s/{token}", open_share)
+    r.add_get("/studies", studies_page)
+    r.add_get("/studies/{study}", study_page)
+    r.add_get("/studies/{study}/model/{job}", model_page)
+    r.add_get("/api/studies", api_studies)
+    r.add_get("/api/studies/{study}", api_study)
+    r.add_get("/api/studies/{study}/findings", api_findings)
+    r.add_get("/api/studies/{study}/jobs", api_jobs)
+    r.add_get("/api/studies/{study}/plugins", api_plugins)
+    r.add_post("/api/studies/{study}/jobs", api_start_job)
+    r.add_post("/api/studies/{study}/share", api_share)
+    r.add_get("/api/studies/{study}/shares", api_shares)
+    r.add_post("/api/shares/{share}/revoke", api_revoke)
+    r.add_post("/api/jobs/{job}/cancel", api_cancel)
+    r.add_get("/api/jobs/{job}/files/{name}", api_job_file)
+    r.add_get("/api/instances/{instance}/info", api_info)
+    r.add_get("/api/instances/{instance}/render", api_render)
+    r.add_get("/api/instances/{instance}/sr", api_sr)
+    r.add_get("/api/instances/{instance}/download", api_download)
+    r.add_post("/api/upload", upload.handle)
+    r.add_get("/api/events", api_events)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+def _json(data, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
+
+
+def _forbidden(why: str) -> web.HTTPForbidden:
+    return web.HTTPForbidden(text=json.dumps({"error": why}), content_type="application/json")
+
+
+def _not_found(what: str) -> web.HTTPNotFound:
+    return web.HTTPNotFound(text=json.dumps({"error": f"no such {what}"}), content_type="application/json")
+
+
+def _address(request: web.Request) -> str:
+    return request.remote or "?"
+
+
+async def _audit(request: web.Request, action: str, outcome: str = "ok", **extra) -> None:
+    session = request.get("session")
+    await run(request, lambda: accounts.audit(request.app[ARCHIVE].index, session.who if session else
+                                              extra.pop("who", None), action, outcome, address=_address(request),
+                                              **extra))
+
+
+def _people_only(request: web.Request) -> None:
+    if request["session"].is_share:
+        raise _forbidden("a share link opens one study, read-only")
+
+
+def _study(request: web.Request, study_uid: str) -> str:
+    """The study UID of the path, checked (format, and a share session's one study)."""
+    if not valid_uid(study_uid):
+        raise _not_found("study")
+    session = request["session"]
+    if session.is_share and study_uid != session.study_uid:
+        raise _forbidden("a share link opens one study, read-only")
+    return study_uid
+
+
+async def _instance(request: web.Request) -> tuple[str, str]:
+    """(SOP Instance UID, its study) of the path, checked."""
+    uid = request.match_info["instance"]
+    if not valid_uid(uid):
+        raise _not_found("instance")
+    rows = await run(request, request.app[ARCHIVE].index.query,
+                     "SELECT s.study_uid FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies s "
+                     "ON se.study_pk = s.pk WHERE i.sop_instance_uid=?", (uid,))
+    if not rows:
+        raise _not_found("instance")
+    return uid, _study(request, rows[0][0])
+
+
+async def _job(request: web.Request) -> queue.JobRecord:
+    job_id = request.match_info["job"]
+    if not JOB_ID.match(job_id):
+        raise _not_found("job")
+    try:
+        job = await run(request, queue.get, request.app[ARCHIVE].index, job_id)
+    except queue.JobNotFound:
+        raise _not_found("job") from None
+    _study(request, job.study_uid)
+    return job
+
+
+# -- pages -----------------------------------------------------------------------------------
+
+async def home(request: web.Request) -> web.Response:
+    session = request["session"]
+    if session is None:
+        raise web.HTTPFound("/login")
+    raise web.HTTPFound(f"/studies/{session.study_uid}" if session.is_share else "/studies")
+
+
+async def login_page(request: web.Request) -> web.Response:
+    return render(request, "login.html", next=_next(request.query.get("next", "")), error=None)
+
+
+def _next(target: str) -> str:
+    """Only a path on this site (never another host) to go back to after logging in."""
+    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/studies"
+
+
+async def login(request: web.Request) -> web.Response:
+    form = await request.post()
+    name, password = str(form.get("user", ""))[:64], str(form.get("password", ""))[:1024]
+    index = request.app[ARCHIVE].index
+    delay = await run(request, accounts.failure_delay, index, name, _address(request))
+    await asyncio.sleep(delay)
+    user = await run(request, accounts.authenticate, index, name, password, _address(request))
+    if user is None:
+        await _audit(request, "login", "refused", who=name or None, detail="wrong user name or password")
+        response = render(request, "login.html", next=_next(str(form.get("next", ""))),
+                          error="Wrong user name or password.")
+        response.set_status(401)
+        return response
+    token, session = await run(request, lambda: accounts.open_session(
+        index, user=user, hours=request.app[CONFIG].viewer.session_hours, now=request.app[CLOCK]()))
+    request["session"] = session
+    await _audit(request, "login")
+    response = web.HTTPFound(_next(str(form.get("next", ""))))
+    _set_cookie(request, response, token)
+    raise response
+
+
+def _set_cookie(request: web.Request, response, token: str) -> None:
+    response.set_cookie(COOKIE, token, httponly=True, secure=request.app[CONFIG].viewer.tls, samesite="Strict",
+                        path="/", max_age=int(request.app[CONFIG].viewer.session_hours * 3600))
+
+
+async def logout(request: web.Request) -> web.Response:
+    await run(request, accounts.close_session, request.app[ARCHIVE].index, request.cookies.get(COOKIE))
+    await _audit(request, "logout")
+    response = web.HTTPFound("/login")
+    response.del_cookie(COOKIE, path="/")
+    raise response
+
+
+async def open_share(request: web.Request) -> web.Response:
+    """A share link: a session for one study, read-only. The token is never logged."""
+    index, now = request.app[ARCHIVE].index, request.app[CLOCK]()
+    found = await run(request, accounts.open_share, index, request.app[SECRET], request.match_info["token"], now)
+    if found is None:
+        await _audit(request, "share_open", "refused", who="share:?", detail="invalid, expired or revoked link")
+        raise web.HTTPForbidden(text="This link is not valid: it may have expired or been revoked.")
+    link_id, study_uid = found
+    hours = min(request.app[CONFIG].viewer.session_hours, 12.0)
+    token, session = await run(request, lambda: accounts.open_session(index, share_id=link_id, study_uid=study_uid,
+                                                                        hours=hours, now=now))
+    request["session"] = session
+    await _audit(request, "share_open", study_uid=study_uid)
+    response = web.HTTPFound(f"/studies/{study_uid}")
+    _set_cookie(request, response, token)
+    raise response
+
+
+async def studies_page(request: web.Request) -> web.Response:
+    _people_only(request)
+    return render(request, "studies.html", query=dict(request.query))
+
+
+async def study_page(request: web.Request) -> web.Response:
+    study_uid = _study(request, request.match_info["study"])
+    detail = await run(request, _study_detail, request.app[ARCHIVE].index, study_uid)
+    if detail is None:
+        raise web.HTTPNotFound(text="no such study")
+    await _audit(request, "view", study_uid=study_uid)
+    return render(request, "study.html", study=detail)
+
+
+async def model_page(request: web.Request) -> web.Response:
+    job = await _job(request)
+    results = await run(request, queue.results, request.app[ARCHIVE].index, job.id)
+    names = {r["name"] for r in results if r["kind"] == "file"}
+    if "model.x3d" not in names:
+        raise web.HTTPNotFound(text="this job made no 3D model")
+    await _audit(request, "view_model", study_uid=job.study_uid, detail=job.id)
+    return render(request, "model.html", job=job, phone="model-phone.x3d" in names)
+
+
+# -- studies ---------------------------------------------------------------------------------
+
+def _identifier(params) -> "pydicom.Dataset":
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    name = params.get("name", "").strip()
+    ds.PatientName = name if ("*" in name or not name) else f"*{name}*"
+    ds.PatientID = params.get("id", "").strip()
+    low, high = params.get("from", "").replace("-", ""), params.get("to", "").replace("-", "")
+    ds.StudyDate = f"{low}-{high}" if (low or high) else ""
+    ds.ModalitiesInStudy = params.get("modality", "").strip().upper()
+    ds.AccessionNumber = params.get("accession", "").strip()
+    for keyword in ("StudyInstanceUID", "StudyTime", "StudyDescription", "NumberOfStudyRelatedInstances"):
+        setattr(ds, keyword, "")
+    return ds
+
+
+def _search(index, params: dict, page: int) -> dict:
+    query = Query(STUDY_ROOT, _identifier(params))
+    sql = query.sql + f" LIMIT {PAGE + 1} OFFSET {page * PAGE}"
+    with index.reader() as conn:
+        rows = conn.execute(sql, query.params).fetchall()
+        found = [{"study_uid": r["StudyInstanceUID"], "patient_name": r["PatientName"], "patient_id": r["PatientID"],
+                  "date": r["StudyDate"], "time": r["StudyTime"], "description": r["StudyDescription"],
+                  "accession": r["AccessionNumber"], "modalities": r["ModalitiesInStudy"],
+                  "instances": r["NumberOfStudyRelatedInstances"]} for r in rows[:PAGE]]
+        uids = [s["study_uid"] for s in found]
+        if uids:
+            marks = ",".join("?" * len(uids))
+            states = {}
+            for row in conn.execute(f"SELECT study_uid, state, COUNT(*) FROM jobs WHERE study_uid IN ({marks}) "
+                                    "GROUP BY study_uid, state", uids):
+                states.setdefault(row[0], {})[row[1]] = row[2]
+            for study in found:
+                study["jobs"] = states.get(study["study_uid"], {})
+    return {"studies": found, "page": page, "more": len(rows) > PAGE}
+
+
+async def api_studies(request: web.Request) -> web.Response:
+    _people_only(request)
+    try:
+        page = max(0, min(int(request.query.get("page", "0")), 10000))
+    except ValueError:
+        raise web.HTTPBadRequest(text='{"error": "page must be a number"}', content_type="application/json") from None
+    try:
+        result = await run(request, _search, request.app[ARCHIVE].index, dict(request.query), page)
+    except QueryError as exc:
+        raise web.HTTPBadRequest(text=json.dumps({"error": str(exc)}), content_type="application/json") from None
+    return _json(result)
+
+
+def _study_detail(index, study_uid: str) -> dict | None:
+    rows = index.query("SELECT s.study_uid, s.study_date, s.study_description, s.accession_number, p.patient_name, "
+                       "p.patient_id, p.birth_date, p.sex FROM studies s JOIN patients p ON s.patient_pk = p.pk "
+                       "WHERE s.study_uid=?", (study_uid,))
+    if not rows:
+        return None
+    study = dict(rows[0])
+    series = []
+    for se in index.query("SELECT se.pk, se.series_uid, se.modality, se.series_number, se.series_description "
+                          "FROM series se JOIN studies s ON se.study_pk = s.pk WHERE s.study_uid=? "
+                          "ORDER BY se.series_number, se.pk", (study_uid,)):
+        instances = [dict(r) for r in index.query(
+            "SELECT sop_instance_uid, sop_class_uid, instance_number, job_id FROM instances WHERE series_pk=? "
+            "ORDER BY instance_number, pk", (se["pk"],))]
+        series.append({"series_uid": se["series_uid"], "modality": se["modality"], "number": se["series_number"],
+                       "description": se["series_description"], "instances": instances,
+                       "result": any(i["job_id"] for i in instances)})
+    study["series"] = series
+    return study
+
+
+async def api_study(request: web.Request) -> web.Response:
+    study_uid = _study(request, request.match_info["study"])
+    detail = await run(request, _study_detail, request.app[ARCHIVE].index, study_uid)
+    if detail is None:
+        raise _not_found("study")
+    return _json(detail)
+
+
+def _findings(archive, study_uid: str) -> dict:
+    """Marks to overlay, by source instance: the newest succeeded job that wrote findings.json for
+    an image claims it (a later job supersedes an earlier one)."""
+    out: dict[str, dict] = {}
+    rows = archive.index.query(
+        "SELECT j.id, r.blob_id FROM jobs j JOIN job_results r ON r.job_id = j.id WHERE j.study_uid=? "
+        "AND j.state='succeeded' AND r.name='findings.json' ORDER BY j.finished_at DESC", (study_uid,))
+    for row in rows:
+        findings = json.loads(archive.storage.read_all(row["blob_id"]))
+        for kind in ("clusters", "calcifications"):
+            for mark in findings.get(kind, []):
+                uid = mark.get("sop_instance_uid")
+                target = out.setdefault(uid, {"clusters": [], "calcifications": [], "job_id": row["id"]}) if uid else None
+                if target is not None and target["job_id"] == row["id"]:
+                    target[kind].append(mark)
+    return out
+
+
+async def api_findings(request: web.Request) -> web.Response:
+    study_uid = _study(request, request.match_info["study"])
+    return _json(await run(request, _findings, request.app[ARCHIVE], study_uid))
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+async def api_jobs(request: web.Request) -> web.Response:
+    study_uid = _study(request, request.match_info["study"])
+    found = await run(request, lambda: queue.jobs(request.app[ARCHIVE].index, study_uid=study_uid))
+    out = []
+    for job in found:
+        item = {k: v for k, v in job.as_json().items() if k not in ("lease_expires", "worker")}
+        item["files"] = [r["name"] for r in await run(request, queue.results, request.app[ARCHIVE].index, job.id)
+                         if r["kind"] == "file"]
+        out.append(item)
+    return _json({"jobs": out})
+
+
+async def api_plugins(request: web.Request) -> web.Response:
+    from gpu_workers.plugin import describe
+
+    study_uid = _study(request, request.match_info["study"])
+    plugins = request.app[PLUGINS]
+    takes = await run(request, plugins_for_study, request.app[ARCHIVE].index, plugins, study_uid)
+    return _json({"plugins": [{**describe(plugins[name]), "series": series} for name, series in sorted(takes.items())],
+                  "can_start": not request["session"].is_share})
+
+
+async def api_start_job(request: web.Request) -> web.Response:
+    _people_only(request)
+    study_uid = _study(request, request.match_info["study"])
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(text='{"error": "expected JSON"}', content_type="application/json") from None
+    if not isinstance(body, dict) or not isinstance(body.get("params", {}), dict):
+        raise web.HTTPBadRequest(text='{"error": "expected {plugin, params}"}', content_type="application/json")
+    config = request.app[CONFIG]
+    try:
+        made = await run(request, lambda: request_job(
+            request.app[ARCHIVE].index, request.app[PLUGINS], study_uid=study_uid, plugin=str(body.get("plugin", "")),
+            params=body.get("params", {}), series=body.get("series") or None,
+            created_by=request["session"].user.name, max_attempts=config.router.max_attempts))
+    except JobRequestError as exc:
+        await _audit(request, "job", "refused", study_uid=study_uid, detail=str(exc))
+        return _json({"error": str(exc)}, status=400)
+    await _audit(request, "job", study_uid=study_uid, detail=f"{body.get('plugin')}: {', '.join(made)}")
+    return _json({"jobs": made}, status=201)
+
+
+async def api_cancel(request: web.Request) -> web.Response:
+    _people_only(request)
+    job = await _job(request)
+    from router.api import cancel
+    try:
+        await run(request, cancel, request.app[ARCHIVE].index, job.id)
+    except IllegalTransition as exc:
+        return _json({"error": str(exc)}, status=409)
+    await _audit(request, "job_cancel", study_uid=job.study_uid, detail=job.id)
+    return _json({"cancelled": job.id})
+
+
+async def api_job_file(request: web.Request) -> web.Response:
+    job = await _job(request)
+    name = request.match_info["name"]
+    results = await run(request, queue.results, request.app[ARCHIVE].index, job.id)
+    match = next((r for r in results if r["kind"] == "file" and r["name"] == name), None)
+    if match is None:                                    # only this job's files, by their recorded names
+        raise _not_found("file")
+    data = await run(request, request.app[ARCHIVE].storage.read_all, match["blob_id"])
+    await _audit(request, "download", study_uid=job.study_uid, detail=f"{job.id}/{name}")
+    return web.Response(body=data, content_type=match["media_type"].split(";")[0],
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+
+# -- sharing -----------------------------------------------------------------------------------
+
+async def api_share(request: web.Request) -> web.Response:
+    _people_only(request)
+    study_uid = _study(request, request.match_info["study"])
+    config = request.app[CONFIG].viewer
+    try:
+        body = await request.json() if request.can_read_body else {}
+        days = float(body.get("days", config.share_link_days))
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise web.HTTPBadRequest(text='{"error": "days must be a number"}', content_type="application/json") from None
+    if not 0 < days <= 90:
+        return _json({"error": "a link lasts between 0 and 90 days"}, status=400)
+    if await run(request, _study_detail, request.app[ARCHIVE].index, study_uid) is None:
+        raise _not_found("study")
+    token, expires = await run(request, accounts.create_share, request.app[ARCHIVE].index, request.app[SECRET],
+                               study_uid, request["session"].user.name, days)
+    await _audit(request, "share", study_uid=study_uid, detail=f"until {time.strftime('%Y-%m-%d %H:%M', time.localtime(expires))}")
+    base = config.public_url or f"{'https' if config.tls else 'http'}://{request.host}"
+    return _json({"url": f"{base.rstrip('/')}/s/{quote(token)}", "expires": expires}, status=201)
+
+
+async def api_shares(request: web.Request) -> web.Response:
+    _people_only(request)
+    study_uid = _study(request, request.match_info["study"])
+    return _json({"shares": await run(request, accounts.shares, request.app[ARCHIVE].index, study_uid)})
+
+
+async def api_revoke(request: web.Request) -> web.Response:
+    _people_only(request)
+    link_id = request.match_info["share"]
+    if not (0 < len(link_id) <= 32) or not link_id.replace("-", "").replace("_", "").isalnum():
+        raise _not_found("share link")
+    if not await run(request, accounts.revoke_share, request.app[ARCHIVE].index, link_id):
+        raise _not_found("share link")
+    await _audit(request, "share_revoke", detail=link_id)
+    return _json({"revoked": link_id})
+
+
+# -- instances -----------------------------------------------------------------------------------
+
+async def api_info(request: web.Request) -> web.Response:
+    uid, _ = await _instance(request)
+    try:
+        decoded = await run(request, request.app[IMAGES].decode, uid)
+    except NotAnImage as exc:
+        ds = await run(request, request.app[IMAGES].dataset, uid)
+        return _json({"image": False, "sop_class_uid": str(ds.SOPClassUID), "why": str(exc),
+                      "modality": str(ds.get("Modality", ""))})
+    return _json({"image": True, **decoded.info})
+
+
+def _numbers(query, names, kind=float):
+    try:
+        return [kind(query[n]) if n in query else None for n in names]
+    except ValueError:
+        raise web.HTTPBadRequest(text='{"error": "bad number in the query"}', content_type="application/json") from None
+
+
+async def api_render(request: web.Request) -> web.Response:
+    uid, _ = await _instance(request)
+    q = request.query
+    x, y, w, h, width, height, frame = _numbers(q, ("x", "y", "w", "h", "width", "height", "frame"), int)
+    center, window = _numbers(q, ("wc", "ww"))
+    fmt = q.get("format", "png")
+    if fmt not in ("png", "jpeg"):
+        raise web.HTTPBadRequest(text='{"error": "format: png or jpeg"}', content_type="application/json")
+    region = (x, y, w, h) if None not in (x, y, w, h) else None
+    size = (width, height) if None not in (width, height) else None
+    try:
+        data = await run(request, lambda: request.app[IMAGES].render(
+            uid, frame=frame or 0, region=region, size=size, window=(center, window) if None not in (center, window)
+            else None, fmt=fmt))
+    except NotAnImage as exc:
+        raise web.HTTPUnprocessableEntity(text=json.dumps({"error": str(exc)}), content_type="application/json")
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=json.dumps({"error": str(exc)}), content_type="application/json") from None
+    return web.Response(body=data, content_type=f"image/{fmt}", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _sr_items(sequence, depth: int = 0) -> list[dict]:
+    items = []
+    for item in sequence or []:
+        name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+        kind = str(item.get("ValueType", ""))
+        value = ""
+        if kind == "TEXT":
+            value = str(item.get("TextValue", ""))
+        elif kind == "CODE" and "ConceptCodeSequence" in item:
+            value = str(item.ConceptCodeSequence[0].CodeMeaning)
+        elif kind == "NUM" and "MeasuredValueSequence" in item:
+            measured = item.MeasuredValueSequence[0]
+            unit = measured.MeasurementUnitsCodeSequence[0].CodeValue if "MeasurementUnitsCodeSequence" in measured else ""
+            value = f"{measured.NumericValue} {unit}".strip()
+        elif kind in ("UIDREF", "DATETIME", "DATE", "TIME", "PNAME"):
+            value = str(item.get({"UIDREF": "UID", "DATETIME": "DateTime", "DATE": "Date", "TIME": "Time",
+                                  "PNAME": "PersonName"}[kind], ""))
+        elif kind == "SCOORD":
+            value = f"{item.get('GraphicType', '')} {list(item.get('GraphicData', []))[:4]}"
+        items.append({"name": str(name), "type": kind, "value": value,
+                      "children": _sr_items(item.get("ContentSequence"), depth + 1) if depth < 8 else []})
+    return items
+
+
+async def api_sr(request: web.Request) -> web.Response:
+    uid, _ = await _instance(request)
+    ds = await run(request, request.app[IMAGES].dataset, uid, True)
+    if "ContentSequence" not in ds:
+        raise web.HTTPUnprocessableEntity(text='{"error": "not a structured report"}', content_type="application/json")
+    title = ds.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in ds else "Report"
+    return _json({"title": str(title), "items": _sr_items(ds.ContentSequence)})
+
+
+async def api_download(request: web.Request) -> web.Response:
+    uid, study_uid = await _instance(request)
+    data = await run(request, request.app[IMAGES].file_bytes, uid)
+    await _audit(request, "download", study_uid=study_uid, detail=uid)
+    return web.Response(body=data, content_type="application/dicom",
+                        headers={"Content-Disposition": f'attachment; filename="{uid}.dcm"'})
+
+
+# -- notifications ---------------------------------------------------------------------------------
+
+async def api_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: job progress and results, as the change log records them."""
+    session = request["session"]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    broker = request.app[EVENTS]
+    subscription = broker.subscribe()
+    try:
+        await response.write(b": connected\n\n")
+        while True:
+            try:
+                event = await asyncio.wait_for(subscription.get(), timeout=15)
+            except asyncio.TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            if session.is_share and event.get("study_uid") != session.study_uid:
+                continue
+            await response.write(f"id: {event['seq']}\nevent: change\ndata: {json.dumps(event, default=str)}\n\n".encode())
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        broker.unsubscribe(subscription)
+    return response
