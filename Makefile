@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBIAN_PACKAGES := dcmtk orthanc invesalius-examples
+DEBIAN_PACKAGES := dcmtk orthanc invesalius-examples chromium
+X3DOM := viewer/vendor/node_modules/x3dom/x3dom.js
+X3DOM_VERSION := 1.8.3
 CONFIG ?=
 
 .PHONY: install run test bench clean
@@ -13,7 +15,10 @@ $(BIN)/m3dicom: setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-install: $(BIN)/m3dicom
+$(X3DOM):
+	npm install --silent --no-audit --no-fund --prefix viewer/vendor x3dom@$(X3DOM_VERSION)
+
+install: $(BIN)/m3dicom $(X3DOM)
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \

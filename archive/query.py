@@ -118,9 +118,19 @@ def _wild(value: str) -> bool:
 def _date_range(value: str, keyword: str) -> tuple[str | None, str | None]:
     low, dash, high = value.replace(".", "").partition("-")
     for part in (low, high):
-        if part and not _DATE.match(part):
+        if part and not (_DATE.match(part) and _real_date(part)):
             raise QueryError(f"{keyword}: {value!r} is not a date or a date range (YYYYMMDD-YYYYMMDD)")
     return (low or None, high or None) if dash else (low, low)
+
+
+def _real_date(text: str) -> bool:
+    from datetime import datetime
+
+    try:
+        datetime.strptime(text, "%Y%m%d")
+        return True
+    except ValueError:
+        return False
 
 
 def _time_range(value: str, keyword: str) -> tuple[str | None, str | None]:

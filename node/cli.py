@@ -281,6 +281,73 @@ def cmd_jobs_cancel(args) -> int:
     return 0
 
 
+def cmd_viewer(args) -> int:
+    """The viewer alone (scale-out: several behind a proxy), until SIGTERM / SIGINT."""
+    import signal
+    import threading
+
+    from viewer import serve as viewer_serve
+
+    from .receivers import LOG_FORMAT
+    from .service import open_index
+
+    config = _config(args)
+    logging.basicConfig(level=config.log.level, format=LOG_FORMAT, stream=sys.stderr)
+    index = open_index(config)
+    try:
+        viewer_serve.check(config, index)
+    finally:
+        index.close()
+    sock = viewer_serve.listen(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    viewer_serve.run(config, sock, stop, ready=lambda: print(f"viewer: {viewer_serve.address(config)}", flush=True))
+    return 0
+
+
+def _password(args) -> str:
+    import getpass
+
+    if sys.stdin.isatty():
+        first = getpass.getpass("password: ")
+        if first != getpass.getpass("again: "):
+            raise RuntimeError("the two passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\n")
+
+
+def cmd_user_add(args) -> int:
+    from viewer.accounts import AccountError, add_user
+
+    from .service import open_index
+
+    index = open_index(_config(args))
+    try:
+        user = add_user(index, args.name, _password(args), args.role, replace=args.replace)
+    except AccountError as exc:
+        print(f"m3dicom: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        index.close()
+    print(f"user {user.name} ({user.role}) {'updated' if args.replace else 'added'}")
+    return 0
+
+
+def cmd_user_list(args) -> int:
+    from viewer.accounts import users
+
+    from .service import open_index
+
+    index = open_index(_config(args))
+    try:
+        for name, role, disabled in users(index):
+            print(f"{name} {role}{' (disabled)' if disabled else ''}")
+    finally:
+        index.close()
+    return 0
+
+
 def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="peer address (default: dicom.host)")
     p.add_argument("--port", type=int, help="peer port (default: dicom.port, or dicom.plain_port with --no-tls)")
@@ -361,6 +428,18 @@ def parser() -> argparse.ArgumentParser:
     p = with_config(jobs.add_parser("cancel", help="cancel a queued or running job"))
     p.add_argument("id")
     p.set_defaults(func=cmd_jobs_cancel)
+
+    p = with_config(sub.add_parser("viewer", help="run the web viewer alone (m3dicom serve runs it too)"))
+    p.set_defaults(func=cmd_viewer)
+
+    user = sub.add_parser("user", help="people who use the viewer").add_subparsers(dest="user", required=True)
+    p = with_config(user.add_parser("add", help="add a user (password prompted, or one line on stdin)"))
+    p.add_argument("name")
+    p.add_argument("--role", choices=("clinician", "admin"), default="clinician")
+    p.add_argument("--replace", action="store_true", help="set a new password (and role) for an existing user")
+    p.set_defaults(func=cmd_user_add)
+    p = with_config(user.add_parser("list", help="the users"))
+    p.set_defaults(func=cmd_user_list)
 
     p = with_config(sub.add_parser("echo", help="C-ECHO a DICOM node (TLS by default)"))
     _client_options(p)

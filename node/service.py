@@ -59,21 +59,21 @@ def prepare_spool(config: Config) -> None:
 
 def open_archive(config: Config) -> Archive:
     """The node's archive; with storage.backend = "s3", with its S3 tier (and KMS when set)."""
+    from archive import s3
+    from archive.crypto import KmsKeyring
+
     st, cr = config.storage, config.crypto
-    remote = kms = None
-    if st.backend == "s3":
-        from archive import s3
 
-        def remote(keyring):
-            return s3.S3Storage(s3.client(st.s3.endpoint_url, st.s3.region, st.s3.timeout), st.s3.bucket, keyring,
-                                prefix=st.s3.prefix, segment_size=st.segment_size, part_size=st.s3.part_size)
+    def s3_tier(keyring):
+        return s3.S3Storage(s3.client(st.s3.endpoint_url, st.s3.region, st.s3.timeout), st.s3.bucket, keyring,
+                            prefix=st.s3.prefix, segment_size=st.segment_size, part_size=st.s3.part_size)
+
+    kms = None
     if cr.kms_key_id:
-        from archive import s3
-        from archive.crypto import KmsKeyring
-
         kms = KmsKeyring(s3.client(cr.kms_endpoint_url, cr.kms_region or st.s3.region, st.s3.timeout, "kms"),
                          cr.kms_key_id)
-    return Archive(config.data_dir, duplicates=st.duplicates, segment_size=st.segment_size, kms=kms, remote=remote)
+    return Archive(config.data_dir, duplicates=st.duplicates, segment_size=st.segment_size, kms=kms,
+                   remote=s3_tier if st.backend == "s3" else None)
 
 
 def open_index(config: Config):
@@ -109,6 +109,14 @@ def route(config: Config, stop: threading.Event, parent_alive) -> None:
         archive.close()
 
 
+def view(config: Config, sock, stop: threading.Event, parent_alive) -> None:
+    """The viewer process (`Children` worker) on the socket the node made."""
+    from viewer.serve import run
+
+    _watch_parent(stop, parent_alive)
+    run(config, sock, stop)
+
+
 def offload(config: Config, stop: threading.Event, parent_alive) -> None:
     """The offloader process (`Children` worker): push blobs to S3 until stopped."""
     from archive.offload import Offloader, Policy
@@ -138,7 +146,17 @@ def serve(config: Config, ready=print) -> None:
         load_plugins(config)   # an unknown plug-in or bad parameters stop the start, with the rule named
     archive = open_archive(config)
     archive.recover()   # before any receiver ingests
-    archive.close()
+    viewer_socket = None
+    try:
+        if config.viewer.enabled:
+            from viewer import serve as viewer_serve
+
+            viewer_serve.first_admin(archive.index, ready)
+            viewer_serve.check(config, archive.index)
+            viewer_serve.ssl_context(config)            # a bad certificate stops the start, not the viewer
+            viewer_socket = viewer_serve.listen(config)
+    finally:
+        archive.close()
     sockets = receivers.listen(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -149,6 +167,8 @@ def serve(config: Config, ready=print) -> None:
         workers["offloader"] = (offload,)
     if config.router.enabled:
         workers["router"] = (route,)
+    if viewer_socket is not None:
+        workers["viewer"] = (view, viewer_socket)
     children = receivers.Children(config, workers)
 
     def announce() -> None:
@@ -160,11 +180,14 @@ def serve(config: Config, ready=print) -> None:
               + (f", offloading to s3://{config.storage.s3.bucket}/{config.storage.s3.prefix}"
                  if config.storage.backend == "s3" else ""))
         ready(f"send a study: {storescu_hint(config)}")
+        if viewer_socket is not None:
+            from viewer.serve import address
+            ready(f"viewer: {address(config)}")
 
     try:
         receivers.receive(config, 0, sockets, stop, announce, children.supervise)
         log.info("stopping")
     finally:
         children.stop()
-        for sock in sockets.values():
+        for sock in [*sockets.values(), *([viewer_socket] if viewer_socket else [])]:
             sock.close()

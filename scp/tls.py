@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
-def _harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
+def harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """TLS 1.2 at least; TLS 1.2 suites forward secret and AEAD only (BCP 195)."""
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(_TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -31,7 +32,7 @@ def _harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
 def server_context(certificate: Path, private_key: Path, ca_certificates: Path,
                    require_client_certificate: bool = True) -> ssl.SSLContext:
     """The TLS port's context; raises a clear error when a file is missing or unreadable."""
-    ctx = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     try:
         ctx.load_cert_chain(certificate, private_key)
         ctx.load_verify_locations(cafile=ca_certificates)
@@ -45,7 +46,7 @@ def server_context(certificate: Path, private_key: Path, ca_certificates: Path,
 
 def client_context(ca_certificates: Path, certificate: Path | None = None,
                    private_key: Path | None = None, check_hostname: bool = True) -> ssl.SSLContext:
-    ctx = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     ctx.load_verify_locations(cafile=ca_certificates)
     ctx.check_hostname = check_hostname
     if certificate:

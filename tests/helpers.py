@@ -89,6 +89,7 @@ class Node:
                       "certificate": str(pki / "server.pem"), "private_key": str(pki / "server.key"),
                       "ca_certificates": str(pki / "ca.pem")},
             "client": {"certificate": str(pki / "client.pem"), "private_key": str(pki / "client.key")},
+            "viewer": {"enabled": False, "port": free_port()},   # tests that use it turn it on
         }
         for name, values in sections.items():
             settings.setdefault(name, {}).update(values)
@@ -356,7 +357,7 @@ class Outage:
 
 
 def synthetic_instances(directory: Path, count: int, pixel_bytes: int = 0, study: str | None = None,
-                        patient: str = "Offload^Test") -> list[Path]:
+                        patient: str = "Offload^Test", patient_id: str | None = None) -> list[Path]:
     """CT_small copies with fresh UIDs in one study; with `pixel_bytes`, that much random
     pixel data instead (large instances without large test files). Without CT_small's
     DataSetTrailingPadding, which dcmtk's storescu drops when it sends."""
@@ -366,6 +367,8 @@ def synthetic_instances(directory: Path, count: int, pixel_bytes: int = 0, study
     ds = pydicom.dcmread(data_file("CT_small.dcm"))
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study or generate_uid(), generate_uid()
     ds.PatientName = patient
+    if patient_id:
+        ds.PatientID = patient_id
     del ds[0xFFFCFFFC]
     if pixel_bytes:
         side = int((pixel_bytes // 2) ** 0.5)

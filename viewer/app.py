@@ -39,6 +39,7 @@ SECRET = web.AppKey("secret", bytes)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
 EVENTS = web.AppKey("events", object)
 CLOCK = web.AppKey("clock", object)
+SESSION = web.RequestKey("session", object)     # accounts.Session | None
 
 CSP = ("default-src 'self'; script-src 'self' 'unsafe-eval'; style-src 'self' 'unsafe-inline'; "
        "img-src 'self' data: blob:; connect-src 'self'; font-src 'self' data:; object-src 'none'; "
@@ -75,13 +76,13 @@ async def security_headers(request: web.Request, handler):
 
 @web.middleware
 async def sessions(request: web.Request, handler):
-    """request["session"]: the session of the cookie (or None); pages need one, the API answers 401."""
+    """request[SESSION]: the session of the cookie (or None); pages need one, the API answers 401."""
     app = request.app
     token = request.cookies.get(COOKIE)
     now = app[CLOCK]()
-    request["session"] = await run(request, accounts.session, app[ARCHIVE].index, token,
+    request[SESSION] = await run(request, accounts.session, app[ARCHIVE].index, token,
                                    app[CONFIG].viewer.session_idle_minutes, now) if token else None
-    if request["session"] is None and not request.path.startswith(PUBLIC) and request.path != "/":
+    if request[SESSION] is None and not request.path.startswith(PUBLIC) and request.path != "/":
         if request.path.startswith("/api/"):
             raise web.HTTPUnauthorized(text='{"error": "log in first"}', content_type="application/json")
         raise web.HTTPFound(f"/login?next={request.path}")
@@ -92,7 +93,7 @@ async def sessions(request: web.Request, handler):
 async def csrf(request: web.Request, handler):
     """State-changing requests must carry the session's CSRF token (header or form field)."""
     if request.method not in SAFE_METHODS and request.path != "/login":
-        session = request["session"]
+        session = request[SESSION]
         sent = request.headers.get("X-CSRF-Token")
         if sent is None and request.content_type == "application/x-www-form-urlencoded":
             sent = (await request.post()).get("csrf")
@@ -108,7 +109,7 @@ async def run(request: web.Request, function, *args):
 
 
 def render(request: web.Request, template: str, **context) -> web.Response:
-    session = request.get("session")
+    session = request.get(SESSION)
     html = request.app[TEMPLATES].get_template(template).render(session=session, csrf=session.csrf if session else "",
                                                                **context)
     return web.Response(text=html, content_type="text/html")

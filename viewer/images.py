@@ -140,6 +140,12 @@ class Images:
         if w <= 0 or h <= 0:
             raise ValueError("the region is outside the image")
         out_w, out_h = size or (w, h)
+        if out_w is None and out_h is None:
+            out_w, out_h = w, h
+        elif out_h is None:                       # keep the aspect
+            out_h = max(1, round(h * out_w / w))
+        elif out_w is None:
+            out_w = max(1, round(w * out_h / h))
         if not (1 <= out_w <= IMAGE_LIMIT and 1 <= out_h <= IMAGE_LIMIT):
             raise ValueError(f"image size must be 1-{IMAGE_LIMIT} pixels each way")
         center, width = window or (info["window_center"], info["window_width"])

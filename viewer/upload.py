@@ -17,7 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from . import accounts
-from .app import ARCHIVE, CONFIG, run
+from .app import ARCHIVE, CONFIG, SESSION, run
 
 CHUNK = 1 << 20
 MAX_RATIO = 200          # a zip member inflating more than this is refused (a zip bomb)
@@ -35,7 +35,7 @@ def _refuse(status: int, why: str) -> web.HTTPException:
 
 
 async def handle(request: web.Request) -> web.Response:
-    session = request["session"]
+    session = request[SESSION]
     if session.is_share:
         raise web.HTTPForbidden(text='{"error": "a share link opens one study, read-only"}',
                                 content_type="application/json")
@@ -66,7 +66,7 @@ async def handle(request: web.Request) -> web.Response:
 
 async def _audit(request, outcome: str, detail: str, study_uid: str | None = None) -> None:
     index = request.app[ARCHIVE].index
-    await run(request, lambda: accounts.audit(index, request["session"].who, "upload", outcome, study_uid=study_uid,
+    await run(request, lambda: accounts.audit(index, request[SESSION].who, "upload", outcome, study_uid=study_uid,
                                               detail=detail, address=request.remote))
 
 

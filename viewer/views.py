@@ -13,6 +13,7 @@ import time
 from urllib.parse import quote
 
 from aiohttp import web
+from pydicom.dataset import Dataset
 
 from archive.query import STUDY_ROOT, Query, QueryError
 from router import queue
@@ -20,8 +21,8 @@ from router.api import JobRequestError, plugins_for_study, request_job
 from router.jobs import IllegalTransition
 
 from . import accounts, upload
-from .app import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, JOB_ID, PLUGINS, SECRET, render, run,
-                  valid_uid)
+from .app import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, JOB_ID, PLUGINS, SECRET, SESSION, render,
+                  run, valid_uid)
 from .images import NotAnImage
 
 PAGE = 50
@@ -75,14 +76,14 @@ def _address(request: web.Request) -> str:
 
 
 async def _audit(request: web.Request, action: str, outcome: str = "ok", **extra) -> None:
-    session = request.get("session")
+    session = request.get(SESSION)
     await run(request, lambda: accounts.audit(request.app[ARCHIVE].index, session.who if session else
                                               extra.pop("who", None), action, outcome, address=_address(request),
                                               **extra))
 
 
 def _people_only(request: web.Request) -> None:
-    if request["session"].is_share:
+    if request[SESSION].is_share:
         raise _forbidden("a share link opens one study, read-only")
 
 
@@ -90,7 +91,7 @@ def _study(request: web.Request, study_uid: str) -> str:
     """The study UID of the path, checked (format, and a share session's one study)."""
     if not valid_uid(study_uid):
         raise _not_found("study")
-    session = request["session"]
+    session = request[SESSION]
     if session.is_share and study_uid != session.study_uid:
         raise _forbidden("a share link opens one study, read-only")
     return study_uid
@@ -124,7 +125,7 @@ async def _job(request: web.Request) -> queue.JobRecord:
 # -- pages -----------------------------------------------------------------------------------
 
 async def home(request: web.Request) -> web.Response:
-    session = request["session"]
+    session = request[SESSION]
     if session is None:
         raise web.HTTPFound("/login")
     raise web.HTTPFound(f"/studies/{session.study_uid}" if session.is_share else "/studies")
@@ -154,7 +155,7 @@ async def login(request: web.Request) -> web.Response:
         return response
     token, session = await run(request, lambda: accounts.open_session(
         index, user=user, hours=request.app[CONFIG].viewer.session_hours, now=request.app[CLOCK]()))
-    request["session"] = session
+    request[SESSION] = session
     await _audit(request, "login")
     response = web.HTTPFound(_next(str(form.get("next", ""))))
     _set_cookie(request, response, token)
@@ -185,7 +186,7 @@ async def open_share(request: web.Request) -> web.Response:
     hours = min(request.app[CONFIG].viewer.session_hours, 12.0)
     token, session = await run(request, lambda: accounts.open_session(index, share_id=link_id, study_uid=study_uid,
                                                                         hours=hours, now=now))
-    request["session"] = session
+    request[SESSION] = session
     await _audit(request, "share_open", study_uid=study_uid)
     response = web.HTTPFound(f"/studies/{study_uid}")
     _set_cookie(request, response, token)
@@ -218,9 +219,7 @@ async def model_page(request: web.Request) -> web.Response:
 
 # -- studies ---------------------------------------------------------------------------------
 
-def _identifier(params) -> "pydicom.Dataset":
-    from pydicom.dataset import Dataset
-
+def _identifier(params) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = "STUDY"
     name = params.get("name", "").strip()
@@ -342,7 +341,7 @@ async def api_plugins(request: web.Request) -> web.Response:
     plugins = request.app[PLUGINS]
     takes = await run(request, plugins_for_study, request.app[ARCHIVE].index, plugins, study_uid)
     return _json({"plugins": [{**describe(plugins[name]), "series": series} for name, series in sorted(takes.items())],
-                  "can_start": not request["session"].is_share})
+                  "can_start": not request[SESSION].is_share})
 
 
 async def api_start_job(request: web.Request) -> web.Response:
@@ -359,7 +358,7 @@ async def api_start_job(request: web.Request) -> web.Response:
         made = await run(request, lambda: request_job(
             request.app[ARCHIVE].index, request.app[PLUGINS], study_uid=study_uid, plugin=str(body.get("plugin", "")),
             params=body.get("params", {}), series=body.get("series") or None,
-            created_by=request["session"].user.name, max_attempts=config.router.max_attempts))
+            created_by=request[SESSION].user.name, max_attempts=config.router.max_attempts))
     except JobRequestError as exc:
         await _audit(request, "job", "refused", study_uid=study_uid, detail=str(exc))
         return _json({"error": str(exc)}, status=400)
@@ -408,7 +407,7 @@ async def api_share(request: web.Request) -> web.Response:
     if await run(request, _study_detail, request.app[ARCHIVE].index, study_uid) is None:
         raise _not_found("study")
     token, expires = await run(request, accounts.create_share, request.app[ARCHIVE].index, request.app[SECRET],
-                               study_uid, request["session"].user.name, days)
+                               study_uid, request[SESSION].user.name, days)
     await _audit(request, "share", study_uid=study_uid, detail=f"until {time.strftime('%Y-%m-%d %H:%M', time.localtime(expires))}")
     base = config.public_url or f"{'https' if config.tls else 'http'}://{request.host}"
     return _json({"url": f"{base.rstrip('/')}/s/{quote(token)}", "expires": expires}, status=201)
@@ -460,7 +459,7 @@ async def api_render(request: web.Request) -> web.Response:
     if fmt not in ("png", "jpeg"):
         raise web.HTTPBadRequest(text='{"error": "format: png or jpeg"}', content_type="application/json")
     region = (x, y, w, h) if None not in (x, y, w, h) else None
-    size = (width, height) if None not in (width, height) else None
+    size = (width, height) if (width, height) != (None, None) else None
     try:
         data = await run(request, lambda: request.app[IMAGES].render(
             uid, frame=frame or 0, region=region, size=size, window=(center, window) if None not in (center, window)
@@ -517,7 +516,7 @@ async def api_download(request: web.Request) -> web.Response:
 
 async def api_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: job progress and results, as the change log records them."""
-    session = request["session"]
+    session = request[SESSION]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)

@@ -1,0 +1,260 @@
+"""The viewer's API and security, through aiohttp's test client against a real archive."""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from archive import Archive
+from helpers import data_file, synthetic_instances
+from node.config import from_dict
+from viewer import accounts
+from viewer.app import COOKIE, create_app
+
+PASSWORD = "a long enough password"
+
+
+class Clock:
+    def __init__(self):
+        import time
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def setup(tmp_path):
+    # plain HTTP here (aiohttp's test server): the cookie's Secure flag is checked with TLS on below
+    config = from_dict({"node": {"data_dir": str(tmp_path / "var")},
+                        "viewer": {"max_upload_mb": 2, "max_file_mb": 1, "session_idle_minutes": 10, "tls": False}},
+                       tmp_path)
+    archive = Archive(config.data_dir)
+    accounts.add_user(archive.index, "alice", PASSWORD, "clinician")
+    studies = {}
+    for name in ("a", "b"):
+        (path,) = synthetic_instances(tmp_path / name, 1, patient=f"Patient^{name.upper()}", patient_id=f"P-{name}")
+        result = archive.ingest_file(path)
+        studies[name] = (result.study_uid, result.sop_instance_uid)
+    yield config, archive, studies
+    archive.close()
+
+
+@pytest.fixture
+async def client(setup, aiohttp_client):
+    config, archive, _ = setup
+    clock = Clock()
+    client = await aiohttp_client(create_app(config, archive, clock=clock))
+    client.clock = clock
+    return client
+
+
+async def login(client, user: str = "alice", password: str = PASSWORD):
+    return await client.post("/login", data={"user": user, "password": password, "next": "/studies"},
+                             allow_redirects=False)
+
+
+def files(*named: tuple[str, bytes]):
+    import aiohttp
+
+    form = aiohttp.FormData()
+    for name, data in named:
+        form.add_field("files", data, filename=name, content_type="application/octet-stream")
+    return form
+
+
+async def csrf_of(client) -> str:
+    page = await client.get("/studies")
+    text = await page.text()
+    return text.split('name="csrf-token" content="')[1].split('"')[0]
+
+
+# -- logging in ------------------------------------------------------------------------------
+
+async def test_the_session_cookie_is_httponly_secure_and_same_site(setup, aiohttp_client):
+    import dataclasses
+
+    config, archive, _ = setup
+    with_tls = dataclasses.replace(config, viewer=dataclasses.replace(config.viewer, tls=True))
+    client = await aiohttp_client(create_app(with_tls, archive))
+    response = await login(client)
+    cookie = response.headers["Set-Cookie"]
+    assert response.status == 302 and COOKIE in cookie
+    assert "HttpOnly" in cookie and "Secure" in cookie and "SameSite=Strict" in cookie
+    assert response.headers.get("Strict-Transport-Security")
+
+
+async def test_login_and_logout(client, setup):
+    response = await login(client)
+    assert response.status == 302 and response.headers["Location"] == "/studies"
+    assert (await client.get("/api/studies")).status == 200
+    token = await csrf_of(client)
+    assert (await client.post("/logout", data={"csrf": token}, allow_redirects=False)).status == 302
+    assert (await client.get("/api/studies")).status == 401
+    rows = setup[1].index.query("SELECT action, outcome FROM audit ORDER BY seq")
+    assert [tuple(r) for r in rows] == [("login", "ok"), ("logout", "ok")]
+
+
+async def test_wrong_passwords_get_one_answer_slower_each_time(client, setup):
+    import time
+
+    answers = []
+    for user, password in (("alice", "wrong password!"), ("nobody", PASSWORD), ("alice", "wrong again!!")):
+        started = time.perf_counter()
+        response = await login(client, user, password)
+        answers.append((response.status, "Wrong user name or password." in await response.text(),
+                        time.perf_counter() - started))
+    assert [a[:2] for a in answers] == [(401, True)] * 3
+    assert answers[2][2] >= 0.45                      # the third failure waited (0.5 s for the second failure of alice)
+    assert accounts.failure_delay(setup[1].index, "alice", "127.0.0.1") >= 1.0
+    assert (await client.get("/api/studies")).status == 401
+    refused = setup[1].index.query("SELECT COUNT(*) FROM audit WHERE action='login' AND outcome='refused'")[0][0]
+    assert refused == 3
+
+
+async def test_an_idle_session_ends(client):
+    await login(client)
+    assert (await client.get("/api/studies")).status == 200
+    client.clock.now += 11 * 60
+    assert (await client.get("/api/studies")).status == 401
+    page = await client.get("/studies", allow_redirects=False)
+    assert page.status == 302 and page.headers["Location"].startswith("/login")
+
+
+async def test_state_changes_need_the_csrf_token(client, setup):
+    study, _ = setup[2]["a"]
+    await login(client)
+    refused = await client.post(f"/api/studies/{study}/jobs", json={"plugin": "mammo-cad", "params": {}})
+    assert refused.status == 403 and "CSRF" in (await refused.json())["error"]
+    wrong = await client.post(f"/api/studies/{study}/share", json={}, headers={"X-CSRF-Token": "forged"})
+    assert wrong.status == 403
+    made = await client.post(f"/api/studies/{study}/share", json={"days": 1}, headers={"X-CSRF-Token": await csrf_of(client)})
+    assert made.status == 201
+
+
+async def test_security_headers_on_every_answer(client):
+    for path in ("/login", "/api/studies", "/static/style.css"):
+        headers = (await client.get(path)).headers
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+        assert headers["X-Content-Type-Options"] == "nosniff" and headers["Referrer-Policy"] == "no-referrer"
+
+
+# -- share links -----------------------------------------------------------------------------
+
+async def share_link(client, study: str, days: float = 1) -> str:
+    await login(client)
+    made = await client.post(f"/api/studies/{study}/share", json={"days": days},
+                             headers={"X-CSRF-Token": await csrf_of(client)})
+    return (await made.json())["url"].split("/s/", 1)[1]
+
+
+async def test_a_share_link_opens_its_study_and_nothing_else(client, setup, aiohttp_client):
+    config, archive, studies = setup
+    (a, a_image), (b, b_image) = studies["a"], studies["b"]
+    token = await share_link(client, a)
+    guest = await aiohttp_client(client.server)
+    opened = await guest.get(f"/s/{token}", allow_redirects=False)
+    assert opened.status == 302 and opened.headers["Location"] == f"/studies/{a}"
+    assert (await guest.get(f"/studies/{a}")).status == 200
+    assert (await guest.get(f"/api/instances/{a_image}/render?width=64")).status == 200
+    for path in (f"/studies/{b}", f"/api/studies/{b}", f"/api/instances/{b_image}/render", f"/api/instances/{b_image}/download",
+                 "/api/studies", "/studies"):
+        assert (await guest.get(path)).status == 403, path
+    token_csrf = (await (await guest.get(f"/studies/{a}")).text()).split('name="csrf-token" content="')[1].split('"')[0]
+    headers = {"X-CSRF-Token": token_csrf}
+    assert (await guest.post(f"/api/studies/{a}/jobs", json={"plugin": "mammo-cad"}, headers=headers)).status == 403
+    assert (await guest.post(f"/api/studies/{a}/share", json={}, headers=headers)).status == 403
+    upload = files(("ct.dcm", data_file("CT_small.dcm").read_bytes()))
+    assert (await guest.post("/api/upload", data=upload, headers=headers)).status == 403
+    actions = {r[0] for r in archive.index.query("SELECT action FROM audit WHERE user_name LIKE 'share:%'")}
+    assert "share_open" in actions and "view" in actions
+
+
+async def test_tampered_expired_and_revoked_links_open_nothing(client, setup, aiohttp_client):
+    study, _ = setup[2]["a"]
+    token = await share_link(client, study, days=1)
+    guest = await aiohttp_client(client.server)
+    link_id, expires, signature = token.split(".")
+
+    def other(text: str) -> str:                 # the same text with its last character changed
+        return text[:-1] + ("B" if text[-1] == "A" else "A")
+
+    for forged in (f"{link_id}.{expires}.{other(signature)}", f"{link_id}.{int(expires) + 86400}.{signature}",
+                   f"{other(link_id)}.{expires}.{signature}", "..%2F..%2Fetc%2Fpasswd"):
+        assert (await guest.get(f"/s/{forged}", allow_redirects=False)).status in (403, 404), forged
+    client.clock.now += 2 * 86400
+    assert (await guest.get(f"/s/{token}", allow_redirects=False)).status == 403
+    client.clock.now -= 2 * 86400
+    opened = await guest.get(f"/s/{token}", allow_redirects=False)
+    assert opened.status == 302
+    assert (await guest.get(f"/api/studies/{study}")).status == 200
+    assert accounts.revoke_share(setup[1].index, link_id)
+    assert (await guest.get(f"/api/studies/{study}")).status == 401             # revoking ends its sessions too
+    assert (await guest.get(f"/s/{token}", allow_redirects=False)).status == 403
+
+
+# -- paths and uploads -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", [
+    "/api/studies/..%2F..%2Fetc%2Fpasswd", "/api/studies/1.2.3%2F..%2F..", "/studies/..%2Fkeys",
+    "/api/instances/..%2F..%2Fkeys%2Fviewer.secret/download", "/api/instances/1.2.3.4/render",
+    "/api/jobs/..%2F..%2F/files/model.x3d", "/api/jobs/0123456789abcdef/files/..%2F..%2Fkeys",
+    "/studies/1.2/model/..%2F..%2Findex.sqlite3", "/static/..%2F..%2Fnode%2Fconfig.py", "/static/../accounts.py",
+    "/vendor/x3dom/..%2F..%2F..%2Fpackage.json", "/api/studies/1' OR '1'='1",
+])
+async def test_path_traversal_in_every_path_parameter_finds_nothing(client, path):
+    await login(client)
+    response = await client.get(path, allow_redirects=False)
+    assert response.status in (400, 403, 404), (path, response.status)
+    body = await response.read()
+    assert b"scrypt$" not in body and b"PRIVATE KEY" not in body and b"def " not in body
+
+
+async def test_uploads_are_stored_or_refused_and_an_oversized_one_stores_nothing(client, setup, tmp_path):
+    archive = setup[1]
+    await login(client)
+    headers = {"X-CSRF-Token": await csrf_of(client)}
+    before = archive.index.query("SELECT COUNT(*) FROM instances")[0][0]
+    (good,) = synthetic_instances(tmp_path / "up", 1)
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.write(synthetic_instances(tmp_path / "zip", 1)[0], "study/one.dcm")
+    answer = await client.post("/api/upload", headers=headers, data=files(
+        ("good.dcm", good.read_bytes()), ("notes.txt", b"not dicom at all"), ("study.zip", zipped.getvalue())))
+    assert answer.status == 200, await answer.text()
+    results = {r["name"]: r for r in (await answer.json())["files"]}
+    assert results["good.dcm"]["outcome"] == "stored" and results["study.zip/study/one.dcm"]["outcome"] == "stored"
+    assert results["notes.txt"]["outcome"] == "refused" and results["notes.txt"]["reason"]
+    assert archive.index.query("SELECT COUNT(*) FROM instances")[0][0] == before + 2
+    count = before + 2
+    refused = await client.post("/api/upload", headers=headers, data=files(("big.dcm", b"\0" * (3 << 20))))
+    assert refused.status == 413 and "larger than" in (await refused.json())["error"]
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("bomb.dcm", b"\0" * (900 << 10))
+    refused = await client.post("/api/upload", headers=headers,
+                                data=files(("first.dcm", synthetic_instances(tmp_path / "first", 1)[0].read_bytes()),
+                                           ("bomb.zip", bomb.getvalue())))
+    assert refused.status == 413 and "inflates" in (await refused.json())["error"]
+    assert archive.index.query("SELECT COUNT(*) FROM instances")[0][0] == count
+    assert not list((Path(setup[0].data_dir) / "spool" / "uploads").glob("*/*"))
+
+
+async def test_images_render_at_the_size_and_region_asked_and_come_from_the_cache(client, setup):
+    from PIL import Image
+
+    _, image = setup[2]["a"]
+    await login(client)
+    full = await client.get(f"/api/instances/{image}/render?width=64")
+    assert full.status == 200 and full.content_type == "image/png"
+    assert Image.open(io.BytesIO(await full.read())).size == (64, 64)
+    part = await client.get(f"/api/instances/{image}/render?x=10&y=20&w=30&h=40&width=60&height=80&wc=100&ww=50")
+    assert Image.open(io.BytesIO(await part.read())).size == (60, 80)
+    assert (await client.get(f"/api/instances/{image}/render?width=99999")).status == 400
+    info = await (await client.get(f"/api/instances/{image}/info")).json()
+    assert info["image"] and info["rows"] > 0 and info["modality"] == "CT"
+    listing = await (await client.get("/api/studies?name=patient^a")).json()
+    assert [s["patient_name"] for s in listing["studies"]] == ["Patient^A"]
+    assert (await client.get("/api/studies?from=2026-13-45")).status == 400

@@ -1,0 +1,122 @@
+"""Running the viewer: TLS, the listening socket, the first admin, and logs without share links."""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import ssl
+import threading
+
+from aiohttp import web
+from aiohttp.web_log import AccessLogger
+
+from archive.index import Index
+from node.config import Config
+
+from . import accounts
+
+log = logging.getLogger(__name__)
+ADMIN_PASSWORD_ENV = "M3DICOM_ADMIN_PASSWORD"
+
+
+class ViewerRefused(RuntimeError):
+    """The viewer will not start with these settings (it says which and why)."""
+
+
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check(config: Config, index: Index) -> None:
+    """Beyond loopback, the viewer needs TLS and at least one user."""
+    v = config.viewer
+    if loopback(v.host):
+        return
+    if not v.tls:
+        raise ViewerRefused(f"viewer.host = {v.host!r} is reachable from the network: set viewer.tls = true")
+    if accounts.count_users(index) == 0:
+        raise ViewerRefused(f"viewer.host = {v.host!r} is reachable from the network and there is no user: "
+                            "add one with `m3dicom user add NAME --role admin`")
+
+
+def first_admin(index: Index, say=print) -> None:
+    """On a node's first start: an admin account, its password printed once (or taken from the
+    environment), so that a newcomer can log in at once."""
+    if accounts.count_users(index):
+        return
+    given = os.environ.get(ADMIN_PASSWORD_ENV)
+    password = given or secrets.token_urlsafe(12)
+    accounts.add_user(index, "admin", password, "admin")
+    if given:
+        say(f"viewer: created user admin with the password from ${ADMIN_PASSWORD_ENV}")
+    else:
+        say(f"viewer: created user admin with password {password} (shown once; change it with "
+            "`m3dicom user add admin --role admin --replace`)")
+
+
+def ssl_context(config: Config) -> ssl.SSLContext | None:
+    from scp.tls import harden
+
+    v, d = config.viewer, config.dicom
+    if not v.tls:
+        return None
+    context = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    certificate, key = v.certificate or d.certificate, v.private_key or d.private_key
+    try:
+        context.load_cert_chain(certificate, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ViewerRefused(f"viewer TLS set-up failed ({exc}); check viewer.certificate / viewer.private_key "
+                            f"({certificate}, {key})") from None
+    return context
+
+
+def listen(config: Config) -> socket.socket:
+    v = config.viewer
+    family = socket.AF_INET6 if ":" in v.host else socket.AF_INET
+    try:
+        return socket.create_server((v.host, v.port), family=family, backlog=128)
+    except OSError as exc:
+        raise ViewerRefused(f"cannot listen on {v.host}:{v.port} for the viewer: {exc.strerror or exc}") from None
+
+
+class RedactedAccessLogger(AccessLogger):
+    """The access log, with share-link tokens blanked out: a link is never written to a log."""
+
+    def log(self, request, response, time):
+        if request.path.startswith("/s/"):
+            request = request.clone(rel_url="/s/[redacted]")
+        super().log(request, response, time)
+
+
+async def _run(config: Config, sock: socket.socket, stop: threading.Event, ready=None) -> None:
+    from .app import create_app
+
+    runner = web.AppRunner(create_app(config), access_log_class=RedactedAccessLogger,
+                           access_log=logging.getLogger("viewer.access"))
+    await runner.setup()
+    site = web.SockSite(runner, sock, ssl_context=ssl_context(config))
+    await site.start()
+    if ready:
+        ready()
+    try:
+        while not stop.is_set():
+            await asyncio.sleep(0.5)
+    finally:
+        await runner.cleanup()
+
+
+def run(config: Config, sock: socket.socket, stop: threading.Event, ready=None) -> None:
+    asyncio.run(_run(config, sock, stop, ready))
+
+
+def address(config: Config) -> str:
+    v = config.viewer
+    return v.public_url or f"{'https' if v.tls else 'http'}://{v.host}:{v.port}/"
