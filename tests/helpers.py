@@ -94,6 +94,7 @@ class Node:
         for name, values in sections.items():
             settings.setdefault(name, {}).update(values)
         self.data_dir = Path(settings["node"]["data_dir"])
+        self.settings = settings
         self.config_path.write_text(_toml(settings))
 
     def start(self) -> "Node":

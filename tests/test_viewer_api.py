@@ -258,3 +258,57 @@ async def test_images_render_at_the_size_and_region_asked_and_come_from_the_cach
     listing = await (await client.get("/api/studies?name=patient^a")).json()
     assert [s["patient_name"] for s in listing["studies"]] == ["Patient^A"]
     assert (await client.get("/api/studies?from=2026-13-45")).status == 400
+
+
+# -- notifications -------------------------------------------------------------------------------
+
+async def next_event(stream, timeout: float = 5.0) -> dict:
+    """The next `change` event of a server-sent-events stream."""
+    import asyncio
+    import json
+
+    async def read() -> dict:
+        fields = {}
+        while True:
+            line = (await stream.content.readline()).decode().rstrip("\n")
+            if not line:
+                if "data" in fields:
+                    return {"id": int(fields["id"]), **json.loads(fields["data"])}
+                continue
+            if not line.startswith(":"):
+                key, _, value = line.partition(": ")
+                fields[key] = value
+
+    return await asyncio.wait_for(read(), timeout)
+
+
+async def test_notifications_are_live_scoped_to_a_share_link_and_resumed_after_a_reconnect(client, setup,
+                                                                                         aiohttp_client):
+    import asyncio
+
+    from router import queue
+
+    _, archive, studies = setup
+    (a, _), (b, _) = studies["a"], studies["b"]
+    old = queue.create(archive.index, study_uid=a, plugin="mammo-cad", params={}, inputs=[])
+    await login(client)
+    guest = await aiohttp_client(client.server)
+    assert (await guest.get(f"/s/{await share_link(client, a)}", allow_redirects=False)).status == 302
+
+    stream, shared = await client.get("/api/events"), await guest.get("/api/events")
+    assert stream.headers["Content-Type"].startswith("text/event-stream")
+    await asyncio.sleep(0.2)
+    jobs = [queue.create(archive.index, study_uid=study, plugin="mammo-cad", params={}, inputs=[]) for study in (b, a)]
+    first, second = await next_event(stream), await next_event(stream)
+    assert [(e["job_id"], e["kind"], e["study_uid"]) for e in (first, second)] == [
+        (jobs[0], "job_queued", b), (jobs[1], "job_queued", a)]                    # live, and not the old job
+    assert (await next_event(shared))["job_id"] == jobs[1]                      # the link sees its study only
+    stream.close()
+    shared.close()
+
+    later = queue.create(archive.index, study_uid=a, plugin="mammo-cad", params={}, inputs=[])
+    await asyncio.sleep(0.2)
+    resumed = await client.get("/api/events", headers={"Last-Event-ID": str(first["id"])})
+    assert [(await next_event(resumed))["job_id"] for _ in range(2)] == [jobs[1], later]
+    resumed.close()
+    assert old not in (first["job_id"], second["job_id"])

@@ -41,7 +41,7 @@ EVENTS = web.AppKey("events", object)
 CLOCK = web.AppKey("clock", object)
 SESSION = web.RequestKey("session", object)     # accounts.Session | None
 
-CSP = ("default-src 'self'; script-src 'self' 'unsafe-eval'; style-src 'self' 'unsafe-inline'; "
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; "
        "img-src 'self' data: blob:; connect-src 'self'; font-src 'self' data:; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")

@@ -92,7 +92,7 @@ class RedactedAccessLogger(AccessLogger):
 
     def log(self, request, response, time):
         if request.path.startswith("/s/"):
-            request = request.clone(rel_url="/s/[redacted]")
+            request = request.clone(rel_url="/s/REDACTED")
         super().log(request, response, time)
 
 

@@ -524,14 +524,21 @@ async def api_events(request: web.Request) -> web.StreamResponse:
     subscription = broker.subscribe()
     try:
         await response.write(b": connected\n\n")
+        last_seen = request.headers.get("Last-Event-ID", "")
+        backlog = await run(request, broker.missed, int(last_seen)) if last_seen.isdigit() else []
+        sent = 0
         while True:
-            try:
-                event = await asyncio.wait_for(subscription.get(), timeout=15)
-            except asyncio.TimeoutError:
-                await response.write(b": keep-alive\n\n")
+            if backlog:
+                event = backlog.pop(0)
+            else:
+                try:
+                    event = await asyncio.wait_for(subscription.get(), timeout=15)
+                except asyncio.TimeoutError:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+            if event["seq"] <= sent or (session.is_share and event.get("study_uid") != session.study_uid):
                 continue
-            if session.is_share and event.get("study_uid") != session.study_uid:
-                continue
+            sent = event["seq"]
             await response.write(f"id: {event['seq']}\nevent: change\ndata: {json.dumps(event, default=str)}\n\n".encode())
     except (ConnectionResetError, asyncio.CancelledError):
         pass
