@@ -325,12 +325,28 @@ def cmd_user_add(args) -> int:
     index = open_index(_config(args))
     try:
         user = add_user(index, args.name, _password(args), args.role, replace=args.replace)
-    except AccountError as exc:
+    except (AccountError, RuntimeError) as exc:
         print(f"m3dicom: {exc}", file=sys.stderr)
         return 1
     finally:
         index.close()
     print(f"user {user.name} ({user.role}) {'updated' if args.replace else 'added'}")
+    return 0
+
+
+def cmd_user_disable(args) -> int:
+    from viewer.accounts import disable_user
+
+    from .service import open_index
+
+    index = open_index(_config(args))
+    try:
+        if not disable_user(index, args.name):
+            print(f"m3dicom: no user {args.name!r}", file=sys.stderr)
+            return 1
+    finally:
+        index.close()
+    print(f"user {args.name} disabled; their sessions have ended (`user add {args.name} --replace` enables it again)")
     return 0
 
 
@@ -438,6 +454,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=("clinician", "admin"), default="clinician")
     p.add_argument("--replace", action="store_true", help="set a new password (and role) for an existing user")
     p.set_defaults(func=cmd_user_add)
+    p = with_config(user.add_parser("disable", help="a user can no longer log in; their sessions end at once"))
+    p.add_argument("name")
+    p.set_defaults(func=cmd_user_disable)
     p = with_config(user.add_parser("list", help="the users"))
     p.set_defaults(func=cmd_user_list)
 

@@ -312,3 +312,36 @@ async def test_notifications_are_live_scoped_to_a_share_link_and_resumed_after_a
     assert [(await next_event(resumed))["job_id"] for _ in range(2)] == [jobs[1], later]
     resumed.close()
     assert old not in (first["job_id"], second["job_id"])
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+def test_users_are_added_listed_and_disabled_from_the_command_line(tmp_path):
+    import subprocess
+
+    from helpers import M3DICOM, ROOT
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n')
+    Archive(tmp_path / "var").close()                   # a node's data directory, as its first start leaves it
+
+    def m3dicom(*args, password=None):
+        return subprocess.run(M3DICOM + [*args, "--config", str(config)], cwd=ROOT, input=password,
+                              capture_output=True, text=True, timeout=60)
+
+    assert m3dicom("user", "add", "bob", password="too short\n").returncode == 1
+    added = m3dicom("user", "add", "bob", "--role", "admin", password=PASSWORD + "\n")
+    assert added.returncode == 0 and "bob (admin) added" in added.stdout
+    assert m3dicom("user", "add", "bob", password=PASSWORD + "\n").returncode == 1        # exists: needs --replace
+    archive = Archive(tmp_path / "var")
+    try:
+        assert accounts.authenticate(archive.index, "bob", PASSWORD, "127.0.0.1") is not None
+        token, _ = accounts.open_session(archive.index, user=accounts.User("bob", "admin"), hours=1)
+        assert m3dicom("user", "list").stdout == "bob admin\n"
+        assert m3dicom("user", "disable", "bob").returncode == 0
+        assert m3dicom("user", "list").stdout == "bob admin (disabled)\n"
+        assert accounts.authenticate(archive.index, "bob", PASSWORD, "127.0.0.1") is None
+        assert accounts.session(archive.index, token, idle_minutes=10) is None      # logged out at once
+        assert m3dicom("user", "disable", "nobody").returncode == 1
+    finally:
+        archive.close()

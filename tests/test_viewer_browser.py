@@ -175,7 +175,7 @@ def test_a_share_link_opens_one_study_in_a_fresh_browser_and_phones_work(site, b
     page.wait_for_selector("#share-url:not([hidden])")
     link = page.input_value("#share-url")
     assert link.startswith(url + "/s/")
-    context.close()
+    page.wait_for_selector("#shares li.share.open button:has-text('Revoke')")
 
     phone = browser.new_context(ignore_https_errors=True, viewport={"width": 390, "height": 844}, is_mobile=True,
                                 has_touch=True, device_scale_factor=2)
@@ -187,7 +187,12 @@ def test_a_share_link_opens_one_study_in_a_fresh_browser_and_phones_work(site, b
     guest.screenshot(path=str(ARTIFACTS / "phone-shared-mammogram.png"), full_page=True)
     assert guest.goto(f"{url}/studies").status == 403
     assert guest.goto(f"{url}/studies/{studies['bone-model']}").status == 403
+    page.click("#shares li.share.open button:has-text('Revoke')")             # the clinician takes it back
+    page.wait_for_selector("#shares li.share.closed")
+    assert guest.goto(f"{url}/api/studies/{studies['mammo-cad']}").status == 401
+    assert guest.goto(link).status == 403
     phone.close()
+    context.close()
     token = link.rsplit("/s/", 1)[1]
     assert token not in node.log() and "/s/REDACTED" in node.log()      # links are never written to logs
 

@@ -229,6 +229,14 @@ def revoke_share(index: Index, link_id: str) -> bool:
     return bool(changed)
 
 
+def disable_user(index: Index, name: str) -> bool:
+    """The user can no longer log in; their sessions end now. False: no such user."""
+    with index.write() as conn:
+        changed = conn.execute("UPDATE users SET disabled=1 WHERE name=?", (name,)).rowcount
+        conn.execute("DELETE FROM sessions WHERE user_name=?", (name,))
+    return bool(changed)
+
+
 def shares(index: Index, study_uid: str) -> list[dict]:
     return [dict(r) for r in index.query("SELECT id, created_by, created_at, expires_at, revoked_at FROM share_links "
                                          "WHERE study_uid=? ORDER BY created_at DESC", (study_uid,))]

@@ -204,7 +204,7 @@ async def study_page(request: web.Request) -> web.Response:
     if detail is None:
         raise web.HTTPNotFound(text="no such study")
     await _audit(request, "view", study_uid=study_uid)
-    return render(request, "study.html", study=detail)
+    return render(request, "study.html", study=detail, share_days=request.app[CONFIG].viewer.share_link_days)
 
 
 async def model_page(request: web.Request) -> web.Response:

@@ -353,8 +353,29 @@ document.getElementById("share")?.addEventListener("click", async () => {
     output.hidden = false;
     output.select();
     toast("Share link made: it opens this study only, read-only");
+    loadShares();
   } catch (error) { toast(error.message, "error"); }
 });
 
-loadStudy().then(() => Promise.all([loadPlugins(), loadJobs()])).catch((error) => toast(error.message, "error"));
+// The study's links: who made each, until when, and a button to revoke the ones still open
+async function loadShares() {
+  const list = document.getElementById("shares");
+  if (!list) return;
+  const { shares } = await api(`/api/studies/${studyUid}/shares`);
+  const now = Date.now() / 1000;
+  const day = (t) => new Date(t * 1000).toLocaleString();
+  list.replaceChildren(...shares.map((link) => {
+    const open = !link.revoked_at && link.expires_at > now;
+    const state = link.revoked_at ? `revoked ${day(link.revoked_at)}` : open ? `until ${day(link.expires_at)}` : "expired";
+    return el("li", { class: open ? "share open" : "share closed", "data-share": link.id },
+      el("span", {}, `${link.created_by || "?"}, ${state}`),
+      open ? el("button", { onclick: async () => {
+        try { await post(`/api/shares/${link.id}/revoke`); toast("The link no longer opens anything"); loadShares(); }
+        catch (error) { toast(error.message, "error"); }
+      } }, "Revoke") : null);
+  }));
+}
+
+loadStudy().then(() => Promise.all([loadPlugins(), loadJobs(), shared ? null : loadShares()]))
+  .catch((error) => toast(error.message, "error"));
 listen();
