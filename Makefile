@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python bench/router.py
 	$(BIN)/python bench/mammo_froc.py
 	$(BIN)/python bench/bone_mesh.py
+	$(BIN)/python bench/viewer.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -71,3 +71,31 @@ class RefusesInput:
 
     def run(self, inputs, params, ctx) -> Result:
         raise PluginError("this is not the image this plug-in expects")
+
+
+HOSTILE_X3D = b"""<?xml version="1.0" encoding="UTF-8"?>
+<X3D xmlns:h="http://www.w3.org/1999/xhtml"><Scene>
+  <h:script>window.pwned = "script element";</h:script>
+  <Script url='"javascript:window.pwned = 1"'/>
+  <Background skyColor="0.12 0.14 0.17" onload="window.pwned = 'onload'"/>
+  <Viewpoint position="0 0 60" description="front"/>
+  <Transform onclick="window.pwned = 'onclick'">
+    <Shape><Appearance><Material diffuseColor="0.9 0.9 0.9"/><ImageTexture url='"https://attacker.example/x.png"'/>
+    </Appearance><IndexedTriangleSet index="0 1 2 0 2 3"><Coordinate point="-20 -20 0 20 -20 0 20 20 0 -20 20 0"/>
+    </IndexedTriangleSet></Shape>
+    <h:img src="x" onerror="window.pwned = 'img'"/>
+  </Transform>
+</Scene></X3D>"""
+
+
+class HostileScene:
+    """A plug-in gone bad: a 'model' whose scene carries scripts and handlers (the viewer must run none)."""
+    name = "test-hostile-scene"
+    version = "1.0"
+    title = "Test: a scene with scripts in it"
+    accepts = Accepts(modalities=("CT",), per="study")
+    params = ()
+    wants_gpu = False
+
+    def run(self, inputs, params, ctx) -> Result:
+        return Result([], [OutputFile("model.x3d", "model/x3d+xml", HOSTILE_X3D)], {"triangles": 2})

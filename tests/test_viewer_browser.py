@@ -33,11 +33,12 @@ def site(tmp_path_factory, pki):
 
     work = tmp_path_factory.mktemp("browser")
     node = Node(work / "node", pki, viewer={"enabled": True, "port": free_port()},
-                router={"rules": [
+                router={"plugins": ["plugins_for_tests:HostileScene"], "rules": [
                     {"name": "mammo", "match": {"Modality": "MG"}, "plugin": "mammo-cad", "quiet_seconds": 1},
                     {"name": "head", "match": {"Modality": "CT", "BodyPartExamined": "HEAD"}, "plugin": "bone-model",
                      "quiet_seconds": 1, "params": {"triangles": 30000, "phone_triangles": 8000}}]})
     node.env["M3DICOM_ADMIN_PASSWORD"] = PASSWORD
+    node.env["PYTHONPATH"] = str(ROOT / "tests")
     node.start()
     mammogram, truth = phantom.write(work / "mg", 31337, phantom.Options(rows=1000, columns=800, spacing=0.1,
                                                                          clusters=2, isolated=0, density=0.25))
@@ -123,6 +124,11 @@ def test_a_clinician_looks_at_results_changes_the_window_and_turns_the_model(sit
     page.screenshot(path=str(ARTIFACTS / "desktop-bone-model.png"))
     page.click("#reset")
     assert page.get_attribute("#scene", "data-level") == "model.x3d"
+    (job,), = node.rows("SELECT id FROM jobs WHERE plugin='bone-model'")
+    encoding, size, text = page.evaluate(f"fetch('/api/jobs/{job}/files/model.x3d').then(async r => "
+                                         "[r.headers.get('content-encoding'), r.headers.get('x-content-size'), "
+                                         "await r.text()])")
+    assert encoding == "gzip" and int(size) == len(text.encode()) and "<IndexedTriangleSet" in text
     assert not errors, errors
     context.close()
 
@@ -207,3 +213,27 @@ def test_a_share_link_opens_one_study_in_a_fresh_browser_and_phones_work(site, b
     assert page.get_attribute("#scene", "data-level") == "model-phone.x3d"
     page.screenshot(path=str(ARTIFACTS / "phone-bone-model.png"))
     phone.close()
+
+
+def test_a_scene_with_scripts_in_it_runs_none_of_them(site, browser):
+    node, url, studies = site
+    context = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    log_in(page, url)
+    open_study(page, url, studies["bone-model"])
+    page.locator("form[data-plugin='test-hostile-scene'] button[type=submit]").click()
+    wait_for(lambda: node.rows("SELECT id FROM jobs WHERE plugin='test-hostile-scene' AND state='succeeded'"),
+             timeout=120, what="the hostile plug-in's job")
+    (job,), = node.rows("SELECT id FROM jobs WHERE plugin='test-hostile-scene'")
+    page.goto(f"{url}/studies/{studies['bone-model']}/model/{job}")
+    _wait_for_model(page)                                   # the square is drawn...
+    page.locator("canvas").first.click()
+    page.wait_for_timeout(500)
+    assert page.evaluate("window.pwned") is None            # ...and nothing in the scene ran
+    assert page.evaluate("document.querySelectorAll('#x3d script, #x3d img, #x3d imagetexture').length") == 0
+    assert page.evaluate("[...document.querySelectorAll('#x3d *')].flatMap(e => [...e.attributes])"
+                         ".filter(a => /^on/i.test(a.name)).length") == 0
+    assert not [r for r in requests if "attacker.example" in r]
+    context.close()

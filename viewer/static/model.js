@@ -1,14 +1,72 @@
 // The 3D page: the model's X3D scene in X3DOM (rotate, zoom, reset); phones get the light level.
-const scene = document.getElementById("scene");
+//
+// The scene is fetched here (with a progress bar) rather than by an X3DOM <inline>, which waits
+// a fixed second before drawing what it loaded; only the geometry nodes a model needs are copied
+// into the page, without any attribute that could run code.
+import { toast } from "./common.js";
+
+const NODES = new Map(["NavigationInfo", "Background", "Viewpoint", "LOD", "Group", "Transform", "Shape", "Appearance",
+  "Material", "IndexedTriangleSet", "IndexedFaceSet", "TriangleSet", "Coordinate", "Normal", "Color"]
+  .map((name) => [name.toLowerCase(), name]));
+const holder = document.getElementById("scene");
 const small = Math.min(window.innerWidth, window.innerHeight) < 700;
-const file = small && scene.dataset.phone === "yes" ? "model-phone.x3d" : "model.x3d";
-const model = document.getElementById("model");
-model.onload = () => { scene.dataset.loaded = "yes"; };      // X3DOM calls it once the scene is in
-model.onerror = () => { scene.dataset.loaded = "failed"; };
-model.setAttribute("url", `/api/jobs/${scene.dataset.job}/files/${file}`);
-scene.dataset.level = file;
+const file = small && holder.dataset.phone === "yes" ? "model-phone.x3d" : "model.x3d";
+const progress = document.getElementById("model-progress");
+holder.dataset.level = file;
 const triangles = document.getElementById("triangles");
 if (triangles && file === "model-phone.x3d") triangles.textContent = `${triangles.dataset.phone} triangles (phone level)`;
+
+async function download(url) {
+  const response = await fetch(url, { credentials: "same-origin" });
+  if (!response.ok) throw new Error(`the model could not be read (${response.status})`);
+  const total = Number(response.headers.get("X-Content-Size")) || 0;
+  const reader = response.body.getReader();
+  const parts = [];
+  let received = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    parts.push(value);
+    received += value.length;
+    if (total) progress.value = Math.min(received / total, 1);
+  }
+  return new TextDecoder().decode(await new Blob(parts).arrayBuffer());
+}
+
+// A copy of an X3D element made of allowed nodes and plain attributes only
+function copy(node) {
+  const name = NODES.get(node.localName.toLowerCase());
+  if (!name) return null;
+  const out = document.createElement(name);
+  for (const attribute of node.attributes) {
+    if (!attribute.name.toLowerCase().startsWith("on") && !/url/i.test(attribute.name)) out.setAttribute(attribute.name, attribute.value);
+  }
+  for (const child of node.children) {
+    const kept = copy(child);
+    if (kept) out.append(kept);
+  }
+  return out;
+}
+
+async function load() {
+  const text = await download(`/api/jobs/${holder.dataset.job}/files/${file}`);
+  const parsed = new DOMParser().parseFromString(text, "application/xml");
+  const source = parsed.getElementsByTagName("Scene")[0];
+  if (!source || parsed.getElementsByTagName("parsererror").length) throw new Error("the model is not a readable X3D scene");
+  const nodes = [...source.children].map(copy).filter(Boolean);
+  document.querySelector("#x3d scene").append(...nodes);
+  const viewpoint = document.querySelector("#x3d scene viewpoint");
+  if (viewpoint) viewpoint.setAttribute("set_bind", "true");
+  progress.hidden = true;
+  holder.dataset.loaded = "yes";
+}
+
+load().catch((error) => {
+  progress.hidden = true;
+  holder.dataset.loaded = "failed";
+  toast(error.message, "error");
+});
+
 document.getElementById("reset").addEventListener("click", () => {
   const runtime = document.getElementById("x3d").runtime;
   if (runtime) runtime.resetView();
