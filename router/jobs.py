@@ -76,7 +76,6 @@ Event = Lease | Renew | Succeed | Fail | Expire | Cancel
 
 def handle(job: Job, event: Event) -> Job:
     """The job after `event`; IllegalTransition if the event cannot happen now."""
-    state = job.state
     if isinstance(event, Lease):
         _expect(job, event, QUEUED)
         return replace(job, state=RUNNING, attempts=job.attempts + 1, worker=event.worker,

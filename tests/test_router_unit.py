@@ -6,7 +6,6 @@ a re-run after a crash are checked step by step.
 from __future__ import annotations
 
 import queue as stdqueue
-from pathlib import Path
 
 import pytest
 
