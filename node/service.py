@@ -11,6 +11,7 @@ import pydicom.config
 from pynetdicom import _config as pynetdicom_config
 
 from archive import Archive
+from scp.tls import server_context
 
 from . import receivers
 from .config import Config
@@ -141,6 +142,8 @@ def serve(config: Config, ready=print) -> None:
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(config.data_dir, 0o700)
     prepare_spool(config)
+    d = config.dicom
+    server_context(d.certificate, d.private_key, d.ca_certificates)   # a missing certificate stops the start first
     if config.router.enabled:
         from router.service import load_plugins
         load_plugins(config)   # an unknown plug-in or bad parameters stop the start, with the rule named
