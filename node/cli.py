@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
@@ -221,9 +222,16 @@ def cmd_worker(args) -> int:
     return 0  # pragma: no cover
 
 
+@contextmanager
 def _index_of(args):
+    """The node's index for one command, closed after it."""
     from .service import open_index
-    return open_index(_config(args))
+
+    index = open_index(_config(args))
+    try:
+        yield index
+    finally:
+        index.close()
 
 
 def cmd_jobs_list(args) -> int:
@@ -231,11 +239,8 @@ def cmd_jobs_list(args) -> int:
 
     from router import queue
 
-    index = _index_of(args)
-    try:
+    with _index_of(args) as index:
         found = queue.jobs(index, study_uid=args.study, states=tuple(args.state or ()), limit=args.limit)
-    finally:
-        index.close()
     for job in found:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
         print(f"{job.id} {job.state:9} {job.plugin} study {job.study_uid} attempts {job.attempts}/{job.max_attempts} "
@@ -250,16 +255,14 @@ def cmd_jobs_run(args) -> int:
     from router.api import JobRequestError, request_job
 
     config = _config(args)
-    index = _index_of(args)
     try:
-        made = request_job(index, discover(config.router.plugins), study_uid=args.study, plugin=args.plugin,
-                           params=_params(args.param), series=args.series, created_by="cli",
-                           max_attempts=config.router.max_attempts)
+        with _index_of(args) as index:
+            made = request_job(index, discover(config.router.plugins), study_uid=args.study, plugin=args.plugin,
+                               params=_params(args.param), series=args.series, created_by="cli",
+                               max_attempts=config.router.max_attempts)
     except JobRequestError as exc:
         print(f"m3dicom: {exc}", file=sys.stderr)
         return 1
-    finally:
-        index.close()
     print("queued " + ", ".join(made))
     return 0
 
@@ -269,14 +272,12 @@ def cmd_jobs_cancel(args) -> int:
     from router.jobs import IllegalTransition
     from router.queue import JobNotFound
 
-    index = _index_of(args)
     try:
-        job = cancel(index, args.id)
+        with _index_of(args) as index:
+            job = cancel(index, args.id)
     except (IllegalTransition, JobNotFound) as exc:
         print(f"m3dicom: cannot cancel {args.id}: {exc}", file=sys.stderr)
         return 1
-    finally:
-        index.close()
     print(f"{job.id} {job.state}")
     return 0
 
@@ -320,16 +321,12 @@ def _password(args) -> str:
 def cmd_user_add(args) -> int:
     from viewer.accounts import AccountError, add_user
 
-    from .service import open_index
-
-    index = open_index(_config(args))
     try:
-        user = add_user(index, args.name, _password(args), args.role, replace=args.replace)
+        with _index_of(args) as index:
+            user = add_user(index, args.name, _password(args), args.role, replace=args.replace)
     except (AccountError, RuntimeError) as exc:
         print(f"m3dicom: {exc}", file=sys.stderr)
         return 1
-    finally:
-        index.close()
     print(f"user {user.name} ({user.role}) {'updated' if args.replace else 'added'}")
     return 0
 
@@ -337,15 +334,11 @@ def cmd_user_add(args) -> int:
 def cmd_user_disable(args) -> int:
     from viewer.accounts import disable_user
 
-    from .service import open_index
-
-    index = open_index(_config(args))
-    try:
-        if not disable_user(index, args.name):
-            print(f"m3dicom: no user {args.name!r}", file=sys.stderr)
-            return 1
-    finally:
-        index.close()
+    with _index_of(args) as index:
+        disabled = disable_user(index, args.name)
+    if not disabled:
+        print(f"m3dicom: no user {args.name!r}", file=sys.stderr)
+        return 1
     print(f"user {args.name} disabled; their sessions have ended (`user add {args.name} --replace` enables it again)")
     return 0
 
@@ -353,14 +346,9 @@ def cmd_user_disable(args) -> int:
 def cmd_user_list(args) -> int:
     from viewer.accounts import users
 
-    from .service import open_index
-
-    index = open_index(_config(args))
-    try:
+    with _index_of(args) as index:
         for name, role, disabled in users(index):
             print(f"{name} {role}{' (disabled)' if disabled else ''}")
-    finally:
-        index.close()
     return 0
 
 

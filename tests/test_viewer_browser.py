@@ -24,6 +24,7 @@ ARGS = ["--headless=new", "--no-sandbox", "--disable-quic", "--no-first-run", "-
         "--disable-component-update", "--disable-sync", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
 PASSWORD = "browser-test-password"
 ARTIFACTS = ROOT / "test-artifacts"
+DESKTOP = {"ignore_https_errors": True, "viewport": {"width": 1280, "height": 860}}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def open_study(page, url: str, study: str) -> None:
 
 def test_a_clinician_looks_at_results_changes_the_window_and_turns_the_model(site, browser):
     node, url, studies = site
-    context = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860})
+    context = browser.new_context(**DESKTOP)
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -149,7 +150,7 @@ def _drawn(page) -> float:
 
 def test_upload_start_a_job_and_be_told_when_it_is_done(site, browser):
     node, url, studies = site
-    context = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860})
+    context = browser.new_context(**DESKTOP)
     page = context.new_page()
     log_in(page, url)
     page.wait_for_selector("#studies tbody tr[data-study]")
@@ -172,7 +173,7 @@ def test_upload_start_a_job_and_be_told_when_it_is_done(site, browser):
 
 def test_a_share_link_opens_one_study_in_a_fresh_browser_and_phones_work(site, browser):
     node, url, studies = site
-    context = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860})
+    context = browser.new_context(**DESKTOP)
     page = context.new_page()
     log_in(page, url)
     open_study(page, url, studies["mammo-cad"])
@@ -217,7 +218,7 @@ def test_a_share_link_opens_one_study_in_a_fresh_browser_and_phones_work(site, b
 
 def test_a_scene_with_scripts_in_it_runs_none_of_them(site, browser):
     node, url, studies = site
-    context = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860})
+    context = browser.new_context(**DESKTOP)
     page = context.new_page()
     requests = []
     page.on("request", lambda r: requests.append(r.url))
