@@ -115,7 +115,7 @@ class LocalKeyring:
             fh.write(secrets.token_bytes(32))
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
         kek = KeyEncryptionKey(key_id, path.read_bytes())
         self._keys[key_id] = kek
         self.current = kek
@@ -234,7 +234,8 @@ class Keyring:
         return self.local.unwrap(key_id, wrapped)
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """Make a directory's entries (a new or renamed file) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -73,6 +73,8 @@ class Archive:
         self.remote = remote(self.keyring) if remote else None
         self.storage = TieredStorage(self.local, self.remote) if self.remote else self.local
         self.index = Index(self.data_dir / "index.sqlite3")
+        self.exports = self.data_dir / "exports"       # decrypted copies in use: inside the 0700 data directory
+        self.exports.mkdir(mode=0o700, exist_ok=True)
         self.duplicates = duplicates
 
     def close(self) -> None:
@@ -85,6 +87,8 @@ class Archive:
         many were removed.
         """
         self.local.remove_partials()
+        for leftover in self.exports.iterdir():        # decrypted copies a crash left behind
+            leftover.unlink(missing_ok=True)
         referenced = self.index.blob_ids()
         orphans = [b for b in self.storage.blob_ids() if b not in referenced]
         for blob_id in orphans:
@@ -134,12 +138,15 @@ class Archive:
     def exported(self, blob_id: str, sha256: str, directory: Path | None = None) -> Iterator[Path]:
         """The stored Part 10 file, decrypted into a private temporary file, verified, then removed.
 
+        The file is made in `directory`, by default `data_dir/exports` (never /tmp: it holds
+        patient data in the clear); the node's start removes what a crash left there.
+
         Every read of an instance goes through here (C-MOVE, C-GET, commitment checks,
         workers): the blob is read through the storage backend (which may fetch it from
         elsewhere), each segment is authenticated, and the data set's SHA-256 must be the
         one indexed at reception. Raises IntegrityError or BlobNotFound.
         """
-        fd, name = tempfile.mkstemp(suffix=".dcm", dir=directory)
+        fd, name = tempfile.mkstemp(suffix=".dcm", dir=directory or self.exports)
         path = Path(name)
         try:
             with os.fdopen(fd, "wb") as out:

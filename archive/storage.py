@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .crypto import EnvelopeReader, EnvelopeWriter, KeyWrapper
+from .crypto import EnvelopeReader, EnvelopeWriter, KeyWrapper, fsync_directory
 
 _BLOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _PARTIAL = ".partial"
@@ -33,14 +33,6 @@ class BlobInfo:
     blob_id: str
     size: int          # plaintext bytes
     stored_size: int   # bytes at rest (ciphertext and envelope)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_blob_id(blob_id: str) -> str:
@@ -84,7 +76,7 @@ class LocalStorage(BlobReads):
                 path.mkdir(mode=0o700)
                 made = True
         if made:
-            _fsync_dir(self.root)
+            fsync_directory(self.root)
 
     def path(self, blob_id: str) -> Path:
         """Where the blob's envelope lies (the id is checked: nothing else becomes a path)."""
@@ -109,7 +101,7 @@ class LocalStorage(BlobReads):
                 fh.flush()
                 os.fsync(fh.fileno())
                 stored = fh.tell()
-            _fsync_dir(path.parent)
+            fsync_directory(path.parent)
         except BaseException as exc:
             path.unlink(missing_ok=True)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -147,7 +139,7 @@ class LocalStorage(BlobReads):
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
 
     def remove_partials(self) -> int:
         """Remove what an interrupted `replace_header` left (at start, after a crash)."""
@@ -162,7 +154,7 @@ class LocalStorage(BlobReads):
             path.unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
 
     def blob_ids(self) -> Iterator[str]:
         """Every blob id present, complete or not (for recovery after a crash)."""

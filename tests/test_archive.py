@@ -116,6 +116,19 @@ def test_recover_removes_orphans_and_partials(archive):
     assert len(list(archive.storage.blob_ids())) == 1
 
 
+def test_decrypted_copies_stay_in_the_data_directory_and_a_crash_leaves_none(archive):
+    result = archive.ingest_file(data_file("CT_small.dcm"))
+    (row,) = archive.index.query("SELECT blob_id, sha256 FROM instances")
+    with archive.exported(row["blob_id"], row["sha256"]) as path:
+        assert path.parent == archive.data_dir / "exports"
+        assert oct(path.parent.stat().st_mode & 0o777) == "0o700" and oct(path.stat().st_mode & 0o777) == "0o600"
+        assert pydicom.dcmread(path).SOPInstanceUID == result.sop_instance_uid
+    assert not path.exists()
+    (archive.exports / "tmpcut.dcm").write_bytes(b"decrypted, then the process was killed")
+    archive.recover()
+    assert list(archive.exports.iterdir()) == []
+
+
 def test_migrations_are_recorded(tmp_path):
     Archive(tmp_path / "d").close()
     again = Archive(tmp_path / "d")  # reopening applies nothing twice

@@ -260,6 +260,45 @@ async def test_images_render_at_the_size_and_region_asked_and_come_from_the_cach
     assert (await client.get("/api/studies?from=2026-13-45")).status == 400
 
 
+
+async def test_an_image_asked_for_at_once_by_many_views_is_decoded_once(client, setup):
+    import asyncio
+
+    from viewer.app import IMAGES
+
+    _, image = setup[2]["b"]
+    images = client.server.app[IMAGES]
+    decodes = []
+    original = images._decode
+    images._decode = lambda uid: decodes.append(uid) or original(uid)
+    await login(client)
+    answers = await asyncio.gather(*(client.get(f"/api/instances/{image}/render?width={w}") for w in range(40, 52)))
+    assert [a.status for a in answers] == [200] * 12
+    assert decodes == [image]
+
+
+async def test_a_download_is_the_file_as_received(client, setup):
+    import asyncio
+    import hashlib
+
+    _, archive, studies = setup
+    _, image = studies["a"]
+    await login(client)
+    response = await client.get(f"/api/instances/{image}/download")
+    assert response.status == 200 and response.content_type == "application/dicom"
+    assert image in response.headers["Content-Disposition"]
+    body = await response.read()
+    (row,) = archive.index.query("SELECT blob_id, size FROM instances WHERE sop_instance_uid=?", (image,))
+    assert hashlib.sha256(body).digest() == hashlib.sha256(archive.storage.read_all(row["blob_id"])).digest()
+    for _ in range(100):                                           # the handler ends just after the last byte
+        if not list(archive.exports.iterdir()):
+            break
+        await asyncio.sleep(0.02)
+    assert list(archive.exports.iterdir()) == []                  # the decrypted copy is gone
+    audited = archive.index.query("SELECT detail FROM audit WHERE action='download'")
+    assert [r[0] for r in audited] == [image]
+
+
 # -- notifications -------------------------------------------------------------------------------
 
 async def next_event(stream, timeout: float = 5.0) -> dict:

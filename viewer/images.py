@@ -18,7 +18,7 @@ from PIL import Image
 
 from archive import Archive
 
-IMAGE_LIMIT = 16384          # pixels each way a request may ask for
+IMAGE_LIMIT = 4096           # pixels each way a request may ask for (the page asks for at most this)
 STORAGE_CLASSES_3D = {"1.2.840.10008.5.1.4.1.1.104.3": "model/stl"}
 
 
@@ -73,6 +73,8 @@ class Images:
         self.archive = archive
         self.decoded = _Cache(int(cache_mb * 0.8) << 20)
         self.rendered = _Cache(int(cache_mb * 0.2) << 20)
+        self._decoding: dict[str, threading.Lock] = {}   # one decode per instance, however many ask at once
+        self._decoding_lock = threading.Lock()
 
     def _row(self, sop_instance_uid: str):
         rows = self.archive.index.query("SELECT blob_id, sha256, sop_class_uid FROM instances WHERE sop_instance_uid=?",
@@ -81,21 +83,31 @@ class Images:
             raise KeyError(sop_instance_uid)
         return rows[0]
 
-    def dataset(self, sop_instance_uid: str, pixels: bool = False) -> pydicom.Dataset:
+    def exported(self, sop_instance_uid: str):
+        """The stored Part 10 file, decrypted and verified (a context manager giving its path)."""
         row = self._row(sop_instance_uid)
-        with self.archive.exported(row["blob_id"], row["sha256"]) as path:
-            return pydicom.dcmread(path, stop_before_pixels=not pixels)
+        return self.archive.exported(row["blob_id"], row["sha256"])
 
-    def file_bytes(self, sop_instance_uid: str) -> bytes:
-        """The stored Part 10 file, as received (for downloads)."""
-        row = self._row(sop_instance_uid)
-        with self.archive.exported(row["blob_id"], row["sha256"]) as path:
-            return path.read_bytes()
+    def dataset(self, sop_instance_uid: str, pixels: bool = False) -> pydicom.Dataset:
+        with self.exported(sop_instance_uid) as path:
+            return pydicom.dcmread(path, stop_before_pixels=not pixels)
 
     def decode(self, sop_instance_uid: str) -> Decoded:
         found = self.decoded.get(sop_instance_uid)
         if found is not None:
             return found
+        with self._decoding_lock:
+            lock = self._decoding.setdefault(sop_instance_uid, threading.Lock())
+        try:
+            with lock:                               # a page asks for the thumbnail and the view together
+                found = self.decoded.get(sop_instance_uid)
+                return found if found is not None else self._decode(sop_instance_uid)
+        finally:
+            with self._decoding_lock:
+                if not lock.locked():
+                    self._decoding.pop(sop_instance_uid, None)
+
+    def _decode(self, sop_instance_uid: str) -> Decoded:
         ds = self.dataset(sop_instance_uid, pixels=True)
         if "PixelData" not in ds and "FloatPixelData" not in ds:
             raise NotAnImage(f"{ds.SOPClassUID.name if hasattr(ds.SOPClassUID, 'name') else ds.SOPClassUID} "

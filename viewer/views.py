@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from contextlib import ExitStack
 from urllib.parse import quote
 
 from aiohttp import web
@@ -520,12 +521,21 @@ async def api_sr(request: web.Request) -> web.Response:
     return _json({"title": str(title), "items": _sr_items(ds.ContentSequence)})
 
 
-async def api_download(request: web.Request) -> web.Response:
+async def api_download(request: web.Request) -> web.StreamResponse:
+    """The instance as received, streamed from its verified decrypted copy (any size, bounded memory)."""
     uid, study_uid = await _instance(request)
-    data = await run(request, request.app[IMAGES].file_bytes, uid)
+    with ExitStack() as stack:
+        path = await run(request, lambda: stack.enter_context(request.app[IMAGES].exported(uid)))
+        response = web.StreamResponse(headers={"Content-Type": "application/dicom",
+                                               "Content-Disposition": f'attachment; filename="{uid}.dcm"'})
+        response.content_length = path.stat().st_size
+        await response.prepare(request)
+        with open(path, "rb") as fh:
+            while chunk := await run(request, fh.read, 1 << 20):
+                await response.write(chunk)
+        await response.write_eof()
     await _audit(request, "download", study_uid=study_uid, detail=uid)
-    return web.Response(body=data, content_type="application/dicom",
-                        headers={"Content-Disposition": f'attachment; filename="{uid}.dcm"'})
+    return response
 
 
 # -- notifications ---------------------------------------------------------------------------------
