@@ -16,6 +16,8 @@ $(BIN)/m3dicom: setup.cfg pyproject.toml
 	touch $@
 
 $(X3DOM):
+	@command -v npm >/dev/null || { SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends npm >/dev/null; }
 	npm install --silent --no-audit --no-fund --prefix viewer/vendor x3dom@$(X3DOM_VERSION)
 
 install: $(BIN)/m3dicom $(X3DOM)
