@@ -6,16 +6,24 @@ values: single value, universal (empty or "*"), wildcard ("*", "?" as SQLite GLO
 (UIDs, and code strings such as Modality). Person names match without regard to case
 through upper-cased key columns. Keys the index does not hold are returned empty and
 reported with status 0xFF01.
+
+A match comes out as a pydicom Dataset (`Query.run`) or already encoded (`Query.encoded`):
+the C-FIND SCP sends one response per match, and building and encoding a Dataset costs
+~0.5 ms where writing the few elements a match holds directly costs a few microseconds.
 """
 from __future__ import annotations
 
 import re
 import sqlite3
+import struct
 from dataclasses import dataclass
-from typing import Iterator
+from io import BytesIO
+from typing import Callable, Iterator
 
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
@@ -36,6 +44,10 @@ FROM = {
 ORDER = {"PATIENT": "p.pk", "STUDY": "s.pk", "SERIES": "se.pk", "IMAGE": "i.pk"}
 MAX_VALUE_LENGTH = 1024
 MAX_LIST = 1000
+# explicit VR: these carry a 4-byte length after two reserved bytes; the rest a 2-byte one
+_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+_SHORT_VRS = {"AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL", "SS",
+              "ST", "TM", "UI", "UL", "US"}
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 
@@ -242,6 +254,69 @@ class Query:
         for row in conn.execute(sql, self.params):
             yield self._response(row)
 
+    def encoded(self, conn: sqlite3.Connection, explicit_vr: bool, limit: int | None = None) -> Iterator[bytes]:
+        """The matches as identifiers encoded in Little Endian (explicit or implicit VR): the
+        bytes pydicom writes for `run`'s Datasets (tests/test_query.py compares them)."""
+        sql = self.sql + (f" LIMIT {int(limit)}" if limit else "")
+        encode = self._encoder(explicit_vr)
+        for row in conn.execute(sql, self.params):
+            yield encode(row)
+
+    def _encoder(self, explicit_vr: bool) -> Callable[[sqlite3.Row], bytes]:
+        def header(tag: int, vr: str) -> tuple[bytes, struct.Struct]:
+            head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+            if not explicit_vr:
+                return head, _U32
+            return (head + vr.encode() + b"\0\0", _U32) if vr in _LONG_VRS else (head + vr.encode(), _U16)
+
+        def pydicom_encoded(row) -> bytes:
+            out = BytesIO()
+            write_dataset(_writer(out, explicit_vr), self._response(row))
+            return out.getvalue()
+
+        if any(vr not in _LONG_VRS | _SHORT_VRS for _, vr in self.unsupported):
+            return pydicom_encoded               # ambiguous VRs ("US or SS"): pydicom resolves them
+        fixed = [(tag, header(tag, vr), b"") for tag, vr in self.unsupported]
+        fixed.append((0x00080052, header(0x00080052, "CS"), _pad(self.level)))
+        if self.retrieve_ae:
+            fixed.append((0x00080054, header(0x00080054, "AE"), _pad(self.retrieve_ae)))
+        keys = [(tag_for_keyword(k), k, ATTRIBUTES[k].kind, header(tag_for_keyword(k), dictionary_VR(k)))
+                for k in self.return_keys]
+        charset = header(0x00080005, "CS")
+
+        def encode(row) -> bytes:
+            elements, text = list(fixed), False
+            for tag, keyword, kind, head in keys:
+                value = row[keyword]
+                if value is None or value == "":
+                    value = b""
+                elif kind == "modalities":
+                    value = "\\".join(sorted(value.split(","))).encode()
+                elif kind in ("int", "count"):
+                    value = str(int(value)).encode()
+                elif kind == "uid":
+                    value = _pad(value.encode(), b"\0")
+                elif isinstance(value, str):
+                    text = text or not value.isascii()
+                    value = value.encode("utf-8")
+                else:
+                    return pydicom_encoded(row)
+                elements.append((tag, head, _pad(value)))
+            stored = row["_charset"]
+            if text:
+                elements.append((0x00080005, charset, b"ISO_IR 192"))
+            elif stored:
+                elements.append((0x00080005, charset, _pad(stored.encode())))
+            elements.sort(key=lambda element: element[0])
+            out = bytearray()
+            for _, (head, length), value in elements:
+                if length is _U16 and len(value) > 0xFFFF:
+                    return pydicom_encoded(row)
+                out += head + length.pack(len(value)) + value
+            return bytes(out)
+
+        return encode
+
     def _response(self, row) -> Dataset:
         ds = Dataset()
         text = []
@@ -270,6 +345,20 @@ class Query:
         elif stored:
             ds.SpecificCharacterSet = stored.split("\\")
         return ds
+
+
+_U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
+
+
+def _pad(value: bytes | str, pad: bytes = b" ") -> bytes:
+    raw = value.encode() if isinstance(value, str) else value
+    return raw + pad if len(raw) % 2 else raw
+
+
+def _writer(buffer: BytesIO, explicit_vr: bool) -> DicomFileLike:
+    out = DicomFileLike(buffer)
+    out.is_little_endian, out.is_implicit_VR = True, not explicit_vr
+    return out
 
 
 def model_of(sop_class_uid: str) -> str:

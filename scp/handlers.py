@@ -7,6 +7,7 @@ the SOP class, 0xC000 cannot understand, 0x0110 processing failure.
 from __future__ import annotations
 
 import logging
+from typing import Callable, Iterator
 
 from pydicom.dataset import Dataset
 
@@ -68,33 +69,52 @@ def handle_closed(event) -> None:
         drop()
 
 
-def handle_find(event, archive: Archive, config: Config):
-    """EVT_C_FIND: Patient Root and Study Root, every level; at most `query.max_results` matches."""
-    calling_ae = event.assoc.requestor.ae_title
+def find(archive: Archive, config: Config, calling_ae: str, sop_class: str, identifier: Callable[[], Dataset],
+         cancelled: Callable[[], bool], explicit_vr: bool | None = None) -> Iterator[tuple[int, str, object]]:
+    """C-FIND: Patient Root and Study Root, every level; at most `query.max_results` matches.
+
+    Yields (status, error comment, identifier): a pending status with a match, then one
+    final status without. A match is a Dataset for pynetdicom's path, or bytes already
+    encoded in the context's Little Endian transfer syntax (`explicit_vr`) for the fast
+    path (`scp.fastpath`).
+    """
     try:
-        query = Query(model_of(str(event.request.AffectedSOPClassUID)), event.identifier,
-                      case_insensitive_names=config.query.case_insensitive_names,
+        query = Query(model_of(sop_class), identifier(), case_insensitive_names=config.query.case_insensitive_names,
                       retrieve_ae=config.node.ae_title)
     except QueryError as exc:
         log.warning("C-FIND from %s refused (0x%04X): %s", calling_ae, exc.status, exc)
-        yield _status(exc.status, str(exc)), None
+        yield exc.status, str(exc), None
         return
     except Exception as exc:  # an identifier pydicom cannot decode
         log.warning("C-FIND from %s refused: %s", calling_ae, exc)
-        yield _status(0xC000, "identifier cannot be decoded"), None
+        yield 0xC000, "identifier cannot be decoded", None
         return
     limit = config.query.max_results
     pending = 0xFF01 if query.unsupported else 0xFF00  # some optional keys are not supported
     with archive.index.reader() as conn:
-        for count, response in enumerate(query.run(conn, limit + 1)):
-            if event.is_cancelled:
-                yield 0xFE00, None
+        matches = (query.run(conn, limit + 1) if explicit_vr is None
+                   else query.encoded(conn, explicit_vr, limit + 1))
+        for count, match in enumerate(matches):
+            if cancelled():
+                yield 0xFE00, "", None
                 return
             if count == limit:
                 log.warning("C-FIND from %s stopped at %d matches", calling_ae, limit)
-                yield _status(0xA700, f"more than {limit} matches: narrow the query"), None
+                yield 0xA700, f"more than {limit} matches: narrow the query", None
                 return
-            yield pending, response
+            yield pending, "", match
+    yield 0x0000, "", None
+
+
+def handle_find(event, archive: Archive, config: Config):
+    """EVT_C_FIND, for the queries the fast path leaves to pynetdicom."""
+    for code, comment, match in find(archive, config, event.assoc.requestor.ae_title,
+                                     str(event.request.AffectedSOPClassUID), lambda: event.identifier,
+                                     lambda: event.is_cancelled):
+        if match is not None:
+            yield code, match
+        elif code:
+            yield _status(code, comment) if comment else code, None
 
 
 def handle_established(event) -> None:

@@ -112,22 +112,22 @@ def start_servers(ae: AE, config: Config, archive: Archive, sockets: dict[int, s
     # the contexts go to the servers, not to AE.supported_contexts: that setter makes plain
     # copies, which pynetdicom would deep-copy for every association
     contexts = supported_contexts()
-    servers = [_serve(ae, sockets[d.port], archive, bound, contexts, tls, d.tls_handshake_timeout)]
+    extra = {}
+    if fastpath.ENABLED:
+        extra["request_handler"] = fastpath.request_handler(partial(handlers.store, archive),
+                                                            partial(handlers.find, archive, config))
+    else:
+        log.warning("pynetdicom %s is not %s: C-STORE and C-FIND take pynetdicom's slower generic path",
+                    pynetdicom.__version__, fastpath.PYNETDICOM_VERSION)
+    servers = [_serve(ae, sockets[d.port], bound, contexts, tls, d.tls_handshake_timeout, extra)]
     if d.plain_port:
-        servers.append(_serve(ae, sockets[d.plain_port], archive, bound, contexts, None,
-                              d.tls_handshake_timeout))
+        servers.append(_serve(ae, sockets[d.plain_port], bound, contexts, None, d.tls_handshake_timeout, extra))
     return servers
 
 
-def _serve(ae: AE, sock: socket.socket, archive: Archive, bound: list, contexts: list, ssl_context,
-           handshake_timeout: float):
+def _serve(ae: AE, sock: socket.socket, bound: list, contexts: list, ssl_context, handshake_timeout: float,
+           extra: dict):
     address = sock.getsockname()[:2]
-    extra = {}
-    if fastpath.ENABLED:
-        extra["request_handler"] = fastpath.request_handler(partial(handlers.store, archive))
-    else:
-        log.warning("pynetdicom %s is not %s: C-STORE takes pynetdicom's slower generic path",
-                    pynetdicom.__version__, fastpath.PYNETDICOM_VERSION)
     server = ae.make_server(address, contexts=contexts, ssl_context=ssl_context,
                             evt_handlers=bound,
                             server_class=TLSAssociationServer, handshake_timeout=handshake_timeout,

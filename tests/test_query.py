@@ -163,6 +163,44 @@ def test_unknown_and_lower_level_keys_come_back_empty(filled):
     assert result[0x00091010].value in (None, "")
 
 
+ENCODED = [
+    (STUDY_ROOT, {"QueryRetrieveLevel": "STUDY", "PatientName": "", "PatientID": "", "StudyDate": "", "StudyTime": "",
+                  "AccessionNumber": "", "StudyDescription": "", "ReferringPhysicianName": "", "StudyID": "",
+                  "ModalitiesInStudy": "", "NumberOfStudyRelatedSeries": "", "NumberOfStudyRelatedInstances": "",
+                  "StudyInstanceUID": "", "InstitutionName": "", "ReferencedStudySequence": [],
+                  "InstanceAvailability": "", "SpecificCharacterSet": ""}),
+    (PATIENT_ROOT, {"QueryRetrieveLevel": "PATIENT", "PatientName": "*", "PatientBirthDate": "", "PatientSex": "",
+                    "NumberOfPatientRelatedStudies": "", "NumberOfPatientRelatedSeries": "",
+                    "NumberOfPatientRelatedInstances": ""}),
+    (STUDY_ROOT, {"QueryRetrieveLevel": "SERIES", "Modality": "", "SeriesNumber": "", "SeriesDescription": "",
+                  "BodyPartExamined": "", "NumberOfSeriesRelatedInstances": "", "SeriesInstanceUID": ""}),
+    (PATIENT_ROOT, {"QueryRetrieveLevel": "IMAGE", "PatientID": "P4", "SOPClassUID": "", "InstanceNumber": "",
+                    "SOPInstanceUID": "", "Modality": "", "StudyDate": "", "ImageComments": "",
+                    (0x0009, 0x1010): "LO"}),
+]
+
+
+@pytest.mark.parametrize("explicit_vr", [True, False], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("model,keys", ENCODED, ids=["study", "patient", "series", "image"])
+def test_encoded_matches_are_the_bytes_pydicom_writes(filled, model, keys, explicit_vr):
+    """The C-FIND fast path sends `Query.encoded`; the stock path pydicom's encoding of `run`."""
+    from pynetdicom.dsutils import encode
+
+    archive, _ = filled
+    identifier = Dataset()
+    for keyword, value in keys.items():
+        if isinstance(keyword, tuple):
+            identifier.add_new(keyword, value, None)
+        else:
+            setattr(identifier, keyword, value)
+    with archive.index.reader() as conn:
+        query = Query(model, identifier, retrieve_ae="M3DICOM")
+        datasets, encoded = list(query.run(conn)), list(query.encoded(conn, explicit_vr))
+    assert len(encoded) == len(datasets) >= 2
+    for dataset, ours in zip(datasets, encoded):
+        assert ours == encode(dataset, not explicit_vr, True, False), dataset
+
+
 @pytest.mark.parametrize("keys,message", [
     ({"StudyDate": "2024-01-01"}, "StudyDate"),
     ({"StudyDate": "yesterday"}, "StudyDate"),
@@ -250,6 +288,41 @@ def test_findscu_result_limit_and_hostile_values(served):
     assert results == []
     results, _ = findscu(node, "-S", "QueryRetrieveLevel=STUDY", "PatientID=P2", "InstitutionName")
     assert [str(r.PatientID) for r in results] == ["P2"]
+
+
+@pytest.mark.interop
+def test_fast_path_answers_as_pynetdicom_does(served):
+    """Little Endian contexts take the C-FIND fast path, Big Endian pynetdicom's own: same answers."""
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    from scp.tls import client_context
+
+    node, studies = served
+    tls = client_context(node.pki / "ca.pem", node.pki / "client.pem", node.pki / "client.key")
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.PatientName = "*er*"               # SMITHERS, Müller
+    for keyword in ("PatientID", "StudyDate", "ModalitiesInStudy", "NumberOfStudyRelatedInstances",
+                    "StudyInstanceUID", "InstitutionName"):
+        setattr(identifier, keyword, "")
+    answers = {}
+    for syntax in (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian):
+        ae = AE(ae_title="BOTHPATHS")
+        ae.add_requested_context(FIND, [syntax])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="M3DICOM", tls_args=(tls, "localhost"))
+        assert assoc.is_established and assoc.accepted_contexts[0].transfer_syntax[0] == syntax
+        try:
+            answers[syntax] = [(status.Status, ds) for status, ds in assoc.send_c_find(identifier, FIND)]
+        finally:
+            assoc.release()
+    fast = answers[ImplicitVRLittleEndian]
+    assert [status for status, _ in fast] == [0xFF01, 0xFF01, 0x0000]   # InstitutionName: not held
+    assert sorted(str(ds.PatientID) for _, ds in fast[:-1]) == ["P2", "P4"]
+    assert "ISO_IR 192" in [ds.get("SpecificCharacterSet") for _, ds in fast[:-1]]
+    for syntax, other in answers.items():
+        assert other == fast, syntax
 
 
 @pytest.mark.interop
