@@ -266,26 +266,37 @@ class EnvelopeWriter:
         self._prefix = prefix
         self._aad = _FIXED.pack(MAGIC, prefix, segment_size)
         out.write(_header_bytes(self._aad, key_id, wrapped))
-        self._buffer = bytearray()
+        # one segment of plaintext and one of ciphertext, reused: no copy beyond the one
+        # into the segment (received pieces are smaller than a segment) and the encryption
+        self._segment = bytearray(segment_size)
+        self._filled = 0
+        self._sealed = bytearray(segment_size + TAG)
         self._index = 0
         self.plaintext_size = 0
 
     def write(self, data: bytes | memoryview) -> None:
-        self._buffer += data
-        self.plaintext_size += len(data)
+        view = memoryview(data).cast("B")
+        self.plaintext_size += len(view)
         size = self._segment_size
-        # keep at least one byte back: the last segment must carry the "last" flag
-        while len(self._buffer) > size:
-            self._seal(bytes(self._buffer[:size]), last=False)
-            del self._buffer[:size]
+        while view:
+            # a full segment is sealed only when more data follows: the last one carries the "last" flag
+            if self._filled == size:
+                self._seal(last=False)
+            take = min(size - self._filled, len(view))
+            self._segment[self._filled:self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
 
-    def _seal(self, chunk: bytes, last: bool) -> None:
-        self._out.write(self._aead.encrypt(_nonce(self._prefix, self._index, last), chunk, self._aad))
+    def _seal(self, last: bool) -> None:
+        with memoryview(self._segment) as plain, memoryview(self._sealed) as sealed:
+            length = self._aead.encrypt_into(_nonce(self._prefix, self._index, last), plain[:self._filled],
+                                             self._aad, sealed[:self._filled + TAG])
+            self._out.write(sealed[:length])
+        self._filled = 0
         self._index += 1
 
     def finish(self) -> None:
-        self._seal(bytes(self._buffer), last=True)
-        self._buffer = bytearray()
+        self._seal(last=True)
 
 
 @dataclass(frozen=True)

@@ -161,12 +161,13 @@ class Archive:
     @staticmethod
     def _chunks(path: Path, dataset_offset: int, digest) -> Iterator[bytes]:
         """The file's bytes; the SHA-256 covers the data set (what the peer sent)."""
-        with open(path, "rb") as fh:
-            head = fh.read(dataset_offset)
-            yield head
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
-                yield chunk
+        with open(path, "rb", buffering=0) as fh:
+            yield fh.read(dataset_offset)
+            buffer = bytearray(_CHUNK)   # one buffer, read into: each chunk is consumed before the next
+            with memoryview(buffer) as view:
+                while count := fh.readinto(buffer):
+                    digest.update(view[:count])
+                    yield view[:count]
 
     def _commit(self, header: InstanceHeader, blob: BlobInfo, sha256: str,
                 calling_ae: str | None, job_id: str | None = None) -> IngestResult:

@@ -115,6 +115,17 @@ class Receiver:
                 self.proc.kill()
                 self.proc.wait()
 
+    def settle(self, timeout: float = 90.0) -> None:
+        """Wait until the receiver has finished starting (its processes, m3dicom's router with
+        its Dask cluster and viewer included, use under 5% of a core), so that start-up work
+        does not count as reception."""
+        deadline, last, quiet = time.monotonic() + timeout, self.cpu_seconds(), 0
+        while quiet < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = self.cpu_seconds()
+            quiet = quiet + 1 if now - last < 0.025 else 0
+            last = now
+
     def cpu_seconds(self) -> float:
         try:
             p = psutil.Process(self.proc.pid)
@@ -237,6 +248,7 @@ def main(argv=None) -> int:
                     rdir.mkdir()
                     receiver = cls(rdir, pki)
                     receiver.start()
+                    receiver.settle()
                     try:
                         wall, cpu = run_scenario(scenario, receiver, pki, files)
                     finally:

@@ -37,6 +37,25 @@ def test_round_trip(ring, size):
     assert b"".join(reader.iter_plaintext()) == data
 
 
+@pytest.mark.parametrize("size", [0, 4096, 4097, 3 * 4096 + 5])
+def test_how_the_data_is_cut_into_writes_does_not_change_the_blob(ring, size, monkeypatch):
+    """Segments are cut at the same places (a full one sealed only when more follows) and
+    read back whole, whether the data comes in one piece, byte by byte or in big pieces."""
+    monkeypatch.setattr("archive.crypto.secrets.token_bytes", lambda n: b"\x07" * n)
+    monkeypatch.setattr(ring, "new_data_key", lambda: (b"k" * 32, "kid", b"wrapped"))
+    data = os.urandom(size)
+    blobs = set()
+    for piece in (1, 1000, 4096, 10_000, max(size, 1)):
+        out = io.BytesIO()
+        writer = EnvelopeWriter(out, ring, 4096)
+        for i in range(0, size, piece):
+            writer.write(memoryview(data)[i:i + piece])
+        writer.finish()
+        blobs.add(out.getvalue())
+    assert len(blobs) == 1
+    assert len(blobs.pop()) == len(seal(ring, data)) == 8 + 7 + 4 + 1 + 3 + 2 + 7 + size + 16 * max(1, -(-size // 4096))
+
+
 @pytest.mark.parametrize("offset,length", [(0, 10), (4090, 20), (8191, 1), (100, 30_000), (49_990, 100)])
 def test_ranges(ring, offset, length):
     data = os.urandom(50_000)
