@@ -267,10 +267,11 @@ class EnvelopeWriter:
         self._aad = _FIXED.pack(MAGIC, prefix, segment_size)
         out.write(_header_bytes(self._aad, key_id, wrapped))
         # one segment of plaintext and one of ciphertext, reused: no copy beyond the one
-        # into the segment (received pieces are smaller than a segment) and the encryption
-        self._segment = bytearray(segment_size)
+        # into the segment (received pieces are smaller than a segment) and the encryption.
+        # They grow as data comes: a small instance never touches a whole segment's pages.
+        self._segment = bytearray()
         self._filled = 0
-        self._sealed = bytearray(segment_size + TAG)
+        self._sealed = bytearray()
         self._index = 0
         self.plaintext_size = 0
 
@@ -288,6 +289,8 @@ class EnvelopeWriter:
             view = view[take:]
 
     def _seal(self, last: bool) -> None:
+        if len(self._sealed) < self._filled + TAG:
+            self._sealed = bytearray(self._filled + TAG)
         with memoryview(self._segment) as plain, memoryview(self._sealed) as sealed:
             length = self._aead.encrypt_into(_nonce(self._prefix, self._index, last), plain[:self._filled],
                                              self._aad, sealed[:self._filled + TAG])

@@ -139,6 +139,7 @@ class Receiver:
 class M3dicom(Receiver):
     name, aet = "m3dicom", "M3DICOM"
     receivers = 1  # dicom.receivers
+    bare = False   # without the router and the viewer (what receiving alone costs)
 
     def start(self) -> None:
         data = self.work / "m3-data"
@@ -146,7 +147,8 @@ class M3dicom(Receiver):
         config.write_text(f'[node]\nae_title = "M3DICOM"\ndata_dir = "{data}"\n'
                           f'[dicom]\nport = {self.port}\ncertificate = "{self.pki}/server.pem"\n'
                           f'private_key = "{self.pki}/server.key"\nca_certificates = "{self.pki}/ca.pem"\n'
-                          f'max_associations = 64\nreceivers = {self.receivers}\n[log]\nlevel = "WARNING"\n')
+                          f'max_associations = 64\nreceivers = {self.receivers}\n[log]\nlevel = "WARNING"\n'
+                          + ("[router]\nenabled = false\n[viewer]\nenabled = false\n" if self.bare else ""))
         self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
                                      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.work / "m3.log", "ab"))
         wait_port(self.port)
@@ -221,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="m3dicom,orthanc,storescp")
     ap.add_argument("--receivers", type=int, default=1, help="m3dicom's dicom.receivers (0 = one per core)")
     ap.add_argument("--scenarios", default="small,large,short,parallel")
+    ap.add_argument("--bare", action="store_true", help="m3dicom without its router and viewer processes")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     args = ap.parse_args(argv)
 
@@ -235,7 +238,7 @@ def main(argv=None) -> int:
                 "short": None, "parallel": None}
         data["short"] = data["small"][:args.short]
         data["parallel"] = data["small"]
-        M3dicom.receivers = args.receivers
+        M3dicom.receivers, M3dicom.bare = args.receivers, args.bare
         data = {k: v for k, v in data.items() if k in args.scenarios.split(",")}
         kinds = {"m3dicom": M3dicom, "orthanc": Orthanc, "storescp": Storescp}
         results: dict[str, dict[str, list[tuple[float, float]]]] = {}
