@@ -250,17 +250,18 @@ class Query:
                 f"ORDER BY {ORDER[self.level]}")
 
     def run(self, conn: sqlite3.Connection, limit: int | None = None) -> Iterator[Dataset]:
-        sql = self.sql + (f" LIMIT {int(limit)}" if limit else "")
-        for row in conn.execute(sql, self.params):
+        for row in self._rows(conn, limit):
             yield self._response(row)
 
     def encoded(self, conn: sqlite3.Connection, explicit_vr: bool, limit: int | None = None) -> Iterator[bytes]:
         """The matches as identifiers encoded in Little Endian (explicit or implicit VR): the
         bytes pydicom writes for `run`'s Datasets (tests/test_query.py compares them)."""
-        sql = self.sql + (f" LIMIT {int(limit)}" if limit else "")
         encode = self._encoder(explicit_vr)
-        for row in conn.execute(sql, self.params):
+        for row in self._rows(conn, limit):
             yield encode(row)
+
+    def _rows(self, conn: sqlite3.Connection, limit: int | None) -> Iterator[sqlite3.Row]:
+        return conn.execute(self.sql + (f" LIMIT {int(limit)}" if limit else ""), self.params)
 
     def _encoder(self, explicit_vr: bool) -> Callable[[sqlite3.Row], bytes]:
         def header(tag: int, vr: str) -> tuple[bytes, struct.Struct]:
@@ -295,7 +296,7 @@ class Query:
                 elif kind in ("int", "count"):
                     value = str(int(value)).encode()
                 elif kind == "uid":
-                    value = _pad(value.encode(), b"\0")
+                    value = _pad(value, b"\0")
                 elif isinstance(value, str):
                     text = text or not value.isascii()
                     value = value.encode("utf-8")
