@@ -7,7 +7,7 @@ X3DOM := viewer/vendor/node_modules/x3dom/x3dom.js
 X3DOM_VERSION := 1.8.3
 CONFIG ?=
 
-.PHONY: install run test bench clean
+.PHONY: install run test test-fast fuzz bench clean
 
 $(BIN)/m3dicom: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ run: install certs/server.pem
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the quick loop: no browser, no slow tests (about a third of the time)
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not browser" -x -q $(PYTEST_ARGS)
+
+# long fuzzing runs of the PDU reader, command sets, data sets, C-FIND identifiers and viewer input
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -m fuzz -q $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/ingest.py

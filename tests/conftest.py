@@ -6,8 +6,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
 
 from helpers import M3DICOM, ROOT, MotoServer, Node, free_port
+
+# Fuzzing: a short run in `make test`, a long one in `make fuzz` (HYPOTHESIS_PROFILE=fuzz).
+# Examples found failing are kept in .hypothesis/ and replayed first next time.
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=_SLOW_OK)
+settings.register_profile("fuzz", max_examples=3000, deadline=None, suppress_health_check=_SLOW_OK)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -203,6 +203,49 @@ class Node:
             raise AssertionError(f"m3dicom {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result
 
+    # -- after an attack ----------------------------------------------------------------
+
+    def processes(self) -> list:
+        """psutil handles of the node and every process it started (receivers, viewer, ...)."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    def rss(self) -> int:
+        """Resident memory of the node's receiving processes together, bytes (children gone
+        between the listing and the reading count as zero)."""
+        import psutil
+
+        total = 0
+        for proc in self.processes():
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def stored_state(self) -> dict[str, tuple]:
+        """SOP Instance UID -> (patient id, study, series, data set SHA-256) of every stored
+        instance: take it before an attack, compare after (nothing stored may change)."""
+        rows = self.rows("SELECT i.sop_instance_uid, p.patient_id, st.study_uid, se.series_uid, i.blob_id "
+                         "FROM instances i JOIN series se ON se.pk = i.series_pk "
+                         "JOIN studies st ON st.pk = se.study_pk JOIN patients p ON p.pk = st.patient_pk")
+        return {uid: (pid, study, series, self.stored_dataset_sha256(blob)) for uid, pid, study, series, blob in rows}
+
+    def still_serves(self, tmp: Path, within: float = 2.0) -> float:
+        """A real storescu with a valid certificate stores a new instance over TLS within
+        `within` seconds; returns the seconds it took."""
+        path, = synthetic_instances(tmp / f"probe-{time.monotonic_ns()}", 1, patient="Probe^Health")
+        uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        started = time.monotonic()
+        result = self.storescu(path, check=False, timeout=within + 30)
+        took = time.monotonic() - started
+        assert result.returncode == 0, f"storescu failed after the attack:\n{result.stderr}\n{self.log()[-3000:]}"
+        assert self.rows("SELECT COUNT(*) FROM instances WHERE sop_instance_uid=?", (uid,)) == [(1,)]
+        assert took <= within, f"storescu took {took:.2f}s after the attack (limit {within}s)"
+        return took
+
     def tls_args(self) -> list[str]:
         return ["+tls", str(self.pki / "client.key"), str(self.pki / "client.pem"), "+cf", str(self.pki / "ca.pem")]
 
