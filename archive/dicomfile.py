@@ -1,8 +1,18 @@
 """Reading what the index needs from a received instance, without decoding its pixels.
 
-`inspect()` walks the top-level elements of the data set once (large values are
-skipped, not read), checks that the data set is complete, and returns the attributes
-that the index stores. It raises `InvalidInstance` with a reason a peer can be told.
+`inspect()` walks the elements of the data set once (large values are skipped, not
+read; sequences are walked into, to a bounded depth), checks that the data set is
+complete, and returns the attributes that the index stores. It raises `InvalidInstance`
+with a reason a peer can be told.
+
+Nothing a data set merely claims is allocated before it is checked against `Limits`:
+a deflated data set is inflated in bounded chunks into an unlinked temporary file (never
+whole in memory) and refused past a size and a ratio; sequences nested deeper than a
+limit are refused before any recursion gets deep; and `check_pixels()` compares the
+pixel matrix a data set declares (and each JPEG / JPEG-LS / JPEG 2000 codestream's own
+header) with a limit before a decoder allocates it. `read_dataset()` is pydicom's
+reading of a stored file behind the same checks: every reader that hands a file to
+pydicom (viewer, plug-ins) goes through it.
 """
 from __future__ import annotations
 
@@ -10,12 +20,14 @@ import mmap
 import os
 import re
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.charset import convert_encodings
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
@@ -37,6 +49,30 @@ class InvalidInstance(ValueError):
     def __init__(self, reason: str, status: str = "cannot-understand"):
         super().__init__(reason)
         self.status = status  # "cannot-understand" | "mismatch"
+
+
+class PixelsTooLarge(InvalidInstance):
+    """Decoding the pixel data would allocate more than `Limits.max_pixel_bytes`."""
+
+
+INFLATE_RATIO_GRACE = 64 << 20   # the ratio limit applies once a data set has inflated past this
+_INFLATE_CHUNK = 1 << 20         # inflated bytes held in memory at a time
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a data set may make the node allocate or walk (the `[ingest]` settings).
+
+    Real data sets stay far below every default: deflated ones rarely inflate more than
+    a few times, sequences rarely nest past 6 levels.
+    """
+    max_inflated_bytes: int = 1 << 30     # a deflated data set inflates to at most this
+    max_inflate_ratio: int = 100          # ... and, past INFLATE_RATIO_GRACE, to at most this many times its size
+    max_sequence_depth: int = 32          # items inside items inside ...
+    max_pixel_bytes: int = 1 << 30        # Rows x Columns x Frames x Samples x bytes per sample, decoded
+
+
+DEFAULT_LIMITS = Limits()
 
 
 def valid_uid(value: object) -> bool:
@@ -83,31 +119,60 @@ def _text(value) -> str | None:
     if value is None or value is _FAILED or value == "":
         return None
     if isinstance(value, (list, tuple, MultiValue)):
-        return "\\".join(str(v) for v in value)
-    return str(value)
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    if not text.isascii():   # lone surrogates (undecodable bytes) cannot be stored as UTF-8
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def _int(value) -> int | None:
+    """An IS value as an integer the index can hold (a 64-bit integer), else None."""
     try:
-        return None if value in (None, "", _FAILED) else int(value)
+        number = None if value in (None, "", _FAILED) else int(value)
     except Exception:
         return None
+    return number if number is None or -(1 << 63) <= number < 1 << 63 else None
 
 
 def inspect(path: Path, expected_sop_class: str | None = None,
-            expected_sop_instance: str | None = None) -> InstanceHeader:
-    """Validate the Part 10 file at `path` (as written by the receiver) and read its header."""
+            expected_sop_instance: str | None = None, limits: Limits = DEFAULT_LIMITS) -> InstanceHeader:
+    """Validate the Part 10 file at `path` (as written by the receiver) and read its header.
+
+    A deflated data set is inflated into an unlinked temporary file next to `path` (the
+    receiver's spool, inside the data directory): memory stays bounded whatever it claims.
+    """
     with open(path, "rb") as fh:
         if os.fstat(fh.fileno()).st_size < 132 + 12:
             raise InvalidInstance("not a DICOM Part 10 stream")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             if buf[128:132] != b"DICM":
                 raise InvalidInstance("not a DICOM Part 10 stream")
-            return _inspect(buf, expected_sop_class, expected_sop_instance)
+            return _inspect(buf, expected_sop_class, expected_sop_instance, limits, Path(path).parent)
+
+
+def read_dataset(path: Path, limits: Limits = DEFAULT_LIMITS, pixels: bool = False) -> Dataset:
+    """pydicom's reading of the stored Part 10 file at `path`, after the checks of `inspect()`.
+
+    pydicom inflates a deflated data set whole in memory and walks sequences recursively:
+    the file is first inspected within `limits` (a deflate bomb or a data set nested too
+    deep raises `InvalidInstance` before pydicom sees it), and with `pixels` the declared
+    pixel matrix is checked too (`PixelsTooLarge`) before anyone decodes it.
+    """
+    inspect(Path(path), limits=limits)
+    ds = dcmread(path, stop_before_pixels=not pixels)
+    if pixels:
+        check_pixels(ds, limits.max_pixel_bytes)
+    return ds
 
 
 class _Malformed(ValueError):
     pass
+
+
+class _Refused(_Malformed):
+    """Well-formed perhaps, but over a limit: the message is told as it is."""
 
 
 # Explicit VR value representations with a 4-byte length (PS3.5 Table 7.1-1)
@@ -118,83 +183,126 @@ _ITEM, _ITEM_END, _SEQUENCE_END = 0xE000, 0xE00D, 0xE0DD
 
 
 def check_structure(buf, pos: int, end: int, implicit: bool, little: bool,
-                    collect: dict | None = None) -> int:
+                    collect: dict | None = None, max_depth: int = DEFAULT_LIMITS.max_sequence_depth) -> int:
     """Walk every element header in `buf[pos:end]` without decoding values.
 
-    Lengths must fit, undefined-length sequences and encapsulated pixel data must be
-    closed by their delimiters (PS3.5 7.1, 7.5, A.4). Returns the number of top-level
-    elements; raises `_Malformed`. `buf` is any buffer (an mmap of the received file):
-    a few struct reads per element, much cheaper than a full parse. The top-level
-    elements whose tags are in `_WANTED` are put in `collect` as pydicom RawDataElements.
+    Lengths must fit, sequences (of defined or undefined length) must hold items, undefined
+    lengths and encapsulated pixel data must be closed by their delimiters (PS3.5 7.1, 7.5,
+    A.4), and items may nest at most `max_depth` deep. Returns the number of top-level
+    elements; raises `_Malformed` (`_Refused` past the depth). `buf` is any buffer (an mmap
+    of the received file): a few struct reads per element, much cheaper than a full parse.
+    The top-level elements whose tags are in `_WANTED` are put in `collect` as pydicom
+    RawDataElements.
     """
-    count, pos = _elements(buf, pos, end, implicit, little, in_item=False, collect=collect)
+    walker = _Walker(buf, little, max_depth)
+    count, pos = walker.elements(pos, end, implicit, 0, False, collect)
     return count
 
 
-def _elements(buf, pos: int, end: int, implicit: bool, little: bool, in_item: bool,
-              collect: dict | None = None) -> tuple[int, int]:
-    order = "<" if little else ">"
-    count = 0
-    head = struct.Struct(order + "HHI")
-    explicit = struct.Struct(order + "HH2sH")
-    long_length = struct.Struct(order + "I")
-    while True:
-        if pos >= end:
-            if in_item:
-                raise _Malformed("an item has no delimiter")
-            return count, pos
-        if end - pos < 8:
-            raise _Malformed("an element header is cut off")
-        group, elem, length = head.unpack_from(buf, pos)
-        if group == 0xFFFE:
-            if in_item and elem == _ITEM_END:
-                return count, pos + 8
-            raise _Malformed(f"unexpected delimiter (FFFE,{elem:04X})")
-        vr = None
-        if not implicit:
-            _, _, vr, length = explicit.unpack_from(buf, pos)
-            if vr in _LONG_VRS:
-                if end - pos < 12:
-                    raise _Malformed("an element header is cut off")
-                (length,) = long_length.unpack_from(buf, pos + 8)
-                pos += 4
-        pos += 8
-        count += 1
-        if length != _UNDEFINED:
-            if length > end - pos:
-                raise _Malformed(f"element ({group:04X},{elem:04X}) is longer than the data left")
-            if collect is not None and (tag := group << 16 | elem) in _WANTED:
-                collect[tag] = RawDataElement(BaseTag(tag), vr and vr.decode("ascii", "replace"), length,
-                                              bytes(buf[pos:pos + length]), pos, implicit, little)
-            pos += length
-        elif (group, elem) == (0x7FE0, 0x0010) and vr in (b"OB", b"OW"):
-            pos = _items(buf, pos, end, little, None)           # encapsulated fragments
-        elif vr == b"UN":                                        # PS3.5 6.2.2: implicit VR LE inside
-            pos = _items(buf, pos, end, True, True)
-        elif implicit or vr == b"SQ":
-            pos = _items(buf, pos, end, little, implicit)
-        else:
-            raise _Malformed(f"element ({group:04X},{elem:04X}) has an undefined length")
+class _Walker:
+    """The element walk of one data set: recursion is bounded by `max_depth`."""
+
+    def __init__(self, buf, little: bool, max_depth: int):
+        order = "<" if little else ">"
+        self.buf, self.little, self.max_depth = buf, little, max_depth
+        self.head = struct.Struct(order + "HHI")
+        self.explicit = struct.Struct(order + "HH2sH")
+        self.long_length = struct.Struct(order + "I")
+
+    def elements(self, pos: int, end: int, implicit: bool, depth: int, in_item: bool,
+                 collect: dict | None = None) -> tuple[int, int]:
+        """Elements up to `end`, or (`in_item`) up to an item delimiter before it."""
+        buf, head = self.buf, self.head
+        count = 0
+        while True:
+            if pos >= end:
+                if in_item:
+                    raise _Malformed("an item has no delimiter")
+                return count, pos
+            if end - pos < 8:
+                raise _Malformed("an element header is cut off")
+            group, elem, length = head.unpack_from(buf, pos)
+            if group == 0xFFFE:
+                if in_item and elem == _ITEM_END:
+                    return count, pos + 8
+                raise _Malformed(f"unexpected delimiter (FFFE,{elem:04X})")
+            vr = None
+            if not implicit:
+                _, _, vr, length = self.explicit.unpack_from(buf, pos)
+                if vr in _LONG_VRS:
+                    if end - pos < 12:
+                        raise _Malformed("an element header is cut off")
+                    (length,) = self.long_length.unpack_from(buf, pos + 8)
+                    pos += 4
+            pos += 8
+            count += 1
+            if length != _UNDEFINED:
+                if length > end - pos:
+                    raise _Malformed(f"element ({group:04X},{elem:04X}) is longer than the data left")
+                if collect is not None and (tag := group << 16 | elem) in _WANTED:
+                    collect[tag] = RawDataElement(BaseTag(tag), vr and vr.decode("ascii", "replace"), length,
+                                                  bytes(buf[pos:pos + length]), pos, implicit, self.little)
+                if length and _is_sequence(vr, group, elem, implicit):
+                    try:                         # walked for its depth; bounded by its length either way
+                        self.items(pos, pos + length, implicit, depth, defined=True)
+                    except _Refused:
+                        raise
+                    except _Malformed:           # tolerant when reading, as pydicom is (implicit VR items
+                        pass                     # in an explicit VR file): its length alone was checked
+                pos += length
+            elif (group, elem) == (0x7FE0, 0x0010) and vr in (b"OB", b"OW"):
+                pos = self.items(pos, end, None, depth)              # encapsulated fragments
+            elif vr == b"UN":                                        # PS3.5 6.2.2: implicit VR LE inside
+                inside = self if self.little else _Walker(buf, True, self.max_depth)
+                pos = inside.items(pos, end, True, depth)
+            elif implicit or vr == b"SQ":
+                pos = self.items(pos, end, implicit, depth)
+            else:
+                raise _Malformed(f"element ({group:04X},{elem:04X}) has an undefined length")
+
+    def items(self, pos: int, end: int, implicit: bool | None, depth: int, defined: bool = False) -> int:
+        """Items up to the sequence delimiter, or (`defined`) exactly up to `end`.
+
+        `implicit` None: fragments (no data sets inside).
+        """
+        buf, head = self.buf, self.head
+        while True:
+            if defined and pos == end:
+                return pos
+            if end - pos < 8:
+                raise _Malformed("a sequence has no delimiter")
+            group, elem, length = head.unpack_from(buf, pos)
+            pos += 8
+            if group != 0xFFFE or elem not in (_ITEM, _SEQUENCE_END):
+                raise _Malformed(f"({group:04X},{elem:04X}) where an item was expected")
+            if elem == _SEQUENCE_END:
+                if defined:
+                    raise _Malformed("a sequence delimiter in a sequence of defined length")
+                return pos
+            if implicit is not None:
+                if depth >= self.max_depth:
+                    raise _Refused(f"sequences nested deeper than {self.max_depth} levels")
+                if length == _UNDEFINED:
+                    _, pos = self.elements(pos, end, implicit, depth + 1, True)
+                    continue
+                if length > end - pos:
+                    raise _Malformed("an item is longer than the data left")
+                self.elements(pos, pos + length, implicit, depth + 1, False)
+                pos += length
+            elif length == _UNDEFINED or length > end - pos:
+                raise _Malformed("an item is longer than the data left")
+            else:
+                pos += length
 
 
-def _items(buf, pos: int, end: int, little: bool, implicit: bool | None) -> int:
-    """Items up to the sequence delimiter; `implicit` None: fragments (no data sets inside)."""
-    item = struct.Struct(("<" if little else ">") + "HHI")
-    while True:
-        if end - pos < 8:
-            raise _Malformed("a sequence has no delimiter")
-        group, elem, length = item.unpack_from(buf, pos)
-        pos += 8
-        if group != 0xFFFE or elem not in (_ITEM, _SEQUENCE_END):
-            raise _Malformed(f"({group:04X},{elem:04X}) where an item was expected")
-        if elem == _SEQUENCE_END:
-            return pos
-        if length == _UNDEFINED and implicit is not None:
-            _, pos = _elements(buf, pos, end, implicit, little, in_item=True)
-        elif length == _UNDEFINED or length > end - pos:
-            raise _Malformed("an item is longer than the data left")
-        else:
-            pos += length
+def _is_sequence(vr: bytes | None, group: int, elem: int, implicit: bool) -> bool:
+    """Whether a value of defined length holds items: explicit SQ, or implicit and SQ in the dictionary."""
+    if not implicit:
+        return vr == b"SQ"
+    try:
+        return dictionary_VR(group << 16 | elem) == "SQ"
+    except KeyError:
+        return False
 
 
 def _file_meta(buf) -> tuple[int, str]:
@@ -205,6 +313,8 @@ def _file_meta(buf) -> tuple[int, str]:
         group, elem, vr, length = struct.unpack_from("<HH2sH", buf, pos)
         pos += 8
         if vr in _LONG_VRS:
+            if end - pos < 4:
+                raise InvalidInstance("file meta information is truncated")
             (length,) = struct.unpack_from("<I", buf, pos)
             pos += 4
         if length > end - pos:
@@ -232,19 +342,68 @@ def dataset_offset(fh) -> int:
         return _file_meta(buf)[0]
 
 
-def _inspect(buf, sop_class: str | None, sop_instance: str | None) -> InstanceHeader:
+def _inflate(buf, offset: int, limits: Limits, out) -> int:
+    """Inflate `buf[offset:]` into the file `out`, a chunk at a time; returns the inflated size.
+
+    Refused past `limits.max_inflated_bytes`, or past `max_inflate_ratio` times the
+    deflated size once more than INFLATE_RATIO_GRACE came out (a deflate bomb stops there).
+    """
+    deflated = len(buf) - offset
+    ceiling = min(limits.max_inflated_bytes, max(INFLATE_RATIO_GRACE, limits.max_inflate_ratio * deflated))
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with memoryview(buf) as view:
+        for start in range(offset, len(buf), _INFLATE_CHUNK):
+            data = view[start:start + _INFLATE_CHUNK]
+            while data:
+                try:
+                    chunk = inflater.decompress(data, _INFLATE_CHUNK)
+                except zlib.error as exc:
+                    raise InvalidInstance(f"deflated data set cannot be inflated: {exc}") from None
+                total += len(chunk)
+                if total > ceiling:
+                    raise InvalidInstance(_too_deflated(ceiling, limits))
+                out.write(chunk)
+                data = inflater.unconsumed_tail
+                if inflater.eof:
+                    break
+            if inflater.eof:
+                break
+    if not inflater.eof:
+        raise InvalidInstance("deflated data set is cut off (the deflate stream does not end)")
+    return total
+
+
+def _too_deflated(ceiling: int, limits: Limits) -> str:
+    if ceiling >= limits.max_inflated_bytes:
+        return f"deflated data set inflates past {limits.max_inflated_bytes >> 20} MiB (ingest.max_inflated_bytes)"
+    return f"deflated data set inflates over {limits.max_inflate_ratio} times its size (ingest.max_inflate_ratio)"
+
+
+def _inspect(buf, sop_class: str | None, sop_instance: str | None, limits: Limits = DEFAULT_LIMITS,
+             spool: Path | None = None) -> InstanceHeader:
     offset, syntax = _file_meta(buf)
+    if syntax != DeflatedExplicitVRLittleEndian:
+        return _header(buf, offset, syntax, sop_class, sop_instance, limits)
+    with tempfile.TemporaryFile(dir=spool) as inflated:     # unlinked: nothing is left behind
+        if _inflate(buf, offset, limits, inflated) == 0:
+            raise InvalidInstance("data set is empty")
+        inflated.flush()
+        with mmap.mmap(inflated.fileno(), 0, access=mmap.ACCESS_READ) as data_set:
+            header = _header(data_set, 0, syntax, sop_class, sop_instance, limits)
+    return InstanceHeader(header.sop_class_uid, header.sop_instance_uid, header.study_uid, header.series_uid,
+                          syntax, offset, header.attrs)
+
+
+def _header(data_set, start: int, syntax: str, sop_class: str | None, sop_instance: str | None,
+            limits: Limits) -> InstanceHeader:
     implicit = syntax == ImplicitVRLittleEndian
     little = syntax != ExplicitVRBigEndian
-    data_set, start = buf, offset
-    if syntax == DeflatedExplicitVRLittleEndian:
-        try:
-            data_set, start = zlib.decompressobj(-zlib.MAX_WBITS).decompress(buf[offset:]), 0
-        except zlib.error as exc:
-            raise InvalidInstance(f"deflated data set cannot be inflated: {exc}") from None
     raw: dict = {}
     try:
-        count = check_structure(data_set, start, len(data_set), implicit, little, raw)
+        count = check_structure(data_set, start, len(data_set), implicit, little, raw, limits.max_sequence_depth)
+    except _Refused as exc:
+        raise InvalidInstance(str(exc)) from None
     except _Malformed as exc:
         raise InvalidInstance(f"data set is truncated or malformed: {exc}") from None
     if count == 0:
@@ -268,4 +427,101 @@ def _inspect(buf, sop_class: str | None, sop_instance: str | None) -> InstanceHe
     attrs["SeriesNumber"] = _int(values.get("SeriesNumber"))
     attrs["InstanceNumber"] = _int(values.get("InstanceNumber"))
     return InstanceHeader(uids["SOPClassUID"], uids["SOPInstanceUID"], uids["StudyInstanceUID"],
-                          uids["SeriesInstanceUID"], syntax, offset, attrs)
+                          uids["SeriesInstanceUID"], syntax, start, attrs)
+
+
+# -- pixel data: what decoding would allocate ----------------------------------------------------
+
+_ENCAPSULATED_CHECKED = 1 << 16    # bytes of a fragment's start read for a codestream header
+
+
+def check_pixels(ds: Dataset, max_pixel_bytes: int) -> None:
+    """Refuse (`PixelsTooLarge`) pixel data whose decoding would allocate more than `max_pixel_bytes`.
+
+    The decoded size is what the data set declares: Rows x Columns x Number of Frames x
+    Samples per Pixel x whole bytes per sample (Bits Allocated). Compressed pixel data
+    (JPEG 2000, JPEG-LS, JPEG: each frame's codestream carries its own size, which is
+    what the decoder allocates) must not be larger than that declaration either.
+    A data set without pixel data passes.
+    """
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        return
+    rows, columns = _int(ds.get("Rows")), _int(ds.get("Columns"))
+    frames, samples = _int(ds.get("NumberOfFrames", 1)), _int(ds.get("SamplesPerPixel", 1))
+    bits = _int(ds.get("BitsAllocated", 8))
+    if not rows or not columns or rows < 0 or columns < 0:
+        raise PixelsTooLarge("the pixel data has no valid Rows and Columns")
+    frames, samples, bits = max(frames or 1, 1), max(samples or 1, 1), max(bits or 8, 1)
+    frame_bytes = rows * columns * samples * ((bits + 7) // 8)
+    declared = frame_bytes * frames
+    if declared > max_pixel_bytes:
+        raise PixelsTooLarge(f"the pixel data declares {_size(declared)} decoded, over {_size(max_pixel_bytes)} "
+                             "(ingest.max_pixel_bytes)")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_compressed or "PixelData" not in ds:
+        return
+    for header in _codestream_headers(ds.PixelData, syntax.is_little_endian):
+        size = _codestream_size(header)
+        if size is None:
+            continue
+        height, width, components, precision = size
+        if height > rows or width > columns or components > samples:
+            raise PixelsTooLarge(f"a compressed frame is {width} x {height} x {components}, larger than the "
+                                 f"declared {columns} x {rows} x {samples}")
+        if height * width * components * ((precision + 7) // 8) > max(frame_bytes, 1) * 2:
+            raise PixelsTooLarge("a compressed frame decodes to more than the declared frame size")
+
+
+def _size(count: int) -> str:
+    return f"{count / (1 << 30):.1f} GiB" if count >= 1 << 30 else f"{count / (1 << 20):.1f} MiB"
+
+
+def _codestream_headers(pixel_data: bytes, little: bool = True):
+    """The start of each fragment of encapsulated pixel data (after the Basic Offset Table)."""
+    item = struct.Struct("<HHI" if little else ">HHI")
+    pos, end, first = 0, len(pixel_data), True
+    with memoryview(pixel_data) as view:
+        while end - pos >= 8:
+            group, elem, length = item.unpack_from(view, pos)
+            pos += 8
+            if group != 0xFFFE or elem != _ITEM or length == _UNDEFINED:
+                return
+            if not first:
+                yield bytes(view[pos:pos + min(length, _ENCAPSULATED_CHECKED)])
+            first = False
+            pos += length
+
+
+def _codestream_size(data: bytes) -> tuple[int, int, int, int] | None:
+    """(height, width, components, precision) from a JPEG / JPEG-LS SOF or a JPEG 2000 SIZ
+    marker at the start of `data`; None when it is no codestream start (a continuation)."""
+    try:
+        if data[:2] == b"\xff\xd8":                               # JPEG, JPEG-LS: SOI, segments, SOFn
+            pos = 2
+            while pos + 4 <= len(data):
+                marker = data[pos + 1]
+                if data[pos] != 0xFF:
+                    return None
+                if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7):
+                    precision, height, width, components = struct.unpack_from(">BHHB", data, pos + 4)
+                    return height, width, components, precision
+                (length,) = struct.unpack_from(">H", data, pos + 2)
+                pos += 2 + length
+            return None
+        pos = 0
+        if data[:8] == b"\x00\x00\x00\x0cjP  ":                  # a JP2 file: boxes up to the codestream
+            pos = 12
+            while pos + 8 <= len(data) and data[pos + 4:pos + 8] != b"jp2c":
+                (length,) = struct.unpack_from(">I", data, pos)
+                if length < 8:
+                    return None
+                pos += length
+            pos += 8
+        if data[pos:pos + 4] == b"\xff\x4f\xff\x51":              # JPEG 2000: SOC, SIZ
+            xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", data, pos + 8)
+            (components,) = struct.unpack_from(">H", data, pos + 40)
+            precision = (data[pos + 42] & 0x7F) + 1
+            return max(ysiz - yosiz, 0), max(xsiz - xosiz, 0), components, precision
+    except (struct.error, IndexError):
+        return None
+    return None

@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote
@@ -16,6 +17,32 @@ from urllib.parse import quote
 import sqlite_utils
 
 migrations = sqlite_utils.Migrations("m3dicom")
+
+DEMOGRAPHICS = (("PatientName", "patient_name"), ("PatientBirthDate", "birth_date"), ("PatientSex", "sex"))
+
+
+@dataclass(frozen=True)
+class Difference:
+    """An attribute where an instance disagrees with what the index holds."""
+    attribute: str
+    index_value: str | None
+    instance_value: str | None
+
+
+class HierarchyConflict(Exception):
+    """The instance's study belongs to another patient, or its series to another study."""
+
+    def __init__(self, reason: str, uid: str, differences: list[Difference]):
+        super().__init__(reason)
+        self.uid = uid                   # the study or series that is another's
+        self.differences = differences
+
+
+def _same(keyword: str, held: str | None, said: str | None) -> bool:
+    """Equal as values: person names without regard to case or trailing empty components."""
+    if keyword == "PatientName":
+        return (held or "").rstrip("^= ").upper() == (said or "").rstrip("^= ").upper()
+    return (held or "").strip() == (said or "").strip()
 
 
 @migrations(name="0001_initial")
@@ -238,6 +265,84 @@ def _viewer(db: sqlite_utils.Database) -> None:
     """)
 
 
+@migrations(name="0006_integrity", transactional=False)
+def _integrity(db: sqlite_utils.Database) -> None:
+    """A study belongs to one patient and a series to one study (issue 14).
+
+    `conflicts`: every instance that disagreed with the index (its values beside the
+    index's). `quarantine`: instances kept outside the hierarchy (`ingest.on_conflict`).
+    The patients table is rebuilt (SQLite cannot drop a constraint) so that a Patient ID
+    is unique only when there is one: instances without a Patient ID get a patient row
+    of their own per study instead of sharing (and renaming) one empty-ID patient.
+    Foreign keys are off during the rebuild, hence not in sqlite-utils' transaction:
+    one of its own, and every step can run again if a crash cut it off.
+    """
+    conn = db.conn
+    conn.execute("PRAGMA foreign_keys=OFF")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _INTEGRITY_SCHEMA:
+                conn.execute(statement)
+            (patients_sql,), = conn.execute("SELECT sql FROM sqlite_master WHERE name='patients'").fetchall()
+            if "UNIQUE" in patients_sql.upper():
+                for statement in _PATIENTS_REBUILD:
+                    conn.execute(statement)
+            if conn.execute("PRAGMA foreign_key_check").fetchall():
+                raise RuntimeError("index: rebuilding the patients table broke a foreign key")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.execute("PRAGMA foreign_keys=ON")
+
+
+_INTEGRITY_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS conflicts (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        time REAL NOT NULL,                  -- last received
+        sop_instance_uid TEXT NOT NULL,
+        study_uid TEXT, series_uid TEXT,
+        attribute TEXT NOT NULL,             -- PatientName | PatientBirthDate | PatientSex: the index kept its value;
+                                             -- PatientID: the study is another patient's;
+                                             -- StudyInstanceUID: the series is another study's
+        index_value TEXT,                    -- what the index holds (and C-FIND answers)
+        instance_value TEXT,                 -- what the instance says (its stored file keeps it)
+        action TEXT NOT NULL,                -- stored | refused | quarantined
+        calling_ae TEXT,
+        received INTEGER NOT NULL DEFAULT 1  -- times this instance came with this difference
+    )""",
+    "CREATE INDEX IF NOT EXISTS conflicts_instance ON conflicts(sop_instance_uid, attribute)",
+    """CREATE TABLE IF NOT EXISTS quarantine (
+        pk INTEGER PRIMARY KEY,
+        sop_instance_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL,
+        study_uid TEXT NOT NULL, series_uid TEXT NOT NULL,
+        transfer_syntax TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
+        blob_id TEXT NOT NULL UNIQUE,
+        calling_ae TEXT, job_id TEXT,
+        reason TEXT NOT NULL,
+        received_at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS quarantine_instance ON quarantine(sop_instance_uid)",
+)
+_PATIENTS_REBUILD = (   # SQLite's "12 steps" for a change ALTER TABLE cannot make
+    """CREATE TABLE patients_new (
+        pk INTEGER PRIMARY KEY,
+        patient_id TEXT NOT NULL,            -- '': none (a patient row of its own per study)
+        patient_name TEXT, birth_date TEXT, sex TEXT,
+        patient_name_key TEXT
+    )""",
+    "INSERT INTO patients_new (pk, patient_id, patient_name, birth_date, sex, patient_name_key) "
+    "SELECT pk, patient_id, patient_name, birth_date, sex, patient_name_key FROM patients",
+    "DROP TABLE patients",
+    "ALTER TABLE patients_new RENAME TO patients",
+    "CREATE UNIQUE INDEX patients_id ON patients(patient_id) WHERE patient_id <> ''",
+    "CREATE INDEX patients_patient_id ON patients(patient_id)",   # lookups (a partial index serves none)
+    "CREATE INDEX patients_name_key ON patients(patient_name_key)",
+)
+
+
 def name_key(name: str | None) -> str | None:
     """A person name as matched case-insensitively."""
     return name.upper() if name else None
@@ -308,13 +413,26 @@ class Index:
             return self._conn.execute(sql, params).fetchall()
 
     def blob_ids(self) -> set[str]:
-        return {row[0] for row in self.query("SELECT blob_id FROM instances UNION SELECT blob_id FROM job_results "
-                                             "WHERE blob_id IS NOT NULL")}
+        return {row[0] for row in self.query("SELECT blob_id FROM instances UNION SELECT blob_id FROM quarantine "
+                                             "UNION SELECT blob_id FROM job_results WHERE blob_id IS NOT NULL")}
 
     def blob_referenced(self, blob_id: str) -> bool:
         """Whether a committed row still needs this blob."""
         return bool(self.query("SELECT 1 FROM instances WHERE blob_id=? UNION ALL "
-                               "SELECT 1 FROM job_results WHERE blob_id=? LIMIT 1", (blob_id, blob_id)))
+                               "SELECT 1 FROM quarantine WHERE blob_id=? UNION ALL "
+                               "SELECT 1 FROM job_results WHERE blob_id=? LIMIT 1", (blob_id, blob_id, blob_id)))
+
+    def integrity(self) -> dict[str, int]:
+        """Counts for `m3dicom status`: instances that disagreed with the index, by what was done."""
+        counts = {"stored": 0, "refused": 0, "quarantined": 0}
+        counts.update({action: n for action, n in self.query(
+            "SELECT action, COUNT(DISTINCT sop_instance_uid) FROM conflicts GROUP BY action")})
+        (counts["in_quarantine"],), = self.query("SELECT COUNT(*) FROM quarantine")
+        return counts
+
+    def conflicts(self, limit: int = 1000) -> list[sqlite3.Row]:
+        """The latest recorded conflicts, newest first (they hold patient values: for the operator, not logs)."""
+        return self.query("SELECT * FROM conflicts ORDER BY time DESC, seq DESC LIMIT ?", (limit,))
 
     def changes_since(self, seq: int, limit: int = 1000) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
@@ -322,32 +440,99 @@ class Index:
     # -- writes used by ingest (inside `write()`) ---------------------------------------
 
     @staticmethod
-    def upsert_hierarchy(conn: sqlite3.Connection, header, now: float) -> int:
-        """Create or refresh patient, study and series rows; return the series pk."""
+    def upsert_hierarchy(conn: sqlite3.Connection, header, now: float,
+                         differences: list[Difference] | None = None) -> int:
+        """File the instance under its patient, study and series (made when new); return the series pk.
+
+        A series belongs to one study and a study to one patient: an instance that says
+        otherwise raises `HierarchyConflict` before anything is written. Patient
+        demographics are never written over: the first value received stays (what C-FIND
+        answers; an empty one is filled in), and where the instance says otherwise a
+        `Difference` is appended to `differences` for the caller to record. An instance
+        without a Patient ID belongs to its study's patient, or to a new patient row of its
+        own for a new study (never to one shared empty-ID patient).
+        """
         a = header.attrs
         patient_id = a["PatientID"] or ""
-        conn.execute(
-            "INSERT INTO patients (patient_id, patient_name, patient_name_key, birth_date, sex) "
-            "VALUES (?,?,?,?,?) ON CONFLICT(patient_id) DO UPDATE SET patient_name=excluded.patient_name, "
-            "patient_name_key=excluded.patient_name_key, birth_date=excluded.birth_date, sex=excluded.sex",
-            (patient_id, a["PatientName"], name_key(a["PatientName"]), a["PatientBirthDate"],
-             a["PatientSex"]))
-        patient_pk = conn.execute("SELECT pk FROM patients WHERE patient_id=?", (patient_id,)).fetchone()[0]
-        conn.execute(
-            "INSERT INTO studies (study_uid, patient_pk, study_date, study_time, study_time_key, "
-            "accession_number, study_description, referring_physician, referring_physician_key, study_id, "
-            "character_set, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
-            "ON CONFLICT(study_uid) DO UPDATE SET updated_at=excluded.updated_at",
-            (header.study_uid, patient_pk, a["StudyDate"], a["StudyTime"], time_key(a["StudyTime"]),
-             a["AccessionNumber"], a["StudyDescription"], a["ReferringPhysicianName"],
-             name_key(a["ReferringPhysicianName"]), a["StudyID"], a["SpecificCharacterSet"], now))
-        study_pk = conn.execute("SELECT pk FROM studies WHERE study_uid=?", (header.study_uid,)).fetchone()[0]
-        conn.execute(
+        series = conn.execute("SELECT se.pk, st.study_uid FROM series se JOIN studies st ON st.pk = se.study_pk "
+                              "WHERE se.series_uid=?", (header.series_uid,)).fetchone()
+        if series is not None and series[1] != header.study_uid:
+            raise HierarchyConflict("series belongs to another study", header.series_uid,
+                                    [Difference("StudyInstanceUID", series[1], header.study_uid)])
+        study = conn.execute("SELECT st.pk, st.patient_pk, p.patient_id FROM studies st "
+                             "JOIN patients p ON p.pk = st.patient_pk WHERE st.study_uid=?",
+                             (header.study_uid,)).fetchone()
+        if study is not None and study[2] != patient_id:
+            raise HierarchyConflict("study belongs to another patient", header.study_uid,
+                                    [Difference("PatientID", study[2], patient_id)])
+        if study is not None:
+            patient_pk = study[1]
+        elif patient_id:
+            found = conn.execute("SELECT pk FROM patients WHERE patient_id=?", (patient_id,)).fetchone()
+            patient_pk = found[0] if found else None
+        else:
+            patient_pk = None
+        if patient_pk is None:
+            patient_pk = conn.execute(
+                "INSERT INTO patients (patient_id, patient_name, patient_name_key, birth_date, sex) VALUES (?,?,?,?,?)",
+                (patient_id, a["PatientName"], name_key(a["PatientName"]), a["PatientBirthDate"],
+                 a["PatientSex"])).lastrowid
+        else:
+            Index._keep_demographics(conn, patient_pk, a, differences)
+        if study is None:
+            study_pk = conn.execute(
+                "INSERT INTO studies (study_uid, patient_pk, study_date, study_time, study_time_key, "
+                "accession_number, study_description, referring_physician, referring_physician_key, study_id, "
+                "character_set, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (header.study_uid, patient_pk, a["StudyDate"], a["StudyTime"], time_key(a["StudyTime"]),
+                 a["AccessionNumber"], a["StudyDescription"], a["ReferringPhysicianName"],
+                 name_key(a["ReferringPhysicianName"]), a["StudyID"], a["SpecificCharacterSet"], now)).lastrowid
+        else:
+            study_pk = study[0]
+            conn.execute("UPDATE studies SET updated_at=? WHERE pk=?", (now, study_pk))
+        if series is not None:
+            return series[0]
+        return conn.execute(
             "INSERT INTO series (series_uid, study_pk, modality, series_number, series_description, "
-            "body_part) VALUES (?,?,?,?,?,?) ON CONFLICT(series_uid) DO NOTHING",
+            "body_part) VALUES (?,?,?,?,?,?)",
             (header.series_uid, study_pk, a["Modality"], a["SeriesNumber"], a["SeriesDescription"],
-             a["BodyPartExamined"]))
-        return conn.execute("SELECT pk FROM series WHERE series_uid=?", (header.series_uid,)).fetchone()[0]
+             a["BodyPartExamined"])).lastrowid
+
+    @staticmethod
+    def _keep_demographics(conn: sqlite3.Connection, patient_pk: int, attrs: dict,
+                           differences: list[Difference] | None) -> None:
+        """Fill what the patient row lacks; note (never write over) what the instance says otherwise."""
+        row = conn.execute("SELECT patient_name, birth_date, sex FROM patients WHERE pk=?", (patient_pk,)).fetchone()
+        fill = {}
+        for (keyword, column), held in zip(DEMOGRAPHICS, row):
+            said = attrs.get(keyword)
+            if not said or _same(keyword, held, said):
+                continue
+            if not held:
+                fill[column] = said
+            elif differences is not None:
+                differences.append(Difference(keyword, held, said))
+        if fill:
+            if "patient_name" in fill:
+                fill["patient_name_key"] = name_key(fill["patient_name"])
+            conn.execute(f"UPDATE patients SET {', '.join(f'{c}=?' for c in fill)} WHERE pk=?",
+                         (*fill.values(), patient_pk))
+
+    @staticmethod
+    def record_conflicts(conn: sqlite3.Connection, header, differences: list[Difference], action: str,
+                         calling_ae: str | None, now: float) -> None:
+        """One `conflicts` row per difference; the same instance with the same difference again counts up."""
+        for d in differences:
+            updated = conn.execute(
+                "UPDATE conflicts SET received = received + 1, time=?, calling_ae=? WHERE sop_instance_uid=? "
+                "AND attribute=? AND index_value IS ? AND instance_value IS ? AND action=?",
+                (now, calling_ae, header.sop_instance_uid, d.attribute, d.index_value, d.instance_value, action))
+            if updated.rowcount == 0:
+                conn.execute(
+                    "INSERT INTO conflicts (time, sop_instance_uid, study_uid, series_uid, attribute, index_value, "
+                    "instance_value, action, calling_ae) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (now, header.sop_instance_uid, header.study_uid, header.series_uid, d.attribute, d.index_value,
+                     d.instance_value, action, calling_ae))
 
     @staticmethod
     def add_change(conn: sqlite3.Connection, kind: str, instance_pk: int | None, header,

@@ -4,6 +4,13 @@ validate -> encrypted blob (fsync file and directory) -> ONE index transaction
 (instance row + change row). Only a returned `Outcome.STORED` (or an idempotent
 duplicate) means the instance is durable. On any failure no blob and no row remain.
 Modalities (C-STORE), uploads and analysis results all come through here.
+
+A study belongs to one patient and a series to one study: an instance that says
+otherwise is refused (`Outcome.CONFLICT`) or, with `on_conflict="quarantine"`, kept
+durably outside the hierarchy (`Outcome.QUARANTINED`, the `quarantine` table); either
+way the `conflicts` table records it. Patient demographics that differ from what the
+index holds are stored with the instance (its file is the truth) and recorded there too,
+never written over the index.
 """
 from __future__ import annotations
 
@@ -21,12 +28,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .crypto import IntegrityError, Keyring, KmsKeyring, LocalKeyring
-from .dicomfile import InstanceHeader, InvalidInstance, dataset_offset as inspect_offset, inspect
-from .index import Index
+from .dicomfile import DEFAULT_LIMITS, InstanceHeader, InvalidInstance, Limits, dataset_offset as inspect_offset, inspect
+from .index import Difference, HierarchyConflict, Index
 from .storage import BlobInfo, LocalStorage, StorageFull, TieredStorage
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
+ERROR_COMMENT_MAX = 64   # a reason a DIMSE Error Comment (LO) carries whole
 
 
 class Outcome(enum.Enum):
@@ -36,6 +44,8 @@ class Outcome(enum.Enum):
     REPLACED = "replaced"                    # same UID, different bytes, policy replace
     INVALID = "invalid"                      # cannot be understood
     MISMATCH = "mismatch"                    # data set does not match the request
+    CONFLICT = "conflict"                    # contradicts the hierarchy (study of another patient, ...): refused
+    QUARANTINED = "quarantined"              # contradicts it, kept durably outside it (on_conflict "quarantine")
     STORAGE_FULL = "storage full"
     FAILURE = "failure"
 
@@ -63,9 +73,14 @@ class Archive:
     """The index and the blob store of one node's data directory."""
 
     def __init__(self, data_dir: Path, *, duplicates: str = "keep-first", segment_size: int = 1 << 20,
-                 kms: KmsKeyring | None = None, remote: Callable[[Keyring], object] | None = None):
+                 kms: KmsKeyring | None = None, remote: Callable[[Keyring], object] | None = None,
+                 limits: Limits = DEFAULT_LIMITS, on_conflict: str = "refuse"):
         """`remote(keyring)` makes the S3 tier (`archive.s3.S3Storage`) when the node offloads;
-        `kms` wraps the data keys of what goes there."""
+        `kms` wraps the data keys of what goes there. `limits` bound what a data set may make
+        the node allocate (the `[ingest]` settings, also used by every reader of stored
+        files); `on_conflict` is "refuse" or "quarantine"."""
+        if on_conflict not in ("refuse", "quarantine"):
+            raise ValueError(f"on_conflict: {on_conflict!r} is not refuse or quarantine")
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.keyring = Keyring(LocalKeyring.open(self.data_dir / "keys"), kms)
@@ -76,6 +91,8 @@ class Archive:
         self.exports = self.data_dir / "exports"       # decrypted copies in use: inside the 0700 data directory
         self.exports.mkdir(mode=0o700, exist_ok=True)
         self.duplicates = duplicates
+        self.limits = limits
+        self.on_conflict = on_conflict
 
     def close(self) -> None:
         self.index.close()
@@ -108,12 +125,15 @@ class Archive:
         again) instead of "stored".
         """
         try:
-            header = inspect(Path(path), sop_class_uid, sop_instance_uid)
+            header = inspect(Path(path), sop_class_uid, sop_instance_uid, self.limits)
         except InvalidInstance as exc:
             outcome = Outcome.MISMATCH if exc.status == "mismatch" else Outcome.INVALID
             return IngestResult(outcome, str(exc), sop_instance_uid)
         except OSError as exc:
             return IngestResult(Outcome.FAILURE, f"cannot read the received data: {exc}", sop_instance_uid)
+        except Exception as exc:  # the inspector has a bug for this input: still bad input, not a node failure
+            log.warning("data set inspector failed (%s): refused as not understood", type(exc).__name__)
+            return IngestResult(Outcome.INVALID, "data set cannot be parsed", sop_instance_uid)
         digest = hashlib.sha256()
         try:
             blob = self.storage.create(self._chunks(Path(path), header.dataset_offset, digest))
@@ -172,42 +192,82 @@ class Archive:
     def _commit(self, header: InstanceHeader, blob: BlobInfo, sha256: str,
                 calling_ae: str | None, job_id: str | None = None) -> IngestResult:
         now = time.time()
-        obsolete_blob = None
+        obsolete_blob = conflict = None
+        differences: list[Difference] = []
         with self.index.write() as conn:
             row = conn.execute("SELECT pk, sha256, blob_id FROM instances WHERE sop_instance_uid=?",
                                (header.sop_instance_uid,)).fetchone()
-            if row is None:
-                series_pk = Index.upsert_hierarchy(conn, header, now)
-                cur = conn.execute(
-                    "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, "
-                    "transfer_syntax, size, sha256, blob_id, calling_ae, received_at, job_id) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (header.sop_instance_uid, series_pk, header.sop_class_uid,
-                     header.attrs["InstanceNumber"], header.transfer_syntax, blob.size, sha256,
-                     blob.blob_id, calling_ae, now, job_id))
-                Index.add_change(conn, "result_stored" if job_id else "stored", cur.lastrowid, header,
-                                 blob.blob_id, now)
-                outcome = Outcome.STORED
-            elif row["sha256"] == sha256:
-                obsolete_blob, outcome = blob.blob_id, Outcome.ALREADY_STORED
-            elif self.duplicates == "replace":
-                series_pk = Index.upsert_hierarchy(conn, header, now)
-                conn.execute(
-                    "UPDATE instances SET series_pk=?, sop_class_uid=?, instance_number=?, transfer_syntax=?, "
-                    "size=?, sha256=?, blob_id=?, calling_ae=?, received_at=? WHERE pk=?",
-                    (series_pk, header.sop_class_uid, header.attrs["InstanceNumber"], header.transfer_syntax,
-                     blob.size, sha256, blob.blob_id, calling_ae, now, row["pk"]))
-                Index.add_change(conn, "replaced", row["pk"], header, blob.blob_id, now)
-                Index.add_change(conn, "blob_removed", row["pk"], header, row["blob_id"], now)
-                obsolete_blob, outcome = row["blob_id"], Outcome.REPLACED
+            filing = row is None or (row["sha256"] != sha256 and self.duplicates == "replace")
+            try:
+                series_pk = Index.upsert_hierarchy(conn, header, now, differences) if filing else None
+            except HierarchyConflict as exc:      # nothing of the hierarchy was written
+                conflict = exc
+                outcome, kept = self._conflict(conn, exc, header, blob, sha256, calling_ae, job_id, now)
+                obsolete_blob = None if kept else blob.blob_id
             else:
-                obsolete_blob, outcome = blob.blob_id, Outcome.DUPLICATE_KEPT_FIRST
+                if row is None:
+                    cur = conn.execute(
+                        "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, "
+                        "transfer_syntax, size, sha256, blob_id, calling_ae, received_at, job_id) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        (header.sop_instance_uid, series_pk, header.sop_class_uid,
+                         header.attrs["InstanceNumber"], header.transfer_syntax, blob.size, sha256,
+                         blob.blob_id, calling_ae, now, job_id))
+                    Index.add_change(conn, "result_stored" if job_id else "stored", cur.lastrowid, header,
+                                     blob.blob_id, now)
+                    outcome = Outcome.STORED
+                elif row["sha256"] == sha256:
+                    obsolete_blob, outcome = blob.blob_id, Outcome.ALREADY_STORED
+                elif self.duplicates == "replace":
+                    conn.execute(
+                        "UPDATE instances SET series_pk=?, sop_class_uid=?, instance_number=?, transfer_syntax=?, "
+                        "size=?, sha256=?, blob_id=?, calling_ae=?, received_at=? WHERE pk=?",
+                        (series_pk, header.sop_class_uid, header.attrs["InstanceNumber"], header.transfer_syntax,
+                         blob.size, sha256, blob.blob_id, calling_ae, now, row["pk"]))
+                    Index.add_change(conn, "replaced", row["pk"], header, blob.blob_id, now)
+                    Index.add_change(conn, "blob_removed", row["pk"], header, row["blob_id"], now)
+                    obsolete_blob, outcome = row["blob_id"], Outcome.REPLACED
+                else:
+                    obsolete_blob, outcome = blob.blob_id, Outcome.DUPLICATE_KEPT_FIRST
+                if differences:
+                    Index.record_conflicts(conn, header, differences, "stored", calling_ae, now)
         if obsolete_blob:
             self.storage.remove(obsolete_blob)
+        if conflict is not None:          # UIDs only: no patient value reaches the log
+            log.warning("%s from %s %s: %s: %s", _short(header), calling_ae,
+                        "quarantined" if outcome is Outcome.QUARANTINED else "refused", conflict, conflict.uid)
+            reason = f"{conflict}: {conflict.uid}"
+            reason = reason if len(reason) <= ERROR_COMMENT_MAX else str(conflict)   # never a cut-off UID
+            if outcome is Outcome.QUARANTINED:
+                return IngestResult(outcome, f"quarantined: {reason}", header.sop_instance_uid)
+            return IngestResult(outcome, reason, header.sop_instance_uid)
+        if differences:
+            log.warning("%s from %s stored; its %s differ from what the index holds, which is kept "
+                        "(m3dicom status --conflicts lists them)", _short(header), calling_ae,
+                        ", ".join(d.attribute for d in differences))
         if outcome in (Outcome.REPLACED, Outcome.DUPLICATE_KEPT_FIRST):
             log.warning("instance received again with different content from %s: %s (%s)",
                         calling_ae, outcome.value, _short(header))
         return IngestResult(outcome, "", header.sop_instance_uid, header.study_uid)
+
+    def _conflict(self, conn, conflict: HierarchyConflict, header: InstanceHeader, blob: BlobInfo, sha256: str,
+                  calling_ae: str | None, job_id: str | None, now: float) -> tuple[Outcome, bool]:
+        """Inside the ingest transaction: record the conflict and, with on_conflict "quarantine", keep
+        the instance outside the hierarchy. Returns the outcome and whether the new blob is kept."""
+        quarantine = self.on_conflict == "quarantine"
+        Index.record_conflicts(conn, header, conflict.differences, "quarantined" if quarantine else "refused",
+                               calling_ae, now)
+        if not quarantine:
+            return Outcome.CONFLICT, False
+        if conn.execute("SELECT 1 FROM quarantine WHERE sop_instance_uid=? AND sha256=?",
+                        (header.sop_instance_uid, sha256)).fetchone():
+            return Outcome.QUARANTINED, False             # the same bytes again: already kept
+        conn.execute(
+            "INSERT INTO quarantine (sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax, "
+            "size, sha256, blob_id, calling_ae, job_id, reason, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (header.sop_instance_uid, header.sop_class_uid, header.study_uid, header.series_uid,
+             header.transfer_syntax, blob.size, sha256, blob.blob_id, calling_ae, job_id, str(conflict), now))
+        return Outcome.QUARANTINED, True
 
 
 def dataset_sha256(path: Path) -> str:

@@ -18,8 +18,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
+
+from archive.dicomfile import DEFAULT_LIMITS, InvalidInstance, Limits, read_dataset
 
 ENTRY_POINT_GROUP = "m3dicom.plugins"
 PARAM_TYPES = ("float", "int", "bool", "choice", "str")
@@ -100,9 +101,16 @@ class Instance:
     sop_instance_uid: str
     sop_class_uid: str
     path: Path                         # the decrypted Part 10 file, verified against its SHA-256
+    limits: Limits = field(default=DEFAULT_LIMITS, compare=False)   # the node's [ingest] limits
 
     def dataset(self, pixels: bool = True) -> Dataset:
-        return dcmread(self.path, stop_before_pixels=not pixels)
+        """The data set, read within the node's limits: with `pixels`, one whose declared pixel data
+        (or a compressed frame's header) is over `ingest.max_pixel_bytes` fails the job at once
+        (`PluginError`) before anything decodes it; so does a deflate bomb or too deep a nesting."""
+        try:
+            return read_dataset(self.path, self.limits, pixels=pixels)
+        except InvalidInstance as exc:
+            raise PluginError(f"instance {self.sop_instance_uid}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,8 @@ def run_job(spec: JobSpec) -> JobOutput:
         series = []
         for item in spec.inputs:
             instances = tuple(Instance(i.sop_instance_uid, i.sop_class_uid,
-                                       stack.enter_context(archive.exported(i.blob_id, i.sha256, work)))
+                                       stack.enter_context(archive.exported(i.blob_id, i.sha256, work)),
+                                       archive.limits)
                               for i in item.instances)
             series.append(Series(item.series_uid, item.modality, instances))
         ctx = Context(spec.job_id, Algorithm(plugin.name, plugin.version, params), xp, backend, work,

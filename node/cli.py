@@ -101,6 +101,14 @@ def cmd_status(args) -> int:
         (studies,), = index.query("SELECT COUNT(*) FROM studies")
         print(f"data directory: {config.data_dir}")
         print(f"archive: {instances} instances in {studies} studies")
+        c = index.integrity()   # instances that disagreed with the index (ingest.on_conflict)
+        print(f"conflicts: {c['refused']} instances refused, {c['quarantined']} quarantined ({c['in_quarantine']} "
+              f"kept in quarantine), {c['stored']} stored with patient data that differs from the index"
+              + ("; list them: m3dicom status --conflicts" if any(c.values()) and not args.conflicts else ""))
+        for row in index.conflicts() if args.conflicts else ():
+            print(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(row['time']))} {row['action']:<11} "
+                  f"{row['sop_instance_uid']} {row['attribute']}: index {row['index_value']!r}, instance "
+                  f"{row['instance_value']!r} (study {row['study_uid']}, from {row['calling_ae']}, x{row['received']})")
         if config.storage.backend != "s3":
             print("offload: off (storage.backend = \"local\")")
             return 0
@@ -391,6 +399,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_certs_issue_client)
 
     p = with_config(sub.add_parser("status", help="what the node holds, and where its offload stands"))
+    p.add_argument("--conflicts", action="store_true", help="list the instances that disagreed with the index "
+                   "(patient values included: for the operator's terminal)")
     p.set_defaults(func=cmd_status)
 
     keys = sub.add_parser("keys", help="key-encryption keys").add_subparsers(dest="keys", required=True)

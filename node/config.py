@@ -192,6 +192,34 @@ class QuerySection:
 
 
 @dataclass(frozen=True)
+class IngestSection:
+    max_inflated_bytes: int = setting(1 << 30, "A deflated data set (Deflated Explicit VR Little Endian) may "
+                                      "inflate to at most this many bytes; past it the instance is refused "
+                                      "(C-STORE 0xC000) and nothing is stored.")
+    max_inflate_ratio: int = setting(100, "Once a deflated data set has inflated past 64 MiB it may be at most "
+                                     "this many times its deflated size (a deflate bomb stops there, 0xC000).")
+    max_sequence_depth: int = setting(32, "Sequence items nested inside each other at most (real data sets "
+                                      "rarely go past 6); deeper is refused with 0xC000.")
+    max_pixel_bytes: int = setting(1 << 30, "Largest decoded pixel data the viewer and plug-ins decode (declared "
+                                   "Rows x Columns x Frames x Samples x bytes per sample, and each compressed "
+                                   "frame's own header); larger is shown / failed with a reason, never decoded.")
+    on_conflict: str = setting("refuse", "An instance whose study belongs to another patient, or whose series "
+                               "to another study: \"refuse\" (0xC000, recorded in the conflicts table) or "
+                               "\"quarantine\" (stored durably outside the hierarchy, answered Success).",
+                               choices=("refuse", "quarantine"))
+
+    def validate(self) -> None:
+        if not 1 << 20 <= self.max_inflated_bytes <= 1 << 40:
+            raise ConfigError(f"ingest.max_inflated_bytes: {self.max_inflated_bytes} is not in 1 MiB - 1 TiB")
+        if not 2 <= self.max_inflate_ratio <= 100000:
+            raise ConfigError(f"ingest.max_inflate_ratio: {self.max_inflate_ratio} is not in 2-100000")
+        if not 1 <= self.max_sequence_depth <= 64:
+            raise ConfigError(f"ingest.max_sequence_depth: {self.max_sequence_depth} is not in 1-64")
+        if not 1 << 20 <= self.max_pixel_bytes <= 1 << 40:
+            raise ConfigError(f"ingest.max_pixel_bytes: {self.max_pixel_bytes} is not in 1 MiB - 1 TiB")
+
+
+@dataclass(frozen=True)
 class RemoteNode:
     """A named DICOM node the node sends to ([remote.NAME]): C-MOVE destinations, results."""
     ae_title: str = setting("", "AE title of the remote node (required).")
@@ -334,6 +362,7 @@ class Config:
     storage: StorageSection = field(default_factory=StorageSection)
     crypto: CryptoSection = field(default_factory=CryptoSection)
     query: QuerySection = field(default_factory=QuerySection)
+    ingest: IngestSection = field(default_factory=IngestSection)
     router: RouterSection = field(default_factory=RouterSection)
     viewer: ViewerSection = field(default_factory=ViewerSection)
     log: LogSection = field(default_factory=LogSection)

@@ -60,7 +60,7 @@ def prepare_spool(config: Config) -> None:
 
 def open_archive(config: Config) -> Archive:
     """The node's archive; with storage.backend = "s3", with its S3 tier (and KMS when set)."""
-    from archive import s3
+    from archive import Limits, s3
     from archive.crypto import KmsKeyring
 
     st, cr = config.storage, config.crypto
@@ -73,8 +73,11 @@ def open_archive(config: Config) -> Archive:
     if cr.kms_key_id:
         kms = KmsKeyring(s3.client(cr.kms_endpoint_url, cr.kms_region or st.s3.region, st.s3.timeout, "kms"),
                          cr.kms_key_id)
+    ig = config.ingest
+    limits = Limits(max_inflated_bytes=ig.max_inflated_bytes, max_inflate_ratio=ig.max_inflate_ratio,
+                    max_sequence_depth=ig.max_sequence_depth, max_pixel_bytes=ig.max_pixel_bytes)
     return Archive(config.data_dir, duplicates=st.duplicates, segment_size=st.segment_size, kms=kms,
-                   remote=s3_tier if st.backend == "s3" else None)
+                   remote=s3_tier if st.backend == "s3" else None, limits=limits, on_conflict=ig.on_conflict)
 
 
 def open_index(config: Config):

@@ -24,6 +24,8 @@ _STATUS = {
     Outcome.REPLACED: 0x0000,
     Outcome.INVALID: 0xC000,
     Outcome.MISMATCH: 0xA900,
+    Outcome.CONFLICT: 0xC000,       # study of another patient / series of another study: cannot be filed
+    Outcome.QUARANTINED: 0x0000,    # kept durably outside the hierarchy (ingest.on_conflict = "quarantine")
     Outcome.STORAGE_FULL: 0xA700,
     Outcome.FAILURE: 0x0110,
 }

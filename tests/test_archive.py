@@ -133,5 +133,6 @@ def test_migrations_are_recorded(tmp_path):
     Archive(tmp_path / "d").close()
     again = Archive(tmp_path / "d")  # reopening applies nothing twice
     rows = again.index.query("SELECT name FROM _sqlite_migrations")
-    assert [r[0] for r in rows] == ["0001_initial", "0002_query", "0003_offload", "0004_jobs", "0005_viewer"]
+    assert [r[0] for r in rows] == ["0001_initial", "0002_query", "0003_offload", "0004_jobs", "0005_viewer",
+                                      "0006_integrity"]
     assert again.index.query("PRAGMA journal_mode")[0][0] == "wal"

@@ -17,6 +17,7 @@ import pydicom
 from PIL import Image
 
 from archive import Archive
+from archive.dicomfile import PixelsTooLarge, read_dataset
 
 IMAGE_LIMIT = 4096           # pixels each way a request may ask for (the page asks for at most this)
 STORAGE_CLASSES_3D = {"1.2.840.10008.5.1.4.1.1.104.3": "model/stl"}
@@ -24,6 +25,10 @@ STORAGE_CLASSES_3D = {"1.2.840.10008.5.1.4.1.1.104.3": "model/stl"}
 
 class NotAnImage(ValueError):
     """The instance has no pixel data the viewer can show (an SR, an encapsulated model, ...)."""
+
+
+class TooLargeToShow(NotAnImage):
+    """Decoding the pixel data would allocate more than `ingest.max_pixel_bytes`."""
 
 
 class _Cache:
@@ -89,8 +94,10 @@ class Images:
         return self.archive.exported(row["blob_id"], row["sha256"])
 
     def dataset(self, sop_instance_uid: str, pixels: bool = False) -> pydicom.Dataset:
+        """The stored data set; read within the archive's limits (a stored deflate bomb or a data set
+        nested too deep raises `archive.InvalidInstance` before pydicom inflates or walks it)."""
         with self.exported(sop_instance_uid) as path:
-            return pydicom.dcmread(path, stop_before_pixels=not pixels)
+            return read_dataset(path, self.archive.limits, pixels=pixels)
 
     def decode(self, sop_instance_uid: str) -> Decoded:
         found = self.decoded.get(sop_instance_uid)
@@ -108,7 +115,10 @@ class Images:
                     self._decoding.pop(sop_instance_uid, None)
 
     def _decode(self, sop_instance_uid: str) -> Decoded:
-        ds = self.dataset(sop_instance_uid, pixels=True)
+        try:                                     # the declared pixel size is checked before any decoder runs
+            ds = self.dataset(sop_instance_uid, pixels=True)
+        except PixelsTooLarge as exc:
+            raise TooLargeToShow(f"the image is not shown: {exc}") from None
         if "PixelData" not in ds and "FloatPixelData" not in ds:
             raise NotAnImage(f"{ds.SOPClassUID.name if hasattr(ds.SOPClassUID, 'name') else ds.SOPClassUID} "
                              "has no image")
