@@ -287,6 +287,8 @@ class RouterSection:
     scheduler: str = setting("", "Address of an external Dask scheduler (\"tcp://host:8786\"); empty = an "
                              "embedded LocalCluster started with the first job.")
     workers: int = setting(1, "Worker processes of the embedded LocalCluster (one thread each).")
+    dashboard_port: int = setting(0, "Port of the embedded cluster's Dask dashboard, on 127.0.0.1 only (it has "
+                                  "no login: reach it through an SSH tunnel); 0 (default): no dashboard.")
     plugins: list = setting([], "Plug-ins besides those installed (entry points `m3dicom.plugins`), as "
                             "\"module:attribute\" importable by the node and its workers.")
     max_attempts: int = setting(3, "Attempts of a job before it stays failed (errors of each are kept).")
@@ -298,6 +300,7 @@ class RouterSection:
     def validate(self) -> None:
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"router.workers: {self.workers} is not in 1-64")
+        _check_port("router.dashboard_port", self.dashboard_port, allow_zero=True)
         if not 1 <= self.max_attempts <= 100:
             raise ConfigError(f"router.max_attempts: {self.max_attempts} is not in 1-100")
         if not 1 <= self.job_timeout <= 7 * 86400:
@@ -331,6 +334,8 @@ class ViewerSection:
     max_upload_mb: int = setting(2048, "Largest upload (all files of one request together), MB.")
     max_file_mb: int = setting(1024, "Largest single file of an upload (or inside a zip), MB.")
     image_cache_mb: int = setting(512, "Memory for decoded images and rendered tiles.")
+    login_waiting: int = setting(4, "Login attempts for one account, or from one address, that wait their turn "
+                                 "while another is checked; more at once are answered 429 unchecked.")
     public_url: str = setting("", "The viewer's address as clinicians reach it (share links use it); empty: "
                               "https://host:port.")
 
@@ -345,6 +350,8 @@ class ViewerSection:
             raise ConfigError("viewer.max_file_mb / max_upload_mb: 1 <= max_file_mb <= max_upload_mb")
         if not 16 <= self.image_cache_mb <= 1 << 16:
             raise ConfigError("viewer.image_cache_mb: must be between 16 and 65536")
+        if not 0 <= self.login_waiting <= 100:
+            raise ConfigError(f"viewer.login_waiting: {self.login_waiting} is not in 0-100")
         if self.public_url and not re.match(r"^https?://[^\s/]+(:\d+)?(/.*)?$", self.public_url):
             raise ConfigError(f"viewer.public_url: {self.public_url!r} is not an http(s) address")
 

@@ -5,7 +5,8 @@ thread each, with the resource `GPU=n` when CUDA devices are there. Its schedule
 task bad at the first worker that dies under it, so that the router, not Dask, decides on
 retries (and counts them on the job). With `router.scheduler`, the node is a client of an
 existing cluster (`m3dicom worker` processes, which declare their GPUs); a plug-in that wants
-a GPU asks for one only when some worker has one, else it runs with NumPy.
+a GPU asks for one only when some worker has one, else it runs with NumPy. The embedded
+cluster listens on loopback only; its dashboard (no login) is off unless router.dashboard_port.
 """
 from __future__ import annotations
 
@@ -17,6 +18,23 @@ from gpu_workers.runner import PROGRESS_TOPIC, JobSpec, run_job
 from node.config import Config
 
 log = logging.getLogger(__name__)
+LOOPBACK = "127.0.0.1"
+
+
+def dashboard(port: int) -> dict:
+    """LocalCluster's arguments for its scheduler's HTTP server, which has no login.
+
+    Dask's default (":8787") listens on every address, and a scheduler always starts an HTTP
+    server, dashboard or not. Off (port 0): no dashboard, the server answers only /health on a
+    free loopback port. On: the dashboard on 127.0.0.1:port, never another address.
+    """
+    import dask
+
+    if port:
+        return {"dashboard_address": f"{LOOPBACK}:{port}"}
+    dask.config.set({"distributed.scheduler.http.routes": ["distributed.http.health"]})
+    return {"dashboard_address": None, "scheduler_kwargs": {"dashboard": False,
+                                                            "dashboard_address": f"{LOOPBACK}:0"}}
 
 
 class Executor:
@@ -45,10 +63,13 @@ class Executor:
             gpus = gpu_count()
             dask.config.set({"distributed.scheduler.allowed-failures": 0})
             self._cluster = LocalCluster(n_workers=r.workers, threads_per_worker=1, processes=True,
-                                         scheduler_kwargs={"dashboard": False}, worker_dashboard_address=None,
-                                         resources={"GPU": gpus} if gpus else None, silence_logs=logging.WARNING)
+                                         host=LOOPBACK, worker_dashboard_address=None,
+                                         resources={"GPU": gpus} if gpus else None, silence_logs=logging.WARNING,
+                                         **dashboard(r.dashboard_port))
             self._client = Client(self._cluster, set_as_default=False)
-            log.info("embedded Dask cluster: %d worker processes%s", r.workers, f", {gpus} GPUs" if gpus else "")
+            log.info("embedded Dask cluster: %d worker processes%s%s", r.workers, f", {gpus} GPUs" if gpus else "",
+                     f", dashboard on http://{LOOPBACK}:{r.dashboard_port}/status (loopback only)"
+                     if r.dashboard_port else "")
         self._client.subscribe_topic(PROGRESS_TOPIC, lambda event: self.progress.put(event[1]))
 
     def _workers(self) -> dict:

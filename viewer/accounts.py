@@ -4,7 +4,8 @@
 - Sessions: a random token in an HttpOnly cookie; the index keeps only its SHA-256, so a
   copy of the index opens no session. Each has a CSRF token, an idle and an absolute limit.
 - Failed logins are counted per user name and per address; the answer is slowed down
-  (doubling, up to 8 s) and is the same whatever was wrong.
+  (doubling, up to 8 s) and is the same whatever was wrong. Attempts in flight are counted
+  too (logins.py): parallel attempts are checked one after another, each after its delay.
 - Share links: a random id and its expiry, signed (HMAC-SHA256) with the viewer's secret,
   kept in the index so they can be revoked; a share session sees one study, read-only.
 """
@@ -155,7 +156,7 @@ def open_session(index: Index, *, user: User | None = None, share_id: str | None
 
 def session(index: Index, token: str | None, idle_minutes: float, now: float | None = None) -> Session | None:
     """The live session of a cookie token (its last use refreshed), or None."""
-    if not token or len(token) > 200:
+    if not token or len(token) > 200 or not token.isascii():
         return None
     now = time.time() if now is None else now
     rows = index.query("SELECT s.*, u.role, u.disabled FROM sessions s LEFT JOIN users u ON u.name = s.user_name "
@@ -206,7 +207,7 @@ def open_share(index: Index, secret: bytes, token: str, now: float | None = None
     """(link id, study UID) of a valid link token, or None (bad signature, unknown, expired, revoked)."""
     now = time.time() if now is None else now
     parts = token.split(".")
-    if len(parts) != 3 or len(token) > 200:
+    if len(parts) != 3 or len(token) > 200 or not token.isascii():
         return None
     link_id, expires, signature = parts
     if not hmac.compare_digest(_sign(secret, f"{link_id}.{expires}"), signature):
@@ -219,6 +220,13 @@ def open_share(index: Index, secret: bytes, token: str, now: float | None = None
 def share_valid(index: Index, link_id: str, now: float | None = None) -> bool:
     rows = index.query("SELECT expires_at, revoked_at FROM share_links WHERE id=?", (link_id,))
     return bool(rows) and rows[0]["revoked_at"] is None and (time.time() if now is None else now) < rows[0]["expires_at"]
+
+
+def share(index: Index, link_id: str) -> dict | None:
+    """A link's study and who made it (None: no such link)."""
+    rows = index.query("SELECT id, study_uid, created_by, expires_at, revoked_at FROM share_links WHERE id=?",
+                       (link_id,))
+    return dict(rows[0]) if rows else None
 
 
 def revoke_share(index: Index, link_id: str) -> bool:
@@ -246,10 +254,18 @@ def shares(index: Index, study_uid: str) -> list[dict]:
 
 def audit(index: Index, who: str | None, action: str, outcome: str = "ok", *, study_uid: str | None = None,
           detail: str | None = None, address: str | None = None) -> None:
+    audit_many(index, who, action, [(outcome, study_uid, detail)], address=address)
+
+
+def audit_many(index: Index, who: str | None, action: str, records: list[tuple[str, str | None, str | None]], *,
+               address: str | None = None) -> None:
+    """Several records of one action, (outcome, study UID, detail) each, in one transaction."""
+    now = time.time()
     with index.write() as conn:
-        conn.execute("INSERT INTO audit (time, user_name, action, study_uid, outcome, detail, address) "
-                     "VALUES (?,?,?,?,?,?,?)", (time.time(), who, action, study_uid, outcome,
-                                                (detail or "")[:500] or None, address))
+        conn.executemany("INSERT INTO audit (time, user_name, action, study_uid, outcome, detail, address) "
+                         "VALUES (?,?,?,?,?,?,?)", [(now, who, action, study_uid, outcome,
+                                                     (detail or "")[:500] or None, address)
+                                                    for outcome, study_uid, detail in records])
 
 
 def secret_key(data_dir) -> bytes:

@@ -3,16 +3,21 @@
 Pages are Jinja2 templates with plain JavaScript modules (no build step); X3DOM comes from
 the npm registry (installed by `make install`) and is served from here: hospitals run
 offline. Every request passes three middlewares: security headers (CSP, nosniff,
-frame-ancestors, no referrer), the session (cookie -> a user, or a share link limited to
-one study), and CSRF (every state-changing request carries the session's token).
+frame-ancestors, no referrer), errors (what a handler did not expect is one log line and a
+500 without details, never a traceback in the answer), the session (cookie -> a user, or a
+share link limited to one study), and CSRF (every state-changing request carries the
+session's token).
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
+import traceback
 from pathlib import Path
+from urllib.parse import quote
 
 import jinja2
 from aiohttp import web
@@ -22,6 +27,7 @@ from node.config import Config
 
 from . import accounts
 from .images import Images
+from .logins import LoginGate
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -38,6 +44,7 @@ PLUGINS = web.AppKey("plugins", dict)
 SECRET = web.AppKey("secret", bytes)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
 EVENTS = web.AppKey("events", object)
+LOGINS = web.AppKey("logins", LoginGate)
 CLOCK = web.AppKey("clock", object)
 SESSION = web.RequestKey("session", object)     # accounts.Session | None
 
@@ -75,6 +82,27 @@ async def security_headers(request: web.Request, handler):
 
 
 @web.middleware
+async def errors(request: web.Request, handler):
+    """An exception a handler did not turn into an answer: one log line (the route, the exception's
+    type and where it was raised; no values, which may be patient data) and a plain 500."""
+    try:
+        return await handler(request)
+    except (web.HTTPException, asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:
+        resource = request.match_info.route.resource
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        log.error("%s %s failed: %s%s", request.method, resource.canonical if resource else "(no route)",
+                  type(exc).__name__, f" at {Path(where.filename).name}:{where.lineno}" if where else "")
+        log.debug("the traceback", exc_info=exc)
+        why = "the viewer failed on this request; its log says where"
+        if request.path.startswith("/api/"):
+            raise web.HTTPInternalServerError(text=json.dumps({"error": why}), content_type="application/json") \
+                from None
+        raise web.HTTPInternalServerError(text=why) from None
+
+
+@web.middleware
 async def sessions(request: web.Request, handler):
     """request[SESSION]: the session of the cookie (or None); pages need one, the API answers 401."""
     app = request.app
@@ -85,7 +113,7 @@ async def sessions(request: web.Request, handler):
     if request[SESSION] is None and not request.path.startswith(PUBLIC) and request.path != "/":
         if request.path.startswith("/api/"):
             raise web.HTTPUnauthorized(text='{"error": "log in first"}', content_type="application/json")
-        raise web.HTTPFound(f"/login?next={request.path}")
+        raise web.HTTPFound(f"/login?next={quote(request.rel_url.raw_path, safe='/')}")
     return await handler(request)
 
 
@@ -119,10 +147,11 @@ def create_app(config: Config, archive: Archive | None = None, clock=time.time) 
     """The viewer for `config`'s node (its own archive connection unless one is given)."""
     from . import events, views
 
-    app = web.Application(middlewares=[security_headers, sessions, csrf],
+    app = web.Application(middlewares=[security_headers, errors, sessions, csrf],
                           client_max_size=(config.viewer.max_upload_mb + 1) << 20)
     app[CONFIG] = config
     app[CLOCK] = clock
+    app[LOGINS] = LoginGate(config.viewer.login_waiting)
     app[TEMPLATES] = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
 
     async def resources(app: web.Application):

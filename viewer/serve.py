@@ -1,10 +1,12 @@
-"""Running the viewer: TLS, the listening socket, the first admin, and logs without share links."""
+"""Running the viewer: TLS, the listening socket, the first admin, and logs without share links or
+patient data."""
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -12,6 +14,7 @@ import threading
 
 from aiohttp import web
 from aiohttp.web_log import AccessLogger
+from yarl import URL
 
 from archive.index import Index
 from node.config import Config
@@ -87,13 +90,42 @@ def listen(config: Config) -> socket.socket:
         raise ViewerRefused(f"cannot listen on {v.host}:{v.port} for the viewer: {exc.strerror or exc}") from None
 
 
-class RedactedAccessLogger(AccessLogger):
-    """The access log, with share-link tokens blanked out: a link is never written to a log."""
+# query keys whose values are no patient data (page and rendering parameters): written as sent;
+# any other value (a search's name, ID, accession number, a login page's target) is not
+LOGGED_QUERY_KEYS = frozenset({"page", "width", "height", "x", "y", "w", "h", "frame", "wc", "ww", "format"})
+_PLAIN_KEY = re.compile(r"^[a-z_]{1,20}$")
+_PLAIN_VALUE = re.compile(r"^[0-9A-Za-z.+-]{0,16}$")
+ACCESS_LOG_FORMAT = '%a %t "%r" %s %b %Tf "%{User-Agent}i"'    # no Referer: it can carry a study search
 
-    def log(self, request, response, time):
-        if request.path.startswith("/s/"):
-            request = request.clone(rel_url="/s/REDACTED")
-        super().log(request, response, time)
+
+def loggable(url: URL) -> str:
+    """The path and query of a request as the access log may show them: a share link's token
+    blanked, the value of every query key outside LOGGED_QUERY_KEYS written as REDACTED."""
+    path = "/s/REDACTED" if url.path.startswith("/s/") else url.raw_path
+    keys = []
+    for key, value in url.query.items():
+        if not _PLAIN_KEY.match(key):
+            keys.append("REDACTED=REDACTED")
+        elif key in LOGGED_QUERY_KEYS and _PLAIN_VALUE.match(value):
+            keys.append(f"{key}={value}")
+        else:
+            keys.append(f"{key}=REDACTED")
+    return path + ("?" + "&".join(keys) if keys else "")
+
+
+class RedactedAccessLogger(AccessLogger):
+    """The access log without share-link tokens or query values that may be patient data (the
+    study search sends names, IDs and accession numbers in the query string)."""
+
+    def __init__(self, logger: logging.Logger, log_format: str = ACCESS_LOG_FORMAT) -> None:
+        super().__init__(logger, ACCESS_LOG_FORMAT)
+
+    def _format_line(self, request, response, time):
+        line = super()._format_line(request, response, time)
+        if request is None:
+            return line
+        first = f"{request.method} {loggable(request.rel_url)} HTTP/{request.version.major}.{request.version.minor}"
+        return [(key, first if key == "first_request_line" else value) for key, value in line]
 
 
 async def _run(config: Config, sock: socket.socket, stop: threading.Event, ready=None) -> None:

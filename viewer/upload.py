@@ -4,11 +4,13 @@ The request is streamed to a private spool in the data directory, part by part, 
 limits are enforced while it arrives (the whole request, each file, each zip member, and a
 zip's compression ratio): nothing is held whole in memory, and an upload over a limit is
 refused with nothing stored. Only then is each file ingested; each gets its own outcome
-(stored, already there, refused and why).
+(stored, already there, refused and why), whatever is wrong with the others: a damaged file,
+a zip member with a bad CRC, a data set that breaks the reader. Every refusal is audited.
 """
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import zipfile
@@ -19,6 +21,7 @@ from aiohttp import web
 from . import accounts
 from .app import ARCHIVE, CONFIG, SESSION, run
 
+log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 MAX_RATIO = 200          # a zip member inflating more than this is refused (a zip bomb)
 MAX_MEMBERS = 20000
@@ -26,6 +29,10 @@ MAX_MEMBERS = 20000
 
 class TooLarge(Exception):
     pass
+
+
+class Damaged(Exception):
+    """A zip member that cannot be read out of its zip (its reason says why)."""
 
 
 def _refuse(status: int, why: str) -> web.HTTPException:
@@ -42,32 +49,43 @@ async def handle(request: web.Request) -> web.Response:
     viewer = request.app[CONFIG].viewer
     limit, file_limit = viewer.max_upload_mb << 20, viewer.max_file_mb << 20
     if request.content_length is not None and request.content_length > limit:
-        await _audit(request, "refused", f"{request.content_length} bytes announced")
+        await _audit(request, [("refused", None, f"{request.content_length} bytes announced")])
         raise _refuse(413, f"the upload is larger than {viewer.max_upload_mb} MB")
     if not request.content_type.startswith("multipart/"):
+        await _audit(request, [("refused", None, f"not multipart ({request.content_type[:60]})")])
         raise _refuse(400, "send the files as multipart/form-data")
     spool = request.app[CONFIG].data_dir / "spool" / "uploads"
     spool.mkdir(mode=0o700, parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=spool))
     try:
         received = await _receive(request, work, limit, file_limit)
+        if not received:
+            await _audit(request, [("refused", None, "no files in the upload")])
+            raise _refuse(400, "no files in the upload: choose DICOM files or a zip")
         files = await run(request, _unpack, received, work, file_limit, limit)
         results = await run(request, _ingest, request.app[ARCHIVE], files, session.who)
     except TooLarge as exc:
-        await _audit(request, "refused", str(exc))
+        await _audit(request, [("refused", None, str(exc))])
         raise _refuse(413, str(exc)) from None
+    except ValueError as exc:          # a body that is not multipart as it claims (aiohttp's parser says what)
+        await _audit(request, [("refused", None, f"not a readable multipart body: {exc}")])
+        raise _refuse(400, "the upload is not a readable multipart/form-data body: send the files again") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     stored = sum(r["outcome"] == "stored" for r in results)
     studies = sorted({r["study_uid"] for r in results if r.get("study_uid")})
-    await _audit(request, "ok", f"{stored} stored of {len(results)}", studies[0] if len(studies) == 1 else None)
+    refusals = [("refused", r.get("study_uid"), f"{r['name']}: {r['reason']}") for r in results
+                if r["outcome"] == "refused"]
+    await _audit(request, [*refusals, ("ok", studies[0] if len(studies) == 1 else None,
+                                       f"{stored} stored of {len(results)}")])
     return web.json_response({"files": results, "studies": studies})
 
 
-async def _audit(request, outcome: str, detail: str, study_uid: str | None = None) -> None:
+async def _audit(request, records: list[tuple[str, str | None, str | None]]) -> None:
+    """(outcome, study UID, detail) records of this upload, in one transaction."""
     index = request.app[ARCHIVE].index
-    await run(request, lambda: accounts.audit(index, request[SESSION].who, "upload", outcome, study_uid=study_uid,
-                                              detail=detail, address=request.remote))
+    await run(request, lambda: accounts.audit_many(index, request[SESSION].who, "upload", records,
+                                                   address=request.remote))
 
 
 async def _receive(request: web.Request, work: Path, limit: int, file_limit: int) -> list[tuple[str, Path]]:
@@ -76,7 +94,7 @@ async def _receive(request: web.Request, work: Path, limit: int, file_limit: int
     async for part in reader:
         if part.filename is None:
             continue
-        name = Path(part.filename.replace("\\", "/")).name[:200] or "file"
+        name = _name(part.filename)
         path = work / f"{len(received):05d}.part"
         size = 0
         with open(path, "wb") as out:
@@ -89,53 +107,125 @@ async def _receive(request: web.Request, work: Path, limit: int, file_limit: int
                     raise TooLarge(f"the upload is larger than {limit >> 20} MB")
                 out.write(chunk)
         received.append((name, path))
-    if not received:
-        raise web.HTTPBadRequest(text='{"error": "no files in the upload"}', content_type="application/json")
     return received
 
 
-def _unpack(received: list[tuple[str, Path]], work: Path, file_limit: int, limit: int) -> list[tuple[str, Path]]:
-    """Zips opened (members checked before they are written), other files as they are."""
-    files, total = [], sum(p.stat().st_size for _, p in received)
+def _name(filename: str) -> str:
+    """A file's name as the answer shows it: its last path part, printable, at most 200 characters."""
+    name = Path(filename.replace("\\", "/")).name
+    return "".join(c if c.isprintable() else "?" for c in name)[:200] or "file"
+
+
+# One file of the upload: (its name, its path in the spool, or None with why it was refused already)
+Entry = tuple[str, Path | None, str | None]
+
+
+def _unpack(received: list[tuple[str, Path]], work: Path, file_limit: int, limit: int) -> list[Entry]:
+    """Zips opened (members checked before they are written), other files as they are. A zip
+    that cannot be opened, or a member that cannot be read out of it, is refused by itself."""
+    files: list[Entry] = []
+    total = sum(p.stat().st_size for _, p in received)
     for name, path in received:
-        if not zipfile.is_zipfile(path):
-            files.append((name, path))
+        try:
+            is_zip = zipfile.is_zipfile(path)
+        except Exception:                  # zipfile's own checks, on bytes made to confuse them
+            is_zip = False
+        if not is_zip:
+            files.append((name, path, None))
             continue
-        with zipfile.ZipFile(path) as archive:
+        try:
+            archive = zipfile.ZipFile(path)
+        except Exception as exc:
+            files.append((name, None, f"a damaged zip ({_why(exc)}): nothing in it was read"))
+            continue
+        with archive:
+            total = _check_zip(name, archive, file_limit, limit, total)
             members = [m for m in archive.infolist() if not m.is_dir()]
-            if len(members) > MAX_MEMBERS:
-                raise TooLarge(f"{name} holds more than {MAX_MEMBERS} files")
-            for member in members:
-                if member.file_size > file_limit:
-                    raise TooLarge(f"{name}: {member.filename} is larger than {file_limit >> 20} MB")
-                if member.compress_size and member.file_size / member.compress_size > MAX_RATIO:
-                    raise TooLarge(f"{name}: {member.filename} inflates {member.file_size // member.compress_size}"
-                                   " times: refused")
-                total += member.file_size
-                if total > limit:
-                    raise TooLarge(f"{name} unpacks to more than {limit >> 20} MB")
             for number, member in enumerate(members):
+                member_name = f"{name}/{_printable(member.filename)}"[:300]
                 target = work / f"zip-{path.stem}-{number:05d}.dcm"
-                written = 0
-                with archive.open(member) as source, open(target, "wb") as out:
-                    while chunk := source.read(CHUNK):
-                        written += len(chunk)
-                        if written > member.file_size or written > file_limit:
-                            raise TooLarge(f"{name}: {member.filename} is larger than it says")
-                        out.write(chunk)
-                files.append((f"{name}/{member.filename}"[:300], target))
+                try:
+                    _extract(archive, member, target, name, file_limit)
+                except Damaged as exc:
+                    target.unlink(missing_ok=True)
+                    files.append((member_name, None, str(exc)))
+                    continue
+                files.append((member_name, target, None))
         path.unlink()
     return files
 
 
-def _ingest(archive, files: list[tuple[str, Path]], who: str) -> list[dict]:
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _why(exc: Exception) -> str:
+    return (str(exc) or type(exc).__name__)[:120]
+
+
+def _check_zip(name: str, archive: zipfile.ZipFile, file_limit: int, limit: int, total: int) -> int:
+    """The zip's members against the limits, by what its directory says (before anything is read)."""
+    members = [m for m in archive.infolist() if not m.is_dir()]
+    if len(members) > MAX_MEMBERS:
+        raise TooLarge(f"{name} holds more than {MAX_MEMBERS} files")
+    for member in members:
+        label = _printable(member.filename)[:200]
+        if member.file_size > file_limit:
+            raise TooLarge(f"{name}: {label} is larger than {file_limit >> 20} MB")
+        if member.compress_size and member.file_size / member.compress_size > MAX_RATIO:
+            raise TooLarge(f"{name}: {label} inflates {member.file_size // member.compress_size} times: refused")
+        total += member.file_size
+        if total > limit:
+            raise TooLarge(f"{name} unpacks to more than {limit >> 20} MB")
+    return total
+
+
+def _extract(archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path, name: str, file_limit: int) -> None:
+    """One member written to `target`, never past its declared size (TooLarge) nor the file limit;
+    Damaged when zipfile cannot read it (bad CRC, unknown compression, encrypted, truncated)."""
+    written = 0
+    try:
+        with archive.open(member) as source, open(target, "wb") as out:
+            while chunk := source.read(CHUNK):
+                written += len(chunk)
+                if written > member.file_size or written > file_limit:
+                    raise TooLarge(f"{name}: {_printable(member.filename)[:200]} is larger than it says")
+                out.write(chunk)
+    except TooLarge:
+        raise
+    except OSError as exc:
+        if exc.errno is not None:          # the node's own disk, not the member
+            raise
+        raise Damaged(f"cannot be read out of the zip ({_why(exc)})") from None
+    except Exception as exc:               # bad CRC, unknown compression, encrypted, cut short, zlib.error...
+        raise Damaged(f"cannot be read out of the zip ({_why(exc)})") from None
+
+
+def _ingest(archive, files: list[Entry], who: str) -> list[dict]:
+    """Each file ingested by itself: whatever one of them raises is its own outcome, never the upload's."""
     from archive import Outcome
 
     results = []
-    for name, path in files:
-        result = archive.ingest_file(path, calling_ae=f"upload:{who}"[:64])
-        outcome = {Outcome.STORED: "stored", Outcome.REPLACED: "stored", Outcome.ALREADY_STORED: "duplicate",
-                   Outcome.DUPLICATE_KEPT_FIRST: "duplicate"}.get(result.outcome, "refused")
-        results.append({"name": name, "outcome": outcome, "reason": result.reason or result.outcome.value,
-                        "study_uid": result.study_uid, "sop_instance_uid": result.sop_instance_uid})
+    for number, (name, path, refused) in enumerate(files):
+        if path is None:
+            results.append({"name": name, "outcome": "refused", "reason": refused, "study_uid": None,
+                            "sop_instance_uid": None})
+            continue
+        try:
+            result = archive.ingest_file(path, calling_ae=f"upload:{who}"[:64])
+        except RecursionError:
+            reason = "not a readable DICOM file: its data set is nested too deeply"
+            log.warning("upload: file %d of %d refused: nested too deeply", number + 1, len(files))
+        except Exception as exc:           # the reader met bytes it did not expect: this file's outcome
+            reason = f"not a readable DICOM file (its header is damaged or cut short: {type(exc).__name__})"
+            log.warning("upload: file %d of %d refused: %s while reading it", number + 1, len(files),
+                        type(exc).__name__)
+        else:
+            outcome = {Outcome.STORED: "stored", Outcome.REPLACED: "stored", Outcome.ALREADY_STORED: "duplicate",
+                       Outcome.DUPLICATE_KEPT_FIRST: "duplicate"}.get(result.outcome, "refused")
+            results.append({"name": name, "outcome": outcome, "reason": result.reason or result.outcome.value,
+                            "study_uid": result.study_uid, "sop_instance_uid": result.sop_instance_uid})
+            continue
+        results.append({"name": name, "outcome": "refused", "reason": reason, "study_uid": None,
+                        "sop_instance_uid": None})
     return results

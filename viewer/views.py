@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import sqlite3
 import time
 from contextlib import ExitStack
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from aiohttp import web
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from archive.query import STUDY_ROOT, Query, QueryError
@@ -22,11 +27,28 @@ from router.api import JobRequestError, plugins_for_study, request_job
 from router.jobs import IllegalTransition
 
 from . import accounts, upload
-from .app import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, JOB_ID, PLUGINS, SECRET, SESSION, render,
+from .app import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, JOB_ID, LOGINS, PLUGINS, SECRET, SESSION, render,
                   run, valid_uid)
 from .images import NotAnImage
+from .logins import Busy
 
 PAGE = 50
+SEARCH_FIELDS = {"name": "patient name", "id": "patient ID", "accession": "accession number", "modality": "modality",
+                 "from": "from", "to": "to"}
+SEARCH_MAX_CHARS = 128           # one search field (DICOM's own are at most 64)
+DEFAULT_NEXT = "/studies"
+# a path of this site and nothing else: a single "/", then only what RFC 3986 allows in a path
+# and query (no controls, spaces, backslashes, "#" or non-ASCII, which browsers drop or rewrite)
+_NEXT = re.compile(r"^/(?![/\\])[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]{0,2000}$")
+_EVENT_ID = re.compile(r"^[0-9]{1,18}$")
+WRONG = "Wrong user name or password."
+SLOWED = (" After several failed logins each try waits longer (up to {max:g} seconds); 15 minutes without one "
+          "and it starts afresh.")
+BUSY_ACCOUNT = ("This account is locked for a moment: too many logins to it are under way at once, which can mean "
+                "someone is guessing its password. Wait a minute, then log in again. If it stays locked, tell your "
+                "administrator.")
+BUSY_ADDRESS = ("Too many logins from your network address are under way at once. Wait a minute, then log in "
+                "again. If this keeps happening, tell your administrator.")
 
 
 def routes(app: web.Application) -> None:
@@ -76,11 +98,16 @@ def _address(request: web.Request) -> str:
     return request.remote or "?"
 
 
-async def _audit(request: web.Request, action: str, outcome: str = "ok", **extra) -> None:
+async def _audit(request: web.Request, action: str, outcome: str = "ok", *, who: str | None = None, **extra) -> None:
+    """An audit record; `who` (an attempted login, a link) names the actor instead of the session's user."""
     session = request.get(SESSION)
-    await run(request, lambda: accounts.audit(request.app[ARCHIVE].index, session.who if session else
-                                              extra.pop("who", None), action, outcome, address=_address(request),
-                                              **extra))
+    actor = who or (session.who if session else None)
+    await run(request, lambda: accounts.audit(request.app[ARCHIVE].index, actor, action, outcome,
+                                              address=_address(request), **extra))
+
+
+def _bad_request(why: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=json.dumps({"error": why}), content_type="application/json")
 
 
 def _people_only(request: web.Request) -> None:
@@ -137,23 +164,51 @@ async def login_page(request: web.Request) -> web.Response:
 
 
 def _next(target: str) -> str:
-    """Only a path on this site (never another host) to go back to after logging in."""
-    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/studies"
+    """Only a path on this site (never another host) to go back to after logging in.
+
+    Browsers drop tabs and line feeds anywhere in a URL and read a backslash as a slash, so
+    "/<TAB>/evil.example" becomes "//evil.example", another host: the target must be plain
+    URL characters, start with exactly one "/", and still be such a path once percent-decoded,
+    without dot segments.
+    """
+    if not _NEXT.match(target):
+        return DEFAULT_NEXT
+    decoded = unquote(target)
+    path = decoded.split("?", 1)[0]
+    if (decoded.startswith(("//", "/\\")) or "\\" in decoded or any(c < " " or c == "\x7f" for c in decoded)
+            or any(segment in (".", "..") for segment in path.split("/"))):
+        return DEFAULT_NEXT
+    parts = urlsplit(target)
+    return DEFAULT_NEXT if parts.scheme or parts.netloc else target
+
+
+def _login_answer(request: web.Request, form, status: int, error: str) -> web.Response:
+    response = render(request, "login.html", next=_next(str(form.get("next", ""))), error=error)
+    response.set_status(status)
+    if status == 429:
+        response.headers["Retry-After"] = "60"
+    return response
 
 
 async def login(request: web.Request) -> web.Response:
+    """Attempts for one account or from one address are checked one after another, each after
+    the delay that the failures before it earned (logins.py); a flood is answered 429 unchecked."""
     form = await request.post()
     name, password = str(form.get("user", ""))[:64], str(form.get("password", ""))[:1024]
-    index = request.app[ARCHIVE].index
-    delay = await run(request, accounts.failure_delay, index, name, _address(request))
-    await asyncio.sleep(delay)
-    user = await run(request, accounts.authenticate, index, name, password, _address(request))
+    index, address = request.app[ARCHIVE].index, _address(request)
+    try:
+        async with request.app[LOGINS].turn(name, address):
+            delay = await run(request, accounts.failure_delay, index, name, address)
+            await asyncio.sleep(delay)
+            user = await run(request, accounts.authenticate, index, name, password, address)
+    except Busy as busy:
+        await _audit(request, "login", "refused", who=name or None,
+                     detail=f"too many attempts at once {'for this account' if busy.account else 'from this address'}")
+        return _login_answer(request, form, 429, BUSY_ACCOUNT if busy.account else BUSY_ADDRESS)
     if user is None:
         await _audit(request, "login", "refused", who=name or None, detail="wrong user name or password")
-        response = render(request, "login.html", next=_next(str(form.get("next", ""))),
-                          error="Wrong user name or password.")
-        response.set_status(401)
-        return response
+        slowed = SLOWED.format(max=accounts.MAX_DELAY) if delay >= 1 else ""
+        return _login_answer(request, form, 401, WRONG + slowed)
     token, session = await run(request, lambda: accounts.open_session(
         index, user=user, hours=request.app[CONFIG].viewer.session_hours, now=request.app[CLOCK]()))
     request[SESSION] = session
@@ -221,17 +276,19 @@ async def model_page(request: web.Request) -> web.Response:
 # -- studies ---------------------------------------------------------------------------------
 
 def _identifier(params) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = "STUDY"
+    """The search as a C-FIND identifier. Its values are not validated by pydicom here (the query
+    checks them and says what is wrong): pydicom's warnings would write them, patient data, to the log."""
     name = params.get("name", "").strip()
-    ds.PatientName = name if ("*" in name or not name) else f"*{name}*"
-    ds.PatientID = params.get("id", "").strip()
     low, high = params.get("from", "").replace("-", ""), params.get("to", "").replace("-", "")
-    ds.StudyDate = f"{low}-{high}" if (low or high) else ""
-    ds.ModalitiesInStudy = params.get("modality", "").strip().upper()
-    ds.AccessionNumber = params.get("accession", "").strip()
-    for keyword in ("StudyInstanceUID", "StudyTime", "StudyDescription", "NumberOfStudyRelatedInstances"):
-        setattr(ds, keyword, "")
+    values = {"QueryRetrieveLevel": "STUDY", "PatientName": name if ("*" in name or not name) else f"*{name}*",
+              "PatientID": params.get("id", "").strip(), "StudyDate": f"{low}-{high}" if (low or high) else "",
+              "ModalitiesInStudy": params.get("modality", "").strip().upper(),
+              "AccessionNumber": params.get("accession", "").strip(), "StudyInstanceUID": "", "StudyTime": "",
+              "StudyDescription": "", "NumberOfStudyRelatedInstances": ""}
+    ds = Dataset()
+    for keyword, value in values.items():
+        tag = tag_for_keyword(keyword)
+        ds.add(DataElement(tag, dictionary_VR(tag), value, validation_mode=pydicom_config.IGNORE))
     return ds
 
 
@@ -256,16 +313,36 @@ def _search(index, params: dict, page: int) -> dict:
     return {"studies": found, "page": page, "more": len(rows) > PAGE}
 
 
+def _search_params(query) -> dict[str, str]:
+    """The search fields of the query string, each checked for its length (400 past it)."""
+    params = {}
+    for key, label in SEARCH_FIELDS.items():
+        value = query.get(key, "")
+        if len(value) > SEARCH_MAX_CHARS:
+            raise _bad_request(f"{label}: at most {SEARCH_MAX_CHARS} characters")
+        params[key] = value
+    return params
+
+
+# what SQLite says when a statement is too big or too complex for it (bad input, not a broken node)
+_TOO_COMPLEX = ("too large", "too complex", "too many", "too big")
+
+
 async def api_studies(request: web.Request) -> web.Response:
     _people_only(request)
     try:
         page = max(0, min(int(request.query.get("page", "0")), 10000))
     except ValueError:
-        raise web.HTTPBadRequest(text='{"error": "page must be a number"}', content_type="application/json") from None
+        raise _bad_request("page must be a number") from None
+    params = _search_params(request.query)
     try:
-        result = await run(request, _search, request.app[ARCHIVE].index, dict(request.query), page)
-    except QueryError as exc:
-        raise web.HTTPBadRequest(text=json.dumps({"error": str(exc)}), content_type="application/json") from None
+        result = await run(request, _search, request.app[ARCHIVE].index, params, page)
+    except ValueError as exc:                  # QueryError, or a value pydicom will not take
+        raise _bad_request(str(exc)[:300] or "this search cannot be run") from None
+    except sqlite3.OperationalError as exc:
+        if not any(words in str(exc) for words in _TOO_COMPLEX):
+            raise
+        raise _bad_request("this search is too complex: use fewer values or wildcards") from None
     return _json(result)
 
 
@@ -350,10 +427,12 @@ async def api_start_job(request: web.Request) -> web.Response:
     study_uid = _study(request, request.match_info["study"])
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text='{"error": "expected JSON"}', content_type="application/json") from None
-    if not isinstance(body, dict) or not isinstance(body.get("params", {}), dict):
-        raise web.HTTPBadRequest(text='{"error": "expected {plugin, params}"}', content_type="application/json")
+    except (ValueError, UnicodeDecodeError):
+        raise _bad_request("expected JSON") from None
+    series = body.get("series") if isinstance(body, dict) else None
+    if (not isinstance(body, dict) or not isinstance(body.get("params", {}), dict)
+            or not (series is None or isinstance(series, list) and all(isinstance(s, str) for s in series))):
+        raise _bad_request("expected {plugin, params, series: [series UIDs] or none}")
     config = request.app[CONFIG]
     try:
         made = await run(request, lambda: request_job(
@@ -416,9 +495,9 @@ async def api_share(request: web.Request) -> web.Response:
     config = request.app[CONFIG].viewer
     try:
         body = await request.json() if request.can_read_body else {}
-        days = float(body.get("days", config.share_link_days))
-    except (ValueError, TypeError, json.JSONDecodeError):
-        raise web.HTTPBadRequest(text='{"error": "days must be a number"}', content_type="application/json") from None
+        days = float(body.get("days", config.share_link_days) if isinstance(body, dict) else "not a number")
+    except (ValueError, TypeError, UnicodeDecodeError, OverflowError):
+        raise _bad_request("days must be a number") from None
     if not 0 < days <= 90:
         return _json({"error": "a link lasts between 0 and 90 days"}, status=400)
     if await run(request, _study_detail, request.app[ARCHIVE].index, study_uid) is None:
@@ -430,20 +509,35 @@ async def api_share(request: web.Request) -> web.Response:
     return _json({"url": f"{base.rstrip('/')}/s/{quote(token)}", "expires": expires}, status=201)
 
 
+def _may_revoke(user: accounts.User, created_by: str | None) -> bool:
+    """A link is revoked by the clinician who made it, or by an admin."""
+    return user.role == "admin" or created_by == user.name
+
+
 async def api_shares(request: web.Request) -> web.Response:
     _people_only(request)
     study_uid = _study(request, request.match_info["study"])
-    return _json({"shares": await run(request, accounts.shares, request.app[ARCHIVE].index, study_uid)})
+    user = request[SESSION].user
+    shares = await run(request, accounts.shares, request.app[ARCHIVE].index, study_uid)
+    return _json({"shares": [{**s, "can_revoke": _may_revoke(user, s["created_by"])} for s in shares]})
 
 
 async def api_revoke(request: web.Request) -> web.Response:
     _people_only(request)
     link_id = request.match_info["share"]
-    if not (0 < len(link_id) <= 32) or not link_id.replace("-", "").replace("_", "").isalnum():
+    if not (0 < len(link_id) <= 32) or not link_id.isascii() or not link_id.replace("-", "").replace("_", "").isalnum():
         raise _not_found("share link")
-    if not await run(request, accounts.revoke_share, request.app[ARCHIVE].index, link_id):
+    index = request.app[ARCHIVE].index
+    link = await run(request, accounts.share, index, link_id)
+    if link is None:
         raise _not_found("share link")
-    await _audit(request, "share_revoke", detail=link_id)
+    if not _may_revoke(request[SESSION].user, link["created_by"]):
+        await _audit(request, "share_revoke", "refused", study_uid=link["study_uid"],
+                     detail=f"{link_id}: made by another user")
+        raise _forbidden("only the person who made this link, or an admin, can revoke it")
+    if not await run(request, accounts.revoke_share, index, link_id):
+        raise _not_found("share link")
+    await _audit(request, "share_revoke", study_uid=link["study_uid"], detail=link_id)
     return _json({"revoked": link_id})
 
 
@@ -551,7 +645,7 @@ async def api_events(request: web.Request) -> web.StreamResponse:
     try:
         await response.write(b": connected\n\n")
         last_seen = request.headers.get("Last-Event-ID", "")
-        backlog = await run(request, broker.missed, int(last_seen)) if last_seen.isdigit() else []
+        backlog = await run(request, broker.missed, int(last_seen)) if _EVENT_ID.match(last_seen) else []
         sent = 0
         while True:
             if backlog:

@@ -357,7 +357,8 @@ document.getElementById("share")?.addEventListener("click", async () => {
   } catch (error) { toast(error.message, "error"); }
 });
 
-// The study's links: who made each, until when, and a button to revoke the ones still open
+// The study's links: who made each, until when, and a button to revoke the open ones this user may
+// revoke (their own; an admin's: all)
 async function loadShares() {
   const list = document.getElementById("shares");
   if (!list) return;
@@ -369,7 +370,7 @@ async function loadShares() {
     const state = link.revoked_at ? `revoked ${day(link.revoked_at)}` : open ? `until ${day(link.expires_at)}` : "expired";
     return el("li", { class: open ? "share open" : "share closed", "data-share": link.id },
       el("span", {}, `${link.created_by || "?"}, ${state}`),
-      open ? el("button", { onclick: async () => {
+      open && link.can_revoke ? el("button", { onclick: async () => {
         try { await post(`/api/shares/${link.id}/revoke`); toast("The link no longer opens anything"); loadShares(); }
         catch (error) { toast(error.message, "error"); }
       } }, "Revoke") : null);

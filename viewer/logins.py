@@ -1,0 +1,68 @@
+"""Login attempts in flight, counted per account and per source address (no HTTP here).
+
+The slow-down of failed logins (accounts.failure_delay: 0.25 s doubling up to 8 s) only
+holds if attempts are checked one after another: sent in parallel, they would all read the
+same failure count and all wait the same short time. So an attempt waits its turn behind
+every attempt for the same account and every attempt from the same address, and only then
+waits the delay their failures earned and checks the password. At most `waiting` attempts
+per account (or per address) wait their turn; one more at that moment is answered at once
+without its password being checked (`Busy`), so that a flood neither guesses faster nor
+holds connections for minutes.
+
+Counted in this process: a viewer behind a load balancer counts per viewer process.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+
+class Busy(Exception):
+    """Too many attempts for this account (or from this address) are already in flight."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.account = key.startswith("user:")
+
+
+class _Turns:
+    __slots__ = ("lock", "in_flight")
+
+    def __init__(self):
+        self.lock = asyncio.Lock()
+        self.in_flight = 0
+
+
+class LoginGate:
+    def __init__(self, waiting: int):
+        self.waiting = waiting
+        self._keys: dict[str, _Turns] = {}
+
+    def in_flight(self, key: str) -> int:
+        turns = self._keys.get(key)
+        return turns.in_flight if turns else 0
+
+    @asynccontextmanager
+    async def turn(self, name: str, address: str) -> AsyncIterator[None]:
+        """Wait until no other attempt for `name` or from `address` is being checked."""
+        for key in (f"user:{name}", f"addr:{address}"):      # the account first: its owner is told
+            if self.in_flight(key) > self.waiting:             # (no await between check and count)
+                raise Busy(key)
+        keys = sorted({f"user:{name}", f"addr:{address}"})   # locks always in this order: no deadlock
+        turns = [self._keys.setdefault(key, _Turns()) for key in keys]
+        for t in turns:
+            t.in_flight += 1
+        held: list[asyncio.Lock] = []
+        try:
+            for t in turns:
+                await t.lock.acquire()
+                held.append(t.lock)
+            yield
+        finally:
+            for lock in reversed(held):
+                lock.release()
+            for key, t in zip(keys, turns):
+                t.in_flight -= 1
+                if t.in_flight == 0:
+                    self._keys.pop(key, None)
