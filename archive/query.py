@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import struct
+import time
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Callable, Iterator
@@ -42,8 +43,13 @@ FROM = {
               "JOIN patients p ON s.patient_pk = p.pk"),
 }
 ORDER = {"PATIENT": "p.pk", "STUDY": "s.pk", "SERIES": "se.pk", "IMAGE": "i.pk"}
+# Query complexity (docs/security.md). Exact values become one indexed IN (...) list, so a
+# thousand UIDs cost little; each wildcard, range or modality value adds an OR term that every
+# candidate row is tested against (and SQLite refuses an expression more than 1000 deep).
 MAX_VALUE_LENGTH = 1024
-MAX_LIST = 1000
+MAX_LIST = 1000           # values of one key
+MAX_PATTERNS = 32         # wildcard / range / modality values of one key
+MAX_PARAMETERS = 4000     # bound values in the whole query
 # explicit VR: these carry a 4-byte length after two reserved bytes; the rest a 2-byte one
 _LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 _SHORT_VRS = {"AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL", "SS",
@@ -58,6 +64,13 @@ class QueryError(ValueError):
     def __init__(self, message: str, status: int = 0xC000):
         super().__init__(message)
         self.status = status
+
+
+class QueryTimeout(QueryError):
+    """The query ran past its time limit (C-FIND: 0xA700, out of resources)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, 0xA700)
 
 
 @dataclass(frozen=True)
@@ -197,9 +210,16 @@ class Query:
         values = _values(value)
         if not values or values == ["*"]:
             return                                            # universal matching
-        if len(values) > MAX_LIST or any(len(v) > MAX_VALUE_LENGTH for v in values):
-            raise QueryError(f"{attribute.keyword}: value too long or too many values")
+        if len(values) > MAX_LIST:
+            raise QueryError(f"{attribute.keyword}: {len(values)} values, at most {MAX_LIST}")
+        if any(len(v) > MAX_VALUE_LENGTH for v in values):
+            raise QueryError(f"{attribute.keyword}: a value longer than {MAX_VALUE_LENGTH} characters")
         kind, column = attribute.kind, attribute.key or attribute.column
+        patterns = len(values) if kind in ("date", "time", "modalities") else sum(map(_wild, values))
+        if patterns > MAX_PATTERNS:
+            raise QueryError(f"{attribute.keyword}: {patterns} wildcard or range values, at most {MAX_PATTERNS}")
+        if len(self.params) + 2 * len(values) > MAX_PARAMETERS:
+            raise QueryError(f"more than {MAX_PARAMETERS} values in one query")
         if kind == "count":
             return                                            # return keys only
         if kind == "pn":
@@ -234,12 +254,12 @@ class Query:
             self.conditions.append(f"{column} IN ({','.join('?' * len(numbers))})")
             self.params += numbers
             return
-        if kind == "uid" or not any(_wild(v) for v in values):
-            self.conditions.append(f"{column} IN ({','.join('?' * len(values))})")
-            self.params += values
-            return
-        self.conditions.append("(" + " OR ".join(f"{column} GLOB ?" for _ in values) + ")")
-        self.params += [_glob(v) for v in values]
+        exact = values if kind == "uid" else [v for v in values if not _wild(v)]
+        wild = [] if kind == "uid" else [v for v in values if _wild(v)]
+        terms = [f"{column} IN ({','.join('?' * len(exact))})"] if exact else []
+        terms += [f"{column} GLOB ?" for _ in wild]
+        self.conditions.append(terms[0] if len(terms) == 1 else "(" + " OR ".join(terms) + ")")
+        self.params += exact + [_glob(v) for v in wild]
 
     @property
     def sql(self) -> str:
@@ -249,19 +269,35 @@ class Query:
         return (f"SELECT {columns}, {charset} AS _charset FROM {FROM[self.level]} WHERE {where} "
                 f"ORDER BY {ORDER[self.level]}")
 
-    def run(self, conn: sqlite3.Connection, limit: int | None = None) -> Iterator[Dataset]:
-        for row in self._rows(conn, limit):
+    def run(self, conn: sqlite3.Connection, limit: int | None = None,
+            timeout: float | None = None) -> Iterator[Dataset]:
+        for row in self._rows(conn, limit, timeout):
             yield self._response(row)
 
-    def encoded(self, conn: sqlite3.Connection, explicit_vr: bool, limit: int | None = None) -> Iterator[bytes]:
+    def encoded(self, conn: sqlite3.Connection, explicit_vr: bool, limit: int | None = None,
+                timeout: float | None = None) -> Iterator[bytes]:
         """The matches as identifiers encoded in Little Endian (explicit or implicit VR): the
         bytes pydicom writes for `run`'s Datasets (tests/test_query.py compares them)."""
         encode = self._encoder(explicit_vr)
-        for row in self._rows(conn, limit):
+        for row in self._rows(conn, limit, timeout):
             yield encode(row)
 
-    def _rows(self, conn: sqlite3.Connection, limit: int | None) -> Iterator[sqlite3.Row]:
-        return conn.execute(self.sql + (f" LIMIT {int(limit)}" if limit else ""), self.params)
+    def _rows(self, conn: sqlite3.Connection, limit: int | None, timeout: float | None) -> Iterator[sqlite3.Row]:
+        """The matching rows; past `timeout` seconds of work in SQLite, `QueryTimeout`."""
+        sql = self.sql + (f" LIMIT {int(limit)}" if limit else "")
+        if not timeout:
+            yield from conn.execute(sql, self.params)
+            return
+        deadline = time.monotonic() + timeout
+        conn.set_progress_handler(lambda: time.monotonic() > deadline, 20000)
+        try:
+            yield from conn.execute(sql, self.params)
+        except sqlite3.OperationalError as exc:
+            if "interrupt" in str(exc):
+                raise QueryTimeout(f"the query took more than {timeout:g} s: narrow it") from None
+            raise
+        finally:
+            conn.set_progress_handler(None, 0)
 
     def _encoder(self, explicit_vr: bool) -> Callable[[sqlite3.Row], bytes]:
         def header(tag: int, vr: str) -> tuple[bytes, struct.Struct]:

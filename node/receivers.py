@@ -56,6 +56,11 @@ def spool_dir(config: Config, index: int) -> Path:
     return config.data_dir / "spool" / f"r{index}"
 
 
+def _make_spool(spool: Path) -> None:
+    for directory in (spool.parent, spool):
+        directory.mkdir(mode=0o700, exist_ok=True)
+
+
 def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop: threading.Event,
             on_ready: Callable[[], None] = lambda: None,
             every_second: Callable[[], None] = lambda: None) -> None:
@@ -63,8 +68,14 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
     from .service import open_archive
 
     spool = spool_dir(config, index)
-    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _make_spool(spool)
     tempfile.tempdir = str(spool)  # pynetdicom and the fast path spool received data sets here
+
+    def tick() -> None:
+        if not spool.is_dir():       # removed under us (by hand, or a cleaner): receiving needs it
+            log.warning("spool directory %s was missing: recreated", spool)
+            _make_spool(spool)
+        every_second()
     archive = open_archive(config)
     ae = build_ae(config)
     committer = Committer(archive, config)
@@ -74,7 +85,7 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
             log.info("%d storage commitment reports to deliver from before the restart", pending)
         on_ready()
         while not stop.wait(1.0):
-            every_second()
+            tick()
     finally:
         ae.shutdown()
         archive.close()

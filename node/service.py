@@ -13,7 +13,7 @@ from pynetdicom import _config as pynetdicom_config
 from archive import Archive
 from scp.tls import server_context
 
-from . import receivers
+from . import lock, receivers
 from .config import Config
 
 
@@ -143,7 +143,12 @@ def serve(config: Config, ready=print) -> None:
     """Run the node until SIGTERM / SIGINT."""
     configure_libraries()
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(config.data_dir, 0o700)
+    with lock.exclusive(config.data_dir):   # before anything in it is touched
+        os.chmod(config.data_dir, 0o700)
+        _serve(config, ready)
+
+
+def _serve(config: Config, ready) -> None:
     prepare_spool(config)
     d = config.dicom
     server_context(d.certificate, d.private_key, d.ca_certificates)   # a missing certificate stops the start first

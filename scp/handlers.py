@@ -6,10 +6,12 @@ the SOP class, 0xC000 cannot understand, 0x0110 processing failure.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Callable, Iterator
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from archive import Archive, Outcome
 from archive.query import Query, QueryError, model_of
@@ -59,8 +61,13 @@ def store(archive: Archive, path, sop_class: str, sop_instance: str, calling_ae:
 def handle_store(event, archive: Archive) -> Dataset | int:
     """EVT_C_STORE, for the requests the fast path leaves to pynetdicom."""
     request = event.request
-    code, comment = store(archive, event.dataset_path, str(request.AffectedSOPClassUID),
-                          str(request.AffectedSOPInstanceUID), event.assoc.requestor.ae_title)
+    announced, context = str(request.AffectedSOPClassUID), str(event.context.abstract_syntax)
+    if announced != context:   # PS3.7 9.1.1: the SOP class is the presentation context's
+        comment = f"{UID(announced).name} sent on a {UID(context).name} context"
+        log.warning("C-STORE from %s refused (0xA900): %s", event.assoc.requestor.ae_title, comment)
+        return _status(0xA900, comment)
+    code, comment = store(archive, event.dataset_path, context, str(request.AffectedSOPInstanceUID),
+                          event.assoc.requestor.ae_title)
     return code if code == 0 else _status(code, comment)
 
 
@@ -94,9 +101,21 @@ def find(archive: Archive, config: Config, calling_ae: str, sop_class: str, iden
     limit = config.query.max_results
     pending = 0xFF01 if query.unsupported else 0xFF00  # some optional keys are not supported
     with archive.index.reader() as conn:
-        matches = (query.run(conn, limit + 1) if explicit_vr is None
-                   else query.encoded(conn, explicit_vr, limit + 1))
-        for count, match in enumerate(matches):
+        matches = iter(query.run(conn, limit + 1, config.query.timeout) if explicit_vr is None
+                       else query.encoded(conn, explicit_vr, limit + 1, config.query.timeout))
+        for count in itertools.count():
+            try:
+                match = next(matches, None)
+            except QueryError as exc:
+                log.warning("C-FIND from %s stopped (0x%04X): %s", calling_ae, exc.status, exc)
+                yield exc.status, str(exc), None
+                return
+            except Exception as exc:  # whatever it is, the requestor gets an answer, the log one line
+                log.error("C-FIND from %s failed: %s: %s", calling_ae, type(exc).__name__, exc)
+                yield 0xC001, "the node could not process the query", None
+                return
+            if match is None:
+                break
             if cancelled():
                 yield 0xFE00, "", None
                 return

@@ -10,12 +10,13 @@ them stream that file unchanged (`FileSendingAssociation`, pynetdicom's chunked 
 from __future__ import annotations
 
 import logging
+import socket
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pynetdicom import evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
@@ -49,6 +50,51 @@ class FileSendingAssociation(Association):
                 raise ValueError(f"instance {dataset.SOPInstanceUID} cannot be read back")
             dataset = dataset.file_path
         return super().send_c_store(dataset, *args, **kwargs)
+
+
+class NodeAE(AE):
+    """The node's AE; a C-MOVE whose destination cannot be reached fails its sub-operations.
+
+    pynetdicom answers 0xA801 "Move Destination unknown" whenever the association to a
+    destination fails, even a configured one that merely refused the connection. With
+    `unreachable` (a list), a failed association is reported there and a stand-in is
+    returned, so that the C-MOVE handler answers 0xA702 with every instance in the failed
+    list and the reason in the Error Comment (PS3.4 C.4.2.1.4).
+    """
+
+    def associate(self, addr: str, port: int, *args, unreachable: list | None = None, **kwargs):
+        assoc = super().associate(addr, port, *args, **kwargs)
+        if unreachable is None or assoc.is_established:
+            return assoc
+        unreachable.append(_why_not(assoc, addr, port))
+        return _NoAssociation()
+
+
+class _NoAssociation:
+    """What pynetdicom's C-MOVE loop holds when the destination could not be reached: the
+    handler yields the failure before any sub-operation is sent."""
+
+    is_established = True
+
+    def release(self) -> None:
+        pass
+
+    def send_c_store(self, *args, **kwargs):
+        raise RuntimeError("the move destination could not be reached")
+
+
+def _why_not(assoc, addr: str, port: int) -> str:
+    if assoc.is_rejected:
+        return "rejected the association"
+    try:   # pynetdicom reports a failed connection as an abort: say what the connection does
+        socket.create_connection((addr, port), timeout=3).close()
+    except ConnectionRefusedError:
+        return "refused the connection"
+    except TimeoutError:
+        return "did not answer"
+    except OSError as exc:
+        return f"cannot be reached ({exc.strerror or type(exc).__name__})"
+    return "aborted the association (TLS?)"
 
 
 def sends_stored_files(event) -> None:
@@ -114,8 +160,22 @@ def handle_move(event, archive: Archive, config: Config):
     tls = remote_tls(destination, config)
     if tls:
         options["tls_args"] = tls
+    if isinstance(event.assoc.ae, NodeAE):
+        options["unreachable"] = unreachable = []
+    else:
+        unreachable = []
     yield destination.host, destination.port, options
     yield len(found)
+    if unreachable:   # the sub-operations cannot be performed: all of them fail, with the reason
+        where = f"{destination.ae_title} ({destination.host}:{destination.port})"
+        log.warning("C-MOVE from %s to %s failed: %s", calling, where, unreachable[0])
+        status = Dataset()
+        status.Status = 0xA702
+        status.ErrorComment = f"{where} {unreachable[0]}"[:64]
+        failed = Dataset()
+        failed.FailedSOPInstanceUIDList = [m.sop_instance_uid for m in found]
+        yield status, failed
+        return
     yield from _instances(event, archive, found)
 
 

@@ -77,7 +77,7 @@ def supported_contexts() -> list[PresentationContext]:
 
 def build_ae(config: Config) -> AE:
     d = config.dicom
-    ae = AE(ae_title=config.node.ae_title)
+    ae = retrieve.NodeAE(ae_title=config.node.ae_title)
     ae.maximum_associations = d.max_associations
     ae.maximum_pdu_size = d.max_pdu_size
     ae.acse_timeout = d.acse_timeout

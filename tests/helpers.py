@@ -178,7 +178,7 @@ class Node:
 
     # -- peers -----------------------------------------------------------------------
 
-    def associate(self, calling_ae: str, *contexts: str, tls: bool = True, **options):
+    def associate(self, calling_ae: str, *contexts: str, tls: bool = True, transfer_syntaxes=None, **options):
         """A pynetdicom association to this node (mutual TLS unless `tls=False`), established."""
         from pynetdicom import AE, evt
 
@@ -186,7 +186,10 @@ class Node:
 
         ae = AE(ae_title=calling_ae)
         for sop_class in contexts:
-            ae.add_requested_context(sop_class)
+            if transfer_syntaxes:
+                ae.add_requested_context(sop_class, transfer_syntaxes)
+            else:
+                ae.add_requested_context(sop_class)
         if tls:
             context = client_context(self.pki / "ca.pem", self.pki / "client.pem", self.pki / "client.key")
             options["tls_args"] = (context, "localhost")

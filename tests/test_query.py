@@ -205,12 +205,25 @@ def test_encoded_matches_are_the_bytes_pydicom_writes(filled, model, keys, expli
     ({"StudyDate": "2024-01-01"}, "StudyDate"),
     ({"StudyDate": "yesterday"}, "StudyDate"),
     ({"StudyTime": "25h"}, "StudyTime"),
-    ({"PatientName": "A" * 5000}, "too long"),
+    ({"PatientName": "A" * 5000}, "longer than 1024"),
+    ({"PatientName": "\\".join(f"A{i}*" for i in range(1000))}, "1000 wildcard or range values"),
+    ({"StudyDate": "\\".join([f"2024{m:02d}01-2024{m:02d}02" for m in range(1, 13)] * 3)}, "at most 32"),
+    ({"ModalitiesInStudy": "\\".join(["CT", "MR"] * 40)}, "at most 32"),
+    ({"PatientID": "\\".join(str(i) for i in range(1001))}, "1001 values, at most 1000"),
 ])
 def test_bad_values_are_refused_with_a_reason(filled, keys, message):
     archive, _ = filled
     with pytest.raises(QueryError, match=message):
         find(archive, QueryRetrieveLevel="STUDY", **keys)
+
+
+def test_a_thousand_exact_values_and_a_few_wildcards_are_answered(filled):
+    """Exact values go into one IN list: SQLite's expression depth (1000) is never reached."""
+    archive, _ = filled
+    names = [f"Nobody^{i}" for i in range(990)] + ["smith^jo*"] * 10
+    assert ids(find(archive, QueryRetrieveLevel="STUDY", PatientID="", PatientName="\\".join(names))) == ["P1"]
+    some_ids = [f"X{i}" for i in range(999)] + ["P1"]
+    assert ids(find(archive, QueryRetrieveLevel="STUDY", PatientID="\\".join(some_ids))) == ["P1"]
 
 
 def test_names_case_sensitive_when_configured(filled):
