@@ -281,7 +281,7 @@ class _Walker:
                 return pos
             if implicit is not None:
                 if depth >= self.max_depth:
-                    raise _Refused(f"sequences nested deeper than {self.max_depth} levels")
+                    raise _Refused(f"sequences nested deeper than {self.max_depth} (ingest.max_sequence_depth)")
                 if length == _UNDEFINED:
                     _, pos = self.elements(pos, end, implicit, depth + 1, True)
                     continue
@@ -352,32 +352,32 @@ def _inflate(buf, offset: int, limits: Limits, out) -> int:
     ceiling = min(limits.max_inflated_bytes, max(INFLATE_RATIO_GRACE, limits.max_inflate_ratio * deflated))
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
-    with memoryview(buf) as view:
-        for start in range(offset, len(buf), _INFLATE_CHUNK):
-            data = view[start:start + _INFLATE_CHUNK]
-            while data:
-                try:
-                    chunk = inflater.decompress(data, _INFLATE_CHUNK)
-                except zlib.error as exc:
-                    raise InvalidInstance(f"deflated data set cannot be inflated: {exc}") from None
-                total += len(chunk)
-                if total > ceiling:
-                    raise InvalidInstance(_too_deflated(ceiling, limits))
-                out.write(chunk)
-                data = inflater.unconsumed_tail
-                if inflater.eof:
-                    break
+    for start in range(offset, len(buf), _INFLATE_CHUNK):
+        data = buf[start:start + _INFLATE_CHUNK]   # a copy: no view of the mmap outlives an error
+        while data:
+            try:
+                chunk = inflater.decompress(data, _INFLATE_CHUNK)
+            except zlib.error as exc:
+                raise InvalidInstance(f"deflated data set cannot be inflated: {exc}") from None
+            total += len(chunk)
+            if total > ceiling:
+                raise InvalidInstance(_too_deflated(ceiling, limits))
+            out.write(chunk)
+            data = inflater.unconsumed_tail
             if inflater.eof:
                 break
+        if inflater.eof:
+            break
     if not inflater.eof:
         raise InvalidInstance("deflated data set is cut off (the deflate stream does not end)")
     return total
 
 
 def _too_deflated(ceiling: int, limits: Limits) -> str:
+    """The reason, whole in a DIMSE Error Comment (64 characters)."""
     if ceiling >= limits.max_inflated_bytes:
-        return f"deflated data set inflates past {limits.max_inflated_bytes >> 20} MiB (ingest.max_inflated_bytes)"
-    return f"deflated data set inflates over {limits.max_inflate_ratio} times its size (ingest.max_inflate_ratio)"
+        return f"inflated data set over {limits.max_inflated_bytes >> 20} MiB (ingest.max_inflated_bytes)"
+    return f"deflated data set inflates over {limits.max_inflate_ratio}x (ingest.max_inflate_ratio)"
 
 
 def _inspect(buf, sop_class: str | None, sop_instance: str | None, limits: Limits = DEFAULT_LIMITS,

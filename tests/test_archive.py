@@ -136,3 +136,134 @@ def test_migrations_are_recorded(tmp_path):
     assert [r[0] for r in rows] == ["0001_initial", "0002_query", "0003_offload", "0004_jobs", "0005_viewer",
                                       "0006_integrity"]
     assert again.index.query("PRAGMA journal_mode")[0][0] == "wal"
+
+
+# -- integrity: a study belongs to one patient, a series to one study ------------------------------
+
+def instance(tmp_path, *, study, patient_id, name="Doe^Jane", series=None, **changes):
+    """A CT_small copy with a fresh SOP Instance UID in `study` / `series` (new unless given)."""
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientName = study, series or generate_uid(), name
+    if patient_id is None:
+        del ds.PatientID
+    else:
+        ds.PatientID = patient_id
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def hierarchy(archive) -> set[tuple]:
+    return {tuple(r) for r in archive.index.query(
+        "SELECT i.sop_instance_uid, se.series_uid, st.study_uid, p.patient_id, p.patient_name FROM instances i "
+        "JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk "
+        "JOIN patients p ON p.pk = st.patient_pk")}
+
+
+def test_a_study_of_another_patient_or_a_series_of_another_study_is_refused_and_recorded(archive, tmp_path):
+    study_a, series_a, study_b = generate_uid(), generate_uid(), generate_uid()
+    assert archive.ingest_file(instance(tmp_path, study=study_a, series=series_a, patient_id="A")).outcome \
+        is Outcome.STORED
+    assert archive.ingest_file(instance(tmp_path, study=study_b, patient_id="B")).outcome is Outcome.STORED
+    before, blobs = hierarchy(archive), set(archive.storage.blob_ids())
+    cases = [(instance(tmp_path, study=study_a, patient_id="B"), "study belongs to another patient", "PatientID",
+              "A", "B"),
+             (instance(tmp_path, study=study_a, patient_id=None), "study belongs to another patient", "PatientID",
+              "A", ""),
+             (instance(tmp_path, study=study_b, series=series_a, patient_id="B"), "series belongs to another study",
+              "StudyInstanceUID", study_a, study_b)]
+    for path, reason, attribute, held, said in cases:
+        result = archive.ingest_file(path, calling_ae="MODALITY")
+        assert result.outcome is Outcome.CONFLICT and result.reason.startswith(reason) and result.study_uid is None
+        uid = pydicom.dcmread(path).SOPInstanceUID
+        assert [tuple(r) for r in archive.index.query(
+            "SELECT attribute, index_value, instance_value, action, calling_ae FROM conflicts "
+            "WHERE sop_instance_uid=?", (uid,))] == [(attribute, held, said, "refused", "MODALITY")]
+    assert hierarchy(archive) == before and set(archive.storage.blob_ids()) == blobs
+    assert [c["kind"] for c in archive.index.changes_since(0)] == ["stored", "stored"]
+    assert archive.index.integrity() == {"stored": 0, "refused": 3, "quarantined": 0, "in_quarantine": 0}
+
+
+def test_demographics_are_never_written_over_and_each_difference_is_recorded(archive, tmp_path):
+    study = generate_uid()
+    archive.ingest_file(instance(tmp_path, study=study, patient_id="P", name="Doe^Jane", PatientSex=""))
+    renamed = instance(tmp_path, study=generate_uid(), patient_id="P", name="Roe^Joan", PatientSex="F")
+    assert archive.ingest_file(renamed).outcome is Outcome.STORED
+    same = instance(tmp_path, study=study, patient_id="P", name="DOE^JANE^^", PatientSex="F")  # same name, case
+    assert archive.ingest_file(same).outcome is Outcome.STORED
+    (patient,) = archive.index.query("SELECT patient_name, sex FROM patients")
+    assert tuple(patient) == ("Doe^Jane", "F")            # the first name kept, the empty sex filled in
+    assert [tuple(r) for r in archive.index.query("SELECT attribute, index_value, instance_value, action "
+                                                  "FROM conflicts")] == [("PatientName", "Doe^Jane", "Roe^Joan",
+                                                                          "stored")]
+    (row,) = archive.index.query("SELECT blob_id FROM instances WHERE sop_instance_uid=?",
+                                 (pydicom.dcmread(renamed).SOPInstanceUID,))
+    assert archive.storage.read_all(row["blob_id"]) == renamed.read_bytes()   # the file keeps its own name
+
+
+def test_instances_without_a_patient_id_get_a_patient_per_study(archive, tmp_path):
+    first, second = generate_uid(), generate_uid()
+    for study, name in ((first, "Unknown^One"), (second, "Unknown^Two"), (first, "Unknown^One")):
+        assert archive.ingest_file(instance(tmp_path, study=study, patient_id=None, name=name)).outcome \
+            is Outcome.STORED
+    names = {r[2]: r[4] for r in hierarchy(archive)}
+    assert names == {first: "Unknown^One", second: "Unknown^Two"}
+    assert archive.index.query("SELECT COUNT(*) FROM patients WHERE patient_id=''")[0][0] == 2
+    assert archive.index.query("SELECT COUNT(*) FROM conflicts")[0][0] == 0
+    assert archive.ingest_file(instance(tmp_path, study=first, patient_id="X")).outcome is Outcome.CONFLICT
+
+
+def test_duplicates_and_analysis_results_still_go_through(tmp_path):
+    archive = Archive(tmp_path / "data", duplicates="replace")
+    study = generate_uid()
+    path = instance(tmp_path, study=study, patient_id="P")
+    assert archive.ingest_file(path).outcome is Outcome.STORED
+    assert archive.ingest_file(path).outcome is Outcome.ALREADY_STORED
+    uid = pydicom.dcmread(path).SOPInstanceUID
+    moved = instance(tmp_path, study=study, patient_id="Q", SOPInstanceUID=uid)  # a new version, another patient
+    assert archive.ingest_file(moved).outcome is Outcome.CONFLICT
+    result = instance(tmp_path, study=study, patient_id="P", Modality="OT")     # what a plug-in makes from it
+    assert archive.ingest_file(result, job_id="job-1").outcome is Outcome.STORED
+    assert {r[3] for r in hierarchy(archive)} == {"P"} and len(hierarchy(archive)) == 2
+
+
+def test_quarantine_keeps_the_instance_outside_the_hierarchy_and_recovery_keeps_it(tmp_path):
+    archive = Archive(tmp_path / "data", on_conflict="quarantine")
+    study = generate_uid()
+    archive.ingest_file(instance(tmp_path, study=study, patient_id="A"))
+    other = instance(tmp_path, study=study, patient_id="B")
+    first, again = archive.ingest_file(other), archive.ingest_file(other)
+    assert first.outcome is again.outcome is Outcome.QUARANTINED and first.reason.startswith("quarantined: study")
+    (row,) = archive.index.query("SELECT blob_id, sha256, reason FROM quarantine")
+    assert row["sha256"] == dataset_sha256(other) and row["reason"] == "study belongs to another patient"
+    assert archive.recover() == 0 and archive.storage.read_all(row["blob_id"]) == other.read_bytes()
+    assert len(list(archive.storage.blob_ids())) == 2 and len(hierarchy(archive)) == 1
+    assert archive.index.integrity()["in_quarantine"] == 1
+    assert [r["received"] for r in archive.index.conflicts()] == [2]
+
+
+def test_the_integrity_migration_keeps_what_an_older_index_holds(tmp_path):
+    from archive.index import connect, migrations
+    import sqlite_utils
+
+    conn = connect(tmp_path / "index.sqlite3")
+    migrations.apply(sqlite_utils.Database(conn), stop_before="0006_integrity")
+    conn.execute("INSERT INTO patients (pk, patient_id, patient_name, patient_name_key) VALUES (7, 'P', 'Doe', 'DOE')")
+    conn.execute("INSERT INTO studies (pk, study_uid, patient_pk, updated_at) VALUES (3, '1.2.3', 7, 0)")
+    conn.close()
+    from archive.index import Index
+
+    index = Index(tmp_path / "index.sqlite3")
+    assert [tuple(r) for r in index.query("SELECT p.pk, p.patient_id, p.patient_name_key FROM studies s "
+                                          "JOIN patients p ON p.pk = s.patient_pk")] == [(7, "P", "DOE")]
+    with pytest.raises(Exception, match="UNIQUE"):
+        with index.write() as write:
+            write.execute("INSERT INTO patients (patient_id) VALUES ('P')")
+    with index.write() as write:                       # several patients without an ID are fine
+        write.execute("INSERT INTO patients (patient_id) VALUES (''), ('')")
+    assert index.query("PRAGMA foreign_keys")[0][0] == 1
+    assert "patients_patient_id" in {r[1] for r in index.query("PRAGMA index_list(patients)")}
+    index.close()
