@@ -140,11 +140,17 @@ def _wild(value: str) -> bool:
     return "*" in value or "?" in value
 
 
+def _quoted(value, limit: int = 24) -> str:
+    """A peer's value in a message: quoted, and cut short (it goes into logs and comments)."""
+    text = str(value)
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def _date_range(value: str, keyword: str) -> tuple[str | None, str | None]:
     low, dash, high = value.replace(".", "").partition("-")
     for part in (low, high):
         if part and not (_DATE.match(part) and _real_date(part)):
-            raise QueryError(f"{keyword}: {value!r} is not a date or a date range (YYYYMMDD-YYYYMMDD)")
+            raise QueryError(f"{keyword}: {_quoted(value)} is not a date or a date range (YYYYMMDD-YYYYMMDD)")
     return (low or None, high or None) if dash else (low, low)
 
 
@@ -162,7 +168,7 @@ def _time_range(value: str, keyword: str) -> tuple[str | None, str | None]:
     low, dash, high = value.replace(":", "").partition("-")
     for part in (low, high):
         if part and not _TIME.match(part):
-            raise QueryError(f"{keyword}: {value!r} is not a time or a time range (HHMMSS-HHMMSS)")
+            raise QueryError(f"{keyword}: {_quoted(value)} is not a time or a time range (HHMMSS-HHMMSS)")
     if not dash:
         high = low
     return time_key(low) if low else None, time_key(high, upper=True) if high else None
@@ -180,7 +186,7 @@ class Query:
         except Exception:
             raise QueryError("QueryRetrieveLevel cannot be read", 0xA900) from None
         if self.level not in MODEL_LEVELS[model]:
-            raise QueryError(f"QueryRetrieveLevel {self.level!r} is not one of "
+            raise QueryError(f"QueryRetrieveLevel {_quoted(self.level)} is not one of "
                              f"{', '.join(MODEL_LEVELS[model])} for this information model", 0xA900)
         depth = LEVELS.index(self.level)
         self.return_keys: list[str] = []          # known attributes, in identifier order
@@ -250,7 +256,7 @@ class Query:
             try:
                 numbers = [int(v) for v in values]
             except ValueError:
-                raise QueryError(f"{attribute.keyword}: {value!r} is not an integer") from None
+                raise QueryError(f"{attribute.keyword}: {_quoted(value)} is not an integer") from None
             self.conditions.append(f"{column} IN ({','.join('?' * len(numbers))})")
             self.params += numbers
             return
