@@ -242,7 +242,7 @@ class _Walker:
                 if collect is not None and (tag := group << 16 | elem) in _WANTED:
                     collect[tag] = RawDataElement(BaseTag(tag), vr and vr.decode("ascii", "replace"), length,
                                                   bytes(buf[pos:pos + length]), pos, implicit, self.little)
-                if length and _is_sequence(vr, group, elem, implicit):
+                if length >= 8 and _is_sequence(vr, group, elem, implicit):
                     try:                         # walked for its depth; bounded by its length either way
                         self.items(pos, pos + length, implicit, depth, defined=True)
                     except _Refused:
