@@ -70,7 +70,19 @@ class DicomSection:
                                     "more are rejected.")
     max_pdu_size: int = setting(1048576, "Maximum PDU length advertised to peers, bytes "
                                 "(1 MiB doubles large-instance throughput).")
-    tls_handshake_timeout: float = setting(10.0, "Seconds a TLS peer has to finish its handshake.")
+    tls_handshake_timeout: float = setting(5.0, "Seconds a TLS peer has to finish its handshake.")
+    artim_timeout: float = setting(10.0, "Seconds a new connection has to send its whole A-ASSOCIATE-RQ after "
+                                   "its TLS handshake (the ARTIM timer, PS3.8 9.1.5); then it is closed.")
+    max_pending_connections: int = setting(64, "Connections per receiving process not yet associated (TLS "
+                                           "handshake or A-ASSOCIATE-RQ in progress); when all are taken, a "
+                                           "newcomer takes the place of the oldest of the address holding most.")
+    max_pending_per_source: int = setting(32, "Connections not yet associated from one address (IPv6: one /64) "
+                                          "per receiving process; more are closed at once.")
+    max_associate_rq_size: int = setting(262144, "Longest A-ASSOCIATE-RQ (and other non-data PDU) accepted, "
+                                         "bytes; a longer one is answered with an A-ABORT.")
+    max_identifier_size: int = setting(4194304, "Largest data set held in memory for a request other than "
+                                       "C-STORE (C-FIND/C-MOVE/C-GET identifier, N-ACTION), bytes; a larger "
+                                       "one aborts the association.")
     acse_timeout: float = setting(30.0, "Seconds to wait for association negotiation messages.")
     dimse_timeout: float = setting(60.0, "Seconds to wait for DIMSE messages.")
     network_timeout: float = setting(60.0, "Seconds an idle association is kept before it is aborted.")
@@ -90,7 +102,16 @@ class DicomSection:
             raise ConfigError(f"dicom.max_associations: {self.max_associations} is not in 1-1000")
         if not 4096 <= self.max_pdu_size <= 16 * 1048576:
             raise ConfigError(f"dicom.max_pdu_size: {self.max_pdu_size} is not in 4096-16777216")
-        for name in ("tls_handshake_timeout", "acse_timeout", "dimse_timeout", "network_timeout"):
+        if not 1 <= self.max_pending_connections <= 10000:
+            raise ConfigError(f"dicom.max_pending_connections: {self.max_pending_connections} is not in 1-10000")
+        if not 1 <= self.max_pending_per_source <= self.max_pending_connections:
+            raise ConfigError(f"dicom.max_pending_per_source: {self.max_pending_per_source} is not in "
+                              f"1-{self.max_pending_connections} (dicom.max_pending_connections)")
+        if not 4096 <= self.max_associate_rq_size <= 16 * 1048576:
+            raise ConfigError(f"dicom.max_associate_rq_size: {self.max_associate_rq_size} is not in 4096-16777216")
+        if not 65536 <= self.max_identifier_size <= 1 << 30:
+            raise ConfigError(f"dicom.max_identifier_size: {self.max_identifier_size} is not in 65536-1073741824")
+        for name in ("tls_handshake_timeout", "artim_timeout", "acse_timeout", "dimse_timeout", "network_timeout"):
             if not 0 < getattr(self, name) <= 3600:
                 raise ConfigError(f"dicom.{name}: must be between 0 and 3600 seconds")
 

@@ -17,7 +17,15 @@ identifier, where pynetdicom's generic path spent ~1 ms per match.
 
 Everything else (C-ECHO, requests on contexts the node did not accept, malformed command
 sets, C-STORE without a data set, C-FIND in Big Endian) goes to pynetdicom's own path
-unchanged. The encoders
+unchanged.
+
+Nothing a peer merely claims is allocated (DESIGN.md): `read_pdu` checks a PDU's declared
+length against what the node allows before reading it (the advertised maximum PDU for
+P-DATA-TF, `dicom.max_associate_rq_size` for the others), grows its buffer as the bytes
+arrive and gives up at a deadline, so a half-sent PDU cannot hold a thread. A command set
+is at most `MAX_COMMAND_SET`, and a data set that pynetdicom assembles in memory (C-FIND
+identifiers, N-ACTION lists) at most `dicom.max_identifier_size`. Past any of these the
+association is aborted (A-ABORT) and one line is logged. The encoders
 below write a handful of fixed elements and are checked byte for byte against pydicom and
 pynetdicom in tests/test_fastpath.py; the path is only installed on the pynetdicom version
 it was written against.
@@ -30,14 +38,16 @@ import os
 import struct
 import tempfile
 import time
+from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import pynetdicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
@@ -52,6 +62,15 @@ ENABLED = pynetdicom.__version__ == PYNETDICOM_VERSION
 
 C_STORE_RQ, C_STORE_RSP, C_FIND_RSP, NO_DATA_SET, DATA_SET = 0x0001, 0x8001, 0x8020, 0x0101, 0x0001
 
+# A command set holds a dozen short elements (~200 bytes for a C-STORE-RQ): 64 KiB is generous.
+MAX_COMMAND_SET = 64 << 10
+# A PDU buffer is allocated at most this far ahead of the bytes that have arrived.
+GROW_STEP = 1 << 20
+# After the node aborted an association, what the peer still sends is read and dropped up to this.
+DISCARD_LIMIT = 4 << 20
+PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
+             0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
+
 # (status, error comment) for a stored file: what the archive decided
 StoreFunction = Callable[[str, str, str, str], tuple[int, str]]
 # (calling AE, SOP class, identifier, cancelled?, explicit VR?) -> (status, comment, encoded match | None)...
@@ -59,6 +78,24 @@ FindFunction = Callable[[str, str, Callable[[], Dataset], Callable[[], bool], bo
                         Iterator[tuple[int, str, bytes | None]]]
 FIND_MODELS = {PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind}
 LITTLE_ENDIAN = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a peer may send, in bytes (from the [dicom] settings)."""
+    max_pdu: int            # P-DATA-TF: the maximum PDU length the node advertises
+    max_associate_rq: int   # A-ASSOCIATE-RQ and the other control PDUs
+    max_identifier: int     # a data set pynetdicom assembles in memory (identifier, N-ACTION list)
+
+    @classmethod
+    def of(cls, dicom) -> "Limits":
+        return cls(dicom.max_pdu_size, dicom.max_associate_rq_size, dicom.max_identifier_size)
+
+    def pdu_lengths(self) -> dict[int, int]:
+        """The longest PDU of each type the node reads inside an association."""
+        lengths = dict.fromkeys(PDU_NAMES, self.max_associate_rq)
+        lengths[0x04] = self.max_pdu
+        return lengths
 
 
 # -- the few encoders ----------------------------------------------------------------------
@@ -133,6 +170,92 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae
             + elements)
 
 
+# -- reading a PDU ---------------------------------------------------------------------------
+
+class PDUError(Exception):
+    """A PDU that was not read whole; the message says why, for one log line."""
+
+
+class PeerClosed(PDUError):
+    """The connection closed or failed before the whole PDU came (`received` bytes of it did)."""
+
+    def __init__(self, message: str, received: int):
+        super().__init__(message)
+        self.received = received
+
+
+class PDUTimeout(PDUError):
+    """The peer stopped sending in the middle of a PDU."""
+
+
+class PDURefused(PDUError):
+    """An unknown or unexpected PDU type, or a length over the limit: the peer gets an A-ABORT."""
+
+    def __init__(self, message: str, reason: int):
+        super().__init__(message)
+        self.reason = reason   # A-ABORT reason (PS3.8 9.3.8): 1 unrecognised PDU, 2 unexpected, 6 invalid value
+
+
+def read_pdu(sock, lengths: Mapping[int, int], deadline: float, exclusive: bool = False) -> bytearray:
+    """One whole PDU (header included) from `sock`, of a type in `lengths` and at most that long.
+
+    The declared length is checked before anything is allocated for it, and the buffer grows
+    by at most GROW_STEP ahead of the bytes received. `deadline` (time.monotonic()) bounds the
+    whole PDU: with `exclusive` (nobody else uses the socket) each read waits only until then;
+    otherwise each read waits at most the socket's own timeout and the deadline is checked
+    between reads. Raises PeerClosed, PDUTimeout or PDURefused.
+    """
+    header = bytearray(6)
+    _fill(sock, header, 0, deadline, exclusive)
+    pdu_type, _, length = struct.unpack(">BBL", header)
+    name = PDU_NAMES.get(pdu_type)
+    if name is None:
+        raise PDURefused(f"unknown PDU type 0x{pdu_type:02X}", 0x01)
+    limit = lengths.get(pdu_type)
+    if limit is None:
+        raise PDURefused(f"unexpected {name}", 0x02)
+    if length > limit:
+        raise PDURefused(f"{name} of {length} bytes, over the limit of {limit}", 0x06)
+    total = 6 + length
+    buffer = bytearray(min(total, 6 + GROW_STEP))
+    buffer[:6] = header
+    received = 6
+    while received < total:
+        if received == len(buffer):
+            buffer.extend(bytes(min(GROW_STEP, total - len(buffer))))
+        received = _fill(sock, buffer, received, deadline, exclusive, name, total)
+    return buffer
+
+
+def _fill(sock, buffer: bytearray, start: int, deadline: float, exclusive: bool, name: str = "PDU header",
+          total: int = 6) -> int:
+    """Read into buffer[start:] until it is full; returns its length."""
+    end = len(buffer)
+    with memoryview(buffer) as view:
+        while start < end:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PDUTimeout(f"{name} stalled at {start} of {total} bytes")
+            try:
+                if exclusive:
+                    sock.settimeout(remaining)
+                count = sock.recv_into(view[start:], end - start)
+            except TimeoutError:
+                continue   # the deadline decides
+            except OSError as exc:   # reset, TLS record errors, closed under us
+                raise PeerClosed(f"{name} cut off at {start} of {total} bytes ({exc.__class__.__name__})",
+                                 start) from None
+            if not count:
+                raise PeerClosed(f"{name} cut off at {start} of {total} bytes", start)
+            start += count
+    return end
+
+
+def abort_pdu(reason: int = 0x00) -> bytes:
+    """An A-ABORT PDU from the service provider (source 2, PS3.8 9.3.8)."""
+    return struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0x02, reason)
+
+
 # -- the command set -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -202,23 +325,41 @@ class _Incoming:
 
 
 class FastDIMSE(DIMSEServiceProvider):
-    """Handles C-STORE-RQ itself; hands every other message to pynetdicom, fragment by fragment."""
+    """Handles C-STORE-RQ itself; hands every other message to pynetdicom, fragment by fragment.
 
-    def __init__(self, assoc, store: StoreFunction, find: FindFunction | None = None):
+    It runs in the DUL thread, where an exception would stop the DUL and leave the peer
+    waiting: any failure here aborts the association, with one log line.
+    """
+
+    def __init__(self, assoc, store: StoreFunction, find: FindFunction | None, limits: Limits):
         super().__init__(assoc)
-        self._store, self._find = store, find
+        self._store, self._find, self._limits = store, find, limits
         self._command = bytearray()
         self._incoming: _Incoming | None = None
+        # bytes of the message pynetdicom is assembling: its command set, its data set in memory
+        self._stock_command = self._stock_data = 0
+        self.aborted = False
 
     def receive_primitive(self, primitive: P_DATA) -> None:
-        for context_id, data in primitive.presentation_data_value_list:
-            self._fragment(context_id, data)
+        try:
+            for context_id, data in primitive.presentation_data_value_list:
+                if self.aborted:
+                    return
+                self._fragment(context_id, data)
+        except Exception as exc:
+            log.debug("P-DATA from %s failed", _peer(self.assoc), exc_info=True)
+            self._abort(f"its P-DATA could not be handled ({_brief(exc)})", error=True)
 
     def get_msg(self, block: bool = False):
         """The association thread asks for the next request: a C-FIND is answered here."""
         context_id, message = super().get_msg(block)
         if type(message) is C_FIND and self._find is not None and self._finds(message, context_id):
-            self._answer_find(message, context_id)
+            try:
+                self._answer_find(message, context_id)
+            except Exception as exc:   # the peer is gone, or the final response cannot be sent
+                log.debug("C-FIND from %s failed", _peer(self.assoc), exc_info=True)
+                log.error("C-FIND from %s failed (%s): association aborted", _peer(self.assoc), _brief(exc))
+                self.assoc.abort()
             return None, None
         return context_id, message
 
@@ -230,7 +371,8 @@ class FastDIMSE(DIMSEServiceProvider):
 
     def _answer_find(self, request: C_FIND, context_id: int) -> None:
         """Matches go out as they are read, each a pre-encoded command set and identifier in
-        one P-DATA-TF; the final response through pynetdicom."""
+        one P-DATA-TF; the final response through pynetdicom. A query that fails on the way
+        ends with 0xC001 (unable to process)."""
         explicit = self.assoc._accepted_cx[context_id].transfer_syntax[0] == ExplicitVRLittleEndian
         message_id = request.MessageID
         self.cancel_req = {}
@@ -238,15 +380,24 @@ class FastDIMSE(DIMSEServiceProvider):
         answers = self._find(self.assoc.requestor.ae_title, request.AffectedSOPClassUID,
                              lambda: decode(request.Identifier, not explicit, True, False),
                              lambda: message_id in self.cancel_req, explicit)
-        for status, comment, identifier in answers:
-            if identifier is None:
-                break
-            if status not in commands:
-                commands[status] = encode_find_rsp(message_id, request.AffectedSOPClassUID, status)
-            self._let_peer_speak()
-            self._send_pending(context_id, commands[status], identifier)
-        else:
-            status, comment = 0x0000, ""
+        try:
+            for status, comment, identifier in answers:
+                if identifier is None:
+                    break
+                if status not in commands:
+                    commands[status] = encode_find_rsp(message_id, request.AffectedSOPClassUID, status)
+                self._let_peer_speak()
+                self._send_pending(context_id, commands[status], identifier)
+            else:
+                status, comment = 0x0000, ""
+        except Exception as exc:
+            log.debug("C-FIND from %s failed", _peer(self.assoc), exc_info=True)
+            log.error("C-FIND from %s failed (%s): answered 0xC001", _peer(self.assoc), _brief(exc))
+            status, comment = 0xC001, "the node could not process the query"
+        finally:
+            close = getattr(answers, "close", None)
+            if close is not None:
+                close()
         final = C_FIND()
         final.MessageIDBeingRespondedTo = message_id
         final.AffectedSOPClassUID = request.AffectedSOPClassUID
@@ -270,50 +421,79 @@ class FastDIMSE(DIMSEServiceProvider):
         responses stream out, hold the next one back as long as the peer has something to
         say (a C-CANCEL), so that it is read and honoured."""
         deadline = time.monotonic() + limit
-        while self.dul.socket is not None and self.dul.socket.ready and time.monotonic() < deadline:
+        while (sock := self.dul.socket) is not None and sock.ready and time.monotonic() < deadline:
             time.sleep(0.0005)
 
     def _stock(self, context_id: int, data: bytes) -> None:
         single = P_DATA()
         single.presentation_data_value_list = [[context_id, data]]
         super().receive_primitive(single)
+        if self.message is None:   # complete (or not started): the next message counts from zero
+            self._stock_command = self._stock_data = 0
 
     def _fragment(self, context_id: int, data: bytes) -> None:
-        control = data[0]
+        if not data:
+            self._abort("a presentation data value without its message control header")
+            return
+        control, size = data[0], len(data) - 1
         if self.message is not None:                       # pynetdicom is assembling this one
-            self._stock(context_id, data)
+            if self._within_limits(control, size):
+                self._stock(context_id, data)
         elif self._incoming is not None:
             if control & 1 or context_id != self._incoming.context_id:
-                log.warning("protocol error from %s: data set fragments interrupted",
-                            self.assoc.requestor.ae_title)
-                self.drop()
-                self.dul.event_queue.put("Evt19")          # invalid PDU: A-ABORT
+                self._abort("data set fragments interrupted")
                 return
             self._incoming.write(memoryview(data)[1:])
             if control & 2:
                 self._answer()
-        elif not control & 1:                               # data set without a command set
-            self._stock(context_id, data)
+        elif not control & 1:                               # PS3.7 6.3.1: the command set comes first
+            self._abort("a data set fragment without a command set")
+        elif len(self._command) + size > MAX_COMMAND_SET:
+            self._abort(f"a command set longer than {MAX_COMMAND_SET} bytes")
         else:
             self._command += memoryview(data)[1:]
             if control & 2:
                 command, self._command = bytes(self._command), bytearray()
                 self._start(context_id, command)
 
+    def _within_limits(self, control: int, size: int) -> bool:
+        """Whether pynetdicom may take this fragment of the message it assembles: its command
+        set stays under MAX_COMMAND_SET, and a data set it holds in memory (everything but a
+        C-STORE's, spooled to a file) under `dicom.max_identifier_size`."""
+        if control & 1:
+            self._stock_command += size
+            if self._stock_command > MAX_COMMAND_SET:
+                self._abort(f"a command set longer than {MAX_COMMAND_SET} bytes")
+                return False
+        elif getattr(self.message, "_data_set_file", None) is None:
+            self._stock_data += size
+            if self._stock_data > self._limits.max_identifier:
+                self._abort(f"a {type(self.message).__name__} data set longer than {self._limits.max_identifier} "
+                            "bytes (dicom.max_identifier_size)")
+                return False
+        return True
+
     def _start(self, context_id: int, command: bytes) -> None:
         request = parse_store_rq(command)
         context = self.assoc._accepted_cx.get(context_id)
         if (request is None or context is None or context.abstract_syntax != request.sop_class
                 or self.dul.state_machine.current_state != "Sta6"):
+            self._stock_command = len(command)
             self._stock(context_id, b"\x03" + command)
             return
         head = file_meta(request.sop_class, request.sop_instance, context.transfer_syntax[0],
                          self.assoc.requestor.ae_title)
         try:
-            self._incoming = _Incoming(request, context_id, head)
+            try:
+                self._incoming = _Incoming(request, context_id, head)
+            except FileNotFoundError:        # the spool directory was removed under us: make it again
+                spool = Path(tempfile.gettempdir())
+                for directory in (spool.parent, spool):
+                    directory.mkdir(mode=0o700, exist_ok=True)
+                log.warning("spool directory %s was missing: recreated", spool)
+                self._incoming = _Incoming(request, context_id, head)
         except OSError as exc:
-            log.error("cannot open a spool file: %s", exc)
-            self.dul.event_queue.put("Evt19")
+            self._abort(f"cannot open a spool file ({exc})", error=True)
 
     def _answer(self) -> None:
         incoming, self._incoming = self._incoming, None
@@ -328,23 +508,114 @@ class FastDIMSE(DIMSEServiceProvider):
             else:
                 status, comment = self._store(incoming.path, request.sop_class, request.sop_instance,
                                               self.assoc.requestor.ae_title)
-        except Exception:
-            log.exception("C-STORE from %s failed", self.assoc.requestor.ae_title)
+        except Exception as exc:
+            log.debug("C-STORE from %s failed", _peer(self.assoc), exc_info=True)
+            log.error("C-STORE from %s failed (%s): answered 0x0110", _peer(self.assoc), _brief(exc))
             status, comment = 0x0110, "processing failure"
         finally:
             incoming.discard()
         rsp = encode_store_rsp(request.message_id, request.sop_class, request.sop_instance, status, comment)
-        self.dul.socket.send(p_data_tf(incoming.context_id, rsp))
+        sock = self.dul.socket
+        if sock is not None:   # None: the peer is gone, nobody to answer
+            sock.send(p_data_tf(incoming.context_id, rsp))
+
+    def _abort(self, reason: str, error: bool = False) -> None:
+        """A-ABORT the association (PS3.8 Evt19), once, with one log line."""
+        if self.aborted:
+            return
+        self.aborted = True
+        (log.error if error else log.warning)("association from %s aborted: %s", _peer(self.assoc), reason)
+        self.drop()
+        if isinstance(self.dul.socket, FastSocket):
+            self.dul.socket.discarding = True
+        self.dul.event_queue.put("Evt19")
 
     def drop(self) -> None:
+        """Forget the message being received, and its spool file (the association ends)."""
+        self._command = bytearray()
         if self._incoming is not None:
             self._incoming.close()
             self._incoming.discard()
             self._incoming = None
+        message, self.message = self.message, None
+        spooled = getattr(message, "_data_set_file", None)   # pynetdicom's C-STORE spool file
+        if spooled is not None:
+            try:
+                spooled.close()
+                os.unlink(spooled.name)
+            except OSError:
+                pass
+
+
+class FastDUL(DULServiceProvider):
+    """pynetdicom's DUL, reading each PDU with `read_pdu`.
+
+    pynetdicom allocates whatever length a PDU header declares and then waits, without a
+    timeout, until that many bytes came: a peer could make it allocate gigabytes, or hold the
+    thread (and its association slot) forever with a half-sent PDU. Here a PDU longer than the
+    node allows, or one that does not arrive whole within the network timeout, aborts the
+    association with one log line. `pdu_lengths` is set by the request handler.
+    """
+
+    pdu_lengths: dict[int, int] = {}
+
+    def _read_pdu_data(self) -> None:
+        sock = self.socket
+        if sock.discarding:
+            sock.discard()
+            return
+        raw = sock.take_pending()
+        if raw is None:
+            try:
+                raw = read_pdu(sock.socket, self.pdu_lengths, time.monotonic() + (self.network_timeout or 60.0))
+            except PeerClosed as exc:
+                if exc.received:
+                    log.info("connection from %s closed: %s", _peer(self.assoc), exc)
+                self.event_queue.put("Evt17")
+                return
+            except PDUError as exc:   # refused or stalled: the stream is out of step
+                log.warning("association from %s aborted: %s", _peer(self.assoc), exc)
+                sock.discarding = True
+                self.event_queue.put("Evt19")
+                return
+        try:
+            pdu, event = self._decode_pdu(raw)
+        except Exception as exc:
+            log.warning("association from %s aborted: its %s could not be decoded (%s)", _peer(self.assoc),
+                        PDU_NAMES.get(raw[0], "PDU"), _brief(exc))
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
 
 
 class FastSocket(AssociationSocket):
-    """Reads a PDU with `recv_into` one buffer instead of 4 KiB `recv` calls appended together."""
+    """Reads a PDU with `recv_into` one buffer instead of 4 KiB `recv` calls appended together;
+    hands over the A-ASSOCIATE-RQ the server read before the association existed (`pending`)."""
+
+    pending: bytearray | None = None
+    discarding = False   # after an abort: what still comes is dropped, up to DISCARD_LIMIT
+    _discarded = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.pending is not None or super().ready
+
+    def take_pending(self) -> bytearray | None:
+        pdu, self.pending = self.pending, None
+        return pdu
+
+    def discard(self) -> None:
+        """Drop what the peer still sends after the node aborted (PS3.8 Sta13): the A-ABORT
+        is not reset away by closing on unread data; a peer that goes on sending past
+        DISCARD_LIMIT is cut off."""
+        try:
+            count = self.socket.recv_into(bytearray(65536)) if self.socket is not None else 0
+        except OSError:
+            count = 0
+        self._discarded += count
+        if not count or self._discarded > DISCARD_LIMIT:
+            self.close()
 
     def recv(self, nr_bytes: int) -> bytearray:
         buffer = bytearray(nr_bytes)
@@ -360,14 +631,37 @@ class FastSocket(AssociationSocket):
         return buffer
 
 
-def request_handler(store: StoreFunction, find: FindFunction | None = None) -> type[RequestHandler]:
+def _peer(assoc) -> str:
+    requestor = assoc.requestor
+    try:
+        address = f"{requestor.address}:{requestor.port}"
+    except Exception:
+        address = "?"
+    return f"{requestor.ae_title or '?'} ({address})"
+
+
+def _brief(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:160]}"
+
+
+def request_handler(store: StoreFunction, find: FindFunction | None = None, *,
+                    limits: Limits) -> type[RequestHandler]:
     """A pynetdicom RequestHandler whose associations use the fast path (when enabled)."""
+    lengths = limits.pdu_lengths()
 
     class FastRequestHandler(RequestHandler):
+        takes_association_request = True   # the server may read the A-ASSOCIATE-RQ first (scp.tls)
+
         def _create_association(self):
             assoc = super()._create_association()
-            assoc.dimse = FastDIMSE(assoc, store, find)
-            assoc.dul.socket.__class__ = FastSocket
+            assoc.dimse = FastDIMSE(assoc, store, find, limits)
+            assoc.dul.__class__ = FastDUL
+            assoc.dul.pdu_lengths = lengths
+            sock = assoc.dul.socket
+            sock.__class__ = FastSocket
+            take = getattr(self.server, "take_association_request", None)
+            if take is not None:
+                sock.pending = take(self.request)
             return assoc
 
     return FastRequestHandler

@@ -112,26 +112,32 @@ def start_servers(ae: AE, config: Config, archive: Archive, sockets: dict[int, s
     # the contexts go to the servers, not to AE.supported_contexts: that setter makes plain
     # copies, which pynetdicom would deep-copy for every association
     contexts = supported_contexts()
-    extra = {}
+    handler = None
     if fastpath.ENABLED:
-        extra["request_handler"] = fastpath.request_handler(partial(handlers.store, archive),
-                                                            partial(handlers.find, archive, config))
+        handler = fastpath.request_handler(partial(handlers.store, archive), partial(handlers.find, archive, config),
+                                           limits=fastpath.Limits.of(d))
     else:
-        log.warning("pynetdicom %s is not %s: C-STORE and C-FIND take pynetdicom's slower generic path",
-                    pynetdicom.__version__, fastpath.PYNETDICOM_VERSION)
-    servers = [_serve(ae, sockets[d.port], bound, contexts, tls, d.tls_handshake_timeout, extra)]
+        log.warning("pynetdicom %s is not %s: C-STORE and C-FIND take pynetdicom's slower generic path, and "
+                    "PDU lengths and command sets are not bounded by the node", pynetdicom.__version__,
+                    fastpath.PYNETDICOM_VERSION)
+    servers = [serve(ae, sockets[d.port], bound, contexts, tls, config, handler)]
     if d.plain_port:
-        servers.append(_serve(ae, sockets[d.plain_port], bound, contexts, None, d.tls_handshake_timeout, extra))
+        servers.append(serve(ae, sockets[d.plain_port], bound, contexts, None, config, handler))
     return servers
 
 
-def _serve(ae: AE, sock: socket.socket, bound: list, contexts: list, ssl_context, handshake_timeout: float,
-           extra: dict):
+def serve(ae: AE, sock: socket.socket, bound: list, contexts: list, ssl_context, config: Config,
+          request_handler=None) -> TLSAssociationServer:
+    """Serve the listening `sock` in a thread (TLS when `ssl_context`), with the [dicom] limits
+    on connections not yet associated."""
+    d = config.dicom
     address = sock.getsockname()[:2]
+    extra = {"request_handler": request_handler} if request_handler is not None else {}
     server = ae.make_server(address, contexts=contexts, ssl_context=ssl_context,
-                            evt_handlers=bound,
-                            server_class=TLSAssociationServer, handshake_timeout=handshake_timeout,
-                            listening_socket=sock, **extra)
+                            evt_handlers=bound, server_class=TLSAssociationServer,
+                            handshake_timeout=d.tls_handshake_timeout, artim_timeout=d.artim_timeout,
+                            max_pending=d.max_pending_connections, max_pending_per_source=d.max_pending_per_source,
+                            max_associate_rq_size=d.max_associate_rq_size, listening_socket=sock, **extra)
     ae._servers.append(server)  # as AE.start_server does: AE.shutdown() stops it, shutdown() expects it
     thread = threading.Thread(target=server.serve_forever, name=f"listener-{address[1]}", daemon=True)
     thread.start()

@@ -1,19 +1,30 @@
-"""DICOM TLS (PS3.15 Annex B.9, BCP 195): contexts and a server that handshakes off the accept loop.
+"""DICOM TLS (PS3.15 Annex B.9, BCP 195): contexts, and a server no peer can hold shut.
 
 pynetdicom 3.0.4 wraps each accepted socket inside its accept loop with no timeout, so one
 idle TCP connection to the TLS port blocks every later association. `TLSAssociationServer`
 accepts plain sockets and does the handshake in the connection's own thread, with a
 deadline, logging each failed handshake with the peer address and the reason.
+
+Until a connection has sent its whole A-ASSOCIATE-RQ it is *pending*: its TLS handshake
+(`dicom.tls_handshake_timeout`) and its request (the ARTIM timer, `dicom.artim_timeout`,
+PS3.8 9.1.5) are bounded in time, and `Admission` bounds how many there are, per process
+and per source address, so that pending connections never take association slots
+(`dicom.max_associations` counts associations only) and one address cannot keep others
+out. The request is then handed to pynetdicom's association (see scp.fastpath).
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
+
+from .fastpath import PDUError, PDURefused, PDUTimeout, abort_pdu, read_pdu
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +86,154 @@ def no_delay(event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def source_of(address) -> str:
+    """The source a connection counts against: its IPv4 address, or its IPv6 /64 (one host
+    usually holds a whole /64, so single IPv6 addresses would be free for the asking)."""
+    host = str(address[0]).split("%", 1)[0] if isinstance(address, tuple) else str(address)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class _Pending:
+    """A connection not yet associated; `sock` is the socket to shut down to evict it."""
+
+    __slots__ = ("sock", "source", "since", "evicted")
+
+    def __init__(self, sock: socket.socket, source: str):
+        self.sock, self.source, self.since, self.evicted = sock, source, time.monotonic(), False
+
+
+class Admission:
+    """Connections not yet associated: at most `total`, at most `per_source` from one source.
+
+    When all `total` places are taken, a newcomer takes the place of the oldest connection
+    of the source holding the most (shut down under its thread) if that source holds at
+    least two more than the newcomer's; a newcomer from a source holding none takes the
+    place of the oldest connection of any other source. Whoever opens the most connections
+    waits, not the others; many sources with one connection each do not keep a new one out,
+    since a handshake takes milliseconds and the oldest go first.
+    """
+
+    def __init__(self, total: int, per_source: int):
+        self.total, self.per_source = total, per_source
+        self._lock = threading.Lock()
+        self._by_source: dict[str, list[_Pending]] = {}
+        self._count = 0
+
+    def admit(self, sock: socket.socket, address) -> tuple[_Pending | None, str]:
+        """(the pending entry, "") or (None, why the connection is refused)."""
+        source = source_of(address)
+        with self._lock:
+            mine = self._by_source.get(source, [])
+            if len(mine) >= self.per_source:
+                return None, f"{len(mine)} connections from it not yet associated (dicom.max_pending_per_source)"
+            if self._count >= self.total:
+                largest = max(self._by_source.values(), key=len)
+                if len(largest) >= len(mine) + 2:
+                    self._evict(largest[0])
+                elif not mine:
+                    self._evict(min((held[0] for held in self._by_source.values()), key=lambda e: e.since))
+                else:
+                    return None, (f"{self._count} connections not yet associated (dicom.max_pending_connections), "
+                                  f"{len(mine)} of them from it")
+            entry = _Pending(sock, source)
+            self._by_source.setdefault(source, []).append(entry)
+            self._count += 1
+            return entry, ""
+
+    def holds(self, entry: _Pending, sock: socket.socket) -> None:
+        """The entry's connection is now `sock` (its TLS wrapper)."""
+        with self._lock:
+            entry.sock = sock
+            if entry.evicted:
+                self._shutdown(sock)
+
+    def release(self, entry: _Pending) -> None:
+        """The connection is associated or closed; call before closing its socket."""
+        with self._lock:
+            self._remove(entry)
+
+    def _evict(self, entry: _Pending) -> None:
+        entry.evicted = True
+        self._remove(entry)
+        self._shutdown(entry.sock)
+
+    def _remove(self, entry: _Pending) -> None:
+        held = self._by_source.get(entry.source)
+        if held is not None and entry in held:
+            held.remove(entry)
+            self._count -= 1
+            if not held:
+                del self._by_source[entry.source]
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
+        # the socket level only: its thread, blocked in a read or a handshake, wakes up and closes it
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _Reports:
+    """One warning per kind and source every `interval` seconds, counting those not logged:
+    a peer opening connections by the hundred does not write a line for each."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def warning(self, kind: str, source: str, message: str, *args) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, skipped = self._last.get((kind, source), (None, 0))
+            if last is not None and now - last < self.interval:
+                self._last[(kind, source)] = (last, skipped + 1)
+                return
+            if len(self._last) > 4096:
+                self._last = {k: v for k, v in self._last.items() if now - v[0] < self.interval}
+            self._last[(kind, source)] = (now, 0)
+        if skipped:
+            message += f" ({skipped} more from {source} since the last report)"
+        log.warning(message, *args)
+
+
 class TLSAssociationServer(ThreadedAssociationServer):
-    """A threaded association server whose TLS handshakes cannot block the accept loop.
+    """A threaded association server that no peer can hold shut.
+
+    Each connection is *pending* until its A-ASSOCIATE-RQ has come whole: its TLS handshake
+    and its request are read in the connection's own thread, each with a deadline, and
+    `Admission` bounds pending connections in number, per source too. Only then is an
+    association created, so `max_associations` counts associations, not idle sockets. The
+    request is read here only when the request handler takes it over
+    (`takes_association_request`, scp.fastpath); otherwise pynetdicom reads it.
 
     With `listening_socket`, it serves a socket made (and shared with other receiving
     processes) by the caller instead of binding its own: accepting is non-blocking, so a
     process that loses the race for a connection goes back to waiting.
     """
 
-    def __init__(self, *args, handshake_timeout: float = 10.0, max_pending_handshakes: int = 64,
+    def __init__(self, *args, handshake_timeout: float = 5.0, artim_timeout: float = 10.0,
+                 max_pending: int = 64, max_pending_per_source: int = 32, max_associate_rq_size: int = 262144,
                  listening_socket: socket.socket | None = None, **kwargs):
-        self.handshake_timeout = handshake_timeout
-        self._pending = threading.BoundedSemaphore(max_pending_handshakes)
+        self.handshake_timeout, self.artim_timeout = handshake_timeout, artim_timeout
+        self.max_associate_rq_size = max_associate_rq_size
+        self._admission = Admission(max_pending, max_pending_per_source)
+        self._reports = _Reports()
+        self._lock = threading.Lock()
+        self._entries: dict[socket.socket, _Pending] = {}
+        self._requests: dict[socket.socket, bytearray] = {}
         self._shared = listening_socket
         super().__init__(*args, **kwargs)
+        self._reads_request = getattr(self.RequestHandlerClass, "takes_association_request", False)
 
     def server_bind(self) -> None:
         if self._shared is None:
@@ -115,33 +260,122 @@ class TLSAssociationServer(ThreadedAssociationServer):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
 
-    def process_request_thread(self, request, client_address) -> None:
-        if self.ssl_context is not None:
-            request = self._handshake(request, client_address)
-            if request is None:
-                return
-        super().process_request_thread(request, client_address)
-
-    def _handshake(self, sock: socket.socket, peer) -> ssl.SSLSocket | None:
-        if not self._pending.acquire(blocking=False):
-            log.warning("TLS handshake from %s refused: too many handshakes in progress", _peer(peer))
-            sock.close()
-            return None
+    def process_request(self, request, client_address) -> None:
+        """In the accept loop: admit the connection as pending, or close it at once."""
+        entry, refusal = self._admission.admit(request, client_address)
+        if entry is None:
+            self._reports.warning("refused", source_of(client_address), "connection from %s refused: %s",
+                                  _peer(client_address), refusal)
+            self.shutdown_request(request)
+            return
+        with self._lock:
+            self._entries[request] = entry
         try:
-            previous = sock.gettimeout()
-            sock.settimeout(self.handshake_timeout)
-            tls = self.ssl_context.wrap_socket(sock, server_side=True)
-            tls.settimeout(previous)
+            super().process_request(request, client_address)
+        except BaseException:
+            with self._lock:
+                self._entries.pop(request, None)
+            self._admission.release(entry)
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        with self._lock:
+            entry = self._entries.pop(request)
+        sock, pdu, ready = request, None, False
+        try:
+            if self.ssl_context is not None:
+                sock = self._handshake(request, client_address, entry)
+            ready = sock is not None
+            if ready and self._reads_request:
+                pdu = self._association_request(sock, client_address, entry)
+                ready = pdu is not None
+        except Exception as exc:   # never a dead thread that keeps its pending place
+            log.error("connection from %s failed before its association: %s", _peer(client_address), exc)
+            ready = False
+        finally:
+            self._admission.release(entry)
+        if ready:
+            try:
+                sock.settimeout(self.ae.network_timeout)   # no read or write waits forever on a silent peer
+            except OSError:
+                ready = False
+        if not ready:
+            self._close(entry.sock)   # the latest socket of the connection (its TLS wrapper, if any)
+            return
+        if pdu is not None:
+            with self._lock:
+                self._requests[sock] = pdu
+        try:
+            super().process_request_thread(sock, client_address)
+        finally:
+            with self._lock:
+                self._requests.pop(sock, None)
+
+    def take_association_request(self, sock: socket.socket) -> bytearray | None:
+        """The A-ASSOCIATE-RQ read from `sock` before its association existed (for the request handler)."""
+        with self._lock:
+            return self._requests.pop(sock, None)
+
+    def _handshake(self, sock: socket.socket, peer, entry: _Pending) -> ssl.SSLSocket | None:
+        try:
+            sock.settimeout(self.handshake_timeout)   # the whole handshake: CPython keeps one deadline
+            tls = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            self._admission.holds(entry, tls)
+            tls.do_handshake()
             log.debug("TLS %s %s with %s", tls.version(), tls.cipher()[0], _peer(peer))
             return tls
         except (ssl.SSLError, OSError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else (
-                getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
-            log.warning("TLS handshake from %s failed: %s", _peer(peer), reason)
-            sock.close()
+            if entry.evicted:
+                reason = "closed to make room for other addresses (dicom.max_pending_connections)"
+            elif isinstance(exc, TimeoutError):
+                reason = f"timed out after {self.handshake_timeout:g} s (dicom.tls_handshake_timeout)"
+            else:
+                reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            self._reports.warning("handshake", entry.source, "TLS handshake from %s failed: %s", _peer(peer), reason)
             return None
-        finally:
-            self._pending.release()
+
+    def _association_request(self, sock: socket.socket, peer, entry: _Pending) -> bytearray | None:
+        """The A-ASSOCIATE-RQ, whole, within the ARTIM timer; None when the connection is to be closed."""
+        try:
+            pdu = read_pdu(sock, {0x01: self.max_associate_rq_size, 0x07: 64},
+                           time.monotonic() + self.artim_timeout, exclusive=True)
+            return pdu if pdu[0] == 0x01 else None   # an A-ABORT: the peer gave up (PS3.8 AA-2)
+        except PDURefused as exc:
+            self._reports.warning("request", entry.source, "association request from %s aborted: %s",
+                                  _peer(peer), exc)
+            self._abort(sock, exc.reason)
+        except PDUTimeout as exc:
+            self._reports.warning("request", entry.source, "association request from %s closed: not complete "
+                                  "within %g s (dicom.artim_timeout; %s)", _peer(peer), self.artim_timeout, exc)
+        except PDUError as exc:
+            if entry.evicted:
+                self._reports.warning("request", entry.source, "connection from %s closed to make room for other "
+                                      "addresses (dicom.max_pending_connections)", _peer(peer))
+            else:
+                log.debug("connection from %s closed before its association request: %s", _peer(peer), exc)
+        return None
+
+    @staticmethod
+    def _abort(sock: socket.socket, reason: int) -> None:
+        """Send an A-ABORT, then read (briefly) what is still coming, so that closing does not
+        reset the connection before the peer has read the abort."""
+        try:
+            sock.settimeout(1.0)
+            sock.sendall(abort_pdu(reason))
+            scratch = bytearray(65536)
+            deadline = time.monotonic() + 0.5
+            sock.settimeout(0.05)
+            while time.monotonic() < deadline and sock.recv_into(scratch):
+                pass
+        except OSError:
+            pass
+
+    def _close(self, sock: socket.socket) -> None:
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
 
 
 def _peer(address) -> str:

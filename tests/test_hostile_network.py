@@ -1,0 +1,725 @@
+"""Hostile peers on the DICOM ports (issue 14, items 1, 2, 5 and 6), and fuzzing of what reads them.
+
+Each regression test attacks a real node on the port where the problem was found (the plain
+port, the TLS port, or both) with raw sockets, ssl-wrapped for TLS. It asserts what the peer
+gets (an A-ABORT, a closed connection, and how soon), that the node's memory stays under a
+stated bound, that everything stored before is unchanged and that a real storescu with a
+valid certificate still stores within 2 s. The fuzz tests feed random PDUs, fragments and
+command sets to the receiving code in-process and to a live node.
+"""
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import ssl
+import struct
+import threading
+import time
+import tracemalloc
+from contextlib import contextmanager
+from io import BytesIO
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pynetdicom import AE, _config as pynetdicom_config
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_FIND_RQ, C_STORE_RQ, N_ACTION_RQ
+from pynetdicom.dimse_primitives import C_FIND, C_STORE, N_ACTION
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (A_ASSOCIATE, P_DATA, ImplementationClassUIDNotification,
+                                       MaximumLengthNotification)
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import (CTImageStorage, StorageCommitmentPushModel,
+                                  StudyRootQueryRetrieveInformationModelFind, Verification)
+
+from helpers import data_file, wait_for
+from scp import fastpath
+from scp.tls import client_context
+
+MiB = 1 << 20
+ABORT = 0x07
+CONTEXTS = [Verification, CTImageStorage, StudyRootQueryRetrieveInformationModelFind, StorageCommitmentPushModel]
+
+
+# -- a raw peer ------------------------------------------------------------------------------
+
+def _connect(node, tls: bool, source: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:
+    """A TCP connection to the node (TLS with a valid client certificate when `tls`)."""
+    raw = socket.create_connection(("127.0.0.1", node.port if tls else node.plain_port), timeout=timeout,
+                                   source_address=(source, 0))
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if not tls:
+        return raw
+    context = client_context(node.pki / "ca.pem", node.pki / "client.pem", node.pki / "client.key")
+    return context.wrap_socket(raw, server_hostname="localhost")
+
+
+def _until_closed(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the node sends until it closes the connection; fails if it is still open after `timeout`."""
+    deadline = time.monotonic() + timeout
+    received = bytearray()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"the node kept the connection open for {timeout}s (it sent {bytes(received[:12])!r})")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+            return bytes(received)
+        except TimeoutError:
+            continue
+        if not chunk:
+            return bytes(received)
+        received += chunk
+
+
+def _is_abort(answer: bytes) -> bool:
+    return len(answer) >= 10 and answer[0] == ABORT and struct.unpack(">I", answer[2:6])[0] == 4
+
+
+def _send(sock: socket.socket, data: bytes) -> bool:
+    """Send what the node still takes; False once it has closed or reset the connection."""
+    try:
+        sock.sendall(data)
+        return True
+    except (BrokenPipeError, ConnectionResetError, ssl.SSLError, TimeoutError):
+        return False
+
+
+def _associate_rq(contexts=CONTEXTS, calling: str = "HOSTILE", max_pdu: int = 16384) -> bytes:
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = calling, "M3DICOM"
+    items = []
+    for n, sop_class in enumerate(contexts):
+        cx = build_context(sop_class)
+        cx.context_id = 2 * n + 1
+        items.append(cx)
+    primitive.presentation_context_definition_list = items
+    length, implementation = MaximumLengthNotification(), ImplementationClassUIDNotification()
+    length.maximum_length_received = max_pdu
+    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.3811.9"
+    primitive.user_information = [length, implementation]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def _read_pdu(sock: socket.socket) -> bytes:
+    data = b""
+    while len(data) < 6 or len(data) < 6 + struct.unpack(">I", data[2:6])[0]:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data[:12]!r}"
+        data += chunk
+    return data
+
+
+def _associate(node, tls: bool, source: str = "127.0.0.1") -> tuple[socket.socket, dict[str, int]]:
+    """An established association over a raw socket: (socket, context id by abstract syntax)."""
+    sock = _connect(node, tls, source)
+    sock.sendall(_associate_rq())
+    answer = _read_pdu(sock)
+    assert answer[0] == 0x02, f"association not accepted: {answer[:12]!r}"
+    ac = A_ASSOCIATE_AC()
+    ac.decode(answer)
+    accepted = {item.presentation_context_id for item in ac.variable_items[1:]
+                if getattr(item, "result_reason", 1) == 0}
+    return sock, {sop: 2 * n + 1 for n, sop in enumerate(CONTEXTS) if 2 * n + 1 in accepted}
+
+
+def _p_data(context_id: int, control: int, payload: bytes) -> bytes:
+    """One P-DATA-TF holding one PDV (PS3.8 9.3.5)."""
+    return struct.pack(">BBIIBB", 0x04, 0, len(payload) + 6, len(payload) + 2, context_id, control) + payload
+
+
+def _command(message, primitive) -> bytes:
+    message.primitive_to_message(primitive)
+    pdata = next(iter(message.encode_msg(1, 0)))
+    data = pdata.presentation_data_value_list[0][1]
+    assert data[0] == 0x03
+    return bytes(data[1:])
+
+
+def _find_rq() -> bytes:
+    rq = C_FIND()
+    rq.MessageID, rq.AffectedSOPClassUID, rq.Priority = 7, StudyRootQueryRetrieveInformationModelFind, 0
+    rq.Identifier = BytesIO(b"\x08\x00\x52\x00\x06\x00STUDY ")
+    return _command(C_FIND_RQ(), rq)
+
+
+def _action_rq() -> bytes:
+    rq = N_ACTION()
+    rq.MessageID, rq.RequestedSOPClassUID = 8, StorageCommitmentPushModel
+    rq.RequestedSOPInstanceUID, rq.ActionTypeID = "1.2.840.10008.1.20.1.1", 1
+    rq.ActionInformation = BytesIO(b"\x08\x00\x16\x00")
+    return _command(N_ACTION_RQ(), rq)
+
+
+def _store_rq(sop_instance: str = "1.2.826.0.1.3680043.9.3811.1") -> bytes:
+    rq = C_STORE()
+    rq.MessageID, rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID, rq.Priority = 9, CTImageStorage, sop_instance, 0
+    rq.DataSet = BytesIO(b"\x08\x00\x16\x00")
+    return _command(C_STORE_RQ(), rq)
+
+
+# -- watching the node -------------------------------------------------------------------------
+
+@contextmanager
+def _peak_rss(node, interval: float = 0.02):
+    """Resident memory of the node's processes sampled during the block: `.growth` above the start
+    (taken once it has settled: the node's helper processes grow after the first instance is stored)."""
+    base, deadline = node.rss(), time.monotonic() + 15
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = node.rss()
+        if abs(now - base) < 2 * MiB:
+            break
+        base = now
+    result = SimpleNamespace(growth=0, peak=base)
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(interval):
+            result.peak = max(result.peak, node.rss())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        sampler.join()
+        result.peak = max(result.peak, node.rss())
+        result.growth = result.peak - base
+
+
+@pytest.fixture
+def stored(node, tmp_path):
+    """The node with one instance stored, and its stored state before the attack."""
+    node.storescu(data_file("CT_small.dcm"))
+    return node, node.stored_state()
+
+
+def _unharmed(node, before: dict, tmp_path: Path) -> None:
+    assert node.proc.poll() is None, f"the node died:\n{node.log()[-3000:]}"
+    after = node.stored_state()
+    assert {uid: after.get(uid) for uid in before} == before, "something stored before the attack changed"
+    node.still_serves(tmp_path)
+
+
+def _log_lines(node, phrase: str) -> list[str]:
+    return [line for line in node.log().splitlines() if phrase in line]
+
+
+PORTS = [pytest.param(False, id="plain"), pytest.param(True, id="tls")]
+
+
+# -- 1. a PDU length is a claim, not an allocation ---------------------------------------------
+
+@pytest.mark.interop
+@pytest.mark.parametrize("tls", PORTS)
+def test_association_request_claiming_4_gib_is_aborted_without_allocating(stored, tmp_path, tls):
+    node, before = stored
+    with _peak_rss(node) as memory:
+        sock = _connect(node, tls)
+        _send(sock, struct.pack(">BBI", 0x01, 0, 0xFFFFFFFF) + b"\0" * 1024)
+        answer = _until_closed(sock, timeout=5)
+        sock.close()
+    assert _is_abort(answer), f"expected an A-ABORT, got {answer[:12]!r}"
+    assert memory.growth < 64 * MiB, f"the node grew by {memory.growth / MiB:.0f} MiB"
+    assert len(_log_lines(node, "A-ASSOCIATE-RQ of 4294967295 bytes")) == 1
+    _unharmed(node, before, tmp_path)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("tls", PORTS)
+def test_p_data_claiming_512_mib_inside_an_association_is_aborted(stored, tmp_path, tls):
+    node, before = stored
+    sock, contexts = _associate(node, tls)
+    with _peak_rss(node) as memory:
+        _send(sock, struct.pack(">BBI", 0x04, 0, 512 * MiB) + b"\0" * 4096)
+        answer = _until_closed(sock, timeout=5)
+        sock.close()
+    assert _is_abort(answer), f"expected an A-ABORT, got {answer[:12]!r}"
+    assert memory.growth < 64 * MiB, f"the node grew by {memory.growth / MiB:.0f} MiB"
+    assert len(_log_lines(node, f"P-DATA-TF of {512 * MiB} bytes")) == 1
+    _unharmed(node, before, tmp_path)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("tls", PORTS)
+def test_p_data_over_the_advertised_maximum_is_aborted(stored, tmp_path, tls):
+    """An 8 MiB PDU (every byte sent) against the 1 MiB the node advertised."""
+    node, before = stored
+    sock, contexts = _associate(node, tls)
+    pdu = _p_data(contexts[CTImageStorage], 0x01, b"\0" * (8 * MiB))
+    with _peak_rss(node) as memory:
+        sender = threading.Thread(target=_send, args=(sock, pdu), daemon=True)
+        sender.start()
+        answer = _until_closed(sock, timeout=10)
+        sender.join(10)
+        sock.close()
+    assert _is_abort(answer), f"expected an A-ABORT, got {answer[:12]!r}"
+    assert memory.growth < 64 * MiB
+    assert len(_log_lines(node, "over the limit of 1048576")) == 1
+    _unharmed(node, before, tmp_path)
+
+
+@pytest.mark.interop
+def test_association_request_over_the_cap_is_aborted(stored, tmp_path):
+    node, before = stored
+    from node.config import DicomSection
+
+    cap = DicomSection().max_associate_rq_size
+    rq = _associate_rq()
+    oversized = rq[:2] + struct.pack(">I", cap + 1) + rq[6:] + b"\0" * (cap + 1 - (len(rq) - 6))
+    sock = _connect(node, False)
+    sender = threading.Thread(target=_send, args=(sock, oversized), daemon=True)
+    sender.start()
+    answer = _until_closed(sock, timeout=5)
+    sock.close()
+    assert _is_abort(answer), f"expected an A-ABORT, got {answer[:12]!r}"
+    assert len(_log_lines(node, f"A-ASSOCIATE-RQ of {cap + 1} bytes")) == 1
+    _unharmed(node, before, tmp_path)
+
+
+# -- 2. a message being assembled is bounded ---------------------------------------------------
+
+def _flood(sock: socket.socket, pdus, total: int) -> int:
+    """Send `pdus` (an iterator of P-DATA-TF) until `total` bytes went out or the node stopped taking them."""
+    sent = 0
+    for pdu in pdus:
+        if sent >= total or not _send(sock, pdu):
+            break
+        sent += len(pdu)
+    return sent
+
+
+def _fragments(context_id: int, control: int, size: int = 16 * 1024):
+    pdu = _p_data(context_id, control, b"\x55" * size)
+    while True:
+        yield pdu
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("tls", PORTS)
+def test_command_set_that_never_ends_is_aborted(stored, tmp_path, tls):
+    node, before = stored
+    sock, contexts = _associate(node, tls)
+    with _peak_rss(node) as memory:
+        sent = _flood(sock, _fragments(contexts[CTImageStorage], 0x01), 96 * MiB)
+        answer = _until_closed(sock, timeout=5)
+        sock.close()
+    assert _is_abort(answer), f"expected an A-ABORT, got {answer[:12]!r}"
+    assert sent < 32 * MiB, f"the node took {sent / MiB:.0f} MiB of command set"
+    assert memory.growth < 48 * MiB, f"the node grew by {memory.growth / MiB:.0f} MiB"
+    assert len(_log_lines(node, "command set longer than")) == 1
+    _unharmed(node, before, tmp_path)
+
+
+STOCK_CASES = {
+    # what comes first (a complete command set, or nothing), then what never ends
+    "data set without a command set": (None, 0x00),
+    "C-FIND identifier": (_find_rq, 0x00),
+    "N-ACTION data set": (_action_rq, 0x00),
+    "command fragments after a C-FIND command set": (_find_rq, 0x01),
+}
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("case", sorted(STOCK_CASES))
+def test_message_assembled_by_pynetdicom_is_bounded(stored, tmp_path, case):
+    node, before = stored
+    first, control = STOCK_CASES[case]
+    sock, contexts = _associate(node, False)
+    context_id = contexts[StudyRootQueryRetrieveInformationModelFind if first is _find_rq
+                          else StorageCommitmentPushModel if first is _action_rq else CTImageStorage]
+    with _peak_rss(node) as memory:
+        if first is not None:
+            sock.sendall(_p_data(context_id, 0x03, first()))
+        sent = _flood(sock, _fragments(context_id, control), 96 * MiB)
+        answer = _until_closed(sock, timeout=5)
+        sock.close()
+    assert _is_abort(answer), f"expected an A-ABORT, got {answer[:12]!r}"
+    assert sent < 32 * MiB, f"the node took {sent / MiB:.0f} MiB"
+    assert memory.growth < 48 * MiB, f"the node grew by {memory.growth / MiB:.0f} MiB"
+    _unharmed(node, before, tmp_path)
+
+
+# -- 5. no peer holds the association slots ----------------------------------------------------
+
+@pytest.mark.interop
+@pytest.mark.parametrize("tls", PORTS)
+def test_half_sent_association_requests_do_not_hold_the_slots(make_node, tmp_path, tls):
+    """Eight A-ASSOCIATE-RQs 500 bytes short, against 4 association slots: storescu still gets in, and
+    each is closed once the ARTIM timer runs out."""
+    node = make_node(dicom={"max_associations": 4, "artim_timeout": 3.0})
+    node.storescu(data_file("CT_small.dcm"))
+    before = node.stored_state()
+    rq = _associate_rq() + b"\0" * 400
+    rq = rq[:2] + struct.pack(">I", len(rq) - 6 + 500) + rq[6:]
+    held = []
+    with _peak_rss(node) as memory:
+        for _ in range(8):
+            sock = _connect(node, tls)
+            sock.sendall(rq)
+            held.append((sock, time.monotonic()))
+        time.sleep(0.3)
+        node.still_serves(tmp_path)
+        for sock, since in held:
+            answer = _until_closed(sock, timeout=3.0 + 3)
+            assert answer == b"", f"expected a closed connection, got {answer[:12]!r}"
+            assert time.monotonic() - since < 3.0 + 2.5
+            sock.close()
+    assert memory.growth < 64 * MiB
+    _unharmed(node, before, tmp_path)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("tls", PORTS)
+def test_connections_closed_at_once_free_their_slots_at_once(make_node, tmp_path, tls):
+    node = make_node(dicom={"max_associations": 4})
+    node.storescu(data_file("CT_small.dcm"))
+    before = node.stored_state()
+    opened = [_connect(node, tls) for _ in range(12)]
+    for sock in opened:
+        sock.close()
+    _unharmed(node, before, tmp_path)
+
+
+# -- 6. TLS handshakes: a source gets its share, no more ---------------------------------------
+
+class _Flood:
+    """`count` idle TCP connections to `port` from `sources` in turn, each reopened when the node closes
+    it (at most `per_second` reopened a second): connections that never start their TLS handshake."""
+
+    def __init__(self, port: int, sources: list[str], count: int, per_second: float = 10.0):
+        self.port, self.sources, self.count, self.per_second = port, sources, count, per_second
+        self.closed_by_node = 0
+        self._selector = selectors.DefaultSelector()
+        self._stop = threading.Event()
+        self._opened = 0
+        for _ in range(count):
+            self._open()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _open(self) -> None:
+        source = self.sources[self._opened % len(self.sources)]
+        self._opened += 1
+        sock = socket.create_connection(("127.0.0.1", self.port), source_address=(source, 0))
+        sock.setblocking(False)
+        self._selector.register(sock, selectors.EVENT_READ)
+
+    def _run(self) -> None:
+        closed = []
+        next_open = time.monotonic()
+        while not self._stop.is_set():
+            for key, _ in self._selector.select(0.05):
+                self._selector.unregister(key.fileobj)
+                key.fileobj.close()
+                self.closed_by_node += 1
+                closed.append(True)
+            while closed and time.monotonic() >= next_open:
+                closed.pop()
+                self._open()
+                next_open += 1 / self.per_second
+            next_open = max(next_open, time.monotonic() - 1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for key in list(self._selector.get_map().values()):
+            key.fileobj.close()
+        self._selector.close()
+
+
+@pytest.mark.interop
+def test_200_idle_connections_from_one_address_leave_room_for_others(stored, tmp_path):
+    node, before = stored
+    with _peak_rss(node) as memory:
+        flood = _Flood(node.port, ["127.0.0.2"], 200)
+        try:
+            time.sleep(1.0)
+            took = [node.still_serves(tmp_path / str(n)) for n in range(3)]
+        finally:
+            flood.stop()
+    assert max(took) < 2.0
+    assert flood.closed_by_node >= 100, "the node kept every connection beyond the address's share"
+    assert memory.growth < 128 * MiB, f"the node grew by {memory.growth / MiB:.0f} MiB"
+    # refusals are reported, not one line per connection
+    assert 1 <= len(_log_lines(node, "127.0.0.2")) <= 20
+    _unharmed(node, before, tmp_path)
+
+
+@pytest.mark.interop
+def test_idle_connections_from_many_addresses_leave_room_for_others(make_node, tmp_path):
+    """When the pending pool is full, a newcomer takes the place of the oldest connection of the
+    address holding the most."""
+    node = make_node(dicom={"max_pending_connections": 16, "max_pending_per_source": 4})
+    node.storescu(data_file("CT_small.dcm"))
+    before = node.stored_state()
+    flood = _Flood(node.port, [f"127.0.0.{n}" for n in range(2, 42)], 80)
+    try:
+        time.sleep(1.0)
+        node.still_serves(tmp_path)
+    finally:
+        flood.stop()
+    _unharmed(node, before, tmp_path)
+
+
+@pytest.mark.interop
+def test_idle_tls_connection_is_closed_by_the_default_handshake_timeout(make_node):
+    from node.config import DicomSection
+
+    default = DicomSection().tls_handshake_timeout
+    assert default <= 5.0, "held TLS connections should be closed within seconds"
+    node = make_node()
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", node.port)) as idle:
+        assert _until_closed(idle, timeout=default + 3) == b""
+    assert time.monotonic() - started < default + 2
+
+
+# -- any failure in the fast path: a status or an abort, one log line --------------------------
+
+@pytest.fixture
+def inprocess_node(tmp_path, monkeypatch):
+    """The node's association server in this process (plain port), with store / find functions of the test."""
+    from node.config import from_dict
+    from scp.server import build_ae, serve, supported_contexts
+
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", False)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    config = from_dict({"dicom": {"dimse_timeout": 10.0}}, tmp_path)
+    servers = []
+
+    def start(store, find):
+        ae = build_ae(config)
+        sock = socket.create_server(("127.0.0.1", 0))
+        servers.append((ae, sock))
+        handler = fastpath.request_handler(store, find, limits=fastpath.Limits.of(config.dicom))
+        serve(ae, sock, [], supported_contexts(), None, config, handler)
+        return sock.getsockname()[1]
+
+    yield start
+    for ae, sock in servers:
+        ae.shutdown()
+        sock.close()
+
+
+def _scu(port: int, *contexts):
+    ae = AE(ae_title="FAULTY")
+    ae.dimse_timeout = 10
+    for sop_class in contexts:
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port, ae_title="M3DICOM")
+    assert assoc.is_established
+    return assoc
+
+
+def test_store_function_raising_answers_a_failure_status_and_logs_one_line(inprocess_node, caplog):
+    def store(path, sop_class, sop_instance, calling_ae):
+        raise RuntimeError("the archive broke")
+
+    port = inprocess_node(store, None)
+    import pydicom
+
+    assoc = _scu(port, CTImageStorage, Verification)
+    try:
+        with caplog.at_level(logging.INFO, logger="scp"):
+            started = time.monotonic()
+            status = assoc.send_c_store(pydicom.dcmread(data_file("CT_small.dcm")))
+            took = time.monotonic() - started
+            assert assoc.send_c_echo().Status == 0x0000  # the association lives on
+    finally:
+        assoc.release()
+    assert status.Status == 0x0110 and took < 2
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("scp")]
+    assert len(errors) == 1 and errors[0].exc_info is None, [r.getMessage() for r in errors]
+    assert "RuntimeError" in errors[0].getMessage()
+
+
+def test_find_function_raising_answers_a_failure_status(inprocess_node, caplog):
+    def find(calling_ae, sop_class, identifier, cancelled, explicit):
+        yield 0xFF00, "", b"\x08\x00\x52\x00\x06\x00STUDY "
+        raise RuntimeError("Expression tree is too large (maximum depth 1000)")
+
+    port = inprocess_node(lambda *args: (0, ""), find)
+    identifier = pydicom_dataset(QueryRetrieveLevel="STUDY", StudyInstanceUID="")
+    assoc = _scu(port, StudyRootQueryRetrieveInformationModelFind, Verification)
+    try:
+        with caplog.at_level(logging.INFO, logger="scp"):
+            started = time.monotonic()
+            statuses = [int(status.Status) for status, _ in
+                        assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind)]
+            took = time.monotonic() - started
+            assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+    assert statuses == [0xFF00, 0xC001] and took < 2
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("scp")]
+    assert len(errors) == 1 and errors[0].exc_info is None, [r.getMessage() for r in errors]
+
+
+def pydicom_dataset(**values):
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+# -- fuzzing -----------------------------------------------------------------------------------
+
+READER_LIMITS = {0x01: 4096, 0x04: 16384, 0x05: 64, 0x06: 64, 0x07: 64}
+
+
+@pytest.mark.fuzz
+@given(pdu_type=st.one_of(st.sampled_from(sorted(fastpath.PDU_NAMES)), st.integers(0, 255)),
+       length=st.one_of(st.integers(0, 20000), st.integers(0, 0xFFFFFFFF)),
+       body=st.binary(max_size=20000), close=st.booleans())
+def test_pdu_reader_never_allocates_a_claim(pdu_type, length, body, close):
+    """Whatever a header says, the reader returns the whole PDU, or refuses it (unknown type, over the
+    limit), or says the peer closed or stalled; it never allocates much more than the limit."""
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(struct.pack(">BBI", pdu_type, 0, length) + body)
+        if close:
+            theirs.shutdown(socket.SHUT_WR)
+        tracemalloc.start()
+        try:
+            pdu = fastpath.read_pdu(ours, READER_LIMITS, time.monotonic() + 0.05, exclusive=True)
+            outcome = None
+        except fastpath.PDUError as exc:
+            pdu, outcome = None, exc
+        finally:
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+    finally:
+        ours.close()
+        theirs.close()
+    limit = READER_LIMITS.get(pdu_type)
+    assert peak < 2 * max(READER_LIMITS.values()) + 65536
+    if limit is None or length > limit:
+        assert isinstance(outcome, fastpath.PDURefused)
+    elif len(body) < length:
+        assert isinstance(outcome, fastpath.PeerClosed if close else fastpath.PDUTimeout)
+    else:
+        assert pdu == struct.pack(">BBI", pdu_type, 0, length) + body[:length]
+
+
+def _uid(draw_int) -> str:
+    return "1.2." + ".".join(str(n) for n in draw_int)
+
+
+@pytest.mark.fuzz
+@given(st.binary(max_size=512))
+def test_command_set_parser_never_raises_on_bytes(data):
+    request = fastpath.parse_store_rq(data)
+    assert request is None or isinstance(request, fastpath.StoreRequest)
+
+
+@pytest.mark.fuzz
+@given(st.lists(st.tuples(st.sampled_from([0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000, 0x1030,
+                                           0x1031, 0x9999]),
+                          st.binary(max_size=80)), max_size=12),
+       st.integers(0, 0xFFFF))
+def test_command_set_parser_never_raises_on_elements(elements, group):
+    data = b"".join(struct.pack("<HHI", group if n == 0 else 0, elem, len(value)) + value
+                    for n, (elem, value) in enumerate(elements))
+    request = fastpath.parse_store_rq(data)
+    assert request is None or (request.sop_class and request.sop_instance)
+
+
+@pytest.mark.fuzz
+@given(message_id=st.integers(0, 0xFFFF),
+       instance=st.lists(st.integers(0, 9999), min_size=1, max_size=10).map(_uid),
+       priority=st.sampled_from([0, 1, 2]))
+def test_command_set_parser_reads_what_pynetdicom_encodes(message_id, instance, priority):
+    rq = C_STORE()
+    rq.MessageID, rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = message_id, CTImageStorage, instance
+    rq.Priority = priority
+    rq.DataSet = BytesIO(b"\x08\x00\x16\x00")
+    command = _command(C_STORE_RQ(), rq)
+    assert fastpath.parse_store_rq(command) == fastpath.StoreRequest(message_id, CTImageStorage, instance)
+
+
+_PDV = st.tuples(st.sampled_from([1, 3, 5, 7]), st.integers(0, 255),
+                 st.one_of(st.binary(max_size=256), st.integers(0, 100_000).map(lambda n: b"\0" * n),
+                           st.sampled_from([b"", b"STORE", b"FIND", b"ACTION"])))
+
+
+@pytest.mark.fuzz
+@given(st.lists(_PDV, min_size=1, max_size=24))
+def test_fragments_never_escape_or_grow_past_the_caps(tmp_path_factory, pdvs):
+    """Random P-DATA fragments (command sets, data sets, control bytes, context ids) fed to the fast
+    path of an association: no exception escapes, no buffer passes its cap, an overflow aborts."""
+    spool = tmp_path_factory.mktemp("spool")
+    limits = fastpath.Limits(max_pdu=16384, max_associate_rq=65536, max_identifier=65536)
+    ae = AE(ae_title="M3DICOM")
+    assoc = Association(ae, "acceptor")
+    for context_id, sop_class in ((1, CTImageStorage), (3, StudyRootQueryRetrieveInformationModelFind),
+                                  (5, StorageCommitmentPushModel)):
+        cx = build_context(sop_class)
+        cx.context_id = context_id
+        assoc._accepted_cx[context_id] = cx
+    assoc.dul.state_machine.current_state = "Sta6"
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    assoc.dul.socket = SimpleNamespace(send=lambda data: None, socket=ours, ready=False)
+    stored = []
+    dimse = fastpath.FastDIMSE(assoc, lambda path, *args: stored.append(path) or (0, ""), None, limits)
+    samples = {b"STORE": _store_rq(), b"FIND": _find_rq(), b"ACTION": _action_rq()}
+    import tempfile
+
+    old, tempfile.tempdir = tempfile.tempdir, str(spool)
+    try:
+        for context_id, control, payload in pdvs:
+            primitive = P_DATA()
+            primitive.presentation_data_value_list = [[context_id, bytes([control]) + samples.get(payload, payload)]]
+            dimse.receive_primitive(primitive)   # never raises
+            assert len(dimse._command) <= fastpath.MAX_COMMAND_SET
+            assert dimse._stock_command <= fastpath.MAX_COMMAND_SET
+            assert dimse._stock_data <= limits.max_identifier
+            if dimse.aborted:
+                assert "Evt19" in assoc.dul.event_queue.queue
+                break
+    finally:
+        tempfile.tempdir = old
+        dimse.drop()
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.fuzz
+@pytest.mark.interop
+def test_random_pdus_against_a_live_node(stored, tmp_path):
+    """Random PDUs, before and inside an association, on the plain port: each connection is answered or
+    closed within seconds, memory stays bounded, and the node still serves."""
+    node, before = stored
+
+    @given(associated=st.booleans(), pdu_type=st.integers(0, 255),
+           length=st.one_of(st.integers(0, 4096), st.integers(0, 0xFFFFFFFF)), body=st.binary(max_size=2048))
+    def attack(associated, pdu_type, length, body):
+        sock = _associate(node, False)[0] if associated else _connect(node, False)
+        try:
+            _send(sock, struct.pack(">BBI", pdu_type, 0, length) + body)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            _until_closed(sock, timeout=5)
+        finally:
+            sock.close()
+
+    with _peak_rss(node) as memory:
+        attack()
+    assert memory.growth < 64 * MiB
+    _unharmed(node, before, tmp_path)
