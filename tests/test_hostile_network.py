@@ -382,6 +382,25 @@ def test_half_sent_association_requests_do_not_hold_the_slots(make_node, tmp_pat
 
 @pytest.mark.interop
 @pytest.mark.parametrize("tls", PORTS)
+def test_half_sent_pdu_inside_an_association_is_aborted_after_the_network_timeout(make_node, tmp_path, tls):
+    """A P-DATA-TF that stops half-way does not hold the association (and its slot) beyond the
+    network timeout: pynetdicom's read waited for the rest as long as the socket stayed open."""
+    node = make_node(dicom={"network_timeout": 2.0})
+    node.storescu(data_file("CT_small.dcm"))
+    before = node.stored_state()
+    sock, contexts = _associate(node, tls)
+    started = time.monotonic()
+    sock.sendall(_p_data(contexts[CTImageStorage], 0x03, _store_rq())[:40])
+    answer = _until_closed(sock, timeout=10)
+    took = time.monotonic() - started
+    sock.close()
+    assert _is_abort(answer), f"expected an A-ABORT, got {answer[:12]!r}"
+    assert took < 2.0 * 2 + 1.5, f"the half-sent PDU held the association {took:.1f}s"
+    _unharmed(node, before, tmp_path)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("tls", PORTS)
 def test_connections_closed_at_once_free_their_slots_at_once(make_node, tmp_path, tls):
     node = make_node(dicom={"max_associations": 4})
     node.storescu(data_file("CT_small.dcm"))
@@ -484,6 +503,78 @@ def test_idle_tls_connection_is_closed_by_the_default_handshake_timeout(make_nod
     with socket.create_connection(("127.0.0.1", node.port)) as idle:
         assert _until_closed(idle, timeout=default + 3) == b""
     assert time.monotonic() - started < default + 2
+
+
+class _Peers:
+    """Connected socket pairs standing for accepted connections: `.ours` as the server holds it."""
+
+    def __init__(self):
+        self.pairs = []
+
+    def __call__(self):
+        pair = socket.socketpair()
+        self.pairs.append(pair)
+        return pair
+
+    def close(self):
+        for a, b in self.pairs:
+            a.close()
+            b.close()
+
+
+def _closed_under(peer: socket.socket) -> bool:
+    peer.settimeout(1)
+    return peer.recv(1) == b""
+
+
+def test_admission_keeps_a_share_for_other_addresses():
+    from scp.tls import Admission
+
+    peers, admission = _Peers(), Admission(total=4, per_source=2)
+    try:
+        a1, a2, a3, b1, b2, c1, c2 = (peers() for _ in range(7))
+        first, _ = admission.admit(a1[0], ("10.0.0.1", 1))
+        assert admission.admit(a2[0], ("10.0.0.1", 2))[0] is not None
+        refused, why = admission.admit(a3[0], ("10.0.0.1", 3))
+        assert refused is None and "dicom.max_pending_per_source" in why
+        assert admission.admit(b1[0], ("10.0.0.2", 1))[0] and admission.admit(b2[0], ("10.0.0.2", 2))[0]
+        # full: an address with nothing pending takes the place of the oldest connection
+        assert admission.admit(c1[0], ("10.0.0.3", 1))[0] is not None
+        assert first.evicted and _closed_under(a1[1])
+        # ... but an address that already has one waits: nobody holds two more than it
+        refused, why = admission.admit(c2[0], ("10.0.0.3", 2))
+        assert refused is None and "dicom.max_pending_connections" in why
+    finally:
+        peers.close()
+
+
+def test_admission_evicts_from_the_address_holding_the_most():
+    from scp.tls import Admission
+
+    peers, admission = _Peers(), Admission(total=4, per_source=4)
+    try:
+        held = [admission.admit(peers()[0], ("10.0.0.1", n))[0] for n in range(4)]
+        newcomers = [admission.admit(peers()[0], ("10.0.0.2", n))[0] for n in range(3)]
+        assert newcomers[0] is not None and newcomers[1] is not None and newcomers[2] is None
+        assert [entry.evicted for entry in held] == [True, True, False, False]
+        assert _closed_under(peers.pairs[0][1]) and _closed_under(peers.pairs[1][1])
+        admission.release(held[2])   # associated: its place is free again
+        assert admission.admit(peers()[0], ("10.0.0.2", 9))[0] is not None
+    finally:
+        peers.close()
+
+
+@pytest.mark.parametrize("address,source", [
+    (("127.0.0.2", 5), "127.0.0.2"),
+    (("::ffff:10.1.2.3", 5, 0, 0), "10.1.2.3"),
+    (("2001:db8:1:2::1", 5, 0, 0), "2001:db8:1:2::/64"),
+    (("2001:db8:1:2:ffff::9", 5, 0, 0), "2001:db8:1:2::/64"),
+    (("fe80::1%eth0", 5, 0, 2), "fe80::/64"),
+])
+def test_a_source_is_an_ipv4_address_or_an_ipv6_64(address, source):
+    from scp.tls import source_of
+
+    assert source_of(address) == source
 
 
 # -- any failure in the fast path: a status or an abort, one log line --------------------------
