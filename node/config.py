@@ -206,10 +206,14 @@ class QuerySection:
                                "status 0xA700 and a comment asking to narrow it.")
     case_insensitive_names: bool = setting(True, "Match person names (PatientName, ReferringPhysicianName) "
                                            "without regard to case.")
+    timeout: float = setting(20.0, "Seconds of index work one C-FIND may take; past it the query ends "
+                             "with status 0xA700 and a comment asking to narrow it.")
 
     def validate(self) -> None:
         if not 1 <= self.max_results <= 65535:
             raise ConfigError(f"query.max_results: {self.max_results} is not in 1-65535")
+        if not 0 < self.timeout <= 3600:
+            raise ConfigError(f"query.timeout: {self.timeout} is not in 0-3600 seconds")
 
 
 @dataclass(frozen=True)
@@ -227,14 +231,10 @@ class IngestSection:
     on_conflict: str = setting("refuse", "An instance whose study belongs to another patient, or whose series "
                                "to another study: \"refuse\" (0xC000, recorded in the conflicts table) or "
                                "\"quarantine\" (stored durably outside the hierarchy, answered Success).",
-    timeout: float = setting(20.0, "Seconds of index work one C-FIND may take; past it the query ends "
-                             "with status 0xA700 and a comment asking to narrow it.")
                                choices=("refuse", "quarantine"))
 
     def validate(self) -> None:
         if not 1 << 20 <= self.max_inflated_bytes <= 1 << 40:
-        if not 0 < self.timeout <= 3600:
-            raise ConfigError(f"query.timeout: {self.timeout} is not in 0-3600 seconds")
             raise ConfigError(f"ingest.max_inflated_bytes: {self.max_inflated_bytes} is not in 1 MiB - 1 TiB")
         if not 2 <= self.max_inflate_ratio <= 100000:
             raise ConfigError(f"ingest.max_inflate_ratio: {self.max_inflate_ratio} is not in 2-100000")
