@@ -21,20 +21,18 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 
 
-def dashboard(port: int) -> dict:
-    """LocalCluster's arguments for its scheduler's HTTP server, which has no login.
+def dashboard(port: int) -> tuple[dict, dict]:
+    """(LocalCluster's arguments, Dask settings while it starts) for its scheduler's HTTP server,
+    which has no login.
 
     Dask's default (":8787") listens on every address, and a scheduler always starts an HTTP
     server, dashboard or not. Off (port 0): no dashboard, the server answers only /health on a
     free loopback port. On: the dashboard on 127.0.0.1:port, never another address.
     """
-    import dask
-
     if port:
-        return {"dashboard_address": f"{LOOPBACK}:{port}"}
-    dask.config.set({"distributed.scheduler.http.routes": ["distributed.http.health"]})
-    return {"dashboard_address": None, "scheduler_kwargs": {"dashboard": False,
-                                                            "dashboard_address": f"{LOOPBACK}:0"}}
+        return {"dashboard_address": f"{LOOPBACK}:{port}"}, {}
+    return ({"dashboard_address": None, "scheduler_kwargs": {"dashboard": False, "dashboard_address": f"{LOOPBACK}:0"}},
+            {"distributed.scheduler.http.routes": ["distributed.http.health"]})
 
 
 class Executor:
@@ -62,10 +60,12 @@ class Executor:
         else:
             gpus = gpu_count()
             dask.config.set({"distributed.scheduler.allowed-failures": 0})
-            self._cluster = LocalCluster(n_workers=r.workers, threads_per_worker=1, processes=True,
-                                         host=LOOPBACK, worker_dashboard_address=None,
-                                         resources={"GPU": gpus} if gpus else None, silence_logs=logging.WARNING,
-                                         **dashboard(r.dashboard_port))
+            arguments, settings = dashboard(r.dashboard_port)
+            with dask.config.set(settings):
+                self._cluster = LocalCluster(n_workers=r.workers, threads_per_worker=1, processes=True,
+                                             host=LOOPBACK, worker_dashboard_address=None,
+                                             resources={"GPU": gpus} if gpus else None, silence_logs=logging.WARNING,
+                                             **arguments)
             self._client = Client(self._cluster, set_as_default=False)
             log.info("embedded Dask cluster: %d worker processes%s%s", r.workers, f", {gpus} GPUs" if gpus else "",
                      f", dashboard on http://{LOOPBACK}:{r.dashboard_port}/status (loopback only)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -238,3 +239,104 @@ def test_a_scene_with_scripts_in_it_runs_none_of_them(site, browser):
                          ".filter(a => /^on/i.test(a.name)).length") == 0
     assert not [r for r in requests if "attacker.example" in r]
     context.close()
+
+
+def _search(page, **fields) -> None:
+    for name, value in fields.items():
+        page.fill(f"#search input[name={name}]", value)
+    with page.expect_response(lambda r: "/api/studies?" in r.url):
+        page.click("#search button[type=submit]")
+    page.wait_for_selector("#studies tbody tr")
+
+
+def test_a_search_session_leaves_no_patient_data_in_the_logs(site, browser):
+    """Issue 14 item 12: the search sends name, ID and accession number in the query string,
+    and the access log wrote them."""
+    from urllib.parse import quote, quote_plus
+
+    node, url, studies = site
+    context = browser.new_context(**DESKTOP)
+    page = context.new_page()
+    log_in(page, url)
+    page.wait_for_selector("#studies tbody tr[data-study]")
+    used = {"name": "Phantom^31337", "id": "PH031337"}
+    _search(page, **used)
+    assert page.locator("#studies tbody tr[data-study]").count() == 1
+    page.reload()                                          # the list's own URL carries the search too
+    page.wait_for_selector("#studies tbody tr[data-study]")
+    page.click("#studies tbody tr[data-study] a")
+    page.wait_for_url(re.compile(r".*/studies/[0-9.]+$"))
+    page.go_back()
+    page.wait_for_selector("#studies tbody tr")
+    absent = {"name": "Wrexham^Ottoline", "id": "NX-404-7781", "accession": "ACC77310X"}
+    _search(page, **absent)
+    assert page.locator("#studies tbody tr[data-study]").count() == 0
+    _search(page, name="cranium^example", id="", accession="")
+    assert page.locator("#studies tbody tr[data-study]").count() == 1
+    context.close()
+    log = node.log().lower()
+    assert "/api/studies?" in log                                    # the searches were logged...
+    values = [*used.values(), *absent.values(), "cranium^example"]
+    found = [v for v in values if any(form.lower() in log for form in (v, quote(v), quote_plus(v)))]
+    assert not found, f"patient data in the node's log: {found}"     # ...without their values
+
+
+def _post_login(url: str, user: str, password: str) -> int:
+    """A login sent by a client other than the browser (an attacker): its HTTP status."""
+    import ssl
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    context = ssl._create_unverified_context()
+    body = urllib.parse.urlencode({"user": user, "password": password}).encode()
+    try:
+        with urllib.request.urlopen(f"{url}/login", data=body, context=context, timeout=120) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_a_locked_account_and_the_search_errors_read_well_on_desktop_and_phone(make_node, browser):
+    """The login page under a flood of attempts tells the account's owner what to do; screenshots
+    of it and of the search's errors, on a desktop and a 390x844 phone."""
+    node = make_node(start=False, viewer={"enabled": True, "port": free_port()})
+    node.env["M3DICOM_ADMIN_PASSWORD"] = PASSWORD
+    node.start()
+    url = f"https://127.0.0.1:{node.settings['viewer']['port']}"
+    phone = {"ignore_https_errors": True, "viewport": {"width": 390, "height": 844}, "is_mobile": True,
+             "has_touch": True, "device_scale_factor": 2}
+    for device, options in (("desktop", DESKTOP), ("phone", phone)):
+        context = browser.new_context(**options)
+        page = context.new_page()
+        logins = node.rows("SELECT COUNT(*) FROM audit WHERE action='login'")[0][0]
+        page.goto(f"{url}/login")
+        page.fill("input[name=user]", "admin")
+        page.fill("input[name=password]", "not the password")
+        page.click("button[type=submit]")
+        page.wait_for_selector("p.error")
+        assert "Wrong user name or password." in page.inner_text("p.error")
+        page.screenshot(path=str(ARTIFACTS / f"{device}-login-wrong.png"))
+        # someone floods the account with guesses, and meanwhile its owner logs in
+        with ThreadPoolExecutor(12) as pool:
+            guesses = [pool.submit(_post_login, url, "admin", "a guess") for _ in range(12)]
+            wait_for(lambda: node.rows("SELECT COUNT(*) FROM audit WHERE action='login'")[0][0] >= logins + 7,
+                     what="the guesses that are turned away")     # the rest are in flight now
+            page.fill("input[name=user]", "admin")
+            page.fill("input[name=password]", PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_selector("p.error")
+            message = page.inner_text("p.error")
+            assert "locked for a moment" in message and "Wait a minute, then log in again" in message
+            page.screenshot(path=str(ARTIFACTS / f"{device}-login-locked.png"))
+            assert sorted(g.result(timeout=120) for g in guesses) == [401] * 5 + [429] * 7
+        page.fill("input[name=user]", "admin")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")                   # waits the delay the guesses earned, then works
+        page.wait_for_url(re.compile(r".*/studies$"), timeout=30000)
+        page.fill("#search input[name=name]", "x" * 129)
+        page.click("#search button[type=submit]")
+        page.wait_for_selector(".toast.error")
+        assert "at most 128 characters" in page.inner_text(".toast.error")
+        page.screenshot(path=str(ARTIFACTS / f"{device}-search-error.png"))
+        context.close()

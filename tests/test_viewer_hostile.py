@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from archive import Archive
 from helpers import dataset_offset, free_port, synthetic_instances, wait_for
@@ -220,6 +220,26 @@ async def test_a_bad_share_link_or_a_failed_login_with_a_session_is_refused_and_
     await still_serves(client)                                # alice's session is still hers
 
 
+async def test_a_login_form_too_big_to_be_one_is_refused_before_it_is_read(client, setup):
+    """/login is open to anyone, and its form was read whole in memory up to the upload limit."""
+    big = {"user": "alice", "password": "x" * (1 << 20)}
+    answer = await client.post("/login", data=big, allow_redirects=False)
+    assert answer.status == 413
+
+    async def chunked():
+        yield b"user=alice&password="
+        for _ in range(25):
+            yield b"y" * 8192
+
+    answer = await client.post("/login", data=chunked(), allow_redirects=False,
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert answer.status == 413
+    answer = await client.post("/login", data=b"user=alice&password=\xff\xfe", allow_redirects=False,
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert answer.status == 400 and "could not be read" in await answer.text()
+    assert (await login(client)).status == 302
+
+
 def nested(depth: int, tmp_path: Path) -> bytes:
     """A Part 10 file whose data set ends in sequences nested `depth` deep (undefined lengths)."""
     (path,) = synthetic_instances(tmp_path / f"deep{depth}", 1)
@@ -341,3 +361,326 @@ async def test_only_the_maker_of_a_share_link_or_an_admin_can_revoke_it(setup, a
     assert (await root.post(f"/api/shares/{second_id}/revoke", headers={"X-CSRF-Token": await csrf_of(root)})).status == 200
     assert not accounts.share_valid(archive.index, link_id) and not accounts.share_valid(archive.index, second_id)
     assert audit(archive, "share_revoke")[1:] == [("alice", "ok", link_id), ("root", "ok", second_id)]
+
+
+# -- 12. no patient data in the logs -----------------------------------------------------------------------
+
+def _https(node, path: str, opener, data: dict | None = None) -> tuple[int, str]:
+    import urllib.error
+    import urllib.parse
+
+    url = f"https://127.0.0.1:{node.settings['viewer']['port']}{path}"
+    body = urllib.parse.urlencode(data).encode() if data is not None else None
+    try:
+        with opener.open(url, data=body, timeout=30) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.mark.slow
+def test_a_study_search_leaves_no_patient_data_in_the_node_log(make_node, tmp_path):
+    """Item 12: the search's name, ID and accession number were written to the access log."""
+    import http.cookiejar
+    import ssl
+    import urllib.parse
+    import urllib.request
+
+    import pydicom
+
+    node = make_node(start=False, viewer={"enabled": True, "port": free_port()})
+    node.env["M3DICOM_ADMIN_PASSWORD"] = PASSWORD
+    node.start()
+    patient = {"name": "Quillfeather^Zenobia", "id": "QZ-5521-77", "accession": "ACX90417"}
+    (path,) = synthetic_instances(tmp_path / "patient", 1, patient=patient["name"], patient_id=patient["id"])
+    ds = pydicom.dcmread(path)
+    ds.AccessionNumber = patient["accession"]
+    ds.save_as(path)
+    node.storescu(path)
+    context = ssl.create_default_context(cafile=str(node.pki / "ca.pem"))
+    context.check_hostname = False
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()),
+                                         urllib.request.HTTPSHandler(context=context))
+    status, _ = _https(node, "/login", opener, {"user": "admin", "password": PASSWORD,
+                                                "next": f"/studies?name={patient['name']}"})
+    assert status == 200                                     # followed to the study list
+    searches = [{"name": "zenobia", "id": patient["id"], "accession": patient["accession"]},
+                {"name": "Quillfeather", "from": "1990-01-01", "to": "2030-12-31", "modality": "CT"},
+                {"name": "Nobodyhere^Ottoline", "id": "NX-0000-11", "accession": "ACX00001"}]
+    for params in searches:
+        query = urllib.parse.urlencode({**params, "page": 0})
+        assert _https(node, f"/studies?{query}", opener)[0] == 200
+        status, body = _https(node, f"/api/studies?{query}", opener)
+        assert status == 200
+    assert patient["name"] in _https(node, "/api/studies?" + urllib.parse.urlencode(searches[0]), opener)[1]
+    wait_for(lambda: node.log().count("/api/studies?") >= 4, what="the access log lines")
+    log = node.log()
+    assert "/api/studies?name=REDACTED&id=REDACTED&accession=REDACTED&page=0" in log
+    used = [v for params in searches for k, v in params.items() if k in ("name", "id", "accession")]
+    used += [patient["name"], "Quillfeather", "Zenobia", "QZ-5521", "ACX90417", "Ottoline", "Nobodyhere"]
+    found = {value for value in used if value.lower() in log.lower()
+             or urllib.parse.quote(value).lower() in log.lower()}
+    assert not found, f"patient data in the node's log: {found}"
+
+
+# -- 16. the router's Dask dashboard ----------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dashboard", [False, True])
+def test_the_dask_dashboard_is_off_by_default_and_only_on_loopback(tmp_path, dashboard):
+    """Item 16: the embedded cluster's dashboard listened on 0.0.0.0:8787, without a login."""
+    import ipaddress
+    import urllib.error
+    import urllib.request
+
+    import psutil
+
+    from router.executor import Executor
+
+    port = free_port() if dashboard else 0
+    config = from_dict({"node": {"data_dir": str(tmp_path / "var")},
+                        **({"router": {"dashboard_port": port}} if dashboard else {})}, tmp_path)   # off: the default
+    executor = Executor(config)
+    try:
+        http_port = executor.client.scheduler_info()["services"]["dashboard"]
+        processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
+        listening = [c.laddr for p in processes for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        assert listening and all(ipaddress.ip_address(a.ip).is_loopback for a in listening), listening
+        assert http_port == port if dashboard else http_port not in (0, 8787)
+
+        def status(path: str) -> int:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=10).status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert status("/health") == 200
+        assert status("/status") == (200 if dashboard else 404)
+        assert status("/info/main/workers.html") == (200 if dashboard else 404)
+    finally:
+        executor.close()
+
+
+# -- fuzzing: query and form parameters, uploads ------------------------------------------------------------
+
+@pytest.fixture
+async def clinician(client, setup):
+    """The test client logged in as alice, with her CSRF token."""
+    await login(client)
+    client.csrf = await csrf_of(client)
+    return client
+
+
+def any_text(max_size: int = 80):
+    """Text as a hostile client sends it: controls, unicode, now and then one character a few thousand times."""
+    return st.one_of(st.text(st.characters(codec="utf-8"), max_size=max_size),
+                     st.builds(lambda c, n: c * n, st.characters(codec="utf-8"), st.integers(100, 3000)))
+
+
+def numbers():
+    return st.one_of(st.integers(-10 ** 30, 10 ** 30).map(str), st.floats().map(str),
+                     st.sampled_from(["", "0x10", "1e5", "nan", "-inf", "\u00b2", "\u0663", "1_000", " 7 "]), any_text(20))
+
+
+def raw_query(keys):
+    """A query string of percent-encoded bytes (invalid UTF-8, lone '%', '+', '=' and '&' included)."""
+    from urllib.parse import quote_from_bytes
+
+    pair = st.tuples(st.one_of(keys, st.binary(max_size=8).map(quote_from_bytes)),
+                     st.one_of(st.binary(max_size=60).map(quote_from_bytes),
+                               st.sampled_from(["%", "%zz", "%ff%fe", "+", "==", "%00", "%E2%80%A8"])))
+    return st.lists(pair, max_size=6).map(lambda pairs: "&".join(f"{k}={v}" for k, v in pairs))
+
+
+async def answered(request) -> tuple[int, bytes]:
+    """(status, body) of a request, which must come within ANSWER_WITHIN and never be a 500."""
+    started = time.monotonic()
+    answer = await request
+    body = await answer.read()
+    assert time.monotonic() - started < ANSWER_WITHIN
+    assert answer.status < 500, (answer.status, body[:300])
+    return answer.status, body
+
+
+SEARCH_KEYS = st.sampled_from(["name", "id", "accession", "modality", "from", "to", "page"])
+
+
+@pytest.mark.fuzz
+@given(params=st.lists(st.tuples(st.one_of(SEARCH_KEYS, any_text(10)), any_text()), max_size=8),
+       raw=raw_query(SEARCH_KEYS))
+async def test_fuzz_the_study_search_never_answers_500(clinician, params, raw):
+    from yarl import URL
+
+    status, body = await answered(clinician.get("/api/studies", params=params))
+    assert status in (200, 400) and (status == 200 or json_error(body))   # a reason, always
+    status, _ = await answered(clinician.get("/studies", params=params))
+    assert status in (200, 400)
+    status, body = await answered(clinician.get(URL("/api/studies?" + raw, encoded=True)))
+    assert status in (200, 400)
+
+
+def json_error(body: bytes) -> str:
+    """The reason of a 400: ours in JSON, or aiohttp's own for a request line over 8190 bytes."""
+    import json
+
+    return body.decode() if body.startswith(b"Got more than 8190 bytes") else json.loads(body)["error"]
+
+
+RENDER_KEYS = st.sampled_from(["x", "y", "w", "h", "width", "height", "frame", "wc", "ww", "format"])
+
+
+@pytest.mark.fuzz
+@given(params=st.dictionaries(RENDER_KEYS, numbers(), max_size=10), raw=raw_query(RENDER_KEYS))
+async def test_fuzz_rendering_parameters_never_answer_500(clinician, setup, params, raw):
+    from yarl import URL
+
+    _, image = setup[2]["a"]
+    status, _ = await answered(clinician.get(f"/api/instances/{image}/render", params=params))
+    assert status in (200, 400, 422)
+    status, _ = await answered(clinician.get(URL(f"/api/instances/{image}/render?{raw}", encoded=True)))
+    assert status in (200, 400, 422)
+
+
+@pytest.mark.fuzz
+@settings(max_examples=min(600, settings.default.max_examples))    # two scrypt checks an example: 0.3 s
+@given(user=any_text(), password=any_text(), target=any_text(), raw=st.binary(max_size=300),
+       cookie=st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=300))
+async def test_fuzz_the_login_form_and_cookies_never_answer_500(client, setup, user, password, target, raw, cookie):
+    forget_failures(setup[1])
+    status, body = await answered(client.post("/login", data={"user": user, "password": password, "next": target},
+                                              allow_redirects=False))
+    assert status in (302, 401)
+    forget_failures(setup[1])
+    status, _ = await answered(client.post("/login", data=raw, allow_redirects=False,
+                                           headers={"Content-Type": "application/x-www-form-urlencoded"}))
+    assert status in (302, 400, 401, 413)
+    forget_failures(setup[1])
+    status, _ = await answered(client.get("/api/studies", headers={"Cookie": f"m3session={cookie}"},
+                                          allow_redirects=False))
+    assert status in (200, 400, 401)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | any_text(20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(any_text(10), inner, max_size=4),
+                    max_leaves=12)
+
+
+@pytest.mark.fuzz
+@given(share=st.one_of(JSON, st.dictionaries(st.just("days"), JSON)),
+       job=st.one_of(JSON, st.fixed_dictionaries({"plugin": JSON, "params": JSON, "series": JSON})),
+       raw=st.binary(max_size=200), link=any_text(40))
+async def test_fuzz_json_bodies_and_share_ids_never_answer_500(clinician, setup, share, job, raw, link):
+    study, _ = setup[2]["b"]
+    headers = {"X-CSRF-Token": clinician.csrf}
+    status, _ = await answered(clinician.post(f"/api/studies/{study}/share", json=share, headers=headers))
+    assert status in (201, 400)
+    status, _ = await answered(clinician.post(f"/api/studies/{study}/jobs", json=job, headers=headers))
+    assert status in (201, 400)
+    for path in (f"/api/studies/{study}/share", f"/api/studies/{study}/jobs"):
+        status, _ = await answered(clinician.post(path, data=raw, headers={**headers, "Content-Type": "application/json"}))
+        assert status in (201, 400)
+    from urllib.parse import quote
+
+    status, _ = await answered(clinician.post(f"/api/shares/{quote(link, safe='')}/revoke", headers=headers))
+    assert status in (400, 403, 404)
+
+
+# uploads: random multipart bodies, random zips, random and damaged DICOM files
+
+def multipart_body(parts: list[tuple[bytes, bytes]], boundary: bytes, cut: int | None) -> bytes:
+    body = b"".join(b"--" + boundary + b"\r\n" + head + b"\r\n\r\n" + data + b"\r\n" for head, data in parts)
+    body += b"--" + boundary + b"--\r\n"
+    return body[:cut] if cut is not None else body
+
+
+PART_HEADS = st.one_of(
+    st.builds(lambda name: b'Content-Disposition: form-data; name="files"; filename="' + name + b'"', st.binary(max_size=40)),
+    st.sampled_from([b'Content-Disposition: form-data; name="files"', b"Content-Disposition: attachment",
+                     b'Content-Disposition: form-data; name="files"; filename*=UTF-8\'\'%E2%80%A8x.dcm',
+                     b"Content-Type: multipart/mixed; boundary=inner", b"", b"X: " + b"y" * 9000]),
+    st.binary(max_size=120))
+
+
+def instance_bytes() -> bytes:
+    from helpers import data_file
+
+    return data_file("CT_small.dcm").read_bytes()
+
+
+def mutated(data: bytes, draw) -> bytes:
+    """`data` with a few bytes changed, a piece cut out, or cut short."""
+    data = bytearray(data)
+    for _ in range(draw(st.integers(0, 4))):
+        at = draw(st.integers(0, len(data) - 1))
+        data[at] = draw(st.integers(0, 255))
+    if draw(st.booleans()):
+        start = draw(st.integers(0, len(data)))
+        del data[start:start + draw(st.integers(0, 4096))]
+    if draw(st.booleans()):
+        data = data[:draw(st.integers(0, len(data)))]
+    return bytes(data)
+
+
+@st.composite
+def dicom_files(draw) -> bytes:
+    kind = draw(st.sampled_from(["random", "preamble", "mutated", "meta"]))
+    if kind == "random":
+        return draw(st.binary(max_size=2000))
+    if kind == "preamble":
+        return b"\0" * 128 + b"DICM" + draw(st.binary(max_size=2000))
+    original = instance_bytes()
+    if kind == "meta":                                     # the damage within the file meta and first elements
+        offset = dataset_offset(original)
+        head = mutated(original[:offset + 400], draw)
+        return head + original[offset + 400:]
+    return mutated(original, draw)
+
+
+@st.composite
+def zips(draw) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for number in range(draw(st.integers(0, 4))):
+            name = draw(st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=30))
+            info = zipfile.ZipInfo(f"{number}-{name}")
+            info.compress_type = draw(st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2,
+                                                       zipfile.ZIP_LZMA]))
+            z.writestr(info, draw(dicom_files()))
+    data = out.getvalue()
+    return mutated(data, draw) if data and draw(st.booleans()) else data
+
+
+@pytest.mark.fuzz
+@given(parts=st.lists(st.tuples(PART_HEADS, st.binary(max_size=500)), max_size=5),
+       boundary=st.one_of(st.just(b"fuzzboundary"), st.binary(min_size=1, max_size=70)),
+       cut=st.one_of(st.none(), st.integers(0, 3000)), content_type=st.sampled_from(
+           ["multipart/form-data; boundary={}", "multipart/form-data", "multipart/mixed; boundary={}",
+            "multipart/form-data; boundary=\"{}\"; charset=klingon"]))
+async def test_fuzz_random_multipart_bodies_never_answer_500(clinician, setup, parts, boundary, cut, content_type):
+    before = stored(setup[1])
+    header = content_type.format("".join(c for c in boundary.decode("latin-1") if " " <= c <= "~"))
+    status, body = await answered(clinician.post("/api/upload", data=multipart_body(parts, boundary, cut),
+                                                 headers={"X-CSRF-Token": clinician.csrf, "Content-Type": header}))
+    assert status in (200, 400, 413)
+    after = stored(setup[1])
+    assert {k: v for k, v in after.items() if k in before} == before
+
+
+@pytest.mark.fuzz
+@given(uploaded=st.lists(st.tuples(st.text(st.characters(codec="utf-8", categories=("L", "N", "P", "S", "Zs")),
+                                           max_size=30),                # (controls: the multipart fuzzing above)
+                                   st.one_of(dicom_files(), zips())), min_size=1, max_size=4))
+async def test_fuzz_random_files_and_zips_each_get_their_own_outcome(clinician, setup, uploaded):
+    before = stored(setup[1])
+    named = [(f"{i}-{name}" + (".zip" if data[:2] == b"PK" else ".dcm"), data) for i, (name, data) in enumerate(uploaded)]
+    status, body = await answered(clinician.post("/api/upload", data=files(*named),
+                                                 headers={"X-CSRF-Token": clinician.csrf}))
+    assert status in (200, 413), body[:300]
+    if status == 200:
+        import json
+
+        results = json.loads(body)["files"]
+        assert all(r["outcome"] in ("stored", "duplicate", "refused") and r["reason"] for r in results)
+        assert len(results) >= sum(1 for _, data in named if data[:2] != b"PK")
+    after = stored(setup[1])
+    assert {k: v for k, v in after.items() if k in before} == before

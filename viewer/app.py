@@ -17,10 +17,12 @@ import re
 import time
 import traceback
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import MultiDict
 
 from archive import Archive
 from node.config import Config
@@ -47,6 +49,9 @@ EVENTS = web.AppKey("events", object)
 LOGINS = web.AppKey("logins", LoginGate)
 CLOCK = web.AppKey("clock", object)
 SESSION = web.RequestKey("session", object)     # accounts.Session | None
+FORM = web.RequestKey("form", MultiDict)        # the form fields, once read
+BODY_LIMIT = 64 << 10                            # a form's or a JSON request's body (uploads have their own)
+FORM_FIELDS = 100
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; "
        "img-src 'self' data: blob:; connect-src 'self'; font-src 'self' data:; object-src 'none'; "
@@ -89,6 +94,9 @@ async def errors(request: web.Request, handler):
         return await handler(request)
     except (web.HTTPException, asyncio.CancelledError, ConnectionResetError):
         raise
+    except HttpProcessingError as exc:      # a body aiohttp could not parse: the client's, not ours
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"the request could not be read ({exc.message})"[:300]}),
+                                 content_type="application/json") from None
     except Exception as exc:
         resource = request.match_info.route.resource
         where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
@@ -124,11 +132,51 @@ async def csrf(request: web.Request, handler):
         session = request[SESSION]
         sent = request.headers.get("X-CSRF-Token")
         if sent is None and request.content_type == "application/x-www-form-urlencoded":
-            sent = (await request.post()).get("csrf")
+            sent = (await form(request)).get("csrf")
         if session is None or not sent or not accounts.hmac.compare_digest(sent, session.csrf):
             raise web.HTTPForbidden(text='{"error": "missing or wrong CSRF token: reload the page"}',
                                     content_type="application/json")
     return await handler(request)
+
+
+async def _small_body(request: web.Request) -> bytes:
+    """The body of a form or JSON request, at most BODY_LIMIT bytes (413 past it, before more is
+    read): client_max_size is the upload's, and /login is open to anyone."""
+    if request.content_length is not None and request.content_length > BODY_LIMIT:
+        raise web.HTTPRequestEntityTooLarge(max_size=BODY_LIMIT, actual_size=request.content_length)
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(8192):
+        body += chunk
+        if len(body) > BODY_LIMIT:
+            raise web.HTTPRequestEntityTooLarge(max_size=BODY_LIMIT, actual_size=len(body))
+    return bytes(body)
+
+
+async def form(request: web.Request) -> MultiDict:
+    """The fields of a form the pages send (application/x-www-form-urlencoded, UTF-8, at most
+    BODY_LIMIT bytes and FORM_FIELDS fields); 400 or 413 with a reason otherwise."""
+    if FORM in request:
+        return request[FORM]
+    if request.content_type not in ("application/x-www-form-urlencoded", ""):
+        raise web.HTTPBadRequest(text="Send this form from its page (application/x-www-form-urlencoded).")
+    try:
+        fields = parse_qsl((await _small_body(request)).decode(), keep_blank_values=True, max_num_fields=FORM_FIELDS)
+    except ValueError:                      # not UTF-8, too many fields
+        raise web.HTTPBadRequest(text="The form could not be read: go back, reload the page and send it again.") \
+            from None
+    request[FORM] = MultiDict(fields)
+    return request[FORM]
+
+
+async def json_body(request: web.Request, default=None):
+    """The request's JSON (at most BODY_LIMIT bytes); `default` when it has no body; 400 when it
+    is not JSON."""
+    if not request.can_read_body:
+        return default
+    try:
+        return json.loads((await _small_body(request)).decode())
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested past the parser's depth
+        raise web.HTTPBadRequest(text='{"error": "expected JSON"}', content_type="application/json") from None
 
 
 async def run(request: web.Request, function, *args):

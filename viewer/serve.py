@@ -13,6 +13,7 @@ import ssl
 import threading
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_log import AccessLogger
 from yarl import URL
 
@@ -128,8 +129,26 @@ class RedactedAccessLogger(AccessLogger):
         return [(key, first if key == "first_request_line" else value) for key, value in line]
 
 
+class MalformedRequestsInOneLine(logging.Filter):
+    """aiohttp logs a request it cannot parse (a request line over 8190 bytes, a bad header) with
+    a traceback that quotes the start of the request, a study search's patient name included:
+    one line instead, with what was wrong and not what was sent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "refused a malformed HTTP request (%s %s)", (exc.code, type(exc).__name__)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 async def _run(config: Config, sock: socket.socket, stop: threading.Event, ready=None) -> None:
     from .app import create_app
+
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestsInOneLine) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestsInOneLine())
 
     runner = web.AppRunner(create_app(config), access_log_class=RedactedAccessLogger,
                            access_log=logging.getLogger("viewer.access"))

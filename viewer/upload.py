@@ -16,7 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import accounts
 from .app import ARCHIVE, CONFIG, SESSION, run
@@ -67,8 +68,8 @@ async def handle(request: web.Request) -> web.Response:
     except TooLarge as exc:
         await _audit(request, [("refused", None, str(exc))])
         raise _refuse(413, str(exc)) from None
-    except ValueError as exc:          # a body that is not multipart as it claims (aiohttp's parser says what)
-        await _audit(request, [("refused", None, f"not a readable multipart body: {exc}")])
+    except (ValueError, HttpProcessingError) as exc:   # not multipart as it claims (aiohttp's parser says why)
+        await _audit(request, [("refused", None, f"not a readable multipart body: {type(exc).__name__}")])
         raise _refuse(400, "the upload is not a readable multipart/form-data body: send the files again") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -92,7 +93,7 @@ async def _receive(request: web.Request, work: Path, limit: int, file_limit: int
     reader = await request.multipart()
     received, total = [], 0
     async for part in reader:
-        if part.filename is None:
+        if not isinstance(part, BodyPartReader) or part.filename is None:   # a nested multipart: not a file
             continue
         name = _name(part.filename)
         path = work / f"{len(received):05d}.part"
@@ -181,24 +182,30 @@ def _check_zip(name: str, archive: zipfile.ZipFile, file_limit: int, limit: int,
 
 
 def _extract(archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path, name: str, file_limit: int) -> None:
-    """One member written to `target`, never past its declared size (TooLarge) nor the file limit;
-    Damaged when zipfile cannot read it (bad CRC, unknown compression, encrypted, truncated)."""
+    """One member written to `target`, never past its declared size (TooLarge) nor the file limit.
+    Damaged when zipfile cannot read it (bad CRC, unknown compression, encrypted, cut short, offsets
+    outside the file); an error writing `target` is the node's own and is raised as it is."""
+    def damaged(exc: Exception) -> Damaged:
+        return Damaged(f"cannot be read out of the zip ({_why(exc)})")
+
     written = 0
-    try:
-        with archive.open(member) as source, open(target, "wb") as out:
-            while chunk := source.read(CHUNK):
+    with open(target, "wb") as out:
+        try:
+            source = archive.open(member)
+        except Exception as exc:
+            raise damaged(exc) from None
+        with source:
+            while True:
+                try:
+                    chunk = source.read(CHUNK)
+                except Exception as exc:
+                    raise damaged(exc) from None
+                if not chunk:
+                    return
                 written += len(chunk)
                 if written > member.file_size or written > file_limit:
                     raise TooLarge(f"{name}: {_printable(member.filename)[:200]} is larger than it says")
                 out.write(chunk)
-    except TooLarge:
-        raise
-    except OSError as exc:
-        if exc.errno is not None:          # the node's own disk, not the member
-            raise
-        raise Damaged(f"cannot be read out of the zip ({_why(exc)})") from None
-    except Exception as exc:               # bad CRC, unknown compression, encrypted, cut short, zlib.error...
-        raise Damaged(f"cannot be read out of the zip ({_why(exc)})") from None
 
 
 def _ingest(archive, files: list[Entry], who: str) -> list[dict]:

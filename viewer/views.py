@@ -29,6 +29,8 @@ from router.jobs import IllegalTransition
 from . import accounts, upload
 from .app import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, JOB_ID, LOGINS, PLUGINS, SECRET, SESSION, render,
                   run, valid_uid)
+from .app import form as read_form
+from .app import json_body
 from .images import NotAnImage
 from .logins import Busy
 
@@ -193,7 +195,7 @@ def _login_answer(request: web.Request, form, status: int, error: str) -> web.Re
 async def login(request: web.Request) -> web.Response:
     """Attempts for one account or from one address are checked one after another, each after
     the delay that the failures before it earned (logins.py); a flood is answered 429 unchecked."""
-    form = await request.post()
+    form = await read_form(request)
     name, password = str(form.get("user", ""))[:64], str(form.get("password", ""))[:1024]
     index, address = request.app[ARCHIVE].index, _address(request)
     try:
@@ -425,10 +427,7 @@ async def api_plugins(request: web.Request) -> web.Response:
 async def api_start_job(request: web.Request) -> web.Response:
     _people_only(request)
     study_uid = _study(request, request.match_info["study"])
-    try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise _bad_request("expected JSON") from None
+    body = await json_body(request)
     series = body.get("series") if isinstance(body, dict) else None
     if (not isinstance(body, dict) or not isinstance(body.get("params", {}), dict)
             or not (series is None or isinstance(series, list) and all(isinstance(s, str) for s in series))):
@@ -493,10 +492,10 @@ async def api_share(request: web.Request) -> web.Response:
     _people_only(request)
     study_uid = _study(request, request.match_info["study"])
     config = request.app[CONFIG].viewer
+    body = await json_body(request, {})
     try:
-        body = await request.json() if request.can_read_body else {}
         days = float(body.get("days", config.share_link_days) if isinstance(body, dict) else "not a number")
-    except (ValueError, TypeError, UnicodeDecodeError, OverflowError):
+    except (ValueError, TypeError, OverflowError):
         raise _bad_request("days must be a number") from None
     if not 0 < days <= 90:
         return _json({"error": "a link lasts between 0 and 90 days"}, status=400)
