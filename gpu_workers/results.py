@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from .plugin import Context
 
 MANUFACTURER = "m3dicom"
+ABSENT = codes.cid240.Absent           # (272519000, SCT, "Absent"): CID 240 Present-Absent
 
 
 def _equipment(ctx: Context) -> list[hd.ContributingEquipment]:
@@ -73,6 +74,17 @@ def secondary_capture(source: Dataset, pixels: np.ndarray, ctx: Context, *, name
 
 
 @dataclass
+class NothingFound:
+    """A TID 1501 measurement group that states that the algorithm looked for `finding_type` on
+    `sources` and found none: its Finding is `finding_type`, its qualitative evaluation
+    `finding_type` = Absent (CID 240), with the algorithm (TID 4019) and the images examined.
+    A reader tells it from a finding by that evaluation (and by having no image region)."""
+    tracking_id: str                   # e.g. "no cluster found"
+    finding_type: Code
+    sources: Sequence[Dataset]         # the images examined
+
+
+@dataclass
 class Finding:
     """One measurement group of a TID 1500 report: a region on a source image and its values."""
     tracking_id: str                   # short id, the same as burned into the SC and in findings.json
@@ -85,12 +97,18 @@ class Finding:
 
 
 def measurement_report(findings: Sequence[Finding], evidence: Sequence[Dataset], ctx: Context, *, name: str,
-                       title: str, procedure: Code, series_number: int = 901) -> Dataset:
-    """A Comprehensive 3D SR with a TID 1500 Measurement Report: one group per finding.
+                       title: str, procedure: Code, series_number: int = 901,
+                       nothing_found: Sequence[NothingFound] = ()) -> Dataset:
+    """A Comprehensive 3D SR with a TID 1500 Measurement Report: one group per finding, and one
+    per `nothing_found` statement (a report of a normal image is one such group, never an
+    empty report: TID 1500 needs at least one group).
 
     An earlier job's report that this one supersedes is listed in the Predecessor Documents
     Sequence (`ctx.predecessors`).
     """
+    if not findings and not nothing_found:
+        raise ValueError("a measurement report needs a finding or a statement that none was found "
+                         "(pass nothing_found=[NothingFound(...)] for a normal result)")
     algorithm = hd.sr.AlgorithmIdentification(name=ctx.algorithm.name, version=ctx.algorithm.version,
                                               parameters=[f"{k}={v}" for k, v in sorted(ctx.algorithm.params.items())])
     observer = hd.sr.ObserverContext(
@@ -111,9 +129,17 @@ def measurement_report(findings: Sequence[Finding], evidence: Sequence[Dataset],
                           for n, v, u in finding.measurements] or None,
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=n, value=v)
                                      for n, v in finding.evaluations] or None))
+    for statement in nothing_found:
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=ctx.uid(name, "nothing", statement.tracking_id),
+                                                         identifier=statement.tracking_id),
+            finding_type=statement.finding_type, algorithm_id=algorithm,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=statement.finding_type, value=ABSENT)],
+            source_images=[hd.sr.SourceImageForMeasurementGroup(s.SOPClassUID, s.SOPInstanceUID)
+                           for s in statement.sources]))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=procedure, imaging_measurements=groups or None,
+        procedure_reported=procedure, imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport)
     previous = []
     for ref in ctx.predecessors:

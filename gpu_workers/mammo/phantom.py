@@ -8,11 +8,17 @@ more within 1 cm^2 and alone. The fluence is blurred by the detector, counted wi
 Poisson noise, log-transformed and mapped to 12-14 bits "For Presentation" (MONOCHROME2,
 or MONOCHROME1 inverted). Written as Digital Mammography X-Ray Image - For Presentation
 with its ground truth. Everything follows from the seed.
+
+From the command line (`python -m gpu_workers.mammo.phantom --help`): screening
+examinations of the four standard views (RCC, LCC, RMLO, LMLO), one study per patient, one
+series per view, ready to send to the node.
 """
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -258,7 +264,7 @@ def generate(seed: int, opts: Options = Options()) -> tuple[np.ndarray, Truth]:
 
 
 def to_dataset(pixels: np.ndarray, truth: Truth, opts: Options = Options(), *, patient_id: str | None = None,
-               study_uid: str | None = None) -> Dataset:
+               study_uid: str | None = None, patient_name: str | None = None, series_number: int = 1) -> Dataset:
     """A Digital Mammography X-Ray Image - For Presentation data set."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -267,13 +273,13 @@ def to_dataset(pixels: np.ndarray, truth: Truth, opts: Options = Options(), *, p
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName, ds.PatientID = f"Phantom^{truth.seed}", patient_id or f"PH{truth.seed:06d}"
+    ds.PatientName, ds.PatientID = patient_name or f"Phantom^{truth.seed}", patient_id or f"PH{truth.seed:06d}"
     ds.PatientBirthDate, ds.PatientSex = "", "F"
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
     ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = "", "1", ""
     ds.StudyDescription = "Synthetic mammography phantom"
-    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "MG", 1, 1
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "MG", series_number, 1
     ds.SeriesDescription = f"{truth.laterality} {truth.view}"
     ds.Manufacturer, ds.ManufacturerModelName = "m3dicom", "phantom"
     ds.BodyPartExamined = "BREAST"
@@ -330,3 +336,126 @@ def write(directory: Path, seed: int, opts: Options = Options(), **ids) -> tuple
     to_dataset(pixels, truth, opts, **ids).save_as(path, enforce_file_format=True)
     (directory / f"phantom-{seed:06d}.json").write_text(truth.to_json())
     return path, truth
+
+
+# -- command line ---------------------------------------------------------------------------
+
+VIEWS = ("RCC", "LCC", "RMLO", "LMLO")      # a screening examination, in its hanging order
+DENSITIES = {"fatty": 0.08, "scattered": 0.2, "heterogeneous": 0.4, "dense": 0.65, "extremely-dense": 0.8}
+FULL_FIELD = {"rows": 4096, "columns": 3328, "spacing": 0.07}   # a 24x29 cm detector, 27 MB an image
+
+
+def _density(text: str) -> float:
+    value = DENSITIES.get(text.lower())
+    if value is None:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give one of {', '.join(DENSITIES)} or a glandular "
+                                             "fraction between 0.05 and 0.8") from None
+    if not 0.05 <= value <= 0.8:
+        raise argparse.ArgumentTypeError(f"{value}: the glandular fraction must lie between 0.05 (fatty) and 0.8 "
+                                         "(extremely dense)")
+    return value
+
+
+def _views(given: list[str] | None) -> list[str]:
+    if not given:
+        return list(VIEWS)
+    views = []
+    for item in given:
+        for view in filter(None, (v.strip().upper() for v in item.split(","))):
+            if view == "ALL":
+                views.extend(VIEWS)
+            elif view in VIEWS:
+                views.append(view)
+            else:
+                raise argparse.ArgumentTypeError(f"view {view!r}: give RCC, LCC, RMLO, LMLO or all")
+    return [v for v in VIEWS if v in views]
+
+
+def _count(text: str, low: int = 0) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value}: at least {low}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write screening examinations of phantom mammograms to a folder."""
+    parser = argparse.ArgumentParser(
+        prog="python -m gpu_workers.mammo.phantom",
+        description="Synthetic screening mammograms (Digital Mammography X-Ray Image - For Presentation), "
+                    "one study per patient with the four standard views (one series each), to try the "
+                    "mammo-cad plug-in and the viewer's hanging. Everything follows from the seed.",
+        epilog="Example: python -m gpu_workers.mammo.phantom --out phantoms --n 2 --density dense; "
+               "then: .venv/bin/m3dicom send phantoms/")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write into (made if missing)")
+    parser.add_argument("--n", type=lambda t: _count(t, 1), default=1, metavar="N",
+                        help="examinations (patients) to write, each a study of the views asked (default 1)")
+    parser.add_argument("--seed", type=_count, default=0,
+                        help="first seed (default 0): examination k, view v is seed + 4k + v (RCC 0, LCC 1, "
+                             "RMLO 2, LMLO 3), so a view is the same whichever others are asked")
+    parser.add_argument("--view", action="append", metavar="VIEW",
+                        help="RCC, LCC, RMLO, LMLO or all (repeatable or comma separated; default all four)")
+    parser.add_argument("--density", type=_density, metavar="DENSITY",
+                        help="fatty, scattered, heterogeneous, dense, extremely-dense or a glandular fraction "
+                             "0.05-0.8 (default: drawn per examination)")
+    parser.add_argument("--no-calcifications", action="store_true",
+                        help="normal images: no calcification at all (no cluster, no isolated one)")
+    parser.add_argument("--clusters", type=_count, metavar="N", help="clusters per image (default: 0-3 drawn)")
+    parser.add_argument("--isolated", type=_count, metavar="N",
+                        help="isolated calcifications per image (default: 0-6 drawn)")
+    parser.add_argument("--full-field", action="store_true",
+                        help="4096x3328 pixels at 0.07 mm (27 MB each) instead of 1600x1300 at 0.085 mm")
+    parser.add_argument("--truth", type=Path, metavar="DIR",
+                        help="also write each image's ground truth (calcifications, clusters) as JSON into DIR")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        views = _views(args.view)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    if args.no_calcifications and (args.clusters or args.isolated):
+        parser.error("--no-calcifications contradicts --clusters/--isolated")
+    from pydicom.uid import generate_uid
+    from tqdm import tqdm
+
+    base = Options(**FULL_FIELD) if args.full_field else Options()
+    if args.no_calcifications:
+        base = replace(base, clusters=0, isolated=0)
+    else:
+        base = replace(base, clusters=args.clusters, isolated=args.isolated)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.truth:
+        args.truth.mkdir(parents=True, exist_ok=True)
+    total, clusters = args.n * len(views), 0
+    with tqdm(total=total, unit="image", disable=args.quiet or total <= 4, file=sys.stderr) as bar:
+        for exam in range(args.n):
+            exam_seed = args.seed + 4 * exam
+            rng = np.random.default_rng([exam_seed, 1])        # one breast density for the four views
+            density = args.density if args.density is not None else float(
+                rng.choice([0.08, 0.2, 0.4, 0.65]) * rng.uniform(0.85, 1.15))
+            study_uid, patient_id = generate_uid(), f"PH{exam_seed:06d}"
+            for view in views:
+                seed = exam_seed + VIEWS.index(view)
+                opts = replace(base, laterality=view[0], view=view[1:], density=density)
+                pixels, truth = generate(seed, opts)
+                ds = to_dataset(pixels, truth, opts, patient_id=patient_id, study_uid=study_uid,
+                                patient_name=f"Phantom^{exam_seed}", series_number=VIEWS.index(view) + 1)
+                name = f"{patient_id}_{view}"
+                ds.save_as(args.out / f"{name}.dcm", enforce_file_format=True)
+                if args.truth:
+                    (args.truth / f"{name}.json").write_text(truth.to_json())
+                clusters += len(truth.clusters)
+                bar.update()
+    print(f"wrote {total} mammograms ({args.n} studies: {', '.join(views)}; {clusters} true clusters) "
+          f"to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

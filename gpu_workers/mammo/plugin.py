@@ -9,7 +9,15 @@ kept above the operating point's threshold. Results:
 - a Comprehensive 3D SR (TID 1500): one measurement group per cluster (and per isolated
   calcification), its region a circle on the source image, its finding type, the number of
   calcifications, its score, the same tracking id as burned into the SC, the algorithm;
-- findings.json for the viewer's overlay (x = column, y = row, in source pixels).
+- findings.json for the viewer's overlay (x = column, y = row, in source pixels), and per
+  image analysed its outcome.
+
+A normal image (most screening mammograms) is a result like any other: its SR holds a group
+"no cluster found" (Finding: calcification cluster; calcification cluster = Absent; the
+algorithm with its version and parameters; the image examined), its SC is the image without
+a mark under a banner that says no cluster was found, and the job succeeds with
+`outcome: "no cluster found"` in its summary. A failed job has no summary: its state is
+"failed" and its errors say why.
 """
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ from pydicom.sr.coding import Code
 
 from gpu_workers.backend import to_numpy
 from gpu_workers.plugin import Accepts, Context, OutputFile, Param, PluginError, Result, Series
-from gpu_workers.results import Finding, measurement_report, secondary_capture
+from gpu_workers.results import Finding, NothingFound, measurement_report, secondary_capture
 
 from . import detect
 from .model import Model, clusters
@@ -35,6 +43,8 @@ CERTAINTY = Code("111012", "DCM", "Certainty of Finding")
 MAMMOGRAPHY = Code("71651007", "SCT", "Mammography")
 COUNT_UNIT = Code("1", "UCUM", "no units")
 PERCENT = Code("%", "UCUM", "percent")
+NO_CLUSTER = "no cluster found"         # summary outcome, findings.json outcome, SR tracking identifier
+CLUSTERS_FOUND = "clusters found"
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,7 +76,10 @@ class MammoCad:
         if params["threshold"]:
             cluster_threshold = params["threshold"]
         images = [i for series in inputs for i in series.instances]
-        datasets, findings, sr_findings, sources = [], {"calcifications": [], "clusters": []}, [], []
+        if not images:
+            raise PluginError("no mammogram in the series")
+        datasets, sr_findings, sources, normal = [], [], [], []
+        findings = {"calcifications": [], "clusters": [], "images": []}
         for number, instance in enumerate(images, start=1):
             ctx.progress((number - 1) / len(images), f"image {number} of {len(images)}: finding candidates")
             source = instance.dataset()
@@ -79,20 +92,27 @@ class MammoCad:
                                           min_size=params["min_cluster_size"], area_cm2=params["cluster_area_cm2"])
                       if c.score >= cluster_threshold]
             prefix = f"{number}." if len(images) > 1 else ""
+            listed = len(findings["calcifications"])
             marks = self._findings(found, scores, groups, prefix, params["report_isolated"], cluster_threshold,
                                    image.spacing, source, findings, sr_findings)
+            findings["images"].append({"sop_instance_uid": str(source.SOPInstanceUID), "clusters": len(groups),
+                                       "calcifications": len(findings["calcifications"]) - listed,
+                                       "outcome": CLUSTERS_FOUND if groups else NO_CLUSTER})
+            if not groups:
+                normal.append(NothingFound(f"image {number}: {NO_CLUSTER}" if len(images) > 1 else NO_CLUSTER,
+                                           CLUSTER, [source]))
             sc = secondary_capture(source, render(image, source, marks), ctx, name="sc",
                                    description="CAD: micro-calcifications", instance_number=number)
             datasets.append(sc)
             sources.append(source)
-        if not images:
-            raise PluginError("no mammogram in the series")
         sr = measurement_report(sr_findings, sources, ctx, name="sr", title="CAD: micro-calcifications",
-                                procedure=MAMMOGRAPHY)
+                                procedure=MAMMOGRAPHY, nothing_found=normal)
         datasets.append(sr)
-        ctx.progress(1.0, f"{len(findings['clusters'])} clusters")
-        summary = {"clusters": len(findings["clusters"]), "calcifications": len(findings["calcifications"]),
-                   "images": len(images), "operating_point": params["operating_point"],
+        outcome = CLUSTERS_FOUND if findings["clusters"] else NO_CLUSTER
+        ctx.progress(1.0, f"{len(findings['clusters'])} clusters" if findings["clusters"] else NO_CLUSTER)
+        summary = {"outcome": outcome, "clusters": len(findings["clusters"]),
+                   "calcifications": len(findings["calcifications"]), "images": len(images),
+                   "images_without_clusters": len(normal), "operating_point": params["operating_point"],
                    "cluster_threshold": round(cluster_threshold, 4), "seconds": round(time.perf_counter() - started, 2),
                    "backend": ctx.backend, "model": model.meta["classifier"]}
         return Result(datasets, [OutputFile("findings.json", "application/json",
@@ -182,6 +202,8 @@ def render(image: detect.Mammogram, source: Dataset, marks: list[tuple]) -> np.n
             draw.line([tip, head], fill=colour, width=line)
         draw.text((tail[0] + direction * 4 * scale, tail[1] - 12 * scale), mark_id, fill=colour, font=font,
                   anchor="lm" if direction > 0 else "rm", stroke_width=max(1, line // 2), stroke_fill=(0, 0, 0))
-    banner = f"m3dicom mammo-cad: {sum(m[0] == 'cluster' for m in marks)} cluster(s) - CAD marks, not a diagnosis"
+    count = sum(m[0] == "cluster" for m in marks)
+    banner = (f"m3dicom mammo-cad: {count} cluster(s) - CAD marks, not a diagnosis" if count else
+              f"m3dicom mammo-cad: {NO_CLUSTER} - CAD, not a diagnosis")
     draw.text((10 * scale, 10 * scale), banner, fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
     return np.asarray(canvas)
