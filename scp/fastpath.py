@@ -588,6 +588,23 @@ class FastDUL(DULServiceProvider):
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
+    def receive_pdu(self, wait: bool = False, timeout: float | None = None):
+        """As pynetdicom's, but a wait ends as soon as the DUL has stopped (the connection is
+        over): the association thread waited `acse_timeout` for an A-ASSOCIATE indication that
+        an aborted or closed connection never gives, holding an association slot meanwhile."""
+        if not wait:
+            return super().receive_pdu(wait, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+            primitive = super().receive_pdu(True, step)
+            if primitive is not None:
+                return primitive
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            if (self._kill_thread or not self.is_alive()) and self.to_user_queue.empty():
+                return None
+
 
 class FastSocket(AssociationSocket):
     """Reads a PDU with `recv_into` one buffer instead of 4 KiB `recv` calls appended together;

@@ -382,6 +382,26 @@ def test_half_sent_association_requests_do_not_hold_the_slots(make_node, tmp_pat
 
 @pytest.mark.interop
 @pytest.mark.parametrize("tls", PORTS)
+def test_undecodable_association_requests_do_not_hold_the_slots(make_node, tmp_path, tls):
+    """Eight A-ASSOCIATE-RQs whose body is garbage, against 4 association slots: each is aborted at
+    once, and its slot is free at once (pynetdicom's association thread waited acse_timeout, 30 s,
+    for an indication that never came)."""
+    node = make_node(dicom={"max_associations": 4})
+    node.storescu(data_file("CT_small.dcm"))
+    before = node.stored_state()
+    garbage = struct.pack(">BBI", 0x01, 0, 200) + b"\xff" * 200
+    answers = []
+    for _ in range(8):
+        sock = _connect(node, tls)
+        sock.sendall(garbage)
+        answers.append(_until_closed(sock, timeout=2))
+        sock.close()
+    assert all(_is_abort(answer) for answer in answers), [answer[:12] for answer in answers]
+    _unharmed(node, before, tmp_path)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("tls", PORTS)
 def test_half_sent_pdu_inside_an_association_is_aborted_after_the_network_timeout(make_node, tmp_path, tls):
     """A P-DATA-TF that stops half-way does not hold the association (and its slot) beyond the
     network timeout: pynetdicom's read waited for the rest as long as the socket stayed open."""
