@@ -201,7 +201,7 @@ async def test_after_many_failures_the_login_page_says_why_it_is_slow(client):
     for _ in range(4):
         answer = await login(client, "alice", "a wrong password")
     page = await answer.text()
-    assert answer.status == 401 and "Wrong user name or password." in page and "waits longer" in page
+    assert answer.status == 401 and "Wrong user name or password." in page and "waits a little longer" in page
 
 
 # -- 14. no 500 to bad input; every refusal audited ----------------------------------------------------

@@ -35,8 +35,8 @@ from .images import NotAnImage
 from .logins import Busy
 
 PAGE = 50
-SEARCH_FIELDS = {"name": "patient name", "id": "patient ID", "accession": "accession number", "modality": "modality",
-                 "from": "from", "to": "to"}
+SEARCH_FIELDS = {"name": "Patient name", "id": "Patient ID", "accession": "Accession number", "modality": "Modality",
+                 "from": "From", "to": "To"}
 SEARCH_MAX_CHARS = 128           # one search field (DICOM's own are at most 64)
 DEFAULT_NEXT = "/studies"
 # a path of this site and nothing else: a single "/", then only what RFC 3986 allows in a path
@@ -44,12 +44,12 @@ DEFAULT_NEXT = "/studies"
 _NEXT = re.compile(r"^/(?![/\\])[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]{0,2000}$")
 _EVENT_ID = re.compile(r"^[0-9]{1,18}$")
 WRONG = "Wrong user name or password."
-SLOWED = (" After several failed logins each try waits longer (up to {max:g} seconds); 15 minutes without one "
-          "and it starts afresh.")
-BUSY_ACCOUNT = ("This account is locked for a moment: too many logins to it are under way at once, which can mean "
-                "someone is guessing its password. Wait a minute, then log in again. If it stays locked, tell your "
-                "administrator.")
-BUSY_ADDRESS = ("Too many logins from your network address are under way at once. Wait a minute, then log in "
+SLOWED = (" After several failed logins each new try waits a little longer (at most {max:g} seconds); this "
+          "resets 15 minutes after the last failed login.")
+BUSY_ACCOUNT = ("This account is locked for a moment: too many logins to it are being tried at once, which can "
+                "mean someone is guessing its password. Wait a minute, then log in again. If it stays locked, tell "
+                "your administrator.")
+BUSY_ADDRESS = ("Too many logins are being tried at once from your network address. Wait a minute, then log in "
                 "again. If this keeps happening, tell your administrator.")
 
 
@@ -162,7 +162,7 @@ async def home(request: web.Request) -> web.Response:
 
 
 async def login_page(request: web.Request) -> web.Response:
-    return render(request, "login.html", next=_next(request.query.get("next", "")), error=None)
+    return render(request, "login.html", next=_next(request.query.get("next", "")), error=None, user="")
 
 
 def _next(target: str) -> str:
@@ -185,7 +185,8 @@ def _next(target: str) -> str:
 
 
 def _login_answer(request: web.Request, form, status: int, error: str) -> web.Response:
-    response = render(request, "login.html", next=_next(str(form.get("next", ""))), error=error)
+    response = render(request, "login.html", next=_next(str(form.get("next", ""))), error=error,
+                      user=str(form.get("user", ""))[:64])
     response.set_status(status)
     if status == 429:
         response.headers["Retry-After"] = "60"
@@ -321,7 +322,7 @@ def _search_params(query) -> dict[str, str]:
     for key, label in SEARCH_FIELDS.items():
         value = query.get(key, "")
         if len(value) > SEARCH_MAX_CHARS:
-            raise _bad_request(f"{label}: at most {SEARCH_MAX_CHARS} characters")
+            raise _bad_request(f"{label}: at most {SEARCH_MAX_CHARS} characters; shorten it and search again")
         params[key] = value
     return params
 
