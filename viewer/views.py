@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import sqlite3
 import time
@@ -20,6 +21,7 @@ from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
 from archive.query import STUDY_ROOT, Query, QueryError
 from router import queue
@@ -34,6 +36,7 @@ from .app import json_body
 from .images import NotAnImage
 from .logins import Busy
 
+log = logging.getLogger(__name__)
 PAGE = 50
 SEARCH_FIELDS = {"name": "Patient name", "id": "Patient ID", "accession": "Accession number", "modality": "Modality",
                  "from": "From", "to": "To"}
@@ -543,10 +546,23 @@ async def api_revoke(request: web.Request) -> web.Response:
 
 # -- instances -----------------------------------------------------------------------------------
 
+async def _decoded(request: web.Request, uid: str):
+    """The instance's decoded pixels; 422 when a stored file's pixel data cannot be decoded (cut
+    short, an impossible bit depth, a codestream of noise): the file's fault, not the request's."""
+    try:
+        return await run(request, request.app[IMAGES].decode, uid)
+    except NotAnImage:
+        raise
+    except Exception as exc:
+        log.warning("instance %s: its pixel data cannot be decoded (%s)", uid, type(exc).__name__)
+        why = f"this image cannot be shown: its pixel data cannot be decoded ({str(exc)[:200] or type(exc).__name__})"
+        raise web.HTTPUnprocessableEntity(text=json.dumps({"error": why}), content_type="application/json") from None
+
+
 async def api_info(request: web.Request) -> web.Response:
     uid, _ = await _instance(request)
     try:
-        decoded = await run(request, request.app[IMAGES].decode, uid)
+        decoded = await _decoded(request, uid)
     except NotAnImage as exc:
         ds = await run(request, request.app[IMAGES].dataset, uid)
         return _json({"image": False, "sop_class_uid": str(ds.SOPClassUID), "why": str(exc),
@@ -572,6 +588,10 @@ async def api_render(request: web.Request) -> web.Response:
     region = (x, y, w, h) if None not in (x, y, w, h) else None
     size = (width, height) if (width, height) != (None, None) else None
     try:
+        await _decoded(request, uid)              # decoded once and cached: the render below finds it
+    except NotAnImage as exc:
+        raise web.HTTPUnprocessableEntity(text=json.dumps({"error": str(exc)}), content_type="application/json")
+    try:
         data = await run(request, lambda: request.app[IMAGES].render(
             uid, frame=frame or 0, region=region, size=size, window=(center, window) if None not in (center, window)
             else None, fmt=fmt))
@@ -582,37 +602,67 @@ async def api_render(request: web.Request) -> web.Response:
     return web.Response(body=data, content_type=f"image/{fmt}", headers={"Cache-Control": "private, max-age=3600"})
 
 
-def _sr_items(sequence, depth: int = 0) -> list[dict]:
+SR_MAX_DEPTH, SR_MAX_ITEMS = 8, 5000     # what the report view shows of an SR's content tree at most
+
+
+def _first(ds, keyword: str):
+    """The first item of a sequence, or None (absent, empty, or not a sequence)."""
+    sequence = ds.get(keyword)
+    return sequence[0] if isinstance(sequence, Sequence) and len(sequence) else None
+
+
+def _meaning(ds, keyword: str) -> str:
+    code = _first(ds, keyword)
+    return str(code.get("CodeMeaning", "")) if code is not None else ""
+
+
+def _sr_value(item) -> str:
+    kind = str(item.get("ValueType", ""))
+    if kind == "TEXT":
+        return str(item.get("TextValue", ""))
+    if kind == "CODE":
+        return _meaning(item, "ConceptCodeSequence")
+    if kind == "NUM":
+        measured = _first(item, "MeasuredValueSequence")
+        if measured is None:
+            return ""
+        unit = _first(measured, "MeasurementUnitsCodeSequence")
+        return f"{measured.get('NumericValue', '')} {unit.get('CodeValue', '') if unit is not None else ''}".strip()
+    if kind in ("UIDREF", "DATETIME", "DATE", "TIME", "PNAME"):
+        return str(item.get({"UIDREF": "UID", "DATETIME": "DateTime", "DATE": "Date", "TIME": "Time",
+                             "PNAME": "PersonName"}[kind], ""))
+    if kind == "SCOORD":
+        return f"{item.get('GraphicType', '')} {list(item.get('GraphicData', None) or [])[:4]}"
+    return ""
+
+
+def _sr_items(sequence, depth: int = 0, budget: list[int] | None = None) -> list[dict]:
+    """The content tree as the report view shows it; whatever an item holds (an empty code
+    sequence, a value pydicom cannot convert), the rest of the report is still shown."""
+    budget = [SR_MAX_ITEMS] if budget is None else budget
     items = []
-    for item in sequence or []:
-        name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
-        kind = str(item.get("ValueType", ""))
-        value = ""
-        if kind == "TEXT":
-            value = str(item.get("TextValue", ""))
-        elif kind == "CODE" and "ConceptCodeSequence" in item:
-            value = str(item.ConceptCodeSequence[0].CodeMeaning)
-        elif kind == "NUM" and "MeasuredValueSequence" in item:
-            measured = item.MeasuredValueSequence[0]
-            unit = measured.MeasurementUnitsCodeSequence[0].CodeValue if "MeasurementUnitsCodeSequence" in measured else ""
-            value = f"{measured.NumericValue} {unit}".strip()
-        elif kind in ("UIDREF", "DATETIME", "DATE", "TIME", "PNAME"):
-            value = str(item.get({"UIDREF": "UID", "DATETIME": "DateTime", "DATE": "Date", "TIME": "Time",
-                                  "PNAME": "PersonName"}[kind], ""))
-        elif kind == "SCOORD":
-            value = f"{item.get('GraphicType', '')} {list(item.get('GraphicData', []))[:4]}"
-        items.append({"name": str(name), "type": kind, "value": value,
-                      "children": _sr_items(item.get("ContentSequence"), depth + 1) if depth < 8 else []})
+    for item in sequence if isinstance(sequence, Sequence) else []:
+        if budget[0] <= 0:
+            break
+        budget[0] -= 1
+        try:
+            entry = {"name": _meaning(item, "ConceptNameCodeSequence"), "type": str(item.get("ValueType", "")),
+                     "value": _sr_value(item)}
+            children = item.get("ContentSequence") if depth < SR_MAX_DEPTH else None
+        except Exception:                      # a value pydicom cannot read: shown as such
+            entry, children = {"name": "", "type": "", "value": "(this item cannot be read)"}, None
+        entry["children"] = _sr_items(children, depth + 1, budget) if children is not None else []
+        items.append(entry)
     return items
 
 
 async def api_sr(request: web.Request) -> web.Response:
     uid, _ = await _instance(request)
     ds = await run(request, request.app[IMAGES].dataset, uid, True)
-    if "ContentSequence" not in ds:
+    if not isinstance(ds.get("ContentSequence"), Sequence):
         raise web.HTTPUnprocessableEntity(text='{"error": "not a structured report"}', content_type="application/json")
-    title = ds.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in ds else "Report"
-    return _json({"title": str(title), "items": _sr_items(ds.ContentSequence)})
+    title = _meaning(ds, "ConceptNameCodeSequence") or "Report"
+    return _json({"title": title, "items": await run(request, _sr_items, ds.ContentSequence)})
 
 
 async def api_download(request: web.Request) -> web.StreamResponse:
