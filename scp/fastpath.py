@@ -233,21 +233,20 @@ def _fill(sock, buffer: bytearray, start: int, deadline: float, exclusive: bool,
     end = len(buffer)
     with memoryview(buffer) as view:
         while start < end:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise PDUTimeout(f"{name} stalled at {start} of {total} bytes")
             try:
                 if exclusive:
-                    sock.settimeout(remaining)
+                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 count = sock.recv_into(view[start:], end - start)
             except TimeoutError:
-                continue   # the deadline decides
+                count = None   # the deadline decides
             except OSError as exc:   # reset, TLS record errors, closed under us
                 raise PeerClosed(f"{name} cut off at {start} of {total} bytes ({exc.__class__.__name__})",
                                  start) from None
-            if not count:
+            if count == 0:
                 raise PeerClosed(f"{name} cut off at {start} of {total} bytes", start)
-            start += count
+            start += count or 0
+            if start < end and time.monotonic() >= deadline:
+                raise PDUTimeout(f"{name} stalled at {start} of {total} bytes")
     return end
 
 
@@ -461,16 +460,16 @@ class FastDIMSE(DIMSEServiceProvider):
         set stays under MAX_COMMAND_SET, and a data set it holds in memory (everything but a
         C-STORE's, spooled to a file) under `dicom.max_identifier_size`."""
         if control & 1:
-            self._stock_command += size
-            if self._stock_command > MAX_COMMAND_SET:
+            if self._stock_command + size > MAX_COMMAND_SET:
                 self._abort(f"a command set longer than {MAX_COMMAND_SET} bytes")
                 return False
+            self._stock_command += size
         elif getattr(self.message, "_data_set_file", None) is None:
-            self._stock_data += size
-            if self._stock_data > self._limits.max_identifier:
+            if self._stock_data + size > self._limits.max_identifier:
                 self._abort(f"a {type(self.message).__name__} data set longer than {self._limits.max_identifier} "
                             "bytes (dicom.max_identifier_size)")
                 return False
+            self._stock_data += size
         return True
 
     def _start(self, context_id: int, command: bytes) -> None:

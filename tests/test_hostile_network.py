@@ -23,7 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from pynetdicom import AE, _config as pynetdicom_config
 from pynetdicom.association import Association
@@ -767,8 +767,25 @@ _PDV = st.tuples(st.sampled_from([1, 3, 5, 7]), st.integers(0, 255),
                            st.sampled_from([b"", b"STORE", b"FIND", b"ACTION"])))
 
 
+def _message(context_id: int, command: bytes, fragments: list[bytes], complete: bool) -> list[tuple]:
+    """A command set and its data set fragments as PDVs, the last one marked last when `complete`."""
+    pdvs = [(context_id, 0x03, command)] + [(context_id, 0x00, fragment) for fragment in fragments]
+    if complete:
+        pdvs[-1] = (context_id, pdvs[-1][1] | 0x02, pdvs[-1][2])
+    return pdvs
+
+
+# well-formed messages (on their context or another) mixed with random fragments
+_MESSAGES = st.lists(st.one_of(
+    st.builds(_message, st.sampled_from([1, 3, 5]), st.sampled_from([b"STORE", b"FIND", b"ACTION"]),
+              st.lists(st.one_of(st.binary(max_size=300), st.integers(0, 40_000).map(lambda n: b"\0" * n)),
+                       max_size=4),
+              st.booleans()),
+    _PDV.map(lambda pdv: [pdv])), min_size=1, max_size=8).map(lambda groups: [p for g in groups for p in g])
+
+
 @pytest.mark.fuzz
-@given(st.lists(_PDV, min_size=1, max_size=24))
+@given(_MESSAGES)
 def test_fragments_never_escape_or_grow_past_the_caps(tmp_path_factory, pdvs):
     """Random P-DATA fragments (command sets, data sets, control bytes, context ids) fed to the fast
     path of an association: no exception escapes, no buffer passes its cap, an overflow aborts."""
@@ -802,6 +819,8 @@ def test_fragments_never_escape_or_grow_past_the_caps(tmp_path_factory, pdvs):
             if dimse.aborted:
                 assert "Evt19" in assoc.dul.event_queue.queue
                 break
+        event("aborted" if dimse.aborted else "stored" if stored else "left to pynetdicom"
+              if dimse.message is not None or not dimse.msg_queue.empty() else "other")
     finally:
         tempfile.tempdir = old
         dimse.drop()
