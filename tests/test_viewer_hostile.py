@@ -781,3 +781,30 @@ async def test_fuzz_random_files_and_zips_each_get_their_own_outcome(clinician, 
                 assert status in (200, 404, 422), (view, status)
     after = stored(setup[1])
     assert {k: v for k, v in after.items() if k in before} == before
+
+
+PATHS = ["/studies/{}", "/studies/{}/model/{}", "/api/studies/{}", "/api/studies/{}/findings", "/api/studies/{}/jobs",
+         "/api/studies/{}/plugins", "/api/studies/{}/shares", "/api/jobs/{}/files/{}", "/api/instances/{}/info",
+         "/api/instances/{}/render", "/api/instances/{}/sr", "/api/instances/{}/download", "/s/{}"]
+POSTS = ["/api/jobs/{}/cancel", "/api/studies/{}/jobs", "/api/studies/{}/share", "/api/shares/{}/revoke"]
+
+
+@pytest.mark.fuzz
+@given(first=st.one_of(any_text(70), st.just("1.2.3"), st.just("0123456789abcdef")), second=any_text(40),
+       raw=st.booleans())
+async def test_fuzz_path_parameters_never_answer_500(clinician, first, second, raw):
+    from urllib.parse import quote
+
+    from yarl import URL
+
+    def path(template: str) -> URL:
+        parts = [quote(first, safe="" if not raw else "/%"), quote(second, safe="")]
+        return URL(template.format(*parts[:template.count("{}")]), encoded=True)
+
+    headers = {"X-CSRF-Token": clinician.csrf}
+    for template in PATHS:
+        status, _ = await answered(clinician.get(path(template), allow_redirects=False))
+        assert status in (200, 302, 400, 403, 404, 422), (template, status)
+    for template in POSTS:
+        status, _ = await answered(clinician.post(path(template), json={}, headers=headers, allow_redirects=False))
+        assert status in (200, 201, 400, 403, 404, 409), (template, status)
