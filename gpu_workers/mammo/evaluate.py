@@ -6,7 +6,7 @@ finding is found once (the best-scoring mark); any other mark is a false positiv
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -35,6 +35,26 @@ def phantom_options(seed: int, base: phantom.Options = phantom.Options()) -> pha
     return phantom.Options(rows=int(round(base.rows * base.spacing / spacing)),
                            columns=int(round(base.columns * base.spacing / spacing)), spacing=spacing,
                            bits=int(rng.choice([12, 14])), monochrome1=bool(rng.random() < 0.15))
+
+
+NORMAL_KINDS = ("no calcification", "isolated calcifications only", "very dense")
+
+
+def normal_options(seed: int) -> phantom.Options:
+    """A normal image (no cluster) of one of three kinds in turn: no calcification at all,
+    isolated calcifications only (2-6, each more than 8 mm from the others: no cluster), or very
+    dense tissue (glandular fraction 0.8) without calcification; acquisitions varied as above."""
+    kind = seed % 3
+    opts = phantom_options(seed)
+    if kind == 0:
+        return replace(opts, clusters=0, isolated=0)
+    if kind == 1:
+        return replace(opts, clusters=0, isolated=2 + seed % 5)
+    return replace(opts, clusters=0, isolated=0, density=0.8)
+
+
+def analyse_normal(seed: int) -> "ImageResult":
+    return analyse(seed, normal_options(seed))
 
 
 def label(x: np.ndarray, y: np.ndarray, truth: phantom.Truth) -> np.ndarray:
@@ -121,6 +141,26 @@ def froc(marks: Marks, images: np.ndarray | None = None) -> tuple[np.ndarray, np
     tp = np.cumsum(hit[order])
     fp = np.cumsum(~hit[order])
     return scores[order], fp / max(len(images), 1), tp / max(total, 1)
+
+
+def froc_on_normals(marks: Marks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, false positives per normal image, sensitivity): the false positives counted on
+    the images without a true finding only (what a screening reader meets most), sensitivity on
+    the others, over every distinct score."""
+    normal = [i for i, truths in enumerate(marks.truths) if truths == 0]
+    scores = np.concatenate(marks.scores) if marks.scores else np.zeros(0)
+    hit = np.concatenate([h >= 0 for h in marks.hits]) if marks.hits else np.zeros(0, bool)
+    on_normal = np.concatenate([np.full(len(s), marks.truths[i] == 0) for i, s in enumerate(marks.scores)]) \
+        if marks.scores else np.zeros(0, bool)
+    order = np.argsort(-scores)
+    return (scores[order], np.cumsum(on_normal[order]) / max(len(normal), 1),
+            np.cumsum(hit[order]) / max(sum(marks.truths), 1))
+
+
+def marks_at(marks: Marks, threshold: float, normal_only: bool = True) -> np.ndarray:
+    """Marks scoring at least `threshold` per image (per normal image with `normal_only`)."""
+    return np.array([int(np.sum(s >= threshold)) for s, t in zip(marks.scores, marks.truths)
+                     if t == 0 or not normal_only])
 
 
 def sensitivity_at(marks: Marks, fp_targets, images: np.ndarray | None = None) -> np.ndarray:
