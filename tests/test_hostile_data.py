@@ -614,3 +614,38 @@ def test_fuzz_deflated_garbage_is_invalid_instance(stream, head):
             inspect(path)
         except InvalidInstance:
             pass
+
+
+async def test_the_viewer_answers_422_for_bombs_already_in_storage(tmp_path, aiohttp_client):
+    """A bomb stored before the limits existed: its info, report and image pages are a clear
+    422, never a 500, and nothing is inflated in memory."""
+    from node.config import from_dict
+    from viewer import accounts
+    from viewer.app import create_app
+
+    lenient = lenient_archive(tmp_path / "var")
+    bomb, deep = tmp_path / "bomb.dcm", tmp_path / "deep.dcm"
+    bomb.write_bytes(deflate_bomb(generate_uid(), 256 << 20))
+    deep.write_bytes(deep_file(generate_uid(), 60))
+    stored = [lenient.ingest_file(p).sop_instance_uid for p in (bomb, deep)]
+    lenient.close()
+    config = from_dict({"node": {"data_dir": str(tmp_path / "var")}, "viewer": {"tls": False}}, tmp_path)
+    archive = Archive(config.data_dir)
+    accounts.add_user(archive.index, "alice", "a long enough password", "clinician")
+    try:
+        client = await aiohttp_client(create_app(config, archive))
+        await client.post("/login", data={"user": "alice", "password": "a long enough password", "next": "/studies"},
+                          allow_redirects=False)
+        tracemalloc.start()
+        try:
+            for uid, reason in zip(stored, ("inflates over 100x", "nested deeper than 32")):
+                for page in ("info", "sr", "render"):
+                    answer = await client.get(f"/api/instances/{uid}/{page}")
+                    assert answer.status == 422, f"{page}: {answer.status} {await answer.text()}"
+                    assert reason in (await answer.json())["error"], page
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 64 << 20, f"{peak >> 20} MiB allocated"
+    finally:
+        archive.close()

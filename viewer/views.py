@@ -23,6 +23,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from archive.dicomfile import InvalidInstance
 from archive.query import STUDY_ROOT, Query, QueryError
 from router import queue
 from router.api import JobRequestError, plugins_for_study, request_job
@@ -559,12 +560,23 @@ async def _decoded(request: web.Request, uid: str):
         raise web.HTTPUnprocessableEntity(text=json.dumps({"error": why}), content_type="application/json") from None
 
 
+async def _dataset(request: web.Request, uid: str, pixels: bool = False):
+    """The stored data set; 422 when the stored file cannot be read within the limits (a
+    deflate bomb, nesting too deep: docs/security.md)."""
+    try:
+        return await run(request, request.app[IMAGES].dataset, uid, pixels)
+    except InvalidInstance as exc:
+        log.warning("instance %s cannot be read: %s", uid, exc)
+        raise web.HTTPUnprocessableEntity(text=json.dumps({"error": f"this object cannot be read: {exc}"}),
+                                          content_type="application/json") from None
+
+
 async def api_info(request: web.Request) -> web.Response:
     uid, _ = await _instance(request)
     try:
         decoded = await _decoded(request, uid)
     except NotAnImage as exc:
-        ds = await run(request, request.app[IMAGES].dataset, uid)
+        ds = await _dataset(request, uid)
         return _json({"image": False, "sop_class_uid": str(ds.SOPClassUID), "why": str(exc),
                       "modality": str(ds.get("Modality", ""))})
     return _json({"image": True, **decoded.info})
@@ -658,7 +670,7 @@ def _sr_items(sequence, depth: int = 0, budget: list[int] | None = None) -> list
 
 async def api_sr(request: web.Request) -> web.Response:
     uid, _ = await _instance(request)
-    ds = await run(request, request.app[IMAGES].dataset, uid, True)
+    ds = await _dataset(request, uid, True)
     if not isinstance(ds.get("ContentSequence"), Sequence):
         raise web.HTTPUnprocessableEntity(text='{"error": "not a structured report"}', content_type="application/json")
     title = _meaning(ds, "ConceptNameCodeSequence") or "Report"
