@@ -20,7 +20,7 @@ from pydicom import uid
 from archive import Archive
 from node.config import Config
 
-from . import fastpath, handlers, retrieve
+from . import fastpath, handlers, retrieve, wire
 from .commitment import Committer
 from .tls import TLSAssociationServer, server_context
 
@@ -115,7 +115,7 @@ def start_servers(ae: AE, config: Config, archive: Archive, sockets: dict[int, s
     handler = None
     if fastpath.ENABLED:
         handler = fastpath.request_handler(partial(handlers.store, archive), partial(handlers.find, archive, config),
-                                           limits=fastpath.Limits.of(d))
+                                           limits=wire.Limits.of(d))
     else:
         log.warning("pynetdicom %s is not %s: C-STORE and C-FIND take pynetdicom's slower generic path, and "
                     "PDU lengths and command sets are not bounded by the node", pynetdicom.__version__,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from .fastpath import PDUError, PDURefused, PDUTimeout, abort_pdu, read_pdu
+from .wire import PDUError, PDURefused, PDUTimeout, abort_pdu, read_pdu
 
 log = logging.getLogger(__name__)
 

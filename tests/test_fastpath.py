@@ -17,7 +17,7 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from helpers import data_file, dataset_offset, wait_for
-from scp import fastpath
+from scp import fastpath, wire
 
 ODD_UID = "1.2.826.0.1.3680043.8.498.1234567"       # 33 characters: padded
 EVEN_UID = "1.2.826.0.1.3680043.8.498.12345678"     # 34 characters
@@ -43,7 +43,7 @@ def test_store_rsp_is_what_pynetdicom_encodes(status, comment, instance):
     if comment:
         rsp.ErrorComment = comment
     expected = _command_bytes(C_STORE_RSP(), rsp)
-    assert fastpath.encode_store_rsp(513, CTImageStorage, instance, status, comment) == expected
+    assert wire.encode_store_rsp(513, CTImageStorage, instance, status, comment) == expected
 
 
 @pytest.mark.parametrize("max_pdu", [0, 16382, 64])
@@ -58,15 +58,15 @@ def test_pending_find_rsp_is_what_pynetdicom_sends(max_pdu, status):
     message = C_FIND_RSP()
     message.primitive_to_message(rsp)
     expected = [p.presentation_data_value_list for p in message.encode_msg(5, max_pdu)]
-    command = fastpath.encode_find_rsp(3, "1.2.840.10008.5.1.4.1.2.2.1", status)
-    ours = [p.presentation_data_value_list for p in fastpath.p_data(5, command, identifier.getvalue(), max_pdu)]
+    command = wire.encode_find_rsp(3, "1.2.840.10008.5.1.4.1.2.2.1", status)
+    ours = [p.presentation_data_value_list for p in wire.p_data(5, command, identifier.getvalue(), max_pdu)]
     assert [[(c, bytes(d)) for c, d in pdvs] for pdvs in ours] == [[(c, bytes(d)) for c, d in pdvs]
                                                                    for pdvs in expected]
 
 
 def test_p_data_tf_is_what_pynetdicom_decodes():
-    command = fastpath.encode_store_rsp(1, CTImageStorage, ODD_UID, 0)
-    raw = fastpath.p_data_tf(5, command)
+    command = wire.encode_store_rsp(1, CTImageStorage, ODD_UID, 0)
+    raw = wire.p_data_tf(5, command)
     pdu = P_DATA_TF()
     pdu.decode(raw)
     assert pdu.presentation_data_value_items[0].presentation_context_id == 5
@@ -88,7 +88,7 @@ def test_file_meta_is_what_pydicom_writes(source_ae, instance):
     buf = BytesIO()
     write_file_meta_info(buf, meta, enforce_standard=True)
     expected = b"\0" * 128 + b"DICM" + buf.getvalue()
-    assert fastpath.file_meta(CTImageStorage, instance, JPEGBaseline8Bit, source_ae) == expected
+    assert wire.file_meta(CTImageStorage, instance, JPEGBaseline8Bit, source_ae) == expected
     assert pydicom.dcmread(BytesIO(expected + b"")).file_meta.MediaStorageSOPInstanceUID == instance
 
 
@@ -102,15 +102,15 @@ def test_store_rq_parsed_from_pynetdicom_encoding():
     rq.MoveOriginatorMessageID = 3
     rq.DataSet = BytesIO(b"\x08\x00\x16\x00")
     command = _command_bytes(C_STORE_RQ(), rq)
-    assert fastpath.parse_store_rq(command) == fastpath.StoreRequest(77, MRImageStorage, ODD_UID)
+    assert wire.parse_store_rq(command) == wire.StoreRequest(77, MRImageStorage, ODD_UID)
     # anything else is left to pynetdicom: other commands, truncation, foreign groups
     echo = C_ECHO()
     echo.MessageID = 1
     echo.AffectedSOPClassUID = Verification
-    assert fastpath.parse_store_rq(_command_bytes(C_ECHO_RQ(), echo)) is None
-    assert fastpath.parse_store_rq(command[:-3]) is None
-    assert fastpath.parse_store_rq(b"\x08\x00" + command[2:]) is None
-    assert fastpath.parse_store_rq(b"") is None
+    assert wire.parse_store_rq(_command_bytes(C_ECHO_RQ(), echo)) is None
+    assert wire.parse_store_rq(command[:-3]) is None
+    assert wire.parse_store_rq(b"\x08\x00" + command[2:]) is None
+    assert wire.parse_store_rq(b"") is None
 
 
 def test_socket_read_cut_short_by_the_peer_returns_what_came():

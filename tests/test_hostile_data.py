@@ -429,7 +429,8 @@ def test_plug_ins_get_no_bomb_either(tmp_path):
     assert small.dataset().pixel_array.shape == (64, 64)
 
 
-async def test_an_uploaded_deflate_bomb_is_refused_and_stores_nothing(tmp_path, aiohttp_client):
+async def logged_in_viewer(tmp_path: Path, aiohttp_client):
+    """The viewer app on tmp_path/var (its archive) and a client logged in as a clinician."""
     from node.config import from_dict
     from viewer import accounts
     from viewer.app import create_app
@@ -437,10 +438,15 @@ async def test_an_uploaded_deflate_bomb_is_refused_and_stores_nothing(tmp_path, 
     config = from_dict({"node": {"data_dir": str(tmp_path / "var")}, "viewer": {"tls": False}}, tmp_path)
     archive = Archive(config.data_dir)
     accounts.add_user(archive.index, "alice", "a long enough password", "clinician")
+    client = await aiohttp_client(create_app(config, archive))
+    await client.post("/login", data={"user": "alice", "password": "a long enough password", "next": "/studies"},
+                      allow_redirects=False)
+    return archive, client
+
+
+async def test_an_uploaded_deflate_bomb_is_refused_and_stores_nothing(tmp_path, aiohttp_client):
+    archive, client = await logged_in_viewer(tmp_path, aiohttp_client)
     try:
-        client = await aiohttp_client(create_app(config, archive))
-        await client.post("/login", data={"user": "alice", "password": "a long enough password", "next": "/studies"},
-                          allow_redirects=False)
         page = await (await client.get("/studies")).text()
         token = page.split('name="csrf-token" content="')[1].split('"')[0]
         import aiohttp
@@ -619,23 +625,14 @@ def test_fuzz_deflated_garbage_is_invalid_instance(stream, head):
 async def test_the_viewer_answers_422_for_bombs_already_in_storage(tmp_path, aiohttp_client):
     """A bomb stored before the limits existed: its info, report and image pages are a clear
     422, never a 500, and nothing is inflated in memory."""
-    from node.config import from_dict
-    from viewer import accounts
-    from viewer.app import create_app
-
     lenient = lenient_archive(tmp_path / "var")
     bomb, deep = tmp_path / "bomb.dcm", tmp_path / "deep.dcm"
     bomb.write_bytes(deflate_bomb(generate_uid(), 256 << 20))
     deep.write_bytes(deep_file(generate_uid(), 60))
     stored = [lenient.ingest_file(p).sop_instance_uid for p in (bomb, deep)]
     lenient.close()
-    config = from_dict({"node": {"data_dir": str(tmp_path / "var")}, "viewer": {"tls": False}}, tmp_path)
-    archive = Archive(config.data_dir)
-    accounts.add_user(archive.index, "alice", "a long enough password", "clinician")
+    archive, client = await logged_in_viewer(tmp_path, aiohttp_client)
     try:
-        client = await aiohttp_client(create_app(config, archive))
-        await client.post("/login", data={"user": "alice", "password": "a long enough password", "next": "/studies"},
-                          allow_redirects=False)
         tracemalloc.start()
         try:
             for uid, reason in zip(stored, ("inflates over 100x", "nested deeper than 32")):

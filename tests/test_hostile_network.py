@@ -37,7 +37,7 @@ from pynetdicom.sop_class import (CTImageStorage, StorageCommitmentPushModel,
                                   StudyRootQueryRetrieveInformationModelFind, Verification)
 
 from helpers import data_file, wait_for
-from scp import fastpath
+from scp import fastpath, wire
 from scp.tls import client_context
 
 MiB = 1 << 20
@@ -614,7 +614,7 @@ def inprocess_node(tmp_path, monkeypatch):
         ae = build_ae(config)
         sock = socket.create_server(("127.0.0.1", 0))
         servers.append((ae, sock))
-        handler = fastpath.request_handler(store, find, limits=fastpath.Limits.of(config.dicom))
+        handler = fastpath.request_handler(store, find, limits=wire.Limits.of(config.dicom))
         serve(ae, sock, [], supported_contexts(), None, config, handler)
         return sock.getsockname()[1]
 
@@ -693,7 +693,7 @@ READER_LIMITS = {0x01: 4096, 0x04: 16384, 0x05: 64, 0x06: 64, 0x07: 64}
 
 
 @pytest.mark.fuzz
-@given(pdu_type=st.one_of(st.sampled_from(sorted(fastpath.PDU_NAMES)), st.integers(0, 255)),
+@given(pdu_type=st.one_of(st.sampled_from(sorted(wire.PDU_NAMES)), st.integers(0, 255)),
        length=st.one_of(st.integers(0, 20000), st.integers(0, 0xFFFFFFFF)),
        body=st.binary(max_size=20000), close=st.booleans())
 def test_pdu_reader_never_allocates_a_claim(pdu_type, length, body, close):
@@ -706,9 +706,9 @@ def test_pdu_reader_never_allocates_a_claim(pdu_type, length, body, close):
             theirs.shutdown(socket.SHUT_WR)
         tracemalloc.start()
         try:
-            pdu = fastpath.read_pdu(ours, READER_LIMITS, time.monotonic() + 0.05, exclusive=True)
+            pdu = wire.read_pdu(ours, READER_LIMITS, time.monotonic() + 0.05, exclusive=True)
             outcome = None
-        except fastpath.PDUError as exc:
+        except wire.PDUError as exc:
             pdu, outcome = None, exc
         finally:
             _, peak = tracemalloc.get_traced_memory()
@@ -719,9 +719,9 @@ def test_pdu_reader_never_allocates_a_claim(pdu_type, length, body, close):
     limit = READER_LIMITS.get(pdu_type)
     assert peak < 2 * max(READER_LIMITS.values()) + 65536
     if limit is None or length > limit:
-        assert isinstance(outcome, fastpath.PDURefused)
+        assert isinstance(outcome, wire.PDURefused)
     elif len(body) < length:
-        assert isinstance(outcome, fastpath.PeerClosed if close else fastpath.PDUTimeout)
+        assert isinstance(outcome, wire.PeerClosed if close else wire.PDUTimeout)
     else:
         assert pdu == struct.pack(">BBI", pdu_type, 0, length) + body[:length]
 
@@ -733,8 +733,8 @@ def _uid(draw_int) -> str:
 @pytest.mark.fuzz
 @given(st.binary(max_size=512))
 def test_command_set_parser_never_raises_on_bytes(data):
-    request = fastpath.parse_store_rq(data)
-    assert request is None or isinstance(request, fastpath.StoreRequest)
+    request = wire.parse_store_rq(data)
+    assert request is None or isinstance(request, wire.StoreRequest)
 
 
 @pytest.mark.fuzz
@@ -745,7 +745,7 @@ def test_command_set_parser_never_raises_on_bytes(data):
 def test_command_set_parser_never_raises_on_elements(elements, group):
     data = b"".join(struct.pack("<HHI", group if n == 0 else 0, elem, len(value)) + value
                     for n, (elem, value) in enumerate(elements))
-    request = fastpath.parse_store_rq(data)
+    request = wire.parse_store_rq(data)
     assert request is None or (request.sop_class and request.sop_instance)
 
 
@@ -759,7 +759,7 @@ def test_command_set_parser_reads_what_pynetdicom_encodes(message_id, instance, 
     rq.Priority = priority
     rq.DataSet = BytesIO(b"\x08\x00\x16\x00")
     command = _command(C_STORE_RQ(), rq)
-    assert fastpath.parse_store_rq(command) == fastpath.StoreRequest(message_id, CTImageStorage, instance)
+    assert wire.parse_store_rq(command) == wire.StoreRequest(message_id, CTImageStorage, instance)
 
 
 _PDV = st.tuples(st.sampled_from([1, 3, 5, 7]), st.integers(0, 255),
@@ -790,7 +790,7 @@ def test_fragments_never_escape_or_grow_past_the_caps(tmp_path_factory, pdvs):
     """Random P-DATA fragments (command sets, data sets, control bytes, context ids) fed to the fast
     path of an association: no exception escapes, no buffer passes its cap, an overflow aborts."""
     spool = tmp_path_factory.mktemp("spool")
-    limits = fastpath.Limits(max_pdu=16384, max_associate_rq=65536, max_identifier=65536)
+    limits = wire.Limits(max_pdu=16384, max_associate_rq=65536, max_identifier=65536)
     ae = AE(ae_title="M3DICOM")
     assoc = Association(ae, "acceptor")
     for context_id, sop_class in ((1, CTImageStorage), (3, StudyRootQueryRetrieveInformationModelFind),
@@ -813,8 +813,8 @@ def test_fragments_never_escape_or_grow_past_the_caps(tmp_path_factory, pdvs):
             primitive = P_DATA()
             primitive.presentation_data_value_list = [[context_id, bytes([control]) + samples.get(payload, payload)]]
             dimse.receive_primitive(primitive)   # never raises
-            assert len(dimse._command) <= fastpath.MAX_COMMAND_SET
-            assert dimse._stock_command <= fastpath.MAX_COMMAND_SET
+            assert len(dimse._command) <= wire.MAX_COMMAND_SET
+            assert dimse._stock_command <= wire.MAX_COMMAND_SET
             assert dimse._stock_data <= limits.max_identifier
             if dimse.aborted:
                 assert "Evt19" in assoc.dul.event_queue.queue
