@@ -437,6 +437,14 @@ class Index:
     def changes_since(self, seq: int, limit: int = 1000) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
 
+    def studies_stored(self, after: int, upto: int, limit: int = 1000) -> list[tuple[int, str]]:
+        """(seq, study UID) of the studies that received instances (from a modality or an upload,
+        not a job's results) in the changes after `after` up to `upto`: one per study, at its
+        last such change, in that order."""
+        return [(seq, uid) for seq, uid in self.query(
+            "SELECT MAX(seq), study_uid FROM changes WHERE kind IN ('stored', 'replaced') AND seq > ? AND seq <= ? "
+            "GROUP BY study_uid ORDER BY MAX(seq) LIMIT ?", (after, upto, limit))]
+
     # -- writes used by ingest (inside `write()`) ---------------------------------------
 
     @staticmethod

@@ -390,6 +390,43 @@ class Query:
         return ds
 
 
+# -- the viewer's study list ------------------------------------------------------------------
+# The same matching as a C-FIND at STUDY level, one page in an order a person picks, each study's
+# own images counted apart from the node's results (instances a job made: instances.job_id).
+_OWN = "instances x JOIN series y ON x.series_pk = y.pk WHERE y.study_pk = s.pk AND x.job_id IS {} NULL"
+STUDY_LIST_COLUMNS = {"images": _count(_OWN.format("")), "results": _count(_OWN.format("NOT"))}
+# sort key -> the terms it orders by (an empty value sorts last whichever the direction)
+STUDY_LIST_ORDER = {
+    "date": ("s.study_date", "s.study_time_key"),
+    "name": ("p.patient_name_key",),
+    "id": ("p.patient_id",),
+    "description": ("s.study_description COLLATE NOCASE",),
+    "modalities": (ATTRIBUTES["ModalitiesInStudy"].column,),
+    "images": (STUDY_LIST_COLUMNS["images"],),
+}
+
+
+def study_list(conn: sqlite3.Connection, query: Query, *, order: str = "date", descending: bool = True,
+               limit: int = 50, offset: int = 0) -> list[dict]:
+    """One page of a STUDY-level query's matches as dicts (its return keys by keyword, plus
+    `images` and `results`), ordered by `order` (a STUDY_LIST_ORDER key), ties in the order received
+    (the latest first when descending)."""
+    if query.level != "STUDY":
+        raise QueryError("the study list is a STUDY-level query")
+    if order not in STUDY_LIST_ORDER:
+        raise QueryError(f"order by one of {', '.join(STUDY_LIST_ORDER)}")
+    direction = "DESC" if descending else "ASC"
+    terms = []
+    for term in STUDY_LIST_ORDER[order]:
+        bare = term.removesuffix(" COLLATE NOCASE")
+        terms += [f"({bare} IS NULL OR {bare} = '')", f"{term} {direction}"]
+    columns = ", ".join([*(f"{ATTRIBUTES[k].column} AS {k}" for k in query.return_keys),
+                         *(f"{sql} AS {name}" for name, sql in STUDY_LIST_COLUMNS.items())])
+    sql = (f"SELECT {columns} FROM {FROM['STUDY']} WHERE {' AND '.join(query.conditions) or '1'} "
+           f"ORDER BY {', '.join(terms)}, s.pk {direction} LIMIT ? OFFSET ?")
+    return [dict(row) for row in conn.execute(sql, [*query.params, int(limit), int(offset)])]
+
+
 _U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
 
 

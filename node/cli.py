@@ -326,15 +326,40 @@ def _password(args) -> str:
     return sys.stdin.readline().rstrip("\n")
 
 
+@contextmanager
+def _index_made(config: Config):
+    """The node's index, made if the node has not started yet (the data directory 0700, as
+    `serve` makes it, and the index with its migrations): users may be added before the first
+    start. The serve lock is not taken: a running node and this command may use the index
+    together (SQLite orders their writes). Yields (index, whether it was made now)."""
+    from archive.index import Index
+
+    path = config.data_dir / "index.sqlite3"
+    made = not path.exists()
+    if made:
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    index = Index(path)
+    try:
+        yield index, made
+    finally:
+        index.close()
+
+
 def cmd_user_add(args) -> int:
-    from viewer.accounts import AccountError, add_user
+    from viewer.accounts import AccountError, add_user, check_user
 
     try:
-        with _index_of(args) as index:
-            user = add_user(index, args.name, _password(args), args.role, replace=args.replace)
-    except (AccountError, RuntimeError) as exc:
+        config = _config(args)
+        password = _password(args)
+        check_user(args.name, password, args.role)            # before anything is made
+        with _index_made(config) as (index, made):
+            user = add_user(index, args.name, password, args.role, replace=args.replace)
+    except (AccountError, RuntimeError, OSError) as exc:
         print(f"m3dicom: {exc}", file=sys.stderr)
         return 1
+    if made:
+        print(f"made the node's index at {config.data_dir / 'index.sqlite3'} (the node had not started yet; "
+              "its first start uses it and, since a user exists, makes no `admin` user)")
     print(f"user {user.name} ({user.role}) {'updated' if args.replace else 'added'}")
     return 0
 

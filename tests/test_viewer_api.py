@@ -195,6 +195,33 @@ async def test_tampered_expired_and_revoked_links_open_nothing(client, setup, ai
     assert (await guest.get(f"/s/{token}", allow_redirects=False)).status == 403
 
 
+async def test_a_link_that_opens_nothing_says_why_on_a_page(client, setup, aiohttp_client):
+    """Revoked, expired and forged links answer 403 with a page saying which, and what to do."""
+    study, _ = setup[2]["a"]
+    revoked, expired = await share_link(client, study), await share_link(client, study, days=0.5)
+    assert accounts.revoke_share(setup[1].index, revoked.split(".")[0])
+    guest = await aiohttp_client(client.server)
+
+    async def page(token: str) -> str:
+        answer = await guest.get(f"/s/{token}", allow_redirects=False)
+        assert answer.status == 403 and answer.content_type == "text/html"
+        return await answer.text()
+
+    assert "This link has been withdrawn" in await page(revoked)
+    client.clock.now += 86400
+    assert "This link has expired" in await page(expired)
+    signature = expired.rsplit(".", 1)[1]
+    forged = expired[:-len(signature)] + ("A" if signature[0] != "A" else "B") + signature[1:]
+    for token in (forged, "not-a-link", revoked.split(".")[0] + ".1.x"):
+        text = await page(token)
+        assert "This link is not valid" in text and "withdrawn" not in text and "expired" not in text
+    for text in [await page(revoked)]:
+        assert "ask the person who shared it" in text and 'href="/login"' in text and '<link rel="stylesheet"' in text
+    details = [r[0] for r in setup[1].index.query("SELECT detail FROM audit WHERE action='share_open' "
+                                                  "AND outcome='refused' ORDER BY seq")]
+    assert details == ["revoked link", "expired link", "invalid link", "invalid link", "invalid link", "revoked link"]
+
+
 # -- paths and uploads -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", [
@@ -299,6 +326,90 @@ async def test_a_download_is_the_file_as_received(client, setup):
     assert [r[0] for r in audited] == [image]
 
 
+# -- the study list ------------------------------------------------------------------------------
+
+def dated_study(directory: Path, count: int, date: str, patient: str, patient_id: str, description: str = "",
+                time: str = "") -> list[Path]:
+    """CT_small copies in a new study of this date (YYYYMMDD), time and patient."""
+    import pydicom
+
+    paths = synthetic_instances(directory, count, patient=patient, patient_id=patient_id)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.StudyDate, ds.StudyTime, ds.StudyDescription = date, time, description
+        ds.save_as(path, enforce_file_format=True)
+    return paths
+
+
+async def test_the_list_is_newest_first_sorts_by_any_column_and_counts_images_apart_from_results(client, setup,
+                                                                                                  tmp_path):
+    from router import queue
+
+    _, archive, _ = setup            # two studies of 2004-01-19 (CT_small's date): Patient^A, Patient^B
+    made = {}
+    for key, date, time, name, pid, count in (("old", "19991231", "", "Zeta^Old", "P-old", 1),
+                                              ("new", "20260301", "0830", "Alpha^New", "P-new", 3),
+                                              ("later", "20260301", "1745", "Mid^Later", "P-later", 2)):
+        paths = dated_study(tmp_path / key, count, date, name, pid, time=time)
+        made[key] = [archive.ingest_file(p).study_uid for p in paths][0]
+    job = queue.create(archive.index, study_uid=made["new"], plugin="mammo-cad", params={}, inputs=[])
+    (result,) = dated_study(tmp_path / "result", 1, "20260301", "Alpha^New", "P-new", time="0830")
+    import pydicom
+
+    ds = pydicom.dcmread(result)         # a result of the node's own: the same study, another series
+    ds.StudyInstanceUID = made["new"]
+    ds.save_as(result, enforce_file_format=True)
+    assert archive.ingest_file(result, job_id=job).study_uid == made["new"]
+    await login(client)
+
+    async def listed(query: str = "") -> list[dict]:
+        answer = await client.get("/api/studies" + query)
+        assert answer.status == 200, await answer.text()
+        return (await answer.json())["studies"]
+
+    studies = await listed()
+    assert [s["patient_id"] for s in studies] == ["P-later", "P-new", "P-b", "P-a", "P-old"]      # newest first
+    new = next(s for s in studies if s["patient_id"] == "P-new")
+    assert (new["images"], new["results"]) == (3, 1)                  # the result is not one of its images
+    assert [s["patient_id"] for s in await listed("?sort=date&order=asc")] == ["P-old", "P-a", "P-b", "P-new",
+                                                                              "P-later"]
+    assert [s["patient_name"] for s in await listed("?sort=name&order=asc")] == [
+        "Alpha^New", "Mid^Later", "Patient^A", "Patient^B", "Zeta^Old"]
+    assert [s["patient_id"] for s in await listed("?sort=images&order=desc")][:2] == ["P-new", "P-later"]
+    assert [s["patient_id"] for s in await listed("?sort=name&order=desc&name=*l*")] == ["P-old", "P-later",
+                                                                                        "P-new"]
+    for bad in ("?sort=patient_name_key", "?sort=date&order=sideways", "?sort=1;DROP TABLE studies"):
+        answer = await client.get("/api/studies" + bad)
+        assert answer.status == 400 and "sort by one of" in (await answer.json())["error"], bad
+
+
+async def test_an_upload_names_each_study_it_touched_once(client, setup, tmp_path):
+    archive = setup[1]
+    await login(client)
+    headers = {"X-CSRF-Token": await csrf_of(client)}
+    old = dated_study(tmp_path / "old", 1, "20200101", "Earlier^Study", "P-old")
+    assert (await client.post("/api/upload", headers=headers, data=files(("old.dcm", old[0].read_bytes())))).status == 200
+    new = dated_study(tmp_path / "new", 3, "20260102", "Phantom^4243", "PH-4243", "Screening")
+    answer = await client.post("/api/upload", headers=headers, data=files(
+        ("old-again.dcm", old[0].read_bytes()), *((p.name, p.read_bytes()) for p in new)))
+    assert answer.status == 200, await answer.text()
+    studies = (await answer.json())["studies"]
+    assert [(s["patient_name"], s["date"], s["stored"], s["duplicate"]) for s in studies] == [
+        ("Phantom^4243", "20260102", 3, 0), ("Earlier^Study", "20200101", 0, 1)]   # what was stored first, once
+    assert studies[0]["description"] == "Screening" and studies[0]["images"] == 3
+    assert archive.index.query("SELECT COUNT(*) FROM instances WHERE calling_ae='upload:alice'")[0][0] == 4
+
+
+async def test_an_upload_of_an_empty_file_field_says_to_choose_files(client, setup):
+    import aiohttp
+
+    await login(client)
+    form = aiohttp.FormData()
+    form.add_field("files", b"", filename="", content_type="application/octet-stream")   # what a browser sends
+    answer = await client.post("/api/upload", headers={"X-CSRF-Token": await csrf_of(client)}, data=form)
+    assert answer.status == 400 and "choose DICOM files or a zip" in (await answer.json())["error"]
+
+
 # -- notifications -------------------------------------------------------------------------------
 
 async def next_event(stream, timeout: float = 5.0) -> dict:
@@ -353,7 +464,74 @@ async def test_notifications_are_live_scoped_to_a_share_link_and_resumed_after_a
     assert old not in (first["job_id"], second["job_id"])
 
 
+async def test_a_study_that_arrives_is_announced_once_and_results_are_not(client, setup, tmp_path):
+    """The study list hears of new studies (kind study_stored): one event per study however many
+    instances came in one read of the log, none for the node's own results. (Read as a browser
+    that reconnects: what it missed comes in one read, so the count is certain.)"""
+    from router import queue
+
+    _, archive, studies = setup
+    await login(client)
+    before = archive.index.query("SELECT MAX(seq) FROM changes")[0][0]
+    arrived = [archive.ingest_file(p).study_uid for p in dated_study(tmp_path / "new", 3, "20260101", "New^One", "N1")]
+    job = queue.create(archive.index, study_uid=arrived[0], plugin="mammo-cad", params={}, inputs=[])
+    (result,) = synthetic_instances(tmp_path / "result", 1, study=arrived[0], patient="New^One", patient_id="N1")
+    archive.ingest_file(result, job_id=job)
+    (other,) = synthetic_instances(tmp_path / "other", 1, study=studies["a"][0], patient="Patient^A",
+                                   patient_id="P-a")                                # more images for a study
+    archive.ingest_file(other)
+    stream = await client.get("/api/events", headers={"Last-Event-ID": str(before)})
+    seen = [await next_event(stream) for _ in range(3)]
+    stream.close()
+    assert [(e["kind"], e["study_uid"]) for e in seen] == [("study_stored", arrived[0]), ("job_queued", arrived[0]),
+                                                           ("study_stored", studies["a"][0])]
+    latest = archive.index.query("SELECT MAX(seq) FROM changes")[0][0]
+    assert [uid for _, uid in archive.index.studies_stored(before, latest)] == [arrived[0], studies["a"][0]]
+
+
 # -- the command line ------------------------------------------------------------------------------
+
+def test_a_user_added_before_the_first_start_makes_the_index_and_logs_in(make_node):
+    """`user add` before the node ever started made nothing ("no index"); now it makes the data
+    directory (0700) and the index, and the node's first start uses them; it also runs beside a
+    running node (no serve lock)."""
+    import http.client
+    import ssl
+    import stat
+    import subprocess
+    from urllib.parse import urlencode
+
+    from helpers import M3DICOM, ROOT, free_port
+
+    node = make_node(start=False, viewer={"enabled": True, "port": free_port()})
+    assert not node.data_dir.exists()
+
+    def m3dicom(*args, password):
+        return subprocess.run(M3DICOM + [*args, "--config", str(node.config_path)], cwd=ROOT, input=password,
+                              capture_output=True, text=True, timeout=120)
+
+    refused = m3dicom("user", "add", "carol", password="too short\n")
+    assert refused.returncode == 1 and "at least 10 characters" in refused.stderr
+    assert not node.data_dir.exists()                                  # a refused account makes nothing
+    added = m3dicom("user", "add", "carol", "--role", "admin", password=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    assert "carol (admin) added" in added.stdout and "made the node's index" in added.stdout
+    assert stat.S_IMODE(node.data_dir.stat().st_mode) == 0o700 and (node.data_dir / "index.sqlite3").is_file()
+    node.start()
+    assert "created user admin" not in node.log()                      # the first start found carol
+    again = m3dicom("user", "add", "dave", password=PASSWORD + "\n")     # beside the running node
+    assert again.returncode == 0 and "made the node's index" not in again.stdout, again.stderr
+    exists = m3dicom("user", "add", "dave", password=PASSWORD + "\n")
+    assert exists.returncode == 1 and "`m3dicom user add dave --replace`" in exists.stderr
+    for name in ("carol", "dave"):
+        connection = http.client.HTTPSConnection("127.0.0.1", node.settings["viewer"]["port"], timeout=60,
+                                                 context=ssl._create_unverified_context())
+        connection.request("POST", "/login", urlencode({"user": name, "password": PASSWORD}),
+                           {"Content-Type": "application/x-www-form-urlencoded"})
+        answer = connection.getresponse()
+        assert (answer.status, answer.getheader("Location")) == (302, "/studies"), name
+        connection.close()
+
 
 def test_users_are_added_listed_and_disabled_from_the_command_line(tmp_path):
     import subprocess

@@ -215,7 +215,7 @@ async def test_a_bad_share_link_or_a_failed_login_with_a_session_is_refused_and_
     answer = await client.post("/login", data={"user": "bob", "password": "not bob's password"},
                                allow_redirects=False)
     assert answer.status == 401 and "Wrong user name or password." in await answer.text()
-    assert audit(archive, "share_open") == [("share:?", "refused", "invalid, expired or revoked link")]
+    assert audit(archive, "share_open") == [("share:?", "refused", "invalid link")]
     assert audit(archive, "login")[-1] == ("bob", "refused", "wrong user name or password")
     await still_serves(client)                                # alice's session is still hers
 

@@ -64,17 +64,23 @@ class User:
     role: str
 
 
-def add_user(index: Index, name: str, password: str, role: str = "clinician", replace: bool = False) -> User:
+def check_user(name: str, password: str, role: str) -> None:
+    """AccountError when the name, password or role cannot be an account's."""
     if not _NAME.match(name):
         raise AccountError(f"user name {name!r}: 1-64 letters, digits, '.', '_', '@' or '-'")
     if role not in ROLES:
         raise AccountError(f"role {role!r}: one of {', '.join(ROLES)}")
     if len(password) < 10:
         raise AccountError("the password needs at least 10 characters")
+
+
+def add_user(index: Index, name: str, password: str, role: str = "clinician", replace: bool = False) -> User:
+    check_user(name, password, role)
     with index.write() as conn:
         exists = conn.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone()
         if exists and not replace:
-            raise AccountError(f"user {name!r} exists (change a password with `m3dicom user passwd`)")
+            raise AccountError(f"user {name!r} exists (give it a new password with "
+                               f"`m3dicom user add {name} --replace`)")
         conn.execute("INSERT INTO users (name, role, password, created_at) VALUES (?,?,?,?) ON CONFLICT(name) "
                      "DO UPDATE SET role=excluded.role, password=excluded.password, disabled=0",
                      (name, role, hash_password(password), time.time()))
@@ -215,6 +221,25 @@ def open_share(index: Index, secret: bytes, token: str, now: float | None = None
     if not share_valid(index, link_id, now):
         return None
     return link_id, index.query("SELECT study_uid FROM share_links WHERE id=?", (link_id,))[0][0]
+
+
+def share_refusal(index: Index, secret: bytes, token: str, now: float | None = None) -> str:
+    """Why a link opens nothing, for the page its holder sees: "revoked", "expired", or "invalid"
+    (not a link this node made: altered, cut short, or unknown). Only a correctly signed link
+    learns more than "invalid"."""
+    now = time.time() if now is None else now
+    parts = token.split(".")
+    if len(parts) != 3 or len(token) > 200 or not token.isascii():
+        return "invalid"
+    link_id, expires, signature = parts
+    if not hmac.compare_digest(_sign(secret, f"{link_id}.{expires}"), signature):
+        return "invalid"
+    link = share(index, link_id)
+    if link is None:
+        return "invalid"
+    if link["revoked_at"] is not None:
+        return "revoked"
+    return "expired" if now >= link["expires_at"] else "invalid"
 
 
 def share_valid(index: Index, link_id: str, now: float | None = None) -> bool:

@@ -1,4 +1,5 @@
-"""Notifications: the `changes` log's job and result events, fanned out to every listening browser.
+"""Notifications: the `changes` log's job and result events, and the studies that received
+instances (`study_stored`, for the study list), fanned out to every listening browser.
 
 One task polls the log (by sequence number, twice a second, only while someone listens) and
 hands each event to the subscribers' queues; each server-sent-events connection filters what
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 POLL = 0.5
 KINDS = ("job_queued", "job_running", "job_progress", "job_succeeded", "job_failed", "job_cancelled",
          "job_forwarded", "job_forward_failed")
+STUDIES_STORED = 500      # studies that received instances, per read of the log
 
 
 class Broker:
@@ -38,7 +40,7 @@ class Broker:
 
     def missed(self, after: int) -> list[dict]:
         """The events after sequence number `after` up to what the subscribers are being sent (at most 500)."""
-        return self._events(after, self.last)
+        return self._events(after, self.last)[0]
 
     def _latest(self) -> int:
         return self.index.query("SELECT MAX(seq) FROM changes")[0][0] or 0
@@ -55,26 +57,32 @@ class Broker:
                 pass
 
     def _read(self) -> list[dict]:
-        events = self._events(self.last)
-        if events:
-            self.last = events[-1]["seq"]
-        else:
-            self.last = max(self.last, self._latest())
+        events, self.last = self._events(self.last, self._latest())
         return events
 
-    def _events(self, after: int, upto: int | None = None) -> list[dict]:
+    def _events(self, after: int, upto: int) -> tuple[list[dict], int]:
+        """The events after `after` up to `upto` (at most 500 job events and STUDIES_STORED studies), and
+        the sequence number read up to. A study that received instances is one `study_stored` event
+        (the study list shows it), however many instances came."""
         rows = self.index.query(
             f"SELECT c.seq, c.kind, c.study_uid, c.job_id, j.plugin, j.state, j.progress, j.progress_message, "
             f"j.summary FROM changes c LEFT JOIN jobs j ON j.id = c.job_id WHERE c.seq > ? AND c.seq <= ? "
             f"AND c.kind IN ({','.join('?' * len(KINDS))}) ORDER BY c.seq LIMIT 500",
-            (after, upto if upto is not None else 2 ** 62, *KINDS))
+            (after, upto, *KINDS))
+        if len(rows) == 500:
+            upto = rows[-1]["seq"]
         events = []
         for row in rows:
             event = {k: row[k] for k in ("seq", "kind", "study_uid", "job_id", "plugin", "state", "progress",
                                          "progress_message")}
             event["summary"] = json.loads(row["summary"]) if row["summary"] else None
             events.append(event)
-        return events
+        stored = self.index.studies_stored(after, upto, STUDIES_STORED)
+        if len(stored) == STUDIES_STORED:
+            upto = min(upto, stored[-1][0])
+            events = [e for e in events if e["seq"] <= upto]
+        events += [{"seq": seq, "kind": "study_stored", "study_uid": uid} for seq, uid in stored]
+        return sorted(events, key=lambda e: e["seq"]), upto
 
     async def _poll(self) -> None:
         loop = asyncio.get_running_loop()

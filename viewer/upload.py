@@ -74,12 +74,45 @@ async def handle(request: web.Request) -> web.Response:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     stored = sum(r["outcome"] == "stored" for r in results)
-    studies = sorted({r["study_uid"] for r in results if r.get("study_uid")})
+    studies = await run(request, _studies, request.app[ARCHIVE].index, results)
     refusals = [("refused", r.get("study_uid"), f"{r['name']}: {r['reason']}") for r in results
                 if r["outcome"] == "refused"]
-    await _audit(request, [*refusals, ("ok", studies[0] if len(studies) == 1 else None,
+    await _audit(request, [*refusals, ("ok", studies[0]["study_uid"] if len(studies) == 1 else None,
                                        f"{stored} stored of {len(results)}")])
     return web.json_response({"files": results, "studies": studies})
+
+
+def _studies(index, results: list[dict]) -> list[dict]:
+    """The studies the upload touched, once each, with what they hold and what this upload did to
+    them (files stored, already there, refused): those it stored into first, then in upload order."""
+    from pydicom.dataset import Dataset
+
+    from archive.query import STUDY_ROOT, Query, study_list
+
+    touched: dict[str, dict[str, int]] = {}
+    for r in results:
+        if r.get("study_uid"):
+            counts = touched.setdefault(r["study_uid"], {"stored": 0, "duplicate": 0, "refused": 0})
+            counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    if not touched:
+        return []
+    found = {}
+    uids = list(touched)
+    with index.reader() as conn:
+        for start in range(0, len(uids), 500):                 # a query takes at most 1000 UIDs
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = "STUDY"
+            identifier.StudyInstanceUID = uids[start:start + 500]
+            for keyword in ("PatientName", "PatientID", "StudyDate", "StudyTime", "StudyDescription",
+                            "ModalitiesInStudy"):
+                setattr(identifier, keyword, "")
+            found.update((row["StudyInstanceUID"], row) for row in study_list(conn, Query(STUDY_ROOT, identifier),
+                                                                              limit=500))
+    order = sorted(touched, key=lambda uid: touched[uid]["stored"] == 0)       # stable: upload order otherwise
+    return [{"study_uid": uid, "patient_name": found[uid]["PatientName"], "patient_id": found[uid]["PatientID"],
+             "date": found[uid]["StudyDate"], "time": found[uid]["StudyTime"],
+             "description": found[uid]["StudyDescription"], "modalities": found[uid]["ModalitiesInStudy"],
+             "images": found[uid]["images"], **touched[uid]} for uid in order if uid in found]
 
 
 async def _audit(request, records: list[tuple[str, str | None, str | None]]) -> None:
@@ -107,6 +140,9 @@ async def _receive(request: web.Request, work: Path, limit: int, file_limit: int
                 if total > limit:
                     raise TooLarge(f"the upload is larger than {limit >> 20} MB")
                 out.write(chunk)
+        if not part.filename and size == 0:        # a file field left empty: what a browser sends for none
+            path.unlink()
+            continue
         received.append((name, path))
     return received
 

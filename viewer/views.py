@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from archive.dicomfile import InvalidInstance
-from archive.query import STUDY_ROOT, Query, QueryError
+from archive.query import STUDY_LIST_ORDER, STUDY_ROOT, Query, QueryError, study_list
 from router import queue
 from router.api import JobRequestError, plugins_for_study, request_job
 from router.jobs import IllegalTransition
@@ -53,6 +53,24 @@ SLOWED = (" After several failed logins each new try waits a little longer (at m
 BUSY_ACCOUNT = ("This account is locked for a moment: too many logins to it are being tried at once, which can "
                 "mean someone is guessing its password. Wait a minute, then log in again. If it stays locked, tell "
                 "your administrator.")
+# what the holder of a share link that opens nothing reads (accounts.share_refusal says which)
+_ASK = "If you still need to see the study, ask the person who shared it with you for a new link."
+LINK_CLOSED = {
+    "revoked": {"title": "Link withdrawn", "heading": "This link has been withdrawn",
+                "lines": ["The person who shared this study has revoked the link, so it no longer opens the study.",
+                          _ASK]},
+    "expired": {"title": "Link expired", "heading": "This link has expired",
+                "lines": ["A share link opens its study for a limited time only, and this one's time is over.", _ASK]},
+    "invalid": {"title": "Link not valid", "heading": "This link is not valid",
+                "lines": ["It is not a link this viewer made, or part of it is missing: check that you opened the "
+                          "whole link, as it was sent to you.", _ASK]},
+}
+for _message in LINK_CLOSED.values():
+    _message.update(action=("/login", "Log in with your own account"))
+SHARE_ONLY = {"title": "One study only", "heading": "This link opens one study only",
+              "lines": ["You opened a share link: it shows the study that was shared with you, read-only, and "
+                        "nothing else. To see other studies, log in with your own account."],
+              "action": ("/", "Back to the shared study")}
 BUSY_ADDRESS = ("Too many logins are being tried at once from your network address. Wait a minute, then log in "
                 "again. If this keeps happening, tell your administrator.")
 
@@ -114,6 +132,13 @@ async def _audit(request: web.Request, action: str, outcome: str = "ok", *, who:
 
 def _bad_request(why: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=json.dumps({"error": why}), content_type="application/json")
+
+
+def _page(request: web.Request, status: int, message: dict) -> web.Response:
+    """A page that says what happened and what to do (message.html), with its HTTP status."""
+    response = render(request, "message.html", **message)
+    response.set_status(status)
+    return response
 
 
 def _people_only(request: web.Request) -> None:
@@ -241,10 +266,12 @@ async def logout(request: web.Request) -> web.Response:
 async def open_share(request: web.Request) -> web.Response:
     """A share link: a session for one study, read-only. The token is never logged."""
     index, now = request.app[ARCHIVE].index, request.app[CLOCK]()
-    found = await run(request, accounts.open_share, index, request.app[SECRET], request.match_info["token"], now)
+    token = request.match_info["token"]
+    found = await run(request, accounts.open_share, index, request.app[SECRET], token, now)
     if found is None:
-        await _audit(request, "share_open", "refused", who="share:?", detail="invalid, expired or revoked link")
-        raise web.HTTPForbidden(text="This link is not valid: it may have expired or been revoked.")
+        why = await run(request, accounts.share_refusal, index, request.app[SECRET], token, now)
+        await _audit(request, "share_open", "refused", who="share:?", detail=f"{why} link")
+        return _page(request, 403, LINK_CLOSED[why])
     link_id, study_uid = found
     hours = min(request.app[CONFIG].viewer.session_hours, 12.0)
     token, session = await run(request, lambda: accounts.open_session(index, share_id=link_id, study_uid=study_uid,
@@ -257,7 +284,8 @@ async def open_share(request: web.Request) -> web.Response:
 
 
 async def studies_page(request: web.Request) -> web.Response:
-    _people_only(request)
+    if request[SESSION].is_share:
+        return _page(request, 403, SHARE_ONLY)
     return render(request, "studies.html", query=dict(request.query))
 
 
@@ -291,7 +319,7 @@ def _identifier(params) -> Dataset:
               "PatientID": params.get("id", "").strip(), "StudyDate": f"{low}-{high}" if (low or high) else "",
               "ModalitiesInStudy": params.get("modality", "").strip().upper(),
               "AccessionNumber": params.get("accession", "").strip(), "StudyInstanceUID": "", "StudyTime": "",
-              "StudyDescription": "", "NumberOfStudyRelatedInstances": ""}
+              "StudyDescription": ""}
     ds = Dataset()
     for keyword, value in values.items():
         tag = tag_for_keyword(keyword)
@@ -299,15 +327,14 @@ def _identifier(params) -> Dataset:
     return ds
 
 
-def _search(index, params: dict, page: int) -> dict:
+def _search(index, params: dict, page: int, order: str = "date", descending: bool = True) -> dict:
     query = Query(STUDY_ROOT, _identifier(params))
-    sql = query.sql + f" LIMIT {PAGE + 1} OFFSET {page * PAGE}"
     with index.reader() as conn:
-        rows = conn.execute(sql, query.params).fetchall()
+        rows = study_list(conn, query, order=order, descending=descending, limit=PAGE + 1, offset=page * PAGE)
         found = [{"study_uid": r["StudyInstanceUID"], "patient_name": r["PatientName"], "patient_id": r["PatientID"],
                   "date": r["StudyDate"], "time": r["StudyTime"], "description": r["StudyDescription"],
                   "accession": r["AccessionNumber"], "modalities": r["ModalitiesInStudy"],
-                  "instances": r["NumberOfStudyRelatedInstances"]} for r in rows[:PAGE]]
+                  "images": r["images"], "results": r["results"]} for r in rows[:PAGE]]
         uids = [s["study_uid"] for s in found]
         if uids:
             marks = ",".join("?" * len(uids))
@@ -317,7 +344,8 @@ def _search(index, params: dict, page: int) -> dict:
                 states.setdefault(row[0], {})[row[1]] = row[2]
             for study in found:
                 study["jobs"] = states.get(study["study_uid"], {})
-    return {"studies": found, "page": page, "more": len(rows) > PAGE}
+    return {"studies": found, "page": page, "more": len(rows) > PAGE, "sort": order,
+            "order": "desc" if descending else "asc"}
 
 
 def _search_params(query) -> dict[str, str]:
@@ -342,8 +370,11 @@ async def api_studies(request: web.Request) -> web.Response:
     except ValueError:
         raise _bad_request("page must be a number") from None
     params = _search_params(request.query)
+    order, direction = request.query.get("sort", "date"), request.query.get("order", "desc")
+    if order not in STUDY_LIST_ORDER or direction not in ("asc", "desc"):
+        raise _bad_request(f"sort by one of {', '.join(STUDY_LIST_ORDER)}, order asc or desc")
     try:
-        result = await run(request, _search, request.app[ARCHIVE].index, params, page)
+        result = await run(request, _search, request.app[ARCHIVE].index, params, page, order, direction == "desc")
     except ValueError as exc:                  # QueryError, or a value pydicom will not take
         raise _bad_request(str(exc)[:300] or "this search cannot be run") from None
     except sqlite3.OperationalError as exc:
