@@ -808,3 +808,19 @@ async def test_fuzz_path_parameters_never_answer_500(clinician, first, second, r
     for template in POSTS:
         status, _ = await answered(clinician.post(path(template), json={}, headers=headers, allow_redirects=False))
         assert status in (200, 201, 400, 403, 404, 409), (template, status)
+
+
+async def test_a_users_own_typos_do_not_slow_down_the_next_logins_from_that_address(client, setup):
+    """New-user pass: after a few wrong passwords and the right one, every later login from the
+    same computer waited 8 s for 15 minutes (the address kept the failures)."""
+    for _ in range(6):
+        assert (await login(client, "alice", "a wrong password")).status == 401
+    assert (await login(client)).status == 302
+    index = setup[1].index
+    assert accounts.failure_delay(index, "alice", "127.0.0.1") == 0.0
+    assert accounts.failure_delay(index, "someone-else", "127.0.0.1") == 0.0
+    # failures on another account from this address still count there
+    for _ in range(3):
+        assert (await login(client, "bob-or-nobody", "a wrong password")).status == 401
+    assert (await login(client)).status == 302
+    assert accounts.failure_delay(index, "alice", "127.0.0.1") == delay(3)

@@ -111,11 +111,18 @@ def authenticate(index: Index, name: str, password: str, address: str) -> User |
     stored = rows[0]["password"] if rows else _dummy_hash()
     ok = check_password(password, stored) and bool(rows) and not rows[0]["disabled"]
     now = time.time()
+    user_key, address_key = f"user:{name}", f"addr:{address}"
     with index.write() as conn:
-        for key in (f"user:{name}", f"addr:{address}"):
-            if ok and key.startswith("user:"):
-                conn.execute("DELETE FROM login_failures WHERE key=?", (key,))
-            elif not ok:
+        if ok:
+            # the owner's own typos are forgiven, at the account and at the address (a shared
+            # reading-room computer, a proxy); failures on other accounts from there still count
+            own = conn.execute("SELECT count FROM login_failures WHERE key=? AND ? - last <= 900",
+                               (user_key, now)).fetchone()
+            conn.execute("DELETE FROM login_failures WHERE key=?", (user_key,))
+            if own:
+                conn.execute("UPDATE login_failures SET count = MAX(count - ?, 0) WHERE key=?", (own[0], address_key))
+        else:
+            for key in (user_key, address_key):
                 conn.execute("INSERT INTO login_failures (key, count, last) VALUES (?, 1, ?) ON CONFLICT(key) DO UPDATE "
                              "SET count = CASE WHEN ? - last > 900 THEN 1 ELSE count + 1 END, last=excluded.last",
                              (key, now, now))
