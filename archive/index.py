@@ -509,18 +509,24 @@ class Index:
     @staticmethod
     def _keep_demographics(conn: sqlite3.Connection, patient_pk: int, attrs: dict,
                            differences: list[Difference] | None) -> None:
-        """Fill what the patient row lacks; note (never write over) what the instance says otherwise."""
+        """Fill what the patient row lacks; note (never write over) what the instance says otherwise.
+
+        An instance that contradicts what is held (another name for the same Patient ID) may
+        be another person's: then none of its values fill a blank either, and each of them
+        is noted as a difference."""
         row = conn.execute("SELECT patient_name, birth_date, sex FROM patients WHERE pk=?", (patient_pk,)).fetchone()
-        fill = {}
+        fill, found = {}, []
         for (keyword, column), held in zip(DEMOGRAPHICS, row):
             said = attrs.get(keyword)
             if not said or _same(keyword, held, said):
                 continue
             if not held:
                 fill[column] = said
-            elif differences is not None:
-                differences.append(Difference(keyword, held, said))
-        if fill:
+            found.append(Difference(keyword, held, said))
+        contradicts = any(d.index_value for d in found)
+        if contradicts and differences is not None:
+            differences.extend(found)
+        if fill and not contradicts:
             if "patient_name" in fill:
                 fill["patient_name_key"] = name_key(fill["patient_name"])
             conn.execute(f"UPDATE patients SET {', '.join(f'{c}=?' for c in fill)} WHERE pk=?",

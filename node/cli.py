@@ -102,13 +102,12 @@ def cmd_status(args) -> int:
         print(f"data directory: {config.data_dir}")
         print(f"archive: {instances} instances in {studies} studies")
         c = index.integrity()   # instances that disagreed with the index (ingest.on_conflict)
-        print(f"conflicts: {c['refused']} instances refused, {c['quarantined']} quarantined ({c['in_quarantine']} "
-              f"kept in quarantine), {c['stored']} stored with patient data that differs from the index"
+        held = f" ({c['in_quarantine']} still held)" if c["in_quarantine"] != c["quarantined"] else ""
+        print(f"conflicts: {c['refused']} instances refused, {c['quarantined']} kept in quarantine{held}, "
+              f"{c['stored']} stored whose patient data differs from the index"
               + ("; list them: m3dicom status --conflicts" if any(c.values()) and not args.conflicts else ""))
-        for row in index.conflicts() if args.conflicts else ():
-            print(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(row['time']))} {row['action']:<11} "
-                  f"{row['sop_instance_uid']} {row['attribute']}: index {row['index_value']!r}, instance "
-                  f"{row['instance_value']!r} (study {row['study_uid']}, from {row['calling_ae']}, x{row['received']})")
+        if args.conflicts:
+            _print_conflicts(index.conflicts())
         if config.storage.backend != "s3":
             print("offload: off (storage.backend = \"local\")")
             return 0
@@ -127,6 +126,36 @@ def cmd_status(args) -> int:
         return 1 if s.failed else 0
     finally:
         index.close()
+
+
+_CONFLICT_REASONS = {"PatientID": "its study belongs to another patient",
+                     "StudyInstanceUID": "its series belongs to another study"}
+_CONFLICT_ADVICE = {
+    "refused": "not stored: correct it at the sender and send it again (or set ingest.on_conflict = \"quarantine\")",
+    "quarantined": "stored outside its study: no query, retrieve or viewer sees it",
+    "stored": "stored in its study; its file keeps its own values, the index (and C-FIND) the first ones received",
+}
+
+
+def _print_conflicts(rows) -> None:
+    """One block per instance, newest first: what it contradicted, and what became of it."""
+    import time
+    from itertools import groupby
+
+    for (uid, action), group in groupby(rows, key=lambda r: (r["sop_instance_uid"], r["action"])):
+        group = list(group)
+        first = group[0]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(first["time"]))
+        print(f"{when}  {action}  from {first['calling_ae'] or 'an upload or a plug-in'}"
+              + (f" (received {first['received']} times)" if first["received"] > 1 else ""))
+        print(f"  instance {uid}")
+        print(f"  study    {first['study_uid']}")
+        print(f"  series   {first['series_uid']}")
+        for row in group:
+            what = _CONFLICT_REASONS.get(row["attribute"], f"{row['attribute']} differs")
+            print(f"  {what}: the index has {row['index_value'] or '(empty)'!r}, "
+                  f"the instance {row['instance_value'] or '(empty)'!r}")
+        print(f"  -> {_CONFLICT_ADVICE.get(action, action)}")
 
 
 def cmd_keys_rotate(args) -> int:

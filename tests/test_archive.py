@@ -192,13 +192,15 @@ def test_demographics_are_never_written_over_and_each_difference_is_recorded(arc
     archive.ingest_file(instance(tmp_path, study=study, patient_id="P", name="Doe^Jane", PatientSex=""))
     renamed = instance(tmp_path, study=generate_uid(), patient_id="P", name="Roe^Joan", PatientSex="F")
     assert archive.ingest_file(renamed).outcome is Outcome.STORED
+    # another name: perhaps another person, so its sex does not fill the blank either (new-user pass)
+    assert tuple(archive.index.query("SELECT patient_name, sex FROM patients")[0]) == ("Doe^Jane", None)
     same = instance(tmp_path, study=study, patient_id="P", name="DOE^JANE^^", PatientSex="F")  # same name, case
     assert archive.ingest_file(same).outcome is Outcome.STORED
     (patient,) = archive.index.query("SELECT patient_name, sex FROM patients")
     assert tuple(patient) == ("Doe^Jane", "F")            # the first name kept, the empty sex filled in
     assert [tuple(r) for r in archive.index.query("SELECT attribute, index_value, instance_value, action "
-                                                  "FROM conflicts")] == [("PatientName", "Doe^Jane", "Roe^Joan",
-                                                                          "stored")]
+                                                  "FROM conflicts ORDER BY attribute")] == [
+        ("PatientName", "Doe^Jane", "Roe^Joan", "stored"), ("PatientSex", None, "F", "stored")]
     (row,) = archive.index.query("SELECT blob_id FROM instances WHERE sop_instance_uid=?",
                                  (pydicom.dcmread(renamed).SOPInstanceUID,))
     assert archive.storage.read_all(row["blob_id"]) == renamed.read_bytes()   # the file keeps its own name

@@ -318,10 +318,14 @@ def test_instances_that_contradict_the_hierarchy_are_refused_and_a_study_returns
     for value in ("Alpha", "Bravo", "Renamed", "PAT-A", "PAT-B"):
         assert value not in log, f"patient data in the log: {value}"
     status = node.cli("status").stdout
-    assert "2 instances refused" in status and "1 stored with patient data" in status
+    assert "2 instances refused" in status and "1 stored whose patient data differs" in status
     assert "m3dicom status --conflicts" in status
     listed = node.cli("status", "--conflicts").stdout
     assert uid_of(joined) in listed and "Renamed^Ruth" in listed
+    assert f"  series   {series_a}" in listed                  # the moved series is named
+    assert "its series belongs to another study: the index has" in listed
+    assert "its study belongs to another patient: the index has 'PAT-A', the instance 'PAT-B'" in listed
+    assert "-> not stored: correct it at the sender and send it again" in listed
     # re-sending what was stored is still a no-op; what was refused is refused again, counted
     assert send_raw(node, first) == (0x0000, "")
     assert send_raw(node, joined) == (0xC000, "study belongs to another patient")
@@ -344,7 +348,7 @@ def test_with_on_conflict_quarantine_the_instance_is_kept_outside_the_study(make
     assert dataset_sha256(node.stored_bytes_of_blob(blob_id)) == dataset_sha256(joined)   # durable, as sent
     assert getscu_study(node, study, tmp_path / "got") == {(uid_of(first), "PAT-Q1")}
     assert find_patients(node, "PAT-Q2") == []
-    assert "1 quarantined (1 kept in quarantine)" in node.cli("status").stdout
+    assert "1 kept in quarantine, 0 stored" in node.cli("status").stdout    # counted once
     node.stop()
     node.start()                                                    # recovery keeps quarantined blobs
     assert dataset_sha256(node.stored_bytes_of_blob(blob_id)) == dataset_sha256(joined)
