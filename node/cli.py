@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,6 +76,10 @@ def cmd_send(args) -> int:
 
     from scp.scu import find_files, send
 
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        print(f"m3dicom: no such file or directory: {', '.join(map(str, missing))}", file=sys.stderr)
+        return 2
     peer = _peer(args, _config(args))
     files = find_files(args.paths)
     with tqdm(total=len(files), unit="file", disable=args.quiet or None) as bar:
@@ -278,6 +283,8 @@ def cmd_jobs_list(args) -> int:
 
     with _index_of(args) as index:
         found = queue.jobs(index, study_uid=args.study, states=tuple(args.state or ()), limit=args.limit)
+    if not found:
+        print("no jobs" + (" for this study" if args.study else "") + (" in that state" if args.state else ""))
     for job in found:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
         print(f"{job.id} {job.state:9} {job.plugin} study {job.study_uid} attempts {job.attempts}/{job.max_attempts} "
@@ -528,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:      # `m3dicom jobs list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nothing left to flush into
+        return 0
     except ConfigError as exc:
         print(f"m3dicom: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -437,6 +437,8 @@ def _coerce(key: str, value: Any, kind: Any, f: dataclasses.Field, base: Path) -
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
         return value
     if kind is Path or kind == (Path | None):
+        if kind != Path and value == "":                         # an optional path left empty: the default
+            return None
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a path string, got {value!r}")
         path = Path(value).expanduser()

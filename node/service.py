@@ -157,18 +157,24 @@ def _serve(config: Config, ready) -> None:
         load_plugins(config)   # an unknown plug-in or bad parameters stop the start, with the rule named
     archive = open_archive(config)
     archive.recover()   # before any receiver ingests
-    viewer_socket = None
+    # every port is taken and every setting checked before the first admin is made: a start
+    # that fails must not have printed a password shown only once
+    sockets, viewer_socket = receivers.listen(config), None
     try:
         if config.viewer.enabled:
             from viewer import serve as viewer_serve
 
-            viewer_serve.first_admin(archive.index, ready)
-            viewer_serve.check(config, archive.index)
+            viewer_serve.check(config, archive.index, users=False)
             viewer_serve.ssl_context(config)            # a bad certificate stops the start, not the viewer
             viewer_socket = viewer_serve.listen(config)
+            viewer_serve.first_admin(archive.index, ready)
+            viewer_serve.check(config, archive.index)
+    except BaseException:
+        for sock in [*sockets.values(), *([viewer_socket] if viewer_socket else [])]:
+            sock.close()
+        raise
     finally:
         archive.close()
-    sockets = receivers.listen(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

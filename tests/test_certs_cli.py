@@ -58,6 +58,20 @@ def test_echo_and_send(node, tmp_path):
     assert dataset_sha256(node.stored_bytes(uid)) == dataset_sha256(data_file("CT_small.dcm"))
 
 
+def test_send_refuses_a_path_that_does_not_exist(node, tmp_path):
+    result = run("send", "--config", node.config_path, tmp_path / "nonexist", data_file("CT_small.dcm"))
+    assert result.returncode == 2 and f"no such file or directory: {tmp_path / 'nonexist'}" in result.stderr
+    assert node.rows("SELECT COUNT(*) FROM instances") == [(0,)]     # nothing sent before the refusal
+
+
+def test_jobs_list_says_when_there_is_none_and_survives_a_closed_pipe(node):
+    listed = run("jobs", "list", "--config", node.config_path)
+    assert listed.returncode == 0 and listed.stdout.strip() == "no jobs"
+    piped = subprocess.run(" ".join(map(str, [*M3DICOM, "jobs", "list", "--config", node.config_path]))
+                           + " | head -c 1", shell=True, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
+
+
 def test_send_reports_an_unreachable_node(node):
     result = run("send", "--config", node.config_path, "--port", "1", data_file("CT_small.dcm"))
     assert result.returncode == 1 and "cannot connect" in result.stderr

@@ -73,3 +73,18 @@ def test_every_setting_is_documented():
     missing = [name for name, _, _ in documented_settings() if f"`{name}`" not in doc]
     assert not missing, f"settings missing from docs/configuration.md: {missing}"
     assert all(help_text for _, _, help_text in documented_settings())
+
+
+def test_the_complete_file_in_the_docs_starts_and_names_every_setting(tmp_path):
+    """New-user pass: the documented "complete file with the defaults" did not load
+    (viewer.certificate = "" refused) and lacked three settings."""
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    block = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "node.toml"
+    path.write_text(block)
+    config = load(path)
+    assert config.viewer.certificate is None and config.query.timeout == 20.0
+    written = {line.split("=")[0].strip() for line in block.splitlines() if "=" in line and not line.startswith("#")}
+    missing = [name for name, _, _ in documented_settings()
+               if name.rsplit(".", 1)[-1] not in written and not name.startswith(("remote.", "router.rules"))]
+    assert not missing, f"settings missing from the complete file: {missing}"

@@ -198,3 +198,20 @@ def test_a_move_to_a_destination_that_refuses_connections_fails_its_sub_operatio
     assert unknown[-1][0].Status == 0xA801
     assert f"C-MOVE from PACS to DEST (127.0.0.1:{closed}) failed: " in node.log()
     node.still_serves(tmp_path)
+
+
+def test_a_start_that_fails_prints_no_admin_password_and_makes_no_user(make_node):
+    """New-user pass: a busy viewer port (or viewer.tls = false beyond loopback) stopped the start
+    after the admin's password, shown only once, had been printed and the user made."""
+    node = make_node(start=False, viewer={"enabled": True})
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", node.settings["viewer"]["port"]))
+        busy.listen()
+        result = subprocess.run(M3DICOM + ["serve", "--config", str(node.config_path)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "8443" not in result.stderr
+    assert str(node.settings["viewer"]["port"]) in result.stderr
+    assert "password" not in result.stdout + result.stderr
+    assert node.rows("SELECT COUNT(*) FROM users") == [(0,)]
+    node.start()                                                  # the port free again: the admin now
+    assert "created user admin with password" in node.log()
