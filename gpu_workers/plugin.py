@@ -44,6 +44,14 @@ class Param:
     max: float | None = None
     choices: tuple = ()
     unit: str = ""
+    label: str = ""                    # what a form calls it ("False positives per image"); default: from name
+
+    @property
+    def title(self) -> str:
+        name = self.name
+        if self.unit and name.lower().endswith("_" + self.unit.lower()):    # smoothing_mm (mm): "Smoothing"
+            name = name[:-len(self.unit) - 1]
+        return self.label or name.replace("_", " ").capitalize()
 
     def coerce(self, value: Any) -> Any:
         """The value as this parameter's type, checked against its range or choices."""
@@ -76,7 +84,7 @@ class Param:
 
     def schema(self) -> dict:
         """JSON for a form field (the viewer draws one from it)."""
-        item = {"name": self.name, "type": self.type, "default": self.default, "help": self.help}
+        item = {"name": self.name, "label": self.title, "type": self.type, "default": self.default, "help": self.help}
         item.update({k: v for k, v in (("min", self.min), ("max", self.max), ("unit", self.unit)) if v not in (None, "")})
         if self.choices:
             item["choices"] = list(self.choices)

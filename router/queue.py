@@ -139,6 +139,16 @@ def jobs(index: Index, *, study_uid: str | None = None, states: tuple[str, ...] 
     return [JobRecord.of(r) for r in index.query(sql, (*params, limit))]
 
 
+def succeeded_files(index: Index, study_uid: str, name: str) -> list[tuple[str, str]]:
+    """(job id, blob id) of the file called `name` (findings.json, say) that each succeeded job of the
+    study wrote, the newest job first."""
+    rows = index.query(
+        "SELECT j.id, r.blob_id FROM jobs j JOIN job_results r ON r.job_id = j.id WHERE j.study_uid=? "
+        "AND j.state='succeeded' AND r.kind='file' AND r.name=? ORDER BY j.finished_at DESC, j.created_at DESC",
+        (study_uid, name))
+    return [(r["id"], r["blob_id"]) for r in rows]
+
+
 def results(index: Index, job_id: str) -> list[dict]:
     """What the job produced: DICOM instances (with their series) and files (blobs)."""
     rows = index.query(

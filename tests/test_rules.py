@@ -91,8 +91,8 @@ def test_parameters_are_checked_against_the_schema():
                 {"clusters": "maybe"}):
         with pytest.raises(ParamError):
             check_params(_Plugin, bad)
-    assert describe(_Plugin)["params"][0] == {"name": "threshold", "type": "float", "default": 0.5,
-                                              "help": "probability", "min": 0, "max": 1}
+    assert describe(_Plugin)["params"][0] == {"name": "threshold", "label": "Threshold", "type": "float",
+                                              "default": 0.5, "help": "probability", "min": 0, "max": 1}
 
 
 def test_accepts_and_result_uids_are_deterministic_per_job():

@@ -562,3 +562,191 @@ def test_users_are_added_listed_and_disabled_from_the_command_line(tmp_path):
         assert m3dicom("user", "disable", "nobody").returncode == 1
     finally:
         archive.close()
+
+
+# -- the study page: what the analyses say, report tables, series labels, forms (issue 15) ----------
+
+def _mammograms(directory: Path, views=("RCC", "LCC", "RMLO", "LMLO"), **options) -> list[Path]:
+    """A small screening examination: one study, one series per view."""
+    from dataclasses import replace
+
+    from pydicom.uid import generate_uid
+
+    from gpu_workers.mammo import phantom
+
+    study, paths = generate_uid(), []
+    base = phantom.Options(rows=480, columns=400, spacing=0.1, density=0.3, clusters=0, isolated=0)
+    for number, view in enumerate(views, start=1):
+        opts = replace(base, laterality=view[0], view=view[1:], **options)
+        path, _ = phantom.write(directory / view, 5000 + number, opts, patient_id="PH-15", patient_name="Phantom^Fifteen",
+                                study_uid=study, series_number=number)
+        paths.append(path)
+    return paths
+
+
+def _stage_findings(archive, job_id: str, study_uid: str, findings: dict, spool: Path) -> None:
+    """findings.json stored as a job's result, the way the router takes a worker's files."""
+    import hashlib
+    import json
+
+    from gpu_workers.runner import StagedOutput
+    from router.intake import take_results
+
+    data = json.dumps(findings).encode()
+    blob = archive.local.create(iter([data]))
+    output = StagedOutput("file", "findings.json", "application/json", blob.blob_id, len(data),
+                          hashlib.sha256(data).hexdigest())
+    take_results(archive, job_id, study_uid, [output], spool)
+
+
+async def test_each_image_says_whether_the_cad_has_not_run_is_running_found_nothing_or_failed(client, setup, tmp_path):
+    """Issue 15: "No findings on this image." was shown before the CAD ran and after it failed. Each
+    source image now has a state per analysis that takes it; a failure's reason is in plain words."""
+    from router import queue
+    from router.jobs import Fail, Lease, Succeed
+
+    _, archive, _ = setup
+    (path,) = _mammograms(tmp_path / "mg", views=("LCC",))
+    stored = archive.ingest_file(path)
+    study, image = stored.study_uid, stored.sop_instance_uid
+    (series,) = [r["series_uid"] for r in archive.index.query(
+        "SELECT se.series_uid FROM series se JOIN instances i ON i.series_pk = se.pk WHERE i.sop_instance_uid=?", (image,))]
+    await login(client)
+
+    async def state() -> dict:
+        answer = await client.get(f"/api/studies/{study}/analysis")
+        assert answer.status == 200
+        (cad,) = [s for s in (await answer.json())["images"][image] if s["plugin"] == "mammo-cad"]
+        return cad
+
+    assert (await state())["state"] == "not-run"
+    job = queue.create(archive.index, study_uid=study, plugin="mammo-cad", params={}, inputs=[series], max_attempts=1)
+    assert (await state())["state"] == "queued"
+    queue.apply(archive.index, job, Lease("test", client.clock(), 60))
+    queue.set_progress(archive.index, job, 0.4, "image 1 of 1: classifying 120 candidates")
+    running = await state()
+    assert (running["state"], running["progress"], running["message"]) == (
+        "running", 0.4, "image 1 of 1: classifying 120 candidates")
+    why = "the image has no Imager Pixel Spacing or Pixel Spacing: distances in mm are needed"
+    queue.apply(archive.index, job, Fail(client.clock(), f"PluginError: {why}", final=True))
+    failed = await state()
+    assert failed["state"] == "failed" and failed["reason"] == why
+    assert "PluginError" not in failed["text"] and "attempt" not in failed["text"] and why in failed["text"]
+    assert failed["technical"] == f"PluginError: {why}"
+    (listed,) = (await (await client.get(f"/api/studies/{study}/jobs")).json())["jobs"]
+    assert listed["reason"] == why
+
+    crashed = queue.create(archive.index, study_uid=study, plugin="mammo-cad", params={}, inputs=[series], max_attempts=1)
+    queue.apply(archive.index, crashed, Lease("test", client.clock(), 60))
+    queue.apply(archive.index, crashed, Fail(client.clock(), "TypeError: Argument 'imaging_measurements' is required"))
+    crash = await state()
+    assert crash["state"] == "failed" and "TypeError" not in crash["reason"] and "administrator" in crash["reason"]
+    assert "TypeError" in crash["technical"]
+
+    normal = queue.create(archive.index, study_uid=study, plugin="mammo-cad", params={}, inputs=[series])
+    queue.apply(archive.index, normal, Lease("test", client.clock(), 60))
+    _stage_findings(archive, normal, study, {"clusters": [], "calcifications": [], "images": [
+        {"sop_instance_uid": image, "clusters": 0, "calcifications": 0, "outcome": "no cluster found"}]},
+        tmp_path / "spool")
+    queue.apply(archive.index, normal, Succeed(client.clock() + 1), summary={"outcome": "no cluster found"})
+    nothing = await state()
+    assert (nothing["state"], nothing["outcome"], nothing["job_id"]) == ("nothing-found", "no cluster found", normal)
+    marks = await (await client.get(f"/api/studies/{study}/findings")).json()
+    assert marks[image] == {"clusters": [], "calcifications": [], "job_id": normal, "outcome": "no cluster found"}
+
+    found = queue.create(archive.index, study_uid=study, plugin="mammo-cad", params={}, inputs=[series])
+    queue.apply(archive.index, found, Lease("test", client.clock(), 60))
+    cluster = {"id": "C1", "x": 100.0, "y": 120.0, "radius_mm": 2.0, "n": 4, "score": 0.9, "sop_instance_uid": image}
+    _stage_findings(archive, found, study, {"clusters": [cluster], "calcifications": [], "images": [
+        {"sop_instance_uid": image, "clusters": 1, "calcifications": 4, "outcome": "clusters found"}]},
+        tmp_path / "spool")
+    queue.apply(archive.index, found, Succeed(client.clock() + 2), summary={"outcome": "clusters found"})
+    assert (await state())["state"] == "found"
+    assert (await (await client.get(f"/api/studies/{study}/findings")).json())[image]["clusters"] == [cluster]
+
+    later = queue.create(archive.index, study_uid=study, plugin="mammo-cad", params={}, inputs=[series])
+    queue.apply(archive.index, later, Lease("test", client.clock(), 60))
+    _stage_findings(archive, later, study, {"clusters": [], "calcifications": [], "images": [
+        {"sop_instance_uid": image, "clusters": 0, "calcifications": 0, "outcome": "no cluster found"}]},
+        tmp_path / "spool")
+    queue.apply(archive.index, later, Succeed(client.clock() + 3), summary={"outcome": "no cluster found"})
+    assert (await (await client.get(f"/api/studies/{study}/findings")).json())[image]["clusters"] == []   # no old mark
+
+
+async def test_a_cad_report_reads_as_a_findings_table_and_a_normal_one_says_nothing_was_found(client, setup, tmp_path):
+    """Issue 15: the report is a table (id, finding, calcifications, score, where), the content tree
+    stays beside it; a normal image's report has its "no cluster found" row, the cluster absent."""
+    from gpu_workers.local import run_local
+    from gpu_workers.mammo.plugin import MammoCad
+
+    _, archive, _ = setup
+    await login(client)
+    tables = {}
+    for name, options in (("clusters", {"clusters": 2}), ("normal", {})):
+        (path,) = _mammograms(tmp_path / name, views=("RMLO",), **options)
+        source = archive.ingest_file(path)
+        out = tmp_path / f"{name}-cad"
+        summary = run_local(MammoCad(), [path], {}, out)
+        (sr_name,) = [n for n in summary["written"] if n.startswith("sr-")]
+        report = archive.ingest_file(out / sr_name)
+        answer = await client.get(f"/api/instances/{report.sop_instance_uid}/sr")
+        assert answer.status == 200
+        tables[name] = (await answer.json(), source.sop_instance_uid, summary)
+    report, image, summary = tables["clusters"]
+    rows = [r for r in report["findings"] if r["finding"] == "Calcification cluster" and not r["absent"]]
+    assert len(rows) == summary["clusters"] >= 1
+    for row in rows:
+        assert row["id"].startswith("C") and row["id"][1:].isdigit() and row["calcifications"] >= 3 and 0 < row["score"] <= 100
+        assert row["image"] == image and row["region"]["type"] == "CIRCLE" and row["region"]["radius"] > 0
+        assert 0 <= row["region"]["x"] < 400 and 0 <= row["region"]["y"] < 480
+    assert report["algorithm"]["name"] == "mammo-cad" and "operating_point=0.5" in report["algorithm"]["parameters"]
+    assert report["items"] and report["title"]
+    normal, image, summary = tables["normal"]
+    assert summary["outcome"] == "no cluster found"
+    (statement,) = [r for r in normal["findings"] if r["absent"]]
+    assert statement["id"] == "no cluster found" and statement["absent"] == ["Calcification cluster"]
+    assert statement["image"] == image and statement["calcifications"] is None
+
+
+async def test_series_labels_tell_the_views_apart_and_results_name_their_source(client, setup, tmp_path):
+    """Issue 15: two "MG 1" in the series list; now "MG R CC", "MG L CC", ..., with laterality, view
+    and orientation for the hanging, and each result series says which series it came from."""
+    from router import queue
+
+    _, archive, _ = setup
+    paths = _mammograms(tmp_path / "exam")
+    stored = [archive.ingest_file(p) for p in paths]
+    study = stored[0].study_uid
+    await login(client)
+    detail = await (await client.get(f"/api/studies/{study}")).json()
+    by_label = {s["label"]: s for s in detail["series"]}
+    assert set(by_label) == {"MG R CC", "MG L CC", "MG R MLO", "MG L MLO"}
+    assert (by_label["MG R CC"]["laterality"], by_label["MG R CC"]["view"], by_label["MG R CC"]["orientation"]) == (
+        "R", "CC", ["P", "L"])
+    rcc = by_label["MG R CC"]["series_uid"]
+    job = queue.create(archive.index, study_uid=study, plugin="mammo-cad", params={}, inputs=[rcc])
+    (result,) = synthetic_instances(tmp_path / "result", 1, study=study, patient="Phantom^Fifteen", patient_id="PH-15")
+    archive.ingest_file(result, job_id=job)
+    detail = await (await client.get(f"/api/studies/{study}")).json()
+    (made,) = [s for s in detail["series"] if s["result"]]
+    assert (made["source"], made["plugin"]) == ("MG R CC", "mammo-cad") and made["label"].startswith("mammo-cad ")
+
+
+async def test_plugin_forms_get_labels_and_help_and_a_guest_gets_no_form(client, setup, aiohttp_client):
+    """Issue 15: the form showed `operating_point`; the schema now carries a label for people."""
+    _, _, studies = setup
+    await login(client)
+    study = studies["a"][0]
+    answer = await (await client.get(f"/api/studies/{study}/plugins")).json()
+    assert answer["can_start"] is True
+    params = {p["name"]: p for plugin in answer["plugins"] for p in plugin["params"]}
+    assert params["smoothing_mm"]["label"] == "Smoothing" and params["smoothing_mm"]["help"]
+    from gpu_workers.mammo.plugin import MammoCad
+    from gpu_workers.plugin import describe
+
+    labels = {p["name"]: p["label"] for p in describe(MammoCad)["params"]}
+    assert labels["operating_point"] == "False positives per image" and "_" not in "".join(labels.values())
+    token = await share_link(client, study)
+    guest = await aiohttp_client(client.server)
+    assert (await guest.get(f"/s/{token}", allow_redirects=False)).status == 302
+    assert (await (await guest.get(f"/api/studies/{study}/plugins")).json())["can_start"] is False

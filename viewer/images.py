@@ -63,6 +63,19 @@ class Decoded:
     info: dict                   # rows, columns, frames, window, photometric, spacing
 
 
+# ViewCodeSequence (CID 4014) for a mammogram without View Position
+VIEW_CODES = {"399162004": "CC", "399368009": "MLO", "399260004": "ML", "399352003": "LM", "399099002": "XCCL",
+              "399192003": "FB", "399101009": "SIO"}
+
+
+def _first_code(ds, keyword: str) -> str:
+    sequence = ds.get(keyword)
+    try:
+        return str(sequence[0].get("CodeValue", "")) if sequence else ""
+    except (TypeError, IndexError, AttributeError):
+        return ""
+
+
 def _window_default(ds, pixels: np.ndarray) -> tuple[float, float]:
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if center is not None and width is not None:
@@ -78,6 +91,7 @@ class Images:
         self.archive = archive
         self.decoded = _Cache(int(cache_mb * 0.8) << 20)
         self.rendered = _Cache(int(cache_mb * 0.2) << 20)
+        self.headers = _Cache(4 << 20)                   # facts(): about 8000 images
         self._decoding: dict[str, threading.Lock] = {}   # one decode per instance, however many ask at once
         self._decoding_lock = threading.Lock()
 
@@ -98,6 +112,21 @@ class Images:
         nested too deep raises `archive.InvalidInstance` before pydicom inflates or walks it)."""
         with self.exported(sop_instance_uid) as path:
             return read_dataset(path, self.archive.limits, pixels=pixels)
+
+    def facts(self, sop_instance_uid: str) -> dict:
+        """What the study page needs to name and hang an image (laterality, view, orientation), from
+        its header only; kept (a few hundred bytes each) so a study page reads each header once."""
+        found = self.headers.get(sop_instance_uid)
+        if found is None:
+            ds = self.dataset(sop_instance_uid)
+            view = ds.get("ViewPosition") or ""
+            if not view and _first_code(ds, "ViewCodeSequence"):
+                view = VIEW_CODES.get(_first_code(ds, "ViewCodeSequence"), "")
+            found = {"laterality": str(ds.get("ImageLaterality") or ds.get("Laterality") or "").upper(),
+                     "view": str(view).upper(), "orientation": [str(v) for v in ds.get("PatientOrientation") or []][:2],
+                     "body_part": str(ds.get("BodyPartExamined") or "")}
+            self.headers.put(sop_instance_uid, found, 512)
+        return found
 
     def decode(self, sop_instance_uid: str) -> Decoded:
         found = self.decoded.get(sop_instance_uid)

@@ -29,7 +29,7 @@ from router import queue
 from router.api import JobRequestError, plugins_for_study, request_job
 from router.jobs import IllegalTransition
 
-from . import accounts, upload
+from . import accounts, analysis, upload
 from .app import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, JOB_ID, LOGINS, PLUGINS, SECRET, SESSION, render,
                   run, valid_uid)
 from .app import form as read_form
@@ -88,6 +88,7 @@ def routes(app: web.Application) -> None:
     r.add_get("/api/studies", api_studies)
     r.add_get("/api/studies/{study}", api_study)
     r.add_get("/api/studies/{study}/findings", api_findings)
+    r.add_get("/api/studies/{study}/analysis", api_analysis)
     r.add_get("/api/studies/{study}/jobs", api_jobs)
     r.add_get("/api/studies/{study}/plugins", api_plugins)
     r.add_post("/api/studies/{study}/jobs", api_start_job)
@@ -405,30 +406,84 @@ def _study_detail(index, study_uid: str) -> dict | None:
     return study
 
 
+def _labelled_study(index, images, study_uid: str) -> dict | None:
+    """The study with a label for each series that tells it apart ("MG R CC", not two "MG 1"; a
+    result series names the plug-in and the series it was made from) and each mammogram's
+    laterality, view and orientation (the hanging)."""
+    detail = _study_detail(index, study_uid)
+    if detail is None:
+        return None
+    facts = {}
+    for series in detail["series"]:
+        if series["result"] or not series["instances"]:
+            continue
+        try:
+            facts[series["series_uid"]] = images.facts(series["instances"][0]["sop_instance_uid"])
+        except Exception as exc:              # an unreadable header: the series keeps a plain label
+            log.debug("no facts for a series of study %s: %s", study_uid, type(exc).__name__)
+    jobs = queue.jobs(index, study_uid=study_uid, limit=1000)
+    analysis.label_series(detail["series"], facts, {j.id: j.inputs for j in jobs}, {j.id: j.plugin for j in jobs})
+    return detail
+
+
 async def api_study(request: web.Request) -> web.Response:
     study_uid = _study(request, request.match_info["study"])
-    detail = await run(request, _study_detail, request.app[ARCHIVE].index, study_uid)
+    detail = await run(request, _labelled_study, request.app[ARCHIVE].index, request.app[IMAGES], study_uid)
     if detail is None:
         raise _not_found("study")
     return _json(detail)
 
 
+def _job_findings(archive, study_uid: str) -> list[tuple[str, dict]]:
+    """(job id, findings.json) of the study's succeeded jobs that wrote one, newest first."""
+    out = []
+    for job_id, blob_id in queue.succeeded_files(archive.index, study_uid, "findings.json"):
+        try:
+            findings = json.loads(archive.storage.read_all(blob_id))
+        except ValueError:
+            log.warning("job %s: its findings.json is not JSON", job_id)
+            continue
+        out.append((job_id, findings if isinstance(findings, dict) else {}))
+    return out
+
+
 def _findings(archive, study_uid: str) -> dict:
     """Marks to overlay, by source instance: the newest succeeded job that wrote findings.json for
-    an image claims it (a later job supersedes an earlier one)."""
+    an image claims it (a later job supersedes an earlier one), its marks and its outcome; a
+    later job that found nothing on an image leaves no earlier mark on it."""
     out: dict[str, dict] = {}
-    rows = archive.index.query(
-        "SELECT j.id, r.blob_id FROM jobs j JOIN job_results r ON r.job_id = j.id WHERE j.study_uid=? "
-        "AND j.state='succeeded' AND r.name='findings.json' ORDER BY j.finished_at DESC", (study_uid,))
-    for row in rows:
-        findings = json.loads(archive.storage.read_all(row["blob_id"]))
+    for job_id, findings in _job_findings(archive, study_uid):
+        outcomes = analysis.outcomes_of(findings)
+        marks: dict[str, dict] = {}
         for kind in ("clusters", "calcifications"):
-            for mark in findings.get(kind, []):
-                uid = mark.get("sop_instance_uid")
-                target = out.setdefault(uid, {"clusters": [], "calcifications": [], "job_id": row["id"]}) if uid else None
-                if target is not None and target["job_id"] == row["id"]:
-                    target[kind].append(mark)
+            for mark in findings.get(kind) or []:
+                uid = mark.get("sop_instance_uid") if isinstance(mark, dict) else None
+                if uid:
+                    marks.setdefault(uid, {"clusters": [], "calcifications": []})[kind].append(mark)
+        for uid in {*outcomes, *marks}:
+            if uid not in out:
+                out[uid] = {"clusters": [], "calcifications": [], **marks.get(uid, {}), "job_id": job_id,
+                            "outcome": outcomes.get(uid, {}).get("outcome")}
     return out
+
+
+def _analysis(index, archive, plugins, study_uid: str) -> dict:
+    detail = _study_detail(index, study_uid)
+    if detail is None:
+        return {"images": {}}
+    takes = plugins_for_study(index, plugins, study_uid)
+    jobs = queue.jobs(index, study_uid=study_uid, limit=1000)
+    outcomes = {job_id: analysis.outcomes_of(f) for job_id, f in _job_findings(archive, study_uid)}
+    titles = {name: getattr(plugin, "title", name) for name, plugin in plugins.items()}
+    return {"images": analysis.image_states(detail["series"], takes, jobs, outcomes, titles)}
+
+
+async def api_analysis(request: web.Request) -> web.Response:
+    """Each source image's state for each analysis that takes it: not run, queued, running, found
+    nothing, found, done, failed (with the reason in plain words). See viewer/analysis.py."""
+    study_uid = _study(request, request.match_info["study"])
+    return _json(await run(request, _analysis, request.app[ARCHIVE].index, request.app[ARCHIVE],
+                           request.app[PLUGINS], study_uid))
 
 
 async def api_findings(request: web.Request) -> web.Response:
@@ -444,6 +499,8 @@ async def api_jobs(request: web.Request) -> web.Response:
     out = []
     for job in found:
         item = {k: v for k, v in job.as_json().items() if k not in ("lease_expires", "worker")}
+        if job.errors:                           # the last failure as people read it, the technical text apart
+            item["reason"], item["technical"] = analysis.plain_reason(job.errors[-1])
         item["files"] = [r["name"] for r in await run(request, queue.results, request.app[ARCHIVE].index, job.id)
                          if r["kind"] == "file"]
         out.append(item)
@@ -705,7 +762,13 @@ async def api_sr(request: web.Request) -> web.Response:
     if not isinstance(ds.get("ContentSequence"), Sequence):
         raise web.HTTPUnprocessableEntity(text='{"error": "not a structured report"}', content_type="application/json")
     title = _meaning(ds, "ConceptNameCodeSequence") or "Report"
-    return _json({"title": title, "items": await run(request, _sr_items, ds.ContentSequence)})
+    items = await run(request, _sr_items, ds.ContentSequence)
+    try:
+        table = await run(request, analysis.report_findings, ds)
+    except Exception as exc:                  # a report too odd for the table: its tree is still shown
+        log.warning("instance %s: no findings table (%s)", uid, type(exc).__name__)
+        table = {"findings": [], "algorithm": None}
+    return _json({"title": title, "items": items, **table})
 
 
 async def api_download(request: web.Request) -> web.StreamResponse:

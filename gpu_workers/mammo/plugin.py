@@ -59,13 +59,16 @@ class MammoCad:
     accepts = Accepts(modalities=("MG",), sop_classes=tuple(detect.MAMMOGRAPHY_CLASSES), per="series")
     params = (
         Param("operating_point", "float", 0.5, "False-positive clusters expected per image (the FROC operating "
-              "point the thresholds were validated at).", 0.1, 4.0, unit="FP/image"),
+              "point the thresholds were validated at).", 0.1, 4.0, unit="FP/image",
+              label="False positives per image"),
         Param("threshold", "float", 0.0, "Cluster score threshold (0-1) instead of the operating point; 0: use "
-              "the operating point.", 0.0, 1.0),
-        Param("min_cluster_size", "int", 3, "Calcifications a cluster needs.", 2, 20),
+              "the operating point.", 0.0, 1.0, label="Cluster score threshold"),
+        Param("min_cluster_size", "int", 3, "Calcifications a cluster needs.", 2, 20,
+              label="Calcifications per cluster"),
         Param("cluster_area_cm2", "float", 1.0, "Area the calcifications of a cluster lie within.", 0.25, 4.0,
-              unit="cm2"),
-        Param("report_isolated", "bool", False, "Also mark and report calcifications outside clusters."),
+              unit="cm2", label="Cluster area"),
+        Param("report_isolated", "bool", False, "Also mark and report calcifications outside clusters.",
+              label="Report isolated calcifications"),
     )
     wants_gpu = True
 

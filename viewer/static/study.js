@@ -1,382 +1,619 @@
-// The study page: series, a 2D viewer rendered on the server (zoom, pan, window/level, slices,
-// mouse and touch), analysis marks over it, structured reports as text, jobs with progress and
-// notifications, sharing.
-import { api, el, post, toast } from "./common.js";
+// The study page: series with labels that tell them apart, a 2D viewer rendered on the server
+// (zoom, pan, window/level, slices; mouse, keys, touch), the four-view mammography hanging,
+// analysis marks and what each analysis says about each image (not run, running, found nothing,
+// found, failed), structured reports as a findings table, jobs with notifications, sharing.
+import { api, dicomDate, el, personName, toast } from "./common.js";
+import { ImageView } from "./view2d.js";
+import { renderReport } from "./report.js";
+import { loadJobs, loadPlugins, loadShares, setUpSharing } from "./panels.js";
 
 const root = document.getElementById("study");
 const studyUid = root.dataset.study;
 const shared = root.dataset.share === "yes";
-const viewport = document.getElementById("viewport");
-const image = document.getElementById("image");
-const overlay = document.getElementById("overlay");
+const viewerSection = document.querySelector("section.viewer");
+const viewportBox = document.getElementById("viewport");
+const hangingBox = document.getElementById("hanging");
 const documentView = document.getElementById("document");
 const slider = document.getElementById("slice");
+const sliceRow = document.getElementById("slice-row");
+const sliceInfo = document.getElementById("slice-info");
 const marksToggle = document.getElementById("marks");
 const presetSelect = document.getElementById("preset");
+const toHanging = document.getElementById("to-hanging");
+const main = new ImageView(viewportBox);
+const touch = window.matchMedia("(pointer: coarse)").matches;
 
 let study = null;
-let findings = {};
+let findings = {};                 // marks and outcome by image (findings.json of the newest job)
+let states = {};                   // each image's analysis states (/analysis)
+const infos = new Map();           // image info by SOP Instance UID (promises)
 let current = { series: null, index: 0, uid: null, info: null };
-let view = { x: 0, y: 0, scale: 1 };          // source pixel at the viewport's top left; screen px per source px
-let windowing = null;                          // { c, w }
+let mode = "image";                // image | hanging | document
+let hanging = null;                // { RCC: series index, ... } when the study is a mammography examination
+let panels = [];                   // the hanging's views
 let tool = "pan";
-let pending = null;
+let showing = 0;                   // the newest show() asked for; older answers are dropped
 
 const PRESETS = {
   CT: [["Soft tissue", 40, 400], ["Bone", 400, 2000], ["Lung", -600, 1500], ["Brain", 40, 80]],
   MG: [["High contrast", null, 0.5]],
 };
+const VIEWS = ["RCC", "LCC", "RMLO", "LMLO"];          // the hanging: right views left, chest walls meeting
+const NO_IMAGE = ["1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.104.", "1.2.840.10008.5.1.4.1.1.11."];
 
-// -- the study and its series -------------------------------------------------------------
+// The head says who and when as people write it
+const nameHead = document.getElementById("patient-name");
+if (nameHead.dataset.name) nameHead.textContent = personName(nameHead.dataset.name);
+const dateHead = document.getElementById("study-date");
+if (dateHead.dataset.date) {
+  const date = dicomDate(dateHead.dataset.date);
+  dateHead.textContent = date.text;
+  if (date.title) dateHead.title = date.title;
+}
+
+const known = new Map();           // the same, once answered
+function info(uid) {
+  if (!infos.has(uid)) {
+    const asked = api(`/api/instances/${uid}/info`);
+    asked.then((meta) => known.set(uid, meta), () => infos.delete(uid));
+    infos.set(uid, asked);
+  }
+  return infos.get(uid);
+}
+
+const seriesOf = (uid) => study.series.findIndex((s) => s.instances.some((i) => i.sop_instance_uid === uid));
+const labelOfImage = (uid) => study.series[seriesOf(uid)]?.label || "";
+const labelOfSeries = (seriesUid) => study.series.find((s) => s.series_uid === seriesUid)?.label || "";
+
+// A mammogram is shown as the hanging wants it: right views with the chest wall on the right,
+// left views with it on the left (Patient Orientation's row direction: posterior, anterior)
+function mirrored(series) {
+  if (series.modality !== "MG") return false;
+  const rows = (series.orientation || [])[0] || "";
+  return (series.laterality === "R" && rows.startsWith("A")) || (series.laterality === "L" && rows.startsWith("P"));
+}
+
+function labelsFor(series, index) {
+  const date = dicomDate(study.study_date);
+  const stack = series.instances.length > 1 ? `Image ${index + 1} / ${series.instances.length}` : "";
+  const description = series.description && series.description !== series.label && !series.label.endsWith(series.description)
+    ? series.description : "";
+  return {
+    tl: [personName(study.patient_name) || "(no name)", study.patient_id, date.text],
+    tr: [series.label, description, stack],
+  };
+}
+
+function marksOf(uid, meta) {
+  const found = findings[uid];
+  if (!found) return [];
+  const spacing = meta?.pixel_spacing?.[0] || 0.1;
+  const isolated = found.calcifications.filter((c) => !c.cluster_id);
+  return [...found.clusters.map((c) => ({ ...c, kind: "cluster", radius: c.radius_mm / spacing })),
+          ...isolated.map((c) => ({ ...c, kind: "calcification", radius: 6 }))];
+}
+
+// -- the study and its series ------------------------------------------------------------------
 
 async function loadStudy(keep = false) {
-  study = await api(`/api/studies/${studyUid}`);
-  findings = await api(`/api/studies/${studyUid}/findings`);
-  const list = document.getElementById("series-list");
-  list.replaceChildren(...study.series.map((s, i) => {
-    const first = s.instances[0];
-    return el("button", { class: `series-item${s.result ? " result" : ""}`, "data-series": i, onclick: () => show(i, 0) },
-      el("img", { src: `/api/instances/${first.sop_instance_uid}/render?width=96&format=jpeg`, alt: "",
-                  loading: "lazy", onerror: (e) => e.target.remove() }),
-      el("span", {}, `${s.modality || "?"} ${s.number ?? ""}`),
-      el("small", {}, `${s.description || ""} (${s.instances.length})`));
-  }));
-  if (!keep || current.series === null) {
-    const firstImage = study.series.findIndex((s) => !s.result);
-    await show(firstImage >= 0 ? firstImage : 0, 0);
-  } else {
-    drawMarks();
+  [study, findings, states] = await Promise.all([api(`/api/studies/${studyUid}`), api(`/api/studies/${studyUid}/findings`),
+                                                 api(`/api/studies/${studyUid}/analysis`).then((a) => a.images)]);
+  hanging = hangingOf(study);
+  listSeries();
+  if (keep && mode === "hanging" && hanging) return showHanging();
+  if (keep && current.series !== null && study.series[current.series]) {
+    const series = study.series[current.series];
+    main.marks = marksOf(current.uid, current.info);
+    main.labels = labelsFor(series, current.index);
+    if (mode === "image") main.draw();
     listFindings();
+    return;
+  }
+  if (hanging) return showHanging();
+  const firstImage = study.series.findIndex((s) => !s.result);
+  await show(firstImage >= 0 ? firstImage : 0, 0);
+}
+
+function hangingOf(found) {
+  const slots = {};
+  found.series.forEach((s, i) => {
+    const key = `${s.laterality || ""}${s.view || ""}`;
+    if (!s.result && s.modality === "MG" && VIEWS.includes(key) && !(key in slots)) slots[key] = i;
+  });
+  return Object.keys(slots).length >= 2 ? slots : null;
+}
+
+function listSeries() {
+  const list = document.getElementById("series-list");
+  const items = study.series.map((s, i) => {
+    const first = s.instances[0];
+    const from = s.result ? `from ${s.source || "this study"}` : s.description && !s.label.endsWith(s.description) ? s.description : "";
+    return el("button", { type: "button", class: `series-item${s.result ? " result" : ""}`, "data-series": i,
+                          "data-label": s.label, onclick: () => show(i, 0) },
+      NO_IMAGE.some((c) => first.sop_class_uid.startsWith(c))
+        ? el("span", { class: "no-thumb", "aria-hidden": "true" }, s.modality || "?")
+        : el("img", { src: `/api/instances/${first.sop_instance_uid}/render?width=96&format=jpeg`, alt: "", loading: "lazy",
+                      onerror: (e) => e.target.replaceWith(el("span", { class: "no-thumb", "aria-hidden": "true" }, s.modality || "?")) }),
+      el("span", { class: "series-label" }, s.label),
+      el("small", {}, [from, `${s.instances.length} ${s.instances.length === 1 ? "object" : "objects"}`].filter(Boolean).join(" · ")));
+  });
+  if (hanging) {
+    items.unshift(el("button", { type: "button", class: "series-item hanging-item", "data-series": "hanging", onclick: showHanging },
+      el("span", { class: "four", "aria-hidden": "true" }, ...VIEWS.map((v) => el("span", {}, `${v[0]} ${v.slice(1)}`))),
+      el("span", { class: "series-label" }, "4 views"), el("small", {}, "screening hanging")));
+  }
+  list.replaceChildren(...items);
+  highlightSeries();
+}
+
+function highlightSeries() {
+  document.querySelectorAll(".series-item").forEach((b) => {
+    const active = mode === "hanging" ? b.dataset.series === "hanging" : Number(b.dataset.series) === current.series;
+    b.classList.toggle("active", active);
+    if (active) b.setAttribute("aria-current", "true"); else b.removeAttribute("aria-current");
+  });
+}
+
+function setMode(next) {
+  mode = next;
+  viewportBox.hidden = next !== "image";
+  hangingBox.hidden = next !== "hanging";
+  documentView.hidden = next !== "document";
+  toHanging.hidden = !hanging || next === "hanging";
+  document.querySelectorAll(".toolbar [data-tool], #preset, #zoom-in, #zoom-out, #fit")
+    .forEach((b) => { b.disabled = next !== "image"; });
+  if (next !== "image") sliceRow.hidden = true;
+  root.dataset.mode = next;
+}
+
+async function show(seriesIndex, index = 0, { zoom } = {}) {
+  const series = study.series[seriesIndex];
+  if (!series || !series.instances[index]) return;
+  const instance = series.instances[index];
+  const token = ++showing;
+  const sameSeries = current.series === seriesIndex && mode === "image";
+  let meta;
+  try {
+    meta = await info(instance.sop_instance_uid);
+  } catch (error) {
+    meta = { image: false, error: error.message };
+  }
+  if (token !== showing) return;
+  current = { series: seriesIndex, index, uid: instance.sop_instance_uid, info: meta };
+  highlightSeries();
+  const stack = series.instances.length > 1;
+  document.querySelector("[data-tool=slices]").hidden = !stack;
+  if (!meta.image) {
+    setMode("document");
+    await showDocument(series, instance, meta);
+    listFindings();
+    return;
+  }
+  setMode("image");
+  sliceRow.hidden = !stack;
+  slider.max = series.instances.length - 1;
+  slider.value = index;
+  sliceInfo.textContent = stack ? `${index + 1} / ${series.instances.length}` : "";
+  if (!sameSeries) {
+    fillPresets(meta);
+    chooseTool(stack && touch ? "slices" : tool === "slices" && !stack ? "pan" : tool);
+  }
+  main.selected = null;
+  main.showMarks = marksToggle.checked;
+  main.set({ uid: instance.sop_instance_uid, info: meta, marks: marksOf(instance.sop_instance_uid, meta),
+             flip: mirrored(series), labels: labelsFor(series, index), keep: sameSeries });
+  syncPreset();
+  listFindings();
+  if (zoom) {
+    main.selected = zoom.id;
+    main.zoomTo(zoom.x, zoom.y, zoom.radius);
   }
 }
 
-async function show(seriesIndex, index) {
-  const series = study.series[seriesIndex];
-  if (!series) return;
-  const uid = series.instances[index].sop_instance_uid;
-  document.querySelectorAll(".series-item").forEach((b) => b.classList.toggle("active", Number(b.dataset.series) === seriesIndex));
-  const sameSeries = current.series === seriesIndex;
-  current = { series: seriesIndex, index, uid, info: await api(`/api/instances/${uid}/info`) };
-  slider.hidden = series.instances.length < 2;
-  slider.max = series.instances.length - 1;
-  slider.value = index;
-  document.getElementById("slice-info").textContent = series.instances.length > 1 ? `${index + 1} / ${series.instances.length}` : "";
-  if (!current.info.image) { showDocument(series.instances[index]); return; }
-  documentView.hidden = true;
-  image.hidden = false;
-  if (!sameSeries || !windowing) {
-    windowing = { c: current.info.window_center, w: current.info.window_width };
-    fillPresets(current.info);
-    fit();
+function step(delta) {
+  const series = study.series[current.series];
+  if (mode !== "image" || !series || series.instances.length < 2) return;
+  const next = Math.min(series.instances.length - 1, Math.max(0, current.index + delta));
+  if (next !== current.index) {
+    current.index = next;                   // a burst of steps counts from the last one asked for
+    show(current.series, next);
   }
-  draw();
+}
+
+async function showDocument(series, instance, meta) {
+  main.uid = null;
+  if (meta.error) {
+    documentView.replaceChildren(el("h2", {}, series.label), el("p", { class: "error" }, meta.error),
+      el("a", { class: "button", href: `/api/instances/${instance.sop_instance_uid}/download` }, "Download the DICOM object"));
+    return;
+  }
+  const download = el("a", { class: "button", href: `/api/instances/${instance.sop_instance_uid}/download` }, "Download the DICOM object");
+  if (meta.sop_class_uid.startsWith("1.2.840.10008.5.1.4.1.1.88.")) {
+    documentView.replaceChildren(el("p", { class: "muted" }, "Reading the report…"));
+    const report = await api(`/api/instances/${instance.sop_instance_uid}/sr`);
+    const spacings = {};
+    await Promise.all([...new Set((report.findings || []).map((r) => r.image).filter(Boolean))].map(async (uid) => {
+      if (seriesOf(uid) >= 0) spacings[uid] = (await info(uid).catch(() => null))?.pixel_spacing?.[0] || null;
+    }));
+    renderReport(documentView, report, {
+      heading: `${series.label}${series.source ? ` from ${series.source}` : ""}: ${report.title}`,
+      labelOf: (uid) => (seriesOf(uid) >= 0 ? labelOfImage(uid) : ""),
+      spacingOf: (uid) => spacings[uid] || null,
+      onShow: (row) => selectFinding(row.image, { id: row.id, x: row.region.x, y: row.region.y,
+                                                  radius: Math.max(row.region.radius, 10) }),
+    });
+    documentView.append(el("p", {}, download));
+  } else if (meta.sop_class_uid === "1.2.840.10008.5.1.4.1.1.104.3") {
+    documentView.replaceChildren(el("h2", {}, `${series.label}${series.source ? ` from ${series.source}` : ""}`),
+      el("p", { class: "actions" },
+        instance.job_id ? el("a", { class: "button primary", href: `/studies/${studyUid}/model/${instance.job_id}` }, "Open the 3D model") : null,
+        download));
+  } else {
+    documentView.replaceChildren(el("h2", {}, series.label),
+      el("p", {}, `This object has no image (${meta.sop_class_uid}).`), el("p", {}, download));
+  }
+  documentView.scrollTop = 0;
+}
+
+// -- the four views ---------------------------------------------------------------------------------
+
+async function showHanging() {
+  ++showing;
+  setMode("hanging");
+  current = { series: null, index: 0, uid: null, info: null };
+  highlightSeries();
+  hangingBox.replaceChildren();
+  panels = VIEWS.map((key) => {
+    const seriesIndex = hanging[key];
+    const name = `${key[0]} ${key.slice(1)}`;
+    if (seriesIndex === undefined) {
+      return { key, element: hangingBox.appendChild(el("div", { class: "view-panel missing", "data-view": key }, el("span", {}, `no ${name}`))) };
+    }
+    const series = study.series[seriesIndex];
+    const open = () => show(seriesIndex, 0);
+    const box = el("div", { class: "view-box" });
+    const element = el("div", { class: "view-panel", "data-view": key, "data-series": seriesIndex, tabindex: 0, role: "button",
+                                "aria-label": `${series.label}: open full size`, onclick: open,
+                                onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); open(); } } },
+      box, el("div", { class: "view-state" }));
+    hangingBox.append(element);
+    return { key, element, box, series, seriesIndex, view: new ImageView(box, { compact: true, align: key[0] === "R" ? "right" : "left" }) };
+  });
+  await new Promise((resolve) => requestAnimationFrame(resolve));
+  await Promise.all(panels.filter((p) => p.view).map(async (panel) => {
+    const uid = panel.series.instances[0].sop_instance_uid;
+    const meta = await info(uid).catch(() => null);
+    if (!meta?.image || mode !== "hanging") return;
+    panel.uid = uid;
+    panel.view.showMarks = marksToggle.checked;
+    panel.view.set({ uid, info: meta, marks: marksOf(uid, meta), flip: mirrored(panel.series),
+                     labels: { [panel.key[0] === "R" ? "tl" : "tr"]: [panel.series.label.replace(/^MG /, "")] } });
+    panel.element.dataset.flip = mirrored(panel.series) ? "yes" : "no";
+  }));
+  panelStates();
   listFindings();
 }
 
-function fillPresets(info) {
-  const presets = PRESETS[info.modality] || [];
-  presetSelect.replaceChildren(el("option", { value: "" }, "Default window"),
-    ...presets.map(([name, c, w]) => el("option", { value: `${c ?? ""},${w}` }, name)));
-}
-
-async function showDocument(instance) {
-  image.hidden = true;
-  overlay.replaceChildren();
-  documentView.hidden = false;
-  if (current.info.sop_class_uid.startsWith("1.2.840.10008.5.1.4.1.1.88.")) {
-    const report = await api(`/api/instances/${instance.sop_instance_uid}/sr`);
-    const tree = (items) => el("ul", {}, items.map((i) => el("li", {},
-      el("span", { class: "concept" }, i.name), i.value ? el("span", { class: "value" }, ` ${i.value}`) : null,
-      i.children.length ? tree(i.children) : null)));
-    documentView.replaceChildren(el("h2", {}, `Structured report: ${report.title}`), tree(report.items));
-  } else if (current.info.sop_class_uid === "1.2.840.10008.5.1.4.1.1.104.3") {
-    documentView.replaceChildren(el("h2", {}, "3D model (Encapsulated STL)"),
-      instance.job_id ? el("a", { class: "button", href: `/studies/${studyUid}/model/${instance.job_id}` }, "Open the 3D model") : null,
-      el("a", { href: `/api/instances/${instance.sop_instance_uid}/download` }, "Download the DICOM object"));
-  } else {
-    documentView.replaceChildren(el("p", {}, `This object has no image (${current.info.sop_class_uid}).`),
-      el("a", { href: `/api/instances/${instance.sop_instance_uid}/download` }, "Download it"));
+function panelStates() {
+  for (const panel of panels) {
+    if (!panel.view) continue;
+    const uid = panel.series.instances[0].sop_instance_uid;
+    const state = (states[uid] || [])[0];
+    const box = panel.element.querySelector(".view-state");
+    box.className = `view-state ${state ? state.state : "none"}`;
+    box.textContent = state ? shortState(state) : "";
+    box.title = state ? state.text : "";
   }
 }
 
-// -- the 2D view ------------------------------------------------------------------------------
-
-function fit() {
-  const { rows, columns } = current.info;
-  const box = viewport.getBoundingClientRect();
-  view.scale = Math.min(box.width / columns, box.height / rows);
-  view.x = (columns - box.width / view.scale) / 2;
-  view.y = (rows - box.height / view.scale) / 2;
+function shortState(state) {
+  return { "not-run": "CAD not run yet", queued: "CAD waiting", running: `CAD running ${Math.round(100 * (state.progress || 0))}%`,
+           "nothing-found": "CAD found nothing", found: `${state.outcome}${state.clusters ? ` (${state.clusters})` : ""}`,
+           done: "analysis done", failed: "CAD failed" }[state.state] || state.text;
 }
 
-function draw() {
-  if (!current.info?.image) return;
-  const { rows, columns } = current.info;
-  const box = viewport.getBoundingClientRect();
-  const x0 = Math.max(0, Math.floor(view.x)), y0 = Math.max(0, Math.floor(view.y));
-  const x1 = Math.min(columns, Math.ceil(view.x + box.width / view.scale));
-  const y1 = Math.min(rows, Math.ceil(view.y + box.height / view.scale));
-  if (x1 <= x0 || y1 <= y0) return;
-  const left = (x0 - view.x) * view.scale, top = (y0 - view.y) * view.scale;
-  const width = (x1 - x0) * view.scale, height = (y1 - y0) * view.scale;
-  const ratio = Math.min(window.devicePixelRatio || 1, 2);
-  const outWidth = Math.max(1, Math.min(4096, Math.round(width * ratio)));
-  const outHeight = Math.max(1, Math.min(4096, Math.round(height * ratio)));
-  const params = new URLSearchParams({ frame: 0, x: x0, y: y0, w: x1 - x0, h: y1 - y0, width: outWidth, height: outHeight,
-                                       wc: windowing.c.toFixed(2), ww: Math.max(1, windowing.w).toFixed(2) });
-  const url = `/api/instances/${current.uid}/render?${params}`;
-  const place = () => Object.assign(image.style, { left: `${left}px`, top: `${top}px`, width: `${width}px`,
-                                                   height: `${height}px`, transform: "" });
-  const next = new Image();
-  next.onload = () => { image.src = url; place(); image.dataset.window = `${windowing.c},${windowing.w}`; };
-  next.src = url;
-  drawMarks();
-}
+// -- what the analyses say: states and findings ---------------------------------------------------------
 
-function redraw() {                         // at most every 80 ms while dragging
-  if (pending) return;
-  pending = setTimeout(() => { pending = null; draw(); }, 80);
-}
+const STATE_HEADS = { "not-run": "Not run yet", queued: "Waiting to run", running: "Running", "nothing-found": "Found nothing",
+                      found: "Found", done: "Done", failed: "Failed" };
 
-function zoomAt(factor, sx, sy) {
-  const x = view.x + sx / view.scale, y = view.y + sy / view.scale;
-  view.scale = Math.min(32, Math.max(0.01, view.scale * factor));
-  view.x = x - sx / view.scale;
-  view.y = y - sy / view.scale;
-  redraw();
-}
-
-function zoomTo(x, y, radiusPx) {
-  const box = viewport.getBoundingClientRect();
-  view.scale = Math.min(8, Math.min(box.width, box.height) / Math.max(8, radiusPx * 4));
-  view.x = x - box.width / 2 / view.scale;
-  view.y = y - box.height / 2 / view.scale;
-  draw();
-}
-
-// -- analysis marks -------------------------------------------------------------------------------
-
-function marksOf(uid) {
-  const found = findings[uid];
-  if (!found) return [];
-  const isolated = found.calcifications.filter((c) => !c.cluster_id);
-  return [...found.clusters.map((c) => ({ ...c, kind: "cluster" })), ...isolated.map((c) => ({ ...c, kind: "calcification" }))];
-}
-
-function drawMarks() {
-  const box = viewport.getBoundingClientRect();
-  overlay.setAttribute("viewBox", `0 0 ${box.width} ${box.height}`);
-  const svg = "http://www.w3.org/2000/svg";
-  const spacing = current.info?.pixel_spacing?.[0] || 0.1;
-  overlay.replaceChildren();
-  overlay.style.display = marksToggle.checked ? "" : "none";
-  for (const mark of marksOf(current.uid)) {
-    const cx = (mark.x - view.x) * view.scale, cy = (mark.y - view.y) * view.scale;
-    const r = Math.max(8, (mark.kind === "cluster" ? mark.radius_mm / spacing : 6) * view.scale);
-    const group = document.createElementNS(svg, "g");
-    group.setAttribute("class", `mark ${mark.kind}`);
-    group.setAttribute("data-id", mark.id);
-    const circle = document.createElementNS(svg, "circle");
-    Object.entries({ cx, cy, r }).forEach(([k, v]) => circle.setAttribute(k, v));
-    const label = document.createElementNS(svg, "text");
-    label.setAttribute("x", cx + r * 0.75 + 4);
-    label.setAttribute("y", cy - r * 0.75 - 4);
-    label.textContent = mark.id;
-    group.append(circle, label);
-    overlay.append(group);
-  }
+function stateItem(state, label) {
+  let detail = "";
+  if (state.state === "not-run") detail = "No result yet: this is not a negative reading.";
+  if (state.state === "queued") detail = "No result yet.";
+  if (state.state === "running") detail = state.message || "";
+  if (state.state === "nothing-found") detail = `It ran and reports no finding on this image (${state.outcome}).`;
+  if (state.state === "found") detail = `${state.outcome}${state.clusters ? `: ${state.clusters}` : ""}`;
+  if (state.state === "failed") detail = `No result: ${state.reason}`;
+  return el("li", { class: `cad ${state.state}`, "data-state": state.state, "data-plugin": state.plugin, title: state.title },
+    el("span", { class: "cad-head" }, label ? `${label}: ` : "", el("strong", {}, STATE_HEADS[state.state] || state.state),
+      ` · ${state.plugin}`),
+    state.state === "running" ? el("progress", { value: state.progress || 0, max: 1 }) : null,
+    detail ? el("span", { class: "cad-detail" }, detail) : null,
+    state.state === "failed" && state.technical ? el("details", { class: "technical" }, el("summary", {}, "Technical details"),
+      el("small", {}, state.technical)) : null);
 }
 
 function listFindings() {
+  const stateBox = document.getElementById("cad-state");
   const list = document.getElementById("findings");
-  const marks = marksOf(current.uid);
-  const spacing = current.info?.pixel_spacing?.[0] || 0.1;
-  list.replaceChildren(...marks.map((m) => el("li", { class: `finding ${m.kind}`, tabindex: 0, "data-id": m.id,
-      onclick: () => zoomTo(m.x, m.y, m.kind === "cluster" ? m.radius_mm / spacing : 10) },
-    el("strong", {}, m.id), " ", m.kind === "cluster" ? `${m.n} calcifications` : "calcification",
-    el("span", { class: "score" }, ` score ${Number(m.score).toFixed(2)}`))));
-  if (!marks.length) list.append(el("li", { class: "none" }, "No findings on this image."));
+  const images = mode === "hanging" ? panels.filter((p) => p.view).map((p) => p.series.instances[0].sop_instance_uid)
+    : mode === "image" ? [current.uid] : [];
+  const several = images.length > 1;
+  const stateItems = images.flatMap((uid) => (states[uid] || []).map((s) => stateItem(s, several ? labelOfImage(uid).replace(/^MG /, "") : "")));
+  stateBox.replaceChildren(stateItems.length ? el("ul", {}, stateItems) : "");
+  const rows = [];
+  for (const uid of images) {
+    for (const mark of marksOf(uid, known.get(uid))) {
+      const label = several ? labelOfImage(uid).replace(/^MG /, "") : "";
+      rows.push(el("li", { class: `finding ${mark.kind}`, "data-id": mark.id, "data-image": uid },
+        el("button", { type: "button", class: "finding-button", "aria-label": `Finding ${mark.id}${label ? ` on ${label}` : ""}: zoom to it`,
+                       onclick: () => selectFinding(uid, mark) },
+          el("strong", {}, mark.id),
+          el("span", {}, mark.kind === "cluster" ? `${mark.n} calcifications` : "calcification"),
+          el("span", { class: "score" }, `score ${Math.round(100 * Number(mark.score))}%`),
+          label ? el("span", { class: "where" }, label) : null)));
+    }
+  }
+  if (!rows.length && !stateItems.length) {
+    list.replaceChildren(el("li", { class: "none" }, mode === "document" ? "Open an image to see what the analyses found on it."
+      : "No analysis that marks findings takes this image."));
+  } else list.replaceChildren(...rows);
 }
 
-marksToggle.addEventListener("change", drawMarks);
+// Open the image at a finding; on a phone, bring the image back on screen
+async function selectFinding(uid, mark) {
+  const seriesIndex = seriesOf(uid);
+  if (seriesIndex < 0) return;
+  const series = study.series[seriesIndex];
+  const index = series.instances.findIndex((i) => i.sop_instance_uid === uid);
+  const zoom = { id: mark.id, x: mark.x, y: mark.y, radius: mark.radius || 10 };
+  if (mode === "image" && current.uid === uid) {
+    main.selected = mark.id;
+    main.zoomTo(zoom.x, zoom.y, zoom.radius);
+  } else {
+    await show(seriesIndex, index, { zoom });
+  }
+  document.querySelectorAll("#findings li.finding").forEach((li) => li.classList.toggle("selected", li.dataset.id === mark.id && li.dataset.image === uid));
+  const box = viewerSection.getBoundingClientRect();
+  if (box.top < 0 || box.bottom > window.innerHeight) viewerSection.scrollIntoView({ block: "start" });
+}
 
-// -- mouse, touch and keys -------------------------------------------------------------------------
+async function refreshAnalysis() {
+  states = (await api(`/api/studies/${studyUid}/analysis`)).images;
+  if (mode === "hanging") panelStates();
+  listFindings();
+}
+
+// -- the tools ---------------------------------------------------------------------------------------
+
+function fillPresets(meta) {
+  const presets = PRESETS[meta.modality] || [];
+  presetSelect.replaceChildren(el("option", { value: "" }, "Default window"),
+    ...presets.map(([name, c, w]) => el("option", { value: `${c ?? ""},${w}` }, name)),
+    el("option", { value: "custom", hidden: true }, "Custom"));
+}
+
+function syncPreset() {
+  const custom = presetSelect.querySelector("option[value=custom]");
+  if (main.presetName === "custom") {
+    custom.hidden = false;
+    presetSelect.value = "custom";
+  } else {
+    custom.hidden = true;
+    if (presetSelect.value === "custom") presetSelect.value = "";
+  }
+}
+
+function chooseTool(name) {
+  tool = name;
+  document.querySelectorAll("[data-tool]").forEach((b) => {
+    b.classList.toggle("active", b.dataset.tool === name);
+    b.setAttribute("aria-pressed", String(b.dataset.tool === name));
+  });
+}
+
+function resetWindow() {
+  const meta = current.info;
+  if (!meta?.image) return;
+  presetSelect.value = "";
+  main.setWindow(meta.window_center, meta.window_width);
+  syncPreset();
+}
+
+function zoomCentre(factor) {
+  const box = main.size();
+  main.zoomAt(factor, box.width / 2, box.height / 2);
+}
+
+presetSelect.addEventListener("change", () => {
+  const meta = current.info;
+  if (!meta?.image || presetSelect.value === "custom") return;
+  if (!presetSelect.value) return resetWindow();
+  const [c, w] = presetSelect.value.split(",").map(Number);
+  const name = presetSelect.selectedOptions[0].textContent;
+  if (presetSelect.value.startsWith(",")) main.setWindow(main.windowing.c, meta.window_width * w, name);
+  else main.setWindow(c, w, name);
+  syncPreset();
+});
+document.querySelectorAll("[data-tool]").forEach((button) => button.addEventListener("click", () => chooseTool(button.dataset.tool)));
+document.getElementById("zoom-in").addEventListener("click", () => zoomCentre(1.5));
+document.getElementById("zoom-out").addEventListener("click", () => zoomCentre(1 / 1.5));
+document.getElementById("fit").addEventListener("click", () => { main.fit(); main.draw(); });
+toHanging.addEventListener("click", () => showHanging());
+slider.addEventListener("input", () => show(current.series, Number(slider.value)));
+marksToggle.addEventListener("change", () => {
+  main.showMarks = marksToggle.checked;
+  main.drawMarks();
+  panels.forEach((p) => { if (p.view) { p.view.showMarks = marksToggle.checked; p.view.drawMarks(); } });
+});
+
+// -- mouse, touch and keys ----------------------------------------------------------------------------
 
 const pointers = new Map();
 let pinch = null;
+let dragSlices = 0;
+let wheelSteps = 0;
 
-viewport.addEventListener("pointerdown", (e) => {
-  viewport.setPointerCapture(e.pointerId);
+function local(e) {
+  const box = viewportBox.getBoundingClientRect();
+  return [e.clientX - box.left, e.clientY - box.top];
+}
+
+viewportBox.addEventListener("pointerdown", (e) => {
+  if (!current.info?.image) return;
+  viewportBox.setPointerCapture(e.pointerId);
+  viewportBox.focus({ preventScroll: true });
   pointers.set(e.pointerId, { x: e.clientX, y: e.clientY });
+  dragSlices = 0;
   if (pointers.size === 2) {
     const [a, b] = [...pointers.values()];
-    pinch = { distance: Math.hypot(a.x - b.x, a.y - b.y) };
+    pinch = { distance: Math.hypot(a.x - b.x, a.y - b.y), x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 };
   }
 });
-viewport.addEventListener("pointermove", (e) => {
+viewportBox.addEventListener("pointermove", (e) => {
   const last = pointers.get(e.pointerId);
   if (!last || !current.info?.image) return;
   const dx = e.clientX - last.x, dy = e.clientY - last.y;
   pointers.set(e.pointerId, { x: e.clientX, y: e.clientY });
-  if (pointers.size === 2 && pinch) {
+  if (pointers.size === 2 && pinch) {                 // two fingers: zoom where they are, and move with them
     const [a, b] = [...pointers.values()];
     const distance = Math.hypot(a.x - b.x, a.y - b.y);
-    const box = viewport.getBoundingClientRect();
-    zoomAt(distance / pinch.distance, (a.x + b.x) / 2 - box.left, (a.y + b.y) / 2 - box.top);
-    pinch.distance = distance;
+    const centre = { x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 };
+    const box = viewportBox.getBoundingClientRect();
+    main.panBy(centre.x - pinch.x, centre.y - pinch.y);
+    main.zoomAt(distance / Math.max(1, pinch.distance), centre.x - box.left, centre.y - box.top);
+    pinch = { distance, ...centre };
     return;
   }
-  if (tool === "window" || e.buttons === 2) {
-    const range = Math.max(1, current.info.window_width);
-    windowing.w = Math.max(1, windowing.w + dx * range / 400);
-    windowing.c = windowing.c + dy * range / 400;
+  const using = e.buttons === 2 ? "window" : tool;
+  if (using === "window") {
+    main.windowBy(dx, dy);
+    syncPreset();
+  } else if (using === "slices") {
+    dragSlices += e.pointerType === "touch" ? -dy : dy;       // a swipe up goes on, as the wheel turned down does
+    while (Math.abs(dragSlices) >= 12) {
+      step(dragSlices > 0 ? 1 : -1);
+      dragSlices -= Math.sign(dragSlices) * 12;
+    }
   } else {
-    view.x -= dx / view.scale;
-    view.y -= dy / view.scale;
-    image.style.transform = `translate(${dx}px, ${dy}px)`;
+    main.panBy(dx, dy);
   }
-  redraw();
 });
 const release = (e) => { pointers.delete(e.pointerId); if (pointers.size < 2) pinch = null; };
-viewport.addEventListener("pointerup", release);
-viewport.addEventListener("pointercancel", release);
-viewport.addEventListener("contextmenu", (e) => e.preventDefault());
-viewport.addEventListener("wheel", (e) => {
+viewportBox.addEventListener("pointerup", release);
+viewportBox.addEventListener("pointercancel", release);
+viewportBox.addEventListener("contextmenu", (e) => e.preventDefault());
+viewportBox.addEventListener("dblclick", () => { main.fit(); main.draw(); });
+// the wheel steps through a stack's slices; Ctrl+wheel (a trackpad's pinch too) zooms, as the wheel
+// does on an image without slices
+viewportBox.addEventListener("wheel", (e) => {
+  if (!current.info?.image) return;
   e.preventDefault();
-  const box = viewport.getBoundingClientRect();
-  zoomAt(Math.pow(1.2, -e.deltaY / 100), e.clientX - box.left, e.clientY - box.top);
-}, { passive: false });
-viewport.addEventListener("keydown", (e) => {
+  const delta = e.deltaMode === 1 ? e.deltaY * 40 : e.deltaMode === 2 ? e.deltaY * 800 : e.deltaY;
   const series = study.series[current.series];
-  if (["ArrowDown", "PageDown", "ArrowUp", "PageUp"].includes(e.key) && series.instances.length > 1) {
-    const step = e.key.endsWith("Down") ? 1 : -1;
-    show(current.series, Math.min(series.instances.length - 1, Math.max(0, current.index + step)));
-    e.preventDefault();
+  if (!e.ctrlKey && series?.instances.length > 1) {
+    wheelSteps += delta;
+    if (Math.abs(wheelSteps) < 50) return;
+    step(Math.sign(wheelSteps) * Math.max(1, Math.floor(Math.abs(wheelSteps) / 100)));
+    wheelSteps = 0;
+    return;
   }
+  const [x, y] = local(e);
+  main.zoomAt(Math.pow(1.2, -delta / 100), x, y);
+}, { passive: false });
+
+function typing(target) {
+  return target.closest?.("input, select, textarea, [contenteditable]") && !target.matches?.("input[type=range], input[type=checkbox]");
+}
+
+document.addEventListener("keydown", (e) => {
+  if (e.defaultPrevented || e.altKey || e.metaKey || typing(e.target) || document.getElementById("shortcuts").open) return;
+  const key = e.key;
+  if (key === "?") { openShortcuts(); e.preventDefault(); return; }
+  if (e.ctrlKey) return;
+  if (key === "Escape" && hanging && mode !== "hanging") { showHanging(); e.preventDefault(); return; }
+  if (key === "n" || key === "N") { nextSeries(key === "N" ? -1 : 1); e.preventDefault(); return; }
+  if (mode !== "image") return;
+  const inViewport = e.target === viewportBox || e.target === document.body || e.target === slider;
+  const actions = {
+    "+": () => zoomCentre(1.25), "=": () => zoomCentre(1.25), "-": () => zoomCentre(0.8),
+    f: () => { main.fit(); main.draw(); }, p: () => chooseTool("pan"), w: () => chooseTool("window"),
+    s: () => { if (!document.querySelector("[data-tool=slices]").hidden) chooseTool("slices"); },
+    r: () => resetWindow(), m: () => { marksToggle.checked = !marksToggle.checked; marksToggle.dispatchEvent(new Event("change")); },
+  };
+  const stepping = { ArrowDown: 1, PageDown: 1, ArrowUp: -1, PageUp: -1, Home: -1e6, End: 1e6 };
+  if (inViewport && key in stepping && e.target !== slider) { step(stepping[key]); e.preventDefault(); return; }
+  const action = actions[key.length === 1 ? key.toLowerCase() : key] || actions[key];
+  if (action) { action(); e.preventDefault(); }
 });
-slider.addEventListener("input", () => show(current.series, Number(slider.value)));
-document.querySelectorAll("[data-tool]").forEach((button) => button.addEventListener("click", () => {
-  tool = button.dataset.tool;
-  document.querySelectorAll("[data-tool]").forEach((b) => b.classList.toggle("active", b === button));
-}));
-document.getElementById("zoom-in").addEventListener("click", () => { const b = viewport.getBoundingClientRect(); zoomAt(1.5, b.width / 2, b.height / 2); });
-document.getElementById("zoom-out").addEventListener("click", () => { const b = viewport.getBoundingClientRect(); zoomAt(1 / 1.5, b.width / 2, b.height / 2); });
-document.getElementById("fit").addEventListener("click", () => { fit(); draw(); });
-presetSelect.addEventListener("change", () => {
-  const info = current.info;
-  if (!presetSelect.value) windowing = { c: info.window_center, w: info.window_width };
-  else {
-    const [c, w] = presetSelect.value.split(",").map(Number);
-    windowing = presetSelect.value.startsWith(",") ? { c: windowing.c, w: info.window_width * w } : { c, w };
-  }
-  draw();
+
+function nextSeries(direction) {
+  const order = study.series.map((_, i) => i);
+  const at = mode === "image" || mode === "document" ? order.indexOf(current.series) : -1;
+  const next = order[(at + direction + order.length) % order.length];
+  show(next, 0);
+}
+
+function openShortcuts() {
+  const dialog = document.getElementById("shortcuts");
+  if (!dialog.open) dialog.showModal();
+}
+document.getElementById("help").addEventListener("click", openShortcuts);
+document.getElementById("shortcuts-close").addEventListener("click", () => document.getElementById("shortcuts").close());
+
+let resizing = null;
+window.addEventListener("resize", () => {
+  clearTimeout(resizing);
+  resizing = setTimeout(() => {
+    if (mode === "image" && current.info?.image) { main.fit(); main.draw(); }
+    panels.forEach((p) => { if (p.view?.info) { p.view.fit(); p.view.draw(); } });
+  }, 100);
 });
-window.addEventListener("resize", () => { if (current.info?.image) { fit(); draw(); } });
 
-// -- analysis: plug-ins, jobs, notifications ----------------------------------------------------------
+// -- analyses: plug-ins, jobs, notifications ----------------------------------------------------------
 
-function field(param) {
-  const common = { name: param.name, title: param.help };
-  let input;
-  if (param.type === "bool") input = el("input", { ...common, type: "checkbox", checked: param.default });
-  else if (param.type === "choice") input = el("select", common, param.choices.map((c) => el("option", { value: c, selected: c === param.default }, c)));
-  else input = el("input", { ...common, type: param.type === "str" ? "text" : "number", value: param.default,
-                             min: param.min, max: param.max, step: param.type === "int" ? 1 : "any" });
-  return el("label", { class: "param" }, `${param.name}${param.unit ? ` (${param.unit})` : ""}`, input);
-}
-
-async function loadPlugins() {
-  const answer = await api(`/api/studies/${studyUid}/plugins`);
-  const box = document.getElementById("plugins");
-  box.replaceChildren(...answer.plugins.map((plugin) => {
-    const form = el("form", { class: "plugin", "data-plugin": plugin.name },
-      el("h3", {}, plugin.title), ...plugin.params.map(field),
-      answer.can_start ? el("button", { type: "submit" }, `Run ${plugin.name}`) : null);
-    form.addEventListener("submit", async (e) => {
-      e.preventDefault();
-      const params = {};
-      for (const p of plugin.params) {
-        const input = form.elements[p.name];
-        params[p.name] = p.type === "bool" ? input.checked : (p.type === "int" || p.type === "float") ? Number(input.value) : input.value;
-      }
-      try {
-        await post(`/api/studies/${studyUid}/jobs`, { plugin: plugin.name, params });
-        toast(`${plugin.name} started`);
-        loadJobs();
-      } catch (error) { toast(error.message, "error"); }
-    });
-    return form;
-  }));
-  if (!answer.plugins.length) box.append(el("p", {}, "No analysis takes this study."));
-}
-
-async function loadJobs() {
-  const { jobs } = await api(`/api/studies/${studyUid}/jobs`);
-  document.getElementById("jobs").replaceChildren(...jobs.map((job) => el("li", { class: `job ${job.state}`, "data-job": job.id },
-    el("strong", {}, job.plugin), ` ${job.state}`,
-    el("progress", { value: job.state === "succeeded" ? 1 : job.progress || 0, max: 1 }),
-    job.progress_message && job.state === "running" ? el("small", {}, job.progress_message) : null,
-    job.errors.length ? el("small", { class: "error" }, job.errors[job.errors.length - 1]) : null,
-    job.files.includes("model.x3d") ? el("a", { href: `/studies/${studyUid}/model/${job.id}`, class: "button" }, "Open the 3D model") : null,
-    !shared && ["queued", "running"].includes(job.state)
-      ? el("button", { onclick: async () => { try { await post(`/api/jobs/${job.id}/cancel`); loadJobs(); } catch (e) { toast(e.message, "error"); } } }, "Cancel")
-      : null)));
-}
+const jobsList = document.getElementById("jobs");
+const reloadJobs = () => loadJobs(studyUid, jobsList, { shared, labelOfSeries }).catch((e) => toast(e.message, "error"));
 
 function listen() {
   const events = new EventSource("/api/events");
   events.addEventListener("change", async (e) => {
     const event = JSON.parse(e.data);
     if (event.study_uid !== studyUid) return;
+    if (event.kind === "study_stored") { await loadStudy(true); return; }
     if (event.kind === "job_progress") {
-      const row = document.querySelector(`[data-job="${event.job_id}"] progress`);
-      if (row) row.value = event.progress || 0;
+      const row = document.querySelector(`[data-job="${event.job_id}"]`);
+      if (row?.querySelector("progress")) row.querySelector("progress").value = event.progress || 0;
+      if (row?.querySelector(".progress-message")) row.querySelector(".progress-message").textContent = event.progress_message || "";
+      let changed = false;
+      for (const list of Object.values(states)) {
+        for (const state of list) {
+          if (state.job_id === event.job_id && state.state === "running") {
+            Object.assign(state, { progress: event.progress || 0, message: event.progress_message || "" });
+            changed = true;
+          }
+        }
+      }
+      if (changed) { listFindings(); if (mode === "hanging") panelStates(); }
       return;
     }
     if (event.kind === "job_succeeded") {
       toast(`${event.plugin}: the results are ready`, "success");
       await loadStudy(true);
     } else if (event.kind === "job_failed") {
-      toast(`${event.plugin} failed`, "error");
+      toast(`${event.plugin} failed: see Analysis`, "error");
+      await refreshAnalysis();
+    } else {
+      await refreshAnalysis();
     }
-    loadJobs();
+    reloadJobs();
   });
 }
 
-// -- sharing -------------------------------------------------------------------------------------------
-
-document.getElementById("share")?.addEventListener("click", async () => {
-  try {
-    const answer = await post(`/api/studies/${studyUid}/share`, { days: Number(document.getElementById("share-days").value) });
-    const output = document.getElementById("share-url");
-    output.value = answer.url;
-    output.hidden = false;
-    output.select();
-    toast("Share link made: it opens this study only, read-only");
-    loadShares();
-  } catch (error) { toast(error.message, "error"); }
-});
-
-// The study's links: who made each, until when, and a button to revoke the open ones this user may
-// revoke (their own; an admin's: all)
-async function loadShares() {
-  const list = document.getElementById("shares");
-  if (!list) return;
-  const { shares } = await api(`/api/studies/${studyUid}/shares`);
-  const now = Date.now() / 1000;
-  const day = (t) => new Date(t * 1000).toLocaleString();
-  list.replaceChildren(...shares.map((link) => {
-    const open = !link.revoked_at && link.expires_at > now;
-    const state = link.revoked_at ? `revoked ${day(link.revoked_at)}` : open ? `until ${day(link.expires_at)}` : "expired";
-    return el("li", { class: open ? "share open" : "share closed", "data-share": link.id },
-      el("span", {}, `${link.created_by || "?"}, ${state}`),
-      open && link.can_revoke ? el("button", { onclick: async () => {
-        try { await post(`/api/shares/${link.id}/revoke`); toast("The link no longer opens anything"); loadShares(); }
-        catch (error) { toast(error.message, "error"); }
-      } }, "Revoke") : null);
-  }));
-}
-
-loadStudy().then(() => Promise.all([loadPlugins(), loadJobs(), shared ? null : loadShares()]))
+setUpSharing(studyUid);
+loadStudy()
+  .then(() => Promise.all([loadPlugins(studyUid, document.getElementById("plugins"), () => { reloadJobs(); refreshAnalysis(); }),
+                           reloadJobs(), shared ? null : loadShares(studyUid)]))
   .catch((error) => toast(error.message, "error"));
 listen();
