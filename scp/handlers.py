@@ -146,4 +146,18 @@ def handle_established(event) -> None:
 
 def handle_rejected(event) -> None:
     assoc = event.assoc
-    log.warning("association from %s (%s) rejected", assoc.requestor.ae_title, assoc.requestor.address)
+    log.warning("association from %s (%s) rejected: %s", assoc.requestor.ae_title, assoc.requestor.address,
+                _why_rejected(assoc))
+
+
+def _why_rejected(assoc) -> str:
+    """What pynetdicom checked when it rejected the request (it does not say which)."""
+    ae, calling = assoc.ae, assoc.requestor.ae_title
+    called = getattr(assoc.requestor.primitive, "called_ae_title", None) or assoc.acceptor.ae_title
+    if ae.require_called_aet and called.strip() != assoc.acceptor.ae_title.strip():
+        return f"called AE title {called.strip()!r} is not {assoc.acceptor.ae_title.strip()!r}"
+    if ae.require_calling_aet and calling.strip() not in [a.strip() for a in ae.require_calling_aet]:
+        return f"calling AE title {calling.strip()!r} is not in dicom.allowed_calling_aets"
+    if len(ae.active_associations) > ae.maximum_associations:
+        return f"already {ae.maximum_associations} associations (dicom.max_associations)"
+    return "no acceptable presentation context or protocol version"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +51,22 @@ def _associate(ae: AE, peer: Peer):
         raise SendError(f"cannot connect to {peer.host}:{peer.port}: {exc}") from None
     if not assoc.is_established:
         how = ("rejected (check the AE titles)" if assoc.is_rejected
-               else "failed (nothing listening, a TLS refusal, or an abort: check the port and the certificates)")
+               else _why_failed(peer.host, peer.port))
         raise SendError(f"cannot connect to {peer.called_ae}@{peer.host}:{peer.port}: association {how}")
     return assoc
+
+
+def _why_failed(host: str, port: int) -> str:
+    """pynetdicom reports a refused connection and a TLS failure alike: tell them apart."""
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except ConnectionRefusedError:
+        return "failed: nothing listens on that port (connection refused)"
+    except TimeoutError:
+        return "failed: no answer from that address (a firewall?)"
+    except OSError as exc:
+        return f"failed: {exc.strerror or type(exc).__name__}"
+    return "failed: the connection was closed (a TLS refusal? check the certificates, or a plain port)"
 
 
 def echo(peer: Peer) -> int:

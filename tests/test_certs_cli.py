@@ -75,6 +75,13 @@ def test_jobs_list_says_when_there_is_none_and_survives_a_closed_pipe(node):
 def test_send_reports_an_unreachable_node(node):
     result = run("send", "--config", node.config_path, "--port", "1", data_file("CT_small.dcm"))
     assert result.returncode == 1 and "cannot connect" in result.stderr
+    assert "nothing listens on that port (connection refused)" in result.stderr
+
+
+def test_a_rejected_association_is_logged_with_the_reason(node):
+    result = node.storescu(data_file("CT_small.dcm"), aec="WRONG", check=False)
+    assert result.returncode != 0
+    assert "association from STORESCU (127.0.0.1) rejected: called AE title 'WRONG' is not 'M3DICOM'" in node.log()
 
 
 def test_serve_refuses_a_bad_config(tmp_path):
