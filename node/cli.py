@@ -113,6 +113,7 @@ def cmd_status(args) -> int:
               + ("; list them: m3dicom status --conflicts" if any(c.values()) and not args.conflicts else ""))
         if args.conflicts:
             _print_conflicts(index.conflicts())
+        _print_forwards(index)
         if config.storage.backend != "s3":
             print("offload: off (storage.backend = \"local\")")
             return 0
@@ -140,6 +141,20 @@ _CONFLICT_ADVICE = {
     "quarantined": "stored outside its study: no query, retrieve or viewer sees it",
     "stored": "stored in its study; its file keeps its own values, the index (and C-FIND) the first ones received",
 }
+
+
+def _print_forwards(index, job_id: str | None = None, indent: str = "") -> None:
+    """Analysis results on their way to the rules' `forward_to` nodes (nothing when none)."""
+    from router import queue
+
+    for f in queue.forwards(index, job_id):
+        if f.state == "sent":
+            print(f"{indent}forwarded to {f.destination}: {f.count} results sent")
+            continue
+        print(f"{indent}forwarding to {f.destination}: {f.count} {f.state}"
+              + (f" after {f.attempts} attempts" if f.attempts else "")
+              + (f"; last error: {f.last_error[:200]}" if f.last_error else "")
+              + (" (retried with backoff; check the [remote] node)" if f.state == "pending" and f.attempts else ""))
 
 
 def _print_conflicts(rows) -> None:
@@ -283,14 +298,15 @@ def cmd_jobs_list(args) -> int:
 
     with _index_of(args) as index:
         found = queue.jobs(index, study_uid=args.study, states=tuple(args.state or ()), limit=args.limit)
-    if not found:
-        print("no jobs" + (" for this study" if args.study else "") + (" in that state" if args.state else ""))
-    for job in found:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
-        print(f"{job.id} {job.state:9} {job.plugin} study {job.study_uid} attempts {job.attempts}/{job.max_attempts} "
-              f"created {when}" + (f" [{job.rule}]" if job.rule else ""))
-        if job.errors:
-            print(f"    last error: {job.errors[-1][:300]}")
+        if not found:
+            print("no jobs" + (" for this study" if args.study else "") + (" in that state" if args.state else ""))
+        for job in found:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
+            print(f"{job.id} {job.state:9} {job.plugin} study {job.study_uid} attempts {job.attempts}/"
+                  f"{job.max_attempts} created {when}" + (f" [{job.rule}]" if job.rule else ""))
+            if job.errors:
+                print(f"    last error: {job.errors[-1][:300]}")
+            _print_forwards(index, job.id, "    ")
     return 0
 
 

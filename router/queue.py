@@ -157,3 +157,26 @@ def results(index: Index, job_id: str) -> list[dict]:
         "LEFT JOIN series se ON se.pk = i.series_pk LEFT JOIN studies s ON s.pk = se.study_pk "
         "WHERE r.job_id=? ORDER BY r.name", (job_id,))
     return [dict(r) for r in rows]
+
+
+@dataclass(frozen=True)
+class ForwardState:
+    destination: str
+    state: str          # pending | sent | failed
+    count: int
+    attempts: int       # most attempts of one of them
+    last_error: str | None
+
+
+def forwards(index: Index, job_id: str | None = None) -> list[ForwardState]:
+    """Where results are being sent (rules' `forward_to`), by destination and state: what
+    `m3dicom status` and `jobs list` show, so that results that never reach the PACS are seen."""
+    where, params = ("WHERE job_id=?", (job_id,)) if job_id else ("", ())
+    groups: dict[tuple[str, str], list] = {}
+    for destination, state, attempts, error in index.query(
+            f"SELECT destination, state, attempts, last_error FROM forwards {where} ORDER BY next_try", params):
+        group = groups.setdefault((destination, state), [0, 0, None])
+        group[0] += 1
+        group[1] = max(group[1], attempts)
+        group[2] = error or group[2]
+    return [ForwardState(d, s, *g) for (d, s), g in sorted(groups.items())]

@@ -170,3 +170,24 @@ def test_jobs_requested_and_cancelled_from_the_command_line(routed, tmp_path):
     wait_for(lambda: any(j["id"] == quick and j["state"] == "succeeded" for j in jobs(node)), timeout=90,
              what="a job made from the command line")
     assert results_of(node, job_id) == [] and len(results_of(node, quick)) == 2
+
+
+def test_results_that_cannot_be_forwarded_are_shown_by_status_and_jobs_list(make_node, tmp_path):
+    """New-user pass: with the PACS down, `jobs list` and the viewer said "succeeded" and nothing
+    but the log told that the results never left."""
+    node = make_node(start=False, remote={"DOWN": {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port(),
+                                                   "tls": False}},
+                     router={"plugins": PLUGINS, "rules": [{"name": "ct", "match": {"Modality": "CT"},
+                                                            "plugin": "test-sc", "forward_to": ["DOWN"],
+                                                            "quiet_seconds": 1}]})
+    node.env["PYTHONPATH"] = str(TESTS)
+    node.start()
+    node.storescu(*one_study(tmp_path, 1))
+    job_in(node, "succeeded")
+    wait_for(lambda: node.rows("SELECT attempts FROM forwards") not in ([], [(0,)]), timeout=60,
+             what="a failed attempt to forward")
+    status = node.cli("status").stdout
+    assert "forwarding to DOWN: 1 pending after 1 attempts; last error:" in status, status
+    assert "check the [remote] node" in status
+    listed = node.cli("jobs", "list").stdout
+    assert "    forwarding to DOWN: 1 pending" in listed, listed
