@@ -11,7 +11,10 @@ const FIELDS = ["name", "id", "from", "to", "modality", "accession"];
 const DESCENDING_FIRST = new Set(["date", "images"]);      // a first click on these puts the most first
 let page = 0;
 let shown = new Set();          // the studies on screen
+const fresh = new Map();        // study UID -> when it arrived on screen (marked for a few seconds)
+const FRESH_MS = 6000;
 const waiting = new Set();      // studies that arrived since the list was last read
+const own = new Set();          // studies this page uploaded to: not news to its reader
 
 function badges(jobs) {
   return Object.entries(jobs || {}).map(([state, count]) =>
@@ -51,8 +54,12 @@ function showSort() {
     sortSelect.append(el("option", { value: wanted }, `${sort}, ${order === "asc" ? "ascending" : "descending"}`));
   }
   sortSelect.value = wanted;
-  const more = filters();
-  document.getElementById("more-toggle").textContent = more ? `More filters (${more} set)` : "More filters";
+  labelMore();
+}
+
+function labelMore() {
+  const open = form.classList.contains("expanded"), set = filters();
+  document.getElementById("more-toggle").textContent = open ? "Fewer filters" : set ? `More filters (${set} set)` : "More filters";
 }
 
 async function search(newPage = 0, { quiet = false } = {}) {
@@ -64,9 +71,11 @@ async function search(newPage = 0, { quiet = false } = {}) {
   showSort();
   try {
     const answer = await api("/api/studies?" + params);
-    const before = shown;
+    const before = shown, now = Date.now();
     shown = new Set(answer.studies.map((s) => s.study_uid));
-    body.replaceChildren(...answer.studies.map((s) => row(s, quiet && !before.has(s.study_uid))));
+    for (const uid of shown) if (quiet && !before.has(uid) && !fresh.has(uid)) fresh.set(uid, now);
+    for (const [uid, since] of fresh) if (now - since > FRESH_MS) fresh.delete(uid);
+    body.replaceChildren(...answer.studies.map((s) => row(s, fresh.has(s.study_uid))));
     if (!answer.studies.length) {
       const empty = FIELDS.every((f) => !form.elements[f].value.trim()) && page === 0;
       body.replaceChildren(el("tr", { class: "empty" }, el("td", { colspan: 7 },
@@ -75,7 +84,7 @@ async function search(newPage = 0, { quiet = false } = {}) {
     document.getElementById("page").textContent = `page ${page + 1}`;
     document.getElementById("previous").disabled = page === 0;
     document.getElementById("next").disabled = !answer.more;
-    const unseen = [...waiting].filter((uid) => !shown.has(uid));
+    const unseen = [...waiting].filter((uid) => !shown.has(uid) && !own.has(uid));
     waiting.clear();
     arrived.hidden = !unseen.length;
     if (unseen.length) {
@@ -121,7 +130,7 @@ function listen() {
 
 form.addEventListener("submit", (e) => {
   e.preventDefault();
-  if (phone.matches) fold(false);
+  if (phone.matches) { fold(false); uploadBox.open = false; }      // the results, not the form, on the screen
   search(0);
 });
 for (const th of document.querySelectorAll("#studies th[data-sort]")) {
@@ -142,6 +151,7 @@ const moreToggle = document.getElementById("more-toggle");
 function fold(open) {
   form.classList.toggle("expanded", open);
   moreToggle.setAttribute("aria-expanded", String(open));
+  labelMore();
 }
 moreToggle.addEventListener("click", () => fold(!form.classList.contains("expanded")));
 const uploadBox = document.getElementById("upload-box");
@@ -172,6 +182,7 @@ uploadForm.addEventListener("submit", async (e) => {
   try {
     const answer = await upload(new FormData(uploadForm), document.getElementById("upload-progress"),
       document.getElementById("upload-text"));
+    for (const s of answer.studies) own.add(s.study_uid);
     uploadResults(results, answer);
     const stored = answer.files.filter((f) => f.outcome === "stored").length;
     toast(`${stored} file${stored === 1 ? "" : "s"} stored`, stored ? "success" : "info");
