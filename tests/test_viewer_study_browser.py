@@ -186,6 +186,12 @@ def test_the_four_views_hang_side_by_side_with_the_cads_marks_and_open_full_size
     page.keyboard.press("Enter")
     loaded(page, "#viewport:not([hidden]) #image")
     assert "MG L MLO" in page.inner_text("#viewport .corner.tr")
+    fitted = int(page.get_attribute("#viewport", "data-zoom"))
+    page.focus("#findings li.finding button")                           # Enter on a focused finding selects it
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#overlay g.mark.selected")
+    assert int(page.get_attribute("#viewport", "data-zoom")) > fitted
+    assert page.locator("#findings li.finding.selected").count() == 1
     labels = page.locator(".series-item .series-label").all_inner_texts()
     assert {"MG R CC", "MG L CC", "MG R MLO", "MG L MLO", "4 views"} <= set(labels)
     results = page.locator(".series-item.result small").all_inner_texts()
@@ -294,6 +300,7 @@ def test_the_report_is_a_findings_table_that_scrolls_and_opens_its_image(site, b
                                                "yDistance": -300, "gestureSourceType": "touch", "speed": 800})
     wait_for(lambda: _scroll_top(phone) > 50, timeout=5, what="the report to scroll on a swipe")
     phone.evaluate("document.getElementById('document').scrollTop = 0")
+    assert _small_targets(phone) == []
     phone.screenshot(path=str(ARTIFACTS / "study-phone-report.png"))
     context.close()
 

@@ -122,7 +122,7 @@ export class ImageView {
     next.src = url;
   }
 
-  // Between a change and its new picture: the shown one moved where it belongs (panning)
+  // Between a change and its new picture: the shown one moved and scaled where it belongs
   preview() {
     const placed = this.placed;
     let transform = this.flip ? "scaleX(-1)" : "";
@@ -130,7 +130,15 @@ export class ImageView {
       const dx = (placed.x - this.view.x) * this.view.scale * (this.flip ? -1 : 1);
       const dy = (placed.y - this.view.y) * this.view.scale;
       if (dx || dy) transform = `translate(${dx}px, ${dy}px) ${transform}`;
+    } else if (placed && !this.flip) {
+      // a point u px into the picture (at left L) moves to k (L + u) + (placed.x - view.x) * scale
+      const k = this.view.scale / placed.scale;
+      const left = parseFloat(this.image.style.left) || 0, top = parseFloat(this.image.style.top) || 0;
+      const dx = (k - 1) * left + (placed.x - this.view.x) * this.view.scale;
+      const dy = (k - 1) * top + (placed.y - this.view.y) * this.view.scale;
+      transform = `translate(${dx}px, ${dy}px) scale(${k})`;
     }
+    this.image.style.transformOrigin = this.flip ? "50% 50%" : "0 0";     // a mirror turns about the middle
     this.image.style.transform = transform;
   }
 
