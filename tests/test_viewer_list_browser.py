@@ -155,6 +155,7 @@ def test_a_study_that_arrives_while_the_list_is_open_appears(list_site, browser,
     node.storescu(*ct_study(tmp_path / "late", 1, "Latecomer^Leo", "CT-LATE", TODAY, "2359"))
     page.wait_for_selector("#arrived:not([hidden])", timeout=15000)
     assert "1 new study has arrived that this search or page does not show" in page.inner_text("#arrived")
+    page.screenshot(path=str(ARTIFACTS / "list-desktop-arrived-elsewhere.png"))
     page.click("#arrived button:has-text('Show the newest')")
     page.wait_for_selector("#studies tbody tr[data-study] td.pid:text-is('CT-LATE')")
     context.close()

@@ -15,6 +15,7 @@ const fresh = new Map();        // study UID -> when it arrived on screen (marke
 const FRESH_MS = 6000;
 const waiting = new Set();      // studies that arrived since the list was last read
 const own = new Set();          // studies this page uploaded to: not news to its reader
+const elsewhere = new Set();    // arrived, but outside this search or page (until the reader searches)
 
 function badges(jobs) {
   return Object.entries(jobs || {}).map(([state, count]) =>
@@ -84,11 +85,14 @@ async function search(newPage = 0, { quiet = false } = {}) {
     document.getElementById("page").textContent = `page ${page + 1}`;
     document.getElementById("previous").disabled = page === 0;
     document.getElementById("next").disabled = !answer.more;
-    const unseen = [...waiting].filter((uid) => !shown.has(uid) && !own.has(uid));
+    if (!quiet) elsewhere.clear();
+    for (const uid of waiting) elsewhere.add(uid);
     waiting.clear();
-    arrived.hidden = !unseen.length;
-    if (unseen.length) {
-      arrived.replaceChildren(`${unseen.length} new ${unseen.length === 1 ? "study has" : "studies have"} arrived that this `
+    for (const uid of elsewhere) if (shown.has(uid) || own.has(uid)) elsewhere.delete(uid);
+    const unseen = elsewhere.size;
+    arrived.hidden = !unseen;
+    if (unseen) {
+      arrived.replaceChildren(`${unseen} new ${unseen === 1 ? "study has" : "studies have"} arrived that this `
         + "search or page does not show. ", el("button", { type: "button", onclick: newest }, "Show the newest"));
     }
   } catch (error) { if (!quiet) toast(error.message, "error"); }
