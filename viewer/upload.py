@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 MAX_RATIO = 200          # a zip member inflating more than this is refused (a zip bomb)
 MAX_MEMBERS = 20000
+STUDIES_PER_QUERY = 500  # studies an upload touched, looked up this many at a time (a query takes 1000 UIDs)
 
 
 class TooLarge(Exception):
@@ -99,15 +100,15 @@ def _studies(index, results: list[dict]) -> list[dict]:
     found = {}
     uids = list(touched)
     with index.reader() as conn:
-        for start in range(0, len(uids), 500):                 # a query takes at most 1000 UIDs
+        for start in range(0, len(uids), STUDIES_PER_QUERY):
             identifier = Dataset()
             identifier.QueryRetrieveLevel = "STUDY"
-            identifier.StudyInstanceUID = uids[start:start + 500]
+            identifier.StudyInstanceUID = uids[start:start + STUDIES_PER_QUERY]
             for keyword in ("PatientName", "PatientID", "StudyDate", "StudyTime", "StudyDescription",
                             "ModalitiesInStudy"):
                 setattr(identifier, keyword, "")
             found.update((row["StudyInstanceUID"], row) for row in study_list(conn, Query(STUDY_ROOT, identifier),
-                                                                              limit=500))
+                                                                              limit=STUDIES_PER_QUERY))
     order = sorted(touched, key=lambda uid: touched[uid]["stored"] == 0)       # stable: upload order otherwise
     return [{"study_uid": uid, "patient_name": found[uid]["PatientName"], "patient_id": found[uid]["PatientID"],
              "date": found[uid]["StudyDate"], "time": found[uid]["StudyTime"],
