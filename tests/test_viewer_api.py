@@ -750,3 +750,24 @@ async def test_plugin_forms_get_labels_and_help_and_a_guest_gets_no_form(client,
     guest = await aiohttp_client(client.server)
     assert (await guest.get(f"/s/{token}", allow_redirects=False)).status == 302
     assert (await (await guest.get(f"/api/studies/{study}/plugins")).json())["can_start"] is False
+
+
+async def test_a_series_holding_all_four_views_names_each_image(client, setup, tmp_path):
+    """Some modalities send the four views in one series: each image gets its own label (the
+    hanging reads it), the series names them all."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    _, archive, _ = setup
+    series = generate_uid()
+    for path in _mammograms(tmp_path / "one-series"):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series, 1, int(ds.SeriesNumber)
+        ds.save_as(path, enforce_file_format=True)
+        study = archive.ingest_file(path).study_uid
+    await login(client)
+    (only,) = (await (await client.get(f"/api/studies/{study}")).json())["series"]
+    assert only["label"] == "MG R CC, L CC, R MLO, L MLO"
+    assert [i["label"] for i in only["instances"]] == ["MG R CC", "MG L CC", "MG R MLO", "MG L MLO"]
+    assert [(i["laterality"], i["view"], i["orientation"][0]) for i in only["instances"]] == [
+        ("R", "CC", "P"), ("L", "CC", "A"), ("R", "MLO", "P"), ("L", "MLO", "A")]

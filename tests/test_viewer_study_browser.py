@@ -276,9 +276,10 @@ def test_the_report_is_a_findings_table_that_scrolls_and_opens_its_image(site, b
     wait_for(lambda: _scroll_top(page) > 100, timeout=5, what="the report to scroll on the wheel")
     page.focus("#document")
     page.keyboard.press("End")                                         # the keys
-    wait_for(lambda: _scroll_top(page) >= height - client - 2, timeout=5, what="End to reach the report's end")
+    wait_for(lambda: _scroll_top(page) >= height - client - 5, timeout=10, what="End to reach the report's end")
+    page.wait_for_timeout(300)                                         # the end of the scroll's animation
     page.keyboard.press("Home")
-    wait_for(lambda: _scroll_top(page) == 0, timeout=5, what="Home to go back up")
+    wait_for(lambda: _scroll_top(page) < 5, timeout=10, what="Home to go back up")
     page.screenshot(path=str(ARTIFACTS / "study-desktop-report.png"))
     with page.expect_download() as download:                           # a mouse click on a link in the image area
         page.click("#document a:has-text('Download the DICOM object')")

@@ -120,6 +120,7 @@ def outcomes_of(findings: Mapping) -> dict[str, dict]:
 
 # -- series labels --------------------------------------------------------------------------------
 
+PROJECTION_MODALITIES = ("MG",)      # one view per image, several views possibly in one series
 RESULT_KINDS = {"1.2.840.10008.5.1.4.1.1.7": "marked image", "1.2.840.10008.5.1.4.1.1.88.34": "report",
                 "1.2.840.10008.5.1.4.1.1.88.33": "report", "1.2.840.10008.5.1.4.1.1.88.22": "report",
                 "1.2.840.10008.5.1.4.1.1.88.11": "report", "1.2.840.10008.5.1.4.1.1.104.3": "3D model",
@@ -148,6 +149,15 @@ def label_series(series: list[dict], facts: Mapping[str, Mapping], job_inputs: M
             one["label"] = source_label(one, facts.get(one["series_uid"]))
             one.update({k: facts[one["series_uid"]].get(k, "") for k in ("laterality", "view", "orientation")}
                        if one["series_uid"] in facts else {})
+            views = []
+            for instance in one["instances"]:         # images that say their own view (mammograms)
+                if instance.get("laterality") or instance.get("view"):
+                    instance["label"] = source_label(one, instance)
+                    views.append(instance["label"].split(" ", 1)[-1])
+            views = list(dict.fromkeys(views))
+            if len(views) > 1:                        # several views in one series: name them all
+                one["label"] = f"{one.get('modality') or '?'} " + (", ".join(views) if len(views) <= 4
+                                                                   else f"{len(views)} views")
             by_uid[one["series_uid"]] = one["label"]
     seen: dict[str, int] = {}
     for one in series:

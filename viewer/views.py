@@ -406,6 +406,9 @@ def _study_detail(index, study_uid: str) -> dict | None:
     return study
 
 
+MAX_VIEWS_PER_SERIES = 16     # images of one mammography series whose laterality and view are read
+
+
 def _labelled_study(index, images, study_uid: str) -> dict | None:
     """The study with a label for each series that tells it apart ("MG R CC", not two "MG 1"; a
     result series names the plug-in and the series it was made from) and each mammogram's
@@ -417,10 +420,18 @@ def _labelled_study(index, images, study_uid: str) -> dict | None:
     for series in detail["series"]:
         if series["result"] or not series["instances"]:
             continue
-        try:
-            facts[series["series_uid"]] = images.facts(series["instances"][0]["sop_instance_uid"])
-        except Exception as exc:              # an unreadable header: the series keeps a plain label
-            log.debug("no facts for a series of study %s: %s", study_uid, type(exc).__name__)
+        # a mammography series may hold several views: each image's is read (a few, each header once)
+        each = series["modality"] in analysis.PROJECTION_MODALITIES
+        for position, instance in enumerate(series["instances"][:MAX_VIEWS_PER_SERIES if each else 1]):
+            try:
+                found = images.facts(instance["sop_instance_uid"])
+            except Exception as exc:          # an unreadable header: the series keeps a plain label
+                log.debug("no facts for a series of study %s: %s", study_uid, type(exc).__name__)
+                break
+            if position == 0:
+                facts[series["series_uid"]] = found
+            if each:
+                instance.update({k: found[k] for k in ("laterality", "view", "orientation")})
     jobs = queue.jobs(index, study_uid=study_uid, limit=1000)
     analysis.label_series(detail["series"], facts, {j.id: j.inputs for j in jobs}, {j.id: j.plugin for j in jobs})
     return detail

@@ -62,25 +62,34 @@ function info(uid) {
 }
 
 const seriesOf = (uid) => study.series.findIndex((s) => s.instances.some((i) => i.sop_instance_uid === uid));
-const labelOfImage = (uid) => study.series[seriesOf(uid)]?.label || "";
+const instanceOf = (uid) => study.series[seriesOf(uid)]?.instances.find((i) => i.sop_instance_uid === uid);
+const labelOfImage = (uid) => instanceOf(uid)?.label || study.series[seriesOf(uid)]?.label || "";
+
+// laterality, view and orientation of an image: its own (a mammogram says it), else its series'
+function factsOf(series, index) {
+  const instance = series.instances[index] || {};
+  const own = instance.laterality !== undefined || instance.view !== undefined;
+  return own ? { ...instance, modality: series.modality } : index === 0 || series.instances.length === 1 ? series : {};
+}
 const labelOfSeries = (seriesUid) => study.series.find((s) => s.series_uid === seriesUid)?.label || "";
 
 // A mammogram is shown as the hanging wants it: right views with the chest wall on the right,
 // left views with it on the left (Patient Orientation's row direction: posterior, anterior)
-function mirrored(series) {
+function mirrored(series, index = 0) {
   if (series.modality !== "MG") return false;
-  const rows = (series.orientation || [])[0] || "";
-  return (series.laterality === "R" && rows.startsWith("A")) || (series.laterality === "L" && rows.startsWith("P"));
+  const facts = factsOf(series, index);
+  const rows = (facts.orientation || [])[0] || "";
+  return (facts.laterality === "R" && rows.startsWith("A")) || (facts.laterality === "L" && rows.startsWith("P"));
 }
 
 function labelsFor(series, index) {
   const date = dicomDate(study.study_date);
   const stack = series.instances.length > 1 ? `Image ${index + 1} / ${series.instances.length}` : "";
-  const description = series.description && series.description !== series.label && !series.label.endsWith(series.description)
+  const description = series.description && !series.label.includes(series.description)
     ? series.description : "";
   return {
     tl: [personName(study.patient_name) || "(no name)", study.patient_id, date.text],
-    tr: [series.label, description, stack],
+    tr: [series.instances[index]?.label || series.label, description, stack],
   };
 }
 
@@ -114,11 +123,16 @@ async function loadStudy(keep = false) {
   await show(firstImage >= 0 ? firstImage : 0, 0);
 }
 
+// { RCC: { series, index }, ... }: the first image of each standard view, in one series or several
 function hangingOf(found) {
   const slots = {};
   found.series.forEach((s, i) => {
-    const key = `${s.laterality || ""}${s.view || ""}`;
-    if (!s.result && s.modality === "MG" && VIEWS.includes(key) && !(key in slots)) slots[key] = i;
+    if (s.result || s.modality !== "MG") return;
+    s.instances.forEach((_, j) => {
+      const facts = factsOf(s, j);
+      const key = `${facts.laterality || ""}${facts.view || ""}`;
+      if (VIEWS.includes(key) && !(key in slots)) slots[key] = { series: i, index: j };
+    });
   });
   return Object.keys(slots).length >= 2 ? slots : null;
 }
@@ -127,7 +141,7 @@ function listSeries() {
   const list = document.getElementById("series-list");
   const items = study.series.map((s, i) => {
     const first = s.instances[0];
-    const from = s.result ? `from ${s.source || "this study"}` : s.description && !s.label.endsWith(s.description) ? s.description : "";
+    const from = s.result ? `from ${s.source || "this study"}` : s.description && !s.label.includes(s.description) ? s.description : "";
     return el("button", { type: "button", class: `series-item${s.result ? " result" : ""}`, "data-series": i,
                           "data-label": s.label, onclick: () => show(i, 0) },
       NO_IMAGE.some((c) => first.sop_class_uid.startsWith(c))
@@ -201,7 +215,7 @@ async function show(seriesIndex, index = 0, { zoom } = {}) {
   main.selected = null;
   main.showMarks = marksToggle.checked;
   main.set({ uid: instance.sop_instance_uid, info: meta, marks: marksOf(instance.sop_instance_uid, meta),
-             flip: mirrored(series), labels: labelsFor(series, index), keep: sameSeries });
+             flip: mirrored(series, index), labels: labelsFor(series, index), keep: sameSeries && !series.instances[index].view });
   syncPreset();
   listFindings();
   if (zoom) {
@@ -264,31 +278,33 @@ async function showHanging() {
   highlightSeries();
   hangingBox.replaceChildren();
   panels = VIEWS.map((key) => {
-    const seriesIndex = hanging[key];
+    const slot = hanging[key];
     const name = `${key[0]} ${key.slice(1)}`;
-    if (seriesIndex === undefined) {
+    if (slot === undefined) {
       return { key, element: hangingBox.appendChild(el("div", { class: "view-panel missing", "data-view": key }, el("span", {}, `no ${name}`))) };
     }
+    const { series: seriesIndex, index } = slot;
     const series = study.series[seriesIndex];
-    const open = () => show(seriesIndex, 0);
+    const open = () => show(seriesIndex, index);
     const box = el("div", { class: "view-box" });
     const element = el("div", { class: "view-panel", "data-view": key, "data-series": seriesIndex, tabindex: 0, role: "button",
                                 "aria-label": `${series.label}: open full size`, onclick: open,
                                 onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); open(); } } },
       box, el("div", { class: "view-state" }));
     hangingBox.append(element);
-    return { key, element, box, series, seriesIndex, view: new ImageView(box, { compact: true, align: key[0] === "R" ? "right" : "left" }) };
+    return { key, element, box, series, seriesIndex, index, uid: series.instances[index].sop_instance_uid,
+             view: new ImageView(box, { compact: true, align: key[0] === "R" ? "right" : "left" }) };
   });
   await new Promise((resolve) => requestAnimationFrame(resolve));
   await Promise.all(panels.filter((p) => p.view).map(async (panel) => {
-    const uid = panel.series.instances[0].sop_instance_uid;
+    const uid = panel.uid;
     const meta = await info(uid).catch(() => null);
     if (!meta?.image || mode !== "hanging") return;
-    panel.uid = uid;
+    const flip = mirrored(panel.series, panel.index);
     panel.view.showMarks = marksToggle.checked;
-    panel.view.set({ uid, info: meta, marks: marksOf(uid, meta), flip: mirrored(panel.series),
-                     labels: { [panel.key[0] === "R" ? "tl" : "tr"]: [panel.series.label.replace(/^MG /, "")] } });
-    panel.element.dataset.flip = mirrored(panel.series) ? "yes" : "no";
+    panel.view.set({ uid, info: meta, marks: marksOf(uid, meta), flip,
+                     labels: { [panel.key[0] === "R" ? "tl" : "tr"]: [`${panel.key[0]} ${panel.key.slice(1)}`] } });
+    panel.element.dataset.flip = flip ? "yes" : "no";
   }));
   panelStates();
   listFindings();
@@ -297,8 +313,7 @@ async function showHanging() {
 function panelStates() {
   for (const panel of panels) {
     if (!panel.view) continue;
-    const uid = panel.series.instances[0].sop_instance_uid;
-    const state = (states[uid] || [])[0];
+    const state = (states[panel.uid] || [])[0];
     const box = panel.element.querySelector(".view-state");
     box.className = `view-state ${state ? state.state : "none"}`;
     box.textContent = state ? shortState(state) : "";
@@ -337,7 +352,7 @@ function stateItem(state, label) {
 function listFindings() {
   const stateBox = document.getElementById("cad-state");
   const list = document.getElementById("findings");
-  const images = mode === "hanging" ? panels.filter((p) => p.view).map((p) => p.series.instances[0].sop_instance_uid)
+  const images = mode === "hanging" ? panels.filter((p) => p.view).map((p) => p.uid)
     : mode === "image" ? [current.uid] : [];
   const several = images.length > 1;
   const stateItems = images.flatMap((uid) => (states[uid] || []).map((s) => stateItem(s, several ? labelOfImage(uid).replace(/^MG /, "") : "")));
