@@ -383,6 +383,17 @@ def _swipe(cdp, x: float, y: float, dy: float, steps: int = 12) -> None:
     cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
 
 
+def _pinch(cdp, x: float, y: float, start: float, end: float, steps: int = 12) -> None:
+    """Two fingers on the screen, their distance going from `start` to `end` pixels."""
+    def fingers(distance: float) -> list[dict]:
+        return [{"x": x - distance / 2, "y": y, "id": 0}, {"x": x + distance / 2, "y": y, "id": 1}]
+
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": fingers(start)})
+    for k in range(1, steps + 1):
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": fingers(start + (end - start) * k / steps)})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+
+
 def _small_targets(page) -> list[str]:
     """What a finger must hit in the page's main part and is smaller than 44 x 44 px."""
     return page.evaluate("""() => [...document.querySelectorAll(
@@ -409,6 +420,9 @@ def test_on_a_phone_nothing_is_wider_than_the_screen_and_the_image_stays_in_sigh
     _swipe(cdp, box["x"] + box["width"] / 2, box["y"] + box["height"] * 0.7, -150)     # a swipe up: on
     page.wait_for_function("() => Number(document.getElementById('slice').value) >= 3")
     assert page.evaluate("window.scrollY") == 0
+    zoom = int(page.get_attribute("#viewport", "data-zoom"))
+    _pinch(cdp, box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, 80, 240)     # two fingers apart: zoom
+    wait_for(lambda: int(page.get_attribute("#viewport", "data-zoom")) > zoom * 2, timeout=5, what="a pinch to zoom")
 
     open_study(page, url, studies["screening"], hanging=True)
     assert inside_window(page, "#hanging")

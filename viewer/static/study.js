@@ -613,17 +613,30 @@ function listen() {
       if (changed) { listFindings(); if (mode === "hanging") panelStates(); }
       return;
     }
-    if (event.kind === "job_succeeded") {
-      toast(`${event.plugin}: the results are ready`, "success");
-      await loadStudy(true);
-    } else if (event.kind === "job_failed") {
-      toast(`${event.plugin} failed: see Analysis`, "error");
-      await refreshAnalysis();
-    } else {
-      await refreshAnalysis();
-    }
-    reloadJobs();
+    if (event.kind === "job_succeeded") finished.succeeded.push(event.plugin);
+    if (event.kind === "job_failed") finished.failed.push(event.plugin);
+    clearTimeout(finished.timer);                    // the four jobs of a screening finish together: one update
+    finished.timer = setTimeout(settle, 400);
   });
+}
+
+const finished = { succeeded: [], failed: [], timer: null };
+
+async function settle() {
+  const counted = (names) => [...new Set(names)].map((name) => {
+    const n = names.filter((x) => x === name).length;
+    return n > 1 ? `${name} (${n} jobs)` : name;
+  }).join(", ");
+  const { succeeded, failed } = finished;
+  finished.succeeded = [];
+  finished.failed = [];
+  if (succeeded.length) toast(`${counted(succeeded)}: the results are ready`, "success");
+  if (failed.length) toast(`${counted(failed)} failed: see Findings and Analysis`, "error");
+  try {
+    if (succeeded.length) await loadStudy(true);
+    else await refreshAnalysis();
+  } catch (error) { toast(error.message, "error"); }
+  reloadJobs();
 }
 
 setUpSharing(studyUid);
