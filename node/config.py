@@ -68,6 +68,12 @@ class DicomSection:
                              "per process); 0 = one per CPU core, at most 4.")
     max_associations: int = setting(16, "Maximum simultaneous associations per receiving process; "
                                     "more are rejected.")
+    max_associations_per_source: int = setting(0, "Associations from one address (IPv6: one /64) per receiving "
+                                               "process; more are rejected (A-ASSOCIATE-RJ, local limit "
+                                               "exceeded). 0 (default): half of dicom.max_associations.")
+    plain_max_associations: int = setting(0, "Associations the plain port may hold per receiving process, the "
+                                          "rest kept for TLS peers; 0 (default): three quarters of "
+                                          "dicom.max_associations.")
     max_pdu_size: int = setting(1048576, "Maximum PDU length advertised to peers, bytes "
                                 "(1 MiB doubles large-instance throughput).")
     tls_handshake_timeout: float = setting(5.0, "Seconds a TLS peer has to finish its handshake.")
@@ -105,6 +111,10 @@ class DicomSection:
         if not 1 <= self.max_pending_connections <= 10000:
             raise ConfigError(f"dicom.max_pending_connections: {self.max_pending_connections} is not in 1-10000")
         if not 1 <= self.max_pending_per_source <= self.max_pending_connections:
+        for name in ("max_associations_per_source", "plain_max_associations"):
+            if not 0 <= getattr(self, name) <= self.max_associations:
+                raise ConfigError(f"dicom.{name}: {getattr(self, name)} is not in 0-{self.max_associations} "
+                                  "(dicom.max_associations)")
             raise ConfigError(f"dicom.max_pending_per_source: {self.max_pending_per_source} is not in "
                               f"1-{self.max_pending_connections} (dicom.max_pending_connections)")
         if not 4096 <= self.max_associate_rq_size <= 16 * 1048576:

@@ -22,7 +22,7 @@ from node.config import Config
 
 from . import fastpath, handlers, retrieve, wire
 from .commitment import Committer
-from .tls import TLSAssociationServer, server_context
+from .tls import Slots, TLSAssociationServer, server_context
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +120,17 @@ def start_servers(ae: AE, config: Config, archive: Archive, sockets: dict[int, s
         log.warning("pynetdicom %s is not %s: C-STORE and C-FIND take pynetdicom's slower generic path, and "
                     "PDU lengths and command sets are not bounded by the node", pynetdicom.__version__,
                     fastpath.PYNETDICOM_VERSION)
-    servers = [serve(ae, sockets[d.port], bound, contexts, tls, config, handler)]
+    slots = Slots.of(ae, d)   # one pool for both ports: a share per address, a reserve for TLS
+    servers = [serve(ae, sockets[d.port], bound, contexts, tls, config, handler, slots)]
     if d.plain_port:
-        servers.append(serve(ae, sockets[d.plain_port], bound, contexts, None, config, handler))
+        servers.append(serve(ae, sockets[d.plain_port], bound, contexts, None, config, handler, slots))
     return servers
 
 
 def serve(ae: AE, sock: socket.socket, bound: list, contexts: list, ssl_context, config: Config,
-          request_handler=None) -> TLSAssociationServer:
+          request_handler=None, slots: Slots | None = None) -> TLSAssociationServer:
     """Serve the listening `sock` in a thread (TLS when `ssl_context`), with the [dicom] limits
-    on connections not yet associated."""
+    on connections not yet associated, and on associations (`slots`, shared between ports)."""
     d = config.dicom
     address = sock.getsockname()[:2]
     extra = {"request_handler": request_handler} if request_handler is not None else {}
@@ -137,7 +138,8 @@ def serve(ae: AE, sock: socket.socket, bound: list, contexts: list, ssl_context,
                             evt_handlers=bound, server_class=TLSAssociationServer,
                             handshake_timeout=d.tls_handshake_timeout, artim_timeout=d.artim_timeout,
                             max_pending=d.max_pending_connections, max_pending_per_source=d.max_pending_per_source,
-                            max_associate_rq_size=d.max_associate_rq_size, listening_socket=sock, **extra)
+                            max_associate_rq_size=d.max_associate_rq_size, listening_socket=sock,
+                            slots=slots or Slots.of(ae, d), **extra)
     ae._servers.append(server)  # as AE.start_server does: AE.shutdown() stops it, shutdown() expects it
     thread = threading.Thread(target=server.serve_forever, name=f"listener-{address[1]}", daemon=True)
     thread.start()

@@ -10,7 +10,9 @@ Until a connection has sent its whole A-ASSOCIATE-RQ it is *pending*: its TLS ha
 PS3.8 9.1.5) are bounded in time, and `Admission` bounds how many there are, per process
 and per source address, so that pending connections never take association slots
 (`dicom.max_associations` counts associations only) and one address cannot keep others
-out. The request is then handed to pynetdicom's association (see scp.fastpath).
+out. The request is then handed to pynetdicom's association (see scp.fastpath), unless
+`Slots` refuses it: one address, or the plain port, may hold only its share of the
+association slots (A-ASSOCIATE-RJ, local-limit-exceeded).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from .wire import PDUError, PDURefused, PDUTimeout, abort_pdu, read_pdu
+from .wire import PDUError, PDURefused, PDUTimeout, abort_pdu, read_pdu, reject_pdu
 
 log = logging.getLogger(__name__)
 
@@ -182,28 +184,82 @@ class Admission:
             pass
 
 
-class _Reports:
-    """One warning per kind and source every `interval` seconds, counting those not logged:
+class Reports:
+    """One log line per kind and source every `interval` seconds, counting those not logged:
     a peer opening connections by the hundred does not write a line for each."""
 
-    def __init__(self, interval: float = 10.0):
-        self.interval = interval
+    def __init__(self, interval: float = 10.0, logger: logging.Logger = log):
+        self.interval, self.logger = interval, logger
         self._lock = threading.Lock()
         self._last: dict[tuple[str, str], tuple[float, int]] = {}
 
-    def warning(self, kind: str, source: str, message: str, *args) -> None:
+    def allow(self, kind: str, source: str) -> tuple[bool, int]:
+        """(whether to log now, how many of this kind and source were not logged since the last)."""
         now = time.monotonic()
         with self._lock:
             last, skipped = self._last.get((kind, source), (None, 0))
             if last is not None and now - last < self.interval:
                 self._last[(kind, source)] = (last, skipped + 1)
-                return
+                return False, skipped + 1
             if len(self._last) > 4096:
                 self._last = {k: v for k, v in self._last.items() if now - v[0] < self.interval}
             self._last[(kind, source)] = (now, 0)
+        return True, skipped
+
+    def warning(self, kind: str, source: str, message: str, *args, level: int = logging.WARNING) -> None:
+        allowed, skipped = self.allow(kind, source)
+        if not allowed:
+            return
         if skipped:
             message += f" ({skipped} more from {source} since the last report)"
-        log.warning(message, *args)
+        self.logger.log(level, message, *args)
+
+
+class Slots:
+    """The association slots of one receiving process, shared by its TLS and plain servers.
+
+    pynetdicom counts all associations together (`dicom.max_associations`). Before an
+    association is created, the servers ask here: at most `total`, at most `per_source` from
+    one source (`source_of`), and at most `plain` on the plain port, so that neither one
+    address nor peers without a certificate can take every slot. Associations are counted
+    as pynetdicom counts them, by their live threads: a slot is free the moment its
+    association's thread ends, whatever ended it. A refused request is answered with an
+    A-ASSOCIATE-RJ (rejected-transient, local-limit-exceeded) and logged at most once per
+    address every 10 s.
+
+    An association counts while its thread lives and its connection is open: one that was
+    aborted or released frees its slot as soon as its socket is closed (pynetdicom sets
+    `AssociationSocket.socket` to None then), not when its threads have wound down.
+    """
+
+    def __init__(self, ae, total: int, per_source: int | None = None, plain: int | None = None):
+        self._ae = ae
+        self.total = total
+        self.per_source = per_source or total
+        self.plain = plain or total
+        self.lock = threading.Lock()   # held from the check until the new association's thread runs
+        self.reports = Reports()
+
+    @classmethod
+    def of(cls, ae, dicom) -> "Slots":
+        """From the [dicom] settings (0: the documented share of `max_associations`)."""
+        total = dicom.max_associations
+        return cls(ae, total, dicom.max_associations_per_source or max(1, total // 2),
+                   dicom.plain_max_associations or max(1, total * 3 // 4))
+
+    def refusal(self, source: str, tls: bool) -> str:
+        """Why one more association from `source` is refused, or "" (call with `lock` held)."""
+        held = [a for a in self._ae.active_associations if a.is_acceptor and _connected(a)]
+        if len(held) >= self.total:
+            return f"already {len(held)} associations (dicom.max_associations)"
+        mine = sum(1 for a in held if source_of(a.requestor.address) == source)
+        if mine >= self.per_source:
+            return f"already {mine} associations from {source} (dicom.max_associations_per_source)"
+        if not tls:
+            plain = sum(1 for a in held if getattr(getattr(a, "_server", None), "ssl_context", None) is None)
+            if plain >= self.plain:
+                return f"already {plain} associations on the plain port (dicom.plain_max_associations)"
+        return ""
 
 
 class TLSAssociationServer(ThreadedAssociationServer):
@@ -223,16 +279,17 @@ class TLSAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, *args, handshake_timeout: float = 5.0, artim_timeout: float = 10.0,
                  max_pending: int = 64, max_pending_per_source: int = 32, max_associate_rq_size: int = 262144,
-                 listening_socket: socket.socket | None = None, **kwargs):
+                 listening_socket: socket.socket | None = None, slots: Slots | None = None, **kwargs):
         self.handshake_timeout, self.artim_timeout = handshake_timeout, artim_timeout
         self.max_associate_rq_size = max_associate_rq_size
         self._admission = Admission(max_pending, max_pending_per_source)
-        self._reports = _Reports()
+        self._reports = Reports()
         self._lock = threading.Lock()
         self._entries: dict[socket.socket, _Pending] = {}
         self._requests: dict[socket.socket, bytearray] = {}
         self._shared = listening_socket
         super().__init__(*args, **kwargs)
+        self.slots = slots or Slots(self.ae, self.ae.maximum_associations)
         self._reads_request = getattr(self.RequestHandlerClass, "takes_association_request", False)
 
     def server_bind(self) -> None:
@@ -305,11 +362,19 @@ class TLSAssociationServer(ThreadedAssociationServer):
         if pdu is not None:
             with self._lock:
                 self._requests[sock] = pdu
+        refusal = ""
         try:
-            super().process_request_thread(sock, client_address)
+            with self.slots.lock:
+                refusal = self.slots.refusal(entry.source, self.ssl_context is not None)
+                if not refusal:
+                    super().process_request_thread(sock, client_address)   # starts the association's thread
         finally:
             with self._lock:
                 self._requests.pop(sock, None)
+        if refusal:
+            self.slots.reports.warning("slots", entry.source, "association from %s rejected: %s",
+                                       _peer(client_address), refusal)
+            self._reject(sock, pdu is not None)
 
     def take_association_request(self, sock: socket.socket) -> bytearray | None:
         """The A-ASSOCIATE-RQ read from `sock` before its association existed (for the request handler)."""
@@ -355,13 +420,30 @@ class TLSAssociationServer(ThreadedAssociationServer):
                 log.debug("connection from %s closed before its association request: %s", _peer(peer), exc)
         return None
 
+    def _reject(self, sock: socket.socket, request_read: bool) -> None:
+        """A-ASSOCIATE-RJ (rejected-transient, service-provider presentation, local-limit-exceeded:
+        PS3.8 9.3.4) after the request has come whole, then close."""
+        if not request_read:
+            try:
+                read_pdu(sock, {0x01: self.max_associate_rq_size}, time.monotonic() + self.artim_timeout,
+                         exclusive=True)
+            except PDUError:
+                self._close(sock)
+                return
+        self._answer(sock, reject_pdu(0x02, 0x03, 0x02))
+        self._close(sock)
+
+    @classmethod
+    def _abort(cls, sock: socket.socket, reason: int) -> None:
+        cls._answer(sock, abort_pdu(reason))
+
     @staticmethod
-    def _abort(sock: socket.socket, reason: int) -> None:
-        """Send an A-ABORT, then read (briefly) what is still coming, so that closing does not
-        reset the connection before the peer has read the abort."""
+    def _answer(sock: socket.socket, pdu: bytes) -> None:
+        """Send a last PDU (A-ABORT, A-ASSOCIATE-RJ), then read (briefly) what is still coming, so
+        that closing does not reset the connection before the peer has read it."""
         try:
             sock.settimeout(1.0)
-            sock.sendall(abort_pdu(reason))
+            sock.sendall(pdu)
             scratch = bytearray(65536)
             deadline = time.monotonic() + 0.5
             sock.settimeout(0.05)
@@ -376,6 +458,11 @@ class TLSAssociationServer(ThreadedAssociationServer):
         except OSError:
             pass
         sock.close()
+
+
+def _connected(assoc) -> bool:
+    sock = getattr(assoc.dul, "socket", None)
+    return sock is not None and sock.socket is not None
 
 
 def _peer(address) -> str:

@@ -207,6 +207,11 @@ def abort_pdu(reason: int = 0x00) -> bytes:
     return struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0x02, reason)
 
 
+def reject_pdu(result: int, source: int, reason: int) -> bytes:
+    """An A-ASSOCIATE-RJ PDU (PS3.8 9.3.4): result 1 permanent / 2 transient, its source and reason."""
+    return struct.pack(">BBIBBBB", 0x03, 0, 4, 0, result, source, reason)
+
+
 # -- the command set -------------------------------------------------------------------------
 
 @dataclass(frozen=True)

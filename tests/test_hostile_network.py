@@ -27,8 +27,8 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 from pynetdicom import AE, _config as pynetdicom_config
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_FIND_RQ, C_STORE_RQ, N_ACTION_RQ
-from pynetdicom.dimse_primitives import C_FIND, C_STORE, N_ACTION
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RQ, C_STORE_RQ, N_ACTION_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE, N_ACTION
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (A_ASSOCIATE, P_DATA, ImplementationClassUIDNotification,
                                        MaximumLengthNotification)
@@ -523,6 +523,105 @@ def test_idle_tls_connection_is_closed_by_the_default_handshake_timeout(make_nod
     with socket.create_connection(("127.0.0.1", node.port)) as idle:
         assert _until_closed(idle, timeout=default + 3) == b""
     assert time.monotonic() - started < default + 2
+
+
+# -- association slots: a share per address, a reserve for TLS (second round, slots.py) ---------
+
+REJECTED_LOCAL_LIMIT = (0x02, 0x03, 0x02)   # rejected-transient, service-provider (presentation), local limit
+
+
+def _hold_associations(node, tls: bool, sources: list[str], count: int) -> tuple[list, list]:
+    """`count` associations opened from `sources` in turn and kept open: (held sockets, the
+    (result, source, reason) of each A-ASSOCIATE-RJ)."""
+    held, rejections = [], []
+    for n in range(count):
+        sock = _connect(node, tls, sources[n % len(sources)])
+        sock.sendall(_associate_rq(calling=f"HOG{n}"))
+        answer = _read_pdu(sock)
+        if answer[0] == 0x02:
+            held.append(sock)
+            continue
+        assert answer[0] == 0x03 and len(answer) == 10, f"expected an A-ASSOCIATE-AC or -RJ, got {answer[:12]!r}"
+        rejections.append(tuple(answer[7:10]))
+        assert _until_closed(sock, timeout=3) == b""
+        sock.close()
+    return held, rejections
+
+
+def _echo(sock: socket.socket) -> int:
+    """A C-ECHO on a held raw association (context 1: Verification): its status."""
+    rq = C_ECHO()
+    rq.MessageID, rq.AffectedSOPClassUID = 3, Verification
+    sock.sendall(_p_data(1, 0x03, _command(C_ECHO_RQ(), rq)))
+    answer = _read_pdu(sock)
+    assert answer[0] == 0x04, answer[:12]
+    return struct.unpack_from("<H", answer, answer.index(b"\x00\x00\x00\x09\x02\x00\x00\x00") + 8)[0]
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("tls", PORTS)
+def test_associations_from_one_address_leave_slots_for_others(stored, tmp_path, tls):
+    """16 associations from 127.0.0.2 (the plain port without a certificate, or TLS with a valid one),
+    kept alive with C-ECHOs, took all 16 slots: every TLS sender was rejected for as long as they
+    were held. One address gets half of them; the rest is rejected, logged once."""
+    node, before = stored
+    held, rejections = _hold_associations(node, tls, ["127.0.0.2"], 16)
+    try:
+        assert len(held) == 8 and rejections == [REJECTED_LOCAL_LIMIT] * 8
+        assert all(_echo(sock) == 0x0000 for sock in held)   # what it holds works
+        node.still_serves(tmp_path)                           # from 127.0.0.1, over TLS, within 2 s
+        assert all(_echo(sock) == 0x0000 for sock in held)
+    finally:
+        for sock in held:
+            sock.close()
+    lines = _log_lines(node, "dicom.max_associations_per_source")
+    assert len(lines) == 1 and "127.0.0.2" in lines[0], lines
+    _unharmed(node, before, tmp_path)
+
+
+@pytest.mark.interop
+def test_the_plain_port_cannot_take_the_slots_kept_for_tls(stored, tmp_path):
+    """Four addresses, four plain associations each (no certificate needed): the plain port holds
+    three quarters of the slots at most, and a TLS sender still gets in."""
+    node, before = stored
+    held, rejections = _hold_associations(node, False, [f"127.0.0.{n}" for n in range(2, 6)], 16)
+    try:
+        assert len(held) == 12 and rejections == [REJECTED_LOCAL_LIMIT] * 4
+        node.still_serves(tmp_path)
+    finally:
+        for sock in held:
+            sock.close()
+    assert len(_log_lines(node, "dicom.plain_max_associations")) <= 4   # once per address at most
+    _unharmed(node, before, tmp_path)
+
+
+def test_slots_count_live_associations_by_address_and_port():
+    from scp.tls import Slots
+
+    class Assoc:
+        def __init__(self, address, tls):
+            self.is_acceptor = True
+            self.requestor = SimpleNamespace(address=address)
+            self._server = SimpleNamespace(ssl_context=object() if tls else None)
+            self.dul = SimpleNamespace(socket=SimpleNamespace(socket=object()))
+
+    ae = SimpleNamespace(active_associations=[])
+    slots = Slots(ae, total=5, per_source=2, plain=3)
+    assert slots.refusal("10.0.0.1", tls=False) == ""
+    ae.active_associations = [Assoc("10.0.0.1", False), Assoc("::ffff:10.0.0.1", True)]
+    assert "max_associations_per_source" in slots.refusal("10.0.0.1", tls=True)
+    assert slots.refusal("10.0.0.2", tls=False) == ""
+    ae.active_associations += [Assoc("10.0.0.2", False), Assoc("10.0.0.3", False)]
+    assert "plain_max_associations" in slots.refusal("10.0.0.4", tls=False)
+    assert slots.refusal("10.0.0.4", tls=True) == ""
+    ae.active_associations.append(Assoc("10.0.0.5", True))
+    assert "dicom.max_associations" in slots.refusal("10.0.0.4", tls=True)
+    ae.active_associations.pop(0)   # an association's thread ended: its slot is free at once
+    assert slots.refusal("10.0.0.1", tls=True) == ""
+    ae.active_associations.append(Assoc("10.0.0.1", True))
+    assert slots.refusal("10.0.0.1", tls=True) != ""
+    ae.active_associations[-1].dul.socket.socket = None   # closed, its threads still winding down
+    assert slots.refusal("10.0.0.1", tls=True) == ""
 
 
 class _Peers:

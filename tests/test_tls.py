@@ -138,7 +138,8 @@ def test_max_associations_is_enforced(make_node):
 
     from scp.tls import client_context
 
-    node = make_node(dicom={"max_associations": 2, "receivers": 1})  # the limit is per process
+    # the limit is per process; one address may take all of them here (by default: half)
+    node = make_node(dicom={"max_associations": 2, "max_associations_per_source": 2, "receivers": 1})
     tls = (client_context(node.pki / "ca.pem", node.pki / "client.pem", node.pki / "client.key"), "localhost")
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context(Verification)
