@@ -106,15 +106,15 @@ class DicomSection:
             raise ConfigError(f"dicom.receivers: {self.receivers} is not in 0-64")
         if not 1 <= self.max_associations <= 1000:
             raise ConfigError(f"dicom.max_associations: {self.max_associations} is not in 1-1000")
+        for name in ("max_associations_per_source", "plain_max_associations"):
+            if not 0 <= getattr(self, name) <= self.max_associations:
+                raise ConfigError(f"dicom.{name}: {getattr(self, name)} is not in 0-{self.max_associations} "
+                                  "(dicom.max_associations)")
         if not 4096 <= self.max_pdu_size <= 16 * 1048576:
             raise ConfigError(f"dicom.max_pdu_size: {self.max_pdu_size} is not in 4096-16777216")
         if not 1 <= self.max_pending_connections <= 10000:
             raise ConfigError(f"dicom.max_pending_connections: {self.max_pending_connections} is not in 1-10000")
         if not 1 <= self.max_pending_per_source <= self.max_pending_connections:
-        for name in ("max_associations_per_source", "plain_max_associations"):
-            if not 0 <= getattr(self, name) <= self.max_associations:
-                raise ConfigError(f"dicom.{name}: {getattr(self, name)} is not in 0-{self.max_associations} "
-                                  "(dicom.max_associations)")
             raise ConfigError(f"dicom.max_pending_per_source: {self.max_pending_per_source} is not in "
                               f"1-{self.max_pending_connections} (dicom.max_pending_connections)")
         if not 4096 <= self.max_associate_rq_size <= 16 * 1048576:
