@@ -13,6 +13,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from scp.commitment import Committer
-from scp.server import build_ae, start_servers
+from scp.server import PeerChatter, build_ae, start_servers
 
 from .config import Config
 
@@ -30,6 +31,68 @@ log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 _RESTART_DELAY = 5.0
+# What a peer sends reaches log lines (an AE title, a UID, pynetdicom's messages quoting a refused
+# value): each argument of a line is cut to MAX_LOG_VALUE characters, its message to MAX_LOG_MESSAGE,
+# the whole line (a traceback included) to MAX_LOG_LINE.
+MAX_LOG_VALUE = 200
+MAX_LOG_MESSAGE = 1000
+MAX_LOG_LINE = 16000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def one_line(text: str) -> str:
+    """`text` with every control character escaped (\\n, \\x1b, ...): it cannot start a forged
+    log line or drive a terminal."""
+    return _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                                              else f"\\u{ord(m.group()):04x}"), text)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}...[{len(text) - limit} more characters]"
+
+
+class OneLineFormatter(logging.Formatter):
+    """Every record the node logs becomes one line: control characters escaped, each argument
+    and the message cut short, a traceback on the same line (its line breaks written \\n).
+
+    Installed on the node's log handlers in every process (`node.service.configure_libraries`),
+    around the formatter they had."""
+
+    def __init__(self, inner: logging.Formatter | None = None):
+        super().__init__(LOG_FORMAT)
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        clone = logging.makeLogRecord(record.__dict__)
+        try:
+            if isinstance(record.args, tuple):
+                clone.args = tuple(_short(arg) for arg in record.args)
+            message = clone.getMessage()
+        except Exception:   # arguments that do not fit the message: show both, as logging would not
+            message = f"{record.msg!r} {record.args!r}"
+        clone.msg, clone.args = _cut(message, MAX_LOG_MESSAGE), None
+        text = self.inner.format(clone) if self.inner is not None else super().format(clone)
+        return _cut(one_line(text), MAX_LOG_LINE)
+
+
+def _short(arg):
+    """An argument as it may appear in a line: numbers as they are (for %d), anything whose text is
+    longer than MAX_LOG_VALUE as that text, cut."""
+    if isinstance(arg, (int, float)) or arg is None:
+        return arg
+    text = arg.decode("ascii", "backslashreplace") if isinstance(arg, (bytes, bytearray)) else str(arg)
+    return _cut(text, MAX_LOG_VALUE) if len(text) > MAX_LOG_VALUE else arg
+
+
+def one_line_logs(root: logging.Logger | None = None) -> None:
+    """Make every handler of the root logger write one line per record (`OneLineFormatter`), and
+    keep pynetdicom's own warnings about a peer to one line per address every 10 s."""
+    for handler in (root or logging.getLogger()).handlers:
+        if not isinstance(handler.formatter, OneLineFormatter):
+            handler.setFormatter(OneLineFormatter(handler.formatter))
+        if not any(isinstance(f, PeerChatter) for f in handler.filters):
+            handler.addFilter(PeerChatter())
 
 
 def receiver_count(config: Config) -> int:

@@ -44,6 +44,8 @@ def configure_libraries() -> None:
     # pynetdicom logs whole identifiers (patient names) at INFO: keep it to problems
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # what peers send reaches log lines: one line per record, escaped and cut short, in every process
+    receivers.one_line_logs()
 
 
 def prepare_spool(config: Config) -> None:

@@ -51,6 +51,7 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelFind)
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from .tls import Reports, source_of
 from .wire import (DISCARD_LIMIT, MAX_COMMAND_SET, PDU_NAMES, Limits, PDUError, PeerClosed, StoreRequest,
                    encode_find_rsp, encode_store_rsp, file_meta, p_data, p_data_tf, parse_store_rq, read_pdu)
 
@@ -107,6 +108,8 @@ class FastDIMSE(DIMSEServiceProvider):
     It runs in the DUL thread, where an exception would stop the DUL and leave the peer
     waiting: any failure here aborts the association, with one log line.
     """
+
+    reports: Reports | None = None   # set by the request handler: lines about a peer, rate-limited
 
     def __init__(self, assoc, store: StoreFunction, find: FindFunction | None, limits: Limits):
         super().__init__(assoc)
@@ -301,7 +304,8 @@ class FastDIMSE(DIMSEServiceProvider):
         if self.aborted:
             return
         self.aborted = True
-        (log.error if error else log.warning)("association from %s aborted: %s", _peer(self.assoc), reason)
+        _report(self.reports, self.assoc, logging.ERROR if error else logging.WARNING, "abort",
+                "association from %s aborted: %s", _peer(self.assoc), reason)
         self.drop()
         if isinstance(self.dul.socket, FastSocket):
             self.dul.socket.discarding = True
@@ -336,6 +340,8 @@ class FastDUL(DULServiceProvider):
 
     pdu_lengths: dict[int, int] = {}
 
+    reports: Reports | None = None   # set by the request handler: lines about a peer, rate-limited
+
     def _read_pdu_data(self) -> None:
         sock = self.socket
         if sock.discarding:
@@ -351,15 +357,17 @@ class FastDUL(DULServiceProvider):
                 self.event_queue.put("Evt17")
                 return
             except PDUError as exc:   # refused or stalled: the stream is out of step
-                log.warning("association from %s aborted: %s", _peer(self.assoc), exc)
+                _report(self.reports, self.assoc, logging.WARNING, "abort", "association from %s aborted: %s",
+                        _peer(self.assoc), exc)
                 sock.discarding = True
                 self.event_queue.put("Evt19")
                 return
         try:
             pdu, event = self._decode_pdu(raw)
         except Exception as exc:
-            log.warning("association from %s aborted: its %s could not be decoded (%s)", _peer(self.assoc),
-                        PDU_NAMES.get(raw[0], "PDU"), _brief(exc))
+            _report(self.reports, self.assoc, logging.WARNING, "abort",
+                    "association from %s aborted: its %s could not be decoded (%s)", _peer(self.assoc),
+                    PDU_NAMES.get(raw[0], "PDU"), _brief(exc))
             self.event_queue.put("Evt19")
             return
         self.event_queue.put(event)
@@ -434,6 +442,19 @@ def _peer(assoc) -> str:
     return f"{requestor.ae_title or '?'} ({address})"
 
 
+def _report(reports: Reports | None, assoc, level: int, kind: str, message: str, *args) -> None:
+    """A line about a peer: with `reports`, at most one of each kind per address every 10 s (a peer
+    that opens and spoils associations by the hundred does not write a line for each)."""
+    if reports is None:
+        log.log(level, message, *args)
+        return
+    try:
+        source = source_of(assoc.requestor.address)
+    except Exception:
+        source = "?"
+    reports.warning(kind, source, message, *args, level=level)
+
+
 def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:160]}"
 
@@ -442,6 +463,7 @@ def request_handler(store: StoreFunction, find: FindFunction | None = None, *,
                     limits: Limits) -> type[RequestHandler]:
     """A pynetdicom RequestHandler whose associations use the fast path (when enabled)."""
     lengths = limits.pdu_lengths()
+    reports = Reports(logger=log)   # a peer's aborted associations: one line per address every 10 s
 
     class FastRequestHandler(RequestHandler):
         takes_association_request = True   # the server may read the A-ASSOCIATE-RQ first (scp.tls)
@@ -451,6 +473,7 @@ def request_handler(store: StoreFunction, find: FindFunction | None = None, *,
             assoc.dimse = FastDIMSE(assoc, store, find, limits)
             assoc.dul.__class__ = FastDUL
             assoc.dul.pdu_lengths = lengths
+            assoc.dul.reports = assoc.dimse.reports = reports
             sock = assoc.dul.socket
             sock.__class__ = FastSocket
             take = getattr(self.server, "take_association_request", None)

@@ -9,6 +9,8 @@ from functools import partial
 
 import pynetdicom
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
@@ -22,7 +24,7 @@ from node.config import Config
 
 from . import fastpath, handlers, retrieve, wire
 from .commitment import Committer
-from .tls import Slots, TLSAssociationServer, server_context
+from .tls import Reports, Slots, TLSAssociationServer, server_context, source_of
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,54 @@ def supported_contexts() -> list[PresentationContext]:
         cx.scu_role = cx.scp_role = True
         contexts.append(cx)
     return contexts
+
+
+PEER_MESSAGE_CHARS = 300   # of a pynetdicom line about a peer (it may quote a whole refused value)
+
+
+class PeerChatter(logging.Filter):
+    """pynetdicom's own warnings and errors about an association a peer opened: at most one line
+    per peer address (IPv6: /64) every 10 s, naming the address.
+
+    pynetdicom logs a refused value whole at ERROR (an AE title with a line feed, a 60 KB UID),
+    and a peer may send such requests by the hundred; the node logs its own line for each
+    refusal (rate-limited as well), so the rest is chatter. Kept rather than silenced: it is
+    the only word on failures the node does not report itself. A handler filter: it sees the
+    records of every pynetdicom logger; the association is found from the logging thread
+    (the association's own thread or its DUL's)."""
+
+    def __init__(self, interval: float = 10.0):
+        super().__init__()
+        self._reports = Reports(interval)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not record.name.startswith("pynetdicom"):
+            return True
+        source = _peer_source(threading.current_thread())
+        if source is None:
+            return True
+        allowed, skipped = self._reports.allow("pynetdicom", source)
+        if allowed:
+            try:
+                message = record.getMessage()
+            except Exception:
+                message = str(record.msg)
+            record.msg = message[:PEER_MESSAGE_CHARS] + (f" (peer {source}; {skipped} more lines from pynetdicom about it not logged)"
+                                    if skipped else f" (peer {source})")
+            record.args = None
+        return allowed
+
+
+def _peer_source(thread: threading.Thread) -> str | None:
+    """The source (scp.tls.source_of) of the peer whose association `thread` serves, if any."""
+    assoc = thread if isinstance(thread, Association) else (
+        getattr(thread, "assoc", None) if isinstance(thread, DULServiceProvider) else None)
+    if assoc is None or not assoc.is_acceptor:
+        return None
+    try:
+        return source_of(assoc.requestor.address)
+    except Exception:
+        return None
 
 
 def build_ae(config: Config) -> AE:

@@ -10,6 +10,7 @@ command sets to the receiving code in-process and to a live node.
 from __future__ import annotations
 
 import logging
+import re
 import selectors
 import socket
 import ssl
@@ -523,6 +524,105 @@ def test_idle_tls_connection_is_closed_by_the_default_handshake_timeout(make_nod
     with socket.create_connection(("127.0.0.1", node.port)) as idle:
         assert _until_closed(idle, timeout=default + 3) == b""
     assert time.monotonic() - started < default + 2
+
+
+# -- log lines: one per record, escaped, short, bounded (second round, ae_inject.py, log_flood.py) --
+
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+ [\w.]+: ")
+_READY_LINES = ("m3dicom ", "data directory: ", "send a study: ")   # what `m3dicom serve` prints
+
+
+def _raw_associate_rq(calling: bytes = b"RAW", abstract: str = Verification, version: bytes = b"") -> bytes:
+    """An A-ASSOCIATE-RQ written byte by byte: any calling AE title, abstract syntax or
+    implementation version name, valid or not."""
+    def item(kind: int, data: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(data)) + data
+
+    context = bytes([1, 0, 0, 0]) + item(0x30, abstract.encode()) + item(0x40, b"1.2.840.10008.1.2")
+    user = item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.826.0.1.3680043.9.3811.9")
+    if version:
+        user += item(0x55, version)
+    body = (struct.pack(">HH", 1, 0) + b"M3DICOM".ljust(16) + calling.ljust(16)[:16] + b"\0" * 32
+            + item(0x10, b"1.2.840.10008.3.1.1.1") + item(0x20, context) + item(0x50, user))
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+FORGED = "\n2026-11-30 00:00:00,000 ERROR MainProcess archive.ingest: FORGED LINE "
+LOG_ATTACKS = {
+    "line feed in the calling AE title": lambda: _raw_associate_rq(calling=b"X\n2026 ERROR F"),
+    "ANSI escapes in the calling AE title": lambda: _raw_associate_rq(calling=b"\x1b[2J\x1b[31mRED"),
+    "60 KB abstract syntax of forged lines": lambda: _raw_associate_rq(abstract=(FORGED * 900)[:60000]),
+    "60 KB implementation version name": lambda: _raw_associate_rq(version=(FORGED * 900)[:60000].encode()),
+}
+
+
+def _new_log_lines(node, offset: int) -> list[str]:
+    return node.log_path.read_bytes()[offset:].decode(errors="replace").splitlines()
+
+
+def _clean_log(lines: list[str]) -> None:
+    """Every line is a whole record (or what `serve` prints), without a control character, short."""
+    from node.receivers import MAX_LOG_LINE
+
+    for line in lines:
+        assert _LOG_LINE.match(line) or line.startswith(_READY_LINES), f"a forged or broken log line: {line[:200]!r}"
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", line), f"a control character in the log: {line[:200]!r}"
+        assert len(line) <= MAX_LOG_LINE + 40, f"a log line of {len(line)} characters"
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("attack", sorted(LOG_ATTACKS))
+def test_a_peer_value_cannot_forge_log_lines(make_node, tmp_path, attack):
+    """The plain port, no credentials: pynetdicom logged a refused value whole, line feeds and
+    terminal escapes included (a forged line per line feed, 84,600 of them for 100 connections).
+    Two receiving processes: the children's logs are written the same way."""
+    node = make_node(dicom={"receivers": 2})
+    node.storescu(data_file("CT_small.dcm"))
+    before = node.stored_state()
+    offset = node.log_path.stat().st_size
+    sock = _connect(node, False)
+    sock.sendall(LOG_ATTACKS[attack]())
+    assert _is_abort(_until_closed(sock, timeout=5))
+    sock.close()
+    time.sleep(0.5)
+    lines = _new_log_lines(node, offset)
+    assert 1 <= len(lines) <= 2, lines   # the node's line, and pynetdicom's (naming the peer)
+    assert all(len(line) < 1600 for line in lines), [len(line) for line in lines]
+    _clean_log(lines)
+    offset = node.log_path.stat().st_size
+    for _ in range(100):   # the same again, a hundred times: a bounded number of lines
+        sock = _connect(node, False)
+        sock.sendall(LOG_ATTACKS[attack]())
+        assert _is_abort(_until_closed(sock, timeout=5))
+        sock.close()
+    time.sleep(0.5)
+    lines = _new_log_lines(node, offset)
+    assert len(lines) <= 8, f"{len(lines)} lines for 100 connections"
+    _unharmed(node, before, tmp_path)
+    _clean_log(node.log().splitlines())
+
+
+def test_a_record_is_one_escaped_line():
+    from node.receivers import MAX_LOG_MESSAGE, MAX_LOG_VALUE, OneLineFormatter
+
+    formatter = OneLineFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def line(msg, *args, exc_info=None):
+        return formatter.format(logging.LogRecord("scp.x", logging.WARNING, __file__, 1, msg, args, exc_info))
+
+    assert line("from %s: %d", "X\n2026 ERROR F", 7) == "WARNING scp.x: from X\\n2026 ERROR F: 7"
+    assert line("%s", "\x1b[2J\x1b[31mRED\u2028\x85") == "WARNING scp.x: \\x1b[2J\\x1b[31mRED\\u2028\\x85"
+    long = line("value %r", "A" * 60000)
+    assert len(long) < MAX_LOG_VALUE + 100 and long.endswith("more characters]'")
+    assert len(line("A" * 60000)) < MAX_LOG_MESSAGE + 100
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError:
+        import sys
+
+        text = line("failed", exc_info=sys.exc_info())
+    assert "\n" not in text and "Traceback (most recent call last):\\n" in text and "bad\\nvalue" in text
+    assert line("%d of %s", "not a number", 2).startswith("WARNING scp.x: '%d of %s'")
 
 
 # -- association slots: a share per address, a reserve for TLS (second round, slots.py) ---------
