@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.charset import convert_encodings
+from pydicom.charset import CODES_TO_ENCODINGS, convert_encodings, default_encoding, handled_encodings
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
@@ -41,6 +41,16 @@ _TEXT = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDat
          "SeriesDescription", "BodyPartExamined", "SpecificCharacterSet")
 _UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _WANTED = frozenset(tag_for_keyword(kw) for kw in _TEXT + _UIDS + ("SeriesNumber", "InstanceNumber"))
+
+# The longest value the index takes, per VR: its maximum length in characters (PS3.5 Table
+# 6.2-1; PN: 64 per component group, three groups) times 4 bytes, the widest UTF-8 character,
+# which also leaves room for ISO 2022 escape sequences and for writers that overrun the
+# standard a little. A longer value is refused (it would be copied into memory, the index and
+# every C-FIND match); values the index does not take are skipped, whatever their length.
+_VR_MAX_CHARACTERS = {"CS": 16, "DA": 8, "IS": 12, "LO": 64, "PN": 3 * 64 + 2, "SH": 16, "TM": 14, "UI": 64}
+_MAX_VALUES = {"SpecificCharacterSet": 8}   # the collected attributes with more than one value
+MAX_VALUE_BYTES = {tag: 4 * _VR_MAX_CHARACTERS[dictionary_VR(tag)] * _MAX_VALUES.get(keyword_for_tag(tag), 1)
+                   for tag in _WANTED}
 
 
 class InvalidInstance(ValueError):
@@ -94,18 +104,57 @@ class InstanceHeader:
 _FAILED = object()  # a value pydicom could not convert
 
 
-def _decode(raw: dict) -> dict:
+def _encodings(raw: dict) -> list[str]:
+    """The Python codecs of the data set's Specific Character Set (pydicom's default repertoire
+    when it has none or it cannot be read)."""
+    if 0x00080005 in raw:
+        try:
+            return convert_encodings(convert_raw_data_element(raw[0x00080005]).value or None)
+        except Exception:
+            pass
+    return convert_encodings(None)
+
+
+def _decodes_exactly(value: bytes, encodings: list[str]) -> bool:
+    """Whether `value` decodes in its character set, strictly: no byte invalid in it, no
+    replacement character (U+FFFD) in the result.
+
+    pydicom replaces what it cannot decode (and logs a warning): two Patient IDs that
+    differ only there (b"\\xffPAT", b"\\xfePAT" in UTF-8) would become one patient. Decoded
+    here as pydicom does (PS3.5 6.1.2.5: a part that starts with an escape sequence in the
+    character set it names), but without its fallbacks.
+    """
+    try:
+        if b"\x1b" not in value:
+            text = value.decode(encodings[0])
+        else:
+            text = "".join(_strict_fragment(part, encodings) for part in _ESCAPED_PARTS.findall(value))
+    except LookupError:     # an unknown character set: pydicom reads it as ISO 8859-1, where every byte
+        return b"\x1b" not in value                                              # is a character
+    except (UnicodeError, ValueError):
+        return False
+    return "\ufffd" not in text
+
+
+_ESCAPED_PARTS = re.compile(b"(^[^\x1b]+|[\x1b][^\x1b]*)")
+
+
+def _strict_fragment(part: bytes, encodings: list[str]) -> str:
+    if not part.startswith(b"\x1b"):
+        return part.decode(encodings[0])
+    length = 4 if part.startswith((b"\x1b$(", b"\x1b$)")) else 3
+    encoding = CODES_TO_ENCODINGS.get(part[:length])
+    if encoding is None or (encoding not in encodings and encoding != default_encoding):
+        raise ValueError("an escape sequence to a character set the data set does not declare")
+    return part.decode(encoding) if encoding in handled_encodings else part[length:].decode(encoding)
+
+
+def _decode(raw: dict, encodings: list[str]) -> dict:
     """keyword -> converted value of the collected elements, in the data set's character set.
 
     Uses pydicom's element conversion directly: a Dataset would look up the Specific
     Character Set again for every element.
     """
-    encodings = None
-    if 0x00080005 in raw:
-        try:
-            encodings = convert_encodings(convert_raw_data_element(raw[0x00080005]).value or None)
-        except Exception:
-            encodings = None
     values = {}
     for tag, element in raw.items():
         try:
@@ -213,7 +262,7 @@ class _Walker:
                  collect: dict | None = None) -> tuple[int, int]:
         """Elements up to `end`, or (`in_item`) up to an item delimiter before it."""
         buf, head = self.buf, self.head
-        count = 0
+        count, previous = 0, -1
         while True:
             if pos >= end:
                 if in_item:
@@ -226,6 +275,11 @@ class _Walker:
                 if in_item and elem == _ITEM_END:
                     return count, pos + 8
                 raise _Malformed(f"unexpected delimiter (FFFE,{elem:04X})")
+            tag = group << 16 | elem
+            if tag <= previous:     # PS3.5 7.1: ascending, each once (readers disagree on which of two counts)
+                raise _Refused(f"element ({group:04X},{elem:04X}) " + ("appears twice" if tag == previous else
+                                                                     "is out of ascending tag order"))
+            previous = tag
             vr = None
             if not implicit:
                 _, _, vr, length = self.explicit.unpack_from(buf, pos)
@@ -239,7 +293,9 @@ class _Walker:
             if length != _UNDEFINED:
                 if length > end - pos:
                     raise _Malformed(f"element ({group:04X},{elem:04X}) is longer than the data left")
-                if collect is not None and (tag := group << 16 | elem) in _WANTED:
+                if collect is not None and tag in _WANTED:
+                    if length > MAX_VALUE_BYTES[tag]:    # checked before a byte of it is copied
+                        raise _Refused(f"{keyword_for_tag(tag)} longer than {MAX_VALUE_BYTES[tag]} bytes")
                     collect[tag] = RawDataElement(BaseTag(tag), vr and vr.decode("ascii", "replace"), length,
                                                   bytes(buf[pos:pos + length]), pos, implicit, self.little)
                 if length >= 8 and _is_sequence(vr, group, elem, implicit):
@@ -305,10 +361,18 @@ def _is_sequence(vr: bytes | None, group: int, elem: int, implicit: bool) -> boo
         return False
 
 
+_TRANSFER_SYNTAX = 0x00020010
+
+
 def _file_meta(buf) -> tuple[int, str]:
-    """Where the data set starts (after the group 0002 elements) and its transfer syntax."""
+    """Where the data set starts (after the group 0002 elements) and its transfer syntax.
+
+    Only the Transfer Syntax UID is read (the other elements are skipped, whatever their
+    length); the elements must come in ascending order, each once: a data set that starts
+    with group 0002 elements of its own (a second Transfer Syntax UID) is refused.
+    """
     meta: dict = {}
-    pos, end = 132, len(buf)
+    pos, end, previous = 132, len(buf), -1
     while end - pos >= 8 and buf[pos:pos + 2] == b"\x02\x00":
         group, elem, vr, length = struct.unpack_from("<HH2sH", buf, pos)
         pos += 8
@@ -320,8 +384,14 @@ def _file_meta(buf) -> tuple[int, str]:
         if length > end - pos:
             raise InvalidInstance("file meta information is truncated")
         tag = group << 16 | elem
-        meta[tag] = RawDataElement(BaseTag(tag), vr.decode("ascii", "replace"), length, bytes(buf[pos:pos + length]),
-                                   pos, False, True)
+        if tag <= previous:
+            raise InvalidInstance(f"file meta element (0002,{elem:04X}) repeated or out of order")
+        previous = tag
+        if tag == _TRANSFER_SYNTAX:
+            if length > MAX_VALUE_BYTES[0x00080016]:       # a UID's limit, as SOP Class UID's
+                raise InvalidInstance("file meta information: Transfer Syntax UID too long")
+            meta[tag] = RawDataElement(BaseTag(tag), vr.decode("ascii", "replace"), length,
+                                       bytes(buf[pos:pos + length]), pos, False, True)
         pos += length
     try:
         syntax = Dataset(meta).get("TransferSyntaxUID")
@@ -408,7 +478,15 @@ def _header(data_set, start: int, syntax: str, sop_class: str | None, sop_instan
         raise InvalidInstance(f"data set is truncated or malformed: {exc}") from None
     if count == 0:
         raise InvalidInstance("data set is empty")
-    values = _decode(raw)
+    encodings = _encodings(raw)
+    patient_id = raw.get(0x00100020)
+    if patient_id is not None and not _decodes_exactly(patient_id.value, encodings):
+        # refused, not filed: an ID read with replacement characters would be another
+        # patient's ID too, and no query could name it
+        raise InvalidInstance("PatientID is not valid in the Specific Character Set")
+    values = _decode(raw, encodings)
+    if values.get("PatientID") is _FAILED:
+        raise InvalidInstance("PatientID cannot be decoded")
     uids = {kw: values.get(kw) for kw in _UIDS}
     for keyword, value in uids.items():
         if value is _FAILED:

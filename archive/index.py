@@ -23,14 +23,17 @@ DEMOGRAPHICS = (("PatientName", "patient_name"), ("PatientBirthDate", "birth_dat
 
 @dataclass(frozen=True)
 class Difference:
-    """An attribute where an instance disagrees with what the index holds."""
+    """An attribute where an instance disagrees with what the index holds; `reason` in words
+    where the attribute alone does not say it (`conflicts.reason`)."""
     attribute: str
     index_value: str | None
     instance_value: str | None
+    reason: str | None = None
 
 
 class HierarchyConflict(Exception):
-    """The instance's study belongs to another patient, or its series to another study."""
+    """The instance's study belongs to another patient, or its series to another study, or its
+    SOP Instance UID to an instance of another patient, study or series."""
 
     def __init__(self, reason: str, uid: str, differences: list[Difference]):
         super().__init__(reason)
@@ -343,6 +346,19 @@ _PATIENTS_REBUILD = (   # SQLite's "12 steps" for a change ALTER TABLE cannot ma
 )
 
 
+@migrations(name="0007_conflict_reason")
+def _conflict_reason(db: sqlite_utils.Database) -> None:
+    """`conflicts.reason`: what happened, in words, where the attribute alone does not say it
+    (an instance UID re-used for another patient's image; content received again and discarded:
+    `action` "discarded", the stored copy kept under storage.duplicates = "keep-first")."""
+    db.executescript("ALTER TABLE conflicts ADD COLUMN reason TEXT;")
+
+
+# conflicts.action of a reception that did not become the stored instance of its UID
+NOT_KEPT = ("refused", "quarantined", "discarded")
+SAME_UID_OTHER_CONTENT = "received again with different content"
+
+
 def name_key(name: str | None) -> str | None:
     """A person name as matched case-insensitively."""
     return name.upper() if name else None
@@ -424,11 +440,28 @@ class Index:
 
     def integrity(self) -> dict[str, int]:
         """Counts for `m3dicom status`: instances that disagreed with the index, by what was done."""
-        counts = {"stored": 0, "refused": 0, "quarantined": 0}
+        counts = {"stored": 0, "refused": 0, "quarantined": 0, "discarded": 0}
         counts.update({action: n for action, n in self.query(
             "SELECT action, COUNT(DISTINCT sop_instance_uid) FROM conflicts GROUP BY action")})
         (counts["in_quarantine"],), = self.query("SELECT COUNT(*) FROM quarantine")
         return counts
+
+    def not_committable(self, sop_instance_uid: str) -> str | None:
+        """Why storage commitment must not confirm the stored instance of this UID, or None.
+
+        A commitment request names a UID, not bytes: once this UID has been received with
+        other content after the stored copy (discarded under keep-first, or refused or
+        quarantined as another patient's, study's or series' instance), the node cannot
+        tell whether the requester's copy is the one it holds. Nothing the node may be
+        asked to confirm is then confirmed (until the stored copy is replaced).
+        """
+        rows = self.query(
+            "SELECT c.action FROM conflicts c JOIN instances i ON i.sop_instance_uid = c.sop_instance_uid "
+            f"WHERE c.sop_instance_uid=? AND c.action IN ({','.join('?' * len(NOT_KEPT))}) AND c.time >= i.received_at "
+            "ORDER BY c.time DESC LIMIT 1", (sop_instance_uid, *NOT_KEPT))
+        if not rows:
+            return None
+        return f"received again since with other content, which was {rows[0]['action']}"
 
     def conflicts(self, limit: int = 1000) -> list[sqlite3.Row]:
         """The latest recorded conflicts, newest first (they hold patient values: for the operator, not logs)."""
@@ -507,6 +540,23 @@ class Index:
              a["BodyPartExamined"])).lastrowid
 
     @staticmethod
+    def check_same_instance(conn: sqlite3.Connection, header, instance_pk: int) -> None:
+        """The instance received under a UID the index holds (with other bytes) must be the same
+        instance: of the same patient, study and series. Raises `HierarchyConflict` if not (a
+        modality re-using UIDs: keeping either silently would lose or mix a patient's image)."""
+        held = conn.execute(
+            "SELECT p.patient_id, st.study_uid, se.series_uid FROM instances i JOIN series se ON se.pk = i.series_pk "
+            "JOIN studies st ON st.pk = se.study_pk JOIN patients p ON p.pk = st.patient_pk WHERE i.pk=?",
+            (instance_pk,)).fetchone()
+        said = (header.attrs["PatientID"] or "", header.study_uid, header.series_uid)
+        for keyword, whose, index_value, instance_value in zip(
+                ("PatientID", "StudyInstanceUID", "SeriesInstanceUID"), ("patient", "study", "series"), held, said):
+            if index_value != instance_value:
+                reason = f"SOP Instance UID is an instance of another {whose}"
+                raise HierarchyConflict(reason, header.sop_instance_uid,
+                                        [Difference(keyword, index_value, instance_value, f"its {reason}")])
+
+    @staticmethod
     def _keep_demographics(conn: sqlite3.Connection, patient_pk: int, attrs: dict,
                            differences: list[Difference] | None) -> None:
         """Fill what the patient row lacks; note (never write over) what the instance says otherwise.
@@ -544,9 +594,9 @@ class Index:
             if updated.rowcount == 0:
                 conn.execute(
                     "INSERT INTO conflicts (time, sop_instance_uid, study_uid, series_uid, attribute, index_value, "
-                    "instance_value, action, calling_ae) VALUES (?,?,?,?,?,?,?,?,?)",
+                    "instance_value, action, calling_ae, reason) VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (now, header.sop_instance_uid, header.study_uid, header.series_uid, d.attribute, d.index_value,
-                     d.instance_value, action, calling_ae))
+                     d.instance_value, action, calling_ae, d.reason))
 
     @staticmethod
     def add_change(conn: sqlite3.Connection, kind: str, instance_pk: int | None, header,

@@ -5,12 +5,15 @@ validate -> encrypted blob (fsync file and directory) -> ONE index transaction
 duplicate) means the instance is durable. On any failure no blob and no row remain.
 Modalities (C-STORE), uploads and analysis results all come through here.
 
-A study belongs to one patient and a series to one study: an instance that says
-otherwise is refused (`Outcome.CONFLICT`) or, with `on_conflict="quarantine"`, kept
-durably outside the hierarchy (`Outcome.QUARANTINED`, the `quarantine` table); either
-way the `conflicts` table records it. Patient demographics that differ from what the
-index holds are stored with the instance (its file is the truth) and recorded there too,
-never written over the index.
+A study belongs to one patient and a series to one study, and a SOP Instance UID names
+one instance: an instance that says otherwise (or re-uses a stored instance's UID for
+another patient, study or series) is refused (`Outcome.CONFLICT`) or, with
+`on_conflict="quarantine"`, kept durably outside the hierarchy (`Outcome.QUARANTINED`,
+the `quarantine` table); either way the `conflicts` table records it. Patient
+demographics that differ from what the index holds are stored with the instance (its
+file is the truth) and recorded there too, never written over the index. The same
+instance received again with other bytes under storage.duplicates = "keep-first" is
+discarded and recorded too ("discarded"): storage commitment will not confirm its UID.
 """
 from __future__ import annotations
 
@@ -29,18 +32,20 @@ from typing import Callable, Iterator
 
 from .crypto import IntegrityError, Keyring, KmsKeyring, LocalKeyring
 from .dicomfile import DEFAULT_LIMITS, InstanceHeader, InvalidInstance, Limits, dataset_offset as inspect_offset, inspect
-from .index import Difference, HierarchyConflict, Index
+from .index import SAME_UID_OTHER_CONTENT, Difference, HierarchyConflict, Index
 from .storage import BlobInfo, LocalStorage, StorageFull, TieredStorage
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 ERROR_COMMENT_MAX = 64   # a reason a DIMSE Error Comment (LO) carries whole
+SHORT_OF_DISK = "the node is short of disk space"
 
 
 class Outcome(enum.Enum):
     STORED = "stored"
     ALREADY_STORED = "already stored"        # same SOP Instance UID, same bytes
-    DUPLICATE_KEPT_FIRST = "duplicate kept"  # same UID, different bytes, policy keep-first
+    DUPLICATE_KEPT_FIRST = "duplicate kept"  # same UID and instance, different bytes, policy keep-first: the
+                                             # stored copy kept, the new one discarded (and recorded)
     REPLACED = "replaced"                    # same UID, different bytes, policy replace
     INVALID = "invalid"                      # cannot be understood
     MISMATCH = "mismatch"                    # data set does not match the request
@@ -74,11 +79,12 @@ class Archive:
 
     def __init__(self, data_dir: Path, *, duplicates: str = "keep-first", segment_size: int = 1 << 20,
                  kms: KmsKeyring | None = None, remote: Callable[[Keyring], object] | None = None,
-                 limits: Limits = DEFAULT_LIMITS, on_conflict: str = "refuse"):
+                 limits: Limits = DEFAULT_LIMITS, on_conflict: str = "refuse", min_free_bytes: int = 0):
         """`remote(keyring)` makes the S3 tier (`archive.s3.S3Storage`) when the node offloads;
         `kms` wraps the data keys of what goes there. `limits` bound what a data set may make
         the node allocate (the `[ingest]` settings, also used by every reader of stored
-        files); `on_conflict` is "refuse" or "quarantine"."""
+        files); `on_conflict` is "refuse" or "quarantine"; no instance is written that would
+        leave less than `min_free_bytes` free on the data directory's disk (storage.min_free_bytes)."""
         if on_conflict not in ("refuse", "quarantine"):
             raise ValueError(f"on_conflict: {on_conflict!r} is not refuse or quarantine")
         self.data_dir = Path(data_dir)
@@ -93,6 +99,7 @@ class Archive:
         self.duplicates = duplicates
         self.limits = limits
         self.on_conflict = on_conflict
+        self.min_free_bytes = min_free_bytes
 
     def close(self) -> None:
         self.index.close()
@@ -134,6 +141,8 @@ class Archive:
         except Exception as exc:  # the inspector has a bug for this input: still bad input, not a node failure
             log.warning("data set inspector failed (%s): refused as not understood", type(exc).__name__)
             return IngestResult(Outcome.INVALID, "data set cannot be parsed", sop_instance_uid)
+        if self.min_free_bytes and _free_bytes(self.data_dir) - os.path.getsize(path) < self.min_free_bytes:
+            return IngestResult(Outcome.STORAGE_FULL, SHORT_OF_DISK, header.sop_instance_uid)
         digest = hashlib.sha256()
         try:
             blob = self.storage.create(self._chunks(Path(path), header.dataset_offset, digest))
@@ -197,8 +206,11 @@ class Archive:
         with self.index.write() as conn:
             row = conn.execute("SELECT pk, sha256, blob_id FROM instances WHERE sop_instance_uid=?",
                                (header.sop_instance_uid,)).fetchone()
-            filing = row is None or (row["sha256"] != sha256 and self.duplicates == "replace")
+            other_content = row is not None and row["sha256"] != sha256
+            filing = row is None or (other_content and self.duplicates == "replace")
             try:
+                if other_content:                 # the same UID must be the same instance, whatever the policy
+                    Index.check_same_instance(conn, header, row["pk"])
                 series_pk = Index.upsert_hierarchy(conn, header, now, differences) if filing else None
             except HierarchyConflict as exc:      # nothing of the hierarchy was written
                 conflict = exc
@@ -227,8 +239,11 @@ class Archive:
                     Index.add_change(conn, "replaced", row["pk"], header, blob.blob_id, now)
                     Index.add_change(conn, "blob_removed", row["pk"], header, row["blob_id"], now)
                     obsolete_blob, outcome = row["blob_id"], Outcome.REPLACED
-                else:
+                else:                             # recorded: storage commitment must not confirm this UID
                     obsolete_blob, outcome = blob.blob_id, Outcome.DUPLICATE_KEPT_FIRST
+                    Index.record_conflicts(conn, header, [Difference(
+                        "SOPInstanceUID", f"data set SHA-256 {row['sha256']}", f"data set SHA-256 {sha256}",
+                        SAME_UID_OTHER_CONTENT)], "discarded", calling_ae, now)
                 if differences:
                     Index.record_conflicts(conn, header, differences, "stored", calling_ae, now)
         if obsolete_blob:
@@ -245,9 +260,12 @@ class Archive:
             log.warning("%s from %s stored; its %s differ from what the index holds, which is kept "
                         "(m3dicom status --conflicts lists them)", _short(header), calling_ae,
                         ", ".join(d.attribute for d in differences))
-        if outcome in (Outcome.REPLACED, Outcome.DUPLICATE_KEPT_FIRST):
-            log.warning("instance received again with different content from %s: %s (%s)",
-                        calling_ae, outcome.value, _short(header))
+        if outcome is Outcome.DUPLICATE_KEPT_FIRST:
+            log.warning("%s from %s received again with different content: the stored copy was kept, the new one "
+                        "discarded (storage.duplicates = \"keep-first\"; storage commitment will not confirm it)",
+                        _short(header), calling_ae)
+        elif outcome is Outcome.REPLACED:
+            log.warning("%s from %s received again with different content: replaced", _short(header), calling_ae)
         return IngestResult(outcome, "", header.sop_instance_uid, header.study_uid)
 
     def _conflict(self, conn, conflict: HierarchyConflict, header: InstanceHeader, blob: BlobInfo, sha256: str,
@@ -278,6 +296,11 @@ def dataset_sha256(path: Path) -> str:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _free_bytes(directory: Path) -> int:
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize
 
 
 def _short(header: InstanceHeader) -> str:

@@ -59,11 +59,16 @@ _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 
 
 class QueryError(ValueError):
-    """The identifier cannot be answered; `status` is the C-FIND failure to send."""
+    """The identifier cannot be answered; `status` is the C-FIND failure to send.
 
-    def __init__(self, message: str, status: int = 0xC000):
+    The message may quote the peer's value (it goes back to the peer, in the Error
+    Comment); `reason` says the same without it, for the log (no patient data in logs).
+    """
+
+    def __init__(self, message: str, status: int = 0xC000, reason: str | None = None):
         super().__init__(message)
         self.status = status
+        self.reason = reason or message
 
 
 class QueryTimeout(QueryError):
@@ -150,7 +155,8 @@ def _date_range(value: str, keyword: str) -> tuple[str | None, str | None]:
     low, dash, high = value.replace(".", "").partition("-")
     for part in (low, high):
         if part and not (_DATE.match(part) and _real_date(part)):
-            raise QueryError(f"{keyword}: {_quoted(value)} is not a date or a date range (YYYYMMDD-YYYYMMDD)")
+            raise QueryError(f"{keyword}: {_quoted(value)} is not a date or a date range (YYYYMMDD-YYYYMMDD)",
+                             reason=f"{keyword}: not a date or a date range (YYYYMMDD-YYYYMMDD)")
     return (low or None, high or None) if dash else (low, low)
 
 
@@ -168,7 +174,8 @@ def _time_range(value: str, keyword: str) -> tuple[str | None, str | None]:
     low, dash, high = value.replace(":", "").partition("-")
     for part in (low, high):
         if part and not _TIME.match(part):
-            raise QueryError(f"{keyword}: {_quoted(value)} is not a time or a time range (HHMMSS-HHMMSS)")
+            raise QueryError(f"{keyword}: {_quoted(value)} is not a time or a time range (HHMMSS-HHMMSS)",
+                             reason=f"{keyword}: not a time or a time range (HHMMSS-HHMMSS)")
     if not dash:
         high = low
     return time_key(low) if low else None, time_key(high, upper=True) if high else None
@@ -187,7 +194,8 @@ class Query:
             raise QueryError("QueryRetrieveLevel cannot be read", 0xA900) from None
         if self.level not in MODEL_LEVELS[model]:
             raise QueryError(f"QueryRetrieveLevel {_quoted(self.level)} is not one of "
-                             f"{', '.join(MODEL_LEVELS[model])} for this information model", 0xA900)
+                             f"{', '.join(MODEL_LEVELS[model])} for this information model", 0xA900,
+                             reason="QueryRetrieveLevel is not one of this information model's")
         depth = LEVELS.index(self.level)
         self.return_keys: list[str] = []          # known attributes, in identifier order
         self.unsupported: list[tuple[int, str]] = []  # (tag, VR) returned empty
@@ -256,7 +264,8 @@ class Query:
             try:
                 numbers = [int(v) for v in values]
             except ValueError:
-                raise QueryError(f"{attribute.keyword}: {_quoted(value)} is not an integer") from None
+                raise QueryError(f"{attribute.keyword}: {_quoted(value)} is not an integer",
+                                 reason=f"{attribute.keyword}: not an integer") from None
             self.conditions.append(f"{column} IN ({','.join('?' * len(numbers))})")
             self.params += numbers
             return

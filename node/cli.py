@@ -109,7 +109,8 @@ def cmd_status(args) -> int:
         c = index.integrity()   # instances that disagreed with the index (ingest.on_conflict)
         held = f" ({c['in_quarantine']} still held)" if c["in_quarantine"] != c["quarantined"] else ""
         print(f"conflicts: {c['refused']} instances refused, {c['quarantined']} kept in quarantine{held}, "
-              f"{c['stored']} stored whose patient data differs from the index"
+              f"{c['stored']} stored whose patient data differs from the index, "
+              f"{c['discarded']} received again with other bytes and discarded"
               + ("; list them: m3dicom status --conflicts" if any(c.values()) and not args.conflicts else ""))
         if args.conflicts:
             _print_conflicts(index.conflicts())
@@ -140,6 +141,8 @@ _CONFLICT_ADVICE = {
     "refused": "not stored: correct it at the sender and send it again (or set ingest.on_conflict = \"quarantine\")",
     "quarantined": "stored outside its study: no query, retrieve or viewer sees it",
     "stored": "stored in its study; its file keeps its own values, the index (and C-FIND) the first ones received",
+    "discarded": "not stored: the copy stored first was kept (storage.duplicates = \"keep-first\"), and storage "
+                 "commitment does not confirm this UID: find out at the sender which copy is right",
 }
 
 
@@ -172,7 +175,7 @@ def _print_conflicts(rows) -> None:
         print(f"  study    {first['study_uid']}")
         print(f"  series   {first['series_uid']}")
         for row in group:
-            what = _CONFLICT_REASONS.get(row["attribute"], f"{row['attribute']} differs")
+            what = row["reason"] or _CONFLICT_REASONS.get(row["attribute"], f"{row['attribute']} differs")
             print(f"  {what}: the index has {row['index_value'] or '(empty)'!r}, "
                   f"the instance {row['instance_value'] or '(empty)'!r}")
         print(f"  -> {_CONFLICT_ADVICE.get(action, action)}")

@@ -92,6 +92,11 @@ class DicomSection:
     acse_timeout: float = setting(30.0, "Seconds to wait for association negotiation messages.")
     dimse_timeout: float = setting(60.0, "Seconds to wait for DIMSE messages.")
     network_timeout: float = setting(60.0, "Seconds an idle association is kept before it is aborted.")
+    max_store_seconds: float = setting(3600.0, "Seconds one C-STORE's data set may take to arrive (4 GiB at about "
+                                       "10 Mbit/s); past it the association is aborted. 0 = no limit.")
+    min_store_rate: int = setting(1024, "Bytes per second a C-STORE's data set must arrive at, over each minute; "
+                                  "slower (a peer trickling to hold its spool file) aborts the association. "
+                                  "0 = no limit.")
 
     def validate(self) -> None:
         _check_port("dicom.port", self.port, allow_zero=False)
@@ -112,6 +117,10 @@ class DicomSection:
                                   "(dicom.max_associations)")
         if not 4096 <= self.max_pdu_size <= 16 * 1048576:
             raise ConfigError(f"dicom.max_pdu_size: {self.max_pdu_size} is not in 4096-16777216")
+        if not 0 <= self.max_store_seconds <= 7 * 86400:
+            raise ConfigError(f"dicom.max_store_seconds: {self.max_store_seconds} is not in 0-604800 (0: no limit)")
+        if not 0 <= self.min_store_rate <= 1 << 30:
+            raise ConfigError(f"dicom.min_store_rate: {self.min_store_rate} is not in 0-1073741824 bytes/s")
         if not 1 <= self.max_pending_connections <= 10000:
             raise ConfigError(f"dicom.max_pending_connections: {self.max_pending_connections} is not in 1-10000")
         if not 1 <= self.max_pending_per_source <= self.max_pending_connections:
@@ -189,6 +198,9 @@ class StorageSection:
                                    "bytes (oldest evicted first); 0 = keep everything.")
     cache_max_age_days: float = setting(0.0, "With backend \"s3\": days a local copy is kept after its "
                                         "upload; 0 = no age limit.")
+    min_free_bytes: int = setting(1 << 30, "Free space kept on the data directory's disk: below it a C-STORE (or "
+                                  "upload) is refused at once with 0xA700 before anything is spooled, and one being "
+                                  "received is dropped, so that the disk never fills up. 0 = no reserve.")
     s3: S3Section = field(default_factory=S3Section)
 
     def validate(self) -> None:
@@ -196,6 +208,8 @@ class StorageSection:
             raise ConfigError(f"storage.segment_size: {self.segment_size} is not in 4096-67108864")
         if self.cache_max_bytes < 0:
             raise ConfigError("storage.cache_max_bytes: must be 0 or more")
+        if not 0 <= self.min_free_bytes <= 1 << 50:
+            raise ConfigError(f"storage.min_free_bytes: {self.min_free_bytes} is not in 0 - 1 PiB")
         if self.cache_max_age_days < 0:
             raise ConfigError("storage.cache_max_age_days: must be 0 or more")
         if self.backend == "s3" and not self.s3.bucket:
@@ -242,6 +256,10 @@ class IngestSection:
                                "to another study: \"refuse\" (0xC000, recorded in the conflicts table) or "
                                "\"quarantine\" (stored durably outside the hierarchy, answered Success).",
                                choices=("refuse", "quarantine"))
+    max_instance_bytes: int = setting(4 << 30, "Largest data set one C-STORE may bring, bytes: 4 GiB holds the "
+                                      "largest native pixel data an element can (its length is 32 bits) and "
+                                      "enhanced multi-frame CT/MR and slide images; past it the spool file is "
+                                      "dropped as it grows and 0xA700 answered.")
 
     def validate(self) -> None:
         if not 1 << 20 <= self.max_inflated_bytes <= 1 << 40:
@@ -252,6 +270,8 @@ class IngestSection:
             raise ConfigError(f"ingest.max_sequence_depth: {self.max_sequence_depth} is not in 1-64")
         if not 1 << 20 <= self.max_pixel_bytes <= 1 << 40:
             raise ConfigError(f"ingest.max_pixel_bytes: {self.max_pixel_bytes} is not in 1 MiB - 1 TiB")
+        if not 1 << 20 <= self.max_instance_bytes <= 1 << 40:
+            raise ConfigError(f"ingest.max_instance_bytes: {self.max_instance_bytes} is not in 1 MiB - 1 TiB")
 
 
 @dataclass(frozen=True)

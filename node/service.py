@@ -79,7 +79,8 @@ def open_archive(config: Config) -> Archive:
     limits = Limits(max_inflated_bytes=ig.max_inflated_bytes, max_inflate_ratio=ig.max_inflate_ratio,
                     max_sequence_depth=ig.max_sequence_depth, max_pixel_bytes=ig.max_pixel_bytes)
     return Archive(config.data_dir, duplicates=st.duplicates, segment_size=st.segment_size, kms=kms,
-                   remote=s3_tier if st.backend == "s3" else None, limits=limits, on_conflict=ig.on_conflict)
+                   remote=s3_tier if st.backend == "s3" else None, limits=limits, on_conflict=ig.on_conflict,
+                   min_free_bytes=st.min_free_bytes)
 
 
 def open_index(config: Config):

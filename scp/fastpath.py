@@ -73,16 +73,28 @@ LITTLE_ENDIAN = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
 
 class _Incoming:
     """A data set being spooled. A write error (disk full) is kept, not raised: the rest of
-    the data set is read and dropped so that the association survives and gets a status."""
+    the data set is read and dropped so that the association survives and gets a status.
+    So is a refusal by the node's limits on one C-STORE (`tally`, a `scp.handlers.Tally`:
+    size, free disk space, pace), and the spool file is removed at once."""
 
-    def __init__(self, request: StoreRequest, context_id: int, head: bytes):
+    def __init__(self, request: StoreRequest, context_id: int, head: bytes, tally=None):
         self.request, self.context_id = request, context_id
         self.error: OSError | None = None
+        self.tally = tally
         fd, self.path = tempfile.mkstemp(suffix=".dcm")
         self.file = os.fdopen(fd, "wb", buffering=1 << 20)
         self.write(head)
 
+    @property
+    def refusal(self):
+        return None if self.tally is None else self.tally.refusal
+
     def write(self, data) -> None:
+        if self.tally is not None and (self.tally.refusal is not None or self.tally.add(len(data)) is not None):
+            if not self.file.closed:
+                self.close()
+                self.discard()        # nothing of a refused data set stays on disk
+            return
         if self.error is None:
             try:
                 self.file.write(data)
@@ -111,9 +123,10 @@ class FastDIMSE(DIMSEServiceProvider):
 
     reports: Reports | None = None   # set by the request handler: lines about a peer, rate-limited
 
-    def __init__(self, assoc, store: StoreFunction, find: FindFunction | None, limits: Limits):
+    def __init__(self, assoc, store: StoreFunction, find: FindFunction | None, limits: Limits, reception=None):
         super().__init__(assoc)
         self._store, self._find, self._limits = store, find, limits
+        self._reception = reception   # scp.handlers.Reception: the limits on one C-STORE's data set
         self._command = bytearray()
         self._incoming: _Incoming | None = None
         # bytes of the message pynetdicom is assembling: its command set, its data set in memory
@@ -224,6 +237,10 @@ class FastDIMSE(DIMSEServiceProvider):
                 self._abort("data set fragments interrupted")
                 return
             self._incoming.write(memoryview(data)[1:])
+            refusal = self._incoming.refusal
+            if refusal is not None and refusal.abort:     # it does not arrive: no status can wait for it
+                self._abort(refusal.comment)
+                return
             if control & 2:
                 self._answer()
         elif not control & 1:                               # PS3.7 6.3.1: the command set comes first
@@ -251,6 +268,12 @@ class FastDIMSE(DIMSEServiceProvider):
                             "bytes (dicom.max_identifier_size)")
                 return False
             self._stock_data += size
+        elif self._reception is not None:   # a C-STORE pynetdicom spools (the fast path left it): the same size limit
+            self._stock_data += size
+            if self._stock_data > self._reception.max_bytes:
+                self._abort(f"a C-STORE data set longer than {self._reception.max_bytes} bytes "
+                            "(ingest.max_instance_bytes)")
+                return False
         return True
 
     def _start(self, context_id: int, command: bytes) -> None:
@@ -263,15 +286,16 @@ class FastDIMSE(DIMSEServiceProvider):
             return
         head = file_meta(request.sop_class, request.sop_instance, context.transfer_syntax[0],
                          self.assoc.requestor.ae_title)
+        tally = self._reception.start() if self._reception is not None else None   # refused at once: disk short
         try:
             try:
-                self._incoming = _Incoming(request, context_id, head)
+                self._incoming = _Incoming(request, context_id, head, tally)
             except FileNotFoundError:        # the spool directory was removed under us: make it again
                 spool = Path(tempfile.gettempdir())
                 for directory in (spool.parent, spool):
                     directory.mkdir(mode=0o700, exist_ok=True)
                 log.warning("spool directory %s was missing: recreated", spool)
-                self._incoming = _Incoming(request, context_id, head)
+                self._incoming = _Incoming(request, context_id, head, tally)
         except OSError as exc:
             self._abort(f"cannot open a spool file ({exc})", error=True)
 
@@ -280,7 +304,10 @@ class FastDIMSE(DIMSEServiceProvider):
         request = incoming.request
         incoming.close()
         try:
-            if incoming.error is not None:
+            if incoming.refusal is not None:                  # the node's limits on one C-STORE
+                status, comment = incoming.refusal.status, incoming.refusal.comment
+                log.warning("C-STORE from %s refused (0x%04X): %s", _peer(self.assoc), status, comment)
+            elif incoming.error is not None:
                 full = incoming.error.errno in (errno.ENOSPC, errno.EDQUOT)
                 log.error("spooling %s failed: %s", request.sop_instance, incoming.error)
                 status, comment = (0xA700, "no space left on the node") if full else (
@@ -460,8 +487,9 @@ def _brief(exc: BaseException) -> str:
 
 
 def request_handler(store: StoreFunction, find: FindFunction | None = None, *,
-                    limits: Limits) -> type[RequestHandler]:
-    """A pynetdicom RequestHandler whose associations use the fast path (when enabled)."""
+                    limits: Limits, reception=None) -> type[RequestHandler]:
+    """A pynetdicom RequestHandler whose associations use the fast path (when enabled);
+    `reception` (a `scp.handlers.Reception`) bounds each C-STORE's data set as it arrives."""
     lengths = limits.pdu_lengths()
     reports = Reports(logger=log)   # a peer's aborted associations: one line per address every 10 s
 
@@ -470,7 +498,7 @@ def request_handler(store: StoreFunction, find: FindFunction | None = None, *,
 
         def _create_association(self):
             assoc = super()._create_association()
-            assoc.dimse = FastDIMSE(assoc, store, find, limits)
+            assoc.dimse = FastDIMSE(assoc, store, find, limits, reception)
             assoc.dul.__class__ = FastDUL
             assoc.dul.pdu_lengths = lengths
             assoc.dul.reports = assoc.dimse.reports = reports

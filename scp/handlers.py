@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from archive import Archive, Outcome
+from archive.ingest import SHORT_OF_DISK
 from archive.query import Query, QueryError, model_of
 from node.config import Config
 
@@ -58,6 +63,96 @@ def store(archive: Archive, path, sop_class: str, sop_instance: str, calling_ae:
     return code, result.reason if code else ""
 
 
+# -- what one C-STORE may take while its data set arrives -----------------------------------------
+
+RATE_WINDOW = 60.0          # seconds over which dicom.min_store_rate is measured
+FREE_SPACE_EVERY = 16 << 20  # bytes received between two looks at the disk's free space
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A C-STORE the node will not keep: `status` and `comment` for the peer; with `abort` the
+    data set cannot even be waited for (it does not arrive) and the association is aborted."""
+    status: int
+    comment: str
+    abort: bool = False
+
+
+@dataclass(frozen=True)
+class Reception:
+    """The limits on one C-STORE while its data set is received and spooled (`scp.fastpath`):
+
+    - the free space of the data directory's disk stays above `min_free_bytes`
+      (storage.min_free_bytes): below it a C-STORE is refused before anything is spooled,
+      and one being spooled is dropped (0xA700), so the disk never fills up;
+    - a data set is at most `max_bytes` (ingest.max_instance_bytes): past it the spool file
+      is dropped at once, the rest read and dropped, and 0xA700 answered;
+    - it arrives within `max_seconds` (dicom.max_store_seconds) and at `min_rate` bytes per
+      second or more over each RATE_WINDOW (dicom.min_store_rate): else the association is
+      aborted (a trickling peer would hold its spool file and slot forever).
+    """
+    max_bytes: int
+    min_free_bytes: int
+    max_seconds: float
+    min_rate: int
+    free_bytes: Callable[[], int]
+
+    @classmethod
+    def of(cls, config: Config) -> "Reception":
+        return cls(config.ingest.max_instance_bytes, config.storage.min_free_bytes, config.dicom.max_store_seconds,
+                   config.dicom.min_store_rate, free_space_of(config.data_dir))
+
+    def start(self, now: float | None = None) -> "Tally":
+        """A new C-STORE's count; refused at once (`Tally.refusal`) when the disk is short."""
+        return Tally(self, time.monotonic() if now is None else now)
+
+
+def free_space_of(directory: Path) -> Callable[[], int]:
+    def free() -> int:
+        stat = os.statvfs(directory)
+        return stat.f_bavail * stat.f_frsize
+    return free
+
+
+class Tally:
+    """One C-STORE's data set as it arrives: `add()` each fragment; `refusal` once refused."""
+
+    def __init__(self, limits: Reception, now: float):
+        self.limits, self.started = limits, now
+        self.received = self._window_bytes = 0
+        self._window_start, self._next_look = now, FREE_SPACE_EVERY
+        self.refusal: Refusal | None = None
+        if limits.min_free_bytes and limits.free_bytes() < limits.min_free_bytes:
+            self.refusal = Refusal(0xA700, SHORT_OF_DISK)
+
+    def add(self, count: int, now: float | None = None) -> Refusal | None:
+        """Count `count` more bytes; the refusal (the first one stays) or None."""
+        if self.refusal is not None:
+            return self.refusal
+        limits, now = self.limits, time.monotonic() if now is None else now
+        self.received += count
+        self._window_bytes += count
+        if self.received > limits.max_bytes:
+            self.refusal = Refusal(0xA700, f"data set over {_size(limits.max_bytes)} (ingest.max_instance_bytes)")
+        elif limits.max_seconds and now - self.started > limits.max_seconds:
+            self.refusal = Refusal(0xA700, f"data set still arriving after {limits.max_seconds:g} s "
+                                           "(dicom.max_store_seconds)", abort=True)
+        elif now - self._window_start >= RATE_WINDOW:
+            if limits.min_rate and self._window_bytes < limits.min_rate * (now - self._window_start):
+                self.refusal = Refusal(0xA700, f"data set arriving at under {limits.min_rate} bytes/s "
+                                               "(dicom.min_store_rate)", abort=True)
+            self._window_start, self._window_bytes = now, 0
+        if self.refusal is None and limits.min_free_bytes and self.received >= self._next_look:
+            self._next_look = self.received + FREE_SPACE_EVERY
+            if limits.free_bytes() < limits.min_free_bytes:
+                self.refusal = Refusal(0xA700, SHORT_OF_DISK)
+        return self.refusal
+
+
+def _size(count: int) -> str:
+    return f"{count / (1 << 30):g} GiB" if count >= 1 << 30 else f"{count / (1 << 20):g} MiB"
+
+
 def handle_store(event, archive: Archive) -> Dataset | int:
     """EVT_C_STORE, for the requests the fast path leaves to pynetdicom."""
     request = event.request
@@ -90,12 +185,12 @@ def find(archive: Archive, config: Config, calling_ae: str, sop_class: str, iden
     try:
         query = Query(model_of(sop_class), identifier(), case_insensitive_names=config.query.case_insensitive_names,
                       retrieve_ae=config.node.ae_title)
-    except QueryError as exc:
-        log.warning("C-FIND from %s refused (0x%04X): %s", calling_ae, exc.status, exc)
+    except QueryError as exc:   # the peer's value goes back to it (Error Comment), not into the log
+        log.warning("C-FIND from %s refused (0x%04X): %s", calling_ae, exc.status, exc.reason)
         yield exc.status, str(exc), None
         return
-    except Exception as exc:  # an identifier pydicom cannot decode
-        log.warning("C-FIND from %s refused: %s", calling_ae, exc)
+    except Exception as exc:  # an identifier pydicom cannot decode (its message may quote a value)
+        log.warning("C-FIND from %s refused: identifier cannot be decoded (%s)", calling_ae, type(exc).__name__)
         yield 0xC000, "identifier cannot be decoded", None
         return
     limit = config.query.max_results
@@ -107,7 +202,7 @@ def find(archive: Archive, config: Config, calling_ae: str, sop_class: str, iden
             try:
                 match = next(matches, None)
             except QueryError as exc:
-                log.warning("C-FIND from %s stopped (0x%04X): %s", calling_ae, exc.status, exc)
+                log.warning("C-FIND from %s stopped (0x%04X): %s", calling_ae, exc.status, exc.reason)
                 yield exc.status, str(exc), None
                 return
             except Exception as exc:  # whatever it is, the requestor gets an answer, the log one line

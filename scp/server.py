@@ -165,7 +165,7 @@ def start_servers(ae: AE, config: Config, archive: Archive, sockets: dict[int, s
     handler = None
     if fastpath.ENABLED:
         handler = fastpath.request_handler(partial(handlers.store, archive), partial(handlers.find, archive, config),
-                                           limits=wire.Limits.of(d))
+                                           limits=wire.Limits.of(d), reception=handlers.Reception.of(config))
     else:
         log.warning("pynetdicom %s is not %s: C-STORE and C-FIND take pynetdicom's slower generic path, and "
                     "PDU lengths and command sets are not bounded by the node", pynetdicom.__version__,

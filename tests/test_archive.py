@@ -134,7 +134,7 @@ def test_migrations_are_recorded(tmp_path):
     again = Archive(tmp_path / "d")  # reopening applies nothing twice
     rows = again.index.query("SELECT name FROM _sqlite_migrations")
     assert [r[0] for r in rows] == ["0001_initial", "0002_query", "0003_offload", "0004_jobs", "0005_viewer",
-                                      "0006_integrity"]
+                                      "0006_integrity", "0007_conflict_reason"]
     assert again.index.query("PRAGMA journal_mode")[0][0] == "wal"
 
 
@@ -184,7 +184,8 @@ def test_a_study_of_another_patient_or_a_series_of_another_study_is_refused_and_
             "WHERE sop_instance_uid=?", (uid,))] == [(attribute, held, said, "refused", "MODALITY")]
     assert hierarchy(archive) == before and set(archive.storage.blob_ids()) == blobs
     assert [c["kind"] for c in archive.index.changes_since(0)] == ["stored", "stored"]
-    assert archive.index.integrity() == {"stored": 0, "refused": 3, "quarantined": 0, "in_quarantine": 0}
+    assert archive.index.integrity() == {"stored": 0, "refused": 3, "quarantined": 0, "discarded": 0,
+                                         "in_quarantine": 0}
 
 
 def test_demographics_are_never_written_over_and_each_difference_is_recorded(archive, tmp_path):
@@ -269,3 +270,70 @@ def test_the_integrity_migration_keeps_what_an_older_index_holds(tmp_path):
     assert index.query("PRAGMA foreign_keys")[0][0] == 1
     assert "patients_patient_id" in {r[1] for r in index.query("PRAGMA index_list(patients)")}
     index.close()
+
+
+# -- one SOP Instance UID, one instance (issue 14, second round) -----------------------------------
+
+def test_a_uid_re_used_for_another_patient_study_or_series_is_a_conflict_under_either_policy(tmp_path):
+    for policy in ("keep-first", "replace"):
+        archive = Archive(tmp_path / policy, duplicates=policy)
+        study, series = generate_uid(), generate_uid()
+        first = instance(tmp_path, study=study, series=series, patient_id="A")
+        uid = pydicom.dcmread(first).SOPInstanceUID
+        assert archive.ingest_file(first).outcome is Outcome.STORED
+        before, blobs = hierarchy(archive), set(archive.storage.blob_ids())
+        cases = [(dict(study=generate_uid(), patient_id="B"), "PatientID", "A", "B", "patient"),
+                 (dict(study=generate_uid(), patient_id="A"), "StudyInstanceUID", study, None, "study"),
+                 (dict(study=study, patient_id="A"), "SeriesInstanceUID", series, None, "series")]
+        for changes, attribute, held, said, whose in cases:
+            other = instance(tmp_path, SOPInstanceUID=uid, **changes)
+            said = said or str(pydicom.dcmread(other)[attribute].value)
+            result = archive.ingest_file(other, calling_ae="REUSER")
+            assert (result.outcome, result.reason) == (Outcome.CONFLICT,
+                                                       f"SOP Instance UID is an instance of another {whose}")
+            assert [tuple(r) for r in archive.index.query(
+                "SELECT index_value, instance_value, action, reason FROM conflicts WHERE attribute=?",
+                (attribute,))] == [(held, said, "refused", f"its SOP Instance UID is an instance of another {whose}")]
+        assert hierarchy(archive) == before and set(archive.storage.blob_ids()) == blobs, policy
+        assert archive.index.not_committable(uid) == "received again since with other content, which was refused"
+        archive.close()
+
+
+def test_the_same_instance_with_other_bytes_under_keep_first_is_discarded_recorded_and_not_committable(tmp_path):
+    archive = Archive(tmp_path / "data")
+    versions = two_versions(tmp_path)
+    uid = pydicom.dcmread(versions[0]).SOPInstanceUID
+    assert archive.ingest_file(versions[0]).outcome is Outcome.STORED
+    assert archive.index.not_committable(uid) is None
+    assert archive.ingest_file(versions[0]).outcome is Outcome.ALREADY_STORED       # the same bytes: no doubt
+    assert archive.index.not_committable(uid) is None
+    for _ in range(2):
+        assert archive.ingest_file(versions[1], calling_ae="RESENDER").outcome is Outcome.DUPLICATE_KEPT_FIRST
+    (row,) = archive.index.conflicts()
+    assert (row["attribute"], row["action"], row["received"], row["calling_ae"], row["reason"]) == (
+        "SOPInstanceUID", "discarded", 2, "RESENDER", "received again with different content")
+    assert (row["index_value"], row["instance_value"]) == (f"data set SHA-256 {dataset_sha256(versions[0])}",
+                                                           f"data set SHA-256 {dataset_sha256(versions[1])}")
+    assert archive.index.integrity()["discarded"] == 1
+    assert archive.index.not_committable(uid) == "received again since with other content, which was discarded"
+    archive.close()
+    replacing = Archive(tmp_path / "data", duplicates="replace")     # the new copy stored: no doubt left
+    assert replacing.ingest_file(versions[1]).outcome is Outcome.REPLACED
+    assert replacing.index.not_committable(uid) is None
+    replacing.close()
+
+
+def test_a_uid_re_used_for_another_patient_is_quarantined_with_on_conflict_quarantine(tmp_path):
+    archive = Archive(tmp_path / "data", on_conflict="quarantine")
+    first = instance(tmp_path, study=generate_uid(), patient_id="A")
+    uid = pydicom.dcmread(first).SOPInstanceUID
+    archive.ingest_file(first)
+    before = hierarchy(archive)
+    other = instance(tmp_path, study=generate_uid(), patient_id="B", SOPInstanceUID=uid)
+    result = archive.ingest_file(other)
+    assert (result.outcome, result.reason) == (Outcome.QUARANTINED,
+                                               "quarantined: SOP Instance UID is an instance of another patient")
+    (row,) = archive.index.query("SELECT sha256 FROM quarantine WHERE sop_instance_uid=?", (uid,))
+    assert row["sha256"] == dataset_sha256(other) and hierarchy(archive) == before
+    assert archive.index.not_committable(uid) == "received again since with other content, which was quarantined"
+    archive.close()

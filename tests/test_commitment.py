@@ -146,3 +146,56 @@ def test_malformed_requests_are_refused(node):
     finally:
         assoc.release()
     assert node.rows("SELECT COUNT(*) FROM commitments") == [(0,)]
+
+
+def test_a_uid_received_again_with_other_content_is_not_committed(make_node, tmp_path):
+    """Patient B's instance re-using patient A's SOP Instance UID was answered 0x0000, discarded
+    (keep-first), nothing recorded, and commitment then confirmed it: the modality would delete
+    its only copy. Now: another patient's instance under a stored UID is refused (0xC000), the
+    same instance with other bytes is kept-first but recorded, and neither UID is committed."""
+    from test_hostile_data import after_the_attack, instance, send_raw, stored_before, uid_of
+
+    node = make_node(router={"enabled": False})
+    state = stored_before(node, tmp_path)
+    study = generate_uid()
+    first = instance(tmp_path / "a", study=study, patient_id="DUP-A", patient_name="First^Patient")
+    resent = instance(tmp_path / "b", study=study, patient_id="DUP-A", patient_name="First^Patient")
+    clean = instance(tmp_path / "c", study=study, patient_id="DUP-A", patient_name="First^Patient")
+    node.storescu(first, resent, clean)
+    state.update(node.stored_state())
+    reused, again = uid_of(first), uid_of(resent)
+    other_patient = instance(tmp_path / "d", study=generate_uid(), patient_id="DUP-B", patient_name="Second^Patient",
+                             SOPInstanceUID=reused)
+    assert send_raw(node, other_patient) == (0xC000, "SOP Instance UID is an instance of another patient")
+    other_bytes = instance(tmp_path / "e", study=study, series=str(pydicom.dcmread(resent).SeriesInstanceUID),
+                           patient_id="DUP-A", patient_name="First^Patient", SOPInstanceUID=again,
+                           StudyDescription="sent again, edited")
+    assert send_raw(node, other_bytes) == (0x0000, "")                       # keep-first: documented Success
+    log = node.log()
+    assert f"SOP Instance {again} from HOSTILE received again with different content: the stored copy was kept, " \
+           "the new one discarded" in log
+    assert node.rows("SELECT sop_instance_uid, attribute, action, reason FROM conflicts ORDER BY seq") == [
+        (reused, "PatientID", "refused", "its SOP Instance UID is an instance of another patient"),
+        (again, "SOPInstanceUID", "discarded", "received again with different content")]
+    modality = Modality(node)
+    assoc = modality.associate()
+    try:
+        assert modality.commit(assoc, generate_uid(), [reused, again, uid_of(clean)]) == 0x0000
+        assert modality.arrived.wait(30), node.log()[-2000:]
+    finally:
+        assoc.release()
+    ((event_type, report, _),) = modality.reports
+    assert event_type == 2 and _referenced(report) == [uid_of(clean)]
+    assert {(str(i.ReferencedSOPInstanceUID), i.FailureReason) for i in report.FailedSOPSequence} == {
+        (reused, 0x0110), (again, 0x0110)}
+    assert node.log().count("not committed: received again since with other content") == 2
+    status = node.cli("status").stdout
+    assert "1 instances refused" in status and "1 received again with other bytes and discarded" in status
+    listed = node.cli("status", "--conflicts").stdout
+    assert "its SOP Instance UID is an instance of another patient: the index has 'DUP-A', the instance 'DUP-B'" \
+        in listed
+    assert "received again with different content: the index has 'data set SHA-256" in listed
+    assert "storage commitment does not confirm this UID" in listed
+    for value in ("First", "Second", "DUP-A", "DUP-B"):
+        assert value not in node.log()
+    after_the_attack(node, tmp_path, state)

@@ -86,3 +86,102 @@ def test_non_ascii_names_are_decoded_in_their_character_set():
     for name in ("chrH31.dcm", "chrX1.dcm", "chrRuss.dcm", "chrGreek.dcm", "chrJapMulti.dcm"):
         path = CHARSET_FILES / name
         assert inspect(path).attrs["PatientName"] == str(pydicom.dcmread(path).PatientName), name
+
+
+# -- issue 14, second round: identifying values, value lengths, element order -----------------------
+
+import struct  # noqa: E402
+import tracemalloc  # noqa: E402
+
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid  # noqa: E402
+from pynetdicom.sop_class import CTImageStorage  # noqa: E402
+
+from archive.dicomfile import MAX_VALUE_BYTES  # noqa: E402
+from test_hostile_data import element, item, part10, text_value, uid_value  # noqa: E402
+
+
+def data_set(uid: str, patient_id: bytes = b"PID1", charset: bytes | None = None, name: bytes = b"Doe^Jane",
+             extra: bytes = b"") -> bytes:
+    """An explicit VR LE data set in ascending tag order; `extra` goes after (0010,0020)."""
+    return ((element(0x00080005, b"CS", charset) if charset is not None else b"")
+            + element(0x00080016, b"UI", uid_value(CTImageStorage)) + element(0x00080018, b"UI", uid_value(uid))
+            + element(0x00100010, b"PN", name + b" " * (len(name) % 2))
+            + element(0x00100020, b"LO", patient_id + b" " * (len(patient_id) % 2)) + extra
+            + element(0x0020000D, b"UI", uid_value(generate_uid())) + element(0x0020000E, b"UI", uid_value(generate_uid())))
+
+
+def written(tmp_path, data: bytes, uid: str, syntax: str | None = None) -> Path:
+    path = tmp_path / f"{generate_uid()}.dcm"
+    path.write_bytes(part10(data, uid, syntax) if syntax else part10(data, uid))
+    return path
+
+
+def test_a_patient_id_not_valid_in_its_character_set_is_refused_never_read_with_replacements(tmp_path):
+    uid = generate_uid()
+    for raw in (b"\xffPAT", b"\xfePAT", b"P\xc3AT", b"\xef\xbf\xbdPAT"):   # invalid UTF-8; U+FFFD itself
+        with pytest.raises(InvalidInstance, match=r"^PatientID is not valid in the Specific Character Set$"):
+            inspect(written(tmp_path, data_set(uid, raw, b"ISO_IR 192"), uid))
+    # in a character set where every byte is a character, the two IDs are two patients
+    ids = {inspect(written(tmp_path, data_set(uid, raw, charset), uid)).attrs["PatientID"]
+           for raw in (b"\xffPAT", b"\xfePAT") for charset in (b"ISO_IR 100", None)}
+    assert ids == {"\xffPAT", "\xfePAT"}
+    assert inspect(written(tmp_path, data_set(uid, "Ž-PAT".encode(), b"ISO_IR 192"), uid)).attrs["PatientID"] == "Ž-PAT"
+    # ISO 2022 code extensions: valid JIS X 0208 passes, a broken escape sequence does not
+    jis = "\x1b$B" + "\x3b\x33\x45\x44" + "\x1b(B"
+    header = inspect(written(tmp_path, data_set(uid, jis.encode("latin-1"), b"\\ISO 2022 IR 87"), uid))
+    assert header.attrs["PatientID"] == "山田"
+    with pytest.raises(InvalidInstance, match="PatientID is not valid"):
+        inspect(written(tmp_path, data_set(uid, b"\x1b$B\xff\xff\x1b(B", b"\\ISO 2022 IR 87"), uid))
+    # the UIDs were already exact: a byte outside digits and dots is refused
+    with pytest.raises(InvalidInstance, match="SOPInstanceUID is not a valid UID"):
+        inspect(written(tmp_path, data_set("1.2.3").replace(uid_value("1.2.3"), b"1.2\xff3\0"), "1.2.3"))
+
+
+def test_each_value_the_index_takes_is_capped_at_its_vr_length_and_never_copied_whole(tmp_path):
+    uid = generate_uid()
+    name_cap = MAX_VALUE_BYTES[0x00100010]
+    assert name_cap == 4 * (3 * 64 + 2)                      # PS3.5 6.2: PN 64 per component group, x 4 bytes
+    inspect(written(tmp_path, data_set(uid, name=b"Q" * name_cap), uid))
+    with pytest.raises(InvalidInstance, match=rf"^PatientName longer than {name_cap} bytes$"):
+        inspect(written(tmp_path, data_set(uid, name=b"Q" * (name_cap + 2)), uid))
+    with pytest.raises(InvalidInstance, match=r"^PatientID longer than 256 bytes$"):
+        inspect(written(tmp_path, data_set(uid, patient_id=b"P" * 258), uid))
+    # 100 MiB in an implicit VR data set: refused without reading the value
+    huge = (struct.pack("<HHI", 0x0008, 0x0016, len(uid_value(CTImageStorage))) + uid_value(CTImageStorage)
+            + struct.pack("<HHI", 0x0008, 0x0018, len(uid_value(uid))) + uid_value(uid)
+            + struct.pack("<HHI", 0x0010, 0x0010, 100 << 20) + b"Q" * (100 << 20))
+    path = written(tmp_path, huge, uid, ImplicitVRLittleEndian)
+    del huge
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidInstance, match="PatientName longer than"):
+            inspect(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak >> 20} MiB allocated"
+    # values the index does not take may be long (a long description in a sequence, private data)
+    inspect(written(tmp_path, data_set(uid, extra=element(0x00191010, b"OB", b"\0" * (1 << 20))), uid))
+
+
+def test_elements_out_of_order_or_repeated_are_refused_at_any_level(tmp_path):
+    uid = generate_uid()
+    twice = data_set(uid, extra=element(0x00100020, b"LO", b"DUPTAG-B"))
+    with pytest.raises(InvalidInstance, match=r"^element \(0010,0020\) appears twice$"):
+        inspect(written(tmp_path, twice, uid))
+    backwards = data_set(uid, extra=element(0x00100010, b"PN", text_value("Other^Name")))
+    with pytest.raises(InvalidInstance, match=r"^element \(0010,0010\) is out of ascending tag order$"):
+        inspect(written(tmp_path, backwards, uid))
+    inner = element(0x00081150, b"UI", uid_value(CTImageStorage)) + element(0x00081150, b"UI", uid_value(uid))
+    for undefined in (False, True):
+        sequence = (element(0x00081140, b"SQ", item(inner + struct.pack("<HHI", 0xFFFE, 0xE00D, 0), 0xFFFFFFFF)
+                            + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0), 0xFFFFFFFF) if undefined
+                    else element(0x00081140, b"SQ", item(inner)))
+        data = data_set(uid).replace(element(0x00100010, b"PN", b"Doe^Jane"),
+                                     sequence + element(0x00100010, b"PN", b"Doe^Jane"))
+        with pytest.raises(InvalidInstance, match=r"element \(0008,1150\) appears twice"):
+            inspect(written(tmp_path, data, uid))
+    # a second Transfer Syntax UID at the start of the data set (group 0002) is refused too
+    meta_again = element(0x00020010, b"UI", uid_value(ImplicitVRLittleEndian)) + data_set(uid)
+    with pytest.raises(InvalidInstance, match=r"file meta element \(0002,0010\) repeated or out of order"):
+        inspect(written(tmp_path, meta_again, uid))

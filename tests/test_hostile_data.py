@@ -31,7 +31,7 @@ from pynetdicom.sop_class import CTImageStorage, PatientRootQueryRetrieveInforma
 from archive import Archive, Limits, Outcome
 from archive.dicomfile import (DEFAULT_LIMITS, InvalidInstance, PixelsTooLarge, _Malformed, check_pixels,
                                check_structure, inspect, read_dataset)
-from helpers import data_file, dataset_sha256, synthetic_instances
+from helpers import _toml, data_file, dataset_sha256, synthetic_instances, wait_for
 
 # -- data sets made byte by byte ----------------------------------------------------------------
 
@@ -648,5 +648,271 @@ async def test_the_viewer_answers_422_for_bombs_already_in_storage(tmp_path, aio
         finally:
             tracemalloc.stop()
         assert peak < 64 << 20, f"{peak >> 20} MiB allocated"
+    finally:
+        archive.close()
+
+
+# -- issue 14, second round: identifying values, long values, element order ---------------------
+
+def with_patient_id(directory: Path, raw: bytes, charset: str, name: str) -> Path:
+    """A CT_small copy whose Patient ID is the bytes `raw` in `charset`, written as they are."""
+    path = instance(directory, study=generate_uid(), patient_id="ZPAT", patient_name=name,
+                    SpecificCharacterSet=charset)
+    data = path.read_bytes()
+    assert data.count(b"ZPAT") == 1
+    path.write_bytes(data.replace(b"ZPAT", raw))
+    return path
+
+
+@pytest.mark.interop
+def test_patient_ids_undecodable_in_their_character_set_are_refused_not_merged(make_node, tmp_path):
+    """b'\\xffPAT' and b'\\xfePAT' under ISO_IR 192 both read as U+FFFD + 'PAT': the index filed two
+    patients as one. Each is refused; in ISO_IR 100, where both are characters, they are two patients."""
+    node = make_node(router={"enabled": False})
+    state = stored_before(node, tmp_path)
+    refused = [with_patient_id(tmp_path / "utf8", raw, "ISO_IR 192", name)
+               for raw, name in ((b"\xffPAT", "Alpha^Anna"), (b"\xfePAT", "Beta^Bob"))]
+    for path in refused:
+        assert send_raw(node, path) == (0xC000, "PatientID is not valid in the Specific Character Set")
+        assert node.rows("SELECT COUNT(*) FROM instances WHERE sop_instance_uid=?", (uid_of(path),)) == [(0,)]
+    assert node.rows("SELECT COUNT(*) FROM patients WHERE patient_id LIKE '%PAT'") == [(0,)]
+    assert node.log().count("PatientID is not valid in the Specific Character Set") == 2    # one line each
+    assert "Failed to decode" not in node.log()                                             # and no other
+    latin = [with_patient_id(tmp_path / "latin1", raw, "ISO_IR 100", name)
+             for raw, name in ((b"\xffPAT", "Gamma^Gil"), (b"\xfePAT", "Delta^Dan"))]
+    for path in latin:
+        assert send_raw(node, path) == (0x0000, "")
+    assert sorted(node.rows("SELECT patient_id, patient_name FROM patients WHERE patient_id LIKE '%PAT'")) == [
+        ("\xfePAT", "Delta^Dan"), ("\xffPAT", "Gamma^Gil")]
+    for value in ("Alpha", "Beta", "Gamma", "Delta"):
+        assert value not in node.log()
+    after_the_attack(node, tmp_path, state)
+
+
+def implicit_element(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+def test_a_64_mib_patient_name_is_refused_with_c000_in_bounded_memory(make_node, tmp_path, tls):
+    """Implicit VR allows a 4-byte length: a 100 MiB PatientName was stored, the receiver peaked at
+    832 MB and every C-FIND match carried it. Now: refused, named, never copied."""
+    node = make_node(router={"enabled": False})
+    state = stored_before(node, tmp_path)
+    uid = generate_uid()
+    data_set = (implicit_element(0x00080016, uid_value(CTImageStorage)) + implicit_element(0x00080018, uid_value(uid))
+                + implicit_element(0x00080060, b"CT") + implicit_element(0x00100010, b"Q" * (64 << 20))
+                + implicit_element(0x00100020, b"LONGNAME") + implicit_element(0x0020000D, uid_value(generate_uid()))
+                + implicit_element(0x0020000E, uid_value(generate_uid())))
+    path = tmp_path / "long-name.dcm"
+    path.write_bytes(part10(data_set, uid, ImplicitVRLittleEndian))
+    del data_set
+    before = peak_rss(node)
+    assert send_raw(node, path, ImplicitVRLittleEndian, tls=tls) == (0xC000, "PatientName longer than 776 bytes")
+    assert grew(before, peak_rss(node)) < 40 << 20, "the value was read into memory"
+    assert node.rows("SELECT COUNT(*) FROM patients WHERE patient_id='LONGNAME'") == [(0,)]
+    assert node.log().count("PatientName longer than 776 bytes") == 1
+    after_the_attack(node, tmp_path, state)
+
+
+@pytest.mark.interop
+def test_a_repeated_or_unordered_element_is_refused_with_c000(make_node, tmp_path):
+    """Patient ID present twice (A, then B): the node filed B while dcmtk reads A, so a C-MOVE to a
+    dcmtk PACS filed the image under another patient. PS3.5 7.1: ascending order, each once."""
+    node = make_node(router={"enabled": False})
+    state = stored_before(node, tmp_path)
+    uid = generate_uid()
+    before, after = identity(uid, patient_id="DUPTAG-A")
+    twice = after.replace(element(0x00100020, b"LO", text_value("DUPTAG-A")),
+                          element(0x00100020, b"LO", text_value("DUPTAG-A"))
+                          + element(0x00100020, b"LO", text_value("DUPTAG-B")))
+    nested_twice = element(0x00081140, b"SQ", item(element(0x00081150, b"UI", uid_value(CTImageStorage)) * 2))
+    cases = [(before + twice, "element (0010,0020) appears twice"),
+             (before + nested_twice + after, "element (0008,1150) appears twice"),
+             (after + before, "element (0008,0016) is out of ascending tag order")]
+    for n, (data_set, comment) in enumerate(cases):
+        path = tmp_path / f"order-{n}.dcm"
+        path.write_bytes(part10(data_set, uid))
+        assert send_raw(node, path) == (0xC000, comment)
+        assert node.log().count(comment) == 1
+    assert node.rows("SELECT COUNT(*) FROM instances WHERE sop_instance_uid=?", (uid,)) == [(0,)]
+    assert node.rows("SELECT COUNT(*) FROM patients WHERE patient_id LIKE 'DUPTAG%'") == [(0,)]
+    after_the_attack(node, tmp_path, state)
+
+
+@pytest.mark.interop
+def test_the_node_log_of_a_c_find_with_a_bad_date_holds_no_part_of_it(make_node, tmp_path):
+    """The peer is told what was wrong with its value; the log says which attribute, not the value."""
+    from pydicom.dataset import Dataset
+
+    node = make_node(router={"enabled": False})
+    assoc = node.associate("CARELESSPACS", PatientRootQueryRetrieveInformationModelFind)
+    try:
+        query = Dataset()
+        query.QueryRetrieveLevel, query.PatientName, query.PatientID = "PATIENT", "", ""
+        query.PatientBirthDate = "1961-04-12"
+        answers = [status for status, _ in assoc.send_c_find(query, PatientRootQueryRetrieveInformationModelFind)]
+    finally:
+        assoc.release()
+    (status,) = answers
+    assert status.Status == 0xC000 and "'1961-04-12' is not a date" in status.ErrorComment
+    log = node.log()
+    assert "C-FIND from CARELESSPACS refused (0xC000): PatientBirthDate: not a date or a date range" in log
+    for part in ("1961", "04-12"):
+        assert part not in log
+
+
+# -- issue 14, second round: one C-STORE cannot fill the disk or hold its spool file -----------
+
+from scp.handlers import RATE_WINDOW, Reception  # noqa: E402
+from test_hostile_network import MiB, _is_abort, _p_data, _peak_rss, _store_rq, _until_closed  # noqa: E402
+from test_hostile_network import _associate as raw_association  # noqa: E402
+
+
+def store_response(sock) -> tuple[int, str]:
+    """(status, error comment) of the C-STORE-RSP the node sends on `sock`."""
+    data = b""
+    while True:
+        while len(data) < 6 or len(data) < 6 + struct.unpack(">I", data[2:6])[0]:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {data[:12]!r}"
+            data += chunk
+        length = struct.unpack(">I", data[2:6])[0]
+        pdu, data = data[:6 + length], data[6 + length:]
+        assert pdu[0] == 0x04, f"expected a P-DATA-TF, got {pdu[:12]!r}"
+        if pdu[11] & 0x01:                                     # a command set
+            break
+    command, pos, values = pdu[12:], 0, {}
+    while pos + 8 <= len(command):
+        group, elem, size = struct.unpack_from("<HHI", command, pos)
+        values[(group << 16) | elem] = command[pos + 8:pos + 8 + size]
+        pos += 8 + size
+    return struct.unpack("<H", values[0x00000900])[0], values.get(0x00000902, b"").decode().strip()
+
+
+def spooled_bytes(node) -> int:
+    return sum(p.stat().st_size for p in node.spool_files() if p.exists())
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+def test_a_data_set_over_max_instance_bytes_is_dropped_as_it_arrives(make_node, tmp_path, tls):
+    """One C-STORE had no size limit (2 GiB spooled in 20 s; 16 of them fill the disk)."""
+    node = make_node(router={"enabled": False}, ingest={"max_instance_bytes": 4 * MiB})
+    state = stored_before(node, tmp_path)
+    sock, contexts = raw_association(node, tls)
+    context = contexts[CTImageStorage]
+    fragment = _p_data(context, 0x00, b"\0" * (64 << 10))
+    with _peak_rss(node) as memory:
+        sock.sendall(_p_data(context, 0x03, _store_rq()))
+        for _ in range(3 * 16):                                 # 3 MiB: spooled
+            sock.sendall(fragment)
+        wait_for(lambda: spooled_bytes(node) >= 2 * MiB, timeout=10, what="the data set to be spooled")
+        for _ in range(9 * 16):                                 # 9 MiB more, over the limit: dropped at once
+            sock.sendall(fragment)
+        wait_for(lambda: not node.spool_files(), timeout=10, what="the spool file to be removed")
+        sock.sendall(_p_data(context, 0x02, b"\0" * 16))        # the last fragment: the answer comes
+        answer = store_response(sock)
+    sock.close()
+    assert answer == (0xA700, "data set over 4 MiB (ingest.max_instance_bytes)")
+    assert memory.growth < 48 * MiB, f"the node grew by {memory.growth / MiB:.0f} MiB"
+    assert node.log().count("data set over 4 MiB (ingest.max_instance_bytes)") == 1
+    after_the_attack(node, tmp_path, state)
+
+
+@pytest.mark.interop
+def test_a_trickling_data_set_is_aborted_after_max_store_seconds(make_node, tmp_path):
+    """2 bytes every 40 s kept a spool file (and its association) forever: each PDU came within
+    dicom.network_timeout. The whole data set now has dicom.max_store_seconds."""
+    node = make_node(router={"enabled": False}, dicom={"max_store_seconds": 2.0})
+    state = stored_before(node, tmp_path)
+    sock, contexts = raw_association(node, True)
+    context = contexts[CTImageStorage]
+    sock.sendall(_p_data(context, 0x03, _store_rq()) + _p_data(context, 0x00, b"\0" * (64 << 10)) * 32)
+    wait_for(lambda: spooled_bytes(node) >= MiB, timeout=10, what="the data set to be spooled")
+    started = time.monotonic()
+    aborted = b""
+    while time.monotonic() - started < 10 and not aborted:
+        time.sleep(0.5)
+        try:
+            sock.sendall(_p_data(context, 0x00, b"\0\0"))
+        except OSError:
+            break
+        sock.settimeout(0.1)
+        try:
+            aborted = sock.recv(64)
+        except (TimeoutError, OSError):
+            pass
+    aborted += _until_closed(sock, timeout=5)
+    sock.close()
+    assert _is_abort(aborted), f"expected an A-ABORT, got {aborted[:12]!r}"
+    assert time.monotonic() - started < 5
+    assert node.log().count("data set still arriving after 2 s (dicom.max_store_seconds)") == 1
+    after_the_attack(node, tmp_path, state)
+
+
+@pytest.mark.interop
+def test_below_the_free_space_reserve_a_c_store_is_refused_before_anything_is_spooled(make_node, tmp_path):
+    node = make_node(router={"enabled": False})
+    state = stored_before(node, tmp_path)
+    node.stop()
+    stat = os.statvfs(tmp_path)
+    node.settings["storage"] = {"min_free_bytes": stat.f_bavail * stat.f_frsize + (1 << 40)}   # always short
+    node.config_path.write_text(_toml(node.settings))
+    node.start()
+    path, = synthetic_instances(tmp_path / "short", 1, patient="Short^Disk")
+    assert send_raw(node, path) == (0xA700, "the node is short of disk space")
+    assert node.rows("SELECT COUNT(*) FROM instances WHERE sop_instance_uid=?", (uid_of(path),)) == [(0,)]
+    assert node.log().count("the node is short of disk space") == 1
+    assert node.spool_files() == []
+    node.stop()
+    del node.settings["storage"]                               # space again: no restart needed, but the
+    node.config_path.write_text(_toml(node.settings))          # reserve above can never be met here
+    node.start()
+    after_the_attack(node, tmp_path, state)
+
+
+def test_the_reception_tally_refuses_size_pace_and_short_disk_with_their_settings():
+    free = [10 << 30]
+    reception = Reception(max_bytes=100 * MiB, min_free_bytes=1 << 30, max_seconds=600, min_rate=1024,
+                          free_bytes=lambda: free[0])
+    tally = reception.start(now=0)
+    assert tally.refusal is None
+    for second in range(0, 600, 10):                           # 1 MiB every 10 s for ten minutes: fine
+        assert tally.add(MiB, now=second) is None
+    slow = reception.start(now=0)
+    assert slow.add(10 * MiB, now=1) is None                  # a burst, then a trickle
+    assert slow.add(2, now=40) is None
+    assert slow.add(2, now=RATE_WINDOW + 30) is None          # the first minute brought 10 MiB
+    refusal = slow.add(2, now=2 * RATE_WINDOW + 40)
+    assert refusal is not None and refusal.abort and "(dicom.min_store_rate)" in refusal.comment
+    assert slow.add(MiB, now=2 * RATE_WINDOW + 41) is refusal  # the first refusal stays
+    late = reception.start(now=0)
+    refusal = late.add(MiB, now=601)
+    assert refusal.abort and refusal.comment == "data set still arriving after 600 s (dicom.max_store_seconds)"
+    big = reception.start(now=0)
+    assert big.add(100 * MiB, now=1) is None
+    refusal = big.add(1, now=1)
+    assert (refusal.status, refusal.comment, refusal.abort) == (
+        0xA700, "data set over 100 MiB (ingest.max_instance_bytes)", False)
+    filling = reception.start(now=0)
+    assert filling.add(8 * MiB, now=0) is None
+    free[0] = 900 << 20                                        # another sender filled the disk meanwhile
+    assert filling.add(7 * MiB, now=0) is None                 # looked at every 16 MiB, not every fragment
+    assert filling.add(2 * MiB, now=0) == filling.refusal and filling.refusal.comment == "the node is short of disk space"
+    assert not filling.refusal.abort
+    assert reception.start(now=0).refusal.comment == "the node is short of disk space"   # refused at once
+    unlimited = Reception(1 << 40, 0, 0, 0, free_bytes=lambda: 0).start(now=0)
+    assert unlimited.add(1 << 30, now=10 ** 6) is None
+
+
+def test_the_archive_writes_no_instance_into_the_free_space_reserve(tmp_path):
+    stat = os.statvfs(tmp_path)
+    archive = Archive(tmp_path / "data", min_free_bytes=stat.f_bavail * stat.f_frsize + (1 << 40))
+    try:
+        result = archive.ingest_file(data_file("CT_small.dcm"))
+        assert (result.outcome, result.reason) == (Outcome.STORAGE_FULL, "the node is short of disk space")
+        assert list(archive.storage.blob_ids()) == []
     finally:
         archive.close()
