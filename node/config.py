@@ -241,6 +241,22 @@ class QuerySection:
 
 
 @dataclass(frozen=True)
+class CommitmentSection:
+    max_pending_per_peer: int = setting(8, "Storage commitment requests from one calling AE title not yet "
+                                        "reported, at most; one more is refused with 0x0213 (resource "
+                                        "limitation).")
+    report_retry_hours: float = setting(24.0, "Hours after a storage commitment request that its report is still "
+                                        "tried on a new association to the requester's [remote.NAME] node; "
+                                        "then it is given up, with one log line.")
+
+    def validate(self) -> None:
+        if not 1 <= self.max_pending_per_peer <= 1000:
+            raise ConfigError(f"commitment.max_pending_per_peer: {self.max_pending_per_peer} is not in 1-1000")
+        if not 0 < self.report_retry_hours <= 720:
+            raise ConfigError(f"commitment.report_retry_hours: {self.report_retry_hours} is not in 0-720 hours")
+
+
+@dataclass(frozen=True)
 class IngestSection:
     max_inflated_bytes: int = setting(1 << 30, "A deflated data set (Deflated Explicit VR Little Endian) may "
                                       "inflate to at most this many bytes; past it the instance is refused "
@@ -424,6 +440,7 @@ class Config:
     storage: StorageSection = field(default_factory=StorageSection)
     crypto: CryptoSection = field(default_factory=CryptoSection)
     query: QuerySection = field(default_factory=QuerySection)
+    commitment: CommitmentSection = field(default_factory=CommitmentSection)
     ingest: IngestSection = field(default_factory=IngestSection)
     router: RouterSection = field(default_factory=RouterSection)
     viewer: ViewerSection = field(default_factory=ViewerSection)

@@ -3,6 +3,7 @@ a missing instance, a reused transaction, and a restart in between."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pydicom
 import pytest
@@ -199,3 +200,160 @@ def test_a_uid_received_again_with_other_content_is_not_committed(make_node, tmp
     for value in ("First", "Second", "DUP-A", "DUP-B"):
         assert value not in node.log()
     after_the_attack(node, tmp_path, state)
+
+
+# -- hostile requests (second round, commit_amplify.py) ------------------------------------------
+
+def _node_writes(node) -> int:
+    """Bytes the node's processes have written (files, pipes, sockets) so far."""
+    import psutil
+
+    total = 0
+    for proc in node.processes():
+        try:
+            total += proc.io_counters().write_chars
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _report_within(modality, seconds: float):
+    assert modality.arrived.wait(seconds), f"no report within {seconds}s"
+    return modality.reports[-1]
+
+
+def test_an_instance_named_10000_times_is_checked_once_and_never_written_out(make_node, tmp_path):
+    """One N-ACTION naming the same 3 MiB instance 10,000 times wrote ~10 GB of decrypted copies in
+    60 s, and a modality's commitment right after got no report. Each instance is now named once in
+    the report and checked once, by streaming it through the decryption and a hash."""
+    from helpers import synthetic_instances
+
+    node = make_node()
+    big, small = synthetic_instances(tmp_path / "big", 1, pixel_bytes=3 << 20)[0], _stored_uids(node, 1)
+    node.storescu(big)
+    big_uid = str(pydicom.dcmread(big, stop_before_pixels=True).SOPInstanceUID)
+    before = node.stored_state()
+    hostile, modality = Modality(node), Modality(node)
+    hostile.ae.ae_title, modality.ae.ae_title = "HOSTILE", "GOODMOD"
+    written = _node_writes(node)
+    started = time.monotonic()
+    flood = hostile.associate()
+    good = modality.associate()
+    try:
+        assert hostile.commit(flood, generate_uid(), [big_uid] * 10000) == 0x0000
+        assert modality.commit(good, generate_uid(), small + [big_uid]) == 0x0000
+        _, report, _ = _report_within(modality, 10)
+        assert sorted(_referenced(report)) == sorted(small + [big_uid])
+        _, report, _ = _report_within(hostile, 10)
+        assert _referenced(report) == [big_uid]      # named once, checked once
+    finally:
+        flood.release()
+        good.release()
+    assert time.monotonic() - started < 15
+    grew = _node_writes(node) - written
+    assert grew < 16 << 20, f"the node wrote {grew >> 20} MiB while checking (decrypted copies?)"
+    assert not list((node.data_dir / "exports").glob("*")), "a decrypted copy was left behind"
+    node.still_serves(tmp_path)
+    assert {k: v for k, v in node.stored_state().items() if k in before} == before
+
+
+def test_requests_pending_from_one_requester_are_bounded(make_node, tmp_path):
+    """Reports that cannot be delivered yet (the requester's listener is down) pile up: past
+    commitment.max_pending_per_peer, its next request is refused with 0x0213 at once; other
+    requesters are not affected."""
+    node = make_node(commitment={"max_pending_per_peer": 2},
+                     remote={"MOD": {"ae_title": "MODALITY", "host": "127.0.0.1", "port": free_port(),
+                                     "server_name": "localhost"}})
+    uids = _stored_uids(node, 1)
+    before = node.stored_state()
+    modality = Modality(node)
+
+    def request():
+        assoc = modality.associate(listen=False)
+        try:
+            return assoc.send_n_action(_request(generate_uid(), uids), 1, StorageCommitmentPushModel,
+                                       WELL_KNOWN_INSTANCE)[0]
+        finally:
+            assoc.abort()   # gone before its report: it goes to the [remote] node, which does not listen
+
+    statuses = [request().Status for _ in range(2)]
+    status = request()
+    assert statuses == [0x0000, 0x0000]
+    assert status.Status == 0x0213 and "2 requests pending" in status.ErrorComment
+    assert node.rows("SELECT COUNT(*) FROM commitments WHERE state='pending'") == [(2,)]
+    other = Modality(node)
+    other.ae.ae_title = "OTHERMOD"
+    assoc = other.associate()
+    try:
+        assert other.commit(assoc, generate_uid(), uids) == 0x0000
+        assert other.arrived.wait(10)
+    finally:
+        assoc.release()
+    assert len([l for l in node.log().splitlines() if "commitment.max_pending_per_peer" in l]) == 1
+    node.still_serves(tmp_path)
+    assert {k: v for k, v in node.stored_state().items() if k in before} == before
+
+
+def test_a_report_with_nowhere_to_go_is_given_up_at_once(node, tmp_path):
+    """No [remote] node for the requester and its association closed: the report was retried
+    every 10 minutes forever, each time checking every instance again."""
+    uids = _stored_uids(node, 2)
+    modality = Modality(node)
+    assoc = modality.associate(listen=False)
+    transaction = generate_uid()
+    assert modality.commit(assoc, transaction, uids) == 0x0000
+    assoc.abort()
+    wait_for(lambda: node.rows("SELECT state FROM commitments") == [("undeliverable",)], timeout=30,
+             what="the report to be given up")
+    lines = [l for l in node.log().splitlines() if transaction in l and "given up" in l]
+    assert len(lines) == 1 and "no [remote] node" in lines[0], lines
+    node.still_serves(tmp_path)
+
+
+def test_a_report_is_tried_for_report_retry_hours_then_given_up(make_node, tmp_path):
+    node = make_node(commitment={"report_retry_hours": 0.001},   # 3.6 s
+                     remote={"MOD": {"ae_title": "MODALITY", "host": "127.0.0.1", "port": free_port(),
+                                     "server_name": "localhost"}})
+    uids = _stored_uids(node, 1)
+    modality = Modality(node)
+    assoc = modality.associate(listen=False)
+    transaction = generate_uid()
+    assert modality.commit(assoc, transaction, uids) == 0x0000
+    assoc.abort()
+    wait_for(lambda: "report to MODALITY" in node.log(), timeout=30, what="a first delivery attempt")
+    assert node.rows("SELECT state FROM commitments") == [("pending",)]
+    wait_for(lambda: node.rows("SELECT state FROM commitments") == [("undeliverable",)], timeout=15,
+             what="the report to be given up")
+    lines = [l for l in node.log().splitlines() if transaction in l and "given up" in l]
+    assert len(lines) == 1 and "commitment.report_retry_hours" in lines[0], lines
+    node.still_serves(tmp_path)
+
+
+def test_verify_streams_the_same_hash_as_an_export(tmp_path):
+    """The check without a decrypted copy hashes what `Archive.exported` hashes, and refuses a
+    damaged blob."""
+    from archive import Archive, IntegrityError
+    from helpers import dataset_sha256, synthetic_instances
+    from scp.commitment import verify
+
+    archive = Archive(tmp_path / "var", segment_size=4096)
+    try:
+        paths = synthetic_instances(tmp_path / "in", 1) + synthetic_instances(tmp_path / "big", 1,
+                                                                              pixel_bytes=64 << 10)
+        for path in paths:
+            archive.ingest_file(path)
+        rows = archive.index.query("SELECT blob_id, sha256 FROM instances")
+        for row in rows:
+            verify(archive, row["blob_id"], row["sha256"])
+            with archive.exported(row["blob_id"], row["sha256"]) as exported:
+                assert dataset_sha256(exported) == row["sha256"]
+        with pytest.raises(IntegrityError):
+            verify(archive, rows[0]["blob_id"], "0" * 64)
+        blob = archive.storage.path(rows[1]["blob_id"])
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 1
+        blob.write_bytes(bytes(data))
+        with pytest.raises(IntegrityError):
+            verify(archive, rows[1]["blob_id"], rows[1]["sha256"])
+    finally:
+        archive.close()
