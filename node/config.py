@@ -232,12 +232,16 @@ class QuerySection:
                                            "without regard to case.")
     timeout: float = setting(20.0, "Seconds of index work one C-FIND may take; past it the query ends "
                              "with status 0xA700 and a comment asking to narrow it.")
+    max_retrieve_instances: int = setting(20000, "Instances one C-MOVE or C-GET may send; one naming more is "
+                                          "refused with 0xA702 before any is sent.")
 
     def validate(self) -> None:
         if not 1 <= self.max_results <= 65535:
             raise ConfigError(f"query.max_results: {self.max_results} is not in 1-65535")
         if not 0 < self.timeout <= 3600:
             raise ConfigError(f"query.timeout: {self.timeout} is not in 0-3600 seconds")
+        if not 1 <= self.max_retrieve_instances <= 65535:
+            raise ConfigError(f"query.max_retrieve_instances: {self.max_retrieve_instances} is not in 1-65535")
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,16 @@ import socket
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
 from archive import Archive, IntegrityError
-from archive.query import FROM, UNIQUE, Query, QueryError, model_of
+from archive.query import FROM, LEVELS, UNIQUE, Query, QueryError, model_of
 from archive.storage import BlobNotFound
 from node.config import Config
 
@@ -29,6 +31,7 @@ from .tls import no_delay, remote_tls
 
 log = logging.getLogger(__name__)
 MAX_CONTEXTS = 128
+PAGE = 500   # matches read from the index at a time: a retrieve never holds them all
 
 
 class StoredInstance(Dataset):
@@ -62,7 +65,10 @@ class NodeAE(AE):
     list and the reason in the Error Comment (PS3.4 C.4.2.1.4).
     """
 
-    def associate(self, addr: str, port: int, *args, unreachable: list | None = None, **kwargs):
+    def associate(self, addr: str, port: int, *args, unreachable: list | None = None, refused: bool = False,
+                  **kwargs):
+        if refused:   # the C-MOVE was refused before any sub-operation: nothing to connect to
+            return _NoAssociation()
         assoc = super().associate(addr, port, *args, **kwargs)
         if unreachable is None or assoc.is_established:
             return assoc
@@ -111,19 +117,79 @@ class Match:
     sha256: str
 
 
-def matches(archive: Archive, sop_class_uid: str, identifier: Dataset) -> list[Match]:
-    """The instances a C-MOVE / C-GET identifier names; its unique key must be given."""
-    query = Query(model_of(sop_class_uid), identifier)
-    unique = UNIQUE[query.level]
-    if not str(identifier.get(unique, "") or "").strip("*\\ "):
-        raise QueryError(f"a {query.level} retrieve needs {unique}", 0xC000)
-    sql = (f"SELECT i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, i.blob_id, i.sha256 "
-           f"FROM {FROM['IMAGE']} WHERE {' AND '.join(query.conditions) or '1'} ORDER BY i.pk")
-    with archive.index.reader() as conn:
-        return [Match(*row) for row in conn.execute(sql, query.params)]
+class Retrieve:
+    """The instances a C-MOVE / C-GET identifier names, read from the index a page at a time.
+
+    Retrieve keys are unique keys (PS3.4 C.4.2.2.1: single value or list of UID matching):
+    the unique key of the retrieve level must be given, and no unique key may hold a wildcard
+    ("*" or "?": PatientID "?*" named every patient). More than `limit` instances
+    (`query.max_retrieve_instances`) are refused before any is sent. Raises QueryError with
+    the status and the comment the requestor gets."""
+
+    def __init__(self, archive: Archive, sop_class_uid: str, identifier: Dataset, limit: int):
+        self.archive = archive
+        query = Query(model_of(sop_class_uid), identifier)
+        for level in LEVELS[:LEVELS.index(query.level) + 1]:
+            key = UNIQUE[level]
+            values = _values(identifier, key)
+            if any("*" in v or "?" in v for v in values):
+                raise QueryError(f"{key}: no wildcards in a retrieve's unique keys")
+            if level == query.level and not values:
+                raise QueryError(f"a {query.level} retrieve needs {key}")
+        self.where = " AND ".join(query.conditions) or "1"
+        self.params = list(query.params)
+        with archive.index.reader() as conn:
+            (self.count,), = conn.execute(f"SELECT COUNT(*) FROM {FROM['IMAGE']} WHERE {self.where}", self.params)
+            self.kinds = conn.execute(f"SELECT DISTINCT i.sop_class_uid, i.transfer_syntax FROM {FROM['IMAGE']} "
+                                      f"WHERE {self.where} LIMIT {MAX_CONTEXTS + 1}", self.params).fetchall()
+        if self.count > limit:
+            raise QueryError(f"{self.count} instances, at most {limit}: retrieve less at once", 0xA702)
+
+    def __iter__(self) -> Iterator[Match]:
+        """At most `count` matches (those indexed since the count are left out), PAGE at a time."""
+        last, left = 0, self.count
+        while left > 0:
+            with self.archive.index.reader() as conn:
+                rows = conn.execute(
+                    f"SELECT i.pk, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, i.blob_id, i.sha256 "
+                    f"FROM {FROM['IMAGE']} WHERE {self.where} AND i.pk > ? ORDER BY i.pk LIMIT {min(PAGE, left)}",
+                    [*self.params, last]).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield Match(*row[1:])
+            last, left = rows[-1][0], left - len(rows)
 
 
-def _instances(event, archive: Archive, found: list[Match]):
+def _values(identifier: Dataset, keyword: str) -> list[str]:
+    """The values of an identifier's key, a multi-value or a backslash-separated string ([] when
+    absent or empty)."""
+    value = identifier.get(keyword)
+    items = list(value) if isinstance(value, (MultiValue, list, tuple)) else str(value or "").split("\\")
+    return [text for text in (str(v).strip() for v in items) if text]
+
+
+def matches(archive: Archive, sop_class_uid: str, identifier: Dataset, limit: int = 65535) -> Retrieve:
+    """The instances a C-MOVE / C-GET identifier names (see `Retrieve`)."""
+    return Retrieve(archive, sop_class_uid, identifier, limit)
+
+
+def _refusal(event, kind: str, exc: Exception) -> tuple[Dataset, Dataset]:
+    """The final response of a retrieve refused before any sub-operation, logged once."""
+    code, comment = (exc.status, str(exc)) if isinstance(exc, QueryError) else (
+        0xC000, "the identifier cannot be decoded")
+    if not isinstance(exc, QueryError):
+        log.debug("%s identifier from %s cannot be decoded", kind, event.assoc.requestor.ae_title, exc_info=True)
+    log.warning("%s from %s refused (0x%04X): %s", kind, event.assoc.requestor.ae_title, code, comment)
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]
+    failed = Dataset()
+    failed.FailedSOPInstanceUIDList = ""
+    return status, failed
+
+
+def _instances(event, archive: Archive, found):
     """(status, StoredInstance) for pynetdicom's sub-operation loop; each decrypted file lives
     in the receiver's spool directory until pynetdicom asks for the next one."""
     for match in found:
@@ -140,20 +206,31 @@ def _instances(event, archive: Archive, found: list[Match]):
 
 
 def handle_move(event, archive: Archive, config: Config):
-    """EVT_C_MOVE: to a [remote.NAME] node known by its AE title; unknown: 0xA801."""
+    """EVT_C_MOVE: to a [remote.NAME] node known by its AE title; unknown: 0xA801. A refused
+    identifier gets its failure status without a connection to the destination."""
     request = event.request
     calling = event.assoc.requestor.ae_title
-    found = matches(archive, str(request.AffectedSOPClassUID), event.identifier)
+    try:
+        found = matches(archive, str(request.AffectedSOPClassUID), event.identifier,
+                        config.query.max_retrieve_instances)
+    except Exception as exc:
+        refusal = _refusal(event, "C-MOVE", exc)
+        if not isinstance(event.assoc.ae, NodeAE):
+            raise
+        yield "refused", 0, {"refused": True}   # NodeAE connects nowhere
+        yield 1                                   # pynetdicom sends a failure only after a count
+        yield refusal
+        return
     destination = config.remote_by_ae(str(request.MoveDestination).strip())
     if destination is None:
         log.warning("C-MOVE from %s to unknown destination %r", calling, str(request.MoveDestination))
         yield None, None
         return
-    pairs = sorted({(m.sop_class_uid, m.transfer_syntax) for m in found})
+    pairs = sorted(found.kinds)
     if len(pairs) > MAX_CONTEXTS:
-        log.warning("C-MOVE to %s: %d kinds of instances, only %d presentation contexts: the rest fail",
-                    destination.ae_title, len(pairs), MAX_CONTEXTS)
-    log.info("C-MOVE from %s: %d instances to %s", calling, len(found), destination.ae_title)
+        log.warning("C-MOVE to %s: more than %d kinds of instances, only %d presentation contexts: the rest fail",
+                    destination.ae_title, MAX_CONTEXTS, MAX_CONTEXTS)
+    log.info("C-MOVE from %s: %d instances to %s", calling, found.count, destination.ae_title)
     options = {"ae_title": destination.ae_title, "max_pdu": config.dicom.max_pdu_size,
                "contexts": [build_context(sop_class, [syntax]) for sop_class, syntax in pairs[:MAX_CONTEXTS]],
                "evt_handlers": [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_ESTABLISHED, sends_stored_files)]}
@@ -165,7 +242,7 @@ def handle_move(event, archive: Archive, config: Config):
     else:
         unreachable = []
     yield destination.host, destination.port, options
-    yield len(found)
+    yield found.count
     if unreachable:   # the sub-operations cannot be performed: all of them fail, with the reason
         where = f"{destination.ae_title} ({destination.host}:{destination.port})"
         log.warning("C-MOVE from %s to %s failed: %s", calling, where, unreachable[0])
@@ -179,10 +256,16 @@ def handle_move(event, archive: Archive, config: Config):
     yield from _instances(event, archive, found)
 
 
-def handle_get(event, archive: Archive):
+def handle_get(event, archive: Archive, config: Config | None = None):
     """EVT_C_GET: the instances come back on the requestor's association (it is the storage SCP)."""
-    found = matches(archive, str(event.request.AffectedSOPClassUID), event.identifier)
-    log.info("C-GET from %s: %d instances", event.assoc.requestor.ae_title, len(found))
-    yield len(found)
+    limit = config.query.max_retrieve_instances if config is not None else 65535
+    try:
+        found = matches(archive, str(event.request.AffectedSOPClassUID), event.identifier, limit)
+    except Exception as exc:
+        refusal = _refusal(event, "C-GET", exc)
+        yield 1                                   # pynetdicom sends a failure only after a count
+        yield refusal
+        return
+    log.info("C-GET from %s: %d instances", event.assoc.requestor.ae_title, found.count)
+    yield found.count
     yield from _instances(event, archive, found)
-

@@ -145,7 +145,7 @@ def event_handlers(archive: Archive, config: Config, committer: Committer | None
         (evt.EVT_C_STORE, handlers.handle_store, [archive]),
         (evt.EVT_C_FIND, handlers.handle_find, [archive, config]),
         (evt.EVT_C_MOVE, retrieve.handle_move, [archive, config]),
-        (evt.EVT_C_GET, retrieve.handle_get, [archive]),
+        (evt.EVT_C_GET, retrieve.handle_get, [archive, config]),
         (evt.EVT_ESTABLISHED, retrieve.sends_stored_files),
         (evt.EVT_ESTABLISHED, handlers.handle_established),
         (evt.EVT_REJECTED, handlers.handle_rejected),

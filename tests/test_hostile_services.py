@@ -215,3 +215,134 @@ def test_a_start_that_fails_prints_no_admin_password_and_makes_no_user(make_node
     assert node.rows("SELECT COUNT(*) FROM users") == [(0,)]
     node.start()                                                  # the port free again: the admin now
     assert "created user admin with password" in node.log()
+
+
+# -- second round: retrieve keys are unique keys (get_wildcard.py) --------------------------------
+
+def _getter(node, tls: bool = True):
+    """A C-GET requestor (Patient and Study Root) that takes CT instances: (association, SOP Instance UIDs got)."""
+    from pynetdicom import build_role, evt
+    from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelGet,
+                                      StudyRootQueryRetrieveInformationModelGet)
+
+    got = []
+
+    def on_store(event):
+        got.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    assoc = node.associate("GETTER", PatientRootQueryRetrieveInformationModelGet,
+                           StudyRootQueryRetrieveInformationModelGet, CTImageStorage, tls=tls,
+                           ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                           evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    return assoc, got
+
+
+def _get(assoc, sop_class, **keys):
+    identifier = Dataset()
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    return [status for status, _ in assoc.send_c_get(identifier, sop_class)][-1]
+
+
+def _two_patients(node, tmp_path):
+    node.storescu(*synthetic_instances(tmp_path / "a", 2, patient="Alpha^A", patient_id="PAT-A"))
+    node.storescu(*synthetic_instances(tmp_path / "b", 2, patient="Beta^B", patient_id="PAT-B"))
+    return node, node.stored_state()
+
+
+@pytest.fixture
+def two_patients(node, tmp_path):
+    return _two_patients(node, tmp_path)
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+def test_wildcards_in_retrieve_keys_are_refused(two_patients, tmp_path, tls):
+    """PatientID '*' was refused, but '?*', '*?' and '\\\\?*' retrieved every instance of every patient."""
+    from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelGet as PATIENT_GET,
+                                      StudyRootQueryRetrieveInformationModelGet as STUDY_GET)
+
+    node, before = two_patients
+    assoc, got = _getter(node, tls)
+    try:
+        for pid in ("*", "?*", "*?", "\\?*", "PAT-?", "PAT*"):
+            status = _get(assoc, PATIENT_GET, QueryRetrieveLevel="PATIENT", PatientID=pid)
+            assert (status.Status, status.ErrorComment) == (0xC000, "PatientID: no wildcards in a retrieve's unique keys")
+        status = _get(assoc, STUDY_GET, QueryRetrieveLevel="STUDY", StudyInstanceUID="1.2.*")
+        assert (status.Status, status.ErrorComment) == (0xC000, "StudyInstanceUID: no wildcards in a retrieve's "
+                                                                "unique keys")
+        status = _get(assoc, PATIENT_GET, QueryRetrieveLevel="PATIENT", PatientID="")
+        assert (status.Status, status.ErrorComment) == (0xC000, "a PATIENT retrieve needs PatientID")
+        assert got == [], "a refused retrieve sent instances"
+        status = _get(assoc, PATIENT_GET, QueryRetrieveLevel="PATIENT", PatientID="PAT-A")   # still works
+        assert status.Status == 0x0000 and status.NumberOfCompletedSuboperations == 2 and len(got) == 2
+    finally:
+        assoc.release()
+    assert "C-GET from GETTER refused (0xC000): PatientID: no wildcards" in node.log()
+    assert "Traceback" not in node.log()
+    node.still_serves(tmp_path)
+    assert {k: v for k, v in node.stored_state().items() if k in before} == before
+
+
+def test_a_retrieve_of_more_than_the_limit_is_refused_before_any_is_sent(make_node, tmp_path):
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as STUDY_GET
+
+    node, before = _two_patients(make_node(query={"max_retrieve_instances": 3}), tmp_path)
+    study = node.rows("SELECT study_uid FROM studies LIMIT 1")[0][0]
+    assoc, got = _getter(node)
+    try:   # all of both studies at once: 4 instances, over query.max_retrieve_instances (3)
+        both = "\\".join(uid for (uid,) in node.rows("SELECT study_uid FROM studies"))
+        status = _get(assoc, STUDY_GET, QueryRetrieveLevel="STUDY", StudyInstanceUID=both)
+        assert (status.Status, status.ErrorComment) == (0xA702, "4 instances, at most 3: retrieve less at once")
+        assert got == []
+        status = _get(assoc, STUDY_GET, QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+        assert status.Status == 0x0000 and len(got) == 2
+    finally:
+        assoc.release()
+    node.still_serves(tmp_path)
+    assert {k: v for k, v in node.stored_state().items() if k in before} == before
+
+
+def test_a_refused_move_connects_to_no_destination(make_node, tmp_path, storescp):
+    port, received = storescp
+    node = make_node(remote={"DEST": {"ae_title": "STORESCP", "host": "127.0.0.1", "port": port,
+                                      "server_name": "localhost"}})
+    node.storescu(*synthetic_instances(tmp_path / "a", 2, patient="Alpha^A", patient_id="PAT-A"))
+    assoc = node.associate("PACS", StudyRootQueryRetrieveInformationModelMove)
+    try:
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel, identifier.StudyInstanceUID = "STUDY", "*?"
+        responses = list(assoc.send_c_move(identifier, "STORESCP", StudyRootQueryRetrieveInformationModelMove))
+    finally:
+        assoc.release()
+    status, _ = responses[-1]
+    assert (status.Status, status.ErrorComment) == (0xC000, "StudyInstanceUID: no wildcards in a retrieve's "
+                                                            "unique keys")
+    assert list(received.iterdir()) == []
+    assert "C-MOVE from PACS refused (0xC000)" in node.log() and "Traceback" not in node.log()
+    node.still_serves(tmp_path)
+
+
+def test_a_retrieve_reads_its_matches_a_page_at_a_time(tmp_path, monkeypatch):
+    from archive import Archive
+    from scp import retrieve
+
+    archive = Archive(tmp_path / "var")
+    try:
+        paths = synthetic_instances(tmp_path / "s", 5, patient="Paged^P", patient_id="PAGED")
+        for path in paths[:4]:
+            archive.ingest_file(path)
+        monkeypatch.setattr(retrieve, "PAGE", 2)
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel, identifier.PatientID = "PATIENT", "PAGED"
+        from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelGet
+
+        found = retrieve.matches(archive, PatientRootQueryRetrieveInformationModelGet, identifier, 10)
+        archive.ingest_file(paths[4])   # indexed after the count: not sent by this retrieve
+        reader, pages = archive.index.reader, []
+        monkeypatch.setattr(archive.index, "reader", lambda *a, **k: pages.append(1) or reader(*a, **k))
+        uids = [m.sop_instance_uid for m in found]
+        assert found.count == 4 and len(uids) == 4 and len(pages) == 2   # two pages of two
+        assert uids == [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths[:4]]
+    finally:
+        archive.close()

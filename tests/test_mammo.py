@@ -106,6 +106,8 @@ def test_the_phantom_command_line_writes_screening_examinations_a_viewer_can_han
     alone = phantom_cli("--out", str(tmp_path / "alone"), "--seed", "11", "--view", "lmlo", "--density", "dense",
                         "--no-calcifications")
     assert alone.returncode == 0 and "%|" not in alone.stderr                        # no bar for one file
+    assert "wrote 1 mammogram (1 study: LMLO; 0 true clusters)" in alone.stdout      # not "1 studies"
+    assert "(2 studies:" in made.stdout
     assert [p.name for p in (tmp_path / "alone").iterdir()] == ["PH000011_LMLO.dcm"]
     assert pydicom.dcmread(tmp_path / "alone" / "PH000011_LMLO.dcm").PixelData == \
         pydicom.dcmread(tmp_path / "out" / "PH000011_LMLO.dcm").PixelData

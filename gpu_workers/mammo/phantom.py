@@ -452,8 +452,9 @@ def main(argv: list[str] | None = None) -> int:
                     (args.truth / f"{name}.json").write_text(truth.to_json())
                 clusters += len(truth.clusters)
                 bar.update()
-    print(f"wrote {total} mammograms ({args.n} studies: {', '.join(views)}; {clusters} true clusters) "
-          f"to {args.out}")
+    counted = lambda n, one, many: f"{n} {one if n == 1 else many}"      # noqa: E731
+    print(f"wrote {counted(total, 'mammogram', 'mammograms')} ({counted(args.n, 'study', 'studies')}: {', '.join(views)}; "
+          f"{counted(clusters, 'true cluster', 'true clusters')}) to {args.out}")
     return 0
 
 
