@@ -92,7 +92,8 @@ def tmpfs(tmp_path):
 
 def test_disk_full_answers_a700_and_recovers(make_node, tmpfs, tmp_path):
     files = make_copies(tmp_path / "study", 120)  # ~4.7 MB: more than the 3 MB volume
-    node = make_node(node={"data_dir": str(tmpfs / "var")})
+    # no free-space reserve: this is about the disk really filling up (ENOSPC) under the node
+    node = make_node(node={"data_dir": str(tmpfs / "var")}, storage={"min_free_bytes": 0})
     result = node.storescu(*files, check=False, timeout=300, extra=["-v"])
     assert "Received Store Response (Refused: OutOfResources)" in result.stdout + result.stderr
     assert "refused (0xA700)" in node.log()

@@ -766,7 +766,9 @@ def test_the_node_log_of_a_c_find_with_a_bad_date_holds_no_part_of_it(make_node,
 # -- issue 14, second round: one C-STORE cannot fill the disk or hold its spool file -----------
 
 from scp.handlers import RATE_WINDOW, Reception  # noqa: E402
-from test_hostile_network import MiB, _is_abort, _p_data, _peak_rss, _store_rq, _until_closed  # noqa: E402
+from pynetdicom.sop_class import Verification  # noqa: E402
+from test_hostile_network import (MiB, _flood, _fragments, _is_abort, _p_data, _peak_rss, _store_rq,  # noqa: E402
+                                  _until_closed)
 from test_hostile_network import _associate as raw_association  # noqa: E402
 
 
@@ -818,6 +820,24 @@ def test_a_data_set_over_max_instance_bytes_is_dropped_as_it_arrives(make_node, 
     assert answer == (0xA700, "data set over 4 MiB (ingest.max_instance_bytes)")
     assert memory.growth < 48 * MiB, f"the node grew by {memory.growth / MiB:.0f} MiB"
     assert node.log().count("data set over 4 MiB (ingest.max_instance_bytes)") == 1
+    after_the_attack(node, tmp_path, state)
+
+
+@pytest.mark.interop
+def test_a_c_store_left_to_pynetdicom_is_bounded_by_max_instance_bytes_too(make_node, tmp_path):
+    """A C-STORE-RQ on another context than its SOP class's goes to pynetdicom, which spools its
+    data set itself: the same limit aborts it."""
+    node = make_node(router={"enabled": False}, ingest={"max_instance_bytes": 4 * MiB})
+    state = stored_before(node, tmp_path)
+    sock, contexts = raw_association(node, False)
+    context = contexts[Verification]
+    sock.sendall(_p_data(context, 0x03, _store_rq()))
+    sent = _flood(sock, _fragments(context, 0x00, 64 << 10), 64 * MiB)
+    answer = _until_closed(sock, timeout=10)
+    sock.close()
+    assert _is_abort(answer), f"expected an A-ABORT, got {answer[:12]!r}"
+    assert sent < 16 * MiB, f"the node took {sent / MiB:.0f} MiB"
+    assert node.log().count("a C-STORE data set longer than 4194304 bytes (ingest.max_instance_bytes)") == 1
     after_the_attack(node, tmp_path, state)
 
 
