@@ -7,18 +7,44 @@ retries (and counts them on the job). With `router.scheduler`, the node is a cli
 existing cluster (`m3dicom worker` processes, which declare their GPUs); a plug-in that wants
 a GPU asks for one only when some worker has one, else it runs with NumPy. The embedded
 cluster listens on loopback only; its dashboard (no login) is off unless router.dashboard_port.
+
+A plug-in that refuses its input (PluginError, ParamError: no pixel spacing, a single slice) is
+expected, not a fault: the task returns the refusal (`Refused`) instead of raising it, so that
+Dask does not log it at ERROR with a traceback ("Compute Failed"); the router fails the job
+with its reason in one log line.
 """
 from __future__ import annotations
 
 import logging
 import queue
+from dataclasses import dataclass
 
 from gpu_workers.backend import gpu_count
-from gpu_workers.runner import PROGRESS_TOPIC, JobSpec, run_job
+from gpu_workers.plugin import ParamError, PluginError
+from gpu_workers.runner import PROGRESS_TOPIC, JobOutput, JobSpec, run_job
 from node.config import Config
 
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A plug-in's refusal of its input, as the task's value: "PluginError", and its message."""
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+def run_or_refuse(spec: JobSpec) -> JobOutput | Refused:
+    """The task a worker runs: the job, or the plug-in's refusal returned (other exceptions still
+    raise: the router retries those, and their traceback helps whoever looks into them)."""
+    try:
+        return run_job(spec)
+    except (PluginError, ParamError) as exc:
+        return Refused(type(exc).__name__, str(exc))
 
 
 def dashboard(port: int) -> tuple[dict, dict]:
@@ -84,7 +110,7 @@ class Executor:
 
     def submit(self, spec: JobSpec, attempt: int, wants_gpu: bool):
         resources = {"GPU": 1} if wants_gpu and self.has_gpus() else None
-        return self.client.submit(run_job, spec, key=f"m3dicom-job-{spec.job_id}-{attempt}", pure=False,
+        return self.client.submit(run_or_refuse, spec, key=f"m3dicom-job-{spec.job_id}-{attempt}", pure=False,
                                   resources=resources)
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ from gpu_workers.runner import InputInstance, InputSeries, JobSpec
 from node.config import Config
 
 from . import queue
-from .executor import Executor
+from .executor import Executor, Refused
 from .intake import IntakeError, backoff, discard, forward, take_results
 from .jobs import Expire, Fail, IllegalTransition, Lease, Renew, Succeed
 from .rules import CompiledRule, SeriesFacts, compile_rules
@@ -287,6 +287,10 @@ class Router:
         job = queue.get(self.index, job_id)
         if future.status == "finished":
             output = future.result()
+            if isinstance(output, Refused):            # the plug-in refused its input: final, one line
+                job = queue.apply(self.index, job_id, Fail(now, str(output)[:2000], final=True))
+                log.warning("job %s attempt %d failed (%s): %s", job_id, job.attempts, job.state, str(output)[:300])
+                return
             try:
                 count = take_results(self.archive, job_id, job.study_uid, output.outputs, self.spool)
             except (IntakeError, OSError) as exc:
@@ -311,7 +315,7 @@ class Router:
 
     def _drop(self, future) -> None:
         """Let a task go; what it staged already is removed (later, `Archive.recover` takes the rest)."""
-        if future.done() and future.status == "finished":
+        if future.done() and future.status == "finished" and not isinstance(future.result(), Refused):
             discard(self.archive, future.result().outputs)
         future.cancel()
 

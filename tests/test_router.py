@@ -155,6 +155,21 @@ def test_failing_plugins_fail_cleanly_and_the_node_keeps_working(routed, tmp_pat
     assert "failed" in listing and "always fails" in listing
 
 
+def test_a_plugins_refusal_is_one_log_line_not_a_dask_traceback(routed, tmp_path):
+    """A plug-in that refuses its input (PluginError: no pixel spacing, a single slice) is expected:
+    node.log gets one line with the reason, not Dask's "Compute Failed" and a traceback at ERROR."""
+    node = routed([{"name": "refuses", "match": {"Modality": "CT"}, "plugin": "test-refuse", "quiet_seconds": 0.5}])
+    node.storescu(*one_study(tmp_path, 1))
+    (failed,) = job_in(node, "failed")
+    assert failed["attempts"] == 1                                      # final: no retry
+    assert json.loads(failed["errors"])[0].endswith("PluginError: this is not the image this plug-in expects")
+    wait_for(lambda: "not the image this plug-in expects" in node.log(), timeout=10, what="the refusal in the log")
+    log = node.log()
+    assert "Compute Failed" not in log and "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    said = [line for line in log.splitlines() if "not the image this plug-in expects" in line]
+    assert len(said) == 1 and "WARNING" in said[0] and failed["id"] in said[0], said
+
+
 def test_jobs_requested_and_cancelled_from_the_command_line(routed, tmp_path):
     node = routed([])
     files = one_study(tmp_path, 1)
