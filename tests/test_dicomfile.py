@@ -1,14 +1,19 @@
 """`archive.dicomfile.inspect` against pydicom, over every Part 10 file shipped offline."""
 from __future__ import annotations
 
+import struct
+import tracemalloc
 import warnings
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pynetdicom.sop_class import CTImageStorage
 
-from archive.dicomfile import InvalidInstance, _TEXT, inspect
+from archive.dicomfile import MAX_VALUE_BYTES, InvalidInstance, _TEXT, inspect
 from helpers import _PYDICOM_FILES, _pydicom_data_dir, data_file
+from test_hostile_data import element, item, part10, text_value, uid_value
 
 CHARSET_FILES = _PYDICOM_FILES.parent / "charset_files"
 # Files pydicom reads lazily although they are cut short: the node refuses them, rightly.
@@ -90,16 +95,6 @@ def test_non_ascii_names_are_decoded_in_their_character_set():
 
 # -- issue 14, second round: identifying values, value lengths, element order -----------------------
 
-import struct  # noqa: E402
-import tracemalloc  # noqa: E402
-
-from pydicom.uid import ImplicitVRLittleEndian, generate_uid  # noqa: E402
-from pynetdicom.sop_class import CTImageStorage  # noqa: E402
-
-from archive.dicomfile import MAX_VALUE_BYTES  # noqa: E402
-from test_hostile_data import element, item, part10, text_value, uid_value  # noqa: E402
-
-
 def data_set(uid: str, patient_id: bytes = b"PID1", charset: bytes | None = None, name: bytes = b"Doe^Jane",
              extra: bytes = b"") -> bytes:
     """An explicit VR LE data set in ascending tag order; `extra` goes after (0010,0020)."""
@@ -107,7 +102,8 @@ def data_set(uid: str, patient_id: bytes = b"PID1", charset: bytes | None = None
             + element(0x00080016, b"UI", uid_value(CTImageStorage)) + element(0x00080018, b"UI", uid_value(uid))
             + element(0x00100010, b"PN", name + b" " * (len(name) % 2))
             + element(0x00100020, b"LO", patient_id + b" " * (len(patient_id) % 2)) + extra
-            + element(0x0020000D, b"UI", uid_value(generate_uid())) + element(0x0020000E, b"UI", uid_value(generate_uid())))
+            + element(0x0020000D, b"UI", uid_value(generate_uid()))
+            + element(0x0020000E, b"UI", uid_value(generate_uid())))
 
 
 def written(tmp_path, data: bytes, uid: str, syntax: str | None = None) -> Path:
@@ -125,7 +121,8 @@ def test_a_patient_id_not_valid_in_its_character_set_is_refused_never_read_with_
     ids = {inspect(written(tmp_path, data_set(uid, raw, charset), uid)).attrs["PatientID"]
            for raw in (b"\xffPAT", b"\xfePAT") for charset in (b"ISO_IR 100", None)}
     assert ids == {"\xffPAT", "\xfePAT"}
-    assert inspect(written(tmp_path, data_set(uid, "Ž-PAT".encode(), b"ISO_IR 192"), uid)).attrs["PatientID"] == "Ž-PAT"
+    utf8 = inspect(written(tmp_path, data_set(uid, "Ž-PAT".encode(), b"ISO_IR 192"), uid))
+    assert utf8.attrs["PatientID"] == "Ž-PAT"
     # ISO 2022 code extensions: valid JIS X 0208 passes, a broken escape sequence does not
     jis = "\x1b$B" + "\x3b\x33\x45\x44" + "\x1b(B"
     header = inspect(written(tmp_path, data_set(uid, jis.encode("latin-1"), b"\\ISO 2022 IR 87"), uid))

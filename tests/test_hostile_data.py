@@ -26,12 +26,15 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          generate_uid)
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.sop_class import CTImageStorage, PatientRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import CTImageStorage, PatientRootQueryRetrieveInformationModelFind, Verification
 
 from archive import Archive, Limits, Outcome
 from archive.dicomfile import (DEFAULT_LIMITS, InvalidInstance, PixelsTooLarge, _Malformed, check_pixels,
                                check_structure, inspect, read_dataset)
 from helpers import _toml, data_file, dataset_sha256, synthetic_instances, wait_for
+from scp.handlers import RATE_WINDOW, Reception
+from test_hostile_network import MiB, _flood, _fragments, _is_abort, _p_data, _peak_rss, _store_rq, _until_closed
+from test_hostile_network import _associate as raw_association
 
 # -- data sets made byte by byte ----------------------------------------------------------------
 
@@ -765,13 +768,6 @@ def test_the_node_log_of_a_c_find_with_a_bad_date_holds_no_part_of_it(make_node,
 
 # -- issue 14, second round: one C-STORE cannot fill the disk or hold its spool file -----------
 
-from scp.handlers import RATE_WINDOW, Reception  # noqa: E402
-from pynetdicom.sop_class import Verification  # noqa: E402
-from test_hostile_network import (MiB, _flood, _fragments, _is_abort, _p_data, _peak_rss, _store_rq,  # noqa: E402
-                                  _until_closed)
-from test_hostile_network import _associate as raw_association  # noqa: E402
-
-
 def store_response(sock) -> tuple[int, str]:
     """(status, error comment) of the C-STORE-RSP the node sends on `sock`."""
     data = b""
@@ -920,7 +916,8 @@ def test_the_reception_tally_refuses_size_pace_and_short_disk_with_their_setting
     assert filling.add(8 * MiB, now=0) is None
     free[0] = 900 << 20                                        # another sender filled the disk meanwhile
     assert filling.add(7 * MiB, now=0) is None                 # looked at every 16 MiB, not every fragment
-    assert filling.add(2 * MiB, now=0) == filling.refusal and filling.refusal.comment == "the node is short of disk space"
+    assert filling.add(2 * MiB, now=0) == filling.refusal
+    assert filling.refusal.comment == "the node is short of disk space"
     assert not filling.refusal.abort
     assert reception.start(now=0).refusal.comment == "the node is short of disk space"   # refused at once
     unlimited = Reception(1 << 40, 0, 0, 0, free_bytes=lambda: 0).start(now=0)
