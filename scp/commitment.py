@@ -2,7 +2,8 @@
 
 N-ACTION (Transaction UID + Referenced SOP Sequence) is answered at once and the request
 kept in the index; a worker thread then checks every referenced instance (indexed, of the
-same SOP class, its blob readable and its SHA-256 the one recorded at reception) and sends
+same SOP class, its blob readable and its SHA-256 the one recorded at reception, and its
+UID not received again since with other content: `Index.not_committable`) and sends
 the N-EVENT-REPORT: on the same association while it is open, otherwise on a new one to
 the requester's [remote.NAME] node. Reports that cannot be delivered are retried with
 backoff, also after a restart. A reused Transaction UID is refused.
@@ -189,6 +190,12 @@ class Committer:
                 continue
             if rows[0]["sop_class_uid"] != sop_class:
                 failed.append((sop_class, sop_instance, CLASS_INSTANCE_CONFLICT))
+                continue
+            doubt = self.archive.index.not_committable(sop_instance)   # the requester's copy may not be ours
+            if doubt:
+                log.warning("storage commitment: instance %s not committed: %s (m3dicom status --conflicts)",
+                            sop_instance, doubt)
+                failed.append((sop_class, sop_instance, PROCESSING_FAILURE))
                 continue
             try:
                 verify(self.archive, rows[0]["blob_id"], rows[0]["sha256"])   # no decrypted copy written
