@@ -191,7 +191,7 @@ async def test_tampered_expired_and_revoked_links_open_nothing(client, setup, ai
     assert opened.status == 302
     assert (await guest.get(f"/api/studies/{study}")).status == 200
     assert accounts.revoke_share(setup[1].index, link_id)
-    assert (await guest.get(f"/api/studies/{study}")).status == 401             # revoking ends its sessions too
+    assert (await guest.get(f"/api/studies/{study}")).status == 403             # revoking ends its sessions too
     assert (await guest.get(f"/s/{token}", allow_redirects=False)).status == 403
 
 
@@ -771,3 +771,127 @@ async def test_a_series_holding_all_four_views_names_each_image(client, setup, t
     assert [i["label"] for i in only["instances"]] == ["MG R CC", "MG L CC", "MG R MLO", "MG L MLO"]
     assert [(i["laterality"], i["view"], i["orientation"][0]) for i in only["instances"]] == [
         ("R", "CC", "P"), ("L", "CC", "A"), ("R", "MLO", "P"), ("L", "MLO", "A")]
+
+
+# -- a new user's second pass: what a guest, the list and a report say (after issue 15) -------------
+
+async def test_a_guest_whose_link_is_revoked_while_the_page_is_open_is_told_why(client, setup, aiohttp_client):
+    """The guest's open page got black images (401 on every request) and a reload gave a bare login
+    page; now every request of that session answers 403 saying the link was withdrawn, as JSON for
+    the page's scripts and as the styled page on a reload. Other stale cookies still mean "log in"."""
+    config, archive, studies = setup
+    study, image = studies["a"]
+    token = await share_link(client, study)
+    guest = await aiohttp_client(client.server)
+    assert (await guest.get(f"/s/{token}", allow_redirects=False)).status == 302
+    assert (await guest.get(f"/api/instances/{image}/render?width=64")).status == 200
+    assert accounts.revoke_share(archive.index, token.split(".")[0])
+    for path in (f"/api/instances/{image}/render?width=64&wc=40&ww=400", f"/api/studies/{study}",
+                 f"/api/studies/{study}/analysis"):
+        answer = await guest.get(path)
+        assert answer.status == 403 and answer.content_type == "application/json", path
+        said = await answer.json()
+        assert said["link"] == "revoked" and said["heading"] == "This link has been withdrawn", said
+        assert "withdrawn" in said["error"] and "ask the person who shared it" in said["error"]
+    for path in (f"/studies/{study}", "/"):                                       # a reload: the page that says so
+        page = await guest.get(path, allow_redirects=False)
+        assert page.status == 403 and page.content_type == "text/html", path
+        text = await page.text()
+        assert "This link has been withdrawn" in text and '<link rel="stylesheet"' in text and 'href="/login"' in text
+    assert (await guest.get("/login")).status == 200                             # and may still log in
+    stranger = await aiohttp_client(client.server, cookies={COOKIE: "not-a-session"})
+    assert (await stranger.get(f"/api/studies/{study}")).status == 401
+    assert (await stranger.get(f"/studies/{study}", allow_redirects=False)).status == 302
+
+
+async def test_the_report_tree_says_3_not_3_0_1_and_names_the_source_image(client, setup, tmp_path):
+    """The SR tree showed "Number of calcifications 3.0 1" (UCUM's "1": no unit) and an empty "Source"."""
+    from gpu_workers.local import run_local
+    from gpu_workers.mammo.plugin import MammoCad
+
+    _, archive, _ = setup
+    await login(client)
+    (path,) = _mammograms(tmp_path / "exam", views=("RMLO",), clusters=2)
+    source = archive.ingest_file(path)
+    out = tmp_path / "cad"
+    summary = run_local(MammoCad(), [path], {}, out)
+    (sr_name,) = [n for n in summary["written"] if n.startswith("sr-")]
+    report = archive.ingest_file(out / sr_name)
+    tree = (await (await client.get(f"/api/instances/{report.sop_instance_uid}/sr")).json())["items"]
+
+    def walk(items):
+        for item in items:
+            yield item
+            yield from walk(item["children"])
+
+    items = list(walk(tree))
+    counts = [i["value"] for i in items if i["name"] == "Number of calcifications"]
+    assert counts and all(value.isdigit() and int(value) >= 3 for value in counts), counts
+    scores = [i["value"] for i in items if i["name"] == "Certainty of Finding"]
+    assert scores and all(value.endswith("%") and " " not in value for value in scores), scores
+    sources = [i for i in items if i["type"] == "IMAGE"]
+    assert sources and all(i["image"] == source.sop_instance_uid for i in sources), sources
+
+
+async def test_the_list_tells_findings_from_nothing_found_from_failed(client, setup, tmp_path):
+    """The Analysis badge said "results" for a normal examination and for one with clusters alike.
+    Each study now says, of the newest job of each plug-in on each series, how many found something,
+    found nothing, were done (no outcome: a 3D model), failed, ran or waited."""
+    from router import queue
+    from router.jobs import Fail, Lease, Succeed
+
+    _, archive, studies = setup
+    (a, _), (b, _) = studies["a"], studies["b"]
+    (c,) = {archive.ingest_file(p).study_uid for p in dated_study(tmp_path / "c", 1, "20260105", "Third^C", "P-c")}
+    await login(client)
+
+    def job(study: str, inputs: list[str], plugin: str = "mammo-cad", **summary) -> str:
+        made = queue.create(archive.index, study_uid=study, plugin=plugin, params={}, inputs=inputs, max_attempts=1)
+        queue.apply(archive.index, made, Lease("test", client.clock(), 60))
+        if summary.get("failed"):
+            queue.apply(archive.index, made, Fail(client.clock(), "PluginError: no pixel spacing", final=True))
+        else:
+            queue.apply(archive.index, made, Succeed(client.clock()), summary=summary)
+        client.clock.now += 1
+        return made
+
+    job(a, ["1.1"], outcome="no cluster found")
+    job(a, ["1.2"], outcome="no cluster found")
+    job(a, ["1.3"], failed=True)                                  # failed, then run again and nothing found:
+    job(a, ["1.3"], outcome="no cluster found")                   # the newest job on a series counts
+    job(b, ["2.1"], outcome="clusters found", clusters=2)
+    job(b, ["2.2"], outcome="no cluster found")
+    job(b, ["2.3"], plugin="bone-model", triangles=1000)           # a result without an outcome
+    job(c, ["3.1"], failed=True)
+    queue.create(archive.index, study_uid=c, plugin="mammo-cad", params={}, inputs=["3.2"])
+    listed = {s["study_uid"]: s for s in (await (await client.get("/api/studies")).json())["studies"]}
+    assert listed[a]["analysis"] == {"nothing-found": 3}
+    assert listed[b]["analysis"] == {"findings": 1, "nothing-found": 1, "done": 1}
+    assert listed[c]["analysis"] == {"failed": 1, "queued": 1}
+    assert listed[a]["jobs"] == {"succeeded": 3, "failed": 1}      # the raw counts stay
+
+
+async def test_a_rendered_view_is_named_as_such_and_a_ct_says_how_it_lies(client, setup, tmp_path):
+    """The bone model's key image was called "bone-model marked image"; a CT's series now carries its
+    Image Orientation (Patient), from which the page writes A/P/R/L/H/F at the image's edges."""
+    from router import queue
+
+    _, archive, studies = setup
+    study, image = studies["a"]
+    (series,) = [r[0] for r in archive.index.query(
+        "SELECT se.series_uid FROM series se JOIN instances i ON i.series_pk = se.pk WHERE i.sop_instance_uid=?", (image,))]
+    job = queue.create(archive.index, study_uid=study, plugin="bone-model", params={}, inputs=[series])
+    (result,) = synthetic_instances(tmp_path / "result", 1, study=study, patient="Patient^A", patient_id="P-a")
+    import pydicom
+
+    ds = pydicom.dcmread(result)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SeriesDescription, ds.Modality = "Bone model: front view", "OT"
+    ds.save_as(result, enforce_file_format=True)
+    archive.ingest_file(result, job_id=job)
+    await login(client)
+    detail = await (await client.get(f"/api/studies/{study}")).json()
+    (made,) = [s for s in detail["series"] if s["result"]]
+    assert made["label"] == "bone-model front view" and made["source"] == "CT 1"
+    (ct,) = [s for s in detail["series"] if not s["result"]]
+    assert ct["image_orientation"] == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]

@@ -180,14 +180,31 @@ def session(index: Index, token: str | None, idle_minutes: float, now: float | N
     expired = now > row["expires_at"] or now - row["last_seen"] > idle_minutes * 60
     user_gone = row["user_name"] is not None and (row["role"] is None or row["disabled"])
     share_gone = row["share_id"] is not None and not share_valid(index, row["share_id"], now)
-    if expired or user_gone or share_gone:
+    if expired or user_gone:
         close_session(index, token)
+        return None
+    if share_gone:                      # kept until it expires, so that its holder is told why (closed_share)
         return None
     if now - row["last_seen"] > 30:     # refresh at most every 30 s: fewer writes
         with index.write() as conn:
             conn.execute("UPDATE sessions SET last_seen=? WHERE token_hash=?", (now, row["token_hash"]))
     user = User(row["user_name"], row["role"]) if row["user_name"] else None
     return Session(row["token_hash"], user, row["study_uid"], row["share_id"], row["csrf"], row["expires_at"])
+
+
+def closed_share(index: Index, token: str | None, now: float | None = None) -> str | None:
+    """"revoked" or "expired" when the cookie's session was opened by a share link that has since
+    been revoked or has run out: its holder is told so (the page "This link has been withdrawn"),
+    not sent to a login page they have no account for. None for any other cookie."""
+    if not token or len(token) > 200 or not token.isascii():
+        return None
+    rows = index.query("SELECT l.revoked_at, l.expires_at FROM sessions s JOIN share_links l ON l.id = s.share_id "
+                       "WHERE s.token_hash=?", (_digest(token),))
+    if not rows:
+        return None
+    if rows[0]["revoked_at"] is not None:
+        return "revoked"
+    return "expired" if (time.time() if now is None else now) >= rows[0]["expires_at"] else None
 
 
 def close_session(index: Index, token: str) -> None:
@@ -262,10 +279,11 @@ def share(index: Index, link_id: str) -> dict | None:
 
 
 def revoke_share(index: Index, link_id: str) -> bool:
+    """Revoke a link: its sessions open nothing from now on (`session` checks the link on every
+    request); they are kept until they expire, so that their holders are told why (closed_share)."""
     with index.write() as conn:
         changed = conn.execute("UPDATE share_links SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
                                (time.time(), link_id)).rowcount
-        conn.execute("DELETE FROM sessions WHERE share_id=?", (link_id,))
     return bool(changed)
 
 

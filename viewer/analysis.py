@@ -111,6 +111,38 @@ def _state(plugin: str, title: str, job, outcomes: Mapping[str, Mapping[str, dic
             "text": f"{title}: {outcome}" + (f" ({count})" if isinstance(count, int) else "")}
 
 
+def study_verdict(jobs: Iterable[Mapping]) -> dict[str, int]:
+    """What the study list's Analysis badges say of one study: of the newest job of each plug-in on
+    each set of series (cancelled ones left out), how many found something ("findings"), found
+    nothing ("nothing-found"), finished without saying either (a 3D model: "done"), failed, run or
+    wait. `jobs`: {plugin, inputs (JSON text or list), state, summary (JSON text, dict or None)},
+    newest first."""
+    import json
+
+    seen: set[tuple[str, str]] = set()
+    out: dict[str, int] = {}
+    for job in jobs:
+        if job["state"] == "cancelled":
+            continue
+        inputs = job["inputs"] if isinstance(job["inputs"], str) else json.dumps(sorted(job["inputs"] or []))
+        key = (job["plugin"], inputs)
+        if key in seen:
+            continue
+        seen.add(key)
+        state = job["state"]
+        if state == "succeeded":
+            summary = job.get("summary")
+            if isinstance(summary, str):
+                try:
+                    summary = json.loads(summary)
+                except ValueError:
+                    summary = None
+            outcome = str(summary.get("outcome", "")) if isinstance(summary, Mapping) else ""
+            state = "nothing-found" if outcome in NOTHING_FOUND_OUTCOMES else "findings" if outcome else "done"
+        out[state] = out.get(state, 0) + 1
+    return out
+
+
 def outcomes_of(findings: Mapping) -> dict[str, dict]:
     """{SOP Instance UID: its entry} of a findings.json `images` list (a job's outcome per image)."""
     images = findings.get("images") if isinstance(findings, Mapping) else None
@@ -121,10 +153,52 @@ def outcomes_of(findings: Mapping) -> dict[str, dict]:
 # -- series labels --------------------------------------------------------------------------------
 
 PROJECTION_MODALITIES = ("MG",)      # one view per image, several views possibly in one series
+CROSS_SECTIONAL_MODALITIES = ("CT", "MR", "PT", "NM")    # their edges are named from Image Orientation (Patient)
+
+
+def image_orientation(ds) -> list[float] | None:
+    """Image Orientation (Patient): the row's and the column's direction cosines (six numbers), or
+    None when absent or not six finite numbers (the page then names no edge)."""
+    try:
+        values = [float(v) for v in ds.get("ImageOrientationPatient") or []]
+    except (TypeError, ValueError):
+        return None
+    if len(values) != 6 or any(v != v or abs(v) > 1.0001 for v in values):
+        return None
+    return [round(v, 6) for v in values]
 RESULT_KINDS = {"1.2.840.10008.5.1.4.1.1.7": "marked image", "1.2.840.10008.5.1.4.1.1.88.34": "report",
                 "1.2.840.10008.5.1.4.1.1.88.33": "report", "1.2.840.10008.5.1.4.1.1.88.22": "report",
                 "1.2.840.10008.5.1.4.1.1.88.11": "report", "1.2.840.10008.5.1.4.1.1.104.3": "3D model",
                 "1.2.840.10008.5.1.4.1.1.11.1": "presentation state"}
+
+
+_VIEW_KIND = re.compile(r"^[^:]{1,40}:\s*(\w[\w -]{0,30} view)$", re.I)      # "Bone model: front view"
+
+
+def result_kind(sop_class_uid: str, description: str | None) -> str:
+    """What a result object is, for its series' label: "report", "3D model", "marked image"; a
+    rendered view that its series description names ("Bone model: front view") is that view."""
+    kind = RESULT_KINDS.get(sop_class_uid, "result")
+    named = _VIEW_KIND.match((description or "").strip())
+    if kind == "marked image" and named:
+        return named.group(1).lower()
+    return kind
+
+
+def measured(value, unit: str) -> str:
+    """A NUM content item's value as people read it: "3" (not "3.0 1": UCUM's "1" is no unit),
+    "85.2%", "12.5 mm", "194 mm²"; UCUM annotations ("{calcifications}") are left out."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+        text = f"{number:.6f}".rstrip("0").rstrip(".") if number == number and abs(number) < 1e15 else text
+    except ValueError:
+        pass
+    unit = re.sub(r"\{[^}]*\}", "", str(unit or "")).strip()
+    unit = {"1": "", "mm2": "mm²", "cm2": "cm²", "mm3": "mm³", "cm3": "cm³", "[hnsf'U]": "HU"}.get(unit, unit)
+    if not unit:
+        return text
+    return f"{text}{unit}" if unit == "%" else f"{text} {unit}"
 
 
 def source_label(series: Mapping, facts: Mapping | None) -> str:
@@ -172,7 +246,7 @@ def label_series(series: list[dict], facts: Mapping[str, Mapping], job_inputs: M
             continue
         jobs = [i["job_id"] for i in one["instances"] if i.get("job_id")]
         job = jobs[0] if jobs else None
-        kinds = {RESULT_KINDS.get(i["sop_class_uid"], "result") for i in one["instances"]}
+        kinds = {result_kind(i["sop_class_uid"], one.get("description")) for i in one["instances"]}
         kind = kinds.pop() if len(kinds) == 1 else "results"
         sources = [by_uid[s] for s in job_inputs.get(job, []) if s in by_uid]
         one["plugin"] = plugin_of.get(job, "")

@@ -118,6 +118,11 @@ async def sessions(request: web.Request, handler):
     now = app[CLOCK]()
     request[SESSION] = await run(request, accounts.session, app[ARCHIVE].index, token,
                                    app[CONFIG].viewer.session_idle_minutes, now) if token else None
+    if request[SESSION] is None and token and not request.path.startswith(PUBLIC):
+        closed = await run(request, accounts.closed_share, app[ARCHIVE].index, token, now)
+        if closed:                            # a guest whose link was revoked or ran out is told so (403)
+            from .views import link_closed
+            return link_closed(request, closed)
     if request[SESSION] is None and not request.path.startswith(PUBLIC) and request.path != "/":
         if request.path.startswith("/api/"):
             raise web.HTTPUnauthorized(text='{"error": "log in first"}', content_type="application/json")

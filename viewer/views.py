@@ -142,6 +142,17 @@ def _page(request: web.Request, status: int, message: dict) -> web.Response:
     return response
 
 
+def link_closed(request: web.Request, why: str) -> web.Response:
+    """What the holder of a share session gets once its link is revoked or has run out (the sessions
+    middleware): the page that says so, or for the API a 403 whose JSON says so too (`link`: why),
+    so that an open page can show the same words instead of failing images."""
+    message = LINK_CLOSED[why]
+    if request.path.startswith("/api/"):
+        return _json({"error": f"{message['heading']}: {' '.join(message['lines'])}", "link": why,
+                      "heading": message["heading"], "lines": message["lines"]}, status=403)
+    return _page(request, 403, message)
+
+
 def _people_only(request: web.Request) -> None:
     if request[SESSION].is_share:
         raise _forbidden("a share link opens one study, read-only")
@@ -339,12 +350,17 @@ def _search(index, params: dict, page: int, order: str = "date", descending: boo
         uids = [s["study_uid"] for s in found]
         if uids:
             marks = ",".join("?" * len(uids))
-            states = {}
+            states, newest = {}, {}
             for row in conn.execute(f"SELECT study_uid, state, COUNT(*) FROM jobs WHERE study_uid IN ({marks}) "
                                     "GROUP BY study_uid, state", uids):
                 states.setdefault(row[0], {})[row[1]] = row[2]
+            for row in conn.execute(f"SELECT study_uid, plugin, inputs, state, summary FROM jobs WHERE study_uid "
+                                    f"IN ({marks}) ORDER BY created_at DESC", uids):
+                newest.setdefault(row[0], []).append(dict(zip(("plugin", "inputs", "state", "summary"), row[1:])))
             for study in found:
                 study["jobs"] = states.get(study["study_uid"], {})
+                # findings / nothing-found / done / failed / running / queued (viewer/analysis.py)
+                study["analysis"] = analysis.study_verdict(newest.get(study["study_uid"], []))
     return {"studies": found, "page": page, "more": len(rows) > PAGE, "sort": order,
             "order": "desc" if descending else "asc"}
 
@@ -432,6 +448,13 @@ def _labelled_study(index, images, study_uid: str) -> dict | None:
                 facts[series["series_uid"]] = found
             if each:
                 instance.update({k: found[k] for k in ("laterality", "view", "orientation")})
+        if series["modality"] in analysis.CROSS_SECTIONAL_MODALITIES:
+            # the letters at the image's edges (A, P, R, L, H, F): its first image's orientation
+            try:
+                series["image_orientation"] = analysis.image_orientation(
+                    images.dataset(series["instances"][0]["sop_instance_uid"]))
+            except Exception as exc:          # an unreadable header: no letters
+                log.debug("no orientation for a series of study %s: %s", study_uid, type(exc).__name__)
     jobs = queue.jobs(index, study_uid=study_uid, limit=1000)
     analysis.label_series(detail["series"], facts, {j.id: j.inputs for j in jobs}, {j.id: j.plugin for j in jobs})
     return detail
@@ -738,7 +761,7 @@ def _sr_value(item) -> str:
         if measured is None:
             return ""
         unit = _first(measured, "MeasurementUnitsCodeSequence")
-        return f"{measured.get('NumericValue', '')} {unit.get('CodeValue', '') if unit is not None else ''}".strip()
+        return analysis.measured(measured.get("NumericValue", ""), unit.get("CodeValue", "") if unit is not None else "")
     if kind in ("UIDREF", "DATETIME", "DATE", "TIME", "PNAME"):
         return str(item.get({"UIDREF": "UID", "DATETIME": "DateTime", "DATE": "Date", "TIME": "Time",
                              "PNAME": "PersonName"}[kind], ""))
@@ -759,6 +782,9 @@ def _sr_items(sequence, depth: int = 0, budget: list[int] | None = None) -> list
         try:
             entry = {"name": _meaning(item, "ConceptNameCodeSequence"), "type": str(item.get("ValueType", "")),
                      "value": _sr_value(item)}
+            if entry["type"] == "IMAGE":        # the page names it ("MG R CC") when it is in the study
+                reference = _first(item, "ReferencedSOPSequence")
+                entry["image"] = str(reference.get("ReferencedSOPInstanceUID", "")) if reference is not None else ""
             children = item.get("ContentSequence") if depth < SR_MAX_DEPTH else None
         except Exception:                      # a value pydicom cannot read: shown as such
             entry, children = {"name": "", "type": "", "value": "(this item cannot be read)"}, None
