@@ -115,6 +115,11 @@ def cmd_status(args) -> int:
         if args.conflicts:
             _print_conflicts(index.conflicts())
         _print_forwards(index)
+        (waiting, given_up), = index.query("SELECT COALESCE(SUM(state='pending'), 0), "
+                                           "COALESCE(SUM(state='undeliverable'), 0) FROM commitments")
+        if waiting or given_up:
+            print(f"storage commitment: {waiting} reports waiting to be delivered, {given_up} given up "
+                  "(the requester has to ask again)")
         if config.storage.backend != "s3":
             print("offload: off (storage.backend = \"local\")")
             return 0

@@ -307,6 +307,7 @@ def test_a_report_with_nowhere_to_go_is_given_up_at_once(node, tmp_path):
              what="the report to be given up")
     lines = [l for l in node.log().splitlines() if transaction in l and "given up" in l]
     assert len(lines) == 1 and "no [remote] node" in lines[0], lines
+    assert "storage commitment: 0 reports waiting to be delivered, 1 given up" in node.cli("status").stdout
     node.still_serves(tmp_path)
 
 
