@@ -32,7 +32,8 @@ def configure_libraries() -> None:
     Received data sets are streamed to a spool file and sent ones streamed from their file
     (memory stays bounded for any size, bytes are never re-encoded);
     pynetdicom's per-event debug handlers and pydicom's value validation are off on the
-    hot path: the archive validates what it needs itself.
+    hot path: the archive validates what it needs itself. Every log line is one line,
+    escaped and cut short (`receivers.one_line_logs`): peers' values reach the log.
     """
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # C-MOVE / C-GET send stored files as they are
