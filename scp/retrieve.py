@@ -180,7 +180,8 @@ def _refusal(event, kind: str, exc: Exception) -> tuple[Dataset, Dataset]:
         0xC000, "the identifier cannot be decoded")
     if not isinstance(exc, QueryError):
         log.debug("%s identifier from %s cannot be decoded", kind, event.assoc.requestor.ae_title, exc_info=True)
-    log.warning("%s from %s refused (0x%04X): %s", kind, event.assoc.requestor.ae_title, code, comment)
+    why = exc.reason if isinstance(exc, QueryError) else comment      # the peer's values stay out of the log
+    log.warning("%s from %s refused (0x%04X): %s", kind, event.assoc.requestor.ae_title, code, why)
     status = Dataset()
     status.Status = code
     status.ErrorComment = comment[:64]

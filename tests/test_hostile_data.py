@@ -26,7 +26,8 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          generate_uid)
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.sop_class import CTImageStorage, PatientRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom.sop_class import (CTImageStorage, PatientRootQueryRetrieveInformationModelFind,
+                                  PatientRootQueryRetrieveInformationModelGet, Verification)
 
 from archive import Archive, Limits, Outcome
 from archive.dicomfile import (DEFAULT_LIMITS, InvalidInstance, PixelsTooLarge, _Malformed, check_pixels,
@@ -760,8 +761,18 @@ def test_the_node_log_of_a_c_find_with_a_bad_date_holds_no_part_of_it(make_node,
         assoc.release()
     (status,) = answers
     assert status.Status == 0xC000 and "'1961-04-12' is not a date" in status.ErrorComment
+    # the same bad date in a retrieve (C-GET, whose refusal goes through scp/retrieve.py)
+    assoc = node.associate("CARELESSPACS", PatientRootQueryRetrieveInformationModelGet)
+    try:
+        query = Dataset()
+        query.QueryRetrieveLevel, query.PatientID, query.PatientBirthDate = "PATIENT", "P1", "1961-04-12"
+        answers = [status for status, _ in assoc.send_c_get(query, PatientRootQueryRetrieveInformationModelGet)]
+    finally:
+        assoc.release()
+    assert answers[-1].Status == 0xC000 and "'1961-04-12' is not a date" in answers[-1].ErrorComment
     log = node.log()
     assert "C-FIND from CARELESSPACS refused (0xC000): PatientBirthDate: not a date or a date range" in log
+    assert "C-GET from CARELESSPACS refused (0xC000): PatientBirthDate: not a date or a date range" in log
     for part in ("1961", "04-12"):
         assert part not in log
 
