@@ -409,6 +409,14 @@ class ViewerSection:
     max_upload_mb: int = setting(2048, "Largest upload (all files of one request together), MB.")
     max_file_mb: int = setting(1024, "Largest single file of an upload (or inside a zip), MB.")
     image_cache_mb: int = setting(512, "Memory for decoded images and rendered tiles.")
+    decode_memory_mb: int = setting(2560, "Memory the images being decoded and rendered may hold together (each "
+                                    "reserves twice its decoded size, and more for a compressed one, first); "
+                                    "beyond it they wait their turn, and one that needs more is not shown.")
+    max_upload_files: int = setting(20000, "Files in one upload (its parts and the members of its zips together); "
+                                    "more: 413, nothing stored.")
+    max_event_streams: int = setting(6, "Notification streams (/api/events) one session may hold open; more: 429.")
+    max_event_streams_per_address: int = setting(32, "Notification streams open from one address (IPv6: one /64), "
+                                                 "all sessions together; more: 429.")
     login_waiting: int = setting(4, "Login attempts for one account, or from one address, that wait their turn "
                                  "while another is checked; more at once are answered 429 unchecked.")
     public_url: str = setting("", "The viewer's address as clinicians reach it (share links use it); empty: "
@@ -427,6 +435,13 @@ class ViewerSection:
             raise ConfigError("viewer.image_cache_mb: must be between 16 and 65536")
         if not 0 <= self.login_waiting <= 100:
             raise ConfigError(f"viewer.login_waiting: {self.login_waiting} is not in 0-100")
+        if not 64 <= self.decode_memory_mb <= 1 << 20:
+            raise ConfigError("viewer.decode_memory_mb: must be between 64 and 1048576")
+        if not 1 <= self.max_upload_files <= 1_000_000:
+            raise ConfigError("viewer.max_upload_files: must be between 1 and 1000000")
+        if not 1 <= self.max_event_streams <= self.max_event_streams_per_address <= 100_000:
+            raise ConfigError("viewer.max_event_streams / max_event_streams_per_address: "
+                              "1 <= max_event_streams <= max_event_streams_per_address")
         if self.public_url and not re.match(r"^https?://[^\s/]+(:\d+)?(/.*)?$", self.public_url):
             raise ConfigError(f"viewer.public_url: {self.public_url!r} is not an http(s) address")
 

@@ -138,7 +138,7 @@ async def test_security_headers_on_every_answer(client):
     for path in ("/login", "/api/studies", "/static/style.css"):
         headers = (await client.get(path)).headers
         assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
-        assert headers["X-Content-Type-Options"] == "nosniff" and headers["Referrer-Policy"] == "no-referrer"
+        assert headers["X-Content-Type-Options"] == "nosniff" and headers["Referrer-Policy"] == "same-origin"
 
 
 # -- share links -----------------------------------------------------------------------------

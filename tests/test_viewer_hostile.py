@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
 import struct
 import time
@@ -641,7 +642,7 @@ async def test_fuzz_the_login_form_and_cookies_never_answer_500(client, setup, u
     forget_failures(setup[1])
     status, body = await answered(client.post("/login", data={"user": user, "password": password, "next": target},
                                               allow_redirects=False))
-    assert status in (302, 401)
+    assert status in (302, 401, 413)               # 413: a form over 64 KiB (3,000 four-byte characters)
     forget_failures(setup[1])
     status, _ = await answered(client.post("/login", data=raw, allow_redirects=False,
                                            headers={"Content-Type": "application/x-www-form-urlencoded"}))
@@ -824,3 +825,441 @@ async def test_a_users_own_typos_do_not_slow_down_the_next_logins_from_that_addr
         assert (await login(client, "bob-or-nobody", "a wrong password")).status == 401
     assert (await login(client)).status == 302
     assert accounts.failure_delay(index, "alice", "127.0.0.1") == delay(3)
+
+
+# -- attack, second round: memory of images, event streams, parts, login CSRF -------------------------------
+
+MIB = 1 << 20
+
+
+def rle_bomb(directory: Path, side: int, patient_id: str = "BOMB-1") -> tuple[Path, str]:
+    """An RLE Lossless 8-bit image declaring side x side pixels, all zero: 2 bytes for every 128
+    pixels (16384 x 16384: 4 MiB on the wire, 256 MiB decoded, a quarter of ingest.max_pixel_bytes)."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    (path,) = synthetic_instances(directory, 1, patient="Bomb^Pixel", patient_id=patient_id)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 8, 8, 7, 0, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    for keyword in ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept"):
+        ds.pop(keyword, None)
+    segment = b"\x81\x00" * (side // 128) * side           # runs of 128 zero bytes
+    ds.PixelData = encapsulate([struct.pack("<16I", 1, 64, *[0] * 14) + segment])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path, str(ds.SOPInstanceUID)
+
+
+def deflated_blob(sop_instance: str, inflated: int) -> bytes:
+    """A Deflated Explicit VR Little Endian data set that is no image: its header, then a private OB
+    value of `inflated` bytes (one random byte in 128) that deflates about 40 times, within the
+    ingest limits (ratio 100). One compressed MiB repeated after full flushes: made in a second."""
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from test_hostile_data import element, identity, part10, text_value
+
+    before, after = identity(sop_instance)
+    head = before + element(0x00090010, b"LO", text_value("M3ATTACK")) + \
+        struct.pack("<HH2sHI", 0x0009, 0x1011, b"OB", 0, inflated)
+    block = bytearray(MIB)
+    block[::128] = os.urandom(MIB // 128)
+    deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    start = deflater.compress(head) + deflater.flush(zlib.Z_FULL_FLUSH)
+    mib = deflater.compress(bytes(block)) + deflater.flush(zlib.Z_FULL_FLUSH)
+    stream = start + mib * (inflated // MIB) + deflater.compress(after) + deflater.flush()
+    return part10(stream, sop_instance, DeflatedExplicitVRLittleEndian)
+
+
+def viewer_node(make_node, tmp_path, **viewer):
+    """A node with its viewer (one receiving process, no router: the viewer is its only worker
+    process), and an opener logged in as its admin: (node, opener, the viewer's psutil process)."""
+    import http.cookiejar
+    import ssl
+    import urllib.request
+
+    import psutil
+
+    from viewer.serve import ADMIN_PASSWORD_ENV
+
+    node = make_node(start=False, dicom={"receivers": 1}, router={"enabled": False},
+                     viewer={"enabled": True, "port": free_port(), **viewer})
+    node.env[ADMIN_PASSWORD_ENV] = PASSWORD
+    node.start()
+    context = ssl.create_default_context(cafile=str(node.pki / "ca.pem"))
+    context.check_hostname = False
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()),
+                                         urllib.request.HTTPSHandler(context=context))
+    assert _https(node, "/login", opener, {"user": "admin", "password": PASSWORD, "next": "/studies"})[0] == 200
+    workers = [p for p in psutil.Process(node.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 1, workers
+    return node, opener, workers[0]
+
+
+def fetch(node, path: str, opener) -> tuple[int, bytes]:
+    import urllib.error
+
+    try:
+        with opener.open(f"https://127.0.0.1:{node.settings['viewer']['port']}{path}", timeout=120) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def peak_from_now(process) -> int:
+    """Resets the process's peak resident memory (VmHWM) to what it holds now; returns that, bytes."""
+    Path(f"/proc/{process.pid}/clear_refs").write_text("5")
+    return process.memory_info().rss
+
+
+def peak(process) -> int:
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) << 10
+
+
+def store(node, path: Path, syntax: str) -> None:
+    from pynetdicom.sop_class import CTImageStorage
+
+    assoc = node.associate("ATTACKER", CTImageStorage, transfer_syntaxes=[syntax])
+    try:
+        assert assoc.send_c_store(path).Status == 0x0000
+    finally:
+        assoc.release()
+
+
+@pytest.mark.slow
+def test_a_pixel_bomb_is_shown_within_the_stated_memory_bound(make_node, tmp_path):
+    """pixel_bomb.py: 4 MiB of RLE declaring 256 MiB of 8-bit pixels took the viewer to 3.5 GB for
+    one thumbnail (float32 copies at full size) and left 1.2 GB held (the cache kept an item over
+    its budget). Bound (docs/security.md): a decode and render holds at most twice the decoded size
+    plus 64 MiB; the cache at most its budget; all decodes together viewer.decode_memory_mb."""
+    import json
+    import threading
+
+    from PIL import Image
+    from pydicom.uid import RLELossless
+
+    from test_hostile_data import after_the_attack, stored_before
+
+    node, opener, viewer = viewer_node(make_node, tmp_path, decode_memory_mb=1024)
+    state = stored_before(node, tmp_path)
+    bombs = [rle_bomb(tmp_path / f"bomb{n}", 16384, f"BOMB-{n}") for n in range(3)]
+    assert bombs[0][0].stat().st_size < 5 * MIB
+    for path, _ in bombs:
+        store(node, path, RLELossless)
+    decoded, cache_budget = 256 * MIB, int(512 * 0.8) * MIB
+    first = bombs[0][1]
+
+    base = peak_from_now(viewer)
+    started = time.monotonic()
+    status, body = fetch(node, f"/api/instances/{first}/render?width=256&height=256", opener)
+    assert status == 200 and Image.open(io.BytesIO(body)).size == (256, 256)
+    assert time.monotonic() - started < 30
+    assert peak(viewer) - base < 2 * decoded + 64 * MIB, f"peaked {(peak(viewer) - base) >> 20} MiB over its base"
+    held = viewer.memory_info().rss - base
+    assert held < cache_budget + 32 * MIB, f"holds {held >> 20} MiB after the render"
+    status, body = fetch(node, f"/api/instances/{first}/info", opener)
+    assert status == 200 and json.loads(body)["image"] and json.loads(body)["rows"] == 16384
+
+    # all three at once: the decodes wait for each other's memory (2 x 552 MiB > 1024 MiB)
+    answers = []
+    threads = [threading.Thread(target=lambda uid=uid: answers.append(
+        fetch(node, f"/api/instances/{uid}/render?width=128", opener)[0])) for _, uid in bombs]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert answers == [200] * 3
+    assert peak(viewer) - base < 1024 * MIB + cache_budget + 64 * MIB, f"{(peak(viewer) - base) >> 20} MiB"
+    assert viewer.memory_info().rss - base < cache_budget + 32 * MIB
+    after_the_attack(node, tmp_path, state)
+
+
+@pytest.mark.slow
+def test_the_info_of_a_large_deflated_data_set_reads_its_header_only(make_node, tmp_path, monkeypatch):
+    """deflate_view.py: 5 MiB deflated to 256 MiB (within the ingest limits) added 1 GB to the viewer
+    on its info page: pydicom inflated it whole in memory, twice (pixels, then the header)."""
+    import json
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+    from pynetdicom import _config as pynetdicom_config
+
+    from test_hostile_data import after_the_attack, stored_before
+
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)   # the file's bytes as they are
+    node, opener, viewer = viewer_node(make_node, tmp_path)
+    state = stored_before(node, tmp_path)
+    uid = generate_uid()
+    path = tmp_path / "deflated.dcm"
+    path.write_bytes(deflated_blob(uid, 256 * MIB))
+    assert path.stat().st_size < 16 * MIB
+    store(node, path, DeflatedExplicitVRLittleEndian)
+    study = node.rows("SELECT st.study_uid FROM instances i JOIN series se ON se.pk = i.series_pk "
+                      "JOIN studies st ON st.pk = se.study_pk WHERE i.sop_instance_uid=?", (uid,))[0][0]
+
+    base = peak_from_now(viewer)
+    status, body = fetch(node, f"/api/instances/{uid}/info", opener)
+    assert status == 200, body
+    assert json.loads(body) == {"image": False, "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "modality": "CT",
+                                "why": "CT Image Storage has no image"}
+    status, body = fetch(node, f"/api/instances/{uid}/sr", opener)
+    assert status == 422 and json.loads(body)["error"] == "not a structured report"
+    assert fetch(node, f"/api/studies/{study}", opener)[0] == 200           # the study page reads its header
+    assert peak(viewer) - base < 64 * MIB, f"peaked {(peak(viewer) - base) >> 20} MiB over its base"
+    after_the_attack(node, tmp_path, state)
+
+
+async def test_a_render_holds_twice_the_decoded_size_and_the_cache_keeps_nothing_over_its_budget(setup,
+                                                                                                 aiohttp_client,
+                                                                                                 tmp_path):
+    """pixel_bomb.py in the viewer's own process: an image of 64 MiB decoded peaked at 985 MB (float32
+    at full size, then windowed copies of it, for a 256-pixel thumbnail) and stayed in a cache of
+    51 MiB. Measured with tracemalloc (numpy reports its arrays to it)."""
+    import tracemalloc
+
+    from viewer.app import IMAGES
+
+    config, archive, _ = setup
+    config = from_dict({"node": {"data_dir": str(config.data_dir)},
+                        "viewer": {"tls": False, "image_cache_mb": 64}}, tmp_path)
+    path, uid = rle_bomb(tmp_path / "bomb", 8192)
+    assert archive.ingest_file(path).sop_instance_uid == uid
+    client = await aiohttp_client(create_app(config, archive, clock=Clock()))
+    await login(client)
+    images = client.server.app[IMAGES]
+    tracemalloc.start()
+    try:
+        for query in ("width=256&height=256", "x=1000&y=2000&w=4000&h=3000&width=1000", "x=10&y=10&w=900&h=900"):
+            tracemalloc.reset_peak()
+            answer = await client.get(f"/api/instances/{uid}/render?{query}")
+            assert answer.status == 200 and answer.content_type == "image/png"
+            _, highest = tracemalloc.get_traced_memory()
+            assert highest < 2 * 64 * MIB + 48 * MIB, f"{query}: {highest >> 20} MiB"
+    finally:
+        tracemalloc.stop()
+    assert images.decoded.size <= images.decoded.limit and images.rendered.size <= images.rendered.limit
+    assert images.decoded.get(uid) is None                       # 64 MiB is over the 51 MiB budget: not kept
+    info = await (await client.get(f"/api/instances/{uid}/info")).json()
+    assert info["image"] and info["rows"] == 8192 and info["window_width"] >= 1
+    await still_serves(client)
+
+
+async def test_a_share_link_guest_holds_a_few_event_streams_and_closed_ones_are_freed(setup, aiohttp_client):
+    """sse_flood.py: one share-link guest opened 18,000 /api/events streams (the viewer went from 148 MB
+    to 5.3 GB and 18,017 file descriptors) and their memory stayed after they closed. Now a session
+    holds 6 (viewer.max_event_streams), an address 32 over all its sessions (a link opened again
+    makes a new session), one more is answered 429 with the reason, and a closed one is freed."""
+    from test_viewer_api import share_link
+    from viewer.app import EVENTS
+
+    config, archive, studies = setup
+    client = await aiohttp_client(create_app(config, archive, clock=Clock()))
+    token = await share_link(client, studies["a"][0])
+    broker = client.server.app[EVENTS]
+
+    async def guest():
+        visitor = await aiohttp_client(client.server)
+        assert (await visitor.get(f"/s/{token}", allow_redirects=False)).status == 302
+        return visitor
+
+    first = await guest()
+    streams = [await first.get("/api/events") for _ in range(6)]
+    assert [s.status for s in streams] == [200] * 6
+    refused = await first.get("/api/events")
+    assert refused.status == 429 and refused.headers["Retry-After"]
+    assert "(viewer.max_event_streams)" in (await refused.json())["error"]
+    refusals = []
+    for _ in range(5):                                      # the same link, opened again: new sessions
+        visitor = await guest()
+        for _ in range(6):
+            answer = await visitor.get("/api/events")
+            (streams if answer.status == 200 else refusals).append(answer)
+    assert len(streams) == 32 and len(broker.subscribers) == 32
+    assert {r.status for r in refusals} == {429}
+    assert all(["(viewer.max_event_streams_per_address)" in (await r.json())["error"] for r in refusals])
+
+    for stream in streams:
+        stream.close()
+    deadline = time.monotonic() + 5
+    while (broker.subscribers or broker.open) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not broker.subscribers and not broker.open, "closed streams are still held"
+    again = await first.get("/api/events")
+    assert again.status == 200
+    again.close()
+    await login(client)
+    await still_serves(client)
+
+
+@pytest.mark.slow
+def test_an_event_stream_flood_is_refused_in_bounded_memory(make_node, tmp_path):
+    """sse_flood.py on a real node, over TLS: 300 streams on one share-link session."""
+    import json
+    import socket
+    import ssl
+
+    from test_hostile_data import after_the_attack, stored_before
+
+    node, opener, viewer = viewer_node(make_node, tmp_path)
+    state = stored_before(node, tmp_path)
+    study = next(iter(state.values()))[1]
+    context = ssl.create_default_context(cafile=str(node.pki / "ca.pem"))
+    context.check_hostname = False
+    port = node.settings["viewer"]["port"]
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', fetch(node, "/studies", opener)[1].decode()).group(1)
+    request = urllib_request(f"https://127.0.0.1:{port}/api/studies/{study}/share", {"days": 1}, csrf)
+    link = json.loads(opener.open(request, timeout=30).read())["url"].split("/s/", 1)[1]
+    guest = [None]
+
+    def connect() -> ssl.SSLSocket:
+        return context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=30), server_hostname="x")
+
+    with connect() as sock:
+        sock.sendall(f"GET /s/{link} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        answer = sock.recv(4096).decode()
+        guest[0] = re.search(r"m3session=([^;]+)", answer).group(1)
+    fds, rss = viewer.num_fds(), viewer.memory_info().rss
+    streams, statuses = [], []
+    for _ in range(300):
+        sock = connect()
+        sock.sendall(f"GET /api/events HTTP/1.1\r\nHost: x\r\nCookie: m3session={guest[0]}\r\n"
+                     "Last-Event-ID: 0\r\n\r\n".encode())
+        answer = sock.recv(4096)
+        statuses.append(answer.split(b" ", 2)[1].decode())
+        if statuses[-1] == "200":
+            streams.append(sock)
+            continue
+        assert b"(viewer.max_event_streams)" in answer + sock.recv(4096)
+        while sock.recv(4096):                # the refusal closes its connection: no TLS connection left open
+            pass
+        sock.close()
+    assert statuses.count("200") == 6 and statuses.count("429") == 294, statuses
+    assert viewer.num_fds() <= fds + 6 + 2
+    assert viewer.memory_info().rss - rss < 32 * MIB, f"{(viewer.memory_info().rss - rss) >> 20} MiB"
+    for sock in streams:
+        sock.close()
+    wait_for(lambda: viewer.num_fds() <= fds + 2, timeout=10, what="the streams' connections to be closed")
+    assert "Traceback" not in node.log()
+    after_the_attack(node, tmp_path, state)
+
+
+def urllib_request(url: str, body: dict, csrf: str):
+    import json
+    import urllib.request
+
+    return urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                  headers={"Content-Type": "application/json", "X-CSRF-Token": csrf})
+
+
+def many_parts(count: int, boundary: str = "b0undary") -> bytes:
+    part = f'--{boundary}\r\nContent-Disposition: form-data; name="f"; filename="a"\r\n\r\nX\r\n'.encode()
+    return part * count + f"--{boundary}--\r\n".encode()
+
+
+async def test_an_upload_of_too_many_files_is_refused_at_once_and_audited_once(setup, aiohttp_client, tmp_path):
+    """parts_bomb.py: a 4 MiB upload of 50,000 one-byte parts took 66 s, wrote 50,001 audit rows and
+    answered 5 MB of JSON; the 20,000-file cap held only inside zips. Now parts and zip members
+    count together against viewer.max_upload_files (here 200); past it: 413 at once, one audit row."""
+    config, archive, _ = setup
+    config = from_dict({"node": {"data_dir": str(config.data_dir)},
+                        "viewer": {"tls": False, "max_upload_mb": 4, "max_file_mb": 2, "max_upload_files": 200}},
+                       tmp_path)
+    client = await aiohttp_client(create_app(config, archive, clock=Clock()))
+    await login(client)
+    headers = {"X-CSRF-Token": await csrf_of(client), "Content-Type": "multipart/form-data; boundary=b0undary"}
+    before = stored(archive)
+    started = time.monotonic()
+    answer = await client.post("/api/upload", data=many_parts(50_000), headers=headers)
+    assert time.monotonic() - started < 5
+    assert answer.status == 413
+    assert (await answer.json())["error"] == ("the upload holds more than 200 files (viewer.max_upload_files): "
+                                              "send it in several parts")
+    assert audit(archive, "upload") == [("alice", "refused", "the upload holds more than 200 files "
+                                         "(viewer.max_upload_files): send it in several parts")]
+    # parts and zip members together: 150 parts and a zip of 60
+    (instance,) = synthetic_instances(tmp_path / "one", 1)
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w") as z:
+        for n in range(60):
+            z.writestr(f"{n}.dcm", instance.read_bytes() if n == 0 else b"junk")
+    answer = await client.post("/api/upload", headers={"X-CSRF-Token": headers["X-CSRF-Token"]},
+                               data=files(*[(f"{n}.dcm", b"junk") for n in range(150)],
+                                          ("study.zip", packed.getvalue())))
+    assert answer.status == 413 and "more than 200 files" in (await answer.json())["error"]
+    # a zip whose directory alone is too large for them is refused before zipfile reads it (whole, and
+    # at about 0.5 KB of memory an entry: a 1 GiB zip of empty members would take gigabytes)
+    crowded = io.BytesIO()
+    with zipfile.ZipFile(crowded, "w") as z:
+        for n in range(5000):
+            z.writestr(f"{n}", b"")
+    answer = await client.post("/api/upload", headers={"X-CSRF-Token": headers["X-CSRF-Token"]},
+                               data=files(("crowded.zip", crowded.getvalue())))
+    assert answer.status == 413
+    assert (await answer.json())["error"] == ("crowded.zip: its directory is too large for the 200 files an upload "
+                                              "may hold (viewer.max_upload_files): send it in several parts")
+    assert len(audit(archive, "upload")) == 3
+    assert stored(archive) == before
+    assert not list((config.data_dir / "spool" / "uploads").glob("*/*"))
+    # under the cap: each file its outcome; the first 100 refusals audited one by one, the rest in one record
+    answer = await client.post("/api/upload", headers={"X-CSRF-Token": headers["X-CSRF-Token"]},
+                               data=files(*[(f"{n}.dcm", b"junk") for n in range(150)]))
+    assert answer.status == 200 and [f["outcome"] for f in (await answer.json())["files"]] == ["refused"] * 150
+    records = audit(archive, "upload")[3:]
+    assert len(records) == 102 and records[100] == ("alice", "refused", "50 more files refused (the upload's "
+                                                                        "answer lists each with its reason)")
+    assert records[-1] == ("alice", "ok", "0 stored of 150")
+    await still_serves(client)
+
+
+async def test_a_login_or_logout_sent_from_another_site_is_refused(setup, aiohttp_client, tmp_path):
+    """viewer_misc.py (login CSRF): a POST to /login with `Origin: https://evil.example` was answered
+    302 with a session cookie: another site could log a browser in as the attacker."""
+    config, archive, _ = setup
+    config = from_dict({"node": {"data_dir": str(config.data_dir)},
+                        "viewer": {"tls": False, "public_url": "https://viewer.example:8443"}}, tmp_path)
+    client = await aiohttp_client(create_app(config, archive, clock=Clock()))
+    form = {"user": "alice", "password": PASSWORD, "next": "/studies"}
+    here = str(client.make_url("/")).rstrip("/")
+    for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"}, {"Origin": ""},
+                    {"Referer": "https://evil.example/login"}, {"Origin": f"http://evil.example:{client.port}"},
+                    {"Origin": "http://127.0.0.1:1"}, {"Origin": "https://evil.example", "Referer": here + "/login"},
+                    {"Origin": "https://viewer.example"}):
+        answer = await client.post("/login", data=form, headers=headers, allow_redirects=False)
+        assert answer.status == 403, headers
+        assert "sent from another site" in await answer.text() and "m3session" not in answer.headers.get(
+            "Set-Cookie", ""), headers
+    assert audit(archive, "login") == []                                  # not even checked
+    for headers in ({"Origin": here}, {"Referer": here + "/login?next=/studies"}, {},
+                    {"Origin": "https://viewer.example:8443"}):
+        answer = await client.post("/login", data=form, headers=headers, allow_redirects=False)
+        assert answer.status == 302 and "m3session" in answer.headers["Set-Cookie"], headers
+    csrf = await csrf_of(client)
+    answer = await client.post("/logout", data={"csrf": csrf}, headers={"Origin": "https://evil.example"},
+                               allow_redirects=False)
+    assert answer.status == 403
+    assert (await client.get("/api/studies")).status == 200              # still logged in
+    answer = await client.post("/api/studies/1.2.3/share", json={}, headers={"X-CSRF-Token": csrf,
+                                                                             "Origin": "https://evil.example"})
+    assert answer.status == 403 and "another site" in (await answer.json())["error"]
+    assert (await client.get("/login")).headers["Referrer-Policy"] == "same-origin"
+    await still_serves(client)
+
+
+async def test_failed_logins_from_one_ipv6_64_count_together(setup, aiohttp_client):
+    """Code reading: the viewer counted failed logins per full IPv6 address, where the DICOM side
+    counts a /64 (one host usually holds a whole /64: a new address for every guess)."""
+    from viewer.logins import source_of
+
+    assert source_of("2001:db8:1:2::1") == source_of("2001:db8:1:2:ffff:1:2:3") == "2001:db8:1:2::/64"
+    assert source_of("2001:db8:1:3::1") != source_of("2001:db8:1:2::1")
+    assert source_of("::ffff:192.0.2.7") == "192.0.2.7" and source_of("192.0.2.7") == "192.0.2.7"
+    assert source_of("fe80::1%eth0") == "fe80::/64" and source_of("?") == "?"
+    config, archive, _ = setup
+    client = await aiohttp_client(create_app(config, archive, clock=Clock()), server_kwargs={"host": "::1"})
+    assert (await login(client, "alice", "a wrong password")).status == 401
+    keys = [r[0] for r in archive.index.query("SELECT key FROM login_failures ORDER BY key")]
+    assert keys == ["addr:::/64", "user:alice"]
+    assert accounts.failure_delay(archive.index, "nobody", source_of("::2")) > 0     # the same /64

@@ -2,11 +2,12 @@
 
 Pages are Jinja2 templates with plain JavaScript modules (no build step); X3DOM comes from
 the npm registry (installed by `make install`) and is served from here: hospitals run
-offline. Every request passes three middlewares: security headers (CSP, nosniff,
-frame-ancestors, no referrer), errors (what a handler did not expect is one log line and a
-500 without details, never a traceback in the answer), the session (cookie -> a user, or a
-share link limited to one study), and CSRF (every state-changing request carries the
-session's token).
+offline. Every request passes these middlewares: security headers (CSP, nosniff,
+frame-ancestors, referrers only within the site), errors (what a handler did not expect is
+one log line and a 500 without details, never a traceback in the answer), the session (cookie
+-> a user, or a share link limited to one study), and CSRF (every state-changing request
+comes from this site, by its Origin or Referer, and carries the session's token; a login,
+which has no session yet, is checked by its origin alone).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import re
 import time
 import traceback
 from pathlib import Path
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import jinja2
 from aiohttp import web
@@ -74,7 +75,9 @@ async def security_headers(request: web.Request, handler):
     headers.setdefault("Content-Security-Policy", CSP)
     headers["X-Content-Type-Options"] = "nosniff"
     headers["X-Frame-Options"] = "DENY"
-    headers["Referrer-Policy"] = "no-referrer"          # share links must never leave in a Referer
+    # referrers within the site only (share links never leave in one); "no-referrer" would make the
+    # browser send "Origin: null" with the site's own forms, and the CSRF check needs their origin
+    headers["Referrer-Policy"] = "same-origin"
     headers["Permissions-Policy"] = "camera=(), microphone=(), geolocation=()"
     headers["Cross-Origin-Opener-Policy"] = "same-origin"
     if request.app[CONFIG].viewer.tls:
@@ -130,9 +133,59 @@ async def sessions(request: web.Request, handler):
     return await handler(request)
 
 
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) URL or Origin, default ports made explicit; None otherwise."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower(), 0)
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return None
+    return parts.scheme.lower(), parts.hostname.lower(), port
+
+
+def own_origins(request: web.Request) -> set[tuple[str, str, int]]:
+    """The viewer's own origins: viewer.public_url, and the address this request was sent to
+    (its Host header, which a browser always sets to the site it is talking to)."""
+    v = request.app[CONFIG].viewer
+    schemes = ("https",) if v.tls else ("http", "https")      # without TLS: perhaps behind a TLS proxy
+    found = {_origin(f"{scheme}://{request.host}") for scheme in schemes}
+    if v.public_url:
+        found.add(_origin(v.public_url))
+    return {o for o in found if o is not None}
+
+
+def cross_site(request: web.Request) -> str | None:
+    """Where a state-changing request comes from, when that is not this site (else None).
+
+    A browser sends the page's Origin with every POST (a page of this site: its own, thanks to
+    Referrer-Policy same-origin); without one, its Referer is checked. A request with neither
+    comes from no browser page (a script, a test client) and has nothing to forge.
+    """
+    origin = request.headers.get("Origin")
+    if origin is None:
+        referer = request.headers.get("Referer")
+        if referer is None:
+            return None
+        origin = referer
+    if _origin(origin) in own_origins(request):
+        return None
+    return (_origin(origin) or ("", origin.strip()[:60] or "an empty origin", 0))[1]
+
+
 @web.middleware
 async def csrf(request: web.Request, handler):
-    """State-changing requests must carry the session's CSRF token (header or form field)."""
+    """State-changing requests must come from this site (Origin, else Referer), a login included,
+    and carry the session's CSRF token (header or form field); a login has no session yet."""
+    if request.method not in SAFE_METHODS and (elsewhere := cross_site(request)) is not None:
+        log.warning("%s %s refused: sent from another site (%s)", request.method,
+                    request.path if request.path in ("/login", "/logout") else "(a page's request)", elsewhere)
+        why = (f"this request was sent from another site ({elsewhere}), not from the viewer's own pages: open the "
+               "viewer at its own address and try again")
+        if request.path.startswith("/api/"):
+            raise web.HTTPForbidden(text=json.dumps({"error": why}), content_type="application/json")
+        raise web.HTTPForbidden(text=why[0].upper() + why[1:] + ".")
     if request.method not in SAFE_METHODS and request.path != "/login":
         session = request[SESSION]
         sent = request.headers.get("X-CSRF-Token")
@@ -213,10 +266,11 @@ def create_app(config: Config, archive: Archive | None = None, clock=time.time) 
 
         opened = archive or open_archive(config)
         app[ARCHIVE] = opened
-        app[IMAGES] = Images(opened, config.viewer.image_cache_mb)
+        app[IMAGES] = Images(opened, config.viewer.image_cache_mb, config.viewer.decode_memory_mb)
         app[PLUGINS] = discover(config.router.plugins)
         app[SECRET] = accounts.secret_key(config.data_dir)
-        app[EVENTS] = events.Broker(opened.index)
+        app[EVENTS] = events.Broker(opened.index, config.viewer.max_event_streams,
+                                    config.viewer.max_event_streams_per_address)
         yield
         await app[EVENTS].close()
         if archive is None:

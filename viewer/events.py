@@ -6,12 +6,19 @@ hands each event to the subscribers' queues; each server-sent-events connection 
 its session may see (a share link: its study only). A browser that reconnects names the last
 event it saw (Last-Event-ID) and is sent what it missed; a new page starts from now, since it
 has just read the current state.
+
+Each stream holds a queue and a connection (about 300 KB with what it is sent), so a session
+may hold `viewer.max_event_streams` of them and an address (IPv6: its /64)
+`viewer.max_event_streams_per_address`, all its sessions together: one more is refused
+(`TooManyStreams`), and a stream counts until its connection closes.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import time
+from collections import Counter
 
 from archive.index import Index
 
@@ -20,18 +27,41 @@ POLL = 0.5
 KINDS = ("job_queued", "job_running", "job_progress", "job_succeeded", "job_failed", "job_cancelled",
          "job_forwarded", "job_forward_failed")
 STUDIES_STORED = 500      # studies that received instances, per read of the log
+REFUSAL_LOG_EVERY = 60.0  # seconds between two log lines about refused streams of one session or address
+
+
+class TooManyStreams(Exception):
+    """A session, or an address, already holds as many notification streams as it may."""
 
 
 class Broker:
-    def __init__(self, index: Index):
+    def __init__(self, index: Index, per_session: int = 6, per_address: int = 32):
         self.index = index
+        self.per_session, self.per_address = per_session, per_address
         self.subscribers: set[asyncio.Queue] = set()
+        self.open: Counter[str] = Counter()               # streams per "session:..." and "address:..."
+        self._counted: dict[asyncio.Queue, tuple[str, str]] = {}
+        self._logged: dict[str, float] = {}
         self._task: asyncio.Task | None = None
         rows = index.query("SELECT MAX(seq) FROM changes")
         self.last = rows[0][0] or 0
 
-    def subscribe(self) -> asyncio.Queue:
+    def subscribe(self, session: str, address: str) -> asyncio.Queue:
+        """A queue of the events to come, counted against `session` and `address` (TooManyStreams
+        when either holds its share already)."""
+        keys = (f"session:{session}", f"address:{address}")
+        for key, limit, setting, holder in ((keys[0], self.per_session, "max_event_streams", "this session"),
+                                            (keys[1], self.per_address, "max_event_streams_per_address",
+                                             "your network address")):
+            if self.open[key] >= limit:
+                self._log_refusal(key, setting, limit)
+                raise TooManyStreams(f"{holder} already has {limit} notification streams open "
+                                     f"(viewer.{setting}): close other tabs of the viewer, or reload this one "
+                                     "in a moment")
         queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
+        for key in keys:
+            self.open[key] += 1
+        self._counted[queue] = keys
         if self._task is None or self._task.done():
             self.last = self._latest()                  # nobody listened: what happened meanwhile is old news
             self._task = asyncio.get_running_loop().create_task(self._poll())
@@ -47,6 +77,20 @@ class Broker:
 
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         self.subscribers.discard(queue)
+        for key in self._counted.pop(queue, ()):
+            self.open[key] -= 1
+            if self.open[key] <= 0:
+                del self.open[key]
+
+    def _log_refusal(self, key: str, setting: str, limit: int) -> None:
+        """One line per session or address a minute, however many streams it is refused."""
+        now = time.monotonic()
+        if now - self._logged.get(key, -REFUSAL_LOG_EVERY) >= REFUSAL_LOG_EVERY:
+            if len(self._logged) > 10000:
+                self._logged.clear()
+            self._logged[key] = now
+            log.warning("notification stream refused: %s already holds %d (viewer.%s)",
+                        "a session" if key.startswith("session:") else key, limit, setting)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -9,13 +9,31 @@ per account (or per address) wait their turn; one more at that moment is answere
 without its password being checked (`Busy`), so that a flood neither guesses faster nor
 holds connections for minutes.
 
+An address is counted by `source_of` (IPv6: its /64), here and in the failure counts.
 Counted in this process: a viewer behind a load balancer counts per viewer process.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+
+
+def source_of(address: str) -> str:
+    """What a client's failed logins and open streams count against: its IPv4 address, or its
+    IPv6 /64 (one host usually holds a whole /64, so single IPv6 addresses would be free for the
+    asking). The DICOM side's rule (scp.tls.source_of), kept here: the viewer does not import scp."""
+    host = str(address).split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 class Busy(Exception):

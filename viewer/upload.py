@@ -1,17 +1,20 @@
 """Uploads from the browser: DICOM files or zips, through the same ingest path as a C-STORE.
 
 The request is streamed to a private spool in the data directory, part by part, and the
-limits are enforced while it arrives (the whole request, each file, each zip member, and a
-zip's compression ratio): nothing is held whole in memory, and an upload over a limit is
-refused with nothing stored. Only then is each file ingested; each gets its own outcome
+limits are enforced while it arrives (the whole request, each file, each zip member, a zip's
+compression ratio, and the number of files: parts and zip members together,
+`viewer.max_upload_files`): nothing is held whole in memory, and an upload over a limit is
+refused at once with nothing stored, and audited once. Only then is each file ingested; each gets its own outcome
 (stored, already there, refused and why), whatever is wrong with the others: a damaged file,
-a zip member with a bad CRC, a data set that breaks the reader. Every refusal is audited.
+a zip member with a bad CRC, a data set that breaks the reader. Every refusal is audited: the
+first AUDITED_REFUSALS of an upload one by one, the rest in one record.
 """
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -25,7 +28,9 @@ from .app import ARCHIVE, CONFIG, SESSION, run
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 MAX_RATIO = 200          # a zip member inflating more than this is refused (a zip bomb)
-MAX_MEMBERS = 20000
+AUDITED_REFUSALS = 100   # refused files of one upload audited one by one; the rest in one record
+DIRECTORY_ENTRY_BYTES = 512   # a zip's central directory may take this much per file it may hold (names
+                              # included): zipfile reads the directory whole (about 0.5 KB of memory an entry)
 STUDIES_PER_QUERY = 500  # studies an upload touched, looked up this many at a time (a query takes 1000 UIDs)
 
 
@@ -49,7 +54,7 @@ async def handle(request: web.Request) -> web.Response:
         raise web.HTTPForbidden(text='{"error": "a share link opens one study, read-only"}',
                                 content_type="application/json")
     viewer = request.app[CONFIG].viewer
-    limit, file_limit = viewer.max_upload_mb << 20, viewer.max_file_mb << 20
+    limit, file_limit, count_limit = viewer.max_upload_mb << 20, viewer.max_file_mb << 20, viewer.max_upload_files
     if request.content_length is not None and request.content_length > limit:
         await _audit(request, [("refused", None, f"{request.content_length} bytes announced")])
         raise _refuse(413, f"the upload is larger than {viewer.max_upload_mb} MB")
@@ -60,11 +65,11 @@ async def handle(request: web.Request) -> web.Response:
     spool.mkdir(mode=0o700, parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=spool))
     try:
-        received = await _receive(request, work, limit, file_limit)
+        received = await _receive(request, work, limit, file_limit, count_limit)
         if not received:
             await _audit(request, [("refused", None, "no files in the upload")])
             raise _refuse(400, "no files in the upload: choose DICOM files or a zip")
-        files = await run(request, _unpack, received, work, file_limit, limit)
+        files = await run(request, _unpack, received, work, file_limit, limit, count_limit)
         results = await run(request, _ingest, request.app[ARCHIVE], files, session.who)
     except TooLarge as exc:
         await _audit(request, [("refused", None, str(exc))])
@@ -78,6 +83,9 @@ async def handle(request: web.Request) -> web.Response:
     studies = await run(request, _studies, request.app[ARCHIVE].index, results)
     refusals = [("refused", r.get("study_uid"), f"{r['name']}: {r['reason']}") for r in results
                 if r["outcome"] == "refused"]
+    if len(refusals) > AUDITED_REFUSALS:
+        refusals[AUDITED_REFUSALS:] = [("refused", None, f"{len(refusals) - AUDITED_REFUSALS} more files refused "
+                                        "(the upload's answer lists each with its reason)")]
     await _audit(request, [*refusals, ("ok", studies[0]["study_uid"] if len(studies) == 1 else None,
                                        f"{stored} stored of {len(results)}")])
     return web.json_response({"files": results, "studies": studies})
@@ -123,12 +131,20 @@ async def _audit(request, records: list[tuple[str, str | None, str | None]]) -> 
                                                    address=request.remote))
 
 
-async def _receive(request: web.Request, work: Path, limit: int, file_limit: int) -> list[tuple[str, Path]]:
+def _too_many(count_limit: int) -> TooLarge:
+    return TooLarge(f"the upload holds more than {count_limit} files (viewer.max_upload_files): "
+                    "send it in several parts")
+
+
+async def _receive(request: web.Request, work: Path, limit: int, file_limit: int,
+                   count_limit: int) -> list[tuple[str, Path]]:
     reader = await request.multipart()
     received, total = [], 0
     async for part in reader:
         if not isinstance(part, BodyPartReader) or part.filename is None:   # a nested multipart: not a file
             continue
+        if len(received) >= count_limit:          # one more file: nothing more is read
+            raise _too_many(count_limit)
         name = _name(part.filename)
         path = work / f"{len(received):05d}.part"
         size = 0
@@ -158,11 +174,14 @@ def _name(filename: str) -> str:
 Entry = tuple[str, Path | None, str | None]
 
 
-def _unpack(received: list[tuple[str, Path]], work: Path, file_limit: int, limit: int) -> list[Entry]:
+def _unpack(received: list[tuple[str, Path]], work: Path, file_limit: int, limit: int,
+            count_limit: int) -> list[Entry]:
     """Zips opened (members checked before they are written), other files as they are. A zip
-    that cannot be opened, or a member that cannot be read out of it, is refused by itself."""
+    that cannot be opened, or a member that cannot be read out of it, is refused by itself.
+    Files are counted as they will be ingested: a zip as its members."""
     files: list[Entry] = []
     total = sum(p.stat().st_size for _, p in received)
+    count = len(received)
     for name, path in received:
         try:
             is_zip = zipfile.is_zipfile(path)
@@ -171,14 +190,20 @@ def _unpack(received: list[tuple[str, Path]], work: Path, file_limit: int, limit
         if not is_zip:
             files.append((name, path, None))
             continue
+        if _directory_size(path) > (count_limit - count + 1) * DIRECTORY_ENTRY_BYTES:
+            raise TooLarge(f"{name}: its directory is too large for the {count_limit} files an upload may hold "
+                           "(viewer.max_upload_files): send it in several parts")
         try:
             archive = zipfile.ZipFile(path)
         except Exception as exc:
             files.append((name, None, f"a damaged zip ({_why(exc)}): nothing in it was read"))
             continue
         with archive:
-            total = _check_zip(name, archive, file_limit, limit, total)
             members = [m for m in archive.infolist() if not m.is_dir()]
+            count += len(members) - 1
+            if count > count_limit:
+                raise _too_many(count_limit)
+            total = _check_zip(name, archive, file_limit, limit, total)
             for number, member in enumerate(members):
                 member_name = f"{name}/{_printable(member.filename)}"[:300]
                 target = work / f"zip-{path.stem}-{number:05d}.dcm"
@@ -193,6 +218,28 @@ def _unpack(received: list[tuple[str, Path]], work: Path, file_limit: int, limit
     return files
 
 
+def _directory_size(path: Path) -> int:
+    """The size of the zip's central directory, as its end record says (ZIP64 too), before zipfile
+    reads it whole; 0 when there is no end record to read, or it claims more than the file holds
+    (a damaged zip: zipfile then says what is wrong, and it is refused by itself)."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, 2)
+        fh.seek(max(0, size - (22 + 0xFFFF)))
+        tail = fh.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < 22:
+            return 0
+        entries, directory = struct.unpack_from("<HI", tail, at + 10)
+        if (entries == 0xFFFF or directory == 0xFFFFFFFF) and at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07":
+            (record,) = struct.unpack_from("<Q", tail, at - 12)          # the ZIP64 end record's offset
+            if record + 56 <= size:
+                fh.seek(record)
+                head = fh.read(56)
+                if head[:4] == b"PK\x06\x06":
+                    (directory,) = struct.unpack_from("<Q", head, 40)
+        return directory if directory <= size else 0
+
+
 def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 
@@ -204,8 +251,6 @@ def _why(exc: Exception) -> str:
 def _check_zip(name: str, archive: zipfile.ZipFile, file_limit: int, limit: int, total: int) -> int:
     """The zip's members against the limits, by what its directory says (before anything is read)."""
     members = [m for m in archive.infolist() if not m.is_dir()]
-    if len(members) > MAX_MEMBERS:
-        raise TooLarge(f"{name} holds more than {MAX_MEMBERS} files")
     for member in members:
         label = _printable(member.filename)[:200]
         if member.file_size > file_limit:

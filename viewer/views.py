@@ -34,8 +34,10 @@ from .app import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, JOB_ID, LOGINS
                   run, valid_uid)
 from .app import form as read_form
 from .app import json_body
-from .images import NotAnImage
-from .logins import Busy
+from .images import IMAGE_LIMIT, NotAnImage
+from .images import Busy as ImagesBusy
+from .events import TooManyStreams
+from .logins import Busy, source_of
 
 log = logging.getLogger(__name__)
 PAGE = 50
@@ -239,7 +241,7 @@ async def login(request: web.Request) -> web.Response:
     the delay that the failures before it earned (logins.py); a flood is answered 429 unchecked."""
     form = await read_form(request)
     name, password = str(form.get("user", ""))[:64], str(form.get("password", ""))[:1024]
-    index, address = request.app[ARCHIVE].index, _address(request)
+    index, address = request.app[ARCHIVE].index, source_of(_address(request))     # IPv6: its /64
     try:
         async with request.app[LOGINS].turn(name, address):
             delay = await run(request, accounts.failure_delay, index, name, address)
@@ -682,26 +684,58 @@ async def _decoded(request: web.Request, uid: str):
         raise web.HTTPUnprocessableEntity(text=json.dumps({"error": why}), content_type="application/json") from None
 
 
-async def _dataset(request: web.Request, uid: str, pixels: bool = False):
-    """The stored data set; 422 when the stored file cannot be read within the limits (a
-    deflate bomb, nesting too deep: docs/security.md)."""
-    try:
-        return await run(request, request.app[IMAGES].dataset, uid, pixels)
-    except InvalidInstance as exc:
+def _unreadable(uid: str, exc: Exception) -> web.HTTPUnprocessableEntity:
+    """422 for a stored file that cannot be read within the limits (a deflate bomb, nesting too
+    deep: docs/security.md) or at all (a damaged header)."""
+    if isinstance(exc, InvalidInstance):
         log.warning("instance %s cannot be read: %s", uid, exc)
-        raise web.HTTPUnprocessableEntity(text=json.dumps({"error": f"this object cannot be read: {exc}"}),
-                                          content_type="application/json") from None
+        why = f"this object cannot be read: {exc}"
+    else:
+        log.warning("instance %s: its header cannot be read (%s)", uid, type(exc).__name__)
+        why = f"this image cannot be shown: its header cannot be read ({type(exc).__name__})"
+    return web.HTTPUnprocessableEntity(text=json.dumps({"error": why}), content_type="application/json")
+
+
+async def _dataset(request: web.Request, uid: str):
+    """The stored data set without its pixel data or other large values; 422 when it cannot be read."""
+    try:
+        return await run(request, request.app[IMAGES].dataset, uid)
+    except Exception as exc:
+        raise _unreadable(uid, exc) from None
+
+
+async def _with_pixels(request: web.Request, uid: str, work, picture_pixels: int = 0):
+    """`work(decoded)` on the instance's pixels, decoded (once) and shown within the viewer's memory
+    for images (images.MemoryBudget, viewer.decode_memory_mb): NotAnImage when it is not shown, 422
+    when it cannot be read or decoded, 503 when that memory stays taken by other images."""
+    images = request.app[IMAGES]
+    try:
+        need, decoded = await run(request, images.prepare, uid, picture_pixels)
+    except NotAnImage:
+        raise
+    except Exception as exc:
+        raise _unreadable(uid, exc) from None
+    try:
+        async with images.budget.hold(need):
+            decoded = decoded or await _decoded(request, uid)
+            return await run(request, work, decoded)
+    except ImagesBusy as exc:
+        raise web.HTTPServiceUnavailable(text=json.dumps({"error": str(exc)}), content_type="application/json",
+                                         headers={"Retry-After": "10"}) from None
 
 
 async def api_info(request: web.Request) -> web.Response:
     uid, _ = await _instance(request)
     try:
-        decoded = await _decoded(request, uid)
+        info = await _with_pixels(request, uid, lambda decoded: decoded.info)
     except NotAnImage as exc:
-        ds = await _dataset(request, uid)
-        return _json({"image": False, "sop_class_uid": str(ds.SOPClassUID), "why": str(exc),
-                      "modality": str(ds.get("Modality", ""))})
-    return _json({"image": True, **decoded.info})
+        try:
+            header = await run(request, request.app[IMAGES].header, uid)
+        except Exception as error:
+            raise _unreadable(uid, error) from None
+        return _json({"image": False, "sop_class_uid": header.sop_class_uid, "why": str(exc),
+                      "modality": header.modality})
+    return _json({"image": True, **info})
 
 
 def _numbers(query, names, kind=float):
@@ -721,14 +755,11 @@ async def api_render(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text='{"error": "format: png or jpeg"}', content_type="application/json")
     region = (x, y, w, h) if None not in (x, y, w, h) else None
     size = (width, height) if (width, height) != (None, None) else None
+    picture = min(abs(width or IMAGE_LIMIT), IMAGE_LIMIT) * min(abs(height or IMAGE_LIMIT), IMAGE_LIMIT)
     try:
-        await _decoded(request, uid)              # decoded once and cached: the render below finds it
-    except NotAnImage as exc:
-        raise web.HTTPUnprocessableEntity(text=json.dumps({"error": str(exc)}), content_type="application/json")
-    try:
-        data = await run(request, lambda: request.app[IMAGES].render(
+        data = await _with_pixels(request, uid, lambda decoded: request.app[IMAGES].render(
             uid, frame=frame or 0, region=region, size=size, window=(center, window) if None not in (center, window)
-            else None, fmt=fmt))
+            else None, fmt=fmt, decoded=decoded), picture)
     except NotAnImage as exc:
         raise web.HTTPUnprocessableEntity(text=json.dumps({"error": str(exc)}), content_type="application/json")
     except ValueError as exc:
@@ -795,7 +826,7 @@ def _sr_items(sequence, depth: int = 0, budget: list[int] | None = None) -> list
 
 async def api_sr(request: web.Request) -> web.Response:
     uid, _ = await _instance(request)
-    ds = await _dataset(request, uid, True)
+    ds = await _dataset(request, uid)
     if not isinstance(ds.get("ContentSequence"), Sequence):
         raise web.HTTPUnprocessableEntity(text='{"error": "not a structured report"}', content_type="application/json")
     title = _meaning(ds, "ConceptNameCodeSequence") or "Report"
@@ -830,24 +861,34 @@ async def api_download(request: web.Request) -> web.StreamResponse:
 async def api_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: job progress and results, as the change log records them."""
     session = request[SESSION]
+    broker = request.app[EVENTS]
+    try:                                        # a few per session and per address (viewer.max_event_streams)
+        subscription = broker.subscribe(session.token_hash, source_of(_address(request)))
+    except TooManyStreams as exc:
+        refusal = _json({"error": str(exc)}, 429)
+        refusal.headers["Retry-After"] = "30"
+        refusal.force_close()                   # its connection too (a TLS connection holds 256 KiB)
+        return refusal
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
-    await response.prepare(request)
-    broker = request.app[EVENTS]
-    subscription = broker.subscribe()
     try:
+        await response.prepare(request)
         await response.write(b": connected\n\n")
         last_seen = request.headers.get("Last-Event-ID", "")
         backlog = await run(request, broker.missed, int(last_seen)) if _EVENT_ID.match(last_seen) else []
-        sent = 0
+        sent = quiet = 0
         while True:
             if backlog:
                 event = backlog.pop(0)
             else:
                 try:
-                    event = await asyncio.wait_for(subscription.get(), timeout=15)
-                except asyncio.TimeoutError:
-                    await response.write(b": keep-alive\n\n")
+                    event = await asyncio.wait_for(subscription.get(), timeout=1)
+                except asyncio.TimeoutError:        # a closed connection frees its stream within a second
+                    if request.transport is None or request.transport.is_closing():
+                        break
+                    quiet += 1
+                    if quiet % 15 == 0:
+                        await response.write(b": keep-alive\n\n")
                     continue
             if event["seq"] <= sent or (session.is_share and event.get("study_uid") != session.study_uid):
                 continue
