@@ -197,7 +197,7 @@ def test_a_share_link_opens_one_study_in_a_fresh_browser_and_phones_work(site, b
     assert guest.goto(f"{url}/studies/{studies['bone-model']}").status == 403
     page.click("#shares li.share.open button:has-text('Revoke')")             # the clinician takes it back
     page.wait_for_selector("#shares li.share.closed")
-    assert guest.goto(f"{url}/api/studies/{studies['mammo-cad']}").status == 401
+    assert guest.goto(f"{url}/api/studies/{studies['mammo-cad']}").status == 403        # "withdrawn", not "log in"
     assert guest.goto(link).status == 403
     phone.close()
     context.close()
