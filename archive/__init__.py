@@ -1,6 +1,50 @@
-"""The store: SQLite index, encrypted blob storage, ingest. No DICOM networking here."""
+"""The store: the index, encrypted blob storage, ingest. No DICOM networking here.
+
+`archive.open(settings)` opens the node's archive; `archive.open_index(settings)` its index alone.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from .crypto import IntegrityError
 from .dicomfile import InvalidInstance, Limits, PixelsTooLarge
 from .ingest import Archive, IngestResult, Outcome
 
-__all__ = ["Archive", "IngestResult", "IntegrityError", "InvalidInstance", "Limits", "Outcome", "PixelsTooLarge"]
+if TYPE_CHECKING:
+    from .index import Index
+    from .settings import Settings
+
+__all__ = ["Archive", "IngestResult", "IntegrityError", "InvalidInstance", "Limits", "Outcome", "PixelsTooLarge",
+           "open", "open_index"]
+
+
+def open(settings: Settings) -> Archive:                      # noqa: A001 (archive.open, as io.open)
+    """The node's archive; with storage.backend = "s3", with its S3 tier (and KMS when set)."""
+    from . import s3
+    from .crypto import KmsKeyring
+
+    st, cr, ig = settings.storage, settings.crypto, settings.ingest
+
+    def s3_tier(keyring):
+        return s3.S3Storage(s3.client(st.s3.endpoint_url, st.s3.region, st.s3.timeout), st.s3.bucket, keyring,
+                            prefix=st.s3.prefix, segment_size=st.segment_size, part_size=st.s3.part_size)
+
+    kms = None
+    if cr.kms_key_id:
+        kms = KmsKeyring(s3.client(cr.kms_endpoint_url, cr.kms_region or st.s3.region, st.s3.timeout, "kms"),
+                         cr.kms_key_id)
+    limits = Limits(max_inflated_bytes=ig.max_inflated_bytes, max_inflate_ratio=ig.max_inflate_ratio,
+                    max_sequence_depth=ig.max_sequence_depth, max_pixel_bytes=ig.max_pixel_bytes)
+    return Archive(settings.data_dir, duplicates=st.duplicates, segment_size=st.segment_size, kms=kms,
+                   remote=s3_tier if st.backend == "s3" else None, limits=limits, on_conflict=ig.on_conflict,
+                   min_free_bytes=st.min_free_bytes)
+
+
+def open_index(settings: Settings) -> Index:
+    """The node's index alone (no keys, no storage): for reports such as `m3dicom status`."""
+    from .index import Index
+
+    path = settings.data_dir / "index.sqlite3"
+    if not path.exists():
+        raise RuntimeError(f"no index at {path}: is node.data_dir right? (the node creates it at its first start)")
+    return Index(path)

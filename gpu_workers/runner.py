@@ -80,7 +80,7 @@ _ARCHIVES: dict[str, object] = {}   # per worker process: opened once, kept whil
 def _archive(config):
     """The blob store of `config` (or of this worker's own configuration), opened once per process."""
     from node.config import load
-    from node.service import open_archive
+    from archive import open as open_archive
 
     own = os.environ.get(WORKER_CONFIG_ENV)
     if own:

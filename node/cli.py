@@ -97,7 +97,7 @@ def cmd_status(args) -> int:
 
     from archive.offload import status
 
-    from .service import open_index
+    from archive import open_index
 
     config = _config(args)
     index = open_index(config)
@@ -191,7 +191,7 @@ def cmd_keys_rotate(args) -> int:
 
     from archive.keys import rotate, work
 
-    from .service import open_archive
+    from archive import open as open_archive
 
     archive = open_archive(_config(args))
     try:
@@ -290,7 +290,7 @@ def cmd_worker(args) -> int:
 @contextmanager
 def _index_of(args):
     """The node's index for one command, closed after it."""
-    from .service import open_index
+    from archive import open_index
 
     index = open_index(_config(args))
     try:
@@ -358,7 +358,7 @@ def cmd_viewer(args) -> int:
     from viewer import serve as viewer_serve
 
     from .receivers import LOG_FORMAT
-    from .service import open_index
+    from archive import open_index
 
     config = _config(args)
     logging.basicConfig(level=config.log.level, format=LOG_FORMAT, stream=sys.stderr)

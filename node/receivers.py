@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pydicom.config
+
 from scp.commitment import Committer
-from scp.server import PeerChatter, build_ae, start_servers
+from scp.server import PeerChatter, build_ae, configure_pynetdicom, start_servers
 
 from .config import Config
 
@@ -56,7 +58,7 @@ class OneLineFormatter(logging.Formatter):
     """Every record the node logs becomes one line: control characters escaped, each argument
     and the message cut short, a traceback on the same line (its line breaks written \\n).
 
-    Installed on the node's log handlers in every process (`node.service.configure_libraries`),
+    Installed on the node's log handlers in every process (`configure_libraries`),
     around the formatter they had."""
 
     def __init__(self, inner: logging.Formatter | None = None):
@@ -83,6 +85,19 @@ def _short(arg):
         return arg
     text = arg.decode("ascii", "backslashreplace") if isinstance(arg, (bytes, bytearray)) else str(arg)
     return _cut(text, MAX_LOG_VALUE) if len(text) > MAX_LOG_VALUE else arg
+
+
+def configure_libraries() -> None:
+    """Settings of pynetdicom and pydicom for a node's process (see notes/ingest-performance.md).
+
+    pynetdicom's are the DICOM services' (`scp.server.configure_pynetdicom`); pydicom's value
+    validation is off on the hot path: the archive validates what it needs itself. Every log
+    line is one line, escaped and cut short (`one_line_logs`): peers' values reach the log.
+    """
+    configure_pynetdicom()
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    # what peers send reaches log lines: one line per record, escaped and cut short, in every process
+    one_line_logs()
 
 
 def one_line_logs(root: logging.Logger | None = None) -> None:
@@ -128,7 +143,7 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
             on_ready: Callable[[], None] = lambda: None,
             every_second: Callable[[], None] = lambda: None) -> None:
     """One receiver: serve the sockets until `stop` is set."""
-    from .service import open_archive
+    from archive import open as open_archive
 
     spool = spool_dir(config, index)
     _make_spool(spool)
@@ -162,7 +177,6 @@ def _receiver(config: Config, index: int, sockets: dict[int, socket.socket], sto
 def _child(config: Config, parent: int, target: Callable, *args) -> None:
     """Entry point of a spawned process: dies with the node, stops on SIGTERM, runs `target`."""
     _die_with(parent)
-    from .service import configure_libraries
 
     logging.basicConfig(level=config.log.level, format=LOG_FORMAT)
     configure_libraries()

@@ -7,14 +7,12 @@ import shutil
 import signal
 import threading
 
-import pydicom.config
-from pynetdicom import _config as pynetdicom_config
-
-from archive import Archive
+from archive import open as open_archive
 from scp.tls import server_context
 
 from . import lock, receivers
 from .config import Config
+from .receivers import configure_libraries
 
 
 def storescu_hint(config: Config) -> str:
@@ -24,29 +22,6 @@ def storescu_hint(config: Config) -> str:
             f"-aet {c.ae_title} -aec {config.node.ae_title} {d.host} {d.port} FILE.dcm")
 
 log = logging.getLogger(__name__)
-
-
-def configure_libraries() -> None:
-    """Settings of pynetdicom and pydicom for a receiving node (see notes/ingest-performance.md).
-
-    Received data sets are streamed to a spool file and sent ones streamed from their file
-    (memory stays bounded for any size, bytes are never re-encoded);
-    pynetdicom's per-event debug handlers and pydicom's value validation are off on the
-    hot path: the archive validates what it needs itself. Every log line is one line,
-    escaped and cut short (`receivers.one_line_logs`): peers' values reach the log.
-    """
-    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
-    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # C-MOVE / C-GET send stored files as they are
-    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
-    # identifiers carry patient data, and formatting them costs ~1 ms per C-FIND match
-    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
-    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    # pynetdicom logs whole identifiers (patient names) at INFO: keep it to problems
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # what peers send reaches log lines: one line per record, escaped and cut short, in every process
-    receivers.one_line_logs()
 
 
 def prepare_spool(config: Config) -> None:
@@ -59,39 +34,6 @@ def prepare_spool(config: Config) -> None:
     if spool.exists():
         shutil.rmtree(spool)
     spool.mkdir(mode=0o700, parents=True)
-
-
-def open_archive(config: Config) -> Archive:
-    """The node's archive; with storage.backend = "s3", with its S3 tier (and KMS when set)."""
-    from archive import Limits, s3
-    from archive.crypto import KmsKeyring
-
-    st, cr = config.storage, config.crypto
-
-    def s3_tier(keyring):
-        return s3.S3Storage(s3.client(st.s3.endpoint_url, st.s3.region, st.s3.timeout), st.s3.bucket, keyring,
-                            prefix=st.s3.prefix, segment_size=st.segment_size, part_size=st.s3.part_size)
-
-    kms = None
-    if cr.kms_key_id:
-        kms = KmsKeyring(s3.client(cr.kms_endpoint_url, cr.kms_region or st.s3.region, st.s3.timeout, "kms"),
-                         cr.kms_key_id)
-    ig = config.ingest
-    limits = Limits(max_inflated_bytes=ig.max_inflated_bytes, max_inflate_ratio=ig.max_inflate_ratio,
-                    max_sequence_depth=ig.max_sequence_depth, max_pixel_bytes=ig.max_pixel_bytes)
-    return Archive(config.data_dir, duplicates=st.duplicates, segment_size=st.segment_size, kms=kms,
-                   remote=s3_tier if st.backend == "s3" else None, limits=limits, on_conflict=ig.on_conflict,
-                   min_free_bytes=st.min_free_bytes)
-
-
-def open_index(config: Config):
-    """The node's index alone (no keys, no storage): for reports such as `m3dicom status`."""
-    from archive.index import Index
-
-    path = config.data_dir / "index.sqlite3"
-    if not path.exists():
-        raise RuntimeError(f"no index at {path}: is node.data_dir right? (the node creates it at its first start)")
-    return Index(path)
 
 
 def _watch_parent(stop: threading.Event, parent_alive) -> None:

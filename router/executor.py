@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from gpu_workers.backend import gpu_count
 from gpu_workers.plugin import ParamError, PluginError
 from gpu_workers.runner import PROGRESS_TOPIC, JobOutput, JobSpec, run_job
-from node.config import Config
+
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
@@ -62,7 +63,7 @@ def dashboard(port: int) -> tuple[dict, dict]:
 
 
 class Executor:
-    def __init__(self, config: Config):
+    def __init__(self, config: Settings):
         self.config = config
         self._client = None
         self._cluster = None

@@ -19,7 +19,8 @@ from archive import Archive, IntegrityError
 from archive.index import Index
 from archive.storage import BlobNotFound
 from gpu_workers.runner import StagedOutput
-from node.config import Config
+
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def take_results(archive: Archive, job_id: str, study_uid: str, outputs, spool: 
     return len(rows)
 
 
-def forward(archive: Archive, config: Config, job_id: str, destination: str) -> str:
+def forward(archive: Archive, config: Settings, job_id: str, destination: str) -> str:
     """C-STORE a job's DICOM results to [remote.`destination`]; '' on success, else why not."""
     try:
         return _forward(archive, config, job_id, destination)
@@ -98,7 +99,7 @@ def forward(archive: Archive, config: Config, job_id: str, destination: str) -> 
         return f"{type(exc).__name__}: {exc}"
 
 
-def _forward(archive: Archive, config: Config, job_id: str, destination: str) -> str:
+def _forward(archive: Archive, config: Settings, job_id: str, destination: str) -> str:
     from scp.scu import SendError, send_to_remote
 
     remote = config.remote.get(destination)

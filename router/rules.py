@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from node.config import Rule
+from .settings import Rule
 
 
 @dataclass(frozen=True)

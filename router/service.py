@@ -23,13 +23,13 @@ from archive import Archive
 from archive.index import Index
 from gpu_workers.plugin import ParamError, Plugin, PluginError, check_params, discover
 from gpu_workers.runner import InputInstance, InputSeries, JobSpec
-from node.config import Config
 
 from . import queue
 from .executor import Executor, Refused
 from .intake import IntakeError, backoff, discard, forward, take_results
 from .jobs import Expire, Fail, IllegalTransition, Lease, Renew, Succeed
 from .rules import CompiledRule, SeriesFacts, compile_rules
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class RouterError(RuntimeError):
     """The router's configuration cannot work (unknown plug-in, bad parameters)."""
 
 
-def load_plugins(config: Config) -> dict[str, Plugin]:
+def load_plugins(config: Settings) -> dict[str, Plugin]:
     """The plug-ins, with every rule's plug-in and parameters checked (a clear error at start)."""
     try:
         plugins = discover(config.router.plugins)
@@ -70,7 +70,7 @@ class _Running:
 
 
 class Router:
-    def __init__(self, config: Config, archive: Archive, executor: Executor | None = None, clock=time.time):
+    def __init__(self, config: Settings, archive: Archive, executor: Executor | None = None, clock=time.time):
         self.config, self.archive, self.clock = config, archive, clock
         self.plugins = load_plugins(config)
         self.rules = compile_rules(config.router.rules)

@@ -35,8 +35,8 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 from archive import Archive, IntegrityError
 from archive.dicomfile import valid_uid
 from archive.storage import BlobNotFound
-from node.config import Config
 
+from .settings import Settings
 from .tls import Reports, no_delay, remote_tls
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _status(code: int, comment: str) -> Dataset:
 class Committer:
     """Receives commitment requests (EVT_N_ACTION) and delivers their reports."""
 
-    def __init__(self, archive: Archive, config: Config, retry_base: float = 30.0):
+    def __init__(self, archive: Archive, config: Settings, retry_base: float = 30.0):
         self.archive, self.config = archive, config
         self.retry_base = retry_base
         self.max_pending = config.commitment.max_pending_per_peer

@@ -20,7 +20,8 @@ from pydicom.uid import UID
 from archive import Archive, Outcome
 from archive.ingest import SHORT_OF_DISK
 from archive.query import Query, QueryError, model_of
-from node.config import Config
+
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class Reception:
     free_bytes: Callable[[], int]
 
     @classmethod
-    def of(cls, config: Config) -> "Reception":
+    def of(cls, config: Settings) -> "Reception":
         return cls(config.ingest.max_instance_bytes, config.storage.min_free_bytes, config.dicom.max_store_seconds,
                    config.dicom.min_store_rate, free_space_of(config.data_dir))
 
@@ -173,7 +174,7 @@ def handle_closed(event) -> None:
         drop()
 
 
-def find(archive: Archive, config: Config, calling_ae: str, sop_class: str, identifier: Callable[[], Dataset],
+def find(archive: Archive, config: Settings, calling_ae: str, sop_class: str, identifier: Callable[[], Dataset],
          cancelled: Callable[[], bool], explicit_vr: bool | None = None) -> Iterator[tuple[int, str, object]]:
     """C-FIND: Patient Root and Study Root, every level; at most `query.max_results` matches.
 
@@ -222,7 +223,7 @@ def find(archive: Archive, config: Config, calling_ae: str, sop_class: str, iden
     yield 0x0000, "", None
 
 
-def handle_find(event, archive: Archive, config: Config):
+def handle_find(event, archive: Archive, config: Settings):
     """EVT_C_FIND, for the queries the fast path leaves to pynetdicom."""
     for code, comment, match in find(archive, config, event.assoc.requestor.ae_title,
                                      str(event.request.AffectedSOPClassUID), lambda: event.identifier,

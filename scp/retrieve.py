@@ -25,8 +25,8 @@ from pynetdicom.presentation import build_context
 from archive import Archive, IntegrityError
 from archive.query import FROM, LEVELS, UNIQUE, Query, QueryError, model_of
 from archive.storage import BlobNotFound
-from node.config import Config
 
+from .settings import Settings
 from .tls import no_delay, remote_tls
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def _instances(event, archive: Archive, found):
             yield 0xFF00, StoredInstance(match.sop_class_uid, match.sop_instance_uid, path)
 
 
-def handle_move(event, archive: Archive, config: Config):
+def handle_move(event, archive: Archive, config: Settings):
     """EVT_C_MOVE: to a [remote.NAME] node known by its AE title; unknown: 0xA801. A refused
     identifier gets its failure status without a connection to the destination."""
     request = event.request
@@ -257,7 +257,7 @@ def handle_move(event, archive: Archive, config: Config):
     yield from _instances(event, archive, found)
 
 
-def handle_get(event, archive: Archive, config: Config | None = None):
+def handle_get(event, archive: Archive, config: Settings | None = None):
     """EVT_C_GET: the instances come back on the requestor's association (it is the storage SCP)."""
     limit = config.query.max_retrieve_instances if config is not None else 65535
     try:

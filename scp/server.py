@@ -8,6 +8,7 @@ import threading
 from functools import partial
 
 import pynetdicom
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
@@ -20,10 +21,10 @@ from pynetdicom.sop_class import (
 from pydicom import uid
 
 from archive import Archive
-from node.config import Config
 
 from . import fastpath, handlers, retrieve, wire
 from .commitment import Committer
+from .settings import Settings
 from .tls import Reports, Slots, TLSAssociationServer, server_context, source_of
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,24 @@ def _peer_source(thread: threading.Thread) -> str | None:
         return None
 
 
-def build_ae(config: Config) -> AE:
+def configure_pynetdicom() -> None:
+    """pynetdicom's settings for a receiving node (see notes/ingest-performance.md).
+
+    Received data sets are streamed to a spool file and sent ones streamed from their file
+    (memory stays bounded for any size, bytes are never re-encoded); pynetdicom's per-event
+    debug handlers are off on the hot path, and it logs no identifiers (patient names) at INFO.
+    """
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # C-MOVE / C-GET send stored files as they are
+    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+    # identifiers carry patient data, and formatting them costs ~1 ms per C-FIND match
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def build_ae(config: Settings) -> AE:
     d = config.dicom
     ae = retrieve.NodeAE(ae_title=config.node.ae_title)
     ae.maximum_associations = d.max_associations
@@ -138,7 +156,7 @@ def build_ae(config: Config) -> AE:
     return ae
 
 
-def event_handlers(archive: Archive, config: Config, committer: Committer | None = None) -> list:
+def event_handlers(archive: Archive, config: Settings, committer: Committer | None = None) -> list:
     committer = committer or Committer(archive, config)
     return [
         (evt.EVT_N_ACTION, committer.handle_action),
@@ -153,7 +171,7 @@ def event_handlers(archive: Archive, config: Config, committer: Committer | None
     ]
 
 
-def start_servers(ae: AE, config: Config, archive: Archive, sockets: dict[int, socket.socket],
+def start_servers(ae: AE, config: Settings, archive: Archive, sockets: dict[int, socket.socket],
                   committer: Committer | None = None) -> list:
     """Serve the listening `sockets` (by port: TLS, and plain when configured); non-blocking."""
     d = config.dicom
@@ -177,7 +195,7 @@ def start_servers(ae: AE, config: Config, archive: Archive, sockets: dict[int, s
     return servers
 
 
-def serve(ae: AE, sock: socket.socket, bound: list, contexts: list, ssl_context, config: Config,
+def serve(ae: AE, sock: socket.socket, bound: list, contexts: list, ssl_context, config: Settings,
           request_handler=None, slots: Slots | None = None) -> TLSAssociationServer:
     """Serve the listening `sock` in a thread (TLS when `ssl_context`), with the [dicom] limits
     on connections not yet associated, and on associations (`slots`, shared between ports)."""

@@ -26,11 +26,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiDict
 
 from archive import Archive
-from node.config import Config
 
 from . import accounts
 from .images import Images
 from .logins import LoginGate
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -40,7 +40,7 @@ COOKIE = "m3session"
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 
-CONFIG = web.AppKey("config", Config)
+CONFIG = web.AppKey("config", Settings)
 ARCHIVE = web.AppKey("archive", Archive)
 IMAGES = web.AppKey("images", Images)
 PLUGINS = web.AppKey("plugins", dict)
@@ -249,7 +249,7 @@ def render(request: web.Request, template: str, **context) -> web.Response:
     return web.Response(text=html, content_type="text/html")
 
 
-def create_app(config: Config, archive: Archive | None = None, clock=time.time) -> web.Application:
+def create_app(config: Settings, archive: Archive | None = None, clock=time.time) -> web.Application:
     """The viewer for `config`'s node (its own archive connection unless one is given)."""
     from . import events, views
 
@@ -262,7 +262,7 @@ def create_app(config: Config, archive: Archive | None = None, clock=time.time) 
 
     async def resources(app: web.Application):
         from gpu_workers.plugin import discover
-        from node.service import open_archive
+        from archive import open as open_archive
 
         opened = archive or open_archive(config)
         app[ARCHIVE] = opened

@@ -18,9 +18,9 @@ from aiohttp.web_log import AccessLogger
 from yarl import URL
 
 from archive.index import Index
-from node.config import Config
 
 from . import accounts
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 ADMIN_PASSWORD_ENV = "M3DICOM_ADMIN_PASSWORD"
@@ -39,7 +39,7 @@ def loopback(host: str) -> bool:
         return False
 
 
-def check(config: Config, index: Index, users: bool = True) -> None:
+def check(config: Settings, index: Index, users: bool = True) -> None:
     """Beyond loopback, the viewer needs TLS and (`users`) at least one user."""
     v = config.viewer
     if loopback(v.host):
@@ -66,7 +66,7 @@ def first_admin(index: Index, say=print) -> None:
             "`m3dicom user add admin --role admin --replace`)")
 
 
-def ssl_context(config: Config) -> ssl.SSLContext | None:
+def ssl_context(config: Settings) -> ssl.SSLContext | None:
     from scp.tls import harden
 
     v, d = config.viewer, config.dicom
@@ -82,7 +82,7 @@ def ssl_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-def listen(config: Config) -> socket.socket:
+def listen(config: Settings) -> socket.socket:
     v = config.viewer
     family = socket.AF_INET6 if ":" in v.host else socket.AF_INET
     try:
@@ -143,7 +143,7 @@ class MalformedRequestsInOneLine(logging.Filter):
         return True
 
 
-async def _run(config: Config, sock: socket.socket, stop: threading.Event, ready=None) -> None:
+async def _run(config: Settings, sock: socket.socket, stop: threading.Event, ready=None) -> None:
     from .app import create_app
 
     server_log = logging.getLogger("aiohttp.server")
@@ -164,10 +164,10 @@ async def _run(config: Config, sock: socket.socket, stop: threading.Event, ready
         await runner.cleanup()
 
 
-def run(config: Config, sock: socket.socket, stop: threading.Event, ready=None) -> None:
+def run(config: Settings, sock: socket.socket, stop: threading.Event, ready=None) -> None:
     asyncio.run(_run(config, sock, stop, ready))
 
 
-def address(config: Config) -> str:
+def address(config: Settings) -> str:
     v = config.viewer
     return v.public_url or f"{'https' if v.tls else 'http'}://{v.host}:{v.port}/"

@@ -1,0 +1,54 @@
+"""The change log's one consumer API (archive.changes): never a change twice, never one lost."""
+from __future__ import annotations
+
+import pytest
+
+from archive import changes
+from archive.index import Index
+
+
+@pytest.fixture
+def index(tmp_path):
+    index = Index(tmp_path / "index.sqlite3")
+    yield index
+    index.close()
+
+
+def _log(index: Index, *kinds: str) -> None:
+    with index.write() as conn:
+        for kind in kinds:
+            conn.execute("INSERT INTO changes (kind, study_uid, blob_id, time) VALUES (?, '1.2.3', 'b', 0)", (kind,))
+
+
+def test_a_consumer_takes_each_change_of_its_kinds_once_in_order(index):
+    _log(index, "stored", "job_queued", "stored", "blob_removed")
+    with changes.consume(index, "test", kinds=("stored", "blob_removed")) as batch:
+        assert [(c.seq, c.kind) for c in batch] == [(1, "stored"), (3, "stored"), (4, "blob_removed")]
+    assert changes.position(index, "test") == 4
+    with changes.consume(index, "test") as batch:
+        assert len(batch) == 0
+    _log(index, "job_running", "job_running")
+    with changes.consume(index, "test", kinds=("stored",)) as batch:   # none of its kinds: the cursor still moves
+        assert list(batch) == [] and batch.upto == 6
+    assert changes.position(index, "test") == 6 and changes.position(index, "other") == 0
+
+
+def test_a_failure_while_handling_leaves_the_cursor_and_the_consumers_writes_undone(index):
+    _log(index, "stored", "stored")
+    with pytest.raises(RuntimeError):
+        with changes.consume(index, "test") as batch:
+            batch.conn.execute("INSERT INTO cursors (name, seq) VALUES ('side effect', 1)")
+            raise RuntimeError("the consumer failed")
+    assert changes.position(index, "test") == 0 and changes.position(index, "side effect") == 0
+    with changes.consume(index, "test", limit=1) as batch:             # taken again, a batch at a time
+        assert [c.seq for c in batch] == [1]
+    with changes.consume(index, "test", limit=1) as batch:
+        assert [c.seq for c in batch] == [2]
+
+
+def test_a_reader_reads_between_two_positions(index):
+    assert changes.latest(index) == 0
+    _log(index, "stored", "job_queued", "stored")
+    assert changes.latest(index) == 3
+    assert [c.seq for c in changes.read(index, 0, kinds=("stored",))] == [1, 3]
+    assert [c.kind for c in changes.read(index, 1, 2)] == ["job_queued"]
