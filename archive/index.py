@@ -149,7 +149,13 @@ def _offload(db: sqlite_utils.Database) -> None:
 
 @migrations(name="0004_jobs")
 def _jobs(db: sqlite_utils.Database) -> None:
-    """Analysis jobs, their results and forwards; study completion for the router; job events."""
+    """Analysis jobs, their results and forwards; study completion for the router; job events.
+
+    The router owns jobs, job_results, forwards, router_studies and router_fired since issue 16
+    (router/store.py: its own migrations make them, IF NOT EXISTS). They stay made here as well:
+    an existing database would end up the same without them, but a new index opened by the
+    archive alone (the viewer's and the tests' `Archive(...)`, which do not call
+    `router.store.migrate`) would then have no jobs table for the viewer to read."""
     db.executescript("""
     CREATE TABLE jobs (
         id TEXT PRIMARY KEY,
@@ -354,6 +360,19 @@ def _conflict_reason(db: sqlite_utils.Database) -> None:
     db.executescript("ALTER TABLE conflicts ADD COLUMN reason TEXT;")
 
 
+@migrations(name="0008_blob_holds")
+def _blob_holds(db: sqlite_utils.Database) -> None:
+    """Blobs that rows of another package still need (the router's result files): recovery and
+    the offloader keep them without reading that package's tables (`archive.holds`)."""
+    db.executescript("""
+    CREATE TABLE blob_holds (
+        blob_id TEXT NOT NULL,
+        holder TEXT NOT NULL,                -- the package whose rows need it ("router")
+        PRIMARY KEY (blob_id, holder)
+    );
+    """)
+
+
 # conflicts.action of a reception that did not become the stored instance of its UID
 NOT_KEPT = ("refused", "quarantined", "discarded")
 SAME_UID_OTHER_CONTENT = "received again with different content"
@@ -428,15 +447,21 @@ class Index:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
 
+    def apply_migrations(self, owned: sqlite_utils.Migrations) -> None:
+        """Apply another owner's migrations (router/, viewer/, scp/ tables) on the write connection."""
+        with self._lock:
+            owned.apply(sqlite_utils.Database(self._conn))
+
     def blob_ids(self) -> set[str]:
+        """Every blob a committed row needs: instances, quarantine, and blobs held by another owner."""
         return {row[0] for row in self.query("SELECT blob_id FROM instances UNION SELECT blob_id FROM quarantine "
-                                             "UNION SELECT blob_id FROM job_results WHERE blob_id IS NOT NULL")}
+                                             "UNION SELECT blob_id FROM blob_holds")}
 
     def blob_referenced(self, blob_id: str) -> bool:
         """Whether a committed row still needs this blob."""
         return bool(self.query("SELECT 1 FROM instances WHERE blob_id=? UNION ALL "
                                "SELECT 1 FROM quarantine WHERE blob_id=? UNION ALL "
-                               "SELECT 1 FROM job_results WHERE blob_id=? LIMIT 1", (blob_id, blob_id, blob_id)))
+                               "SELECT 1 FROM blob_holds WHERE blob_id=? LIMIT 1", (blob_id, blob_id, blob_id)))
 
     def integrity(self) -> dict[str, int]:
         """Counts for `m3dicom status`: instances that disagreed with the index, by what was done."""

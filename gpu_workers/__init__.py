@@ -1,2 +1,3 @@
 """Analysis plug-ins and what they share: the plug-in interface, the array backend (CuPy or
-NumPy), result builders (highdicom SC and SR), and the runner Dask workers execute."""
+NumPy), result builders (highdicom SC and SR). The Dask task that runs a job is the router's
+(router/task.py)."""

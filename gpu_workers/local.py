@@ -13,7 +13,7 @@ from pydicom.errors import InvalidDicomError
 
 from .backend import array_module
 from .plugin import Algorithm, Context, Instance, Plugin, PluginError, Series, check_params
-from .runner import encode
+from .results import encode
 
 
 def series_of(paths: list[Path]) -> list[Series]:

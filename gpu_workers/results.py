@@ -7,11 +7,13 @@ the SC in Derivation Description and Contributing Equipment.
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import highdicom as hd
 import numpy as np
+from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -21,6 +23,13 @@ from .plugin import Context
 
 MANUFACTURER = "m3dicom"
 ABSENT = codes.cid240.Absent           # (272519000, SCT, "Absent"): CID 240 Present-Absent
+
+
+def encode(dataset: Dataset) -> bytes:
+    """A result data set as a Part 10 file."""
+    buffer = io.BytesIO()
+    dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def _equipment(ctx: Context) -> list[hd.ContributingEquipment]:

@@ -269,7 +269,8 @@ def cmd_worker(args) -> int:
 
     from gpu_workers.backend import gpu_count
     from gpu_workers.plugin import discover
-    from gpu_workers.runner import WORKER_CONFIG_ENV
+
+    from .worker import CONFIG_ENV
 
     config = _config(args)
     plugins = discover(config.router.plugins)  # fail here, not in the first job, when one is broken
@@ -279,8 +280,9 @@ def cmd_worker(args) -> int:
                "--no-dashboard"]
     if gpus:
         command += ["--resources", f"GPU={gpus}"]
-    if args.config:
-        os.environ[WORKER_CONFIG_ENV] = str(Path(args.config).resolve())
+    if args.config:   # this machine's own settings, installed on each worker process (node/worker.py)
+        os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
+        command += ["--preload", "node.worker"]
     print(f"m3dicom worker for {args.scheduler}: {args.nworkers} process(es), {gpus} GPU(s), "
           f"plug-ins: {', '.join(sorted(plugins)) or 'none'}", flush=True)
     os.execv(sys.executable, command)
@@ -393,6 +395,7 @@ def _index_made(config: Config):
     start. The serve lock is not taken: a running node and this command may use the index
     together (SQLite orders their writes). Yields (index, whether it was made now)."""
     from archive.index import Index
+    from router import store as router_store
 
     path = config.data_dir / "index.sqlite3"
     made = not path.exists()
@@ -400,6 +403,7 @@ def _index_made(config: Config):
         config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     index = Index(path)
     try:
+        router_store.migrate(index)
         yield index, made
     finally:
         index.close()

@@ -144,6 +144,7 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
             every_second: Callable[[], None] = lambda: None) -> None:
     """One receiver: serve the sockets until `stop` is set."""
     from archive import open as open_archive
+    from router import store as router_store
 
     spool = spool_dir(config, index)
     _make_spool(spool)
@@ -155,6 +156,7 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
             _make_spool(spool)
         every_second()
     archive = open_archive(config)
+    router_store.migrate(archive.index)
     ae = build_ae(config)
     committer = Committer(archive, config)
     try:

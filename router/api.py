@@ -1,10 +1,10 @@
 """Jobs made and cancelled by people (the viewer, the command line), with the rules' checks."""
 from __future__ import annotations
 
-import json
 import time
 
 from archive.index import Index
+from archive.inputs import study_series
 from gpu_workers.plugin import ParamError, Plugin, check_params
 
 from . import queue
@@ -17,13 +17,10 @@ class JobRequestError(ValueError):
 
 def plugins_for_study(index: Index, plugins: dict[str, Plugin], study_uid: str) -> dict[str, list[str]]:
     """Plug-in name -> the series of the study it takes (only plug-ins that take some)."""
-    rows = index.query(
-        "SELECT se.series_uid, se.modality, json_group_array(DISTINCT i.sop_class_uid) AS classes FROM studies s "
-        "JOIN series se ON se.study_pk = s.pk JOIN instances i ON i.series_pk = se.pk "
-        "WHERE s.study_uid=? AND i.job_id IS NULL GROUP BY se.pk ORDER BY se.pk", (study_uid,))
+    series = study_series(index, study_uid)
     found = {}
     for name, plugin in plugins.items():
-        taken = [r["series_uid"] for r in rows if plugin.accepts.takes(r["modality"], json.loads(r["classes"]))]
+        taken = [s.series_uid for s in series if plugin.accepts.takes(s.modality, sorted(s.sop_classes))]
         if taken:
             found[name] = taken
     return found

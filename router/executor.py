@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from gpu_workers.backend import gpu_count
 from gpu_workers.plugin import ParamError, PluginError
-from gpu_workers.runner import PROGRESS_TOPIC, JobOutput, JobSpec, run_job
 
 from .settings import Settings
+from .task import PROGRESS_TOPIC, JobOutput, JobSpec, run_job
 
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"

@@ -16,11 +16,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from archive import Archive, IntegrityError
-from archive.index import Index
+from archive.inputs import filed
 from archive.storage import BlobNotFound
-from gpu_workers.runner import StagedOutput
 
+from . import queue
 from .settings import Settings
+from .task import StagedOutput
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +69,17 @@ def take_results(archive: Archive, job_id: str, study_uid: str, outputs, spool: 
                 result = archive.ingest_file(path, job_id=job_id)
                 if not result.outcome.ok:
                     raise IntakeError(f"result {output.name} refused by the archive: {result.reason}")
-                rows.append((job_id, "dicom", output.name, output.media_type, result.sop_instance_uid, None,
-                             output.size, output.sha256))
+                rows.append(queue.Result("dicom", output.name, output.media_type, result.sop_instance_uid, None,
+                                         output.size, output.sha256))
             else:
                 with open(path, "rb") as fh:
                     blob = archive.local.create(iter(lambda: fh.read(1 << 20), b""))
                 files.append(blob.blob_id)
-                rows.append((job_id, "file", output.name, output.media_type, None, blob.blob_id, output.size,
-                             output.sha256))
+                rows.append(queue.Result("file", output.name, output.media_type, None, blob.blob_id, output.size,
+                                         output.sha256))
     try:
         with archive.index.write() as conn:
-            conn.executemany("INSERT OR REPLACE INTO job_results (job_id, kind, name, media_type, sop_instance_uid, "
-                             "blob_id, size, sha256) VALUES (?,?,?,?,?,?,?,?)", rows)
-            for blob_id in files:
-                Index.add_job_change(conn, "file_stored", job_id, study_uid, blob_id=blob_id)
+            queue.record_results(conn, job_id, study_uid, rows)
     except Exception:
         for blob_id in files:
             archive.local.remove(blob_id)
@@ -105,12 +103,10 @@ def _forward(archive: Archive, config: Settings, job_id: str, destination: str) 
     remote = config.remote.get(destination)
     if remote is None:
         return f"no [remote.{destination}] node in the configuration"
-    found = archive.index.query("SELECT i.blob_id, i.sha256 FROM job_results r JOIN instances i "
-                                "ON i.sop_instance_uid = r.sop_instance_uid WHERE r.job_id=? AND r.kind='dicom'",
-                                (job_id,))
+    found = filed(archive.index, queue.dicom_results(archive.index, job_id)).values()
     with ExitStack() as stack:
         try:
-            paths = [stack.enter_context(archive.exported(r["blob_id"], r["sha256"])) for r in found]
+            paths = [stack.enter_context(archive.exported(f.blob_id, f.sha256)) for f in found]
         except (IntegrityError, BlobNotFound, OSError) as exc:
             return f"a result cannot be read back: {exc}"
         try:

@@ -11,12 +11,16 @@ import json
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from archive import holds
 from archive.index import Index
+from archive.inputs import filed
 
 from .jobs import Job, handle
+from .store import HOLDER
 
 STATE_CHANGE = "job_{}"
 
@@ -99,22 +103,25 @@ def get(index: Index, job_id: str, conn: sqlite3.Connection | None = None) -> Jo
     return JobRecord.of(rows[0])
 
 
-def apply(index: Index, job_id: str, event, **also) -> JobRecord:
+def apply(index: Index, job_id: str, event, conn: sqlite3.Connection | None = None, **also) -> JobRecord:
     """Apply a state machine event to a stored job (IllegalTransition leaves it untouched).
 
-    `also`: columns written in the same transaction (summary, progress, ...).
+    `also`: columns written in the same transaction (summary, progress, ...). Inside `conn`'s
+    transaction when given, else in one of its own.
     """
-    with index.write() as conn:
-        record = get(index, job_id, conn)
-        after = handle(record.machine, event)
-        columns = {"state": after.state, "attempts": after.attempts, "worker": after.worker,
-                   "lease_expires": after.lease_expires, "errors": json.dumps(list(after.errors)),
-                   "started_at": after.started_at, "finished_at": after.finished_at}
-        columns.update({k: json.dumps(v) if k in ("summary", "timings") else v for k, v in also.items()})
-        conn.execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in columns)} WHERE id=?", (*columns.values(), job_id))
-        if after.state != record.state or after.attempts != record.attempts:
-            Index.add_job_change(conn, STATE_CHANGE.format(after.state), job_id, record.study_uid)
-        return get(index, job_id, conn)
+    if conn is None:
+        with index.write() as c:
+            return apply(index, job_id, event, c, **also)
+    record = get(index, job_id, conn)
+    after = handle(record.machine, event)
+    columns = {"state": after.state, "attempts": after.attempts, "worker": after.worker,
+               "lease_expires": after.lease_expires, "errors": json.dumps(list(after.errors)),
+               "started_at": after.started_at, "finished_at": after.finished_at}
+    columns.update({k: json.dumps(v) if k in ("summary", "timings") else v for k, v in also.items()})
+    conn.execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in columns)} WHERE id=?", (*columns.values(), job_id))
+    if after.state != record.state or after.attempts != record.attempts:
+        Index.add_job_change(conn, STATE_CHANGE.format(after.state), job_id, record.study_uid)
+    return get(index, job_id, conn)
 
 
 def set_progress(index: Index, job_id: str, fraction: float, message: str) -> None:
@@ -151,12 +158,81 @@ def succeeded_files(index: Index, study_uid: str, name: str) -> list[tuple[str, 
 
 def results(index: Index, job_id: str) -> list[dict]:
     """What the job produced: DICOM instances (with their series) and files (blobs)."""
-    rows = index.query(
-        "SELECT r.kind, r.name, r.media_type, r.sop_instance_uid, r.blob_id, r.size, r.sha256, i.sop_class_uid, "
-        "se.series_uid, s.study_uid FROM job_results r LEFT JOIN instances i ON i.sop_instance_uid = r.sop_instance_uid "
-        "LEFT JOIN series se ON se.pk = i.series_pk LEFT JOIN studies s ON s.pk = se.study_pk "
-        "WHERE r.job_id=? ORDER BY r.name", (job_id,))
-    return [dict(r) for r in rows]
+    rows = [dict(r) for r in index.query("SELECT kind, name, media_type, sop_instance_uid, blob_id, size, sha256 "
+                                         "FROM job_results WHERE job_id=? ORDER BY name", (job_id,))]
+    where = filed(index, [r["sop_instance_uid"] for r in rows if r["sop_instance_uid"]])
+    for r in rows:
+        found = where.get(r["sop_instance_uid"])
+        r.update(sop_class_uid=found.sop_class_uid if found else None, series_uid=found.series_uid if found else None,
+                 study_uid=found.study_uid if found else None)
+    return rows
+
+
+def dicom_results(index: Index, job_id: str) -> list[str]:
+    """The SOP Instance UIDs of the job's DICOM results, by name."""
+    return [r[0] for r in index.query("SELECT sop_instance_uid FROM job_results WHERE job_id=? AND kind='dicom' "
+                                      "ORDER BY name", (job_id,))]
+
+
+@dataclass(frozen=True)
+class Result:
+    """One output of a job, as stored: a DICOM instance in the archive, or a file (an archive blob)."""
+    kind: str                        # dicom | file
+    name: str
+    media_type: str
+    sop_instance_uid: str | None
+    blob_id: str | None
+    size: int
+    sha256: str
+
+
+def record_results(conn: sqlite3.Connection, job_id: str, study_uid: str, found: list[Result]) -> None:
+    """Record the job's outputs (again, when its results are taken a second time after a crash),
+    inside `conn`'s transaction: files are held in the archive (a file they replace is let go),
+    and each one stored is a `file_stored` change."""
+    names = [r.name for r in found]
+    before = {row[0] for row in conn.execute(
+        f"SELECT blob_id FROM job_results WHERE job_id=? AND blob_id IS NOT NULL AND name IN "
+        f"({','.join('?' * len(names))})", (job_id, *names))} if names else set()
+    conn.executemany("INSERT OR REPLACE INTO job_results (job_id, kind, name, media_type, sop_instance_uid, "
+                     "blob_id, size, sha256) VALUES (?,?,?,?,?,?,?,?)",
+                     [(job_id, r.kind, r.name, r.media_type, r.sop_instance_uid, r.blob_id, r.size, r.sha256)
+                      for r in found])
+    files = [r.blob_id for r in found if r.kind == "file" and r.blob_id]
+    holds.release(conn, before - set(files), HOLDER)
+    holds.hold(conn, files, HOLDER)
+    for blob_id in files:
+        Index.add_job_change(conn, "file_stored", job_id, study_uid, blob_id=blob_id)
+
+
+def queued(index: Index, limit: int = 100) -> list[str]:
+    """Ids of queued jobs, the oldest first."""
+    return [r[0] for r in index.query("SELECT id FROM jobs WHERE state='queued' ORDER BY created_at LIMIT ?",
+                                      (limit,))]
+
+
+def expired(index: Index, now: float) -> list[str]:
+    """Ids of running jobs whose lease ended before `now`."""
+    return [r[0] for r in index.query("SELECT id FROM jobs WHERE state='running' AND lease_expires < ?", (now,))]
+
+
+def states(index: Index, job_ids: Iterable[str]) -> dict[str, str]:
+    """Job id -> state, for those of `job_ids` that exist."""
+    ids = list(job_ids)
+    if not ids:
+        return {}
+    return {r[0]: r[1] for r in index.query(f"SELECT id, state FROM jobs WHERE id IN ({','.join('?' * len(ids))})",
+                                            tuple(ids))}
+
+
+def latest_of_rule(conn: sqlite3.Connection, rule: str, study_uid: str, inputs: list[str] | None) -> JobRecord | None:
+    """The newest job that `rule` made for the study (on exactly `inputs`, when given)."""
+    for row in conn.execute("SELECT * FROM jobs WHERE rule=? AND study_uid=? ORDER BY created_at DESC",
+                            (rule, study_uid)):
+        record = JobRecord.of(row)
+        if inputs is None or record.inputs == inputs:
+            return record
+    return None
 
 
 @dataclass(frozen=True)

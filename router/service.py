@@ -12,7 +12,6 @@ Nothing here blocks a C-STORE: this is a process of its own, reading the index.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -20,16 +19,18 @@ from concurrent.futures import Future as ThreadFuture, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from archive import Archive
+from archive.changes import consume
 from archive.index import Index
+from archive.inputs import input_series, series_changed, study_series
 from gpu_workers.plugin import ParamError, Plugin, PluginError, check_params, discover
-from gpu_workers.runner import InputInstance, InputSeries, JobSpec
 
-from . import queue
+from . import queue, store
 from .executor import Executor, Refused
 from .intake import IntakeError, backoff, discard, forward, take_results
-from .jobs import Expire, Fail, IllegalTransition, Lease, Renew, Succeed
+from .jobs import Cancel, Expire, Fail, IllegalTransition, Lease, Renew, Succeed
 from .rules import CompiledRule, SeriesFacts, compile_rules
 from .settings import Settings
+from .task import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -115,63 +116,42 @@ class Router:
     # -- study completion -----------------------------------------------------------------
 
     def take_changes(self, limit: int = 5000) -> int:
-        with self.index.write() as conn:
-            row = conn.execute("SELECT seq FROM cursors WHERE name=?", (CURSOR,)).fetchone()
-            cursor = row[0] if row else 0
-            changes = conn.execute("SELECT seq, kind, study_uid, time FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
-                                   (cursor, limit)).fetchall()
-            if not changes:
-                return 0
-            for change in changes:
-                if change["kind"] in ROUTED and change["study_uid"]:
-                    conn.execute("INSERT INTO router_studies (study_uid, last_seq, last_time) VALUES (?,?,?) "
-                                 "ON CONFLICT(study_uid) DO UPDATE SET last_seq=excluded.last_seq, "
-                                 "last_time=excluded.last_time", (change["study_uid"], change["seq"], change["time"]))
-            conn.execute("INSERT INTO cursors (name, seq) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET seq=excluded.seq",
-                         (CURSOR, changes[-1]["seq"]))
-        return len(changes)
+        """Note the studies that received instances since the last round; how many such changes."""
+        with consume(self.index, CURSOR, kinds=ROUTED, limit=limit) as batch:
+            for change in batch:
+                if change.study_uid:
+                    store.note_stored(batch.conn, change.study_uid, change.seq, change.time)
+        return len(batch)
 
     def make_due_jobs(self, now: float) -> list[str]:
         made = []
         self._next_due = float("inf")
-        for study in self.index.query("SELECT study_uid, last_seq, last_time FROM router_studies"):
+        for study in store.pending_studies(self.index):
             waiting = False
             for rule in self.rules:
-                fired = self.index.query("SELECT seq FROM router_fired WHERE study_uid=? AND rule=?",
-                                         (study["study_uid"], rule.name))
-                fired_seq = fired[0]["seq"] if fired else 0
-                if fired_seq >= study["last_seq"]:
+                fired_seq = store.fired_seq(self.index, study.study_uid, rule.name)
+                if fired_seq >= study.last_seq:
                     continue
-                due = study["last_time"] + rule.rule.quiet_seconds
+                due = study.last_time + rule.rule.quiet_seconds
                 if now < due:
                     waiting = True
                     self._next_due = min(self._next_due, due)
                     continue
-                made += self._judge(rule, study["study_uid"], fired_seq, study["last_seq"], now)
+                made += self._judge(rule, study.study_uid, fired_seq, study.last_seq, now)
             if not waiting:
-                with self.index.write() as conn:
-                    conn.execute("DELETE FROM router_studies WHERE study_uid=? AND last_seq=?",
-                                 (study["study_uid"], study["last_seq"]))
+                store.forget_study(self.index, study)
         return made
 
     def study_facts(self, study_uid: str) -> list[SeriesFacts]:
-        rows = self.index.query(
-            "SELECT se.series_uid, se.modality, se.body_part, se.series_description, s.study_description, "
-            "json_group_array(DISTINCT i.sop_class_uid) AS classes, json_group_array(DISTINCT i.calling_ae) AS aes "
-            "FROM studies s JOIN series se ON se.study_pk = s.pk JOIN instances i ON i.series_pk = se.pk "
-            "WHERE s.study_uid = ? AND i.job_id IS NULL GROUP BY se.pk ORDER BY se.pk", (study_uid,))
-        return [SeriesFacts(r["series_uid"], r["modality"], r["body_part"], r["series_description"],
-                            r["study_description"], frozenset(json.loads(r["classes"])),
-                            frozenset(a for a in json.loads(r["aes"]) if a)) for r in rows]
+        return [SeriesFacts(s.series_uid, s.modality, s.body_part, s.series_description, s.study_description,
+                            s.sop_classes, s.calling_aes) for s in study_series(self.index, study_uid)]
 
     def _judge(self, rule: CompiledRule, study_uid: str, after: int, upto: int, now: float) -> list[str]:
         """Jobs for the series of a quiet study that `rule` matches and that changed since it last judged."""
         plugin = self.plugins[rule.rule.plugin]
         series = [s for s in rule.select(self.study_facts(study_uid))
                   if plugin.accepts.takes(s.modality, sorted(s.sop_classes))]
-        changed = {r[0] for r in self.index.query(
-            "SELECT DISTINCT series_uid FROM changes WHERE study_uid=? AND seq > ? AND seq <= ? AND kind IN (?, ?)",
-            (study_uid, after, upto, *ROUTED))}
+        changed = series_changed(self.index, study_uid, after, upto, ROUTED)
         if plugin.accepts.per == "study":
             groups = [series] if series and changed & {s.series_uid for s in series} else []
         else:
@@ -180,48 +160,39 @@ class Router:
         with self.index.write() as conn:
             for group in groups:
                 inputs = [s.series_uid for s in group]
-                earlier = self._latest(conn, rule.name, study_uid, inputs if plugin.accepts.per == "series" else None)
-                if earlier is not None and earlier["state"] == "queued":
-                    conn.execute("UPDATE jobs SET state='cancelled', finished_at=? WHERE id=?", (now, earlier["id"]))
-                    Index.add_job_change(conn, "job_cancelled", earlier["id"], study_uid)
+                earlier = queue.latest_of_rule(conn, rule.name, study_uid,
+                                               inputs if plugin.accepts.per == "series" else None)
+                if earlier is not None and earlier.state == "queued":   # not started: the new job replaces it
+                    queue.apply(self.index, earlier.id, Cancel(now, "superseded"), conn)
                 made.append(queue.create(self.index, study_uid=study_uid, plugin=plugin.name, params=rule.rule.params,
                                          inputs=inputs, rule=rule.name, created_by=f"rule:{rule.name}",
                                          forward_to=rule.rule.forward_to, max_attempts=self.config.router.max_attempts,
-                                         supersedes=earlier["id"] if earlier is not None else None, now=now, conn=conn))
-            conn.execute("INSERT INTO router_fired (study_uid, rule, seq) VALUES (?,?,?) "
-                         "ON CONFLICT(study_uid, rule) DO UPDATE SET seq=excluded.seq", (study_uid, rule.name, upto))
+                                         supersedes=earlier.id if earlier is not None else None, now=now, conn=conn))
+            store.mark_fired(conn, study_uid, rule.name, upto)
         for job_id in made:
             log.info("rule %s: job %s (%s) for study %s", rule.name, job_id, plugin.name, study_uid)
         return made
 
-    @staticmethod
-    def _latest(conn, rule: str, study_uid: str, inputs: list[str] | None):
-        for row in conn.execute("SELECT id, state, inputs FROM jobs WHERE rule=? AND study_uid=? "
-                                "ORDER BY created_at DESC", (rule, study_uid)):
-            if inputs is None or json.loads(row["inputs"]) == inputs:
-                return row
-        return None
-
     # -- running jobs ---------------------------------------------------------------------
 
     def expire_leases(self, now: float) -> None:
-        for row in self.index.query("SELECT id FROM jobs WHERE state='running' AND lease_expires < ?", (now,)):
-            running = self.running.pop(row["id"], None)
+        for job_id in queue.expired(self.index, now):
+            running = self.running.pop(job_id, None)
             if running is not None:
                 running.future.cancel()
             try:
-                job = queue.apply(self.index, row["id"], Expire(now))
-                log.warning("job %s: lease expired, now %s", row["id"], job.state)
+                job = queue.apply(self.index, job_id, Expire(now))
+                log.warning("job %s: lease expired, now %s", job_id, job.state)
             except IllegalTransition:
                 pass
 
     def dispatch(self, now: float) -> None:
-        queued = self.index.query("SELECT id FROM jobs WHERE state='queued' ORDER BY created_at LIMIT 100")
+        queued = queue.queued(self.index, limit=100)
         if not queued:
             return
         free = self.executor.capacity() - len(self.running)
-        for row in queued[:max(0, free)]:
-            job = queue.apply(self.index, row["id"], Lease("dask", now, LEASE))
+        for job_id in queued[:max(0, free)]:
+            job = queue.apply(self.index, job_id, Lease("dask", now, LEASE))
             try:
                 spec = self._spec(job)
             except PluginError as exc:
@@ -237,14 +208,10 @@ class Router:
             raise PluginError(f"no plug-in named {job.plugin!r}")
         series = []
         for series_uid in job.inputs:
-            rows = self.index.query(
-                "SELECT se.modality, i.sop_instance_uid, i.sop_class_uid, i.blob_id, i.sha256 FROM series se "
-                "JOIN instances i ON i.series_pk = se.pk WHERE se.series_uid=? AND i.job_id IS NULL "
-                "ORDER BY i.instance_number, i.pk", (series_uid,))
-            if not rows:
+            found = input_series(self.index, series_uid)
+            if found is None:
                 raise PluginError(f"series {series_uid} has no instances in the archive")
-            series.append(InputSeries(series_uid, rows[0]["modality"], tuple(
-                InputInstance(r["sop_instance_uid"], r["sop_class_uid"], r["blob_id"], r["sha256"]) for r in rows)))
+            series.append(found)
         predecessors = ()
         if job.supersedes:
             predecessors = tuple({k: r[k] for k in ("sop_class_uid", "sop_instance_uid", "series_uid", "study_uid")}
@@ -265,8 +232,7 @@ class Router:
     def collect(self, now: float) -> None:
         if not self.running:
             return
-        states = {r["id"]: r["state"] for r in self.index.query(
-            f"SELECT id, state FROM jobs WHERE id IN ({','.join('?' * len(self.running))})", tuple(self.running))}
+        states = queue.states(self.index, self.running)
         timeout = self.config.router.job_timeout
         for job_id, running in list(self.running.items()):
             future = running.future
@@ -303,9 +269,7 @@ class Router:
                         timings=timings)
             log.info("job %s succeeded: %d results in %.1f s (%s)", job_id, count, output.seconds, output.backend)
             if job.forward_to:
-                with self.index.write() as conn:
-                    conn.executemany("INSERT OR IGNORE INTO forwards (job_id, destination, state, next_try) "
-                                     "VALUES (?,?,'pending',?)", [(job_id, d, now) for d in job.forward_to])
+                store.queue_forwards(self.index, job_id, job.forward_to, now)
             return
         exc = future.exception() if future.status == "error" else None
         final = isinstance(exc, (PluginError, ParamError))
@@ -339,27 +303,17 @@ class Router:
             del self._forwarding[key]
             job_id, destination = key
             error = future.result()
-            with self.index.write() as conn:
-                study = conn.execute("SELECT study_uid FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
-                if not error:
-                    conn.execute("UPDATE forwards SET state='sent', attempts=attempts+1, last_error=NULL "
-                                 "WHERE job_id=? AND destination=?", key)
-                    Index.add_job_change(conn, "job_forwarded", job_id, study)
-                    log.info("job %s: results forwarded to %s", job_id, destination)
-                else:
-                    attempts = conn.execute("SELECT attempts FROM forwards WHERE job_id=? AND destination=?",
-                                            key).fetchone()[0]
-                    delay = backoff(attempts, self.config.router.forward_retry_max_delay)
-                    conn.execute("UPDATE forwards SET attempts=attempts+1, next_try=?, last_error=? "
-                                 "WHERE job_id=? AND destination=?", (now + delay, error[:2000], *key))
-                    Index.add_job_change(conn, "job_forward_failed", job_id, study)
-                    log.warning("job %s: forwarding to %s failed (retry in %.0f s): %s", job_id, destination, delay,
-                                error)
+            if not error:
+                store.forward_sent(self.index, job_id, destination)
+                log.info("job %s: results forwarded to %s", job_id, destination)
+            else:
+                cap = self.config.router.forward_retry_max_delay
+                delay = store.forward_failed(self.index, job_id, destination, error, now,
+                                             lambda attempts: backoff(attempts, cap))
+                log.warning("job %s: forwarding to %s failed (retry in %.0f s): %s", job_id, destination, delay, error)
         if self._forwarding:
             return
-        for row in self.index.query("SELECT job_id, destination FROM forwards WHERE state='pending' AND next_try <= ? "
-                                    "ORDER BY next_try LIMIT 1", (now,)):
-            key = (row["job_id"], row["destination"])
+        for key in store.due_forwards(self.index, now, limit=1):
             self._forwarding[key] = self._forwarder.submit(forward, self.archive, self.config, *key)
             self._forwarding[key].add_done_callback(lambda _: self._wake.set())
 

@@ -10,7 +10,7 @@ import queue as stdqueue
 import pytest
 
 from archive import Archive
-from gpu_workers.runner import run_job
+from router.task import run_job
 from node.config import from_dict
 from router import queue
 from router.api import JobRequestError, plugins_for_study, request_job

@@ -589,7 +589,7 @@ def _stage_findings(archive, job_id: str, study_uid: str, findings: dict, spool:
     import hashlib
     import json
 
-    from gpu_workers.runner import StagedOutput
+    from router.task import StagedOutput
     from router.intake import take_results
 
     data = json.dumps(findings).encode()

@@ -1,46 +1,41 @@
-"""What a Dask worker runs for a job: inputs from the blob store, the plug-in, outputs to the blob store.
+"""The Dask task that runs a job: inputs from the blob store, the plug-in, outputs to the blob store.
 
 Workers read their inputs themselves (local blobs or S3, through the archive's read path:
 authenticated, SHA-256 checked) instead of receiving bytes through the scheduler, and
 stage what the plug-in returns as encrypted blobs; the node then ingests the DICOM results
 and keeps the files (`router.intake`). Plain-text copies live only in a private work
 directory inside the data directory, removed when the job ends.
+
+A worker of the node's embedded cluster uses the node's settings, which come with the job. An
+external worker (`m3dicom worker --config`) has settings of its own, installed on it as the Dask
+worker plug-in `SETTINGS_PLUGIN` (router/worker.py): it opens that archive, and stages results in
+S3 when it has an S3 tier.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-import os
 import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmwrite
+from archive import Archive
+from archive import open as open_archive
+from archive.inputs import InputInstance, InputSeries
+from gpu_workers.backend import array_module
+from gpu_workers.plugin import Algorithm, Context, Instance, PluginError, Result, Series, check_params, discover
+from gpu_workers.results import encode
 
-from .backend import array_module
-from .plugin import Algorithm, Context, Instance, PluginError, Result, Series, check_params, discover
+from .settings import Settings
+
+__all__ = ["InputInstance", "InputSeries", "JobOutput", "JobSpec", "PROGRESS_TOPIC", "SETTINGS_PLUGIN",
+           "StagedOutput", "run_job", "stage"]
 
 log = logging.getLogger(__name__)
 PROGRESS_TOPIC = "m3dicom-progress"
-WORKER_CONFIG_ENV = "M3DICOM_WORKER_CONFIG"   # `m3dicom worker --config`: this machine's own settings
-
-
-@dataclass(frozen=True)
-class InputInstance:
-    sop_instance_uid: str
-    sop_class_uid: str
-    blob_id: str
-    sha256: str
-
-
-@dataclass(frozen=True)
-class InputSeries:
-    series_uid: str
-    modality: str | None
-    instances: tuple[InputInstance, ...]
+SETTINGS_PLUGIN = "m3dicom-settings"    # the worker plug-in holding an external worker's own settings
 
 
 @dataclass(frozen=True)
@@ -49,7 +44,7 @@ class JobSpec:
     plugin: str
     params: dict
     inputs: tuple[InputSeries, ...]
-    config: object                      # the node's Config (storage, keys, plug-ins)
+    config: Settings                    # the node's settings (storage, keys, plug-ins)
     predecessors: tuple[dict, ...] = ()
 
 
@@ -74,20 +69,24 @@ class JobOutput:
     returned_at: float                  # wall clock: the plug-in returned
 
 
-_ARCHIVES: dict[str, object] = {}   # per worker process: opened once, kept while the worker lives
+_ARCHIVES: dict[str, Archive] = {}   # per worker process: opened once, kept while the worker lives
 
 
-def _archive(config):
-    """The blob store of `config` (or of this worker's own configuration), opened once per process."""
-    from node.config import load
-    from archive import open as open_archive
+def own_settings() -> Settings | None:
+    """This worker's own settings (`m3dicom worker --config`), or None on the node's workers."""
+    try:
+        from distributed import get_worker
+        plugin = get_worker().plugins.get(SETTINGS_PLUGIN)
+    except (ImportError, ValueError):          # not in a Dask worker (a test runs the task inline)
+        return None
+    return getattr(plugin, "settings", None)
 
-    own = os.environ.get(WORKER_CONFIG_ENV)
-    if own:
-        config = load(Path(own))
-    key = str(config.data_dir)
+
+def _archive(settings: Settings) -> Archive:
+    """The archive of `settings`, opened once per process."""
+    key = str(settings.data_dir)
     if key not in _ARCHIVES:
-        _ARCHIVES[key] = open_archive(config)
+        _ARCHIVES[key] = open_archive(settings)
     return _ARCHIVES[key]
 
 
@@ -106,7 +105,8 @@ def _progress(job_id: str):
 def run_job(spec: JobSpec) -> JobOutput:
     """Run one job on this worker; exceptions travel back to the router as the attempt's error."""
     started, started_at = time.perf_counter(), time.time()
-    archive = _archive(spec.config)
+    own = own_settings()
+    archive = _archive(own or spec.config)
     plugins = discover(spec.config.router.plugins)
     if spec.plugin not in plugins:
         raise PluginError(f"plug-in {spec.plugin!r} is not installed on worker (have: {', '.join(plugins) or 'none'})")
@@ -128,21 +128,14 @@ def run_job(spec: JobSpec) -> JobOutput:
                       _progress(spec.job_id), tuple(spec.predecessors))
         result = plugin.run(series, params, ctx)
         returned_at = time.time()
-        outputs = stage(archive, result)
+        outputs = stage(archive, result, to_remote=own is not None)
     return JobOutput(tuple(outputs), result.summary, backend, time.perf_counter() - started, started_at, returned_at)
 
 
-def encode(dataset) -> bytes:
-    """A result data set as a Part 10 file."""
-    buffer = io.BytesIO()
-    dcmwrite(buffer, dataset, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def stage(archive, result: Result) -> list[StagedOutput]:
+def stage(archive: Archive, result: Result, to_remote: bool = False) -> list[StagedOutput]:
     """Each output as an encrypted blob: in the node's local store when this worker shares its
-    data directory, in S3 when it runs with a configuration of its own (another machine)."""
-    store = archive.remote if os.environ.get(WORKER_CONFIG_ENV) and archive.remote is not None else archive.local
+    data directory, in S3 when it runs with settings of its own (another machine: `to_remote`)."""
+    store = archive.remote if to_remote and archive.remote is not None else archive.local
     staged = []
     for dataset in result.datasets:
         data = encode(dataset)

@@ -1,0 +1,28 @@
+"""Blobs held for another owner: the archive keeps a blob while some package's rows need it.
+
+The router keeps the files its jobs wrote (X3D scenes, findings.json) as archive blobs, listed
+in its own `job_results` table. The archive does not read that table: the router holds each
+blob here in the transaction that records it, and lets it go when its row no longer names it.
+Recovery (`Archive.recover`) and the offloader keep every held blob, as they keep the blobs of
+instances (`Index.blob_ids`, `Index.blob_referenced`).
+"""
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+
+
+def hold(conn: sqlite3.Connection, blob_ids: Iterable[str], holder: str) -> None:
+    """Keep these blobs for `holder`, inside the caller's write transaction (`Index.write`)."""
+    conn.executemany("INSERT OR IGNORE INTO blob_holds (blob_id, holder) VALUES (?, ?)",
+                     [(blob_id, holder) for blob_id in blob_ids])
+
+
+def release(conn: sqlite3.Connection, blob_ids: Iterable[str], holder: str) -> None:
+    """`holder` needs these blobs no more; a blob nothing else needs is removed at the next recovery."""
+    conn.executemany("DELETE FROM blob_holds WHERE blob_id=? AND holder=?", [(blob_id, holder) for blob_id in blob_ids])
+
+
+def held(conn: sqlite3.Connection, holder: str) -> set[str]:
+    """The blobs `holder` holds."""
+    return {row[0] for row in conn.execute("SELECT blob_id FROM blob_holds WHERE holder=?", (holder,))}
