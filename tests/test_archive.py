@@ -132,9 +132,9 @@ def test_decrypted_copies_stay_in_the_data_directory_and_a_crash_leaves_none(arc
 def test_migrations_are_recorded(tmp_path):
     Archive(tmp_path / "d").close()
     again = Archive(tmp_path / "d")  # reopening applies nothing twice
-    rows = again.index.query("SELECT name FROM _sqlite_migrations")
+    rows = again.index.query("SELECT name FROM _sqlite_migrations WHERE migration_set='m3dicom'")
     assert [r[0] for r in rows] == ["0001_initial", "0002_query", "0003_offload", "0004_jobs", "0005_viewer",
-                                      "0006_integrity", "0007_conflict_reason"]
+                                      "0006_integrity", "0007_conflict_reason", "0008_blob_holds"]
     assert again.index.query("PRAGMA journal_mode")[0][0] == "wal"
 
 

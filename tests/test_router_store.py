@@ -1,0 +1,120 @@
+"""The router's own tables and what it asks of the archive (issue 16: one owner per table).
+
+The router's migrations; the result files it holds in the archive (recovery and the offloader
+keep them without reading job_results, and let a replaced one go); the archive's typed reads
+the router makes (archive/inputs.py); the job task's settings on an external worker.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from archive import Archive
+from archive import holds
+from archive.inputs import filed, input_series, series_changed, study_series
+from router import queue, store
+from router.task import own_settings
+from helpers import synthetic_instances
+
+
+def _file(archive: Archive, data: bytes) -> str:
+    return archive.local.create([data]).blob_id
+
+
+def _job(archive: Archive, study: str = "1.2.3") -> str:
+    return queue.create(archive.index, study_uid=study, plugin="test-sc", params={}, inputs=["1.2.3.4"])
+
+
+def test_the_router_migrations_are_recorded_once(tmp_path):
+    archive = Archive(tmp_path / "var")
+    store.migrate(archive.index)
+    store.migrate(archive.index)
+    rows = archive.index.query("SELECT name FROM _sqlite_migrations WHERE migration_set='router' ORDER BY rowid")
+    assert [r[0] for r in rows] == ["0001_tables", "0002_result_holds"]
+    for table in ("jobs", "job_results", "forwards", "router_studies", "router_fired"):
+        assert archive.index.query("SELECT COUNT(*) FROM sqlite_master WHERE type='table' AND name=?", (table,))[0][0]
+
+
+def test_result_files_are_kept_and_a_replaced_one_is_let_go(tmp_path):
+    archive = Archive(tmp_path / "var")
+    job = _job(archive)
+    first = _file(archive, b"first")
+    result = queue.Result("file", "note.txt", "text/plain", None, first, 5, "x")
+    with archive.index.write() as conn:
+        queue.record_results(conn, job, "1.2.3", [result])
+    assert archive.index.blob_referenced(first) and first in archive.index.blob_ids()
+    assert archive.recover() == 0 and archive.local.path(first).exists()
+    # the job's results taken again (a re-run after a crash): the new file replaces the first
+    second = _file(archive, b"second")
+    with archive.index.write() as conn:
+        queue.record_results(conn, job, "1.2.3", [queue.Result("file", "note.txt", "text/plain", None, second, 6,
+                                                               "y")])
+        assert holds.held(conn, store.HOLDER) == {second}
+    assert not archive.index.blob_referenced(first)
+    assert archive.recover() == 1
+    assert not archive.local.path(first).exists() and archive.local.path(second).exists()
+    kinds = [c[0] for c in archive.index.query("SELECT kind FROM changes WHERE job_id=? ORDER BY seq", (job,))]
+    assert kinds == ["job_queued", "file_stored", "file_stored"]
+    assert [(r["name"], r["blob_id"]) for r in queue.results(archive.index, job)] == [("note.txt", second)]
+
+
+def test_an_index_from_before_holds_keeps_its_result_files(tmp_path):
+    """job_results rows written by a version without blob_holds: the router's migration holds them."""
+    archive = Archive(tmp_path / "var")
+    job, blob = _job(archive), _file(archive, b"an X3D scene")
+    with archive.index.write() as conn:
+        conn.execute("INSERT INTO job_results (job_id, kind, name, media_type, blob_id, size, sha256) "
+                     "VALUES (?, 'file', 'model.x3d', 'model/x3d+xml', ?, 12, 'z')", (job, blob))
+        conn.execute("DELETE FROM _sqlite_migrations WHERE migration_set='router'")
+    assert not archive.index.blob_referenced(blob)
+    store.migrate(archive.index)
+    assert archive.index.blob_referenced(blob)
+    assert archive.recover() == 0 and archive.local.path(blob).exists()
+
+
+def test_what_the_router_reads_of_the_archive(tmp_path):
+    archive = Archive(tmp_path / "var")
+    study = "1.2.826.0.1.3680043.8.498.91"
+    ct = synthetic_instances(tmp_path / "a", 2, study=study)
+    other = synthetic_instances(tmp_path / "b", 1, study=study)
+    uids = [archive.ingest_file(p, calling_ae="CT1").sop_instance_uid for p in ct]
+    archive.ingest_file(other[0])
+    (first, second) = study_series(archive.index, study)
+    assert first.modality == "CT" and first.calling_aes == frozenset({"CT1"}) and second.calling_aes == frozenset()
+    assert first.sop_classes == frozenset({"1.2.840.10008.5.1.4.1.1.2"})
+    series = input_series(archive.index, first.series_uid)
+    assert series.modality == "CT" and sorted(i.sop_instance_uid for i in series.instances) == sorted(uids)
+    assert input_series(archive.index, "1.2.999") is None
+    where = filed(archive.index, [*uids, "1.2.999"])
+    assert set(where) == set(uids) and {f.study_uid for f in where.values()} == {study}
+    assert where[uids[0]].series_uid == first.series_uid
+    assert series_changed(archive.index, study, 0, 10**9, ("stored",)) == {first.series_uid, second.series_uid}
+    assert series_changed(archive.index, study, 2, 10**9, ("stored",)) == {second.series_uid}
+    assert series_changed(archive.index, study, 0, 10**9, ("replaced",)) == set()
+
+
+def test_jobs_of_studies_newest_first(tmp_path):
+    archive = Archive(tmp_path / "var")
+    a = queue.create(archive.index, study_uid="1.1", plugin="p", params={}, inputs=["s1"], now=1.0)
+    b = queue.create(archive.index, study_uid="1.1", plugin="q", params={}, inputs=["s2"], now=2.0)
+    queue.create(archive.index, study_uid="2.2", plugin="p", params={}, inputs=["s3"], now=3.0)
+    found = store.jobs_of_studies(archive.index, ["1.1", "3.3"])
+    assert list(found) == ["1.1"] and [j.plugin for j in found["1.1"]] == ["q", "p"]
+    assert found["1.1"][0].inputs == ["s2"] and found["1.1"][0].state == "queued" and a != b
+
+
+def test_an_external_worker_has_its_own_settings():
+    """`m3dicom worker --config` installs its settings (router.worker) where the job task finds them."""
+    from distributed import Client, Scheduler, Worker
+
+    from router.worker import install
+
+    async def main():
+        async with Scheduler(dashboard_address=":0", host="127.0.0.1") as scheduler:
+            async with Worker(scheduler.address, nthreads=1, host="127.0.0.1") as worker, \
+                    Client(scheduler.address, asynchronous=True) as client:
+                before = await client.submit(own_settings, pure=False)
+                await install(worker, {"data_dir": "this machine's"})
+                return before, await client.submit(own_settings, pure=False)
+
+    assert asyncio.run(main()) == (None, {"data_dir": "this machine's"})
+    assert own_settings() is None                        # not in a worker: the node's settings, from the job
