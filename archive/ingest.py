@@ -123,13 +123,16 @@ class Archive:
 
     def ingest_file(self, path: Path, sop_class_uid: str | None = None,
                     sop_instance_uid: str | None = None, calling_ae: str | None = None,
-                    job_id: str | None = None) -> IngestResult:
+                    job_id: str | None = None, staged: BlobInfo | None = None) -> IngestResult:
         """Store the DICOM Part 10 file at `path` exactly as it is.
 
         `sop_class_uid` / `sop_instance_uid` are what the peer announced (C-STORE's
         Affected SOP Class / Instance); the data set must agree with them. `job_id` marks
         an analysis result: it is logged as "result_stored" (the router does not route it
-        again) instead of "stored".
+        again) instead of "stored". `staged`: a blob of the local store that already holds
+        exactly these bytes (`path` was read from it: a worker sharing this storage staged a
+        result), adopted as it is instead of encrypted again; from then on it is the
+        archive's, removed like a blob it wrote when the instance is not kept.
         """
         try:
             header = inspect(Path(path), sop_class_uid, sop_instance_uid, self.limits)
@@ -145,7 +148,12 @@ class Archive:
             return IngestResult(Outcome.STORAGE_FULL, SHORT_OF_DISK, header.sop_instance_uid)
         digest = hashlib.sha256()
         try:
-            blob = self.storage.create(self._chunks(Path(path), header.dataset_offset, digest))
+            if staged is not None:
+                blob = staged
+                for _ in self._chunks(Path(path), header.dataset_offset, digest):   # the SHA-256 alone
+                    pass
+            else:
+                blob = self.storage.create(self._chunks(Path(path), header.dataset_offset, digest))
         except StorageFull:
             log.error("storage full: refused %s", _short(header))
             return IngestResult(Outcome.STORAGE_FULL, "no space left on the node", header.sop_instance_uid)

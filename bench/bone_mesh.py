@@ -37,8 +37,7 @@ from gpu_workers.bone.scene import key_image, x3d
 from gpu_workers.bone.volume import load
 from gpu_workers.local import series_of
 from gpu_workers.plugin import Algorithm, Context, check_params
-from gpu_workers.results import encapsulated_stl, secondary_capture
-from gpu_workers.results import encode
+from gpu_workers.results import encapsulated_stl, encode, secondary_capture
 
 def mark(name):
     print("stage", name, time.perf_counter(), flush=True)

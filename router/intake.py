@@ -3,7 +3,9 @@
 DICOM results are ingested through the same path as a modality's C-STORE (durable, indexed,
 offloaded), marked with their job; other files (X3D, JSON) are kept as blobs linked to the
 job. Result UIDs come from the job, so taking the results of a job run again after a crash
-stores nothing twice. Forwarding is C-STORE (TLS where configured) to the rule's
+stores nothing twice. Outputs that a worker sharing the node's storage staged in the local
+store are adopted as they are (read once to check them, not encrypted and written again);
+those staged in S3 by a worker of another machine are copied in. Forwarding is C-STORE (TLS where configured) to the rule's
 [remote.NAME] nodes, retried with backoff; each failure is kept on the job's forward row.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from archive import Archive, IntegrityError
 from archive.inputs import filed
-from archive.storage import BlobNotFound
+from archive.storage import BlobInfo, BlobNotFound
 
 from . import queue
 from .settings import Settings
@@ -43,9 +45,31 @@ def _fetch(archive: Archive, output: StagedOutput, directory: Path) -> Path:
     return Path(handle.name)
 
 
+def _check(archive: Archive, output: StagedOutput) -> None:
+    """The staged blob reads back (authenticated) as the plaintext the worker hashed."""
+    digest = hashlib.sha256()
+    for chunk in archive.local.read(output.blob_id):
+        digest.update(chunk)
+    if digest.hexdigest() != output.sha256:
+        raise IntegrityError(f"staged result {output.name} does not match the worker's SHA-256")
+
+
+def _adoptable(archive: Archive, output: StagedOutput) -> BlobInfo | None:
+    """The staged blob as the archive's own, when it is in the node's local store."""
+    if output.in_s3:
+        return None
+    try:
+        return BlobInfo(output.blob_id, output.size, archive.local.path(output.blob_id).stat().st_size)
+    except FileNotFoundError:
+        return None
+
+
 def discard(archive: Archive, outputs) -> None:
-    """Remove staged blobs (local, or in S3 when a remote worker staged them there)."""
+    """Remove staged blobs (local, or in S3 when a remote worker staged them there), but never
+    one the archive adopted (an instance's blob, or a result file the router holds)."""
     for output in outputs:
+        if archive.index.blob_referenced(output.blob_id):
+            continue
         archive.local.remove(output.blob_id)
         if archive.remote is not None:
             try:
@@ -61,22 +85,31 @@ def take_results(archive: Archive, job_id: str, study_uid: str, outputs, spool: 
     with ExitStack() as stack:
         directory = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=spool)))
         for output in outputs:
+            adopted = _adoptable(archive, output)
             try:
-                path = _fetch(archive, output, directory)
+                if output.kind == "dicom":       # its plaintext is inspected, as a modality's is
+                    path = _fetch(archive, output, directory)
+                elif adopted is not None:
+                    _check(archive, output)
+                else:
+                    path = _fetch(archive, output, directory)
             except (IntegrityError, BlobNotFound) as exc:
                 raise IntakeError(f"result {output.name}: {exc}") from None
             if output.kind == "dicom":
-                result = archive.ingest_file(path, job_id=job_id)
+                result = archive.ingest_file(path, job_id=job_id, staged=adopted)
                 if not result.outcome.ok:
                     raise IntakeError(f"result {output.name} refused by the archive: {result.reason}")
                 rows.append(queue.Result("dicom", output.name, output.media_type, result.sop_instance_uid, None,
                                          output.size, output.sha256))
+                continue
+            if adopted is not None:
+                blob_id = adopted.blob_id
             else:
                 with open(path, "rb") as fh:
-                    blob = archive.local.create(iter(lambda: fh.read(1 << 20), b""))
-                files.append(blob.blob_id)
-                rows.append(queue.Result("file", output.name, output.media_type, None, blob.blob_id, output.size,
-                                         output.sha256))
+                    blob_id = archive.local.create(iter(lambda: fh.read(1 << 20), b"")).blob_id
+                files.append(blob_id)
+            rows.append(queue.Result("file", output.name, output.media_type, None, blob_id, output.size,
+                                     output.sha256))
     try:
         with archive.index.write() as conn:
             queue.record_results(conn, job_id, study_uid, rows)

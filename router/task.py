@@ -57,6 +57,7 @@ class StagedOutput:
     size: int                           # plaintext bytes
     sha256: str                         # of the plaintext
     sop_instance_uid: str | None = None
+    in_s3: bool = False                 # staged in S3 (a worker with its own settings), not the node's local store
 
 
 @dataclass(frozen=True)
@@ -136,15 +137,16 @@ def stage(archive: Archive, result: Result, to_remote: bool = False) -> list[Sta
     """Each output as an encrypted blob: in the node's local store when this worker shares its
     data directory, in S3 when it runs with settings of its own (another machine: `to_remote`)."""
     store = archive.remote if to_remote and archive.remote is not None else archive.local
+    in_s3 = store is not archive.local
     staged = []
     for dataset in result.datasets:
         data = encode(dataset)
         blob = store.create([data])
         staged.append(StagedOutput("dicom", f"{dataset.Modality.lower()}-{dataset.SOPInstanceUID}",
                                    "application/dicom", blob.blob_id, len(data), hashlib.sha256(data).hexdigest(),
-                                   str(dataset.SOPInstanceUID)))
+                                   str(dataset.SOPInstanceUID), in_s3))
     for item in result.files:
         blob = store.create([item.data])
         staged.append(StagedOutput("file", item.name, item.media_type, blob.blob_id, len(item.data),
-                                   hashlib.sha256(item.data).hexdigest()))
+                                   hashlib.sha256(item.data).hexdigest(), in_s3=in_s3))
     return staged

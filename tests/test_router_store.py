@@ -118,3 +118,54 @@ def test_an_external_worker_has_its_own_settings():
 
     assert asyncio.run(main()) == (None, {"data_dir": "this machine's"})
     assert own_settings() is None                        # not in a worker: the node's settings, from the job
+
+
+def _stage(archive: Archive, data: bytes, kind: str, name: str, in_s3: bool = False):
+    import hashlib
+
+    from router.task import StagedOutput
+
+    blob = archive.local.create([data])
+    return StagedOutput(kind, name, "application/dicom" if kind == "dicom" else "text/plain", blob.blob_id,
+                        len(data), hashlib.sha256(data).hexdigest(), None, in_s3)
+
+
+def test_results_staged_in_the_node_storage_are_adopted_as_they_are(tmp_path):
+    from router.intake import take_results
+
+    archive = Archive(tmp_path / "var")
+    job = _job(archive)
+    (dicom,) = synthetic_instances(tmp_path / "r", 1)
+    outputs = (_stage(archive, dicom.read_bytes(), "dicom", "sc"), _stage(archive, b"<X3D/>", "file", "model.x3d"))
+    assert take_results(archive, job, "1.2.3", outputs, tmp_path / "spool") == 2
+    (instance,), = archive.index.query("SELECT blob_id FROM instances")
+    results = {r["name"]: r for r in queue.results(archive.index, job)}
+    assert instance == outputs[0].blob_id and results["model.x3d"]["blob_id"] == outputs[1].blob_id
+    assert all(archive.local.exists(o.blob_id) for o in outputs) and archive.recover() == 0
+    assert archive.storage.read_all(outputs[1].blob_id) == b"<X3D/>"
+    # taken again (a re-run after a crash): the instance is already stored, its new copy goes; the file is replaced
+    again = (_stage(archive, dicom.read_bytes(), "dicom", "sc"), _stage(archive, b"<X3D/>", "file", "model.x3d"))
+    take_results(archive, job, "1.2.3", again, tmp_path / "spool")
+    assert not archive.local.exists(again[0].blob_id) and archive.local.exists(again[1].blob_id)
+    assert archive.recover() == 1 and not archive.local.exists(outputs[1].blob_id)    # the replaced file
+    assert archive.index.query("SELECT blob_id FROM instances")[0][0] == instance
+
+
+def test_results_staged_elsewhere_are_copied_in_and_a_damaged_one_is_refused(tmp_path):
+    from dataclasses import replace
+
+    import pytest
+
+    from router.intake import IntakeError, take_results
+
+    archive = Archive(tmp_path / "var")
+    job = _job(archive)
+    outputs = (_stage(archive, b"findings", "file", "findings.json", in_s3=True),)
+    take_results(archive, job, "1.2.3", outputs, tmp_path / "spool")
+    (result,) = queue.results(archive.index, job)
+    assert result["blob_id"] != outputs[0].blob_id and not archive.local.exists(outputs[0].blob_id)
+    assert archive.storage.read_all(result["blob_id"]) == b"findings"
+    bad = replace(_stage(archive, b"scene", "file", "model.x3d"), sha256="0" * 64)
+    with pytest.raises(IntakeError, match="SHA-256"):
+        take_results(archive, job, "1.2.3", (bad,), tmp_path / "spool")
+    assert not archive.index.blob_referenced(bad.blob_id)
