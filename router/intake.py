@@ -5,8 +5,9 @@ offloaded), marked with their job; other files (X3D, JSON) are kept as blobs lin
 job. Result UIDs come from the job, so taking the results of a job run again after a crash
 stores nothing twice. Outputs that a worker sharing the node's storage staged in the local
 store are adopted as they are (read once to check them, not encrypted and written again);
-those staged in S3 by a worker of another machine are copied in. Forwarding is C-STORE (TLS where configured) to the rule's
-[remote.NAME] nodes, retried with backoff; each failure is kept on the job's forward row.
+those staged in S3 by a worker of another machine are copied in. Forwarding is C-STORE (TLS
+where configured) to the rule's [remote.NAME] nodes, retried with backoff; each failure is
+kept on the job's forward row.
 """
 from __future__ import annotations
 

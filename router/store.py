@@ -142,8 +142,8 @@ def mark_fired(conn: sqlite3.Connection, study_uid: str, rule: str, seq: int) ->
 
 def queue_forwards(index: Index, job_id: str, destinations: Iterable[str], now: float) -> None:
     with index.write() as conn:
-        conn.executemany("INSERT OR IGNORE INTO forwards (job_id, destination, state, next_try) VALUES (?,?,'pending',?)",
-                         [(job_id, d, now) for d in destinations])
+        conn.executemany("INSERT OR IGNORE INTO forwards (job_id, destination, state, next_try) "
+                         "VALUES (?,?,'pending',?)", [(job_id, d, now) for d in destinations])
 
 
 def due_forwards(index: Index, now: float, limit: int = 1) -> list[tuple[str, str]]:
@@ -167,8 +167,8 @@ def forward_failed(index: Index, job_id: str, destination: str, error: str, now:
         (attempts,), = conn.execute("SELECT attempts FROM forwards WHERE job_id=? AND destination=?",
                                     (job_id, destination)).fetchall()
         seconds = delay(attempts)
-        conn.execute("UPDATE forwards SET attempts=attempts+1, next_try=?, last_error=? WHERE job_id=? AND destination=?",
-                     (now + seconds, error[:2000], job_id, destination))
+        conn.execute("UPDATE forwards SET attempts=attempts+1, next_try=?, last_error=? "
+                     "WHERE job_id=? AND destination=?", (now + seconds, error[:2000], job_id, destination))
         Index.add_job_change(conn, "job_forward_failed", job_id, _study_of(conn, job_id))
     return seconds
 
