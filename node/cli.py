@@ -293,9 +293,11 @@ def cmd_worker(args) -> int:
 def _index_of(args):
     """The node's index for one command, closed after it."""
     from archive import open_index
+    from router import store as router_store
 
     index = open_index(_config(args))
     try:
+        router_store.migrate(index)           # jobs are made and cancelled through it
         yield index
     finally:
         index.close()
