@@ -93,7 +93,7 @@ def _initial(db: sqlite_utils.Database) -> None:
 
 @migrations(name="0002_query")
 def _query(db: sqlite_utils.Database) -> None:
-    """Columns and indexes for C-FIND (keys normalised for matching), storage commitment."""
+    """Columns and indexes for C-FIND (keys normalised for matching)."""
     db.executescript("""
     ALTER TABLE patients ADD COLUMN patient_name_key TEXT;
     ALTER TABLE studies ADD COLUMN referring_physician_key TEXT;
@@ -103,17 +103,10 @@ def _query(db: sqlite_utils.Database) -> None:
     CREATE INDEX studies_accession ON studies(accession_number);
     CREATE INDEX studies_study_id ON studies(study_id);
     CREATE INDEX series_modality ON series(modality, study_pk);
-    CREATE TABLE commitments (
-        transaction_uid TEXT PRIMARY KEY,
-        calling_ae TEXT NOT NULL,
-        items TEXT NOT NULL,             -- JSON [[sop_class_uid, sop_instance_uid], ...]
-        state TEXT NOT NULL,             -- pending | reported
-        failures INTEGER,
-        received_at REAL NOT NULL,
-        reported_at REAL
-    );
-    CREATE INDEX commitments_state ON commitments(state);
     """)
+    # This migration also made the `commitments` table (storage commitment) until issue 16: scp/ owns
+    # it now, and scp.db's first migration makes it with the same statement when it is missing. An
+    # index that applied this migration before keeps its table and rows; a new one ends up the same.
     conn = db.conn
     for pk, name in conn.execute("SELECT pk, patient_name FROM patients").fetchall():
         conn.execute("UPDATE patients SET patient_name_key=? WHERE pk=?", (name_key(name), pk))
@@ -462,10 +455,6 @@ class Index:
         if not rows:
             return None
         return f"received again since with other content, which was {rows[0]['action']}"
-
-    def conflicts(self, limit: int = 1000) -> list[sqlite3.Row]:
-        """The latest recorded conflicts, newest first (they hold patient values: for the operator, not logs)."""
-        return self.query("SELECT * FROM conflicts ORDER BY time DESC, seq DESC LIMIT ?", (limit,))
 
     def changes_since(self, seq: int, limit: int = 1000) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))

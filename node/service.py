@@ -7,11 +7,11 @@ import shutil
 import signal
 import threading
 
-from archive import open as open_archive
 from scp.tls import server_context
 
 from . import lock, receivers
 from .config import Config
+from .owners import open_archive
 from .receivers import configure_libraries
 
 
