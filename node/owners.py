@@ -23,9 +23,10 @@ def migrations() -> list[Callable[[Index], None]]:
     """The owners' `migrate` functions, in the order they are applied (after the archive's own)."""
     return [
         scp_db.migrate,
-        # TO COMPLETE AT THE MERGE of issue 16 (i16-router, i16-viewer write these now):
-        # router's migrate (router/: jobs, job_results, job_forwards, router_studies, router_fired, ...)
-        # viewer's migrate (viewer/: users, sessions, share links, audit)
+        # TO COMPLETE AT THE MERGE of issue 16 (i16-router, i16-viewer write these now; their names
+        # there at the time of writing):
+        # router's migrate (router/: jobs, job_results, job_forwards, router_studies, ...): router.store.migrate
+        # viewer's migrate (viewer/: users, sessions, share links, audit): viewer.accounts.migrate
     ]
 
 
