@@ -356,6 +356,7 @@ def cmd_viewer(args) -> int:
     import threading
 
     from viewer import serve as viewer_serve
+    from viewer.accounts import migrate as migrate_viewer
 
     from .receivers import LOG_FORMAT
     from archive import open_index
@@ -364,6 +365,7 @@ def cmd_viewer(args) -> int:
     logging.basicConfig(level=config.log.level, format=LOG_FORMAT, stream=sys.stderr)
     index = open_index(config)
     try:
+        migrate_viewer(index)
         viewer_serve.check(config, index)
     finally:
         index.close()
@@ -393,6 +395,7 @@ def _index_made(config: Config):
     start. The serve lock is not taken: a running node and this command may use the index
     together (SQLite orders their writes). Yields (index, whether it was made now)."""
     from archive.index import Index
+    from viewer.accounts import migrate as migrate_viewer
 
     path = config.data_dir / "index.sqlite3"
     made = not path.exists()
@@ -400,6 +403,7 @@ def _index_made(config: Config):
         config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     index = Index(path)
     try:
+        migrate_viewer(index)
         yield index, made
     finally:
         index.close()
@@ -425,9 +429,10 @@ def cmd_user_add(args) -> int:
 
 
 def cmd_user_disable(args) -> int:
-    from viewer.accounts import disable_user
+    from viewer.accounts import disable_user, migrate
 
     with _index_of(args) as index:
+        migrate(index)                  # an index no node has served yet: no users, rather than no table
         disabled = disable_user(index, args.name)
     if not disabled:
         print(f"m3dicom: no user {args.name!r}", file=sys.stderr)
@@ -437,9 +442,10 @@ def cmd_user_disable(args) -> int:
 
 
 def cmd_user_list(args) -> int:
-    from viewer.accounts import users
+    from viewer.accounts import migrate, users
 
     with _index_of(args) as index:
+        migrate(index)
         for name, role, disabled in users(index):
             print(f"{name} {role}{' (disabled)' if disabled else ''}")
     return 0

@@ -9,6 +9,7 @@ import threading
 
 from archive import open as open_archive
 from scp.tls import server_context
+from viewer.accounts import migrate as migrate_viewer
 
 from . import lock, receivers
 from .config import Config
@@ -102,6 +103,7 @@ def _serve(config: Config, ready) -> None:
         from router.service import load_plugins
         load_plugins(config)   # an unknown plug-in or bad parameters stop the start, with the rule named
     archive = open_archive(config)
+    migrate_viewer(archive.index)   # each owner's tables, made or brought up to date before any process uses them
     archive.recover()   # before any receiver ingests
     # every port is taken and every setting checked before the first admin is made: a start
     # that fails must not have printed a password shown only once
