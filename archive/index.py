@@ -223,7 +223,7 @@ def _viewer(db: sqlite_utils.Database) -> None:
     login_failures, share_links, audit) are the viewer's own since: its first migration
     (viewer/accounts.py, `Migrations("viewer")`) makes them, with the statements that stood here,
     IF NOT EXISTS, so an index from before keeps its tables and rows and a new one gets the same
-    schema (tests/test_viewer_api.py checks it)."""
+    schema (tests/test_viewer_facts.py checks it)."""
 
 
 @migrations(name="0006_integrity", transactional=False)

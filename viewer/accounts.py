@@ -8,6 +8,9 @@
   too (logins.py): parallel attempts are checked one after another, each after its delay.
 - Share links: a random id and its expiry, signed (HMAC-SHA256) with the viewer's secret,
   kept in the index so they can be revoked; a share session sees one study, read-only.
+
+These tables (users, sessions, login_failures, share_links, audit) are the viewer's own: its
+migrations (`migrations`, applied by `migrate(index)`) make them, and no other package reads them.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from urllib.parse import quote, unquote, urlsplit
 
 from aiohttp import web
@@ -398,7 +398,7 @@ def _study_detail(index, study_uid: str) -> dict | None:
     found = facts.study(index, study_uid)
     if found is None:
         return None
-    study = {k: v for k, v in asdict(found).items() if k != "series"}
+    study = {f.name: getattr(found, f.name) for f in fields(found) if f.name != "series"}
     study["series"] = [{"series_uid": se.series_uid, "modality": se.modality, "number": se.number,
                         "description": se.description, "instances": [asdict(i) for i in se.instances],
                         "result": any(i.job_id for i in se.instances)} for se in found.series]
