@@ -430,7 +430,7 @@ def cmd_user_add(args) -> int:
 def cmd_user_disable(args) -> int:
     from viewer.accounts import disable_user
 
-    with _index_of(args) as index:
+    with _index_of(args) as index:     # migrated: an index no node has served yet has no users, not no table
         disabled = disable_user(index, args.name)
     if not disabled:
         print(f"m3dicom: no user {args.name!r}", file=sys.stderr)

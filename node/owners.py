@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 import archive
 from scp import db as scp_db
+from viewer import accounts as viewer_accounts
 
 if TYPE_CHECKING:
     from archive import Archive
@@ -22,11 +23,9 @@ if TYPE_CHECKING:
 def migrations() -> list[Callable[[Index], None]]:
     """The owners' `migrate` functions, in the order they are applied (after the archive's own)."""
     return [
-        scp_db.migrate,
-        # TO COMPLETE AT THE MERGE of issue 16 (i16-router, i16-viewer write these now; their names
-        # there at the time of writing):
-        # router's migrate (router/: jobs, job_results, job_forwards, router_studies, ...): router.store.migrate
-        # viewer's migrate (viewer/: users, sessions, share links, audit): viewer.accounts.migrate
+        scp_db.migrate,                 # commitments
+        # router's migrate (jobs, job_results, job_forwards, router_studies, ...): router.store.migrate
+        viewer_accounts.migrate,        # users, sessions, login failures, share links, audit
     ]
 
 
