@@ -16,12 +16,15 @@ pydicom (viewer, plug-ins) goes through it.
 """
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import re
 import struct
 import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +33,12 @@ from pydicom.charset import CODES_TO_ENCODINGS, convert_encodings, default_encod
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag
 from pydicom.multival import MultiValue
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian)
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -448,6 +454,34 @@ def _too_deflated(ceiling: int, limits: Limits) -> str:
     if ceiling >= limits.max_inflated_bytes:
         return f"inflated data set over {limits.max_inflated_bytes >> 20} MiB (ingest.max_inflated_bytes)"
     return f"deflated data set inflates over {limits.max_inflate_ratio}x (ingest.max_inflate_ratio)"
+
+
+@contextmanager
+def undeflated(path: Path, limits: Limits = DEFAULT_LIMITS) -> Iterator[Path]:
+    """The stored file as a reader may hand it to pydicom: `path`, checked (`inspect`: structure,
+    nesting), or for a deflated data set an inflated copy next to it in Explicit VR Little Endian,
+    made a MiB at a time within the `[ingest]` limits: pydicom would inflate it whole in memory (and
+    keep the deflated bytes too). The copy is removed when the block ends."""
+    meta = read_file_meta_info(path)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        inspect(path, limits=limits)
+        yield path
+        return
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    fd, name = tempfile.mkstemp(suffix=".dcm", dir=path.parent)
+    plain = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out, open(path, "rb") as source:
+            head = io.BytesIO()
+            write_file_meta_info(head, meta, enforce_standard=False)
+            out.write(b"\0" * 128 + b"DICM" + head.getvalue())
+            offset = dataset_offset(source)
+            with mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                _inflate(buf, offset, limits, out)
+        inspect(plain, limits=limits)
+        yield plain
+    finally:
+        plain.unlink(missing_ok=True)
 
 
 def _inspect(buf, sop_class: str | None, sop_instance: str | None, limits: Limits = DEFAULT_LIMITS,

@@ -93,7 +93,7 @@ def _initial(db: sqlite_utils.Database) -> None:
 
 @migrations(name="0002_query")
 def _query(db: sqlite_utils.Database) -> None:
-    """Columns and indexes for C-FIND (keys normalised for matching), storage commitment."""
+    """Columns and indexes for C-FIND (keys normalised for matching)."""
     db.executescript("""
     ALTER TABLE patients ADD COLUMN patient_name_key TEXT;
     ALTER TABLE studies ADD COLUMN referring_physician_key TEXT;
@@ -103,17 +103,10 @@ def _query(db: sqlite_utils.Database) -> None:
     CREATE INDEX studies_accession ON studies(accession_number);
     CREATE INDEX studies_study_id ON studies(study_id);
     CREATE INDEX series_modality ON series(modality, study_pk);
-    CREATE TABLE commitments (
-        transaction_uid TEXT PRIMARY KEY,
-        calling_ae TEXT NOT NULL,
-        items TEXT NOT NULL,             -- JSON [[sop_class_uid, sop_instance_uid], ...]
-        state TEXT NOT NULL,             -- pending | reported
-        failures INTEGER,
-        received_at REAL NOT NULL,
-        reported_at REAL
-    );
-    CREATE INDEX commitments_state ON commitments(state);
     """)
+    # This migration also made the `commitments` table (storage commitment) until issue 16: scp/ owns
+    # it now, and scp.db's first migration makes it with the same statement when it is missing. An
+    # index that applied this migration before keeps its table and rows; a new one ends up the same.
     conn = db.conn
     for pk, name in conn.execute("SELECT pk, patient_name FROM patients").fetchall():
         conn.execute("UPDATE patients SET patient_name_key=? WHERE pk=?", (name_key(name), pk))
@@ -225,53 +218,11 @@ def _jobs(db: sqlite_utils.Database) -> None:
 
 @migrations(name="0005_viewer")
 def _viewer(db: sqlite_utils.Database) -> None:
-    """People and their sessions in the web viewer, share links, and the audit trail."""
-    db.executescript("""
-    CREATE TABLE users (
-        name TEXT PRIMARY KEY,
-        role TEXT NOT NULL,                  -- clinician | admin
-        password TEXT NOT NULL,              -- scrypt$n$r$p$salt$hash
-        created_at REAL NOT NULL,
-        disabled INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE sessions (
-        token_hash TEXT PRIMARY KEY,         -- SHA-256 of the cookie's token: a copy of the index opens no session
-        user_name TEXT,                      -- NULL for a share-link session
-        share_id TEXT,                       -- the share link it came from
-        study_uid TEXT,                      -- a share-link session sees this study only
-        csrf TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        last_seen REAL NOT NULL,
-        expires_at REAL NOT NULL
-    );
-    CREATE INDEX sessions_user ON sessions(user_name);
-    CREATE TABLE login_failures (
-        key TEXT PRIMARY KEY,                -- user:NAME or addr:ADDRESS
-        count INTEGER NOT NULL,
-        last REAL NOT NULL
-    );
-    CREATE TABLE share_links (
-        id TEXT PRIMARY KEY,
-        study_uid TEXT NOT NULL,
-        created_by TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        expires_at REAL NOT NULL,
-        revoked_at REAL
-    );
-    CREATE INDEX share_links_study ON share_links(study_uid);
-    CREATE TABLE audit (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        time REAL NOT NULL,
-        user_name TEXT,                      -- or "share:ID"
-        action TEXT NOT NULL,                -- login, logout, view, download, upload, share, share_open, job, ...
-        study_uid TEXT,
-        outcome TEXT NOT NULL,               -- ok | refused | failed
-        detail TEXT,
-        address TEXT
-    );
-    CREATE INDEX audit_time ON audit(time);
-    CREATE INDEX audit_study ON audit(study_uid, time);
-    """)
+    """Applied once in every index made before issue 16. The viewer's tables (users, sessions,
+    login_failures, share_links, audit) are the viewer's own since: its first migration
+    (viewer/accounts.py, `Migrations("viewer")`) makes them, with the statements that stood here,
+    IF NOT EXISTS, so an index from before keeps its tables and rows and a new one gets the same
+    schema (tests/test_viewer_facts.py checks it)."""
 
 
 @migrations(name="0006_integrity", transactional=False)
@@ -447,11 +398,6 @@ class Index:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
 
-    def apply_migrations(self, owned: sqlite_utils.Migrations) -> None:
-        """Apply another owner's migrations (router/, viewer/, scp/ tables) on the write connection."""
-        with self._lock:
-            owned.apply(sqlite_utils.Database(self._conn))
-
     def blob_ids(self) -> set[str]:
         """Every blob a committed row needs: instances, quarantine, and blobs held by another owner."""
         return {row[0] for row in self.query("SELECT blob_id FROM instances UNION SELECT blob_id FROM quarantine "
@@ -487,10 +433,6 @@ class Index:
         if not rows:
             return None
         return f"received again since with other content, which was {rows[0]['action']}"
-
-    def conflicts(self, limit: int = 1000) -> list[sqlite3.Row]:
-        """The latest recorded conflicts, newest first (they hold patient values: for the operator, not logs)."""
-        return self.query("SELECT * FROM conflicts ORDER BY time DESC, seq DESC LIMIT ?", (limit,))
 
     def changes_since(self, seq: int, limit: int = 1000) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from .changes import consume, position
 from .crypto import IntegrityError, KmsError, rewrapped_header
 from .ingest import Archive
 from .s3 import ObjectExists, S3Storage, Spliced, UploadMismatch
@@ -110,29 +111,25 @@ class Offloader:
     # -- the changes log -> the outbox -------------------------------------------------------
 
     def take_changes(self, limit: int = 5000) -> int:
-        """Queue the blobs that changes since the cursor bring or drop; one transaction."""
+        """Queue the blobs that changes since the cursor bring or drop, in the transaction that moves
+        the cursor (`changes.consume`). Returns how far the cursor moved (0: nothing new), past the
+        changes of other kinds too, so that a round after a run of job events comes at once."""
         now = self.clock()
-        with self.archive.index.write() as conn:
-            row = conn.execute("SELECT seq FROM cursors WHERE name=?", (CURSOR,)).fetchone()
-            cursor = row[0] if row else 0
-            changes = conn.execute(
-                "SELECT seq, kind, blob_id FROM changes WHERE seq > ? AND blob_id IS NOT NULL ORDER BY seq LIMIT ?",
-                (cursor, limit)).fetchall()
-            if not changes:
-                return 0
-            for change in changes:
-                blob_id = change["blob_id"]
-                if change["kind"] in UPLOAD_KINDS:
-                    conn.execute("INSERT INTO offload (blob_id, state, next_try, queued_at, stored_size) "
-                                 "VALUES (?, 'pending', ?, ?, ?) ON CONFLICT(blob_id) DO NOTHING",
-                                 (blob_id, now, now, self._local_size(blob_id)))
-                elif change["kind"] in REMOVE_KINDS:
-                    conn.execute("INSERT INTO offload (blob_id, state, next_try, queued_at) VALUES (?, 'remove', ?, ?) "
-                                 "ON CONFLICT(blob_id) DO UPDATE SET state='remove', next_try=excluded.next_try",
-                                 (blob_id, now, now))
-            conn.execute("INSERT INTO cursors (name, seq) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET seq=excluded.seq",
-                         (CURSOR, changes[-1]["seq"]))
-        return len(changes)
+        before = position(self.archive.index, CURSOR)
+        with consume(self.archive.index, CURSOR, UPLOAD_KINDS + REMOVE_KINDS, limit) as batch:
+            for change in batch:
+                blob_id = change.blob_id
+                if blob_id is None:
+                    continue
+                if change.kind in UPLOAD_KINDS:
+                    batch.conn.execute("INSERT INTO offload (blob_id, state, next_try, queued_at, stored_size) "
+                                       "VALUES (?, 'pending', ?, ?, ?) ON CONFLICT(blob_id) DO NOTHING",
+                                       (blob_id, now, now, self._local_size(blob_id)))
+                else:
+                    batch.conn.execute("INSERT INTO offload (blob_id, state, next_try, queued_at) "
+                                       "VALUES (?, 'remove', ?, ?) ON CONFLICT(blob_id) DO UPDATE SET state='remove', "
+                                       "next_try=excluded.next_try", (blob_id, now, now))
+        return batch.upto - before
 
     def _local_size(self, blob_id: str) -> int | None:
         try:

@@ -19,7 +19,7 @@ import struct
 import time
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Collection, Iterator
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
@@ -29,6 +29,9 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from .index import name_key, time_key
+
+if TYPE_CHECKING:
+    from .index import Index
 
 PATIENT_ROOT, STUDY_ROOT = "patient", "study"
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -434,6 +437,86 @@ def study_list(conn: sqlite3.Connection, query: Query, *, order: str = "date", d
     sql = (f"SELECT {columns} FROM {FROM['STUDY']} WHERE {' AND '.join(query.conditions) or '1'} "
            f"ORDER BY {', '.join(terms)}, s.pk {direction} LIMIT ? OFFSET ?")
     return [dict(row) for row in conn.execute(sql, [*query.params, int(limit), int(offset)])]
+
+
+
+# -- what the DICOM services read: C-FIND matches, a retrieve's instances, one stored instance ------
+
+def find(index: Index, query: Query, limit: int | None = None, timeout: float | None = None,
+         explicit_vr: bool | None = None) -> Iterator[Dataset | bytes]:
+    """A C-FIND's matches on a read connection of their own (closed when the iterator ends or is
+    closed: `contextlib.closing` it): Datasets (`Query.run`), or identifiers already encoded in
+    Little Endian (`Query.encoded`) when `explicit_vr` is given."""
+    with index.reader() as conn:
+        if explicit_vr is None:
+            yield from query.run(conn, limit, timeout)
+        else:
+            yield from query.encoded(conn, explicit_vr, limit, timeout)
+
+
+@dataclass(frozen=True)
+class Match:
+    """An instance a C-MOVE / C-GET sends; `pk` orders them (`instances(after=...)` pages on it)."""
+    pk: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    blob_id: str
+    sha256: str
+
+
+def _where(query: Query) -> tuple[str, list]:
+    return " AND ".join(query.conditions) or "1", list(query.params)
+
+
+def instance_count(index: Index, query: Query) -> int:
+    """How many stored instances the query's keys name (at any level: a retrieve sends instances)."""
+    where, params = _where(query)
+    with index.reader() as conn:
+        (count,), = conn.execute(f"SELECT COUNT(*) FROM {FROM['IMAGE']} WHERE {where}", params)
+    return count
+
+
+def instance_kinds(index: Index, query: Query, limit: int) -> list[tuple[str, str]]:
+    """The (SOP class UID, transfer syntax) pairs of those instances, at most `limit` of them
+    (the presentation contexts a C-MOVE proposes)."""
+    where, params = _where(query)
+    with index.reader() as conn:
+        return [(sop_class, syntax) for sop_class, syntax in conn.execute(
+            f"SELECT DISTINCT i.sop_class_uid, i.transfer_syntax FROM {FROM['IMAGE']} WHERE {where} "
+            f"LIMIT {int(limit)}", params)]
+
+
+def instances(index: Index, query: Query, after: int, limit: int) -> list[Match]:
+    """The next `limit` of those instances with `pk` above `after`, in `pk` order: a retrieve reads
+    them a page at a time and never holds them all."""
+    where, params = _where(query)
+    with index.reader() as conn:
+        return [Match(*row) for row in conn.execute(
+            f"SELECT i.pk, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, i.blob_id, i.sha256 "
+            f"FROM {FROM['IMAGE']} WHERE {where} AND i.pk > ? ORDER BY i.pk LIMIT {int(limit)}", [*params, after])]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What the index recorded of a stored instance at its reception (a storage commitment check)."""
+    sop_class_uid: str
+    blob_id: str
+    sha256: str
+
+
+def stored(index: Index, sop_instance_uids: Collection[str]) -> dict[str, Stored]:
+    """The stored instances of these SOP Instance UIDs (at most MAX_LIST), by UID; a UID the node
+    holds no instance of is not in the result."""
+    uids = list(dict.fromkeys(sop_instance_uids))
+    if len(uids) > MAX_LIST:
+        raise ValueError(f"{len(uids)} UIDs, at most {MAX_LIST} at once")
+    if not uids:
+        return {}
+    with index.reader() as conn:
+        return {uid: Stored(*rest) for uid, *rest in conn.execute(
+            f"SELECT sop_instance_uid, sop_class_uid, blob_id, sha256 FROM instances "
+            f"WHERE sop_instance_uid IN ({','.join('?' * len(uids))})", uids)}
 
 
 _U16, _U32 = struct.Struct("<H"), struct.Struct("<I")

@@ -95,17 +95,18 @@ def cmd_send(args) -> int:
 def cmd_status(args) -> int:
     import time
 
+    from archive import status as archive_status
     from archive.offload import status
+    from scp import db as scp_db
 
-    from archive import open_index
+    from .owners import open_index
 
     config = _config(args)
     index = open_index(config)
     try:
-        (instances,), = index.query("SELECT COUNT(*) FROM instances")
-        (studies,), = index.query("SELECT COUNT(*) FROM studies")
+        held = archive_status.counts(index)
         print(f"data directory: {config.data_dir}")
-        print(f"archive: {instances} instances in {studies} studies")
+        print(f"archive: {held.instances} instances in {held.studies} studies")
         c = index.integrity()   # instances that disagreed with the index (ingest.on_conflict)
         held = f" ({c['in_quarantine']} still held)" if c["in_quarantine"] != c["quarantined"] else ""
         print(f"conflicts: {c['refused']} instances refused, {c['quarantined']} kept in quarantine{held}, "
@@ -113,13 +114,12 @@ def cmd_status(args) -> int:
               f"{c['discarded']} received again with other bytes and discarded"
               + ("; list them: m3dicom status --conflicts" if any(c.values()) and not args.conflicts else ""))
         if args.conflicts:
-            _print_conflicts(index.conflicts())
+            _print_conflicts(archive_status.conflicts(index))
         _print_forwards(index)
-        (waiting, given_up), = index.query("SELECT COALESCE(SUM(state='pending'), 0), "
-                                           "COALESCE(SUM(state='undeliverable'), 0) FROM commitments")
-        if waiting or given_up:
-            print(f"storage commitment: {waiting} reports waiting to be delivered, {given_up} given up "
-                  "(the requester has to ask again)")
+        reports = scp_db.report_counts(index)
+        if reports.waiting or reports.given_up:
+            print(f"storage commitment: {reports.waiting} reports waiting to be delivered, {reports.given_up} "
+                  "given up (the requester has to ask again)")
         if config.storage.backend != "s3":
             print("offload: off (storage.backend = \"local\")")
             return 0
@@ -165,24 +165,24 @@ def _print_forwards(index, job_id: str | None = None, indent: str = "") -> None:
               + (" (retried with backoff; check the [remote] node)" if f.state == "pending" and f.attempts else ""))
 
 
-def _print_conflicts(rows) -> None:
+def _print_conflicts(conflicts) -> None:
     """One block per instance, newest first: what it contradicted, and what became of it."""
     import time
     from itertools import groupby
 
-    for (uid, action), group in groupby(rows, key=lambda r: (r["sop_instance_uid"], r["action"])):
+    for (uid, action), group in groupby(conflicts, key=lambda c: (c.sop_instance_uid, c.action)):
         group = list(group)
         first = group[0]
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(first["time"]))
-        print(f"{when}  {action}  from {first['calling_ae'] or 'an upload or a plug-in'}"
-              + (f" (received {first['received']} times)" if first["received"] > 1 else ""))
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(first.time))
+        print(f"{when}  {action}  from {first.calling_ae or 'an upload or a plug-in'}"
+              + (f" (received {first.received} times)" if first.received > 1 else ""))
         print(f"  instance {uid}")
-        print(f"  study    {first['study_uid']}")
-        print(f"  series   {first['series_uid']}")
-        for row in group:
-            what = row["reason"] or _CONFLICT_REASONS.get(row["attribute"], f"{row['attribute']} differs")
-            print(f"  {what}: the index has {row['index_value'] or '(empty)'!r}, "
-                  f"the instance {row['instance_value'] or '(empty)'!r}")
+        print(f"  study    {first.study_uid}")
+        print(f"  series   {first.series_uid}")
+        for c in group:
+            what = c.reason or _CONFLICT_REASONS.get(c.attribute, f"{c.attribute} differs")
+            print(f"  {what}: the index has {c.index_value or '(empty)'!r}, "
+                  f"the instance {c.instance_value or '(empty)'!r}")
         print(f"  -> {_CONFLICT_ADVICE.get(action, action)}")
 
 
@@ -191,7 +191,7 @@ def cmd_keys_rotate(args) -> int:
 
     from archive.keys import rotate, work
 
-    from archive import open as open_archive
+    from .owners import open_archive
 
     archive = open_archive(_config(args))
     try:
@@ -291,13 +291,11 @@ def cmd_worker(args) -> int:
 
 @contextmanager
 def _index_of(args):
-    """The node's index for one command, closed after it."""
-    from archive import open_index
-    from router import store as router_store
+    """The node's index for one command (migrated by every owner), closed after it."""
+    from .owners import open_index
 
     index = open_index(_config(args))
     try:
-        router_store.migrate(index)           # jobs are made and cancelled through it
         yield index
     finally:
         index.close()
@@ -361,8 +359,8 @@ def cmd_viewer(args) -> int:
 
     from viewer import serve as viewer_serve
 
+    from .owners import open_index
     from .receivers import LOG_FORMAT
-    from archive import open_index
 
     config = _config(args)
     logging.basicConfig(level=config.log.level, format=LOG_FORMAT, stream=sys.stderr)
@@ -397,7 +395,8 @@ def _index_made(config: Config):
     start. The serve lock is not taken: a running node and this command may use the index
     together (SQLite orders their writes). Yields (index, whether it was made now)."""
     from archive.index import Index
-    from router import store as router_store
+
+    from .owners import migrate
 
     path = config.data_dir / "index.sqlite3"
     made = not path.exists()
@@ -405,7 +404,7 @@ def _index_made(config: Config):
         config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     index = Index(path)
     try:
-        router_store.migrate(index)
+        migrate(index)
         yield index, made
     finally:
         index.close()
@@ -433,7 +432,7 @@ def cmd_user_add(args) -> int:
 def cmd_user_disable(args) -> int:
     from viewer.accounts import disable_user
 
-    with _index_of(args) as index:
+    with _index_of(args) as index:     # migrated: an index no node has served yet has no users, not no table
         disabled = disable_user(index, args.name)
     if not disabled:
         print(f"m3dicom: no user {args.name!r}", file=sys.stderr)

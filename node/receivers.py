@@ -143,8 +143,7 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
             on_ready: Callable[[], None] = lambda: None,
             every_second: Callable[[], None] = lambda: None) -> None:
     """One receiver: serve the sockets until `stop` is set."""
-    from archive import open as open_archive
-    from router import store as router_store
+    from .owners import open_archive
 
     spool = spool_dir(config, index)
     _make_spool(spool)
@@ -156,7 +155,6 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
             _make_spool(spool)
         every_second()
     archive = open_archive(config)
-    router_store.migrate(archive.index)
     ae = build_ae(config)
     committer = Committer(archive, config)
     try:

@@ -7,12 +7,11 @@ import shutil
 import signal
 import threading
 
-from archive import open as open_archive
-from router import store as router_store
 from scp.tls import server_context
 
 from . import lock, receivers
 from .config import Config
+from .owners import open_archive
 from .receivers import configure_libraries
 
 
@@ -103,8 +102,7 @@ def _serve(config: Config, ready) -> None:
         from router.service import load_plugins
         load_plugins(config)   # an unknown plug-in or bad parameters stop the start, with the rule named
     archive = open_archive(config)
-    router_store.migrate(archive.index)   # before recovery: it keeps the result files the router holds
-    archive.recover()   # before any receiver ingests
+    archive.recover()   # before any receiver ingests; after the owners' migrations (the router holds its files)
     # every port is taken and every setting checked before the first admin is made: a start
     # that fails must not have printed a password shown only once
     sockets, viewer_socket = receivers.listen(config), None

@@ -256,3 +256,32 @@ def forwards(index: Index, job_id: str | None = None) -> list[ForwardState]:
         group[1] = max(group[1], attempts)
         group[2] = error or group[2]
     return [ForwardState(d, s, *g) for (d, s), g in sorted(groups.items())]
+
+
+# -- for the viewer (study list badges, notifications) ---------------------------------------------
+
+IDS_PER_QUERY = 500      # ids or UIDs in one IN (...) list
+
+
+def jobs_of_studies(index: Index, study_uids: list[str]) -> dict[str, list[JobRecord]]:
+    """Each study's jobs, the newest first; a study without jobs is left out. Read on a connection of
+    its own: the study list never waits for the writer."""
+    found: dict[str, list[JobRecord]] = {}
+    with index.reader() as conn:
+        for start in range(0, len(study_uids), IDS_PER_QUERY):
+            part = study_uids[start:start + IDS_PER_QUERY]
+            for row in conn.execute(f"SELECT * FROM jobs WHERE study_uid IN ({','.join('?' * len(part))}) "
+                                    "ORDER BY created_at DESC", part):
+                found.setdefault(row["study_uid"], []).append(JobRecord.of(row))
+    return found
+
+
+def jobs_by_id(index: Index, job_ids: list[str]) -> dict[str, JobRecord]:
+    """The jobs of these ids that exist, by id."""
+    found: dict[str, JobRecord] = {}
+    ids = list(dict.fromkeys(job_ids))
+    for start in range(0, len(ids), IDS_PER_QUERY):
+        part = ids[start:start + IDS_PER_QUERY]
+        found.update((row["id"], JobRecord.of(row)) for row in index.query(
+            f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(part))})", tuple(part)))
+    return found

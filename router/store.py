@@ -1,10 +1,9 @@
-"""The router's tables: its migrations, study completion (router_studies, router_fired), forwards,
-and job listings for other packages. With router/queue.py (jobs and their results through the
-state machine) the only SQL on the router's tables; nothing outside router/ reads them.
+"""The router's tables: its migrations, study completion (router_studies, router_fired) and
+forwards. With router/queue.py (jobs and their results, through the state machine) the only SQL
+on the router's tables; nothing outside router/ reads them.
 """
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 import sqlite_utils
 
 from archive import holds
-from archive.index import Index
+from archive.index import Index, connect
 
 migrations = sqlite_utils.Migrations("router")
 HOLDER = "router"                   # blobs of result files, held in the archive (archive.holds)
@@ -96,8 +95,14 @@ def _result_holds(db: sqlite_utils.Database) -> None:
 
 
 def migrate(index: Index) -> None:
-    """Make or bring up to date the router's tables (before anything removes unreferenced blobs)."""
-    index.apply_migrations(migrations)
+    """Make or bring up to date the router's tables (before anything removes unreferenced blobs: an
+    index from before `blob_holds` gets its result files held here). On a connection of its own,
+    as scp.db and viewer.accounts do: SQLite orders the writers."""
+    conn = connect(index.path)
+    try:
+        migrations.apply(sqlite_utils.Database(conn))
+    finally:
+        conn.close()
 
 
 # -- study completion ---------------------------------------------------------------------
@@ -175,28 +180,3 @@ def forward_failed(index: Index, job_id: str, destination: str, error: str, now:
 
 def _study_of(conn: sqlite3.Connection, job_id: str) -> str:
     return conn.execute("SELECT study_uid FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
-
-
-# -- listings for other packages ----------------------------------------------------------
-
-@dataclass(frozen=True)
-class StudyJob:
-    """A job as a list of studies shows it."""
-    plugin: str
-    inputs: list[str]
-    state: str
-    summary: dict | None
-
-
-def jobs_of_studies(index: Index, study_uids: Iterable[str]) -> dict[str, list[StudyJob]]:
-    """Study UID -> its jobs, newest first (studies without jobs are left out)."""
-    uids, found = list(dict.fromkeys(study_uids)), {}
-    for start in range(0, len(uids), 500):
-        chunk = uids[start:start + 500]
-        with index.reader() as conn:
-            for uid, plugin, inputs, state, summary in conn.execute(
-                    f"SELECT study_uid, plugin, inputs, state, summary FROM jobs WHERE study_uid IN "
-                    f"({','.join('?' * len(chunk))}) ORDER BY created_at DESC", chunk):
-                found.setdefault(uid, []).append(StudyJob(plugin, json.loads(inputs), state,
-                                                          json.loads(summary) if summary else None))
-    return found

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import logging
 import queue
-import sqlite3
 import struct
 import threading
 import time
@@ -33,9 +31,11 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from archive import Archive, IntegrityError
+from archive import query as archive_query
 from archive.dicomfile import valid_uid
 from archive.storage import BlobNotFound
 
+from . import db
 from .settings import Settings
 from .tls import Reports, no_delay, remote_tls
 
@@ -93,14 +93,8 @@ class Committer:
                 valid_uid(c) and valid_uid(i) for c, i in items):
             return _status(0x0115, "invalid Transaction UID or referenced UIDs"), None
         try:
-            with self.archive.index.write() as conn:
-                (pending,), = conn.execute("SELECT COUNT(*) FROM commitments WHERE state='pending' AND calling_ae=?",
-                                           (calling,)).fetchall()
-                if pending < self.max_pending:
-                    conn.execute("INSERT INTO commitments (transaction_uid, calling_ae, items, state, received_at) "
-                                 "VALUES (?,?,?,?,?)",
-                                 (transaction, calling, json.dumps(items), "pending", time.time()))
-        except sqlite3.IntegrityError:
+            pending = db.add(self.archive.index, transaction, calling, items, self.max_pending)
+        except db.TransactionReused:
             log.warning("storage commitment from %s: Transaction UID %s used before", calling, transaction)
             return _status(PROCESSING_FAILURE, "Transaction UID already used"), None
         if pending >= self.max_pending:
@@ -116,10 +110,10 @@ class Committer:
     def resume_pending(self) -> int:
         """Queue the reports not delivered before a restart (new associations); those older than
         commitment.report_retry_hours are given up."""
-        rows = self.archive.index.query("SELECT transaction_uid FROM commitments WHERE state='pending'")
-        for row in rows:
-            self._queue.put((row[0], None, 0, None))
-        return len(rows)
+        transactions = db.pending(self.archive.index)
+        for transaction in transactions:
+            self._queue.put((transaction, None, 0, None))
+        return len(transactions)
 
     def _run(self) -> None:
         """The worker: the requests in hand are checked CHECK_SLICE instances at a time, in turn,
@@ -141,18 +135,18 @@ class Committer:
         """One attempt at a report, as a generator that yields between slices of its check. A
         report not delivered is tried again later (30 s, doubling up to RETRY_MAX_DELAY) with the
         same check, until commitment.report_retry_hours after the request."""
+        request = None
         try:
-            rows = self.archive.index.query("SELECT calling_ae, items, state, received_at FROM commitments "
-                                            "WHERE transaction_uid=?", (transaction,))
-            if not rows or rows[0]["state"] != "pending":
+            request = db.get(self.archive.index, transaction)
+            if request is None or request.state != db.PENDING:
                 return
-            calling = rows[0]["calling_ae"]
-            if time.time() - rows[0]["received_at"] > self.retry_for:
+            calling = request.calling_ae
+            if time.time() - request.received_at > self.retry_for:
                 self._give_up(transaction, calling, f"not delivered within {self.retry_for / 3600:g} h "
                                                     "(commitment.report_retry_hours)")
                 return
             if checked is None:
-                items = [tuple(i) for i in json.loads(rows[0]["items"])]
+                items = request.items
                 committed, failed = [], []
                 for start in range(0, len(items), CHECK_SLICE):
                     done, refused = self.check(items[start:start + CHECK_SLICE])
@@ -164,31 +158,29 @@ class Committer:
                 return
         except Exception:
             log.exception("storage commitment %s: report failed", transaction)
-            rows = None
+            request = None
         delay = min(RETRY_MAX_DELAY, self.retry_base * 2 ** attempt)
-        if rows:   # the last attempt comes when the time is up, and gives up
-            delay = min(delay, max(0.0, rows[0]["received_at"] + self.retry_for - time.time()) + 0.1)
+        if request is not None:   # the last attempt comes when the time is up, and gives up
+            delay = min(delay, max(0.0, request.received_at + self.retry_for - time.time()) + 0.1)
         timer = threading.Timer(delay, self._queue.put, args=((transaction, None, attempt + 1, checked),))
         timer.daemon = True
         timer.start()
 
     def _give_up(self, transaction: str, calling: str, why: str) -> None:
-        with self.archive.index.write() as conn:
-            conn.execute("UPDATE commitments SET state='undeliverable', reported_at=? WHERE transaction_uid=? "
-                         "AND state='pending'", (time.time(), transaction))
+        db.give_up(self.archive.index, transaction)
         log.warning("storage commitment %s: report for %s given up: %s; the requester has to ask again",
                     transaction, calling, why)
 
     def check(self, items: list[tuple[str, str]]) -> tuple[list, list]:
         """(committed items, (class, instance, failure reason) items)."""
         committed, failed = [], []
+        held = archive_query.stored(self.archive.index, [sop_instance for _, sop_instance in items])
         for sop_class, sop_instance in items:
-            rows = self.archive.index.query(
-                "SELECT sop_class_uid, blob_id, sha256 FROM instances WHERE sop_instance_uid=?", (sop_instance,))
-            if not rows:
+            found = held.get(sop_instance)
+            if found is None:
                 failed.append((sop_class, sop_instance, NO_SUCH_OBJECT))
                 continue
-            if rows[0]["sop_class_uid"] != sop_class:
+            if found.sop_class_uid != sop_class:
                 failed.append((sop_class, sop_instance, CLASS_INSTANCE_CONFLICT))
                 continue
             doubt = self.archive.index.not_committable(sop_instance)   # the requester's copy may not be ours
@@ -198,7 +190,7 @@ class Committer:
                 failed.append((sop_class, sop_instance, PROCESSING_FAILURE))
                 continue
             try:
-                verify(self.archive, rows[0]["blob_id"], rows[0]["sha256"])   # no decrypted copy written
+                verify(self.archive, found.blob_id, found.sha256)   # no decrypted copy written
                 committed.append((sop_class, sop_instance))
             except (IntegrityError, BlobNotFound, OSError) as exc:
                 log.error("storage commitment: instance %s cannot be read back: %s", sop_instance, exc)
@@ -221,9 +213,7 @@ class Committer:
             return True
         if not sent:
             return False
-        with self.archive.index.write() as conn:
-            conn.execute("UPDATE commitments SET state='reported', failures=?, reported_at=? WHERE transaction_uid=?",
-                         (len(failed), time.time(), transaction))
+        db.reported(self.archive.index, transaction, len(failed))
         log.info("storage commitment %s reported to %s: %d committed, %d failed", transaction, calling,
                  len(committed), len(failed))
         return True

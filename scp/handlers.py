@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,6 +20,7 @@ from pydicom.uid import UID
 
 from archive import Archive, Outcome
 from archive.ingest import SHORT_OF_DISK
+from archive import query as archive_query
 from archive.query import Query, QueryError, model_of
 
 from .settings import Settings
@@ -196,9 +198,7 @@ def find(archive: Archive, config: Settings, calling_ae: str, sop_class: str, id
         return
     limit = config.query.max_results
     pending = 0xFF01 if query.unsupported else 0xFF00  # some optional keys are not supported
-    with archive.index.reader() as conn:
-        matches = iter(query.run(conn, limit + 1, config.query.timeout) if explicit_vr is None
-                       else query.encoded(conn, explicit_vr, limit + 1, config.query.timeout))
+    with closing(archive_query.find(archive.index, query, limit + 1, config.query.timeout, explicit_vr)) as matches:
         for count in itertools.count():
             try:
                 match = next(matches, None)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import socket
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +22,8 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
 from archive import Archive, IntegrityError
-from archive.query import FROM, LEVELS, UNIQUE, Query, QueryError, model_of
+from archive import query as archive_query
+from archive.query import LEVELS, UNIQUE, Match, Query, QueryError, model_of
 from archive.storage import BlobNotFound
 
 from .settings import Settings
@@ -108,15 +108,6 @@ def sends_stored_files(event) -> None:
     event.assoc.__class__ = FileSendingAssociation
 
 
-@dataclass(frozen=True)
-class Match:
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-    blob_id: str
-    sha256: str
-
-
 class Retrieve:
     """The instances a C-MOVE / C-GET identifier names, read from the index a page at a time.
 
@@ -136,12 +127,9 @@ class Retrieve:
                 raise QueryError(f"{key}: no wildcards in a retrieve's unique keys")
             if level == query.level and not values:
                 raise QueryError(f"a {query.level} retrieve needs {key}")
-        self.where = " AND ".join(query.conditions) or "1"
-        self.params = list(query.params)
-        with archive.index.reader() as conn:
-            (self.count,), = conn.execute(f"SELECT COUNT(*) FROM {FROM['IMAGE']} WHERE {self.where}", self.params)
-            self.kinds = conn.execute(f"SELECT DISTINCT i.sop_class_uid, i.transfer_syntax FROM {FROM['IMAGE']} "
-                                      f"WHERE {self.where} LIMIT {MAX_CONTEXTS + 1}", self.params).fetchall()
+        self.query = query
+        self.count = archive_query.instance_count(archive.index, query)
+        self.kinds = archive_query.instance_kinds(archive.index, query, MAX_CONTEXTS + 1)
         if self.count > limit:
             raise QueryError(f"{self.count} instances, at most {limit}: retrieve less at once", 0xA702)
 
@@ -149,16 +137,11 @@ class Retrieve:
         """At most `count` matches (those indexed since the count are left out), PAGE at a time."""
         last, left = 0, self.count
         while left > 0:
-            with self.archive.index.reader() as conn:
-                rows = conn.execute(
-                    f"SELECT i.pk, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, i.blob_id, i.sha256 "
-                    f"FROM {FROM['IMAGE']} WHERE {self.where} AND i.pk > ? ORDER BY i.pk LIMIT {min(PAGE, left)}",
-                    [*self.params, last]).fetchall()
-            if not rows:
+            page = archive_query.instances(self.archive.index, self.query, last, min(PAGE, left))
+            if not page:
                 return
-            for row in rows:
-                yield Match(*row[1:])
-            last, left = rows[-1][0], left - len(rows)
+            yield from page
+            last, left = page[-1].pk, left - len(page)
 
 
 def _values(identifier: Dataset, keyword: str) -> list[str]:

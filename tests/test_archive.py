@@ -6,7 +6,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from archive import Archive, Outcome
+from archive import Archive, Outcome, status
 from helpers import dataset_sha256, data_file
 
 
@@ -245,7 +245,7 @@ def test_quarantine_keeps_the_instance_outside_the_hierarchy_and_recovery_keeps_
     assert archive.recover() == 0 and archive.storage.read_all(row["blob_id"]) == other.read_bytes()
     assert len(list(archive.storage.blob_ids())) == 2 and len(hierarchy(archive)) == 1
     assert archive.index.integrity()["in_quarantine"] == 1
-    assert [r["received"] for r in archive.index.conflicts()] == [2]
+    assert [r.received for r in status.conflicts(archive.index)] == [2]
 
 
 def test_the_integrity_migration_keeps_what_an_older_index_holds(tmp_path):
@@ -309,10 +309,10 @@ def test_the_same_instance_with_other_bytes_under_keep_first_is_discarded_record
     assert archive.index.not_committable(uid) is None
     for _ in range(2):
         assert archive.ingest_file(versions[1], calling_ae="RESENDER").outcome is Outcome.DUPLICATE_KEPT_FIRST
-    (row,) = archive.index.conflicts()
-    assert (row["attribute"], row["action"], row["received"], row["calling_ae"], row["reason"]) == (
+    (row,) = status.conflicts(archive.index)
+    assert (row.attribute, row.action, row.received, row.calling_ae, row.reason) == (
         "SOPInstanceUID", "discarded", 2, "RESENDER", "received again with different content")
-    assert (row["index_value"], row["instance_value"]) == (f"data set SHA-256 {dataset_sha256(versions[0])}",
+    assert (row.index_value, row.instance_value) == (f"data set SHA-256 {dataset_sha256(versions[0])}",
                                                            f"data set SHA-256 {dataset_sha256(versions[1])}")
     assert archive.index.integrity()["discarded"] == 1
     assert archive.index.not_committable(uid) == "received again since with other content, which was discarded"

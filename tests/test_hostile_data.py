@@ -445,6 +445,7 @@ async def logged_in_viewer(tmp_path: Path, aiohttp_client):
 
     config = from_dict({"node": {"data_dir": str(tmp_path / "var")}, "viewer": {"tls": False}}, tmp_path)
     archive = Archive(config.data_dir)
+    accounts.migrate(archive.index)                 # the viewer's tables, as the node's start makes them
     accounts.add_user(archive.index, "alice", "a long enough password", "clinician")
     client = await aiohttp_client(create_app(config, archive))
     await client.post("/login", data={"user": "alice", "password": "a long enough password", "next": "/studies"},

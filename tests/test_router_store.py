@@ -92,16 +92,6 @@ def test_what_the_router_reads_of_the_archive(tmp_path):
     assert series_changed(archive.index, study, 0, 10**9, ("replaced",)) == set()
 
 
-def test_jobs_of_studies_newest_first(tmp_path):
-    archive = Archive(tmp_path / "var")
-    a = queue.create(archive.index, study_uid="1.1", plugin="p", params={}, inputs=["s1"], now=1.0)
-    b = queue.create(archive.index, study_uid="1.1", plugin="q", params={}, inputs=["s2"], now=2.0)
-    queue.create(archive.index, study_uid="2.2", plugin="p", params={}, inputs=["s3"], now=3.0)
-    found = store.jobs_of_studies(archive.index, ["1.1", "3.3"])
-    assert list(found) == ["1.1"] and [j.plugin for j in found["1.1"]] == ["q", "p"]
-    assert found["1.1"][0].inputs == ["s2"] and found["1.1"][0].state == "queued" and a != b
-
-
 def test_an_external_worker_has_its_own_settings():
     """`m3dicom worker --config` installs its settings (router.worker) where the job task finds them."""
     from distributed import Client, Scheduler, Worker

@@ -32,6 +32,7 @@ def setup(tmp_path):
                         "viewer": {"max_upload_mb": 2, "max_file_mb": 1, "session_idle_minutes": 10, "tls": False}},
                        tmp_path)
     archive = Archive(config.data_dir)
+    accounts.migrate(archive.index)                 # the viewer's tables, as the node's start makes them
     accounts.add_user(archive.index, "alice", PASSWORD, "clinician")
     studies = {}
     for name in ("a", "b"):

@@ -36,6 +36,7 @@ def setup(tmp_path):
     config = from_dict({"node": {"data_dir": str(tmp_path / "var")},
                         "viewer": {"max_upload_mb": 4, "max_file_mb": 2, "tls": False}}, tmp_path)
     archive = Archive(config.data_dir)
+    accounts.migrate(archive.index)                 # the viewer's tables, as the node's start makes them
     accounts.add_user(archive.index, "alice", PASSWORD, "clinician")
     accounts.add_user(archive.index, "bob", PASSWORD, "clinician")
     accounts.add_user(archive.index, "root", PASSWORD, "admin")

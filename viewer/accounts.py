@@ -8,6 +8,9 @@
   too (logins.py): parallel attempts are checked one after another, each after its delay.
 - Share links: a random id and its expiry, signed (HMAC-SHA256) with the viewer's secret,
   kept in the index so they can be revoked; a share session sees one study, read-only.
+
+These tables (users, sessions, login_failures, share_links, audit) are the viewer's own: its
+migrations (`migrations`, applied by `migrate(index)`) make them, and no other package reads them.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import secrets
 import time
 from dataclasses import dataclass
 
+import sqlite_utils
+
 from archive.index import Index
 
 ROLES = ("clinician", "admin")
@@ -31,6 +36,75 @@ MAX_DELAY = 8.0
 
 class AccountError(ValueError):
     """A user cannot be made or changed as asked."""
+
+
+# -- the viewer's tables ----------------------------------------------------------------------
+
+migrations = sqlite_utils.Migrations("viewer")
+
+# The statements archive/index.py's migration 0005_viewer ran until issue 16, each IF NOT EXISTS:
+# an index made then keeps its tables and rows as they are, and a new one gets the same schema
+# (SQLite keeps each statement's text, without the IF NOT EXISTS, in sqlite_master).
+_TABLES = (
+    """CREATE TABLE IF NOT EXISTS users (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,                  -- clinician | admin
+        password TEXT NOT NULL,              -- scrypt$n$r$p$salt$hash
+        created_at REAL NOT NULL,
+        disabled INTEGER NOT NULL DEFAULT 0
+    )""",
+    """CREATE TABLE IF NOT EXISTS sessions (
+        token_hash TEXT PRIMARY KEY,         -- SHA-256 of the cookie's token: a copy of the index opens no session
+        user_name TEXT,                      -- NULL for a share-link session
+        share_id TEXT,                       -- the share link it came from
+        study_uid TEXT,                      -- a share-link session sees this study only
+        csrf TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        expires_at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS sessions_user ON sessions(user_name)",
+    """CREATE TABLE IF NOT EXISTS login_failures (
+        key TEXT PRIMARY KEY,                -- user:NAME or addr:ADDRESS
+        count INTEGER NOT NULL,
+        last REAL NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS share_links (
+        id TEXT PRIMARY KEY,
+        study_uid TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        revoked_at REAL
+    )""",
+    "CREATE INDEX IF NOT EXISTS share_links_study ON share_links(study_uid)",
+    """CREATE TABLE IF NOT EXISTS audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        time REAL NOT NULL,
+        user_name TEXT,                      -- or "share:ID"
+        action TEXT NOT NULL,                -- login, logout, view, download, upload, share, share_open, job, ...
+        study_uid TEXT,
+        outcome TEXT NOT NULL,               -- ok | refused | failed
+        detail TEXT,
+        address TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS audit_time ON audit(time)",
+    "CREATE INDEX IF NOT EXISTS audit_study ON audit(study_uid, time)",
+)
+
+
+@migrations(name="0001_accounts")
+def _accounts(db: sqlite_utils.Database) -> None:
+    """People and their sessions in the web viewer, share links, and the audit trail."""
+    for statement in _TABLES:          # one at a time: executescript would end migrate's transaction
+        db.execute(statement)
+
+
+def migrate(index: Index) -> None:
+    """Make the viewer's tables in `index`, or bring them up to date: the node calls this at its
+    start, `m3dicom user add` before the first start, and a test that makes an index itself."""
+    with index.write() as conn:
+        migrations.apply(sqlite_utils.Database(conn))
 
 
 def hash_password(password: str) -> str:

@@ -14,20 +14,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 import traceback
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import quote, urlsplit
 
 import jinja2
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import MultiDict
 
 from archive import Archive
 
-from . import accounts
+from . import accounts, events, views
+from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, LOGINS, PLUGINS, SECRET, SESSION, TEMPLATES, form,
+                   run)
 from .images import Images
 from .logins import LoginGate
 from .settings import Settings
@@ -36,33 +36,11 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 X3DOM = ROOT / "viewer" / "vendor" / "node_modules" / "x3dom"
-COOKIE = "m3session"
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-JOB_ID = re.compile(r"^[0-9a-f]{16}$")
-
-CONFIG = web.AppKey("config", Settings)
-ARCHIVE = web.AppKey("archive", Archive)
-IMAGES = web.AppKey("images", Images)
-PLUGINS = web.AppKey("plugins", dict)
-SECRET = web.AppKey("secret", bytes)
-TEMPLATES = web.AppKey("templates", jinja2.Environment)
-EVENTS = web.AppKey("events", object)
-LOGINS = web.AppKey("logins", LoginGate)
-CLOCK = web.AppKey("clock", object)
-SESSION = web.RequestKey("session", object)     # accounts.Session | None
-FORM = web.RequestKey("form", MultiDict)        # the form fields, once read
-BODY_LIMIT = 64 << 10                            # a form's or a JSON request's body (uploads have their own)
-FORM_FIELDS = 100
-
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; "
        "img-src 'self' data: blob:; connect-src 'self'; font-src 'self' data:; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 PUBLIC = ("/login", "/static/", "/s/", "/favicon.ico")
-
-
-def valid_uid(value: str) -> bool:
-    return bool(UID.match(value)) and len(value) <= 64
 
 
 @web.middleware
@@ -124,8 +102,7 @@ async def sessions(request: web.Request, handler):
     if request[SESSION] is None and token and not request.path.startswith(PUBLIC):
         closed = await run(request, accounts.closed_share, app[ARCHIVE].index, token, now)
         if closed:                            # a guest whose link was revoked or ran out is told so (403)
-            from .views import link_closed
-            return link_closed(request, closed)
+            return views.link_closed(request, closed)
     if request[SESSION] is None and not request.path.startswith(PUBLIC) and request.path != "/":
         if request.path.startswith("/api/"):
             raise web.HTTPUnauthorized(text='{"error": "log in first"}', content_type="application/json")
@@ -197,62 +174,8 @@ async def csrf(request: web.Request, handler):
     return await handler(request)
 
 
-async def _small_body(request: web.Request) -> bytes:
-    """The body of a form or JSON request, at most BODY_LIMIT bytes (413 past it, before more is
-    read): client_max_size is the upload's, and /login is open to anyone."""
-    if request.content_length is not None and request.content_length > BODY_LIMIT:
-        raise web.HTTPRequestEntityTooLarge(max_size=BODY_LIMIT, actual_size=request.content_length)
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(8192):
-        body += chunk
-        if len(body) > BODY_LIMIT:
-            raise web.HTTPRequestEntityTooLarge(max_size=BODY_LIMIT, actual_size=len(body))
-    return bytes(body)
-
-
-async def form(request: web.Request) -> MultiDict:
-    """The fields of a form the pages send (application/x-www-form-urlencoded, UTF-8, at most
-    BODY_LIMIT bytes and FORM_FIELDS fields); 400 or 413 with a reason otherwise."""
-    if FORM in request:
-        return request[FORM]
-    if request.content_type not in ("application/x-www-form-urlencoded", ""):
-        raise web.HTTPBadRequest(text="Send this form from its page (application/x-www-form-urlencoded).")
-    try:
-        fields = parse_qsl((await _small_body(request)).decode(), keep_blank_values=True, max_num_fields=FORM_FIELDS)
-    except ValueError:                      # not UTF-8, too many fields
-        raise web.HTTPBadRequest(text="The form could not be read: go back, reload the page and send it again.") \
-            from None
-    request[FORM] = MultiDict(fields)
-    return request[FORM]
-
-
-async def json_body(request: web.Request, default=None):
-    """The request's JSON (at most BODY_LIMIT bytes); `default` when it has no body; 400 when it
-    is not JSON."""
-    if not request.can_read_body:
-        return default
-    try:
-        return json.loads((await _small_body(request)).decode())
-    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested past the parser's depth
-        raise web.HTTPBadRequest(text='{"error": "expected JSON"}', content_type="application/json") from None
-
-
-async def run(request: web.Request, function, *args):
-    """CPU or disk work off the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
-
-
-def render(request: web.Request, template: str, **context) -> web.Response:
-    session = request.get(SESSION)
-    html = request.app[TEMPLATES].get_template(template).render(session=session, csrf=session.csrf if session else "",
-                                                               **context)
-    return web.Response(text=html, content_type="text/html")
-
-
 def create_app(config: Settings, archive: Archive | None = None, clock=time.time) -> web.Application:
     """The viewer for `config`'s node (its own archive connection unless one is given)."""
-    from . import events, views
-
     app = web.Application(middlewares=[security_headers, errors, sessions, csrf],
                           client_max_size=(config.viewer.max_upload_mb + 1) << 20)
     app[CONFIG] = config

@@ -15,17 +15,20 @@ may hold `viewer.max_event_streams` of them and an address (IPv6: its /64)
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import Counter
 
+from archive import changes
 from archive.index import Index
+from router.queue import jobs_by_id
 
 log = logging.getLogger(__name__)
 POLL = 0.5
 KINDS = ("job_queued", "job_running", "job_progress", "job_succeeded", "job_failed", "job_cancelled",
          "job_forwarded", "job_forward_failed")
+JOB_FIELDS = ("plugin", "state", "progress", "progress_message", "summary")   # an event's, of its job now
+JOB_EVENTS = 500          # job events per read of the log
 STUDIES_STORED = 500      # studies that received instances, per read of the log
 REFUSAL_LOG_EVERY = 60.0  # seconds between two log lines about refused streams of one session or address
 
@@ -43,8 +46,7 @@ class Broker:
         self._counted: dict[asyncio.Queue, tuple[str, str]] = {}
         self._logged: dict[str, float] = {}
         self._task: asyncio.Task | None = None
-        rows = index.query("SELECT MAX(seq) FROM changes")
-        self.last = rows[0][0] or 0
+        self.last = changes.latest(index)
 
     def subscribe(self, session: str, address: str) -> asyncio.Queue:
         """A queue of the events to come, counted against `session` and `address` (TooManyStreams
@@ -73,7 +75,7 @@ class Broker:
         return self._events(after, self.last)[0]
 
     def _latest(self) -> int:
-        return self.index.query("SELECT MAX(seq) FROM changes")[0][0] or 0
+        return changes.latest(self.index)
 
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         self.subscribers.discard(queue)
@@ -105,22 +107,18 @@ class Broker:
         return events
 
     def _events(self, after: int, upto: int) -> tuple[list[dict], int]:
-        """The events after `after` up to `upto` (at most 500 job events and STUDIES_STORED studies), and
+        """The events after `after` up to `upto` (at most JOB_EVENTS job events and STUDIES_STORED studies), and
         the sequence number read up to. A study that received instances is one `study_stored` event
         (the study list shows it), however many instances came."""
-        rows = self.index.query(
-            f"SELECT c.seq, c.kind, c.study_uid, c.job_id, j.plugin, j.state, j.progress, j.progress_message, "
-            f"j.summary FROM changes c LEFT JOIN jobs j ON j.id = c.job_id WHERE c.seq > ? AND c.seq <= ? "
-            f"AND c.kind IN ({','.join('?' * len(KINDS))}) ORDER BY c.seq LIMIT 500",
-            (after, upto, *KINDS))
-        if len(rows) == 500:
-            upto = rows[-1]["seq"]
+        found = changes.read(self.index, after, upto, KINDS, JOB_EVENTS)
+        if len(found) == JOB_EVENTS:
+            upto = found[-1].seq
+        jobs = jobs_by_id(self.index, [c.job_id for c in found if c.job_id])
         events = []
-        for row in rows:
-            event = {k: row[k] for k in ("seq", "kind", "study_uid", "job_id", "plugin", "state", "progress",
-                                         "progress_message")}
-            event["summary"] = json.loads(row["summary"]) if row["summary"] else None
-            events.append(event)
+        for change in found:
+            job = jobs.get(change.job_id)
+            events.append({"seq": change.seq, "kind": change.kind, "study_uid": change.study_uid,
+                           "job_id": change.job_id, **{k: getattr(job, k) if job else None for k in JOB_FIELDS}})
         stored = self.index.studies_stored(after, upto, STUDIES_STORED)
         if len(stored) == STUDIES_STORED:
             upto = min(upto, stored[-1][0])

@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import io
-import mmap
-import os
 import struct
-import tempfile
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +33,10 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataelem import RawDataElement
-from pydicom.filereader import read_file_meta_info
-from pydicom.filewriter import write_file_meta_info
 from pydicom.pixels import pixel_array
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from archive import Archive
-from archive.dicomfile import PixelsTooLarge, _inflate, check_pixels, dataset_offset, inspect
+from archive import Archive, facts
+from archive.dicomfile import PixelsTooLarge, check_pixels, undeflated
 
 IMAGE_LIMIT = 4096           # pixels each way a request may ask for (the page asks for at most this)
 STORAGE_CLASSES_3D = {"1.2.840.10008.5.1.4.1.1.104.3": "model/stl"}
@@ -191,33 +184,6 @@ def _declared(ds) -> tuple[int, int]:
     return rows * columns * frames * samples * ((bits + 7) // 8), samples
 
 
-@contextmanager
-def _plain(path: Path, limits) -> Iterator[Path]:
-    """`path`, checked (`archive.dicomfile.inspect`: structure, nesting), or for a deflated data set
-    an inflated copy next to it in Explicit VR Little Endian, made a MiB at a time within the
-    `[ingest]` limits: pydicom would inflate it whole in memory (and keep the deflated bytes too)."""
-    meta = read_file_meta_info(path)
-    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-        inspect(path, limits=limits)
-        yield path
-        return
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    fd, name = tempfile.mkstemp(suffix=".dcm", dir=path.parent)
-    plain = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as out, open(path, "rb") as source:
-            head = io.BytesIO()
-            write_file_meta_info(head, meta, enforce_standard=False)
-            out.write(b"\0" * 128 + b"DICM" + head.getvalue())
-            offset = dataset_offset(source)
-            with mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                _inflate(buf, offset, limits, out)
-        inspect(plain, limits=limits)
-        yield plain
-    finally:
-        plain.unlink(missing_ok=True)
-
-
 def _read(plain: Path) -> tuple[pydicom.Dataset, int | None]:
     """The data set up to its pixel data, without any value over LARGE_VALUE bytes (they would be
     read from a file that is gone by the time anyone asks), and how many bytes of the file its
@@ -308,23 +274,18 @@ class Images:
         self._decoding: dict[str, threading.Lock] = {}   # one decode per instance, however many ask at once
         self._decoding_lock = threading.Lock()
 
-    def _row(self, sop_instance_uid: str):
-        rows = self.archive.index.query("SELECT blob_id, sha256, sop_class_uid FROM instances WHERE sop_instance_uid=?",
-                                        (sop_instance_uid,))
-        if not rows:
-            raise KeyError(sop_instance_uid)
-        return rows[0]
-
     def exported(self, sop_instance_uid: str):
         """The stored Part 10 file, decrypted and verified (a context manager giving its path)."""
-        row = self._row(sop_instance_uid)
-        return self.archive.exported(row["blob_id"], row["sha256"])
+        stored = facts.stored_instance(self.archive.index, sop_instance_uid)
+        if stored is None:
+            raise KeyError(sop_instance_uid)
+        return self.archive.exported(stored.blob_id, stored.sha256)
 
     def dataset(self, sop_instance_uid: str) -> pydicom.Dataset:
         """The stored data set without its pixel data or any other value over LARGE_VALUE bytes (a
         report, a header), read within the archive's limits: a stored deflate bomb or a data set
         nested too deep raises `archive.InvalidInstance` before pydicom reads it."""
-        with self.exported(sop_instance_uid) as path, _plain(path, self.archive.limits) as plain:
+        with self.exported(sop_instance_uid) as path, undeflated(path, self.archive.limits) as plain:
             return _read(plain)[0]
 
     def header(self, sop_instance_uid: str) -> Header:
@@ -333,7 +294,7 @@ class Images:
         found = self.headers.get(sop_instance_uid)
         if found is not None:
             return found
-        with self.exported(sop_instance_uid) as path, _plain(path, self.archive.limits) as plain:
+        with self.exported(sop_instance_uid) as path, undeflated(path, self.archive.limits) as plain:
             ds, pixel_bytes = _read(plain)
         why, size, samples = "", 0, 1
         if pixel_bytes is None:
@@ -388,7 +349,7 @@ class Images:
                     self._decoding.pop(sop_instance_uid, None)
 
     def _decode(self, sop_instance_uid: str) -> Decoded:
-        with self.exported(sop_instance_uid) as path, _plain(path, self.archive.limits) as plain:
+        with self.exported(sop_instance_uid) as path, undeflated(path, self.archive.limits) as plain:
             ds = pydicom.dcmread(plain, defer_size=LARGE_VALUE)      # the pixel data stays on disk
             if not any(k in ds for k in PIXEL_KEYWORDS):
                 raise NotAnImage(f"{getattr(ds.SOPClassUID, 'name', None) or ds.SOPClassUID} has no image")

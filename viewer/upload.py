@@ -22,8 +22,10 @@ from pathlib import Path
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from archive import facts
+
 from . import accounts
-from .app import ARCHIVE, CONFIG, SESSION, run
+from .base import ARCHIVE, CONFIG, SESSION, run
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -31,7 +33,6 @@ MAX_RATIO = 200          # a zip member inflating more than this is refused (a z
 AUDITED_REFUSALS = 100   # refused files of one upload audited one by one; the rest in one record
 DIRECTORY_ENTRY_BYTES = 512   # a zip's central directory may take this much per file it may hold (names
                               # included): zipfile reads the directory whole (about 0.5 KB of memory an entry)
-STUDIES_PER_QUERY = 500  # studies an upload touched, looked up this many at a time (a query takes 1000 UIDs)
 
 
 class TooLarge(Exception):
@@ -94,10 +95,6 @@ async def handle(request: web.Request) -> web.Response:
 def _studies(index, results: list[dict]) -> list[dict]:
     """The studies the upload touched, once each, with what they hold and what this upload did to
     them (files stored, already there, refused): those it stored into first, then in upload order."""
-    from pydicom.dataset import Dataset
-
-    from archive.query import STUDY_ROOT, Query, study_list
-
     touched: dict[str, dict[str, int]] = {}
     for r in results:
         if r.get("study_uid"):
@@ -105,18 +102,7 @@ def _studies(index, results: list[dict]) -> list[dict]:
             counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
     if not touched:
         return []
-    found = {}
-    uids = list(touched)
-    with index.reader() as conn:
-        for start in range(0, len(uids), STUDIES_PER_QUERY):
-            identifier = Dataset()
-            identifier.QueryRetrieveLevel = "STUDY"
-            identifier.StudyInstanceUID = uids[start:start + STUDIES_PER_QUERY]
-            for keyword in ("PatientName", "PatientID", "StudyDate", "StudyTime", "StudyDescription",
-                            "ModalitiesInStudy"):
-                setattr(identifier, keyword, "")
-            found.update((row["StudyInstanceUID"], row) for row in study_list(conn, Query(STUDY_ROOT, identifier),
-                                                                              limit=STUDIES_PER_QUERY))
+    found = facts.listed_studies(index, list(touched))
     order = sorted(touched, key=lambda uid: touched[uid]["stored"] == 0)       # stable: upload order otherwise
     return [{"study_uid": uid, "patient_name": found[uid]["PatientName"], "patient_id": found[uid]["PatientID"],
              "date": found[uid]["StudyDate"], "time": found[uid]["StudyTime"],

@@ -13,7 +13,9 @@ import logging
 import re
 import sqlite3
 import time
+from collections import Counter
 from contextlib import ExitStack
+from dataclasses import asdict, fields
 from urllib.parse import quote, unquote, urlsplit
 
 from aiohttp import web
@@ -23,17 +25,17 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from archive import facts
 from archive.dicomfile import InvalidInstance
-from archive.query import STUDY_LIST_ORDER, STUDY_ROOT, Query, QueryError, study_list
+from archive.query import STUDY_LIST_ORDER, STUDY_ROOT, Query
 from router import queue
 from router.api import JobRequestError, plugins_for_study, request_job
 from router.jobs import IllegalTransition
 
 from . import accounts, analysis, upload
-from .app import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, JOB_ID, LOGINS, PLUGINS, SECRET, SESSION, render,
-                  run, valid_uid)
-from .app import form as read_form
-from .app import json_body
+from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, JOB_ID, LOGINS, PLUGINS, SECRET, SESSION, json_body,
+                   render, run, valid_uid)
+from .base import form as read_form
 from .images import IMAGE_LIMIT, NotAnImage
 from .images import Busy as ImagesBusy
 from .events import TooManyStreams
@@ -175,12 +177,10 @@ async def _instance(request: web.Request) -> tuple[str, str]:
     uid = request.match_info["instance"]
     if not valid_uid(uid):
         raise _not_found("instance")
-    rows = await run(request, request.app[ARCHIVE].index.query,
-                     "SELECT s.study_uid FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies s "
-                     "ON se.study_pk = s.pk WHERE i.sop_instance_uid=?", (uid,))
-    if not rows:
+    study_uid = await run(request, facts.study_of_instance, request.app[ARCHIVE].index, uid)
+    if study_uid is None:
         raise _not_found("instance")
-    return uid, _study(request, rows[0][0])
+    return uid, _study(request, study_uid)
 
 
 async def _job(request: web.Request) -> queue.JobRecord:
@@ -343,26 +343,17 @@ def _identifier(params) -> Dataset:
 
 def _search(index, params: dict, page: int, order: str = "date", descending: bool = True) -> dict:
     query = Query(STUDY_ROOT, _identifier(params))
-    with index.reader() as conn:
-        rows = study_list(conn, query, order=order, descending=descending, limit=PAGE + 1, offset=page * PAGE)
-        found = [{"study_uid": r["StudyInstanceUID"], "patient_name": r["PatientName"], "patient_id": r["PatientID"],
-                  "date": r["StudyDate"], "time": r["StudyTime"], "description": r["StudyDescription"],
-                  "accession": r["AccessionNumber"], "modalities": r["ModalitiesInStudy"],
-                  "images": r["images"], "results": r["results"]} for r in rows[:PAGE]]
-        uids = [s["study_uid"] for s in found]
-        if uids:
-            marks = ",".join("?" * len(uids))
-            states, newest = {}, {}
-            for row in conn.execute(f"SELECT study_uid, state, COUNT(*) FROM jobs WHERE study_uid IN ({marks}) "
-                                    "GROUP BY study_uid, state", uids):
-                states.setdefault(row[0], {})[row[1]] = row[2]
-            for row in conn.execute(f"SELECT study_uid, plugin, inputs, state, summary FROM jobs WHERE study_uid "
-                                    f"IN ({marks}) ORDER BY created_at DESC", uids):
-                newest.setdefault(row[0], []).append(dict(zip(("plugin", "inputs", "state", "summary"), row[1:])))
-            for study in found:
-                study["jobs"] = states.get(study["study_uid"], {})
-                # findings / nothing-found / done / failed / running / queued (viewer/analysis.py)
-                study["analysis"] = analysis.study_verdict(newest.get(study["study_uid"], []))
+    rows = facts.study_page(index, query, order=order, descending=descending, limit=PAGE + 1, offset=page * PAGE)
+    found = [{"study_uid": r["StudyInstanceUID"], "patient_name": r["PatientName"], "patient_id": r["PatientID"],
+              "date": r["StudyDate"], "time": r["StudyTime"], "description": r["StudyDescription"],
+              "accession": r["AccessionNumber"], "modalities": r["ModalitiesInStudy"],
+              "images": r["images"], "results": r["results"]} for r in rows[:PAGE]]
+    jobs = queue.jobs_of_studies(index, [s["study_uid"] for s in found]) if found else {}
+    for study in found:
+        newest = [job.as_json() for job in jobs.get(study["study_uid"], [])]
+        study["jobs"] = dict(sorted(Counter(job["state"] for job in newest).items()))   # by state
+        # findings / nothing-found / done / failed / running / queued (viewer/analysis.py)
+        study["analysis"] = analysis.study_verdict(newest)
     return {"studies": found, "page": page, "more": len(rows) > PAGE, "sort": order,
             "order": "desc" if descending else "asc"}
 
@@ -404,23 +395,13 @@ async def api_studies(request: web.Request) -> web.Response:
 
 
 def _study_detail(index, study_uid: str) -> dict | None:
-    rows = index.query("SELECT s.study_uid, s.study_date, s.study_description, s.accession_number, p.patient_name, "
-                       "p.patient_id, p.birth_date, p.sex FROM studies s JOIN patients p ON s.patient_pk = p.pk "
-                       "WHERE s.study_uid=?", (study_uid,))
-    if not rows:
+    found = facts.study(index, study_uid)
+    if found is None:
         return None
-    study = dict(rows[0])
-    series = []
-    for se in index.query("SELECT se.pk, se.series_uid, se.modality, se.series_number, se.series_description "
-                          "FROM series se JOIN studies s ON se.study_pk = s.pk WHERE s.study_uid=? "
-                          "ORDER BY se.series_number, se.pk", (study_uid,)):
-        instances = [dict(r) for r in index.query(
-            "SELECT sop_instance_uid, sop_class_uid, instance_number, job_id FROM instances WHERE series_pk=? "
-            "ORDER BY instance_number, pk", (se["pk"],))]
-        series.append({"series_uid": se["series_uid"], "modality": se["modality"], "number": se["series_number"],
-                       "description": se["series_description"], "instances": instances,
-                       "result": any(i["job_id"] for i in instances)})
-    study["series"] = series
+    study = {f.name: getattr(found, f.name) for f in fields(found) if f.name != "series"}
+    study["series"] = [{"series_uid": se.series_uid, "modality": se.modality, "number": se.number,
+                        "description": se.description, "instances": [asdict(i) for i in se.instances],
+                        "result": any(i.job_id for i in se.instances)} for se in found.series]
     return study
 
 
