@@ -37,14 +37,17 @@ def open(settings: Settings) -> Archive:                      # noqa: A001 (arch
                     max_sequence_depth=ig.max_sequence_depth, max_pixel_bytes=ig.max_pixel_bytes)
     return Archive(settings.data_dir, duplicates=st.duplicates, segment_size=st.segment_size, kms=kms,
                    remote=s3_tier if st.backend == "s3" else None, limits=limits, on_conflict=ig.on_conflict,
-                   min_free_bytes=st.min_free_bytes)
+                   min_free_bytes=st.min_free_bytes, index_url=settings.index.url)
 
 
 def open_index(settings: Settings) -> Index:
     """The node's index alone (no keys, no storage): for reports such as `m3dicom status`."""
+    from .db import SQLITE_FILE
     from .index import Index
 
-    path = settings.data_dir / "index.sqlite3"
+    if settings.index.url:
+        return Index(settings.index.url)
+    path = settings.data_dir / SQLITE_FILE
     if not path.exists():
         raise RuntimeError(f"no index at {path}: is node.data_dir right? (the node creates it at its first start)")
     return Index(path)

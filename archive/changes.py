@@ -18,10 +18,12 @@ two ways, and nothing else reads the table:
 """
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.engine import Connection
 
 from .index import Index
 
@@ -44,7 +46,7 @@ class Change:
 @dataclass
 class Batch:
     """The changes a consumer takes in one transaction, and that transaction's connection."""
-    conn: sqlite3.Connection
+    conn: Connection
     changes: list[Change]
     upto: int                       # the cursor after this batch (past changes of other kinds too)
 
@@ -55,17 +57,22 @@ class Batch:
         return len(self.changes)
 
 
-def _select(kinds: Collection[str] | None) -> tuple[str, tuple]:
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM changes WHERE seq > :after AND seq <= :upto"
+_ALL = text(f"{_SELECT} ORDER BY seq LIMIT :limit")
+_OF_KINDS = text(f"{_SELECT} AND kind IN :kinds ORDER BY seq LIMIT :limit").bindparams(
+    bindparam("kinds", expanding=True))
+_CURSOR = text("SELECT seq FROM cursors WHERE name = :name")
+_UPTO = text("SELECT COALESCE(MAX(seq), :after) FROM (SELECT seq FROM changes WHERE seq > :after "
+             "ORDER BY seq LIMIT :limit) next")
+_MOVE = text("INSERT INTO cursors (name, seq) VALUES (:name, :seq) ON CONFLICT (name) DO UPDATE SET seq = excluded.seq")
+_LATEST = text("SELECT COALESCE(MAX(seq), 0) FROM changes")
+
+
+def _rows(conn: Connection, after: int, upto: int, kinds: Collection[str] | None, limit: int) -> list[Change]:
+    params = {"after": after, "upto": upto, "limit": limit}
     if kinds is None:
-        return "", ()
-    return f" AND kind IN ({','.join('?' * len(kinds))})", tuple(kinds)
-
-
-def _rows(conn: sqlite3.Connection, after: int, upto: int, kinds: Collection[str] | None, limit: int) -> list[Change]:
-    where, params = _select(kinds)
-    return [Change(*row) for row in conn.execute(
-        f"SELECT {', '.join(COLUMNS)} FROM changes WHERE seq > ? AND seq <= ?{where} ORDER BY seq LIMIT ?",
-        (after, upto, *params, limit))]
+        return [Change(*row) for row in conn.execute(_ALL, params)]
+    return [Change(*row) for row in conn.execute(_OF_KINDS, {**params, "kinds": list(kinds)})]
 
 
 @contextmanager
@@ -73,26 +80,24 @@ def consume(index: Index, cursor: str, kinds: Collection[str] | None = None, lim
     """The changes of `kinds` (all when None) after the cursor named `cursor`, at most `limit`
     of the log's next rows; the cursor moves past them when the block ends without an error."""
     with index.write() as conn:
-        row = conn.execute("SELECT seq FROM cursors WHERE name=?", (cursor,)).fetchone()
-        after = row[0] if row else 0
-        (upto,), = conn.execute("SELECT COALESCE(MAX(seq), ?) FROM (SELECT seq FROM changes WHERE seq > ? "
-                                "ORDER BY seq LIMIT ?)", (after, after, limit))
+        after = conn.execute(_CURSOR, {"name": cursor}).scalar() or 0
+        upto = conn.execute(_UPTO, {"after": after, "limit": limit}).scalar_one()
         batch = Batch(conn, _rows(conn, after, upto, kinds, limit) if upto > after else [], upto)
         yield batch
         if upto > after:
-            conn.execute("INSERT INTO cursors (name, seq) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET seq=excluded.seq",
-                         (cursor, upto))
+            conn.execute(_MOVE, {"name": cursor, "seq": upto})
 
 
 def position(index: Index, cursor: str) -> int:
     """Where the consumer named `cursor` is (0 before its first batch)."""
-    rows = index.query("SELECT seq FROM cursors WHERE name=?", (cursor,))
-    return rows[0][0] if rows else 0
+    with index.reader() as conn:
+        return conn.execute(_CURSOR, {"name": cursor}).scalar() or 0
 
 
 def latest(index: Index) -> int:
     """The sequence number of the last change (0 when there is none)."""
-    return index.query("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0]
+    with index.reader() as conn:
+        return conn.execute(_LATEST).scalar_one()
 
 
 def read(index: Index, after: int, upto: int | None = None, kinds: Collection[str] | None = None,
@@ -100,5 +105,5 @@ def read(index: Index, after: int, upto: int | None = None, kinds: Collection[st
     """The changes of `kinds` after `after` up to `upto` (the latest when None), at most `limit`."""
     with index.reader() as conn:
         if upto is None:
-            (upto,), = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes")
+            upto = conn.execute(_LATEST).scalar_one()
         return _rows(conn, after, upto, kinds, limit)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+from sqlalchemy import text
+
 from .index import Index
 from .query import STUDY_ROOT, Query, study_list
 
@@ -57,35 +59,42 @@ class StoredInstance:
 
 def study(index: Index, study_uid: str) -> StudyFacts | None:
     """The study, its patient, and its series and instances (None: no such study)."""
-    rows = index.query("SELECT s.pk, s.study_uid, s.study_date, s.study_description, s.accession_number, "
-                       "p.patient_name, p.patient_id, p.birth_date, p.sex FROM studies s "
-                       "JOIN patients p ON s.patient_pk = p.pk WHERE s.study_uid=?", (study_uid,))
-    if not rows:
-        return None
-    found = dict(rows[0])
-    series = []
-    for se in index.query("SELECT pk, series_uid, modality, series_number, series_description FROM series "
-                          "WHERE study_pk=? ORDER BY series_number, pk", (found.pop("pk"),)):
-        instances = tuple(InstanceFacts(*row) for row in index.query(
-            "SELECT sop_instance_uid, sop_class_uid, instance_number, job_id FROM instances WHERE series_pk=? "
-            "ORDER BY instance_number, pk", (se["pk"],)))
-        series.append(SeriesFacts(se["series_uid"], se["modality"], se["series_number"], se["series_description"],
-                                  instances))
+    with index.reader() as conn:
+        row = conn.execute(_STUDY, {"study_uid": study_uid}).first()
+        if row is None:
+            return None
+        found = dict(row._mapping)
+        series = []
+        for se in conn.execute(_SERIES, {"study_pk": found.pop("pk")}).fetchall():
+            instances = tuple(InstanceFacts(*row) for row in conn.execute(_INSTANCES, {"series_pk": se.pk}))
+            series.append(SeriesFacts(se.series_uid, se.modality, se.series_number, se.series_description,
+                                      instances))
     return StudyFacts(**found, series=tuple(series))
+
+
+_STUDY = text("SELECT s.pk, s.study_uid, s.study_date, s.study_description, s.accession_number, p.patient_name, "
+              "p.patient_id, p.birth_date, p.sex FROM studies s JOIN patients p ON s.patient_pk = p.pk "
+              "WHERE s.study_uid = :study_uid")
+_SERIES = text("SELECT pk, series_uid, modality, series_number, series_description FROM series "
+               "WHERE study_pk = :study_pk ORDER BY series_number, pk")
+_INSTANCES = text("SELECT sop_instance_uid, sop_class_uid, instance_number, job_id FROM instances "
+                  "WHERE series_pk = :series_pk ORDER BY instance_number, pk")
+_STUDY_OF_INSTANCE = text("SELECT s.study_uid FROM instances i JOIN series se ON i.series_pk = se.pk "
+                          "JOIN studies s ON se.study_pk = s.pk WHERE i.sop_instance_uid = :uid")
+_STORED_INSTANCE = text("SELECT blob_id, sha256, sop_class_uid FROM instances WHERE sop_instance_uid = :uid")
 
 
 def study_of_instance(index: Index, sop_instance_uid: str) -> str | None:
     """The Study Instance UID of a stored instance (None: no such instance)."""
-    rows = index.query("SELECT s.study_uid FROM instances i JOIN series se ON i.series_pk = se.pk "
-                       "JOIN studies s ON se.study_pk = s.pk WHERE i.sop_instance_uid=?", (sop_instance_uid,))
-    return rows[0][0] if rows else None
+    with index.reader() as conn:
+        return conn.execute(_STUDY_OF_INSTANCE, {"uid": sop_instance_uid}).scalar()
 
 
 def stored_instance(index: Index, sop_instance_uid: str) -> StoredInstance | None:
     """The blob of a stored instance (None: no such instance)."""
-    rows = index.query("SELECT blob_id, sha256, sop_class_uid FROM instances WHERE sop_instance_uid=?",
-                       (sop_instance_uid,))
-    return StoredInstance(*rows[0]) if rows else None
+    with index.reader() as conn:
+        row = conn.execute(_STORED_INSTANCE, {"uid": sop_instance_uid}).first()
+    return StoredInstance(*row) if row else None
 
 
 def study_page(index: Index, query: Query, *, order: str = "date", descending: bool = True, limit: int = 50,

@@ -8,21 +8,30 @@ instances (`Index.blob_ids`, `Index.blob_referenced`).
 """
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
 
-def hold(conn: sqlite3.Connection, blob_ids: Iterable[str], holder: str) -> None:
+_HOLD = text("INSERT INTO blob_holds (blob_id, holder) VALUES (:blob_id, :holder) ON CONFLICT DO NOTHING")
+_RELEASE = text("DELETE FROM blob_holds WHERE blob_id = :blob_id AND holder = :holder")
+_HELD = text("SELECT blob_id FROM blob_holds WHERE holder = :holder")
+
+
+def hold(conn: Connection, blob_ids: Iterable[str], holder: str) -> None:
     """Keep these blobs for `holder`, inside the caller's write transaction (`Index.write`)."""
-    conn.executemany("INSERT OR IGNORE INTO blob_holds (blob_id, holder) VALUES (?, ?)",
-                     [(blob_id, holder) for blob_id in blob_ids])
+    params = [{"blob_id": blob_id, "holder": holder} for blob_id in blob_ids]
+    if params:
+        conn.execute(_HOLD, params)
 
 
-def release(conn: sqlite3.Connection, blob_ids: Iterable[str], holder: str) -> None:
+def release(conn: Connection, blob_ids: Iterable[str], holder: str) -> None:
     """`holder` needs these blobs no more; a blob nothing else needs is removed at the next recovery."""
-    conn.executemany("DELETE FROM blob_holds WHERE blob_id=? AND holder=?", [(blob_id, holder) for blob_id in blob_ids])
+    params = [{"blob_id": blob_id, "holder": holder} for blob_id in blob_ids]
+    if params:
+        conn.execute(_RELEASE, params)
 
 
-def held(conn: sqlite3.Connection, holder: str) -> set[str]:
+def held(conn: Connection, holder: str) -> set[str]:
     """The blobs `holder` holds."""
-    return {row[0] for row in conn.execute("SELECT blob_id FROM blob_holds WHERE holder=?", (holder,))}
+    return {row[0] for row in conn.execute(_HELD, {"holder": holder})}

@@ -22,7 +22,6 @@ import errno
 import hashlib
 import logging
 import os
-import sqlite3
 import tempfile
 import time
 from contextlib import contextmanager
@@ -30,14 +29,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from sqlalchemy import exc as sa_exc, text
+
 from .crypto import IntegrityError, Keyring, KmsKeyring, LocalKeyring
 from .dicomfile import DEFAULT_LIMITS, InstanceHeader, InvalidInstance, Limits, dataset_offset as inspect_offset, inspect
+from .db import SQLITE_FILE
 from .index import SAME_UID_OTHER_CONTENT, Difference, HierarchyConflict, Index
 from .storage import BlobInfo, LocalStorage, StorageFull, TieredStorage
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 ERROR_COMMENT_MAX = 64   # a reason a DIMSE Error Comment (LO) carries whole
+_HELD = text("SELECT pk, sha256, blob_id FROM instances WHERE sop_instance_uid = :uid")
+_NEW_INSTANCE = text(
+    "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, transfer_syntax, size, "
+    "sha256, blob_id, calling_ae, received_at, job_id) VALUES (:uid, :series_pk, :sop_class_uid, :instance_number, "
+    ":transfer_syntax, :size, :sha256, :blob_id, :calling_ae, :now, :job_id) RETURNING pk")
+_REPLACE_INSTANCE = text(
+    "UPDATE instances SET series_pk = :series_pk, sop_class_uid = :sop_class_uid, instance_number = :instance_number, "
+    "transfer_syntax = :transfer_syntax, size = :size, sha256 = :sha256, blob_id = :blob_id, calling_ae = :calling_ae, "
+    "received_at = :now WHERE pk = :pk")
+_QUARANTINED = text("SELECT 1 FROM quarantine WHERE sop_instance_uid = :uid AND sha256 = :sha256")
+_QUARANTINE = text(
+    "INSERT INTO quarantine (sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax, size, sha256, "
+    "blob_id, calling_ae, job_id, reason, received_at) VALUES (:uid, :sop_class_uid, :study_uid, :series_uid, "
+    ":transfer_syntax, :size, :sha256, :blob_id, :calling_ae, :job_id, :reason, :now)")
 SHORT_OF_DISK = "the node is short of disk space"
 
 
@@ -71,7 +87,9 @@ class IngestResult:
 def _is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+    # SQLite: "database or disk is full"; PostgreSQL: SQLSTATE 53100 (disk_full)
+    return isinstance(exc, sa_exc.OperationalError) and ("full" in str(exc.orig)
+                                                         or getattr(exc.orig, "sqlstate", None) == "53100")
 
 
 class Archive:
@@ -79,12 +97,14 @@ class Archive:
 
     def __init__(self, data_dir: Path, *, duplicates: str = "keep-first", segment_size: int = 1 << 20,
                  kms: KmsKeyring | None = None, remote: Callable[[Keyring], object] | None = None,
-                 limits: Limits = DEFAULT_LIMITS, on_conflict: str = "refuse", min_free_bytes: int = 0):
+                 limits: Limits = DEFAULT_LIMITS, on_conflict: str = "refuse", min_free_bytes: int = 0,
+                 index_url: str = ""):
         """`remote(keyring)` makes the S3 tier (`archive.s3.S3Storage`) when the node offloads;
         `kms` wraps the data keys of what goes there. `limits` bound what a data set may make
         the node allocate (the `[ingest]` settings, also used by every reader of stored
         files); `on_conflict` is "refuse" or "quarantine"; no instance is written that would
-        leave less than `min_free_bytes` free on the data directory's disk (storage.min_free_bytes)."""
+        leave less than `min_free_bytes` free on the data directory's disk (storage.min_free_bytes).
+        `index_url`: PostgreSQL's URL (`[index] url`); empty: the SQLite file in `data_dir`."""
         if on_conflict not in ("refuse", "quarantine"):
             raise ValueError(f"on_conflict: {on_conflict!r} is not refuse or quarantine")
         self.data_dir = Path(data_dir)
@@ -93,7 +113,7 @@ class Archive:
         self.local = LocalStorage(self.data_dir / "blobs", self.keyring, segment_size)
         self.remote = remote(self.keyring) if remote else None
         self.storage = TieredStorage(self.local, self.remote) if self.remote else self.local
-        self.index = Index(self.data_dir / "index.sqlite3")
+        self.index = Index(index_url or self.data_dir / SQLITE_FILE)
         self.exports = self.data_dir / "exports"       # decrypted copies in use: inside the 0700 data directory
         self.exports.mkdir(mode=0o700, exist_ok=True)
         self.duplicates = duplicates
@@ -212,13 +232,12 @@ class Archive:
         obsolete_blob = conflict = None
         differences: list[Difference] = []
         with self.index.write() as conn:
-            row = conn.execute("SELECT pk, sha256, blob_id FROM instances WHERE sop_instance_uid=?",
-                               (header.sop_instance_uid,)).fetchone()
-            other_content = row is not None and row["sha256"] != sha256
+            row = conn.execute(_HELD, {"uid": header.sop_instance_uid}).first()
+            other_content = row is not None and row.sha256 != sha256
             filing = row is None or (other_content and self.duplicates == "replace")
             try:
                 if other_content:                 # the same UID must be the same instance, whatever the policy
-                    Index.check_same_instance(conn, header, row["pk"])
+                    Index.check_same_instance(conn, header, row.pk)
                 series_pk = Index.upsert_hierarchy(conn, header, now, differences) if filing else None
             except HierarchyConflict as exc:      # nothing of the hierarchy was written
                 conflict = exc
@@ -226,31 +245,28 @@ class Archive:
                 obsolete_blob = None if kept else blob.blob_id
             else:
                 if row is None:
-                    cur = conn.execute(
-                        "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, "
-                        "transfer_syntax, size, sha256, blob_id, calling_ae, received_at, job_id) "
-                        "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                        (header.sop_instance_uid, series_pk, header.sop_class_uid,
-                         header.attrs["InstanceNumber"], header.transfer_syntax, blob.size, sha256,
-                         blob.blob_id, calling_ae, now, job_id))
-                    Index.add_change(conn, "result_stored" if job_id else "stored", cur.lastrowid, header,
-                                     blob.blob_id, now)
+                    pk = conn.execute(_NEW_INSTANCE, {
+                        "uid": header.sop_instance_uid, "series_pk": series_pk, "sop_class_uid": header.sop_class_uid,
+                        "instance_number": header.attrs["InstanceNumber"], "transfer_syntax": header.transfer_syntax,
+                        "size": blob.size, "sha256": sha256, "blob_id": blob.blob_id, "calling_ae": calling_ae,
+                        "now": now, "job_id": job_id}).scalar_one()
+                    Index.add_change(conn, "result_stored" if job_id else "stored", pk, header, blob.blob_id, now)
                     outcome = Outcome.STORED
-                elif row["sha256"] == sha256:
+                elif row.sha256 == sha256:
                     obsolete_blob, outcome = blob.blob_id, Outcome.ALREADY_STORED
                 elif self.duplicates == "replace":
-                    conn.execute(
-                        "UPDATE instances SET series_pk=?, sop_class_uid=?, instance_number=?, transfer_syntax=?, "
-                        "size=?, sha256=?, blob_id=?, calling_ae=?, received_at=? WHERE pk=?",
-                        (series_pk, header.sop_class_uid, header.attrs["InstanceNumber"], header.transfer_syntax,
-                         blob.size, sha256, blob.blob_id, calling_ae, now, row["pk"]))
-                    Index.add_change(conn, "replaced", row["pk"], header, blob.blob_id, now)
-                    Index.add_change(conn, "blob_removed", row["pk"], header, row["blob_id"], now)
-                    obsolete_blob, outcome = row["blob_id"], Outcome.REPLACED
+                    conn.execute(_REPLACE_INSTANCE, {
+                        "series_pk": series_pk, "sop_class_uid": header.sop_class_uid,
+                        "instance_number": header.attrs["InstanceNumber"], "transfer_syntax": header.transfer_syntax,
+                        "size": blob.size, "sha256": sha256, "blob_id": blob.blob_id, "calling_ae": calling_ae,
+                        "now": now, "pk": row.pk})
+                    Index.add_change(conn, "replaced", row.pk, header, blob.blob_id, now)
+                    Index.add_change(conn, "blob_removed", row.pk, header, row.blob_id, now)
+                    obsolete_blob, outcome = row.blob_id, Outcome.REPLACED
                 else:                             # recorded: storage commitment must not confirm this UID
                     obsolete_blob, outcome = blob.blob_id, Outcome.DUPLICATE_KEPT_FIRST
                     Index.record_conflicts(conn, header, [Difference(
-                        "SOPInstanceUID", f"data set SHA-256 {row['sha256']}", f"data set SHA-256 {sha256}",
+                        "SOPInstanceUID", f"data set SHA-256 {row.sha256}", f"data set SHA-256 {sha256}",
                         SAME_UID_OTHER_CONTENT)], "discarded", calling_ae, now)
                 if differences:
                     Index.record_conflicts(conn, header, differences, "stored", calling_ae, now)
@@ -285,14 +301,13 @@ class Archive:
                                calling_ae, now)
         if not quarantine:
             return Outcome.CONFLICT, False
-        if conn.execute("SELECT 1 FROM quarantine WHERE sop_instance_uid=? AND sha256=?",
-                        (header.sop_instance_uid, sha256)).fetchone():
+        if conn.execute(_QUARANTINED, {"uid": header.sop_instance_uid, "sha256": sha256}).first():
             return Outcome.QUARANTINED, False             # the same bytes again: already kept
-        conn.execute(
-            "INSERT INTO quarantine (sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax, "
-            "size, sha256, blob_id, calling_ae, job_id, reason, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (header.sop_instance_uid, header.sop_class_uid, header.study_uid, header.series_uid,
-             header.transfer_syntax, blob.size, sha256, blob.blob_id, calling_ae, job_id, str(conflict), now))
+        conn.execute(_QUARANTINE, {
+            "uid": header.sop_instance_uid, "sop_class_uid": header.sop_class_uid, "study_uid": header.study_uid,
+            "series_uid": header.series_uid, "transfer_syntax": header.transfer_syntax, "size": blob.size,
+            "sha256": sha256, "blob_id": blob.blob_id, "calling_ae": calling_ae, "job_id": job_id,
+            "reason": str(conflict), "now": now})
         return Outcome.QUARANTINED, True
 
 

@@ -6,9 +6,10 @@ analysis jobs (instances with a `job_id`) are never a job's input.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+
+from sqlalchemy import bindparam, text
 
 from .index import Index
 
@@ -55,43 +56,57 @@ class Filed:
 
 def study_series(index: Index, study_uid: str) -> list[StudySeries]:
     """The series of the study that have received instances, in the order they were first filed."""
-    rows = index.query(
-        "SELECT se.series_uid, se.modality, se.body_part, se.series_description, s.study_description, "
-        "json_group_array(DISTINCT i.sop_class_uid) AS classes, json_group_array(DISTINCT i.calling_ae) AS aes "
-        "FROM studies s JOIN series se ON se.study_pk = s.pk JOIN instances i ON i.series_pk = se.pk "
-        "WHERE s.study_uid = ? AND i.job_id IS NULL GROUP BY se.pk ORDER BY se.pk", (study_uid,))
-    return [StudySeries(r["series_uid"], r["modality"], r["body_part"], r["series_description"],
-                        r["study_description"], frozenset(json.loads(r["classes"])),
-                        frozenset(a for a in json.loads(r["aes"]) if a)) for r in rows]
+    with index.reader() as conn:
+        rows = conn.execute(_STUDY_SERIES, {"study_uid": study_uid}).fetchall()
+    series: dict[int, tuple] = {}             # the SOP classes and calling AEs gathered here, not by SQL
+    for r in rows:
+        facts, classes, aes = series.setdefault(r.pk, (r, set(), set()))
+        classes.add(r.sop_class_uid)
+        if r.calling_ae:
+            aes.add(r.calling_ae)
+    return [StudySeries(r.series_uid, r.modality, r.body_part, r.series_description, r.study_description,
+                        frozenset(classes), frozenset(aes)) for r, classes, aes in series.values()]
 
 
 def input_series(index: Index, series_uid: str) -> InputSeries | None:
     """The series' received instances in instance-number order (then as filed); None when it has none."""
-    rows = index.query(
-        "SELECT se.modality, i.sop_instance_uid, i.sop_class_uid, i.blob_id, i.sha256 FROM series se "
-        "JOIN instances i ON i.series_pk = se.pk WHERE se.series_uid=? AND i.job_id IS NULL "
-        "ORDER BY i.instance_number, i.pk", (series_uid,))
+    with index.reader() as conn:
+        rows = conn.execute(_INPUT_SERIES, {"series_uid": series_uid}).fetchall()
     if not rows:
         return None
-    return InputSeries(series_uid, rows[0]["modality"], tuple(
-        InputInstance(r["sop_instance_uid"], r["sop_class_uid"], r["blob_id"], r["sha256"]) for r in rows))
+    return InputSeries(series_uid, rows[0].modality, tuple(
+        InputInstance(r.sop_instance_uid, r.sop_class_uid, r.blob_id, r.sha256) for r in rows))
 
 
 def filed(index: Index, sop_instance_uids: Iterable[str]) -> dict[str, Filed]:
     """SOP Instance UID -> where it is filed, for those of `sop_instance_uids` the archive holds."""
     uids, found = list(dict.fromkeys(sop_instance_uids)), {}
-    for start in range(0, len(uids), _CHUNK):
-        chunk = uids[start:start + _CHUNK]
-        for r in index.query(
-                "SELECT i.sop_instance_uid, i.sop_class_uid, se.series_uid, s.study_uid, i.blob_id, i.sha256 "
-                "FROM instances i JOIN series se ON se.pk = i.series_pk JOIN studies s ON s.pk = se.study_pk "
-                f"WHERE i.sop_instance_uid IN ({','.join('?' * len(chunk))})", tuple(chunk)):
-            found[r[0]] = Filed(*r)
+    with index.reader() as conn:
+        for start in range(0, len(uids), _CHUNK):
+            for r in conn.execute(_FILED, {"uids": uids[start:start + _CHUNK]}):
+                found[r[0]] = Filed(*r)
     return found
 
 
 def series_changed(index: Index, study_uid: str, after: int, upto: int, kinds: Collection[str]) -> set[str]:
     """The series of the study with changes of `kinds` in the change log after `after` up to `upto`."""
-    return {r[0] for r in index.query(
-        f"SELECT DISTINCT series_uid FROM changes WHERE study_uid=? AND seq > ? AND seq <= ? "
-        f"AND kind IN ({','.join('?' * len(kinds))})", (study_uid, after, upto, *kinds))}
+    with index.reader() as conn:
+        return {r[0] for r in conn.execute(_SERIES_CHANGED, {"study_uid": study_uid, "after": after, "upto": upto,
+                                                             "kinds": list(kinds)})}
+
+
+_STUDY_SERIES = text(
+    "SELECT DISTINCT se.pk, se.series_uid, se.modality, se.body_part, se.series_description, s.study_description, "
+    "i.sop_class_uid, i.calling_ae FROM studies s JOIN series se ON se.study_pk = s.pk "
+    "JOIN instances i ON i.series_pk = se.pk WHERE s.study_uid = :study_uid AND i.job_id IS NULL ORDER BY se.pk")
+_INPUT_SERIES = text(
+    "SELECT se.modality, i.sop_instance_uid, i.sop_class_uid, i.blob_id, i.sha256 FROM series se "
+    "JOIN instances i ON i.series_pk = se.pk WHERE se.series_uid = :series_uid AND i.job_id IS NULL "
+    "ORDER BY i.instance_number, i.pk")
+_FILED = text(
+    "SELECT i.sop_instance_uid, i.sop_class_uid, se.series_uid, s.study_uid, i.blob_id, i.sha256 "
+    "FROM instances i JOIN series se ON se.pk = i.series_pk JOIN studies s ON s.pk = se.study_pk "
+    "WHERE i.sop_instance_uid IN :uids").bindparams(bindparam("uids", expanding=True))
+_SERIES_CHANGED = text(
+    "SELECT DISTINCT series_uid FROM changes WHERE study_uid = :study_uid AND seq > :after AND seq <= :upto "
+    "AND kind IN :kinds").bindparams(bindparam("kinds", expanding=True))

@@ -15,6 +15,7 @@ from typing import Callable
 
 from .crypto import IntegrityError, KmsError, header_key_id, rewrapped_header
 from .ingest import Archive
+from .offload import OFFLOADED_BLOBS
 from .storage import BlobNotFound
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class Rotation:
 def work(archive: Archive) -> tuple[list[str], list[str]]:
     """(local blob ids, offloaded blob ids): what a rotation goes through."""
     local = list(archive.local.blob_ids())
-    remote = [r[0] for r in archive.index.query("SELECT blob_id FROM offload WHERE state='offloaded'")] \
+    remote = [r[0] for r in archive.index.read(OFFLOADED_BLOBS)] \
         if archive.remote is not None else []
     return local, remote
 

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
+from sqlalchemy import text
 
 from .changes import consume, position
 from .crypto import IntegrityError, KmsError, rewrapped_header
@@ -122,13 +123,10 @@ class Offloader:
                 if blob_id is None:
                     continue
                 if change.kind in UPLOAD_KINDS:
-                    batch.conn.execute("INSERT INTO offload (blob_id, state, next_try, queued_at, stored_size) "
-                                       "VALUES (?, 'pending', ?, ?, ?) ON CONFLICT(blob_id) DO NOTHING",
-                                       (blob_id, now, now, self._local_size(blob_id)))
+                    batch.conn.execute(_QUEUE_UPLOAD, {"blob_id": blob_id, "now": now,
+                                                       "size": self._local_size(blob_id)})
                 else:
-                    batch.conn.execute("INSERT INTO offload (blob_id, state, next_try, queued_at) "
-                                       "VALUES (?, 'remove', ?, ?) ON CONFLICT(blob_id) DO UPDATE SET state='remove', "
-                                       "next_try=excluded.next_try", (blob_id, now, now))
+                    batch.conn.execute(_QUEUE_REMOVAL, {"blob_id": blob_id, "now": now})
         return batch.upto - before
 
     def _local_size(self, blob_id: str) -> int | None:
@@ -141,13 +139,11 @@ class Offloader:
 
     def push_due(self) -> int:
         """Upload (or remove in S3) the rows whose time has come; record the outcomes together."""
-        due = self.archive.index.query(
-            "SELECT blob_id, state, attempts FROM offload WHERE state IN ('pending', 'remove') AND next_try <= ? "
-            "ORDER BY next_try LIMIT ?", (self.clock(), self.policy.batch))
+        due = self.archive.index.read(_DUE, {"now": self.clock(), "limit": self.policy.batch})
         if not due:
             return 0
-        attempts = {row["blob_id"]: row["attempts"] for row in due}
-        work = [self._pool.submit(self._remove if row["state"] == "remove" else self._upload, row["blob_id"])
+        attempts = {row.blob_id: row.attempts for row in due}
+        work = [self._pool.submit(self._remove if row.state == "remove" else self._upload, row.blob_id)
                 for row in due]
         done: list[_Outcome] = []
         flushed = time.monotonic()
@@ -196,22 +192,18 @@ class Offloader:
         with self.archive.index.write() as conn:
             for o in outcomes:
                 if o.state == "offloaded":
-                    conn.execute("UPDATE offload SET state='offloaded', offloaded_at=?, stored_size=?, last_error=NULL, "
-                                 "attempts=attempts+1 WHERE blob_id=?", (now, o.stored_size, o.blob_id))
+                    conn.execute(_OFFLOADED, {"now": now, "size": o.stored_size, "blob_id": o.blob_id})
                 elif o.state in ("gone", "removed"):
-                    conn.execute("DELETE FROM offload WHERE blob_id=?", (o.blob_id,))
+                    conn.execute(_FORGET, {"blob_id": o.blob_id})
                 elif o.state == "failed":
                     log.error("offload of blob %s failed for good: %s", o.blob_id, o.error)
-                    conn.execute("UPDATE offload SET state='failed', last_error=?, attempts=attempts+1 WHERE blob_id=?",
-                                 (o.error, o.blob_id))
+                    conn.execute(_FAILED, {"error": o.error, "blob_id": o.blob_id})
                 else:
                     delay = self.backoff(attempts[o.blob_id])
-                    conn.execute("UPDATE offload SET attempts=attempts+1, next_try=?, last_error=? WHERE blob_id=?",
-                                 (now + delay, o.error, o.blob_id))
+                    conn.execute(_RETRY, {"next_try": now + delay, "error": o.error, "blob_id": o.blob_id})
             if any(o.state in ("offloaded", "removed") for o in outcomes):
                 # S3 answers again: what waits for a retry need not wait any longer
-                conn.execute("UPDATE offload SET next_try=? WHERE state IN ('pending', 'remove') AND attempts > 0 "
-                             "AND next_try > ?", (now, now))
+                conn.execute(_RETRY_NOW, {"now": now})
         retries = [o for o in outcomes if o.state == "retry"]
         if retries:
             self._leftovers = True
@@ -232,29 +224,47 @@ class Offloader:
         now = self.clock()
         victims: list[str] = []
         if p.cache_max_age:
-            victims += [r[0] for r in self.archive.index.query(
-                "SELECT blob_id FROM offload WHERE evicted_at IS NULL AND state='offloaded' AND offloaded_at < ? "
-                "LIMIT 1000", (now - p.cache_max_age,))]
+            victims += [r[0] for r in self.archive.index.read(_OLD_COPIES, {"before": now - p.cache_max_age})]
         if p.cache_max_bytes:
-            (held,), = self.archive.index.query(
-                "SELECT COALESCE(SUM(stored_size), 0) FROM offload WHERE evicted_at IS NULL AND state != 'remove'")
+            (held,), = self.archive.index.read(_CACHED_BYTES)
             held -= sum(self._local_size(b) or 0 for b in victims)
             if held > p.cache_max_bytes:
-                for row in self.archive.index.query(
-                        "SELECT blob_id, stored_size FROM offload WHERE evicted_at IS NULL AND state='offloaded' "
-                        "ORDER BY offloaded_at LIMIT 1000"):
+                for row in self.archive.index.read(_OLDEST_COPIES):
                     if held <= p.cache_max_bytes:
                         break
-                    if row["blob_id"] not in victims:
-                        victims.append(row["blob_id"])
-                        held -= row["stored_size"] or 0
+                    if row.blob_id not in victims:
+                        victims.append(row.blob_id)
+                        held -= row.stored_size or 0
         for blob_id in victims:
             self.archive.local.remove(blob_id)
         if victims:
             with self.archive.index.write() as conn:
-                conn.executemany("UPDATE offload SET evicted_at=? WHERE blob_id=?", [(now, b) for b in victims])
+                conn.execute(_EVICTED, [{"now": now, "blob_id": b} for b in victims])
             log.info("evicted %d local copies of offloaded blobs", len(victims))
         return len(victims)
+
+
+_QUEUE_UPLOAD = text("INSERT INTO offload (blob_id, state, next_try, queued_at, stored_size) "
+                     "VALUES (:blob_id, 'pending', :now, :now, :size) ON CONFLICT (blob_id) DO NOTHING")
+_QUEUE_REMOVAL = text("INSERT INTO offload (blob_id, state, next_try, queued_at) VALUES (:blob_id, 'remove', :now, :now) "
+                      "ON CONFLICT (blob_id) DO UPDATE SET state = 'remove', next_try = excluded.next_try")
+_DUE = text("SELECT blob_id, state, attempts FROM offload WHERE state IN ('pending', 'remove') AND next_try <= :now "
+            "ORDER BY next_try LIMIT :limit")
+_OFFLOADED = text("UPDATE offload SET state = 'offloaded', offloaded_at = :now, stored_size = :size, last_error = NULL, "
+                  "attempts = attempts + 1 WHERE blob_id = :blob_id")
+_FORGET = text("DELETE FROM offload WHERE blob_id = :blob_id")
+_FAILED = text("UPDATE offload SET state = 'failed', last_error = :error, attempts = attempts + 1 WHERE blob_id = :blob_id")
+_RETRY = text("UPDATE offload SET attempts = attempts + 1, next_try = :next_try, last_error = :error "
+              "WHERE blob_id = :blob_id")
+_RETRY_NOW = text("UPDATE offload SET next_try = :now WHERE state IN ('pending', 'remove') AND attempts > 0 "
+                  "AND next_try > :now")
+_OLD_COPIES = text("SELECT blob_id FROM offload WHERE evicted_at IS NULL AND state = 'offloaded' "
+                   "AND offloaded_at < :before LIMIT 1000")
+_CACHED_BYTES = text("SELECT COALESCE(SUM(stored_size), 0) FROM offload WHERE evicted_at IS NULL AND state != 'remove'")
+_OLDEST_COPIES = text("SELECT blob_id, stored_size FROM offload WHERE evicted_at IS NULL AND state = 'offloaded' "
+                      "ORDER BY offloaded_at LIMIT 1000")
+_EVICTED = text("UPDATE offload SET evicted_at = :now WHERE blob_id = :blob_id")
+OFFLOADED_BLOBS = text("SELECT blob_id FROM offload WHERE state = 'offloaded'")
 
 
 def _size(fh) -> int:
@@ -286,13 +296,14 @@ class Status:
 
 def status(index) -> Status:
     """Counts by state, the oldest pending item and the last error (for `m3dicom status`)."""
-    counts = {row[0]: row[1] for row in index.query("SELECT state, COUNT(*) FROM offload GROUP BY state")}
-    (retrying,), = index.query("SELECT COUNT(*) FROM offload WHERE state='pending' AND attempts > 0")
-    (evicted,), = index.query("SELECT COUNT(*) FROM offload WHERE evicted_at IS NOT NULL")
-    (local,), = index.query("SELECT COALESCE(SUM(stored_size), 0) FROM offload WHERE evicted_at IS NULL")
-    (oldest,), = index.query("SELECT MIN(queued_at) FROM offload WHERE state='pending'")
-    error = index.query("SELECT last_error FROM offload WHERE last_error IS NOT NULL "
-                        "ORDER BY (state='failed') DESC, next_try DESC LIMIT 1")
+    with index.reader() as conn:
+        counts = {row[0]: row[1] for row in conn.execute(text("SELECT state, COUNT(*) FROM offload GROUP BY state"))}
+        retrying = conn.execute(text("SELECT COUNT(*) FROM offload WHERE state = 'pending' AND attempts > 0")).scalar()
+        evicted = conn.execute(text("SELECT COUNT(*) FROM offload WHERE evicted_at IS NOT NULL")).scalar()
+        local = conn.execute(text("SELECT COALESCE(SUM(stored_size), 0) FROM offload WHERE evicted_at IS NULL")).scalar()
+        oldest = conn.execute(text("SELECT MIN(queued_at) FROM offload WHERE state = 'pending'")).scalar()
+        error = conn.execute(text("SELECT last_error FROM offload WHERE last_error IS NOT NULL "
+                                  "ORDER BY (state = 'failed') DESC, next_try DESC LIMIT 1")).fetchall()
     return Status(counts.get("pending", 0), retrying, counts.get("offloaded", 0), counts.get("failed", 0),
                   counts.get("remove", 0), evicted, local, oldest, error[0][0] if error else None)
 

@@ -1,8 +1,9 @@
 """C-FIND matching over the index (PS3.4 C.2.2.2), shared by the C-FIND SCP and the viewer.
 
 An identifier becomes one SQL statement with bound parameters, never SQL text made from
-values: single value, universal (empty or "*"), wildcard ("*", "?" as SQLite GLOB with
-"[" escaped, so "%", "_" and quotes mean themselves), range (dates, times), and list
+values: single value, universal (empty or "*"), wildcard ("*", "?" as LIKE's "%" and "_" with
+an ESCAPE character, case-sensitive on both engines, so "%", "_" and quotes mean themselves),
+range (dates, times), and list
 (UIDs, and code strings such as Modality). Person names match without regard to case
 through upper-cased key columns. Keys the index does not hold are returned empty and
 reported with status 0xFF01.
@@ -14,7 +15,6 @@ the C-FIND SCP sends one response per match, and building and encoding a Dataset
 from __future__ import annotations
 
 import re
-import sqlite3
 import struct
 import time
 from dataclasses import dataclass
@@ -28,6 +28,10 @@ from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
+from sqlalchemy import bindparam, func, literal_column, text
+from sqlalchemy.engine import Connection, Row
+
+from . import db
 from .index import name_key, time_key
 
 if TYPE_CHECKING:
@@ -112,8 +116,9 @@ ATTRIBUTES = {a.keyword: a for a in (
     Attribute("StudyID", "STUDY", "s.study_id", "text"),
     Attribute("StudyDescription", "STUDY", "s.study_description", "text"),
     Attribute("ReferringPhysicianName", "STUDY", "s.referring_physician", "pn", "s.referring_physician_key"),
-    Attribute("ModalitiesInStudy", "STUDY",
-              "(SELECT group_concat(DISTINCT x.modality) FROM series x WHERE x.study_pk = s.pk)", "modalities"),
+    Attribute("ModalitiesInStudy", "STUDY",        # {aggregate}: the dialect's string aggregation (`_dialect_sql`)
+              "(SELECT {aggregate} FROM (SELECT DISTINCT x.modality AS m FROM series x WHERE x.study_pk = s.pk) x)",
+              "modalities"),
     Attribute("NumberOfStudyRelatedSeries", "STUDY", _count("series x WHERE x.study_pk = s.pk"), "count"),
     Attribute("NumberOfStudyRelatedInstances", "STUDY",
               _count("instances x JOIN series y ON x.series_pk = y.pk WHERE y.study_pk = s.pk"), "count"),
@@ -139,9 +144,29 @@ def _values(value) -> list[str]:
     return [v for v in items if v]
 
 
-def _glob(value: str) -> str:
-    """A DICOM wildcard as a GLOB pattern: '*' and '?' keep their meaning, '[' is literal."""
-    return value.replace("[", "[[]")
+def _like(value: str) -> str:
+    """A DICOM wildcard as a LIKE pattern (ESCAPE '\\'): '*' and '?' become '%' and '_', which mean
+    themselves otherwise, as does the escape character."""
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+_LIKE = "{} LIKE {} ESCAPE '\\'"
+
+
+def _dialect_sql(sql: str, dialect) -> str:
+    """`sql` with the dialect's string aggregation where it says {aggregate} (SQLAlchemy's
+    `aggregate_strings`: group_concat on SQLite, string_agg on PostgreSQL)."""
+    if "{aggregate}" not in sql:
+        return sql
+    aggregate = _AGGREGATE.get(dialect.name)
+    if aggregate is None:
+        aggregate = _AGGREGATE[dialect.name] = str(func.aggregate_strings(literal_column("x.m"), ",").compile(
+            dialect=dialect, compile_kwargs={"literal_binds": True}))
+    return sql.replace("{aggregate}", aggregate)
+
+
+_AGGREGATE: dict[str, str] = {}
 
 
 def _wild(value: str) -> bool:
@@ -203,7 +228,7 @@ class Query:
         self.return_keys: list[str] = []          # known attributes, in identifier order
         self.unsupported: list[tuple[int, str]] = []  # (tag, VR) returned empty
         self.conditions: list[str] = []
-        self.params: list = []
+        self.params: dict[str, object] = {}
         for element in identifier:
             if element.tag.group in (0x0000, 0x0002) or element.keyword in _NOT_KEYS:
                 continue
@@ -231,7 +256,7 @@ class Query:
             raise QueryError(f"{attribute.keyword}: {len(values)} values, at most {MAX_LIST}")
         if any(len(v) > MAX_VALUE_LENGTH for v in values):
             raise QueryError(f"{attribute.keyword}: a value longer than {MAX_VALUE_LENGTH} characters")
-        kind, column = attribute.kind, attribute.key or attribute.column
+        kind, column, bind = attribute.kind, attribute.key or attribute.column, self._bind
         patterns = len(values) if kind in ("date", "time", "modalities") else sum(map(_wild, values))
         if patterns > MAX_PATTERNS:
             raise QueryError(f"{attribute.keyword}: {patterns} wildcard or range values, at most {MAX_PATTERNS}")
@@ -244,23 +269,20 @@ class Query:
                 column = attribute.column
             values = [name_key(v) if case_insensitive else v for v in values]
         if kind == "modalities":
-            inner = " OR ".join("x.modality GLOB ?" if _wild(v) else "x.modality = ?" for v in values)
+            inner = " OR ".join(_LIKE.format("x.modality", bind(_like(v))) if _wild(v) else f"x.modality = {bind(v)}"
+                                for v in values)
             self.conditions.append(f"EXISTS (SELECT 1 FROM series x WHERE x.study_pk = s.pk AND ({inner}))")
-            self.params += [_glob(v) if _wild(v) else v for v in values]
             return
         if kind in ("date", "time"):
             ranges = [(_date_range if kind == "date" else _time_range)(v, attribute.keyword) for v in values]
             parts = []
             for low, high in ranges:
                 if low and high:
-                    parts.append(f"{column} BETWEEN ? AND ?")
-                    self.params += [low, high]
+                    parts.append(f"{column} BETWEEN {bind(low)} AND {bind(high)}")
                 elif low:
-                    parts.append(f"{column} >= ?")
-                    self.params.append(low)
+                    parts.append(f"{column} >= {bind(low)}")
                 else:
-                    parts.append(f"{column} <= ?")
-                    self.params.append(high)
+                    parts.append(f"{column} <= {bind(high)}")
             self.conditions.append("(" + " OR ".join(parts) + ")")
             return
         if kind == "int":
@@ -269,30 +291,34 @@ class Query:
             except ValueError:
                 raise QueryError(f"{attribute.keyword}: {_quoted(value)} is not an integer",
                                  reason=f"{attribute.keyword}: not an integer") from None
-            self.conditions.append(f"{column} IN ({','.join('?' * len(numbers))})")
-            self.params += numbers
+            self.conditions.append(f"{column} IN ({', '.join(map(bind, numbers))})")
             return
         exact = values if kind == "uid" else [v for v in values if not _wild(v)]
         wild = [] if kind == "uid" else [v for v in values if _wild(v)]
-        terms = [f"{column} IN ({','.join('?' * len(exact))})"] if exact else []
-        terms += [f"{column} GLOB ?" for _ in wild]
+        terms = [f"{column} IN ({', '.join(map(bind, exact))})"] if exact else []
+        terms += [_LIKE.format(column, bind(_like(v))) for v in wild]
         self.conditions.append(terms[0] if len(terms) == 1 else "(" + " OR ".join(terms) + ")")
-        self.params += exact + [_glob(v) for v in wild]
+
+    def _bind(self, value) -> str:
+        """A bound parameter for `value`: its `:name` in the SQL."""
+        name = f"p{len(self.params)}"
+        self.params[name] = value
+        return f":{name}"
 
     @property
     def sql(self) -> str:
         columns = ", ".join(f"{ATTRIBUTES[k].column} AS {k}" for k in self.return_keys)
-        where = " AND ".join(self.conditions) or "1"
+        where = " AND ".join(self.conditions) or "1 = 1"
         charset = "s.character_set" if self.level != "PATIENT" else "NULL"
         return (f"SELECT {columns}, {charset} AS _charset FROM {FROM[self.level]} WHERE {where} "
                 f"ORDER BY {ORDER[self.level]}")
 
-    def run(self, conn: sqlite3.Connection, limit: int | None = None,
+    def run(self, conn: Connection, limit: int | None = None,
             timeout: float | None = None) -> Iterator[Dataset]:
         for row in self._rows(conn, limit, timeout):
             yield self._response(row)
 
-    def encoded(self, conn: sqlite3.Connection, explicit_vr: bool, limit: int | None = None,
+    def encoded(self, conn: Connection, explicit_vr: bool, limit: int | None = None,
                 timeout: float | None = None) -> Iterator[bytes]:
         """The matches as identifiers encoded in Little Endian (explicit or implicit VR): the
         bytes pydicom writes for `run`'s Datasets (tests/test_query.py compares them)."""
@@ -300,24 +326,17 @@ class Query:
         for row in self._rows(conn, limit, timeout):
             yield encode(row)
 
-    def _rows(self, conn: sqlite3.Connection, limit: int | None, timeout: float | None) -> Iterator[sqlite3.Row]:
-        """The matching rows; past `timeout` seconds of work in SQLite, `QueryTimeout`."""
-        sql = self.sql + (f" LIMIT {int(limit)}" if limit else "")
-        if not timeout:
-            yield from conn.execute(sql, self.params)
-            return
-        deadline = time.monotonic() + timeout
-        conn.set_progress_handler(lambda: time.monotonic() > deadline, 20000)
+    def _rows(self, conn: Connection, limit: int | None, timeout: float | None) -> Iterator[Row]:
+        """The matching rows (the return keys in order, then the character set); past `timeout`
+        seconds of work in the database, `QueryTimeout`."""
+        sql = _dialect_sql(self.sql, conn.dialect) + (f" LIMIT {int(limit)}" if limit else "")
         try:
-            yield from conn.execute(sql, self.params)
-        except sqlite3.OperationalError as exc:
-            if "interrupt" in str(exc):
-                raise QueryTimeout(f"the query took more than {timeout:g} s: narrow it") from None
-            raise
-        finally:
-            conn.set_progress_handler(None, 0)
+            with db.deadline(conn, timeout):
+                yield from conn.execute(text(sql), self.params)
+        except db.QueryCancelled as exc:
+            raise QueryTimeout(f"the query took more than {exc.timeout:g} s: narrow it") from None
 
-    def _encoder(self, explicit_vr: bool) -> Callable[[sqlite3.Row], bytes]:
+    def _encoder(self, explicit_vr: bool) -> Callable[[Row], bytes]:
         def header(tag: int, vr: str) -> tuple[bytes, struct.Struct]:
             head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
             if not explicit_vr:
@@ -341,8 +360,7 @@ class Query:
 
         def encode(row) -> bytes:
             elements, text = list(fixed), False
-            for tag, keyword, kind, head in keys:
-                value = row[keyword]
+            for (tag, keyword, kind, head), value in zip(keys, row):
                 if value is None or value == "":
                     value = b""
                 elif kind == "modalities":
@@ -357,7 +375,7 @@ class Query:
                 else:
                     return pydicom_encoded(row)
                 elements.append((tag, head, _pad(value)))
-            stored = row["_charset"]
+            stored = row[-1]
             if text:
                 elements.append((0x00080005, charset, b"ISO_IR 192"))
             elif stored:
@@ -375,8 +393,7 @@ class Query:
     def _response(self, row) -> Dataset:
         ds = Dataset()
         text = []
-        for keyword in self.return_keys:
-            value = row[keyword]
+        for keyword, value in zip(self.return_keys, row):
             kind = ATTRIBUTES[keyword].kind
             if value is None or value == "":
                 value = "" if dictionary_VR(keyword) != "SQ" else []
@@ -394,7 +411,7 @@ class Query:
         ds.QueryRetrieveLevel = self.level
         if self.retrieve_ae:
             ds.RetrieveAETitle = self.retrieve_ae
-        stored = row["_charset"]
+        stored = row[-1]
         if any(not t.isascii() for t in text):
             ds.SpecificCharacterSet = "ISO_IR 192"   # what we hold is decoded text: UTF-8 holds it all
         elif stored:
@@ -418,7 +435,7 @@ STUDY_LIST_ORDER = {
 }
 
 
-def study_list(conn: sqlite3.Connection, query: Query, *, order: str = "date", descending: bool = True,
+def study_list(conn: Connection, query: Query, *, order: str = "date", descending: bool = True,
                limit: int = 50, offset: int = 0) -> list[dict]:
     """One page of a STUDY-level query's matches as dicts (its return keys by keyword, plus
     `images` and `results`), ordered by `order` (a STUDY_LIST_ORDER key), ties in the order received
@@ -434,9 +451,9 @@ def study_list(conn: sqlite3.Connection, query: Query, *, order: str = "date", d
         terms += [f"({bare} IS NULL OR {bare} = '')", f"{term} {direction}"]
     columns = ", ".join([*(f"{ATTRIBUTES[k].column} AS {k}" for k in query.return_keys),
                          *(f"{sql} AS {name}" for name, sql in STUDY_LIST_COLUMNS.items())])
-    sql = (f"SELECT {columns} FROM {FROM['STUDY']} WHERE {' AND '.join(query.conditions) or '1'} "
-           f"ORDER BY {', '.join(terms)}, s.pk {direction} LIMIT ? OFFSET ?")
-    return [dict(row) for row in conn.execute(sql, [*query.params, int(limit), int(offset)])]
+    sql = (f"SELECT {columns} FROM {FROM['STUDY']} WHERE {' AND '.join(query.conditions) or '1 = 1'} "
+           f"ORDER BY {', '.join(terms)}, s.pk {direction} LIMIT {int(limit)} OFFSET {int(offset)}")
+    return [dict(row._mapping) for row in conn.execute(text(_dialect_sql(sql, conn.dialect)), query.params)]
 
 
 
@@ -465,16 +482,15 @@ class Match:
     sha256: str
 
 
-def _where(query: Query) -> tuple[str, list]:
-    return " AND ".join(query.conditions) or "1", list(query.params)
+def _where(query: Query) -> tuple[str, dict]:
+    return " AND ".join(query.conditions) or "1 = 1", dict(query.params)
 
 
 def instance_count(index: Index, query: Query) -> int:
     """How many stored instances the query's keys name (at any level: a retrieve sends instances)."""
     where, params = _where(query)
     with index.reader() as conn:
-        (count,), = conn.execute(f"SELECT COUNT(*) FROM {FROM['IMAGE']} WHERE {where}", params)
-    return count
+        return conn.execute(text(f"SELECT COUNT(*) FROM {FROM['IMAGE']} WHERE {where}"), params).scalar_one()
 
 
 def instance_kinds(index: Index, query: Query, limit: int) -> list[tuple[str, str]]:
@@ -482,9 +498,9 @@ def instance_kinds(index: Index, query: Query, limit: int) -> list[tuple[str, st
     (the presentation contexts a C-MOVE proposes)."""
     where, params = _where(query)
     with index.reader() as conn:
-        return [(sop_class, syntax) for sop_class, syntax in conn.execute(
+        return [(sop_class, syntax) for sop_class, syntax in conn.execute(text(
             f"SELECT DISTINCT i.sop_class_uid, i.transfer_syntax FROM {FROM['IMAGE']} WHERE {where} "
-            f"LIMIT {int(limit)}", params)]
+            f"LIMIT {int(limit)}"), params)]
 
 
 def instances(index: Index, query: Query, after: int, limit: int) -> list[Match]:
@@ -492,9 +508,10 @@ def instances(index: Index, query: Query, after: int, limit: int) -> list[Match]
     them a page at a time and never holds them all."""
     where, params = _where(query)
     with index.reader() as conn:
-        return [Match(*row) for row in conn.execute(
+        return [Match(*row) for row in conn.execute(text(
             f"SELECT i.pk, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, i.blob_id, i.sha256 "
-            f"FROM {FROM['IMAGE']} WHERE {where} AND i.pk > ? ORDER BY i.pk LIMIT {int(limit)}", [*params, after])]
+            f"FROM {FROM['IMAGE']} WHERE {where} AND i.pk > :after ORDER BY i.pk LIMIT {int(limit)}"),
+            {**params, "after": after})]
 
 
 @dataclass(frozen=True)
@@ -514,9 +531,11 @@ def stored(index: Index, sop_instance_uids: Collection[str]) -> dict[str, Stored
     if not uids:
         return {}
     with index.reader() as conn:
-        return {uid: Stored(*rest) for uid, *rest in conn.execute(
-            f"SELECT sop_instance_uid, sop_class_uid, blob_id, sha256 FROM instances "
-            f"WHERE sop_instance_uid IN ({','.join('?' * len(uids))})", uids)}
+        return {uid: Stored(*rest) for uid, *rest in conn.execute(_STORED, {"uids": uids})}
+
+
+_STORED = text("SELECT sop_instance_uid, sop_class_uid, blob_id, sha256 FROM instances "
+               "WHERE sop_instance_uid IN :uids").bindparams(bindparam("uids", expanding=True))
 
 
 _U16, _U32 = struct.Struct("<H"), struct.Struct("<I")

@@ -121,6 +121,22 @@ class StorageSection:
 
 
 @dataclass(frozen=True)
+class IndexSection:
+    url: str = setting("", "Where the index lives. Empty: the SQLite file index.sqlite3 in node.data_dir (one node). "
+                       "\"postgresql://USER@HOST:PORT/DATABASE\": PostgreSQL, shared by several nodes, through a "
+                       "connection pool; the password is never written here: libpq reads it from PGPASSWORD, the "
+                       "pass file PGPASSFILE names (~/.pgpass by default) or a service file (PGSERVICE).")
+
+    def validate(self) -> None:
+        from .db import IndexUrlError, check_url
+
+        try:
+            check_url(self.url)
+        except IndexUrlError as exc:
+            raise SettingsError(str(exc)) from None
+
+
+@dataclass(frozen=True)
 class CryptoSection:
     kms_key_id: str = setting("", "AWS KMS key (id, ARN or alias) that wraps the data keys of objects in S3; "
                               "empty = the local key file wraps them too.")
@@ -183,8 +199,9 @@ class IngestSection:
 
 
 class Settings(Protocol):
-    """What the archive reads: the node's data directory, storage, crypto, query and ingest settings."""
+    """What the archive reads: the node's data directory, index, crypto, query and ingest settings."""
     node: NodeSection
+    index: IndexSection
     storage: StorageSection
     crypto: CryptoSection
     query: QuerySection

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sqlalchemy import text
+
 from .index import Index
 
 
@@ -18,8 +20,8 @@ class Counts:
 def counts(index: Index) -> Counts:
     """Instances and studies in the index (quarantined instances are not counted)."""
     with index.reader() as conn:
-        (instances,), = conn.execute("SELECT COUNT(*) FROM instances")
-        (studies,), = conn.execute("SELECT COUNT(*) FROM studies")
+        instances = conn.execute(text("SELECT COUNT(*) FROM instances")).scalar_one()
+        studies = conn.execute(text("SELECT COUNT(*) FROM studies")).scalar_one()
     return Counts(instances, studies)
 
 
@@ -46,5 +48,6 @@ _CONFLICT_COLUMNS = ("time", "sop_instance_uid", "study_uid", "series_uid", "att
 def conflicts(index: Index, limit: int = 1000) -> list[Conflict]:
     """The latest recorded conflicts, newest first (they hold patient values: for the operator, not logs)."""
     with index.reader() as conn:
-        return [Conflict(*row) for row in conn.execute(
-            f"SELECT {', '.join(_CONFLICT_COLUMNS)} FROM conflicts ORDER BY time DESC, seq DESC LIMIT ?", (limit,))]
+        return [Conflict(*row) for row in conn.execute(text(
+            f"SELECT {', '.join(_CONFLICT_COLUMNS)} FROM conflicts ORDER BY time DESC, seq DESC LIMIT :limit"),
+            {"limit": limit})]

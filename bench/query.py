@@ -34,6 +34,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -48,6 +49,10 @@ SURNAMES = ["SMITH", "JONES", "TAYLOR", "BROWN", "WILLIAMS", "WILSON", "JOHNSON"
 FIRST = ["ANNA", "JOHN", "MARIA", "PETER", "EVA", "PAUL", "SARA", "LUCAS", "EMMA", "NOAH"]
 MODALITIES = ["CT", "MR", "CR", "US", "MG", "PT"]
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+INSERT_INSTANCE = text(
+    "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, transfer_syntax, size, sha256, "
+    "blob_id, calling_ae, received_at) VALUES (:uid, :series_pk, :sop_class_uid, :number, '1.2.840.10008.1.2.1', "
+    "40000, '" + "0" * 64 + "', :blob_id, 'BENCH', :now)")
 
 
 @dataclass
@@ -94,11 +99,10 @@ def fill(index: Index, size: int) -> Synthetic:
                          "SeriesNumber": number, "InstanceNumber": None}
                 header = InstanceHeader(CT_IMAGE, "", study["uid"], series_uid, "1.2.840.10008.1.2.1", 0, attrs)
                 series_pk = Index.upsert_hierarchy(conn, header, now)
-                conn.executemany(
-                    "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, "
-                    "transfer_syntax, size, sha256, blob_id, calling_ae, received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    [(generate_uid(), series_pk, CT_IMAGE, i + 1, "1.2.840.10008.1.2.1", 40000, "0" * 64,
-                      generate_uid().replace(".", "")[-32:].rjust(32, "0"), "BENCH", now) for i in range(count)])
+                conn.execute(INSERT_INSTANCE, [
+                    {"uid": generate_uid(), "series_pk": series_pk, "sop_class_uid": CT_IMAGE, "number": i + 1,
+                     "blob_id": generate_uid().replace(".", "")[-32:].rjust(32, "0"), "now": now}
+                    for i in range(count)])
         batch.clear()
 
     rows = 0

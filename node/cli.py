@@ -399,10 +399,10 @@ def _index_made(config: Config):
     from .owners import migrate
 
     path = config.data_dir / "index.sqlite3"
-    made = not path.exists()
+    made = not config.index.url and not path.exists()
     if made:
         config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    index = Index(path)
+    index = Index(config.index.url or path)
     try:
         migrate(index)
         yield index, made

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from archive.settings import (CryptoSection, IngestSection, NodeSection, QuerySection, S3Section, SettingsError,
+from archive.settings import (CryptoSection, IndexSection, IngestSection, NodeSection, QuerySection, S3Section,
+                              SettingsError,
                               StorageSection, setting)
 from router.settings import MATCH_KEYS, Rule, RouterSection
 from scp.settings import ClientSection, CommitmentSection, DicomSection, RemoteNode
@@ -23,7 +24,8 @@ from viewer.settings import ViewerSection
 ConfigError = SettingsError          # a setting is unknown, has the wrong type or an invalid value
 
 __all__ = ["ClientSection", "CommitmentSection", "Config", "ConfigError", "CryptoSection", "DicomSection",
-           "IngestSection", "LogSection", "MATCH_KEYS", "NodeSection", "QuerySection", "RemoteNode", "RouterSection",
+           "IndexSection", "IngestSection", "LogSection", "MATCH_KEYS", "NodeSection", "QuerySection", "RemoteNode",
+           "RouterSection",
            "Rule", "S3Section", "StorageSection", "ViewerSection", "documented_settings", "from_dict", "load"]
 
 
@@ -35,6 +37,7 @@ class LogSection:
 @dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
+    index: IndexSection = field(default_factory=IndexSection)
     dicom: DicomSection = field(default_factory=DicomSection)
     client: ClientSection = field(default_factory=ClientSection)
     storage: StorageSection = field(default_factory=StorageSection)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from archive import holds
+from archive.db import raw
 from archive.index import Index
 from archive.inputs import filed
 
@@ -81,7 +82,7 @@ def create(index: Index, *, study_uid: str, plugin: str, params: dict, inputs: l
     now = time.time() if now is None else now
 
     def insert(c: sqlite3.Connection) -> None:
-        c.execute("INSERT INTO jobs (id, study_uid, plugin, params, inputs, rule, created_by, forward_to, state, attempts, "
+        raw(c).execute("INSERT INTO jobs (id, study_uid, plugin, params, inputs, rule, created_by, forward_to, state, attempts, "
                   "max_attempts, errors, supersedes, created_at) VALUES (?,?,?,?,?,?,?,?,'queued',0,?,'[]',?,?)",
                   (job_id, study_uid, plugin, json.dumps(params, sort_keys=True), json.dumps(list(inputs)), rule,
                    created_by, json.dumps(list(forward_to)), max_attempts, supersedes, now))
@@ -96,7 +97,7 @@ def create(index: Index, *, study_uid: str, plugin: str, params: dict, inputs: l
 
 
 def get(index: Index, job_id: str, conn: sqlite3.Connection | None = None) -> JobRecord:
-    rows = (conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchall() if conn is not None
+    rows = (raw(conn).execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchall() if conn is not None
             else index.query("SELECT * FROM jobs WHERE id=?", (job_id,)))
     if not rows:
         raise JobNotFound(job_id)
@@ -118,7 +119,7 @@ def apply(index: Index, job_id: str, event, conn: sqlite3.Connection | None = No
                "lease_expires": after.lease_expires, "errors": json.dumps(list(after.errors)),
                "started_at": after.started_at, "finished_at": after.finished_at}
     columns.update({k: json.dumps(v) if k in ("summary", "timings") else v for k, v in also.items()})
-    conn.execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in columns)} WHERE id=?", (*columns.values(), job_id))
+    raw(conn).execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in columns)} WHERE id=?", (*columns.values(), job_id))
     if after.state != record.state or after.attempts != record.attempts:
         Index.add_job_change(conn, STATE_CHANGE.format(after.state), job_id, record.study_uid)
     return get(index, job_id, conn)
@@ -126,10 +127,10 @@ def apply(index: Index, job_id: str, event, conn: sqlite3.Connection | None = No
 
 def set_progress(index: Index, job_id: str, fraction: float, message: str) -> None:
     with index.write() as conn:
-        row = conn.execute("SELECT study_uid, state FROM jobs WHERE id=?", (job_id,)).fetchone()
+        row = raw(conn).execute("SELECT study_uid, state FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None or row["state"] != "running":
             return
-        conn.execute("UPDATE jobs SET progress=?, progress_message=? WHERE id=?",
+        raw(conn).execute("UPDATE jobs SET progress=?, progress_message=? WHERE id=?",
                      (max(0.0, min(1.0, fraction)), message[:200], job_id))
         Index.add_job_change(conn, "job_progress", job_id, row["study_uid"])
 
@@ -191,10 +192,10 @@ def record_results(conn: sqlite3.Connection, job_id: str, study_uid: str, found:
     inside `conn`'s transaction: files are held in the archive (a file they replace is let go),
     and each one stored is a `file_stored` change."""
     names = [r.name for r in found]
-    before = {row[0] for row in conn.execute(
+    before = {row[0] for row in raw(conn).execute(
         f"SELECT blob_id FROM job_results WHERE job_id=? AND blob_id IS NOT NULL AND name IN "
         f"({','.join('?' * len(names))})", (job_id, *names))} if names else set()
-    conn.executemany("INSERT OR REPLACE INTO job_results (job_id, kind, name, media_type, sop_instance_uid, "
+    raw(conn).executemany("INSERT OR REPLACE INTO job_results (job_id, kind, name, media_type, sop_instance_uid, "
                      "blob_id, size, sha256) VALUES (?,?,?,?,?,?,?,?)",
                      [(job_id, r.kind, r.name, r.media_type, r.sop_instance_uid, r.blob_id, r.size, r.sha256)
                       for r in found])
@@ -227,7 +228,7 @@ def states(index: Index, job_ids: Iterable[str]) -> dict[str, str]:
 
 def latest_of_rule(conn: sqlite3.Connection, rule: str, study_uid: str, inputs: list[str] | None) -> JobRecord | None:
     """The newest job that `rule` made for the study (on exactly `inputs`, when given)."""
-    for row in conn.execute("SELECT * FROM jobs WHERE rule=? AND study_uid=? ORDER BY created_at DESC",
+    for row in raw(conn).execute("SELECT * FROM jobs WHERE rule=? AND study_uid=? ORDER BY created_at DESC",
                             (rule, study_uid)):
         record = JobRecord.of(row)
         if inputs is None or record.inputs == inputs:
@@ -270,7 +271,7 @@ def jobs_of_studies(index: Index, study_uids: list[str]) -> dict[str, list[JobRe
     with index.reader() as conn:
         for start in range(0, len(study_uids), IDS_PER_QUERY):
             part = study_uids[start:start + IDS_PER_QUERY]
-            for row in conn.execute(f"SELECT * FROM jobs WHERE study_uid IN ({','.join('?' * len(part))}) "
+            for row in raw(conn).execute(f"SELECT * FROM jobs WHERE study_uid IN ({','.join('?' * len(part))}) "
                                     "ORDER BY created_at DESC", part):
                 found.setdefault(row["study_uid"], []).append(JobRecord.of(row))
     return found

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import sqlite_utils
 
 from archive import holds
+from archive.db import raw
 from archive.index import Index, connect
 
 migrations = sqlite_utils.Migrations("router")
@@ -90,8 +91,11 @@ def _tables(db: sqlite_utils.Database) -> None:
 @migrations(name="0002_result_holds")
 def _result_holds(db: sqlite_utils.Database) -> None:
     """The archive keeps result files because the router holds them (it read job_results before)."""
-    holds.hold(db.conn, [r[0] for r in db.conn.execute("SELECT blob_id FROM job_results WHERE blob_id IS NOT NULL")],
-               HOLDER)
+    # the statement archive.holds.hold runs, here on sqlite-utils' own connection (SQLite only until
+    # the router's migrations are Alembic revisions)
+    db.conn.executemany("INSERT OR IGNORE INTO blob_holds (blob_id, holder) VALUES (?, ?)",
+                        [(r[0], HOLDER) for r in db.conn.execute(
+                            "SELECT blob_id FROM job_results WHERE blob_id IS NOT NULL").fetchall()])
 
 
 def migrate(index: Index) -> None:
@@ -117,7 +121,7 @@ class PendingStudy:
 
 def note_stored(conn: sqlite3.Connection, study_uid: str, seq: int, time: float) -> None:
     """The study received an instance (change `seq` at `time`): the rules judge it once it is quiet."""
-    conn.execute("INSERT INTO router_studies (study_uid, last_seq, last_time) VALUES (?,?,?) "
+    raw(conn).execute("INSERT INTO router_studies (study_uid, last_seq, last_time) VALUES (?,?,?) "
                  "ON CONFLICT(study_uid) DO UPDATE SET last_seq=excluded.last_seq, last_time=excluded.last_time",
                  (study_uid, seq, time))
 
@@ -129,7 +133,7 @@ def pending_studies(index: Index) -> list[PendingStudy]:
 def forget_study(index: Index, study: PendingStudy) -> None:
     """Every rule has judged the study up to `study.last_seq` (unless a newer instance came since)."""
     with index.write() as conn:
-        conn.execute("DELETE FROM router_studies WHERE study_uid=? AND last_seq=?", (study.study_uid, study.last_seq))
+        raw(conn).execute("DELETE FROM router_studies WHERE study_uid=? AND last_seq=?", (study.study_uid, study.last_seq))
 
 
 def fired_seq(index: Index, study_uid: str, rule: str) -> int:
@@ -139,7 +143,7 @@ def fired_seq(index: Index, study_uid: str, rule: str) -> int:
 
 
 def mark_fired(conn: sqlite3.Connection, study_uid: str, rule: str, seq: int) -> None:
-    conn.execute("INSERT INTO router_fired (study_uid, rule, seq) VALUES (?,?,?) "
+    raw(conn).execute("INSERT INTO router_fired (study_uid, rule, seq) VALUES (?,?,?) "
                  "ON CONFLICT(study_uid, rule) DO UPDATE SET seq=excluded.seq", (study_uid, rule, seq))
 
 
@@ -147,7 +151,7 @@ def mark_fired(conn: sqlite3.Connection, study_uid: str, rule: str, seq: int) ->
 
 def queue_forwards(index: Index, job_id: str, destinations: Iterable[str], now: float) -> None:
     with index.write() as conn:
-        conn.executemany("INSERT OR IGNORE INTO forwards (job_id, destination, state, next_try) "
+        raw(conn).executemany("INSERT OR IGNORE INTO forwards (job_id, destination, state, next_try) "
                          "VALUES (?,?,'pending',?)", [(job_id, d, now) for d in destinations])
 
 
@@ -160,7 +164,7 @@ def due_forwards(index: Index, now: float, limit: int = 1) -> list[tuple[str, st
 
 def forward_sent(index: Index, job_id: str, destination: str) -> None:
     with index.write() as conn:
-        conn.execute("UPDATE forwards SET state='sent', attempts=attempts+1, last_error=NULL "
+        raw(conn).execute("UPDATE forwards SET state='sent', attempts=attempts+1, last_error=NULL "
                      "WHERE job_id=? AND destination=?", (job_id, destination))
         Index.add_job_change(conn, "job_forwarded", job_id, _study_of(conn, job_id))
 
@@ -169,14 +173,14 @@ def forward_failed(index: Index, job_id: str, destination: str, error: str, now:
                    delay: Callable[[int], float]) -> float:
     """Count the failed attempt and set the next; `delay(attempts so far)` says when. Returns that delay."""
     with index.write() as conn:
-        (attempts,), = conn.execute("SELECT attempts FROM forwards WHERE job_id=? AND destination=?",
+        (attempts,), = raw(conn).execute("SELECT attempts FROM forwards WHERE job_id=? AND destination=?",
                                     (job_id, destination)).fetchall()
         seconds = delay(attempts)
-        conn.execute("UPDATE forwards SET attempts=attempts+1, next_try=?, last_error=? "
+        raw(conn).execute("UPDATE forwards SET attempts=attempts+1, next_try=?, last_error=? "
                      "WHERE job_id=? AND destination=?", (now + seconds, error[:2000], job_id, destination))
         Index.add_job_change(conn, "job_forward_failed", job_id, _study_of(conn, job_id))
     return seconds
 
 
 def _study_of(conn: sqlite3.Connection, job_id: str) -> str:
-    return conn.execute("SELECT study_uid FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
+    return raw(conn).execute("SELECT study_uid FROM jobs WHERE id=?", (job_id,)).fetchone()[0]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
+from archive.db import raw
 from archive.index import Index, connect
 
 migrations = sqlite_utils.Migrations("scp")
@@ -73,10 +74,10 @@ def add(index: Index, transaction: str, calling_ae: str, items: list[tuple[str, 
     return how many were waiting before it (kept when below `max_pending`). Raises TransactionReused."""
     try:
         with index.write() as conn:
-            (pending,), = conn.execute("SELECT COUNT(*) FROM commitments WHERE state=? AND calling_ae=?",
+            (pending,), = raw(conn).execute("SELECT COUNT(*) FROM commitments WHERE state=? AND calling_ae=?",
                                        (PENDING, calling_ae)).fetchall()
             if pending < max_pending:
-                conn.execute("INSERT INTO commitments (transaction_uid, calling_ae, items, state, received_at) "
+                raw(conn).execute("INSERT INTO commitments (transaction_uid, calling_ae, items, state, received_at) "
                              "VALUES (?,?,?,?,?)", (transaction, calling_ae, json.dumps(items), PENDING,
                                                     time.time() if now is None else now))
     except sqlite3.IntegrityError:
@@ -87,12 +88,12 @@ def add(index: Index, transaction: str, calling_ae: str, items: list[tuple[str, 
 def pending(index: Index) -> list[str]:
     """The Transaction UIDs whose report is still to be delivered."""
     with index.reader() as conn:
-        return [uid for uid, in conn.execute("SELECT transaction_uid FROM commitments WHERE state=?", (PENDING,))]
+        return [uid for uid, in raw(conn).execute("SELECT transaction_uid FROM commitments WHERE state=?", (PENDING,))]
 
 
 def get(index: Index, transaction: str) -> Commitment | None:
     with index.reader() as conn:
-        row = conn.execute("SELECT calling_ae, items, state, received_at FROM commitments WHERE transaction_uid=?",
+        row = raw(conn).execute("SELECT calling_ae, items, state, received_at FROM commitments WHERE transaction_uid=?",
                            (transaction,)).fetchone()
     if row is None:
         return None
@@ -103,19 +104,19 @@ def get(index: Index, transaction: str) -> Commitment | None:
 def give_up(index: Index, transaction: str, now: float | None = None) -> None:
     """A pending report that will not be delivered (the requester has to ask again)."""
     with index.write() as conn:
-        conn.execute("UPDATE commitments SET state=?, reported_at=? WHERE transaction_uid=? AND state=?",
+        raw(conn).execute("UPDATE commitments SET state=?, reported_at=? WHERE transaction_uid=? AND state=?",
                      (UNDELIVERABLE, time.time() if now is None else now, transaction, PENDING))
 
 
 def reported(index: Index, transaction: str, failures: int, now: float | None = None) -> None:
     with index.write() as conn:
-        conn.execute("UPDATE commitments SET state=?, failures=?, reported_at=? WHERE transaction_uid=?",
+        raw(conn).execute("UPDATE commitments SET state=?, failures=?, reported_at=? WHERE transaction_uid=?",
                      (REPORTED, failures, time.time() if now is None else now, transaction))
 
 
 def report_counts(index: Index) -> ReportCounts:
     with index.reader() as conn:
-        (waiting, given_up), = conn.execute(
+        (waiting, given_up), = raw(conn).execute(
             "SELECT COALESCE(SUM(state=?), 0), COALESCE(SUM(state=?), 0) FROM commitments",
             (PENDING, UNDELIVERABLE)).fetchall()
     return ReportCounts(waiting, given_up)

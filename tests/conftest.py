@@ -66,3 +66,45 @@ def storescp(tmp_path, pki):
     yield port, out
     proc.terminate()
     proc.wait(10)
+
+
+# -- the index on PostgreSQL too (issue 16): a private cluster, a fresh database per test ---------------
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One private PostgreSQL cluster for the session (tests/pgcluster.py); libpq finds its password
+    through PGPASSFILE, as a node would."""
+    from pgcluster import Cluster, server_bin
+
+    try:
+        server_bin()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    cluster = Cluster().start()
+    before = os.environ.get("PGPASSFILE")
+    os.environ.update(cluster.env)
+    yield cluster
+    if before is None:
+        os.environ.pop("PGPASSFILE", None)
+    else:
+        os.environ["PGPASSFILE"] = before
+    cluster.stop()
+
+
+def _index_url(request) -> str:
+    if request.param == "sqlite":
+        return ""
+    import secrets
+
+    return request.getfixturevalue("pg_cluster").create_database(f"t_{secrets.token_hex(6)}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_url(request) -> str:
+    """'' (the SQLite file in the data directory) or the URL of a new PostgreSQL database."""
+    return _index_url(request)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_index_url(request) -> str:
+    return _index_url(request)

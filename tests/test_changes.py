@@ -4,12 +4,14 @@ from __future__ import annotations
 import pytest
 
 from archive import changes
+from sqlalchemy import text
+
 from archive.index import Index
 
 
 @pytest.fixture
-def index(tmp_path):
-    index = Index(tmp_path / "index.sqlite3")
+def index(tmp_path, index_url):
+    index = Index(index_url or tmp_path / "index.sqlite3")
     yield index
     index.close()
 
@@ -17,7 +19,8 @@ def index(tmp_path):
 def _log(index: Index, *kinds: str) -> None:
     with index.write() as conn:
         for kind in kinds:
-            conn.execute("INSERT INTO changes (kind, study_uid, blob_id, time) VALUES (?, '1.2.3', 'b', 0)", (kind,))
+            conn.execute(text("INSERT INTO changes (kind, study_uid, blob_id, time) VALUES (:kind, '1.2.3', 'b', 0)"),
+                         {"kind": kind})
 
 
 def test_a_consumer_takes_each_change_of_its_kinds_once_in_order(index):
@@ -37,7 +40,7 @@ def test_a_failure_while_handling_leaves_the_cursor_and_the_consumers_writes_und
     _log(index, "stored", "stored")
     with pytest.raises(RuntimeError):
         with changes.consume(index, "test") as batch:
-            batch.conn.execute("INSERT INTO cursors (name, seq) VALUES ('side effect', 1)")
+            batch.conn.execute(text("INSERT INTO cursors (name, seq) VALUES ('side effect', 1)"))
             raise RuntimeError("the consumer failed")
     assert changes.position(index, "test") == 0 and changes.position(index, "side effect") == 0
     with changes.consume(index, "test", limit=1) as batch:             # taken again, a batch at a time

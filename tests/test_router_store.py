@@ -60,11 +60,12 @@ def test_result_files_are_kept_and_a_replaced_one_is_let_go(tmp_path):
 def test_an_index_from_before_holds_keeps_its_result_files(tmp_path):
     """job_results rows written by a version without blob_holds: the router's migration holds them."""
     archive = Archive(tmp_path / "var")
+    store.migrate(archive.index)
     job, blob = _job(archive), _file(archive, b"an X3D scene")
     with archive.index.write() as conn:
-        conn.execute("INSERT INTO job_results (job_id, kind, name, media_type, blob_id, size, sha256) "
+        conn.exec_driver_sql("INSERT INTO job_results (job_id, kind, name, media_type, blob_id, size, sha256) "
                      "VALUES (?, 'file', 'model.x3d', 'model/x3d+xml', ?, 12, 'z')", (job, blob))
-        conn.execute("DELETE FROM _sqlite_migrations WHERE migration_set='router'")
+        conn.exec_driver_sql("DELETE FROM _sqlite_migrations WHERE migration_set='router'")
     assert not archive.index.blob_referenced(blob)
     store.migrate(archive.index)
     assert archive.index.blob_referenced(blob)

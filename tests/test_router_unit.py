@@ -80,7 +80,7 @@ def ingest(archive, paths, clock, at):
         # the change log's time is the time of ingest: pin it to the fake clock
         assert archive.ingest_file(path).outcome.ok
     with archive.index.write() as conn:
-        conn.execute("UPDATE changes SET time=? WHERE time > ?", (at, at - 1e6))
+        conn.exec_driver_sql("UPDATE changes SET time=? WHERE time > ?", (at, at - 1e6))
 
 
 def test_the_quiet_period_then_one_job_per_series_then_results(setup, tmp_path):
@@ -125,7 +125,7 @@ def test_a_job_run_again_after_a_crash_stores_nothing_twice(setup, tmp_path):
     stored = archive.index.query("SELECT sop_instance_uid FROM instances WHERE job_id=? ORDER BY 1", (job.id,))
     # the node died after taking the results in, before the job was marked succeeded
     with archive.index.write() as conn:
-        conn.execute("UPDATE jobs SET state='running', lease_expires=?, attempts=1 WHERE id=?", (clock[0] - 1, job.id))
+        conn.exec_driver_sql("UPDATE jobs SET state='running', lease_expires=?, attempts=1 WHERE id=?", (clock[0] - 1, job.id))
     restarted, _ = make([{"name": "ct", "match": {"Modality": "CT"}, "plugin": "test-sc", "quiet_seconds": 0}])
     for _ in range(3):
         restarted.step()

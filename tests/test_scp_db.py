@@ -39,8 +39,8 @@ def test_an_index_that_had_the_table_keeps_its_rows_and_ends_up_as_a_new_one(tmp
     old = Index(tmp_path / "old.sqlite3")
     with old.write() as conn:
         for statement in OLD_DDL.split(";")[:2]:
-            conn.execute(statement)
-        conn.execute("INSERT INTO commitments (transaction_uid, calling_ae, items, state, received_at) "
+            conn.exec_driver_sql(statement)
+        conn.exec_driver_sql("INSERT INTO commitments (transaction_uid, calling_ae, items, state, received_at) "
                      "VALUES ('1.2.3', 'MOD', '[[\"1.2\", \"1.2.3.4\"]]', 'pending', 5)")
     db.migrate(old)
     db.migrate(old)                                     # nothing twice

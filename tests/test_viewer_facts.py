@@ -43,8 +43,8 @@ def test_an_index_whose_viewer_tables_came_from_archive_keeps_them_and_their_row
     try:
         with archive.index.write() as conn:
             for statement in accounts._TABLES:
-                conn.execute(statement.replace(" IF NOT EXISTS", ""))
-            conn.execute("INSERT INTO users (name, role, password, created_at) VALUES ('old', 'admin', 'x', 0)")
+                conn.exec_driver_sql(statement.replace(" IF NOT EXISTS", ""))
+            conn.exec_driver_sql("INSERT INTO users (name, role, password, created_at) VALUES ('old', 'admin', 'x', 0)")
         accounts.migrate(archive.index)
         assert _schema(archive.index) == SCHEMA_0005
         assert accounts.users(archive.index) == [("old", "admin", False)]

@@ -70,7 +70,7 @@ def audit(archive: Archive, action: str) -> list[tuple]:
 def forget_failures(archive: Archive) -> None:
     """Failed logins start afresh (fuzzing the login form must not wait 8 s an example)."""
     with archive.index.write() as conn:
-        conn.execute("DELETE FROM login_failures")
+        conn.exec_driver_sql("DELETE FROM login_failures")
 
 
 async def still_serves(client) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
+from archive.db import raw
 from archive.index import Index
 
 ROLES = ("clinician", "admin")
@@ -104,7 +105,7 @@ def migrate(index: Index) -> None:
     """Make the viewer's tables in `index`, or bring them up to date: the node calls this at its
     start, `m3dicom user add` before the first start, and a test that makes an index itself."""
     with index.write() as conn:
-        migrations.apply(sqlite_utils.Database(conn))
+        migrations.apply(sqlite_utils.Database(raw(conn)))
 
 
 def hash_password(password: str) -> str:
@@ -151,15 +152,15 @@ def check_user(name: str, password: str, role: str) -> None:
 def add_user(index: Index, name: str, password: str, role: str = "clinician", replace: bool = False) -> User:
     check_user(name, password, role)
     with index.write() as conn:
-        exists = conn.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone()
+        exists = raw(conn).execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone()
         if exists and not replace:
             raise AccountError(f"user {name!r} exists (give it a new password with "
                                f"`m3dicom user add {name} --replace`)")
-        conn.execute("INSERT INTO users (name, role, password, created_at) VALUES (?,?,?,?) ON CONFLICT(name) "
+        raw(conn).execute("INSERT INTO users (name, role, password, created_at) VALUES (?,?,?,?) ON CONFLICT(name) "
                      "DO UPDATE SET role=excluded.role, password=excluded.password, disabled=0",
                      (name, role, hash_password(password), time.time()))
         if exists:   # a new password ends the sessions opened with the old one
-            conn.execute("DELETE FROM sessions WHERE user_name=?", (name,))
+            raw(conn).execute("DELETE FROM sessions WHERE user_name=?", (name,))
     return User(name, role)
 
 
@@ -190,14 +191,14 @@ def authenticate(index: Index, name: str, password: str, address: str) -> User |
         if ok:
             # the owner's own typos are forgiven, at the account and at the address (a shared
             # reading-room computer, a proxy); failures on other accounts from there still count
-            own = conn.execute("SELECT count FROM login_failures WHERE key=? AND ? - last <= 900",
+            own = raw(conn).execute("SELECT count FROM login_failures WHERE key=? AND ? - last <= 900",
                                (user_key, now)).fetchone()
-            conn.execute("DELETE FROM login_failures WHERE key=?", (user_key,))
+            raw(conn).execute("DELETE FROM login_failures WHERE key=?", (user_key,))
             if own:
-                conn.execute("UPDATE login_failures SET count = MAX(count - ?, 0) WHERE key=?", (own[0], address_key))
+                raw(conn).execute("UPDATE login_failures SET count = MAX(count - ?, 0) WHERE key=?", (own[0], address_key))
         else:
             for key in (user_key, address_key):
-                conn.execute("INSERT INTO login_failures (key, count, last) VALUES (?, 1, ?) ON CONFLICT(key) DO UPDATE "
+                raw(conn).execute("INSERT INTO login_failures (key, count, last) VALUES (?, 1, ?) ON CONFLICT(key) DO UPDATE "
                              "SET count = CASE WHEN ? - last > 900 THEN 1 ELSE count + 1 END, last=excluded.last",
                              (key, now, now))
     return User(rows[0]["name"], rows[0]["role"]) if ok else None
@@ -234,10 +235,10 @@ def open_session(index: Index, *, user: User | None = None, share_id: str | None
     token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
     expires = now + hours * 3600
     with index.write() as conn:
-        conn.execute("INSERT INTO sessions (token_hash, user_name, share_id, study_uid, csrf, created_at, last_seen, "
+        raw(conn).execute("INSERT INTO sessions (token_hash, user_name, share_id, study_uid, csrf, created_at, last_seen, "
                      "expires_at) VALUES (?,?,?,?,?,?,?,?)",
                      (_digest(token), user.name if user else None, share_id, study_uid, csrf, now, now, expires))
-        conn.execute("DELETE FROM sessions WHERE expires_at < ?", (now,))
+        raw(conn).execute("DELETE FROM sessions WHERE expires_at < ?", (now,))
     return token, Session(_digest(token), user, study_uid, share_id, csrf, expires)
 
 
@@ -261,7 +262,7 @@ def session(index: Index, token: str | None, idle_minutes: float, now: float | N
         return None
     if now - row["last_seen"] > 30:     # refresh at most every 30 s: fewer writes
         with index.write() as conn:
-            conn.execute("UPDATE sessions SET last_seen=? WHERE token_hash=?", (now, row["token_hash"]))
+            raw(conn).execute("UPDATE sessions SET last_seen=? WHERE token_hash=?", (now, row["token_hash"]))
     user = User(row["user_name"], row["role"]) if row["user_name"] else None
     return Session(row["token_hash"], user, row["study_uid"], row["share_id"], row["csrf"], row["expires_at"])
 
@@ -283,7 +284,7 @@ def closed_share(index: Index, token: str | None, now: float | None = None) -> s
 
 def close_session(index: Index, token: str) -> None:
     with index.write() as conn:
-        conn.execute("DELETE FROM sessions WHERE token_hash=?", (_digest(token),))
+        raw(conn).execute("DELETE FROM sessions WHERE token_hash=?", (_digest(token),))
 
 
 # -- share links ---------------------------------------------------------------------------
@@ -301,7 +302,7 @@ def create_share(index: Index, secret: bytes, study_uid: str, created_by: str, d
     link_id, now = secrets.token_urlsafe(12), time.time()
     expires = now + days * 86400
     with index.write() as conn:
-        conn.execute("INSERT INTO share_links (id, study_uid, created_by, created_at, expires_at) VALUES (?,?,?,?,?)",
+        raw(conn).execute("INSERT INTO share_links (id, study_uid, created_by, created_at, expires_at) VALUES (?,?,?,?,?)",
                      (link_id, study_uid, created_by, now, expires))
     message = f"{link_id}.{int(expires)}"
     return f"{message}.{_sign(secret, message)}", expires
@@ -356,7 +357,7 @@ def revoke_share(index: Index, link_id: str) -> bool:
     """Revoke a link: its sessions open nothing from now on (`session` checks the link on every
     request); they are kept until they expire, so that their holders are told why (closed_share)."""
     with index.write() as conn:
-        changed = conn.execute("UPDATE share_links SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
+        changed = raw(conn).execute("UPDATE share_links SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
                                (time.time(), link_id)).rowcount
     return bool(changed)
 
@@ -364,8 +365,8 @@ def revoke_share(index: Index, link_id: str) -> bool:
 def disable_user(index: Index, name: str) -> bool:
     """The user can no longer log in; their sessions end now. False: no such user."""
     with index.write() as conn:
-        changed = conn.execute("UPDATE users SET disabled=1 WHERE name=?", (name,)).rowcount
-        conn.execute("DELETE FROM sessions WHERE user_name=?", (name,))
+        changed = raw(conn).execute("UPDATE users SET disabled=1 WHERE name=?", (name,)).rowcount
+        raw(conn).execute("DELETE FROM sessions WHERE user_name=?", (name,))
     return bool(changed)
 
 
@@ -386,7 +387,7 @@ def audit_many(index: Index, who: str | None, action: str, records: list[tuple[s
     """Several records of one action, (outcome, study UID, detail) each, in one transaction."""
     now = time.time()
     with index.write() as conn:
-        conn.executemany("INSERT INTO audit (time, user_name, action, study_uid, outcome, detail, address) "
+        raw(conn).executemany("INSERT INTO audit (time, user_name, action, study_uid, outcome, detail, address) "
                          "VALUES (?,?,?,?,?,?,?)", [(now, who, action, study_uid, outcome,
                                                      (detail or "")[:500] or None, address)
                                                     for outcome, study_uid, detail in records])

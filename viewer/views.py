@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import re
-import sqlite3
 import time
 from collections import Counter
 from contextlib import ExitStack
@@ -24,6 +23,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from sqlalchemy import exc as sa_exc
 
 from archive import facts
 from archive.dicomfile import InvalidInstance
@@ -387,7 +387,7 @@ async def api_studies(request: web.Request) -> web.Response:
         result = await run(request, _search, request.app[ARCHIVE].index, params, page, order, direction == "desc")
     except ValueError as exc:                  # QueryError, or a value pydicom will not take
         raise _bad_request(str(exc)[:300] or "this search cannot be run") from None
-    except sqlite3.OperationalError as exc:
+    except sa_exc.OperationalError as exc:       # the database refused the statement as too large
         if not any(words in str(exc) for words in _TOO_COMPLEX):
             raise
         raise _bad_request("this search is too complex: use fewer values or wildcards") from None

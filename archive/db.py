@@ -1,0 +1,198 @@
+"""The index's engines: the embedded SQLite file, or PostgreSQL shared by several nodes.
+
+`[index] url = ""` is the SQLite file `data_dir/index.sqlite3`: WAL, `synchronous=FULL`, foreign
+keys, a busy timeout; one writer at a time (an in-process lock, then `BEGIN IMMEDIATE`), and
+readers on read-only connections of their own that never wait for it. `url = "postgresql://..."`
+is PostgreSQL through psycopg 3 and SQLAlchemy's pool: writes in READ COMMITTED transactions,
+reads in read-only ones; the password comes from libpq (PGPASSWORD, PGPASSFILE, a service file),
+never from the URL. Queries are SQLAlchemy Core (`text()` with `:named` parameters in SQL both
+engines accept, or Core expressions where they differ): one copy of each, for both.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+from urllib.parse import quote
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+SQLITE_FILE = "index.sqlite3"
+SQLITE_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL", "PRAGMA foreign_keys=ON",
+                  "PRAGMA busy_timeout=10000", "PRAGMA case_sensitive_like=ON")
+POOL_SIZE = 5                       # PostgreSQL connections kept per process (and as many more when busy)
+
+
+class IndexUrlError(ValueError):
+    """`[index] url` names something the node cannot use."""
+
+
+def check_url(url: str) -> None:
+    """Refuse what the node cannot use: another engine, or a password written into the URL."""
+    if not url:
+        return
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise IndexUrlError(f"index.url: {url!r} is not a database URL (postgresql://USER@HOST:PORT/DATABASE)") \
+            from None
+    if parsed.get_backend_name() != "postgresql":
+        raise IndexUrlError("index.url: only postgresql://... (or empty: the SQLite file in node.data_dir)")
+    if parsed.password is not None:
+        raise IndexUrlError("index.url: no password in the URL: give it to libpq (PGPASSWORD, a pass file "
+                            "named by PGPASSFILE, or a service file)")
+
+
+@dataclass
+class Engines:
+    """The index's two engines (the same one twice on PostgreSQL, reads marked read-only) and the
+    lock writers take in this process (SQLite has one writer; PostgreSQL orders its own)."""
+    writer: Engine
+    readers: Engine
+    lock: ContextManager
+    where: str                      # the SQLite file, or the URL without a password
+
+    @property
+    def sqlite(self) -> bool:
+        return self.writer.dialect.name == "sqlite"
+
+    def dispose(self) -> None:
+        self.readers.dispose()
+        self.writer.dispose()
+
+
+def open_engines(where: str | Path) -> Engines:
+    """Engines on a SQLite file (a path) or on PostgreSQL (a postgresql:// URL)."""
+    text = str(where)
+    if text.startswith("postgresql"):
+        check_url(text)
+        return _postgresql(text)
+    return _sqlite(Path(where))
+
+
+def _sqlite(path: Path) -> Engines:
+    connect_args = {"check_same_thread": False, "timeout": 10}
+    writer = sa.create_engine(f"sqlite:///{path}", connect_args=connect_args, pool_size=1, max_overflow=0)
+    readers = sa.create_engine(f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true", connect_args=connect_args,
+                               pool_size=8, max_overflow=16)
+
+    @sa.event.listens_for(writer, "connect")
+    def _writer_connect(dbapi, record) -> None:
+        dbapi.isolation_level = None        # transactions begin where SQLAlchemy says (below), nowhere else
+        dbapi.row_factory = sqlite3.Row     # for `raw` (SQLAlchemy reads these rows as it reads tuples)
+        for pragma in SQLITE_PRAGMAS:
+            dbapi.execute(pragma)
+
+    @sa.event.listens_for(writer, "begin")
+    def _writer_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    @sa.event.listens_for(readers, "connect")
+    def _reader_connect(dbapi, record) -> None:
+        dbapi.isolation_level = None
+        dbapi.row_factory = sqlite3.Row
+        dbapi.execute("PRAGMA case_sensitive_like=ON")
+
+    @sa.event.listens_for(readers, "begin")
+    def _reader_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN")       # deferred: a snapshot, never a lock the writer waits for
+
+    return Engines(writer, readers, threading.Lock(), str(path))
+
+
+def _postgresql(url: str) -> Engines:
+    parsed = sa.engine.make_url(url).set(drivername="postgresql+psycopg")
+    writer = sa.create_engine(parsed, isolation_level="READ COMMITTED", pool_size=POOL_SIZE,
+                              max_overflow=POOL_SIZE, pool_pre_ping=True)
+    readers = writer.execution_options(postgresql_readonly=True)
+    return Engines(writer, readers, nullcontext(), parsed.render_as_string(hide_password=True))
+
+
+def raw(conn: Connection) -> sqlite3.Connection:
+    """The sqlite3 connection under `conn`, in the same transaction (rows: sqlite3.Row).
+
+    Only for the owners whose SQL is not on this layer yet (issue 16, step by step: scp.db,
+    router.queue, router.store, viewer.accounts): SQLite only, `?` parameters."""
+    if conn.dialect.name != "sqlite":
+        raise RuntimeError("this owner's SQL runs on SQLite only until it is converted to SQLAlchemy (issue 16)")
+    return conn.connection.driver_connection
+
+
+@contextmanager
+def deadline(conn: Connection, timeout: float | None) -> Iterator[None]:
+    """Statements on `conn` inside the block end with `QueryCancelled` past `timeout` seconds of work."""
+    if not timeout:
+        yield
+        return
+    if conn.dialect.name == "sqlite":
+        raw = conn.connection.driver_connection
+        end = time.monotonic() + timeout
+        raw.set_progress_handler(lambda: time.monotonic() > end, 20000)
+        try:
+            yield
+        except Exception as exc:        # SQLAlchemy's OperationalError, or sqlite3's raised while fetching
+            if "interrupt" in str(exc):
+                raise QueryCancelled(timeout) from None
+            raise
+        finally:
+            raw.set_progress_handler(None, 0)
+        return
+    conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
+    try:
+        yield
+    except sa.exc.OperationalError as exc:
+        if "statement timeout" in str(exc.orig):
+            raise QueryCancelled(timeout) from None
+        raise
+
+
+class QueryCancelled(Exception):
+    def __init__(self, timeout: float):
+        super().__init__(f"the query took more than {timeout:g} s")
+        self.timeout = timeout
+
+
+# -- migrations: Alembic, one version folder and version table per owner ------------------------------
+
+_ENV = Path(__file__).with_name("alembic")
+
+
+def migrate(engines: Engines, owner: str, folder: Path, legacy: Callable[[Any], bool] | None = None) -> None:
+    """Bring `owner`'s tables up to its newest revision (Alembic, version folder `folder`, version table
+    `alembic_version_<owner>`), in one write transaction.
+
+    `legacy(sqlite3_connection)`: for a SQLite index made before Alembic by sqlite-utils migrations
+    (table `_sqlite_migrations`); it brings such an index to the schema of the owner's first revision
+    (outside any transaction: some of those migrations hold their own) and returns True, or returns
+    False when the index has none of the owner's old migrations. True: the first revision is stamped,
+    not run, and the rows are kept.
+    """
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(_ENV))
+    config.set_main_option("version_locations", str(folder))
+    config.attributes["version_table"] = table = f"alembic_version_{owner}"
+    with engines.lock:
+        stamp = False
+        if legacy is not None and engines.sqlite:
+            with engines.writer.connect() as conn:
+                raw = conn.connection.driver_connection
+                made = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table' AND name IN "
+                                                  "(?, '_sqlite_migrations')", (table,))}
+                stamp = made == {"_sqlite_migrations"} and legacy(raw)
+        with engines.writer.begin() as conn:
+            config.attributes["connection"] = conn
+            if stamp:
+                first = [s.revision for s in ScriptDirectory.from_config(config).walk_revisions()
+                         if s.down_revision is None]
+                command.stamp(config, first[0])
+            command.upgrade(config, "heads")
