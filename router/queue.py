@@ -4,26 +4,34 @@ Every write is one transaction: read the job, apply the event with the pure stat
 store it, and append a `job_<state>` row to the `changes` log (the viewer's notifications
 follow it). The router process, the viewer (create, cancel) and the command line all use
 these functions, so a job's life has a single set of rules wherever it is touched.
+
+Several routers may share one index (PostgreSQL): a job's row is written only where it still holds
+what the state machine was given (`state`, `attempts`, `lease_expires`), else read again and the
+event applied anew. Of two routers leasing one queued job one wins; the other finds it running and
+leaves it (`lease`). Statements are `text()` with `:named` parameters, one copy for both engines.
 """
 from __future__ import annotations
 
 import json
 import secrets
-import sqlite3
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import lru_cache
 from typing import Any
 
+from sqlalchemy import bindparam, text
+from sqlalchemy.engine import Connection, Row
+
 from archive import holds
-from archive.db import raw
 from archive.index import Index
 from archive.inputs import filed
 
-from .jobs import Job, handle
+from .jobs import IllegalTransition, Job, Lease, handle
 from .store import HOLDER
 
 STATE_CHANGE = "job_{}"
+RETRIES = 20                        # reads of a job that another writer changed meanwhile, before giving up
 
 
 class JobNotFound(KeyError):
@@ -57,8 +65,8 @@ class JobRecord:
     finished_at: float | None
 
     @classmethod
-    def of(cls, row: sqlite3.Row) -> "JobRecord":
-        values = dict(row)
+    def of(cls, row: Row) -> "JobRecord":
+        values = dict(row._mapping)
         for key in ("params", "inputs", "forward_to", "errors"):
             values[key] = json.loads(values[key])
         for key in ("summary", "timings"):
@@ -74,18 +82,81 @@ class JobRecord:
         return dict(self.__dict__)
 
 
+_JOB = ", ".join(f.name for f in fields(JobRecord))
+_IDS = bindparam("ids", expanding=True)
+_CREATE = text(
+    "INSERT INTO jobs (id, study_uid, plugin, params, inputs, rule, created_by, forward_to, state, attempts, "
+    "max_attempts, errors, supersedes, created_at) VALUES (:id, :study_uid, :plugin, :params, :inputs, :rule, "
+    ":created_by, :forward_to, 'queued', 0, :max_attempts, '[]', :supersedes, :now)")
+_GET = text(f"SELECT {_JOB} FROM jobs WHERE id = :id")
+_MACHINE = ("state", "attempts", "worker", "lease_expires", "errors", "started_at", "finished_at")
+_ALSO = ("summary", "timings", "progress", "progress_message")       # columns an event may write besides
+_PROGRESS_OF = text("SELECT study_uid, state FROM jobs WHERE id = :id")
+_SET_PROGRESS = text("UPDATE jobs SET progress = :progress, progress_message = :message "
+                     "WHERE id = :id AND state = 'running'")
+_SUCCEEDED_FILES = text(
+    "SELECT j.id, r.blob_id FROM jobs j JOIN job_results r ON r.job_id = j.id WHERE j.study_uid = :study_uid "
+    "AND j.state = 'succeeded' AND r.kind = 'file' AND r.name = :name ORDER BY j.finished_at DESC, j.created_at DESC")
+_RESULTS = text("SELECT kind, name, media_type, sop_instance_uid, blob_id, size, sha256 FROM job_results "
+                "WHERE job_id = :job_id ORDER BY name")
+_DICOM_RESULTS = text("SELECT sop_instance_uid FROM job_results WHERE job_id = :job_id AND kind = 'dicom' "
+                      "ORDER BY name")
+_RESULT_BLOBS = text("SELECT blob_id FROM job_results WHERE job_id = :job_id AND blob_id IS NOT NULL "
+                     "AND name IN :names").bindparams(bindparam("names", expanding=True))
+_RECORD_RESULT = text(
+    "INSERT INTO job_results (job_id, kind, name, media_type, sop_instance_uid, blob_id, size, sha256) "
+    "VALUES (:job_id, :kind, :name, :media_type, :sop_instance_uid, :blob_id, :size, :sha256) "
+    "ON CONFLICT (job_id, name) DO UPDATE SET kind = excluded.kind, media_type = excluded.media_type, "
+    "sop_instance_uid = excluded.sop_instance_uid, blob_id = excluded.blob_id, size = excluded.size, "
+    "sha256 = excluded.sha256")
+_QUEUED = text("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at LIMIT :limit")
+_EXPIRED = text("SELECT id FROM jobs WHERE state = 'running' AND lease_expires < :now")
+_STATES = text("SELECT id, state FROM jobs WHERE id IN :ids").bindparams(_IDS)
+_LATEST_OF_RULE = text(f"SELECT {_JOB} FROM jobs WHERE rule = :rule AND study_uid = :study_uid "
+                       "ORDER BY created_at DESC")
+_FORWARDS = {by_job: text("SELECT destination, state, attempts, last_error FROM forwards "
+                          f"{'WHERE job_id = :job_id ' if by_job else ''}ORDER BY next_try")
+             for by_job in (False, True)}
+_OF_STUDIES = text(f"SELECT {_JOB} FROM jobs WHERE study_uid IN :uids ORDER BY created_at DESC").bindparams(
+    bindparam("uids", expanding=True))
+_BY_ID = text(f"SELECT {_JOB} FROM jobs WHERE id IN :ids").bindparams(_IDS)
+
+
+def _jobs_statement(by_study: bool, by_state: bool):
+    where = [w for w, on in (("study_uid = :study_uid", by_study), ("state IN :states", by_state)) if on]
+    statement = text(f"SELECT {_JOB} FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''} "
+                     "ORDER BY created_at DESC LIMIT :limit")
+    return statement.bindparams(bindparam("states", expanding=True)) if by_state else statement
+
+
+_JOBS = {(by_study, by_state): _jobs_statement(by_study, by_state) for by_study in (False, True)
+         for by_state in (False, True)}
+
+
+@lru_cache(maxsize=None)
+def _update(also: tuple[str, ...]):
+    """The write of an event: only where the row still holds what the state machine was given."""
+    unknown = set(also) - set(_ALSO)
+    if unknown:
+        raise ValueError(f"jobs: no column {', '.join(sorted(unknown))} to write with an event")
+    return text(f"UPDATE jobs SET {', '.join(f'{c} = :{c}' for c in (*_MACHINE, *also))} WHERE id = :id "
+                "AND state = :was_state AND attempts = :was_attempts "
+                "AND lease_expires IS NOT DISTINCT FROM :was_lease")
+
+
 def create(index: Index, *, study_uid: str, plugin: str, params: dict, inputs: list[str], rule: str | None = None,
            created_by: str | None = None, forward_to: list[str] | tuple = (), max_attempts: int = 3,
-           supersedes: str | None = None, now: float | None = None, conn: sqlite3.Connection | None = None) -> str:
+           supersedes: str | None = None, now: float | None = None, conn: Connection | None = None) -> str:
     """A new queued job; its id. Inside `conn`'s transaction when given."""
     job_id = secrets.token_hex(8)
     now = time.time() if now is None else now
+    values = {"id": job_id, "study_uid": study_uid, "plugin": plugin, "params": json.dumps(params, sort_keys=True),
+              "inputs": json.dumps(list(inputs)), "rule": rule, "created_by": created_by,
+              "forward_to": json.dumps(list(forward_to)), "max_attempts": max_attempts, "supersedes": supersedes,
+              "now": now}
 
-    def insert(c: sqlite3.Connection) -> None:
-        raw(c).execute("INSERT INTO jobs (id, study_uid, plugin, params, inputs, rule, created_by, forward_to, state, attempts, "
-                  "max_attempts, errors, supersedes, created_at) VALUES (?,?,?,?,?,?,?,?,'queued',0,?,'[]',?,?)",
-                  (job_id, study_uid, plugin, json.dumps(params, sort_keys=True), json.dumps(list(inputs)), rule,
-                   created_by, json.dumps(list(forward_to)), max_attempts, supersedes, now))
+    def insert(c: Connection) -> None:
+        c.execute(_CREATE, values)
         Index.add_job_change(c, STATE_CHANGE.format("queued"), job_id, study_uid, now=now)
 
     if conn is not None:
@@ -96,71 +167,89 @@ def create(index: Index, *, study_uid: str, plugin: str, params: dict, inputs: l
     return job_id
 
 
-def get(index: Index, job_id: str, conn: sqlite3.Connection | None = None) -> JobRecord:
-    rows = (raw(conn).execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchall() if conn is not None
-            else index.query("SELECT * FROM jobs WHERE id=?", (job_id,)))
-    if not rows:
+def get(index: Index, job_id: str, conn: Connection | None = None) -> JobRecord:
+    row = (conn.execute(_GET, {"id": job_id}).first() if conn is not None
+           else next(iter(index.read(_GET, {"id": job_id})), None))
+    if row is None:
         raise JobNotFound(job_id)
-    return JobRecord.of(rows[0])
+    return JobRecord.of(row)
 
 
-def apply(index: Index, job_id: str, event, conn: sqlite3.Connection | None = None, **also) -> JobRecord:
+def apply(index: Index, job_id: str, event, conn: Connection | None = None, **also) -> JobRecord:
     """Apply a state machine event to a stored job (IllegalTransition leaves it untouched).
 
     `also`: columns written in the same transaction (summary, progress, ...). Inside `conn`'s
-    transaction when given, else in one of its own.
+    transaction when given, else in one of its own. A job that another writer (another router on a
+    shared index) changed after it was read is read again and the event applied to what it holds now.
     """
     if conn is None:
         with index.write() as c:
             return apply(index, job_id, event, c, **also)
-    record = get(index, job_id, conn)
-    after = handle(record.machine, event)
-    columns = {"state": after.state, "attempts": after.attempts, "worker": after.worker,
-               "lease_expires": after.lease_expires, "errors": json.dumps(list(after.errors)),
-               "started_at": after.started_at, "finished_at": after.finished_at}
-    columns.update({k: json.dumps(v) if k in ("summary", "timings") else v for k, v in also.items()})
-    raw(conn).execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in columns)} WHERE id=?", (*columns.values(), job_id))
+    statement = _update(tuple(also))
+    extra = {k: json.dumps(v) if k in ("summary", "timings") else v for k, v in also.items()}
+    for _ in range(RETRIES):
+        record = get(index, job_id, conn)
+        after = handle(record.machine, event)
+        columns = {"state": after.state, "attempts": after.attempts, "worker": after.worker,
+                   "lease_expires": after.lease_expires, "errors": json.dumps(list(after.errors)),
+                   "started_at": after.started_at, "finished_at": after.finished_at, **extra}
+        written = conn.execute(statement, {**columns, "id": job_id, "was_state": record.state,
+                                           "was_attempts": record.attempts, "was_lease": record.lease_expires})
+        if written.rowcount == 1:
+            break
+    else:
+        raise RuntimeError(f"job {job_id}: changed by other writers {RETRIES} times while being written")
     if after.state != record.state or after.attempts != record.attempts:
         Index.add_job_change(conn, STATE_CHANGE.format(after.state), job_id, record.study_uid)
     return get(index, job_id, conn)
 
 
+def lease(index: Index, worker: str, now: float, seconds: float, limit: int) -> list[JobRecord]:
+    """Lease up to `limit` queued jobs to `worker`, the oldest first, each in a transaction of its own.
+
+    However many routers share the index, each job is leased to one of them: a job another router
+    leased (or someone cancelled) since it was listed is left alone."""
+    leased: list[JobRecord] = []
+    while len(leased) < limit:
+        candidates = queued(index, limit=limit - len(leased))
+        taken = len(leased)
+        for job_id in candidates:
+            try:
+                leased.append(apply(index, job_id, Lease(worker, now, seconds)))
+            except (IllegalTransition, JobNotFound):
+                continue
+        if len(candidates) < limit - taken or len(leased) == taken:
+            break
+    return leased
+
+
 def set_progress(index: Index, job_id: str, fraction: float, message: str) -> None:
     with index.write() as conn:
-        row = raw(conn).execute("SELECT study_uid, state FROM jobs WHERE id=?", (job_id,)).fetchone()
-        if row is None or row["state"] != "running":
+        row = conn.execute(_PROGRESS_OF, {"id": job_id}).first()
+        if row is None or row.state != "running":
             return
-        raw(conn).execute("UPDATE jobs SET progress=?, progress_message=? WHERE id=?",
-                     (max(0.0, min(1.0, fraction)), message[:200], job_id))
-        Index.add_job_change(conn, "job_progress", job_id, row["study_uid"])
+        conn.execute(_SET_PROGRESS, {"progress": max(0.0, min(1.0, fraction)), "message": message[:200],
+                                     "id": job_id})
+        Index.add_job_change(conn, "job_progress", job_id, row.study_uid)
 
 
-def jobs(index: Index, *, study_uid: str | None = None, states: tuple[str, ...] = (), limit: int = 100) -> list[JobRecord]:
-    where, params = [], []
-    if study_uid:
-        where.append("study_uid=?")
-        params.append(study_uid)
-    if states:
-        where.append(f"state IN ({','.join('?' * len(states))})")
-        params += list(states)
-    sql = f"SELECT * FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY created_at DESC LIMIT ?"
-    return [JobRecord.of(r) for r in index.query(sql, (*params, limit))]
+def jobs(index: Index, *, study_uid: str | None = None, states: tuple[str, ...] = (),
+         limit: int = 100) -> list[JobRecord]:
+    statement = _JOBS[bool(study_uid), bool(states)]
+    params = {"limit": limit, **({"study_uid": study_uid} if study_uid else {}),
+              **({"states": list(states)} if states else {})}
+    return [JobRecord.of(r) for r in index.read(statement, params)]
 
 
 def succeeded_files(index: Index, study_uid: str, name: str) -> list[tuple[str, str]]:
     """(job id, blob id) of the file called `name` (findings.json, say) that each succeeded job of the
     study wrote, the newest job first."""
-    rows = index.query(
-        "SELECT j.id, r.blob_id FROM jobs j JOIN job_results r ON r.job_id = j.id WHERE j.study_uid=? "
-        "AND j.state='succeeded' AND r.kind='file' AND r.name=? ORDER BY j.finished_at DESC, j.created_at DESC",
-        (study_uid, name))
-    return [(r["id"], r["blob_id"]) for r in rows]
+    return [(r.id, r.blob_id) for r in index.read(_SUCCEEDED_FILES, {"study_uid": study_uid, "name": name})]
 
 
 def results(index: Index, job_id: str) -> list[dict]:
     """What the job produced: DICOM instances (with their series) and files (blobs)."""
-    rows = [dict(r) for r in index.query("SELECT kind, name, media_type, sop_instance_uid, blob_id, size, sha256 "
-                                         "FROM job_results WHERE job_id=? ORDER BY name", (job_id,))]
+    rows = [dict(r._mapping) for r in index.read(_RESULTS, {"job_id": job_id})]
     where = filed(index, [r["sop_instance_uid"] for r in rows if r["sop_instance_uid"]])
     for r in rows:
         found = where.get(r["sop_instance_uid"])
@@ -171,8 +260,7 @@ def results(index: Index, job_id: str) -> list[dict]:
 
 def dicom_results(index: Index, job_id: str) -> list[str]:
     """The SOP Instance UIDs of the job's DICOM results, by name."""
-    return [r[0] for r in index.query("SELECT sop_instance_uid FROM job_results WHERE job_id=? AND kind='dicom' "
-                                      "ORDER BY name", (job_id,))]
+    return [r.sop_instance_uid for r in index.read(_DICOM_RESULTS, {"job_id": job_id})]
 
 
 @dataclass(frozen=True)
@@ -187,18 +275,15 @@ class Result:
     sha256: str
 
 
-def record_results(conn: sqlite3.Connection, job_id: str, study_uid: str, found: list[Result]) -> None:
+def record_results(conn: Connection, job_id: str, study_uid: str, found: list[Result]) -> None:
     """Record the job's outputs (again, when its results are taken a second time after a crash),
     inside `conn`'s transaction: files are held in the archive (a file they replace is let go),
     and each one stored is a `file_stored` change."""
     names = [r.name for r in found]
-    before = {row[0] for row in raw(conn).execute(
-        f"SELECT blob_id FROM job_results WHERE job_id=? AND blob_id IS NOT NULL AND name IN "
-        f"({','.join('?' * len(names))})", (job_id, *names))} if names else set()
-    raw(conn).executemany("INSERT OR REPLACE INTO job_results (job_id, kind, name, media_type, sop_instance_uid, "
-                     "blob_id, size, sha256) VALUES (?,?,?,?,?,?,?,?)",
-                     [(job_id, r.kind, r.name, r.media_type, r.sop_instance_uid, r.blob_id, r.size, r.sha256)
-                      for r in found])
+    before = {row.blob_id for row in conn.execute(_RESULT_BLOBS, {"job_id": job_id, "names": names})} \
+        if names else set()
+    if found:
+        conn.execute(_RECORD_RESULT, [{"job_id": job_id, **r.__dict__} for r in found])
     files = [r.blob_id for r in found if r.kind == "file" and r.blob_id]
     holds.release(conn, before - set(files), HOLDER)
     holds.hold(conn, files, HOLDER)
@@ -208,13 +293,12 @@ def record_results(conn: sqlite3.Connection, job_id: str, study_uid: str, found:
 
 def queued(index: Index, limit: int = 100) -> list[str]:
     """Ids of queued jobs, the oldest first."""
-    return [r[0] for r in index.query("SELECT id FROM jobs WHERE state='queued' ORDER BY created_at LIMIT ?",
-                                      (limit,))]
+    return [r.id for r in index.read(_QUEUED, {"limit": limit})]
 
 
 def expired(index: Index, now: float) -> list[str]:
     """Ids of running jobs whose lease ended before `now`."""
-    return [r[0] for r in index.query("SELECT id FROM jobs WHERE state='running' AND lease_expires < ?", (now,))]
+    return [r.id for r in index.read(_EXPIRED, {"now": now})]
 
 
 def states(index: Index, job_ids: Iterable[str]) -> dict[str, str]:
@@ -222,14 +306,12 @@ def states(index: Index, job_ids: Iterable[str]) -> dict[str, str]:
     ids = list(job_ids)
     if not ids:
         return {}
-    return {r[0]: r[1] for r in index.query(f"SELECT id, state FROM jobs WHERE id IN ({','.join('?' * len(ids))})",
-                                            tuple(ids))}
+    return {r.id: r.state for r in index.read(_STATES, {"ids": ids})}
 
 
-def latest_of_rule(conn: sqlite3.Connection, rule: str, study_uid: str, inputs: list[str] | None) -> JobRecord | None:
+def latest_of_rule(conn: Connection, rule: str, study_uid: str, inputs: list[str] | None) -> JobRecord | None:
     """The newest job that `rule` made for the study (on exactly `inputs`, when given)."""
-    for row in raw(conn).execute("SELECT * FROM jobs WHERE rule=? AND study_uid=? ORDER BY created_at DESC",
-                            (rule, study_uid)):
+    for row in conn.execute(_LATEST_OF_RULE, {"rule": rule, "study_uid": study_uid}):
         record = JobRecord.of(row)
         if inputs is None or record.inputs == inputs:
             return record
@@ -248,10 +330,8 @@ class ForwardState:
 def forwards(index: Index, job_id: str | None = None) -> list[ForwardState]:
     """Where results are being sent (rules' `forward_to`), by destination and state: what
     `m3dicom status` and `jobs list` show, so that results that never reach the PACS are seen."""
-    where, params = ("WHERE job_id=?", (job_id,)) if job_id else ("", ())
     groups: dict[tuple[str, str], list] = {}
-    for destination, state, attempts, error in index.query(
-            f"SELECT destination, state, attempts, last_error FROM forwards {where} ORDER BY next_try", params):
+    for destination, state, attempts, error in index.read(_FORWARDS[job_id is not None], {"job_id": job_id}):
         group = groups.setdefault((destination, state), [0, 0, None])
         group[0] += 1
         group[1] = max(group[1], attempts)
@@ -270,10 +350,8 @@ def jobs_of_studies(index: Index, study_uids: list[str]) -> dict[str, list[JobRe
     found: dict[str, list[JobRecord]] = {}
     with index.reader() as conn:
         for start in range(0, len(study_uids), IDS_PER_QUERY):
-            part = study_uids[start:start + IDS_PER_QUERY]
-            for row in raw(conn).execute(f"SELECT * FROM jobs WHERE study_uid IN ({','.join('?' * len(part))}) "
-                                    "ORDER BY created_at DESC", part):
-                found.setdefault(row["study_uid"], []).append(JobRecord.of(row))
+            for row in conn.execute(_OF_STUDIES, {"uids": study_uids[start:start + IDS_PER_QUERY]}):
+                found.setdefault(row.study_uid, []).append(JobRecord.of(row))
     return found
 
 
@@ -283,6 +361,5 @@ def jobs_by_id(index: Index, job_ids: list[str]) -> dict[str, JobRecord]:
     ids = list(dict.fromkeys(job_ids))
     for start in range(0, len(ids), IDS_PER_QUERY):
         part = ids[start:start + IDS_PER_QUERY]
-        found.update((row["id"], JobRecord.of(row)) for row in index.query(
-            f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(part))})", tuple(part)))
+        found.update((row.id, JobRecord.of(row)) for row in index.read(_BY_ID, {"ids": part}))
     return found

@@ -27,7 +27,7 @@ from gpu_workers.plugin import ParamError, Plugin, PluginError, check_params, di
 from . import queue, store
 from .executor import Executor, Refused
 from .intake import IntakeError, backoff, discard, forward, take_results
-from .jobs import Cancel, Expire, Fail, IllegalTransition, Lease, Renew, Succeed
+from .jobs import Cancel, Expire, Fail, IllegalTransition, Renew, Succeed
 from .rules import CompiledRule, SeriesFacts, compile_rules
 from .settings import Settings
 from .task import JobSpec
@@ -187,12 +187,12 @@ class Router:
                 pass
 
     def dispatch(self, now: float) -> None:
-        queued = queue.queued(self.index, limit=100)
-        if not queued:
-            return
+        """Lease queued jobs, as many as the cluster has free worker threads (each job to one router
+        only, when several share the index), and submit them."""
         free = self.executor.capacity() - len(self.running)
-        for job_id in queued[:max(0, free)]:
-            job = queue.apply(self.index, job_id, Lease("dask", now, LEASE))
+        if free <= 0:
+            return
+        for job in queue.lease(self.index, "dask", now, LEASE, free):
             try:
                 spec = self._spec(job)
             except PluginError as exc:

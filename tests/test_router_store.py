@@ -7,9 +7,13 @@ the router makes (archive/inputs.py); the job task's settings on an external wor
 from __future__ import annotations
 
 import asyncio
+import threading
+
+import sqlalchemy as sa
 
 from archive import Archive
 from archive import holds
+from archive.index import Index
 from archive.inputs import filed, input_series, series_changed, study_series
 from router import queue, store
 from router.task import own_settings
@@ -24,18 +28,17 @@ def _job(archive: Archive, study: str = "1.2.3") -> str:
     return queue.create(archive.index, study_uid=study, plugin="test-sc", params={}, inputs=["1.2.3.4"])
 
 
-def test_the_router_migrations_are_recorded_once(tmp_path):
-    archive = Archive(tmp_path / "var")
+def test_the_router_migrations_are_recorded_once(tmp_path, index_url):
+    archive = Archive(tmp_path / "var", index_url=index_url)
     store.migrate(archive.index)
     store.migrate(archive.index)
-    rows = archive.index.query("SELECT name FROM _sqlite_migrations WHERE migration_set='router' ORDER BY rowid")
-    assert [r[0] for r in rows] == ["0001_tables", "0002_result_holds"]
-    for table in ("jobs", "job_results", "forwards", "router_studies", "router_fired"):
-        assert archive.index.query("SELECT COUNT(*) FROM sqlite_master WHERE type='table' AND name=?", (table,))[0][0]
+    assert [tuple(r) for r in archive.index.query("SELECT version_num FROM alembic_version_router", {})] == [
+        ("router_0001",)]
+    assert set(ROUTER_TABLES) <= set(sa.inspect(archive.index.engines.writer).get_table_names())
 
 
-def test_result_files_are_kept_and_a_replaced_one_is_let_go(tmp_path):
-    archive = Archive(tmp_path / "var")
+def test_result_files_are_kept_and_a_replaced_one_is_let_go(tmp_path, index_url):
+    archive = Archive(tmp_path / "var", index_url=index_url)
     job = _job(archive)
     first = _file(archive, b"first")
     result = queue.Result("file", "note.txt", "text/plain", None, first, 5, "x")
@@ -52,28 +55,150 @@ def test_result_files_are_kept_and_a_replaced_one_is_let_go(tmp_path):
     assert not archive.index.blob_referenced(first)
     assert archive.recover() == 1
     assert not archive.local.path(first).exists() and archive.local.path(second).exists()
-    kinds = [c[0] for c in archive.index.query("SELECT kind FROM changes WHERE job_id=? ORDER BY seq", (job,))]
+    kinds = [c[0] for c in archive.index.query("SELECT kind FROM changes WHERE job_id = :job ORDER BY seq",
+                                               {"job": job})]
     assert kinds == ["job_queued", "file_stored", "file_stored"]
     assert [(r["name"], r["blob_id"]) for r in queue.results(archive.index, job)] == [("note.txt", second)]
 
 
-def test_an_index_from_before_holds_keeps_its_result_files(tmp_path):
-    """job_results rows written by a version without blob_holds: the router's migration holds them."""
+# -- one schema for the router's tables, however the index was made ---------------------------------
+
+ROUTER_TABLES = ("jobs", "job_results", "forwards", "router_studies", "router_fired")
+
+
+def _schema(engine) -> dict:
+    """The router's tables as SQLAlchemy reflects them, types by the Python values they hold (SQLite's
+    INTEGER and BIGINT, PostgreSQL's INTEGER and BIGINT: int; REAL, DOUBLE PRECISION: float). A primary
+    key column is NOT NULL (the old SQLite tables' `id TEXT PRIMARY KEY` does not say it: SQLite would
+    take a NULL there, PostgreSQL never; the router never writes one)."""
+    inspector = sa.inspect(engine)
+    found = {}
+    for table in ROUTER_TABLES:
+        key = inspector.get_pk_constraint(table)["constrained_columns"]
+        columns = [(c["name"], c["type"].python_type.__name__, c["nullable"] and c["name"] not in key,
+                    str(c["default"]).strip("'") if c["default"] is not None else None)
+                   for c in inspector.get_columns(table)]
+        found[table] = {
+            "columns": columns,
+            "primary key": key,
+            "indexes": sorted((i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                              for i in inspector.get_indexes(table)),
+            "foreign keys": sorted((tuple(f["constrained_columns"]), f["referred_table"],
+                                    tuple(f["referred_columns"])) for f in inspector.get_foreign_keys(table)),
+        }
+    return found
+
+
+def _made_by_the_router(where) -> Index:
+    """An index whose router tables the router's revision made (the archive's are dropped first)."""
+    index = Index(where)
+    with index.write() as conn:
+        for table in ("job_results", "forwards", "router_fired", "router_studies", "jobs"):
+            conn.execute(sa.text(f"DROP TABLE {table}"))
+    store.migrate(index)
+    return index
+
+
+def _from_before_alembic(path, before: str | None = None):
+    """A SQLite index made by the sqlite-utils migrations (the archive's, then the router's, up to
+    `before`), as a node before issue 16 left it."""
+    import sqlite_utils
+
+    from archive.index import connect
+    from archive.sqlite_legacy import migrations as archive_migrations
+    from router.sqlite_legacy import migrations as router_migrations
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = connect(path)
+    archive_migrations.apply(sqlite_utils.Database(conn))
+    router_migrations.apply(sqlite_utils.Database(conn), stop_before=before)
+    conn.close()
+
+
+def test_new_old_and_postgresql_indexes_have_one_router_schema(tmp_path, pg_cluster):
+    new = Archive(tmp_path / "new").index
+    store.migrate(new)
+    expected = _schema(new.engines.writer)
+    _from_before_alembic(tmp_path / "old" / "index.sqlite3")
+    old = Index(tmp_path / "old" / "index.sqlite3")
+    store.migrate(old)
+    assert [r[0] for r in old.query("SELECT version_num FROM alembic_version_router", {})] == ["router_0001"]
+    postgresql = Index(pg_cluster.create_database("t_schema_new"))
+    store.migrate(postgresql)
+    indexes = {"an old SQLite index": old, "a new PostgreSQL index": postgresql,
+               "SQLite, made by the router": _made_by_the_router(tmp_path / "r.sqlite3"),
+               "PostgreSQL, made by the router": _made_by_the_router(pg_cluster.create_database("t_schema_router"))}
+    assert set(expected) == set(ROUTER_TABLES) and expected["jobs"]["primary key"] == ["id"]
+    for what, index in indexes.items():
+        assert _schema(index.engines.writer) == expected, what
+        index.close()
+    new.close()
+
+
+def test_an_index_from_before_alembic_is_stamped_and_keeps_its_rows_and_result_files(tmp_path):
+    """Made by the sqlite-utils migrations before the router held its result files (0002): stamped at
+    router_0001 after the frozen migrations ran, its rows kept, its result files held."""
+    _from_before_alembic(tmp_path / "var" / "index.sqlite3", before="0002_result_holds")
     archive = Archive(tmp_path / "var")
-    store.migrate(archive.index)
     job, blob = _job(archive), _file(archive, b"an X3D scene")
     with archive.index.write() as conn:
-        conn.exec_driver_sql("INSERT INTO job_results (job_id, kind, name, media_type, blob_id, size, sha256) "
-                     "VALUES (?, 'file', 'model.x3d', 'model/x3d+xml', ?, 12, 'z')", (job, blob))
-        conn.exec_driver_sql("DELETE FROM _sqlite_migrations WHERE migration_set='router'")
+        conn.execute(sa.text("INSERT INTO job_results (job_id, kind, name, media_type, blob_id, size, sha256) "
+                             "VALUES (:job, 'file', 'model.x3d', 'model/x3d+xml', :blob, 12, 'z')"),
+                     {"job": job, "blob": blob})
+        store.mark_fired(conn, "1.2.3", "ct", 7)
     assert not archive.index.blob_referenced(blob)
     store.migrate(archive.index)
     assert archive.index.blob_referenced(blob)
     assert archive.recover() == 0 and archive.local.path(blob).exists()
+    assert [r[0] for r in archive.index.query("SELECT version_num FROM alembic_version_router", {})] == [
+        "router_0001"]
+    assert [r[0] for r in archive.index.query("SELECT name FROM _sqlite_migrations WHERE migration_set = 'router' "
+                                              "ORDER BY name", {})] == ["0001_tables", "0002_result_holds"]
+    assert queue.get(archive.index, job).state == "queued" and store.fired_seq(archive.index, "1.2.3", "ct") == 7
+    assert [r["name"] for r in queue.results(archive.index, job)] == ["model.x3d"]
 
 
-def test_what_the_router_reads_of_the_archive(tmp_path):
-    archive = Archive(tmp_path / "var")
+# -- several routers on one index ------------------------------------------------------------------
+
+def test_two_routers_lease_each_job_once(tmp_path, index_url):
+    """Two routers (threads, each with an Index of its own) lease 50 jobs of one index at once."""
+    archive = Archive(tmp_path / "var", index_url=index_url)
+    made = {queue.create(archive.index, study_uid="1.2.3", plugin="test-sc", params={}, inputs=[], now=i)
+            for i in range(50)}
+    # opened one after the other: Alembic's context (archive.db.migrate) is one per process, not per thread
+    indexes = {name: Index(index_url or tmp_path / "var" / "index.sqlite3") for name in ("a", "b")}
+    start, leased, failures = threading.Barrier(2, timeout=60), {}, []
+
+    def router(name: str) -> None:
+        try:
+            start.wait()
+            got = []
+            while batch := queue.lease(indexes[name], name, 1000.0, 60.0, limit=1):
+                got += [job.id for job in batch]
+            leased[name] = got
+        except Exception as exc:           # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=router, args=(name,)) for name in indexes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for index in indexes.values():
+        index.close()
+    assert not failures and len(leased) == 2
+    assert sorted(leased["a"] + leased["b"]) == sorted(made)           # each job leased once, by one of them
+    jobs = queue.jobs_by_id(archive.index, list(made))
+    assert {(job.state, job.attempts) for job in jobs.values()} == {("running", 1)}
+    assert all(jobs[job_id].worker == name for name, ids in leased.items() for job_id in ids)
+    running = archive.index.query("SELECT job_id, COUNT(*) FROM changes WHERE kind = 'job_running' "
+                                  "GROUP BY job_id", {})
+    assert {job_id for job_id, _ in running} == made and {n for _, n in running} == {1}
+    archive.close()
+
+
+def test_what_the_router_reads_of_the_archive(tmp_path, index_url):
+    archive = Archive(tmp_path / "var", index_url=index_url)
     study = "1.2.826.0.1.3680043.8.498.91"
     ct = synthetic_instances(tmp_path / "a", 2, study=study)
     other = synthetic_instances(tmp_path / "b", 1, study=study)
@@ -121,15 +246,15 @@ def _stage(archive: Archive, data: bytes, kind: str, name: str, in_s3: bool = Fa
                         len(data), hashlib.sha256(data).hexdigest(), None, in_s3)
 
 
-def test_results_staged_in_the_node_storage_are_adopted_as_they_are(tmp_path):
+def test_results_staged_in_the_node_storage_are_adopted_as_they_are(tmp_path, index_url):
     from router.intake import take_results
 
-    archive = Archive(tmp_path / "var")
+    archive = Archive(tmp_path / "var", index_url=index_url)
     job = _job(archive)
     (dicom,) = synthetic_instances(tmp_path / "r", 1)
     outputs = (_stage(archive, dicom.read_bytes(), "dicom", "sc"), _stage(archive, b"<X3D/>", "file", "model.x3d"))
     assert take_results(archive, job, "1.2.3", outputs, tmp_path / "spool") == 2
-    (instance,), = archive.index.query("SELECT blob_id FROM instances")
+    (instance,), = archive.index.query("SELECT blob_id FROM instances", {})
     results = {r["name"]: r for r in queue.results(archive.index, job)}
     assert instance == outputs[0].blob_id and results["model.x3d"]["blob_id"] == outputs[1].blob_id
     assert all(archive.local.exists(o.blob_id) for o in outputs) and archive.recover() == 0
@@ -139,17 +264,17 @@ def test_results_staged_in_the_node_storage_are_adopted_as_they_are(tmp_path):
     take_results(archive, job, "1.2.3", again, tmp_path / "spool")
     assert not archive.local.exists(again[0].blob_id) and archive.local.exists(again[1].blob_id)
     assert archive.recover() == 1 and not archive.local.exists(outputs[1].blob_id)    # the replaced file
-    assert archive.index.query("SELECT blob_id FROM instances")[0][0] == instance
+    assert archive.index.query("SELECT blob_id FROM instances", {})[0][0] == instance
 
 
-def test_results_staged_elsewhere_are_copied_in_and_a_damaged_one_is_refused(tmp_path):
+def test_results_staged_elsewhere_are_copied_in_and_a_damaged_one_is_refused(tmp_path, index_url):
     from dataclasses import replace
 
     import pytest
 
     from router.intake import IntakeError, take_results
 
-    archive = Archive(tmp_path / "var")
+    archive = Archive(tmp_path / "var", index_url=index_url)
     job = _job(archive)
     outputs = (_stage(archive, b"findings", "file", "findings.json", in_s3=True),)
     take_results(archive, job, "1.2.3", outputs, tmp_path / "spool")

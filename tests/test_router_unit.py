@@ -8,11 +8,12 @@ from __future__ import annotations
 import queue as stdqueue
 
 import pytest
+from sqlalchemy import text
 
 from archive import Archive
 from router.task import run_job
 from node.config import from_dict
-from router import queue
+from router import queue, store
 from router.api import JobRequestError, plugins_for_study, request_job
 from router.service import Router, RouterError
 from helpers import synthetic_instances
@@ -63,13 +64,15 @@ class InlineExecutor:
 
 
 @pytest.fixture
-def setup(tmp_path):
+def setup(tmp_path, index_url):
+    """make(rules) -> (router, archive), the index on SQLite or PostgreSQL; called again: the node restarted."""
     clock = [1000.0]
 
     def make(rules, **router):
         config = from_dict({"node": {"data_dir": str(tmp_path / "var")},
                             "router": {"plugins": PLUGINS, "rules": rules, **router}}, tmp_path)
-        archive = Archive(config.data_dir)
+        archive = Archive(config.data_dir, index_url=index_url)
+        store.migrate(archive.index)
         return Router(config, archive, InlineExecutor(), clock=lambda: clock[0]), archive
     return make, clock
 
@@ -80,7 +83,7 @@ def ingest(archive, paths, clock, at):
         # the change log's time is the time of ingest: pin it to the fake clock
         assert archive.ingest_file(path).outcome.ok
     with archive.index.write() as conn:
-        conn.exec_driver_sql("UPDATE changes SET time=? WHERE time > ?", (at, at - 1e6))
+        conn.execute(text("UPDATE changes SET time = :at WHERE time > :since"), {"at": at, "since": at - 1e6})
 
 
 def test_the_quiet_period_then_one_job_per_series_then_results(setup, tmp_path):
@@ -99,8 +102,8 @@ def test_the_quiet_period_then_one_job_per_series_then_results(setup, tmp_path):
     for _ in range(3):
         router.step()
     assert {j.state for j in queue.jobs(archive.index)} == {"succeeded"}
-    assert archive.index.query("SELECT COUNT(*) FROM instances WHERE job_id IS NOT NULL")[0][0] == 4
-    assert archive.index.query("SELECT COUNT(*) FROM router_studies")[0][0] == 0
+    assert archive.index.query("SELECT COUNT(*) FROM instances WHERE job_id IS NOT NULL", {})[0][0] == 4
+    assert archive.index.query("SELECT COUNT(*) FROM router_studies", {})[0][0] == 0
     router.step()
     assert len(queue.jobs(archive.index)) == 2                   # results are not routed again
 
@@ -112,7 +115,7 @@ def test_a_study_no_rule_matches_is_only_stored(setup, tmp_path):
     clock[0] = 1010.0
     router.step()
     assert queue.jobs(archive.index) == [] and router.executor.submitted == []
-    assert archive.index.query("SELECT COUNT(*) FROM router_studies")[0][0] == 0
+    assert archive.index.query("SELECT COUNT(*) FROM router_studies", {})[0][0] == 0
 
 
 def test_a_job_run_again_after_a_crash_stores_nothing_twice(setup, tmp_path):
@@ -122,18 +125,21 @@ def test_a_job_run_again_after_a_crash_stores_nothing_twice(setup, tmp_path):
     for _ in range(3):
         router.step()
     (job,) = queue.jobs(archive.index)
-    stored = archive.index.query("SELECT sop_instance_uid FROM instances WHERE job_id=? ORDER BY 1", (job.id,))
+    stored = archive.index.query("SELECT sop_instance_uid FROM instances WHERE job_id = :job ORDER BY 1",
+                                 {"job": job.id})
     # the node died after taking the results in, before the job was marked succeeded
     with archive.index.write() as conn:
-        conn.exec_driver_sql("UPDATE jobs SET state='running', lease_expires=?, attempts=1 WHERE id=?", (clock[0] - 1, job.id))
+        conn.execute(text("UPDATE jobs SET state = 'running', lease_expires = :lease, attempts = 1 WHERE id = :job"),
+                     {"lease": clock[0] - 1, "job": job.id})
     restarted, _ = make([{"name": "ct", "match": {"Modality": "CT"}, "plugin": "test-sc", "quiet_seconds": 0}])
     for _ in range(3):
         restarted.step()
     again = queue.get(archive.index, job.id)
     assert again.state == "succeeded" and again.attempts == 2 and "lease expired" in again.errors[0]
-    assert archive.index.query("SELECT sop_instance_uid FROM instances WHERE job_id=? ORDER BY 1", (job.id,)) == stored
-    assert archive.index.query("SELECT COUNT(*) FROM job_results WHERE job_id=?", (job.id,))[0][0] == 3
-    assert archive.index.query("SELECT COUNT(*) FROM instances")[0][0] == 3
+    assert archive.index.query("SELECT sop_instance_uid FROM instances WHERE job_id = :job ORDER BY 1",
+                               {"job": job.id}) == stored
+    assert archive.index.query("SELECT COUNT(*) FROM job_results WHERE job_id = :job", {"job": job.id})[0][0] == 3
+    assert archive.index.query("SELECT COUNT(*) FROM instances", {})[0][0] == 3
 
 
 def test_an_unknown_plugin_or_bad_parameters_stop_the_router_with_the_rule_named(setup):
@@ -159,5 +165,6 @@ def test_jobs_requested_through_the_api(setup, tmp_path):
     router.step()
     job = queue.get(archive.index, job_id)
     assert (job.state, job.created_by, job.params["size"]) == ("succeeded", "alice", 4)
-    kinds = [r[0] for r in archive.index.query("SELECT kind FROM changes WHERE job_id=? ORDER BY seq", (job_id,))]
+    kinds = [r[0] for r in archive.index.query("SELECT kind FROM changes WHERE job_id = :job ORDER BY seq",
+                                               {"job": job_id})]
     assert kinds[0] == "job_queued" and kinds[-1] == "job_succeeded" and "job_running" in kinds
