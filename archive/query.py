@@ -449,7 +449,7 @@ def study_list(conn: Connection, query: Query, *, order: str = "date", descendin
     for term in STUDY_LIST_ORDER[order]:
         bare = term.removesuffix(" COLLATE NOCASE")
         terms += [f"({bare} IS NULL OR {bare} = '')", f"{term} {direction}"]
-    columns = ", ".join([*(f"{ATTRIBUTES[k].column} AS {k}" for k in query.return_keys),
+    columns = ", ".join([*(f"{ATTRIBUTES[k].column} AS \"{k}\"" for k in query.return_keys),
                          *(f"{sql} AS {name}" for name, sql in STUDY_LIST_COLUMNS.items())])
     sql = (f"SELECT {columns} FROM {FROM['STUDY']} WHERE {' AND '.join(query.conditions) or '1 = 1'} "
            f"ORDER BY {', '.join(terms)}, s.pk {direction} LIMIT {int(limit)} OFFSET {int(offset)}")

@@ -1,51 +1,49 @@
 """scp/'s own table, `commitments` (storage commitment requests and their reports): its migrations
-and the only SQL on it.
+(Alembic, scp/migrations/, branch "scp") and the only SQL on it, one copy for SQLite and PostgreSQL.
 
-The table was made by the archive's migration 0002_query until issue 16; the first migration here
-makes it with the same statement when it is missing, so an index made before keeps its rows and a
-new one gets the same schema. `node` applies `migrate` wherever it opens the index for writing.
+`node` applies `migrate` wherever it opens the index for writing.
 """
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-import sqlite_utils
+import sqlalchemy as sa
+from sqlalchemy import text
 
-from archive.db import raw
-from archive.index import Index, connect
-
-migrations = sqlite_utils.Migrations("scp")
+from archive import db
+from archive.index import Index
 
 PENDING, REPORTED, UNDELIVERABLE = "pending", "reported", "undeliverable"
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+_PENDING_OF = text("SELECT COUNT(*) FROM commitments WHERE state = :pending AND calling_ae = :calling_ae")
+_ADD = text("INSERT INTO commitments (transaction_uid, calling_ae, items, state, received_at) "
+            "VALUES (:transaction_uid, :calling_ae, :items, :pending, :now)")
+_PENDING = text("SELECT transaction_uid FROM commitments WHERE state = :pending")
+_GET = text("SELECT calling_ae, items, state, received_at FROM commitments WHERE transaction_uid = :transaction_uid")
+_GIVE_UP = text("UPDATE commitments SET state = :undeliverable, reported_at = :now "
+                "WHERE transaction_uid = :transaction_uid AND state = :pending")
+_REPORTED = text("UPDATE commitments SET state = :reported, failures = :failures, reported_at = :now "
+                 "WHERE transaction_uid = :transaction_uid")
+_COUNTS = text("SELECT COALESCE(SUM(CASE WHEN state = :pending THEN 1 ELSE 0 END), 0), "
+               "COALESCE(SUM(CASE WHEN state = :undeliverable THEN 1 ELSE 0 END), 0) FROM commitments")
 
 
-@migrations(name="0001_commitments")
-def _commitments(db: sqlite_utils.Database) -> None:
-    """The archive's 0002_query made this table before (same text: old indexes keep theirs)."""
-    db.executescript("""
-    CREATE TABLE IF NOT EXISTS commitments (
-        transaction_uid TEXT PRIMARY KEY,
-        calling_ae TEXT NOT NULL,
-        items TEXT NOT NULL,             -- JSON [[sop_class_uid, sop_instance_uid], ...]
-        state TEXT NOT NULL,             -- pending | reported
-        failures INTEGER,
-        received_at REAL NOT NULL,
-        reported_at REAL
-    );
-    CREATE INDEX IF NOT EXISTS commitments_state ON commitments(state);
-    """)
+def _legacy(conn) -> bool:
+    """An index from before Alembic holds the table already (scp's sqlite-utils migration 0001_commitments,
+    or the archive's 0002_query before issue 16, made it with the schema of scp_0001): stamp it, rows kept."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'commitments'").fetchall():
+        return False
+    conn.execute("CREATE INDEX IF NOT EXISTS commitments_state ON commitments(state)")
+    return True
 
 
 def migrate(index: Index) -> None:
-    """Apply scp/'s migrations to the index (on a connection of their own; SQLite orders the writers)."""
-    conn = connect(index.path)
-    try:
-        migrations.apply(sqlite_utils.Database(conn))
-    finally:
-        conn.close()
+    """Bring scp/'s table in `index` up to date (SQLite or PostgreSQL)."""
+    db.migrate(index.engines, "scp", MIGRATIONS, _legacy)
 
 
 class TransactionReused(Exception):
@@ -74,13 +72,12 @@ def add(index: Index, transaction: str, calling_ae: str, items: list[tuple[str, 
     return how many were waiting before it (kept when below `max_pending`). Raises TransactionReused."""
     try:
         with index.write() as conn:
-            (pending,), = raw(conn).execute("SELECT COUNT(*) FROM commitments WHERE state=? AND calling_ae=?",
-                                       (PENDING, calling_ae)).fetchall()
+            pending = conn.execute(_PENDING_OF, {"pending": PENDING, "calling_ae": calling_ae}).scalar_one()
             if pending < max_pending:
-                raw(conn).execute("INSERT INTO commitments (transaction_uid, calling_ae, items, state, received_at) "
-                             "VALUES (?,?,?,?,?)", (transaction, calling_ae, json.dumps(items), PENDING,
-                                                    time.time() if now is None else now))
-    except sqlite3.IntegrityError:
+                conn.execute(_ADD, {"transaction_uid": transaction, "calling_ae": calling_ae,
+                                    "items": json.dumps(items), "pending": PENDING,
+                                    "now": time.time() if now is None else now})
+    except sa.exc.IntegrityError:
         raise TransactionReused(transaction) from None
     return pending
 
@@ -88,35 +85,32 @@ def add(index: Index, transaction: str, calling_ae: str, items: list[tuple[str, 
 def pending(index: Index) -> list[str]:
     """The Transaction UIDs whose report is still to be delivered."""
     with index.reader() as conn:
-        return [uid for uid, in raw(conn).execute("SELECT transaction_uid FROM commitments WHERE state=?", (PENDING,))]
+        return list(conn.execute(_PENDING, {"pending": PENDING}).scalars())
 
 
 def get(index: Index, transaction: str) -> Commitment | None:
     with index.reader() as conn:
-        row = raw(conn).execute("SELECT calling_ae, items, state, received_at FROM commitments WHERE transaction_uid=?",
-                           (transaction,)).fetchone()
+        row = conn.execute(_GET, {"transaction_uid": transaction}).mappings().first()
     if row is None:
         return None
-    calling, items, state, received_at = row
-    return Commitment(transaction, calling, [tuple(i) for i in json.loads(items)], state, received_at)
+    return Commitment(transaction, row["calling_ae"], [tuple(i) for i in json.loads(row["items"])], row["state"],
+                      row["received_at"])
 
 
 def give_up(index: Index, transaction: str, now: float | None = None) -> None:
     """A pending report that will not be delivered (the requester has to ask again)."""
     with index.write() as conn:
-        raw(conn).execute("UPDATE commitments SET state=?, reported_at=? WHERE transaction_uid=? AND state=?",
-                     (UNDELIVERABLE, time.time() if now is None else now, transaction, PENDING))
+        conn.execute(_GIVE_UP, {"undeliverable": UNDELIVERABLE, "now": time.time() if now is None else now,
+                                "transaction_uid": transaction, "pending": PENDING})
 
 
 def reported(index: Index, transaction: str, failures: int, now: float | None = None) -> None:
     with index.write() as conn:
-        raw(conn).execute("UPDATE commitments SET state=?, failures=?, reported_at=? WHERE transaction_uid=?",
-                     (REPORTED, failures, time.time() if now is None else now, transaction))
+        conn.execute(_REPORTED, {"reported": REPORTED, "failures": failures, "now": time.time() if now is None else now,
+                                 "transaction_uid": transaction})
 
 
 def report_counts(index: Index) -> ReportCounts:
     with index.reader() as conn:
-        (waiting, given_up), = raw(conn).execute(
-            "SELECT COALESCE(SUM(state=?), 0), COALESCE(SUM(state=?), 0) FROM commitments",
-            (PENDING, UNDELIVERABLE)).fetchall()
+        waiting, given_up = conn.execute(_COUNTS, {"pending": PENDING, "undeliverable": UNDELIVERABLE}).one()
     return ReportCounts(waiting, given_up)

@@ -441,3 +441,19 @@ def synthetic_instances(directory: Path, count: int, pixel_bytes: int = 0, study
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+def index_schema(index, tables: tuple[str, ...]) -> dict:
+    """Columns (name, nullable, primary key) and indexes of `tables` as SQLAlchemy reflects them: an
+    old SQLite index stamped at an owner's first revision compares equal to one that revision made."""
+    import sqlalchemy as sa
+
+    inspector = sa.inspect(index.engines.writer)
+    found = {}
+    for table in tables:
+        key = set(inspector.get_pk_constraint(table)["constrained_columns"])
+        found[table] = ([(c["name"], c["nullable"] or c["name"] in key, c["name"] in key)
+                         for c in inspector.get_columns(table)],
+                        sorted((i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                               for i in inspector.get_indexes(table)))
+    return found

@@ -343,18 +343,18 @@ def test_verify_streams_the_same_hash_as_an_export(tmp_path):
                                                                               pixel_bytes=64 << 10)
         for path in paths:
             archive.ingest_file(path)
-        rows = archive.index.query("SELECT blob_id, sha256 FROM instances")
+        rows = archive.index.query("SELECT blob_id, sha256 FROM instances", {})
         for row in rows:
-            verify(archive, row["blob_id"], row["sha256"])
-            with archive.exported(row["blob_id"], row["sha256"]) as exported:
-                assert dataset_sha256(exported) == row["sha256"]
+            verify(archive, row.blob_id, row.sha256)
+            with archive.exported(row.blob_id, row.sha256) as exported:
+                assert dataset_sha256(exported) == row.sha256
         with pytest.raises(IntegrityError):
-            verify(archive, rows[0]["blob_id"], "0" * 64)
-        blob = archive.storage.path(rows[1]["blob_id"])
+            verify(archive, rows[0].blob_id, "0" * 64)
+        blob = archive.storage.path(rows[1].blob_id)
         data = bytearray(blob.read_bytes())
         data[len(data) // 2] ^= 1
         blob.write_bytes(bytes(data))
         with pytest.raises(IntegrityError):
-            verify(archive, rows[1]["blob_id"], rows[1]["sha256"])
+            verify(archive, rows[1].blob_id, rows[1].sha256)
     finally:
         archive.close()

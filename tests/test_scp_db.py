@@ -1,15 +1,18 @@
-"""scp/'s own table (commitments): its migration on an index made before issue 16 and on a new
-one, and the typed functions the storage commitment SCP and `m3dicom status` call."""
+"""scp/'s own table (commitments): its Alembic revision on a new index (SQLite or PostgreSQL) and on an
+old SQLite index made by the sqlite-utils migrations, and the typed functions the storage commitment
+SCP and `m3dicom status` call."""
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 
 from archive.index import Index
+from helpers import index_schema
 from scp import db
 
-# what the archive's migration 0002_query made before scp/ owned the table
+# what scp's sqlite-utils migration 0001_commitments (and the archive's 0002_query before it) made
 OLD_DDL = """
-    CREATE TABLE commitments (
+    CREATE TABLE IF NOT EXISTS commitments (
         transaction_uid TEXT PRIMARY KEY,
         calling_ae TEXT NOT NULL,
         items TEXT NOT NULL,             -- JSON [[sop_class_uid, sop_instance_uid], ...]
@@ -18,45 +21,59 @@ OLD_DDL = """
         received_at REAL NOT NULL,
         reported_at REAL
     );
-    CREATE INDEX commitments_state ON commitments(state);
+    CREATE INDEX IF NOT EXISTS commitments_state ON commitments(state);
 """
 
 
 @pytest.fixture
-def index(tmp_path):
-    index = Index(tmp_path / "index.sqlite3")
+def index(tmp_path, index_url):
+    index = Index(index_url or tmp_path / "index.sqlite3")
     db.migrate(index)
+    db.migrate(index)                                   # nothing twice
     yield index
     index.close()
 
 
-def _schema(index: Index) -> list[tuple]:
-    return [tuple(r) for r in index.query("SELECT type, name, sql FROM sqlite_master WHERE tbl_name='commitments' "
-                                          "ORDER BY name")]
+def version(index: Index, owner: str) -> list[str]:
+    return [r[0] for r in index.read(sa.text(f"SELECT version_num FROM alembic_version_{owner}"))]
 
 
-def test_an_index_that_had_the_table_keeps_its_rows_and_ends_up_as_a_new_one(tmp_path):
-    old = Index(tmp_path / "old.sqlite3")
-    with old.write() as conn:
-        for statement in OLD_DDL.split(";")[:2]:
-            conn.exec_driver_sql(statement)
-        conn.exec_driver_sql("INSERT INTO commitments (transaction_uid, calling_ae, items, state, received_at) "
-                     "VALUES ('1.2.3', 'MOD', '[[\"1.2\", \"1.2.3.4\"]]', 'pending', 5)")
-    db.migrate(old)
-    db.migrate(old)                                     # nothing twice
-    new = Index(tmp_path / "new.sqlite3")
-    db.migrate(new)
+@pytest.mark.parametrize("recorded", [True, False], ids=["scp-0001", "archive-0002"])
+def test_an_old_sqlite_index_is_stamped_with_its_rows_kept(tmp_path, recorded):
+    """An index made by the sqlite-utils migrations: the table came from scp's 0001_commitments
+    (recorded in _sqlite_migrations) or, before issue 16, from the archive's 0002_query."""
+    import sqlite_utils
+
+    from archive.index import connect
+    from archive.sqlite_legacy import migrations as archive_migrations
+
+    conn = connect(tmp_path / "old.sqlite3")
+    archive_migrations.apply(sqlite_utils.Database(conn))
+    if recorded:
+        scp_legacy = sqlite_utils.Migrations("scp")
+        scp_legacy(name="0001_commitments")(lambda d: d.executescript(OLD_DDL))
+        scp_legacy.apply(sqlite_utils.Database(conn))
+    else:
+        conn.executescript(OLD_DDL)
+    conn.execute("INSERT INTO commitments (transaction_uid, calling_ae, items, state, received_at) "
+                 "VALUES ('1.2.3', 'MOD', '[[\"1.2\", \"1.2.3.4\"]]', 'pending', 5)")
+    conn.close()
+    old, new = Index(tmp_path / "old.sqlite3"), Index(tmp_path / "new.sqlite3")
     try:
+        db.migrate(old)
+        db.migrate(old)                                 # nothing twice
+        db.migrate(new)
+        assert version(old, "scp") == version(new, "scp") == ["scp_0001"]
         assert db.get(old, "1.2.3") == db.Commitment("1.2.3", "MOD", [("1.2", "1.2.3.4")], "pending", 5)
-        assert _schema(old) == _schema(new) and len(_schema(new)) == 3   # table, its key's index, commitments_state
-        assert [tuple(r) for r in new.query("SELECT migration_set, name FROM _sqlite_migrations "
-                                            "WHERE migration_set='scp'")] == [("scp", "0001_commitments")]
+        assert index_schema(old, ("commitments",)) == index_schema(new, ("commitments",))
+        assert db.pending(old) == ["1.2.3"]
     finally:
         old.close()
         new.close()
 
 
 def test_a_request_is_kept_reported_or_given_up(index):
+    assert version(index, "scp") == ["scp_0001"]
     items = [("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")]
     assert db.add(index, "1.9.1", "MOD", items, max_pending=2, now=10) == 0
     assert db.add(index, "1.9.2", "MOD", items, max_pending=2, now=11) == 1
@@ -67,6 +84,7 @@ def test_a_request_is_kept_reported_or_given_up(index):
     assert sorted(db.pending(index)) == ["1.9.1", "1.9.2", "1.9.3"]
     assert db.get(index, "1.9.2") == db.Commitment("1.9.2", "MOD", items, "pending", 11)
     assert db.get(index, "1.9.9") is None
+    assert db.report_counts(index) == db.ReportCounts(waiting=3, given_up=0)
     db.reported(index, "1.9.1", failures=1)
     db.give_up(index, "1.9.2")
     db.give_up(index, "1.9.1")                          # only a pending one is given up

@@ -316,8 +316,8 @@ async def test_a_download_is_the_file_as_received(client, setup):
     assert response.status == 200 and response.content_type == "application/dicom"
     assert image in response.headers["Content-Disposition"]
     body = await response.read()
-    (row,) = archive.index.query("SELECT blob_id, size FROM instances WHERE sop_instance_uid=?", (image,))
-    assert hashlib.sha256(body).digest() == hashlib.sha256(archive.storage.read_all(row["blob_id"])).digest()
+    (row,) = archive.index.query("SELECT blob_id, size FROM instances WHERE sop_instance_uid=:uid", {"uid": image})
+    assert hashlib.sha256(body).digest() == hashlib.sha256(archive.storage.read_all(row.blob_id)).digest()
     for _ in range(100):                                           # the handler ends just after the last byte
         if not list(archive.exports.iterdir()):
             break
@@ -610,8 +610,9 @@ async def test_each_image_says_whether_the_cad_has_not_run_is_running_found_noth
     (path,) = _mammograms(tmp_path / "mg", views=("LCC",))
     stored = archive.ingest_file(path)
     study, image = stored.study_uid, stored.sop_instance_uid
-    (series,) = [r["series_uid"] for r in archive.index.query(
-        "SELECT se.series_uid FROM series se JOIN instances i ON i.series_pk = se.pk WHERE i.sop_instance_uid=?", (image,))]
+    (series,) = [r.series_uid for r in archive.index.query(
+        "SELECT se.series_uid FROM series se JOIN instances i ON i.series_pk = se.pk WHERE i.sop_instance_uid=:uid",
+        {"uid": image})]
     await login(client)
 
     async def state() -> dict:
@@ -880,7 +881,8 @@ async def test_a_rendered_view_is_named_as_such_and_a_ct_says_how_it_lies(client
     _, archive, studies = setup
     study, image = studies["a"]
     (series,) = [r[0] for r in archive.index.query(
-        "SELECT se.series_uid FROM series se JOIN instances i ON i.series_pk = se.pk WHERE i.sop_instance_uid=?", (image,))]
+        "SELECT se.series_uid FROM series se JOIN instances i ON i.series_pk = se.pk WHERE i.sop_instance_uid=:uid",
+        {"uid": image})]
     job = queue.create(archive.index, study_uid=study, plugin="bone-model", params={}, inputs=[series])
     (result,) = synthetic_instances(tmp_path / "result", 1, study=study, patient="Patient^A", patient_id="P-a")
     import pydicom

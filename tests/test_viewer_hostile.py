@@ -64,7 +64,7 @@ def stored(archive: Archive) -> dict[str, tuple]:
 
 def audit(archive: Archive, action: str) -> list[tuple]:
     return [tuple(r) for r in archive.index.query(
-        "SELECT user_name, outcome, detail FROM audit WHERE action=? ORDER BY seq", (action,))]
+        "SELECT user_name, outcome, detail FROM audit WHERE action=:action ORDER BY seq", {"action": action})]
 
 
 def forget_failures(archive: Archive) -> None:

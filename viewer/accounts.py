@@ -9,8 +9,9 @@
 - Share links: a random id and its expiry, signed (HMAC-SHA256) with the viewer's secret,
   kept in the index so they can be revoked; a share session sees one study, read-only.
 
-These tables (users, sessions, login_failures, share_links, audit) are the viewer's own: its
-migrations (`migrations`, applied by `migrate(index)`) make them, and no other package reads them.
+These tables (users, sessions, login_failures, share_links, audit) are the viewer's own: its Alembic
+revisions (viewer/migrations/, applied by `migrate(index)`) make them, on SQLite or PostgreSQL, and no
+other package reads them.
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-import sqlite_utils
+from sqlalchemy import text
 
-from archive.db import raw
+from archive import db
 from archive.index import Index
 
 ROLES = ("clinician", "admin")
@@ -39,73 +41,65 @@ class AccountError(ValueError):
     """A user cannot be made or changed as asked."""
 
 
-# -- the viewer's tables ----------------------------------------------------------------------
+# -- the viewer's tables: Alembic (viewer/migrations/, branch "viewer"), one copy of each query ----------
 
-migrations = sqlite_utils.Migrations("viewer")
+MIGRATIONS = Path(__file__).with_name("migrations")
+TABLES = ("users", "sessions", "login_failures", "share_links", "audit")
 
-# The statements archive/index.py's migration 0005_viewer ran until issue 16, each IF NOT EXISTS:
-# an index made then keeps its tables and rows as they are, and a new one gets the same schema
-# (SQLite keeps each statement's text, without the IF NOT EXISTS, in sqlite_master).
-_TABLES = (
-    """CREATE TABLE IF NOT EXISTS users (
-        name TEXT PRIMARY KEY,
-        role TEXT NOT NULL,                  -- clinician | admin
-        password TEXT NOT NULL,              -- scrypt$n$r$p$salt$hash
-        created_at REAL NOT NULL,
-        disabled INTEGER NOT NULL DEFAULT 0
-    )""",
-    """CREATE TABLE IF NOT EXISTS sessions (
-        token_hash TEXT PRIMARY KEY,         -- SHA-256 of the cookie's token: a copy of the index opens no session
-        user_name TEXT,                      -- NULL for a share-link session
-        share_id TEXT,                       -- the share link it came from
-        study_uid TEXT,                      -- a share-link session sees this study only
-        csrf TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        last_seen REAL NOT NULL,
-        expires_at REAL NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS sessions_user ON sessions(user_name)",
-    """CREATE TABLE IF NOT EXISTS login_failures (
-        key TEXT PRIMARY KEY,                -- user:NAME or addr:ADDRESS
-        count INTEGER NOT NULL,
-        last REAL NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS share_links (
-        id TEXT PRIMARY KEY,
-        study_uid TEXT NOT NULL,
-        created_by TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        expires_at REAL NOT NULL,
-        revoked_at REAL
-    )""",
-    "CREATE INDEX IF NOT EXISTS share_links_study ON share_links(study_uid)",
-    """CREATE TABLE IF NOT EXISTS audit (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        time REAL NOT NULL,
-        user_name TEXT,                      -- or "share:ID"
-        action TEXT NOT NULL,                -- login, logout, view, download, upload, share, share_open, job, ...
-        study_uid TEXT,
-        outcome TEXT NOT NULL,               -- ok | refused | failed
-        detail TEXT,
-        address TEXT
-    )""",
-    "CREATE INDEX IF NOT EXISTS audit_time ON audit(time)",
-    "CREATE INDEX IF NOT EXISTS audit_study ON audit(study_uid, time)",
-)
+_USER_EXISTS = text("SELECT 1 FROM users WHERE name = :name")
+_PUT_USER = text("INSERT INTO users (name, role, password, created_at) VALUES (:name, :role, :password, :now) "
+                 "ON CONFLICT (name) DO UPDATE SET role = excluded.role, password = excluded.password, disabled = 0")
+_USERS = text("SELECT name, role, disabled FROM users ORDER BY name")
+_COUNT_USERS = text("SELECT COUNT(*) FROM users WHERE disabled = 0")
+_FAILURES = text("SELECT count, last FROM login_failures WHERE key IN (:user_key, :address_key)")
+_USER = text("SELECT name, role, password, disabled FROM users WHERE name = :name")
+_OWN_FAILURES = text("SELECT count FROM login_failures WHERE key = :key AND :now - last <= 900")
+_FORGET_FAILURES = text("DELETE FROM login_failures WHERE key = :key")
+_FORGIVE = text("UPDATE login_failures SET count = CASE WHEN count > :own THEN count - :own ELSE 0 END "
+                "WHERE key = :key")
+_FAILED = text("INSERT INTO login_failures (key, count, last) VALUES (:key, 1, :now) ON CONFLICT (key) DO UPDATE "
+               "SET count = CASE WHEN :now - login_failures.last > 900 THEN 1 ELSE login_failures.count + 1 END, "
+               "last = excluded.last")
+_OPEN_SESSION = text(
+    "INSERT INTO sessions (token_hash, user_name, share_id, study_uid, csrf, created_at, last_seen, expires_at) "
+    "VALUES (:token_hash, :user_name, :share_id, :study_uid, :csrf, :now, :now, :expires_at)")
+_EXPIRED_SESSIONS = text("DELETE FROM sessions WHERE expires_at < :now")
+_SESSION = text("SELECT s.token_hash, s.user_name, s.share_id, s.study_uid, s.csrf, s.last_seen, s.expires_at, "
+                "u.role, u.disabled FROM sessions s LEFT JOIN users u ON u.name = s.user_name "
+                "WHERE s.token_hash = :token_hash")
+_SEEN = text("UPDATE sessions SET last_seen = :now WHERE token_hash = :token_hash")
+_SESSION_SHARE = text("SELECT l.revoked_at, l.expires_at FROM sessions s JOIN share_links l ON l.id = s.share_id "
+                      "WHERE s.token_hash = :token_hash")
+_CLOSE_SESSION = text("DELETE FROM sessions WHERE token_hash = :token_hash")
+_ADD_SHARE = text("INSERT INTO share_links (id, study_uid, created_by, created_at, expires_at) "
+                  "VALUES (:id, :study_uid, :created_by, :now, :expires_at)")
+_SHARE_STUDY = text("SELECT study_uid FROM share_links WHERE id = :id")
+_SHARE = text("SELECT id, study_uid, created_by, expires_at, revoked_at FROM share_links WHERE id = :id")
+_REVOKE = text("UPDATE share_links SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL")
+_DISABLE = text("UPDATE users SET disabled = 1 WHERE name = :name")
+_END_SESSIONS = text("DELETE FROM sessions WHERE user_name = :name")
+_SHARES = text("SELECT id, created_by, created_at, expires_at, revoked_at FROM share_links "
+               "WHERE study_uid = :study_uid ORDER BY created_at DESC")
+_AUDIT = text("INSERT INTO audit (time, user_name, action, study_uid, outcome, detail, address) "
+              "VALUES (:now, :who, :action, :study_uid, :outcome, :detail, :address)")
 
 
-@migrations(name="0001_accounts")
-def _accounts(db: sqlite_utils.Database) -> None:
-    """People and their sessions in the web viewer, share links, and the audit trail."""
-    for statement in _TABLES:          # one at a time: executescript would end migrate's transaction
-        db.execute(statement)
+def _legacy(conn) -> bool:
+    """An index from before Alembic: the viewer's sqlite-utils migration 0001_accounts (or the archive's
+    0005_viewer before issue 16) made all of its tables at once, with the schema of viewer_0001: stamp it."""
+    names = ",".join("?" * len(TABLES))
+    made = {r[0] for r in conn.execute(f"SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ({names})",
+                                       TABLES)}
+    if made and made != set(TABLES):
+        raise RuntimeError(f"the index has the viewer's tables {sorted(made)} but not "
+                           f"{sorted(set(TABLES) - made)}: it was changed by hand; restore it from a backup")
+    return bool(made)
 
 
 def migrate(index: Index) -> None:
     """Make the viewer's tables in `index`, or bring them up to date: the node calls this at its
     start, `m3dicom user add` before the first start, and a test that makes an index itself."""
-    with index.write() as conn:
-        migrations.apply(sqlite_utils.Database(raw(conn)))
+    db.migrate(index.engines, "viewer", MIGRATIONS, _legacy)
 
 
 def hash_password(password: str) -> str:
@@ -152,29 +146,33 @@ def check_user(name: str, password: str, role: str) -> None:
 def add_user(index: Index, name: str, password: str, role: str = "clinician", replace: bool = False) -> User:
     check_user(name, password, role)
     with index.write() as conn:
-        exists = raw(conn).execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone()
+        exists = conn.execute(_USER_EXISTS, {"name": name}).first() is not None
         if exists and not replace:
             raise AccountError(f"user {name!r} exists (give it a new password with "
                                f"`m3dicom user add {name} --replace`)")
-        raw(conn).execute("INSERT INTO users (name, role, password, created_at) VALUES (?,?,?,?) ON CONFLICT(name) "
-                     "DO UPDATE SET role=excluded.role, password=excluded.password, disabled=0",
-                     (name, role, hash_password(password), time.time()))
+        conn.execute(_PUT_USER, {"name": name, "role": role, "password": hash_password(password), "now": time.time()})
         if exists:   # a new password ends the sessions opened with the old one
-            raw(conn).execute("DELETE FROM sessions WHERE user_name=?", (name,))
+            conn.execute(_END_SESSIONS, {"name": name})
     return User(name, role)
 
 
+def _read(index: Index, statement, **params) -> list:
+    """The rows of one statement, by column name."""
+    with index.reader() as conn:
+        return conn.execute(statement, params).mappings().all()
+
+
 def users(index: Index) -> list[tuple[str, str, bool]]:
-    return [(r["name"], r["role"], bool(r["disabled"])) for r in index.query("SELECT * FROM users ORDER BY name")]
+    return [(r["name"], r["role"], bool(r["disabled"])) for r in _read(index, _USERS)]
 
 
 def count_users(index: Index) -> int:
-    return index.query("SELECT COUNT(*) FROM users WHERE disabled=0")[0][0]
+    return index.read(_COUNT_USERS)[0][0]
 
 
 def failure_delay(index: Index, name: str, address: str) -> float:
     """Seconds to wait before answering a login attempt (grows with recent failures)."""
-    rows = index.query("SELECT count, last FROM login_failures WHERE key IN (?, ?)", (f"user:{name}", f"addr:{address}"))
+    rows = _read(index, _FAILURES, user_key=f"user:{name}", address_key=f"addr:{address}")
     recent = [r["count"] for r in rows if time.time() - r["last"] < 900]
     failures = max(recent, default=0)
     return 0.0 if failures == 0 else min(MAX_DELAY, 0.25 * 2 ** (failures - 1))
@@ -182,7 +180,7 @@ def failure_delay(index: Index, name: str, address: str) -> float:
 
 def authenticate(index: Index, name: str, password: str, address: str) -> User | None:
     """The user when name and password are right (counted as a failure otherwise)."""
-    rows = index.query("SELECT name, role, password, disabled FROM users WHERE name=?", (name,))
+    rows = _read(index, _USER, name=name)
     stored = rows[0]["password"] if rows else _dummy_hash()
     ok = check_password(password, stored) and bool(rows) and not rows[0]["disabled"]
     now = time.time()
@@ -191,16 +189,13 @@ def authenticate(index: Index, name: str, password: str, address: str) -> User |
         if ok:
             # the owner's own typos are forgiven, at the account and at the address (a shared
             # reading-room computer, a proxy); failures on other accounts from there still count
-            own = raw(conn).execute("SELECT count FROM login_failures WHERE key=? AND ? - last <= 900",
-                               (user_key, now)).fetchone()
-            raw(conn).execute("DELETE FROM login_failures WHERE key=?", (user_key,))
+            own = conn.execute(_OWN_FAILURES, {"key": user_key, "now": now}).scalar()
+            conn.execute(_FORGET_FAILURES, {"key": user_key})
             if own:
-                raw(conn).execute("UPDATE login_failures SET count = MAX(count - ?, 0) WHERE key=?", (own[0], address_key))
+                conn.execute(_FORGIVE, {"own": own, "key": address_key})
         else:
             for key in (user_key, address_key):
-                raw(conn).execute("INSERT INTO login_failures (key, count, last) VALUES (?, 1, ?) ON CONFLICT(key) DO UPDATE "
-                             "SET count = CASE WHEN ? - last > 900 THEN 1 ELSE count + 1 END, last=excluded.last",
-                             (key, now, now))
+                conn.execute(_FAILED, {"key": key, "now": now})
     return User(rows[0]["name"], rows[0]["role"]) if ok else None
 
 
@@ -235,10 +230,10 @@ def open_session(index: Index, *, user: User | None = None, share_id: str | None
     token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
     expires = now + hours * 3600
     with index.write() as conn:
-        raw(conn).execute("INSERT INTO sessions (token_hash, user_name, share_id, study_uid, csrf, created_at, last_seen, "
-                     "expires_at) VALUES (?,?,?,?,?,?,?,?)",
-                     (_digest(token), user.name if user else None, share_id, study_uid, csrf, now, now, expires))
-        raw(conn).execute("DELETE FROM sessions WHERE expires_at < ?", (now,))
+        conn.execute(_OPEN_SESSION, {"token_hash": _digest(token), "user_name": user.name if user else None,
+                                     "share_id": share_id, "study_uid": study_uid, "csrf": csrf, "now": now,
+                                     "expires_at": expires})
+        conn.execute(_EXPIRED_SESSIONS, {"now": now})
     return token, Session(_digest(token), user, study_uid, share_id, csrf, expires)
 
 
@@ -247,8 +242,7 @@ def session(index: Index, token: str | None, idle_minutes: float, now: float | N
     if not token or len(token) > 200 or not token.isascii():
         return None
     now = time.time() if now is None else now
-    rows = index.query("SELECT s.*, u.role, u.disabled FROM sessions s LEFT JOIN users u ON u.name = s.user_name "
-                       "WHERE s.token_hash=?", (_digest(token),))
+    rows = _read(index, _SESSION, token_hash=_digest(token))
     if not rows:
         return None
     row = rows[0]
@@ -262,7 +256,7 @@ def session(index: Index, token: str | None, idle_minutes: float, now: float | N
         return None
     if now - row["last_seen"] > 30:     # refresh at most every 30 s: fewer writes
         with index.write() as conn:
-            raw(conn).execute("UPDATE sessions SET last_seen=? WHERE token_hash=?", (now, row["token_hash"]))
+            conn.execute(_SEEN, {"now": now, "token_hash": row["token_hash"]})
     user = User(row["user_name"], row["role"]) if row["user_name"] else None
     return Session(row["token_hash"], user, row["study_uid"], row["share_id"], row["csrf"], row["expires_at"])
 
@@ -273,8 +267,7 @@ def closed_share(index: Index, token: str | None, now: float | None = None) -> s
     not sent to a login page they have no account for. None for any other cookie."""
     if not token or len(token) > 200 or not token.isascii():
         return None
-    rows = index.query("SELECT l.revoked_at, l.expires_at FROM sessions s JOIN share_links l ON l.id = s.share_id "
-                       "WHERE s.token_hash=?", (_digest(token),))
+    rows = _read(index, _SESSION_SHARE, token_hash=_digest(token))
     if not rows:
         return None
     if rows[0]["revoked_at"] is not None:
@@ -284,7 +277,7 @@ def closed_share(index: Index, token: str | None, now: float | None = None) -> s
 
 def close_session(index: Index, token: str) -> None:
     with index.write() as conn:
-        raw(conn).execute("DELETE FROM sessions WHERE token_hash=?", (_digest(token),))
+        conn.execute(_CLOSE_SESSION, {"token_hash": _digest(token)})
 
 
 # -- share links ---------------------------------------------------------------------------
@@ -302,8 +295,8 @@ def create_share(index: Index, secret: bytes, study_uid: str, created_by: str, d
     link_id, now = secrets.token_urlsafe(12), time.time()
     expires = now + days * 86400
     with index.write() as conn:
-        raw(conn).execute("INSERT INTO share_links (id, study_uid, created_by, created_at, expires_at) VALUES (?,?,?,?,?)",
-                     (link_id, study_uid, created_by, now, expires))
+        conn.execute(_ADD_SHARE, {"id": link_id, "study_uid": study_uid, "created_by": created_by, "now": now,
+                                  "expires_at": expires})
     message = f"{link_id}.{int(expires)}"
     return f"{message}.{_sign(secret, message)}", expires
 
@@ -319,7 +312,7 @@ def open_share(index: Index, secret: bytes, token: str, now: float | None = None
         return None
     if not share_valid(index, link_id, now):
         return None
-    return link_id, index.query("SELECT study_uid FROM share_links WHERE id=?", (link_id,))[0][0]
+    return link_id, index.read(_SHARE_STUDY, {"id": link_id})[0][0]
 
 
 def share_refusal(index: Index, secret: bytes, token: str, now: float | None = None) -> str:
@@ -342,14 +335,14 @@ def share_refusal(index: Index, secret: bytes, token: str, now: float | None = N
 
 
 def share_valid(index: Index, link_id: str, now: float | None = None) -> bool:
-    rows = index.query("SELECT expires_at, revoked_at FROM share_links WHERE id=?", (link_id,))
-    return bool(rows) and rows[0]["revoked_at"] is None and (time.time() if now is None else now) < rows[0]["expires_at"]
+    rows = _read(index, _SHARE, id=link_id)
+    now = time.time() if now is None else now
+    return bool(rows) and rows[0]["revoked_at"] is None and now < rows[0]["expires_at"]
 
 
 def share(index: Index, link_id: str) -> dict | None:
     """A link's study and who made it (None: no such link)."""
-    rows = index.query("SELECT id, study_uid, created_by, expires_at, revoked_at FROM share_links WHERE id=?",
-                       (link_id,))
+    rows = _read(index, _SHARE, id=link_id)
     return dict(rows[0]) if rows else None
 
 
@@ -357,22 +350,20 @@ def revoke_share(index: Index, link_id: str) -> bool:
     """Revoke a link: its sessions open nothing from now on (`session` checks the link on every
     request); they are kept until they expire, so that their holders are told why (closed_share)."""
     with index.write() as conn:
-        changed = raw(conn).execute("UPDATE share_links SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
-                               (time.time(), link_id)).rowcount
+        changed = conn.execute(_REVOKE, {"now": time.time(), "id": link_id}).rowcount
     return bool(changed)
 
 
 def disable_user(index: Index, name: str) -> bool:
     """The user can no longer log in; their sessions end now. False: no such user."""
     with index.write() as conn:
-        changed = raw(conn).execute("UPDATE users SET disabled=1 WHERE name=?", (name,)).rowcount
-        raw(conn).execute("DELETE FROM sessions WHERE user_name=?", (name,))
+        changed = conn.execute(_DISABLE, {"name": name}).rowcount
+        conn.execute(_END_SESSIONS, {"name": name})
     return bool(changed)
 
 
 def shares(index: Index, study_uid: str) -> list[dict]:
-    return [dict(r) for r in index.query("SELECT id, created_by, created_at, expires_at, revoked_at FROM share_links "
-                                         "WHERE study_uid=? ORDER BY created_at DESC", (study_uid,))]
+    return [dict(r) for r in _read(index, _SHARES, study_uid=study_uid)]
 
 
 # -- audit ---------------------------------------------------------------------------------
@@ -385,12 +376,13 @@ def audit(index: Index, who: str | None, action: str, outcome: str = "ok", *, st
 def audit_many(index: Index, who: str | None, action: str, records: list[tuple[str, str | None, str | None]], *,
                address: str | None = None) -> None:
     """Several records of one action, (outcome, study UID, detail) each, in one transaction."""
+    if not records:
+        return
     now = time.time()
     with index.write() as conn:
-        raw(conn).executemany("INSERT INTO audit (time, user_name, action, study_uid, outcome, detail, address) "
-                         "VALUES (?,?,?,?,?,?,?)", [(now, who, action, study_uid, outcome,
-                                                     (detail or "")[:500] or None, address)
-                                                    for outcome, study_uid, detail in records])
+        conn.execute(_AUDIT, [{"now": now, "who": who, "action": action, "study_uid": study_uid, "outcome": outcome,
+                               "detail": (detail or "")[:500] or None, "address": address}
+                              for outcome, study_uid, detail in records])
 
 
 def secret_key(data_dir) -> bytes:
