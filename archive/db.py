@@ -16,8 +16,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from types import MappingProxyType
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 from urllib.parse import quote
 
 import sqlalchemy as sa
@@ -57,12 +58,49 @@ class Engines:
     readers: Engine
     lock: ContextManager
     where: str                      # the SQLite file, or the URL without a password
+    _held: Connection | None = None  # SQLite: the writer's one connection, kept out of its pool (below)
 
     @property
     def sqlite(self) -> bool:
         return self.writer.dialect.name == "sqlite"
 
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """The writer's connection, outside any transaction, under the writers' lock.
+
+        SQLite has one writer connection: it stays checked out of its pool between transactions
+        (a checkout and return cost more than an ingest's statements) and is only used under the
+        lock. PostgreSQL: a connection of the pool for the block."""
+        with self.lock:
+            if not self.sqlite:
+                with self.writer.connect() as conn:
+                    yield conn
+                return
+            yield self._sqlite_connection()
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One write transaction: committed when the block ends, rolled back when it raises."""
+        with self.lock:
+            if not self.sqlite:
+                with self.writer.begin() as conn:
+                    yield conn
+                return
+            conn = self._sqlite_connection()
+            with conn.begin():
+                yield conn
+
+    def _sqlite_connection(self) -> Connection:
+        """The one SQLite writer connection (under the lock)."""
+        if self._held is None or self._held.closed:
+            self._held = self.writer.connect()
+        return self._held
+
     def dispose(self) -> None:
+        with self.lock:
+            if self._held is not None:
+                self._held.close()
+                self._held = None
         self.readers.dispose()
         self.writer.dispose()
 
@@ -90,8 +128,8 @@ def _sqlite(path: Path) -> Engines:
             dbapi.execute(pragma)
 
     @sa.event.listens_for(writer, "begin")
-    def _writer_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    def _writer_begin(conn: Connection) -> None:       # on the driver: as fast as an ingest's statements
+        conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
 
     @sa.event.listens_for(readers, "connect")
     def _reader_connect(dbapi, record) -> None:
@@ -158,6 +196,65 @@ class QueryCancelled(Exception):
         self.timeout = timeout
 
 
+_NONE: Mapping[str, Any] = MappingProxyType({})
+
+
+class Prepared:
+    """A `text()` statement compiled once per dialect by SQLAlchemy's compiler (its SQL and the order of
+    its parameters) and run on the DBAPI cursor of the connection's transaction: for the statements an
+    ingest runs each time, where `Connection.execute` (and even `exec_driver_sql`) costs several times
+    what SQLite spends on the statement (bench/index.py). Rows are the driver's tuples; errors are
+    SQLAlchemy's, as from `execute`. The same rows as `conn.execute(text(sql), params)` (tests/test_db.py);
+    `:named` parameters only, untyped and not expanding (no IN lists)."""
+
+    def __init__(self, sql: str):
+        self.statement = sa.text(sql)
+        self._compiled: dict[str, tuple[str, tuple[str, ...]]] = {}     # by dialect name
+
+    def rows(self, conn: Connection, params: Mapping[str, Any] = _NONE) -> list:
+        """The rows (the driver's: index or unpack them) of a SELECT, or of a change with RETURNING."""
+        return self._run(conn, params, None, True)
+
+    def run(self, conn: Connection, params: Mapping[str, Any] = _NONE) -> int:
+        """Run a statement without rows; the driver's rowcount."""
+        return self._run(conn, params, None, False)
+
+    def run_many(self, conn: Connection, many: Sequence[Mapping[str, Any]]) -> int:
+        """Run a statement without rows once per item of `many` (the driver's executemany)."""
+        return self._run(conn, None, many, False)
+
+    def _run(self, conn: Connection, params, many, rows: bool):
+        dialect = conn.dialect
+        compiled = self._compiled.get(dialect.name)
+        if compiled is None:
+            compiled = self._compiled[dialect.name] = self._compile(dialect)
+        sql, names = compiled
+        if not conn.in_transaction():
+            conn.begin()                            # as `execute` would (its autobegin)
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            if many is None:
+                arguments = [params[n] for n in names] if dialect.positional else {n: params[n] for n in names}
+                cursor.execute(sql, arguments)
+            else:
+                arguments = [[p[n] for n in names] if dialect.positional else {n: p[n] for n in names} for p in many]
+                cursor.executemany(sql, arguments)
+            return cursor.fetchall() if rows else cursor.rowcount
+        except dialect.loaded_dbapi.Error as exc:
+            raise sa.exc.DBAPIError.instance(sql, arguments, exc, dialect.loaded_dbapi.Error,
+                                             dialect=dialect) from exc
+        finally:
+            cursor.close()
+
+    def _compile(self, dialect) -> tuple[str, tuple[str, ...]]:
+        compiled = self.statement.compile(dialect=dialect)
+        for name, bind in compiled.binds.items():
+            if bind.expanding or bind.literal_execute or not isinstance(bind.type, sa.types.NullType):
+                raise ValueError(f"Prepared: parameter {name!r} must be a plain :{name} (not expanding, untyped)")
+        names = tuple(compiled.positiontup) if compiled.positional else tuple(compiled.binds)
+        return compiled.string, names
+
+
 # -- migrations: Alembic, one version folder and version table per owner ------------------------------
 
 _ENV = Path(__file__).with_name("alembic")
@@ -181,15 +278,14 @@ def migrate(engines: Engines, owner: str, folder: Path, legacy: Callable[[Any], 
     config.set_main_option("script_location", str(_ENV))
     config.set_main_option("version_locations", str(folder))
     config.attributes["version_table"] = table = f"alembic_version_{owner}"
-    with engines.lock:
+    with engines.connection() as conn:
         stamp = False
         if legacy is not None and engines.sqlite:
-            with engines.writer.connect() as conn:
-                raw = conn.connection.driver_connection
-                made = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table' AND name IN "
-                                                  "(?, '_sqlite_migrations')", (table,))}
-                stamp = made == {"_sqlite_migrations"} and legacy(raw)
-        with engines.writer.begin() as conn:
+            raw = conn.connection.driver_connection
+            made = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table' AND name IN "
+                                              "(?, '_sqlite_migrations')", (table,))}
+            stamp = made == {"_sqlite_migrations"} and legacy(raw)
+        with conn.begin():
             config.attributes["connection"] = conn
             if stamp:
                 first = [s.revision for s in ScriptDirectory.from_config(config).walk_revisions()
