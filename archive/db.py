@@ -116,7 +116,9 @@ def open_engines(where: str | Path) -> Engines:
 
 def _sqlite(path: Path) -> Engines:
     connect_args = {"check_same_thread": False, "timeout": 10}
-    writer = sa.create_engine(f"sqlite:///{path}", connect_args=connect_args, pool_size=1, max_overflow=0)
+    # writes use one connection, held by Engines (`write`); the other is for whoever opens the engine itself
+    # (sa.inspect): it must not wait for the held one
+    writer = sa.create_engine(f"sqlite:///{path}", connect_args=connect_args, pool_size=2, max_overflow=0)
     readers = sa.create_engine(f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true", connect_args=connect_args,
                                pool_size=8, max_overflow=16)
 
@@ -138,8 +140,8 @@ def _sqlite(path: Path) -> Engines:
         dbapi.execute("PRAGMA case_sensitive_like=ON")
 
     @sa.event.listens_for(readers, "begin")
-    def _reader_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN")       # deferred: a snapshot, never a lock the writer waits for
+    def _reader_begin(conn: Connection) -> None:       # deferred: a snapshot, never a lock the writer waits for
+        conn.connection.driver_connection.execute("BEGIN")
 
     return Engines(writer, readers, threading.Lock(), str(path))
 
