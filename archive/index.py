@@ -129,6 +129,10 @@ _NEW_CONFLICT = db.Prepared(
 _ADD_CHANGE = db.Prepared(
     "INSERT INTO changes (kind, instance_pk, study_uid, series_uid, sop_instance_uid, blob_id, time) "
     "VALUES (:kind, :instance_pk, :study_uid, :series_uid, :sop_instance_uid, :blob_id, :time)")
+_ADD_STORED_CHANGE = db.Prepared(
+    "INSERT INTO changes (kind, instance_pk, study_uid, series_uid, sop_instance_uid, blob_id, time) "
+    "SELECT :kind, pk, :study_uid, :series_uid, sop_instance_uid, blob_id, received_at FROM instances "
+    "WHERE sop_instance_uid = :sop_instance_uid")
 _ADD_JOB_CHANGE = text("INSERT INTO changes (kind, study_uid, blob_id, job_id, time) "
                        "VALUES (:kind, :study_uid, :blob_id, :job_id, :time)")
 
@@ -371,6 +375,13 @@ class Index:
             "kind": kind, "instance_pk": instance_pk, "study_uid": header.study_uid, "series_uid": header.series_uid,
             "sop_instance_uid": header.sop_instance_uid, "blob_id": blob_id,
             "time": now if now is not None else time.time()})
+
+    @staticmethod
+    def add_stored_change(conn: Connection, kind: str, header) -> None:
+        """The change of the instance just written under the header's UID: its row, blob and time as
+        the index holds them (no RETURNING needed for its pk)."""
+        _ADD_STORED_CHANGE.run(conn, {"kind": kind, "study_uid": header.study_uid, "series_uid": header.series_uid,
+                                      "sop_instance_uid": header.sop_instance_uid})
 
     @staticmethod
     def add_job_change(conn: Connection, kind: str, job_id: str, study_uid: str,

@@ -44,7 +44,7 @@ ERROR_COMMENT_MAX = 64   # a reason a DIMSE Error Comment (LO) carries whole
 _NEW_INSTANCE = Prepared(
     "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, transfer_syntax, size, "
     "sha256, blob_id, calling_ae, received_at, job_id) VALUES (:uid, :series_pk, :sop_class_uid, :instance_number, "
-    ":transfer_syntax, :size, :sha256, :blob_id, :calling_ae, :now, :job_id) RETURNING pk")
+    ":transfer_syntax, :size, :sha256, :blob_id, :calling_ae, :now, :job_id)")
 _REPLACE_INSTANCE = Prepared(
     "UPDATE instances SET series_pk = :series_pk, sop_class_uid = :sop_class_uid, instance_number = :instance_number, "
     "transfer_syntax = :transfer_syntax, size = :size, sha256 = :sha256, blob_id = :blob_id, calling_ae = :calling_ae, "
@@ -246,12 +246,12 @@ class Archive:
                 obsolete_blob = None if kept else blob.blob_id
             else:
                 if row is None:
-                    (pk,), = _NEW_INSTANCE.rows(conn, {
+                    _NEW_INSTANCE.run(conn, {
                         "uid": header.sop_instance_uid, "series_pk": series_pk, "sop_class_uid": header.sop_class_uid,
                         "instance_number": header.attrs["InstanceNumber"], "transfer_syntax": header.transfer_syntax,
                         "size": blob.size, "sha256": sha256, "blob_id": blob.blob_id, "calling_ae": calling_ae,
                         "now": now, "job_id": job_id})
-                    Index.add_change(conn, "result_stored" if job_id else "stored", pk, header, blob.blob_id, now)
+                    Index.add_stored_change(conn, "result_stored" if job_id else "stored", header)
                     outcome = Outcome.STORED
                 elif row.sha256 == sha256:
                     obsolete_blob, outcome = blob.blob_id, Outcome.ALREADY_STORED
