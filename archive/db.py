@@ -6,7 +6,8 @@ readers on read-only connections of their own that never wait for it. `url = "po
 is PostgreSQL through psycopg 3 and SQLAlchemy's pool: writes in READ COMMITTED transactions,
 reads in read-only ones; the password comes from libpq (PGPASSWORD, PGPASSFILE, a service file),
 never from the URL. Queries are SQLAlchemy Core (`text()` with `:named` parameters in SQL both
-engines accept, or Core expressions where they differ): one copy of each, for both.
+engines accept, or Core expressions where they differ): one copy of each, for both. `Prepared` runs
+the ingest's statements (one copy too, compiled once per dialect) without `execute`'s overhead.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from types import MappingProxyType
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 from urllib.parse import quote
 
@@ -130,8 +131,8 @@ def _sqlite(path: Path) -> Engines:
             dbapi.execute(pragma)
 
     @sa.event.listens_for(writer, "begin")
-    def _writer_begin(conn: Connection) -> None:       # on the driver: as fast as an ingest's statements
-        conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
+    def _writer_begin(conn: Connection) -> None:
+        _on_driver(conn, "BEGIN IMMEDIATE")
 
     @sa.event.listens_for(readers, "connect")
     def _reader_connect(dbapi, record) -> None:
@@ -140,10 +141,19 @@ def _sqlite(path: Path) -> Engines:
         dbapi.execute("PRAGMA case_sensitive_like=ON")
 
     @sa.event.listens_for(readers, "begin")
-    def _reader_begin(conn: Connection) -> None:       # deferred: a snapshot, never a lock the writer waits for
-        conn.connection.driver_connection.execute("BEGIN")
+    def _reader_begin(conn: Connection) -> None:
+        _on_driver(conn, "BEGIN")       # deferred: a snapshot, never a lock the writer waits for
 
     return Engines(writer, readers, threading.Lock(), str(path))
+
+
+def _on_driver(conn: Connection, sql: str) -> None:
+    """`sql` on the DBAPI connection (exec_driver_sql costs as much as an ingest's statements), its
+    errors raised as SQLAlchemy's."""
+    try:
+        conn.connection.driver_connection.execute(sql)
+    except sqlite3.Error as exc:
+        raise sa.exc.DBAPIError.instance(sql, (), exc, sqlite3.Error, dialect=conn.dialect) from exc
 
 
 def _postgresql(url: str) -> Engines:
@@ -205,9 +215,10 @@ class Prepared:
     """A `text()` statement compiled once per dialect by SQLAlchemy's compiler (its SQL and the order of
     its parameters) and run on the DBAPI cursor of the connection's transaction: for the statements an
     ingest runs each time, where `Connection.execute` (and even `exec_driver_sql`) costs several times
-    what SQLite spends on the statement (bench/index.py). Rows are the driver's tuples; errors are
-    SQLAlchemy's, as from `execute`. The same rows as `conn.execute(text(sql), params)` (tests/test_db.py);
-    `:named` parameters only, untyped and not expanding (no IN lists)."""
+    what SQLite spends on the statement (bench/index.py). Rows are the driver's (sequences: index or
+    unpack them); errors are SQLAlchemy's, as from `execute`. The same rows as
+    `conn.execute(text(sql), params)` (tests/test_db.py); `:named` parameters only, untyped and not
+    expanding (no IN lists)."""
 
     def __init__(self, sql: str):
         self.statement = sa.text(sql)

@@ -48,3 +48,26 @@ def test_prepared_raises_sqlalchemys_errors_and_refuses_in_lists(index):
         statement = Prepared("SELECT name FROM cursors WHERE name IN :names")
         statement.statement = statement.statement.bindparams(bindparam("names", expanding=True))
         statement.rows(conn, {"names": ["a"]})
+
+
+def test_the_held_sqlite_writer_survives_a_transaction_that_could_not_begin(tmp_path):
+    """SQLite's writer connection stays checked out between transactions: a BEGIN that fails (another
+    process holds the write lock past the busy timeout) raises SQLAlchemy's error and leaves it usable."""
+    import sqlite3
+
+    index = Index(tmp_path / "index.sqlite3")
+    try:
+        with index.engines.connection() as conn:
+            conn.connection.driver_connection.execute("PRAGMA busy_timeout=50")
+        other = sqlite3.connect(tmp_path / "index.sqlite3", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sa_exc.OperationalError, match="locked"):
+            with index.write():
+                pass
+        other.execute("ROLLBACK")
+        other.close()
+        with index.write() as conn:
+            Prepared(_INSERT).rows(conn, {"name": "a", "seq": 1})
+        assert index.query("SELECT seq FROM cursors", {})[0].seq == 1
+    finally:
+        index.close()
