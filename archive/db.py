@@ -81,20 +81,37 @@ class Engines:
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """One write transaction: committed when the block ends, rolled back when it raises."""
+        """One write transaction: committed when the block ends, rolled back when it raises.
+
+        SQLite: the transaction is the driver's (BEGIN IMMEDIATE ... COMMIT), the held connection in
+        SQLAlchemy's AUTOCOMMIT mode: SQLAlchemy's own begin and commit cost as much as an ingest's
+        statements (bench/index.py). A statement run through `execute` inside the block begins
+        SQLAlchemy's transaction too (no BEGIN then: `_writer_begin`), committed or rolled back here,
+        which commits or rolls back the driver's."""
         with self.lock:
             if not self.sqlite:
                 with self.writer.begin() as conn:
                     yield conn
                 return
             conn = self._sqlite_connection()
-            with conn.begin():
+            driver = conn.connection.driver_connection
+            _on_driver(conn, "BEGIN IMMEDIATE")
+            try:
                 yield conn
+                if conn.in_transaction():       # SQLAlchemy's own (autobegun by an execute): ends with ours
+                    conn.commit()
+                if driver.in_transaction:
+                    _on_driver(conn, "COMMIT")
+            finally:
+                if conn.in_transaction():
+                    conn.rollback()
+                if driver.in_transaction:
+                    driver.execute("ROLLBACK")
 
     def _sqlite_connection(self) -> Connection:
         """The one SQLite writer connection (under the lock)."""
         if self._held is None or self._held.closed:
-            self._held = self.writer.connect()
+            self._held = self.writer.connect().execution_options(isolation_level="AUTOCOMMIT")
         return self._held
 
     def dispose(self) -> None:
@@ -132,7 +149,8 @@ def _sqlite(path: Path) -> Engines:
 
     @sa.event.listens_for(writer, "begin")
     def _writer_begin(conn: Connection) -> None:
-        _on_driver(conn, "BEGIN IMMEDIATE")
+        if not conn.connection.driver_connection.in_transaction:     # Engines.write begins its own
+            _on_driver(conn, "BEGIN IMMEDIATE")
 
     @sa.event.listens_for(readers, "connect")
     def _reader_connect(dbapi, record) -> None:
@@ -216,9 +234,9 @@ class Prepared:
     its parameters) and run on the DBAPI cursor of the connection's transaction: for the statements an
     ingest runs each time, where `Connection.execute` (and even `exec_driver_sql`) costs several times
     what SQLite spends on the statement (bench/index.py). Rows are the driver's (sequences: index or
-    unpack them); errors are SQLAlchemy's, as from `execute`. The same rows as
-    `conn.execute(text(sql), params)` (tests/test_db.py); `:named` parameters only, untyped and not
-    expanding (no IN lists)."""
+    unpack them); errors are SQLAlchemy's, as from `execute`. For `Engines.write`'s transaction (on a
+    connection outside one, each statement is its own). The same rows as `conn.execute(text(sql),
+    params)` (tests/test_db.py); `:named` parameters only, untyped and not expanding (no IN lists)."""
 
     def __init__(self, sql: str):
         self.statement = sa.text(sql)
@@ -242,8 +260,6 @@ class Prepared:
         if compiled is None:
             compiled = self._compiled[dialect.name] = self._compile(dialect)
         sql, names = compiled
-        if not conn.in_transaction():
-            conn.begin()                            # as `execute` would (its autobegin)
         cursor = conn.connection.dbapi_connection.cursor()
         try:
             if many is None:

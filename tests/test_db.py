@@ -33,7 +33,7 @@ def test_prepared_gives_what_execute_gives(index):
             assert [tuple(r) for r in Prepared(_SELECT).rows(conn, {**params, "unused": 1})] == expected
         assert [tuple(r) for r in Prepared(_SELECT).rows(conn, {"seq": 0, "name": None})] == [
             ("a%b", 4, 1, 1), ("b", 7, 1, 0)]
-    with index.reader() as conn:                      # outside a transaction it begins one, as execute does
+    with index.reader() as conn:
         assert len(Prepared("SELECT name FROM cursors WHERE seq > :seq").rows(conn, {"seq": 0})) == 2
 
 
@@ -48,6 +48,25 @@ def test_prepared_raises_sqlalchemys_errors_and_refuses_in_lists(index):
         statement = Prepared("SELECT name FROM cursors WHERE name IN :names")
         statement.statement = statement.statement.bindparams(bindparam("names", expanding=True))
         statement.rows(conn, {"names": ["a"]})
+
+
+def test_a_write_mixing_execute_and_prepared_commits_or_rolls_back_as_one(index):
+    with index.write() as conn:
+        Prepared(_INSERT).rows(conn, {"name": "a", "seq": 1})
+        conn.execute(text(_INSERT), {"name": "b", "seq": 2})
+        Prepared(_INSERT).rows(conn, {"name": "c", "seq": 3})
+    with pytest.raises(RuntimeError):
+        with index.write() as conn:
+            conn.execute(text(_INSERT), {"name": "d", "seq": 4})
+            Prepared(_INSERT).rows(conn, {"name": "e", "seq": 5})
+            raise RuntimeError("rolled back")
+    with pytest.raises(RuntimeError):
+        with index.write() as conn:
+            Prepared(_INSERT).rows(conn, {"name": "f", "seq": 6})
+            raise RuntimeError("rolled back")
+    with index.write() as conn:
+        conn.execute(text(_INSERT), {"name": "g", "seq": 7})
+    assert [r.name for r in index.query("SELECT name FROM cursors ORDER BY name", {})] == ["a", "b", "c", "g"]
 
 
 def test_the_held_sqlite_writer_survives_a_transaction_that_could_not_begin(tmp_path):
