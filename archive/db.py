@@ -6,7 +6,8 @@ readers on read-only connections of their own that never wait for it. `url = "po
 is PostgreSQL through psycopg 3 and SQLAlchemy's pool: writes in READ COMMITTED transactions,
 reads in read-only ones; the password comes from libpq (PGPASSWORD, PGPASSFILE, a service file),
 never from the URL. Queries are SQLAlchemy Core (`text()` with `:named` parameters in SQL both
-engines accept, or Core expressions where they differ): one copy of each, for both.
+engines accept, or Core expressions where they differ): one copy of each, for both. `Prepared` runs
+the ingest's statements (one copy too, compiled once per dialect) without `execute`'s overhead.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from types import MappingProxyType
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 from urllib.parse import quote
 
 import sqlalchemy as sa
@@ -57,12 +59,66 @@ class Engines:
     readers: Engine
     lock: ContextManager
     where: str                      # the SQLite file, or the URL without a password
+    _held: Connection | None = None  # SQLite: the writer's one connection, kept out of its pool (below)
 
     @property
     def sqlite(self) -> bool:
         return self.writer.dialect.name == "sqlite"
 
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """The writer's connection, outside any transaction, under the writers' lock.
+
+        SQLite has one writer connection: it stays checked out of its pool between transactions
+        (a checkout and return cost more than an ingest's statements) and is only used under the
+        lock. PostgreSQL: a connection of the pool for the block."""
+        with self.lock:
+            if not self.sqlite:
+                with self.writer.connect() as conn:
+                    yield conn
+                return
+            yield self._sqlite_connection()
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One write transaction: committed when the block ends, rolled back when it raises.
+
+        SQLite: the transaction is the driver's (BEGIN IMMEDIATE ... COMMIT), the held connection in
+        SQLAlchemy's AUTOCOMMIT mode: SQLAlchemy's own begin and commit cost as much as an ingest's
+        statements (bench/index.py). A statement run through `execute` inside the block begins
+        SQLAlchemy's transaction too (no BEGIN then: `_writer_begin`), committed or rolled back here,
+        which commits or rolls back the driver's."""
+        with self.lock:
+            if not self.sqlite:
+                with self.writer.begin() as conn:
+                    yield conn
+                return
+            conn = self._sqlite_connection()
+            driver = conn.connection.driver_connection
+            _on_driver(conn, "BEGIN IMMEDIATE")
+            try:
+                yield conn
+                if conn.in_transaction():       # SQLAlchemy's own (autobegun by an execute): ends with ours
+                    conn.commit()
+                if driver.in_transaction:
+                    _on_driver(conn, "COMMIT")
+            finally:
+                if conn.in_transaction():
+                    conn.rollback()
+                if driver.in_transaction:
+                    driver.execute("ROLLBACK")
+
+    def _sqlite_connection(self) -> Connection:
+        """The one SQLite writer connection (under the lock)."""
+        if self._held is None or self._held.closed:
+            self._held = self.writer.connect().execution_options(isolation_level="AUTOCOMMIT")
+        return self._held
+
     def dispose(self) -> None:
+        with self.lock:
+            if self._held is not None:
+                self._held.close()
+                self._held = None
         self.readers.dispose()
         self.writer.dispose()
 
@@ -78,7 +134,9 @@ def open_engines(where: str | Path) -> Engines:
 
 def _sqlite(path: Path) -> Engines:
     connect_args = {"check_same_thread": False, "timeout": 10}
-    writer = sa.create_engine(f"sqlite:///{path}", connect_args=connect_args, pool_size=1, max_overflow=0)
+    # writes use one connection, held by Engines (`write`); the other is for whoever opens the engine itself
+    # (sa.inspect): it must not wait for the held one
+    writer = sa.create_engine(f"sqlite:///{path}", connect_args=connect_args, pool_size=2, max_overflow=0)
     readers = sa.create_engine(f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true", connect_args=connect_args,
                                pool_size=8, max_overflow=16)
 
@@ -91,7 +149,8 @@ def _sqlite(path: Path) -> Engines:
 
     @sa.event.listens_for(writer, "begin")
     def _writer_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if not conn.connection.driver_connection.in_transaction:     # Engines.write begins its own
+            _on_driver(conn, "BEGIN IMMEDIATE")
 
     @sa.event.listens_for(readers, "connect")
     def _reader_connect(dbapi, record) -> None:
@@ -101,9 +160,18 @@ def _sqlite(path: Path) -> Engines:
 
     @sa.event.listens_for(readers, "begin")
     def _reader_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN")       # deferred: a snapshot, never a lock the writer waits for
+        _on_driver(conn, "BEGIN")       # deferred: a snapshot, never a lock the writer waits for
 
     return Engines(writer, readers, threading.Lock(), str(path))
+
+
+def _on_driver(conn: Connection, sql: str) -> None:
+    """`sql` on the DBAPI connection (exec_driver_sql costs as much as an ingest's statements), its
+    errors raised as SQLAlchemy's."""
+    try:
+        conn.connection.driver_connection.execute(sql)
+    except sqlite3.Error as exc:
+        raise sa.exc.DBAPIError.instance(sql, (), exc, sqlite3.Error, dialect=conn.dialect) from exc
 
 
 def _postgresql(url: str) -> Engines:
@@ -158,6 +226,64 @@ class QueryCancelled(Exception):
         self.timeout = timeout
 
 
+_NONE: Mapping[str, Any] = MappingProxyType({})
+
+
+class Prepared:
+    """A `text()` statement compiled once per dialect by SQLAlchemy's compiler (its SQL and the order of
+    its parameters) and run on the DBAPI cursor of the connection's transaction: for the statements an
+    ingest runs each time, where `Connection.execute` (and even `exec_driver_sql`) costs several times
+    what SQLite spends on the statement (bench/index.py). Rows are the driver's (sequences: index or
+    unpack them); errors are SQLAlchemy's, as from `execute`. For `Engines.write`'s transaction (on a
+    connection outside one, each statement is its own). The same rows as `conn.execute(text(sql),
+    params)` (tests/test_db.py); `:named` parameters only, untyped and not expanding (no IN lists)."""
+
+    def __init__(self, sql: str):
+        self.statement = sa.text(sql)
+        self._compiled: dict[str, tuple[str, tuple[str, ...]]] = {}     # by dialect name
+
+    def rows(self, conn: Connection, params: Mapping[str, Any] = _NONE) -> list:
+        """The rows (the driver's: index or unpack them) of a SELECT, or of a change with RETURNING."""
+        return self._run(conn, params, None, True)
+
+    def run(self, conn: Connection, params: Mapping[str, Any] = _NONE) -> int:
+        """Run a statement without rows; the driver's rowcount."""
+        return self._run(conn, params, None, False)
+
+    def run_many(self, conn: Connection, many: Sequence[Mapping[str, Any]]) -> int:
+        """Run a statement without rows once per item of `many` (the driver's executemany)."""
+        return self._run(conn, None, many, False)
+
+    def _run(self, conn: Connection, params, many, rows: bool):
+        dialect = conn.dialect
+        compiled = self._compiled.get(dialect.name)
+        if compiled is None:
+            compiled = self._compiled[dialect.name] = self._compile(dialect)
+        sql, names = compiled
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            if many is None:
+                arguments = [params[n] for n in names] if dialect.positional else {n: params[n] for n in names}
+                cursor.execute(sql, arguments)
+            else:
+                arguments = [[p[n] for n in names] if dialect.positional else {n: p[n] for n in names} for p in many]
+                cursor.executemany(sql, arguments)
+            return cursor.fetchall() if rows else cursor.rowcount
+        except dialect.loaded_dbapi.Error as exc:
+            raise sa.exc.DBAPIError.instance(sql, arguments, exc, dialect.loaded_dbapi.Error,
+                                             dialect=dialect) from exc
+        finally:
+            cursor.close()
+
+    def _compile(self, dialect) -> tuple[str, tuple[str, ...]]:
+        compiled = self.statement.compile(dialect=dialect)
+        for name, bind in compiled.binds.items():
+            if bind.expanding or bind.literal_execute or not isinstance(bind.type, sa.types.NullType):
+                raise ValueError(f"Prepared: parameter {name!r} must be a plain :{name} (not expanding, untyped)")
+        names = tuple(compiled.positiontup) if compiled.positional else tuple(compiled.binds)
+        return compiled.string, names
+
+
 # -- migrations: Alembic, one version folder and version table per owner ------------------------------
 
 _ENV = Path(__file__).with_name("alembic")
@@ -181,15 +307,14 @@ def migrate(engines: Engines, owner: str, folder: Path, legacy: Callable[[Any], 
     config.set_main_option("script_location", str(_ENV))
     config.set_main_option("version_locations", str(folder))
     config.attributes["version_table"] = table = f"alembic_version_{owner}"
-    with engines.lock:
+    with engines.connection() as conn:
         stamp = False
         if legacy is not None and engines.sqlite:
-            with engines.writer.connect() as conn:
-                raw = conn.connection.driver_connection
-                made = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table' AND name IN "
-                                                  "(?, '_sqlite_migrations')", (table,))}
-                stamp = made == {"_sqlite_migrations"} and legacy(raw)
-        with engines.writer.begin() as conn:
+            raw = conn.connection.driver_connection
+            made = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table' AND name IN "
+                                              "(?, '_sqlite_migrations')", (table,))}
+            stamp = made == {"_sqlite_migrations"} and legacy(raw)
+        with conn.begin():
             config.attributes["connection"] = conn
             if stamp:
                 first = [s.revision for s in ScriptDirectory.from_config(config).walk_revisions()

@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterator, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import bindparam, text
@@ -32,6 +32,22 @@ class Difference:
     index_value: str | None
     instance_value: str | None
     reason: str | None = None
+
+
+class Filed(NamedTuple):
+    """What the index holds of an instance being received (`Index.filed`): None where it holds nothing."""
+    instance_pk: int | None         # the instance of this SOP Instance UID
+    sha256: str | None
+    blob_id: str | None
+    series_pk: int | None           # the series of this Series Instance UID, and the UID of its study
+    series_study_uid: str | None
+    study_pk: int | None            # the study of this Study Instance UID
+    updated_at: float | None
+    patient_pk: int | None          # the study's patient, or else the patient of this Patient ID
+    patient_id: str | None
+    patient_name: str | None
+    birth_date: str | None
+    sex: str | None
 
 
 class HierarchyConflict(Exception):
@@ -57,7 +73,8 @@ SAME_UID_OTHER_CONTENT = "received again with different content"
 
 
 _NOT_KEPT = bindparam("not_kept", NOT_KEPT, expanding=True)
-_BLOB_IDS = text("SELECT blob_id FROM instances UNION SELECT blob_id FROM quarantine UNION SELECT blob_id FROM blob_holds")
+_BLOB_IDS = text("SELECT blob_id FROM instances UNION SELECT blob_id FROM quarantine "
+                 "UNION SELECT blob_id FROM blob_holds")
 _BLOB_REFERENCED = text("SELECT 1 FROM instances WHERE blob_id = :blob UNION ALL SELECT 1 FROM quarantine "
                         "WHERE blob_id = :blob UNION ALL SELECT 1 FROM blob_holds WHERE blob_id = :blob LIMIT 1")
 _INTEGRITY = text("SELECT action, COUNT(DISTINCT sop_instance_uid) FROM conflicts GROUP BY action")
@@ -70,42 +87,52 @@ _CHANGES_SINCE = text("SELECT * FROM changes WHERE seq > :seq ORDER BY seq LIMIT
 _STUDIES_STORED = text(
     "SELECT MAX(seq), study_uid FROM changes WHERE kind IN ('stored', 'replaced') AND seq > :after AND seq <= :upto "
     "GROUP BY study_uid ORDER BY MAX(seq) LIMIT :limit")
-# ingest's statements (inside `write()`)
-_SERIES = text("SELECT se.pk, st.study_uid FROM series se JOIN studies st ON st.pk = se.study_pk "
-               "WHERE se.series_uid = :series_uid")
-_STUDY = text("SELECT st.pk, st.patient_pk, p.patient_id FROM studies st JOIN patients p ON p.pk = st.patient_pk "
-              "WHERE st.study_uid = :study_uid")
-_PATIENT = text("SELECT pk FROM patients WHERE patient_id = :patient_id")
-_NEW_PATIENT = text("INSERT INTO patients (patient_id, patient_name, patient_name_key, birth_date, sex) "
-                    "VALUES (:patient_id, :patient_name, :patient_name_key, :birth_date, :sex) RETURNING pk")
-_NEW_STUDY = text(
+# ingest's statements (inside `write()`), run as `db.Prepared` (compiled once per dialect)
+# What the index holds of an instance's UID and of its series, study and patient, in one statement: the
+# instance of this UID; the series of this UID and the UID of its study; the study of this UID and its
+# patient, or else the patient of this Patient ID (never one of the empty-ID patients).
+FILED = db.Prepared(
+    "SELECT i.pk AS instance_pk, i.sha256, i.blob_id, se.pk AS series_pk, sst.study_uid AS series_study_uid, "
+    "st.pk AS study_pk, st.updated_at, p.pk AS patient_pk, p.patient_id, p.patient_name, p.birth_date, p.sex "
+    "FROM (SELECT 1 AS one) one LEFT JOIN instances i ON i.sop_instance_uid = :uid "
+    "LEFT JOIN series se ON se.series_uid = :series_uid LEFT JOIN studies sst ON sst.pk = se.study_pk "
+    "LEFT JOIN studies st ON st.study_uid = :study_uid "
+    "LEFT JOIN patients p ON p.pk = COALESCE(st.patient_pk, "
+    "(SELECT x.pk FROM patients x WHERE x.patient_id = :patient_id AND x.patient_id <> '' LIMIT 1))")
+_NEW_PATIENT = db.Prepared("INSERT INTO patients (patient_id, patient_name, patient_name_key, birth_date, sex) "
+                           "VALUES (:patient_id, :patient_name, :patient_name_key, :birth_date, :sex) RETURNING pk")
+_NEW_STUDY = db.Prepared(
     "INSERT INTO studies (study_uid, patient_pk, study_date, study_time, study_time_key, accession_number, "
     "study_description, referring_physician, referring_physician_key, study_id, character_set, updated_at) "
     "VALUES (:study_uid, :patient_pk, :study_date, :study_time, :study_time_key, :accession_number, "
     ":study_description, :referring_physician, :referring_physician_key, :study_id, :character_set, :now) "
     "RETURNING pk")
-_STUDY_UPDATED = text("UPDATE studies SET updated_at = :now WHERE pk = :pk")
-_NEW_SERIES = text(
+_STUDY_UPDATED = db.Prepared("UPDATE studies SET updated_at = :now WHERE pk = :pk")
+_NEW_SERIES = db.Prepared(
     "INSERT INTO series (series_uid, study_pk, modality, series_number, series_description, body_part) "
     "VALUES (:series_uid, :study_pk, :modality, :series_number, :series_description, :body_part) RETURNING pk")
 _HELD = text("SELECT p.patient_id, st.study_uid, se.series_uid FROM instances i JOIN series se ON se.pk = i.series_pk "
              "JOIN studies st ON st.pk = se.study_pk JOIN patients p ON p.pk = st.patient_pk WHERE i.pk = :pk")
-_DEMOGRAPHICS = text("SELECT patient_name, birth_date, sex FROM patients WHERE pk = :pk")
 _FILL = {columns: text(f"UPDATE patients SET {', '.join(f'{c} = :{c}' for c in columns)} WHERE pk = :pk")
          for columns in (("patient_name", "patient_name_key"), ("birth_date",), ("sex",),
-                         ("patient_name", "birth_date", "patient_name_key"), ("patient_name", "sex", "patient_name_key"),
+                         ("patient_name", "birth_date", "patient_name_key"),
+                         ("patient_name", "sex", "patient_name_key"),
                          ("birth_date", "sex"), ("patient_name", "birth_date", "sex", "patient_name_key"))}
-_CONFLICT_AGAIN = text(
+_CONFLICT_AGAIN = db.Prepared(
     "UPDATE conflicts SET received = received + 1, time = :now, calling_ae = :calling_ae "
     "WHERE sop_instance_uid = :uid AND attribute = :attribute AND index_value IS NOT DISTINCT FROM :index_value "
     "AND instance_value IS NOT DISTINCT FROM :instance_value AND action = :action")
-_NEW_CONFLICT = text(
+_NEW_CONFLICT = db.Prepared(
     "INSERT INTO conflicts (time, sop_instance_uid, study_uid, series_uid, attribute, index_value, instance_value, "
     "action, calling_ae, reason) VALUES (:now, :uid, :study_uid, :series_uid, :attribute, :index_value, "
     ":instance_value, :action, :calling_ae, :reason)")
-_ADD_CHANGE = text(
+_ADD_CHANGE = db.Prepared(
     "INSERT INTO changes (kind, instance_pk, study_uid, series_uid, sop_instance_uid, blob_id, time) "
     "VALUES (:kind, :instance_pk, :study_uid, :series_uid, :sop_instance_uid, :blob_id, :time)")
+_ADD_STORED_CHANGE = db.Prepared(
+    "INSERT INTO changes (kind, instance_pk, study_uid, series_uid, sop_instance_uid, blob_id, time) "
+    "SELECT :kind, pk, :study_uid, :series_uid, sop_instance_uid, blob_id, received_at FROM instances "
+    "WHERE sop_instance_uid = :sop_instance_uid")
 _ADD_JOB_CHANGE = text("INSERT INTO changes (kind, study_uid, blob_id, job_id, time) "
                        "VALUES (:kind, :study_uid, :blob_id, :job_id, :time)")
 
@@ -157,12 +184,10 @@ class Index:
     def close(self) -> None:
         self.engines.dispose()
 
-    @contextmanager
-    def write(self) -> Iterator[Connection]:
+    def write(self) -> ContextManager[Connection]:
         """One write transaction (SQLite: IMMEDIATE, under the writer lock); committed (and durable)
         when the block ends, rolled back when it raises."""
-        with self.engines.lock, self.engines.writer.begin() as conn:
-            yield conn
+        return self.engines.write()
 
     @contextmanager
     def reader(self) -> Iterator[Connection]:
@@ -232,7 +257,16 @@ class Index:
     # -- writes used by ingest (inside `write()`) ---------------------------------------
 
     @staticmethod
-    def upsert_hierarchy(conn: Connection, header, now: float, differences: list[Difference] | None = None) -> int:
+    def filed(conn: Connection, header) -> Filed:
+        """What the index holds of the instance's UID, series, study and patient: one statement, for
+        the ingest transaction."""
+        row, = FILED.rows(conn, {"uid": header.sop_instance_uid, "series_uid": header.series_uid,
+                                 "study_uid": header.study_uid, "patient_id": header.attrs["PatientID"] or ""})
+        return Filed(*row)
+
+    @staticmethod
+    def upsert_hierarchy(conn: Connection, header, now: float, differences: list[Difference] | None = None,
+                         filed: Filed | None = None) -> int:
         """File the instance under its patient, study and series (made when new); return the series pk.
 
         A series belongs to one study and a study to one patient: an instance that says
@@ -241,47 +275,48 @@ class Index:
         answers; an empty one is filled in), and where the instance says otherwise a
         `Difference` is appended to `differences` for the caller to record. An instance
         without a Patient ID belongs to its study's patient, or to a new patient row of its
-        own for a new study (never to one shared empty-ID patient).
+        own for a new study (never to one shared empty-ID patient). `filed`: `Index.filed`'s
+        row, when the caller has it (taken in this transaction, nothing written since).
+        A study's `updated_at` is kept to the second (not rewritten within the same second).
         """
         a = header.attrs
         patient_id = a["PatientID"] or ""
-        series = conn.execute(_SERIES, {"series_uid": header.series_uid}).first()
-        if series is not None and series[1] != header.study_uid:
+        if filed is None:
+            filed = Index.filed(conn, header)
+        if filed.series_pk is not None and filed.series_study_uid != header.study_uid:
             raise HierarchyConflict("series belongs to another study", header.series_uid,
-                                    [Difference("StudyInstanceUID", series[1], header.study_uid)])
-        study = conn.execute(_STUDY, {"study_uid": header.study_uid}).first()
-        if study is not None and study[2] != patient_id:
+                                    [Difference("StudyInstanceUID", filed.series_study_uid, header.study_uid)])
+        if filed.study_pk is not None and filed.patient_id != patient_id:
             raise HierarchyConflict("study belongs to another patient", header.study_uid,
-                                    [Difference("PatientID", study[2], patient_id)])
-        if study is not None:
-            patient_pk = study[1]
-        elif patient_id:
-            patient_pk = conn.execute(_PATIENT, {"patient_id": patient_id}).scalar()
-        else:
-            patient_pk = None
+                                    [Difference("PatientID", filed.patient_id, patient_id)])
+        patient_pk = filed.patient_pk
         if patient_pk is None:
-            patient_pk = conn.execute(_NEW_PATIENT, {
-                "patient_id": patient_id, "patient_name": a["PatientName"], "patient_name_key": name_key(a["PatientName"]),
-                "birth_date": a["PatientBirthDate"], "sex": a["PatientSex"]}).scalar_one()
+            (patient_pk,), = _NEW_PATIENT.rows(conn, {
+                "patient_id": patient_id, "patient_name": a["PatientName"],
+                "patient_name_key": name_key(a["PatientName"]), "birth_date": a["PatientBirthDate"],
+                "sex": a["PatientSex"]})
         else:
-            Index._keep_demographics(conn, patient_pk, a, differences)
-        if study is None:
-            study_pk = conn.execute(_NEW_STUDY, {
+            Index._keep_demographics(conn, patient_pk, (filed.patient_name, filed.birth_date, filed.sex), a,
+                                     differences)
+        if filed.study_pk is None:
+            (study_pk,), = _NEW_STUDY.rows(conn, {
                 "study_uid": header.study_uid, "patient_pk": patient_pk, "study_date": a["StudyDate"],
                 "study_time": a["StudyTime"], "study_time_key": time_key(a["StudyTime"]),
                 "accession_number": a["AccessionNumber"], "study_description": a["StudyDescription"],
                 "referring_physician": a["ReferringPhysicianName"],
                 "referring_physician_key": name_key(a["ReferringPhysicianName"]), "study_id": a["StudyID"],
-                "character_set": a["SpecificCharacterSet"], "now": now}).scalar_one()
+                "character_set": a["SpecificCharacterSet"], "now": now})
         else:
-            study_pk = study[0]
-            conn.execute(_STUDY_UPDATED, {"now": now, "pk": study_pk})
-        if series is not None:
-            return series[0]
-        return conn.execute(_NEW_SERIES, {
+            study_pk = filed.study_pk
+            if int(filed.updated_at) != int(now):
+                _STUDY_UPDATED.run(conn, {"now": now, "pk": study_pk})
+        if filed.series_pk is not None:
+            return filed.series_pk
+        (series_pk,), = _NEW_SERIES.rows(conn, {
             "series_uid": header.series_uid, "study_pk": study_pk, "modality": a["Modality"],
             "series_number": a["SeriesNumber"], "series_description": a["SeriesDescription"],
-            "body_part": a["BodyPartExamined"]}).scalar_one()
+            "body_part": a["BodyPartExamined"]})
+        return series_pk
 
     @staticmethod
     def check_same_instance(conn: Connection, header, instance_pk: int) -> None:
@@ -298,16 +333,16 @@ class Index:
                                         [Difference(keyword, index_value, instance_value, f"its {reason}")])
 
     @staticmethod
-    def _keep_demographics(conn: Connection, patient_pk: int, attrs: dict,
+    def _keep_demographics(conn: Connection, patient_pk: int, held_values: tuple, attrs: dict,
                            differences: list[Difference] | None) -> None:
         """Fill what the patient row lacks; note (never write over) what the instance says otherwise.
+        `held_values`: the row's values of `DEMOGRAPHICS`' columns.
 
         An instance that contradicts what is held (another name for the same Patient ID) may
         be another person's: then none of its values fill a blank either, and each of them
         is noted as a difference."""
-        row = conn.execute(_DEMOGRAPHICS, {"pk": patient_pk}).first()
         fill, found = {}, []
-        for (keyword, column), held in zip(DEMOGRAPHICS, row):
+        for (keyword, column), held in zip(DEMOGRAPHICS, held_values):
             said = attrs.get(keyword)
             if not said or _same(keyword, held, said):
                 continue
@@ -329,17 +364,24 @@ class Index:
         for d in differences:
             params = {"now": now, "calling_ae": calling_ae, "uid": header.sop_instance_uid, "attribute": d.attribute,
                       "index_value": d.index_value, "instance_value": d.instance_value, "action": action}
-            if conn.execute(_CONFLICT_AGAIN, params).rowcount == 0:
-                conn.execute(_NEW_CONFLICT, {**params, "study_uid": header.study_uid, "series_uid": header.series_uid,
+            if _CONFLICT_AGAIN.run(conn, params) == 0:
+                _NEW_CONFLICT.run(conn, {**params, "study_uid": header.study_uid, "series_uid": header.series_uid,
                                              "reason": d.reason})
 
     @staticmethod
     def add_change(conn: Connection, kind: str, instance_pk: int | None, header,
                    blob_id: str | None, now: float | None = None) -> None:
-        conn.execute(_ADD_CHANGE, {
+        _ADD_CHANGE.run(conn, {
             "kind": kind, "instance_pk": instance_pk, "study_uid": header.study_uid, "series_uid": header.series_uid,
             "sop_instance_uid": header.sop_instance_uid, "blob_id": blob_id,
             "time": now if now is not None else time.time()})
+
+    @staticmethod
+    def add_stored_change(conn: Connection, kind: str, header) -> None:
+        """The change of the instance just written under the header's UID: its row, blob and time as
+        the index holds them (no RETURNING needed for its pk)."""
+        _ADD_STORED_CHANGE.run(conn, {"kind": kind, "study_uid": header.study_uid, "series_uid": header.series_uid,
+                                      "sop_instance_uid": header.sop_instance_uid})
 
     @staticmethod
     def add_job_change(conn: Connection, kind: str, job_id: str, study_uid: str,

@@ -32,20 +32,20 @@ from typing import Callable, Iterator
 from sqlalchemy import exc as sa_exc, text
 
 from .crypto import IntegrityError, Keyring, KmsKeyring, LocalKeyring
-from .dicomfile import DEFAULT_LIMITS, InstanceHeader, InvalidInstance, Limits, dataset_offset as inspect_offset, inspect
-from .db import SQLITE_FILE
+from .dicomfile import (DEFAULT_LIMITS, InstanceHeader, InvalidInstance, Limits, dataset_offset as inspect_offset,
+                        inspect)
+from .db import SQLITE_FILE, Prepared
 from .index import SAME_UID_OTHER_CONTENT, Difference, HierarchyConflict, Index
 from .storage import BlobInfo, LocalStorage, StorageFull, TieredStorage
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 ERROR_COMMENT_MAX = 64   # a reason a DIMSE Error Comment (LO) carries whole
-_HELD = text("SELECT pk, sha256, blob_id FROM instances WHERE sop_instance_uid = :uid")
-_NEW_INSTANCE = text(
+_NEW_INSTANCE = Prepared(
     "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, transfer_syntax, size, "
     "sha256, blob_id, calling_ae, received_at, job_id) VALUES (:uid, :series_pk, :sop_class_uid, :instance_number, "
-    ":transfer_syntax, :size, :sha256, :blob_id, :calling_ae, :now, :job_id) RETURNING pk")
-_REPLACE_INSTANCE = text(
+    ":transfer_syntax, :size, :sha256, :blob_id, :calling_ae, :now, :job_id)")
+_REPLACE_INSTANCE = Prepared(
     "UPDATE instances SET series_pk = :series_pk, sop_class_uid = :sop_class_uid, instance_number = :instance_number, "
     "transfer_syntax = :transfer_syntax, size = :size, sha256 = :sha256, blob_id = :blob_id, calling_ae = :calling_ae, "
     "received_at = :now WHERE pk = :pk")
@@ -232,36 +232,37 @@ class Archive:
         obsolete_blob = conflict = None
         differences: list[Difference] = []
         with self.index.write() as conn:
-            row = conn.execute(_HELD, {"uid": header.sop_instance_uid}).first()
+            filed = Index.filed(conn, header)     # the instance of this UID, its series, study and patient
+            row = filed if filed.instance_pk is not None else None
             other_content = row is not None and row.sha256 != sha256
             filing = row is None or (other_content and self.duplicates == "replace")
             try:
                 if other_content:                 # the same UID must be the same instance, whatever the policy
-                    Index.check_same_instance(conn, header, row.pk)
-                series_pk = Index.upsert_hierarchy(conn, header, now, differences) if filing else None
+                    Index.check_same_instance(conn, header, row.instance_pk)
+                series_pk = Index.upsert_hierarchy(conn, header, now, differences, filed) if filing else None
             except HierarchyConflict as exc:      # nothing of the hierarchy was written
                 conflict = exc
                 outcome, kept = self._conflict(conn, exc, header, blob, sha256, calling_ae, job_id, now)
                 obsolete_blob = None if kept else blob.blob_id
             else:
                 if row is None:
-                    pk = conn.execute(_NEW_INSTANCE, {
+                    _NEW_INSTANCE.run(conn, {
                         "uid": header.sop_instance_uid, "series_pk": series_pk, "sop_class_uid": header.sop_class_uid,
                         "instance_number": header.attrs["InstanceNumber"], "transfer_syntax": header.transfer_syntax,
                         "size": blob.size, "sha256": sha256, "blob_id": blob.blob_id, "calling_ae": calling_ae,
-                        "now": now, "job_id": job_id}).scalar_one()
-                    Index.add_change(conn, "result_stored" if job_id else "stored", pk, header, blob.blob_id, now)
+                        "now": now, "job_id": job_id})
+                    Index.add_stored_change(conn, "result_stored" if job_id else "stored", header)
                     outcome = Outcome.STORED
                 elif row.sha256 == sha256:
                     obsolete_blob, outcome = blob.blob_id, Outcome.ALREADY_STORED
                 elif self.duplicates == "replace":
-                    conn.execute(_REPLACE_INSTANCE, {
+                    _REPLACE_INSTANCE.run(conn, {
                         "series_pk": series_pk, "sop_class_uid": header.sop_class_uid,
                         "instance_number": header.attrs["InstanceNumber"], "transfer_syntax": header.transfer_syntax,
                         "size": blob.size, "sha256": sha256, "blob_id": blob.blob_id, "calling_ae": calling_ae,
-                        "now": now, "pk": row.pk})
-                    Index.add_change(conn, "replaced", row.pk, header, blob.blob_id, now)
-                    Index.add_change(conn, "blob_removed", row.pk, header, row.blob_id, now)
+                        "now": now, "pk": row.instance_pk})
+                    Index.add_change(conn, "replaced", row.instance_pk, header, blob.blob_id, now)
+                    Index.add_change(conn, "blob_removed", row.instance_pk, header, row.blob_id, now)
                     obsolete_blob, outcome = row.blob_id, Outcome.REPLACED
                 else:                             # recorded: storage commitment must not confirm this UID
                     obsolete_blob, outcome = blob.blob_id, Outcome.DUPLICATE_KEPT_FIRST

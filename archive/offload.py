@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import text
 
+from . import db
 from .changes import consume, position
 from .crypto import IntegrityError, KmsError, rewrapped_header
 from .ingest import Archive
@@ -118,15 +119,22 @@ class Offloader:
         now = self.clock()
         before = position(self.archive.index, CURSOR)
         with consume(self.archive.index, CURSOR, UPLOAD_KINDS + REMOVE_KINDS, limit) as batch:
+            runs: list[tuple[db.Prepared, list[dict]]] = []     # in the log's order, each run in one executemany
             for change in batch:
                 blob_id = change.blob_id
                 if blob_id is None:
                     continue
                 if change.kind in UPLOAD_KINDS:
-                    batch.conn.execute(_QUEUE_UPLOAD, {"blob_id": blob_id, "now": now,
-                                                       "size": self._local_size(blob_id)})
+                    statement, params = _QUEUE_UPLOAD, {"blob_id": blob_id, "now": now,
+                                                        "size": self._local_size(blob_id)}
                 else:
-                    batch.conn.execute(_QUEUE_REMOVAL, {"blob_id": blob_id, "now": now})
+                    statement, params = _QUEUE_REMOVAL, {"blob_id": blob_id, "now": now}
+                if runs and runs[-1][0] is statement:
+                    runs[-1][1].append(params)
+                else:
+                    runs.append((statement, [params]))
+            for statement, many in runs:
+                statement.run_many(batch.conn, many)
         return batch.upto - before
 
     def _local_size(self, blob_id: str) -> int | None:
@@ -189,21 +197,25 @@ class Offloader:
         if not outcomes:
             return
         now = self.clock()
+        rows: dict[db.Prepared, list[dict]] = {_OFFLOADED: [], _FORGET: [], _FAILED: [], _RETRY: []}
+        for o in outcomes:                  # one row per blob: each statement once, for all its blobs
+            if o.state == "offloaded":
+                rows[_OFFLOADED].append({"now": now, "size": o.stored_size, "blob_id": o.blob_id})
+            elif o.state in ("gone", "removed"):
+                rows[_FORGET].append({"blob_id": o.blob_id})
+            elif o.state == "failed":
+                log.error("offload of blob %s failed for good: %s", o.blob_id, o.error)
+                rows[_FAILED].append({"error": o.error, "blob_id": o.blob_id})
+            else:
+                delay = self.backoff(attempts[o.blob_id])
+                rows[_RETRY].append({"next_try": now + delay, "error": o.error, "blob_id": o.blob_id})
         with self.archive.index.write() as conn:
-            for o in outcomes:
-                if o.state == "offloaded":
-                    conn.execute(_OFFLOADED, {"now": now, "size": o.stored_size, "blob_id": o.blob_id})
-                elif o.state in ("gone", "removed"):
-                    conn.execute(_FORGET, {"blob_id": o.blob_id})
-                elif o.state == "failed":
-                    log.error("offload of blob %s failed for good: %s", o.blob_id, o.error)
-                    conn.execute(_FAILED, {"error": o.error, "blob_id": o.blob_id})
-                else:
-                    delay = self.backoff(attempts[o.blob_id])
-                    conn.execute(_RETRY, {"next_try": now + delay, "error": o.error, "blob_id": o.blob_id})
+            for statement, many in rows.items():
+                if many:
+                    statement.run_many(conn, many)
             if any(o.state in ("offloaded", "removed") for o in outcomes):
                 # S3 answers again: what waits for a retry need not wait any longer
-                conn.execute(_RETRY_NOW, {"now": now})
+                _RETRY_NOW.run(conn, {"now": now})
         retries = [o for o in outcomes if o.state == "retry"]
         if retries:
             self._leftovers = True
@@ -239,31 +251,34 @@ class Offloader:
             self.archive.local.remove(blob_id)
         if victims:
             with self.archive.index.write() as conn:
-                conn.execute(_EVICTED, [{"now": now, "blob_id": b} for b in victims])
+                _EVICTED.run_many(conn, [{"now": now, "blob_id": b} for b in victims])
             log.info("evicted %d local copies of offloaded blobs", len(victims))
         return len(victims)
 
 
-_QUEUE_UPLOAD = text("INSERT INTO offload (blob_id, state, next_try, queued_at, stored_size) "
-                     "VALUES (:blob_id, 'pending', :now, :now, :size) ON CONFLICT (blob_id) DO NOTHING")
-_QUEUE_REMOVAL = text("INSERT INTO offload (blob_id, state, next_try, queued_at) VALUES (:blob_id, 'remove', :now, :now) "
-                      "ON CONFLICT (blob_id) DO UPDATE SET state = 'remove', next_try = excluded.next_try")
+_QUEUE_UPLOAD = db.Prepared("INSERT INTO offload (blob_id, state, next_try, queued_at, stored_size) "
+                            "VALUES (:blob_id, 'pending', :now, :now, :size) ON CONFLICT (blob_id) DO NOTHING")
+_QUEUE_REMOVAL = db.Prepared("INSERT INTO offload (blob_id, state, next_try, queued_at) "
+                             "VALUES (:blob_id, 'remove', :now, :now) "
+                             "ON CONFLICT (blob_id) DO UPDATE SET state = 'remove', next_try = excluded.next_try")
 _DUE = text("SELECT blob_id, state, attempts FROM offload WHERE state IN ('pending', 'remove') AND next_try <= :now "
             "ORDER BY next_try LIMIT :limit")
-_OFFLOADED = text("UPDATE offload SET state = 'offloaded', offloaded_at = :now, stored_size = :size, last_error = NULL, "
-                  "attempts = attempts + 1 WHERE blob_id = :blob_id")
-_FORGET = text("DELETE FROM offload WHERE blob_id = :blob_id")
-_FAILED = text("UPDATE offload SET state = 'failed', last_error = :error, attempts = attempts + 1 WHERE blob_id = :blob_id")
-_RETRY = text("UPDATE offload SET attempts = attempts + 1, next_try = :next_try, last_error = :error "
-              "WHERE blob_id = :blob_id")
-_RETRY_NOW = text("UPDATE offload SET next_try = :now WHERE state IN ('pending', 'remove') AND attempts > 0 "
-                  "AND next_try > :now")
+_OFFLOADED = db.Prepared("UPDATE offload SET state = 'offloaded', offloaded_at = :now, stored_size = :size, "
+                         "last_error = NULL, attempts = attempts + 1 WHERE blob_id = :blob_id")
+_FORGET = db.Prepared("DELETE FROM offload WHERE blob_id = :blob_id")
+_FAILED = db.Prepared("UPDATE offload SET state = 'failed', last_error = :error, attempts = attempts + 1 "
+                      "WHERE blob_id = :blob_id")
+_RETRY = db.Prepared("UPDATE offload SET attempts = attempts + 1, next_try = :next_try, last_error = :error "
+                     "WHERE blob_id = :blob_id")
+_RETRY_NOW = db.Prepared("UPDATE offload SET next_try = :now WHERE state IN ('pending', 'remove') AND attempts > 0 "
+                         "AND next_try > :now")
 _OLD_COPIES = text("SELECT blob_id FROM offload WHERE evicted_at IS NULL AND state = 'offloaded' "
                    "AND offloaded_at < :before LIMIT 1000")
-_CACHED_BYTES = text("SELECT COALESCE(SUM(stored_size), 0) FROM offload WHERE evicted_at IS NULL AND state != 'remove'")
+_CACHED_BYTES = text("SELECT COALESCE(SUM(stored_size), 0) FROM offload WHERE evicted_at IS NULL "
+                     "AND state != 'remove'")
 _OLDEST_COPIES = text("SELECT blob_id, stored_size FROM offload WHERE evicted_at IS NULL AND state = 'offloaded' "
                       "ORDER BY offloaded_at LIMIT 1000")
-_EVICTED = text("UPDATE offload SET evicted_at = :now WHERE blob_id = :blob_id")
+_EVICTED = db.Prepared("UPDATE offload SET evicted_at = :now WHERE blob_id = :blob_id")
 OFFLOADED_BLOBS = text("SELECT blob_id FROM offload WHERE state = 'offloaded'")
 
 
@@ -300,7 +315,8 @@ def status(index) -> Status:
         counts = {row[0]: row[1] for row in conn.execute(text("SELECT state, COUNT(*) FROM offload GROUP BY state"))}
         retrying = conn.execute(text("SELECT COUNT(*) FROM offload WHERE state = 'pending' AND attempts > 0")).scalar()
         evicted = conn.execute(text("SELECT COUNT(*) FROM offload WHERE evicted_at IS NOT NULL")).scalar()
-        local = conn.execute(text("SELECT COALESCE(SUM(stored_size), 0) FROM offload WHERE evicted_at IS NULL")).scalar()
+        local = conn.execute(text("SELECT COALESCE(SUM(stored_size), 0) FROM offload "
+                                  "WHERE evicted_at IS NULL")).scalar()
         oldest = conn.execute(text("SELECT MIN(queued_at) FROM offload WHERE state = 'pending'")).scalar()
         error = conn.execute(text("SELECT last_error FROM offload WHERE last_error IS NOT NULL "
                                   "ORDER BY (state = 'failed') DESC, next_try DESC LIMIT 1")).fetchall()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import struct
-import time
 from dataclasses import dataclass
 from io import BytesIO
 from typing import TYPE_CHECKING, Callable, Collection, Iterator

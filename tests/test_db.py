@@ -1,0 +1,92 @@
+"""archive.db.Prepared: the same rows and effects as `conn.execute(text(...))`, on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import exc as sa_exc, text
+
+from archive.db import Prepared
+from archive.index import Index
+
+_INSERT = "INSERT INTO cursors (name, seq) VALUES (:name, :seq) RETURNING name, seq"
+_SELECT = ("SELECT name, seq, :seq + 1 AS next, name LIKE 'a%' AS percent FROM cursors "
+           "WHERE seq >= :seq AND (name = :name OR :name IS NULL) ORDER BY name")   # :seq and :name twice
+_UPDATE = "UPDATE cursors SET seq = seq + :by WHERE name = :name"
+
+
+@pytest.fixture
+def index(tmp_path, index_url):
+    i = Index(index_url or tmp_path / "index.sqlite3")
+    yield i
+    i.close()
+
+
+def test_prepared_gives_what_execute_gives(index):
+    with index.write() as conn:
+        assert [tuple(r) for r in Prepared(_INSERT).rows(conn, {"name": "a%b", "seq": 3})] == [("a%b", 3)]
+        assert [tuple(r) for r in conn.execute(text(_INSERT), {"name": "b", "seq": 5})] == [("b", 5)]
+        Prepared(_UPDATE).run_many(conn, [{"name": "a%b", "by": 1}, {"name": "b", "by": 2}, {"name": "c", "by": 1}])
+        assert Prepared(_UPDATE).run(conn, {"name": "nobody", "by": 1}) == 0
+    with index.write() as conn:
+        for params in ({"seq": 0, "name": None}, {"seq": 5, "name": None}, {"seq": 0, "name": "b"},
+                       {"seq": 9, "name": None}):
+            expected = [tuple(r) for r in conn.execute(text(_SELECT), params)]
+            assert [tuple(r) for r in Prepared(_SELECT).rows(conn, {**params, "unused": 1})] == expected
+        assert [tuple(r) for r in Prepared(_SELECT).rows(conn, {"seq": 0, "name": None})] == [
+            ("a%b", 4, 1, 1), ("b", 7, 1, 0)]
+    with index.reader() as conn:
+        assert len(Prepared("SELECT name FROM cursors WHERE seq > :seq").rows(conn, {"seq": 0})) == 2
+
+
+def test_prepared_raises_sqlalchemys_errors_and_refuses_in_lists(index):
+    with pytest.raises(sa_exc.IntegrityError):
+        with index.write() as conn:
+            Prepared(_INSERT).rows(conn, {"name": "a", "seq": 1})
+            Prepared(_INSERT).rows(conn, {"name": "a", "seq": 2})
+    assert index.query("SELECT COUNT(*) AS n FROM cursors", {})[0].n == 0      # rolled back
+    with index.write() as conn, pytest.raises(ValueError, match="expanding"):
+        from sqlalchemy import bindparam
+        statement = Prepared("SELECT name FROM cursors WHERE name IN :names")
+        statement.statement = statement.statement.bindparams(bindparam("names", expanding=True))
+        statement.rows(conn, {"names": ["a"]})
+
+
+def test_a_write_mixing_execute_and_prepared_commits_or_rolls_back_as_one(index):
+    with index.write() as conn:
+        Prepared(_INSERT).rows(conn, {"name": "a", "seq": 1})
+        conn.execute(text(_INSERT), {"name": "b", "seq": 2})
+        Prepared(_INSERT).rows(conn, {"name": "c", "seq": 3})
+    with pytest.raises(RuntimeError):
+        with index.write() as conn:
+            conn.execute(text(_INSERT), {"name": "d", "seq": 4})
+            Prepared(_INSERT).rows(conn, {"name": "e", "seq": 5})
+            raise RuntimeError("rolled back")
+    with pytest.raises(RuntimeError):
+        with index.write() as conn:
+            Prepared(_INSERT).rows(conn, {"name": "f", "seq": 6})
+            raise RuntimeError("rolled back")
+    with index.write() as conn:
+        conn.execute(text(_INSERT), {"name": "g", "seq": 7})
+    assert [r.name for r in index.query("SELECT name FROM cursors ORDER BY name", {})] == ["a", "b", "c", "g"]
+
+
+def test_the_held_sqlite_writer_survives_a_transaction_that_could_not_begin(tmp_path):
+    """SQLite's writer connection stays checked out between transactions: a BEGIN that fails (another
+    process holds the write lock past the busy timeout) raises SQLAlchemy's error and leaves it usable."""
+    import sqlite3
+
+    index = Index(tmp_path / "index.sqlite3")
+    try:
+        with index.engines.connection() as conn:
+            conn.connection.driver_connection.execute("PRAGMA busy_timeout=50")
+        other = sqlite3.connect(tmp_path / "index.sqlite3", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sa_exc.OperationalError, match="locked"):
+            with index.write():
+                pass
+        other.execute("ROLLBACK")
+        other.close()
+        with index.write() as conn:
+            Prepared(_INSERT).rows(conn, {"name": "a", "seq": 1})
+        assert index.query("SELECT seq FROM cursors", {})[0].seq == 1
+    finally:
+        index.close()
