@@ -143,7 +143,7 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
             on_ready: Callable[[], None] = lambda: None,
             every_second: Callable[[], None] = lambda: None) -> None:
     """One receiver: serve the sockets until `stop` is set."""
-    from .owners import open_archive
+    from archive import open as open_archive   # the node migrated the index before it started this process
 
     spool = spool_dir(config, index)
     _make_spool(spool)

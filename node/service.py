@@ -7,11 +7,12 @@ import shutil
 import signal
 import threading
 
+from archive import open as open_archive
 from scp.tls import server_context
 
 from . import lock, receivers
 from .config import Config
-from .owners import open_archive
+from .owners import open_archive as open_migrated
 from .receivers import configure_libraries
 
 
@@ -101,7 +102,7 @@ def _serve(config: Config, ready) -> None:
     if config.router.enabled:
         from router.service import load_plugins
         load_plugins(config)   # an unknown plug-in or bad parameters stop the start, with the rule named
-    archive = open_archive(config)
+    archive = open_migrated(config)   # every owner's tables made or brought up to date, before any child starts
     archive.recover()   # before any receiver ingests; after the owners' migrations (the router holds its files)
     # every port is taken and every setting checked before the first admin is made: a start
     # that fails must not have printed a password shown only once

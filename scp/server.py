@@ -28,6 +28,7 @@ from .settings import Settings
 from .tls import Reports, Slots, TLSAssociationServer, server_context, source_of
 
 log = logging.getLogger(__name__)
+SHUTDOWN_POLL = 0.05   # seconds: how soon a listener notices that it is shut down
 
 TRANSFER_SYNTAXES = [
     uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.ExplicitVRBigEndian,
@@ -209,6 +210,8 @@ def serve(ae: AE, sock: socket.socket, bound: list, contexts: list, ssl_context,
                             max_associate_rq_size=d.max_associate_rq_size, listening_socket=sock,
                             slots=slots or Slots.of(ae, d), **extra)
     ae._servers.append(server)  # as AE.start_server does: AE.shutdown() stops it, shutdown() expects it
-    thread = threading.Thread(target=server.serve_forever, name=f"listener-{address[1]}", daemon=True)
+    # a short poll: shutdown() waits for the loop to notice it (socketserver's default 0.5 s made every stop slow)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": SHUTDOWN_POLL},
+                              name=f"listener-{address[1]}", daemon=True)
     thread.start()
     return server

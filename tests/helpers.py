@@ -113,6 +113,10 @@ class Node:
                  timeout=30, what="the node to listen")
         if self.proc.poll() is not None:
             raise AssertionError(f"node exited at start:\n{self.log()}")
+        receivers = self.settings.get("dicom", {}).get("receivers", 1)   # the others are processes of their own
+        wait_for(lambda: all(f"receiver {i} ready".encode() in self.log_path.read_bytes()[offset:]
+                             for i in range(1, receivers)) or self.proc.poll() is not None,
+                 timeout=30, what="every receiving process to be ready")
         return self
 
     def stop(self, sig=signal.SIGTERM) -> None:

@@ -833,7 +833,8 @@ async def api_download(request: web.Request) -> web.StreamResponse:
             while chunk := await run(request, fh.read, 1 << 20):
                 await response.write(chunk)
         await response.write_eof()
-    await _audit(request, "download", study_uid=study_uid, detail=uid)
+        # recorded before the decrypted copy goes: whoever sees it gone sees the download audited
+        await _audit(request, "download", study_uid=study_uid, detail=uid)
     return response
 
 
