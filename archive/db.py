@@ -11,6 +11,7 @@ the ingest's statements (one copy too, compiled once per dialect) without `execu
 """
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -28,6 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 SQLITE_FILE = "index.sqlite3"
 SQLITE_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL", "PRAGMA foreign_keys=ON",
                   "PRAGMA busy_timeout=10000", "PRAGMA case_sensitive_like=ON")
+log = logging.getLogger(__name__)
 POOL_SIZE = 5                       # PostgreSQL connections kept per process (and as many more when busy)
 
 
@@ -136,9 +138,10 @@ def _sqlite(path: Path) -> Engines:
     connect_args = {"check_same_thread": False, "timeout": 10}
     # writes use one connection, held by Engines (`write`); the other is for whoever opens the engine itself
     # (sa.inspect): it must not wait for the held one
-    writer = sa.create_engine(f"sqlite:///{path}", connect_args=connect_args, pool_size=2, max_overflow=0)
+    writer = sa.create_engine(f"sqlite:///{path}", connect_args=connect_args, pool_size=2, max_overflow=0,
+                              hide_parameters=True)
     readers = sa.create_engine(f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true", connect_args=connect_args,
-                               pool_size=8, max_overflow=16)
+                               pool_size=8, max_overflow=16, hide_parameters=True)
 
     @sa.event.listens_for(writer, "connect")
     def _writer_connect(dbapi, record) -> None:
@@ -177,9 +180,19 @@ def _on_driver(conn: Connection, sql: str) -> None:
 def _postgresql(url: str) -> Engines:
     parsed = sa.engine.make_url(url).set(drivername="postgresql+psycopg")
     writer = sa.create_engine(parsed, isolation_level="READ COMMITTED", pool_size=POOL_SIZE,
-                              max_overflow=POOL_SIZE, pool_pre_ping=True)
+                              max_overflow=POOL_SIZE, pool_pre_ping=True, hide_parameters=True)
     readers = writer.execution_options(postgresql_readonly=True)
     return Engines(writer, readers, nullcontext(), parsed.render_as_string(hide_password=True))
+
+
+def brief(exc: BaseException) -> str:
+    """One line for a log: the driver's own error for a database failure ("OperationalError: no such
+    table: studies"), without the statement SQLAlchemy appends (parameters are hidden in any case:
+    they carry patients' names and IDs)."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
 
 
 def raw(conn: Connection) -> sqlite3.Connection:
@@ -287,6 +300,9 @@ class Prepared:
 # -- migrations: Alembic, one version folder and version table per owner ------------------------------
 
 _ENV = Path(__file__).with_name("alembic")
+_MIGRATING = threading.Lock()       # Alembic's `context` is one per process: one migration at a time
+_MIGRATION_LOCK = 0x6D33_6469       # the PostgreSQL advisory lock every node's migrations take ("m3di")
+logging.getLogger("alembic").setLevel(logging.WARNING)     # its INFO is a line per plug-in; ours is below
 
 
 def migrate(engines: Engines, owner: str, folder: Path, legacy: Callable[[Any], bool] | None = None) -> None:
@@ -307,7 +323,7 @@ def migrate(engines: Engines, owner: str, folder: Path, legacy: Callable[[Any], 
     config.set_main_option("script_location", str(_ENV))
     config.set_main_option("version_locations", str(folder))
     config.attributes["version_table"] = table = f"alembic_version_{owner}"
-    with engines.connection() as conn:
+    with _MIGRATING, engines.connection() as conn:
         stamp = False
         if legacy is not None and engines.sqlite:
             raw = conn.connection.driver_connection
@@ -315,9 +331,21 @@ def migrate(engines: Engines, owner: str, folder: Path, legacy: Callable[[Any], 
                                               "(?, '_sqlite_migrations')", (table,))}
             stamp = made == {"_sqlite_migrations"} and legacy(raw)
         with conn.begin():
+            if not engines.sqlite:      # nodes starting together on one PostgreSQL: one migrates, the others wait
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+            before = _heads(conn, table)
             config.attributes["connection"] = conn
             if stamp:
                 first = [s.revision for s in ScriptDirectory.from_config(config).walk_revisions()
                          if s.down_revision is None]
                 command.stamp(config, first[0])
             command.upgrade(config, "heads")
+            after = _heads(conn, table)
+    if after != before:
+        log.info("index: %s's tables migrated from %s to %s", owner, ",".join(before) or "nothing",
+                 ",".join(after))
+
+
+def _heads(conn: Connection, table: str) -> tuple[str, ...]:
+    from alembic.runtime.migration import MigrationContext
+    return tuple(sorted(MigrationContext.configure(conn, opts={"version_table": table}).get_current_heads()))

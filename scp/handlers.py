@@ -20,6 +20,7 @@ from pydicom.uid import UID
 
 from archive import Archive, Outcome
 from archive.ingest import SHORT_OF_DISK
+from archive import db as archive_db
 from archive import query as archive_query
 from archive.query import Query, QueryError, model_of
 
@@ -207,7 +208,7 @@ def find(archive: Archive, config: Settings, calling_ae: str, sop_class: str, id
                 yield exc.status, str(exc), None
                 return
             except Exception as exc:  # whatever it is, the requestor gets an answer, the log one line
-                log.error("C-FIND from %s failed: %s: %s", calling_ae, type(exc).__name__, exc)
+                log.error("C-FIND from %s failed: %s", calling_ae, archive_db.brief(exc))
                 yield 0xC001, "the node could not process the query", None
                 return
             if match is None:
