@@ -15,6 +15,26 @@ two ways, and nothing else reads the table:
   An exception inside the block rolls back the handling and the cursor together.
 - `read(index, after, upto, kinds)` and `latest(index)`: a reader that keeps its position in
   memory (the viewer's notifications).
+
+Both read `seq > position`, which is right only if a change never becomes visible after one with a
+higher `seq`. SQLite has one writer, so it never does. On PostgreSQL, concurrent transactions draw
+`seq` from a sequence when they insert and commit in any order: a change numbered 10 could commit after
+11 was read, and a reader past 11 would skip 10 for ever. So every transaction that adds changes takes
+one transaction-level advisory lock just before its first change (`Index.order_changes`) and holds it
+until it ends: `seq` is drawn under the lock, so `seq` order is commit order, and a reader that sees a
+change sees every lower one that will ever exist (gaps are rolled-back transactions, never filled).
+Chosen over the alternatives because it is the simplest that is correct and keeps `seq` the one
+position every consumer and reader already keeps: reading only below the oldest in-flight writer (an
+`xid8` column and `pg_snapshot_xmin`) orders by transaction id, not `seq`, so positions would become
+(xid, seq) pairs, `read`/`Batch.upto` and the router's per-study `seq` would change, and one long write
+transaction anywhere in the cluster would hold back every consumer; a trigger that draws `seq` after
+taking the lock would also cover SQL written elsewhere, but there is none (`changes` is written only
+through `Index.add_*change`). Cost: commits that add changes are serialised (SQLite's are anyway),
+for as long as the rest of the transaction after its first change: ingest adds its change last.
+
+Several consumers of one cursor (the routers of several nodes) are serialised too: `consume` locks the
+cursor's row for its transaction (made first if missing), so the second waits and then takes the next
+batch rather than the same one.
 """
 from __future__ import annotations
 
@@ -22,7 +42,7 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import bindparam, column, select, table, text
 from sqlalchemy.engine import Connection
 
 from .index import Index
@@ -62,6 +82,10 @@ _ALL = text(f"{_SELECT} ORDER BY seq LIMIT :limit")
 _OF_KINDS = text(f"{_SELECT} AND kind IN :kinds ORDER BY seq LIMIT :limit").bindparams(
     bindparam("kinds", expanding=True))
 _CURSOR = text("SELECT seq FROM cursors WHERE name = :name")
+_MAKE_CURSOR = text("INSERT INTO cursors (name, seq) VALUES (:name, 0) ON CONFLICT (name) DO NOTHING")
+_CURSORS = table("cursors", column("name"), column("seq"))
+# SELECT ... FOR UPDATE on PostgreSQL; SQLAlchemy leaves FOR UPDATE out on SQLite (one writer at a time)
+_LOCK_CURSOR = select(_CURSORS.c.seq).where(_CURSORS.c.name == bindparam("name")).with_for_update()
 _UPTO = text("SELECT COALESCE(MAX(seq), :after) FROM (SELECT seq FROM changes WHERE seq > :after "
              "ORDER BY seq LIMIT :limit) next")
 _MOVE = text("INSERT INTO cursors (name, seq) VALUES (:name, :seq) ON CONFLICT (name) DO UPDATE SET seq = excluded.seq")
@@ -78,9 +102,11 @@ def _rows(conn: Connection, after: int, upto: int, kinds: Collection[str] | None
 @contextmanager
 def consume(index: Index, cursor: str, kinds: Collection[str] | None = None, limit: int = 5000) -> Iterator[Batch]:
     """The changes of `kinds` (all when None) after the cursor named `cursor`, at most `limit`
-    of the log's next rows; the cursor moves past them when the block ends without an error."""
+    of the log's next rows; the cursor moves past them when the block ends without an error.
+    Another consumer of the same cursor waits until this block ends, then takes the next batch."""
     with index.write() as conn:
-        after = conn.execute(_CURSOR, {"name": cursor}).scalar() or 0
+        conn.execute(_MAKE_CURSOR, {"name": cursor})
+        after = conn.execute(_LOCK_CURSOR, {"name": cursor}).scalar_one()
         upto = conn.execute(_UPTO, {"after": after, "limit": limit}).scalar_one()
         batch = Batch(conn, _rows(conn, after, upto, kinds, limit) if upto > after else [], upto)
         yield batch

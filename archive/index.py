@@ -135,6 +135,11 @@ _ADD_STORED_CHANGE = db.Prepared(
     "WHERE sop_instance_uid = :sop_instance_uid")
 _ADD_JOB_CHANGE = text("INSERT INTO changes (kind, study_uid, blob_id, job_id, time) "
                        "VALUES (:kind, :study_uid, :blob_id, :job_id, :time)")
+# PostgreSQL: every transaction that adds changes takes this lock just before its first one and holds it
+# to its end, so that `seq` order is commit order (archive/changes.py says why). The switch is for the
+# test that shows what happens without it (tests/test_changelog_order.py).
+CHANGES_IN_COMMIT_ORDER = True
+_CHANGES_LOCK = db.Prepared(f"SELECT pg_advisory_xact_lock({0x6D33_6469_6368_6773})")    # "m3dichgs"
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -369,8 +374,16 @@ class Index:
                                              "reason": d.reason})
 
     @staticmethod
+    def order_changes(conn: Connection) -> None:
+        """Before a change is added: on PostgreSQL, wait for every other transaction that added changes
+        to end (the lock is the transaction's until it ends; taking it again costs a round trip)."""
+        if CHANGES_IN_COMMIT_ORDER and conn.dialect.name == "postgresql":
+            _CHANGES_LOCK.rows(conn)
+
+    @staticmethod
     def add_change(conn: Connection, kind: str, instance_pk: int | None, header,
                    blob_id: str | None, now: float | None = None) -> None:
+        Index.order_changes(conn)
         _ADD_CHANGE.run(conn, {
             "kind": kind, "instance_pk": instance_pk, "study_uid": header.study_uid, "series_uid": header.series_uid,
             "sop_instance_uid": header.sop_instance_uid, "blob_id": blob_id,
@@ -380,6 +393,7 @@ class Index:
     def add_stored_change(conn: Connection, kind: str, header) -> None:
         """The change of the instance just written under the header's UID: its row, blob and time as
         the index holds them (no RETURNING needed for its pk)."""
+        Index.order_changes(conn)
         _ADD_STORED_CHANGE.run(conn, {"kind": kind, "study_uid": header.study_uid, "series_uid": header.series_uid,
                                       "sop_instance_uid": header.sop_instance_uid})
 
@@ -387,5 +401,6 @@ class Index:
     def add_job_change(conn: Connection, kind: str, job_id: str, study_uid: str,
                        blob_id: str | None = None, now: float | None = None) -> None:
         """A job event (job_queued, job_running, job_progress, job_succeeded, ...; file_stored)."""
+        Index.order_changes(conn)
         conn.execute(_ADD_JOB_CHANGE, {"kind": kind, "study_uid": study_uid, "blob_id": blob_id, "job_id": job_id,
                                        "time": now if now is not None else time.time()})

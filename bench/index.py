@@ -34,13 +34,8 @@ def ms(values: list[float]) -> str:
     return f"{statistics.median(values) * 1000:.2f} / {values[int(len(values) * 0.95)] * 1000:.2f}"
 
 
-def bench_ingest(count: int, base: Path, url: str) -> None:
-    from helpers import synthetic_instances
-
-    files = []
-    for n in range(0, count, 50):
-        files += synthetic_instances(base / "in" / str(n), min(50, count - n))
-    archive = Archive(base / "archive", **({"index_url": url} if url else {}))
+def time_commits(archive: Archive) -> list[float]:
+    """The seconds of each index transaction of the archive's ingests from now on (appended as they end)."""
     commits, original = [], archive._commit
 
     def timed(*args, **kw):
@@ -51,6 +46,17 @@ def bench_ingest(count: int, base: Path, url: str) -> None:
             commits.append(time.perf_counter() - start)
 
     archive._commit = timed
+    return commits
+
+
+def bench_ingest(count: int, base: Path, url: str) -> None:
+    from helpers import synthetic_instances
+
+    files = []
+    for n in range(0, count, 50):
+        files += synthetic_instances(base / "in" / str(n), min(50, count - n))
+    archive = Archive(base / "archive", **({"index_url": url} if url else {}))
+    commits = time_commits(archive)
     totals = []
     for path in files:
         start = time.perf_counter()

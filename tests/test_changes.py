@@ -1,6 +1,10 @@
 """The change log's one consumer API (archive.changes): never a change twice, never one lost."""
 from __future__ import annotations
 
+import secrets
+import threading
+import time
+
 import pytest
 
 from archive import changes
@@ -55,3 +59,56 @@ def test_a_reader_reads_between_two_positions(index):
     assert changes.latest(index) == 3
     assert [c.seq for c in changes.read(index, 0, kinds=("stored",))] == [1, 3]
     assert [c.kind for c in changes.read(index, 1, 2)] == ["job_queued"]
+
+
+def test_two_consumers_of_one_cursor_take_each_change_once(pg_cluster):
+    """Two nodes' routers on one cursor (PostgreSQL, READ COMMITTED): the second waits for the first's
+    batch to end, then takes the next one, not the same one."""
+    index = Index(pg_cluster.create_database(f"t_{secrets.token_hex(6)}"))
+    try:
+        _log(index, *["stored"] * 10)
+        holding, release = threading.Event(), threading.Event()
+        taken: dict[str, list[int]] = {}
+
+        def first() -> None:
+            with changes.consume(index, "shared", limit=4) as batch:
+                taken["first"] = [c.seq for c in batch]
+                holding.set()
+                release.wait(30)
+
+        def second() -> None:
+            with changes.consume(index, "shared", limit=4) as batch:
+                taken["second"] = [c.seq for c in batch]
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        threads[0].start()
+        assert holding.wait(30)
+        threads[1].start()
+        waiting = text("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
+                       "AND wait_event_type = 'Lock'")
+        deadline = time.monotonic() + 30
+        while index.read(waiting)[0][0] == 0 and "second" not in taken:
+            assert time.monotonic() < deadline, "the second consumer neither waited nor took a batch"
+            time.sleep(0.01)
+        release.set()
+        for t in threads:
+            t.join(30)
+        assert taken == {"first": [1, 2, 3, 4], "second": [5, 6, 7, 8]}
+
+        both: list[int] = []
+
+        def drain() -> None:
+            while True:
+                with changes.consume(index, "shared", limit=1) as batch:
+                    both.extend(c.seq for c in batch)
+                if not len(batch):
+                    return
+        _log(index, *["stored"] * 40)
+        threads = [threading.Thread(target=drain) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(both) == list(range(9, 51)) and len(both) == len(set(both))
+    finally:
+        index.close()
