@@ -314,6 +314,9 @@ def cmd_jobs_list(args) -> int:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
             print(f"{job.id} {job.state:9} {job.plugin} study {job.study_uid} attempts {job.attempts}/"
                   f"{job.max_attempts} created {when}" + (f" [{job.rule}]" if job.rule else ""))
+            if job.state == "running" and job.lease_expires:      # which node's router runs it (several may)
+                until = time.strftime("%H:%M:%S", time.localtime(job.lease_expires))
+                print(f"    held by {job.worker}, lease until {until}")
             if job.errors:
                 print(f"    last error: {job.errors[-1][:300]}")
             _print_forwards(index, job.id, "    ")

@@ -8,6 +8,11 @@
 A lease says which worker runs the job and until when; a running job whose lease expired
 (the worker died, the node restarted) goes back to the queue, or fails when it has used
 its attempts. Every error is kept. Terminal states accept nothing.
+
+Several routers share one queue (PostgreSQL): the lease's `worker` names its holder (a router,
+`<node name>/<pid>`). An event that says who sends it (`worker`) happens only to a job that this
+holder leased: a router whose lease was taken over cannot renew, finish or fail it. A holder known
+to be gone (its node's router restarted) loses its lease at once (`Expire(gone=...)`).
 """
 from __future__ import annotations
 
@@ -46,11 +51,13 @@ class Lease:
 class Renew:
     now: float
     seconds: float
+    worker: str | None = None          # the holder renewing: only its own lease
 
 
 @dataclass(frozen=True)
 class Succeed:
     now: float
+    worker: str | None = None          # the holder reporting: only its own job
 
 
 @dataclass(frozen=True)
@@ -58,11 +65,13 @@ class Fail:
     now: float
     error: str
     final: bool = False                # the inputs cannot work (bad input): no attempt left to make
+    worker: str | None = None          # the holder reporting: only its own job
 
 
 @dataclass(frozen=True)
 class Expire:
     now: float
+    gone: str | None = None            # a holder known to be dead: its lease ends now
 
 
 @dataclass(frozen=True)
@@ -82,15 +91,20 @@ def handle(job: Job, event: Event) -> Job:
                        lease_expires=event.now + event.seconds, started_at=event.now, finished_at=None)
     if isinstance(event, Renew):
         _expect(job, event, RUNNING)
+        _held_by(job, event)
         return replace(job, lease_expires=event.now + event.seconds)
     if isinstance(event, Succeed):
         _expect(job, event, RUNNING)
+        _held_by(job, event)
         return replace(job, state=SUCCEEDED, lease_expires=None, finished_at=event.now)
     if isinstance(event, Fail):
         _expect(job, event, RUNNING)
+        _held_by(job, event)
         return _failed_attempt(job, event.now, event.error, event.final)
     if isinstance(event, Expire):
         _expect(job, event, RUNNING)
+        if event.gone is not None and event.gone == job.worker:
+            return _failed_attempt(job, event.now, f"worker {job.worker} gone (its router restarted)")
         if job.lease_expires is None or event.now < job.lease_expires:
             raise IllegalTransition(f"job {job.id}: lease of {job.worker} still valid")
         return _failed_attempt(job, event.now, f"lease expired: worker {job.worker} lost")
@@ -105,6 +119,11 @@ def _failed_attempt(job: Job, now: float, error: str, final: bool = False) -> Jo
     if final or job.attempts >= job.max_attempts:
         return replace(job, state=FAILED, errors=errors, lease_expires=None, worker=None, finished_at=now)
     return replace(job, state=QUEUED, errors=errors, lease_expires=None, worker=None)
+
+
+def _held_by(job: Job, event: Renew | Succeed | Fail) -> None:
+    if event.worker is not None and event.worker != job.worker:
+        raise IllegalTransition(f"job {job.id}: leased to {job.worker}, not to {event.worker}")
 
 
 def _expect(job: Job, event: Event, *states: str) -> None:

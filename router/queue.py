@@ -8,14 +8,14 @@ these functions, so a job's life has a single set of rules wherever it is touche
 Several routers may share one index (PostgreSQL): a job's row is written only where it still holds
 what the state machine was given (`state`, `attempts`, `lease_expires`), else read again and the
 event applied anew. Of two routers leasing one queued job one wins; the other finds it running and
-leaves it (`lease`). Statements are `text()` with `:named` parameters, one copy for both engines.
+leaves it (`lease`). A lease names its holder, and only the holder renews, finishes or fails the job
+(router/jobs.py). Statements are `text()` with `:named` parameters, one copy for both engines.
 """
 from __future__ import annotations
 
 import json
 import secrets
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any
@@ -31,6 +31,10 @@ from .jobs import IllegalTransition, Job, Lease, handle
 from .store import HOLDER
 
 STATE_CHANGE = "job_{}"
+# _ORDER: a transaction that writes the router's rows and adds changes takes the change log's lock
+# (`Index.order_changes`) before its first row lock. Otherwise, on PostgreSQL, one transaction holding
+# the log's lock and waiting for a job's row would deadlock with one holding that row and waiting for
+# the log (a rule superseding a queued job that another router is leasing).
 RETRIES = 20                        # reads of a job that another writer changed meanwhile, before giving up
 
 
@@ -111,7 +115,7 @@ _RECORD_RESULT = text(
     "sha256 = excluded.sha256")
 _QUEUED = text("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at LIMIT :limit")
 _EXPIRED = text("SELECT id FROM jobs WHERE state = 'running' AND lease_expires < :now")
-_STATES = text("SELECT id, state FROM jobs WHERE id IN :ids").bindparams(_IDS)
+_HOLDERS = text("SELECT id, worker FROM jobs WHERE state = 'running'")
 _LATEST_OF_RULE = text(f"SELECT {_JOB} FROM jobs WHERE rule = :rule AND study_uid = :study_uid "
                        "ORDER BY created_at DESC")
 _FORWARDS = {by_job: text("SELECT destination, state, attempts, last_error FROM forwards "
@@ -190,6 +194,8 @@ def apply(index: Index, job_id: str, event, conn: Connection | None = None, **al
     for _ in range(RETRIES):
         record = get(index, job_id, conn)
         after = handle(record.machine, event)
+        if after.state != record.state or after.attempts != record.attempts:
+            Index.order_changes(conn)       # before the job's row lock: one lock order, no deadlock (`_ORDER`)
         columns = {"state": after.state, "attempts": after.attempts, "worker": after.worker,
                    "lease_expires": after.lease_expires, "errors": json.dumps(list(after.errors)),
                    "started_at": after.started_at, "finished_at": after.finished_at, **extra}
@@ -225,6 +231,7 @@ def lease(index: Index, worker: str, now: float, seconds: float, limit: int) -> 
 
 def set_progress(index: Index, job_id: str, fraction: float, message: str) -> None:
     with index.write() as conn:
+        Index.order_changes(conn)
         row = conn.execute(_PROGRESS_OF, {"id": job_id}).first()
         if row is None or row.state != "running":
             return
@@ -279,12 +286,14 @@ def record_results(conn: Connection, job_id: str, study_uid: str, found: list[Re
     """Record the job's outputs (again, when its results are taken a second time after a crash),
     inside `conn`'s transaction: files are held in the archive (a file they replace is let go),
     and each one stored is a `file_stored` change."""
+    files = [r.blob_id for r in found if r.kind == "file" and r.blob_id]
+    if files:
+        Index.order_changes(conn)           # before the rows' locks (_ORDER): file_stored changes follow
     names = [r.name for r in found]
     before = {row.blob_id for row in conn.execute(_RESULT_BLOBS, {"job_id": job_id, "names": names})} \
         if names else set()
     if found:
         conn.execute(_RECORD_RESULT, [{"job_id": job_id, **r.__dict__} for r in found])
-    files = [r.blob_id for r in found if r.kind == "file" and r.blob_id]
     holds.release(conn, before - set(files), HOLDER)
     holds.hold(conn, files, HOLDER)
     for blob_id in files:
@@ -301,12 +310,9 @@ def expired(index: Index, now: float) -> list[str]:
     return [r.id for r in index.read(_EXPIRED, {"now": now})]
 
 
-def states(index: Index, job_ids: Iterable[str]) -> dict[str, str]:
-    """Job id -> state, for those of `job_ids` that exist."""
-    ids = list(job_ids)
-    if not ids:
-        return {}
-    return {r.id: r.state for r in index.read(_STATES, {"ids": ids})}
+def holders(index: Index) -> dict[str, str | None]:
+    """Running job id -> the holder of its lease (a router, `<node name>/<pid>`)."""
+    return {r.id: r.worker for r in index.read(_HOLDERS)}
 
 
 def latest_of_rule(conn: Connection, rule: str, study_uid: str, inputs: list[str] | None) -> JobRecord | None:

@@ -4,15 +4,24 @@ One loop, a few times a second (`Router.step`):
 1. take the new `stored` changes: each study's last instance and when it came;
 2. a study quiet for a rule's `quiet_seconds` is judged by that rule; matching series make
    jobs (a later instance makes new jobs that supersede the earlier ones);
-3. running jobs whose lease expired (their worker or the node died) go back to the queue;
+3. running jobs whose lease expired (their router or its node died) go back to the queue;
 4. finished Dask futures: results taken in (or the attempt failed), forwards queued;
 5. queued jobs leased and submitted, as many as the cluster has worker threads;
 6. leases renewed, progress from the workers recorded, due forwards sent.
 Nothing here blocks a C-STORE: this is a process of its own, reading the index.
+
+Several nodes' routers may share one index (PostgreSQL): they follow one change log (its cursor is
+taken by one router at a time), judge study completion on the shared index (a study's rule is judged
+by one router: `store.mark_fired` fails for the other), and lease jobs from one queue. A lease names its
+holder, `<node name>/<pid>` (`holder`): a router renews, finishes or fails only what it holds, takes
+over another holder's job only once its lease has expired, and at start takes back at once the jobs
+of a dead earlier process of its own node name.
 """
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from concurrent.futures import Future as ThreadFuture, ThreadPoolExecutor
@@ -36,8 +45,7 @@ log = logging.getLogger(__name__)
 
 CURSOR = "router"
 ROUTED = ("stored", "replaced")        # changes that can complete a study (results are "result_stored")
-LEASE = 60.0                           # seconds a lease lasts; renewed every RENEW seconds while running
-RENEW = 15.0
+RENEWALS = 4                           # a lease is renewed this many times per router.lease_seconds
 PROGRESS_EVERY = 1.0                   # at most one progress change per job and second
 
 
@@ -62,6 +70,31 @@ def load_plugins(config: Settings) -> dict[str, Plugin]:
     return plugins
 
 
+def holder(config: Settings) -> str:
+    """This router's name on its leases: `<node name>/<pid>` (the node name is `[node] name`, else the
+    host name)."""
+    node = getattr(config.node, "name", "") or socket.gethostname()
+    return f"{node}/{os.getpid()}"
+
+
+def _gone(held_by: str | None, me: str) -> bool:
+    """Whether the lease holder `held_by` is a dead earlier router of this router's node: the same node
+    name, and this process or one that no longer runs here (a live one, a second router of the same
+    name, keeps its leases until they expire)."""
+    node, _, pid = (held_by or "").rpartition("/")
+    if node != me.rpartition("/")[0] or not pid.isdigit():
+        return False
+    if held_by == me:
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
 @dataclass
 class _Running:
     future: object                      # a distributed.Future
@@ -71,8 +104,12 @@ class _Running:
 
 
 class Router:
-    def __init__(self, config: Settings, archive: Archive, executor: Executor | None = None, clock=time.time):
+    def __init__(self, config: Settings, archive: Archive, executor: Executor | None = None, clock=time.time,
+                 name: str | None = None):
         self.config, self.archive, self.clock = config, archive, clock
+        self.name = name or holder(config)          # on this router's leases
+        self.lease = config.router.lease_seconds
+        self._took_back = False
         self.plugins = load_plugins(config)
         self.rules = compile_rules(config.router.rules)
         self.executor = executor or Executor(config)
@@ -104,6 +141,8 @@ class Router:
 
     def step(self) -> None:
         now = self.clock()
+        if not self._took_back:
+            self.take_back(now)
         self.take_changes()
         self.make_due_jobs(now)
         self.expire_leases(now)
@@ -142,6 +181,22 @@ class Router:
                 store.forget_study(self.index, study)
         return made
 
+    def take_back(self, now: float) -> list[str]:
+        """At start: the running jobs a dead earlier process of this node held go back to the queue now,
+        not when their leases expire (nothing of this router runs them)."""
+        taken = []
+        for job_id, held_by in queue.holders(self.index).items():
+            if job_id in self.running or not _gone(held_by, self.name):
+                continue
+            try:
+                job = queue.apply(self.index, job_id, Expire(now, gone=held_by))
+            except IllegalTransition:           # taken over, cancelled or ended meanwhile
+                continue
+            taken.append(job_id)
+            log.warning("job %s: its router %s is gone, now %s", job_id, held_by, job.state)
+        self._took_back = True
+        return taken
+
     def study_facts(self, study_uid: str) -> list[SeriesFacts]:
         return [SeriesFacts(s.series_uid, s.modality, s.body_part, s.series_description, s.study_description,
                             s.sop_classes, s.calling_aes) for s in study_series(self.index, study_uid)]
@@ -158,6 +213,8 @@ class Router:
             groups = [[s] for s in series if s.series_uid in changed]
         made = []
         with self.index.write() as conn:
+            if not store.mark_fired(conn, study_uid, rule.name, after, upto):
+                return []                       # another router judged the study meanwhile
             for group in groups:
                 inputs = [s.series_uid for s in group]
                 earlier = queue.latest_of_rule(conn, rule.name, study_uid,
@@ -168,7 +225,6 @@ class Router:
                                          inputs=inputs, rule=rule.name, created_by=f"rule:{rule.name}",
                                          forward_to=rule.rule.forward_to, max_attempts=self.config.router.max_attempts,
                                          supersedes=earlier.id if earlier is not None else None, now=now, conn=conn))
-            store.mark_fired(conn, study_uid, rule.name, upto)
         for job_id in made:
             log.info("rule %s: job %s (%s) for study %s", rule.name, job_id, plugin.name, study_uid)
         return made
@@ -192,11 +248,11 @@ class Router:
         free = self.executor.capacity() - len(self.running)
         if free <= 0:
             return
-        for job in queue.lease(self.index, "dask", now, LEASE, free):
+        for job in queue.lease(self.index, self.name, now, self.lease, free):
             try:
                 spec = self._spec(job)
             except PluginError as exc:
-                queue.apply(self.index, job.id, Fail(now, str(exc), final=True))
+                self._apply(job.id, Fail(now, str(exc), final=True, worker=self.name))
                 continue
             future = self.executor.submit(spec, job.attempts, self.plugins[job.plugin].wants_gpu)
             future.add_done_callback(lambda _: self._wake.set())
@@ -222,21 +278,23 @@ class Router:
 
     def renew(self, now: float) -> None:
         for job_id, running in list(self.running.items()):
-            if now - running.renewed >= RENEW:
+            if now - running.renewed >= self.lease / RENEWALS:
                 try:
-                    queue.apply(self.index, job_id, Renew(now, LEASE))
+                    queue.apply(self.index, job_id, Renew(now, self.lease, self.name))
                     running.renewed = now
-                except IllegalTransition:   # cancelled or expired meanwhile: collect() lets it go
+                except IllegalTransition:   # cancelled, expired or taken over meanwhile: collect() lets it go
                     pass
 
     def collect(self, now: float) -> None:
         if not self.running:
             return
-        states = queue.states(self.index, self.running)
+        held = queue.jobs_by_id(self.index, list(self.running))
         timeout = self.config.router.job_timeout
         for job_id, running in list(self.running.items()):
             future = running.future
-            if states.get(job_id) != "running":          # cancelled through the API, or expired
+            job = held.get(job_id)
+            if job is None or (job.state, job.worker, job.attempts) != ("running", self.name, running.attempt):
+                # cancelled through the API, expired, or taken over by another router
                 self._drop(future)
                 del self.running[job_id]
                 continue
@@ -244,29 +302,42 @@ class Router:
                 if now - running.started > timeout:
                     future.cancel()
                     del self.running[job_id]
-                    queue.apply(self.index, job_id, Fail(now, f"timed out after {timeout:.0f} s (router.job_timeout)"))
+                    self._apply(job_id, Fail(now, f"timed out after {timeout:.0f} s (router.job_timeout)",
+                                             worker=self.name))
                 continue
             del self.running[job_id]
             self._finish(job_id, future, now)
+
+    def _apply(self, job_id: str, event, **also) -> queue.JobRecord | None:
+        """An event of this router on a job it holds; None when the job is no longer its own (cancelled,
+        or its lease expired and another router took it over) and the event did not happen."""
+        try:
+            return queue.apply(self.index, job_id, event, **also)
+        except IllegalTransition as exc:
+            log.warning("job %s: %s not recorded: %s", job_id, type(event).__name__.lower(), exc)
+            return None
 
     def _finish(self, job_id: str, future, now: float) -> None:
         job = queue.get(self.index, job_id)
         if future.status == "finished":
             output = future.result()
             if isinstance(output, Refused):            # the plug-in refused its input: final, one line
-                job = queue.apply(self.index, job_id, Fail(now, str(output)[:2000], final=True))
-                log.warning("job %s attempt %d failed (%s): %s", job_id, job.attempts, job.state, str(output)[:300])
+                job = self._apply(job_id, Fail(now, str(output)[:2000], final=True, worker=self.name))
+                if job is not None:
+                    log.warning("job %s attempt %d failed (%s): %s", job_id, job.attempts, job.state,
+                                str(output)[:300])
                 return
             try:
                 count = take_results(self.archive, job_id, job.study_uid, output.outputs, self.spool)
             except (IntakeError, OSError) as exc:
                 discard(self.archive, output.outputs)
-                queue.apply(self.index, job_id, Fail(self.clock(), f"results not stored: {exc}"))
+                self._apply(job_id, Fail(self.clock(), f"results not stored: {exc}", worker=self.name))
                 return
             timings = {"worker_started": output.started_at, "plugin_returned": output.returned_at,
                        "stored": self.clock(), "seconds": output.seconds, "backend": output.backend}
-            queue.apply(self.index, job_id, Succeed(self.clock()), summary=output.summary, progress=1.0,
-                        timings=timings)
+            if self._apply(job_id, Succeed(self.clock(), self.name), summary=output.summary, progress=1.0,
+                           timings=timings) is None:
+                return
             log.info("job %s succeeded: %d results in %.1f s (%s)", job_id, count, output.seconds, output.backend)
             if job.forward_to:
                 store.queue_forwards(self.index, job_id, job.forward_to, now)
@@ -274,8 +345,9 @@ class Router:
         exc = future.exception() if future.status == "error" else None
         final = isinstance(exc, (PluginError, ParamError))
         error = f"{type(exc).__name__}: {exc}" if exc is not None else f"the task was {future.status}"
-        job = queue.apply(self.index, job_id, Fail(now, error[:2000], final=final))
-        log.warning("job %s attempt %d failed (%s): %s", job_id, job.attempts, job.state, error[:300])
+        job = self._apply(job_id, Fail(now, error[:2000], final=final, worker=self.name))
+        if job is not None:
+            log.warning("job %s attempt %d failed (%s): %s", job_id, job.attempts, job.state, error[:300])
 
     def _drop(self, future) -> None:
         """Let a task go; what it staged already is removed (later, `Archive.recover` takes the rest)."""
@@ -314,6 +386,8 @@ class Router:
         if self._forwarding:
             return
         for key in store.due_forwards(self.index, now, limit=1):
+            if not store.claim_forward(self.index, *key, now, now + self.lease):
+                continue                        # another router is sending it
             self._forwarding[key] = self._forwarder.submit(forward, self.archive, self.config, *key)
             self._forwarding[key].add_done_callback(lambda _: self._wake.set())
 

@@ -62,6 +62,9 @@ class RouterSection:
                             "\"module:attribute\" importable by the node and its workers.")
     max_attempts: int = setting(3, "Attempts of a job before it stays failed (errors of each are kept).")
     job_timeout: float = setting(1800.0, "Seconds an attempt may run before it is stopped and counted as failed.")
+    lease_seconds: float = setting(60.0, "Seconds a router's lease on a running job lasts; renewed every quarter of "
+                                   "that while the job runs. When a node dies, another node's router takes its jobs "
+                                   "over once their leases end (a restarted router takes its own back at once).")
     forward_retry_max_delay: float = setting(600.0, "Longest wait between two attempts to forward results, seconds.")
     rules: list = setting([], "Routing rules ([[router.rules]]), evaluated in order; every rule that matches "
                           "a series creates a job.", item=Rule)
@@ -74,6 +77,8 @@ class RouterSection:
             raise SettingsError(f"router.max_attempts: {self.max_attempts} is not in 1-100")
         if not 1 <= self.job_timeout <= 7 * 86400:
             raise SettingsError("router.job_timeout: must be between 1 second and 7 days")
+        if not 1 <= self.lease_seconds <= 3600:
+            raise SettingsError("router.lease_seconds: must be between 1 and 3600 seconds")
         if not 1 <= self.forward_retry_max_delay <= 86400:
             raise SettingsError("router.forward_retry_max_delay: must be between 1 and 86400 seconds")
         if self.scheduler and not re.match(r"^(tcp|tls|inproc|ucx)://", self.scheduler):

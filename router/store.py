@@ -22,16 +22,19 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 
 _NOTE_STORED = text("INSERT INTO router_studies (study_uid, last_seq, last_time) "
                     "VALUES (:study_uid, :seq, :time) ON CONFLICT (study_uid) "
-                    "DO UPDATE SET last_seq = excluded.last_seq, last_time = excluded.last_time")
+                    "DO UPDATE SET last_seq = excluded.last_seq, last_time = excluded.last_time "
+                    "WHERE router_studies.last_seq < excluded.last_seq")
 _PENDING = text("SELECT study_uid, last_seq, last_time FROM router_studies")
 _FORGET = text("DELETE FROM router_studies WHERE study_uid = :study_uid AND last_seq = :last_seq")
 _FIRED_SEQ = text("SELECT seq FROM router_fired WHERE study_uid = :study_uid AND rule = :rule")
 _MARK_FIRED = text("INSERT INTO router_fired (study_uid, rule, seq) VALUES (:study_uid, :rule, :seq) "
-                   "ON CONFLICT (study_uid, rule) DO UPDATE SET seq = excluded.seq")
+                   "ON CONFLICT (study_uid, rule) DO UPDATE SET seq = excluded.seq WHERE router_fired.seq = :after")
 _QUEUE_FORWARD = text("INSERT INTO forwards (job_id, destination, state, next_try) "
                       "VALUES (:job_id, :destination, 'pending', :now) ON CONFLICT DO NOTHING")
 _DUE_FORWARDS = text("SELECT job_id, destination FROM forwards WHERE state = 'pending' AND next_try <= :now "
                      "ORDER BY next_try LIMIT :limit")
+_CLAIM_FORWARD = text("UPDATE forwards SET next_try = :until WHERE job_id = :job_id AND destination = :destination "
+                      "AND state = 'pending' AND next_try <= :now")
 _FORWARD_SENT = text("UPDATE forwards SET state = 'sent', attempts = attempts + 1, last_error = NULL "
                      "WHERE job_id = :job_id AND destination = :destination")
 _FORWARD_ATTEMPTS = text("SELECT attempts FROM forwards WHERE job_id = :job_id AND destination = :destination")
@@ -78,8 +81,11 @@ def fired_seq(index: Index, study_uid: str, rule: str) -> int:
     return rows[0].seq if rows else 0
 
 
-def mark_fired(conn: Connection, study_uid: str, rule: str, seq: int) -> None:
-    conn.execute(_MARK_FIRED, {"study_uid": study_uid, "rule": rule, "seq": seq})
+def mark_fired(conn: Connection, study_uid: str, rule: str, after: int, seq: int) -> bool:
+    """Note that `rule` judged the study up to change `seq`, if it had judged it up to `after` (its
+    `fired_seq`) until now: False when another router judged it meanwhile (several share the index;
+    on PostgreSQL the second waits on the row until the first commits)."""
+    return conn.execute(_MARK_FIRED, {"study_uid": study_uid, "rule": rule, "after": after, "seq": seq}).rowcount == 1
 
 
 # -- forwards -----------------------------------------------------------------------------
@@ -96,8 +102,17 @@ def due_forwards(index: Index, now: float, limit: int = 1) -> list[tuple[str, st
     return [(r.job_id, r.destination) for r in index.read(_DUE_FORWARDS, {"now": now, "limit": limit})]
 
 
+def claim_forward(index: Index, job_id: str, destination: str, now: float, until: float) -> bool:
+    """Take a due forward to send it, for one router until `until` (another router's, or this one's
+    after a restart, is tried again then). False: another router took it."""
+    with index.write() as conn:
+        return conn.execute(_CLAIM_FORWARD, {"job_id": job_id, "destination": destination, "now": now,
+                                             "until": until}).rowcount == 1
+
+
 def forward_sent(index: Index, job_id: str, destination: str) -> None:
     with index.write() as conn:
+        Index.order_changes(conn)           # before the forward's row lock (router/queue.py, _ORDER)
         conn.execute(_FORWARD_SENT, {"job_id": job_id, "destination": destination})
         Index.add_job_change(conn, "job_forwarded", job_id, _study_of(conn, job_id))
 
@@ -107,6 +122,7 @@ def forward_failed(index: Index, job_id: str, destination: str, error: str, now:
     """Count the failed attempt and set the next; `delay(attempts so far)` says when. Returns that delay."""
     key = {"job_id": job_id, "destination": destination}
     with index.write() as conn:
+        Index.order_changes(conn)
         seconds = delay(conn.execute(_FORWARD_ATTEMPTS, key).scalar_one())
         conn.execute(_FORWARD_FAILED, {**key, "next_try": now + seconds, "error": error[:2000]})
         Index.add_job_change(conn, "job_forward_failed", job_id, _study_of(conn, job_id))

@@ -145,7 +145,7 @@ def test_an_index_from_before_alembic_is_stamped_and_keeps_its_rows_and_result_f
         conn.execute(sa.text("INSERT INTO job_results (job_id, kind, name, media_type, blob_id, size, sha256) "
                              "VALUES (:job, 'file', 'model.x3d', 'model/x3d+xml', :blob, 12, 'z')"),
                      {"job": job, "blob": blob})
-        store.mark_fired(conn, "1.2.3", "ct", 7)
+        store.mark_fired(conn, "1.2.3", "ct", 0, 7)
     assert not archive.index.blob_referenced(blob)
     store.migrate(archive.index)
     assert archive.index.blob_referenced(blob)
