@@ -212,6 +212,20 @@ def test_a_restarted_router_takes_back_its_dead_selfs_jobs_at_once_not_a_live_on
         sleeper.wait()
 
 
+def test_a_due_forward_is_sent_by_one_router(nodes):
+    node, ingest = nodes
+    ingest(1)
+    a = node(f"node-a/{os.getpid()}", Executor())
+    a.step()
+    (job,) = queue.jobs(a.index)
+    store.queue_forwards(a.index, job.id, ["pacs"], 100.0)
+    assert store.due_forwards(a.index, 200.0) == [(job.id, "pacs")]
+    assert store.claim_forward(a.index, job.id, "pacs", 200.0, 260.0)
+    assert not store.claim_forward(a.index, job.id, "pacs", 200.0, 260.0)    # the other router: taken
+    assert store.due_forwards(a.index, 230.0) == []
+    assert store.claim_forward(a.index, job.id, "pacs", 261.0, 321.0)        # its sender died: tried again
+
+
 def test_only_a_leases_holder_renews_finishes_or_fails_it():
     job = handle(Job("j"), Lease("node-a/1", 100.0, 60.0))
     for event in (Renew(110.0, 60.0, "node-b/1"), Succeed(110.0, "node-b/1"), Fail(110.0, "x", worker="node-b/1")):
