@@ -70,8 +70,8 @@ def two_versions(tmp_path):
     ("keep-first", Outcome.DUPLICATE_KEPT_FIRST, 0, ["stored"]),
     ("replace", Outcome.REPLACED, 1, ["stored", "replaced", "blob_removed"]),
 ])
-def test_different_bytes_follow_the_duplicates_policy(tmp_path, policy, outcome, kept, changes):
-    archive = Archive(tmp_path / "data", duplicates=policy)
+def test_different_bytes_follow_the_duplicates_policy(tmp_path, index_url, policy, outcome, kept, changes):
+    archive = Archive(tmp_path / "data", index_url=index_url, duplicates=policy)
     versions = two_versions(tmp_path)
     archive.ingest_file(versions[0])
     assert archive.ingest_file(versions[1]).outcome is outcome
@@ -227,8 +227,8 @@ def test_instances_without_a_patient_id_get_a_patient_per_study(archive, tmp_pat
     assert archive.ingest_file(instance(tmp_path, study=first, patient_id="X")).outcome is Outcome.CONFLICT
 
 
-def test_duplicates_and_analysis_results_still_go_through(tmp_path):
-    archive = Archive(tmp_path / "data", duplicates="replace")
+def test_duplicates_and_analysis_results_still_go_through(tmp_path, index_url):
+    archive = Archive(tmp_path / "data", index_url=index_url, duplicates="replace")
     study = generate_uid()
     path = instance(tmp_path, study=study, patient_id="P")
     assert archive.ingest_file(path).outcome is Outcome.STORED
@@ -241,8 +241,8 @@ def test_duplicates_and_analysis_results_still_go_through(tmp_path):
     assert {r[3] for r in hierarchy(archive)} == {"P"} and len(hierarchy(archive)) == 2
 
 
-def test_quarantine_keeps_the_instance_outside_the_hierarchy_and_recovery_keeps_it(tmp_path):
-    archive = Archive(tmp_path / "data", on_conflict="quarantine")
+def test_quarantine_keeps_the_instance_outside_the_hierarchy_and_recovery_keeps_it(tmp_path, index_url):
+    archive = Archive(tmp_path / "data", index_url=index_url, on_conflict="quarantine")
     study = generate_uid()
     archive.ingest_file(instance(tmp_path, study=study, patient_id="A"))
     other = instance(tmp_path, study=study, patient_id="B")
@@ -312,8 +312,9 @@ def test_a_uid_re_used_for_another_patient_study_or_series_is_a_conflict_under_e
         archive.close()
 
 
-def test_the_same_instance_with_other_bytes_under_keep_first_is_discarded_recorded_and_not_committable(tmp_path):
-    archive = Archive(tmp_path / "data")
+def test_the_same_instance_with_other_bytes_under_keep_first_is_discarded_recorded_and_not_committable(
+        tmp_path, index_url):
+    archive = Archive(tmp_path / "data", index_url=index_url)
     versions = two_versions(tmp_path)
     uid = pydicom.dcmread(versions[0]).SOPInstanceUID
     assert archive.ingest_file(versions[0]).outcome is Outcome.STORED
@@ -330,14 +331,14 @@ def test_the_same_instance_with_other_bytes_under_keep_first_is_discarded_record
     assert archive.index.integrity()["discarded"] == 1
     assert archive.index.not_committable(uid) == "received again since with other content, which was discarded"
     archive.close()
-    replacing = Archive(tmp_path / "data", duplicates="replace")     # the new copy stored: no doubt left
+    replacing = Archive(tmp_path / "data", index_url=index_url, duplicates="replace")   # the new copy: no doubt
     assert replacing.ingest_file(versions[1]).outcome is Outcome.REPLACED
     assert replacing.index.not_committable(uid) is None
     replacing.close()
 
 
-def test_a_uid_re_used_for_another_patient_is_quarantined_with_on_conflict_quarantine(tmp_path):
-    archive = Archive(tmp_path / "data", on_conflict="quarantine")
+def test_a_uid_re_used_for_another_patient_is_quarantined_with_on_conflict_quarantine(tmp_path, index_url):
+    archive = Archive(tmp_path / "data", index_url=index_url, on_conflict="quarantine")
     first = instance(tmp_path, study=generate_uid(), patient_id="A")
     uid = pydicom.dcmread(first).SOPInstanceUID
     archive.ingest_file(first)
