@@ -146,7 +146,6 @@ def _sqlite(path: Path) -> Engines:
     @sa.event.listens_for(writer, "connect")
     def _writer_connect(dbapi, record) -> None:
         dbapi.isolation_level = None        # transactions begin where SQLAlchemy says (below), nowhere else
-        dbapi.row_factory = sqlite3.Row     # for `raw` (SQLAlchemy reads these rows as it reads tuples)
         for pragma in SQLITE_PRAGMAS:
             dbapi.execute(pragma)
 
@@ -158,7 +157,6 @@ def _sqlite(path: Path) -> Engines:
     @sa.event.listens_for(readers, "connect")
     def _reader_connect(dbapi, record) -> None:
         dbapi.isolation_level = None
-        dbapi.row_factory = sqlite3.Row
         dbapi.execute("PRAGMA case_sensitive_like=ON")
 
     @sa.event.listens_for(readers, "begin")
@@ -193,16 +191,6 @@ def brief(exc: BaseException) -> str:
         exc = exc.orig
     first = (str(exc).splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
-
-
-def raw(conn: Connection) -> sqlite3.Connection:
-    """The sqlite3 connection under `conn`, in the same transaction (rows: sqlite3.Row).
-
-    Only for the owners whose SQL is not on this layer yet (issue 16, step by step: scp.db,
-    router.queue, router.store, viewer.accounts): SQLite only, `?` parameters."""
-    if conn.dialect.name != "sqlite":
-        raise RuntimeError("this owner's SQL runs on SQLite only until it is converted to SQLAlchemy (issue 16)")
-    return conn.connection.driver_connection
 
 
 @contextmanager

@@ -144,18 +144,6 @@ _CHANGES_LOCK = db.Prepared(f"SELECT pg_advisory_xact_lock({0x6D33_6469_6368_677
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-def connect(path: Path):
-    """A sqlite3 connection with the index's pragmas: only for the sqlite-utils migrations of the owners
-    not on Alembic yet (scp, router, viewer; issue 16, step by step)."""
-    import sqlite3
-
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-    conn.row_factory = sqlite3.Row
-    for pragma in db.SQLITE_PRAGMAS:
-        conn.execute(pragma)
-    return conn
-
-
 def _legacy(conn) -> bool:
     """An index made by the archive's sqlite-utils migrations: brought to their last schema (`True`)."""
     from . import sqlite_legacy
@@ -204,15 +192,6 @@ class Index:
         """The rows of one statement (`text()` or Core) on a read-only connection."""
         with self.reader() as conn:
             return conn.execute(statement, params or {}).fetchall()
-
-    def query(self, sql: str, params: dict | tuple = ()) -> list:
-        """Rows of one statement in a transaction of its own (tools and tests): `:named` parameters
-        in a dict (SQLAlchemy rows), or positional `?` ones in a tuple (SQLite only: sqlite3.Row, for
-        the owners not converted yet)."""
-        with self.write() as conn:
-            if isinstance(params, dict):
-                return conn.execute(text(sql), params).fetchall()
-            return db.raw(conn).execute(sql, tuple(params)).fetchall()
 
     def blob_ids(self) -> set[str]:
         """Every blob a committed row needs: instances, quarantine, and blobs held by another owner."""

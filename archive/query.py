@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from io import BytesIO
 from typing import TYPE_CHECKING, Callable, Collection, Iterator
 
@@ -151,11 +152,22 @@ def _like(value: str) -> str:
 
 
 _LIKE = "{} LIKE {} ESCAPE '\\'"
+# A prefix ("SMI*") as the dialect matches it fastest (`_dialect_sql`): {prefix COLUMN LIKE LOW HIGH}, the
+# names of its parameters: the LIKE pattern, and the prefix and the first string past it.
+_PREFIX = re.compile(r"\{prefix (\S+) (\w+) (\w+) (\w+)\}")
 
 
 def _dialect_sql(sql: str, dialect) -> str:
     """`sql` with the dialect's string aggregation where it says {aggregate} (SQLAlchemy's
-    `aggregate_strings`: group_concat on SQLite, string_agg on PostgreSQL)."""
+    `aggregate_strings`: group_concat on SQLite, string_agg on PostgreSQL), and its prefix matches.
+
+    A prefix is a range on SQLite: its LIKE optimisation makes the same range of a bound pattern, but
+    then re-prepares the statement for each new pattern, which costs more than the query (bench/index.py).
+    PostgreSQL keeps the LIKE: a range compares in the database's collation, which need not keep
+    prefixes together; LIKE 'X%' uses the text_pattern_ops indexes (archive_0003)."""
+    if "{prefix " in sql:
+        form = "({0} >= :{2} AND {0} < :{3})" if dialect.name == "sqlite" else _LIKE.format("{0}", ":{1}")
+        sql = _PREFIX.sub(lambda m: form.format(*m.groups()), sql)
     if "{aggregate}" not in sql:
         return sql
     aggregate = _AGGREGATE.get(dialect.name)
@@ -166,6 +178,13 @@ def _dialect_sql(sql: str, dialect) -> str:
 
 
 _AGGREGATE: dict[str, str] = {}
+
+
+@lru_cache(maxsize=512)
+def _prepared(sql: str) -> db.Prepared:
+    """One `db.Prepared` per query shape (the SQL of an identifier's keys and kinds of values; the values
+    themselves are parameters): a C-FIND SCP sees a few shapes over and over."""
+    return db.Prepared(sql)
 
 
 def _wild(value: str) -> bool:
@@ -259,7 +278,7 @@ class Query:
         patterns = len(values) if kind in ("date", "time", "modalities") else sum(map(_wild, values))
         if patterns > MAX_PATTERNS:
             raise QueryError(f"{attribute.keyword}: {patterns} wildcard or range values, at most {MAX_PATTERNS}")
-        if len(self.params) + 2 * len(values) > MAX_PARAMETERS:
+        if len(self.params) + 2 * len(values) + sum(map(_wild, values)) > MAX_PARAMETERS:
             raise QueryError(f"more than {MAX_PARAMETERS} values in one query")
         if kind == "count":
             return                                            # return keys only
@@ -295,8 +314,17 @@ class Query:
         exact = values if kind == "uid" else [v for v in values if not _wild(v)]
         wild = [] if kind == "uid" else [v for v in values if _wild(v)]
         terms = [f"{column} IN ({', '.join(map(bind, exact))})"] if exact else []
-        terms += [_LIKE.format(column, bind(_like(v))) for v in wild]
+        terms += [self._wildcard(column, v) for v in wild]
         self.conditions.append(terms[0] if len(terms) == 1 else "(" + " OR ".join(terms) + ")")
+
+    def _wildcard(self, column: str, value: str) -> str:
+        """`column` matched against a wildcard value: a prefix ("SMI*") as `_dialect_sql` says, else LIKE."""
+        pattern = self._bind(_like(value))
+        stem = value[:-1]
+        if not value.endswith("*") or not stem or _wild(stem) or ord(stem[-1]) >= 0xD7FF:
+            return _LIKE.format(column, pattern)
+        low, high = self._bind(stem), self._bind(stem[:-1] + chr(ord(stem[-1]) + 1))
+        return f"{{prefix {column} {pattern[1:]} {low[1:]} {high[1:]}}}"
 
     def _bind(self, value) -> str:
         """A bound parameter for `value`: its `:name` in the SQL."""
@@ -304,8 +332,13 @@ class Query:
         self.params[name] = value
         return f":{name}"
 
+    def sql_for(self, dialect) -> str:
+        """The query's SQL as `dialect` runs it (`_dialect_sql`)."""
+        return _dialect_sql(self.sql, dialect)
+
     @property
     def sql(self) -> str:
+        """The query's SQL for either engine: `sql_for` makes it one engine's."""
         columns = ", ".join(f"{ATTRIBUTES[k].column} AS {k}" for k in self.return_keys)
         where = " AND ".join(self.conditions) or "1 = 1"
         charset = "s.character_set" if self.level != "PATIENT" else "NULL"
@@ -325,15 +358,19 @@ class Query:
         for row in self._rows(conn, limit, timeout):
             yield encode(row)
 
-    def _rows(self, conn: Connection, limit: int | None, timeout: float | None) -> Iterator[Row]:
-        """The matching rows (the return keys in order, then the character set); past `timeout`
-        seconds of work in the database, `QueryTimeout`."""
-        sql = _dialect_sql(self.sql, conn.dialect) + (f" LIMIT {int(limit)}" if limit else "")
+    def _rows(self, conn: Connection, limit: int | None, timeout: float | None) -> Iterator[tuple]:
+        """The matching rows (the return keys in order, then the character set; the driver's tuples),
+        all fetched within the time limit: past `timeout` seconds of work in the database, `QueryTimeout`.
+
+        Run as `db.Prepared` (compiled once per query shape and dialect, on the driver's cursor):
+        `Connection.execute` costs more than SQLite spends on a typical C-FIND (bench/index.py)."""
+        statement = _prepared(self.sql_for(conn.dialect) + (f" LIMIT {int(limit)}" if limit else ""))
         try:
             with db.deadline(conn, timeout):
-                yield from conn.execute(text(sql), self.params)
+                rows = statement.rows(conn, self.params)
         except db.QueryCancelled as exc:
             raise QueryTimeout(f"the query took more than {exc.timeout:g} s: narrow it") from None
+        yield from rows
 
     def _encoder(self, explicit_vr: bool) -> Callable[[Row], bytes]:
         def header(tag: int, vr: str) -> tuple[bytes, struct.Struct]:
@@ -481,22 +518,22 @@ class Match:
     sha256: str
 
 
-def _where(query: Query) -> tuple[str, dict]:
-    return " AND ".join(query.conditions) or "1 = 1", dict(query.params)
+def _where(query: Query, conn: Connection) -> tuple[str, dict]:
+    return _dialect_sql(" AND ".join(query.conditions) or "1 = 1", conn.dialect), dict(query.params)
 
 
 def instance_count(index: Index, query: Query) -> int:
     """How many stored instances the query's keys name (at any level: a retrieve sends instances)."""
-    where, params = _where(query)
     with index.reader() as conn:
+        where, params = _where(query, conn)
         return conn.execute(text(f"SELECT COUNT(*) FROM {FROM['IMAGE']} WHERE {where}"), params).scalar_one()
 
 
 def instance_kinds(index: Index, query: Query, limit: int) -> list[tuple[str, str]]:
     """The (SOP class UID, transfer syntax) pairs of those instances, at most `limit` of them
     (the presentation contexts a C-MOVE proposes)."""
-    where, params = _where(query)
     with index.reader() as conn:
+        where, params = _where(query, conn)
         return [(sop_class, syntax) for sop_class, syntax in conn.execute(text(
             f"SELECT DISTINCT i.sop_class_uid, i.transfer_syntax FROM {FROM['IMAGE']} WHERE {where} "
             f"LIMIT {int(limit)}"), params)]
@@ -505,8 +542,8 @@ def instance_kinds(index: Index, query: Query, limit: int) -> list[tuple[str, st
 def instances(index: Index, query: Query, after: int, limit: int) -> list[Match]:
     """The next `limit` of those instances with `pk` above `after`, in `pk` order: a retrieve reads
     them a page at a time and never holds them all."""
-    where, params = _where(query)
     with index.reader() as conn:
+        where, params = _where(query, conn)
         return [Match(*row) for row in conn.execute(text(
             f"SELECT i.pk, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, i.blob_id, i.sha256 "
             f"FROM {FROM['IMAGE']} WHERE {where} AND i.pk > :after ORDER BY i.pk LIMIT {int(limit)}"),

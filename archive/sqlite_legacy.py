@@ -7,13 +7,26 @@ revisions.
 """
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import sqlite_utils
 
+from .db import SQLITE_PRAGMAS
 from .matching import name_key, time_key
 
 migrations = sqlite_utils.Migrations("m3dicom")
 NAMES = ("0001_initial", "0002_query", "0003_offload", "0004_jobs", "0005_viewer", "0006_integrity",
          "0007_conflict_reason", "0008_blob_holds")
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A sqlite3 connection with the index's pragmas, outside the SQLAlchemy layer: to make (tests) or
+    migrate an index of before issue 16 with these frozen migrations."""
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+    for pragma in SQLITE_PRAGMAS:
+        conn.execute(pragma)
+    return conn
 
 
 @migrations(name="0001_initial")

@@ -18,6 +18,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from sqlalchemy import text
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
@@ -39,7 +41,7 @@ def main(runs: int = 5) -> None:
         archive = Archive(config.data_dir)
         for path in files:
             assert archive.ingest_file(path).outcome.ok
-        series = input_series(archive.index, archive.index.query("SELECT series_uid FROM series", {})[0][0])
+        series = input_series(archive.index, archive.index.read(text("SELECT series_uid FROM series"))[0][0])
         started = time.perf_counter()
         output = run_job(JobSpec("benchjob", "bone-model", {}, (series,), config))
         print(f"bone model: {time.perf_counter() - started:.1f} s ({output.backend})")

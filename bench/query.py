@@ -12,7 +12,14 @@ costs it ~0.7 ms of its own CPU, which shows on queries with many matches). Orth
 queries, for comparison. Prints p50 / p95 in ms as a Markdown table. Not a test: nothing
 is asserted.
 
+`--index-url postgresql://USER@HOST:PORT/DB` puts the node's index on that PostgreSQL server instead:
+for each size the bench creates a database of its own there (m3qbench_SIZE, dropped at the end: the
+role needs CREATEDB), fills it, and starts the node on it; the password comes from libpq's environment
+(PGPASSWORD, PGPASSFILE). `--explain` prints each kind's query plan (EXPLAIN ANALYZE on PostgreSQL,
+EXPLAIN QUERY PLAN on SQLite) for one of its queries once the index is filled.
+
     .venv/bin/python bench/query.py [--sizes 10000,100000,1000000] [--queries 200] [--no-orthanc]
+                                    [--index-url URL] [--explain]
 """
 from __future__ import annotations
 
@@ -34,12 +41,14 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+import sqlalchemy as sa
 from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from archive.dicomfile import InstanceHeader  # noqa: E402
 from archive.index import Index  # noqa: E402
+from archive.query import STUDY_ROOT, Query  # noqa: E402
 from bench.ingest import ENV, ROOT, free_port, wait_port  # noqa: E402
 from scp.tls import client_context, no_delay  # noqa: E402
 
@@ -231,10 +240,42 @@ def _ms(stamp: str) -> float:
     return ((int(hours) * 60 + int(minutes)) * 60 + int(seconds)) * 1000 + int(millis) + int(micros) / 1000
 
 
-def node(work: Path, pki: Path, data_dir: Path) -> tuple[subprocess.Popen, int]:
+def explain(index: Index, asked: dict[str, list[Dataset]]) -> None:
+    """Each kind's plan for its first query, with its values (PostgreSQL: as run, with timings)."""
+    with index.reader() as conn:
+        for kind, identifiers in asked.items():
+            query = Query(STUDY_ROOT, identifiers[0])
+            sql = query.sql_for(conn.dialect)
+            if index.sqlite:
+                plan = [row[3] for row in conn.execute(text("EXPLAIN QUERY PLAN " + sql), query.params)]
+            else:
+                plan = [row[0] for row in conn.execute(text("EXPLAIN (ANALYZE, BUFFERS) " + sql), query.params)]
+            print(f"\n{kind} ({', '.join(f'{k}={v!r}' for k, v in query.params.items())}):\n    " + "\n    ".join(plan))
+
+
+class Databases:
+    """A database of its own for each size on the PostgreSQL server of `url` (created, then dropped)."""
+
+    def __init__(self, url: str):
+        self.url = sa.engine.make_url(url).set(drivername="postgresql+psycopg")
+        self.admin = sa.create_engine(self.url, isolation_level="AUTOCOMMIT")
+
+    def create(self, name: str) -> str:
+        with self.admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        return self.url.set(drivername="postgresql", database=name).render_as_string(hide_password=False)
+
+    def drop(self, name: str) -> None:
+        with self.admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def node(work: Path, pki: Path, data_dir: Path, index_url: str = "") -> tuple[subprocess.Popen, int]:
     port = free_port()
     config = work / "m3.toml"
     config.write_text(f'[node]\nae_title = "M3DICOM"\ndata_dir = "{data_dir}"\n'
+                      + (f'[index]\nurl = "{index_url}"\n' if index_url else "") +
                       f'[dicom]\nport = {port}\ncertificate = "{pki}/server.pem"\nprivate_key = "{pki}/server.key"\n'
                       f'ca_certificates = "{pki}/ca.pem"\n[query]\nmax_results = 5000\n[log]\nlevel = "WARNING"\n'
                       "[viewer]\nenabled = false\n")
@@ -306,7 +347,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--no-orthanc", action="store_true")
+    ap.add_argument("--index-url", default="", help="a PostgreSQL server for the index (see above)")
+    ap.add_argument("--explain", action="store_true", help="print each kind's query plan")
     args = ap.parse_args(argv)
+    databases = Databases(args.index_url) if args.index_url else None
     work = Path(tempfile.mkdtemp(prefix="m3qbench-"))
     rows = []
     try:
@@ -317,13 +361,23 @@ def main(argv=None) -> int:
             data_dir = work / f"m3-{size}"
             t0 = time.perf_counter()
             data_dir.mkdir(mode=0o700, parents=True)
-            index = Index(data_dir / "index.sqlite3")
+            url = databases.create(f"m3qbench_{size}") if databases else ""
+            index = Index(url or data_dir / "index.sqlite3")
             data = fill(index, size)
-            index.close()
+            if not index.sqlite:
+                with index.write() as conn:         # as autovacuum would soon: statistics for the planner
+                    conn.exec_driver_sql("ANALYZE")
             print(f"filled {size} instances in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-            proc, port = node(work, pki, data_dir)
-            rows += measure(f"m3dicom, {size:,} instances", proc, port, "M3DICOM", pki, data, args.queries, work)
+            if args.explain:
+                explain(index, queries(data, 1))
+            index.close()
+            proc, port = node(work, pki, data_dir, url)
+            engine = "PostgreSQL" if url else "SQLite"
+            rows += measure(f"m3dicom ({engine}), {size:,} instances", proc, port, "M3DICOM", pki, data,
+                            args.queries, work)
             shutil.rmtree(data_dir)
+            if databases:
+                databases.drop(f"m3qbench_{size}")
         if not args.no_orthanc:
             size = 10000
             proc, port, data = orthanc_filled(work, pki, size)

@@ -14,9 +14,7 @@ LocalCluster and for an external `dask scheduler` with one `m3dicom worker`. Not
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -27,7 +25,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from sqlalchemy import text  # noqa: E402
+
+from archive.index import Index  # noqa: E402
 from ingest import free_port, small_set, wait_port  # noqa: E402
+from router import queue  # noqa: E402
+
+# when each succeeded job's study last received an instance (not a result), and when its results were indexed
+_TIMES = text("""
+    SELECT (SELECT MAX(i.received_at) FROM instances i JOIN series se ON i.series_pk = se.pk
+              JOIN studies s ON se.study_pk = s.pk WHERE s.study_uid = :study_uid AND i.job_id IS NULL),
+           (SELECT MAX(i.received_at) FROM instances i WHERE i.job_id = :job_id)""")
 
 NOOP = '''
 import numpy as np
@@ -97,47 +105,37 @@ def measure(mode: str, work: Path, pki: Path, files: list[Path], quiet: float) -
     if mode == "external":
         procs.append(subprocess.Popen(m3 + ["worker", "--scheduler", scheduler, "--config", str(config)], cwd=ROOT,
                                       env=env, stdout=open(work / "worker.log", "wb"), stderr=subprocess.STDOUT))
+    index = None
     try:
         wait_port(port)
-        index = work / "var" / "index.sqlite3"
+        index = Index(work / "var" / "index.sqlite3")       # the node made and migrated it
         for i, path in enumerate(files):
             subprocess.run(m3 + ["send", "--config", str(config), "--quiet", str(path)], cwd=ROOT, env=env,
                            check=True, capture_output=True)
             deadline = time.monotonic() + 120
             while True:
-                done = _query(index, "SELECT COUNT(*) FROM jobs WHERE state='succeeded'")[0][0]
+                done = len(queue.jobs(index, states=("succeeded",), limit=len(files)))
                 if done >= i + 1:
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"job {i + 1} did not finish; see {work / 'node.log'}")
                 time.sleep(0.01)
             print(f"{mode}: {i + 1}/{len(files)}", end="\r", file=sys.stderr)
-        rows = _query(index, """
-            SELECT j.timings,
-                   (SELECT MAX(i.received_at) FROM instances i JOIN series se ON i.series_pk = se.pk
-                      JOIN studies s ON se.study_pk = s.pk WHERE s.study_uid = j.study_uid AND i.job_id IS NULL),
-                   (SELECT MAX(i.received_at) FROM instances i WHERE i.job_id = j.id)
-            FROM jobs j WHERE j.state='succeeded' ORDER BY j.created_at""")
+        succeeded = sorted(queue.jobs(index, states=("succeeded",), limit=len(files)), key=lambda j: j.created_at)
+        rows = [(job.timings, *index.read(_TIMES, {"study_uid": job.study_uid, "job_id": job.id})[0])
+                for job in succeeded]
     finally:
+        if index is not None:
+            index.close()
         for proc in reversed(procs):
             proc.terminate()
             proc.wait(30)
     start, result = [], []
     for timings, last_instance, result_indexed in rows[1:]:   # the first job also started the cluster
-        t = json.loads(timings)
+        t = timings
         start.append((t["worker_started"] - (last_instance + quiet)) * 1000)
         result.append((result_indexed - t["plugin_returned"]) * 1000)
     return start, result
-
-
-def _query(path: Path, sql: str):
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        return conn.execute(sql).fetchall()
-    except sqlite3.OperationalError:
-        return [(0,)]
-    finally:
-        conn.close()
 
 
 def percentiles(values: list[float]) -> str:

@@ -30,7 +30,6 @@ import io
 import json
 import random
 import shutil
-import sqlite3
 import ssl
 import statistics
 import subprocess
@@ -46,8 +45,10 @@ from pydicom.uid import generate_uid
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from archive.index import Index  # noqa: E402
 from bench.ingest import ENV, free_port, wait_port  # noqa: E402
 from gpu_workers.mammo import phantom  # noqa: E402
+from router import queue  # noqa: E402
 
 PASSWORD = "bench viewer password"
 FULL_FIELD = phantom.Options(rows=4096, columns=3328, spacing=0.07, clusters=2, isolated=3)
@@ -155,14 +156,17 @@ def stop(proc: subprocess.Popen) -> None:
 def wait_for_model(index: Path, timeout: float = 600) -> tuple[str, str]:
     """(job id, study UID) of the bone model once it has succeeded."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with sqlite3.connect(f"file:{index}?mode=ro", uri=True) as conn:
-            rows = conn.execute("SELECT id, study_uid, state FROM jobs WHERE plugin='bone-model'").fetchall()
-        if rows and rows[0][2] == "succeeded":
-            return rows[0][0], rows[0][1]
-        if rows and rows[0][2] == "failed":
-            raise RuntimeError("the bone model failed; see node.log")
-        time.sleep(1)
+    opened = Index(index)           # the node made and migrated it
+    try:
+        while time.monotonic() < deadline:
+            models = [job for job in queue.jobs(opened) if job.plugin == "bone-model"]
+            if models and models[-1].state == "succeeded":
+                return models[-1].id, models[-1].study_uid
+            if models and models[-1].state == "failed":
+                raise RuntimeError("the bone model failed; see node.log")
+            time.sleep(1)
+    finally:
+        opened.close()
     raise RuntimeError("no bone model in time")
 
 

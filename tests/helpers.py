@@ -140,6 +140,11 @@ class Node:
     # -- looking inside (read-only) ----------------------------------------------------
 
     def rows(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """The rows of one read of the node's index (`?` parameters): its SQLite file, or the PostgreSQL
+        database of its `[index] url`, read through the index's engines."""
+        url = self.settings.get("index", {}).get("url")
+        if url:
+            return self._postgresql_rows(url, sql, params)
         import sqlite3
 
         conn = sqlite3.connect(self.data_dir / "index.sqlite3", timeout=10)
@@ -147,6 +152,19 @@ class Node:
             return conn.execute(sql, params).fetchall()
         finally:
             conn.close()
+
+    def _postgresql_rows(self, url: str, sql: str, params: tuple) -> list[tuple]:
+        import sqlalchemy as sa
+        from archive.db import open_engines
+
+        pieces = sql.split("?")
+        named = "".join(piece + (f":p{n}" if n < len(params) else "") for n, piece in enumerate(pieces))
+        engines = open_engines(url)
+        try:
+            with engines.readers.connect() as conn:
+                return [tuple(row) for row in conn.execute(sa.text(named), {f"p{n}": v for n, v in enumerate(params)})]
+        finally:
+            engines.dispose()
 
     def spool_files(self) -> list[Path]:
         """Received data sets not yet stored (plaintext), in every receiver's spool."""

@@ -33,10 +33,10 @@ def archive(tmp_path, index_url):
 def test_store_indexes_hierarchy_and_logs_a_change(archive):
     result = archive.ingest_file(data_file("CT_small.dcm"))
     assert result.outcome is Outcome.STORED
-    (row,) = archive.index.query(
-        "SELECT p.patient_id, p.patient_name, s.study_date, se.modality, i.sha256, i.size "
-        "FROM instances i JOIN series se ON i.series_pk=se.pk JOIN studies s ON se.study_pk=s.pk "
-        "JOIN patients p ON s.patient_pk=p.pk", {})
+    (row,) = archive.index.read(
+        text("SELECT p.patient_id, p.patient_name, s.study_date, se.modality, i.sha256, i.size "
+             "FROM instances i JOIN series se ON i.series_pk=se.pk JOIN studies s ON se.study_pk=s.pk "
+             "JOIN patients p ON s.patient_pk=p.pk"))
     ds = pydicom.dcmread(data_file("CT_small.dcm"))
     assert row.patient_id == ds.PatientID and row.patient_name == str(ds.PatientName)
     assert row.study_date == ds.StudyDate and row.modality == "CT"
@@ -48,7 +48,7 @@ def test_store_indexes_hierarchy_and_logs_a_change(archive):
 
 def test_stored_blob_reads_back_byte_identical(archive):
     archive.ingest_file(data_file("MR_small.dcm"))
-    (row,) = archive.index.query("SELECT blob_id FROM instances", {})
+    (row,) = archive.index.read(text("SELECT blob_id FROM instances"))
     assert archive.storage.read_all(row.blob_id) == data_file("MR_small.dcm").read_bytes()
 
 
@@ -70,12 +70,12 @@ def two_versions(tmp_path):
     ("keep-first", Outcome.DUPLICATE_KEPT_FIRST, 0, ["stored"]),
     ("replace", Outcome.REPLACED, 1, ["stored", "replaced", "blob_removed"]),
 ])
-def test_different_bytes_follow_the_duplicates_policy(tmp_path, policy, outcome, kept, changes):
-    archive = Archive(tmp_path / "data", duplicates=policy)
+def test_different_bytes_follow_the_duplicates_policy(tmp_path, index_url, policy, outcome, kept, changes):
+    archive = Archive(tmp_path / "data", index_url=index_url, duplicates=policy)
     versions = two_versions(tmp_path)
     archive.ingest_file(versions[0])
     assert archive.ingest_file(versions[1]).outcome is outcome
-    (row,) = archive.index.query("SELECT sha256, blob_id FROM instances", {})
+    (row,) = archive.index.read(text("SELECT sha256, blob_id FROM instances"))
     assert row.sha256 == dataset_sha256(versions[kept])
     assert list(archive.storage.blob_ids()) == [row.blob_id]
     assert [c.kind for c in archive.index.changes_since(0)] == changes
@@ -88,7 +88,7 @@ def test_refusals_leave_nothing(archive, tmp_path):
     not_dicom = tmp_path / "x.dcm"
     not_dicom.write_bytes(b"hello")
     assert archive.ingest_file(not_dicom).outcome is Outcome.INVALID
-    assert archive.index.query("SELECT COUNT(*) FROM instances", {})[0][0] == 0
+    assert archive.index.read(text("SELECT COUNT(*) FROM instances"))[0][0] == 0
     assert list(archive.storage.blob_ids()) == []
 
 
@@ -120,7 +120,7 @@ def test_recover_removes_orphans_and_partials(archive):
 
 def test_decrypted_copies_stay_in_the_data_directory_and_a_crash_leaves_none(archive):
     result = archive.ingest_file(data_file("CT_small.dcm"))
-    (row,) = archive.index.query("SELECT blob_id, sha256 FROM instances", {})
+    (row,) = archive.index.read(text("SELECT blob_id, sha256 FROM instances"))
     with archive.exported(row.blob_id, row.sha256) as path:
         assert path.parent == archive.data_dir / "exports"
         assert oct(path.parent.stat().st_mode & 0o777) == "0o700" and oct(path.stat().st_mode & 0o777) == "0o600"
@@ -134,10 +134,16 @@ def test_decrypted_copies_stay_in_the_data_directory_and_a_crash_leaves_none(arc
 def test_migrations_are_recorded(tmp_path):
     Archive(tmp_path / "d").close()
     again = Archive(tmp_path / "d")  # reopening applies nothing twice
-    assert [tuple(r) for r in again.index.query("SELECT version_num FROM alembic_version_archive", {})] == [
-        ("archive_0001",)]
-    assert again.index.query("PRAGMA journal_mode")[0][0] == "wal"
-    assert again.index.query("PRAGMA synchronous")[0][0] == 2 and again.index.query("PRAGMA foreign_keys")[0][0] == 1
+    assert [tuple(r) for r in again.index.read(text("SELECT version_num FROM alembic_version_archive"))] == [
+        ("archive_0003",)]
+    assert [writer_pragma(again.index, name) for name in ("journal_mode", "synchronous", "foreign_keys")] == [
+        "wal", 2, 1]
+
+
+def writer_pragma(index, name: str):
+    """A pragma's value on the index's writer connection (the readers' are their own)."""
+    with index.write() as conn:
+        return conn.exec_driver_sql(f"PRAGMA {name}").scalar()
 
 
 # -- integrity: a study belongs to one patient, a series to one study ------------------------------
@@ -159,10 +165,10 @@ def instance(tmp_path, *, study, patient_id, name="Doe^Jane", series=None, **cha
 
 
 def hierarchy(archive) -> set[tuple]:
-    return {tuple(r) for r in archive.index.query(
-        "SELECT i.sop_instance_uid, se.series_uid, st.study_uid, p.patient_id, p.patient_name FROM instances i "
-        "JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk "
-        "JOIN patients p ON p.pk = st.patient_pk", {})}
+    return {tuple(r) for r in archive.index.read(
+        text("SELECT i.sop_instance_uid, se.series_uid, st.study_uid, p.patient_id, p.patient_name FROM instances i "
+             "JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk "
+             "JOIN patients p ON p.pk = st.patient_pk"))}
 
 
 def test_a_study_of_another_patient_or_a_series_of_another_study_is_refused_and_recorded(archive, tmp_path):
@@ -181,9 +187,9 @@ def test_a_study_of_another_patient_or_a_series_of_another_study_is_refused_and_
         result = archive.ingest_file(path, calling_ae="MODALITY")
         assert result.outcome is Outcome.CONFLICT and result.reason.startswith(reason) and result.study_uid is None
         uid = pydicom.dcmread(path).SOPInstanceUID
-        assert [tuple(r) for r in archive.index.query(
-            "SELECT attribute, index_value, instance_value, action, calling_ae FROM conflicts "
-            "WHERE sop_instance_uid = :uid", {"uid": uid})] == [(attribute, held, said, "refused", "MODALITY")]
+        assert [tuple(r) for r in archive.index.read(
+            text("SELECT attribute, index_value, instance_value, action, calling_ae FROM conflicts "
+                 "WHERE sop_instance_uid = :uid"), {"uid": uid})] == [(attribute, held, said, "refused", "MODALITY")]
     assert hierarchy(archive) == before and set(archive.storage.blob_ids()) == blobs
     assert [c.kind for c in archive.index.changes_since(0)] == ["stored", "stored"]
     assert archive.index.integrity() == {"stored": 0, "refused": 3, "quarantined": 0, "discarded": 0,
@@ -196,15 +202,15 @@ def test_demographics_are_never_written_over_and_each_difference_is_recorded(arc
     renamed = instance(tmp_path, study=generate_uid(), patient_id="P", name="Roe^Joan", PatientSex="F")
     assert archive.ingest_file(renamed).outcome is Outcome.STORED
     # another name: perhaps another person, so its sex does not fill the blank either (new-user pass)
-    assert tuple(archive.index.query("SELECT patient_name, sex FROM patients", {})[0]) == ("Doe^Jane", None)
+    assert tuple(archive.index.read(text("SELECT patient_name, sex FROM patients"))[0]) == ("Doe^Jane", None)
     same = instance(tmp_path, study=study, patient_id="P", name="DOE^JANE^^", PatientSex="F")  # same name, case
     assert archive.ingest_file(same).outcome is Outcome.STORED
-    (patient,) = archive.index.query("SELECT patient_name, sex FROM patients", {})
+    (patient,) = archive.index.read(text("SELECT patient_name, sex FROM patients"))
     assert tuple(patient) == ("Doe^Jane", "F")            # the first name kept, the empty sex filled in
-    assert [tuple(r) for r in archive.index.query("SELECT attribute, index_value, instance_value, action "
-                                                  "FROM conflicts ORDER BY attribute", {})] == [
+    assert [tuple(r) for r in archive.index.read(text("SELECT attribute, index_value, instance_value, action "
+                                                      "FROM conflicts ORDER BY attribute"))] == [
         ("PatientName", "Doe^Jane", "Roe^Joan", "stored"), ("PatientSex", None, "F", "stored")]
-    (row,) = archive.index.query("SELECT blob_id FROM instances WHERE sop_instance_uid = :uid",
+    (row,) = archive.index.read(text("SELECT blob_id FROM instances WHERE sop_instance_uid = :uid"),
                                  {"uid": pydicom.dcmread(renamed).SOPInstanceUID})
     assert archive.storage.read_all(row.blob_id) == renamed.read_bytes()   # the file keeps its own name
 
@@ -216,13 +222,13 @@ def test_instances_without_a_patient_id_get_a_patient_per_study(archive, tmp_pat
             is Outcome.STORED
     names = {r[2]: r[4] for r in hierarchy(archive)}
     assert names == {first: "Unknown^One", second: "Unknown^Two"}
-    assert archive.index.query("SELECT COUNT(*) FROM patients WHERE patient_id=''", {})[0][0] == 2
-    assert archive.index.query("SELECT COUNT(*) FROM conflicts", {})[0][0] == 0
+    assert archive.index.read(text("SELECT COUNT(*) FROM patients WHERE patient_id=''"))[0][0] == 2
+    assert archive.index.read(text("SELECT COUNT(*) FROM conflicts"))[0][0] == 0
     assert archive.ingest_file(instance(tmp_path, study=first, patient_id="X")).outcome is Outcome.CONFLICT
 
 
-def test_duplicates_and_analysis_results_still_go_through(tmp_path):
-    archive = Archive(tmp_path / "data", duplicates="replace")
+def test_duplicates_and_analysis_results_still_go_through(tmp_path, index_url):
+    archive = Archive(tmp_path / "data", index_url=index_url, duplicates="replace")
     study = generate_uid()
     path = instance(tmp_path, study=study, patient_id="P")
     assert archive.ingest_file(path).outcome is Outcome.STORED
@@ -235,23 +241,23 @@ def test_duplicates_and_analysis_results_still_go_through(tmp_path):
     assert {r[3] for r in hierarchy(archive)} == {"P"} and len(hierarchy(archive)) == 2
 
 
-def test_quarantine_keeps_the_instance_outside_the_hierarchy_and_recovery_keeps_it(tmp_path):
-    archive = Archive(tmp_path / "data", on_conflict="quarantine")
+def test_quarantine_keeps_the_instance_outside_the_hierarchy_and_recovery_keeps_it(tmp_path, index_url):
+    archive = Archive(tmp_path / "data", index_url=index_url, on_conflict="quarantine")
     study = generate_uid()
     archive.ingest_file(instance(tmp_path, study=study, patient_id="A"))
     other = instance(tmp_path, study=study, patient_id="B")
     first, again = archive.ingest_file(other), archive.ingest_file(other)
     assert first.outcome is again.outcome is Outcome.QUARANTINED and first.reason.startswith("quarantined: study")
-    (row,) = archive.index.query("SELECT blob_id, sha256, reason FROM quarantine")
-    assert row["sha256"] == dataset_sha256(other) and row["reason"] == "study belongs to another patient"
-    assert archive.recover() == 0 and archive.storage.read_all(row["blob_id"]) == other.read_bytes()
+    (row,) = archive.index.read(text("SELECT blob_id, sha256, reason FROM quarantine"))
+    assert row.sha256 == dataset_sha256(other) and row.reason == "study belongs to another patient"
+    assert archive.recover() == 0 and archive.storage.read_all(row.blob_id) == other.read_bytes()
     assert len(list(archive.storage.blob_ids())) == 2 and len(hierarchy(archive)) == 1
     assert archive.index.integrity()["in_quarantine"] == 1
     assert [r.received for r in status.conflicts(archive.index)] == [2]
 
 
 def test_the_integrity_migration_keeps_what_an_older_index_holds(tmp_path):
-    from archive.index import connect
+    from archive.sqlite_legacy import connect
     from archive.sqlite_legacy import migrations
     import sqlite_utils
 
@@ -263,18 +269,18 @@ def test_the_integrity_migration_keeps_what_an_older_index_holds(tmp_path):
     from archive.index import Index
 
     index = Index(tmp_path / "index.sqlite3")
-    assert [tuple(r) for r in index.query("SELECT p.pk, p.patient_id, p.patient_name_key FROM studies s "
-                                          "JOIN patients p ON p.pk = s.patient_pk")] == [(7, "P", "DOE")]
+    assert [tuple(r) for r in index.read(text("SELECT p.pk, p.patient_id, p.patient_name_key FROM studies s "
+                                              "JOIN patients p ON p.pk = s.patient_pk"))] == [(7, "P", "DOE")]
     with pytest.raises(Exception, match="UNIQUE"):
         with index.write() as write:
             write.execute(text("INSERT INTO patients (patient_id) VALUES ('P')"))
     with index.write() as write:                       # several patients without an ID are fine
         write.execute(text("INSERT INTO patients (patient_id) VALUES (''), ('')"))
-    assert index.query("PRAGMA foreign_keys")[0][0] == 1
-    assert "patients_patient_id" in {r[1] for r in index.query("PRAGMA index_list(patients)")}
-    # brought to the last sqlite-utils schema, then stamped at the archive's first Alembic revision
-    assert [r[0] for r in index.query("SELECT version_num FROM alembic_version_archive")] == ["archive_0001"]
-    assert len(index.query("SELECT name FROM _sqlite_migrations WHERE migration_set='m3dicom'")) == 8
+    assert writer_pragma(index, "foreign_keys") == 1
+    assert "patients_patient_id" in {r[1] for r in index.read(text("PRAGMA index_list(patients)"))}
+    # brought to the last sqlite-utils schema, stamped at the archive's first Alembic revision, then upgraded
+    assert [r[0] for r in index.read(text("SELECT version_num FROM alembic_version_archive"))] == ["archive_0003"]
+    assert len(index.read(text("SELECT name FROM _sqlite_migrations WHERE migration_set='m3dicom'"))) == 8
     index.close()
 
 
@@ -297,16 +303,18 @@ def test_a_uid_re_used_for_another_patient_study_or_series_is_a_conflict_under_e
             result = archive.ingest_file(other, calling_ae="REUSER")
             assert (result.outcome, result.reason) == (Outcome.CONFLICT,
                                                        f"SOP Instance UID is an instance of another {whose}")
-            assert [tuple(r) for r in archive.index.query(
-                "SELECT index_value, instance_value, action, reason FROM conflicts WHERE attribute=?",
-                (attribute,))] == [(held, said, "refused", f"its SOP Instance UID is an instance of another {whose}")]
+            assert [tuple(r) for r in archive.index.read(
+                text("SELECT index_value, instance_value, action, reason FROM conflicts WHERE attribute = :a"),
+                {"a": attribute})] == [
+                    (held, said, "refused", f"its SOP Instance UID is an instance of another {whose}")]
         assert hierarchy(archive) == before and set(archive.storage.blob_ids()) == blobs, policy
         assert archive.index.not_committable(uid) == "received again since with other content, which was refused"
         archive.close()
 
 
-def test_the_same_instance_with_other_bytes_under_keep_first_is_discarded_recorded_and_not_committable(tmp_path):
-    archive = Archive(tmp_path / "data")
+def test_the_same_instance_with_other_bytes_under_keep_first_is_discarded_recorded_and_not_committable(
+        tmp_path, index_url):
+    archive = Archive(tmp_path / "data", index_url=index_url)
     versions = two_versions(tmp_path)
     uid = pydicom.dcmread(versions[0]).SOPInstanceUID
     assert archive.ingest_file(versions[0]).outcome is Outcome.STORED
@@ -323,14 +331,14 @@ def test_the_same_instance_with_other_bytes_under_keep_first_is_discarded_record
     assert archive.index.integrity()["discarded"] == 1
     assert archive.index.not_committable(uid) == "received again since with other content, which was discarded"
     archive.close()
-    replacing = Archive(tmp_path / "data", duplicates="replace")     # the new copy stored: no doubt left
+    replacing = Archive(tmp_path / "data", index_url=index_url, duplicates="replace")   # the new copy: no doubt
     assert replacing.ingest_file(versions[1]).outcome is Outcome.REPLACED
     assert replacing.index.not_committable(uid) is None
     replacing.close()
 
 
-def test_a_uid_re_used_for_another_patient_is_quarantined_with_on_conflict_quarantine(tmp_path):
-    archive = Archive(tmp_path / "data", on_conflict="quarantine")
+def test_a_uid_re_used_for_another_patient_is_quarantined_with_on_conflict_quarantine(tmp_path, index_url):
+    archive = Archive(tmp_path / "data", index_url=index_url, on_conflict="quarantine")
     first = instance(tmp_path, study=generate_uid(), patient_id="A")
     uid = pydicom.dcmread(first).SOPInstanceUID
     archive.ingest_file(first)
@@ -339,7 +347,7 @@ def test_a_uid_re_used_for_another_patient_is_quarantined_with_on_conflict_quara
     result = archive.ingest_file(other)
     assert (result.outcome, result.reason) == (Outcome.QUARANTINED,
                                                "quarantined: SOP Instance UID is an instance of another patient")
-    (row,) = archive.index.query("SELECT sha256 FROM quarantine WHERE sop_instance_uid=?", (uid,))
-    assert row["sha256"] == dataset_sha256(other) and hierarchy(archive) == before
+    (row,) = archive.index.read(text("SELECT sha256 FROM quarantine WHERE sop_instance_uid = :uid"), {"uid": uid})
+    assert row.sha256 == dataset_sha256(other) and hierarchy(archive) == before
     assert archive.index.not_committable(uid) == "received again since with other content, which was quarantined"
     archive.close()

@@ -10,8 +10,9 @@ from helpers import synthetic_instances
 
 
 @pytest.fixture
-def stored(tmp_path):
-    archive = Archive(tmp_path / "var")
+def stored(tmp_path, index_url):
+    """Two studies in an archive whose index is SQLite or PostgreSQL (each test runs on both)."""
+    archive = Archive(tmp_path / "var", index_url=index_url)
     paths = synthetic_instances(tmp_path / "a", 5) + synthetic_instances(tmp_path / "b", 2)
     for path in paths:
         archive.ingest_file(path)

@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel
+from sqlalchemy import text
 
 from helpers import data_file, free_port, wait_for
 from scp.commitment import WELL_KNOWN_INSTANCE
@@ -343,7 +344,7 @@ def test_verify_streams_the_same_hash_as_an_export(tmp_path):
                                                                               pixel_bytes=64 << 10)
         for path in paths:
             archive.ingest_file(path)
-        rows = archive.index.query("SELECT blob_id, sha256 FROM instances", {})
+        rows = archive.index.read(text("SELECT blob_id, sha256 FROM instances"))
         for row in rows:
             verify(archive, row.blob_id, row.sha256)
             with archive.exported(row.blob_id, row.sha256) as exported:

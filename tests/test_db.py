@@ -42,7 +42,7 @@ def test_prepared_raises_sqlalchemys_errors_and_refuses_in_lists(index):
         with index.write() as conn:
             Prepared(_INSERT).rows(conn, {"name": "a", "seq": 1})
             Prepared(_INSERT).rows(conn, {"name": "a", "seq": 2})
-    assert index.query("SELECT COUNT(*) AS n FROM cursors", {})[0].n == 0      # rolled back
+    assert index.read(text("SELECT COUNT(*) AS n FROM cursors"))[0].n == 0      # rolled back
     with index.write() as conn, pytest.raises(ValueError, match="expanding"):
         from sqlalchemy import bindparam
         statement = Prepared("SELECT name FROM cursors WHERE name IN :names")
@@ -66,7 +66,7 @@ def test_a_write_mixing_execute_and_prepared_commits_or_rolls_back_as_one(index)
             raise RuntimeError("rolled back")
     with index.write() as conn:
         conn.execute(text(_INSERT), {"name": "g", "seq": 7})
-    assert [r.name for r in index.query("SELECT name FROM cursors ORDER BY name", {})] == ["a", "b", "c", "g"]
+    assert [r.name for r in index.read(text("SELECT name FROM cursors ORDER BY name"))] == ["a", "b", "c", "g"]
 
 
 def test_the_held_sqlite_writer_survives_a_transaction_that_could_not_begin(tmp_path):
@@ -87,6 +87,6 @@ def test_the_held_sqlite_writer_survives_a_transaction_that_could_not_begin(tmp_
         other.close()
         with index.write() as conn:
             Prepared(_INSERT).rows(conn, {"name": "a", "seq": 1})
-        assert index.query("SELECT seq FROM cursors", {})[0].seq == 1
+        assert index.read(text("SELECT seq FROM cursors"))[0].seq == 1
     finally:
         index.close()

@@ -43,9 +43,10 @@ def check_consistent(node) -> dict[str, str]:
     return rows
 
 
-def test_kill_9_during_transfer_loses_nothing_acknowledged(make_node, tmp_path):
+def test_kill_9_during_transfer_loses_nothing_acknowledged(make_node, tmp_path, index_url):
+    """On SQLite and on PostgreSQL: what the node acknowledged is in the index and its blob intact."""
     files = make_copies(tmp_path / "study", 1000)
-    node = make_node()
+    node = make_node(**({"index": {"url": index_url}} if index_url else {}))
     sender = subprocess.Popen(["storescu", "-v", *node.tls_args(), "-aec", "M3DICOM", "127.0.0.1",
                                str(node.port), *map(str, files)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "TCP_NODELAY": "1"})

@@ -28,10 +28,11 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import (CTImageStorage, PatientRootQueryRetrieveInformationModelFind,
                                   PatientRootQueryRetrieveInformationModelGet, Verification)
+from sqlalchemy import text
 
 from archive import Archive, Limits, Outcome
 from archive.dicomfile import (DEFAULT_LIMITS, InvalidInstance, PixelsTooLarge, _Malformed, check_pixels,
-                               check_structure, inspect, read_dataset)
+                               check_structure, inspect)
 from helpers import _toml, data_file, dataset_sha256, synthetic_instances, wait_for
 from scp.handlers import RATE_WINDOW, Reception
 from test_hostile_network import MiB, _flood, _fragments, _is_abort, _p_data, _peak_rss, _store_rq, _until_closed
@@ -473,7 +474,7 @@ async def test_an_uploaded_deflate_bomb_is_refused_and_stores_nothing(tmp_path, 
         (result,) = (await answer.json())["files"]
         assert result["outcome"] == "refused" and "inflates over 100x" in result["reason"]
         assert peak < 64 << 20, f"{peak >> 20} MiB allocated"
-        assert archive.index.query("SELECT COUNT(*) FROM instances")[0][0] == 0
+        assert archive.index.read(text("SELECT COUNT(*) FROM instances"))[0][0] == 0
         assert list(archive.storage.blob_ids()) == []
     finally:
         archive.close()
@@ -539,7 +540,7 @@ def test_values_the_index_cannot_hold_are_dropped_not_a_processing_failure(tmp_p
         path = instance(tmp_path, study=generate_uid(), patient_id="P-IS", patient_name="Big^Number",
                         SeriesNumber="999999999999999999999999")
         assert archive.ingest_file(path).outcome is Outcome.STORED
-        assert archive.index.query("SELECT series_number FROM series")[0][0] is None
+        assert archive.index.read(text("SELECT series_number FROM series"))[0][0] is None
     finally:
         archive.close()
 

@@ -5,6 +5,7 @@ import io
 import shutil
 
 import pytest
+from sqlalchemy import text
 
 from archive import Archive, Outcome
 from archive.crypto import KmsKeyring, LocalKeyring, header_key_id
@@ -49,7 +50,7 @@ def drain(offloader: Offloader, timeout: float = 60) -> None:
 
 
 def blobs(archive: Archive) -> dict[str, str]:
-    return {r["blob_id"]: r["sha256"] for r in archive.index.query("SELECT blob_id, sha256 FROM instances")}
+    return {r.blob_id: r.sha256 for r in archive.index.read(text("SELECT blob_id, sha256 FROM instances"))}
 
 
 def test_every_blob_goes_up_once_as_the_local_ciphertext(make_archive, moto, tmp_path):

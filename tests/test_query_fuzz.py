@@ -30,9 +30,10 @@ SECONDS = 5.0   # one query, on the test data (five patients)
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory):
+def archive(tmp_path_factory, module_index_url):
+    """The test studies on SQLite and on PostgreSQL (each property runs on both)."""
     root = tmp_path_factory.mktemp("fuzz-query")
-    archive = Archive(root / "var")
+    archive = Archive(root / "var", index_url=module_index_url)
     for entry in build_studies(root / "files").values():
         for path in entry["files"]:
             assert archive.ingest_file(path).outcome.ok

@@ -32,7 +32,7 @@ def test_the_router_migrations_are_recorded_once(tmp_path, index_url):
     archive = Archive(tmp_path / "var", index_url=index_url)
     store.migrate(archive.index)
     store.migrate(archive.index)
-    assert [tuple(r) for r in archive.index.query("SELECT version_num FROM alembic_version_router", {})] == [
+    assert [tuple(r) for r in archive.index.read(sa.text("SELECT version_num FROM alembic_version_router"))] == [
         ("router_0001",)]
     assert set(ROUTER_TABLES) <= set(sa.inspect(archive.index.engines.writer).get_table_names())
 
@@ -55,7 +55,7 @@ def test_result_files_are_kept_and_a_replaced_one_is_let_go(tmp_path, index_url)
     assert not archive.index.blob_referenced(first)
     assert archive.recover() == 1
     assert not archive.local.path(first).exists() and archive.local.path(second).exists()
-    kinds = [c[0] for c in archive.index.query("SELECT kind FROM changes WHERE job_id = :job ORDER BY seq",
+    kinds = [c[0] for c in archive.index.read(sa.text("SELECT kind FROM changes WHERE job_id = :job ORDER BY seq"),
                                                {"job": job})]
     assert kinds == ["job_queued", "file_stored", "file_stored"]
     assert [(r["name"], r["blob_id"]) for r in queue.results(archive.index, job)] == [("note.txt", second)]
@@ -104,7 +104,7 @@ def _from_before_alembic(path, before: str | None = None):
     `before`), as a node before issue 16 left it."""
     import sqlite_utils
 
-    from archive.index import connect
+    from archive.sqlite_legacy import connect
     from archive.sqlite_legacy import migrations as archive_migrations
     from router.sqlite_legacy import migrations as router_migrations
 
@@ -122,7 +122,7 @@ def test_new_old_and_postgresql_indexes_have_one_router_schema(tmp_path, pg_clus
     _from_before_alembic(tmp_path / "old" / "index.sqlite3")
     old = Index(tmp_path / "old" / "index.sqlite3")
     store.migrate(old)
-    assert [r[0] for r in old.query("SELECT version_num FROM alembic_version_router", {})] == ["router_0001"]
+    assert [r[0] for r in old.read(sa.text("SELECT version_num FROM alembic_version_router"))] == ["router_0001"]
     postgresql = Index(pg_cluster.create_database("t_schema_new"))
     store.migrate(postgresql)
     indexes = {"an old SQLite index": old, "a new PostgreSQL index": postgresql,
@@ -150,10 +150,11 @@ def test_an_index_from_before_alembic_is_stamped_and_keeps_its_rows_and_result_f
     store.migrate(archive.index)
     assert archive.index.blob_referenced(blob)
     assert archive.recover() == 0 and archive.local.path(blob).exists()
-    assert [r[0] for r in archive.index.query("SELECT version_num FROM alembic_version_router", {})] == [
+    assert [r[0] for r in archive.index.read(sa.text("SELECT version_num FROM alembic_version_router"))] == [
         "router_0001"]
-    assert [r[0] for r in archive.index.query("SELECT name FROM _sqlite_migrations WHERE migration_set = 'router' "
-                                              "ORDER BY name", {})] == ["0001_tables", "0002_result_holds"]
+    assert [r[0] for r in archive.index.read(sa.text(
+        "SELECT name FROM _sqlite_migrations WHERE migration_set = 'router' ORDER BY name"))] == [
+        "0001_tables", "0002_result_holds"]
     assert queue.get(archive.index, job).state == "queued" and store.fired_seq(archive.index, "1.2.3", "ct") == 7
     assert [r["name"] for r in queue.results(archive.index, job)] == ["model.x3d"]
 
@@ -191,8 +192,8 @@ def test_two_routers_lease_each_job_once(tmp_path, index_url):
     jobs = queue.jobs_by_id(archive.index, list(made))
     assert {(job.state, job.attempts) for job in jobs.values()} == {("running", 1)}
     assert all(jobs[job_id].worker == name for name, ids in leased.items() for job_id in ids)
-    running = archive.index.query("SELECT job_id, COUNT(*) FROM changes WHERE kind = 'job_running' "
-                                  "GROUP BY job_id", {})
+    running = archive.index.read(sa.text("SELECT job_id, COUNT(*) FROM changes WHERE kind = 'job_running' "
+                                      "GROUP BY job_id"))
     assert {job_id for job_id, _ in running} == made and {n for _, n in running} == {1}
     archive.close()
 
@@ -254,7 +255,7 @@ def test_results_staged_in_the_node_storage_are_adopted_as_they_are(tmp_path, in
     (dicom,) = synthetic_instances(tmp_path / "r", 1)
     outputs = (_stage(archive, dicom.read_bytes(), "dicom", "sc"), _stage(archive, b"<X3D/>", "file", "model.x3d"))
     assert take_results(archive, job, "1.2.3", outputs, tmp_path / "spool") == 2
-    (instance,), = archive.index.query("SELECT blob_id FROM instances", {})
+    (instance,), = archive.index.read(sa.text("SELECT blob_id FROM instances"))
     results = {r["name"]: r for r in queue.results(archive.index, job)}
     assert instance == outputs[0].blob_id and results["model.x3d"]["blob_id"] == outputs[1].blob_id
     assert all(archive.local.exists(o.blob_id) for o in outputs) and archive.recover() == 0
@@ -264,7 +265,7 @@ def test_results_staged_in_the_node_storage_are_adopted_as_they_are(tmp_path, in
     take_results(archive, job, "1.2.3", again, tmp_path / "spool")
     assert not archive.local.exists(again[0].blob_id) and archive.local.exists(again[1].blob_id)
     assert archive.recover() == 1 and not archive.local.exists(outputs[1].blob_id)    # the replaced file
-    assert archive.index.query("SELECT blob_id FROM instances", {})[0][0] == instance
+    assert archive.index.read(sa.text("SELECT blob_id FROM instances"))[0][0] == instance
 
 
 def test_results_staged_elsewhere_are_copied_in_and_a_damaged_one_is_refused(tmp_path, index_url):

@@ -102,8 +102,8 @@ def test_the_quiet_period_then_one_job_per_series_then_results(setup, tmp_path):
     for _ in range(3):
         router.step()
     assert {j.state for j in queue.jobs(archive.index)} == {"succeeded"}
-    assert archive.index.query("SELECT COUNT(*) FROM instances WHERE job_id IS NOT NULL", {})[0][0] == 4
-    assert archive.index.query("SELECT COUNT(*) FROM router_studies", {})[0][0] == 0
+    assert archive.index.read(text("SELECT COUNT(*) FROM instances WHERE job_id IS NOT NULL"))[0][0] == 4
+    assert archive.index.read(text("SELECT COUNT(*) FROM router_studies"))[0][0] == 0
     router.step()
     assert len(queue.jobs(archive.index)) == 2                   # results are not routed again
 
@@ -115,7 +115,7 @@ def test_a_study_no_rule_matches_is_only_stored(setup, tmp_path):
     clock[0] = 1010.0
     router.step()
     assert queue.jobs(archive.index) == [] and router.executor.submitted == []
-    assert archive.index.query("SELECT COUNT(*) FROM router_studies", {})[0][0] == 0
+    assert archive.index.read(text("SELECT COUNT(*) FROM router_studies"))[0][0] == 0
 
 
 def test_a_job_run_again_after_a_crash_stores_nothing_twice(setup, tmp_path):
@@ -125,7 +125,7 @@ def test_a_job_run_again_after_a_crash_stores_nothing_twice(setup, tmp_path):
     for _ in range(3):
         router.step()
     (job,) = queue.jobs(archive.index)
-    stored = archive.index.query("SELECT sop_instance_uid FROM instances WHERE job_id = :job ORDER BY 1",
+    stored = archive.index.read(text("SELECT sop_instance_uid FROM instances WHERE job_id = :job ORDER BY 1"),
                                  {"job": job.id})
     # the node died after taking the results in, before the job was marked succeeded: its restarted router
     # (the same node name) takes the job back at once
@@ -137,10 +137,10 @@ def test_a_job_run_again_after_a_crash_stores_nothing_twice(setup, tmp_path):
         restarted.step()
     again = queue.get(archive.index, job.id)
     assert again.state == "succeeded" and again.attempts == 2 and "its router restarted" in again.errors[0]
-    assert archive.index.query("SELECT sop_instance_uid FROM instances WHERE job_id = :job ORDER BY 1",
+    assert archive.index.read(text("SELECT sop_instance_uid FROM instances WHERE job_id = :job ORDER BY 1"),
                                {"job": job.id}) == stored
-    assert archive.index.query("SELECT COUNT(*) FROM job_results WHERE job_id = :job", {"job": job.id})[0][0] == 3
-    assert archive.index.query("SELECT COUNT(*) FROM instances", {})[0][0] == 3
+    assert archive.index.read(text("SELECT COUNT(*) FROM job_results WHERE job_id = :job"), {"job": job.id})[0][0] == 3
+    assert archive.index.read(text("SELECT COUNT(*) FROM instances"))[0][0] == 3
 
 
 def test_an_unknown_plugin_or_bad_parameters_stop_the_router_with_the_rule_named(setup):
@@ -166,6 +166,6 @@ def test_jobs_requested_through_the_api(setup, tmp_path):
     router.step()
     job = queue.get(archive.index, job_id)
     assert (job.state, job.created_by, job.params["size"]) == ("succeeded", "alice", 4)
-    kinds = [r[0] for r in archive.index.query("SELECT kind FROM changes WHERE job_id = :job ORDER BY seq",
+    kinds = [r[0] for r in archive.index.read(text("SELECT kind FROM changes WHERE job_id = :job ORDER BY seq"),
                                                {"job": job_id})]
     assert kinds[0] == "job_queued" and kinds[-1] == "job_succeeded" and "job_running" in kinds

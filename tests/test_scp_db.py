@@ -44,7 +44,7 @@ def test_an_old_sqlite_index_is_stamped_with_its_rows_kept(tmp_path, recorded):
     (recorded in _sqlite_migrations) or, before issue 16, from the archive's 0002_query."""
     import sqlite_utils
 
-    from archive.index import connect
+    from archive.sqlite_legacy import connect
     from archive.sqlite_legacy import migrations as archive_migrations
 
     conn = connect(tmp_path / "old.sqlite3")

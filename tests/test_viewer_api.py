@@ -6,6 +6,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from archive import Archive
 from helpers import data_file, synthetic_instances
@@ -94,7 +95,7 @@ async def test_login_and_logout(client, setup):
     token = await csrf_of(client)
     assert (await client.post("/logout", data={"csrf": token}, allow_redirects=False)).status == 302
     assert (await client.get("/api/studies")).status == 401
-    rows = setup[1].index.query("SELECT action, outcome FROM audit ORDER BY seq")
+    rows = setup[1].index.read(text("SELECT action, outcome FROM audit ORDER BY seq"))
     assert [tuple(r) for r in rows] == [("login", "ok"), ("logout", "ok")]
 
 
@@ -111,7 +112,7 @@ async def test_wrong_passwords_get_one_answer_slower_each_time(client, setup):
     assert answers[2][2] >= 0.45                      # the third failure waited (0.5 s for the second failure of alice)
     assert accounts.failure_delay(setup[1].index, "alice", "127.0.0.1") >= 1.0
     assert (await client.get("/api/studies")).status == 401
-    refused = setup[1].index.query("SELECT COUNT(*) FROM audit WHERE action='login' AND outcome='refused'")[0][0]
+    refused = setup[1].index.read(text("SELECT COUNT(*) FROM audit WHERE action='login' AND outcome='refused'"))[0][0]
     assert refused == 3
 
 
@@ -169,7 +170,7 @@ async def test_a_share_link_opens_its_study_and_nothing_else(client, setup, aioh
     assert (await guest.post(f"/api/studies/{a}/share", json={}, headers=headers)).status == 403
     upload = files(("ct.dcm", data_file("CT_small.dcm").read_bytes()))
     assert (await guest.post("/api/upload", data=upload, headers=headers)).status == 403
-    actions = {r[0] for r in archive.index.query("SELECT action FROM audit WHERE user_name LIKE 'share:%'")}
+    actions = {r[0] for r in archive.index.read(text("SELECT action FROM audit WHERE user_name LIKE 'share:%'"))}
     assert "share_open" in actions and "view" in actions
 
 
@@ -214,12 +215,12 @@ async def test_a_link_that_opens_nothing_says_why_on_a_page(client, setup, aioht
     signature = expired.rsplit(".", 1)[1]
     forged = expired[:-len(signature)] + ("A" if signature[0] != "A" else "B") + signature[1:]
     for token in (forged, "not-a-link", revoked.split(".")[0] + ".1.x"):
-        text = await page(token)
-        assert "This link is not valid" in text and "withdrawn" not in text and "expired" not in text
-    for text in [await page(revoked)]:
-        assert "ask the person who shared it" in text and 'href="/login"' in text and '<link rel="stylesheet"' in text
-    details = [r[0] for r in setup[1].index.query("SELECT detail FROM audit WHERE action='share_open' "
-                                                  "AND outcome='refused' ORDER BY seq")]
+        body = await page(token)
+        assert "This link is not valid" in body and "withdrawn" not in body and "expired" not in body
+    for body in [await page(revoked)]:
+        assert "ask the person who shared it" in body and 'href="/login"' in body and '<link rel="stylesheet"' in body
+    details = [r[0] for r in setup[1].index.read(text("SELECT detail FROM audit WHERE action='share_open' "
+                                                      "AND outcome='refused' ORDER BY seq"))]
     assert details == ["revoked link", "expired link", "invalid link", "invalid link", "invalid link", "revoked link"]
 
 
@@ -244,7 +245,7 @@ async def test_uploads_are_stored_or_refused_and_an_oversized_one_stores_nothing
     archive = setup[1]
     await login(client)
     headers = {"X-CSRF-Token": await csrf_of(client)}
-    before = archive.index.query("SELECT COUNT(*) FROM instances")[0][0]
+    before = archive.index.read(text("SELECT COUNT(*) FROM instances"))[0][0]
     (good,) = synthetic_instances(tmp_path / "up", 1)
     zipped = io.BytesIO()
     with zipfile.ZipFile(zipped, "w") as z:
@@ -255,7 +256,7 @@ async def test_uploads_are_stored_or_refused_and_an_oversized_one_stores_nothing
     results = {r["name"]: r for r in (await answer.json())["files"]}
     assert results["good.dcm"]["outcome"] == "stored" and results["study.zip/study/one.dcm"]["outcome"] == "stored"
     assert results["notes.txt"]["outcome"] == "refused" and results["notes.txt"]["reason"]
-    assert archive.index.query("SELECT COUNT(*) FROM instances")[0][0] == before + 2
+    assert archive.index.read(text("SELECT COUNT(*) FROM instances"))[0][0] == before + 2
     count = before + 2
     refused = await client.post("/api/upload", headers=headers, data=files(("big.dcm", b"\0" * (3 << 20))))
     assert refused.status == 413 and "larger than" in (await refused.json())["error"]
@@ -266,7 +267,7 @@ async def test_uploads_are_stored_or_refused_and_an_oversized_one_stores_nothing
                                 data=files(("first.dcm", synthetic_instances(tmp_path / "first", 1)[0].read_bytes()),
                                            ("bomb.zip", bomb.getvalue())))
     assert refused.status == 413 and "inflates" in (await refused.json())["error"]
-    assert archive.index.query("SELECT COUNT(*) FROM instances")[0][0] == count
+    assert archive.index.read(text("SELECT COUNT(*) FROM instances"))[0][0] == count
     assert not list((Path(setup[0].data_dir) / "spool" / "uploads").glob("*/*"))
 
 
@@ -316,14 +317,14 @@ async def test_a_download_is_the_file_as_received(client, setup):
     assert response.status == 200 and response.content_type == "application/dicom"
     assert image in response.headers["Content-Disposition"]
     body = await response.read()
-    (row,) = archive.index.query("SELECT blob_id, size FROM instances WHERE sop_instance_uid=:uid", {"uid": image})
+    (row,) = archive.index.read(text("SELECT blob_id, size FROM instances WHERE sop_instance_uid=:uid"), {"uid": image})
     assert hashlib.sha256(body).digest() == hashlib.sha256(archive.storage.read_all(row.blob_id)).digest()
     for _ in range(100):                                           # the handler ends just after the last byte
         if not list(archive.exports.iterdir()):
             break
         await asyncio.sleep(0.02)
     assert list(archive.exports.iterdir()) == []                  # the decrypted copy is gone
-    audited = archive.index.query("SELECT detail FROM audit WHERE action='download'")
+    audited = archive.index.read(text("SELECT detail FROM audit WHERE action='download'"))
     assert [r[0] for r in audited] == [image]
 
 
@@ -398,7 +399,7 @@ async def test_an_upload_names_each_study_it_touched_once(client, setup, tmp_pat
     assert [(s["patient_name"], s["date"], s["stored"], s["duplicate"]) for s in studies] == [
         ("Phantom^4243", "20260102", 3, 0), ("Earlier^Study", "20200101", 0, 1)]   # what was stored first, once
     assert studies[0]["description"] == "Screening" and studies[0]["images"] == 3
-    assert archive.index.query("SELECT COUNT(*) FROM instances WHERE calling_ae='upload:alice'")[0][0] == 4
+    assert archive.index.read(text("SELECT COUNT(*) FROM instances WHERE calling_ae='upload:alice'"))[0][0] == 4
 
 
 async def test_an_upload_of_an_empty_file_field_says_to_choose_files(client, setup):
@@ -473,7 +474,7 @@ async def test_a_study_that_arrives_is_announced_once_and_results_are_not(client
 
     _, archive, studies = setup
     await login(client)
-    before = archive.index.query("SELECT MAX(seq) FROM changes")[0][0]
+    before = archive.index.read(text("SELECT MAX(seq) FROM changes"))[0][0]
     arrived = [archive.ingest_file(p).study_uid for p in dated_study(tmp_path / "new", 3, "20260101", "New^One", "N1")]
     job = queue.create(archive.index, study_uid=arrived[0], plugin="mammo-cad", params={}, inputs=[])
     (result,) = synthetic_instances(tmp_path / "result", 1, study=arrived[0], patient="New^One", patient_id="N1")
@@ -486,7 +487,7 @@ async def test_a_study_that_arrives_is_announced_once_and_results_are_not(client
     stream.close()
     assert [(e["kind"], e["study_uid"]) for e in seen] == [("study_stored", arrived[0]), ("job_queued", arrived[0]),
                                                            ("study_stored", studies["a"][0])]
-    latest = archive.index.query("SELECT MAX(seq) FROM changes")[0][0]
+    latest = archive.index.read(text("SELECT MAX(seq) FROM changes"))[0][0]
     assert [uid for _, uid in archive.index.studies_stored(before, latest)] == [arrived[0], studies["a"][0]]
 
 
@@ -610,8 +611,9 @@ async def test_each_image_says_whether_the_cad_has_not_run_is_running_found_noth
     (path,) = _mammograms(tmp_path / "mg", views=("LCC",))
     stored = archive.ingest_file(path)
     study, image = stored.study_uid, stored.sop_instance_uid
-    (series,) = [r.series_uid for r in archive.index.query(
-        "SELECT se.series_uid FROM series se JOIN instances i ON i.series_pk = se.pk WHERE i.sop_instance_uid=:uid",
+    (series,) = [r.series_uid for r in archive.index.read(
+        text("SELECT se.series_uid FROM series se JOIN instances i ON i.series_pk = se.pk "
+             "WHERE i.sop_instance_uid=:uid"),
         {"uid": image})]
     await login(client)
 
@@ -880,8 +882,9 @@ async def test_a_rendered_view_is_named_as_such_and_a_ct_says_how_it_lies(client
 
     _, archive, studies = setup
     study, image = studies["a"]
-    (series,) = [r[0] for r in archive.index.query(
-        "SELECT se.series_uid FROM series se JOIN instances i ON i.series_pk = se.pk WHERE i.sop_instance_uid=:uid",
+    (series,) = [r[0] for r in archive.index.read(
+        text("SELECT se.series_uid FROM series se JOIN instances i ON i.series_pk = se.pk "
+             "WHERE i.sop_instance_uid=:uid"),
         {"uid": image})]
     job = queue.create(archive.index, study_uid=study, plugin="bone-model", params={}, inputs=[series])
     (result,) = synthetic_instances(tmp_path / "result", 1, study=study, patient="Patient^A", patient_id="P-a")

@@ -98,7 +98,7 @@ def test_an_old_sqlite_index_is_stamped_with_its_tables_and_rows_kept(tmp_path):
     0001_accounts (the same statements as the archive's 0005_viewer before issue 16)."""
     import sqlite_utils
 
-    from archive.index import connect
+    from archive.sqlite_legacy import connect
     from archive.sqlite_legacy import migrations as archive_migrations
 
     (tmp_path / "d").mkdir()

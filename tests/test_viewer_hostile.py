@@ -18,6 +18,7 @@ from urllib.parse import urljoin, urlsplit
 
 import pytest
 from hypothesis import given, settings, strategies as st
+from sqlalchemy import text
 
 from archive import Archive
 from helpers import dataset_offset, free_port, synthetic_instances, wait_for
@@ -58,13 +59,14 @@ async def client(setup, aiohttp_client):
 
 def stored(archive: Archive) -> dict[str, tuple]:
     """SOP Instance UID -> (series, SHA-256 of the data set) of everything stored."""
-    return {r[0]: (r[1], r[2]) for r in archive.index.query(
-        "SELECT i.sop_instance_uid, se.series_uid, i.sha256 FROM instances i JOIN series se ON se.pk = i.series_pk")}
+    return {r[0]: (r[1], r[2]) for r in archive.index.read(
+        text("SELECT i.sop_instance_uid, se.series_uid, i.sha256 FROM instances i "
+             "JOIN series se ON se.pk = i.series_pk"))}
 
 
 def audit(archive: Archive, action: str) -> list[tuple]:
-    return [tuple(r) for r in archive.index.query(
-        "SELECT user_name, outcome, detail FROM audit WHERE action=:action ORDER BY seq", {"action": action})]
+    return [tuple(r) for r in archive.index.read(
+        text("SELECT user_name, outcome, detail FROM audit WHERE action=:action ORDER BY seq"), {"action": action})]
 
 
 def forget_failures(archive: Archive) -> None:
@@ -1261,6 +1263,6 @@ async def test_failed_logins_from_one_ipv6_64_count_together(setup, aiohttp_clie
     config, archive, _ = setup
     client = await aiohttp_client(create_app(config, archive, clock=Clock()), server_kwargs={"host": "::1"})
     assert (await login(client, "alice", "a wrong password")).status == 401
-    keys = [r[0] for r in archive.index.query("SELECT key FROM login_failures ORDER BY key")]
+    keys = [r[0] for r in archive.index.read(text("SELECT key FROM login_failures ORDER BY key"))]
     assert keys == ["addr:::/64", "user:alice"]
     assert accounts.failure_delay(archive.index, "nobody", source_of("::2")) > 0     # the same /64
