@@ -2,26 +2,15 @@
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 
-import router
 from archive.index import Index
 from helpers import data_file, wait_for
 from node import owners
 
-# Until the router's tables are on the SQLAlchemy layer (its Alembic folder router/migrations/), a node
-# cannot run on PostgreSQL: these cases are expected to fail then, and must pass once it is there.
-ROUTER_ON_SQLITE_ONLY = not (Path(router.__file__).parent / "migrations").is_dir()
-ROUTER_NOT_CONVERTED = ("router/store.py's migrations (sqlite-utils on index.path) and router/queue.py's SQL "
-                        "(archive.db.raw) run on SQLite only until the router is on the SQLAlchemy layer (issue 16)")
 
-
-def test_every_owner_migrates_the_index(tmp_path, index_url, request):
-    if index_url:
-        request.applymarker(pytest.mark.xfail(ROUTER_ON_SQLITE_ONLY, strict=True, reason=ROUTER_NOT_CONVERTED))
+def test_every_owner_migrates_the_index(tmp_path, index_url):
     index = Index(index_url or tmp_path / "index.sqlite3")
     try:
         owners.migrate(index)
@@ -34,7 +23,6 @@ def test_every_owner_migrates_the_index(tmp_path, index_url, request):
         index.close()
 
 
-@pytest.mark.xfail(ROUTER_ON_SQLITE_ONLY, strict=True, reason=ROUTER_NOT_CONVERTED)
 def test_a_node_on_postgresql_starts_and_stores(make_node, pg_cluster):
     url = pg_cluster.create_database(f"t_{secrets.token_hex(6)}")
     node = make_node(start=False, index={"url": url})
