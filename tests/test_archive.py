@@ -135,7 +135,7 @@ def test_migrations_are_recorded(tmp_path):
     Archive(tmp_path / "d").close()
     again = Archive(tmp_path / "d")  # reopening applies nothing twice
     assert [tuple(r) for r in again.index.query("SELECT version_num FROM alembic_version_archive", {})] == [
-        ("archive_0001",)]
+        ("archive_0002",)]
     assert again.index.query("PRAGMA journal_mode")[0][0] == "wal"
     assert again.index.query("PRAGMA synchronous")[0][0] == 2 and again.index.query("PRAGMA foreign_keys")[0][0] == 1
 
@@ -273,7 +273,7 @@ def test_the_integrity_migration_keeps_what_an_older_index_holds(tmp_path):
     assert index.query("PRAGMA foreign_keys")[0][0] == 1
     assert "patients_patient_id" in {r[1] for r in index.query("PRAGMA index_list(patients)")}
     # brought to the last sqlite-utils schema, then stamped at the archive's first Alembic revision
-    assert [r[0] for r in index.query("SELECT version_num FROM alembic_version_archive")] == ["archive_0001"]
+    assert [r[0] for r in index.query("SELECT version_num FROM alembic_version_archive")] == ["archive_0002"]
     assert len(index.query("SELECT name FROM _sqlite_migrations WHERE migration_set='m3dicom'")) == 8
     index.close()
 

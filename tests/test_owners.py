@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 import router
 from archive.index import Index
-from helpers import data_file, wait_for
+from helpers import MotoServer, data_file, wait_for
 from node import owners
 
 # Until the router's tables are on the SQLAlchemy layer (its Alembic folder router/migrations/), a node
@@ -28,17 +28,18 @@ def test_every_owner_migrates_the_index(tmp_path, index_url, request):
         owners.migrate(index)                           # nothing twice
         tables = set(sa.inspect(index.engines.writer).get_table_names())
         assert {"commitments", "users", "audit", "jobs"} <= tables
-        for owner, revision in (("archive", "archive_0001"), ("scp", "scp_0001"), ("viewer", "viewer_0001")):
+        for owner, revision in (("archive", "archive_0002"), ("scp", "scp_0001"), ("viewer", "viewer_0001")):
             assert [r[0] for r in index.read(sa.text(f"SELECT version_num FROM alembic_version_{owner}"))] == [revision]
     finally:
         index.close()
 
 
 @pytest.mark.xfail(ROUTER_ON_SQLITE_ONLY, strict=True, reason=ROUTER_NOT_CONVERTED)
-def test_a_node_on_postgresql_starts_and_stores(make_node, pg_cluster):
+def test_a_node_on_postgresql_starts_and_stores(make_node, pg_cluster, moto):
     url = pg_cluster.create_database(f"t_{secrets.token_hex(6)}")
-    node = make_node(start=False, index={"url": url})
-    node.env.update(pg_cluster.env)                     # libpq's pass file: no password in the TOML
+    node = make_node(start=False, index={"url": url},      # a shared index: blobs go to S3
+                     storage={"backend": "s3", "s3": {"bucket": moto.new_bucket(), "endpoint_url": moto.url}})
+    node.env.update({**pg_cluster.env, **MotoServer.CREDENTIALS})   # libpq's pass file: no password in the TOML
     node.start()
     node.storescu(data_file("CT_small.dcm"), timeout=60)
     index = Index(url)
