@@ -52,7 +52,12 @@ class Pair:
         try:
             wait_for(self.offload_done, timeout=timeout, interval=0.3, what=what)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; not offloaded: {self.not_offloaded()}") from None
+            missing = self.index.read(sa.text(
+                "SELECT c.seq, c.kind FROM changes c JOIN instances i ON i.blob_id = c.blob_id LEFT JOIN offload o "
+                "ON o.blob_id = i.blob_id WHERE o.blob_id IS NULL LIMIT 5"))
+            cursors = self.index.read(sa.text("SELECT name, seq FROM cursors"))
+            raise AssertionError(f"{exc}; not offloaded: {self.not_offloaded()}; their changes {missing}, "
+                                 f"cursors {cursors}") from None
 
     def object_ids(self) -> set[str]:
         client = self.moto.client()
