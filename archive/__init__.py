@@ -37,7 +37,8 @@ def open(settings: Settings) -> Archive:                      # noqa: A001 (arch
                     max_sequence_depth=ig.max_sequence_depth, max_pixel_bytes=ig.max_pixel_bytes)
     return Archive(settings.data_dir, duplicates=st.duplicates, segment_size=st.segment_size, kms=kms,
                    remote=s3_tier if st.backend == "s3" else None, limits=limits, on_conflict=ig.on_conflict,
-                   min_free_bytes=st.min_free_bytes, index_url=settings.index.url)
+                   min_free_bytes=st.min_free_bytes, index_url=settings.index.url, node=settings.node.name,
+                   remote_wait=st.remote_wait_seconds)
 
 
 def open_index(settings: Settings) -> Index:

@@ -35,7 +35,9 @@ from .crypto import IntegrityError, Keyring, KmsKeyring, LocalKeyring
 from .dicomfile import (DEFAULT_LIMITS, InstanceHeader, InvalidInstance, Limits, dataset_offset as inspect_offset,
                         inspect)
 from .db import SQLITE_FILE, Prepared
+from . import nodes
 from .index import SAME_UID_OTHER_CONTENT, Difference, HierarchyConflict, Index
+from .settings import default_node_name
 from .storage import BlobInfo, LocalStorage, StorageFull, TieredStorage
 
 log = logging.getLogger(__name__)
@@ -43,12 +45,12 @@ _CHUNK = 1 << 20
 ERROR_COMMENT_MAX = 64   # a reason a DIMSE Error Comment (LO) carries whole
 _NEW_INSTANCE = Prepared(
     "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, transfer_syntax, size, "
-    "sha256, blob_id, calling_ae, received_at, job_id) VALUES (:uid, :series_pk, :sop_class_uid, :instance_number, "
-    ":transfer_syntax, :size, :sha256, :blob_id, :calling_ae, :now, :job_id)")
+    "sha256, blob_id, calling_ae, received_at, job_id, node) VALUES (:uid, :series_pk, :sop_class_uid, "
+    ":instance_number, :transfer_syntax, :size, :sha256, :blob_id, :calling_ae, :now, :job_id, :node)")
 _REPLACE_INSTANCE = Prepared(
     "UPDATE instances SET series_pk = :series_pk, sop_class_uid = :sop_class_uid, instance_number = :instance_number, "
     "transfer_syntax = :transfer_syntax, size = :size, sha256 = :sha256, blob_id = :blob_id, calling_ae = :calling_ae, "
-    "received_at = :now WHERE pk = :pk")
+    "received_at = :now, node = :node WHERE pk = :pk")
 _QUARANTINED = text("SELECT 1 FROM quarantine WHERE sop_instance_uid = :uid AND sha256 = :sha256")
 _QUARANTINE = text(
     "INSERT INTO quarantine (sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax, size, sha256, "
@@ -84,6 +86,16 @@ class IngestResult:
     study_uid: str | None = None
 
 
+_COMMIT_ATTEMPTS = 3
+
+
+def _lost_race(exc: sa_exc.IntegrityError) -> bool:
+    """A unique key that another transaction took between our look-up and our insert (PostgreSQL, READ COMMITTED:
+    two nodes or processes filing the same new patient, study, series or SOP Instance UID at once). The
+    transaction is rolled back; run again, it finds their row and files under it."""
+    return getattr(exc.orig, "sqlstate", None) == "23505"
+
+
 def _is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -98,21 +110,25 @@ class Archive:
     def __init__(self, data_dir: Path, *, duplicates: str = "keep-first", segment_size: int = 1 << 20,
                  kms: KmsKeyring | None = None, remote: Callable[[Keyring], object] | None = None,
                  limits: Limits = DEFAULT_LIMITS, on_conflict: str = "refuse", min_free_bytes: int = 0,
-                 index_url: str = ""):
+                 index_url: str = "", node: str | None = None, remote_wait: float = 0.0):
         """`remote(keyring)` makes the S3 tier (`archive.s3.S3Storage`) when the node offloads;
         `kms` wraps the data keys of what goes there. `limits` bound what a data set may make
         the node allocate (the `[ingest]` settings, also used by every reader of stored
         files); `on_conflict` is "refuse" or "quarantine"; no instance is written that would
         leave less than `min_free_bytes` free on the data directory's disk (storage.min_free_bytes).
-        `index_url`: PostgreSQL's URL (`[index] url`); empty: the SQLite file in `data_dir`."""
+        `index_url`: PostgreSQL's URL (`[index] url`); empty: the SQLite file in `data_dir`. `node`: this
+        node's name (`[node] name`; the host name when None), recorded with what it receives; `remote_wait`:
+        seconds a read waits for a blob another node holds and has not offloaded yet."""
         if on_conflict not in ("refuse", "quarantine"):
             raise ValueError(f"on_conflict: {on_conflict!r} is not refuse or quarantine")
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.keyring = Keyring(LocalKeyring.open(self.data_dir / "keys"), kms)
         self.local = LocalStorage(self.data_dir / "blobs", self.keyring, segment_size)
+        self.node = node or default_node_name()
         self.remote = remote(self.keyring) if remote else None
-        self.storage = TieredStorage(self.local, self.remote) if self.remote else self.local
+        self.storage = TieredStorage(self.local, self.remote, remote_wait, self._elsewhere) if self.remote \
+            else self.local
         self.index = Index(index_url or self.data_dir / SQLITE_FILE)
         self.exports = self.data_dir / "exports"       # decrypted copies in use: inside the 0700 data directory
         self.exports.mkdir(mode=0o700, exist_ok=True)
@@ -123,6 +139,27 @@ class Archive:
 
     def close(self) -> None:
         self.index.close()
+
+    def _elsewhere(self, blob_id: str) -> tuple[str, bool] | None:
+        """Why a blob that is neither here nor in S3 is not missing: another node holds it (and whether
+        it may still come to S3); None when no other node does (it is missing)."""
+        held = nodes.holder(self.index, blob_id)
+        if held is None or held.node == self.node or held.state == "remove":
+            return None
+        if held.state == "failed":
+            return f"blob {blob_id} is held by node {held.node}, whose offloader failed to put it in S3 " \
+                   f"({held.last_error})", False
+        return f"blob {blob_id} is held by node {held.node} and not offloaded to S3 yet", True
+
+    def held_elsewhere(self, blob_id: str) -> str | None:
+        """The node that holds the only copy of this blob (received there, fsynced before it was indexed, not
+        in S3 yet), when it is another node than this one; None when the blob is here, in S3, or nowhere."""
+        if self.remote is None or self.local.exists(blob_id):
+            return None
+        held = nodes.holder(self.index, blob_id)
+        if held is None or held.node == self.node or held.state not in (None, "pending"):
+            return None
+        return held.node
 
     def recover(self) -> int:
         """After a crash: remove blobs that no committed row references (writes cut off).
@@ -181,7 +218,14 @@ class Archive:
             log.error("blob write failed: %s", exc)
             return IngestResult(Outcome.FAILURE, "the node could not write the instance", header.sop_instance_uid)
         try:
-            return self._commit(header, blob, digest.hexdigest(), calling_ae, job_id)
+            for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+                try:
+                    return self._commit(header, blob, digest.hexdigest(), calling_ae, job_id)
+                except sa_exc.IntegrityError as exc:
+                    if not _lost_race(exc) or attempt == _COMMIT_ATTEMPTS:
+                        raise
+                    log.debug("%s: another writer filed its patient, study, series or UID first: again",
+                              _short(header))
         except Exception as exc:
             self.storage.remove(blob.blob_id)
             if _is_disk_full(exc):
@@ -250,7 +294,7 @@ class Archive:
                         "uid": header.sop_instance_uid, "series_pk": series_pk, "sop_class_uid": header.sop_class_uid,
                         "instance_number": header.attrs["InstanceNumber"], "transfer_syntax": header.transfer_syntax,
                         "size": blob.size, "sha256": sha256, "blob_id": blob.blob_id, "calling_ae": calling_ae,
-                        "now": now, "job_id": job_id})
+                        "now": now, "job_id": job_id, "node": self.node})
                     Index.add_stored_change(conn, "result_stored" if job_id else "stored", header)
                     outcome = Outcome.STORED
                 elif row.sha256 == sha256:
@@ -260,7 +304,7 @@ class Archive:
                         "series_pk": series_pk, "sop_class_uid": header.sop_class_uid,
                         "instance_number": header.attrs["InstanceNumber"], "transfer_syntax": header.transfer_syntax,
                         "size": blob.size, "sha256": sha256, "blob_id": blob.blob_id, "calling_ae": calling_ae,
-                        "now": now, "pk": row.instance_pk})
+                        "now": now, "pk": row.instance_pk, "node": self.node})
                     Index.add_change(conn, "replaced", row.instance_pk, header, blob.blob_id, now)
                     Index.add_change(conn, "blob_removed", row.instance_pk, header, row.blob_id, now)
                     obsolete_blob, outcome = row.blob_id, Outcome.REPLACED

@@ -14,6 +14,11 @@ uploads a crash left behind are aborted when the offloader starts.
 Local copies of offloaded blobs are evicted beyond `cache_max_bytes` or `cache_max_age`
 (oldest first); reads then go to S3 (`storage.TieredStorage`). It runs in a process of its
 own (`m3dicom serve` starts it), so it never slows C-STORE answers.
+
+Nodes sharing an index: each node offloads what it received. Its cursor is `offload:<node name>`,
+it queues only the blobs in its own data directory (or indexed as received by it), its rows carry
+its name (`offload.node`), and it uploads, evicts and aborts leftover multipart uploads only for
+those: two nodes never upload the same blob, and none takes another's blob for lost.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from .s3 import ObjectExists, S3Storage, Spliced, UploadMismatch
 
 log = logging.getLogger(__name__)
 
-CURSOR = "offload"
+CURSOR = "offload"                       # the cursor of a node from before node names (adopted, see below)
 UPLOAD_KINDS = ("stored", "replaced", "result_stored", "file_stored")   # a change that brings a new blob
 REMOVE_KINDS = ("blob_removed",)         # a blob nobody needs any more
 RECORD_EVERY = 0.5                       # seconds between two commits of finished uploads
@@ -67,9 +72,24 @@ class Offloader:
             raise ValueError("the archive has no S3 tier (storage.backend is not \"s3\")")
         self.archive, self.policy, self.clock = archive, policy, clock
         self.remote: S3Storage = archive.remote
+        self.node = archive.node
+        self.cursor = f"{CURSOR}:{self.node}"
+        self.shared = not archive.index.sqlite     # PostgreSQL: other nodes may share the index and the bucket
         self._pool = ThreadPoolExecutor(policy.concurrency, thread_name_prefix="offload")
         self._leftovers = True     # incomplete multipart uploads may be waiting to be aborted
         self._reachable = True
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Rows and the cursor of an index from before node names (one node) become this node's: its rows
+        whose blob lies here (all of them on SQLite, where this node is the only one), and the cursor."""
+        with self.archive.index.write() as conn:
+            conn.execute(_ADOPT_CURSOR, {"old": CURSOR, "new": self.cursor})
+            orphans = [r.blob_id for r in conn.execute(_UNOWNED)]
+            mine = [b for b in orphans if not self.shared or self.archive.local.exists(b)]
+            if mine:
+                _ADOPT_ROW.run_many(conn, [{"node": self.node, "blob_id": b} for b in mine])
+                log.info("offload: %d rows from before node names are node %s's", len(mine), self.node)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -97,7 +117,11 @@ class Offloader:
     def _abort_leftovers(self) -> bool:
         """Abort the multipart uploads that a crash or a failed attempt left in the bucket."""
         try:
-            aborted = self.remote.abort_incomplete()
+            if self.shared:        # only this node's: another node's may be under way
+                pending = {r.blob_id for r in self.archive.index.read(_PENDING, {"node": self.node})}
+                aborted = self.remote.abort_incomplete(only=pending.__contains__)
+            else:
+                aborted = self.remote.abort_incomplete()
         except (BotoCoreError, ClientError) as exc:
             if self._reachable:
                 log.warning("S3 cannot be reached (%s): uploads wait and retry", _describe(exc))
@@ -117,18 +141,23 @@ class Offloader:
         the cursor (`changes.consume`). Returns how far the cursor moved (0: nothing new), past the
         changes of other kinds too, so that a round after a run of job events comes at once."""
         now = self.clock()
-        before = position(self.archive.index, CURSOR)
-        with consume(self.archive.index, CURSOR, UPLOAD_KINDS + REMOVE_KINDS, limit) as batch:
+        before = position(self.archive.index, self.cursor)
+        with consume(self.archive.index, self.cursor, UPLOAD_KINDS + REMOVE_KINDS, limit) as batch:
             runs: list[tuple[db.Prepared, list[dict]]] = []     # in the log's order, each run in one executemany
             for change in batch:
                 blob_id = change.blob_id
                 if blob_id is None:
                     continue
+                size = self._local_size(blob_id)
                 if change.kind in UPLOAD_KINDS:
-                    statement, params = _QUEUE_UPLOAD, {"blob_id": blob_id, "now": now,
-                                                        "size": self._local_size(blob_id)}
+                    if not self._mine(batch.conn, blob_id, size, _RECEIVED_HERE):
+                        continue
+                    statement, params = _QUEUE_UPLOAD, {"blob_id": blob_id, "now": now, "size": size,
+                                                        "node": self.node}
                 else:
-                    statement, params = _QUEUE_REMOVAL, {"blob_id": blob_id, "now": now}
+                    if not self._mine(batch.conn, blob_id, size, _QUEUED_HERE):
+                        continue
+                    statement, params = _QUEUE_REMOVAL, {"blob_id": blob_id, "now": now, "node": self.node}
                 if runs and runs[-1][0] is statement:
                     runs[-1][1].append(params)
                 else:
@@ -136,6 +165,14 @@ class Offloader:
             for statement, many in runs:
                 statement.run_many(batch.conn, many)
         return batch.upto - before
+
+    def _mine(self, conn, blob_id: str, local_size: int | None, indexed_here) -> bool:
+        """Whether this node's offloader deals with the blob: always on SQLite (one node); on a shared index
+        when the blob lies in this node's data directory, or the index says it is this node's (received or
+        queued here: a blob missing here is then lost, and recorded as failed)."""
+        if not self.shared or local_size is not None:
+            return True
+        return conn.execute(indexed_here, {"blob_id": blob_id, "node": self.node}).first() is not None
 
     def _local_size(self, blob_id: str) -> int | None:
         try:
@@ -147,7 +184,7 @@ class Offloader:
 
     def push_due(self) -> int:
         """Upload (or remove in S3) the rows whose time has come; record the outcomes together."""
-        due = self.archive.index.read(_DUE, {"now": self.clock(), "limit": self.policy.batch})
+        due = self.archive.index.read(_DUE, {"now": self.clock(), "limit": self.policy.batch, "node": self.node})
         if not due:
             return 0
         attempts = {row.blob_id: row.attempts for row in due}
@@ -189,6 +226,7 @@ class Offloader:
     def _remove(self, blob_id: str) -> _Outcome:
         try:
             self.remote.remove(blob_id)
+            self.archive.local.remove(blob_id)      # replaced on another node: that node's ingest cannot
             return _Outcome(blob_id, "removed")
         except (BotoCoreError, ClientError, OSError) as exc:
             return _Outcome(blob_id, "retry", _describe(exc))
@@ -215,7 +253,7 @@ class Offloader:
                     statement.run_many(conn, many)
             if any(o.state in ("offloaded", "removed") for o in outcomes):
                 # S3 answers again: what waits for a retry need not wait any longer
-                _RETRY_NOW.run(conn, {"now": now})
+                _RETRY_NOW.run(conn, {"now": now, "node": self.node})
         retries = [o for o in outcomes if o.state == "retry"]
         if retries:
             self._leftovers = True
@@ -236,12 +274,13 @@ class Offloader:
         now = self.clock()
         victims: list[str] = []
         if p.cache_max_age:
-            victims += [r[0] for r in self.archive.index.read(_OLD_COPIES, {"before": now - p.cache_max_age})]
+            victims += [r[0] for r in self.archive.index.read(_OLD_COPIES, {"before": now - p.cache_max_age,
+                                                                            "node": self.node})]
         if p.cache_max_bytes:
-            (held,), = self.archive.index.read(_CACHED_BYTES)
+            (held,), = self.archive.index.read(_CACHED_BYTES, {"node": self.node})
             held -= sum(self._local_size(b) or 0 for b in victims)
             if held > p.cache_max_bytes:
-                for row in self.archive.index.read(_OLDEST_COPIES):
+                for row in self.archive.index.read(_OLDEST_COPIES, {"node": self.node}):
                     if held <= p.cache_max_bytes:
                         break
                     if row.blob_id not in victims:
@@ -256,13 +295,21 @@ class Offloader:
         return len(victims)
 
 
-_QUEUE_UPLOAD = db.Prepared("INSERT INTO offload (blob_id, state, next_try, queued_at, stored_size) "
-                            "VALUES (:blob_id, 'pending', :now, :now, :size) ON CONFLICT (blob_id) DO NOTHING")
-_QUEUE_REMOVAL = db.Prepared("INSERT INTO offload (blob_id, state, next_try, queued_at) "
-                             "VALUES (:blob_id, 'remove', :now, :now) "
+_QUEUE_UPLOAD = db.Prepared("INSERT INTO offload (blob_id, state, next_try, queued_at, stored_size, node) "
+                            "VALUES (:blob_id, 'pending', :now, :now, :size, :node) ON CONFLICT (blob_id) DO NOTHING")
+_QUEUE_REMOVAL = db.Prepared("INSERT INTO offload (blob_id, state, next_try, queued_at, node) "
+                             "VALUES (:blob_id, 'remove', :now, :now, :node) "
                              "ON CONFLICT (blob_id) DO UPDATE SET state = 'remove', next_try = excluded.next_try")
-_DUE = text("SELECT blob_id, state, attempts FROM offload WHERE state IN ('pending', 'remove') AND next_try <= :now "
-            "ORDER BY next_try LIMIT :limit")
+_RECEIVED_HERE = text("SELECT 1 FROM instances WHERE blob_id = :blob_id AND node = :node "
+                      "UNION ALL SELECT 1 FROM offload WHERE blob_id = :blob_id AND node = :node")
+_QUEUED_HERE = text("SELECT 1 FROM offload WHERE blob_id = :blob_id AND node = :node")
+_ADOPT_CURSOR = text("UPDATE cursors SET name = :new WHERE name = :old "
+                     "AND NOT EXISTS (SELECT 1 FROM cursors WHERE name = :new)")
+_UNOWNED = text("SELECT blob_id FROM offload WHERE node IS NULL")
+_ADOPT_ROW = db.Prepared("UPDATE offload SET node = :node WHERE blob_id = :blob_id AND node IS NULL")
+_PENDING = text("SELECT blob_id FROM offload WHERE node = :node AND state = 'pending'")
+_DUE = text("SELECT blob_id, state, attempts FROM offload WHERE node = :node AND state IN ('pending', 'remove') "
+            "AND next_try <= :now ORDER BY next_try LIMIT :limit")
 _OFFLOADED = db.Prepared("UPDATE offload SET state = 'offloaded', offloaded_at = :now, stored_size = :size, "
                          "last_error = NULL, attempts = attempts + 1 WHERE blob_id = :blob_id")
 _FORGET = db.Prepared("DELETE FROM offload WHERE blob_id = :blob_id")
@@ -270,14 +317,14 @@ _FAILED = db.Prepared("UPDATE offload SET state = 'failed', last_error = :error,
                       "WHERE blob_id = :blob_id")
 _RETRY = db.Prepared("UPDATE offload SET attempts = attempts + 1, next_try = :next_try, last_error = :error "
                      "WHERE blob_id = :blob_id")
-_RETRY_NOW = db.Prepared("UPDATE offload SET next_try = :now WHERE state IN ('pending', 'remove') AND attempts > 0 "
-                         "AND next_try > :now")
-_OLD_COPIES = text("SELECT blob_id FROM offload WHERE evicted_at IS NULL AND state = 'offloaded' "
+_RETRY_NOW = db.Prepared("UPDATE offload SET next_try = :now WHERE node = :node AND state IN ('pending', 'remove') "
+                         "AND attempts > 0 AND next_try > :now")
+_OLD_COPIES = text("SELECT blob_id FROM offload WHERE node = :node AND evicted_at IS NULL AND state = 'offloaded' "
                    "AND offloaded_at < :before LIMIT 1000")
-_CACHED_BYTES = text("SELECT COALESCE(SUM(stored_size), 0) FROM offload WHERE evicted_at IS NULL "
+_CACHED_BYTES = text("SELECT COALESCE(SUM(stored_size), 0) FROM offload WHERE node = :node AND evicted_at IS NULL "
                      "AND state != 'remove'")
-_OLDEST_COPIES = text("SELECT blob_id, stored_size FROM offload WHERE evicted_at IS NULL AND state = 'offloaded' "
-                      "ORDER BY offloaded_at LIMIT 1000")
+_OLDEST_COPIES = text("SELECT blob_id, stored_size FROM offload WHERE node = :node AND evicted_at IS NULL "
+                      "AND state = 'offloaded' ORDER BY offloaded_at LIMIT 1000")
 _EVICTED = db.Prepared("UPDATE offload SET evicted_at = :now WHERE blob_id = :blob_id")
 OFFLOADED_BLOBS = text("SELECT blob_id FROM offload WHERE state = 'offloaded'")
 

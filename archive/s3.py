@@ -19,7 +19,7 @@ import secrets
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
@@ -279,12 +279,15 @@ class S3Storage(BlobReads):
         head = self.head(blob_id, checksum=True)
         return head is not None and head["ContentLength"] == size and expected.matches(head) is not False
 
-    def abort_incomplete(self) -> int:
-        """Abort the multipart uploads left under our prefix (a crash or an outage mid-upload)."""
+    def abort_incomplete(self, only: Callable[[str], bool] | None = None) -> int:
+        """Abort the multipart uploads left under our prefix (a crash or an outage mid-upload); with `only`,
+        those of the blob ids it accepts (nodes sharing the bucket: another's may be under way)."""
         aborted = 0
         for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
                                                                                  Prefix=self.prefix):
             for upload in page.get("Uploads", []):
+                if only is not None and not only(upload["Key"].rsplit("/", 1)[-1]):
+                    continue
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
                                                    UploadId=upload["UploadId"])
                 aborted += 1

@@ -9,18 +9,23 @@ each setting; a test fails when one is missing there.
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 
 class SettingsError(ValueError):
     """A setting is unknown, has the wrong type or an invalid value."""
 
 
-def setting(default: Any, help: str, *, path: bool = False, choices: tuple = (), item: type | None = None) -> Any:
-    """A setting; `item`: a list of tables (`[[section.key]]`), each read as that dataclass."""
+def setting(default: Any, help: str, *, path: bool = False, choices: tuple = (), item: type | None = None,
+            factory: Callable[[], Any] | None = None) -> Any:
+    """A setting; `item`: a list of tables (`[[section.key]]`), each read as that dataclass; `factory`: makes
+    the default where it depends on the machine (`default` is then only what the documentation shows)."""
     meta = {"help": help, "path": path, "choices": choices, "item": item}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -41,14 +46,34 @@ def check_port(key: str, value: int, allow_zero: bool) -> None:
         raise SettingsError(f"{key}: {value} is not a port number ({low}-65535)")
 
 
+_NODE_NAME_RE = re.compile(r"^[\x21-\x5b\x5d-\x7e]{1,64}$")  # printable ASCII without space or backslash
+
+
+def default_node_name() -> str:
+    """The machine's host name: what `node.name` is unless set."""
+    return socket.gethostname()
+
+
+def check_node_name(key: str, value: str) -> None:
+    if not _NODE_NAME_RE.match(value):
+        raise SettingsError(f"{key}: {value!r} is not a valid node name (1-64 printable ASCII characters, "
+                            "no spaces, no backslash); set [node] name")
+
+
 @dataclass(frozen=True)
 class NodeSection:
     ae_title: str = setting("M3DICOM", "AE title of the node: the called AE title peers must use.")
     data_dir: Path = setting(Path("var"), "Directory for the index, the encrypted blobs and the "
                              "key-encryption key. Created (mode 0700) on first start.", path=True)
+    name: str = setting("", "This node's name among the nodes that share an index (the host name unless set; 1-64 "
+                        "printable characters, no spaces): the index records which node holds each blob received "
+                        "here until it is offloaded, and this node's offloader follows the change log as "
+                        "offload:NAME. Two nodes with one name and different data directories cannot run at once.",
+                        factory=default_node_name)
 
     def validate(self) -> None:
         check_ae("node.ae_title", self.ae_title)
+        check_node_name("node.name", self.name)
 
 
 _PREFIX_RE = re.compile(r"^([A-Za-z0-9_.-]+/)*$")
@@ -105,9 +130,16 @@ class StorageSection:
     min_free_bytes: int = setting(1 << 30, "Free space kept on the data directory's disk: below it a C-STORE (or "
                                   "upload) is refused at once with 0xA700 before anything is spooled, and one being "
                                   "received is dropped, so that the disk never fills up. 0 = no reserve.")
+    remote_wait_seconds: float = setting(30.0, "With a shared index ([index] url): how long a read (C-GET, C-MOVE, "
+                                         "the viewer, a job) waits for an instance that another node received and "
+                                         "has not offloaded to S3 yet, polling S3 and that node's offload state; "
+                                         "then that read fails with the reason (C-GET/C-MOVE: a failed "
+                                         "sub-operation; the viewer: 503). 0 = do not wait.")
     s3: S3Section = field(default_factory=S3Section)
 
     def validate(self) -> None:
+        if not 0 <= self.remote_wait_seconds <= 3600:
+            raise SettingsError(f"storage.remote_wait_seconds: {self.remote_wait_seconds} is not in 0-3600 seconds")
         if not 4096 <= self.segment_size <= 64 * 1048576:
             raise SettingsError(f"storage.segment_size: {self.segment_size} is not in 4096-67108864")
         if self.cache_max_bytes < 0:
@@ -196,6 +228,14 @@ class IngestSection:
             raise SettingsError(f"ingest.max_pixel_bytes: {self.max_pixel_bytes} is not in 1 MiB - 1 TiB")
         if not 1 << 20 <= self.max_instance_bytes <= 1 << 40:
             raise SettingsError(f"ingest.max_instance_bytes: {self.max_instance_bytes} is not in 1 MiB - 1 TiB")
+
+
+def check_shared(index: IndexSection, storage: StorageSection) -> None:
+    """Nodes that share an index share the blobs through S3: each keeps only its own data directory."""
+    if index.url and storage.backend != "s3":
+        raise SettingsError(f"index.url is set (an index shared by several nodes) but storage.backend is "
+                            f"{storage.backend!r}: a shared index needs storage.backend = \"s3\" (with [storage.s3]), "
+                            "so that every node can read what another received")
 
 
 class Settings(Protocol):

@@ -9,10 +9,11 @@ import errno
 import os
 import re
 import secrets
+import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .crypto import EnvelopeReader, EnvelopeWriter, KeyWrapper, fsync_directory
 
@@ -26,6 +27,17 @@ class StorageFull(OSError):
 
 class BlobNotFound(KeyError):
     """No blob with this id."""
+
+
+class BlobNotOffloaded(BlobNotFound):
+    """The blob is in another node's data directory and not in S3 (yet): it exists, it cannot be read here."""
+
+    def __init__(self, blob_id: str, why: str):
+        super().__init__(blob_id)
+        self.blob_id, self.why = blob_id, why
+
+    def __str__(self) -> str:
+        return self.why
 
 
 @dataclass(frozen=True)
@@ -172,10 +184,17 @@ class TieredStorage(BlobReads):
     may evict the local copy. A read takes the local copy when there is one, else the object
     in S3, authenticated segment by segment like a local one. `remove` and `blob_ids` are
     about the local copies: objects in S3 are removed by the offloader, through the index.
+
+    Nodes sharing an index: a blob that another node received lies in that node's data directory
+    until its offloader puts it in S3. `elsewhere(blob_id)` says so (why, and whether it may still
+    come: None when no node holds it); a read of such a blob polls S3 for up to `wait` seconds, then
+    raises `BlobNotOffloaded` with the reason (never a partial read: the object appears whole).
     """
 
-    def __init__(self, local: LocalStorage, remote):
+    def __init__(self, local: LocalStorage, remote, wait: float = 0.0,
+                 elsewhere: Callable[[str], tuple[str, bool] | None] | None = None, poll: float = 0.25):
         self.local, self.remote = local, remote
+        self.wait, self.elsewhere, self.poll = wait, elsewhere, poll
 
     def create(self, chunks: Iterable[bytes]) -> BlobInfo:
         return self.local.create(chunks)
@@ -186,8 +205,26 @@ class TieredStorage(BlobReads):
             try:
                 reader = stack.enter_context(self.local.open(blob_id))
             except BlobNotFound:
-                reader = stack.enter_context(self.remote.open(blob_id))
+                reader = self._remote(stack, blob_id)
             yield reader
+
+    def _remote(self, stack: ExitStack, blob_id: str) -> EnvelopeReader:
+        """The object in S3; for a blob another node holds, polled for until `wait` has passed."""
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                return stack.enter_context(self.remote.open(blob_id))
+            except BlobNotFound:
+                where = self.elsewhere(blob_id) if self.elsewhere is not None else None
+                if where is None:
+                    raise
+                why, may_come = where
+                if not may_come:
+                    raise BlobNotOffloaded(blob_id, why) from None
+                if time.monotonic() >= deadline:
+                    raise BlobNotOffloaded(blob_id, f"{why} (waited {self.wait:g} s: storage.remote_wait_seconds)") \
+                        from None
+                time.sleep(min(self.poll, max(0.0, deadline - time.monotonic())))
 
     def exists(self, blob_id: str) -> bool:
         return self.local.exists(blob_id) or self.remote.exists(blob_id)

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from archive.settings import (CryptoSection, IndexSection, IngestSection, NodeSection, QuerySection, S3Section,
-                              SettingsError,
-                              StorageSection, setting)
+                              SettingsError, StorageSection, check_shared, setting)
 from router.settings import MATCH_KEYS, Rule, RouterSection
 from scp.settings import ClientSection, CommitmentSection, DicomSection, RemoteNode
 from viewer.settings import ViewerSection
@@ -150,6 +149,7 @@ def from_dict(data: dict, base: Path) -> Config:
         if duplicate:
             raise ConfigError(f"{kind}: AE title {duplicate!r} is used by two nodes")
         sections[kind] = named
+    check_shared(sections["index"], sections["storage"])
     for i, rule in enumerate(sections["router"].rules):
         unknown_remote = next((n for n in rule.forward_to if n not in sections["remote"]), None)
         if unknown_remote:

@@ -5,9 +5,10 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import threading
 
-from archive import open as open_archive
+from archive import nodes, open as open_archive, open_index
 from scp.tls import server_context
 
 from . import lock, receivers
@@ -86,6 +87,22 @@ def offload(config: Config, stop: threading.Event, parent_alive) -> None:
         archive.close()
 
 
+def _keep_seen(config: Config, stop: threading.Event) -> None:
+    """Record every `nodes.SEEN_EVERY` seconds that this node runs (its name stays its own), until `stop`."""
+    def beat() -> None:
+        index = open_index(config)
+        try:
+            while not stop.wait(nodes.SEEN_EVERY):
+                try:
+                    nodes.seen(index, config.node.name, config.data_dir)
+                except Exception as exc:          # the index away for a while: the next beat tries again
+                    log.warning("could not record that node %s runs: %s", config.node.name, exc)
+        finally:
+            index.close()
+
+    threading.Thread(target=beat, name="node-seen", daemon=True).start()
+
+
 def serve(config: Config, ready=print) -> None:
     """Run the node until SIGTERM / SIGINT."""
     configure_libraries()
@@ -103,6 +120,11 @@ def _serve(config: Config, ready) -> None:
         from router.service import load_plugins
         load_plugins(config)   # an unknown plug-in or bad parameters stop the start, with the rule named
     archive = open_migrated(config)   # every owner's tables made or brought up to date, before any child starts
+    try:   # a name another running node uses stops the start here, before anything is touched
+        nodes.register(archive.index, config.node.name, config.data_dir, socket.gethostname())
+    except BaseException:
+        archive.close()
+        raise
     archive.recover()   # before any receiver ingests; after the owners' migrations (the router holds its files)
     # every port is taken and every setting checked before the first admin is made: a start
     # that fails must not have printed a password shown only once
@@ -134,6 +156,7 @@ def _serve(config: Config, ready) -> None:
     if viewer_socket is not None:
         workers["viewer"] = (view, viewer_socket)
     children = receivers.Children(config, workers)
+    _keep_seen(config, stop)
 
     def announce() -> None:
         d = config.dicom

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from concurrent.futures import Future as ThreadFuture, ThreadPoolExecutor
@@ -71,10 +70,8 @@ def load_plugins(config: Settings) -> dict[str, Plugin]:
 
 
 def holder(config: Settings) -> str:
-    """This router's name on its leases: `<node name>/<pid>` (the node name is `[node] name`, else the
-    host name)."""
-    node = getattr(config.node, "name", "") or socket.gethostname()
-    return f"{node}/{os.getpid()}"
+    """This router's name on its leases: `<node name>/<pid>` (`[node] name`: the host name unless set)."""
+    return f"{config.node.name}/{os.getpid()}"
 
 
 def _gone(held_by: str | None, me: str) -> bool:

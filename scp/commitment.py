@@ -6,7 +6,10 @@ same SOP class, its blob readable and its SHA-256 the one recorded at reception,
 UID not received again since with other content: `Index.not_committable`) and sends
 the N-EVENT-REPORT: on the same association while it is open, otherwise on a new one to
 the requester's [remote.NAME] node. Reports that cannot be delivered are retried with
-backoff, also after a restart. A reused Transaction UID is refused.
+backoff, also after a restart. A reused Transaction UID is refused. Nodes sharing an index: an
+instance that another node received and has not offloaded to S3 yet is committed without being
+read back here: that node wrote and fsynced its blob before it indexed it, so it is durable there
+(it is read back once it is in S3, or on this node when it holds it).
 
 What one requester can make the node do is bounded: an instance named several times in a
 request is checked once; a check streams the stored blob through its authenticated
@@ -188,6 +191,12 @@ class Committer:
                 log.warning("storage commitment: instance %s not committed: %s (m3dicom status --conflicts)",
                             sop_instance, doubt)
                 failed.append((sop_class, sop_instance, PROCESSING_FAILURE))
+                continue
+            holder = self.archive.held_elsewhere(found.blob_id)
+            if holder is not None:      # another node received it: it fsynced the blob before it indexed it
+                log.debug("storage commitment: instance %s committed as held by node %s (durable there, not in S3 "
+                         "yet: not read back)", sop_instance, holder)
+                committed.append((sop_class, sop_instance))
                 continue
             try:
                 verify(self.archive, found.blob_id, found.sha256)   # no decrypted copy written

@@ -391,6 +391,10 @@ class Outage:
 
     def cut(self) -> None:
         listener, self._listener = self._listener, None
+        try:
+            listener.shutdown(socket.SHUT_RDWR)   # wakes the accept() under way: close alone leaves it accepting
+        except OSError:
+            pass
         listener.close()
         with self._lock:
             conns, self._conns = self._conns, []

@@ -6,7 +6,7 @@ import secrets
 import sqlalchemy as sa
 
 from archive.index import Index
-from helpers import data_file, wait_for
+from helpers import MotoServer, data_file, wait_for
 from node import owners
 
 
@@ -23,10 +23,11 @@ def test_every_owner_migrates_the_index(tmp_path, index_url):
         index.close()
 
 
-def test_a_node_on_postgresql_starts_and_stores(make_node, pg_cluster):
+def test_a_node_on_postgresql_starts_and_stores(make_node, pg_cluster, moto):
     url = pg_cluster.create_database(f"t_{secrets.token_hex(6)}")
-    node = make_node(start=False, index={"url": url})
-    node.env.update(pg_cluster.env)                     # libpq's pass file: no password in the TOML
+    node = make_node(start=False, index={"url": url},      # a shared index: blobs go to S3
+                     storage={"backend": "s3", "s3": {"bucket": moto.new_bucket(), "endpoint_url": moto.url}})
+    node.env.update({**pg_cluster.env, **MotoServer.CREDENTIALS})   # libpq's pass file: no password in the TOML
     node.start()
     node.storescu(data_file("CT_small.dcm"), timeout=60)
     index = Index(url)

@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from archive import Archive
+from archive.storage import BlobNotOffloaded
 
 from . import accounts, events, views
 from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, LOGINS, PLUGINS, SECRET, SESSION, TEMPLATES, form,
@@ -75,6 +76,8 @@ async def errors(request: web.Request, handler):
         return await handler(request)
     except (web.HTTPException, asyncio.CancelledError, ConnectionResetError):
         raise
+    except BlobNotOffloaded as exc:         # on another node, not in S3 yet: the client may try again
+        raise views.not_here(request.match_info.get("instance", "?"), exc) from None
     except HttpProcessingError as exc:      # a body aiohttp could not parse: the client's, not ours
         raise web.HTTPBadRequest(text=json.dumps({"error": f"the request could not be read ({exc.message})"[:300]}),
                                  content_type="application/json") from None

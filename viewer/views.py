@@ -28,6 +28,7 @@ from sqlalchemy import exc as sa_exc
 from archive import facts
 from archive.dicomfile import InvalidInstance
 from archive.query import STUDY_LIST_ORDER, STUDY_ROOT, Query
+from archive.storage import BlobNotOffloaded
 from router import queue
 from router.api import JobRequestError, plugins_for_study, request_job
 from router.jobs import IllegalTransition
@@ -665,9 +666,12 @@ async def _decoded(request: web.Request, uid: str):
         raise web.HTTPUnprocessableEntity(text=json.dumps({"error": why}), content_type="application/json") from None
 
 
-def _unreadable(uid: str, exc: Exception) -> web.HTTPUnprocessableEntity:
+def _unreadable(uid: str, exc: Exception) -> web.HTTPException:
     """422 for a stored file that cannot be read within the limits (a deflate bomb, nesting too
-    deep: docs/security.md) or at all (a damaged header)."""
+    deep: docs/security.md) or at all (a damaged header); 503 for one that another node holds and
+    has not offloaded yet (`not_here`)."""
+    if isinstance(exc, BlobNotOffloaded):
+        return not_here(uid, exc)
     if isinstance(exc, InvalidInstance):
         log.warning("instance %s cannot be read: %s", uid, exc)
         why = f"this object cannot be read: {exc}"
@@ -675,6 +679,14 @@ def _unreadable(uid: str, exc: Exception) -> web.HTTPUnprocessableEntity:
         log.warning("instance %s: its header cannot be read (%s)", uid, type(exc).__name__)
         why = f"this image cannot be shown: its header cannot be read ({type(exc).__name__})"
     return web.HTTPUnprocessableEntity(text=json.dumps({"error": why}), content_type="application/json")
+
+
+def not_here(uid: str, exc: BlobNotOffloaded) -> web.HTTPServiceUnavailable:
+    """503: the instance exists, on another node that has not put it in S3 yet (storage.remote_wait_seconds)."""
+    log.warning("instance %s cannot be read here: %s", uid, exc)
+    why = f"this object is not available on this node yet: {exc}"
+    return web.HTTPServiceUnavailable(text=json.dumps({"error": why}), content_type="application/json",
+                                      headers={"Retry-After": "10"})
 
 
 async def _dataset(request: web.Request, uid: str):

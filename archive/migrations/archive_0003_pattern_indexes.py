@@ -8,7 +8,7 @@ SQLite: nothing to do (its LIKE uses the plain index with `case_sensitive_like=O
 from alembic import op
 
 revision = "archive_0003"
-down_revision = "archive_0001"      # lead: re-chain after archive_0002
+down_revision = "archive_0002"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,73 @@
+"""The nodes that share an index: who runs, and which node holds a blob that is not in S3 yet.
+
+Each node has a name (`[node] name`) and its own data directory; what it receives stays there until
+its offloader has put it in S3. A node records itself when it starts (`register`) and every few
+seconds while it runs (`seen`). `holder` tells a reader on another node where a blob it cannot find
+lies, so that it waits for the upload instead of calling the instance missing.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import text
+
+from .index import Index
+
+ALIVE_SECONDS = 60.0                # a node seen this recently is running: its name is not free
+SEEN_EVERY = 10.0                   # seconds between two `seen` of a running node
+
+_GET = text("SELECT data_dir, host, seen_at FROM nodes WHERE name = :name")
+_START = text("INSERT INTO nodes (name, data_dir, host, started_at, seen_at) VALUES (:name, :data_dir, :host, :now, "
+              ":now) ON CONFLICT (name) DO UPDATE SET data_dir = excluded.data_dir, host = excluded.host, "
+              "started_at = excluded.started_at, seen_at = excluded.seen_at")
+_SEEN = text("UPDATE nodes SET seen_at = :now WHERE name = :name AND data_dir = :data_dir")
+_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+_REGISTER_LOCK = 0x6D33_6E6F        # nodes starting together on PostgreSQL: one registers at a time ("m3no")
+# where the blob's only copy may be: the node that received its instance (or whose offloader has it), and
+# what that node's offloader says of it
+_HOLDER = text(
+    "SELECT COALESCE(o.node, i.node) AS node, o.state, o.last_error FROM instances i "
+    "LEFT JOIN offload o ON o.blob_id = i.blob_id WHERE i.blob_id = :blob "
+    "UNION ALL SELECT node, state, last_error FROM offload WHERE blob_id = :blob LIMIT 1")
+
+
+class NodeNameTaken(RuntimeError):
+    """Another running node uses this name with another data directory."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The node whose data directory holds a blob, and its offloader's state for it (None: not queued yet)."""
+    node: str | None
+    state: str | None
+    last_error: str | None
+
+
+def register(index: Index, name: str, data_dir: Path, host: str, clock=time.time) -> None:
+    """Record this node as running; refuse when a node with this name and another data directory was
+    seen within `ALIVE_SECONDS` (two nodes under one name would each take the other's blobs for its own)."""
+    now, data_dir = clock(), str(Path(data_dir).resolve())
+    with index.write() as conn:
+        if not index.sqlite:
+            conn.execute(_LOCK, {"key": _REGISTER_LOCK})
+        row = conn.execute(_GET, {"name": name}).first()
+        if row is not None and row.data_dir != data_dir and now - row.seen_at < ALIVE_SECONDS:
+            raise NodeNameTaken(
+                f"node name {name!r} is in use by a running node on {row.host} with data directory {row.data_dir} "
+                f"(seen {max(0.0, now - row.seen_at):.0f} s ago): give this node another [node] name, or stop that "
+                f"one and wait {ALIVE_SECONDS:.0f} s")
+        conn.execute(_START, {"name": name, "data_dir": data_dir, "host": host, "now": now})
+
+
+def seen(index: Index, name: str, data_dir: Path, clock=time.time) -> None:
+    """This node still runs (its `seen_at`)."""
+    with index.write() as conn:
+        conn.execute(_SEEN, {"name": name, "data_dir": str(Path(data_dir).resolve()), "now": clock()})
+
+
+def holder(index: Index, blob_id: str) -> Holder | None:
+    """Which node holds the blob's local copy (None: no row names a node for it)."""
+    row = index.read(_HOLDER, {"blob": blob_id})
+    return Holder(*row[0]) if row and row[0].node is not None else None
