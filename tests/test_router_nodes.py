@@ -175,7 +175,8 @@ def test_a_stalled_router_whose_job_was_taken_over_lets_it_go(nodes, tmp_path, c
     assert (after.state, after.worker, after.attempts, len(after.errors)) == ("running", b.name, 2, 1)
     assert a.running == {} and after.lease_expires == clock[0] - 1 + LEASE   # B's lease, not renewed by A
     config = tmp_path / "m3dicom.toml"
-    config.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n[index]\nurl = "{a.archive.index.engines.where}"\n')
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n[index]\nurl = "{a.archive.index.engines.where}"\n'
+                      '[storage]\nbackend = "s3"\n[storage.s3]\nbucket = "unused"\n')     # a shared index needs S3
     capsys.readouterr()
     assert cli.main(["jobs", "list", "--config", str(config)]) == 0
     assert f"held by {b.name}, lease until" in capsys.readouterr().out      # `m3dicom jobs`: who runs it
