@@ -5,7 +5,15 @@ mammography-sized instances (10-27 MB), (c) 60 short associations of one instanc
 (d) 4 storescu processes in parallel. Prints instances/s, MB/s and the receiver's CPU
 seconds, median of N runs, as a Markdown table. Not a test: nothing is asserted.
 
+The index's engines side by side (issue 16): `m3dicom-s3` (the SQLite file) and `m3dicom-pg`
+(PostgreSQL: a private cluster started here, fsync and synchronous_commit on, as the tests'
+one) both keep their blobs locally and offload them to one moto S3 server started here (a
+shared index needs storage.backend = "s3"); `two-nodes` is two m3dicom nodes on that one
+PostgreSQL and S3, each sent half of every scenario by its own storescu processes (scenario (a)
+sends 2 x 250 on two associations; the whole machine has 2 cores: the two nodes share them).
+
     .venv/bin/python bench/ingest.py [--runs 3] [--large 50] [--only m3dicom,orthanc,storescp]
+    .venv/bin/python bench/ingest.py --only m3dicom-s3,m3dicom-pg,two-nodes
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TCP_NODELAY": "1"}
+S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def free_port() -> int:
@@ -140,18 +149,98 @@ class M3dicom(Receiver):
     name, aet = "m3dicom", "M3DICOM"
     receivers = 1  # dicom.receivers
     bare = False   # without the router and the viewer (what receiving alone costs)
+    services: "Services | None" = None     # the PostgreSQL cluster and the S3 server, for the variants below
 
-    def start(self) -> None:
-        data = self.work / "m3-data"
-        config = self.work / "m3.toml"
-        config.write_text(f'[node]\nae_title = "M3DICOM"\ndata_dir = "{data}"\n'
+    def start(self, node: str = "a", index_url: str = "", s3: bool = False) -> None:
+        data = self.work / f"m3-data-{node}"
+        config = self.work / f"m3-{node}.toml"
+        env = dict(ENV)
+        extra = ""
+        if index_url:
+            extra += f'[index]\nurl = "{index_url}"\n'
+            env.update(self.services.pg.env)
+        if s3:
+            extra += (f'[storage]\nbackend = "s3"\n[storage.s3]\nbucket = "{self.services.bucket}"\n'
+                      f'endpoint_url = "{self.services.s3_url}"\n')
+            env.update(S3_ENV)
+        config.write_text(f'[node]\nae_title = "M3DICOM"\ndata_dir = "{data}"\nname = "bench-{node}"\n'
                           f'[dicom]\nport = {self.port}\ncertificate = "{self.pki}/server.pem"\n'
                           f'private_key = "{self.pki}/server.key"\nca_certificates = "{self.pki}/ca.pem"\n'
                           f'max_associations = 64\nreceivers = {self.receivers}\n[log]\nlevel = "WARNING"\n'
+                          + extra
                           + ("[router]\nenabled = false\n[viewer]\nenabled = false\n" if self.bare else ""))
         self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
-                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.work / "m3.log", "ab"))
+                                     cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.work / f"m3-{node}.log", "ab"))
         wait_port(self.port)
+
+
+class M3dicomS3(M3dicom):
+    name = "m3dicom (SQLite index, S3)"
+
+    def start(self) -> None:
+        super().start(s3=True)
+
+
+class M3dicomPG(M3dicom):
+    name = "m3dicom (PostgreSQL index, S3)"
+
+    def start(self) -> None:
+        super().start(index_url=self.services.database(), s3=True)
+
+
+class TwoNodes(Receiver):
+    """Two m3dicom nodes on one PostgreSQL database and one bucket; `ports` are both nodes' ports."""
+    name = "two m3dicom nodes (one PostgreSQL, one S3)"
+    aet = "M3DICOM"
+
+    def start(self) -> None:
+        url = M3dicom.services.database()
+        self.nodes = [M3dicom(self.work, self.pki), M3dicom(self.work, self.pki)]
+        for node, label in zip(self.nodes, "ab"):
+            node.start(node=label, index_url=url, s3=True)   # one after the other: the first migrates
+        self.ports = [n.port for n in self.nodes]
+        self.port, self.proc = self.ports[0], self.nodes[0].proc
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def cpu_seconds(self) -> float:
+        return sum(node.cpu_seconds() for node in self.nodes)
+
+
+class Services:
+    """What the S3 and PostgreSQL variants share: moto's S3 server and a private PostgreSQL cluster
+    (tests/pgcluster.py), started once for the whole run; a fresh database per receiver."""
+
+    def __init__(self, work: Path, postgresql: bool):
+        sys.path.insert(0, str(ROOT / "tests"))
+        import boto3
+
+        port = free_port()
+        self.s3_url = f"http://127.0.0.1:{port}"
+        self.moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                                      "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port)
+        self.bucket = "m3bench"
+        boto3.client("s3", endpoint_url=self.s3_url, region_name="us-east-1", aws_access_key_id="bench",
+                     aws_secret_access_key="bench").create_bucket(Bucket=self.bucket)
+        self.pg = None
+        if postgresql:
+            from pgcluster import Cluster
+            self.pg = Cluster().start()
+        self._databases = 0
+
+    def database(self) -> str:
+        self._databases += 1
+        return self.pg.create_database(f"bench{self._databases}")
+
+    def stop(self) -> None:
+        self.moto.terminate()
+        self.moto.wait(10)
+        if self.pg:
+            self.pg.stop()
 
 
 class Orthanc(Receiver):
@@ -189,32 +278,58 @@ class Storescp(Receiver):
 
 # -- senders -----------------------------------------------------------------------------
 
-def storescu(receiver: Receiver, pki: Path, files: list[Path]) -> subprocess.Popen:
+def storescu(receiver: Receiver, pki: Path, files: list[Path], port: int | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         ["storescu", "+tls", f"{pki}/client.key", f"{pki}/client.pem", "+cf", f"{pki}/ca.pem",
-         "-aet", "BENCH", "-aec", receiver.aet, "127.0.0.1", str(receiver.port), *map(str, files)],
+         "-aet", "BENCH", "-aec", receiver.aet, "127.0.0.1", str(port or receiver.port), *map(str, files)],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def run_scenario(kind: str, receiver: Receiver, pki: Path, files: list[Path]) -> tuple[float, float]:
-    """Returns (wall seconds, receiver CPU seconds)."""
+    """Returns (wall seconds, receiver CPU seconds). A receiver with several `ports` (two nodes) gets
+    each sender's files spread over them: short associations alternate, parallel senders go half to each."""
+    ports = getattr(receiver, "ports", [receiver.port])
     cpu0 = receiver.cpu_seconds()
     t0 = time.perf_counter()
-    if kind == "short":
+    if kind == "short" and len(ports) > 1:
+        loops = [subprocess.Popen([sys.executable, __file__, "--short-loop", str(port), str(pki), receiver.aet,
+                                   *map(str, files[i::len(ports)])]) for i, port in enumerate(ports)]
+        for p in loops:
+            if p.wait() != 0:
+                raise RuntimeError(f"{receiver.name}: a loop of short associations failed")
+    elif kind == "short":
         for f in files:
             p = storescu(receiver, pki, [f])
             if p.wait() != 0:
                 raise RuntimeError(p.stderr.read().decode()[-500:])
     else:
-        parts = [files[i::4] for i in range(4)] if kind == "parallel" else [files]
-        procs = [storescu(receiver, pki, part) for part in parts]
+        senders = 4 if kind == "parallel" else len(ports)
+        parts = [files[i::senders] for i in range(senders)]
+        procs = [storescu(receiver, pki, part, ports[i % len(ports)]) for i, part in enumerate(parts)]
         for p in procs:
             if p.wait() != 0:
                 raise RuntimeError(f"{receiver.name}: {p.stderr.read().decode()[-500:]}")
     return time.perf_counter() - t0, receiver.cpu_seconds() - cpu0
 
 
+def short_loop(port: int, pki: Path, aet: str, files: list[str]) -> int:
+    """One association per file, one after the other (the two-node short scenario runs one loop per node)."""
+    class At:
+        pass
+    at = At()
+    at.aet, at.port = aet, port
+    for f in files:
+        p = storescu(at, pki, [Path(f)])
+        if p.wait() != 0:
+            print(p.stderr.read().decode()[-500:], file=sys.stderr)
+            return 1
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--short-loop"]:
+        return short_loop(int(argv[1]), Path(argv[2]), argv[3], argv[4:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--small", type=int, default=500)
@@ -240,9 +355,13 @@ def main(argv=None) -> int:
         data["parallel"] = data["small"]
         M3dicom.receivers, M3dicom.bare = args.receivers, args.bare
         data = {k: v for k, v in data.items() if k in args.scenarios.split(",")}
-        kinds = {"m3dicom": M3dicom, "orthanc": Orthanc, "storescp": Storescp}
+        kinds = {"m3dicom": M3dicom, "m3dicom-s3": M3dicomS3, "m3dicom-pg": M3dicomPG, "two-nodes": TwoNodes,
+                 "orthanc": Orthanc, "storescp": Storescp}
+        chosen = args.only.split(",")
+        if {"m3dicom-s3", "m3dicom-pg", "two-nodes"} & set(chosen):
+            M3dicom.services = Services(work, postgresql=bool({"m3dicom-pg", "two-nodes"} & set(chosen)))
         results: dict[str, dict[str, list[tuple[float, float]]]] = {}
-        for name in args.only.split(","):
+        for name in chosen:
             cls = kinds[name]
             results[cls.name] = {k: [] for k in data}
             for run in range(args.runs):
@@ -265,6 +384,8 @@ def main(argv=None) -> int:
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
     finally:
+        if M3dicom.services:
+            M3dicom.services.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
