@@ -245,6 +245,7 @@ class Router:
         free = self.executor.capacity() - len(self.running)
         if free <= 0:
             return
+        now = max(now, self.clock())    # capacity() starts the cluster on first use (seconds): a lease counts from now
         for job in queue.lease(self.index, self.name, now, self.lease, free):
             try:
                 spec = self._spec(job)

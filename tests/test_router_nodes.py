@@ -157,6 +157,28 @@ def test_a_dead_nodes_jobs_are_taken_over_once_their_leases_expire(nodes):
     assert all("lease expired: worker node-a/" in j.errors[0] for j in jobs)
 
 
+def test_a_lease_counts_from_when_the_cluster_is_up_not_from_the_start_of_the_round(nodes):
+    """A router's first round starts its Dask cluster (seconds, more on a busy machine): a lease taken
+    then must not be over before the job is submitted, or another router takes a live job over."""
+    node, ingest = nodes
+    ingest(1)
+    clock = [time.time() + 600]                # later than the ingest: the study is quiet at once
+
+    class SlowStart(HangingExecutor):
+        def capacity(self) -> int:
+            if not self.futures:               # the cluster starts: longer than a lease
+                clock[0] += 2 * LEASE
+            return super().capacity()
+
+    a = node(f"node-a/{os.getpid()}", SlowStart(), clock=lambda: clock[0])
+    a.step()
+    (job,) = queue.jobs(a.index)
+    assert (job.state, job.worker, job.lease_expires) == ("running", a.name, clock[0] + LEASE)
+    b = node(f"node-b/{os.getpid()}", Executor(), clock=lambda: clock[0])
+    b.step()
+    assert b.executor.submitted == [] and queue.get(b.index, job.id).worker == a.name
+
+
 def test_a_stalled_router_whose_job_was_taken_over_lets_it_go(nodes, tmp_path, capsys):
     node, ingest = nodes
     ingest(1)
