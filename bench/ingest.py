@@ -126,13 +126,14 @@ class Receiver:
 
     def settle(self, timeout: float = 90.0) -> None:
         """Wait until the receiver has finished starting (its processes, m3dicom's router with
-        its Dask cluster and viewer included, use under 5% of a core), so that start-up work
-        does not count as reception."""
+        its Dask cluster and viewer included, use under 20% of a core for 1.5 s: an idle m3dicom
+        node with S3 offload uses ~12%, its Dask scheduler and worker polling), so that start-up
+        work does not count as reception."""
         deadline, last, quiet = time.monotonic() + timeout, self.cpu_seconds(), 0
         while quiet < 3 and time.monotonic() < deadline:
             time.sleep(0.5)
             now = self.cpu_seconds()
-            quiet = quiet + 1 if now - last < 0.025 else 0
+            quiet = quiet + 1 if now - last < 0.1 else 0
             last = now
 
     def cpu_seconds(self) -> float:
