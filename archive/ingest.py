@@ -38,7 +38,7 @@ from .db import SQLITE_FILE, Prepared
 from . import nodes
 from .index import SAME_UID_OTHER_CONTENT, Difference, HierarchyConflict, Index
 from .settings import default_node_name
-from .storage import BlobInfo, LocalStorage, StorageFull, TieredStorage
+from .storage import BlobInfo, Elsewhere, LocalStorage, StorageFull, TieredStorage
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -140,16 +140,16 @@ class Archive:
     def close(self) -> None:
         self.index.close()
 
-    def _elsewhere(self, blob_id: str) -> tuple[str, bool] | None:
+    def _elsewhere(self, blob_id: str) -> Elsewhere | None:
         """Why a blob that is neither here nor in S3 is not missing: another node holds it (and whether
         it may still come to S3); None when no other node does (it is missing)."""
         held = nodes.holder(self.index, blob_id)
         if held is None or held.node == self.node or held.state == "remove":
             return None
         if held.state == "failed":
-            return f"blob {blob_id} is held by node {held.node}, whose offloader failed to put it in S3 " \
-                   f"({held.last_error})", False
-        return f"blob {blob_id} is held by node {held.node} and not offloaded to S3 yet", True
+            return Elsewhere(held.node, f"blob {blob_id} is held by node {held.node}, whose offloader failed to "
+                             f"put it in S3 ({held.last_error})", False)
+        return Elsewhere(held.node, f"blob {blob_id} is held by node {held.node} and not offloaded to S3 yet", True)
 
     def held_elsewhere(self, blob_id: str) -> str | None:
         """The node that holds the only copy of this blob (received there, fsynced before it was indexed, not

@@ -177,6 +177,14 @@ class LocalStorage(BlobReads):
                         yield entry.name
 
 
+@dataclass(frozen=True)
+class Elsewhere:
+    """A blob another node holds and has not put in S3: that node, why, and whether it may still come."""
+    node: str
+    why: str
+    may_come: bool
+
+
 class TieredStorage(BlobReads):
     """The local store as a cache in front of S3 (`archive.s3.S3Storage`).
 
@@ -186,15 +194,19 @@ class TieredStorage(BlobReads):
     about the local copies: objects in S3 are removed by the offloader, through the index.
 
     Nodes sharing an index: a blob that another node received lies in that node's data directory
-    until its offloader puts it in S3. `elsewhere(blob_id)` says so (why, and whether it may still
-    come: None when no node holds it); a read of such a blob polls S3 for up to `wait` seconds, then
-    raises `BlobNotOffloaded` with the reason (never a partial read: the object appears whole).
+    until its offloader puts it in S3. `elsewhere(blob_id)` says so (`Elsewhere`; None when no node
+    holds it); a read of such a blob polls S3 for up to `wait` seconds, then raises
+    `BlobNotOffloaded` with the reason (never a partial read: the object appears whole). A node that
+    let one read wait that long is late: for the next `wait` seconds, reads of its other blobs look
+    in S3 once and fail at once, so a retrieve of many such instances (or a flood of them) waits
+    `wait` seconds in all, not once per instance.
     """
 
     def __init__(self, local: LocalStorage, remote, wait: float = 0.0,
-                 elsewhere: Callable[[str], tuple[str, bool] | None] | None = None, poll: float = 0.25):
+                 elsewhere: Callable[[str], Elsewhere | None] | None = None, poll: float = 0.25):
         self.local, self.remote = local, remote
         self.wait, self.elsewhere, self.poll = wait, elsewhere, poll
+        self._late: dict[str, float] = {}       # node -> until when its blobs are not waited for
 
     def create(self, chunks: Iterable[bytes]) -> BlobInfo:
         return self.local.create(chunks)
@@ -211,20 +223,30 @@ class TieredStorage(BlobReads):
     def _remote(self, stack: ExitStack, blob_id: str) -> EnvelopeReader:
         """The object in S3; for a blob another node holds, polled for until `wait` has passed."""
         deadline = time.monotonic() + self.wait
+        where = None
         while True:
             try:
-                return stack.enter_context(self.remote.open(blob_id))
+                reader = stack.enter_context(self.remote.open(blob_id))
+                if self._late:          # a late node's blob arrived: its offloader moves, wait for it again
+                    where = where or (self.elsewhere(blob_id) if self.elsewhere is not None else None)
+                    if where is not None:
+                        self._late.pop(where.node, None)
+                return reader
             except BlobNotFound:
                 where = self.elsewhere(blob_id) if self.elsewhere is not None else None
                 if where is None:
                     raise
-                why, may_come = where
-                if not may_come:
-                    raise BlobNotOffloaded(blob_id, why) from None
-                if time.monotonic() >= deadline:
-                    raise BlobNotOffloaded(blob_id, f"{why} (waited {self.wait:g} s: storage.remote_wait_seconds)") \
-                        from None
-                time.sleep(min(self.poll, max(0.0, deadline - time.monotonic())))
+                if not where.may_come:
+                    raise BlobNotOffloaded(blob_id, where.why) from None
+                now = time.monotonic()
+                if now < self._late.get(where.node, 0.0):
+                    raise BlobNotOffloaded(blob_id, f"{where.why} (another read waited {self.wait:g} s for that "
+                                                    "node within the last storage.remote_wait_seconds)") from None
+                if now >= deadline:
+                    self._late[where.node] = now + self.wait
+                    raise BlobNotOffloaded(blob_id, f"{where.why} (waited {self.wait:g} s: "
+                                                    "storage.remote_wait_seconds)") from None
+                time.sleep(min(self.poll, max(0.0, deadline - now)))
 
     def exists(self, blob_id: str) -> bool:
         return self.local.exists(blob_id) or self.remote.exists(blob_id)
