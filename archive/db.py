@@ -180,6 +180,18 @@ def _postgresql(url: str) -> Engines:
     writer = sa.create_engine(parsed, isolation_level="READ COMMITTED", pool_size=POOL_SIZE,
                               max_overflow=POOL_SIZE, pool_pre_ping=True, hide_parameters=True)
     readers = writer.execution_options(postgresql_readonly=True)
+
+    @sa.event.listens_for(writer, "connect")
+    def _durable(dbapi, record) -> None:
+        # a C-STORE is answered Success only once its row is on disk: a server (or role, or database) set to
+        # synchronous_commit = off would lose acknowledged instances in a crash; "local", "remote_write",
+        # "on" and "remote_apply" all wait at least for the local WAL flush
+        with dbapi.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            if cursor.fetchone()[0] == "off":
+                cursor.execute("SET synchronous_commit = on")
+        dbapi.commit()
+
     return Engines(writer, readers, nullcontext(), parsed.render_as_string(hide_password=True))
 
 

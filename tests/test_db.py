@@ -90,3 +90,26 @@ def test_the_held_sqlite_writer_survives_a_transaction_that_could_not_begin(tmp_
         assert index.read(text("SELECT seq FROM cursors"))[0].seq == 1
     finally:
         index.close()
+
+
+def test_postgresql_writes_wait_for_the_disk_even_where_the_server_says_not_to(pg_cluster):
+    """Success is answered only once the row is durable: a database set to synchronous_commit = off
+    (a tuning some guides suggest) would lose acknowledged instances in a crash; the node's sessions
+    turn it back on."""
+    import secrets
+
+    url = pg_cluster.create_database(f"t_{secrets.token_hex(6)}")
+    setup = Index(url)
+    try:
+        with setup.write() as conn:
+            conn.execute(text(f"ALTER DATABASE {url.rsplit('/', 1)[1]} SET synchronous_commit = off"))
+    finally:
+        setup.close()
+    index = Index(url)
+    try:
+        with index.write() as conn:
+            assert conn.execute(text("SHOW synchronous_commit")).scalar() == "on"
+        with index.reader() as conn:
+            assert conn.execute(text("SHOW synchronous_commit")).scalar() == "on"
+    finally:
+        index.close()
