@@ -30,6 +30,8 @@ SQLITE_FILE = "index.sqlite3"
 SQLITE_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL", "PRAGMA foreign_keys=ON",
                   "PRAGMA busy_timeout=10000", "PRAGMA case_sensitive_like=ON")
 log = logging.getLogger(__name__)
+LOCK_TIMEOUT = 10.0                 # PostgreSQL: seconds a statement waits for another session's lock
+IDLE_IN_TRANSACTION = 60.0          # PostgreSQL: seconds a session may sit idle inside a transaction
 POOL_SIZE = 5                       # PostgreSQL connections kept per process (and as many more when busy)
 
 
@@ -48,7 +50,7 @@ def check_url(url: str) -> None:
             from None
     if parsed.get_backend_name() != "postgresql":
         raise IndexUrlError("index.url: only postgresql://... (or empty: the SQLite file in node.data_dir)")
-    if parsed.password is not None:
+    if parsed.password is not None or "password" in parsed.query:
         raise IndexUrlError("index.url: no password in the URL: give it to libpq (PGPASSWORD, a pass file "
                             "named by PGPASSFILE, or a service file)")
 
@@ -190,6 +192,11 @@ def _postgresql(url: str) -> Engines:
             cursor.execute("SHOW synchronous_commit")
             if cursor.fetchone()[0] == "off":
                 cursor.execute("SET synchronous_commit = on")
+            # a lock someone else holds (an operator's open transaction, a REINDEX, a stalled node) fails a
+            # statement after LOCK_TIMEOUT instead of holding a C-STORE, a C-FIND or a page for as long; a
+            # session that sits in an open transaction is ended (its locks with it)
+            cursor.execute(f"SET lock_timeout = '{LOCK_TIMEOUT * 1000:.0f}ms'")
+            cursor.execute(f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION * 1000:.0f}ms'")
         dbapi.commit()
 
     return Engines(writer, readers, nullcontext(), parsed.render_as_string(hide_password=True))
@@ -283,7 +290,8 @@ class Prepared:
                 cursor.executemany(sql, arguments)
             return cursor.fetchall() if rows else cursor.rowcount
         except dialect.loaded_dbapi.Error as exc:
-            raise sa.exc.DBAPIError.instance(sql, arguments, exc, dialect.loaded_dbapi.Error,
+            # no arguments in the error (the engines' hide_parameters does not reach here): names and IDs
+            raise sa.exc.DBAPIError.instance(sql, None, exc, dialect.loaded_dbapi.Error, hide_parameters=True,
                                              dialect=dialect) from exc
         finally:
             cursor.close()
@@ -332,6 +340,7 @@ def migrate(engines: Engines, owner: str, folder: Path, legacy: Callable[[Any], 
             stamp = made == {"_sqlite_migrations"} and legacy(raw)
         with conn.begin():
             if not engines.sqlite:      # nodes starting together on one PostgreSQL: one migrates, the others wait
+                conn.execute(sa.text("SET LOCAL lock_timeout = 0"))      # for as long as a migration takes
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
             before = _heads(conn, table)
             config.attributes["connection"] = conn

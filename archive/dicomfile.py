@@ -40,6 +40,8 @@ from pydicom.multival import MultiValue
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian)
 
+from .matching import without_nul
+
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 _TEXT = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -179,7 +181,7 @@ def _text(value) -> str | None:
         text = str(value)
     if not text.isascii():   # lone surrogates (undecodable bytes) cannot be stored as UTF-8
         text = text.encode("utf-8", "replace").decode("utf-8")
-    return text
+    return without_nul(text) or None
 
 
 def _int(value) -> int | None:

@@ -34,7 +34,7 @@ from sqlalchemy import exc as sa_exc, text
 from .crypto import IntegrityError, Keyring, KmsKeyring, LocalKeyring
 from .dicomfile import (DEFAULT_LIMITS, InstanceHeader, InvalidInstance, Limits, dataset_offset as inspect_offset,
                         inspect)
-from .db import SQLITE_FILE, Prepared
+from .db import SQLITE_FILE, Prepared, brief
 from . import nodes
 from .index import SAME_UID_OTHER_CONTENT, Difference, HierarchyConflict, Index
 from .settings import default_node_name
@@ -231,7 +231,10 @@ class Archive:
             if _is_disk_full(exc):
                 log.error("index full: refused %s", _short(header))
                 return IngestResult(Outcome.STORAGE_FULL, "no space left on the node", header.sop_instance_uid)
-            log.exception("index transaction failed")
+            if isinstance(exc, sa_exc.DBAPIError):     # the database's one line: no traceback, no values
+                log.error("index transaction failed for %s: %s", _short(header), brief(exc))
+            else:
+                log.exception("index transaction failed")
             return IngestResult(Outcome.FAILURE, "the node could not index the instance",
                                 header.sop_instance_uid)
 

@@ -19,3 +19,9 @@ def time_key(value: str | None, upper: bool = False) -> str | None:
     whole, _, fraction = value.strip().replace(":", "").partition(".")
     fill = "9" if upper else "0"
     return whole[:6].ljust(6, fill) + "." + fraction[:6].ljust(6, fill)
+
+
+def without_nul(text: str) -> str:
+    """A value as the index keeps it and a query matches it: NUL padding dropped, a NUL inside replaced by
+    U+FFFD (PostgreSQL's text cannot hold NUL; SQLite keeps the same, so both engines answer alike)."""
+    return text.rstrip("\x00").replace("\x00", "\ufffd") if "\x00" in text else text

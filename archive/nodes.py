@@ -7,6 +7,8 @@ lies, so that it waits for the upload instead of calling the instance missing.
 """
 from __future__ import annotations
 
+import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +20,13 @@ from .index import Index
 ALIVE_SECONDS = 60.0                # a node seen this recently is running: its name is not free
 SEEN_EVERY = 10.0                   # seconds between two `seen` of a running node
 
-_GET = text("SELECT data_dir, host, seen_at FROM nodes WHERE name = :name")
-_START = text("INSERT INTO nodes (name, data_dir, host, started_at, seen_at) VALUES (:name, :data_dir, :host, :now, "
-              ":now) ON CONFLICT (name) DO UPDATE SET data_dir = excluded.data_dir, host = excluded.host, "
-              "started_at = excluded.started_at, seen_at = excluded.seen_at")
-_SEEN = text("UPDATE nodes SET seen_at = :now WHERE name = :name AND data_dir = :data_dir")
+_GET = text("SELECT data_dir, host, node_id, seen_at FROM nodes WHERE name = :name")
+_START = text("INSERT INTO nodes (name, data_dir, host, node_id, started_at, seen_at) VALUES (:name, :data_dir, :host, "
+              ":node_id, :now, :now) ON CONFLICT (name) DO UPDATE SET data_dir = excluded.data_dir, "
+              "host = excluded.host, node_id = excluded.node_id, started_at = excluded.started_at, "
+              "seen_at = excluded.seen_at")
+_SEEN = text("UPDATE nodes SET seen_at = :now WHERE name = :name AND node_id = :node_id")
+ID_FILE = "node-id"                 # in the data directory: this data directory's random id
 _LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 _REGISTER_LOCK = 0x6D33_6E6F        # nodes starting together on PostgreSQL: one registers at a time ("m3no")
 # where the blob's only copy may be: the node that received its instance (or whose offloader has it), and
@@ -45,26 +49,44 @@ class Holder:
     last_error: str | None
 
 
+def node_id(data_dir: Path) -> str:
+    """The random id of this data directory (made on first use): two data directories at the same path on
+    two hosts are two nodes."""
+    path = Path(data_dir) / ID_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        made = secrets.token_hex(16)
+        with open(path, "x") as out:            # a node starting at the same moment: one of them makes it
+            out.write(made + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        return made
+    except FileExistsError:
+        return path.read_text().strip()
+
+
 def register(index: Index, name: str, data_dir: Path, host: str, clock=time.time) -> None:
-    """Record this node as running; refuse when a node with this name and another data directory was
-    seen within `ALIVE_SECONDS` (two nodes under one name would each take the other's blobs for its own)."""
-    now, data_dir = clock(), str(Path(data_dir).resolve())
+    """Record this node as running; refuse when a node with this name and another data directory (another
+    id: `node_id`) was seen within `ALIVE_SECONDS` (two nodes under one name would each take the other's
+    blobs for its own)."""
+    now, ident, data_dir = clock(), node_id(data_dir), str(Path(data_dir).resolve())
     with index.write() as conn:
         if not index.sqlite:
             conn.execute(_LOCK, {"key": _REGISTER_LOCK})
         row = conn.execute(_GET, {"name": name}).first()
-        if row is not None and row.data_dir != data_dir and now - row.seen_at < ALIVE_SECONDS:
+        if row is not None and row.node_id != ident and now - row.seen_at < ALIVE_SECONDS:
             raise NodeNameTaken(
                 f"node name {name!r} is in use by a running node on {row.host} with data directory {row.data_dir} "
                 f"(seen {max(0.0, now - row.seen_at):.0f} s ago): give this node another [node] name, or stop that "
                 f"one and wait {ALIVE_SECONDS:.0f} s")
-        conn.execute(_START, {"name": name, "data_dir": data_dir, "host": host, "now": now})
+        conn.execute(_START, {"name": name, "data_dir": data_dir, "host": host, "node_id": ident, "now": now})
 
 
 def seen(index: Index, name: str, data_dir: Path, clock=time.time) -> None:
     """This node still runs (its `seen_at`)."""
     with index.write() as conn:
-        conn.execute(_SEEN, {"name": name, "data_dir": str(Path(data_dir).resolve()), "now": clock()})
+        conn.execute(_SEEN, {"name": name, "node_id": node_id(data_dir), "now": clock()})
 
 
 def holder(index: Index, blob_id: str) -> Holder | None:

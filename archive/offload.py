@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from . import db
 from .changes import consume, position
@@ -99,11 +100,22 @@ class Offloader:
         while not stop.is_set():
             try:
                 busy = self.step()
-            except Exception:
-                log.exception("offload round failed")
+            except Exception as exc:
+                self._failed(exc)
                 busy = False
             if not busy:
                 stop.wait(idle)
+
+    def _failed(self, exc: Exception) -> None:
+        """A failed round in the log: the database's one line, said again at most once a minute while the
+        same (an index that is down is retried every round); anything else with its traceback."""
+        if not isinstance(exc, DBAPIError):
+            log.exception("offload round failed")
+            return
+        said, now = db.brief(exc), time.monotonic()
+        if said != getattr(self, "_said", None) or now - getattr(self, "_said_at", 0.0) > 60:
+            log.error("offload round failed: the index: %s", said)
+            self._said, self._said_at = said, now
 
     def step(self) -> bool:
         """One round; True when there was work (call again soon)."""

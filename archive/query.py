@@ -33,6 +33,7 @@ from sqlalchemy.engine import Connection, Row
 
 from . import db
 from .index import name_key, time_key
+from .matching import without_nul
 
 if TYPE_CHECKING:
     from .index import Index
@@ -140,7 +141,7 @@ def _values(value) -> list[str]:
     if value is None:
         return []
     items = list(value) if isinstance(value, (MultiValue, list, tuple)) else str(value).split("\\")
-    items = [str(v).strip() for v in items]
+    items = [without_nul(str(v)).strip() for v in items]
     return [v for v in items if v]
 
 

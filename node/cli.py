@@ -582,7 +582,28 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, (PKIError, SendError, FileNotFoundError, IntegrityError, RuntimeError)):
             print(f"m3dicom: {exc}", file=sys.stderr)
             return 1
+        said = _index_error(exc)
+        if said:
+            print(f"m3dicom: {said}", file=sys.stderr)
+            return 1
         raise
+
+
+def _index_error(exc: Exception) -> str | None:
+    """A database that cannot be reached or read (wrong password, no pass file, server down, a schema
+    from a newer m3dicom) as one line, or None for anything else."""
+    from alembic.util.exc import CommandError
+    from sqlalchemy.exc import DBAPIError
+
+    from archive.db import brief
+
+    if isinstance(exc, CommandError) and "Can't locate revision" in str(exc):
+        return (f"the index was made by a newer version of m3dicom ({exc}): run this node's newer version, or "
+                "restore the index of this version")
+    if isinstance(exc, DBAPIError):
+        return (f"cannot use the index: {brief(exc)} (index.url; the password comes from PGPASSWORD, the "
+                "pass file PGPASSFILE names, or a service file)")
+    return None
 
 
 if __name__ == "__main__":

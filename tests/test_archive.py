@@ -351,3 +351,24 @@ def test_a_uid_re_used_for_another_patient_is_quarantined_with_on_conflict_quara
     assert row.sha256 == dataset_sha256(other) and hierarchy(archive) == before
     assert archive.index.not_committable(uid) == "received again since with other content, which was quarantined"
     archive.close()
+
+
+def test_nul_in_values_is_stored_and_found_alike_on_both_engines(archive, tmp_path):
+    """PostgreSQL's text cannot hold NUL (a careless modality pads with it, a hostile one puts it inside):
+    both engines keep NUL padding off and a NUL inside as U+FFFD, and a C-FIND naming the value with its
+    NUL finds it (on PostgreSQL this was a refused C-STORE, 0x0110, and a failed C-FIND, 0xC001)."""
+    from pydicom.dataset import Dataset
+
+    from archive.query import STUDY_ROOT, Query
+
+    path = copy_with(tmp_path, PatientID="PHI-4711\x00SECRET", PatientName="Doe^Jane\x00\x00",
+                     StudyDescription="Head\x00CT", AccessionNumber="A1\x00", SOPInstanceUID=generate_uid())
+    result = archive.ingest_file(path)
+    assert result.outcome is Outcome.STORED, result
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel, identifier.PatientID, identifier.PatientName = "STUDY", "PHI-4711\x00SECRET", ""
+    identifier.StudyDescription, identifier.AccessionNumber = "", "A1\x00"
+    with archive.index.reader() as conn:
+        (found,) = Query(STUDY_ROOT, identifier).run(conn)
+    assert (found.PatientID, str(found.PatientName), found.StudyDescription, found.AccessionNumber) == (
+        "PHI-4711\ufffdSECRET", "Doe^Jane", "Head\ufffdCT", "A1")

@@ -113,3 +113,42 @@ def test_postgresql_writes_wait_for_the_disk_even_where_the_server_says_not_to(p
             assert conn.execute(text("SHOW synchronous_commit")).scalar() == "on"
     finally:
         index.close()
+
+
+@pytest.mark.parametrize("url", ["postgresql://m3:secret@db/m3", "postgresql://m3@db/m3?password=secret",
+                                 "postgresql://m3@db/m3?sslmode=require&password=secret", "mysql://m3@db/m3",
+                                 "not a url"])
+def test_an_index_url_with_a_password_or_another_engine_is_refused(url):
+    from archive.db import IndexUrlError, check_url
+
+    with pytest.raises(IndexUrlError):
+        check_url(url)
+    check_url("postgresql://m3@db:5432/m3?sslmode=verify-full")      # the right shape passes
+
+
+def test_a_lock_held_elsewhere_fails_a_write_in_bounded_time(pg_cluster, monkeypatch):
+    """An operator's open transaction (or a REINDEX, or a stalled node) holding a table: a C-STORE's
+    index transaction fails after archive.db.LOCK_TIMEOUT (the peer gets a failure status) instead of
+    hanging for as long as the lock is held."""
+    import secrets
+    import time
+
+    import psycopg
+
+    from archive import db
+
+    monkeypatch.setattr(db, "LOCK_TIMEOUT", 0.5)
+    url = pg_cluster.create_database(f"t_{secrets.token_hex(6)}")
+    index = Index(url)
+    try:
+        with psycopg.connect(url.replace("postgresql://", "postgresql://", 1)) as other:
+            other.execute("LOCK TABLE cursors IN ACCESS EXCLUSIVE MODE")      # held until `other` ends
+            started = time.monotonic()
+            with pytest.raises(sa_exc.OperationalError, match="lock timeout"):
+                with index.write() as conn:
+                    conn.execute(text("INSERT INTO cursors (name, seq) VALUES ('x', 1)"))
+            assert time.monotonic() - started < 5
+        with index.write() as conn:                                          # and once it is gone, it works
+            conn.execute(text("INSERT INTO cursors (name, seq) VALUES ('x', 1)"))
+    finally:
+        index.close()

@@ -36,3 +36,20 @@ def test_a_node_on_postgresql_starts_and_stores(make_node, pg_cluster, moto):
         assert not (node.data_dir / "index.sqlite3").exists()
     finally:
         index.close()
+
+
+def test_an_index_that_cannot_be_reached_is_one_line_not_a_traceback(tmp_path, capsys, pg_cluster):
+    """An operator's mistakes with a shared index (server down, wrong password) end a command with one line
+    that names index.url and where the password comes from."""
+    from helpers import free_port
+    from node import cli
+
+    config = tmp_path / "m3dicom.toml"
+    for url in (f"postgresql://m3dicom@127.0.0.1:{free_port()}/m3dicom",            # nothing listens there
+                pg_cluster.url().replace("m3dicom@", "nobody@")):                   # no such role / password
+        config.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n[index]\nurl = "{url}"\n'
+                          '[storage]\nbackend = "s3"\n[storage.s3]\nbucket = "unused"\n')
+        assert cli.main(["status", "--config", str(config)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("m3dicom: cannot use the index: OperationalError: ") and "index.url" in err, err
+        assert "Traceback" not in err and err.count("\n") == 1

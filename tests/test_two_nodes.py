@@ -189,8 +189,16 @@ def test_node_b_gets_what_node_a_has_not_offloaded_yet(pair, tmp_path):
     line = next(line for line in pair.b.log().splitlines() if never_uid in line and "cannot be read back" in line)
     assert "node node-a" in line and "not offloaded to S3 yet" in line and "remote_wait_seconds" in line
 
-    # A offloads while B waits: B gets every instance, byte for byte
+    # A is late now: for the next REMOTE_WAIT seconds B does not wait for A's other blobs one by one (a
+    # retrieve of many, or a flood of retrieves, would hold B's association slots for each): they fail at once
+    late = time.monotonic()
     study = str(pydicom.dcmread(waiting[0]).StudyInstanceUID)
+    at_once = getscu(pair.b, study, tmp_path / "got-at-once")
+    assert time.monotonic() - late < REMOTE_WAIT / 2 and list((tmp_path / "got-at-once").iterdir()) == []
+    assert "OutOfResourcesSubOperations" in at_once.stdout + at_once.stderr, at_once.stderr    # 0xA702: all 3
+    time.sleep(max(0.0, REMOTE_WAIT - (time.monotonic() - late)))
+
+    # A offloads while B waits: B gets every instance, byte for byte
     getting = getscu(pair.b, study, tmp_path / "got", background=True)
     time.sleep(1.0)
     pair.outage.restore()
