@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -57,7 +58,6 @@ from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from archive import db  # noqa: E402
 from archive.dicomfile import InstanceHeader  # noqa: E402
 from archive.index import Index  # noqa: E402
 from archive.matching import name_key, time_key  # noqa: E402
@@ -353,17 +353,25 @@ def explain(index: Index, asked: dict[str, list[Dataset]]) -> None:
 
 
 def generic_plan(conn, query: Query) -> list[str]:
-    """The plan PostgreSQL gives the query prepared, for any values (`plan_cache_mode = force_generic_plan`)."""
-    prepared = db.Prepared("EXPLAIN (ANALYZE, BUFFERS) " + query.sql_for(conn.dialect))
-    conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-    try:
-        raw = conn.connection.dbapi_connection
-        sql, names = prepared._compile(conn.dialect)
-        with raw.cursor() as cursor:
-            cursor.execute(sql, {n: query.params[n] for n in names}, prepare=True)
+    """The plan PostgreSQL gives the query prepared, for any values (`plan_cache_mode = force_generic_plan`),
+    run with the query's values: PREPARE, then EXPLAIN EXECUTE (an EXPLAIN prepared by the driver is planned
+    with its values)."""
+    from psycopg import sql as pgsql
+
+    statement = query.sql_for(conn.dialect)
+    names = list(dict.fromkeys(re.findall(r":(p\d+)\b", statement)))      # those this dialect's SQL uses
+    statement = re.sub(r":(p\d+)\b", lambda m: f"${names.index(m.group(1)) + 1}", statement)
+    raw = conn.connection.dbapi_connection
+    with raw.cursor() as cursor:
+        cursor.execute("PREPARE m3qbench_generic AS " + statement.replace("%", "%%"))
+        try:
+            cursor.execute("SET plan_cache_mode = force_generic_plan")
+            cursor.execute(pgsql.SQL("EXPLAIN (ANALYZE, BUFFERS) EXECUTE m3qbench_generic ({})").format(
+                pgsql.SQL(", ").join(pgsql.Literal(query.params[n]) for n in names)))
             return [row[0] for row in cursor.fetchall()]
-    finally:
-        conn.exec_driver_sql("RESET plan_cache_mode")
+        finally:
+            cursor.execute("RESET plan_cache_mode")
+            cursor.execute("DEALLOCATE m3qbench_generic")
 
 
 # the private cluster's settings (--postgresql): a small production server's (16 GB of memory); max_wal_size
