@@ -438,7 +438,9 @@ def node(work: Path, pki: Path, data_dir: Path, index_url: str = "") -> tuple[su
                       "[viewer]\nenabled = false\n")
     proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=open(work / "m3.log", "ab"))
-    wait_port(port)
+    t0 = time.perf_counter()
+    wait_port(port, timeout=600)            # at start the node reads every blob id of the index (recover)
+    print(f"the node listened after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return proc, port
 
 
