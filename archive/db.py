@@ -256,10 +256,15 @@ class Prepared:
     what SQLite spends on the statement (bench/index.py). Rows are the driver's (sequences: index or
     unpack them); errors are SQLAlchemy's, as from `execute`. For `Engines.write`'s transaction (on a
     connection outside one, each statement is its own). The same rows as `conn.execute(text(sql),
-    params)` (tests/test_db.py); `:named` parameters only, untyped and not expanding (no IN lists)."""
+    params)` (tests/test_db.py); `:named` parameters only, untyped and not expanding (no IN lists).
 
-    def __init__(self, sql: str):
+    `prepare` (PostgreSQL): psycopg's. None: the statement is prepared on the server after five runs on a
+    connection, and PostgreSQL may then give it one generic plan for any values; False: never prepared, each
+    run planned for its values (for statements whose best plan depends on them)."""
+
+    def __init__(self, sql: str, prepare: bool | None = None):
         self.statement = sa.text(sql)
+        self.prepare = prepare
         self._compiled: dict[str, tuple[str, tuple[str, ...]]] = {}     # by dialect name
 
     def rows(self, conn: Connection, params: Mapping[str, Any] = _NONE) -> list:
@@ -284,7 +289,10 @@ class Prepared:
         try:
             if many is None:
                 arguments = [params[n] for n in names] if dialect.positional else {n: params[n] for n in names}
-                cursor.execute(sql, arguments)
+                if self.prepare is not None and dialect.name == "postgresql":
+                    cursor.execute(sql, arguments, prepare=self.prepare)
+                else:
+                    cursor.execute(sql, arguments)
             else:
                 arguments = [[p[n] for n in names] if dialect.positional else {n: p[n] for n in names} for p in many]
                 cursor.executemany(sql, arguments)

@@ -184,8 +184,14 @@ _AGGREGATE: dict[str, str] = {}
 @lru_cache(maxsize=512)
 def _prepared(sql: str) -> db.Prepared:
     """One `db.Prepared` per query shape (the SQL of an identifier's keys and kinds of values; the values
-    themselves are parameters): a C-FIND SCP sees a few shapes over and over."""
-    return db.Prepared(sql)
+    themselves are parameters): a C-FIND SCP sees a few shapes over and over.
+
+    PostgreSQL: never prepared on the server, each run planned for its values. Prepared (psycopg does
+    after five runs), a statement gets PostgreSQL's generic plan for good once that looks cheaper than
+    its custom plans have cost on average: one broad prefix ("S*") does it, and the generic plan of
+    `LIKE $1` cannot use the text_pattern_ops indexes: it reads every patient (10M instances: 1.5 ms
+    custom, ~24 ms generic, growing with the archive; bench/query.py --explain). Planning costs ~0.4 ms."""
+    return db.Prepared(sql, prepare=False)
 
 
 def _wild(value: str) -> bool:

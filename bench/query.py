@@ -12,20 +12,33 @@ costs it ~0.7 ms of its own CPU, which shows on queries with many matches). Orth
 queries, for comparison. Prints p50 / p95 in ms as a Markdown table. Not a test: nothing
 is asserted.
 
+`--postgresql` starts a private PostgreSQL cluster for the run (tests/pgcluster.py: initdb in /tmp,
+loopback only, stopped at the end) tuned as a small production server would be (16 GB of memory):
+shared_buffers 1GB, work_mem 16MB, effective_cache_size 8GB, random_page_cost 1.1 (SSD), and max_wal_size
+4GB for the fill. On PostgreSQL the index is filled by COPY (`copy_fill`: the same rows as the write API
+makes, ~10x faster; `--fill api` for the write API; `--compare-fills` fills both ways and checks that the
+same queries get the same answers), then VACUUM ANALYZE'd, as autovacuum soon would; the database's size
+is printed with the fill's time.
+
 `--index-url postgresql://USER@HOST:PORT/DB` puts the node's index on that PostgreSQL server instead:
 for each size the bench creates a database of its own there (m3qbench_SIZE, dropped at the end: the
 role needs CREATEDB), fills it, and starts the node on it; the password comes from libpq's environment
 (PGPASSWORD, PGPASSFILE). `--explain` prints each kind's query plan (EXPLAIN ANALYZE on PostgreSQL,
-EXPLAIN QUERY PLAN on SQLite) for one of its queries once the index is filled.
+EXPLAIN QUERY PLAN on SQLite) for one of its queries once the index is filled, and on PostgreSQL the
+generic plan too (the one a statement psycopg has prepared, after five runs, may get).
 
     .venv/bin/python bench/query.py [--sizes 10000,100000,1000000] [--queries 200] [--no-orthanc]
-                                    [--index-url URL] [--explain]
+                                    [--postgresql | --index-url URL] [--fill api|copy] [--compare-fills]
+                                    [--explain]
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -37,7 +50,6 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
@@ -48,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from archive.dicomfile import InstanceHeader  # noqa: E402
 from archive.index import Index  # noqa: E402
+from archive.matching import name_key, time_key  # noqa: E402
 from archive.query import STUDY_ROOT, Query  # noqa: E402
 from bench.ingest import ENV, ROOT, free_port, wait_port  # noqa: E402
 from scp.tls import client_context, no_delay  # noqa: E402
@@ -59,9 +72,9 @@ FIRST = ["ANNA", "JOHN", "MARIA", "PETER", "EVA", "PAUL", "SARA", "LUCAS", "EMMA
 MODALITIES = ["CT", "MR", "CR", "US", "MG", "PT"]
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 INSERT_INSTANCE = text(
-    "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, transfer_syntax, size, sha256, "
-    "blob_id, calling_ae, received_at) VALUES (:uid, :series_pk, :sop_class_uid, :number, '1.2.840.10008.1.2.1', "
-    "40000, '" + "0" * 64 + "', :blob_id, 'BENCH', :now)")
+    "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, transfer_syntax, size, "
+    "sha256, blob_id, calling_ae, received_at) VALUES (:uid, :series_pk, :sop_class_uid, :number, "
+    "'1.2.840.10008.1.2.1', 40000, '" + "0" * 64 + "', :blob_id, 'BENCH', :now)")
 
 
 @dataclass
@@ -73,8 +86,12 @@ class Synthetic:
 
 
 def synthetic(size: int, seed: int = 7):
-    """(patient, study, series, instances) tuples: ~65 instances per study over ten years."""
-    rng = random.Random(seed)
+    """(patient, study, series, instances) tuples: ~65 instances per study over ten years. The same
+    rows each time, UIDs too (`instance_uid`, `blob_id`): both fills make the same index."""
+    rng, uids = random.Random(seed), random.Random(seed + 1)
+
+    def uid() -> str:
+        return f"2.25.{uids.getrandbits(122)}"     # as pydicom's generate_uid, from a seeded generator
     start = date(2015, 1, 1)
     made, patient_no = 0, 0
     while made < size:
@@ -82,15 +99,24 @@ def synthetic(size: int, seed: int = 7):
         pid = f"PAT{patient_no:07d}"
         name = f"{rng.choice(SURNAMES)}{rng.randint(1, 400)}^{rng.choice(FIRST)}"
         for _ in range(rng.randint(1, 3)):
-            study = {"uid": generate_uid(), "date": (start + timedelta(days=rng.randint(0, 3650))).strftime("%Y%m%d"),
+            study = {"uid": uid(), "date": (start + timedelta(days=rng.randint(0, 3650))).strftime("%Y%m%d"),
                      "time": f"{rng.randint(7, 19):02d}{rng.randint(0, 59):02d}00",
                      "accession": f"ACC{rng.randint(0, 10**8):08d}", "description": "synthetic"}
             for number in range(1, rng.randint(1, 4) + 1):
                 count = min(rng.randint(5, 40), size - made)
                 if count <= 0:
                     return
-                yield (pid, name), study, (generate_uid(), number, rng.choice(MODALITIES)), count
+                yield (pid, name), study, (uid(), number, rng.choice(MODALITIES)), count
                 made += count
+
+
+def instance_uid(series_uid: str, number: int) -> str:
+    return f"{series_uid}.{number}"
+
+
+def blob_id(sop_instance_uid: str) -> str:
+    """32 hex digits, as random as the node's own, the same for the same instance."""
+    return hashlib.md5(sop_instance_uid.encode()).hexdigest()
 
 
 def fill(index: Index, size: int) -> Synthetic:
@@ -108,10 +134,10 @@ def fill(index: Index, size: int) -> Synthetic:
                          "SeriesNumber": number, "InstanceNumber": None}
                 header = InstanceHeader(CT_IMAGE, "", study["uid"], series_uid, "1.2.840.10008.1.2.1", 0, attrs)
                 series_pk = Index.upsert_hierarchy(conn, header, now)
+                uids = [instance_uid(series_uid, i + 1) for i in range(count)]
                 conn.execute(INSERT_INSTANCE, [
-                    {"uid": generate_uid(), "series_pk": series_pk, "sop_class_uid": CT_IMAGE, "number": i + 1,
-                     "blob_id": generate_uid().replace(".", "")[-32:].rjust(32, "0"), "now": now}
-                    for i in range(count)])
+                    {"uid": uid, "series_pk": series_pk, "sop_class_uid": CT_IMAGE, "number": i + 1,
+                     "blob_id": blob_id(uid), "now": now} for i, uid in enumerate(uids)])
         batch.clear()
 
     rows = 0
@@ -128,6 +154,106 @@ def fill(index: Index, size: int) -> Synthetic:
             flush()
     flush()
     return Synthetic(sorted(names), ids, studies)
+
+
+def copy_fill(url: str, size: int) -> Synthetic:
+    """The rows `fill` writes, COPY'd (psycopg) into the archive's tables on PostgreSQL, as its migrations
+    made them (`Index` runs them), with the pks the write API would have given them: ~10x faster.
+
+    Patients, studies and series are drawn first (a few hundred thousand rows at 10M instances), then
+    the instances are streamed. The rows are consistent by construction: the foreign keys' triggers are
+    off while copying (`session_replication_role = replica`, as pg_restore --disable-triggers does); the
+    unique indexes still check. The pk sequences are set past the rows afterwards."""
+    import psycopg
+
+    Index(url).close()                      # the archive's schema, by its migrations
+    names, ids, studies = set(), [], []
+    patients, study_rows, series_rows, entries = [], [], [], []
+    now = time.time()
+    for entry in synthetic(size):
+        (pid, name), study, (series_uid, number, modality), count = entry
+        names.add(name.split("^")[0])
+        if not ids or ids[-1] != pid:
+            ids.append(pid)
+            patients.append((len(patients) + 1, pid, name, name_key(name), None, "O"))
+        if not studies or studies[-1] != study["uid"]:
+            studies.append(study["uid"])
+            study_rows.append((len(study_rows) + 1, study["uid"], len(patients), study["date"], study["time"],
+                               time_key(study["time"]), study["accession"], study["description"], None, None,
+                               "1", None, now))
+        series_rows.append((len(series_rows) + 1, series_uid, len(study_rows), modality, number, None, None))
+        entries.append((series_uid, len(series_rows), count))
+    tables = (("patients", "pk, patient_id, patient_name, patient_name_key, birth_date, sex", patients),
+              ("studies", "pk, study_uid, patient_pk, study_date, study_time, study_time_key, accession_number, "
+                          "study_description, referring_physician, referring_physician_key, study_id, "
+                          "character_set, updated_at", study_rows),
+              ("series", "pk, series_uid, study_pk, modality, series_number, series_description, body_part",
+               series_rows))
+    with psycopg.connect(url) as conn, conn.cursor() as cur:
+        cur.execute("SET session_replication_role = replica")
+        for table, columns, rows in tables:
+            with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        pk = 0
+        with cur.copy("COPY instances (pk, sop_instance_uid, series_pk, sop_class_uid, instance_number, "
+                      "transfer_syntax, size, sha256, blob_id, calling_ae, received_at) FROM STDIN") as copy:
+            for series_uid, series_pk, count in entries:
+                for number in range(1, count + 1):
+                    uid = instance_uid(series_uid, number)
+                    pk += 1
+                    copy.write_row((pk, uid, series_pk, CT_IMAGE, number, "1.2.840.10008.1.2.1", 40000, "0" * 64,
+                                    blob_id(uid), "BENCH", now))
+        for table in ("patients", "studies", "series", "instances"):
+            cur.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'pk'), (SELECT MAX(pk) FROM {table}))")
+    return Synthetic(sorted(names), ids, studies)
+
+
+def settle(url: str) -> int:
+    """What autovacuum would soon do after a fill (VACUUM: hint bits and the visibility map for
+    index-only scans; ANALYZE: statistics for the planner); the database's size in bytes."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+        return conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+
+
+def answers(index: Index, asked: dict[str, list[Dataset]]) -> dict[str, list[list[tuple]]]:
+    """Every query's rows as the C-FIND SCP reads them."""
+    with index.reader() as conn:
+        return {kind: [list(Query(STUDY_ROOT, identifier)._rows(conn, None, None)) for identifier in identifiers]
+                for kind, identifiers in asked.items()}
+
+
+def database_only(index: Index, asked: dict[str, list[Dataset]]) -> dict[str, tuple]:
+    """Each kind's queries as the C-FIND SCP runs them (`Query._rows`), all on one reader connection, without
+    the network or the encoding: p50 / p95 ms and mean matches. On PostgreSQL also what the plan cache did
+    with the statements psycopg prepared (after five runs): (generic plans, custom plans) per kind."""
+    results = {}
+    with index.reader() as conn:
+        for kind, identifiers in asked.items():
+            times, matches = [], []
+            for identifier in identifiers:
+                t0 = time.perf_counter()
+                rows = list(Query(STUDY_ROOT, identifier)._rows(conn, None, None))
+                times.append((time.perf_counter() - t0) * 1000)
+                matches.append(len(rows))
+            times.sort()
+            results[kind] = (statistics.median(times), times[int(len(times) * 0.95) - 1], statistics.mean(matches))
+        if not index.sqlite:
+            plans = conn.exec_driver_sql("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")
+            by_sql = {sql: (generic, custom) for sql, generic, custom in plans}
+            for kind, identifiers in asked.items():
+                sql = Query(STUDY_ROOT, identifiers[0]).sql_for(conn.dialect)
+                plan = [v for k, v in by_sql.items() if _same_shape(k, sql)]
+                results[kind] += (plan[0] if plan else "not prepared",)
+    return results
+
+
+def _same_shape(prepared: str, sql: str) -> bool:
+    """A statement as PostgreSQL holds it ($1) is this SQL (:p0)."""
+    return re.sub(r"\$\d+", "?", prepared) == re.sub(r":p\d+\b", "?", sql)
 
 
 def queries(data: Synthetic, count: int, seed: int = 11) -> dict[str, list[Dataset]]:
@@ -241,7 +367,8 @@ def _ms(stamp: str) -> float:
 
 
 def explain(index: Index, asked: dict[str, list[Dataset]]) -> None:
-    """Each kind's plan for its first query, with its values (PostgreSQL: as run, with timings)."""
+    """Each kind's plan for its first query, with its values (PostgreSQL: as run, with timings; then the
+    generic plan, which a statement psycopg has prepared may be given after its fifth run)."""
     with index.reader() as conn:
         for kind, identifiers in asked.items():
             query = Query(STUDY_ROOT, identifiers[0])
@@ -251,6 +378,36 @@ def explain(index: Index, asked: dict[str, list[Dataset]]) -> None:
             else:
                 plan = [row[0] for row in conn.execute(text("EXPLAIN (ANALYZE, BUFFERS) " + sql), query.params)]
             print(f"\n{kind} ({', '.join(f'{k}={v!r}' for k, v in query.params.items())}):\n    " + "\n    ".join(plan))
+            if not index.sqlite:
+                print("  generic plan:\n    " + "\n    ".join(generic_plan(conn, query)))
+
+
+def generic_plan(conn, query: Query) -> list[str]:
+    """The plan PostgreSQL gives the query prepared, for any values (`plan_cache_mode = force_generic_plan`),
+    run with the query's values: PREPARE, then EXPLAIN EXECUTE (an EXPLAIN prepared by the driver is planned
+    with its values)."""
+    from psycopg import sql as pgsql
+
+    statement = query.sql_for(conn.dialect)
+    names = list(dict.fromkeys(re.findall(r":(p\d+)\b", statement)))      # those this dialect's SQL uses
+    statement = re.sub(r":(p\d+)\b", lambda m: f"${names.index(m.group(1)) + 1}", statement)
+    raw = conn.connection.dbapi_connection
+    with raw.cursor() as cursor:
+        cursor.execute("PREPARE m3qbench_generic AS " + statement.replace("%", "%%"))
+        try:
+            cursor.execute("SET plan_cache_mode = force_generic_plan")
+            cursor.execute(pgsql.SQL("EXPLAIN (ANALYZE, BUFFERS) EXECUTE m3qbench_generic ({})").format(
+                pgsql.SQL(", ").join(pgsql.Literal(query.params[n]) for n in names)))
+            return [row[0] for row in cursor.fetchall()]
+        finally:
+            cursor.execute("RESET plan_cache_mode")
+            cursor.execute("DEALLOCATE m3qbench_generic")
+
+
+# the private cluster's settings (--postgresql): a small production server's (16 GB of memory); max_wal_size
+# so that a fill of millions of rows is not one checkpoint after another
+TUNED = (("shared_buffers", "1GB"), ("work_mem", "16MB"), ("effective_cache_size", "8GB"),
+         ("random_page_cost", "1.1"), ("max_wal_size", "4GB"))
 
 
 class Databases:
@@ -281,7 +438,9 @@ def node(work: Path, pki: Path, data_dir: Path, index_url: str = "") -> tuple[su
                       "[viewer]\nenabled = false\n")
     proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=open(work / "m3.log", "ab"))
-    wait_port(port)
+    t0 = time.perf_counter()
+    wait_port(port, timeout=600)            # at start the node reads every blob id of the index (recover)
+    print(f"the node listened after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return proc, port
 
 
@@ -304,7 +463,7 @@ def orthanc_filled(work: Path, pki: Path, size: int) -> tuple[subprocess.Popen, 
             ds.PatientID, ds.PatientName, ds.StudyInstanceUID = pid, name, study["uid"]
             ds.StudyDate, ds.StudyTime, ds.AccessionNumber = study["date"], study["time"], study["accession"]
             ds.SeriesInstanceUID, ds.SeriesNumber, ds.Modality, ds.InstanceNumber = series_uid, number, modality, i + 1
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = instance_uid(series_uid, i + 1)
             ds.save_as(files / f"{n:07d}.dcm", enforce_file_format=True)
             n += 1
     port = free_port()
@@ -342,18 +501,77 @@ def measure(name: str, proc: subprocess.Popen, port: int, aec: str, pki: Path, d
     return rows
 
 
+def private_cluster():
+    """A PostgreSQL cluster of the bench's own (tests/pgcluster.py), restarted with `TUNED`."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pgcluster import Cluster
+
+    cluster = Cluster().start()
+    os.environ.update(cluster.env)          # the pass file, for this process and the node it starts
+    cluster._run("pg_ctl", "-D", str(cluster.data), "-m", "fast", "-w", "stop")
+    options = (f"-c listen_addresses=127.0.0.1 -c port={cluster.port} -c unix_socket_directories={cluster.base} "
+               "-c max_connections=200 -c log_min_messages=warning " + " ".join(f"-c {k}={v}" for k, v in TUNED))
+    cluster._run("pg_ctl", "-D", str(cluster.data), "-o", options, "-l", str(cluster.base / "server.log"), "-w",
+                 "-t", "60", "start")
+    return cluster
+
+
+def compare_fills(databases: Databases, size: int, count: int) -> None:
+    """`size` instances filled through the write API and by COPY: the same answers to the same queries."""
+    results = []
+    for way in ("api", "copy"):
+        url = databases.create(f"m3qbench_{way}_{size}")
+        t0 = time.perf_counter()
+        if way == "api":
+            index = Index(url)
+            data = fill(index, size)
+            index.close()
+        else:
+            data = copy_fill(url, size)
+        settle(url)
+        print(f"{way}: filled {size} instances in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        index = Index(url)
+        results.append((data, answers(index, queries(data, count))))
+        with index.reader() as conn:
+            results[-1] += (tuple(conn.exec_driver_sql(          # every column but the fill's time
+                f"SELECT COUNT(*), md5(string_agg((to_jsonb(t) - 'updated_at' - 'received_at')::text, ',' "
+                f"ORDER BY pk)) FROM {table} t").one() for table in ("patients", "studies", "series", "instances")),)
+        index.close()
+        databases.drop(f"m3qbench_{way}_{size}")
+    (api_data, api, api_counts), (copy_data, copy, copy_counts) = results
+    rows = sum(len(r) for kind in api.values() for r in kind)
+    same = api_data == copy_data and api == copy and api_counts == copy_counts
+    print(f"{'same' if same else 'DIFFERENT'}: {sum(map(len, api.values()))} queries, {rows} matching rows; "
+          f"(rows, md5) of patients, studies, series, instances: {api_counts} / {copy_counts}")
+    if not same:
+        raise SystemExit(1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--no-orthanc", action="store_true")
-    ap.add_argument("--index-url", default="", help="a PostgreSQL server for the index (see above)")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--index-url", default="", help="a PostgreSQL server for the index (see above)")
+    where.add_argument("--postgresql", action="store_true", help="the index on a private PostgreSQL cluster")
+    ap.add_argument("--fill", choices=("api", "copy"), help="how (default: copy on PostgreSQL, else api)")
+    ap.add_argument("--compare-fills", action="store_true",
+                    help="fill each size both ways, compare the answers (PostgreSQL), and stop")
     ap.add_argument("--explain", action="store_true", help="print each kind's query plan")
     args = ap.parse_args(argv)
-    databases = Databases(args.index_url) if args.index_url else None
+    cluster = private_cluster() if args.postgresql else None
+    index_url = cluster.url() if cluster else args.index_url
+    databases = Databases(index_url) if index_url else None
+    if (args.fill == "copy" or args.compare_fills) and not databases:
+        ap.error("--fill copy and --compare-fills need PostgreSQL (--postgresql or --index-url)")
     work = Path(tempfile.mkdtemp(prefix="m3qbench-"))
     rows = []
     try:
+        if args.compare_fills:
+            for size in map(int, args.sizes.split(",")):
+                compare_fills(databases, size, args.queries)
+            return 0
         pki = work / "pki"
         subprocess.run([sys.executable, "-m", "node.cli", "certs", "init", "--dir", str(pki)], cwd=ROOT,
                        check=True, capture_output=True)
@@ -362,14 +580,26 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             data_dir.mkdir(mode=0o700, parents=True)
             url = databases.create(f"m3qbench_{size}") if databases else ""
+            if url and args.fill != "api":
+                data = copy_fill(url, size)
+            else:
+                index = Index(url or data_dir / "index.sqlite3")
+                data = fill(index, size)
+                index.close()
+            filled = time.perf_counter() - t0
+            if url:
+                size_on_disk = settle(url)
+                print(f"filled {size} instances in {filled:.0f} s (VACUUM ANALYZE: "
+                      f"{time.perf_counter() - t0 - filled:.0f} s); database size {size_on_disk / 2**20:,.0f} MiB",
+                      file=sys.stderr)
+            else:
+                print(f"filled {size} instances in {filled:.0f} s", file=sys.stderr)
             index = Index(url or data_dir / "index.sqlite3")
-            data = fill(index, size)
-            if not index.sqlite:
-                with index.write() as conn:         # as autovacuum would soon: statistics for the planner
-                    conn.exec_driver_sql("ANALYZE")
-            print(f"filled {size} instances in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             if args.explain:
                 explain(index, queries(data, 1))
+            for kind, result in database_only(index, queries(data, args.queries)).items():
+                print(f"database only, {kind}: {result[0]:.1f} / {result[1]:.1f} ms ({result[2]:.0f})"
+                      + (f"; (generic, custom) plans: {result[3]}" if len(result) > 3 else ""), file=sys.stderr)
             index.close()
             proc, port = node(work, pki, data_dir, url)
             engine = "PostgreSQL" if url else "SQLite"
@@ -389,6 +619,8 @@ def main(argv=None) -> int:
             print(f"| {name} | {client} | " + " | ".join(
                 f"{results[k][0]:.1f} / {results[k][1]:.1f} ({results[k][2]:.0f})" for k in kinds) + " |")
     finally:
+        if cluster:
+            cluster.stop()
         for log in work.glob("*.log"):
             shutil.copy(log, Path(tempfile.gettempdir()) / f"qbench-{log.name}")
         shutil.rmtree(work, ignore_errors=True)

@@ -415,6 +415,24 @@ def test_selective_queries_use_an_index(filled, keys, index, pg_index):
     assert re.search(rf"(Index Scan using|Index Only Scan using|Bitmap Index Scan on) {pg_index}\b", plan), plan
 
 
+
+def test_c_find_statements_are_planned_for_their_values(filled):
+    """PostgreSQL: a C-FIND statement is never prepared on the server (psycopg prepares one after five runs
+    on a connection): prepared, it may be given a generic plan for good, and the generic plan of a prefix
+    (`LIKE $1`) cannot use the text_pattern_ops index: it reads every patient."""
+    archive, _ = filled
+    if archive.index.sqlite:
+        pytest.skip("PostgreSQL's plan cache")
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.PatientName = "SMI*"
+    with archive.index.reader() as conn:
+        for _ in range(8):
+            assert list(Query(STUDY_ROOT, identifier).run(conn))
+        prepared = conn.execute(text("SELECT statement FROM pg_prepared_statements "
+                                     "WHERE statement LIKE '%patient_name_key LIKE%'")).fetchall()
+    assert prepared == []
+
 def test_a_query_past_its_time_limit_ends_with_a_timeout(tmp_path, index_url):
     """Every match is fetched within `timeout` seconds of work in the database, or none is answered
     (C-FIND: 0xA700), on both engines; a generous limit answers them all."""
