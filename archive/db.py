@@ -313,6 +313,25 @@ class Prepared:
         return compiled.string, names
 
 
+class RoundFailures:
+    """How a service loop (the offloader, the router) logs a failed round: a database error as the
+    driver's one line, said again at most once a minute while it stays the same (an index that is down
+    fails every round); anything else with its traceback."""
+
+    def __init__(self, logger: logging.Logger, what: str, every: float = 60.0):
+        self.log, self.what, self.every = logger, what, every
+        self._said, self._said_at = "", 0.0
+
+    def __call__(self, exc: BaseException) -> None:
+        if not isinstance(exc, sa.exc.DBAPIError):
+            self.log.error("%s failed", self.what, exc_info=exc)
+            return
+        said, now = brief(exc), time.monotonic()
+        if said != self._said or now - self._said_at > self.every:
+            self.log.error("%s failed: the index: %s", self.what, said)
+            self._said, self._said_at = said, now
+
+
 # -- migrations: Alembic, one version folder and version table per owner ------------------------------
 
 _ENV = Path(__file__).with_name("alembic")

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 
 from . import db
 from .changes import consume, position
@@ -75,6 +74,7 @@ class Offloader:
         self.remote: S3Storage = archive.remote
         self.node = archive.node
         self.cursor = f"{CURSOR}:{self.node}"
+        self._failed = db.RoundFailures(log, "offload round")
         self.shared = not archive.index.sqlite     # PostgreSQL: other nodes may share the index and the bucket
         self._pool = ThreadPoolExecutor(policy.concurrency, thread_name_prefix="offload")
         self._leftovers = True     # incomplete multipart uploads may be waiting to be aborted
@@ -105,17 +105,6 @@ class Offloader:
                 busy = False
             if not busy:
                 stop.wait(idle)
-
-    def _failed(self, exc: Exception) -> None:
-        """A failed round in the log: the database's one line, said again at most once a minute while the
-        same (an index that is down is retried every round); anything else with its traceback."""
-        if not isinstance(exc, DBAPIError):
-            log.exception("offload round failed")
-            return
-        said, now = db.brief(exc), time.monotonic()
-        if said != getattr(self, "_said", None) or now - getattr(self, "_said_at", 0.0) > 60:
-            log.error("offload round failed: the index: %s", said)
-            self._said, self._said_at = said, now
 
     def step(self) -> bool:
         """One round; True when there was work (call again soon)."""
@@ -368,17 +357,24 @@ class Status:
     last_error: str | None
 
 
-def status(index) -> Status:
-    """Counts by state, the oldest pending item and the last error (for `m3dicom status`)."""
+def status(index, node: str | None = None) -> Status:
+    """Counts by state, the oldest pending item and the last error (for `m3dicom status`): of one node's
+    offloader when `node` is given (nodes sharing an index), else of all."""
+    mine = "" if node is None else " AND node = :node"
+    params = {"node": node}
     with index.reader() as conn:
-        counts = {row[0]: row[1] for row in conn.execute(text("SELECT state, COUNT(*) FROM offload GROUP BY state"))}
-        retrying = conn.execute(text("SELECT COUNT(*) FROM offload WHERE state = 'pending' AND attempts > 0")).scalar()
-        evicted = conn.execute(text("SELECT COUNT(*) FROM offload WHERE evicted_at IS NOT NULL")).scalar()
-        local = conn.execute(text("SELECT COALESCE(SUM(stored_size), 0) FROM offload "
-                                  "WHERE evicted_at IS NULL")).scalar()
-        oldest = conn.execute(text("SELECT MIN(queued_at) FROM offload WHERE state = 'pending'")).scalar()
-        error = conn.execute(text("SELECT last_error FROM offload WHERE last_error IS NOT NULL "
-                                  "ORDER BY (state = 'failed') DESC, next_try DESC LIMIT 1")).fetchall()
+        counts = {row[0]: row[1] for row in conn.execute(
+            text(f"SELECT state, COUNT(*) FROM offload WHERE 1 = 1{mine} GROUP BY state"), params)}
+        retrying = conn.execute(text(f"SELECT COUNT(*) FROM offload WHERE state = 'pending' AND attempts > 0{mine}"),
+                                params).scalar()
+        evicted = conn.execute(text(f"SELECT COUNT(*) FROM offload WHERE evicted_at IS NOT NULL{mine}"),
+                               params).scalar()
+        local = conn.execute(text(f"SELECT COALESCE(SUM(stored_size), 0) FROM offload WHERE evicted_at IS NULL{mine}"),
+                             params).scalar()
+        oldest = conn.execute(text(f"SELECT MIN(queued_at) FROM offload WHERE state = 'pending'{mine}"),
+                              params).scalar()
+        error = conn.execute(text(f"SELECT last_error FROM offload WHERE last_error IS NOT NULL{mine} "
+                                  "ORDER BY (state = 'failed') DESC, next_try DESC LIMIT 1"), params).fetchall()
     return Status(counts.get("pending", 0), retrying, counts.get("offloaded", 0), counts.get("failed", 0),
-                  counts.get("remove", 0), evicted, local, oldest, error[0][0] if error else None)
+                  counts.get("remove", 0), evicted, int(local), oldest, error[0][0] if error else None)
 

@@ -105,7 +105,10 @@ def cmd_status(args) -> int:
     index = open_index(config)
     try:
         held = archive_status.counts(index)
-        print(f"data directory: {config.data_dir}")
+        shared = bool(config.index.url)
+        print(f"node: {config.node.name}, data directory: {config.data_dir}")
+        print("index: " + (f"shared, {config.index.url} (every node's studies, jobs and users)" if shared
+                           else "SQLite in the data directory"))
         print(f"archive: {held.instances} instances in {held.studies} studies")
         c = index.integrity()   # instances that disagreed with the index (ingest.on_conflict)
         held = f" ({c['in_quarantine']} still held)" if c["in_quarantine"] != c["quarantined"] else ""
@@ -123,8 +126,9 @@ def cmd_status(args) -> int:
         if config.storage.backend != "s3":
             print("offload: off (storage.backend = \"local\")")
             return 0
-        s = status(index)
-        print(f"offload to s3://{config.storage.s3.bucket}/{config.storage.s3.prefix}:")
+        s = status(index, config.node.name if shared else None)
+        print(f"offload to s3://{config.storage.s3.bucket}/{config.storage.s3.prefix}"
+              + (f" (what this node, {config.node.name}, received):" if shared else ":"))
         print(f"  pending   {s.pending}" + (f" ({s.retrying} waiting to retry)" if s.retrying else ""))
         print(f"  offloaded {s.offloaded} ({s.evicted} evicted from the local cache)")
         print(f"  failed    {s.failed}")
@@ -193,7 +197,8 @@ def cmd_keys_rotate(args) -> int:
 
     from .owners import open_archive
 
-    archive = open_archive(_config(args))
+    config = _config(args)
+    archive = open_archive(config)
     try:
         total = sum(map(len, work(archive)))
         with tqdm(total=total, unit="blob", disable=args.quiet or None) as bar:
@@ -202,6 +207,10 @@ def cmd_keys_rotate(args) -> int:
         archive.close()
     print(f"new key-encryption key {report.key_id}: re-wrapped {report.local} local blobs and "
           f"{report.remote} objects in S3 ({report.unchanged} already current, {len(report.failed)} failed)")
+    if config.index.url and not config.crypto.kms_key_id:
+        print(f"nodes share this index: copy the new key file {config.data_dir / 'keys'}/{report.key_id}.kek "
+              "(0600) into every other node's data_dir/keys now; until then they cannot read what was re-wrapped "
+              "(they pick it up without a restart)")
     for blob_id, why in report.failed:
         print(f"failed  {blob_id}: {why}", file=sys.stderr)
     return 1 if report.failed else 0
@@ -601,8 +610,10 @@ def _index_error(exc: Exception) -> str | None:
         return (f"the index was made by a newer version of m3dicom ({exc}): run this node's newer version, or "
                 "restore the index of this version")
     if isinstance(exc, DBAPIError):
-        return (f"cannot use the index: {brief(exc)} (index.url; the password comes from PGPASSWORD, the "
-                "pass file PGPASSFILE names, or a service file)")
+        said = brief(exc)
+        hint = ("; the password comes from PGPASSWORD, the pass file PGPASSFILE names, or a service file"
+                if "password" in said or "authentication" in said else "")
+        return f"cannot use the index: {said} (index.url{hint})"
     return None
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from archive import Archive
 from archive.changes import consume
+from archive.db import RoundFailures
 from archive.index import Index
 from archive.inputs import input_series, series_changed, study_series
 from gpu_workers.plugin import ParamError, Plugin, PluginError, check_params, discover
@@ -107,6 +108,7 @@ class Router:
         self.name = name or holder(config)          # on this router's leases
         self.lease = config.router.lease_seconds
         self._took_back = False
+        self._failed = RoundFailures(log, "router round")
         self.plugins = load_plugins(config)
         self.rules = compile_rules(config.router.rules)
         self.executor = executor or Executor(config)
@@ -127,8 +129,8 @@ class Router:
         while not stop.is_set():
             try:
                 self.step()
-            except Exception:
-                log.exception("router round failed")
+            except Exception as exc:
+                self._failed(exc)
             self._wake.wait(max(0.0, min(idle, self._next_due - self.clock())))
             self._wake.clear()
 

@@ -1,6 +1,7 @@
 """Every owner of tables migrates the index the node opens (node/owners.py), on SQLite and PostgreSQL."""
 from __future__ import annotations
 
+import re
 import secrets
 
 import sqlalchemy as sa
@@ -17,7 +18,7 @@ def test_every_owner_migrates_the_index(tmp_path, index_url):
         owners.migrate(index)                           # nothing twice
         tables = set(sa.inspect(index.engines.writer).get_table_names())
         assert {"commitments", "users", "audit", "jobs"} <= tables
-        for owner, revision in (("archive", "archive_0003"), ("scp", "scp_0001"), ("viewer", "viewer_0001")):
+        for owner, revision in (("archive", "archive_0004"), ("scp", "scp_0001"), ("viewer", "viewer_0001")):
             assert [r[0] for r in index.read(sa.text(f"SELECT version_num FROM alembic_version_{owner}"))] == [revision]
     finally:
         index.close()
@@ -36,6 +37,12 @@ def test_a_node_on_postgresql_starts_and_stores(make_node, pg_cluster, moto):
         assert not (node.data_dir / "index.sqlite3").exists()
     finally:
         index.close()
+    # `m3dicom status` on PostgreSQL (its sums are Decimals there: the local cache's size failed to print)
+    said = node.cli("status").stdout
+    name = node.settings["node"]["name"] if "name" in node.settings.get("node", {}) else None
+    assert "index: shared, postgresql://" in said and "archive: 1 instances in 1 studies" in said, said
+    assert re.search(r"offload to s3://\S+ \(what this node, \S+, received\):", said), said
+    assert "local cache: " in said and (name is None or f"node: {name}" in said)
 
 
 def test_an_index_that_cannot_be_reached_is_one_line_not_a_traceback(tmp_path, capsys, pg_cluster):
