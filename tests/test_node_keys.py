@@ -97,7 +97,7 @@ def test_a_node_with_another_key_is_refused_at_start(tmp_path, make_node, pg_clu
     said = " ".join(str(refused.value).split())
     assert "this node's keys cannot unwrap what the other nodes on its index wrap" in said
     assert f"copy the *.kek files of data_dir/keys of a node that runs on this index into {b.data_dir / 'keys'}" \
-        in said and "crypto.kms_key_id" in said
+        in said and "after `m3dicom keys rotate` on one node, copy its new key file to the others" in said
     b.stop()
     for own in (b.data_dir / "keys").glob("*.kek"):            # B's own key, made at its first start, leaves
         own.unlink()
@@ -132,6 +132,27 @@ def test_a_node_that_would_wrap_with_a_key_of_its_own_is_refused(tmp_path, pg_cl
     finally:
         a.close()
         b.close()
+
+
+def test_with_kms_a_node_without_the_kms_key_is_refused(tmp_path, pg_cluster, moto):
+    """With crypto.kms_key_id the secret is wrapped by KMS: the nodes' key files may differ, their KMS key not."""
+    from archive.crypto import KmsKeyring
+
+    url = pg_cluster.create_database("kms_key")
+    arn = moto.client("kms").create_key()["KeyMetadata"]["Arn"]
+    a = Archive(tmp_path / "a" / "var", index_url=url, kms=KmsKeyring(moto.client("kms"), arn))
+    owners.migrate(a.index)
+    b = Archive(tmp_path / "b" / "var", index_url=url, kms=KmsKeyring(moto.client("kms"), arn))   # its own key file
+    c = Archive(tmp_path / "c" / "var", index_url=url)                                            # no KMS
+    try:
+        secret = accounts.shared_secret(a.index, a.keyring, a.data_dir)
+        assert a.index.read(text("SELECT key_id FROM viewer_secret"))[0][0] == f"kms:{arn}"
+        assert accounts.shared_secret(b.index, b.keyring, b.data_dir) == secret
+        with pytest.raises(accounts.KeysDiffer, match=f"use AWS KMS: set crypto.kms_key_id to {arn}"):
+            accounts.shared_secret(c.index, c.keyring, c.data_dir)
+    finally:
+        for archive in (a, b, c):
+            archive.close()
 
 
 async def test_a_single_nodes_viewer_secret_is_adopted_and_old_links_keep_working(tmp_path, aiohttp_client):

@@ -31,7 +31,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from archive import db
-from archive.crypto import IntegrityError, Keyring
+from archive.crypto import KMS_PREFIX, IntegrityError, Keyring
 from archive.index import Index
 
 log = logging.getLogger(__name__)
@@ -420,36 +420,38 @@ def shared_secret(index: Index, keyring: Keyring, data_dir: Path) -> bytes:
         with index.write() as conn:
             conn.execute(_ADD_SECRET, {"name": SECRET_NAME, "key_id": key_id, "wrapped": wrapped, "now": time.time()})
         row = index.read(_SECRET, {"name": SECRET_NAME})      # another node's, when it wrote first
-        if adopted:
-            log.info("viewer: %s adopted as the share links' secret in the index (it may be deleted)", old)
     key_id, wrapped = row[0].key_id, bytes(row[0].wrapped)
-    keys = data_dir / "keys"
     try:
         secret = keyring.unwrap(key_id, wrapped)
     except IntegrityError as exc:
-        raise KeysDiffer(
-            f"this node's keys cannot unwrap what the other nodes on its index wrap (the share links' secret, "
-            f"wrapped by {key_id}: {exc}). {_SAME_KEYS.format(keys=keys, key_id=key_id)}") from None
+        raise KeysDiffer(f"this node's keys cannot unwrap what the other nodes on its index wrap (the share links' "
+                         f"secret, wrapped by {key_id}: {exc}). {_same_keys(data_dir, key_id)}") from None
     current = keyring.remote.current_key_id()
     if current != key_id:
         if not index.sqlite:
             raise KeysDiffer(
                 f"this node would wrap data keys with {current}, but the nodes on its index use {key_id}: the "
-                f"others could not read what it offloads. {_SAME_KEYS.format(keys=keys, key_id=key_id)}; a key "
-                f"file only this node has must leave {keys} (keep it elsewhere if blobs of this node use it). "
-                "After `m3dicom keys rotate` (or a new crypto.kms_key_id) on one node, copy its new key file "
-                "to the others (or set the same crypto.kms_key_id there)")
+                f"others could not read what it offloads. {_same_keys(data_dir, key_id)}; a key file only this "
+                f"node has must leave {data_dir / 'keys'} (keep it elsewhere if blobs of this node use it)")
         rewrap_secret(index, keyring)
     old = data_dir / "keys" / "viewer.secret"
-    if old.is_file() and old.read_bytes() != secret:
-        log.warning("viewer: %s is not the share links' secret of this index: links made with it no longer "
-                    "open (delete the file to silence this)", old)
+    if old.is_file():
+        if old.read_bytes() == secret:
+            log.info("viewer: the share links' secret is in the index: %s is no longer read (delete it)", old)
+        else:
+            log.warning("viewer: %s is not the share links' secret of this index: links made with it no longer "
+                        "open (delete the file)", old)
     return secret
 
 
-_SAME_KEYS = ("Nodes on one index share their key-encryption key: stop this node and copy the *.kek files of "
-              "data_dir/keys of a node that runs on this index into {keys} (mode 0600), or, when the others "
-              "use AWS KMS ({key_id} starts with kms:), set crypto.kms_key_id to that key")
+def _same_keys(data_dir: Path, key_id: str) -> str:
+    """What the operator of a node whose keys are not the others' does."""
+    if key_id.startswith(KMS_PREFIX):
+        return (f"The nodes on this index use AWS KMS: set crypto.kms_key_id to {key_id.removeprefix(KMS_PREFIX)} "
+                "(and let this node use it: kms:Encrypt, kms:Decrypt, kms:GenerateDataKey, kms:DescribeKey)")
+    return ("Nodes on one index share their key-encryption key: stop this node and copy the *.kek files of "
+            f"data_dir/keys of a node that runs on this index into {data_dir / 'keys'} (mode 0600); after "
+            "`m3dicom keys rotate` on one node, copy its new key file to the others")
 
 
 def rewrap_secret(index: Index, keyring: Keyring) -> bool:
