@@ -38,9 +38,13 @@ def work(archive: Archive) -> tuple[list[str], list[str]]:
     return local, remote
 
 
-def rotate(archive: Archive, progress: Callable[[int], None] = lambda n: None) -> Rotation:
+def rotate(archive: Archive, progress: Callable[[int], None] = lambda n: None,
+           new_key: Callable[[], None] = lambda: None) -> Rotation:
+    """`new_key()` runs once the new key is current, before any blob is re-wrapped: what else the node
+    wraps for the other nodes of its index (the viewer's shared secret) follows the new key at once."""
     local_ids, remote_ids = work(archive)
     new = archive.keyring.local.add_new()
+    new_key()
     report = Rotation(new.key_id)
     for blob_id in local_ids:
         try:

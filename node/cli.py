@@ -194,6 +194,7 @@ def cmd_keys_rotate(args) -> int:
     from tqdm import tqdm
 
     from archive.keys import rotate, work
+    from viewer.accounts import rewrap_secret
 
     from .owners import open_archive
 
@@ -202,7 +203,7 @@ def cmd_keys_rotate(args) -> int:
     try:
         total = sum(map(len, work(archive)))
         with tqdm(total=total, unit="blob", disable=args.quiet or None) as bar:
-            report = rotate(archive, progress=bar.update)
+            report = rotate(archive, progress=bar.update, new_key=lambda: rewrap_secret(archive.index, archive.keyring))
     finally:
         archive.close()
     print(f"new key-encryption key {report.key_id}: re-wrapped {report.local} local blobs and "

@@ -10,6 +10,7 @@ import threading
 
 from archive import nodes, open as open_archive, open_index
 from scp.tls import server_context
+from viewer import accounts as viewer_accounts
 
 from . import lock, receivers
 from .config import Config
@@ -122,6 +123,8 @@ def _serve(config: Config, ready) -> None:
     archive = open_migrated(config)   # every owner's tables made or brought up to date, before any child starts
     try:   # a name another running node uses stops the start here, before anything is touched
         nodes.register(archive.index, config.node.name, config.data_dir, socket.gethostname())
+        # and so do keys that are not the other nodes' (the shared secret made or adopted at the first start)
+        viewer_accounts.shared_secret(archive.index, archive.keyring, config.data_dir)
     except BaseException:
         archive.close()
         raise

@@ -7,9 +7,11 @@
   (doubling, up to 8 s) and is the same whatever was wrong. Attempts in flight are counted
   too (logins.py): parallel attempts are checked one after another, each after its delay.
 - Share links: a random id and its expiry, signed (HMAC-SHA256) with the viewer's secret,
-  kept in the index so they can be revoked; a share session sees one study, read-only.
+  kept in the index so they can be revoked; a share session sees one study, read-only. The
+  secret is in the index too, wrapped by the node's keys (`shared_secret`): every node of an
+  index signs and checks links alike, and the index alone signs none.
 
-These tables (users, sessions, login_failures, share_links, audit) are the viewer's own: its Alembic
+These tables (users, sessions, login_failures, share_links, audit, viewer_secret) are the viewer's own: its Alembic
 revisions (viewer/migrations/, applied by `migrate(index)`) make them, on SQLite or PostgreSQL, and no
 other package reads them.
 """
@@ -19,7 +21,7 @@ import base64
 import functools
 import hashlib
 import hmac
-import os
+import logging
 import re
 import secrets
 import time
@@ -29,8 +31,10 @@ from pathlib import Path
 from sqlalchemy import text
 
 from archive import db
+from archive.crypto import KMS_PREFIX, IntegrityError, Keyring
 from archive.index import Index
 
+log = logging.getLogger(__name__)
 ROLES = ("clinician", "admin")
 _NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1
@@ -385,16 +389,81 @@ def audit_many(index: Index, who: str | None, action: str, records: list[tuple[s
                               for outcome, study_uid, detail in records])
 
 
-def secret_key(data_dir) -> bytes:
-    """The viewer's signing secret: a 0600 file in the data directory, made once."""
-    path = data_dir / "keys" / "viewer.secret"
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+class KeysDiffer(RuntimeError):
+    """This node's key-encryption keys are not those of the other nodes on its index."""
+
+
+SECRET_NAME = "share-links"
+_SECRET = text("SELECT key_id, wrapped FROM viewer_secret WHERE name = :name")
+_ADD_SECRET = text("INSERT INTO viewer_secret (name, key_id, wrapped, created_at, wrapped_at) "
+                   "VALUES (:name, :key_id, :wrapped, :now, :now) ON CONFLICT (name) DO NOTHING")
+_REWRAP_SECRET = text("UPDATE viewer_secret SET key_id = :key_id, wrapped = :wrapped, wrapped_at = :now "
+                      "WHERE name = :name AND key_id = :old")
+
+
+def shared_secret(index: Index, keyring: Keyring, data_dir: Path) -> bytes:
+    """The share links' signing secret, the same on every node of the index.
+
+    It is kept in the index wrapped like the data key of an object in S3 (`keyring.remote`: KMS when
+    set, else the local key-encryption key): the first node to start writes it, adopting its
+    `keys/viewer.secret` when it has one (links made before stay valid); every node unwraps it here.
+    That is also the check that this node's keys are the others': on a shared index a node that cannot
+    unwrap it, or would wrap with another key, is refused (`KeysDiffer`), before it writes anything
+    the others cannot read. A single node (SQLite) re-wraps it with its current key instead.
+    """
+    row = index.read(_SECRET, {"name": SECRET_NAME})
+    if not row:
+        old = data_dir / "keys" / "viewer.secret"
+        adopted = old.is_file() and len(old.read_bytes()) == 32
+        secret = old.read_bytes() if adopted else secrets.token_bytes(32)
+        key_id, wrapped = keyring.remote.wrap(secret)
+        with index.write() as conn:
+            conn.execute(_ADD_SECRET, {"name": SECRET_NAME, "key_id": key_id, "wrapped": wrapped, "now": time.time()})
+        row = index.read(_SECRET, {"name": SECRET_NAME})      # another node's, when it wrote first
+    key_id, wrapped = row[0].key_id, bytes(row[0].wrapped)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(secrets.token_bytes(32))
-        fh.flush()
-        os.fsync(fh.fileno())
-    return path.read_bytes()
+        secret = keyring.unwrap(key_id, wrapped)
+    except IntegrityError as exc:
+        raise KeysDiffer(f"this node's keys cannot unwrap what the other nodes on its index wrap (the share links' "
+                         f"secret, wrapped by {key_id}: {exc}). {_same_keys(data_dir, key_id)}") from None
+    current = keyring.remote.current_key_id()
+    if current != key_id:
+        if not index.sqlite:
+            raise KeysDiffer(
+                f"this node would wrap data keys with {current}, but the nodes on its index use {key_id}: the "
+                f"others could not read what it offloads. {_same_keys(data_dir, key_id)}; a key file only this "
+                f"node has must leave {data_dir / 'keys'} (keep it elsewhere if blobs of this node use it)")
+        rewrap_secret(index, keyring)
+    old = data_dir / "keys" / "viewer.secret"
+    if old.is_file():
+        if old.read_bytes() == secret:
+            log.info("viewer: the share links' secret is in the index: %s is no longer read (delete it)", old)
+        else:
+            log.warning("viewer: %s is not the share links' secret of this index: links made with it no longer "
+                        "open (delete the file)", old)
+    return secret
+
+
+def _same_keys(data_dir: Path, key_id: str) -> str:
+    """What the operator of a node whose keys are not the others' does."""
+    if key_id.startswith(KMS_PREFIX):
+        return (f"The nodes on this index use AWS KMS: set crypto.kms_key_id to {key_id.removeprefix(KMS_PREFIX)} "
+                "(and let this node use it: kms:Encrypt, kms:Decrypt, kms:GenerateDataKey, kms:DescribeKey)")
+    return ("Nodes on one index share their key-encryption key: stop this node and copy the *.kek files of "
+            f"data_dir/keys of a node that runs on this index into {data_dir / 'keys'} (mode 0600); after "
+            "`m3dicom keys rotate` on one node, copy its new key file to the others")
+
+
+def rewrap_secret(index: Index, keyring: Keyring) -> bool:
+    """Wrap the shared secret with this node's current key (`m3dicom keys rotate`); False: nothing to do."""
+    row = index.read(_SECRET, {"name": SECRET_NAME})
+    if not row:
+        return False
+    old, current = row[0].key_id, keyring.remote.current_key_id()
+    if old == current:
+        return False
+    key_id, wrapped = keyring.remote.wrap(keyring.unwrap(old, bytes(row[0].wrapped)))
+    with index.write() as conn:
+        changed = conn.execute(_REWRAP_SECRET, {"name": SECRET_NAME, "key_id": key_id, "wrapped": wrapped,
+                                                "now": time.time(), "old": old}).rowcount
+    return bool(changed)

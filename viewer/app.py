@@ -194,7 +194,7 @@ def create_app(config: Settings, archive: Archive | None = None, clock=time.time
         app[ARCHIVE] = opened
         app[IMAGES] = Images(opened, config.viewer.image_cache_mb, config.viewer.decode_memory_mb)
         app[PLUGINS] = discover(config.router.plugins)
-        app[SECRET] = accounts.secret_key(config.data_dir)
+        app[SECRET] = accounts.shared_secret(opened.index, opened.keyring, config.data_dir)
         app[EVENTS] = events.Broker(opened.index, config.viewer.max_event_streams,
                                     config.viewer.max_event_streams_per_address)
         yield
