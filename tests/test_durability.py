@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from helpers import data_file, dataset_sha256, wait_for
+from helpers import MotoServer, data_file, dataset_sha256, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.interop]
 
@@ -43,10 +43,17 @@ def check_consistent(node) -> dict[str, str]:
     return rows
 
 
-def test_kill_9_during_transfer_loses_nothing_acknowledged(make_node, tmp_path, index_url):
+def test_kill_9_during_transfer_loses_nothing_acknowledged(make_node, tmp_path, index_url, request):
     """On SQLite and on PostgreSQL: what the node acknowledged is in the index and its blob intact."""
     files = make_copies(tmp_path / "study", 1000)
-    node = make_node(**({"index": {"url": index_url}} if index_url else {}))
+    if index_url:           # a shared index: blobs are kept locally and offloaded to S3 (moto)
+        moto = request.getfixturevalue("moto")
+        node = make_node(start=False, index={"url": index_url},
+                         storage={"backend": "s3", "s3": {"bucket": moto.new_bucket(), "endpoint_url": moto.url}})
+        node.env.update(MotoServer.CREDENTIALS)
+        node.start()
+    else:
+        node = make_node()
     sender = subprocess.Popen(["storescu", "-v", *node.tls_args(), "-aec", "M3DICOM", "127.0.0.1",
                                str(node.port), *map(str, files)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "TCP_NODELAY": "1"})
