@@ -169,7 +169,8 @@ class M3dicom(Receiver):
                           f'private_key = "{self.pki}/server.key"\nca_certificates = "{self.pki}/ca.pem"\n'
                           f'max_associations = 64\nreceivers = {self.receivers}\n[log]\nlevel = "WARNING"\n'
                           + extra
-                          + ("[router]\nenabled = false\n[viewer]\nenabled = false\n" if self.bare else ""))
+                          + ("[router]\nenabled = false\n[viewer]\nenabled = false\n" if self.bare
+                             else f"[viewer]\nport = {free_port()}\n"))     # two nodes on one machine
         self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.work / f"m3-{node}.log", "ab"))
@@ -199,6 +200,9 @@ class TwoNodes(Receiver):
         url = M3dicom.services.database()
         self.nodes = [M3dicom(self.work, self.pki), M3dicom(self.work, self.pki)]
         for node, label in zip(self.nodes, "ab"):
+            if label == "b":        # the nodes share one key-encryption key: B gets A's before its first start
+                shutil.copytree(self.work / "m3-data-a" / "keys", self.work / "m3-data-b" / "keys")
+                (self.work / "m3-data-b").chmod(0o700)
             node.start(node=label, index_url=url, s3=True)   # one after the other: the first migrates
         self.ports = [n.port for n in self.nodes]
         self.port, self.proc = self.ports[0], self.nodes[0].proc
