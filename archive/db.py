@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 LOCK_TIMEOUT = 10.0                 # PostgreSQL: seconds a statement waits for another session's lock
 IDLE_IN_TRANSACTION = 60.0          # PostgreSQL: seconds a session may sit idle inside a transaction
 POOL_SIZE = 5                       # PostgreSQL connections kept per process (and as many more when busy)
+PING_AFTER = 2.0                    # PostgreSQL: a pooled connection idle this many seconds is pinged before use
 
 
 class IndexUrlError(ValueError):
@@ -180,8 +181,26 @@ def _on_driver(conn: Connection, sql: str) -> None:
 def _postgresql(url: str) -> Engines:
     parsed = sa.engine.make_url(url).set(drivername="postgresql+psycopg")
     writer = sa.create_engine(parsed, isolation_level="READ COMMITTED", pool_size=POOL_SIZE,
-                              max_overflow=POOL_SIZE, pool_pre_ping=True, hide_parameters=True)
+                              max_overflow=POOL_SIZE, hide_parameters=True)
     readers = writer.execution_options(postgresql_readonly=True)
+
+    # A connection is pinged before use only when it sat in the pool for PING_AFTER seconds: a ping on every
+    # checkout (pool_pre_ping) is one more round trip per ingest. A server restarted within those seconds
+    # fails that one transaction (the sender's retry gets a new connection: SQLAlchemy drops the pool).
+    @sa.event.listens_for(writer, "checkin")
+    def _idle_since(dbapi, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(writer, "checkout")
+    def _ping_if_idle(dbapi, record, proxy) -> None:
+        if time.monotonic() - record.info.get("idle_since", time.monotonic()) < PING_AFTER:
+            return
+        try:
+            alive = writer.dialect.do_ping(dbapi)
+        except writer.dialect.loaded_dbapi.Error:
+            alive = False
+        if not alive:       # the pool discards it and connects again (SQLAlchemy's own retry)
+            raise sa.exc.DisconnectionError("the index's connection was closed while idle")
 
     @sa.event.listens_for(writer, "connect")
     def _durable(dbapi, record) -> None:

@@ -129,17 +129,21 @@ _NEW_CONFLICT = db.Prepared(
 _ADD_CHANGE = db.Prepared(
     "INSERT INTO changes (kind, instance_pk, study_uid, series_uid, sop_instance_uid, blob_id, time) "
     "VALUES (:kind, :instance_pk, :study_uid, :series_uid, :sop_instance_uid, :blob_id, :time)")
-_ADD_STORED_CHANGE = db.Prepared(
-    "INSERT INTO changes (kind, instance_pk, study_uid, series_uid, sop_instance_uid, blob_id, time) "
-    "SELECT :kind, pk, :study_uid, :series_uid, sop_instance_uid, blob_id, received_at FROM instances "
-    "WHERE sop_instance_uid = :sop_instance_uid")
+_STORED_CHANGE = ("INSERT INTO changes (kind, instance_pk, study_uid, series_uid, sop_instance_uid, blob_id, time) "
+                  "SELECT :kind, pk, :study_uid, :series_uid, sop_instance_uid, blob_id, received_at FROM instances"
+                  "{in_order} WHERE sop_instance_uid = :sop_instance_uid")
 _ADD_JOB_CHANGE = text("INSERT INTO changes (kind, study_uid, blob_id, job_id, time) "
                        "VALUES (:kind, :study_uid, :blob_id, :job_id, :time)")
 # PostgreSQL: every transaction that adds changes takes this lock just before its first one and holds it
 # to its end, so that `seq` order is commit order (archive/changes.py says why). The switch is for the
 # test that shows what happens without it (tests/test_changelog_order.py).
 CHANGES_IN_COMMIT_ORDER = True
-_CHANGES_LOCK = db.Prepared(f"SELECT pg_advisory_xact_lock({0x6D33_6469_6368_6773})")    # "m3dichgs"
+_LOCK_CHANGES = f"pg_advisory_xact_lock({0x6D33_6469_6368_6773})"      # "m3dichgs"
+_CHANGES_LOCK = db.Prepared(f"SELECT {_LOCK_CHANGES}")
+# an ingest's one change, the lock taken by the same statement (one round trip less): the lock's row is joined
+# in, so it is held before the row (and its `seq`) is made
+_ADD_STORED_CHANGE = db.Prepared(_STORED_CHANGE.format(in_order=""))
+_ADD_STORED_CHANGE_IN_ORDER = db.Prepared(_STORED_CHANGE.format(in_order=f" CROSS JOIN (SELECT {_LOCK_CHANGES}) o"))
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -372,9 +376,10 @@ class Index:
     def add_stored_change(conn: Connection, kind: str, header) -> None:
         """The change of the instance just written under the header's UID: its row, blob and time as
         the index holds them (no RETURNING needed for its pk)."""
-        Index.order_changes(conn)
-        _ADD_STORED_CHANGE.run(conn, {"kind": kind, "study_uid": header.study_uid, "series_uid": header.series_uid,
-                                      "sop_instance_uid": header.sop_instance_uid})
+        in_order = CHANGES_IN_COMMIT_ORDER and conn.dialect.name == "postgresql"     # as `order_changes` does
+        statement = _ADD_STORED_CHANGE_IN_ORDER if in_order else _ADD_STORED_CHANGE
+        statement.run(conn, {"kind": kind, "study_uid": header.study_uid, "series_uid": header.series_uid,
+                             "sop_instance_uid": header.sop_instance_uid})
 
     @staticmethod
     def add_job_change(conn: Connection, kind: str, job_id: str, study_uid: str,

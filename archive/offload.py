@@ -189,8 +189,8 @@ class Offloader:
         if not due:
             return 0
         attempts = {row.blob_id: row.attempts for row in due}
-        work = [self._pool.submit(self._remove if row.state == "remove" else self._upload, row.blob_id)
-                for row in due]
+        work = [self._pool.submit(self._remove, row.blob_id) if row.state == "remove"
+                else self._pool.submit(self._upload, row.blob_id, row.needed) for row in due]
         done: list[_Outcome] = []
         flushed = time.monotonic()
         for future in as_completed(work):   # recorded as they finish (a crash loses little), in few commits
@@ -201,8 +201,8 @@ class Offloader:
         self._record(done, attempts)
         return len(work)
 
-    def _upload(self, blob_id: str) -> _Outcome:
-        if not self.archive.index.blob_referenced(blob_id):
+    def _upload(self, blob_id: str, needed: bool) -> _Outcome:
+        if not needed:
             return _Outcome(blob_id, "gone")          # replaced meanwhile: nothing to keep
         path = self.archive.local.path(blob_id)
         try:
@@ -216,6 +216,8 @@ class Offloader:
                 self.remote.put(blob_id, source, length)
             return _Outcome(blob_id, "offloaded", stored_size=size)
         except FileNotFoundError:
+            if not self.archive.index.blob_referenced(blob_id):
+                return _Outcome(blob_id, "gone")      # replaced (and removed here) since the batch was read
             return _Outcome(blob_id, "failed", "the local blob is missing")
         except IntegrityError as exc:
             return _Outcome(blob_id, "failed", f"the local blob is damaged: {exc}")
@@ -309,13 +311,20 @@ _ADOPT_CURSOR = text("UPDATE cursors SET name = :new WHERE name = :old "
 _UNOWNED = text("SELECT blob_id FROM offload WHERE node IS NULL")
 _ADOPT_ROW = db.Prepared("UPDATE offload SET node = :node WHERE blob_id = :blob_id AND node IS NULL")
 _PENDING = text("SELECT blob_id FROM offload WHERE node = :node AND state = 'pending'")
-_DUE = text("SELECT blob_id, state, attempts FROM offload WHERE node = :node AND state IN ('pending', 'remove') "
-            "AND next_try <= :now ORDER BY next_try LIMIT :limit")
+# `needed`: whether a committed row still needs the blob (as `Index.blob_referenced`, for the whole batch in
+# one statement): a blob replaced before its upload is not uploaded
+_DUE = text("SELECT o.blob_id, o.state, o.attempts, "
+            "(EXISTS (SELECT 1 FROM instances i WHERE i.blob_id = o.blob_id) "
+            "OR EXISTS (SELECT 1 FROM quarantine q WHERE q.blob_id = o.blob_id) "
+            "OR EXISTS (SELECT 1 FROM blob_holds h WHERE h.blob_id = o.blob_id)) AS needed "
+            "FROM offload o WHERE o.node = :node AND o.state IN ('pending', 'remove') "
+            "AND o.next_try <= :now ORDER BY o.next_try LIMIT :limit")
 _OFFLOADED = db.Prepared("UPDATE offload SET state = 'offloaded', offloaded_at = :now, stored_size = :size, "
-                         "last_error = NULL, attempts = attempts + 1 WHERE blob_id = :blob_id")
+                         "last_error = NULL, attempts = attempts + 1 WHERE blob_id = :blob_id AND state = 'pending'")
 _FORGET = db.Prepared("DELETE FROM offload WHERE blob_id = :blob_id")
 _FAILED = db.Prepared("UPDATE offload SET state = 'failed', last_error = :error, attempts = attempts + 1 "
-                      "WHERE blob_id = :blob_id")
+                      "WHERE blob_id = :blob_id AND state = 'pending'")
+# (an upload's outcome is not recorded over a removal queued meanwhile: the removal goes on)
 _RETRY = db.Prepared("UPDATE offload SET attempts = attempts + 1, next_try = :next_try, last_error = :error "
                      "WHERE blob_id = :blob_id")
 _RETRY_NOW = db.Prepared("UPDATE offload SET next_try = :now WHERE node = :node AND state IN ('pending', 'remove') "

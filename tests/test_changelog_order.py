@@ -9,6 +9,8 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections import defaultdict
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import text
@@ -16,6 +18,7 @@ from sqlalchemy import text
 from archive import changes
 from archive import index as index_module
 from archive.index import Index
+from archive.ingest import _NEW_INSTANCE
 
 _WAITING = text("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
                 "AND wait_event_type = 'Lock'")
@@ -37,7 +40,27 @@ def _until(condition, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def _out_of_order_commits(index: Index) -> tuple[list[int], list[int]]:
+def _job_change(conn, writer: int) -> None:
+    Index.add_job_change(conn, "job_queued", f"w{writer}", "1.2.3")
+
+
+def _stored_change(conn, writer: int) -> None:
+    """An ingest's change (`add_stored_change`: on PostgreSQL the statement takes the lock itself); each
+    writer its own patient, study and series (writer 2 must not wait for writer 1's new rows)."""
+    header = SimpleNamespace(sop_instance_uid=f"1.2.3.{writer}.1.1", series_uid=f"1.2.3.{writer}.1",
+                             study_uid=f"1.2.3.{writer}", attrs=defaultdict(lambda: None, PatientID=f"P{writer}"))
+    series_pk = Index.upsert_hierarchy(conn, header, time.time())
+    _NEW_INSTANCE.run(conn, {"uid": header.sop_instance_uid, "series_pk": series_pk, "sop_class_uid": "1.2.3.4",
+                             "instance_number": 1, "transfer_syntax": "1.2.840.10008.1.2.1", "size": 1,
+                             "sha256": "0" * 64, "blob_id": f"blob-{writer}", "calling_ae": "TEST", "now": time.time(),
+                             "job_id": None, "node": None})
+    Index.add_stored_change(conn, "stored", header)
+
+
+ADD_CHANGE = [pytest.param(_job_change, id="job-change"), pytest.param(_stored_change, id="ingest-change")]
+
+
+def _out_of_order_commits(index: Index, add_change) -> tuple[list[int], list[int]]:
     """Writer 1 adds a change and keeps its transaction open; writer 2 adds one and commits (or waits
     for writer 1, when the commits are ordered); a consumer and a reader run; writer 1 commits; they
     run again. What each took, in the order taken."""
@@ -59,14 +82,14 @@ def _out_of_order_commits(index: Index) -> tuple[list[int], list[int]]:
     def writer_2() -> None:
         try:
             with index.write() as conn:
-                Index.add_job_change(conn, "job_queued", "w2", "1.2.3")
+                add_change(conn, 2)
             committed.set()
         except BaseException as exc:    # reported by the main thread
             failed.append(exc)
             committed.set()
 
     with index.write() as conn:
-        Index.add_job_change(conn, "job_queued", "w1", "1.2.3")
+        add_change(conn, 1)
         thread = threading.Thread(target=writer_2)
         thread.start()
         _until(lambda: committed.is_set() or index.read(_WAITING)[0][0] > 0, "writer 2 to commit or wait")
@@ -77,18 +100,20 @@ def _out_of_order_commits(index: Index) -> tuple[list[int], list[int]]:
     return taken, read
 
 
-def test_a_change_that_commits_late_is_taken_once_in_seq_order(index):
-    taken, read = _out_of_order_commits(index)
+@pytest.mark.parametrize("add_change", ADD_CHANGE)
+def test_a_change_that_commits_late_is_taken_once_in_seq_order(index, add_change):
+    taken, read = _out_of_order_commits(index, add_change)
     every = [c.seq for c in changes.read(index, 0)]
     assert len(every) == 2
     assert taken == every and read == every             # each once, in seq order, none skipped
 
 
-def test_without_ordered_commits_the_late_change_is_skipped(index, monkeypatch):
+@pytest.mark.parametrize("add_change", ADD_CHANGE)
+def test_without_ordered_commits_the_late_change_is_skipped(index, monkeypatch, add_change):
     """Negative control: what the ordering prevents. Writer 2's change (seq 2) is read before writer 1's
     (seq 1) commits; past 2, the consumer and the reader never see 1."""
     monkeypatch.setattr(index_module, "CHANGES_IN_COMMIT_ORDER", False)
-    taken, read = _out_of_order_commits(index)
+    taken, read = _out_of_order_commits(index, add_change)
     assert [c.seq for c in changes.read(index, 0)] == [1, 2]
     assert taken == [2] and read == [2]
 
