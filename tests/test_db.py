@@ -152,3 +152,33 @@ def test_a_lock_held_elsewhere_fails_a_write_in_bounded_time(pg_cluster, monkeyp
             conn.execute(text("INSERT INTO cursors (name, seq) VALUES ('x', 1)"))
     finally:
         index.close()
+
+
+def test_a_pooled_connection_the_server_closed_while_idle_is_replaced(pg_cluster, monkeypatch):
+    """Pooled connections are pinged only after `db.PING_AFTER` seconds idle (not on every checkout: a
+    round trip per ingest). One the server ended meanwhile (a restart, an operator's
+    pg_terminate_backend, a proxy's idle timeout) is replaced before use: the write succeeds."""
+    import secrets
+    import time
+
+    import psycopg
+
+    from archive import db
+
+    monkeypatch.setattr(db, "PING_AFTER", 0.2)
+    url = pg_cluster.create_database(f"t_{secrets.token_hex(6)}")
+    index = Index(url)
+    try:
+        with index.write() as conn:
+            pids = {conn.execute(text("SELECT pg_backend_pid()")).scalar()}
+        with psycopg.connect(url) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        time.sleep(0.3)
+        with index.write() as conn:
+            conn.execute(text("INSERT INTO cursors (name, seq) VALUES ('after', 1)"))
+            pids.add(conn.execute(text("SELECT pg_backend_pid()")).scalar())
+        assert len(pids) == 2                       # a new connection, not the dead one
+        assert index.read(text("SELECT seq FROM cursors WHERE name = 'after'"))[0][0] == 1
+    finally:
+        index.close()
