@@ -353,8 +353,9 @@ class Query:
                 f"ORDER BY {ORDER[self.level]}")
 
     def run(self, conn: Connection, limit: int | None = None,
-            timeout: float | None = None) -> Iterator[Dataset]:
-        for row in self._rows(conn, limit, timeout):
+            timeout: float | None = None, offset: int = 0) -> Iterator[Dataset]:
+        """The matches as Datasets; `offset` skips that many first (QIDO-RS pages with it)."""
+        for row in self._rows(conn, limit, timeout, offset):
             yield self._response(row)
 
     def encoded(self, conn: Connection, explicit_vr: bool, limit: int | None = None,
@@ -365,13 +366,15 @@ class Query:
         for row in self._rows(conn, limit, timeout):
             yield encode(row)
 
-    def _rows(self, conn: Connection, limit: int | None, timeout: float | None) -> Iterator[tuple]:
+    def _rows(self, conn: Connection, limit: int | None, timeout: float | None,
+              offset: int = 0) -> Iterator[tuple]:
         """The matching rows (the return keys in order, then the character set; the driver's tuples),
         all fetched within the time limit: past `timeout` seconds of work in the database, `QueryTimeout`.
 
         Run as `db.Prepared` (compiled once per query shape and dialect, on the driver's cursor):
         `Connection.execute` costs more than SQLite spends on a typical C-FIND (bench/index.py)."""
-        statement = _prepared(self.sql_for(conn.dialect) + (f" LIMIT {int(limit)}" if limit else ""))
+        paging = (f" LIMIT {int(limit)}" if limit else " LIMIT -1" if offset and conn.dialect.name == "sqlite" else "")
+        statement = _prepared(self.sql_for(conn.dialect) + paging + (f" OFFSET {int(offset)}" if offset else ""))
         try:
             with db.deadline(conn, timeout):
                 rows = statement.rows(conn, self.params)
@@ -503,13 +506,13 @@ def study_list(conn: Connection, query: Query, *, order: str = "date", descendin
 # -- what the DICOM services read: C-FIND matches, a retrieve's instances, one stored instance ------
 
 def find(index: Index, query: Query, limit: int | None = None, timeout: float | None = None,
-         explicit_vr: bool | None = None) -> Iterator[Dataset | bytes]:
+         explicit_vr: bool | None = None, offset: int = 0) -> Iterator[Dataset | bytes]:
     """A C-FIND's matches on a read connection of their own (closed when the iterator ends or is
-    closed: `contextlib.closing` it): Datasets (`Query.run`), or identifiers already encoded in
-    Little Endian (`Query.encoded`) when `explicit_vr` is given."""
+    closed: `contextlib.closing` it): Datasets (`Query.run`, the first `offset` skipped), or identifiers
+    already encoded in Little Endian (`Query.encoded`) when `explicit_vr` is given."""
     with index.reader() as conn:
         if explicit_vr is None:
-            yield from query.run(conn, limit, timeout)
+            yield from query.run(conn, limit, timeout, offset)
         else:
             yield from query.encoded(conn, explicit_vr, limit, timeout)
 
@@ -523,6 +526,7 @@ class Match:
     transfer_syntax: str
     blob_id: str
     sha256: str
+    received_at: float = 0.0     # when it was stored (a WADO-RS answer's Last-Modified)
 
 
 def _where(query: Query, conn: Connection) -> tuple[str, dict]:
@@ -552,7 +556,7 @@ def instances(index: Index, query: Query, after: int, limit: int) -> list[Match]
     with index.reader() as conn:
         where, params = _where(query, conn)
         return [Match(*row) for row in conn.execute(text(
-            f"SELECT i.pk, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, i.blob_id, i.sha256 "
+            f"SELECT i.pk, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, i.blob_id, i.sha256, i.received_at "
             f"FROM {FROM['IMAGE']} WHERE {where} AND i.pk > :after ORDER BY i.pk LIMIT {int(limit)}"),
             {**params, "after": after})]
 

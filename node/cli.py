@@ -463,6 +463,50 @@ def cmd_user_list(args) -> int:
     return 0
 
 
+def cmd_token_create(args) -> int:
+    from viewer.tokens import TokenError, create
+
+    try:
+        with _index_made(_config(args)) as (index, _):
+            token = create(index, args.name, args.scope, args.days)
+    except (TokenError, RuntimeError, OSError) as exc:
+        print(f"m3dicom: {exc}", file=sys.stderr)
+        return 1
+    print(token)                  # alone on stdout (`TOKEN=$(m3dicom token create ...)`); shown this once
+    print(f"token {args.name} ({args.scope}{f', {args.days:g} days' if args.days else ''}): send it as "
+          "'Authorization: Bearer TOKEN'; it is shown only now", file=sys.stderr)
+    return 0
+
+
+def cmd_token_list(args) -> int:
+    import time
+
+    from viewer.tokens import listed
+
+    def day(t):
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+    with _index_of(args) as index:
+        for t in listed(index):
+            now = time.time()
+            state = ("revoked" if t["revoked_at"] else "expired" if t["expires_at"] and t["expires_at"] <= now
+                     else "live")
+            print(f"{t['name']} {t['scope']} {state} created {day(t['created_at'])} expires {day(t['expires_at'])} "
+                  f"last used {day(t['last_used'])}")
+    return 0
+
+
+def cmd_token_revoke(args) -> int:
+    from viewer.tokens import revoke
+
+    with _index_of(args) as index:
+        if not revoke(index, args.name):
+            print(f"m3dicom: no live token {args.name!r}", file=sys.stderr)
+            return 1
+    print(f"token {args.name} revoked: it opens nothing from its next request on")
+    return 0
+
+
 def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="peer address (default: dicom.host)")
     p.add_argument("--port", type=int, help="peer port (default: dicom.port, or dicom.plain_port with --no-tls)")
@@ -560,6 +604,20 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_user_disable)
     p = with_config(user.add_parser("list", help="the users"))
     p.set_defaults(func=cmd_user_list)
+
+    token = sub.add_parser("token", help="API tokens for DICOMweb clients").add_subparsers(dest="token",
+                                                                                          required=True)
+    p = with_config(token.add_parser("create", help="a new token, printed alone on stdout (shown once)"))
+    p.add_argument("name")
+    p.add_argument("--scope", choices=("read", "write"), default="read",
+                   help="read: QIDO-RS and WADO-RS; write: STOW-RS too (default: read)")
+    p.add_argument("--days", type=float, help="lifetime in days (default: until revoked)")
+    p.set_defaults(func=cmd_token_create)
+    p = with_config(token.add_parser("list", help="the tokens (never the tokens themselves)"))
+    p.set_defaults(func=cmd_token_list)
+    p = with_config(token.add_parser("revoke", help="a token opens nothing from its next request on"))
+    p.add_argument("name")
+    p.set_defaults(func=cmd_token_revoke)
 
     p = with_config(sub.add_parser("echo", help="C-ECHO a DICOM node (TLS by default)"))
     _client_options(p)

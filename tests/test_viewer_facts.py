@@ -85,7 +85,7 @@ def test_the_viewers_revision_makes_its_tables(tmp_path, index_url):
         assert not set(VIEWER_TABLES) & set(sa.inspect(archive.index.engines.writer).get_table_names())
         accounts.migrate(archive.index)
         accounts.migrate(archive.index)                                                       # applies nothing twice
-        assert _version(archive.index) == ["viewer_0002"]
+        assert _version(archive.index) == ["viewer_0003"]
         assert set(VIEWER_TABLES) <= set(sa.inspect(archive.index.engines.writer).get_table_names())
         accounts.add_user(archive.index, "alice", "a long enough password", "admin")
         assert accounts.users(archive.index) == [("alice", "admin", False)] and accounts.count_users(archive.index) == 1
@@ -114,7 +114,7 @@ def test_an_old_sqlite_index_is_stamped_with_its_tables_and_rows_kept(tmp_path):
     try:
         accounts.migrate(archive.index)
         accounts.migrate(new.index)
-        assert _version(archive.index) == _version(new.index) == ["viewer_0002"]
+        assert _version(archive.index) == _version(new.index) == ["viewer_0003"]
         assert _old_schema(archive.index) == SCHEMA_0005                  # stamped, not made again
         assert index_schema(archive.index, VIEWER_TABLES) == index_schema(new.index, VIEWER_TABLES)
         assert accounts.users(archive.index) == [("old", "admin", False)]

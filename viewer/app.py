@@ -7,7 +7,8 @@ frame-ancestors, referrers only within the site), errors (what a handler did not
 one log line and a 500 without details, never a traceback in the answer), the session (cookie
 -> a user, or a share link limited to one study), and CSRF (every state-changing request
 comes from this site, by its Origin or Referer, and carries the session's token; a login,
-which has no session yet, is checked by its origin alone).
+which has no session yet, is checked by its origin alone). /dicomweb (dicomweb.py, wado.py) also takes
+API tokens (`Authorization: Bearer`): such a call carries no cookie, so there is nothing for CSRF to forge.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from archive import Archive
 from archive.storage import BlobNotOffloaded
 
-from . import accounts, events, views
+from . import accounts, dicomweb, events, views, wado
 from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, LOGINS, PLUGINS, SECRET, SESSION, TEMPLATES, form,
                    run)
 from .images import Images
@@ -97,6 +98,8 @@ async def errors(request: web.Request, handler):
 @web.middleware
 async def sessions(request: web.Request, handler):
     """request[SESSION]: the session of the cookie (or None); pages need one, the API answers 401."""
+    if dicomweb.is_dicomweb(request):       # programs too: an API token, or the session; 401, never a redirect
+        return await dicomweb.authenticate(request, handler)
     app = request.app
     token = request.cookies.get(COOKIE)
     now = app[CLOCK]()
@@ -158,6 +161,8 @@ def cross_site(request: web.Request) -> str | None:
 async def csrf(request: web.Request, handler):
     """State-changing requests must come from this site (Origin, else Referer), a login included,
     and carry the session's CSRF token (header or form field); a login has no session yet."""
+    if dicomweb.by_token(request):
+        return await handler(request)
     if request.method not in SAFE_METHODS and (elsewhere := cross_site(request)) is not None:
         log.warning("%s %s refused: sent from another site (%s)", request.method,
                     request.path if request.path in ("/login", "/logout") else "(a page's request)", elsewhere)
@@ -204,6 +209,8 @@ def create_app(config: Settings, archive: Archive | None = None, clock=time.time
 
     app.cleanup_ctx.append(resources)
     views.routes(app)
+    dicomweb.routes(app)
+    wado.routes(app)
     app.router.add_static("/static/", HERE / "static", follow_symlinks=False)
     if X3DOM.is_dir():
         app.router.add_static("/vendor/x3dom/", X3DOM, follow_symlinks=False)

@@ -1,0 +1,314 @@
+"""DICOMweb (issue 17) against a running node over HTTPS: dicomweb-client with API tokens, the viewer's
+session and a share link's; QIDO-RS at every level, WADO-RS, STOW-RS, and the refusals."""
+from __future__ import annotations
+
+import gzip
+import http.client
+import io
+import json
+import ssl
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from helpers import Node, free_port, synthetic_instances, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.interop]
+PASSWORD = "dicomweb-test-password"
+J2K, RLE, MULTIFRAME = (get_testdata_file(n) for n in ("JPEG2000.dcm", "MR_small_RLE.dcm", "emri_small.dcm"))
+
+
+def dataset_bytes(data: bytes) -> bytes:
+    """A Part 10 file's data set (what a C-STORE carries), without its preamble and meta group (its
+    length is the value of (0002,0000), the group's first element)."""
+    assert data[128:132] == b"DICM" and data[132:138] == b"\x02\x00\x00\x00UL"
+    return data[144 + int.from_bytes(data[140:144], "little"):]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, pki):
+    """A node with its viewer; two CT studies and a multi-frame MR over DICOM TLS; tokens."""
+    work = tmp_path_factory.mktemp("dicomweb")
+    node = Node(work / "node", pki, viewer={"enabled": True, "port": free_port()})
+    node.env["M3DICOM_ADMIN_PASSWORD"] = PASSWORD
+    node.start()
+    smith = synthetic_instances(work / "smith", 3, patient="Smith^John", patient_id="P-SMITH")
+    jones = synthetic_instances(work / "jones", 1, patient="Jones^Ann", patient_id="P-JONES")
+    node.storescu(*smith, *jones, MULTIFRAME)
+    wait_for(lambda: node.rows("SELECT COUNT(*) FROM instances")[0][0] == 5, what="the instances")
+    tokens = {name: node.cli("token", "create", name, "--scope", scope).stdout
+              for name, scope in (("reader", "read"), ("writer", "write"), ("gone", "read"))}
+    node.cli("token", "revoke", "gone")
+    url = f"https://127.0.0.1:{node.settings['viewer']['port']}"
+    studies = {"smith": pydicom.dcmread(smith[0]).StudyInstanceUID, "jones": pydicom.dcmread(jones[0]).StudyInstanceUID,
+               "mr": pydicom.dcmread(MULTIFRAME).StudyInstanceUID}
+    yield node, url, tokens, studies, {"smith": smith, "jones": jones}
+    node.stop()
+
+
+def session(pki, token: str | None = None) -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False                  # REQUESTS_CA_BUNDLE in the environment would win over `verify`
+    s.verify = str(pki / "ca.pem")
+    if token:
+        s.headers["Authorization"] = f"Bearer {token.strip()}"
+    return s
+
+
+def client(site, pki, name: str = "reader"):
+    from dicomweb_client import DICOMwebClient
+
+    _, url, tokens, _, _ = site
+    return DICOMwebClient(f"{url}/dicomweb", session=session(pki, tokens[name]))
+
+
+# -- tokens --------------------------------------------------------------------------------------
+
+def test_a_token_is_printed_alone_stored_hashed_and_listed_without_it(site):
+    node, _, tokens, _, _ = site
+    assert all(len(t.splitlines()) == 1 and t.startswith("m3t_") for t in tokens.values())
+    stored = node.rows("SELECT name, token_hash, scope FROM api_tokens ORDER BY name")
+    assert [(n, s) for n, _, s in stored] == [("gone", "read"), ("reader", "read"), ("writer", "write")]
+    assert not any(t.strip() in h for t in tokens.values() for _, h, _ in stored)        # the hash only
+    listed = node.cli("token", "list").stdout
+    assert "reader read live" in listed and "gone read revoked" in listed
+    assert not any(t.strip() in listed for t in tokens.values())
+    again = node.cli("token", "create", "reader", "--scope", "read", check=False)
+    assert again.returncode == 1 and "live token" in again.stderr and not again.stdout
+
+
+def test_no_token_a_bad_one_and_a_revoked_one_get_the_same_401(site, pki):
+    _, url, tokens, _, _ = site
+    answers = [session(pki, token).get(f"{url}/dicomweb/studies")
+               for token in (None, "m3t_" + "x" * 43, tokens["gone"], "not a token at all")]
+    assert [a.status_code for a in answers] == [401] * 4
+    assert all(a.headers["WWW-Authenticate"].startswith("Bearer") for a in answers)
+    assert len({a.text for a in answers}) == 1                   # no hint which
+    assert "Location" not in answers[0].headers                   # a program is not sent to the login page
+
+
+# -- QIDO-RS -------------------------------------------------------------------------------------
+
+def test_qido_at_every_level_with_each_kind_of_matching(site, pki):
+    _, url, _, studies, files = site
+    dw = client(site, pki)
+    uids = lambda found, keyword="StudyInstanceUID": sorted(pydicom.Dataset.from_json(f)[keyword].value  # noqa: E731
+                                                               for f in found)
+    assert uids(dw.search_for_studies(search_filters={"PatientID": "P-SMITH"})) == [studies["smith"]]
+    assert uids(dw.search_for_studies(search_filters={"PatientName": "smi*"})) == [studies["smith"]]   # any case
+    assert uids(dw.search_for_studies(search_filters={"PatientName": "jon"}, fuzzymatching=True)) == \
+        [studies["jones"]]
+    assert uids(dw.search_for_studies(search_filters={"StudyDate": "20000101-20001231"})) == [studies["mr"]]
+    listed = dw.search_for_studies(search_filters={"StudyInstanceUID": f"{studies['smith']},{studies['mr']}"})
+    assert uids(listed) == sorted([studies["smith"], studies["mr"]])
+    assert uids(dw.search_for_studies(search_filters={"00100020": "P-JONES"})) == [studies["jones"]]   # a tag
+    study = pydicom.Dataset.from_json(dw.search_for_studies(search_filters={"PatientID": "P-SMITH"})[0])
+    assert study.NumberOfStudyRelatedInstances == 3 and study.ModalitiesInStudy == "CT"
+    assert study.RetrieveURL == f"{url}/dicomweb/studies/{studies['smith']}"
+    everything = pydicom.Dataset.from_json(dw.search_for_studies(search_filters={"PatientID": "P-SMITH"},
+                                                                 fields=["all"])[0])
+    assert everything.NumberOfStudyRelatedSeries == 1 and "StudyID" in everything
+    pages = [uids(dw.search_for_studies(limit=1, offset=n)) for n in range(4)]
+    assert [len(p) for p in pages] == [1, 1, 1, 0] and len({p[0] for p in pages[:3]}) == 3
+
+    series = dw.search_for_series(studies["smith"])
+    assert len(series) == 1 and pydicom.Dataset.from_json(series[0]).NumberOfSeriesRelatedInstances == 3
+    series_uid = str(pydicom.Dataset.from_json(series[0]).SeriesInstanceUID)
+    assert uids(dw.search_for_series(search_filters={"Modality": "MR"}), "SeriesInstanceUID") == \
+        [str(pydicom.dcmread(MULTIFRAME).SeriesInstanceUID)]
+    instances = dw.search_for_instances(studies["smith"], series_uid, search_filters={"InstanceNumber": "2"})
+    assert len(instances) == 1
+    found = pydicom.Dataset.from_json(instances[0])
+    assert found.SOPInstanceUID == pydicom.dcmread(files["smith"][1]).SOPInstanceUID
+    assert found.RetrieveURL.endswith(f"/series/{series_uid}/instances/{found.SOPInstanceUID}")
+    everywhere = dw.search_for_instances(search_filters={"SOPInstanceUID": str(found.SOPInstanceUID)})
+    assert [pydicom.Dataset.from_json(i).PatientID for i in everywhere] == ["P-SMITH"]     # the study's too
+
+
+def test_qido_answers_204_400_and_gzip(site, pki):
+    _, url, tokens, _, _ = site
+    s = session(pki, tokens["reader"])
+    assert s.get(f"{url}/dicomweb/studies", params={"PatientID": "NOBODY"}).status_code == 204
+    for params, said in (({"NoSuchThing": "1"}, "NoSuchThing"), ({"StudyDate": "2024-13"}, "StudyDate"),
+                         ({"SOPInstanceUID": "1.2"}, "cannot be matched at this level"),
+                         ({"limit": "many"}, "limit"), ({"includefield": "Nonsense"}, "Nonsense")):
+        answer = s.get(f"{url}/dicomweb/studies", params=params)
+        assert answer.status_code == 400 and said in answer.json()["error"], (params, answer.text)
+    raw = s.get(f"{url}/dicomweb/studies", headers={"Accept-Encoding": "gzip"}, stream=True)
+    assert raw.headers["Content-Encoding"] == "gzip" and raw.headers["Content-Type"].startswith(
+        "application/dicom+json")
+    assert isinstance(json.loads(gzip.decompress(raw.raw.read())), list)
+
+
+# -- WADO-RS -------------------------------------------------------------------------------------
+
+def test_wado_instance_bytes_metadata_frames_and_rendered(site, pki):
+    _, url, tokens, studies, files = site
+    dw = client(site, pki)
+    sent = pydicom.dcmread(files["smith"][0])
+    study, series, sop = studies["smith"], str(sent.SeriesInstanceUID), str(sent.SOPInstanceUID)
+    s = session(pki, tokens["reader"])
+    answer = s.get(f"{url}/dicomweb/studies/{study}/series/{series}/instances/{sop}",
+                   headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("multipart/related")
+    part = next(dw._decode_multipart_message(answer, stream=False))
+    assert dataset_bytes(part) == dataset_bytes(files["smith"][0].read_bytes())        # as storescu sent it
+    etag = answer.headers["ETag"]
+    assert s.get(answer.url, headers={"If-None-Match": etag, "Accept": answer.request.headers["Accept"]}).status_code \
+        == 304 and answer.headers["Last-Modified"]
+    assert len(dw.retrieve_series(study, series)) == 3 and len(dw.retrieve_study(study)) == 3
+
+    metadata = dw.retrieve_series_metadata(study, series)
+    assert len(metadata) == 3
+    bulk = {}
+
+    def fetch(tag, vr, uri):
+        bulk[tag] = uri
+        return dw.retrieve_bulkdata(uri)[0]
+
+    back = pydicom.Dataset.from_json(dw.retrieve_instance_metadata(study, series, sop), bulk_data_uri_handler=fetch)
+    assert back.PatientID == "P-SMITH" and back.Rows == sent.Rows and bytes(back.PixelData) == sent.PixelData
+    assert set(bulk) == {"7FE00010", "00431029"}                # the pixels, and a large private OB value
+
+    mr = pydicom.dcmread(MULTIFRAME)
+    frames = dw.retrieve_instance_frames(studies["mr"], str(mr.SeriesInstanceUID), str(mr.SOPInstanceUID), [1, 3])
+    pixels = mr.pixel_array
+    for data, n in zip(frames, (0, 2)):
+        assert np.array_equal(np.frombuffer(data, pixels.dtype).reshape(pixels.shape[1:]), pixels[n])
+
+    jpeg = dw.retrieve_instance_rendered(study, series, sop, media_types=("image/jpeg",), params={"viewport": "64,64"})
+    image = Image.open(io.BytesIO(jpeg))
+    assert image.format == "JPEG" and image.size == (64, 64)
+    thumbnail = s.get(f"{url}/dicomweb/studies/{study}/thumbnail")
+    assert thumbnail.headers["Content-Type"] == "image/jpeg" and Image.open(io.BytesIO(thumbnail.content)).size == \
+        (128, 128)
+
+
+def test_stow_then_wado_compressed_as_stored_and_decoded(site, pki):
+    node, url, tokens, _, _ = site
+    writer, reader = client(site, pki, "writer"), client(site, pki)
+    j2k, rle = pydicom.dcmread(J2K), pydicom.dcmread(RLE)
+    with pytest.raises(requests.HTTPError) as refused:                 # a read token does not store
+        reader.store_instances([j2k])
+    assert refused.value.response.status_code == 403
+    answer = writer.store_instances([j2k, rle])
+    assert {str(i.ReferencedSOPInstanceUID) for i in answer.ReferencedSOPSequence} == {j2k.SOPInstanceUID,
+                                                                                        rle.SOPInstanceUID}
+    assert "FailedSOPSequence" not in answer
+    study, series, sop = str(j2k.StudyInstanceUID), str(j2k.SeriesInstanceUID), str(j2k.SOPInstanceUID)
+    as_stored = reader.retrieve_instance(study, series, sop, media_types=(("application/dicom", "*"),))
+    assert as_stored.file_meta.TransferSyntaxUID == j2k.file_meta.TransferSyntaxUID
+    with open(J2K, "rb") as fh:
+        assert dataset_bytes(node.stored_bytes(sop)) == dataset_bytes(fh.read())
+    decoded = reader.retrieve_instance(study, series, sop, media_types=(("application/dicom", "1.2.840.10008.1.2.1"),))
+    assert decoded.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert np.array_equal(decoded.pixel_array, j2k.pixel_array)
+    frame, = reader.retrieve_instance_frames(study, series, sop, [1])
+    assert np.array_equal(np.frombuffer(frame, j2k.pixel_array.dtype).reshape(j2k.pixel_array.shape),
+                          j2k.pixel_array)
+
+
+def test_stow_refusals_fail_alone_and_store_nothing_wrong(site, pki):
+    node, url, tokens, studies, _ = site
+    s = session(pki, tokens["writer"])
+    before = node.rows("SELECT COUNT(*) FROM instances")[0][0]
+    boundary = "b0undary"
+    good = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    with open(get_testdata_file("CT_small.dcm"), "rb") as fh:
+        ct = fh.read()
+
+    def body(*parts: bytes) -> bytes:
+        return b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
+                        for p in parts) + f"--{boundary}--\r\n".encode()
+
+    mixed = s.post(f"{url}/dicomweb/studies", data=body(b"this is not DICOM at all" * 10, ct),
+                   headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert mixed.status_code == 202, mixed.text
+    answer = pydicom.Dataset.from_json(mixed.json())
+    assert [i.FailureReason for i in answer.FailedSOPSequence] == [0xC000]
+    assert [i.ReferencedSOPInstanceUID for i in answer.ReferencedSOPSequence] == [good.SOPInstanceUID]
+    wrong_study = s.post(f"{url}/dicomweb/studies/{studies['smith']}", data=body(ct),
+                         headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert wrong_study.status_code == 409
+    assert pydicom.Dataset.from_json(wrong_study.json()).FailedSOPSequence[0].FailureReason == 0xA900
+    no_boundary = s.post(f"{url}/dicomweb/studies", data=body(ct),
+                         headers={"Content-Type": 'multipart/related; type="application/dicom"'})
+    assert no_boundary.status_code == 400 and "boundary" in no_boundary.json()["error"]
+    assert node.rows("SELECT COUNT(*) FROM instances")[0][0] == before + 1             # CT_small alone
+    huge = http_request(site, pki, "POST", "/dicomweb/studies", tokens["writer"], headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Content-Length": str(10 << 30)})
+    assert huge[0] == 413
+
+
+def http_request(site, pki, method: str, path: str, token: str | None, headers: dict | None = None):
+    """(status, body) of a request sent as written: no client normalises its path (`..` stays)."""
+    _, url, _, _, _ = site
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    conn = http.client.HTTPSConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), context=context, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in {**({"Authorization": f"Bearer {token.strip()}"} if token else {}),
+                            **(headers or {})}.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        answer = conn.getresponse()
+        return answer.status, answer.read()
+    finally:
+        conn.close()
+
+
+def test_hostile_uids_and_dot_segments_in_every_path_segment(site, pki):
+    _, _, tokens, studies, files = site
+    sent = pydicom.dcmread(files["smith"][0])
+    study, series, sop = studies["smith"], sent.SeriesInstanceUID, sent.SOPInstanceUID
+    hostile = ("..", "%2e%2e", "..%2f..%2fetc", "1.2.3%00", "1" * 65, "1.2.x", "1.2.3'--", "%252e%252e")
+    for bad in hostile:
+        for path in (f"/dicomweb/studies/{bad}", f"/dicomweb/studies/{bad}/series",
+                     f"/dicomweb/studies/{study}/series/{bad}/metadata",
+                     f"/dicomweb/studies/{study}/series/{series}/instances/{bad}",
+                     f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/{bad}",
+                     f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/bulkdata/{bad}"):
+            status, _ = http_request(site, pki, "GET", path, tokens["reader"])
+            assert status in (400, 404), (path, status)
+    status, _ = http_request(site, pki, "GET", f"/dicomweb/studies/{study}/../../../login", tokens["reader"])
+    assert status in (400, 404)
+
+
+# -- sessions and share links ----------------------------------------------------------------------
+
+def test_the_viewers_session_and_a_share_link_limited_to_its_study(site, pki):
+    node, url, _, studies, _ = site
+    person = session(pki)
+    assert person.post(f"{url}/login", data={"user": "admin", "password": PASSWORD, "next": "/studies"}).ok
+    assert person.get(f"{url}/dicomweb/studies").status_code == 200
+    no_csrf = person.post(f"{url}/dicomweb/studies", data=b"x", headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=x'})
+    assert no_csrf.status_code == 403                         # a cookie's POST passes the CSRF rule first
+    page = person.get(f"{url}/studies").text
+    csrf = page.split('name="csrf-token" content="')[1].split('"')[0]
+    link = person.post(f"{url}/api/studies/{studies['smith']}/share", json={"days": 1},
+                       headers={"X-CSRF-Token": csrf}).json()["url"]
+    guest = session(pki)
+    assert guest.get(link).ok
+    seen = guest.get(f"{url}/dicomweb/studies")
+    assert [pydicom.Dataset.from_json(s).StudyInstanceUID for s in seen.json()] == [studies["smith"]]
+    assert guest.get(f"{url}/dicomweb/studies", params={"StudyInstanceUID": studies["jones"]}).status_code == 204
+    assert guest.get(f"{url}/dicomweb/series", params={"Modality": "MR"}).status_code == 204
+    assert guest.get(f"{url}/dicomweb/studies/{studies['smith']}/metadata").status_code == 200
+    for path in (f"/studies/{studies['jones']}/metadata", f"/studies/{studies['jones']}",
+                 f"/studies/{studies['jones']}/series"):
+        assert guest.get(f"{url}/dicomweb{path}").status_code == 404, path
+    assert guest.post(f"{url}/dicomweb/studies", data=b"", headers={"X-CSRF-Token": "x"}).status_code == 403
+
+
+def test_every_call_is_audited_with_who_what_study_and_bytes(site):
+    node, _, _, studies, _ = site
+    rows = node.rows("SELECT user_name, study_uid, outcome, detail FROM audit WHERE action = 'dicomweb'")
+    assert any(r[0] == "token:reader" and r[1] == studies["smith"] and "bytes" in r[3] for r in rows)
+    assert any(r[0] == "token:?" and r[2] == "refused" for r in rows)
+    assert any(r[0] == "token:writer" and "STOW: 2 stored" in r[3] for r in rows)

@@ -1,0 +1,434 @@
+"""DICOMweb (PS3.18) under /dicomweb: who may call it, QIDO-RS and STOW-RS (WADO-RS: wado.py).
+
+Callers: a program with an API token (`Authorization: Bearer ...`, tokens.py: "read" or "write"), or
+the viewer's own session cookie (the same session check as its pages; a POST also passes its CSRF
+rule), or a share link's session, which sees its one study only: QIDO from it returns that study
+and nothing else, and every other study answers 404, as one that does not exist. A bad, expired or
+revoked token, or none, gets one 401 (`WWW-Authenticate: Bearer`) that says no more.
+
+QIDO-RS is the C-FIND engine (archive/query.py): the query string becomes a C-FIND identifier
+(keywords or tags, UID lists with commas, wildcards, date and time ranges), run as a Study Root
+query at the path's level; matches come back as DICOM JSON (PS3.18 F.2), 204 when there are none.
+STOW-RS streams each part of a multipart/related body to the spool, then ingests it as an upload
+does (the same path as a C-STORE): each part is stored or fails by itself, with its reason.
+Every call is audited (who, which study, what came back).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from sqlalchemy import exc as sa_exc
+
+from archive import query as archive_query
+from archive.dicomfile import inspect
+from archive.query import ATTRIBUTES, LEVELS, STUDY_ROOT, Query, QueryError
+
+from . import accounts, tokens
+from .base import ARCHIVE, CLOCK, CONFIG, COOKIE, SESSION, run, valid_uid
+
+log = logging.getLogger(__name__)
+ROOT = "/dicomweb"
+DICOM_JSON = "application/dicom+json"
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Caller:
+    who: str                     # a user's name, "share:ID" or "token:NAME" (the audit's actor)
+    write: bool                  # may store (a write token, a user's session)
+    study_uid: str | None        # a share link's session: this study only
+    token: bool                  # came with a token (no cookie: nothing for CSRF to guard)
+
+
+CALLER = web.RequestKey("dicomweb_caller", Caller)
+
+
+def is_dicomweb(request: web.Request) -> bool:
+    return request.path == ROOT or request.path.startswith(ROOT + "/")
+
+
+def by_token(request: web.Request) -> bool:
+    """A call authenticated by a token: it carries no cookie, so the CSRF rule has nothing to guard."""
+    caller = request.get(CALLER)
+    return caller is not None and caller.token
+
+
+def error(status: type[web.HTTPException], why: str, **headers) -> web.HTTPException:
+    sizes = {"max_size": 0, "actual_size": 0} if status is web.HTTPRequestEntityTooLarge else {}
+    return status(text=json.dumps({"error": why}), content_type="application/json", headers=headers or None, **sizes)
+
+
+def _unauthorized(detail: str = "") -> web.HTTPException:
+    challenge = 'Bearer realm="m3dicom"' + (', error="invalid_token"' if detail else "")
+    return error(web.HTTPUnauthorized, "authentication required: an API token (Authorization: Bearer) or a session",
+                 **{"WWW-Authenticate": challenge})
+
+
+async def authenticate(request: web.Request, handler):
+    """The sessions middleware's step for /dicomweb: a token, else the session cookie, else 401."""
+    app = request.app
+    index, now = app[ARCHIVE].index, app[CLOCK]()
+    authorization = request.headers.get("Authorization")
+    request[SESSION] = None
+    if authorization is not None:
+        scheme, _, value = authorization.strip().partition(" ")
+        token = await run(request, tokens.check, index, value.strip(), now) if scheme.lower() == "bearer" else None
+        if token is None:
+            await run(request, lambda: accounts.audit(index, "token:?", "dicomweb", "refused",
+                                                      detail="a bad, expired or revoked token",
+                                                      address=request.remote))
+            raise _unauthorized("invalid")
+        request[CALLER] = Caller(token.who, token.scope == "write", None, True)
+        return await handler(request)
+    cookie = request.cookies.get(COOKIE)
+    session = await run(request, accounts.session, index, cookie, app[CONFIG].viewer.session_idle_minutes,
+                        now) if cookie else None
+    if session is None:
+        raise _unauthorized()
+    request[SESSION] = session
+    request[CALLER] = Caller(session.who, not session.is_share, session.study_uid, False)
+    return await handler(request)
+
+
+async def audit(request: web.Request, detail: str, study_uid: str | None = None, outcome: str = "ok") -> None:
+    caller = request[CALLER]
+    await run(request, lambda: accounts.audit(request.app[ARCHIVE].index, caller.who, "dicomweb", outcome,
+                                              study_uid=study_uid, detail=f"{request.method} {detail}",
+                                              address=request.remote))
+
+
+def checked_uid(request: web.Request, name: str) -> str | None:
+    """The UID of a path segment (400 for one that is not a UID: `..`, letters, too long)."""
+    value = request.match_info.get(name)
+    if value is None:
+        return None
+    if not valid_uid(value):
+        raise error(web.HTTPBadRequest, f"{name}: not a UID (digits and dots, at most 64 characters)")
+    return value
+
+
+def study_in_reach(request: web.Request) -> str | None:
+    """The path's study UID, checked; a share link's session sees no other study (404, as for none)."""
+    study = checked_uid(request, "study")
+    caller = request[CALLER]
+    if study is not None and caller.study_uid is not None and study != caller.study_uid:
+        raise error(web.HTTPNotFound, "no such study")
+    return study
+
+
+def base_url(request: web.Request) -> str:
+    """Where this API is, as its callers reach it (viewer.public_url when set)."""
+    viewer = request.app[CONFIG].viewer
+    if viewer.public_url:
+        return viewer.public_url.rstrip("/") + ROOT
+    host = request.host
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    default = {"http": 80, "https": 443}.get(request.scheme)
+    if not re.search(r":\d+$", host) and isinstance(sockname, tuple) and sockname[1] != default:
+        host = f"{host}:{sockname[1]}"       # a Host without the port (dicomweb-client sends one): the port it came to
+    return f"{request.scheme}://{host}{ROOT}"
+
+
+def json_answer(request: web.Request, data, status: int = 200, **headers) -> web.Response:
+    response = web.Response(body=json.dumps(data).encode(), status=status, content_type=DICOM_JSON,
+                            headers=headers or None)
+    response.enable_compression()                # gzip when the client's Accept-Encoding says so
+    return response
+
+
+# -- QIDO-RS ---------------------------------------------------------------------------------
+
+# what PS3.18 Table 10.6.3-3 / -4 / -5 asks of each level (that the index holds), and what a
+# query of a level above the one asked also returns (/series: the study's too; /instances: both)
+LEVEL_KEYS = {
+    "STUDY": ("StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "ReferringPhysicianName",
+              "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
+              "StudyDescription", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"),
+    "SERIES": ("Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber",
+               "NumberOfSeriesRelatedInstances"),
+    "IMAGE": ("SOPClassUID", "SOPInstanceUID", "InstanceNumber"),
+}
+PARAMETERS = ("limit", "offset", "fuzzymatching", "includefield")
+LISTS = ("uid", "cs", "modalities")        # kinds whose comma-separated values are a list
+
+
+def _attribute(name: str) -> str | None:
+    """The keyword a query parameter names (a keyword, or a tag as 8 hex digits); None: no such attribute."""
+    if len(name) == 8 and all(c in "0123456789abcdefABCDEF" for c in name):
+        return keyword_for_tag(int(name, 16)) or None
+    return name if tag_for_keyword(name) is not None else None
+
+
+def _element(keyword: str, value: str) -> DataElement:
+    """A C-FIND key: pydicom does not validate it here (the engine checks it and says what is wrong;
+    pydicom's warnings would write the value, perhaps patient data, to the log)."""
+    tag = tag_for_keyword(keyword)
+    return DataElement(tag, dictionary_VR(tag), value, validation_mode=pydicom_config.IGNORE)
+
+
+def _number(query, name: str, default: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise error(web.HTTPBadRequest, f"{name}: not a whole number") from None
+    if value < 0:
+        raise error(web.HTTPBadRequest, f"{name}: must not be negative")
+    return value
+
+
+def identifier(query, level: str, fixed: dict[str, str], share_study: str | None) -> Dataset:
+    """The C-FIND identifier of a QIDO-RS query string (400 with the reason for what cannot be one)."""
+    depth = LEVELS.index(level)
+    fuzzy = query.get("fuzzymatching", "false").lower()
+    if fuzzy not in ("true", "false"):
+        raise error(web.HTTPBadRequest, "fuzzymatching: true or false")
+    keys: dict[str, str] = {}
+    for name in LEVELS[1:depth + 1]:
+        keys.update(dict.fromkeys(LEVEL_KEYS[name], ""))
+    for field in query.getall("includefield", []):
+        for name in filter(None, (f.strip() for f in field.split(","))):
+            if name == "all":
+                keys.update((k, keys.get(k, "")) for k, a in ATTRIBUTES.items()
+                            if LEVELS.index(a.level) <= depth)
+                continue
+            keyword = _attribute(name)
+            if keyword is None:
+                raise error(web.HTTPBadRequest, f"includefield: {name[:64]!r} is not a DICOM attribute")
+            if keyword in ATTRIBUTES and LEVELS.index(ATTRIBUTES[keyword].level) <= depth:
+                keys.setdefault(keyword, "")           # others: not held by the index, left out of the answer
+    for name in query:
+        if name in PARAMETERS:
+            continue
+        keyword = _attribute(name)
+        if keyword is None:
+            raise error(web.HTTPBadRequest, f"{name[:64]!r} is neither a query parameter ({', '.join(PARAMETERS)}) "
+                                            "nor a DICOM attribute (a keyword, or a tag as 8 hex digits)")
+        attribute = ATTRIBUTES.get(keyword)
+        if attribute is None or LEVELS.index(attribute.level) > depth:
+            raise error(web.HTTPBadRequest, f"{keyword}: cannot be matched at this level; these can: "
+                        f"{', '.join(k for k, a in ATTRIBUTES.items() if LEVELS.index(a.level) <= depth)}")
+        values = query.getall(name)
+        if len(values) > 1:
+            raise error(web.HTTPBadRequest, f"{keyword}: give it once (a list of values is comma-separated)")
+        value = values[0]
+        if attribute.kind in LISTS:
+            value = value.replace(",", "\\")
+        if attribute.kind == "pn" and fuzzy == "true" and value and not value.endswith("*"):
+            value += "*"                         # fuzzy: a name matches by its beginning, whatever its case
+        keys[keyword] = value
+    keys.update(fixed)
+    if share_study is not None:                   # a share link: its one study, whatever the query asks
+        asked = [v for v in keys.get("StudyInstanceUID", "").split("\\") if v]
+        keys["StudyInstanceUID"] = share_study if not asked or share_study in asked else "0.0"
+    ds = Dataset()
+    ds.add(_element("QueryRetrieveLevel", level))
+    for keyword, value in keys.items():
+        ds.add(_element(keyword, value))
+    return ds
+
+
+def _matches(index, query: Query, limit: int, offset: int, timeout: float) -> list[Dataset]:
+    with closing(archive_query.find(index, query, limit, timeout, offset=offset)) as found:
+        return list(found)
+
+
+def _as_json(ds: Dataset, level: str, base: str) -> dict:
+    del ds.QueryRetrieveLevel
+    study = str(ds.get("StudyInstanceUID", ""))
+    url = f"{base}/studies/{study}"
+    if level in ("SERIES", "IMAGE") and ds.get("SeriesInstanceUID"):
+        url += f"/series/{ds.SeriesInstanceUID}"
+    if level == "IMAGE":
+        url += f"/instances/{ds.SOPInstanceUID}"
+    ds.RetrieveURL = url
+    ds.InstanceAvailability = "ONLINE"
+    return ds.to_json_dict()
+
+
+async def qido(request: web.Request) -> web.Response:
+    level = {"studies": "STUDY", "series": "SERIES", "instances": "IMAGE"}[request.path.rstrip("/").rsplit("/", 1)[1]]
+    study, series = study_in_reach(request), checked_uid(request, "series")
+    fixed = {k: v for k, v in (("StudyInstanceUID", study), ("SeriesInstanceUID", series)) if v is not None}
+    config = request.app[CONFIG]
+    cap = config.query.max_results
+    limit, offset = _number(request.query, "limit", cap), _number(request.query, "offset", 0)
+    ds = identifier(request.query, level, fixed, request[CALLER].study_uid)
+    fuzzy = request.query.get("fuzzymatching", "false").lower() == "true"
+    try:
+        query = Query(STUDY_ROOT, ds, case_insensitive_names=config.query.case_insensitive_names or fuzzy)
+        found = await run(request, _matches, request.app[ARCHIVE].index, query, min(limit, cap) or cap, offset,
+                          config.query.timeout)
+    except QueryError as exc:
+        await audit(request, f"QIDO {level}: {exc.reason}"[:300], study, "refused")
+        raise error(web.HTTPBadRequest, str(exc)[:300]) from None
+    except sa_exc.OperationalError as exc:        # the database refused a statement too large for it
+        if not any(words in str(exc) for words in ("too large", "too complex", "too many", "too big")):
+            raise
+        raise error(web.HTTPBadRequest, "this query is too complex: use fewer values or wildcards") from None
+    await audit(request, f"QIDO {level}: {len(found)} matches", study)
+    if not found:
+        return web.Response(status=204)
+    base = base_url(request)
+    headers = {}
+    if limit > cap and len(found) == cap:
+        headers["Warning"] = (f'299 m3dicom "at most {cap} matches a request (query.max_results): ask for the '
+                              f'next ones with offset={offset + cap}"')
+    return json_answer(request, [_as_json(match, level, base) for match in found], **headers)
+
+
+# -- STOW-RS ---------------------------------------------------------------------------------
+
+FAILURE = {"invalid": 0xC000, "mismatch": 0xA900, "conflict": 0xC000, "storage full": 0xA700,
+           "failure": 0x0110}
+STUDY_MISMATCH = 0xA900           # the instance is not of the study the path names
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _multipart_boundary(request: web.Request) -> None:
+    """400 unless the body says it is multipart/related with a boundary, of DICOM parts."""
+    content_type = request.headers.get("Content-Type", "")
+    media, *params = [p.strip() for p in content_type.split(";")]
+    values = {k.strip().lower(): v.strip().strip('"') for k, _, v in (p.partition("=") for p in params)}
+    if media.lower() != "multipart/related":
+        raise error(web.HTTPUnsupportedMediaType, "send multipart/related; type=\"application/dicom\"")
+    if not values.get("boundary"):
+        raise error(web.HTTPBadRequest, "the multipart body has no boundary (Content-Type: ...; boundary=...)")
+    if values.get("type", "application/dicom").lower() != "application/dicom":
+        raise error(web.HTTPUnsupportedMediaType, "only application/dicom parts are stored (no metadata and bulk "
+                                                  "data parts)")
+
+
+async def _receive(request: web.Request, work: Path, limit: int, file_limit: int, count_limit: int) -> list:
+    """Each part to a file of its own ((path, its Content-Type)), within the upload limits."""
+    reader = await request.multipart()
+    received, total = [], 0
+    async for part in reader:
+        if len(received) >= count_limit:
+            raise _TooLarge(f"more than {count_limit} parts (viewer.max_upload_files)")
+        path = work / f"{len(received):06d}.dcm"
+        size = 0
+        with open(path, "wb") as out:
+            while chunk := await part.read_chunk(CHUNK):
+                size, total = size + len(chunk), total + len(chunk)
+                if size > file_limit:
+                    raise _TooLarge(f"a part is larger than {file_limit >> 20} MB (viewer.max_file_mb)")
+                if total > limit:
+                    raise _TooLarge(f"the request is larger than {limit >> 20} MB (viewer.max_upload_mb)")
+                out.write(chunk)
+        received.append((path, part.headers.get("Content-Type", "application/dicom")))
+    return received
+
+
+def _store(archive, received: list, study: str | None, who: str,
+           base: str) -> tuple[list[Dataset], list[Dataset], set]:
+    """(ReferencedSOPSequence items, FailedSOPSequence items, the studies stored into)."""
+    stored, failed, studies = [], [], set()
+
+    def item(sop_class, sop_instance, **more) -> Dataset:
+        ds = Dataset()
+        ds.ReferencedSOPClassUID = sop_class or ""
+        ds.ReferencedSOPInstanceUID = sop_instance or ""
+        for keyword, value in more.items():
+            setattr(ds, keyword, value)
+        return ds
+
+    for path, media in received:
+        if media.split(";")[0].strip().lower() not in ("application/dicom", ""):
+            failed.append(item("", "", FailureReason=0xC000))
+            continue
+        try:
+            header = inspect(path, limits=archive.limits)
+        except Exception:                             # not DICOM, or not within the limits: this part's outcome
+            failed.append(item("", "", FailureReason=0xC000))
+            continue
+        if study is not None and header.study_uid != study:
+            failed.append(item(header.sop_class_uid, header.sop_instance_uid, FailureReason=STUDY_MISMATCH))
+            continue
+        try:
+            result = archive.ingest_file(path, calling_ae=f"stow:{who}"[:64])
+        except Exception as exc:                      # the reader met bytes it did not expect
+            log.warning("STOW-RS: a part refused: %s while reading it", type(exc).__name__)
+            failed.append(item(header.sop_class_uid, header.sop_instance_uid, FailureReason=0xC000))
+            continue
+        if result.outcome.ok or result.outcome.value == "quarantined":
+            stored.append(item(header.sop_class_uid, header.sop_instance_uid, RetrieveURL=(
+                f"{base}/studies/{header.study_uid}/series/{header.series_uid}/instances/{header.sop_instance_uid}")))
+            studies.add(header.study_uid)
+        else:
+            failed.append(item(header.sop_class_uid, header.sop_instance_uid,
+                               FailureReason=FAILURE.get(result.outcome.value, 0x0110)))
+    return stored, failed, studies
+
+
+async def stow(request: web.Request) -> web.Response:
+    caller = request[CALLER]
+    study = study_in_reach(request)
+    if not caller.write:
+        await audit(request, "STOW: needs a write token or a user's session", study, "refused")
+        raise error(web.HTTPForbidden, "storing needs a token of scope write, or a user's session")
+    viewer = request.app[CONFIG].viewer
+    limit, file_limit = viewer.max_upload_mb << 20, viewer.max_file_mb << 20
+    if request.content_length is not None and request.content_length > limit:
+        await audit(request, f"STOW: {request.content_length} bytes announced", study, "refused")
+        raise error(web.HTTPRequestEntityTooLarge, f"the request is larger than {viewer.max_upload_mb} MB "
+                    "(viewer.max_upload_mb)")
+    _multipart_boundary(request)
+    spool = request.app[CONFIG].data_dir / "spool" / "uploads"
+    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=spool))
+    try:
+        received = await _receive(request, work, limit, file_limit, viewer.max_upload_files)
+        stored, failed, studies = await run(request, _store, request.app[ARCHIVE], received, study, caller.who,
+                                            base_url(request))
+    except _TooLarge as exc:
+        await audit(request, f"STOW: {exc}", study, "refused")
+        raise error(web.HTTPRequestEntityTooLarge, str(exc)) from None
+    except (ValueError, AssertionError, HttpProcessingError):     # aiohttp's parser: not the multipart it claims
+        await audit(request, "STOW: not a readable multipart body", study, "refused")
+        raise error(web.HTTPBadRequest, "the body is not a readable multipart/related message") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    answer, base = Dataset(), base_url(request)
+    if len(studies) == 1:
+        answer.RetrieveURL = f"{base}/studies/{next(iter(studies))}"
+    answer.ReferencedSOPSequence = stored
+    if failed:
+        answer.FailedSOPSequence = failed
+    one = next(iter(studies)) if len(studies) == 1 else study
+    await audit(request, f"STOW: {len(stored)} stored, {len(failed)} failed", one, "ok" if stored else "refused")
+    status = 200 if not failed else 202 if stored else 409
+    return json_answer(request, answer.to_json_dict(), status)
+
+
+# -- routes ---------------------------------------------------------------------------------------
+
+STUDY, SERIES, INSTANCE = "/dicomweb/studies/{study}", "/series/{series}", "/instances/{instance}"
+
+
+def routes(app: web.Application) -> None:
+    """QIDO-RS and STOW-RS (WADO-RS: wado.routes)."""
+    r = app.router
+    for path in ("/dicomweb/studies", "/dicomweb/series", "/dicomweb/instances", f"{STUDY}/series",
+                 f"{STUDY}{SERIES}/instances", f"{STUDY}/instances"):
+        r.add_get(path, qido)
+    r.add_post("/dicomweb/studies", stow)
+    r.add_post(STUDY, stow)

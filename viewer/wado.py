@@ -1,0 +1,442 @@
+"""WADO-RS (PS3.18 10.4): instances, metadata, frames, bulk data, rendered images, under /dicomweb.
+
+Every instance is read through the archive's one read path (`Archive.exported`: decrypted to a
+private file in the data directory, authenticated, its SHA-256 checked) and sent from that file a
+MiB at a time: a study of any size goes out in bounded memory, one instance after the other.
+Instances go out as stored when the client accepts `transfer-syntax=*`, else in Explicit VR Little
+Endian (a compressed one decoded with pydicom first, into another private file; 406 when no decoder
+can, or for Big Endian). Metadata is DICOM JSON without the pixel data and other large values,
+which are `BulkDataURI`s of the bulkdata route; frames are uncompressed pixels, one part each;
+/rendered and /thumbnail are the viewer's own renderer (images.py), with its cache and memory
+budget. Answers carry an ETag (from the instances' indexed SHA-256s) and Last-Modified.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+import tempfile
+from contextlib import ExitStack
+from email.utils import formatdate
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from aiohttp import web
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array
+from pydicom.uid import ExplicitVRLittleEndian, UID
+
+from archive import query as archive_query
+from archive.dicomfile import check_pixels, undeflated
+from archive.query import STUDY_ROOT, Query
+
+from .base import ARCHIVE, IMAGES, run
+from .dicomweb import INSTANCE, SERIES, STUDY, audit, base_url, checked_uid, error, json_answer, study_in_reach
+from .images import IMAGE_LIMIT, NotAnImage
+from .images import _Cache as Cache         # a byte-bounded LRU, shared with the images' caches
+from .views import _unreadable, _with_pixels
+
+EVLE = str(ExplicitVRLittleEndian)
+BIG_ENDIAN = "1.2.840.10008.1.2.2"
+CHUNK = 1 << 20
+BULK_BYTES = 1024                  # top-level binary values larger than this are bulk data URIs in metadata
+PIXEL_TAGS = {0x7FE00008: "OF", 0x7FE00009: "OD", 0x7FE00010: None}
+MAX_FRAMES = 1000                  # frames one request may name
+METADATA_PARALLEL = 8              # instances read at once for a study's or series' metadata
+METADATA_CACHE = 64 << 20          # bytes of instances' metadata kept (keyed by content: never stale)
+
+
+METADATA = web.AppKey("dicomweb_metadata", Cache)    # instances' metadata by (SHA-256, base URL)
+
+
+# -- what the path names --------------------------------------------------------------------------
+
+def _instances(index, study: str, series: str | None, instance: str | None) -> list[archive_query.Match]:
+    """The stored instances the path names (all of a study or series), through the C-FIND engine."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE"
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series or ""
+    ds.SOPInstanceUID = instance or ""
+    query, found, after = Query(STUDY_ROOT, ds), [], 0
+    while page := archive_query.instances(index, query, after, 1000):
+        found += page
+        after = page[-1].pk
+    return found
+
+
+async def _named(request: web.Request) -> tuple[str, list[archive_query.Match]]:
+    """(study UID, its instances the path names); 400 for a bad UID, 404 for nothing there."""
+    study = study_in_reach(request)
+    series, instance = checked_uid(request, "series"), checked_uid(request, "instance")
+    found = await run(request, _instances, request.app[ARCHIVE].index, study, series, instance)
+    if not found:
+        raise error(web.HTTPNotFound, f"no such {'instance' if instance else 'series' if series else 'study'}")
+    return study, found
+
+
+def _validators(request: web.Request, found: list, variant: str) -> dict[str, str]:
+    """ETag (what is sent: the instances' contents and this representation) and Last-Modified; 304
+    when the client's If-None-Match names it."""
+    digest = hashlib.sha256(variant.encode())
+    for match in found:
+        digest.update(f"{match.sop_instance_uid}:{match.sha256};".encode())
+    etag = f'"{digest.hexdigest()[:40]}"'
+    headers = {"ETag": etag, "Last-Modified": formatdate(max(m.received_at or 0 for m in found), usegmt=True),
+               "Cache-Control": "private, no-cache", "Vary": "Accept, Accept-Encoding"}
+    if etag in [t.strip() for t in request.headers.get("If-None-Match", "").split(",")]:
+        raise web.HTTPNotModified(headers=headers)
+    return headers
+
+
+def _media(accept: str) -> list[tuple[str, dict[str, str]]]:
+    """The Accept header's media ranges with their parameters, in order."""
+    out = []
+    for media_range in accept.split(","):
+        media, *params = [p.strip() for p in media_range.split(";")]
+        if media:
+            out.append((media.lower(), {k.strip().lower(): v.strip().strip('"') for k, _, v in
+                                        (p.partition("=") for p in params)}))
+    return out
+
+
+def _wanted_syntax(request: web.Request) -> str | None:
+    """EVLE, or None for each instance's stored syntax (`transfer-syntax=*`); 406 for anything else."""
+    ranges = _media(request.headers.get("Accept", ""))
+    if not ranges:
+        return EVLE
+    for media, params in ranges:
+        if media in ("*/*", "multipart/*"):
+            return EVLE
+        if (media == "multipart/related" and params.get("type", "application/dicom").lower() == "application/dicom") \
+                or media == "application/dicom":
+            syntax = params.get("transfer-syntax")
+            if syntax == "*":
+                return None
+            if syntax in (None, EVLE):
+                return EVLE
+    raise error(web.HTTPNotAcceptable, 'this node sends multipart/related; type="application/dicom" in Explicit VR '
+                "Little Endian (transfer-syntax=1.2.840.10008.1.2.1), or as stored (transfer-syntax=*)")
+
+
+def _transcodable(syntax: str) -> bool:
+    if syntax == BIG_ENDIAN:
+        return False
+    uid = UID(syntax)
+    if not uid.is_compressed:
+        return True
+    from pydicom.pixels.decoders.base import get_decoder
+
+    try:
+        return get_decoder(uid).is_available
+    except Exception:
+        return False
+
+
+def _explicit_little(archive, path: Path, stack: ExitStack) -> Path:
+    """The instance at `path` in Explicit VR Little Endian, in a private file of the data directory."""
+    fd, name = tempfile.mkstemp(suffix=".dcm", dir=archive.exports)
+    os.close(fd)
+    target = Path(name)
+    stack.callback(target.unlink, missing_ok=True)
+    with undeflated(path, archive.limits) as plain:
+        ds = pydicom.dcmread(plain)
+        if "PixelData" in ds:
+            check_pixels(ds, archive.limits.max_pixel_bytes)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress()
+        else:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+# -- instances ------------------------------------------------------------------------------------
+
+async def retrieve(request: web.Request) -> web.StreamResponse:
+    syntax = _wanted_syntax(request)
+    study, found = await _named(request)
+    if syntax is not None and (bad := {m.transfer_syntax for m in found if m.transfer_syntax != EVLE
+                                       and not _transcodable(m.transfer_syntax)}):
+        raise error(web.HTTPNotAcceptable, f"instances stored in {', '.join(sorted(bad))} cannot be sent in Explicit "
+                    "VR Little Endian here: ask for them as stored (transfer-syntax=*)")
+    headers = _validators(request, found, f"dicom:{syntax}")
+    archive, boundary = request.app[ARCHIVE], secrets.token_hex(16)
+    response = web.StreamResponse(headers={
+        **headers, "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    sent = 0
+    for number, match in enumerate(found):
+        with ExitStack() as stack:
+            try:
+                path = await run(request, lambda: stack.enter_context(archive.exported(match.blob_id, match.sha256)))
+                syntax_sent = match.transfer_syntax
+                if syntax is not None and syntax_sent != syntax:
+                    path = await run(request, _explicit_little, archive, path, stack)
+                    syntax_sent = syntax
+            except Exception as exc:
+                if number:                      # the answer has begun: it ends here, short
+                    raise
+                raise _unreadable(match.sop_instance_uid, exc) from None
+            if number == 0:
+                await response.prepare(request)
+            size = path.stat().st_size
+            await response.write(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax_sent}\r\n"
+                                 f"Content-Length: {size}\r\n\r\n".encode())
+            with open(path, "rb") as fh:
+                while chunk := await run(request, fh.read, CHUNK):
+                    await response.write(chunk)
+            await response.write(b"\r\n")
+            sent += size
+    await response.write(f"--{boundary}--\r\n".encode())
+    await response.write_eof()
+    await audit(request, f"WADO {len(found)} instances, {sent} bytes", study)
+    return response
+
+
+# -- metadata -------------------------------------------------------------------------------------
+
+def _read_header(plain: Path) -> tuple[Dataset, dict[int, str]]:
+    """The data set without its large values, and those values' (tag: VR): they become bulk data URIs."""
+    with open(plain, "rb") as fh:
+        ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=BULK_BYTES)
+        head = fh.read(8)                     # pydicom stopped at the pixel data's tag, if there is one
+    little = ds.file_meta.TransferSyntaxUID.is_little_endian
+    bulk: dict[int, str] = {}
+    if len(head) >= 4:
+        tag = int.from_bytes(head[0:2], "little" if little else "big") << 16 | \
+            int.from_bytes(head[2:4], "little" if little else "big")
+        if tag in PIXEL_TAGS:
+            compressed = ds.file_meta.TransferSyntaxUID.is_compressed
+            bulk[tag] = PIXEL_TAGS[tag] or ("OB" if compressed or int(ds.get("BitsAllocated", 16) or 16) <= 8
+                                            else "OW")
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        vr = raw.VR if isinstance(raw, RawDataElement) else ds[tag].VR
+        vr = vr or dictionary_VR(tag).split(" ")[0]
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:    # deferred: large
+            bulk[int(tag)] = vr
+            del ds[tag]
+    return ds, bulk
+
+
+def _metadata(archive, match: archive_query.Match, base: str, cache: Cache) -> dict:
+    found = cache.get((match.sha256, base))
+    if found is not None:
+        return found
+    with archive.exported(match.blob_id, match.sha256) as path, undeflated(path, archive.limits) as plain:
+        ds, bulk = _read_header(plain)
+    out = ds.to_json_dict(suppress_invalid_tags=True)
+    url = (f"{base}/studies/{ds.get('StudyInstanceUID', '')}/series/{ds.get('SeriesInstanceUID', '')}"
+           f"/instances/{match.sop_instance_uid}")
+    for tag, vr in bulk.items():
+        out[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"{url}/bulkdata/{tag:08X}"}
+    out = dict(sorted(out.items()))
+    cache.put((match.sha256, base), out, 1024 + len(str(out)))
+    return out
+
+
+async def metadata(request: web.Request) -> web.Response:
+    study, found = await _named(request)
+    headers = _validators(request, found, "metadata")
+    archive, base, cache = request.app[ARCHIVE], base_url(request), request.app[METADATA]
+    out: list[dict] = []
+    try:
+        for start in range(0, len(found), METADATA_PARALLEL):
+            out += await asyncio.gather(*(run(request, _metadata, archive, match, base, cache)
+                                          for match in found[start:start + METADATA_PARALLEL]))
+    except Exception as exc:
+        raise _unreadable(found[0].sop_instance_uid if len(found) == 1 else study, exc) from None
+    await audit(request, f"WADO metadata of {len(found)} instances", study)
+    return json_answer(request, out, **headers)
+
+
+# -- frames and bulk data --------------------------------------------------------------------------
+
+def _frame_numbers(text: str) -> list[int]:
+    try:
+        numbers = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise error(web.HTTPBadRequest, "frames: a comma-separated list of frame numbers (from 1)") from None
+    if not numbers or len(numbers) > MAX_FRAMES or min(numbers) < 1:
+        raise error(web.HTTPBadRequest, f"frames: 1 to {MAX_FRAMES} frame numbers, each at least 1")
+    return numbers
+
+
+class _NoSuchFrame(LookupError):
+    pass
+
+
+class _Unsupported(ValueError):
+    pass
+
+
+def _frames(archive, match: archive_query.Match, numbers: list[int] | None) -> list[bytes]:
+    """The frames' pixels, uncompressed, little endian (None: all of them); a native frame is read
+    from its place in the file, a compressed one decoded by itself."""
+    with archive.exported(match.blob_id, match.sha256) as path, undeflated(path, archive.limits) as plain:
+        ds = pydicom.dcmread(plain, defer_size=BULK_BYTES)
+        if "PixelData" not in ds:
+            raise NotAnImage("this instance has no pixel data")
+        check_pixels(ds, archive.limits.max_pixel_bytes)
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+        numbers = list(range(1, count + 1)) if numbers is None else numbers
+        if max(numbers) > count:
+            raise _NoSuchFrame(f"this instance has {count} frame(s)")
+        syntax = ds.file_meta.TransferSyntaxUID
+        if syntax.is_compressed:
+            return [np.ascontiguousarray(pixel_array(plain, index=n - 1)).tobytes() for n in numbers]
+        bits = int(ds.BitsAllocated)
+        if bits % 8:
+            raise _Unsupported(f"frames of {bits}-bit pixels are not sent; retrieve the instance")
+        size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * bits // 8
+        raw = ds.get_item(0x7FE00010, keep_deferred=True)
+        out = []
+        with open(plain, "rb") as fh:
+            for n in numbers:
+                if raw.value is not None:          # small enough to be read with the header
+                    frame = bytes(raw.value[(n - 1) * size:n * size])
+                else:
+                    fh.seek(raw.value_tell + (n - 1) * size)
+                    frame = fh.read(size)
+                if not syntax.is_little_endian and bits > 8:
+                    frame = np.frombuffer(frame, f">u{bits // 8}").astype(f"<u{bits // 8}").tobytes()
+                out.append(frame)
+        return out
+
+
+def _bulk(archive, match: archive_query.Match, tag: int) -> bytes:
+    """A top-level element's value (not the pixel data: `_frames`)."""
+    with archive.exported(match.blob_id, match.sha256) as path, undeflated(path, archive.limits) as plain:
+        ds = pydicom.dcmread(plain, stop_before_pixels=True)
+        if tag not in ds:
+            raise _NoSuchFrame("no such bulk data")
+        value = ds[tag].value
+        return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _octet_parts(request: web.Request, parts: list[bytes], headers: dict) -> web.Response:
+    boundary = secrets.token_hex(16)
+    body = bytearray()
+    for part in parts:
+        body += (f"--{boundary}\r\nContent-Type: application/octet-stream; transfer-syntax={EVLE}\r\n"
+                 f"Content-Length: {len(part)}\r\n\r\n").encode() + part + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return web.Response(body=bytes(body), headers={
+        **headers, "Content-Type": f'multipart/related; type="application/octet-stream"; boundary={boundary}'})
+
+
+def _octets_accepted(request: web.Request) -> None:
+    ranges = _media(request.headers.get("Accept", ""))
+    if ranges and not any(m in ("*/*", "multipart/*", "application/octet-stream") or
+                          (m == "multipart/related" and p.get("type", "application/octet-stream").lower()
+                           in ("application/octet-stream", "*/*")) for m, p in ranges):
+        raise error(web.HTTPNotAcceptable, 'frames and bulk data are sent as multipart/related; '
+                    'type="application/octet-stream" (uncompressed)')
+
+
+async def frames(request: web.Request) -> web.Response:
+    _octets_accepted(request)
+    numbers = _frame_numbers(request.match_info["frames"])
+    study, found = await _named(request)
+    headers = _validators(request, found, f"frames:{numbers}")
+    return await _send_octets(request, study, found[0], headers, lambda archive, match: _frames(archive, match,
+                                                                                                   numbers))
+
+
+async def bulkdata(request: web.Request) -> web.Response:
+    _octets_accepted(request)
+    text = request.match_info["tag"]
+    if len(text) != 8 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise error(web.HTTPBadRequest, "bulk data: a tag as 8 hex digits")
+    tag = int(text, 16)
+    study, found = await _named(request)
+    headers = _validators(request, found, f"bulk:{tag}")
+    if tag in PIXEL_TAGS:
+        return await _send_octets(request, study, found[0], headers,
+                                  lambda archive, match: [b"".join(_frames(archive, match, None))])
+    return await _send_octets(request, study, found[0], headers, lambda archive, match: [_bulk(archive, match, tag)])
+
+
+async def _send_octets(request: web.Request, study: str, match, headers: dict, read) -> web.Response:
+    try:
+        parts = await run(request, read, request.app[ARCHIVE], match)
+    except (_NoSuchFrame, NotAnImage) as exc:
+        raise error(web.HTTPNotFound, str(exc)) from None
+    except _Unsupported as exc:
+        raise error(web.HTTPNotAcceptable, str(exc)) from None
+    except Exception as exc:
+        raise _unreadable(match.sop_instance_uid, exc) from None
+    await audit(request, f"WADO {request.path.rsplit('/', 2)[-2]} of {match.sop_instance_uid}: "
+                         f"{sum(map(len, parts))} bytes", study)
+    return _octet_parts(request, parts, headers)
+
+
+# -- rendered ---------------------------------------------------------------------------------------
+
+def _pair(request: web.Request, name: str, kind=float, count: int = 2) -> tuple | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        values = [kind(v) for v in raw.split(",")[:count]]
+    except ValueError:
+        values = []
+    if len(values) != count:
+        raise error(web.HTTPBadRequest, f"{name}: {count} comma-separated numbers")
+    return tuple(values)
+
+
+async def rendered(request: web.Request) -> web.Response:
+    """/rendered (any viewport, window) and /thumbnail (128 x 128 at most), JPEG unless PNG is asked for."""
+    thumbnail = request.path.endswith("/thumbnail")
+    accept = [m for m, _ in _media(request.headers.get("Accept", ""))]
+    fmt = "png" if accept and "image/png" in accept and "image/jpeg" not in accept[:accept.index("image/png")] \
+        else "jpeg"
+    if accept and not {"image/jpeg", "image/png", "image/*", "*/*"} & set(accept):
+        raise error(web.HTTPNotAcceptable, "rendered images are image/jpeg or image/png")
+    frame = _frame_numbers(request.match_info["frames"])[0] if "frames" in request.match_info else 1
+    viewport = _pair(request, "viewport", int) or ((128, 128) if thumbnail else None)
+    window = _pair(request, "window", float, 2) if "window" in request.query else None
+    if viewport and not all(1 <= v <= IMAGE_LIMIT for v in viewport):
+        raise error(web.HTTPBadRequest, f"viewport: 1-{IMAGE_LIMIT} pixels each way")
+    study, found = await _named(request)
+    match = found[len(found) // 2] if len(found) > 1 else found[0]       # a study's or series' thumbnail
+    headers = _validators(request, [match], f"rendered:{fmt}:{frame}:{viewport}:{window}")
+    images = request.app[IMAGES]
+
+    def work(decoded):
+        size = None
+        if viewport:                              # the whole image, as large as fits in the viewport
+            rows, columns = decoded.info["rows"], decoded.info["columns"]
+            scale = min(viewport[0] / columns, viewport[1] / rows)
+            size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
+        return images.render(match.sop_instance_uid, frame=frame - 1, size=size, window=window, fmt=fmt,
+                             decoded=decoded)
+
+    picture = viewport[0] * viewport[1] if viewport else IMAGE_LIMIT * IMAGE_LIMIT
+    try:
+        data = await _with_pixels(request, match.sop_instance_uid, work, picture)
+    except NotAnImage as exc:
+        raise error(web.HTTPNotAcceptable, f"this instance cannot be rendered: {exc}") from None
+    except ValueError as exc:
+        raise error(web.HTTPBadRequest, str(exc)) from None
+    await audit(request, f"WADO rendered {match.sop_instance_uid}: {len(data)} bytes", study)
+    return web.Response(body=data, content_type=f"image/{fmt}", headers=headers)
+
+
+def routes(app: web.Application) -> None:
+    study, series, instance = STUDY, STUDY + SERIES, STUDY + SERIES + INSTANCE
+    app[METADATA] = Cache(METADATA_CACHE)
+    r = app.router
+    for path in (study, series, instance):
+        r.add_get(path, retrieve)
+        r.add_get(path + "/metadata", metadata)
+        r.add_get(path + "/thumbnail", rendered)
+    r.add_get(instance + "/rendered", rendered)
+    r.add_get(instance + "/frames/{frames}", frames)
+    r.add_get(instance + "/frames/{frames}/rendered", rendered)
+    r.add_get(instance + "/bulkdata/{tag}", bulkdata)
