@@ -19,6 +19,7 @@ from helpers import Node, free_port, synthetic_instances, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.interop]
 PASSWORD = "dicomweb-test-password"
+OHIF_ELSEWHERE = "https://ohif.example:8443"
 J2K, RLE, MULTIFRAME = (get_testdata_file(n) for n in ("JPEG2000.dcm", "MR_small_RLE.dcm", "emri_small.dcm"))
 
 
@@ -33,7 +34,7 @@ def dataset_bytes(data: bytes) -> bytes:
 def site(tmp_path_factory, pki):
     """A node with its viewer; two CT studies and a multi-frame MR over DICOM TLS; tokens."""
     work = tmp_path_factory.mktemp("dicomweb")
-    node = Node(work / "node", pki, viewer={"enabled": True, "port": free_port()})
+    node = Node(work / "node", pki, viewer={"enabled": True, "port": free_port(), "cors_origins": [OHIF_ELSEWHERE]})
     node.env["M3DICOM_ADMIN_PASSWORD"] = PASSWORD
     node.start()
     smith = synthetic_instances(work / "smith", 3, patient="Smith^John", patient_id="P-SMITH")
@@ -89,6 +90,28 @@ def test_no_token_a_bad_one_and_a_revoked_one_get_the_same_401(site, pki):
     assert all(a.headers["WWW-Authenticate"].startswith("Bearer") for a in answers)
     assert len({a.text for a in answers}) == 1                   # no hint which
     assert "Location" not in answers[0].headers                   # a program is not sent to the login page
+
+
+def test_cors_only_for_the_listed_origins_and_without_credentials(site, pki):
+    _, url, tokens, _, _ = site
+    preflight = session(pki).options(f"{url}/dicomweb/studies", headers={
+        "Origin": OHIF_ELSEWHERE, "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization"})
+    assert preflight.status_code == 204 and "GET" in preflight.headers["Access-Control-Allow-Methods"]
+    assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    assert preflight.headers["Access-Control-Allow-Origin"] == OHIF_ELSEWHERE
+    listed = session(pki, tokens["reader"]).get(f"{url}/dicomweb/studies", headers={"Origin": OHIF_ELSEWHERE})
+    assert listed.headers["Access-Control-Allow-Origin"] == OHIF_ELSEWHERE and "ETag" in listed.headers[
+        "Access-Control-Expose-Headers"] and "Access-Control-Allow-Credentials" not in listed.headers
+    refused = session(pki).get(f"{url}/dicomweb/studies", headers={"Origin": OHIF_ELSEWHERE})
+    assert refused.status_code == 401 and refused.headers["Access-Control-Allow-Origin"] == OHIF_ELSEWHERE
+    other = "https://evil.example"
+    assert "Access-Control-Allow-Origin" not in session(pki, tokens["reader"]).get(
+        f"{url}/dicomweb/studies", headers={"Origin": other}).headers
+    assert session(pki).options(f"{url}/dicomweb/studies", headers={
+        "Origin": other, "Access-Control-Request-Method": "GET"}).status_code == 403
+    assert "Access-Control-Allow-Origin" not in session(pki).get(f"{url}/login",
+                                                                 headers={"Origin": OHIF_ELSEWHERE}).headers
 
 
 # -- QIDO-RS -------------------------------------------------------------------------------------

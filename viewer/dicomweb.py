@@ -77,8 +77,38 @@ def _unauthorized(detail: str = "") -> web.HTTPException:
                  **{"WWW-Authenticate": challenge})
 
 
+CORS_HEADERS = "Authorization, Accept, Content-Type, If-None-Match"
+CORS_EXPOSED = "ETag, Last-Modified, Warning, Content-Location, Content-Length"
+
+
+def _allowed_origin(request: web.Request) -> str | None:
+    """The request's Origin when viewer.cors_origins allows it (a web app hosted elsewhere), else None."""
+    origin = request.headers.get("Origin", "").rstrip("/")
+    return origin if origin and origin in request.app[CONFIG].viewer.cors_origins else None
+
+
+async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: an allowed origin may read /dicomweb's answers (errors and streams too). No
+    credentials: such an app sends an API token; the viewer's cookie stays its own site's (SameSite)."""
+    if is_dicomweb(request) and (origin := _allowed_origin(request)):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
+        response.headers["Vary"] = ", ".join(filter(None, (response.headers.get("Vary"), "Origin")))
+
+
+def _preflight(request: web.Request) -> web.Response:
+    if _allowed_origin(request) is None:
+        raise error(web.HTTPForbidden, "this origin may not call this API (viewer.cors_origins)")
+    return web.Response(status=204, headers={"Access-Control-Allow-Methods": "GET, POST",
+                                             "Access-Control-Allow-Headers": CORS_HEADERS,
+                                             "Access-Control-Max-Age": "600"})
+
+
 async def authenticate(request: web.Request, handler):
-    """The sessions middleware's step for /dicomweb: a token, else the session cookie, else 401."""
+    """The sessions middleware's step for /dicomweb: a token, else the session cookie, else 401 (a CORS
+    preflight, which carries no token, is answered here)."""
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        return _preflight(request)
     app = request.app
     index, now = app[ARCHIVE].index, app[CLOCK]()
     authorization = request.headers.get("Authorization")
@@ -425,7 +455,8 @@ STUDY, SERIES, INSTANCE = "/dicomweb/studies/{study}", "/series/{series}", "/ins
 
 
 def routes(app: web.Application) -> None:
-    """QIDO-RS and STOW-RS (WADO-RS: wado.routes)."""
+    """QIDO-RS and STOW-RS (WADO-RS: wado.routes), and CORS for viewer.cors_origins."""
+    app.on_response_prepare.append(cors_headers)
     r = app.router
     for path in ("/dicomweb/studies", "/dicomweb/series", "/dicomweb/instances", f"{STUDY}/series",
                  f"{STUDY}{SERIES}/instances", f"{STUDY}/instances"):

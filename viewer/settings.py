@@ -40,6 +40,8 @@ class ViewerSection:
                                  "while another is checked; more at once are answered 429 unchecked.")
     public_url: str = setting("", "The viewer's address as clinicians reach it (share links use it); empty: "
                               "https://host:port.")
+    cors_origins: list = setting([], "Origins (https://host[:port]) of web apps hosted elsewhere (an OHIF of "
+                                 "their own) that may call /dicomweb with an API token; empty: none (CORS off).")
 
     def validate(self) -> None:
         check_port("viewer.port", self.port, allow_zero=False)
@@ -61,6 +63,10 @@ class ViewerSection:
         if not 1 <= self.max_event_streams <= self.max_event_streams_per_address <= 100_000:
             raise SettingsError("viewer.max_event_streams / max_event_streams_per_address: "
                                 "1 <= max_event_streams <= max_event_streams_per_address")
+        for i, origin in enumerate(self.cors_origins):
+            if not isinstance(origin, str) or not re.match(r"^https?://[^\s/]+$", origin):
+                raise SettingsError(f"viewer.cors_origins[{i}]: {origin!r} is not an origin (https://host[:port], "
+                                    "no path)")
         if self.public_url and not re.match(r"^https?://[^\s/]+(:\d+)?(/.*)?$", self.public_url):
             raise SettingsError(f"viewer.public_url: {self.public_url!r} is not an http(s) address")
 
