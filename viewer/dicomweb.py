@@ -173,7 +173,9 @@ def base_url(request: web.Request) -> str:
 
 
 def json_answer(request: web.Request, data, status: int = 200, **headers) -> web.Response:
-    response = web.Response(body=json.dumps(data).encode(), status=status, content_type=DICOM_JSON,
+    """DICOM JSON (`data`, or bytes already encoded), gzipped when the client accepts it."""
+    body = data if isinstance(data, bytes) else json.dumps(data).encode()
+    response = web.Response(body=body, status=status, content_type=DICOM_JSON,
                             headers=headers or None)
     response.enable_compression()                # gzip when the client's Accept-Encoding says so
     return response

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import secrets
 import tempfile
@@ -223,7 +224,8 @@ def _read_header(plain: Path) -> tuple[Dataset, dict[int, str]]:
     return ds, bulk
 
 
-def _metadata(archive, match: archive_query.Match, base: str, cache: Cache) -> dict:
+def _metadata(archive, match: archive_query.Match, base: str, cache: Cache) -> bytes:
+    """The instance's metadata as DICOM JSON, encoded (kept so: a series' answer joins them)."""
     found = cache.get((match.sha256, base))
     if found is not None:
         return found
@@ -234,24 +236,27 @@ def _metadata(archive, match: archive_query.Match, base: str, cache: Cache) -> d
            f"/instances/{match.sop_instance_uid}")
     for tag, vr in bulk.items():
         out[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"{url}/bulkdata/{tag:08X}"}
-    out = dict(sorted(out.items()))
-    cache.put((match.sha256, base), out, 1024 + len(str(out)))
-    return out
+    encoded = json.dumps(dict(sorted(out.items()))).encode()
+    cache.put((match.sha256, base), encoded, 256 + len(encoded))
+    return encoded
 
 
 async def metadata(request: web.Request) -> web.Response:
     study, found = await _named(request)
     headers = _validators(request, found, "metadata")
     archive, base, cache = request.app[ARCHIVE], base_url(request), request.app[METADATA]
-    out: list[dict] = []
+    out = [cache.get((match.sha256, base)) for match in found]      # known ones without a thread each
+    missing = [n for n, item in enumerate(out) if item is None]
     try:
-        for start in range(0, len(found), METADATA_PARALLEL):
-            out += await asyncio.gather(*(run(request, _metadata, archive, match, base, cache)
-                                          for match in found[start:start + METADATA_PARALLEL]))
+        for start in range(0, len(missing), METADATA_PARALLEL):
+            numbers = missing[start:start + METADATA_PARALLEL]
+            read = await asyncio.gather(*(run(request, _metadata, archive, found[n], base, cache) for n in numbers))
+            for n, item in zip(numbers, read):
+                out[n] = item
     except Exception as exc:
         raise _unreadable(found[0].sop_instance_uid if len(found) == 1 else study, exc) from None
     await audit(request, f"WADO metadata of {len(found)} instances", study)
-    return json_answer(request, out, **headers)
+    return json_answer(request, b"[" + b",".join(out) + b"]", **headers)
 
 
 # -- frames and bulk data --------------------------------------------------------------------------
