@@ -318,7 +318,7 @@ async def qido(request: web.Request) -> web.Response:
         return web.Response(status=204)
     base = base_url(request)
     headers = {}
-    if limit > cap and len(found) == cap:
+    if len(found) == cap and ("limit" not in request.query or limit > cap):     # perhaps more: say how to go on
         headers["Warning"] = (f'299 m3dicom "at most {cap} matches a request (query.max_results): ask for the '
                               f'next ones with offset={offset + cap}"')
     return json_answer(request, [_as_json(match, level, base) for match in found], **headers)
