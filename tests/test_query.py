@@ -136,6 +136,26 @@ def test_uid_list_matching_and_returned_keys(filled):
                                                                  for r in results)
 
 
+def test_a_page_of_matches_by_limit_and_offset(filled):
+    """QIDO-RS pages with limit and offset (archive.query.find), in the order of reception, on both engines."""
+    from contextlib import closing
+
+    from archive.query import find as find_matches
+
+    archive, _ = filled
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel, identifier.StudyInstanceUID = "STUDY", ""
+    everything = [str(r.StudyInstanceUID) for r in find(archive, QueryRetrieveLevel="STUDY", StudyInstanceUID="")]
+    assert len(everything) >= 4
+
+    def page(limit, offset):
+        with closing(find_matches(archive.index, Query(STUDY_ROOT, identifier), limit, offset=offset)) as found:
+            return [str(r.StudyInstanceUID) for r in found]
+
+    assert page(2, 0) + page(2, 2) == everything[:4]
+    assert page(None, 1) == everything[1:] and page(2, len(everything)) == []
+
+
 def test_levels_and_models(filled):
     archive, studies = filled
     patients = find(archive, PATIENT_ROOT, QueryRetrieveLevel="PATIENT", PatientName="SMITH*",
