@@ -336,3 +336,28 @@ def test_every_call_is_audited_with_who_what_study_and_bytes(site):
     assert any(r[0] == "token:reader" and r[1] == studies["smith"] and "bytes" in r[3] for r in rows)
     assert any(r[0] == "token:?" and r[2] == "refused" for r in rows)
     assert any(r[0] == "token:writer" and "STOW: 2 stored" in r[3] for r in rows)
+
+
+def test_frames_read_from_their_place_in_the_file_equal_pydicoms_pixels(tmp_path):
+    """What WADO-RS sends when the viewer does not hold the decoded image (wado._frames): a native frame read
+    from its offset in the decrypted file, a compressed one decoded by itself; Big Endian swapped."""
+    from archive import Archive
+    from viewer import wado
+
+    archive = Archive(tmp_path / "var")
+    try:
+        for name, numbers in (("emri_small.dcm", [1, 3, 10]), ("MR_small_bigendian.dcm", [1]),
+                              ("JPEG2000.dcm", [1]), ("SC_rgb_rle_2frame.dcm", [2])):
+            path = get_testdata_file(name)
+            assert archive.ingest_file(path).outcome.ok, name
+            ds = pydicom.dcmread(path)
+            match, = wado._instances(archive.index, str(ds.StudyInstanceUID), None, str(ds.SOPInstanceUID))
+            frame_shape = ds.pixel_array.shape[-3:] if ds.get("SamplesPerPixel", 1) == 3 else ds.pixel_array.shape[-2:]
+            pixels = ds.pixel_array.reshape((int(ds.get("NumberOfFrames", 1) or 1), *frame_shape))
+            for data, n in zip(wado._frames(archive, match, numbers), numbers):
+                assert data == np.ascontiguousarray(pixels[n - 1]).astype(pixels.dtype.newbyteorder("<")).tobytes(), \
+                    (name, n)
+            with pytest.raises(wado._NoSuchFrame):
+                wado._frames(archive, match, [pixels.shape[0] + 1])
+    finally:
+        archive.close()

@@ -348,8 +348,7 @@ async def frames(request: web.Request) -> web.Response:
     numbers = _frame_numbers(request.match_info["frames"])
     study, found = await _named(request)
     headers = _validators(request, found, f"frames:{numbers}")
-    return await _send_octets(request, study, found[0], headers, lambda archive, match: _frames(archive, match,
-                                                                                                   numbers))
+    return await _send_octets(request, study, found[0], headers, numbers)
 
 
 async def bulkdata(request: web.Request) -> web.Response:
@@ -360,19 +359,47 @@ async def bulkdata(request: web.Request) -> web.Response:
     tag = int(text, 16)
     study, found = await _named(request)
     headers = _validators(request, found, f"bulk:{tag}")
-    if tag in PIXEL_TAGS:
-        return await _send_octets(request, study, found[0], headers,
-                                  lambda archive, match: [b"".join(_frames(archive, match, None))])
-    return await _send_octets(request, study, found[0], headers, lambda archive, match: [_bulk(archive, match, tag)])
+    return await _send_octets(request, study, found[0], headers, None, None if tag in PIXEL_TAGS else tag)
 
 
-async def _send_octets(request: web.Request, study: str, match, headers: dict, read) -> web.Response:
+async def _decoded_frames(request: web.Request, match, numbers: list[int] | None) -> list[bytes] | None:
+    """The frames from the viewer's decoded images (images.py: decoded once, kept, within its memory budget),
+    when those are the stored pixels (not colour of more than 8 bits, which the viewer keeps as 8); None:
+    read them from the file instead."""
+    uid, images = match.sop_instance_uid, request.app[IMAGES]
+
+    def work(decoded) -> list[bytes] | None:
+        pixels = decoded.pixels
+        if pixels.nbytes != images.header(uid).pixel_bytes:
+            return None
+        wanted = numbers or list(range(1, pixels.shape[0] + 1))
+        if max(wanted) > pixels.shape[0]:
+            raise _NoSuchFrame(f"this instance has {pixels.shape[0]} frame(s)")
+        return [np.ascontiguousarray(pixels[n - 1]).tobytes() for n in wanted]
+
     try:
-        parts = await run(request, read, request.app[ARCHIVE], match)
+        return await _with_pixels(request, uid, work)
+    except NotAnImage:                        # not shown by the viewer (too large for it, say): from the file
+        return None
+
+
+async def _send_octets(request: web.Request, study: str, match, headers: dict, numbers: list[int] | None,
+                       tag: int | None = None) -> web.Response:
+    """Frames (`numbers`; None: all, as the pixel data's bulk data) or the value of the bulk data `tag`."""
+    archive = request.app[ARCHIVE]
+    try:
+        parts = await _decoded_frames(request, match, numbers) if tag is None else None
+        if parts is None:
+            parts = await run(request, _frames, archive, match, numbers) if tag is None else \
+                [await run(request, _bulk, archive, match, tag)]
+        if tag is None and numbers is None:
+            parts = [b"".join(parts)]
     except (_NoSuchFrame, NotAnImage) as exc:
         raise error(web.HTTPNotFound, str(exc)) from None
     except _Unsupported as exc:
         raise error(web.HTTPNotAcceptable, str(exc)) from None
+    except web.HTTPException:
+        raise
     except Exception as exc:
         raise _unreadable(match.sop_instance_uid, exc) from None
     await audit(request, f"WADO {request.path.rsplit('/', 2)[-2]} of {match.sop_instance_uid}: "
