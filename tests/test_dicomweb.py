@@ -233,6 +233,11 @@ def test_stow_then_wado_compressed_as_stored_and_decoded(site, pki):
     frame, = reader.retrieve_instance_frames(study, series, sop, [1])
     assert np.array_equal(np.frombuffer(frame, j2k.pixel_array.dtype).reshape(j2k.pixel_array.shape),
                           j2k.pixel_array)
+    from pydicom.encaps import get_frame
+
+    as_sent, = reader.retrieve_instance_frames(study, series, sop, [1], media_types=(
+        ("application/octet-stream", "*"),))                    # the stored codestream, as OHIF asks for it
+    assert as_sent == get_frame(j2k.PixelData, 0, number_of_frames=1)
 
 
 def test_stow_refusals_fail_alone_and_store_nothing_wrong(site, pki):

@@ -323,32 +323,60 @@ def _bulk(archive, match: archive_query.Match, tag: int) -> bytes:
         return value if isinstance(value, bytes) else str(value).encode()
 
 
-def _octet_parts(request: web.Request, parts: list[bytes], headers: dict) -> web.Response:
+def _octet_parts(request: web.Request, parts: list[bytes], headers: dict, syntax: str = EVLE) -> web.Response:
     boundary = secrets.token_hex(16)
     body = bytearray()
     for part in parts:
-        body += (f"--{boundary}\r\nContent-Type: application/octet-stream; transfer-syntax={EVLE}\r\n"
+        body += (f"--{boundary}\r\nContent-Type: application/octet-stream; transfer-syntax={syntax}\r\n"
                  f"Content-Length: {len(part)}\r\n\r\n").encode() + part + b"\r\n"
     body += f"--{boundary}--\r\n".encode()
     return web.Response(body=bytes(body), headers={
         **headers, "Content-Type": f'multipart/related; type="application/octet-stream"; boundary={boundary}'})
 
 
-def _octets_accepted(request: web.Request) -> None:
+def _octets_accepted(request: web.Request) -> bool:
+    """Whether the client takes frames as stored (`transfer-syntax=*`); 406 if it takes no octet stream."""
     ranges = _media(request.headers.get("Accept", ""))
+    as_stored = any(m == "multipart/related" and p.get("type", "application/octet-stream").lower()
+                    == "application/octet-stream" and p.get("transfer-syntax") == "*" for m, p in ranges)
     if ranges and not any(m in ("*/*", "multipart/*", "application/octet-stream") or
                           (m == "multipart/related" and p.get("type", "application/octet-stream").lower()
                            in ("application/octet-stream", "*/*")) for m, p in ranges):
         raise error(web.HTTPNotAcceptable, 'frames and bulk data are sent as multipart/related; '
-                    'type="application/octet-stream" (uncompressed)')
+                    'type="application/octet-stream" (uncompressed, or as stored with transfer-syntax=*)')
+    return as_stored
 
 
 async def frames(request: web.Request) -> web.Response:
-    _octets_accepted(request)
+    as_stored = _octets_accepted(request)
     numbers = _frame_numbers(request.match_info["frames"])
     study, found = await _named(request)
+    syntax = UID(found[0].transfer_syntax)
+    if as_stored and syntax.is_compressed:              # the stored codestreams, decoded by the client
+        headers = _validators(request, found, f"frames:{numbers}:{syntax}")
+        try:
+            parts = await run(request, _stored_frames, request.app[ARCHIVE], found[0], numbers)
+        except _NoSuchFrame as exc:
+            raise error(web.HTTPNotFound, str(exc)) from None
+        except Exception as exc:
+            raise _unreadable(found[0].sop_instance_uid, exc) from None
+        await audit(request, f"WADO frames of {found[0].sop_instance_uid} as stored: {sum(map(len, parts))} bytes",
+                    study)
+        return _octet_parts(request, parts, headers, str(syntax))
     headers = _validators(request, found, f"frames:{numbers}")
     return await _send_octets(request, study, found[0], headers, numbers)
+
+
+def _stored_frames(archive, match: archive_query.Match, numbers: list[int]) -> list[bytes]:
+    """Compressed frames as stored (each frame's codestream), read within the archive's limits."""
+    from pydicom.encaps import get_frame
+
+    with archive.exported(match.blob_id, match.sha256) as path, undeflated(path, archive.limits) as plain:
+        ds = pydicom.dcmread(plain)
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+        if max(numbers) > count:
+            raise _NoSuchFrame(f"this instance has {count} frame(s)")
+        return [get_frame(ds.PixelData, n - 1, number_of_frames=count) for n in numbers]
 
 
 async def bulkdata(request: web.Request) -> web.Response:
