@@ -7,6 +7,7 @@ import http.client
 import io
 import json
 import ssl
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -349,11 +350,15 @@ def test_frames_read_from_their_place_in_the_file_equal_pydicoms_pixels(tmp_path
     from archive import Archive
     from viewer import wado
 
+    planar = pydicom.dcmread(get_testdata_file("SC_rgb_2frame.dcm"))       # colour planes one after the other
+    planar.PixelData, planar.PlanarConfiguration = planar.pixel_array.transpose(0, 3, 1, 2).tobytes(), 1
+    planar.save_as(tmp_path / "planar.dcm", enforce_file_format=True)
     archive = Archive(tmp_path / "var")
     try:
         for name, numbers in (("emri_small.dcm", [1, 3, 10]), ("MR_small_bigendian.dcm", [1]),
-                              ("JPEG2000.dcm", [1]), ("SC_rgb_rle_2frame.dcm", [2])):
-            path = get_testdata_file(name)
+                              ("JPEG2000.dcm", [1]), ("SC_rgb_rle_2frame.dcm", [2]), ("ExplVR_BigEnd.dcm", [1]),
+                              (tmp_path / "planar.dcm", [1, 2])):
+            path = name if isinstance(name, Path) else get_testdata_file(name)
             assert archive.ingest_file(path).outcome.ok, name
             ds = pydicom.dcmread(path)
             match, = wado._instances(archive.index, str(ds.StudyInstanceUID), None, str(ds.SOPInstanceUID))

@@ -297,7 +297,10 @@ def _frames(archive, match: archive_query.Match, numbers: list[int] | None) -> l
         bits = int(ds.BitsAllocated)
         if bits % 8:
             raise _Unsupported(f"frames of {bits}-bit pixels are not sent; retrieve the instance")
-        size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * bits // 8
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        shape = (samples, int(ds.Rows), int(ds.Columns))
+        planar = samples > 1 and int(ds.get("PlanarConfiguration", 0) or 0) == 1
+        size = shape[0] * shape[1] * shape[2] * bits // 8
         raw = ds.get_item(0x7FE00010, keep_deferred=True)
         out = []
         with open(plain, "rb") as fh:
@@ -309,6 +312,8 @@ def _frames(archive, match: archive_query.Match, numbers: list[int] | None) -> l
                     frame = fh.read(size)
                 if not syntax.is_little_endian and bits > 8:
                     frame = np.frombuffer(frame, f">u{bits // 8}").astype(f"<u{bits // 8}").tobytes()
+                if planar:                         # colour planes one after the other: interleaved, as pydicom gives
+                    frame = np.frombuffer(frame, f"<u{bits // 8}").reshape(shape).transpose(1, 2, 0).tobytes()
                 out.append(frame)
         return out
 
