@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBIAN_PACKAGES := dcmtk orthanc invesalius-examples chromium postgresql
+DEBIAN_PACKAGES := dcmtk orthanc orthanc-dicomweb invesalius-examples chromium postgresql
 X3DOM := viewer/vendor/node_modules/x3dom/x3dom.js
 X3DOM_VERSION := 1.8.3
 CONFIG ?=

@@ -371,3 +371,41 @@ def test_frames_read_from_their_place_in_the_file_equal_pydicoms_pixels(tmp_path
                 wado._frames(archive, match, [pixels.shape[0] + 1])
     finally:
         archive.close()
+
+
+# -- Orthanc's DICOMweb plug-in as a client ------------------------------------------------------------
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+@pytest.mark.skipif(not DICOMWEB_PLUGIN.exists(), reason="Debian's orthanc-dicomweb is not installed")
+def test_orthanc_finds_retrieves_and_sends_back_through_dicomweb(site, pki, tmp_path):
+    """Orthanc with its DICOMweb plug-in, m3dicom configured as its DICOMweb server (a write token): it
+    finds a study through our QIDO-RS, retrieves it into itself through WADO-RS, sends one back by STOW-RS."""
+    from test_orthanc import Orthanc
+
+    node, url, tokens, studies, files = site
+    server = {"Url": f"{url}/dicomweb/", "HttpHeaders": {"Authorization": f"Bearer {tokens['writer'].strip()}"}}
+    orthanc = Orthanc(tmp_path, pki, node, free_port(), extra={
+        "Plugins": [str(DICOMWEB_PLUGIN)], "HttpsCACertificates": str(pki / "ca.pem"), "HttpsVerifyPeers": True,
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {"m3": server}}})
+    try:
+        found = orthanc.post("/dicom-web/servers/m3/qido", {"Uri": "/studies", "Arguments": {"PatientID": "P-JONES"}})
+        assert [f["0020000D"]["Value"] for f in found] == [studies["jones"]]       # Orthanc's own JSON of our answer
+        orthanc.post("/dicom-web/servers/m3/retrieve", {"Resources": [{"Study": studies["jones"]}]})
+        sent = pydicom.dcmread(files["jones"][0])
+        held = orthanc.sop_instance_uids()
+        assert held == {sent.SOPInstanceUID}
+        instance, = orthanc.get("/instances")
+        retrieved = orthanc.get_bytes(f"/instances/{instance}/file")
+        assert np.array_equal(pydicom.dcmread(io.BytesIO(retrieved)).pixel_array, sent.pixel_array)
+
+        upload = pydicom.dcmread(get_testdata_file("MR_small.dcm"))            # Orthanc sends one back: STOW-RS
+        buffer = io.BytesIO()
+        upload.save_as(buffer, enforce_file_format=True)
+        stored = orthanc.post("/instances", buffer.getvalue())
+        orthanc.post("/dicom-web/servers/m3/stow", {"Resources": [stored["ID"]]})
+        assert node.rows("SELECT COUNT(*) FROM instances WHERE sop_instance_uid = ?",
+                         (upload.SOPInstanceUID,)) == [(1,)]
+    finally:
+        orthanc.stop()

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.interop
 
 
 class Orthanc:
-    def __init__(self, workdir, pki, node, dicom_port: int):
+    def __init__(self, workdir, pki, node, dicom_port: int, extra: dict | None = None):
+        """`extra`: more of Orthanc's configuration (its DICOMweb plug-in, say), over the defaults."""
         self.dicom_port, self.http_port = dicom_port, free_port()
         store = workdir / "orthanc-db"
         config = workdir / "orthanc.json"
@@ -33,6 +34,7 @@ class Orthanc:
             "DicomTlsRemoteCertificateRequired": True,
             "DicomModalities": {"m3": {"AET": "M3DICOM", "Host": "127.0.0.1", "Port": node.port,
                                        "UseDicomTls": True}},
+            **(extra or {}),
         }))
         self.log = open(workdir / "orthanc.log", "ab")
         self.proc = subprocess.Popen(["Orthanc", str(config)], stdout=self.log, stderr=subprocess.STDOUT,
@@ -50,8 +52,13 @@ class Orthanc:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=60) as rsp:
             return json.loads(rsp.read())
 
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=60) as rsp:
+            return rsp.read()
+
     def post(self, path: str, body):
-        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        data = body if isinstance(body, bytes) else body.encode() if isinstance(body, str) else \
+            json.dumps(body).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method="POST")
         with urllib.request.urlopen(request, timeout=120) as rsp:
             return json.loads(rsp.read() or b"null")

@@ -24,7 +24,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -349,9 +349,23 @@ def _multipart_boundary(request: web.Request) -> None:
                                                   "data parts)")
 
 
+class _Parts(MultipartReader):
+    """aiohttp's multipart reader, taking boundaries longer than RFC 2046's 70 characters: Orthanc's
+    DICOMweb plug-in sends 73. Still bounded (MAX_BOUNDARY), so a line is never read without end."""
+
+    def _get_boundary(self) -> str:
+        boundary = self._mimetype.parameters["boundary"]
+        if len(boundary) > MAX_BOUNDARY:
+            raise ValueError(f"boundary of {len(boundary)} characters ({MAX_BOUNDARY} at most)")
+        return boundary
+
+
+MAX_BOUNDARY = 200
+
+
 async def _receive(request: web.Request, work: Path, limit: int, file_limit: int, count_limit: int) -> list:
     """Each part to a file of its own ((path, its Content-Type)), within the upload limits."""
-    reader = await request.multipart()
+    reader = _Parts(request.headers, request.content)
     received, total = [], 0
     async for part in reader:
         if len(received) >= count_limit:
@@ -434,7 +448,8 @@ async def stow(request: web.Request) -> web.Response:
     except _TooLarge as exc:
         await audit(request, f"STOW: {exc}", study, "refused")
         raise error(web.HTTPRequestEntityTooLarge, str(exc)) from None
-    except (ValueError, AssertionError, HttpProcessingError):     # aiohttp's parser: not the multipart it claims
+    except (ValueError, AssertionError, HttpProcessingError) as exc:    # aiohttp's parser: not the multipart it claims
+        log.warning("STOW-RS refused: not a readable multipart body (%s: %s)", type(exc).__name__, str(exc)[:200])
         await audit(request, "STOW: not a readable multipart body", study, "refused")
         raise error(web.HTTPBadRequest, "the body is not a readable multipart/related message") from None
     finally:
