@@ -321,6 +321,12 @@ def test_the_viewers_session_and_a_share_link_limited_to_its_study(site, pki):
     assert no_csrf.status_code == 403                         # a cookie's POST passes the CSRF rule first
     page = person.get(f"{url}/studies").text
     csrf = page.split('name="csrf-token" content="')[1].split('"')[0]
+    with open(MULTIFRAME, "rb") as fh:                         # with its CSRF token, a user's session stores
+        again = person.post(f"{url}/dicomweb/studies", data=b"--x\r\nContent-Type: application/dicom\r\n\r\n" +
+                            fh.read() + b"\r\n--x--\r\n", headers={
+                                "X-CSRF-Token": csrf,
+                                "Content-Type": 'multipart/related; type="application/dicom"; boundary=x'})
+    assert again.status_code == 200, again.text                 # already stored: stored
     link = person.post(f"{url}/api/studies/{studies['smith']}/share", json={"days": 1},
                        headers={"X-CSRF-Token": csrf}).json()["url"]
     guest = session(pki)
