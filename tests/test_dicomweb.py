@@ -159,7 +159,8 @@ def test_qido_answers_204_400_and_gzip(site, pki):
     assert s.get(f"{url}/dicomweb/studies", params={"PatientID": "NOBODY"}).status_code == 204
     for params, said in (({"NoSuchThing": "1"}, "NoSuchThing"), ({"StudyDate": "2024-13"}, "StudyDate"),
                          ({"SOPInstanceUID": "1.2"}, "cannot be matched at this level"),
-                         ({"limit": "many"}, "limit"), ({"includefield": "Nonsense"}, "Nonsense")):
+                         ({"limit": "many"}, "limit"), ({"offset": "9" * 30}, "offset"),
+                         ({"includefield": "Nonsense"}, "Nonsense")):
         answer = s.get(f"{url}/dicomweb/studies", params=params)
         assert answer.status_code == 400 and said in answer.json()["error"], (params, answer.text)
     raw = s.get(f"{url}/dicomweb/studies", headers={"Accept-Encoding": "gzip"}, stream=True)
@@ -207,6 +208,9 @@ def test_wado_instance_bytes_metadata_frames_and_rendered(site, pki):
     jpeg = dw.retrieve_instance_rendered(study, series, sop, media_types=("image/jpeg",), params={"viewport": "64,64"})
     image = Image.open(io.BytesIO(jpeg))
     assert image.format == "JPEG" and image.size == (64, 64)
+    for window in ("nan,400", "40,inf", "40"):
+        assert s.get(f"{url}/dicomweb/studies/{study}/series/{series}/instances/{sop}/rendered",
+                     params={"window": window}).status_code == 400
     thumbnail = s.get(f"{url}/dicomweb/studies/{study}/thumbnail")
     assert thumbnail.headers["Content-Type"] == "image/jpeg" and Image.open(io.BytesIO(thumbnail.content)).size == \
         (128, 128)

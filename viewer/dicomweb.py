@@ -194,7 +194,8 @@ LEVEL_KEYS = {
     "IMAGE": ("SOPClassUID", "SOPInstanceUID", "InstanceNumber"),
 }
 PARAMETERS = ("limit", "offset", "fuzzymatching", "includefield")
-LISTS = ("uid", "cs", "modalities")        # kinds whose comma-separated values are a list
+LISTS = ("uid", "cs", "modalities")
+MAX_OFFSET = 1 << 31                       # limit and offset at most (the database's integers)        # kinds whose comma-separated values are a list
 
 
 def _attribute(name: str) -> str | None:
@@ -219,8 +220,8 @@ def _number(query, name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise error(web.HTTPBadRequest, f"{name}: not a whole number") from None
-    if value < 0:
-        raise error(web.HTTPBadRequest, f"{name}: must not be negative")
+    if not 0 <= value <= MAX_OFFSET:
+        raise error(web.HTTPBadRequest, f"{name}: between 0 and {MAX_OFFSET}")
     return value
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 import secrets
 import tempfile
@@ -450,7 +451,7 @@ def _pair(request: web.Request, name: str, kind=float, count: int = 2) -> tuple 
         values = [kind(v) for v in raw.split(",")[:count]]
     except ValueError:
         values = []
-    if len(values) != count:
+    if len(values) != count or not all(math.isfinite(v) for v in values):
         raise error(web.HTTPBadRequest, f"{name}: {count} comma-separated numbers")
     return tuple(values)
 
