@@ -160,6 +160,7 @@ def test_qido_answers_204_400_and_gzip(site, pki):
     for params, said in (({"NoSuchThing": "1"}, "NoSuchThing"), ({"StudyDate": "2024-13"}, "StudyDate"),
                          ({"SOPInstanceUID": "1.2"}, "cannot be matched at this level"),
                          ({"limit": "many"}, "limit"), ({"offset": "9" * 30}, "offset"),
+                         ({"NumberOfStudyRelatedSeries": "*x-1"}, "NumberOfStudyRelatedSeries"),
                          ({"includefield": "Nonsense"}, "Nonsense")):
         answer = s.get(f"{url}/dicomweb/studies", params=params)
         assert answer.status_code == 400 and said in answer.json()["error"], (params, answer.text)

@@ -272,7 +272,11 @@ def identifier(query, level: str, fixed: dict[str, str], share_study: str | None
     ds = Dataset()
     ds.add(_element("QueryRetrieveLevel", level))
     for keyword, value in keys.items():
-        ds.add(_element(keyword, value))
+        try:
+            ds.add(_element(keyword, value))
+        except (ValueError, OverflowError):       # pydicom's own check of a number (IS, DS, US ...)
+            raise error(web.HTTPBadRequest, f"{keyword}: not a value of its kind "
+                                            f"({dictionary_VR(tag_for_keyword(keyword))})") from None
     return ds
 
 
