@@ -93,6 +93,17 @@ def test_no_token_a_bad_one_and_a_revoked_one_get_the_same_401(site, pki):
     assert "Location" not in answers[0].headers                   # a program is not sent to the login page
 
 
+def test_a_token_ends_after_its_days(site, pki):
+    import time
+
+    node, url, _, _, _ = site
+    brief = node.cli("token", "create", "brief", "--days", "0.00001").stdout        # 0.86 seconds
+    time.sleep(1)
+    answer = session(pki, brief).get(f"{url}/dicomweb/studies")
+    assert answer.status_code == 401 and answer.headers["WWW-Authenticate"].startswith("Bearer")
+    assert "brief read expired" in node.cli("token", "list").stdout
+
+
 def test_cors_only_for_the_listed_origins_and_without_credentials(site, pki):
     _, url, tokens, _, _ = site
     preflight = session(pki).options(f"{url}/dicomweb/studies", headers={
