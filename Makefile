@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python bench/mammo_froc.py
 	$(BIN)/python bench/bone_mesh.py
 	$(BIN)/python bench/viewer.py
+	$(BIN)/python bench/dicomweb.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -170,29 +170,46 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     archive, boundary = request.app[ARCHIVE], secrets.token_hex(16)
     response = web.StreamResponse(headers={
         **headers, "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
-    sent = 0
-    for number, match in enumerate(found):
-        with ExitStack() as stack:
+
+    def ready(match) -> tuple[ExitStack, Path, str]:
+        """The instance's file to send (decrypted and verified; transcoded when asked), and what removes it."""
+        stack = ExitStack()
+        try:
+            path = stack.enter_context(archive.exported(match.blob_id, match.sha256))
+            if syntax is not None and match.transfer_syntax != syntax:
+                return stack, _explicit_little(archive, path, stack), syntax
+            return stack, path, match.transfer_syntax
+        except BaseException:
+            stack.close()
+            raise
+
+    sent, loop = 0, asyncio.get_running_loop()
+    # the next instance is decrypted (and checked) while this one is sent: at most two files at a time
+    upcoming = loop.run_in_executor(None, ready, found[0])
+    try:
+        for number, match in enumerate(found):
             try:
-                path = await run(request, lambda: stack.enter_context(archive.exported(match.blob_id, match.sha256)))
-                syntax_sent = match.transfer_syntax
-                if syntax is not None and syntax_sent != syntax:
-                    path = await run(request, _explicit_little, archive, path, stack)
-                    syntax_sent = syntax
+                stack, path, syntax_sent = await upcoming
             except Exception as exc:
+                upcoming = None
                 if number:                      # the answer has begun: it ends here, short
                     raise
                 raise _unreadable(match.sop_instance_uid, exc) from None
-            if number == 0:
-                await response.prepare(request)
-            size = path.stat().st_size
-            await response.write(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax_sent}\r\n"
-                                 f"Content-Length: {size}\r\n\r\n".encode())
-            with open(path, "rb") as fh:
-                while chunk := await run(request, fh.read, CHUNK):
-                    await response.write(chunk)
-            await response.write(b"\r\n")
-            sent += size
+            upcoming = loop.run_in_executor(None, ready, found[number + 1]) if number + 1 < len(found) else None
+            with stack:
+                if number == 0:
+                    await response.prepare(request)
+                size = path.stat().st_size
+                await response.write(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax="
+                                     f"{syntax_sent}\r\nContent-Length: {size}\r\n\r\n".encode())
+                with open(path, "rb") as fh:
+                    while chunk := await run(request, fh.read, CHUNK):
+                        await response.write(chunk)
+                await response.write(b"\r\n")
+                sent += size
+    finally:
+        if upcoming is not None:                # the answer ended early: the next file is removed once made
+            upcoming.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result()[0].close())
     await response.write(f"--{boundary}--\r\n".encode())
     await response.write_eof()
     await audit(request, f"WADO {len(found)} instances, {sent} bytes", study)

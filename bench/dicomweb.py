@@ -1,0 +1,153 @@
+"""DICOMweb benchmark: the node's /dicomweb against Orthanc's DICOMweb plug-in (Debian orthanc-dicomweb) on
+the same data, in the same run.
+
+Both receive one CT series of `--series` instances (CT_small copies with their own UIDs, 128 x 128) and
+`--studies` one-instance studies (the node by `storescu +tls`, Orthanc by its REST API). Then, one client
+each over loopback (the node over HTTPS with an API token, Orthanc over plain HTTP):
+
+- QIDO-RS `/studies?PatientName=BENCH*` (p50 / p95 of `--repeat` requests);
+- the series' `/metadata`, cold (the first request) and warm (p50 of the next five);
+- WADO-RS of the whole series as stored (`transfer-syntax=*`), MB/s;
+- `/frames/1` of every instance of the series, one request after the other, frames/s;
+- STOW-RS of 100 new small instances in one request, instances/s.
+
+Prints a Markdown table. Not a test: nothing is asserted.
+
+    .venv/bin/python bench/dicomweb.py [--series 600] [--studies 200] [--repeat 30] [--no-orthanc]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+import requests
+from pydicom.uid import generate_uid
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from helpers import M3DICOM, Node, free_port, synthetic_instances, wait_for  # noqa: E402
+
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+ACCEPT_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+ACCEPT_FRAMES = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+
+
+class Target:
+    def __init__(self, name: str, base: str, session: requests.Session):
+        self.name, self.base, self.session = name, base, session
+
+    def get(self, path: str, **kw) -> requests.Response:
+        answer = self.session.get(self.base + path, **kw)
+        answer.raise_for_status()
+        return answer
+
+
+def _timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def measure(target: Target, study: str, series: str, sops: list[str], stow: list[bytes], repeat: int) -> dict:
+    out = {}
+    qido = [_timed(lambda: target.get("/studies", params={"PatientName": "BENCH*"})) for _ in range(repeat)]
+    out["QIDO studies p50 / p95 (ms)"] = f"{statistics.median(qido) * 1000:.1f} / " \
+                                         f"{sorted(qido)[int(len(qido) * 0.95) - 1] * 1000:.1f}"
+    metadata = f"/studies/{study}/series/{series}/metadata"
+    out[f"series metadata, {len(sops)} instances, cold (ms)"] = f"{_timed(lambda: target.get(metadata)) * 1000:.0f}"
+    warm = [_timed(lambda: target.get(metadata)) for _ in range(5)]
+    out["series metadata, warm p50 (ms)"] = f"{statistics.median(warm) * 1000:.0f}"
+    size = []
+    seconds = _timed(lambda: size.append(len(target.get(f"/studies/{study}/series/{series}",
+                                                        headers={"Accept": ACCEPT_STORED}).content)))
+    out["WADO-RS series as stored (MB/s)"] = f"{size[0] / 1e6 / seconds:.1f}"
+    seconds = _timed(lambda: [target.get(f"/studies/{study}/series/{series}/instances/{sop}/frames/1",
+                                         headers={"Accept": ACCEPT_FRAMES}) for sop in sops])
+    out["frames, one request each (frames/s)"] = f"{len(sops) / seconds:.0f}"
+    boundary = "benchboundary"
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
+                    for part in stow) + f"--{boundary}--\r\n".encode()
+    started = time.perf_counter()
+    answer = target.session.post(target.base + "/studies", data=body, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json"})
+    seconds = time.perf_counter() - started
+    answer.raise_for_status()
+    out[f"STOW-RS {len(stow)} instances, one request (instances/s)"] = f"{len(stow) / seconds:.0f}"
+    return out
+
+
+def stow_set(directory: Path, count: int) -> list[bytes]:
+    """`count` small instances with UIDs of their own (each target gets its own set)."""
+    return [p.read_bytes() for p in synthetic_instances(directory, count, patient="Stow^Bench")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--series", type=int, default=600)
+    parser.add_argument("--studies", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--no-orthanc", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-dicomweb-"))
+    orthanc = node = None
+    try:
+        import subprocess
+
+        pki = work / "pki"
+        subprocess.run(M3DICOM + ["certs", "init", "--dir", str(pki)], check=True, cwd=ROOT, capture_output=True)
+        study = generate_uid()
+        series_files = synthetic_instances(work / "series", args.series, study=study, patient="Bench^Series")
+        others = [p for n in range(args.studies)
+                  for p in synthetic_instances(work / f"s{n}", 1, patient=f"Bench^{n:05d}")]
+        node = Node(work / "node", pki, viewer={"enabled": True, "port": free_port()})
+        node.start()
+        node.storescu(*series_files, *others, timeout=3600)
+        total = len(series_files) + len(others)
+        wait_for(lambda: node.rows("SELECT COUNT(*) FROM instances")[0][0] == total, timeout=600,
+                 what="the node's instances")
+        token = node.cli("token", "create", "bench", "--scope", "write").stdout.strip()
+        ours = requests.Session()
+        ours.trust_env, ours.verify = False, str(pki / "ca.pem")
+        ours.headers["Authorization"] = f"Bearer {token}"
+        first = pydicom.dcmread(series_files[0])
+        series, sops = str(first.SeriesInstanceUID), [pydicom.dcmread(p).SOPInstanceUID for p in series_files]
+        rows = {"m3dicom (HTTPS)": measure(Target("m3dicom", f"https://127.0.0.1:{node.settings['viewer']['port']}"
+                                                  "/dicomweb", ours), study, series, sops,
+                                           stow_set(work / "stow-m3", 100), args.repeat)}
+        if not args.no_orthanc and PLUGIN.exists():
+            from test_orthanc import Orthanc
+
+            (work / "orthanc").mkdir()
+            orthanc = Orthanc(work / "orthanc", pki, node, free_port(), extra={
+                "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}})
+            plain = requests.Session()
+            plain.trust_env = False
+            for path in (*series_files, *others):
+                plain.post(f"http://127.0.0.1:{orthanc.http_port}/instances", data=path.read_bytes()).raise_for_status()
+            rows["Orthanc DICOMweb (HTTP)"] = measure(Target("orthanc", f"http://127.0.0.1:{orthanc.http_port}"
+                                                             "/dicom-web", plain), study, series, sops,
+                                                      stow_set(work / "stow-orthanc", 100), args.repeat)
+        names = list(rows)
+        print(f"\n{args.series}-instance CT series (CT_small copies), {args.studies} more studies\n")
+        print("| | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for measure_name in rows[names[0]]:
+            print(f"| {measure_name} | " + " | ".join(rows[n].get(measure_name, "-") for n in names) + " |")
+    finally:
+        if orthanc is not None:
+            orthanc.stop()
+        if node is not None:
+            node.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
