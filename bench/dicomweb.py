@@ -57,9 +57,12 @@ def _timed(call) -> float:
 
 def measure(target: Target, study: str, series: str, sops: list[str], stow: list[bytes], repeat: int) -> dict:
     out = {}
-    qido = [_timed(lambda: target.get("/studies", params={"PatientName": "BENCH*"})) for _ in range(repeat)]
-    out["QIDO studies p50 / p95 (ms)"] = f"{statistics.median(qido) * 1000:.1f} / " \
-                                         f"{sorted(qido)[int(len(qido) * 0.95) - 1] * 1000:.1f}"
+    for label, params in (("one study by PatientID", {"PatientID": "BENCH-SERIES"}),
+                          ("all studies, limit 100", {"PatientName": "Bench*", "limit": "100"})):
+        matches = len(target.get("/studies", params=params).json())
+        qido = [_timed(lambda: target.get("/studies", params=params)) for _ in range(repeat)]
+        out[f"QIDO {label}: matches, p50 / p95 (ms)"] = (
+            f"{matches}, {statistics.median(qido) * 1000:.1f} / {sorted(qido)[int(len(qido) * 0.95) - 1] * 1000:.1f}")
     metadata = f"/studies/{study}/series/{series}/metadata"
     out[f"series metadata, {len(sops)} instances, cold (ms)"] = f"{_timed(lambda: target.get(metadata)) * 1000:.0f}"
     warm = [_timed(lambda: target.get(metadata)) for _ in range(5)]
@@ -104,9 +107,10 @@ def main() -> None:
         pki = work / "pki"
         subprocess.run(M3DICOM + ["certs", "init", "--dir", str(pki)], check=True, cwd=ROOT, capture_output=True)
         study = generate_uid()
-        series_files = synthetic_instances(work / "series", args.series, study=study, patient="Bench^Series")
+        series_files = synthetic_instances(work / "series", args.series, study=study, patient="Bench^Series",
+                                           patient_id="BENCH-SERIES")
         others = [p for n in range(args.studies)
-                  for p in synthetic_instances(work / f"s{n}", 1, patient=f"Bench^{n:05d}")]
+                  for p in synthetic_instances(work / f"s{n}", 1, patient=f"Bench^{n:05d}", patient_id=f"BENCH-{n}")]
         node = Node(work / "node", pki, viewer={"enabled": True, "port": free_port()})
         node.start()
         node.storescu(*series_files, *others, timeout=3600)

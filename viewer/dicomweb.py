@@ -20,7 +20,6 @@ import logging
 import re
 import shutil
 import tempfile
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,8 +193,8 @@ LEVEL_KEYS = {
     "IMAGE": ("SOPClassUID", "SOPInstanceUID", "InstanceNumber"),
 }
 PARAMETERS = ("limit", "offset", "fuzzymatching", "includefield")
-LISTS = ("uid", "cs", "modalities")
-MAX_OFFSET = 1 << 31                       # limit and offset at most (the database's integers)        # kinds whose comma-separated values are a list
+LISTS = ("uid", "cs", "modalities")        # kinds whose comma-separated values are a list
+MAX_OFFSET = 1 << 31                       # limit and offset at most (the database's integers)
 
 
 def _attribute(name: str) -> str | None:
@@ -280,22 +279,35 @@ def identifier(query, level: str, fixed: dict[str, str], share_study: str | None
     return ds
 
 
-def _matches(index, query: Query, limit: int, offset: int, timeout: float) -> list[Dataset]:
-    with closing(archive_query.find(index, query, limit, timeout, offset=offset)) as found:
-        return list(found)
+RETRIEVE_URL, AVAILABILITY = "00081190", "00080056"
 
 
-def _as_json(ds: Dataset, level: str, base: str) -> dict:
-    del ds.QueryRetrieveLevel
-    study = str(ds.get("StudyInstanceUID", ""))
-    url = f"{base}/studies/{study}"
-    if level in ("SERIES", "IMAGE") and ds.get("SeriesInstanceUID"):
-        url += f"/series/{ds.SeriesInstanceUID}"
+def _as_json(query: Query, values: tuple, level: str, base: str) -> dict:
+    """A match as DICOM JSON (PS3.18 F.2), written from the index's values."""
+    out = {}
+    for keyword, value in zip(query.return_keys, values):
+        vr, kind = dictionary_VR(keyword), ATTRIBUTES[keyword].kind
+        element: dict = {"vr": vr}
+        if value is not None and value != "":
+            if kind == "modalities":
+                element["Value"] = sorted(str(value).split(","))
+            elif kind in ("int", "count"):
+                element["Value"] = [int(value)]
+            elif vr == "PN":
+                element["Value"] = [dict(zip(("Alphabetic", "Ideographic", "Phonetic"), name.split("=")))
+                                    for name in str(value).split("\\")]
+            else:
+                element["Value"] = str(value).split("\\")
+        out[f"{tag_for_keyword(keyword):08X}"] = element
+    uids = dict(zip(query.return_keys, values))
+    url = f"{base}/studies/{uids.get('StudyInstanceUID', '')}"
+    if level in ("SERIES", "IMAGE") and uids.get("SeriesInstanceUID"):
+        url += f"/series/{uids['SeriesInstanceUID']}"
     if level == "IMAGE":
-        url += f"/instances/{ds.SOPInstanceUID}"
-    ds.RetrieveURL = url
-    ds.InstanceAvailability = "ONLINE"
-    return ds.to_json_dict()
+        url += f"/instances/{uids.get('SOPInstanceUID', '')}"
+    out[RETRIEVE_URL] = {"vr": "UR", "Value": [url]}
+    out[AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
+    return dict(sorted(out.items()))
 
 
 async def qido(request: web.Request) -> web.Response:
@@ -309,8 +321,8 @@ async def qido(request: web.Request) -> web.Response:
     fuzzy = request.query.get("fuzzymatching", "false").lower() == "true"
     try:
         query = Query(STUDY_ROOT, ds, case_insensitive_names=config.query.case_insensitive_names or fuzzy)
-        found = await run(request, _matches, request.app[ARCHIVE].index, query, min(limit, cap) or cap, offset,
-                          config.query.timeout)
+        found = await run(request, archive_query.find_values, request.app[ARCHIVE].index, query,
+                          min(limit, cap) or cap, config.query.timeout, offset)
     except QueryError as exc:
         await audit(request, f"QIDO {level}: {exc.reason}"[:300], study, "refused")
         raise error(web.HTTPBadRequest, str(exc)[:300]) from None
@@ -326,7 +338,7 @@ async def qido(request: web.Request) -> web.Response:
     if len(found) == cap and ("limit" not in request.query or limit > cap):     # perhaps more: say how to go on
         headers["Warning"] = (f'299 m3dicom "at most {cap} matches a request (query.max_results): ask for the '
                               f'next ones with offset={offset + cap}"')
-    return json_answer(request, [_as_json(match, level, base) for match in found], **headers)
+    return json_answer(request, [_as_json(query, values, level, base) for values in found], **headers)
 
 
 # -- STOW-RS ---------------------------------------------------------------------------------
