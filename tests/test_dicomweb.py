@@ -431,3 +431,36 @@ def test_orthanc_finds_retrieves_and_sends_back_through_dicomweb(site, pki, tmp_
                          (upload.SOPInstanceUID,)) == [(1,)]
     finally:
         orthanc.stop()
+
+
+def test_qido_json_is_what_pydicom_writes_of_the_c_find_match(tmp_path):
+    """QIDO-RS writes DICOM JSON from the index's values (dicomweb._as_json): the same attributes and values
+    as the C-FIND engine's Dataset of each match, at every level, names in UTF-8 and lists included."""
+    from multidict import MultiDict
+
+    from archive import Archive
+    from archive.query import STUDY_ROOT, Query, find, find_values
+    from test_query import build_studies
+    from viewer.dicomweb import _as_json, identifier
+
+    archive = Archive(tmp_path / "var")
+    try:
+        for entry in build_studies(tmp_path / "files").values():
+            for path in entry["files"]:
+                assert archive.ingest_file(path).outcome.ok
+        for level in ("STUDY", "SERIES", "IMAGE"):
+            ds = identifier(MultiDict([("includefield", "all")]), level, {}, None)
+            query = Query(STUDY_ROOT, ds)
+            raw = [_as_json(query, values, level, "https://x/dicomweb") for values in find_values(archive.index, query)]
+            assert all(isinstance(v, (int, float)) for r in raw for e in r.values() if e["vr"] in ("IS", "US", "UL")
+                       for v in e.get("Value", []))                   # numbers as JSON numbers (PS3.18 F.2.3)
+            written = [pydicom.Dataset.from_json(r) for r in raw]
+            matches = list(find(archive.index, Query(STUDY_ROOT, ds)))
+            assert len(written) == len(matches) > 3
+            for ours, theirs in zip(written, matches):
+                for element in theirs:
+                    if element.keyword not in ("QueryRetrieveLevel", "SpecificCharacterSet"):
+                        assert ours[element.tag].value == element.value, (level, element.keyword)
+                assert ours.RetrieveURL.startswith(f"https://x/dicomweb/studies/{theirs.StudyInstanceUID}")
+    finally:
+        archive.close()
