@@ -170,8 +170,9 @@ class Archive:
         self.local.remove_partials()
         for leftover in self.exports.iterdir():        # decrypted copies a crash left behind
             leftover.unlink(missing_ok=True)
-        referenced = self.index.blob_ids()
-        orphans = [b for b in self.storage.blob_ids() if b not in referenced]
+        held = list(self.storage.blob_ids())          # this node's (its data directory's), not the index's all
+        referenced = set(self.index.blobs_referenced(held))
+        orphans = [b for b in held if b not in referenced]
         for blob_id in orphans:
             self.storage.remove(blob_id)
         if orphans:
