@@ -13,7 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import text
+from collections.abc import Collection
+
+from sqlalchemy import bindparam, text
 
 from .index import Index
 
@@ -35,6 +37,15 @@ _HOLDER = text(
     "SELECT COALESCE(o.node, i.node) AS node, o.state, o.last_error FROM instances i "
     "LEFT JOIN offload o ON o.blob_id = i.blob_id WHERE i.blob_id = :blob "
     "UNION ALL SELECT node, state, last_error FROM offload WHERE blob_id = :blob LIMIT 1")
+
+# the received instances (not results) of these series that a running node other than :node holds and has not
+# put in S3 yet (no offload row yet, or one still pending), by node
+_WAITING = text(
+    "SELECT n.name, COUNT(*) FROM series se JOIN instances i ON i.series_pk = se.pk "
+    "LEFT JOIN offload o ON o.blob_id = i.blob_id JOIN nodes n ON n.name = COALESCE(o.node, i.node) "
+    "WHERE se.series_uid IN :uids AND i.job_id IS NULL AND n.name <> :node AND n.seen_at >= :alive_since "
+    "AND (o.state IS NULL OR o.state = 'pending') GROUP BY n.name ORDER BY n.name"
+).bindparams(bindparam("uids", expanding=True))
 
 
 class NodeNameTaken(RuntimeError):
@@ -93,3 +104,14 @@ def holder(index: Index, blob_id: str) -> Holder | None:
     """Which node holds the blob's local copy (None: no row names a node for it)."""
     row = index.read(_HOLDER, {"blob": blob_id})
     return Holder(*row[0]) if row and row[0].node is not None else None
+
+
+def not_offloaded_elsewhere(index: Index, series_uids: Collection[str], node: str,
+                            clock=time.time) -> dict[str, int]:
+    """Running nodes other than `node` that hold instances of these series not in S3 yet: name -> how many.
+    A job on those series waits (or that node's router runs it) rather than failing its attempt on them; a node
+    not seen for `ALIVE_SECONDS` is not waited for."""
+    if not series_uids:
+        return {}
+    rows = index.read(_WAITING, {"uids": list(series_uids), "node": node, "alive_since": clock() - ALIVE_SECONDS})
+    return {name: count for name, count in rows}
