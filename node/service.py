@@ -8,7 +8,7 @@ import signal
 import socket
 import threading
 
-from archive import nodes, open as open_archive, open_index
+from archive import check_storage, nodes, open as open_archive, open_index
 from scp.tls import server_context
 from viewer import accounts as viewer_accounts
 
@@ -117,6 +117,9 @@ def _serve(config: Config, ready) -> None:
     prepare_spool(config)
     d = config.dicom
     server_context(d.certificate, d.private_key, d.ca_certificates)   # a missing certificate stops the start first
+    s3_warning = check_storage(config)          # no credentials, no such bucket: the start stops here
+    if s3_warning:
+        log.warning("%s", s3_warning)
     if config.router.enabled:
         from router.service import load_plugins
         load_plugins(config)   # an unknown plug-in or bad parameters stop the start, with the rule named
