@@ -6,7 +6,9 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
+from pathlib import Path
 
 from archive import check_storage, nodes, open as open_archive, open_index
 from scp.tls import server_context
@@ -18,10 +20,22 @@ from .owners import open_archive as open_migrated
 from .receivers import configure_libraries
 
 
+def dcmtk(tool: str) -> str:
+    """How to call dcmtk's `tool`: its path when an activated virtual environment's scripts (pynetdicom's
+    apps of the same names, with other options) come first on PATH, else its name."""
+    scripts = Path(sys.prefix) / "bin"
+    found = [Path(d) / tool for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    found = [p for p in found if p.is_file() and os.access(p, os.X_OK)]
+    if found and found[0].parent != scripts:
+        return tool
+    dcmtk_own = next((p for p in found if p.parent != scripts), None)
+    return str(dcmtk_own) if dcmtk_own else tool
+
+
 def storescu_hint(config: Config) -> str:
     """A ready-to-paste dcmtk command that sends a file to this node over TLS."""
     d, c = config.dicom, config.client
-    return (f"TCP_NODELAY=1 storescu +tls {c.private_key} {c.certificate} +cf {d.ca_certificates} "
+    return (f"TCP_NODELAY=1 {dcmtk('storescu')} +tls {c.private_key} {c.certificate} +cf {d.ca_certificates} "
             f"-aet {c.ae_title} -aec {config.node.ae_title} {d.host} {d.port} FILE.dcm")
 
 log = logging.getLogger(__name__)
