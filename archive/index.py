@@ -79,6 +79,7 @@ _BLOBS_REFERENCED = text(
     "UNION SELECT blob_id FROM blob_holds WHERE blob_id IN :blobs").bindparams(bindparam("blobs", expanding=True))
 _BLOB_REFERENCED = text("SELECT 1 FROM instances WHERE blob_id = :blob UNION ALL SELECT 1 FROM quarantine "
                         "WHERE blob_id = :blob UNION ALL SELECT 1 FROM blob_holds WHERE blob_id = :blob LIMIT 1")
+_NOW = text("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)")
 _INTEGRITY = text("SELECT action, COUNT(DISTINCT sop_instance_uid) FROM conflicts GROUP BY action")
 _QUARANTINED = text("SELECT COUNT(*) FROM quarantine")
 _NOT_COMMITTABLE = text(
@@ -193,6 +194,13 @@ class Index:
         """A read-only connection of its own (SQLite: never waits for the writer, WAL)."""
         with self.engines.readers.connect() as conn:
             yield conn
+
+    def now(self) -> float:
+        """The index's clock (seconds since the epoch): PostgreSQL's, the same for every node that shares it;
+        this machine's for SQLite (one node)."""
+        if self.sqlite:
+            return time.time()
+        return self.read(_NOW)[0][0]
 
     def read(self, statement: sa.Executable, params: dict | None = None) -> list[Row]:
         """The rows of one statement (`text()` or Core) on a read-only connection."""

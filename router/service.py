@@ -102,10 +102,33 @@ class _Running:
     renewed: float
 
 
+class IndexClock:
+    """The index's clock, as this machine's clock plus an offset read from the index every `every` seconds: leases
+    that several nodes' routers compare are timed by one clock (PostgreSQL's), so a node whose clock is off
+    neither takes over live jobs nor holds dead ones longer."""
+
+    def __init__(self, index: Index, every: float = 10.0):
+        self.index, self.every = index, every
+        self._offset, self._read_at = 0.0, float("-inf")
+
+    def __call__(self) -> float:
+        if time.monotonic() - self._read_at >= self.every:
+            try:
+                before = time.time()
+                self._offset = self.index.now() - (before + time.time()) / 2
+                self._read_at = time.monotonic()
+            except Exception:               # the index away: the last offset, until it answers again
+                pass
+        return time.time() + self._offset
+
+
 class Router:
-    def __init__(self, config: Settings, archive: Archive, executor: Executor | None = None, clock=time.time,
+    def __init__(self, config: Settings, archive: Archive, executor: Executor | None = None, clock=None,
                  name: str | None = None):
-        self.config, self.archive, self.clock = config, archive, clock
+        """`clock`: seconds since the epoch for leases and quiet periods (the index's, `IndexClock`, when
+        None)."""
+        self.config, self.archive = config, archive
+        self.clock = clock or (time.time if archive.index.sqlite else IndexClock(archive.index))
         self.name = name or holder(config)          # on this router's leases
         self.lease = config.router.lease_seconds
         self._took_back = False

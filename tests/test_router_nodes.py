@@ -313,3 +313,28 @@ def test_a_job_whose_inputs_another_node_has_not_offloaded_waits_without_using_a
     finally:
         for archive in archives:
             archive.close()
+
+
+def test_leases_are_timed_by_the_index_clock_not_by_a_nodes_own(nodes, monkeypatch):
+    """A node whose clock is an hour ahead (no NTP) must not see every other node's lease as expired and take
+    their live jobs over: routers on PostgreSQL time leases by the index's clock (router.service.IndexClock).
+    (Fails with the node's own clock: `clock=AnHourAhead.time`.)"""
+    import router.service as service
+
+    node, ingest = nodes
+    ingest(1)
+    real = time.time
+
+    class AnHourAhead:
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def time() -> float:
+            return real() + 3600
+
+    monkeypatch.setattr(service, "time", AnHourAhead)
+    a = node(f"node-a/{os.getpid()}", HangingExecutor(), clock=None)      # its default clock: the index's
+    assert abs(service.IndexClock(a.index)() - a.index.now()) < 1.0      # the machine's clock is off, not this
+    a.step()
+    (job,) = queue.jobs(a.index)
+    assert job.state == "running" and abs(job.lease_expires - (a.index.now() + LEASE)) < 2.0
