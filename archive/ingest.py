@@ -228,16 +228,31 @@ class Archive:
                     log.debug("%s: another writer filed its patient, study, series or UID first: again",
                               _short(header))
         except Exception as exc:
-            self.storage.remove(blob.blob_id)
+            self._drop_unless_indexed(blob.blob_id, header)
             if _is_disk_full(exc):
                 log.error("index full: refused %s", _short(header))
                 return IngestResult(Outcome.STORAGE_FULL, "no space left on the node", header.sop_instance_uid)
-            if isinstance(exc, sa_exc.DBAPIError):     # the database's one line: no traceback, no values
+            if isinstance(exc, (sa_exc.DBAPIError, sa_exc.TimeoutError)):  # one line: no traceback, no values
                 log.error("index transaction failed for %s: %s", _short(header), brief(exc))
             else:
                 log.exception("index transaction failed")
             return IngestResult(Outcome.FAILURE, "the node could not index the instance",
                                 header.sop_instance_uid)
+
+    def _drop_unless_indexed(self, blob_id: str, header: InstanceHeader) -> None:
+        """After a failed index transaction: remove the new blob, unless the index holds it after all. A
+        COMMIT whose answer was lost (PostgreSQL restarted, the network cut at that moment) may have
+        committed: the peer is answered a failure and sends again (ALREADY_STORED), and the committed row
+        must keep its blob. When the index cannot say, the blob stays: recovery at the next start removes
+        it if no row needs it."""
+        try:
+            needed = self.index.blob_referenced(blob_id)
+        except Exception as exc:
+            log.warning("%s: blob %s kept until the next start (the index cannot say whether it holds it: %s)",
+                        _short(header), blob_id, brief(exc))
+            return
+        if not needed:
+            self.storage.remove(blob_id)
 
     @contextmanager
     def exported(self, blob_id: str, sha256: str, directory: Path | None = None) -> Iterator[Path]:

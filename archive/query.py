@@ -354,18 +354,21 @@ class Query:
 
     def run(self, conn: Connection, limit: int | None = None,
             timeout: float | None = None) -> Iterator[Dataset]:
-        for row in self._rows(conn, limit, timeout):
-            yield self._response(row)
+        yield from self.responses(self.rows(conn, limit, timeout))
 
     def encoded(self, conn: Connection, explicit_vr: bool, limit: int | None = None,
                 timeout: float | None = None) -> Iterator[bytes]:
         """The matches as identifiers encoded in Little Endian (explicit or implicit VR): the
         bytes pydicom writes for `run`'s Datasets (tests/test_query.py compares them)."""
-        encode = self._encoder(explicit_vr)
-        for row in self._rows(conn, limit, timeout):
-            yield encode(row)
+        yield from self.responses(self.rows(conn, limit, timeout), explicit_vr)
 
-    def _rows(self, conn: Connection, limit: int | None, timeout: float | None) -> Iterator[tuple]:
+    def responses(self, rows: list, explicit_vr: bool | None = None) -> Iterator[Dataset | bytes]:
+        """`rows`' matches: Datasets, or (`explicit_vr` given) identifiers already encoded as `encoded` says."""
+        if explicit_vr is None:
+            return map(self._response, rows)
+        return map(self._encoder(explicit_vr), rows)
+
+    def rows(self, conn: Connection, limit: int | None, timeout: float | None) -> list:
         """The matching rows (the return keys in order, then the character set; the driver's tuples),
         all fetched within the time limit: past `timeout` seconds of work in the database, `QueryTimeout`.
 
@@ -377,7 +380,7 @@ class Query:
                 rows = statement.rows(conn, self.params)
         except db.QueryCancelled as exc:
             raise QueryTimeout(f"the query took more than {exc.timeout:g} s: narrow it") from None
-        yield from rows
+        return rows
 
     def _encoder(self, explicit_vr: bool) -> Callable[[Row], bytes]:
         def header(tag: int, vr: str) -> tuple[bytes, struct.Struct]:
@@ -504,14 +507,12 @@ def study_list(conn: Connection, query: Query, *, order: str = "date", descendin
 
 def find(index: Index, query: Query, limit: int | None = None, timeout: float | None = None,
          explicit_vr: bool | None = None) -> Iterator[Dataset | bytes]:
-    """A C-FIND's matches on a read connection of their own (closed when the iterator ends or is
-    closed: `contextlib.closing` it): Datasets (`Query.run`), or identifiers already encoded in
-    Little Endian (`Query.encoded`) when `explicit_vr` is given."""
-    with index.reader() as conn:
-        if explicit_vr is None:
-            yield from query.run(conn, limit, timeout)
-        else:
-            yield from query.encoded(conn, explicit_vr, limit, timeout)
+    """A C-FIND's matches, read on a read connection of their own (given back before the first match is
+    yielded): Datasets (`Query.run`), or identifiers already encoded in Little Endian (`Query.encoded`) when
+    `explicit_vr` is given. The query runs at the first `next`."""
+    with index.reader() as conn:        # every row fetched (at most `limit`), then the connection goes back:
+        rows = query.rows(conn, limit, timeout)       # a peer slow to read its answers holds none of the pool's
+    yield from query.responses(rows, explicit_vr)
 
 
 @dataclass(frozen=True)

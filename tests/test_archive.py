@@ -375,3 +375,66 @@ def test_nul_in_values_is_stored_and_found_alike_on_both_engines(archive, tmp_pa
         (found,) = Query(STUDY_ROOT, identifier).run(conn)
     assert (found.PatientID, str(found.PatientName), found.StudyDescription, found.AccessionNumber) == (
         "PHI-4711\ufffdSECRET", "Doe^Jane", "Head\ufffdCT", "A1")
+
+
+def test_a_commit_whose_answer_is_lost_keeps_the_blob_of_the_row_it_committed(tmp_path, pg_cluster, monkeypatch):
+    """PostgreSQL restarted, or the network cut, just as COMMIT went out: the row may be on disk though the
+    node heard nothing. The C-STORE is answered a failure (the sender sends again: ALREADY_STORED), and the
+    committed row keeps its blob: it is read back whole. (Before: the blob was removed, the row left without
+    one.) The failure is simulated at SQLAlchemy's commit, after the server committed."""
+    import secrets
+
+    import psycopg
+
+    archive = Archive(tmp_path / "data", index_url=pg_cluster.create_database(f"t_{secrets.token_hex(6)}"))
+    try:
+        dialect = archive.index.engines.writer.dialect
+        committed, lost = dialect.do_commit, [True]
+
+        def commit_then_lose_the_answer(dbapi_connection):
+            committed(dbapi_connection)
+            if lost[0]:
+                lost[0] = False
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        monkeypatch.setattr(dialect, "do_commit", commit_then_lose_the_answer)
+        first = archive.ingest_file(data_file("CT_small.dcm"))
+        assert first.outcome is Outcome.FAILURE
+        assert archive.ingest_file(data_file("CT_small.dcm")).outcome is Outcome.ALREADY_STORED
+        (row,) = archive.index.read(text("SELECT blob_id, sha256 FROM instances"))
+        with archive.exported(row.blob_id, row.sha256) as path:
+            assert dataset_sha256(path) == dataset_sha256(data_file("CT_small.dcm"))
+        assert list(archive.storage.blob_ids()) == [row.blob_id]        # the retry's own copy is gone
+    finally:
+        archive.close()
+
+
+def test_a_cfind_whose_peer_reads_slowly_holds_no_connection_to_the_index(tmp_path, pg_cluster):
+    """Each receiving process has a pool of connections (archive.db.POOL_SIZE, and as many more when busy):
+    C-FINDs in the middle of sending their answers to slow peers must not hold them, or every C-STORE of
+    that process waits for the pool and fails."""
+    import secrets
+    import time
+
+    from archive import db
+    from archive.query import STUDY_ROOT, Query, find
+    from pydicom.dataset import Dataset
+
+    archive = Archive(tmp_path / "data", index_url=pg_cluster.create_database(f"t_{secrets.token_hex(6)}"))
+    try:
+        for name in ("CT_small.dcm", "MR_small.dcm"):
+            archive.ingest_file(data_file(name))
+        answering = []
+        for _ in range(2 * db.POOL_SIZE + 2):        # more than the pool holds
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel, identifier.StudyInstanceUID = "STUDY", ""
+            matches = find(archive.index, Query(STUDY_ROOT, identifier), limit=100)
+            next(matches)                              # the first answer sent, the peer slow to read the next
+            answering.append(matches)
+        started = time.monotonic()
+        assert archive.ingest_file(copy_with(tmp_path, SOPInstanceUID=generate_uid())).outcome.ok
+        assert time.monotonic() - started < 5
+        for matches in answering:
+            assert len(list(matches)) == 1             # and each C-FIND still ends with its other match
+    finally:
+        archive.close()
