@@ -27,6 +27,7 @@ _START = text("INSERT INTO nodes (name, data_dir, host, node_id, started_at, see
               ":node_id, :now, :now) ON CONFLICT (name) DO UPDATE SET data_dir = excluded.data_dir, "
               "host = excluded.host, node_id = excluded.node_id, started_at = excluded.started_at, "
               "seen_at = excluded.seen_at")
+_FORMER = text("SELECT name FROM nodes WHERE node_id = :node_id AND name <> :name ORDER BY name")
 _SEEN = text("UPDATE nodes SET seen_at = :now WHERE name = :name AND node_id = :node_id")
 ID_FILE = "node-id"                 # in the data directory: this data directory's random id
 _LOCK = text("SELECT pg_advisory_xact_lock(:key)")
@@ -115,3 +116,9 @@ def not_offloaded_elsewhere(index: Index, series_uids: Collection[str], node: st
         return {}
     rows = index.read(_WAITING, {"uids": list(series_uids), "node": node, "alive_since": clock() - ALIVE_SECONDS})
     return {name: count for name, count in rows}
+
+
+def former_names(index: Index, name: str, data_dir: Path) -> list[str]:
+    """The names this data directory's node ran under before `name` (`node.name` changed, or it was the host
+    name and the host was renamed or its container made again): what was queued under them is this node's."""
+    return [row.name for row in index.read(_FORMER, {"node_id": node_id(data_dir), "name": name})]
