@@ -438,3 +438,17 @@ def test_a_cfind_whose_peer_reads_slowly_holds_no_connection_to_the_index(tmp_pa
             assert len(list(matches)) == 1             # and each C-FIND still ends with its other match
     finally:
         archive.close()
+
+
+@pytest.mark.parametrize("number", ["3000000000", "-2147483649", "99999999999"])
+def test_an_instance_number_outside_is_range_is_stored_without_indexing_it(archive, tmp_path, number):
+    """IS holds -2^31 .. 2^31 - 1 (PS3.5 6.2); a modality that writes larger numbers (a time stamp) sends
+    instances that are stored on either engine (PostgreSQL's INTEGER refused them before), the number
+    not indexed."""
+    path = copy_with(tmp_path, InstanceNumber=number, SeriesNumber=number)
+    assert archive.ingest_file(path).outcome.ok
+    (row,) = archive.index.read(text("SELECT i.instance_number, se.series_number FROM instances i "
+                                     "JOIN series se ON se.pk = i.series_pk"))
+    assert tuple(row) == (None, None)
+    assert archive.ingest_file(copy_with(tmp_path, InstanceNumber="2147483647", SeriesNumber="-2147483648",
+                                         SOPInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid())).outcome.ok
