@@ -50,7 +50,7 @@ _NEW_INSTANCE = Prepared(
 _REPLACE_INSTANCE = Prepared(
     "UPDATE instances SET series_pk = :series_pk, sop_class_uid = :sop_class_uid, instance_number = :instance_number, "
     "transfer_syntax = :transfer_syntax, size = :size, sha256 = :sha256, blob_id = :blob_id, calling_ae = :calling_ae, "
-    "received_at = :now, node = :node WHERE pk = :pk")
+    "received_at = :now, node = :node WHERE pk = :pk AND blob_id = :old_blob")     # (not replaced meanwhile)
 _QUARANTINED = text("SELECT 1 FROM quarantine WHERE sop_instance_uid = :uid AND sha256 = :sha256")
 _QUARANTINE = text(
     "INSERT INTO quarantine (sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax, size, sha256, "
@@ -87,6 +87,12 @@ class IngestResult:
 
 
 _COMMIT_ATTEMPTS = 3
+
+
+class _Replaced(Exception):
+    """The instance was replaced by another writer between our look-up and our replacement (two nodes receiving
+    new content for one UID at once): the transaction is rolled back and run again against what it holds now
+    (else the other writer's new blob would be left behind, referenced by nothing)."""
 
 
 def _lost_race(exc: sa_exc.IntegrityError) -> bool:
@@ -222,8 +228,8 @@ class Archive:
             for attempt in range(1, _COMMIT_ATTEMPTS + 1):
                 try:
                     return self._commit(header, blob, digest.hexdigest(), calling_ae, job_id)
-                except sa_exc.IntegrityError as exc:
-                    if not _lost_race(exc) or attempt == _COMMIT_ATTEMPTS:
+                except (sa_exc.IntegrityError, _Replaced) as exc:
+                    if isinstance(exc, sa_exc.IntegrityError) and not _lost_race(exc) or attempt == _COMMIT_ATTEMPTS:
                         raise
                     log.debug("%s: another writer filed its patient, study, series or UID first: again",
                               _short(header))
@@ -319,11 +325,13 @@ class Archive:
                 elif row.sha256 == sha256:
                     obsolete_blob, outcome = blob.blob_id, Outcome.ALREADY_STORED
                 elif self.duplicates == "replace":
-                    _REPLACE_INSTANCE.run(conn, {
+                    replaced = _REPLACE_INSTANCE.run(conn, {
                         "series_pk": series_pk, "sop_class_uid": header.sop_class_uid,
                         "instance_number": header.attrs["InstanceNumber"], "transfer_syntax": header.transfer_syntax,
                         "size": blob.size, "sha256": sha256, "blob_id": blob.blob_id, "calling_ae": calling_ae,
-                        "now": now, "pk": row.instance_pk, "node": self.node})
+                        "now": now, "pk": row.instance_pk, "node": self.node, "old_blob": row.blob_id})
+                    if replaced != 1:
+                        raise _Replaced(header.sop_instance_uid)
                     Index.add_change(conn, "replaced", row.instance_pk, header, blob.blob_id, now)
                     Index.add_change(conn, "blob_removed", row.instance_pk, header, row.blob_id, now)
                     obsolete_blob, outcome = row.blob_id, Outcome.REPLACED

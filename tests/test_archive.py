@@ -452,3 +452,51 @@ def test_an_instance_number_outside_is_range_is_stored_without_indexing_it(archi
     assert tuple(row) == (None, None)
     assert archive.ingest_file(copy_with(tmp_path, InstanceNumber="2147483647", SeriesNumber="-2147483648",
                                          SOPInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid())).outcome.ok
+
+
+def test_two_nodes_replacing_one_instance_at_once_leave_no_blob_behind(tmp_path, pg_cluster, monkeypatch):
+    """storage.duplicates = "replace" on two nodes of one PostgreSQL index: both receive new content for one
+    SOP Instance UID at the same moment (both look the row up before either writes). The second replacement
+    must replace the first one's blob, not the original's again: every blob either is the instance's or is
+    logged removed (before, the first node's new blob was referenced by nothing and never removed)."""
+    import secrets
+    import threading
+
+    from archive import ingest
+    from archive.index import Index
+
+    url = pg_cluster.create_database(f"t_{secrets.token_hex(6)}")
+    a = Archive(tmp_path / "a", index_url=url, node="a", duplicates="replace")
+    b = Archive(tmp_path / "b", index_url=url, node="b", duplicates="replace")
+    try:
+        assert a.ingest_file(copy_with(tmp_path, ImageComments="v0")).outcome.ok
+        both_looked = threading.Barrier(2, timeout=10)
+        look_up = Index.filed
+
+        calls = []
+
+        def look_up_then_wait(conn, header):          # both transactions read the row before either writes
+            row = look_up(conn, header)
+            calls.append(1)
+            if len(calls) <= 2:                       # (the retry of the one that lost runs alone)
+                both_looked.wait()
+            return row
+
+        monkeypatch.setattr(ingest.Index, "filed", staticmethod(look_up_then_wait))
+        outcomes = {}
+        versions = {"a": copy_with(tmp_path, ImageComments="v1"), "b": copy_with(tmp_path, ImageComments="v2")}
+        threads = [threading.Thread(target=lambda n, node: outcomes.__setitem__(n, node.ingest_file(versions[n])),
+                                    args=(n, node)) for n, node in (("a", a), ("b", b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert {r.outcome for r in outcomes.values()} == {Outcome.REPLACED}
+        held = {r[0] for r in a.index.read(text("SELECT blob_id FROM instances"))}
+        removed = {r[0] for r in a.index.read(text("SELECT blob_id FROM changes WHERE kind = 'blob_removed'"))}
+        everywhere = set(a.local.blob_ids()) | set(b.local.blob_ids()) | removed
+        assert len(held) == 1 and len(removed) == 2                   # v0's and the first replacement's
+        assert everywhere - held <= removed
+    finally:
+        a.close()
+        b.close()
