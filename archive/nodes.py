@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,11 +77,11 @@ def node_id(data_dir: Path) -> str:
         return path.read_text().strip()
 
 
-def register(index: Index, name: str, data_dir: Path, host: str, clock=time.time) -> None:
+def register(index: Index, name: str, data_dir: Path, host: str, clock=None) -> None:
     """Record this node as running; refuse when a node with this name and another data directory (another
     id: `node_id`) was seen within `ALIVE_SECONDS` (two nodes under one name would each take the other's
-    blobs for its own)."""
-    now, ident, data_dir = clock(), node_id(data_dir), str(Path(data_dir).resolve())
+    blobs for its own). Times are the index's clock (`Index.now`: PostgreSQL's), not each node's."""
+    now, ident, data_dir = (clock or index.now)(), node_id(data_dir), str(Path(data_dir).resolve())
     with index.write() as conn:
         if not index.sqlite:
             conn.execute(_LOCK, {"key": _REGISTER_LOCK})
@@ -95,10 +94,12 @@ def register(index: Index, name: str, data_dir: Path, host: str, clock=time.time
         conn.execute(_START, {"name": name, "data_dir": data_dir, "host": host, "node_id": ident, "now": now})
 
 
-def seen(index: Index, name: str, data_dir: Path, clock=time.time) -> None:
-    """This node still runs (its `seen_at`)."""
+def seen(index: Index, name: str, data_dir: Path, clock=None) -> bool:
+    """This node still runs (its `seen_at`, by the index's clock); False when its name is another data
+    directory's now (a node started under it after this one had not been seen for `ALIVE_SECONDS`)."""
+    now = (clock or index.now)()
     with index.write() as conn:
-        conn.execute(_SEEN, {"name": name, "node_id": node_id(data_dir), "now": clock()})
+        return conn.execute(_SEEN, {"name": name, "node_id": node_id(data_dir), "now": now}).rowcount == 1
 
 
 def holder(index: Index, blob_id: str) -> Holder | None:
@@ -108,13 +109,14 @@ def holder(index: Index, blob_id: str) -> Holder | None:
 
 
 def not_offloaded_elsewhere(index: Index, series_uids: Collection[str], node: str,
-                            clock=time.time) -> dict[str, int]:
+                            clock=None) -> dict[str, int]:
     """Running nodes other than `node` that hold instances of these series not in S3 yet: name -> how many.
     A job on those series waits (or that node's router runs it) rather than failing its attempt on them; a node
     not seen for `ALIVE_SECONDS` is not waited for."""
     if not series_uids:
         return {}
-    rows = index.read(_WAITING, {"uids": list(series_uids), "node": node, "alive_since": clock() - ALIVE_SECONDS})
+    alive_since = (clock or index.now)() - ALIVE_SECONDS
+    rows = index.read(_WAITING, {"uids": list(series_uids), "node": node, "alive_since": alive_since})
     return {name: count for name, count in rows}
 
 

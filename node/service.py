@@ -109,7 +109,10 @@ def _keep_seen(config: Config, stop: threading.Event) -> None:
         try:
             while not stop.wait(nodes.SEEN_EVERY):
                 try:
-                    nodes.seen(index, config.node.name, config.data_dir)
+                    if not nodes.seen(index, config.node.name, config.data_dir):
+                        log.error("node name %r is another data directory's now (a node started under it while "
+                                  "this one was not seen for %.0f s): stop this node or the other, and give them "
+                                  "different [node] names", config.node.name, nodes.ALIVE_SECONDS)
                 except Exception as exc:          # the index away for a while: the next beat tries again
                     log.warning("could not record that node %s runs: %s", config.node.name, exc)
         finally:
