@@ -158,14 +158,16 @@ class Archive:
         return Elsewhere(held.node, f"blob {blob_id} is held by node {held.node} and not offloaded to S3 yet", True)
 
     def held_elsewhere(self, blob_id: str) -> str | None:
-        """The node that holds the only copy of this blob (received there, fsynced before it was indexed, not
-        in S3 yet), when it is another node than this one; None when the blob is here, in S3, or nowhere."""
+        """The running node that holds the only copy of this blob (received there, fsynced before it was
+        indexed, not in S3 yet), when it is another node than this one; None when the blob is here, in S3, or
+        nowhere, or when that node has not been seen for `nodes.ALIVE_SECONDS` (its disk may be gone: what only
+        it holds is not vouched for)."""
         if self.remote is None or self.local.exists(blob_id):
             return None
         held = nodes.holder(self.index, blob_id)
         if held is None or held.node == self.node or held.state not in (None, "pending"):
             return None
-        return held.node
+        return held.node if nodes.running(self.index, held.node) else None
 
     def recover(self) -> int:
         """After a crash: remove blobs that no committed row references (writes cut off).

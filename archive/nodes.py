@@ -124,3 +124,9 @@ def former_names(index: Index, name: str, data_dir: Path) -> list[str]:
     """The names this data directory's node ran under before `name` (`node.name` changed, or it was the host
     name and the host was renamed or its container made again): what was queued under them is this node's."""
     return [row.name for row in index.read(_FORMER, {"node_id": node_id(data_dir), "name": name})]
+
+
+def running(index: Index, name: str) -> bool:
+    """Whether the node of this name was seen within `ALIVE_SECONDS` (by the index's clock)."""
+    row = index.read(_GET, {"name": name})
+    return bool(row) and index.now() - row[0].seen_at < ALIVE_SECONDS
