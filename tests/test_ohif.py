@@ -13,6 +13,7 @@ it is skipped, saying so, while /dicomweb/studies answers 404 (a branch without 
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import io
 import re
@@ -24,16 +25,11 @@ import pytest
 from PIL import Image
 
 import cranium
-from helpers import ROOT, free_port, wait_for
+from helpers import free_port, wait_for
+from test_viewer_browser import ARTIFACTS, DESKTOP, PASSWORD, browser  # noqa: F401  (browser: a fixture)
 from viewer import ohif
 from viewer.app import CSP as NODE_CSP
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless=new", "--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
-PASSWORD = "ohif-test-password"
-ARTIFACTS = ROOT / "test-artifacts"
-DESKTOP = {"ignore_https_errors": True, "viewport": {"width": 1280, "height": 860}}
 PHONE = {"ignore_https_errors": True, "viewport": {"width": 390, "height": 844}, "device_scale_factor": 2,
          "is_mobile": True, "has_touch": True}
 # every policy violation and every message about OHIF's configuration, as the page sees them
@@ -65,21 +61,12 @@ def site(tmp_path_factory, pki):
     node.stop()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield chromium
-        chromium.close()
-
-
 class Watched:
     """A page whose policy violations, page errors and configuration complaints are kept, and the
     DICOMweb requests it makes."""
 
-    def __init__(self, context):
+    def __init__(self, chromium, options: dict):
+        self.context = context = chromium.new_context(**options)
         context.add_init_script(WATCH)
         self.page = context.new_page()
         self.problems: list[str] = []
@@ -114,9 +101,8 @@ def wait_for_ohif(page) -> None:
 @in_browser
 def test_ohif_needs_a_session_then_loads_with_its_policy_and_asks_dicomweb(site, browser):
     node, url, study = site
-    context = browser.new_context(**DESKTOP)
-    watched = Watched(context)
-    page = watched.page
+    watched = Watched(browser, DESKTOP)
+    page, context = watched.page, watched.context
 
     for path in ("/ohif/", "/ohif/app-config.js", "/ohif/app.bundle.css", f"/ohif/viewer?StudyInstanceUIDs={study}"):
         answer = context.request.get(url + path, max_redirects=0)     # nothing of OHIF without a session
@@ -145,6 +131,7 @@ def test_ohif_needs_a_session_then_loads_with_its_policy_and_asks_dicomweb(site,
     assert script.headers["content-security-policy"] == ohif.WORKER_CSP           # the decoders' workers
     assert document.headers["cross-origin-embedder-policy"] == "require-corp"
     assert "immutable" in script.headers["cache-control"] and document.headers["cache-control"] == "no-store"
+    assert script.headers["content-encoding"] == "gzip"                  # its gzip copy: 17 MB travel as 3 MB
     for path in ("/studies", f"/studies/{study}", "/login"):                        # the node's own pages: as strict
         assert context.request.get(url + path).headers["content-security-policy"] == NODE_CSP, path
     assert "unsafe" not in NODE_CSP and "blob:" not in NODE_CSP.split("script-src")[1].split(";")[0]
@@ -161,9 +148,8 @@ def test_ohif_needs_a_session_then_loads_with_its_policy_and_asks_dicomweb(site,
 def test_the_study_page_opens_ohif_on_a_desktop_and_a_phone(site, browser):
     node, url, study = site
     for name, options in (("desktop", DESKTOP), ("phone", PHONE)):
-        context = browser.new_context(**options)
-        watched = Watched(context)
-        page = watched.page
+        watched = Watched(browser, options)
+        page, context = watched.page, watched.context
         page.goto(f"{url}/studies/{study}")
         log_in(page, url, rf".*/studies/{re.escape(study)}$")
         link = page.locator("#open-ohif")
@@ -196,8 +182,8 @@ def test_a_share_link_opens_ohif_on_its_study_without_the_list(site, browser):
     link = page.input_value("#share-url")
     context.close()
 
-    guest = browser.new_context(**DESKTOP)
-    watched = Watched(guest)
+    watched = Watched(browser, DESKTOP)
+    guest = watched.context
     watched.page.goto(link)
     assert guest.request.get(f"{url}/ohif/", max_redirects=0).headers["location"] == \
         f"/ohif/viewer?StudyInstanceUIDs={study}"                             # its study, not a list
@@ -218,9 +204,8 @@ def _drawn(png: bytes) -> float:
 def test_ohif_lists_the_study_and_draws_the_ct_series(site, browser):
     """Needs the DICOMweb API: skipped while /dicomweb/studies answers 404 (a branch without it)."""
     node, url, study = site
-    context = browser.new_context(**DESKTOP)
-    watched = Watched(context)
-    page = watched.page
+    watched = Watched(browser, DESKTOP)
+    page, context = watched.page, watched.context
     page.goto(f"{url}/login")
     log_in(page, url, r".*/studies.*")
     if context.request.get(f"{url}/dicomweb/studies").status == 404:
@@ -272,16 +257,20 @@ INDEX = ('<html><head><script>console.time("scriptToView"),window.PUBLIC_URL="/"
 
 
 def test_the_install_moves_the_build_under_ohif_and_keeps_what_is_needed(tmp_path):
-    tarball, sha512 = _npm_tarball(tmp_path / "ohif-app.tgz", INDEX)
+    bundle = ('x;\n__webpack_require__.p = "/";\n' + "await window.browserImportFunction('/dicom-microscopy-viewer/v.js');"
+              + "\nconst text = 'a long and repetitive text';" * 200)
+    tarball, sha512 = _npm_tarball(tmp_path / "ohif-app.tgz", INDEX, bundle)
     target = ohif.install(tarball, sha512, tmp_path / "ohif")
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == [
-        "8097.bundle.fedcba9876543210.js", "VERSION", "app.bundle.0123456789abcdef.js", "app.bundle.css", "index.html",
-        "manifest.json"]                                # no source map, ONNX runtime, service worker, sample config
+        "8097.bundle.fedcba9876543210.js", "VERSION", "app.bundle.0123456789abcdef.js",
+        "app.bundle.0123456789abcdef.js.gz", "app.bundle.css", "index.html", "manifest.json"]
+    # no source map, ONNX runtime, service worker or sample configuration; a gzip copy of what is large
     html = (target / "index.html").read_text()
     assert re.findall(r'(?:src|href)="([^"]+)"', html) == ["/ohif/manifest.json", "/ohif/app-config.js",
                                                            "/ohif/app.bundle.0123456789abcdef.js", "/ohif/app.bundle.css"]
     assert "<script>" not in html and "PUBLIC_URL" not in html   # no inline script: they are in app-config.js
     bundle = (target / "app.bundle.0123456789abcdef.js").read_text()
+    assert gzip.decompress((target / "app.bundle.0123456789abcdef.js.gz").read_bytes()).decode() == bundle
     assert '__webpack_require__.p = "/ohif/";' in bundle and "('/ohif/dicom-microscopy-viewer/" in bundle
     assert (target / "8097.bundle.fedcba9876543210.js").read_text() == '__webpack_require__.p = "/ohif/";'
     assert "url(/ohif/a34f" in (target / "app.bundle.css").read_text()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gzip
 import hashlib
 import json
 import re
@@ -94,6 +95,17 @@ def _rewrite(dist: Path) -> None:
     index.write_text(html, encoding="utf-8")
 
 
+def _compress(dist: Path) -> None:
+    """A gzip copy beside each text or WebAssembly file that it makes smaller by a tenth: aiohttp sends
+    it to a browser that accepts gzip (the app's 17 MB bundle travels as about 3 MB, to a phone too)."""
+    for path in sorted(dist.rglob("*")):
+        if path.suffix in (".js", ".css", ".json", ".html", ".wasm", ".svg") and path.stat().st_size > 1024:
+            data = path.read_bytes()
+            packed = gzip.compress(data, compresslevel=9, mtime=0)
+            if len(packed) < 0.9 * len(data):
+                path.with_name(path.name + ".gz").write_bytes(packed)
+
+
 def install(tarball: Path, sha512: str, target: Path = OHIF) -> Path:
     """Check the npm tarball against the pinned SHA-512 (npm's "integrity"), unpack its dist/ into
     `target` (replacing what was there only once all went well) and rewrite it for /ohif/."""
@@ -113,6 +125,7 @@ def install(tarball: Path, sha512: str, target: Path = OHIF) -> Path:
             members.append(member)
         tar.extractall(staging, members=members, filter="data")
     _rewrite(staging)
+    _compress(staging)
     (staging / "VERSION").write_text(json.loads(tar_file(tarball, "package/package.json"))["version"] + "\n")
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
