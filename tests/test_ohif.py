@@ -257,7 +257,8 @@ INDEX = ('<html><head><script>console.time("scriptToView"),window.PUBLIC_URL="/"
 
 
 def test_the_install_moves_the_build_under_ohif_and_keeps_what_is_needed(tmp_path):
-    bundle = ('x;\n__webpack_require__.p = "/";\n' + "await window.browserImportFunction('/dicom-microscopy-viewer/v.js');"
+    bundle = ('x;\n__webpack_require__.p = "/";\n'
+              "await window.browserImportFunction('/dicom-microscopy-viewer/v.js');"
               + "\nconst text = 'a long and repetitive text';" * 200)
     tarball, sha512 = _npm_tarball(tmp_path / "ohif-app.tgz", INDEX, bundle)
     target = ohif.install(tarball, sha512, tmp_path / "ohif")
@@ -266,8 +267,8 @@ def test_the_install_moves_the_build_under_ohif_and_keeps_what_is_needed(tmp_pat
         "app.bundle.0123456789abcdef.js.gz", "app.bundle.css", "index.html", "manifest.json"]
     # no source map, ONNX runtime, service worker or sample configuration; a gzip copy of what is large
     html = (target / "index.html").read_text()
-    assert re.findall(r'(?:src|href)="([^"]+)"', html) == ["/ohif/manifest.json", "/ohif/app-config.js",
-                                                           "/ohif/app.bundle.0123456789abcdef.js", "/ohif/app.bundle.css"]
+    assert re.findall(r'(?:src|href)="([^"]+)"', html) == [
+        "/ohif/manifest.json", "/ohif/app-config.js", "/ohif/app.bundle.0123456789abcdef.js", "/ohif/app.bundle.css"]
     assert "<script>" not in html and "PUBLIC_URL" not in html   # no inline script: they are in app-config.js
     bundle = (target / "app.bundle.0123456789abcdef.js").read_text()
     assert gzip.decompress((target / "app.bundle.0123456789abcdef.js.gz").read_bytes()).decode() == bundle
