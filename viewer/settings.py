@@ -40,6 +40,8 @@ class ViewerSection:
                                  "while another is checked; more at once are answered 429 unchecked.")
     public_url: str = setting("", "The viewer's address as clinicians reach it (share links use it); empty: "
                               "https://host:port.")
+    ohif: bool = setting(True, "Serve the OHIF viewer at /ohif/ (installed by `make install` in viewer/vendor/ohif) "
+                         "and link studies to it.")
 
     def validate(self) -> None:
         check_port("viewer.port", self.port, allow_zero=False)
