@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 DEBIAN_PACKAGES := dcmtk orthanc orthanc-dicomweb invesalius-examples chromium postgresql
 X3DOM := viewer/vendor/node_modules/x3dom/x3dom.js
 X3DOM_VERSION := 1.8.3
+# OHIF's prebuilt viewer (npm @ohif/app, its dist/), served at /ohif/; the SHA-512 is npm's "integrity"
+OHIF_VERSION := 3.13.2
+OHIF_SHA512 := sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA==
+OHIF := viewer/vendor/ohif/.installed-$(OHIF_VERSION)
 CONFIG ?=
 
 .PHONY: install run test test-fast fuzz bench clean
@@ -20,7 +24,15 @@ $(X3DOM):
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends npm >/dev/null; }
 	npm install --silent --no-audit --no-fund --prefix viewer/vendor x3dom@$(X3DOM_VERSION)
 
-install: $(BIN)/m3dicom $(X3DOM)
+$(OHIF): | $(BIN)/m3dicom $(X3DOM)
+	rm -rf viewer/vendor/ohif-download && mkdir -p viewer/vendor/ohif-download
+	cd viewer/vendor/ohif-download && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null
+	$(BIN)/python -m viewer.ohif install --sha512 '$(OHIF_SHA512)' \
+		viewer/vendor/ohif-download/ohif-app-$(OHIF_VERSION).tgz
+	rm -rf viewer/vendor/ohif-download
+	touch $@
+
+install: $(BIN)/m3dicom $(X3DOM) $(OHIF)
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \

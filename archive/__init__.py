@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 __all__ = ["Archive", "IngestResult", "IntegrityError", "InvalidInstance", "Limits", "Outcome", "PixelsTooLarge",
-           "open", "open_index"]
+           "check_storage", "open", "open_index"]
 
 
 def open(settings: Settings) -> Archive:                      # noqa: A001 (archive.open, as io.open)
@@ -39,6 +39,18 @@ def open(settings: Settings) -> Archive:                      # noqa: A001 (arch
                    remote=s3_tier if st.backend == "s3" else None, limits=limits, on_conflict=ig.on_conflict,
                    min_free_bytes=st.min_free_bytes, index_url=settings.index.url, node=settings.node.name,
                    remote_wait=st.remote_wait_seconds)
+
+
+def check_storage(settings: Settings) -> str | None:
+    """With storage.backend = "s3", before the node starts: raise `s3.S3SettingsError` when the bucket cannot be
+    used (no credentials, no such bucket, access denied, another region); a warning when S3 is away now."""
+    from . import s3
+
+    st = settings.storage
+    if st.backend != "s3":
+        return None
+    return s3.check_bucket(s3.client(st.s3.endpoint_url, st.s3.region, min(st.s3.timeout, 10.0), attempts=1),
+                           st.s3.bucket)
 
 
 def open_index(settings: Settings) -> Index:

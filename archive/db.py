@@ -225,6 +225,8 @@ def brief(exc: BaseException) -> str:
     """One line for a log: the driver's own error for a database failure ("OperationalError: no such
     table: studies"), without the statement SQLAlchemy appends (parameters are hidden in any case:
     they carry patients' names and IDs)."""
+    if isinstance(exc, sa.exc.TimeoutError):        # the pool's: every connection of this process is in use
+        return "TimeoutError: every connection of this process's pool to the index is in use"
     if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
         exc = exc.orig
     first = (str(exc).splitlines() or [""])[0]
@@ -342,7 +344,7 @@ class RoundFailures:
         self._said, self._said_at = "", 0.0
 
     def __call__(self, exc: BaseException) -> None:
-        if not isinstance(exc, sa.exc.DBAPIError):
+        if not isinstance(exc, (sa.exc.DBAPIError, sa.exc.TimeoutError)):
             self.log.error("%s failed", self.what, exc_info=exc)
             return
         said, now = brief(exc), time.monotonic()

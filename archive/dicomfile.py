@@ -185,12 +185,14 @@ def _text(value) -> str | None:
 
 
 def _int(value) -> int | None:
-    """An IS value as an integer the index can hold (a 64-bit integer), else None."""
+    """An IS value as an integer the index holds (IS's own range, PS3.5 6.2: -2^31 to 2^31 - 1, what an
+    INTEGER column takes on either engine), else None: the instance is stored as it is, that number is not
+    indexed (C-FIND answers it empty)."""
     try:
         number = None if value in (None, "", _FAILED) else int(value)
     except Exception:
         return None
-    return number if number is None or -(1 << 63) <= number < 1 << 63 else None
+    return number if number is None or -(1 << 31) <= number < 1 << 31 else None
 
 
 def inspect(path: Path, expected_sop_class: str | None = None,

@@ -8,11 +8,12 @@ tails by `seq`.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager, Iterator, NamedTuple
+from typing import ContextManager, Iterable, Iterator, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import bindparam, text
@@ -73,10 +74,12 @@ SAME_UID_OTHER_CONTENT = "received again with different content"
 
 
 _NOT_KEPT = bindparam("not_kept", NOT_KEPT, expanding=True)
-_BLOB_IDS = text("SELECT blob_id FROM instances UNION SELECT blob_id FROM quarantine "
-                 "UNION SELECT blob_id FROM blob_holds")
+_BLOBS_REFERENCED = text(
+    "SELECT blob_id FROM instances WHERE blob_id IN :blobs UNION SELECT blob_id FROM quarantine WHERE blob_id IN :blobs "
+    "UNION SELECT blob_id FROM blob_holds WHERE blob_id IN :blobs").bindparams(bindparam("blobs", expanding=True))
 _BLOB_REFERENCED = text("SELECT 1 FROM instances WHERE blob_id = :blob UNION ALL SELECT 1 FROM quarantine "
                         "WHERE blob_id = :blob UNION ALL SELECT 1 FROM blob_holds WHERE blob_id = :blob LIMIT 1")
+_NOW = text("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)")
 _INTEGRITY = text("SELECT action, COUNT(DISTINCT sop_instance_uid) FROM conflicts GROUP BY action")
 _QUARANTINED = text("SELECT COUNT(*) FROM quarantine")
 _NOT_COMMITTABLE = text(
@@ -192,15 +195,25 @@ class Index:
         with self.engines.readers.connect() as conn:
             yield conn
 
+    def now(self) -> float:
+        """The index's clock (seconds since the epoch): PostgreSQL's, the same for every node that shares it;
+        this machine's for SQLite (one node)."""
+        if self.sqlite:
+            return time.time()
+        return self.read(_NOW)[0][0]
+
     def read(self, statement: sa.Executable, params: dict | None = None) -> list[Row]:
         """The rows of one statement (`text()` or Core) on a read-only connection."""
         with self.reader() as conn:
             return conn.execute(statement, params or {}).fetchall()
 
-    def blob_ids(self) -> set[str]:
-        """Every blob a committed row needs: instances, quarantine, and blobs held by another owner."""
-        with self.reader() as conn:
-            return {row[0] for row in conn.execute(_BLOB_IDS)}
+    def blobs_referenced(self, blob_ids: Iterable[str], batch: int = 1000) -> Iterator[str]:
+        """Those of `blob_ids` a committed row needs (instances, quarantine, blobs held by another owner), a
+        batch at a time: what a node holds is looked up, never the whole index (10M rows on a shared one)."""
+        ids = iter(blob_ids)
+        while chunk := list(itertools.islice(ids, batch)):
+            with self.reader() as conn:
+                yield from (row[0] for row in conn.execute(_BLOBS_REFERENCED, {"blobs": chunk}))
 
     def blob_referenced(self, blob_id: str) -> bool:
         """Whether a committed row still needs this blob."""

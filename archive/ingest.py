@@ -50,7 +50,7 @@ _NEW_INSTANCE = Prepared(
 _REPLACE_INSTANCE = Prepared(
     "UPDATE instances SET series_pk = :series_pk, sop_class_uid = :sop_class_uid, instance_number = :instance_number, "
     "transfer_syntax = :transfer_syntax, size = :size, sha256 = :sha256, blob_id = :blob_id, calling_ae = :calling_ae, "
-    "received_at = :now, node = :node WHERE pk = :pk")
+    "received_at = :now, node = :node WHERE pk = :pk AND blob_id = :old_blob")     # (not replaced meanwhile)
 _QUARANTINED = text("SELECT 1 FROM quarantine WHERE sop_instance_uid = :uid AND sha256 = :sha256")
 _QUARANTINE = text(
     "INSERT INTO quarantine (sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax, size, sha256, "
@@ -87,6 +87,12 @@ class IngestResult:
 
 
 _COMMIT_ATTEMPTS = 3
+
+
+class _Replaced(Exception):
+    """The instance was replaced by another writer between our look-up and our replacement (two nodes receiving
+    new content for one UID at once): the transaction is rolled back and run again against what it holds now
+    (else the other writer's new blob would be left behind, referenced by nothing)."""
 
 
 def _lost_race(exc: sa_exc.IntegrityError) -> bool:
@@ -152,14 +158,16 @@ class Archive:
         return Elsewhere(held.node, f"blob {blob_id} is held by node {held.node} and not offloaded to S3 yet", True)
 
     def held_elsewhere(self, blob_id: str) -> str | None:
-        """The node that holds the only copy of this blob (received there, fsynced before it was indexed, not
-        in S3 yet), when it is another node than this one; None when the blob is here, in S3, or nowhere."""
+        """The running node that holds the only copy of this blob (received there, fsynced before it was
+        indexed, not in S3 yet), when it is another node than this one; None when the blob is here, in S3, or
+        nowhere, or when that node has not been seen for `nodes.ALIVE_SECONDS` (its disk may be gone: what only
+        it holds is not vouched for)."""
         if self.remote is None or self.local.exists(blob_id):
             return None
         held = nodes.holder(self.index, blob_id)
         if held is None or held.node == self.node or held.state not in (None, "pending"):
             return None
-        return held.node
+        return held.node if nodes.running(self.index, held.node) else None
 
     def recover(self) -> int:
         """After a crash: remove blobs that no committed row references (writes cut off).
@@ -170,8 +178,9 @@ class Archive:
         self.local.remove_partials()
         for leftover in self.exports.iterdir():        # decrypted copies a crash left behind
             leftover.unlink(missing_ok=True)
-        referenced = self.index.blob_ids()
-        orphans = [b for b in self.storage.blob_ids() if b not in referenced]
+        held = list(self.storage.blob_ids())          # this node's (its data directory's), not the index's all
+        referenced = set(self.index.blobs_referenced(held))
+        orphans = [b for b in held if b not in referenced]
         for blob_id in orphans:
             self.storage.remove(blob_id)
         if orphans:
@@ -221,22 +230,37 @@ class Archive:
             for attempt in range(1, _COMMIT_ATTEMPTS + 1):
                 try:
                     return self._commit(header, blob, digest.hexdigest(), calling_ae, job_id)
-                except sa_exc.IntegrityError as exc:
-                    if not _lost_race(exc) or attempt == _COMMIT_ATTEMPTS:
+                except (sa_exc.IntegrityError, _Replaced) as exc:
+                    if isinstance(exc, sa_exc.IntegrityError) and not _lost_race(exc) or attempt == _COMMIT_ATTEMPTS:
                         raise
                     log.debug("%s: another writer filed its patient, study, series or UID first: again",
                               _short(header))
         except Exception as exc:
-            self.storage.remove(blob.blob_id)
+            self._drop_unless_indexed(blob.blob_id, header)
             if _is_disk_full(exc):
                 log.error("index full: refused %s", _short(header))
                 return IngestResult(Outcome.STORAGE_FULL, "no space left on the node", header.sop_instance_uid)
-            if isinstance(exc, sa_exc.DBAPIError):     # the database's one line: no traceback, no values
+            if isinstance(exc, (sa_exc.DBAPIError, sa_exc.TimeoutError)):  # one line: no traceback, no values
                 log.error("index transaction failed for %s: %s", _short(header), brief(exc))
             else:
                 log.exception("index transaction failed")
             return IngestResult(Outcome.FAILURE, "the node could not index the instance",
                                 header.sop_instance_uid)
+
+    def _drop_unless_indexed(self, blob_id: str, header: InstanceHeader) -> None:
+        """After a failed index transaction: remove the new blob, unless the index holds it after all. A
+        COMMIT whose answer was lost (PostgreSQL restarted, the network cut at that moment) may have
+        committed: the peer is answered a failure and sends again (ALREADY_STORED), and the committed row
+        must keep its blob. When the index cannot say, the blob stays: recovery at the next start removes
+        it if no row needs it."""
+        try:
+            needed = self.index.blob_referenced(blob_id)
+        except Exception as exc:
+            log.warning("%s: blob %s kept until the next start (the index cannot say whether it holds it: %s)",
+                        _short(header), blob_id, brief(exc))
+            return
+        if not needed:
+            self.storage.remove(blob_id)
 
     @contextmanager
     def exported(self, blob_id: str, sha256: str, directory: Path | None = None) -> Iterator[Path]:
@@ -303,11 +327,13 @@ class Archive:
                 elif row.sha256 == sha256:
                     obsolete_blob, outcome = blob.blob_id, Outcome.ALREADY_STORED
                 elif self.duplicates == "replace":
-                    _REPLACE_INSTANCE.run(conn, {
+                    replaced = _REPLACE_INSTANCE.run(conn, {
                         "series_pk": series_pk, "sop_class_uid": header.sop_class_uid,
                         "instance_number": header.attrs["InstanceNumber"], "transfer_syntax": header.transfer_syntax,
                         "size": blob.size, "sha256": sha256, "blob_id": blob.blob_id, "calling_ae": calling_ae,
-                        "now": now, "pk": row.instance_pk, "node": self.node})
+                        "now": now, "pk": row.instance_pk, "node": self.node, "old_blob": row.blob_id})
+                    if replaced != 1:
+                        raise _Replaced(header.sop_instance_uid)
                     Index.add_change(conn, "replaced", row.instance_pk, header, blob.blob_id, now)
                     Index.add_change(conn, "blob_removed", row.instance_pk, header, row.blob_id, now)
                     obsolete_blob, outcome = row.blob_id, Outcome.REPLACED

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import text
 
-from . import db
+from . import db, nodes
 from .changes import consume, position
 from .crypto import IntegrityError, KmsError, rewrapped_header
 from .ingest import Archive
@@ -83,14 +83,23 @@ class Offloader:
 
     def _adopt(self) -> None:
         """Rows and the cursor of an index from before node names (one node) become this node's: its rows
-        whose blob lies here (all of them on SQLite, where this node is the only one), and the cursor."""
+        whose blob lies here (all of them on SQLite, where this node is the only one), and the cursor. So do
+        the rows and the cursor of the names this data directory ran under before (a renamed host, a container
+        made again: `node.name` defaults to the host name), or what waited for upload would never go."""
+        former = nodes.former_names(self.archive.index, self.node, self.archive.data_dir)
         with self.archive.index.write() as conn:
-            conn.execute(_ADOPT_CURSOR, {"old": CURSOR, "new": self.cursor})
+            for old in (CURSOR, *(f"{CURSOR}:{name}" for name in former)):
+                conn.execute(_ADOPT_CURSOR, {"old": old, "new": self.cursor})
             orphans = [r.blob_id for r in conn.execute(_UNOWNED)]
             mine = [b for b in orphans if not self.shared or self.archive.local.exists(b)]
             if mine:
                 _ADOPT_ROW.run_many(conn, [{"node": self.node, "blob_id": b} for b in mine])
                 log.info("offload: %d rows from before node names are node %s's", len(mine), self.node)
+            for name in former:
+                adopted = _ADOPT_NAMED.run(conn, {"node": self.node, "old": name})
+                if adopted:
+                    log.warning("offload: %d rows queued by this data directory as node %s are node %s's now",
+                                adopted, name, self.node)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -310,6 +319,7 @@ _ADOPT_CURSOR = text("UPDATE cursors SET name = :new WHERE name = :old "
                      "AND NOT EXISTS (SELECT 1 FROM cursors WHERE name = :new)")
 _UNOWNED = text("SELECT blob_id FROM offload WHERE node IS NULL")
 _ADOPT_ROW = db.Prepared("UPDATE offload SET node = :node WHERE blob_id = :blob_id AND node IS NULL")
+_ADOPT_NAMED = db.Prepared("UPDATE offload SET node = :node WHERE node = :old")
 _PENDING = text("SELECT blob_id FROM offload WHERE node = :node AND state = 'pending'")
 # `needed`: whether a committed row still needs the blob (as `Index.blob_referenced`, for the whole batch in
 # one statement): a blob replaced before its upload is not uploaded

@@ -355,27 +355,29 @@ class Query:
     def run(self, conn: Connection, limit: int | None = None,
             timeout: float | None = None, offset: int = 0) -> Iterator[Dataset]:
         """The matches as Datasets; `offset` skips that many first (QIDO-RS pages with it)."""
-        for row in self._rows(conn, limit, timeout, offset):
-            yield self._response(row)
+        yield from self.responses(self.rows(conn, limit, timeout, offset))
 
     def values(self, conn: Connection, limit: int | None = None, timeout: float | None = None,
                offset: int = 0) -> Iterator[tuple]:
         """The matches as the index holds them: a tuple of each match's `return_keys` values (None or "" when
         empty; a count or number as an integer; ModalitiesInStudy comma-separated). QIDO-RS writes DICOM JSON
         from them: a Dataset per match costs ten times the query."""
-        for row in self._rows(conn, limit, timeout, offset):
+        for row in self.rows(conn, limit, timeout, offset):
             yield tuple(row[:-1])
 
     def encoded(self, conn: Connection, explicit_vr: bool, limit: int | None = None,
                 timeout: float | None = None) -> Iterator[bytes]:
         """The matches as identifiers encoded in Little Endian (explicit or implicit VR): the
         bytes pydicom writes for `run`'s Datasets (tests/test_query.py compares them)."""
-        encode = self._encoder(explicit_vr)
-        for row in self._rows(conn, limit, timeout):
-            yield encode(row)
+        yield from self.responses(self.rows(conn, limit, timeout), explicit_vr)
 
-    def _rows(self, conn: Connection, limit: int | None, timeout: float | None,
-              offset: int = 0) -> Iterator[tuple]:
+    def responses(self, rows: list, explicit_vr: bool | None = None) -> Iterator[Dataset | bytes]:
+        """`rows`' matches: Datasets, or (`explicit_vr` given) identifiers already encoded as `encoded` says."""
+        if explicit_vr is None:
+            return map(self._response, rows)
+        return map(self._encoder(explicit_vr), rows)
+
+    def rows(self, conn: Connection, limit: int | None, timeout: float | None, offset: int = 0) -> list:
         """The matching rows (the return keys in order, then the character set; the driver's tuples),
         all fetched within the time limit: past `timeout` seconds of work in the database, `QueryTimeout`.
 
@@ -388,7 +390,7 @@ class Query:
                 rows = statement.rows(conn, self.params)
         except db.QueryCancelled as exc:
             raise QueryTimeout(f"the query took more than {exc.timeout:g} s: narrow it") from None
-        yield from rows
+        return rows
 
     def _encoder(self, explicit_vr: bool) -> Callable[[Row], bytes]:
         def header(tag: int, vr: str) -> tuple[bytes, struct.Struct]:
@@ -515,14 +517,12 @@ def study_list(conn: Connection, query: Query, *, order: str = "date", descendin
 
 def find(index: Index, query: Query, limit: int | None = None, timeout: float | None = None,
          explicit_vr: bool | None = None, offset: int = 0) -> Iterator[Dataset | bytes]:
-    """A C-FIND's matches on a read connection of their own (closed when the iterator ends or is
-    closed: `contextlib.closing` it): Datasets (`Query.run`, the first `offset` skipped), or identifiers
-    already encoded in Little Endian (`Query.encoded`) when `explicit_vr` is given."""
-    with index.reader() as conn:
-        if explicit_vr is None:
-            yield from query.run(conn, limit, timeout, offset)
-        else:
-            yield from query.encoded(conn, explicit_vr, limit, timeout)
+    """A C-FIND's matches, read on a read connection of their own (given back before the first match is
+    yielded): Datasets (`Query.run`), or identifiers already encoded in Little Endian (`Query.encoded`) when
+    `explicit_vr` is given; the first `offset` skipped. The query runs at the first `next`."""
+    with index.reader() as conn:        # every row fetched (at most `limit`), then the connection goes back:
+        rows = query.rows(conn, limit, timeout, offset)   # a peer slow to read its answers holds none of the pool's
+    yield from query.responses(rows, explicit_vr)
 
 
 def find_values(index: Index, query: Query, limit: int | None = None, timeout: float | None = None,
@@ -571,7 +571,8 @@ def instances(index: Index, query: Query, after: int, limit: int) -> list[Match]
     with index.reader() as conn:
         where, params = _where(query, conn)
         return [Match(*row) for row in conn.execute(text(
-            f"SELECT i.pk, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, i.blob_id, i.sha256, i.received_at "
+            f"SELECT i.pk, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, i.blob_id, i.sha256, "
+            f"i.received_at "
             f"FROM {FROM['IMAGE']} WHERE {where} AND i.pk > :after ORDER BY i.pk LIMIT {int(limit)}"),
             {**params, "after": after})]
 

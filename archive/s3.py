@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from boto3.s3.transfer import TransferConfig
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from s3transfer.utils import ChunksizeAdjuster
 
 from .crypto import EnvelopeReader, EnvelopeWriter, KeyWrapper, header_key_id, rewrapped_header
@@ -43,14 +43,46 @@ class UploadMismatch(IOError):
     """The object in the bucket is not what was sent (size or checksum)."""
 
 
-def client(endpoint_url: str = "", region: str = "us-east-1", timeout: float = 30.0, service: str = "s3"):
+def client(endpoint_url: str = "", region: str = "us-east-1", timeout: float = 30.0, service: str = "s3",
+           attempts: int = 3):
     """A boto3 client; credentials come from boto3's usual chain (environment, profile, role)."""
     import boto3
     from botocore.config import Config
 
-    config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 3, "mode": "standard"},
+    config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": attempts, "mode": "standard"},
                     max_pool_connections=32)
     return boto3.client(service, endpoint_url=endpoint_url or None, region_name=region or None, config=config)
+
+
+class S3SettingsError(RuntimeError):
+    """The S3 settings can never work (no credentials, no such bucket, a bucket these credentials may not use)."""
+
+
+def check_bucket(s3, bucket: str) -> str | None:
+    """At start: raise `S3SettingsError` for settings that cannot work whatever happens, with what to change;
+    return a warning (None when all is well) when S3 cannot be reached now: the node starts anyway (what it
+    receives is durable here; uploads retry until S3 answers)."""
+    where = f"s3://{bucket}"
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except NoCredentialsError:
+        raise S3SettingsError(f"no AWS credentials for {where} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                              "AWS_PROFILE, or give the machine a role)") from None
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = error_code(exc)
+        if status == 404 or code in ("404", "NoSuchBucket"):
+            raise S3SettingsError(f"bucket {bucket!r} does not exist (storage.s3.bucket; the node does not create "
+                                  "it)") from None
+        if status == 403 or code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise S3SettingsError(f"these AWS credentials may not use {where} ({code or status}: check the key, "
+                                  "its secret and the bucket's policy)") from None
+        if status == 301 or code in ("301", "PermanentRedirect", "AuthorizationHeaderMalformed"):
+            raise S3SettingsError(f"{where} is in another region than storage.s3.region ({code or status})") from None
+        return f"S3 answered {code or status} for {where}: uploads will retry"
+    except BotoCoreError as exc:
+        return f"S3 cannot be reached now ({type(exc).__name__}): the node starts, uploads retry until it answers"
+    return None
 
 
 def error_code(exc: BaseException) -> str:

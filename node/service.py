@@ -6,9 +6,11 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
+from pathlib import Path
 
-from archive import nodes, open as open_archive, open_index
+from archive import check_storage, nodes, open as open_archive, open_index
 from scp.tls import server_context
 from viewer import accounts as viewer_accounts
 
@@ -18,10 +20,22 @@ from .owners import open_archive as open_migrated
 from .receivers import configure_libraries
 
 
+def dcmtk(tool: str) -> str:
+    """How to call dcmtk's `tool`: its path when an activated virtual environment's scripts (pynetdicom's
+    apps of the same names, with other options) come first on PATH, else its name."""
+    scripts = Path(sys.prefix) / "bin"
+    found = [Path(d) / tool for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    found = [p for p in found if p.is_file() and os.access(p, os.X_OK)]
+    if found and found[0].parent != scripts:
+        return tool
+    dcmtk_own = next((p for p in found if p.parent != scripts), None)
+    return str(dcmtk_own) if dcmtk_own else tool
+
+
 def storescu_hint(config: Config) -> str:
     """A ready-to-paste dcmtk command that sends a file to this node over TLS."""
     d, c = config.dicom, config.client
-    return (f"TCP_NODELAY=1 storescu +tls {c.private_key} {c.certificate} +cf {d.ca_certificates} "
+    return (f"TCP_NODELAY=1 {dcmtk('storescu')} +tls {c.private_key} {c.certificate} +cf {d.ca_certificates} "
             f"-aet {c.ae_title} -aec {config.node.ae_title} {d.host} {d.port} FILE.dcm")
 
 log = logging.getLogger(__name__)
@@ -95,7 +109,10 @@ def _keep_seen(config: Config, stop: threading.Event) -> None:
         try:
             while not stop.wait(nodes.SEEN_EVERY):
                 try:
-                    nodes.seen(index, config.node.name, config.data_dir)
+                    if not nodes.seen(index, config.node.name, config.data_dir):
+                        log.error("node name %r is another data directory's now (a node started under it while "
+                                  "this one was not seen for %.0f s): stop this node or the other, and give them "
+                                  "different [node] names", config.node.name, nodes.ALIVE_SECONDS)
                 except Exception as exc:          # the index away for a while: the next beat tries again
                     log.warning("could not record that node %s runs: %s", config.node.name, exc)
         finally:
@@ -117,6 +134,9 @@ def _serve(config: Config, ready) -> None:
     prepare_spool(config)
     d = config.dicom
     server_context(d.certificate, d.private_key, d.ca_certificates)   # a missing certificate stops the start first
+    s3_warning = check_storage(config)          # no credentials, no such bucket: the start stops here
+    if s3_warning:
+        log.warning("%s", s3_warning)
     if config.router.enabled:
         from router.service import load_plugins
         load_plugins(config)   # an unknown plug-in or bad parameters stop the start, with the rule named

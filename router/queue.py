@@ -18,9 +18,10 @@ import secrets
 import time
 from dataclasses import dataclass, fields
 from functools import lru_cache
+from collections.abc import Callable, Collection
 from typing import Any
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import String, bindparam, text
 from sqlalchemy.engine import Connection, Row
 
 from archive import holds
@@ -113,7 +114,8 @@ _RECORD_RESULT = text(
     "ON CONFLICT (job_id, name) DO UPDATE SET kind = excluded.kind, media_type = excluded.media_type, "
     "sop_instance_uid = excluded.sop_instance_uid, blob_id = excluded.blob_id, size = excluded.size, "
     "sha256 = excluded.sha256")
-_QUEUED = text("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at LIMIT :limit")
+_QUEUED = text("SELECT id FROM jobs WHERE state = 'queued' AND id NOT IN :skip ORDER BY created_at LIMIT :limit"
+               ).bindparams(bindparam("skip", expanding=True, type_=String))
 _EXPIRED = text("SELECT id FROM jobs WHERE state = 'running' AND lease_expires < :now")
 _HOLDERS = text("SELECT id, worker FROM jobs WHERE state = 'running'")
 _LATEST_OF_RULE = text(f"SELECT {_JOB} FROM jobs WHERE rule = :rule AND study_uid = :study_uid "
@@ -210,21 +212,31 @@ def apply(index: Index, job_id: str, event, conn: Connection | None = None, **al
     return get(index, job_id, conn)
 
 
-def lease(index: Index, worker: str, now: float, seconds: float, limit: int) -> list[JobRecord]:
+def lease(index: Index, worker: str, now: float, seconds: float, limit: int,
+          admit: Callable[[JobRecord], bool] | None = None, skip: Collection[str] = (),
+          looks: int = 50) -> list[JobRecord]:
     """Lease up to `limit` queued jobs to `worker`, the oldest first, each in a transaction of its own.
 
     However many routers share the index, each job is leased to one of them: a job another router
-    leased (or someone cancelled) since it was listed is left alone."""
+    leased (or someone cancelled) since it was listed is left alone. `admit(job)` False: the job is
+    not leased now (it stays queued, its attempts untouched); at most `looks` jobs are judged so per
+    call. `skip`: ids not looked at."""
     leased: list[JobRecord] = []
-    while len(leased) < limit:
-        candidates = queued(index, limit=limit - len(leased))
-        taken = len(leased)
+    passed = set(skip)
+    while len(leased) < limit and looks > 0:
+        wanted = limit - len(leased)
+        candidates = queued(index, limit=wanted, skip=passed)
         for job_id in candidates:
+            passed.add(job_id)          # leased, left to others, or not admitted: not listed again
             try:
+                if admit is not None:
+                    looks -= 1
+                    if not admit(get(index, job_id)):
+                        continue
                 leased.append(apply(index, job_id, Lease(worker, now, seconds)))
             except (IllegalTransition, JobNotFound):
                 continue
-        if len(candidates) < limit - taken or len(leased) == taken:
+        if len(candidates) < wanted:
             break
     return leased
 
@@ -300,9 +312,9 @@ def record_results(conn: Connection, job_id: str, study_uid: str, found: list[Re
         Index.add_job_change(conn, "file_stored", job_id, study_uid, blob_id=blob_id)
 
 
-def queued(index: Index, limit: int = 100) -> list[str]:
-    """Ids of queued jobs, the oldest first."""
-    return [r.id for r in index.read(_QUEUED, {"limit": limit})]
+def queued(index: Index, limit: int = 100, skip: Collection[str] = ()) -> list[str]:
+    """Ids of queued jobs, the oldest first (but those in `skip`)."""
+    return [r.id for r in index.read(_QUEUED, {"limit": limit, "skip": list(skip)})]
 
 
 def expired(index: Index, now: float) -> list[str]:

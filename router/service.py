@@ -26,7 +26,7 @@ import time
 from concurrent.futures import Future as ThreadFuture, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from archive import Archive
+from archive import Archive, nodes
 from archive.changes import consume
 from archive.db import RoundFailures
 from archive.index import Index
@@ -47,6 +47,7 @@ CURSOR = "router"
 ROUTED = ("stored", "replaced")        # changes that can complete a study (results are "result_stored")
 RENEWALS = 4                           # a lease is renewed this many times per router.lease_seconds
 PROGRESS_EVERY = 1.0                   # at most one progress change per job and second
+INPUTS_RECHECK = 5.0                   # seconds before a job whose inputs another node holds is looked at again
 
 
 class RouterError(RuntimeError):
@@ -101,10 +102,33 @@ class _Running:
     renewed: float
 
 
+class IndexClock:
+    """The index's clock, as this machine's clock plus an offset read from the index every `every` seconds: leases
+    that several nodes' routers compare are timed by one clock (PostgreSQL's), so a node whose clock is off
+    neither takes over live jobs nor holds dead ones longer."""
+
+    def __init__(self, index: Index, every: float = 10.0):
+        self.index, self.every = index, every
+        self._offset, self._read_at = 0.0, float("-inf")
+
+    def __call__(self) -> float:
+        if time.monotonic() - self._read_at >= self.every:
+            try:
+                before = time.time()
+                self._offset = self.index.now() - (before + time.time()) / 2
+                self._read_at = time.monotonic()
+            except Exception:               # the index away: the last offset, until it answers again
+                pass
+        return time.time() + self._offset
+
+
 class Router:
-    def __init__(self, config: Settings, archive: Archive, executor: Executor | None = None, clock=time.time,
+    def __init__(self, config: Settings, archive: Archive, executor: Executor | None = None, clock=None,
                  name: str | None = None):
-        self.config, self.archive, self.clock = config, archive, clock
+        """`clock`: seconds since the epoch for leases and quiet periods (the index's, `IndexClock`, when
+        None)."""
+        self.config, self.archive = config, archive
+        self.clock = clock or (time.time if archive.index.sqlite else IndexClock(archive.index))
         self.name = name or holder(config)          # on this router's leases
         self.lease = config.router.lease_seconds
         self._took_back = False
@@ -116,6 +140,8 @@ class Router:
         self._forwarding: dict[tuple[str, str], ThreadFuture] = {}
         self._forwarder = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self._progress_sent: dict[str, float] = {}
+        self._waiting: dict[str, float] = {}     # job -> when to look again: inputs on another node, not in S3
+        self._told: set[str] = set()              # jobs whose wait was logged
         self._wake = threading.Event()          # set when a task or a forward finishes
         self._next_due = float("inf")           # when the next quiet period ends
         self.spool = config.data_dir / "spool" / "router"
@@ -248,7 +274,9 @@ class Router:
         if free <= 0:
             return
         now = max(now, self.clock())    # capacity() starts the cluster on first use (seconds): a lease counts from now
-        for job in queue.lease(self.index, self.name, now, self.lease, free):
+        self._waiting = {job_id: until for job_id, until in self._waiting.items() if until > now}
+        for job in queue.lease(self.index, self.name, now, self.lease, free, admit=self._inputs_here,
+                               skip=self._waiting):
             try:
                 spec = self._spec(job)
             except PluginError as exc:
@@ -258,6 +286,25 @@ class Router:
             future.add_done_callback(lambda _: self._wake.set())
             self.running[job.id] = _Running(future, job.attempts, now, now)
             log.info("job %s (%s) started, attempt %d of %d", job.id, job.plugin, job.attempts, job.max_attempts)
+
+    def _inputs_here(self, job: queue.JobRecord) -> bool:
+        """Whether this node can read the job's inputs now. Instances another running node received and has
+        not offloaded yet are only there: the job stays queued, its attempts untouched (that node's router
+        may take it meanwhile; this one looks again in INPUTS_RECHECK seconds), instead of failing an
+        attempt on them. A node gone for `nodes.ALIVE_SECONDS` is not waited for (the attempt fails with the
+        reason)."""
+        if self.archive.remote is None:              # one node: everything it holds is here
+            return True
+        elsewhere = nodes.not_offloaded_elsewhere(self.index, job.inputs, self.archive.node, self.clock)
+        if not elsewhere:
+            self._told.discard(job.id)
+            return True
+        if job.id not in self._told:
+            self._told.add(job.id)
+            log.info("job %s waits: %s not in S3 yet (that node's router may run it)", job.id,
+                     ", ".join(f"{n} instances on node {name}" for name, n in elsewhere.items()))
+        self._waiting[job.id] = self.clock() + INPUTS_RECHECK
+        return False
 
     def _spec(self, job: queue.JobRecord) -> JobSpec:
         if job.plugin not in self.plugins:

@@ -88,3 +88,22 @@ def test_the_complete_file_in_the_docs_starts_and_names_every_setting(tmp_path):
     missing = [name for name, _, _ in documented_settings()
                if name.rsplit(".", 1)[-1] not in written and not name.startswith(("remote.", "router.rules"))]
     assert not missing, f"settings missing from the complete file: {missing}"
+
+
+def test_the_send_hint_names_dcmtks_storescu_even_behind_an_activated_virtual_environment(tmp_path, monkeypatch):
+    """pynetdicom installs apps named storescu, findscu, ... into the virtual environment: activated, its
+    `storescu` comes first on PATH and refuses dcmtk's options. The hint `make run` prints calls dcmtk's."""
+    import sys
+
+    from node.service import dcmtk
+
+    venv, system = tmp_path / "venv" / "bin", tmp_path / "usr" / "bin"
+    for folder in (venv, system):
+        folder.mkdir(parents=True)
+        (folder / "storescu").write_text("#!/bin/sh\n")
+        (folder / "storescu").chmod(0o755)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    monkeypatch.setenv("PATH", f"{venv}:{system}")
+    assert dcmtk("storescu") == str(system / "storescu")
+    monkeypatch.setenv("PATH", f"{system}:{venv}")          # not activated: the plain name finds dcmtk's
+    assert dcmtk("storescu") == "storescu"

@@ -182,3 +182,30 @@ def test_a_pooled_connection_the_server_closed_while_idle_is_replaced(pg_cluster
         assert index.read(text("SELECT seq FROM cursors WHERE name = 'after'"))[0][0] == 1
     finally:
         index.close()
+
+
+def test_a_round_that_fails_on_the_index_is_said_in_one_line_once_a_minute(tmp_path, caplog):
+    """The offloader, the router and the viewer's notifications (archive.db.RoundFailures): an index that is
+    down fails every round; the log gets the driver's one line, not a traceback per round, again only when
+    it changes or a minute has passed. Anything else keeps its traceback."""
+    import logging
+
+    from archive.db import RoundFailures
+
+    index = Index(tmp_path / "index.sqlite3")
+    with index.write() as conn:
+        conn.execute(text("DROP TABLE cursors"))
+    log = logging.getLogger("test.rounds")
+    failed = RoundFailures(log, "reading the change log for notifications")
+    with caplog.at_level(logging.ERROR, logger="test.rounds"):
+        for _ in range(50):
+            try:
+                index.read(text("SELECT seq FROM cursors"))
+            except Exception as exc:
+                failed(exc)
+        failed(ValueError("not the index"))
+    index.close()
+    lines = [r for r in caplog.records if r.name == "test.rounds"]
+    assert [r.getMessage() for r in lines[:-1]] == [
+        "reading the change log for notifications failed: the index: OperationalError: no such table: cursors"]
+    assert lines[0].exc_info is None and lines[-1].exc_info is not None      # a bug keeps its traceback

@@ -31,3 +31,18 @@ def test_a_second_node_under_a_running_nodes_name_is_refused_even_at_the_same_pa
 def test_the_id_is_made_once_and_kept(tmp_path):
     first = nodes.node_id(tmp_path)
     assert len(first) == 32 and nodes.node_id(tmp_path) == first
+
+
+def test_times_are_the_index_clock_and_a_node_whose_name_was_taken_over_is_told(index, tmp_path):
+    """`seen_at` is the index's clock (PostgreSQL's on a shared index: a node whose own clock is off is
+    neither taken for dead nor for alive wrongly). A node that stalled past ALIVE_SECONDS while another data
+    directory took its name over learns it at its next beat (`seen` is False: the node logs an error)."""
+    first, second = tmp_path / "one", tmp_path / "two"
+    first.mkdir(), second.mkdir()
+    nodes.register(index, "node-a", first, "host-1")
+    (row,) = index.read(nodes._GET, {"name": "node-a"})
+    assert abs(row.seen_at - index.now()) < 5
+    assert nodes.seen(index, "node-a", first)
+    nodes.register(index, "node-a", second, "host-2", clock=lambda: index.now() + nodes.ALIVE_SECONDS + 1)
+    assert not nodes.seen(index, "node-a", first)
+    assert nodes.seen(index, "node-a", second)

@@ -200,3 +200,37 @@ def test_a_blob_in_neither_tier_is_not_found(make_archive):
     archive, _ = make_archive()
     with pytest.raises(BlobNotFound):
         archive.storage.read_all("0" * 32)
+
+
+def test_a_renamed_node_uploads_what_it_queued_under_its_former_name(moto, tmp_path):
+    """`node.name` defaults to the host name: a container made again or a renamed machine starts the same
+    data directory under a new name. What waited for upload under the former name goes up (and is evicted
+    in time) all the same: the rows and the cursor of that data directory's former names are adopted."""
+    from archive import nodes
+
+    bucket = moto.new_bucket()
+
+    def remote(keyring):
+        return S3Storage(moto.client(), bucket, keyring, part_size=MIN_PART)
+
+    files = synthetic_instances(tmp_path / "in", 3)
+    before = Archive(tmp_path / "data", remote=remote, node="host-old")
+    nodes.register(before.index, "host-old", before.data_dir, "host-old")
+    for path in files:
+        assert before.ingest_file(path).outcome.ok
+    offloader = Offloader(before, FAST)
+    offloader.take_changes()                   # queued; then the node stops before S3 answered
+    offloader.close()
+    before.close()
+
+    after = Archive(tmp_path / "data", remote=remote, node="host-new")
+    try:
+        nodes.register(after.index, "host-new", after.data_dir, "host-new")
+        offloader = Offloader(after, FAST)
+        drain(offloader)
+        offloader.close()
+        rows = after.index.read(text("SELECT state, node FROM offload"))
+        assert sorted(tuple(r) for r in rows) == [("offloaded", "host-new")] * 3
+        assert len(moto.objects(bucket)) == 3
+    finally:
+        after.close()

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from helpers import MotoServer, Outage, dataset_sha256, synthetic_instances, wait_for
+from helpers import MotoServer, Outage, dataset_sha256, free_port, synthetic_instances, wait_for
 from test_retrieve import ENV, one_study
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
@@ -119,3 +119,33 @@ def test_node_killed_during_offload_resumes_and_completes(s3_node, moto, tmp_pat
     assert object_ids(moto, bucket) == blob_ids(node)
     assert moto.incomplete_uploads(bucket) == []
     assert "aborted 1 incomplete multipart uploads" in node.log()
+
+
+@pytest.mark.parametrize("problem", ["no credentials", "no such bucket"])     # (moto takes any secret)
+def test_s3_settings_that_cannot_work_stop_the_start_with_what_to_change(make_node, moto, problem):
+    """A bucket name with a typo or missing credentials are not retried for ever behind a
+    running node (each instance piling up unoffloaded): the start stops with the reason. S3 away at start
+    is not that (tests below, and test_a_shared_index...: the node starts, uploads retry)."""
+    bucket = moto.new_bucket()
+    if problem == "no such bucket":
+        bucket += "-typo"
+    node = make_node(start=False, storage={"backend": "s3", "s3": {"bucket": bucket, "endpoint_url": moto.url,
+                                                                   "timeout": 5.0}})
+    node.env.update(MotoServer.CREDENTIALS)
+    if problem == "no credentials":
+        node.env.update({"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE":
+                         "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"})
+    with pytest.raises(AssertionError, match="node exited at start"):
+        node.start()
+    expected = {"no credentials": "no AWS credentials for s3://",
+                "no such bucket": "does not exist (storage.s3.bucket"}[problem]
+    assert expected in node.log(), node.log()
+    assert "Traceback" not in node.log()
+
+
+def test_s3_away_at_start_does_not_stop_the_node(make_node, moto):
+    node = make_node(start=False, storage={"backend": "s3", "s3": {"bucket": moto.new_bucket(), "timeout": 1.0,
+                                                                   "endpoint_url": f"http://127.0.0.1:{free_port()}"}})
+    node.env.update(MotoServer.CREDENTIALS)
+    node.start()
+    assert "S3 cannot be reached now" in node.log()

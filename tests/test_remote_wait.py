@@ -61,3 +61,37 @@ def _copy(source: LocalStorage, target: LocalStorage, blob: str) -> None:
     partial = path.with_suffix(".copying")
     partial.write_bytes(source.path(blob).read_bytes())
     partial.rename(path)
+
+
+def test_what_only_a_node_gone_silent_holds_is_no_longer_vouched_for(tmp_path, pg_cluster, moto):
+    """Storage commitment confirms an instance another node received and has not offloaded (it fsynced the
+    blob before indexing it: durable there) only while that node runs: once it has not been seen for
+    `nodes.ALIVE_SECONDS` its disk may be gone, and `held_elsewhere` no longer names it (the instance is then
+    read back, and fails, before it is confirmed)."""
+    import secrets
+
+    from sqlalchemy import text
+
+    from archive import Archive, nodes
+    from archive.s3 import MIN_PART, S3Storage
+    from helpers import synthetic_instances
+
+    url, bucket = pg_cluster.create_database(f"t_{secrets.token_hex(6)}"), moto.new_bucket()
+
+    def remote(keyring):
+        return S3Storage(moto.client(), bucket, keyring, part_size=MIN_PART)
+
+    a = Archive(tmp_path / "a", index_url=url, node="node-a", remote=remote)
+    b = Archive(tmp_path / "b", index_url=url, node="node-b", remote=remote)
+    try:
+        nodes.register(a.index, "node-a", a.data_dir, "host-a")
+        (path,) = synthetic_instances(tmp_path / "in", 1)
+        assert a.ingest_file(path).outcome.ok                  # on A's disk only: A's offloader has not run
+        (blob,), = a.index.read(text("SELECT blob_id FROM instances"))
+        assert b.held_elsewhere(blob) == "node-a"
+        with a.index.write() as conn:                          # A has not been seen since
+            conn.execute(text("UPDATE nodes SET seen_at = seen_at - :gone"), {"gone": nodes.ALIVE_SECONDS + 1})
+        assert b.held_elsewhere(blob) is None
+    finally:
+        a.close()
+        b.close()

@@ -259,3 +259,82 @@ def test_only_a_leases_holder_renews_finishes_or_fails_it():
     with pytest.raises(IllegalTransition, match="still valid"):
         handle(job, Expire(120.0, gone="node-a/2"))
     assert handle(job, Expire(120.0, gone="node-a/1")).state == "queued"
+
+
+def test_a_job_whose_inputs_another_node_has_not_offloaded_waits_without_using_an_attempt(
+        tmp_path, pg_cluster, moto, caplog):
+    """Node A received the study and has not put it in S3 yet (its offloader behind, or S3 away from A): node
+    B's router leaves the job queued, its attempts untouched (B cannot read those instances), rather than
+    failing an attempt on them; A's router runs it. Once A has offloaded the instances B would run such a
+    job; and a node not seen for `nodes.ALIVE_SECONDS` is not waited for."""
+    from archive import nodes as archive_nodes
+    from archive.s3 import MIN_PART, S3Storage
+    from sqlalchemy import text
+
+    url = pg_cluster.create_database(f"t_{secrets.token_hex(6)}")
+    bucket = moto.new_bucket()
+    archives = []
+
+    def router(name: str, executor) -> Router:
+        config = from_dict({"node": {"data_dir": str(tmp_path / name), "name": name},
+                            "router": {"plugins": PLUGINS, "rules": [RULE], "lease_seconds": LEASE}}, tmp_path)
+        archive = Archive(config.data_dir, index_url=url, node=name,
+                          remote=lambda keyring: S3Storage(moto.client(), bucket, keyring, part_size=MIN_PART))
+        archives.append(archive)
+        store.migrate(archive.index)
+        archive_nodes.register(archive.index, name, config.data_dir, "host")
+        return Router(config, archive, executor, name=f"{name}/{os.getpid()}")
+
+    try:
+        b = router("node-b", Executor())
+        a = router("node-a", Executor())
+        for path in synthetic_instances(tmp_path / "in", 2):
+            assert a.archive.ingest_file(path).outcome.ok          # received by A: A's, not in S3
+        with caplog.at_level(logging.INFO, logger="router.service"):
+            b.step()
+            b.step()
+        (job,) = queue.jobs(b.index)
+        assert b.executor.submitted == [] and (job.state, job.attempts, job.errors) == ("queued", 0, [])
+        assert "waits: 2 instances on node node-a not in S3 yet" in caplog.text
+        a.step()                                                    # A can read them: A runs it
+        a.step()
+        assert a.executor.submitted == [job.id]
+        assert queue.get(a.index, job.id).state == "succeeded"
+
+        with a.index.write() as conn:                               # A has offloaded them: nothing to wait for
+            conn.execute(text("INSERT INTO offload (blob_id, state, next_try, queued_at, node) "
+                              "SELECT blob_id, 'offloaded', 0, 0, node FROM instances"))
+        assert archive_nodes.not_offloaded_elsewhere(b.index, job.inputs, "node-b") == {}
+        with a.index.write() as conn:                               # not yet, but A is gone
+            conn.execute(text("UPDATE offload SET state = 'pending'"))
+        assert archive_nodes.not_offloaded_elsewhere(b.index, job.inputs, "node-b") == {"node-a": 2}
+        later = time.time() + archive_nodes.ALIVE_SECONDS + 1
+        assert archive_nodes.not_offloaded_elsewhere(b.index, job.inputs, "node-b", clock=lambda: later) == {}
+    finally:
+        for archive in archives:
+            archive.close()
+
+
+def test_leases_are_timed_by_the_index_clock_not_by_a_nodes_own(nodes, monkeypatch):
+    """A node whose clock is an hour ahead (no NTP) must not see every other node's lease as expired and take
+    their live jobs over: routers on PostgreSQL time leases by the index's clock (router.service.IndexClock).
+    (Fails with the node's own clock: `clock=AnHourAhead.time`.)"""
+    import router.service as service
+
+    node, ingest = nodes
+    ingest(1)
+    real = time.time
+
+    class AnHourAhead:
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def time() -> float:
+            return real() + 3600
+
+    monkeypatch.setattr(service, "time", AnHourAhead)
+    a = node(f"node-a/{os.getpid()}", HangingExecutor(), clock=None)      # its default clock: the index's
+    assert abs(service.IndexClock(a.index)() - a.index.now()) < 1.0      # the machine's clock is off, not this
+    a.step()
+    (job,) = queue.jobs(a.index)
+    assert job.state == "running" and abs(job.lease_expires - (a.index.now() + LEASE)) < 2.0

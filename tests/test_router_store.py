@@ -44,7 +44,7 @@ def test_result_files_are_kept_and_a_replaced_one_is_let_go(tmp_path, index_url)
     result = queue.Result("file", "note.txt", "text/plain", None, first, 5, "x")
     with archive.index.write() as conn:
         queue.record_results(conn, job, "1.2.3", [result])
-    assert archive.index.blob_referenced(first) and first in archive.index.blob_ids()
+    assert archive.index.blob_referenced(first) and list(archive.index.blobs_referenced([first, "0" * 32])) == [first]
     assert archive.recover() == 0 and archive.local.path(first).exists()
     # the job's results taken again (a re-run after a crash): the new file replaces the first
     second = _file(archive, b"second")

@@ -2,7 +2,7 @@
 
 Pages are Jinja2 templates with plain JavaScript modules (no build step); X3DOM comes from
 the npm registry (installed by `make install`) and is served from here: hospitals run
-offline. Every request passes these middlewares: security headers (CSP, nosniff,
+offline; so is OHIF, at /ohif/ (viewer/ohif.py). Every request passes these middlewares: security headers (CSP, nosniff,
 frame-ancestors, referrers only within the site), errors (what a handler did not expect is
 one log line and a 500 without details, never a traceback in the answer), the session (cookie
 -> a user, or a share link limited to one study), and CSRF (every state-changing request
@@ -27,9 +27,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from archive import Archive
 from archive.storage import BlobNotOffloaded
 
-from . import accounts, dicomweb, events, views, wado
-from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, LOGINS, PLUGINS, SECRET, SESSION, TEMPLATES, form,
-                   run)
+from . import accounts, dicomweb, events, ohif, views, wado
+from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, LOGINS, OHIF_ON, PLUGINS, SECRET, SESSION,
+                   TEMPLATES, form, run)
 from .images import Images
 from .logins import LoginGate
 from .settings import Settings
@@ -112,7 +112,7 @@ async def sessions(request: web.Request, handler):
     if request[SESSION] is None and not request.path.startswith(PUBLIC) and request.path != "/":
         if request.path.startswith("/api/"):
             raise web.HTTPUnauthorized(text='{"error": "log in first"}', content_type="application/json")
-        raise web.HTTPFound(f"/login?next={quote(request.rel_url.raw_path, safe='/')}")
+        raise web.HTTPFound(f"/login?next={quote(request.rel_url.raw_path_qs, safe='/')}")
     return await handler(request)
 
 
@@ -214,4 +214,9 @@ def create_app(config: Settings, archive: Archive | None = None, clock=time.time
     app.router.add_static("/static/", HERE / "static", follow_symlinks=False)
     if X3DOM.is_dir():
         app.router.add_static("/vendor/x3dom/", X3DOM, follow_symlinks=False)
+    app[OHIF_ON] = config.viewer.ohif and ohif.installed()
+    if app[OHIF_ON]:
+        ohif.routes(app)
+    elif config.viewer.ohif:
+        log.warning("OHIF is not installed (viewer/vendor/ohif): `make install` installs it; /ohif/ answers 404")
     return app

@@ -33,6 +33,7 @@ TEMPLATES = web.AppKey("templates", jinja2.Environment)
 EVENTS = web.AppKey("events", object)
 LOGINS = web.AppKey("logins", LoginGate)
 CLOCK = web.AppKey("clock", object)
+OHIF_ON = web.AppKey("ohif", bool)                # OHIF is served at /ohif/
 SESSION = web.RequestKey("session", object)     # accounts.Session | None
 FORM = web.RequestKey("form", MultiDict)        # the form fields, once read
 BODY_LIMIT = 64 << 10                            # a form's or a JSON request's body (uploads have their own)

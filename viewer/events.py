@@ -20,6 +20,7 @@ import time
 from collections import Counter
 
 from archive import changes
+from archive.db import RoundFailures
 from archive.index import Index
 from router.queue import jobs_by_id
 
@@ -40,6 +41,7 @@ class TooManyStreams(Exception):
 class Broker:
     def __init__(self, index: Index, per_session: int = 6, per_address: int = 32):
         self.index = index
+        self._failed = RoundFailures(log, "reading the change log for notifications")   # one line a minute
         self.per_session, self.per_address = per_session, per_address
         self.subscribers: set[asyncio.Queue] = set()
         self.open: Counter[str] = Counter()               # streams per "session:..." and "address:..."
@@ -134,6 +136,6 @@ class Broker:
                     for queue in list(self.subscribers):
                         if not queue.full():
                             queue.put_nowait(event)
-            except Exception:
-                log.exception("reading the change log for notifications")
+            except Exception as exc:
+                self._failed(exc)
             await asyncio.sleep(POLL)

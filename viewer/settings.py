@@ -42,6 +42,8 @@ class ViewerSection:
                               "https://host:port.")
     cors_origins: list = setting([], "Origins (https://host[:port]) of web apps hosted elsewhere (an OHIF of "
                                  "their own) that may call /dicomweb with an API token; empty: none (CORS off).")
+    ohif: bool = setting(True, "Serve the OHIF viewer at /ohif/ (installed by `make install` in viewer/vendor/ohif) "
+                         "and link studies to it.")
 
     def validate(self) -> None:
         check_port("viewer.port", self.port, allow_zero=False)

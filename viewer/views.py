@@ -34,8 +34,8 @@ from router.api import JobRequestError, plugins_for_study, request_job
 from router.jobs import IllegalTransition
 
 from . import accounts, analysis, upload
-from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, JOB_ID, LOGINS, PLUGINS, SECRET, SESSION, json_body,
-                   render, run, valid_uid)
+from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, JOB_ID, LOGINS, OHIF_ON, PLUGINS, SECRET, SESSION,
+                   json_body, render, run, valid_uid)
 from .base import form as read_form
 from .images import IMAGE_LIMIT, NotAnImage
 from .images import Busy as ImagesBusy
@@ -310,7 +310,8 @@ async def study_page(request: web.Request) -> web.Response:
     if detail is None:
         raise web.HTTPNotFound(text="no such study")
     await _audit(request, "view", study_uid=study_uid)
-    return render(request, "study.html", study=detail, share_days=request.app[CONFIG].viewer.share_link_days)
+    return render(request, "study.html", study=detail, share_days=request.app[CONFIG].viewer.share_link_days,
+                  ohif=request.app[OHIF_ON])
 
 
 async def model_page(request: web.Request) -> web.Response:
