@@ -179,6 +179,9 @@ def test_qido_answers_204_400_and_gzip(site, pki):
     assert raw.headers["Content-Encoding"] == "gzip" and raw.headers["Content-Type"].startswith(
         "application/dicom+json")
     assert isinstance(json.loads(gzip.decompress(raw.raw.read())), list)
+    for wrong in ("/studies", "/dicom-web/studies", "/wado/studies"):     # a program with a wrong URL prefix:
+        answer = s.get(f"{url}{wrong}", allow_redirects=False)            # told where DICOMweb is, not the login
+        assert answer.status_code == 404 and "DICOMweb is under /dicomweb" in answer.json()["error"], wrong
 
 
 # -- WADO-RS -------------------------------------------------------------------------------------
@@ -276,6 +279,7 @@ def test_stow_refusals_fail_alone_and_store_nothing_wrong(site, pki):
     answer = pydicom.Dataset.from_json(mixed.json())
     assert [i.FailureReason for i in answer.FailedSOPSequence] == [0xC000]
     assert [i.ReferencedSOPInstanceUID for i in answer.ReferencedSOPSequence] == [good.SOPInstanceUID]
+    assert "STOW-RS from token:writer: part 1 refused: not a DICOM Part 10" in node.log(), node.log()[-2000:]
     wrong_study = s.post(f"{url}/dicomweb/studies/{studies['smith']}", data=body(ct),
                          headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
     assert wrong_study.status_code == 409

@@ -112,6 +112,9 @@ async def sessions(request: web.Request, handler):
     if request[SESSION] is None and not request.path.startswith(PUBLIC) and request.path != "/":
         if request.path.startswith("/api/"):
             raise web.HTTPUnauthorized(text='{"error": "log in first"}', content_type="application/json")
+        if request.headers.get("Authorization", "").lower().startswith("bearer "):   # a program, a wrong prefix
+            raise web.HTTPNotFound(text='{"error": "no such path: DICOMweb is under /dicomweb (for example '
+                                        '/dicomweb/studies)"}', content_type="application/json")
         raise web.HTTPFound(f"/login?next={quote(request.rel_url.raw_path_qs, safe='/')}")
     return await handler(request)
 

@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import exc as sa_exc
 
 from archive import query as archive_query
-from archive.dicomfile import inspect
+from archive.dicomfile import InvalidInstance, inspect
 from archive.query import ATTRIBUTES, LEVELS, STUDY_ROOT, Query, QueryError
 
 from . import accounts, tokens
@@ -414,13 +414,17 @@ def _store(archive, received: list, study: str | None, who: str,
             setattr(ds, keyword, value)
         return ds
 
-    for path, media in received:
+    for number, (path, media) in enumerate(received, 1):
         if media.split(";")[0].strip().lower() not in ("application/dicom", ""):
+            log.warning("STOW-RS from %s: part %d refused: its type is %.60r, not application/dicom", who, number,
+                        media)
             failed.append(item("", "", FailureReason=0xC000))
             continue
         try:
             header = inspect(path, limits=archive.limits)
-        except Exception:                             # not DICOM, or not within the limits: this part's outcome
+        except Exception as exc:                      # not DICOM, or not within the limits: this part's outcome
+            why = str(exc) if isinstance(exc, InvalidInstance) else f"cannot be read ({type(exc).__name__})"
+            log.warning("STOW-RS from %s: part %d refused: %s", who, number, why[:200])
             failed.append(item("", "", FailureReason=0xC000))
             continue
         if study is not None and header.study_uid != study:
