@@ -5,7 +5,7 @@ A session (a login or a share link's) is needed to load OHIF; once in, its app r
 no policy violation and no configuration error, its configuration points at this site's
 /dicomweb and it asks /dicomweb/studies for its list; OHIF's pages have their own
 Content-Security-Policy and the node's pages keep the strict one. The study page links to
-OHIF, on a desktop and on a 390x844 phone (screenshots in test-artifacts/).
+OHIF on a desktop; on a 390x844 phone the study page does not offer it (screenshots in test-artifacts/).
 
 `test_ohif_lists_the_study_and_draws_the_ct_series` needs the DICOMweb API (QIDO, WADO-RS):
 it is skipped, saying so, while /dicomweb/studies answers 404 (a branch without the API).
@@ -153,11 +153,17 @@ def test_the_study_page_opens_ohif_on_a_desktop_and_a_phone(site, browser):
         page.goto(f"{url}/studies/{study}")
         log_in(page, url, rf".*/studies/{re.escape(study)}$")
         link = page.locator("#open-ohif")
+        if name == "phone":        # OHIF is unusable at 390 px (its viewport a sliver): not offered there
+            page.locator("#viewer-name, .study h1, h1").first.wait_for()
+            assert link.count() == 1 and not link.is_visible()
+            page.screenshot(path=str(ARTIFACTS / f"ohif-{name}-study-page.png"))
+            context.close()
+            continue
         link.wait_for()
         assert link.get_attribute("href") == f"/ohif/viewer?StudyInstanceUIDs={study}"
         box = link.bounding_box()
         assert box["x"] >= 0 and box["x"] + box["width"] <= options["viewport"]["width"]       # on screen
-        assert box["height"] >= (44 if name == "phone" else 36)                               # a finger's size
+        assert box["height"] >= 36
         page.screenshot(path=str(ARTIFACTS / f"ohif-{name}-study-page.png"))
         link.click()
         page.wait_for_url(f"{url}/ohif/viewer?StudyInstanceUIDs={study}")
