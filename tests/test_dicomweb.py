@@ -327,6 +327,10 @@ def test_hostile_uids_and_dot_segments_in_every_path_segment(site, pki):
             assert status == (404 if frame_number else 400), (path, status)
     status, _ = http_request(site, pki, "GET", f"/dicomweb/studies/{study}/../../../login", tokens["reader"])
     assert status in (400, 404)
+    # one frame named 1,000 times made a 0.5 GB answer in memory from a small instance (the attack pass): 400
+    status, body = http_request(site, pki, "GET", f"/dicomweb/studies/{study}/series/{series}/instances/{sop}"
+                                                  f"/frames/{','.join(['1'] * 1000)}", tokens["reader"])
+    assert status == 400 and b"each frame at most once" in body, (status, body[:200])
 
 
 # -- sessions and share links ----------------------------------------------------------------------

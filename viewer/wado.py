@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import os
 import secrets
@@ -45,6 +46,7 @@ from .views import _unreadable, _with_pixels
 EVLE = str(ExplicitVRLittleEndian)
 BIG_ENDIAN = "1.2.840.10008.1.2.2"
 CHUNK = 1 << 20
+log = logging.getLogger(__name__)
 BULK_BYTES = 1024                  # top-level binary values larger than this are bulk data URIs in metadata
 PIXEL_TAGS = {0x7FE00008: "OF", 0x7FE00009: "OD", 0x7FE00010: None}
 MAX_FRAMES = 1000                  # frames one request may name
@@ -183,7 +185,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
             stack.close()
             raise
 
-    sent, loop = 0, asyncio.get_running_loop()
+    sent, written, whole, loop = 0, 0, False, asyncio.get_running_loop()
     # the next instance is decrypted (and checked) while this one is sent: at most two files at a time
     upcoming = loop.run_in_executor(None, ready, found[0])
     try:
@@ -205,14 +207,20 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
                 with open(path, "rb") as fh:
                     while chunk := await run(request, fh.read, CHUNK):
                         await response.write(chunk)
+                        written += len(chunk)
                 await response.write(b"\r\n")
                 sent += size
+        await response.write(f"--{boundary}--\r\n".encode())
+        await response.write_eof()
+        whole = True
+    except ConnectionError:                     # the client went away: what it took is audited below
+        log.info("WADO of study %s: the client went away after %d bytes", study, written)
     finally:
         if upcoming is not None:                # the answer ended early: the next file is removed once made
             upcoming.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result()[0].close())
-    await response.write(f"--{boundary}--\r\n".encode())
-    await response.write_eof()
-    await audit(request, f"WADO {len(found)} instances, {sent} bytes", study)
+        if written or whole:                    # every byte that left is audited, a retrieve broken off too
+            await audit(request, f"WADO {len(found)} instances, {written if not whole else sent} bytes"
+                        + ("" if whole else " (broken off)"), study)
     return response
 
 
@@ -286,6 +294,8 @@ def _frame_numbers(text: str) -> list[int]:
         raise error(web.HTTPBadRequest, "frames: a comma-separated list of frame numbers (from 1)") from None
     if not numbers or len(numbers) > MAX_FRAMES or min(numbers) < 1:
         raise error(web.HTTPBadRequest, f"frames: 1 to {MAX_FRAMES} frame numbers, each at least 1")
+    if len(set(numbers)) != len(numbers):     # 1,1,1,... x1000 made one small instance a 0.5 GB answer in memory
+        raise error(web.HTTPBadRequest, "frames: each frame at most once")
     return numbers
 
 
@@ -353,7 +363,7 @@ def _octet_parts(request: web.Request, parts: list[bytes], headers: dict, syntax
         body += (f"--{boundary}\r\nContent-Type: application/octet-stream; transfer-syntax={syntax}\r\n"
                  f"Content-Length: {len(part)}\r\n\r\n").encode() + part + b"\r\n"
     body += f"--{boundary}--\r\n".encode()
-    return web.Response(body=bytes(body), headers={
+    return web.Response(body=body, headers={                  # (no copy of it: frames can be large)
         **headers, "Content-Type": f'multipart/related; type="application/octet-stream"; boundary={boundary}'})
 
 
