@@ -374,7 +374,7 @@ def _is_sequence(vr: bytes | None, group: int, elem: int, implicit: bool) -> boo
 _TRANSFER_SYNTAX = 0x00020010
 
 
-def _file_meta(buf) -> tuple[int, str]:
+def _file_meta(buf, read_syntax: bool = True) -> tuple[int, str]:
     """Where the data set starts (after the group 0002 elements) and its transfer syntax.
 
     Only the Transfer Syntax UID is read (the other elements are skipped, whatever their
@@ -403,6 +403,8 @@ def _file_meta(buf) -> tuple[int, str]:
             meta[tag] = RawDataElement(BaseTag(tag), vr.decode("ascii", "replace"), length,
                                        bytes(buf[pos:pos + length]), pos, False, True)
         pos += length
+    if not read_syntax:                 # only where the data set starts (its SHA-256)
+        return pos, ""
     try:
         syntax = Dataset(meta).get("TransferSyntaxUID")
     except Exception as exc:
@@ -419,7 +421,14 @@ def dataset_offset(fh) -> int:
     if head[128:132] != b"DICM":
         raise InvalidInstance("not a DICOM Part 10 stream")
     with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        return _file_meta(buf)[0]
+        return _file_meta(buf, read_syntax=False)[0]
+
+
+def dataset_offset_of(data: bytes) -> int:
+    """`dataset_offset` of a Part 10 file held in memory."""
+    if data[128:132] != b"DICM":
+        raise InvalidInstance("not a DICOM Part 10 stream")
+    return _file_meta(data, read_syntax=False)[0]
 
 
 def _inflate(buf, offset: int, limits: Limits, out) -> int:

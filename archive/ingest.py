@@ -33,7 +33,7 @@ from sqlalchemy import exc as sa_exc, text
 
 from .crypto import IntegrityError, Keyring, KmsKeyring, LocalKeyring
 from .dicomfile import (DEFAULT_LIMITS, InstanceHeader, InvalidInstance, Limits, dataset_offset as inspect_offset,
-                        inspect)
+                        dataset_offset_of, inspect)
 from .db import SQLITE_FILE, Prepared, brief
 from . import nodes
 from .index import SAME_UID_OTHER_CONTENT, Difference, HierarchyConflict, Index
@@ -286,6 +286,18 @@ class Archive:
         finally:
             path.unlink(missing_ok=True)
 
+    def verified(self, blob_id: str, sha256: str, limit: int) -> bytes | None:
+        """The stored Part 10 file in memory, authenticated and checked against its indexed
+        SHA-256 as `exported` does, or None when it is larger than `limit` bytes (then use
+        `exported`): small instances are read without a temporary file."""
+        with self.storage.open(blob_id) as reader:
+            if reader.plaintext_size > limit:
+                return None
+            data = b"".join(reader.iter_plaintext())
+        if dataset_sha256_of(data) != sha256:
+            raise IntegrityError(f"blob {blob_id}: data set does not match its indexed SHA-256")
+        return data
+
     @staticmethod
     def _chunks(path: Path, dataset_offset: int, digest) -> Iterator[bytes]:
         """The file's bytes; the SHA-256 covers the data set (what the peer sent)."""
@@ -393,6 +405,12 @@ def dataset_sha256(path: Path) -> str:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def dataset_sha256_of(data: bytes) -> str:
+    """`dataset_sha256` of a Part 10 file held in memory."""
+    with memoryview(data) as view:
+        return hashlib.sha256(view[dataset_offset_of(data):]).hexdigest()
 
 
 def _free_bytes(directory: Path) -> int:

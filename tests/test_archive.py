@@ -1,6 +1,7 @@
 """Ingest through the archive API: outcomes, duplicates, recovery, no peer value in a path."""
 from __future__ import annotations
 
+import io
 
 import pydicom
 import pytest
@@ -8,6 +9,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import text
 
 from archive import Archive, Outcome, status
+from archive.crypto import IntegrityError
 from helpers import dataset_sha256, data_file
 
 
@@ -106,6 +108,18 @@ def test_index_failure_removes_the_blob(archive, monkeypatch):
     monkeypatch.setattr(archive, "_commit", broken)  # our own seam, not a library internal
     assert archive.ingest_file(data_file("CT_small.dcm")).outcome is Outcome.FAILURE
     assert list(archive.storage.blob_ids()) == []
+
+
+def test_verified_reads_small_instances_in_memory_checked_like_exported(archive):
+    result = archive.ingest_file(data_file("CT_small.dcm"))
+    (row,) = archive.index.read(text("SELECT blob_id, sha256, size FROM instances"))
+    data = archive.verified(row.blob_id, row.sha256, row.size)
+    with archive.exported(row.blob_id, row.sha256) as path:
+        assert data == path.read_bytes() and pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID == \
+            result.sop_instance_uid
+    assert archive.verified(row.blob_id, row.sha256, row.size - 1) is None          # larger: use exported
+    with pytest.raises(IntegrityError, match="does not match its indexed SHA-256"):
+        archive.verified(row.blob_id, "0" * 64, row.size)
 
 
 def test_recover_removes_orphans_and_partials(archive, tmp_path, monkeypatch):

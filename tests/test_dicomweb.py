@@ -6,6 +6,7 @@ import gzip
 import http.client
 import io
 import json
+import socket
 import ssl
 from pathlib import Path
 
@@ -229,6 +230,45 @@ def test_wado_instance_bytes_metadata_frames_and_rendered(site, pki):
     thumbnail = s.get(f"{url}/dicomweb/studies/{study}/thumbnail")
     assert thumbnail.headers["Content-Type"] == "image/jpeg" and Image.open(io.BytesIO(thumbnail.content)).size == \
         (128, 128)
+
+
+def test_a_study_of_small_and_large_instances_streams_whole_and_a_broken_off_one_is_audited(site, pki, tmp_path):
+    """Small instances go out of memory in batches, larger ones (over wado.INLINE) through a private file,
+    in the index's order; every byte is what was sent. A client that stops reading after the first
+    kilobytes leaves an audit row that says so, with what it took, and nothing in exports/."""
+    node, url, tokens, _, _ = site
+    study = pydicom.uid.generate_uid()
+    small = synthetic_instances(tmp_path / "small", 3, study=study, patient="Stream^Big", patient_id="P-STREAM")
+    large = synthetic_instances(tmp_path / "large", 3, pixel_bytes=6 << 20, study=study, patient="Stream^Big",
+                                patient_id="P-STREAM")
+    node.storescu(*small, *large)
+    wait_for(lambda: node.rows("SELECT COUNT(*) FROM instances i JOIN series s ON s.pk = i.series_pk "
+                               "JOIN studies t ON t.pk = s.study_pk WHERE t.study_uid = ?", (study,))[0][0] == 6,
+             what="the six instances")
+    s, accept = session(pki, tokens["reader"]), {"Accept": 'multipart/related; type="application/dicom"; '
+                                                          'transfer-syntax=*'}
+    from dicomweb_client import DICOMwebClient
+
+    parts = list(DICOMwebClient(f"{url}/dicomweb", session=s)._decode_multipart_message(
+        s.get(f"{url}/dicomweb/studies/{study}", headers=accept), stream=False))
+    sent = {pydicom.dcmread(p).SOPInstanceUID: dataset_bytes(p.read_bytes()) for p in (*small, *large)}
+    got = {pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID: dataset_bytes(p) for p in parts}
+    assert got == sent
+
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    raw = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(f"GET /dicomweb/studies/{study} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {accept['Accept']}\r\n"
+                    f"Authorization: Bearer {tokens['reader'].strip()}\r\n\r\n".encode())
+        taken = 0
+        while taken < 64 << 10:
+            taken += len(tls.recv(16 << 10))
+    raw.close()                                   # the client goes away after 64 KiB
+    row = wait_for(lambda: node.rows("SELECT detail FROM audit WHERE study_uid = ? AND detail LIKE '%broken off%'",
+                                     (study,)), what="the broken-off retrieve's audit row")
+    took = int(row[0][0].split(" instances, ")[1].split(" bytes")[0])
+    assert taken <= took < 18 << 20                 # what left, not the study's size
+    wait_for(lambda: not any((node.data_dir / "exports").iterdir()), what="exports/ emptied")
 
 
 def test_stow_then_wado_compressed_as_stored_and_decoded(site, pki):

@@ -1,8 +1,10 @@
 """WADO-RS (PS3.18 10.4): instances, metadata, frames, bulk data, rendered images, under /dicomweb.
 
-Every instance is read through the archive's one read path (`Archive.exported`: decrypted to a
-private file in the data directory, authenticated, its SHA-256 checked) and sent from that file a
-MiB at a time: a study of any size goes out in bounded memory, one instance after the other.
+Every instance is read through the archive's read paths, authenticated and its SHA-256 checked
+before a byte of it leaves: instances up to INLINE bytes in memory (`Archive.verified`), a batch of
+them per worker call, larger ones through a private file in the data directory (`Archive.exported`)
+sent a MiB at a time. A study of any size goes out in bounded memory; the next batch is read while
+this one is sent, within a process-wide number of batches (RETRIEVE_BATCHES).
 Instances go out as stored when the client accepts `transfer-syntax=*`, else in Explicit VR Little
 Endian (a compressed one decoded with pydicom first, into another private file; 406 when no decoder
 can, or for Big Endian). Metadata is DICOM JSON without the pixel data and other large values,
@@ -55,6 +57,10 @@ METADATA_CACHE = 64 << 20          # bytes of instances' metadata kept (keyed by
 
 
 METADATA = web.AppKey("dicomweb_metadata", Cache)    # instances' metadata by (SHA-256, base URL)
+INLINE = 4 << 20                   # an instance up to this size is retrieved in memory (larger: a private file)
+BATCH = 8 << 20                    # bytes of instances read by one worker call for a retrieve
+RETRIEVE_SLOTS = web.AppKey("dicomweb_retrieve_slots", asyncio.Semaphore)
+RETRIEVE_BATCHES = 16              # batches in memory for all retrieves at once (at most ~200 MB)
 
 
 # -- what the path names --------------------------------------------------------------------------
@@ -161,7 +167,55 @@ def _explicit_little(archive, path: Path, stack: ExitStack) -> Path:
 
 # -- instances ------------------------------------------------------------------------------------
 
+class _Batch:
+    """Instances ready to send: small ones in memory, or one large (or transcoded) one in a private file."""
+
+    def __init__(self):
+        self.parts: list[tuple[bytes | Path, str]] = []     # (the Part 10 file, its transfer syntax)
+        self.size = 0
+        self.stack = ExitStack()                            # removes the file
+
+
+def _batch(archive, found: list, start: int, syntax: str | None) -> tuple[_Batch, int]:
+    """The instances from `found[start]` on, read and verified, up to BATCH bytes; and the next index.
+
+    A failure on the batch's first instance is raised; on a later one the batch ends before it
+    (the next call raises it)."""
+    batch = _Batch()
+    try:
+        for number in range(start, len(found)):
+            match = found[number]
+            try:
+                transcode = syntax is not None and match.transfer_syntax != syntax
+                data = None if transcode else archive.verified(match.blob_id, match.sha256, INLINE)
+                if data is not None:
+                    batch.parts.append((data, match.transfer_syntax))
+                    batch.size += len(data)
+                    if batch.size >= BATCH:
+                        return batch, number + 1
+                    continue
+                if batch.parts:                 # a file goes alone
+                    return batch, number
+                path = batch.stack.enter_context(archive.exported(match.blob_id, match.sha256))
+                if transcode:
+                    path = _explicit_little(archive, path, batch.stack)
+                batch.parts.append((path, syntax if transcode else match.transfer_syntax))
+                batch.size += path.stat().st_size
+                return batch, number + 1
+            except Exception:
+                if batch.parts:
+                    return batch, number
+                raise
+        return batch, len(found)
+    except BaseException:
+        batch.stack.close()
+        raise
+
+
 async def retrieve(request: web.Request) -> web.StreamResponse:
+    """The instances as multipart/related, streamed: read and verified a batch at a time (small instances
+    in memory, a large one through a private file), the next batch made while this one is sent. The
+    batches in memory are bounded for the whole process (RETRIEVE_SLOTS)."""
     syntax = _wanted_syntax(request)
     study, found = await _named(request)
     if syntax is not None and (bad := {m.transfer_syntax for m in found if m.transfer_syntax != EVLE
@@ -169,55 +223,68 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         raise error(web.HTTPNotAcceptable, f"instances stored in {', '.join(sorted(bad))} cannot be sent in Explicit "
                     "VR Little Endian here: ask for them as stored (transfer-syntax=*)")
     headers = _validators(request, found, f"dicom:{syntax}")
-    archive, boundary = request.app[ARCHIVE], secrets.token_hex(16)
+    archive, boundary, slots = request.app[ARCHIVE], secrets.token_hex(16), request.app[RETRIEVE_SLOTS]
     response = web.StreamResponse(headers={
         **headers, "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    loop = asyncio.get_running_loop()
 
-    def ready(match) -> tuple[ExitStack, Path, str]:
-        """The instance's file to send (decrypted and verified; transcoded when asked), and what removes it."""
-        stack = ExitStack()
-        try:
-            path = stack.enter_context(archive.exported(match.blob_id, match.sha256))
-            if syntax is not None and match.transfer_syntax != syntax:
-                return stack, _explicit_little(archive, path, stack), syntax
-            return stack, path, match.transfer_syntax
-        except BaseException:
-            stack.close()
-            raise
+    def make(start: int) -> asyncio.Future:
+        return loop.run_in_executor(None, _batch, archive, found, start, syntax)
 
-    sent, written, whole, loop = 0, 0, False, asyncio.get_running_loop()
-    # the next instance is decrypted (and checked) while this one is sent: at most two files at a time
-    upcoming = loop.run_in_executor(None, ready, found[0])
+    def part_header(size: int, syntax_sent: str) -> bytes:
+        return (f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax_sent}\r\n"
+                f"Content-Length: {size}\r\n\r\n").encode()
+
+    sent, written, whole, held = 0, 0, False, 0
+    await slots.acquire()                       # a slot is awaited only while none is held: no deadlock
+    held, upcoming, following = 1, make(0), 0
     try:
-        for number, match in enumerate(found):
+        while upcoming is not None:
             try:
-                stack, path, syntax_sent = await upcoming
+                batch, following = await upcoming
             except Exception as exc:
                 upcoming = None
-                if number:                      # the answer has begun: it ends here, short
+                if following:                   # the answer has begun: it ends here, short
                     raise
-                raise _unreadable(match.sop_instance_uid, exc) from None
-            upcoming = loop.run_in_executor(None, ready, found[number + 1]) if number + 1 < len(found) else None
-            with stack:
-                if number == 0:
+                raise _unreadable(found[0].sop_instance_uid, exc) from None
+            upcoming = None
+            with batch.stack:
+                if following < len(found) and not slots.locked():   # the next batch is made meanwhile
+                    await slots.acquire()
+                    held += 1
+                    upcoming = make(following)
+                if not response.prepared:
                     await response.prepare(request)
-                size = path.stat().st_size
-                await response.write(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax="
-                                     f"{syntax_sent}\r\nContent-Length: {size}\r\n\r\n".encode())
-                with open(path, "rb") as fh:
-                    while chunk := await run(request, fh.read, CHUNK):
-                        await response.write(chunk)
-                        written += len(chunk)
-                await response.write(b"\r\n")
-                sent += size
+                inline = [part_header(len(body), syntax_sent) + body + b"\r\n"
+                          for body, syntax_sent in batch.parts if isinstance(body, bytes)]
+                if inline:
+                    await response.write(b"".join(inline))
+                    written += sum(len(body) for body, _ in batch.parts)
+                for path, syntax_sent in (p for p in batch.parts if isinstance(p[0], Path)):
+                    await response.write(part_header(path.stat().st_size, syntax_sent))
+                    with open(path, "rb") as fh:
+                        while chunk := await run(request, fh.read, CHUNK):
+                            await response.write(chunk)
+                            written += len(chunk)
+                    await response.write(b"\r\n")
+                sent += batch.size
+            del batch, inline
+            held -= 1
+            slots.release()
+            if upcoming is None and following < len(found):
+                await slots.acquire()
+                held += 1
+                upcoming = make(following)
         await response.write(f"--{boundary}--\r\n".encode())
         await response.write_eof()
         whole = True
     except ConnectionError:                     # the client went away: what it took is audited below
         log.info("WADO of study %s: the client went away after %d bytes", study, written)
     finally:
-        if upcoming is not None:                # the answer ended early: the next file is removed once made
-            upcoming.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result()[0].close())
+        if upcoming is not None:                # the answer ended early: the next batch is dropped once made
+            upcoming.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result()[0].stack.close())
+        for _ in range(held):
+            slots.release()
         if written or whole:                    # every byte that left is audited, a retrieve broken off too
             await audit(request, f"WADO {len(found)} instances, {written if not whole else sent} bytes"
                         + ("" if whole else " (broken off)"), study)
@@ -524,6 +591,7 @@ async def rendered(request: web.Request) -> web.Response:
 def routes(app: web.Application) -> None:
     study, series, instance = STUDY, STUDY + SERIES, STUDY + SERIES + INSTANCE
     app[METADATA] = Cache(METADATA_CACHE)
+    app[RETRIEVE_SLOTS] = asyncio.Semaphore(RETRIEVE_BATCHES)
     r = app.router
     for path in (study, series, instance):
         r.add_get(path, retrieve)
