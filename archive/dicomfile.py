@@ -211,6 +211,15 @@ def inspect(path: Path, expected_sop_class: str | None = None,
             return _inspect(buf, expected_sop_class, expected_sop_instance, limits, Path(path).parent)
 
 
+def inspect_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS, spool: Path | None = None) -> InstanceHeader:
+    """`inspect` of a Part 10 file held in memory (a deflated one is inflated into `spool`)."""
+    if len(data) < 132 + 12 or data[128:132] != b"DICM":
+        raise InvalidInstance("not a DICOM Part 10 stream")
+    if spool is None and syntax_of(data) == DeflatedExplicitVRLittleEndian:
+        raise ValueError("a deflated data set is inspected with a spool directory")
+    return _inspect(data, None, None, limits, spool)
+
+
 def read_dataset(path: Path, limits: Limits = DEFAULT_LIMITS, pixels: bool = False) -> Dataset:
     """pydicom's reading of the stored Part 10 file at `path`, after the checks of `inspect()`.
 
@@ -429,6 +438,13 @@ def dataset_offset_of(data: bytes) -> int:
     if data[128:132] != b"DICM":
         raise InvalidInstance("not a DICOM Part 10 stream")
     return _file_meta(data, read_syntax=False)[0]
+
+
+def syntax_of(data: bytes) -> str:
+    """The Transfer Syntax UID of a Part 10 file held in memory."""
+    if data[128:132] != b"DICM":
+        raise InvalidInstance("not a DICOM Part 10 stream")
+    return _file_meta(data)[1]
 
 
 def _inflate(buf, offset: int, limits: Limits, out) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import errno
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -29,11 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import exc as sa_exc, text
 
 from .crypto import IntegrityError, Keyring, KmsKeyring, LocalKeyring
-from .dicomfile import (DEFAULT_LIMITS, InstanceHeader, InvalidInstance, Limits, dataset_offset as inspect_offset,
-                        dataset_offset_of, inspect)
+from .dicomfile import (DEFAULT_LIMITS, InstanceHeader, InvalidInstance, Limits,
+                        dataset_offset as inspect_offset, dataset_offset_of, inspect, inspect_bytes, syntax_of,
+                        undeflated)
 from .db import SQLITE_FILE, Prepared, brief
 from . import nodes
 from .index import SAME_UID_OTHER_CONTENT, Difference, HierarchyConflict, Index
@@ -297,6 +300,18 @@ class Archive:
         if dataset_sha256_of(data) != sha256:
             raise IntegrityError(f"blob {blob_id}: data set does not match its indexed SHA-256")
         return data
+
+    @contextmanager
+    def readable(self, blob_id: str, sha256: str, limit: int) -> Iterator[Path | io.BytesIO]:
+        """The stored instance as pydicom may read it, verified and checked as `undeflated` does: in
+        memory when it is at most `limit` bytes and not deflated, else a private file (removed after)."""
+        data = self.verified(blob_id, sha256, limit)
+        if data is not None and syntax_of(data) != DeflatedExplicitVRLittleEndian:
+            inspect_bytes(data, self.limits, self.exports)
+            yield io.BytesIO(data)
+            return
+        with self.exported(blob_id, sha256) as path, undeflated(path, self.limits) as plain:
+            yield plain
 
     @staticmethod
     def _chunks(path: Path, dataset_offset: int, digest) -> Iterator[bytes]:

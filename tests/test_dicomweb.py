@@ -414,9 +414,11 @@ def test_every_call_is_audited_with_who_what_study_and_bytes(site):
     assert any(r[0] == "token:writer" and "STOW: 2 stored" in r[3] for r in rows)
 
 
-def test_frames_read_from_their_place_in_the_file_equal_pydicoms_pixels(tmp_path):
+@pytest.mark.parametrize("inline", [True, False], ids=["in memory", "through a file"])
+def test_frames_read_from_their_place_in_the_file_equal_pydicoms_pixels(tmp_path, monkeypatch, inline):
     """What WADO-RS sends when the viewer does not hold the decoded image (wado._frames): a native frame read
-    from its offset in the decrypted file, a compressed one decoded by itself; Big Endian swapped."""
+    from its offset in the decrypted instance, a compressed one decoded by itself; Big Endian swapped; a
+    deflated one inflated first. Instances up to wado.INLINE bytes are read in memory, larger through a file."""
     from archive import Archive
     from viewer import wado
 
@@ -424,8 +426,10 @@ def test_frames_read_from_their_place_in_the_file_equal_pydicoms_pixels(tmp_path
     planar.PixelData, planar.PlanarConfiguration = planar.pixel_array.transpose(0, 3, 1, 2).tobytes(), 1
     planar.save_as(tmp_path / "planar.dcm", enforce_file_format=True)
     archive = Archive(tmp_path / "var")
+    if not inline:
+        monkeypatch.setattr(wado, "INLINE", 0)
     try:
-        for name, numbers in (("emri_small.dcm", [1, 3, 10]), ("MR_small_bigendian.dcm", [1]),
+        for name, numbers in (("emri_small.dcm", [1, 3, 10]), ("MR_small_bigendian.dcm", [1]), ("image_dfl.dcm", [1]),
                               ("JPEG2000.dcm", [1]), ("SC_rgb_rle_2frame.dcm", [2]), ("ExplVR_BigEnd.dcm", [1]),
                               (tmp_path / "planar.dcm", [1, 2])):
             path = name if isinstance(name, Path) else get_testdata_file(name)
@@ -439,6 +443,9 @@ def test_frames_read_from_their_place_in_the_file_equal_pydicoms_pixels(tmp_path
                     (name, n)
             with pytest.raises(wado._NoSuchFrame):
                 wado._frames(archive, match, [pixels.shape[0] + 1])
+            metadata = json.loads(wado._metadata(archive, match, "https://node/dicomweb", wado.Cache(1 << 20)))
+            assert metadata["00080018"]["Value"] == [ds.SOPInstanceUID] and "BulkDataURI" in metadata["7FE00010"]
+        assert not any(archive.exports.iterdir())
     finally:
         archive.close()
 

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import secrets
 import tempfile
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from email.utils import formatdate
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -293,9 +295,23 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
 
 # -- metadata -------------------------------------------------------------------------------------
 
-def _read_header(plain: Path) -> tuple[Dataset, dict[int, str]]:
+def _opened(plain: Path | io.BytesIO) -> BinaryIO:
+    """What `Archive.readable` gave, to read from its start (a file in memory stays open)."""
+    if isinstance(plain, Path):
+        return open(plain, "rb")
+    plain.seek(0)
+    return nullcontext(plain)
+
+
+def _rewound(plain: Path | io.BytesIO) -> Path | io.BytesIO:
+    if not isinstance(plain, Path):
+        plain.seek(0)
+    return plain
+
+
+def _read_header(plain: Path | io.BytesIO) -> tuple[Dataset, dict[int, str]]:
     """The data set without its large values, and those values' (tag: VR): they become bulk data URIs."""
-    with open(plain, "rb") as fh:
+    with _opened(plain) as fh:
         ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=BULK_BYTES)
         head = fh.read(8)                     # pydicom stopped at the pixel data's tag, if there is one
     little = ds.file_meta.TransferSyntaxUID.is_little_endian
@@ -322,7 +338,7 @@ def _metadata(archive, match: archive_query.Match, base: str, cache: Cache) -> b
     found = cache.get((match.sha256, base))
     if found is not None:
         return found
-    with archive.exported(match.blob_id, match.sha256) as path, undeflated(path, archive.limits) as plain:
+    with archive.readable(match.blob_id, match.sha256, INLINE) as plain:
         ds, bulk = _read_header(plain)
     out = ds.to_json_dict(suppress_invalid_tags=True)
     url = (f"{base}/studies/{ds.get('StudyInstanceUID', '')}/series/{ds.get('SeriesInstanceUID', '')}"
@@ -377,7 +393,7 @@ class _Unsupported(ValueError):
 def _frames(archive, match: archive_query.Match, numbers: list[int] | None) -> list[bytes]:
     """The frames' pixels, uncompressed, little endian (None: all of them); a native frame is read
     from its place in the file, a compressed one decoded by itself."""
-    with archive.exported(match.blob_id, match.sha256) as path, undeflated(path, archive.limits) as plain:
+    with archive.readable(match.blob_id, match.sha256, INLINE) as plain:
         ds = pydicom.dcmread(plain, defer_size=BULK_BYTES)
         if "PixelData" not in ds:
             raise NotAnImage("this instance has no pixel data")
@@ -388,7 +404,7 @@ def _frames(archive, match: archive_query.Match, numbers: list[int] | None) -> l
             raise _NoSuchFrame(f"this instance has {count} frame(s)")
         syntax = ds.file_meta.TransferSyntaxUID
         if syntax.is_compressed:
-            return [np.ascontiguousarray(pixel_array(plain, index=n - 1)).tobytes() for n in numbers]
+            return [np.ascontiguousarray(pixel_array(_rewound(plain), index=n - 1)).tobytes() for n in numbers]
         bits = int(ds.BitsAllocated)
         if bits % 8:
             raise _Unsupported(f"frames of {bits}-bit pixels are not sent; retrieve the instance")
@@ -398,7 +414,7 @@ def _frames(archive, match: archive_query.Match, numbers: list[int] | None) -> l
         size = shape[0] * shape[1] * shape[2] * bits // 8
         raw = ds.get_item(0x7FE00010, keep_deferred=True)
         out = []
-        with open(plain, "rb") as fh:
+        with _opened(plain) as fh:
             for n in numbers:
                 if raw.value is not None:          # small enough to be read with the header
                     frame = bytes(raw.value[(n - 1) * size:n * size])
@@ -415,7 +431,7 @@ def _frames(archive, match: archive_query.Match, numbers: list[int] | None) -> l
 
 def _bulk(archive, match: archive_query.Match, tag: int) -> bytes:
     """A top-level element's value (not the pixel data: `_frames`)."""
-    with archive.exported(match.blob_id, match.sha256) as path, undeflated(path, archive.limits) as plain:
+    with archive.readable(match.blob_id, match.sha256, INLINE) as plain:
         ds = pydicom.dcmread(plain, stop_before_pixels=True)
         if tag not in ds:
             raise _NoSuchFrame("no such bulk data")
@@ -471,7 +487,7 @@ def _stored_frames(archive, match: archive_query.Match, numbers: list[int]) -> l
     """Compressed frames as stored (each frame's codestream), read within the archive's limits."""
     from pydicom.encaps import get_frame
 
-    with archive.exported(match.blob_id, match.sha256) as path, undeflated(path, archive.limits) as plain:
+    with archive.readable(match.blob_id, match.sha256, INLINE) as plain:
         ds = pydicom.dcmread(plain)
         count = int(ds.get("NumberOfFrames", 1) or 1)
         if max(numbers) > count:
