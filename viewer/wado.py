@@ -41,6 +41,7 @@ from archive import query as archive_query
 from archive.dicomfile import check_pixels, undeflated
 from archive.query import STUDY_ROOT, Query
 
+from . import dicomjson
 from .base import ARCHIVE, IMAGES, run
 from .dicomweb import INSTANCE, SERIES, STUDY, audit, base_url, checked_uid, error, json_answer, study_in_reach
 from .images import IMAGE_LIMIT, NotAnImage
@@ -340,7 +341,7 @@ def _metadata(archive, match: archive_query.Match, base: str, cache: Cache) -> b
         return found
     with archive.readable(match.blob_id, match.sha256, INLINE) as plain:
         ds, bulk = _read_header(plain)
-    out = ds.to_json_dict(suppress_invalid_tags=True)
+    out = dicomjson.to_json_dict(ds)
     url = (f"{base}/studies/{ds.get('StudyInstanceUID', '')}/series/{ds.get('SeriesInstanceUID', '')}"
            f"/instances/{match.sop_instance_uid}")
     for tag, vr in bulk.items():
