@@ -245,13 +245,18 @@ def test_ohif_lists_the_study_and_draws_the_ct_series(site, browser):
 
 # -- the install (no browser) ----------------------------------------------------------------
 
+# the lines of OHIF 3.13.2's bundles that the install mends (viewer/ohif.py says why)
+VOI = "voiLUTFunction: (voiLutModule.voiLUTFunction?.length &&\n                    voiLutModule.voiLUTFunction[0]) ||"
+SR_GROUP = "const referencedSOPSequence = measurement.coords[0].ReferencedSOPSequence;"
+
+
 def _npm_tarball(path, index: str, bundle: str = 'x;\n__webpack_require__.p = "/";\n'
-                 "await window.browserImportFunction('/dicom-microscopy-viewer/v.min.js');\n"):
+                 "await window.browserImportFunction('/dicom-microscopy-viewer/v.min.js');\n" + VOI):
     """An @ohif/app tarball laid out as the real one, small: package/dist/ and package.json."""
     files = {"package/package.json": '{"name": "@ohif/app", "version": "9.9.9"}',
              "package/dist/index.html": index,
              "package/dist/app.bundle.0123456789abcdef.js": bundle,
-             "package/dist/8097.bundle.fedcba9876543210.js": '__webpack_require__.p = "/";',
+             "package/dist/8097.bundle.fedcba9876543210.js": '__webpack_require__.p = "/";\n' + SR_GROUP,
              "package/dist/app.bundle.css": "@font-face{src:url(/a34f9d1faa5f3315.woff2)}",
              "package/dist/manifest.json": '{"icons": [{"src": "/assets/a.png"}]}',
              "package/dist/app.bundle.0123456789abcdef.js.map": "{}",
@@ -275,7 +280,7 @@ INDEX = ('<html><head><script>console.time("scriptToView"),window.PUBLIC_URL="/"
 
 def test_the_install_moves_the_build_under_ohif_and_keeps_what_is_needed(tmp_path):
     bundle = ('x;\n__webpack_require__.p = "/";\n'
-              "await window.browserImportFunction('/dicom-microscopy-viewer/v.js');"
+              "await window.browserImportFunction('/dicom-microscopy-viewer/v.js');\n" + VOI
               + "\nconst text = 'a long and repetitive text';" * 200)
     tarball, sha512 = _npm_tarball(tmp_path / "ohif-app.tgz", INDEX, bundle)
     target = ohif.install(tarball, sha512, tmp_path / "ohif")
@@ -290,7 +295,9 @@ def test_the_install_moves_the_build_under_ohif_and_keeps_what_is_needed(tmp_pat
     bundle = (target / "app.bundle.0123456789abcdef.js").read_text()
     assert gzip.decompress((target / "app.bundle.0123456789abcdef.js.gz").read_bytes()).decode() == bundle
     assert '__webpack_require__.p = "/ohif/";' in bundle and "('/ohif/dicom-microscopy-viewer/" in bundle
-    assert (target / "8097.bundle.fedcba9876543210.js").read_text() == '__webpack_require__.p = "/ohif/";'
+    assert "voiLUTFunction: ([].concat(voiLutModule.voiLUTFunction ?? [])[0]) ||" in bundle and VOI not in bundle
+    assert (target / "8097.bundle.fedcba9876543210.js").read_text() == \
+        '__webpack_require__.p = "/ohif/";\n' + SR_GROUP.replace("coords[0].", "coords[0]?.")
     assert "url(/ohif/a34f" in (target / "app.bundle.css").read_text()
     assert '"/ohif/assets/a.png"' in (target / "manifest.json").read_text()
     assert (target / "VERSION").read_text() == "9.9.9\n"

@@ -77,6 +77,20 @@ def _rewrite(dist: Path) -> None:
         raise SystemExit(f"OHIF install: {app.name} sets no webpack public path")
     microscopy = "browserImportFunction('/dicom-microscopy-viewer/"          # the slide microscopy mode's library
     sub(app, microscopy, microscopy.replace("'/", f"'{PREFIX}"))
+    # cornerstone3D issue 2844 (open in this release): its image loader takes the first character of VOI LUT
+    # Function, a string in OHIF's metadata ("L" of LINEAR), so an image that carries (0028,1056), as most
+    # mammograms do, throws "Invalid VOI LUT function" and OHIF shows nothing; the function as it is given
+    voi = "voiLUTFunction: (voiLutModule.voiLUTFunction?.length &&\n                    voiLutModule.voiLUTFunction[0])"
+    sub(app, voi, "voiLUTFunction: ([].concat(voiLutModule.voiLUTFunction ?? [])[0])")
+    # its SR loader reads the region of every measurement group, and a group without one (a TID 1501 group
+    # that says nothing was found, as the CAD writes for a normal image) threw and took the viewer down
+    # ("Something went wrong"); such a group is now only not drawn
+    group = "const referencedSOPSequence = measurement.coords[0].ReferencedSOPSequence;"
+    holders = [path for path in sorted(dist.glob("*.bundle.*.js")) if group in path.read_text(encoding="utf-8")]
+    if len(holders) != 1:
+        raise SystemExit(f"OHIF install: {len(holders)} bundles hold {group!r}, not one: this OHIF release is "
+                         "laid out differently; check viewer/ohif.py against it (or pin the previous one)")
+    sub(holders[0], group, group.replace("coords[0].", "coords[0]?."))
     for path in sorted(dist.glob("*.css")):
         if "url(/" in path.read_text(encoding="utf-8"):
             sub(path, "url(/", f"url({PREFIX}")

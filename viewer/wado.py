@@ -329,6 +329,9 @@ def _read_header(plain: Path | io.BytesIO) -> tuple[Dataset, dict[int, str]]:
         vr = raw.VR if isinstance(raw, RawDataElement) else ds[tag].VR
         vr = vr or dictionary_VR(tag).split(" ")[0]
         if isinstance(raw, RawDataElement) and raw.value is None and raw.length:    # deferred: large
+            if vr == "SQ":            # a sequence is never bulk data (PS3.18 F.2.7): an SR's content tree
+                ds[tag]               # read now, in place (OHIF found no ContentSequence in a large SR)
+                continue
             bulk[int(tag)] = vr
             del ds[tag]
     return ds, bulk
