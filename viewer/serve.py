@@ -150,8 +150,11 @@ async def _run(config: Settings, sock: socket.socket, stop: threading.Event, rea
     if not any(isinstance(f, MalformedRequestsInOneLine) for f in server_log.filters):
         server_log.addFilter(MalformedRequestsInOneLine())
 
+    # keepalive_timeout: aiohttp closes a connection whose request is not complete this long after it opened or
+    # after its previous answer (whatever arrived meanwhile): the header timeout (bodies: base.paced)
     runner = web.AppRunner(create_app(config), access_log_class=RedactedAccessLogger,
-                           access_log=logging.getLogger("viewer.access"))
+                           access_log=logging.getLogger("viewer.access"),
+                           keepalive_timeout=config.viewer.header_timeout)
     await runner.setup()
     site = web.SockSite(runner, sock, ssl_context=ssl_context(config))
     await site.start()
