@@ -287,3 +287,16 @@ def test_without_a_router_no_job_is_offered_and_one_asked_for_is_refused(site, p
                          headers={"X-CSRF-Token": csrf})
     assert answer.status_code == 409 and "router.enabled = false" in answer.json()["error"]
     assert node.rows("SELECT COUNT(*) FROM jobs")[0][0] == 0
+
+
+def test_plain_http_to_the_https_port_is_told_to_use_https(site):
+    """The TLS handshake failed without a word: a browser or curl saw an empty reply."""
+    _, url, _, _ = site
+    port = url.rsplit(":", 1)[1]
+    answer = requests.get(f"http://127.0.0.1:{port}/dicomweb/studies", timeout=10)
+    assert answer.status_code == 400 and answer.text.strip() == f"This port speaks HTTPS: use https://127.0.0.1:{port}/"
+    silent = socket.create_connection(("127.0.0.1", int(port)), timeout=30)      # says nothing: closed in time
+    try:
+        assert silent.recv(100) == b""
+    finally:
+        silent.close()
