@@ -9,9 +9,10 @@ revoked token, or none, gets one 401 (`WWW-Authenticate: Bearer`) that says no m
 QIDO-RS is the C-FIND engine (archive/query.py): the query string becomes a C-FIND identifier
 (keywords or tags, UID lists with commas, wildcards, date and time ranges), run as a Study Root
 query at the path's level; matches come back as DICOM JSON (PS3.18 F.2), 204 when there are none.
-STOW-RS streams each part of a multipart/related body to the spool, then ingests it as an upload
-does (the same path as a C-STORE): each part is stored or fails by itself, with its reason.
-Every call is audited (who, which study, what came back).
+STOW-RS streams each part of a multipart/related body to the spool (within viewer.body_timeout and
+min_body_rate), then ingests it as an upload does (the same path as a C-STORE): each part is stored or
+fails by itself, with its reason (a part that is itself a multipart: not DICOM). Every call is audited
+(who, which study, what came back); refused tokens once per address and minute, with a count.
 """
 from __future__ import annotations
 
