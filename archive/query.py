@@ -32,6 +32,7 @@ from sqlalchemy import bindparam, func, literal_column, text
 from sqlalchemy.engine import Connection, Row
 
 from . import db
+from .dicomfile import valid_uid
 from .index import name_key, time_key
 from .matching import without_nul
 
@@ -136,12 +137,17 @@ ATTRIBUTES = {a.keyword: a for a in (
 _NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "InstanceAvailability"}
 
 
-def _values(value) -> list[str]:
-    """The values of a query element: a DICOM multi-value or backslash-separated string."""
+def _values(value, keyword: str = "") -> list[str]:
+    """The values of a query element: a DICOM multi-value or backslash-separated string. An empty one
+    alone is universal matching; an empty one in a list (`\\`, `A\\`) is refused: it would have matched
+    everything, which is not what a list of values asks."""
     if value is None:
         return []
     items = list(value) if isinstance(value, (MultiValue, list, tuple)) else str(value).split("\\")
     items = [without_nul(str(v)).strip() for v in items]
+    if len(items) > 1 and not all(items):
+        raise QueryError(f"{keyword}: an empty value in a list of values ({_quoted(value)}): give each value, "
+                         "or leave the key empty to match any", reason=f"{keyword}: an empty value in a list")
     return [v for v in items if v]
 
 
@@ -274,7 +280,7 @@ class Query:
                 self.return_keys.append(UNIQUE[level])
 
     def _match(self, attribute: Attribute, value, case_insensitive: bool) -> None:
-        values = _values(value)
+        values = _values(value, attribute.keyword)
         if not values or values == ["*"]:
             return                                            # universal matching
         if len(values) > MAX_LIST:
@@ -282,6 +288,10 @@ class Query:
         if any(len(v) > MAX_VALUE_LENGTH for v in values):
             raise QueryError(f"{attribute.keyword}: a value longer than {MAX_VALUE_LENGTH} characters")
         kind, column, bind = attribute.kind, attribute.key or attribute.column, self._bind
+        if kind == "uid" and not all(map(valid_uid, values)):      # as ingest refuses one (no leading zero)
+            raise QueryError(f"{attribute.keyword}: {_quoted(value)} is not a UID or a list of UIDs (digits and dots, "
+                             "no component with a leading zero, at most 64 characters; no wildcards)",
+                             reason=f"{attribute.keyword}: not a UID")
         patterns = len(values) if kind in ("date", "time", "modalities") else sum(map(_wild, values))
         if patterns > MAX_PATTERNS:
             raise QueryError(f"{attribute.keyword}: {patterns} wildcard or range values, at most {MAX_PATTERNS}")

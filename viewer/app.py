@@ -28,10 +28,10 @@ from archive import Archive
 from archive.storage import BlobNotOffloaded
 
 from . import accounts, dicomweb, events, ohif, views, wado
-from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, LOGINS, OHIF_ON, PLUGINS, SECRET, SESSION,
-                   TEMPLATES, form, run)
+from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, LOGINS, OHIF_ON, PLUGINS, REFUSALS, SECRET,
+                   SESSION, TEMPLATES, form, run)
 from .images import Images
-from .logins import LoginGate
+from .logins import LoginGate, Refusals
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,7 @@ def create_app(config: Settings, archive: Archive | None = None, clock=time.time
     app[CONFIG] = config
     app[CLOCK] = clock
     app[LOGINS] = LoginGate(config.viewer.login_waiting)
+    app[REFUSALS] = Refusals()
     app[TEMPLATES] = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
 
     async def resources(app: web.Application):

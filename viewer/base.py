@@ -8,20 +8,21 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import parse_qsl
 
 import jinja2
 from aiohttp import web
 from multidict import MultiDict
 
-from archive import Archive
+from archive import Archive, dicomfile
 
 from .images import Images
-from .logins import LoginGate
+from .logins import LoginGate, Refusals
 from .settings import Settings
 
 COOKIE = "m3session"
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 
 CONFIG = web.AppKey("config", Settings)
@@ -32,6 +33,7 @@ SECRET = web.AppKey("secret", bytes)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
 EVENTS = web.AppKey("events", object)
 LOGINS = web.AppKey("logins", LoginGate)
+REFUSALS = web.AppKey("refusals", Refusals)      # refused API tokens per address (one audit row a minute)
 CLOCK = web.AppKey("clock", object)
 OHIF_ON = web.AppKey("ohif", bool)                # OHIF is served at /ohif/
 SESSION = web.RequestKey("session", object)     # accounts.Session | None
@@ -41,7 +43,51 @@ FORM_FIELDS = 100
 
 
 def valid_uid(value: str) -> bool:
-    return bool(UID.match(value)) and len(value) <= 64
+    """A UID as ingest takes one (PS3.5 9.1: no component with a leading zero): no stored instance has another."""
+    return dicomfile.valid_uid(value)
+
+
+class SlowBody(Exception):
+    """The client sends its request body too slowly (viewer.body_timeout, viewer.min_body_rate)."""
+
+
+class Pace:
+    """A request body must keep coming: no wait for the client's next bytes longer than `timeout` seconds, and
+    at least `min_rate` bytes a second over each minute (0: no rate). A client trickling bytes to hold a
+    connection (and a spool directory) is cut off; a slow link is not. Made by `paced`; `got(n)` per chunk."""
+
+    WINDOW = 60.0
+
+    def __init__(self, timeout: float, min_rate: int, deadline: asyncio.Timeout):
+        self.timeout, self.min_rate, self._deadline = timeout, min_rate, deadline
+        self._loop = asyncio.get_running_loop()
+        self._window, self._bytes = self._loop.time(), 0
+
+    def got(self, size: int) -> None:
+        now = self._loop.time()
+        self._bytes += size
+        if now - self._window >= self.WINDOW:
+            if self._bytes < self.min_rate * (now - self._window):
+                raise SlowBody(f"less than {self.min_rate} bytes a second over a minute (viewer.min_body_rate)")
+            self._window, self._bytes = now, 0
+        self._deadline.reschedule(now + self.timeout)
+
+
+@asynccontextmanager
+async def paced(request: web.Request) -> AsyncIterator[Pace]:
+    """Read a request body within the pace the settings ask (`Pace`): SlowBody otherwise."""
+    viewer = request.app[CONFIG].viewer
+    try:
+        async with asyncio.timeout(viewer.body_timeout) as deadline:
+            yield Pace(viewer.body_timeout, viewer.min_body_rate, deadline)
+    except TimeoutError:
+        raise SlowBody(f"no byte of the body for {viewer.body_timeout:g} s (viewer.body_timeout)") from None
+
+
+def too_slow(why: SlowBody) -> web.HTTPRequestTimeout:
+    """408, and the connection closed once answered (what is still coming is not waited for)."""
+    return web.HTTPRequestTimeout(text=json.dumps({"error": f"the request body came too slowly: {why}"}),
+                                  content_type="application/json", headers={"Connection": "close"})
 
 
 async def _small_body(request: web.Request) -> bytes:
@@ -50,10 +96,15 @@ async def _small_body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > BODY_LIMIT:
         raise web.HTTPRequestEntityTooLarge(max_size=BODY_LIMIT, actual_size=request.content_length)
     body = bytearray()
-    async for chunk in request.content.iter_chunked(8192):
-        body += chunk
-        if len(body) > BODY_LIMIT:
-            raise web.HTTPRequestEntityTooLarge(max_size=BODY_LIMIT, actual_size=len(body))
+    try:
+        async with paced(request) as pace:
+            async for chunk in request.content.iter_chunked(8192):
+                pace.got(len(chunk))
+                body += chunk
+                if len(body) > BODY_LIMIT:
+                    raise web.HTTPRequestEntityTooLarge(max_size=BODY_LIMIT, actual_size=len(body))
+    except SlowBody as exc:
+        raise too_slow(exc) from None
     return bytes(body)
 
 

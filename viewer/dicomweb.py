@@ -9,9 +9,10 @@ revoked token, or none, gets one 401 (`WWW-Authenticate: Bearer`) that says no m
 QIDO-RS is the C-FIND engine (archive/query.py): the query string becomes a C-FIND identifier
 (keywords or tags, UID lists with commas, wildcards, date and time ranges), run as a Study Root
 query at the path's level; matches come back as DICOM JSON (PS3.18 F.2), 204 when there are none.
-STOW-RS streams each part of a multipart/related body to the spool, then ingests it as an upload
-does (the same path as a C-STORE): each part is stored or fails by itself, with its reason.
-Every call is audited (who, which study, what came back).
+STOW-RS streams each part of a multipart/related body to the spool (within viewer.body_timeout and
+min_body_rate), then ingests it as an upload does (the same path as a C-STORE): each part is stored or
+fails by itself, with its reason (a part that is itself a multipart: not DICOM). Every call is audited
+(who, which study, what came back); refused tokens once per address and minute, with a count.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from aiohttp import MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict, CIMultiDictProxy
 from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
@@ -36,7 +38,8 @@ from archive.dicomfile import InvalidInstance, inspect
 from archive.query import ATTRIBUTES, LEVELS, STUDY_ROOT, Query, QueryError
 
 from . import accounts, tokens
-from .base import ARCHIVE, CLOCK, CONFIG, COOKIE, SESSION, run, valid_uid
+from .base import ARCHIVE, CLOCK, CONFIG, COOKIE, REFUSALS, SESSION, SlowBody, paced, run, too_slow, valid_uid
+from .logins import source_of
 
 log = logging.getLogger(__name__)
 ROOT = "/dicomweb"
@@ -103,6 +106,27 @@ def _preflight(request: web.Request) -> web.Response:
                                              "Access-Control-Max-Age": "600"})
 
 
+async def _refused_token(request: web.Request) -> None:
+    """The audit row of a refused token: the first from an address (IPv6: its /64) in a minute, with how many
+    more came from there since its previous row; the others are counted, not written (REFUSALS: a flood of bad
+    tokens writes a row per address and minute, where a row per token would fill the audit table)."""
+    source, refusals = source_of(request.remote or "?"), request.app[REFUSALS]
+    earlier = refusals.note(source, request.app[CLOCK]())
+    if refusals.forgotten:
+        log.warning("DICOMweb: %d refused tokens from addresses past the %d remembered, not audited",
+                    refusals.forgotten, refusals.sources)
+        refusals.forgotten = 0
+    if earlier is None:
+        return
+    detail = "a bad, expired or revoked token" + (f" (and {earlier} more from this address since the previous "
+                                                  "such row, not written one by one)" if earlier else "")
+    if earlier:
+        log.warning("DICOMweb: %d more refused tokens from %s (one audit row per address and minute)", earlier,
+                    source)
+    await run(request, lambda: accounts.audit(request.app[ARCHIVE].index, "token:?", "dicomweb", "refused",
+                                              detail=detail, address=request.remote))
+
+
 async def authenticate(request: web.Request, handler):
     """The sessions middleware's step for /dicomweb: a token, else the session cookie, else 401 (a CORS
     preflight, which carries no token, is answered here)."""
@@ -116,9 +140,7 @@ async def authenticate(request: web.Request, handler):
         scheme, _, value = authorization.strip().partition(" ")
         token = await run(request, tokens.check, index, value.strip(), now) if scheme.lower() == "bearer" else None
         if token is None:
-            await run(request, lambda: accounts.audit(index, "token:?", "dicomweb", "refused",
-                                                      detail="a bad, expired or revoked token",
-                                                      address=request.remote))
+            await _refused_token(request)
             raise _unauthorized("invalid")
         request[CALLER] = Caller(token.who, token.scope == "write", None, True)
         return await handler(request)
@@ -129,6 +151,10 @@ async def authenticate(request: web.Request, handler):
         raise _unauthorized()
     request[SESSION] = session
     request[CALLER] = Caller(session.who, not session.is_share, session.study_uid, False)
+    if session.is_share and request.method not in ("GET", "HEAD", "OPTIONS"):     # before the CSRF rule's answer
+        await audit(request, "a share link is read-only", session.study_uid, "refused")
+        raise error(web.HTTPForbidden, "a share link is read-only: storing needs a user's session or an API token "
+                                       "of scope write")
     return await handler(request)
 
 
@@ -193,6 +219,7 @@ LEVEL_KEYS = {
     "IMAGE": ("SOPClassUID", "SOPInstanceUID", "InstanceNumber"),
 }
 PARAMETERS = ("limit", "offset", "fuzzymatching", "includefield")
+PATIENT_COUNTS = ("NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances")
 LISTS = ("uid", "cs", "modalities")        # kinds whose comma-separated values are a list
 MAX_OFFSET = 1 << 31                       # limit and offset at most (the database's integers)
 
@@ -266,6 +293,8 @@ def identifier(query, level: str, fixed: dict[str, str], share_study: str | None
         keys[keyword] = value
     keys.update(fixed)
     if share_study is not None:                   # a share link: its one study, whatever the query asks
+        for keyword in PATIENT_COUNTS:            # they count the patient's other studies: left out
+            keys.pop(keyword, None)
         asked = [v for v in keys.get("StudyInstanceUID", "").split("\\") if v]
         keys["StudyInstanceUID"] = share_study if not asked or share_study in asked else "0.0"
     ds = Dataset()
@@ -346,6 +375,9 @@ async def qido(request: web.Request) -> web.Response:
 FAILURE = {"invalid": 0xC000, "mismatch": 0xA900, "conflict": 0xC000, "storage full": 0xA700,
            "failure": 0x0110}
 STUDY_MISMATCH = 0xA900           # the instance is not of the study the path names
+# PS3.18 Table 10.5.3-2's "Elements Discarded": an instance sent again with other content under storage.duplicates
+# = "keep-first" (the stored copy kept, the one sent discarded: storage commitment will not confirm it)
+DISCARDED = 0xB006
 
 
 class _TooLarge(Exception):
@@ -370,6 +402,18 @@ class _Parts(MultipartReader):
     """aiohttp's multipart reader, taking boundaries longer than RFC 2046's 70 characters: Orthanc's
     DICOMweb plug-in sends 73. Still bounded (MAX_BOUNDARY), so a line is never read without end."""
 
+    def _get_part_reader(self, headers):
+        """Every part as its bytes up to this body's next boundary, a multipart part too (it then fails alone in
+        `_store`: not application/dicom). Read as a multipart of its own, it was a 500 (it has no read_chunk), and
+        aiohttp misreads one whose close-delimiter has no epilogue line after it: the whole body was lost."""
+        if not headers.get("Content-Type", "").strip().lower().startswith("multipart/"):
+            return super()._get_part_reader(headers)
+        opaque = CIMultiDict(headers)
+        opaque["Content-Type"] = "application/octet-stream"
+        part = super()._get_part_reader(CIMultiDictProxy(opaque))
+        part.headers = headers                     # its own type, which its refusal names
+        return part
+
     def _get_boundary(self) -> str:
         boundary = self._mimetype.parameters["boundary"]
         if len(boundary) > MAX_BOUNDARY:
@@ -382,6 +426,11 @@ MAX_BOUNDARY = 200
 
 async def _receive(request: web.Request, work: Path, limit: int, file_limit: int, count_limit: int) -> list:
     """Each part to a file of its own ((path, its Content-Type)), within the upload limits."""
+    async with paced(request) as pace:
+        return await _parts(request, work, limit, file_limit, count_limit, pace)
+
+
+async def _parts(request: web.Request, work: Path, limit: int, file_limit: int, count_limit: int, pace) -> list:
     reader = _Parts(request.headers, request.content)
     received, total = [], 0
     async for part in reader:
@@ -391,6 +440,7 @@ async def _receive(request: web.Request, work: Path, limit: int, file_limit: int
         size = 0
         with open(path, "wb") as out:
             while chunk := await part.read_chunk(CHUNK):
+                pace.got(len(chunk))
                 size, total = size + len(chunk), total + len(chunk)
                 if size > file_limit:
                     raise _TooLarge(f"a part is larger than {file_limit >> 20} MB (viewer.max_file_mb)")
@@ -437,8 +487,10 @@ def _store(archive, received: list, study: str | None, who: str,
             failed.append(item(header.sop_class_uid, header.sop_instance_uid, FailureReason=0xC000))
             continue
         if result.outcome.ok or result.outcome.value == "quarantined":
+            kept_first = result.outcome.value == "duplicate kept"     # as a C-STORE: success, the stored copy kept
             stored.append(item(header.sop_class_uid, header.sop_instance_uid, RetrieveURL=(
-                f"{base}/studies/{header.study_uid}/series/{header.series_uid}/instances/{header.sop_instance_uid}")))
+                f"{base}/studies/{header.study_uid}/series/{header.series_uid}/instances/{header.sop_instance_uid}"),
+                **({"WarningReason": DISCARDED} if kept_first else {})))
             studies.add(header.study_uid)
         else:
             failed.append(item(header.sop_class_uid, header.sop_instance_uid,
@@ -469,6 +521,10 @@ async def stow(request: web.Request) -> web.Response:
     except _TooLarge as exc:
         await audit(request, f"STOW: {exc}", study, "refused")
         raise error(web.HTTPRequestEntityTooLarge, str(exc)) from None
+    except SlowBody as exc:
+        log.warning("STOW-RS from %s refused: %s", caller.who, exc)
+        await audit(request, f"STOW: {exc}", study, "refused")
+        raise too_slow(exc) from None
     except (ValueError, AssertionError, HttpProcessingError) as exc:    # aiohttp's parser: not the multipart it claims
         log.warning("STOW-RS refused: not a readable multipart body (%s: %s)", type(exc).__name__, str(exc)[:200])
         await audit(request, "STOW: not a readable multipart body", study, "refused")
@@ -482,9 +538,14 @@ async def stow(request: web.Request) -> web.Response:
     if failed:
         answer.FailedSOPSequence = failed
     one = next(iter(studies)) if len(studies) == 1 else study
-    await audit(request, f"STOW: {len(stored)} stored, {len(failed)} failed", one, "ok" if stored else "refused")
-    status = 200 if not failed else 202 if stored else 409
-    return json_answer(request, answer.to_json_dict(), status)
+    kept = sum("WarningReason" in item for item in stored)
+    await audit(request, f"STOW: {len(stored)} stored, {len(failed)} failed"
+                + (f", {kept} sent again with other content (the stored copy kept)" if kept else ""),
+                one, "ok" if stored else "refused")
+    status = 200 if not failed and not kept else 202 if stored else 409
+    headers = {"Warning": f'299 m3dicom "{kept} instance(s) already stored with other content: the stored copy '
+                          f'was kept, the one sent discarded (storage.duplicates = keep-first)"'} if kept else {}
+    return json_answer(request, answer.to_json_dict(), status, **headers)
 
 
 # -- routes ---------------------------------------------------------------------------------------

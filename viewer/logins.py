@@ -84,3 +84,34 @@ class LoginGate:
                 t.in_flight -= 1
                 if t.in_flight == 0:
                     self._keys.pop(key, None)
+
+
+class Refusals:
+    """Refusals from each source address, one written record per address and window (no HTTP here).
+
+    `note` says whether to write a record now (None: only counted) and how many refusals from that
+    address came since its previous record. At most `sources` addresses are remembered: past that, those
+    whose window has ended are forgotten (`forgotten` counts their refusals never written), and a new
+    address is only counted (`forgotten`) until one is. Counted in this process.
+    """
+
+    def __init__(self, window: float = 60.0, sources: int = 4096):
+        self.window, self.sources = window, sources
+        self.forgotten = 0
+        self._seen: dict[str, list] = {}     # address -> [start of its window, refusals since its record]
+
+    def note(self, source: str, now: float) -> int | None:
+        seen = self._seen.get(source)
+        if seen is not None and now - seen[0] < self.window:
+            seen[1] += 1
+            return None
+        if seen is None and len(self._seen) >= self.sources:
+            for key, (start, count) in list(self._seen.items()):
+                if now - start >= self.window:
+                    self.forgotten += count
+                    del self._seen[key]
+            if len(self._seen) >= self.sources:
+                self.forgotten += 1
+                return None
+        self._seen[source] = [now, 0]
+        return seen[1] if seen is not None else 0

@@ -143,6 +143,59 @@ class MalformedRequestsInOneLine(logging.Filter):
         return True
 
 
+class HttpsSite(web.SockSite):
+    """The viewer's HTTPS socket, each connection's first byte looked at before its TLS handshake: plain
+    http:// sent to this port (not a TLS handshake record, 0x16) gets a plain-text 400 naming the https://
+    address, where the handshake would fail without a word. A connection that sends nothing for
+    `first_byte_timeout` seconds is closed."""
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, ssl_context: ssl.SSLContext,
+                 first_byte_timeout: float):
+        super().__init__(runner, sock, ssl_context=ssl_context)
+        self._wait, self._connections = first_byte_timeout, set()
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)                   # registered with the runner; the socket is ours to serve
+        self._sock.setblocking(False)
+        self._accepting = asyncio.create_task(self._accept(asyncio.get_running_loop()))
+
+    async def stop(self) -> None:
+        self._accepting.cancel()
+        await super().stop()
+
+    async def _accept(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            conn, _ = await loop.sock_accept(self._sock)
+            task = asyncio.create_task(self._first_byte(loop, conn))
+            self._connections.add(task)                  # held until done (the loop keeps weak references)
+            task.add_done_callback(self._connections.discard)
+
+    async def _first_byte(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        readable = loop.create_future()
+        loop.add_reader(conn.fileno(), lambda: readable.done() or readable.set_result(None))
+        try:
+            async with asyncio.timeout(self._wait):
+                await readable
+        except TimeoutError:
+            pass
+        finally:
+            loop.remove_reader(conn.fileno())
+        try:
+            first = conn.recv(1, socket.MSG_PEEK) if readable.done() else b""
+            if first == b"\x16":
+                await loop.connect_accepted_socket(self._runner.server, conn, ssl=self._ssl_context)
+                return
+            if first:
+                conn.recv(1 << 16)                       # read: closed with it unread, the answer would be reset
+                host, port = conn.getsockname()[:2]
+                conn.sendall(("HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+                              f"This port speaks HTTPS: use https://{f'[{host}]' if ':' in host else host}:{port}/\n"
+                              ).encode())
+        except (OSError, ssl.SSLError):                  # a handshake that failed, a client gone
+            pass
+        conn.close()
+
+
 async def _run(config: Settings, sock: socket.socket, stop: threading.Event, ready=None) -> None:
     from .app import create_app
 
@@ -150,10 +203,14 @@ async def _run(config: Settings, sock: socket.socket, stop: threading.Event, rea
     if not any(isinstance(f, MalformedRequestsInOneLine) for f in server_log.filters):
         server_log.addFilter(MalformedRequestsInOneLine())
 
+    # keepalive_timeout: aiohttp closes a connection whose request is not complete this long after it opened or
+    # after its previous answer (whatever arrived meanwhile): the header timeout (bodies: base.paced)
     runner = web.AppRunner(create_app(config), access_log_class=RedactedAccessLogger,
-                           access_log=logging.getLogger("viewer.access"))
+                           access_log=logging.getLogger("viewer.access"),
+                           keepalive_timeout=config.viewer.header_timeout)
     await runner.setup()
-    site = web.SockSite(runner, sock, ssl_context=ssl_context(config))
+    context = ssl_context(config)
+    site = HttpsSite(runner, sock, context, config.viewer.header_timeout) if context else web.SockSite(runner, sock)
     await site.start()
     if ready:
         ready()

@@ -38,6 +38,13 @@ class ViewerSection:
                                                  "all sessions together; more: 429.")
     login_waiting: int = setting(4, "Login attempts for one account, or from one address, that wait their turn "
                                  "while another is checked; more at once are answered 429 unchecked.")
+    header_timeout: float = setting(60.0, "Seconds a client has to send a request's headers, from its connection or "
+                                    "its previous answer (an idle kept-alive connection is closed after it too).")
+    body_timeout: float = setting(60.0, "Seconds a request body (an upload, STOW-RS, a form) may go without a byte; "
+                                  "past it: 408 and the connection closed, nothing stored of it.")
+    min_body_rate: int = setting(1024, "Bytes per second a request body must arrive at, over each minute; slower "
+                                 "(a client trickling bytes to hold a connection and a spool directory): 408, "
+                                 "closed. 0 = no rate.")
     public_url: str = setting("", "The viewer's address as clinicians reach it (share links use it); empty: "
                               "https://host:port.")
     cors_origins: list = setting([], "Origins (https://host[:port]) of web apps hosted elsewhere (an OHIF of "
@@ -65,6 +72,11 @@ class ViewerSection:
         if not 1 <= self.max_event_streams <= self.max_event_streams_per_address <= 100_000:
             raise SettingsError("viewer.max_event_streams / max_event_streams_per_address: "
                                 "1 <= max_event_streams <= max_event_streams_per_address")
+        for name in ("header_timeout", "body_timeout"):
+            if not 0 < getattr(self, name) <= 86400:
+                raise SettingsError(f"viewer.{name}: {getattr(self, name)} is not in 0-86400 seconds (and not 0)")
+        if not 0 <= self.min_body_rate <= 1 << 30:
+            raise SettingsError(f"viewer.min_body_rate: {self.min_body_rate} is not in 0-1073741824 bytes/s")
         for i, origin in enumerate(self.cors_origins):
             if not isinstance(origin, str) or not re.match(r"^https?://[^\s/]+$", origin):
                 raise SettingsError(f"viewer.cors_origins[{i}]: {origin!r} is not an origin (https://host[:port], "

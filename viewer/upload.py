@@ -25,7 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from archive import facts
 
 from . import accounts
-from .base import ARCHIVE, CONFIG, SESSION, run
+from .base import ARCHIVE, CONFIG, SESSION, SlowBody, paced, run, too_slow
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -75,6 +75,9 @@ async def handle(request: web.Request) -> web.Response:
     except TooLarge as exc:
         await _audit(request, [("refused", None, str(exc))])
         raise _refuse(413, str(exc)) from None
+    except SlowBody as exc:
+        await _audit(request, [("refused", None, str(exc))])
+        raise too_slow(exc) from None
     except (ValueError, HttpProcessingError) as exc:   # not multipart as it claims (aiohttp's parser says why)
         await _audit(request, [("refused", None, f"not a readable multipart body: {type(exc).__name__}")])
         raise _refuse(400, "the upload is not a readable multipart/form-data body: send the files again") from None
@@ -124,6 +127,12 @@ def _too_many(count_limit: int) -> TooLarge:
 
 async def _receive(request: web.Request, work: Path, limit: int, file_limit: int,
                    count_limit: int) -> list[tuple[str, Path]]:
+    async with paced(request) as pace:
+        return await _files(request, work, limit, file_limit, count_limit, pace)
+
+
+async def _files(request: web.Request, work: Path, limit: int, file_limit: int, count_limit: int,
+                 pace) -> list[tuple[str, Path]]:
     reader = await request.multipart()
     received, total = [], 0
     async for part in reader:
@@ -136,6 +145,7 @@ async def _receive(request: web.Request, work: Path, limit: int, file_limit: int
         size = 0
         with open(path, "wb") as out:
             while chunk := await part.read_chunk(CHUNK):
+                pace.got(len(chunk))
                 size += len(chunk)
                 total += len(chunk)
                 if size > file_limit:

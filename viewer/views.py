@@ -532,8 +532,18 @@ async def api_plugins(request: web.Request) -> web.Response:
     study_uid = _study(request, request.match_info["study"])
     plugins = request.app[PLUGINS]
     takes = await run(request, plugins_for_study, request.app[ARCHIVE].index, plugins, study_uid)
+    off = _no_router(request.app[CONFIG])
     return _json({"plugins": [{**describe(plugins[name]), "series": series} for name, series in sorted(takes.items())],
-                  "can_start": not request[SESSION].is_share})
+                  "can_start": not request[SESSION].is_share and off is None, "why_not": off})
+
+
+def _no_router(config) -> str | None:
+    """Why a job started here would never run, or None: no router on this node ([router] enabled = false) and
+    no index shared with nodes that may run one ([index] url)."""
+    if config.router.enabled or config.index.url:
+        return None
+    return ("analyses cannot be started on this node: its router is off (router.enabled = false), so a job "
+            "would wait for ever; `m3dicom plugin run` runs a plug-in on files without one")
 
 
 async def api_start_job(request: web.Request) -> web.Response:
@@ -545,6 +555,9 @@ async def api_start_job(request: web.Request) -> web.Response:
             or not (series is None or isinstance(series, list) and all(isinstance(s, str) for s in series))):
         raise _bad_request("expected {plugin, params, series: [series UIDs] or none}")
     config = request.app[CONFIG]
+    if (off := _no_router(config)) is not None:
+        await _audit(request, "job", "refused", study_uid=study_uid, detail="the router is off")
+        return _json({"error": off}, status=409)
     try:
         made = await run(request, lambda: request_job(
             request.app[ARCHIVE].index, request.app[PLUGINS], study_uid=study_uid, plugin=str(body.get("plugin", "")),

@@ -46,7 +46,7 @@ export function formParams(form, params) {
 export async function loadPlugins(studyUid, box, onStarted) {
   const answer = await api(`/api/studies/${studyUid}/plugins`);
   if (!answer.can_start) {                       // a share link's guest reads results, starts nothing
-    box.replaceChildren();
+    box.replaceChildren(...(answer.why_not ? [el("p", { class: "muted", id: "no-router" }, answer.why_not)] : []));
     return;
   }
   box.replaceChildren(...answer.plugins.map((plugin) => {

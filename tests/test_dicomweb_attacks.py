@@ -1,0 +1,302 @@
+"""DICOMweb and the viewer's HTTPS server against what the attack pass of issue 17 tried: nested multipart,
+what a share link may learn and do, queries that matched everything, a flood of bad tokens, a re-sent
+instance with other content, clients that trickle their request, a job nobody would run. One node (no router)."""
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+
+import pydicom
+import pytest
+import requests
+from pydicom.data import get_testdata_file
+
+from helpers import Node, free_port, synthetic_instances, wait_for
+from test_query import findscu
+
+pytestmark = [pytest.mark.slow, pytest.mark.interop]
+PASSWORD = "attacks-test-password"
+BOUNDARY = "b0undary"
+STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+HEADER_TIMEOUT, BODY_TIMEOUT = 3, 2
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, pki):
+    """A node without a router, short request timeouts; one patient with two studies, another patient."""
+    work = tmp_path_factory.mktemp("attacks")
+    node = Node(work / "node", pki, router={"enabled": False},
+                viewer={"enabled": True, "port": free_port(), "header_timeout": HEADER_TIMEOUT,
+                        "body_timeout": BODY_TIMEOUT})
+    node.env["M3DICOM_ADMIN_PASSWORD"] = PASSWORD
+    node.start()
+    first = synthetic_instances(work / "first", 2, patient="Smith^John", patient_id="P-SMITH")
+    second = synthetic_instances(work / "second", 3, patient="Smith^John", patient_id="P-SMITH")
+    other = synthetic_instances(work / "other", 1, patient="Jones^Ann", patient_id="P-JONES")
+    node.storescu(*first, *second, *other)
+    wait_for(lambda: node.rows("SELECT COUNT(*) FROM instances")[0][0] == 6, what="the instances")
+    writer = node.cli("token", "create", "writer", "--scope", "write").stdout.strip()
+    url = f"https://127.0.0.1:{node.settings['viewer']['port']}"
+    studies = {name: str(pydicom.dcmread(files[0]).StudyInstanceUID)
+               for name, files in (("first", first), ("second", second), ("other", other))}
+    yield node, url, writer, studies
+    node.stop()
+
+
+def session(pki, token: str | None = None) -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False
+    s.verify = str(pki / "ca.pem")
+    if token:
+        s.headers["Authorization"] = f"Bearer {token}"
+    return s
+
+
+def logged_in(site, pki) -> tuple[requests.Session, str]:
+    """The admin's session and its CSRF token."""
+    _, url, _, _ = site
+    person = session(pki)
+    assert person.post(f"{url}/login", data={"user": "admin", "password": PASSWORD, "next": "/studies"}).ok
+    return person, person.get(f"{url}/studies").text.split('name="csrf-token" content="')[1].split('"')[0]
+
+
+def guest_of(site, pki, study: str) -> requests.Session:
+    _, url, _, _ = site
+    person, csrf = logged_in(site, pki)
+    link = person.post(f"{url}/api/studies/{study}/share", json={"days": 1}, headers={"X-CSRF-Token": csrf}).json()
+    guest = session(pki)
+    assert guest.get(link["url"]).ok
+    return guest
+
+
+def part(data: bytes, content_type: str = "application/dicom") -> bytes:
+    return f"--{BOUNDARY}\r\nContent-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n"
+
+
+def body(*parts: bytes) -> bytes:
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def ct_bytes() -> bytes:
+    with open(get_testdata_file("CT_small.dcm"), "rb") as fh:
+        return fh.read()
+
+
+# -- STOW-RS ----------------------------------------------------------------------------------------
+
+def test_a_nested_multipart_part_fails_alone(site, pki):
+    """Its part was read as a multipart reader, which has no read_chunk: a 500 (AttributeError)."""
+    node, url, writer, _ = site
+    inner = "1nner"
+    nested = (f"--{inner}\r\nContent-Type: application/dicom\r\n\r\n".encode() + ct_bytes() + f"\r\n--{inner}--"
+              .encode())
+    s = session(pki, writer)
+    answer = s.post(f"{url}/dicomweb/studies", headers={"Content-Type": STOW_TYPE}, data=body(
+        part(nested, f"multipart/related; boundary={inner}"), part(ct_bytes())))
+    assert answer.status_code == 202, answer.text
+    found = pydicom.Dataset.from_json(answer.json())
+    assert [i.FailureReason for i in found.FailedSOPSequence] == [0xC000]
+    assert [i.ReferencedSOPInstanceUID for i in found.ReferencedSOPSequence] == \
+        [pydicom.dcmread(get_testdata_file("CT_small.dcm")).SOPInstanceUID]
+    alone = s.post(f"{url}/dicomweb/studies", headers={"Content-Type": STOW_TYPE},
+                   data=body(part(nested, f"multipart/mixed; boundary={inner}")))
+    assert alone.status_code == 409 and not pydicom.Dataset.from_json(alone.json()).ReferencedSOPSequence
+    assert "part 1 refused: its type is 'multipart/" in node.log()
+
+
+def test_a_resent_instance_with_other_content_is_a_warning_an_identical_one_plain_success(site, pki, tmp_path):
+    node, url, writer, _ = site
+    s = session(pki, writer)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.SOPInstanceUID + ".7"
+    ds.save_as(tmp_path / "first.dcm", enforce_file_format=True)
+    ds.InstanceNumber = 99                                   # the same instance, other content
+    ds.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+    first, changed = ((tmp_path / name).read_bytes() for name in ("first.dcm", "changed.dcm"))
+    post = lambda data: s.post(f"{url}/dicomweb/studies", headers={"Content-Type": STOW_TYPE},  # noqa: E731
+                               data=body(part(data)))
+    assert post(first).status_code == 200
+    again = post(first)
+    assert again.status_code == 200 and "Warning" not in again.headers
+    assert "WarningReason" not in pydicom.Dataset.from_json(again.json()).ReferencedSOPSequence[0]
+    other = post(changed)
+    assert other.status_code == 202, other.text
+    item, = pydicom.Dataset.from_json(other.json()).ReferencedSOPSequence
+    assert item.ReferencedSOPInstanceUID == ds.SOPInstanceUID and item.WarningReason == 0xB006
+    assert "stored copy was kept" in other.headers["Warning"]
+    assert node.stored_bytes(ds.SOPInstanceUID)[-len(first) // 2:] == first[-len(first) // 2:]    # the first kept
+
+
+# -- queries ------------------------------------------------------------------------------------------
+
+def test_an_empty_value_in_a_list_and_a_uid_with_a_leading_zero_are_refused_over_qido_and_c_find(site, pki):
+    """`PatientName=\\` matched every study; `1.01.2` was taken as a UID (and matched nothing)."""
+    node, url, writer, studies = site
+    s = session(pki, writer)
+    assert len(s.get(f"{url}/dicomweb/studies").json()) >= 3
+    for params, said in (({"PatientName": "\\"}, "an empty value in a list"),
+                         ({"PatientID": "P-SMITH\\"}, "an empty value in a list"),
+                         ({"StudyInstanceUID": f"{studies['first']},"}, "an empty value in a list"),
+                         ({"StudyInstanceUID": "1.01.2"}, "not a UID"), ({"StudyInstanceUID": "01.2"}, "not a UID"),
+                         ({"StudyInstanceUID": "1.2.*"}, "not a UID")):
+        answer = s.get(f"{url}/dicomweb/studies", params=params)
+        assert answer.status_code == 400 and said in answer.json()["error"], (params, answer.text)
+    assert s.get(f"{url}/dicomweb/studies/1.01.2/series").status_code == 400
+    for key, said in (("PatientName=\\", "PatientName: an empty value in a list"),
+                      ("StudyInstanceUID=1.01.2", "StudyInstanceUID: not a UID")):
+        results, log = findscu(node, "-S", "QueryRetrieveLevel=STUDY", key, "PatientID", check=False)
+        assert results == [] and "Failed: UnableToProcess" in log, log
+        assert f"C-FIND from FINDSCU refused (0xC000): {said}" in node.log()
+
+
+def test_a_share_link_learns_nothing_of_the_patients_other_studies(site, pki):
+    _, url, writer, studies = site
+    counts = ("NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances")
+    person = pydicom.Dataset.from_json(session(pki, writer).get(f"{url}/dicomweb/studies", params={
+        "StudyInstanceUID": studies["first"], "includefield": "all"}).json()[0])
+    assert [person[k].value for k in counts] == [2, 2, 5]           # the patient's two studies
+    guest = guest_of(site, pki, studies["first"])
+    for params in ({"includefield": "all"}, {"includefield": ",".join(counts)},
+                   {"NumberOfPatientRelatedStudies": "2"}):
+        seen, = guest.get(f"{url}/dicomweb/studies", params=params).json()
+        found = pydicom.Dataset.from_json(seen)
+        assert found.StudyInstanceUID == studies["first"] and found.NumberOfStudyRelatedInstances == 2
+        assert not any(k in found for k in counts), params
+    assert guest.get(f"{url}/dicomweb/studies", params={"StudyInstanceUID": studies["second"]}).status_code == 204
+
+
+def test_a_share_link_is_told_it_is_read_only_when_it_stores(site, pki):
+    _, url, _, studies = site
+    guest = guest_of(site, pki, studies["first"])
+    for headers in ({}, {"X-CSRF-Token": "x"}):
+        answer = guest.post(f"{url}/dicomweb/studies", data=body(part(ct_bytes())),
+                            headers={"Content-Type": STOW_TYPE, **headers})
+        assert answer.status_code == 403 and "share link is read-only" in answer.json()["error"], answer.text
+
+
+# -- tokens ---------------------------------------------------------------------------------------------
+
+def test_a_flood_of_bad_tokens_writes_one_audit_row_per_address_and_minute(site, pki):
+    node, url, _, _ = site
+    before = node.rows("SELECT COUNT(*) FROM audit WHERE user_name = 'token:?'")[0][0]
+    s = session(pki, "m3t_" + "x" * 43)
+    assert {s.get(f"{url}/dicomweb/studies").status_code for _ in range(40)} == {401}
+    assert node.rows("SELECT COUNT(*) FROM audit WHERE user_name = 'token:?'")[0][0] - before <= 1
+
+
+def test_refusals_are_counted_and_written_with_the_next_row():
+    from viewer.logins import Refusals
+
+    refusals = Refusals(window=60, sources=2)
+    assert refusals.note("a", 0) == 0                    # the first: written
+    assert [refusals.note("a", t) for t in (1, 2, 59)] == [None] * 3
+    assert refusals.note("a", 61) == 3                   # the next minute's row says how many were not
+    assert refusals.note("b", 61) == 0 and refusals.note("c", 62) is None      # two remembered, none expired
+    assert refusals.forgotten == 1
+    assert refusals.note("c", 122) == 0 and refusals.forgotten == 1           # "a" (nothing unwritten) forgotten
+
+
+# -- slow clients ----------------------------------------------------------------------------------------
+
+def tls_socket(site, pki) -> ssl.SSLSocket:
+    _, url, _, _ = site
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    raw = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30)
+    return context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def closed_within(sock: ssl.SSLSocket, seconds: float) -> bytes:
+    """What the server sent until it closed the connection (AssertionError if it did not within `seconds`)."""
+    sock.settimeout(seconds)
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except (socket.timeout, TimeoutError):
+        raise AssertionError(f"the connection is still open after {seconds} s; got {got[:200]!r}") from None
+    except (ConnectionResetError, ssl.SSLError):
+        pass
+    return got
+
+
+def test_a_client_trickling_its_headers_is_cut_off(site, pki):
+    sock = tls_socket(site, pki)
+    started, sent = time.monotonic(), 0
+    try:
+        for byte in b"GET /dicomweb/studies HTTP/1.1\r\nHost: x\r\n":
+            sock.send(bytes([byte]))
+            sent += 1
+            time.sleep(0.25)
+    except OSError:                      # closed under us: what is wanted
+        pass
+    closed_within(sock, HEADER_TIMEOUT + 5)
+    assert time.monotonic() - started < HEADER_TIMEOUT + 5 and sent < 40
+    sock.close()
+
+
+def test_a_client_trickling_a_stow_body_gets_408_and_leaves_nothing_in_the_spool(site, pki):
+    node, _, writer, _ = site
+    spool = node.data_dir / "spool" / "uploads"
+    sock = tls_socket(site, pki)
+    head = (f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {writer}\r\n"
+            f"Content-Type: {STOW_TYPE}\r\nContent-Length: 1000000\r\n\r\n").encode()
+    sock.sendall(head + part(ct_bytes()[:1000]))
+    wait_for(lambda: spool.is_dir() and any(spool.iterdir()), timeout=10, what="the STOW's spool directory")
+    started = time.monotonic()
+    time.sleep(BODY_TIMEOUT + 1)         # then a byte: more than body_timeout after the last
+    sock.send(b"x")
+    answer = closed_within(sock, 20)     # the answer, then the close (aiohttp reads on for 10 s at most)
+    assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer, answer[:300]
+    assert time.monotonic() - started < 20
+    sock.close()
+    assert list(spool.iterdir()) == []
+    assert node.rows("SELECT COUNT(*) FROM audit WHERE detail LIKE '%viewer.body_timeout%'")[0][0] == 1
+
+
+def test_a_body_slower_than_the_rate_is_cut_off_at_the_end_of_a_window():
+    import asyncio
+
+    from viewer.base import Pace, SlowBody
+
+    async def trickle():
+        async with asyncio.timeout(5) as deadline:
+            pace = Pace(5, 1000, deadline)
+            pace.WINDOW = 0.2                # a minute in the settings
+            pace.got(100)
+            await asyncio.sleep(0.25)
+            with pytest.raises(SlowBody, match="min_body_rate"):
+                pace.got(10)                 # 110 bytes in 0.25 s: under 1000 a second
+            fast = Pace(5, 1000, deadline)
+            fast.WINDOW = 0.2
+            await asyncio.sleep(0.25)
+            fast.got(1000)                   # 1000 bytes in 0.25 s: on
+            assert deadline.when() > asyncio.get_running_loop().time() + 4     # and the idle deadline moved on
+
+    asyncio.run(trickle())
+
+
+# -- jobs without a router ------------------------------------------------------------------------------
+
+def test_without_a_router_no_job_is_offered_and_one_asked_for_is_refused(site, pki):
+    node, url, _, studies = site
+    person, csrf = logged_in(site, pki)
+    plugins = person.get(f"{url}/api/studies/{studies['first']}/plugins").json()
+    assert plugins["can_start"] is False and "router is off" in plugins["why_not"]
+    answer = person.post(f"{url}/api/studies/{studies['first']}/jobs", json={"plugin": "mammo", "params": {}},
+                         headers={"X-CSRF-Token": csrf})
+    assert answer.status_code == 409 and "router.enabled = false" in answer.json()["error"]
+    assert node.rows("SELECT COUNT(*) FROM jobs")[0][0] == 0
+
+
+def test_plain_http_to_the_https_port_is_told_to_use_https(site):
+    """The TLS handshake failed without a word: a browser or curl saw an empty reply."""
+    _, url, _, _ = site
+    port = url.rsplit(":", 1)[1]
+    answer = requests.get(f"http://127.0.0.1:{port}/dicomweb/studies", timeout=10)
+    assert answer.status_code == 400 and answer.text.strip() == f"This port speaks HTTPS: use https://127.0.0.1:{port}/"
+    silent = socket.create_connection(("127.0.0.1", int(port)), timeout=30)      # says nothing: closed in time
+    try:
+        assert silent.recv(100) == b""
+    finally:
+        silent.close()
