@@ -9,11 +9,11 @@ each over loopback (the node over HTTPS with an API token, Orthanc over plain HT
 - the series' `/metadata`, cold (the first request) and warm (p50 of the next five);
 - WADO-RS of the whole series as stored (`transfer-syntax=*`), MB/s;
 - `/frames/1` of every instance of the series, one request after the other, frames/s;
-- STOW-RS of 100 new small instances in one request, instances/s.
+- STOW-RS of `--stow` (500) new small instances in one request, instances/s.
 
 Prints a Markdown table. Not a test: nothing is asserted.
 
-    .venv/bin/python bench/dicomweb.py [--series 600] [--studies 200] [--repeat 30] [--no-orthanc]
+    .venv/bin/python bench/dicomweb.py [--series 600] [--studies 200] [--repeat 30] [--stow 500] [--no-orthanc]
 """
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--series", type=int, default=600)
     parser.add_argument("--studies", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--stow", type=int, default=500)
     parser.add_argument("--no-orthanc", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-dicomweb-"))
@@ -125,7 +126,7 @@ def main() -> None:
         series, sops = str(first.SeriesInstanceUID), [pydicom.dcmread(p).SOPInstanceUID for p in series_files]
         rows = {"m3dicom (HTTPS)": measure(Target("m3dicom", f"https://127.0.0.1:{node.settings['viewer']['port']}"
                                                   "/dicomweb", ours), study, series, sops,
-                                           stow_set(work / "stow-m3", 100), args.repeat)}
+                                           stow_set(work / "stow-m3", args.stow), args.repeat)}
         if not args.no_orthanc and PLUGIN.exists():
             from test_orthanc import Orthanc
 
@@ -138,7 +139,7 @@ def main() -> None:
                 plain.post(f"http://127.0.0.1:{orthanc.http_port}/instances", data=path.read_bytes()).raise_for_status()
             rows["Orthanc DICOMweb (HTTP)"] = measure(Target("orthanc", f"http://127.0.0.1:{orthanc.http_port}"
                                                              "/dicom-web", plain), study, series, sops,
-                                                      stow_set(work / "stow-orthanc", 100), args.repeat)
+                                                      stow_set(work / "stow-orthanc", args.stow), args.repeat)
         names = list(rows)
         print(f"\n{args.series}-instance CT series (CT_small copies), {args.studies} more studies\n")
         print("| | " + " | ".join(names) + " |")
