@@ -9,15 +9,19 @@ each over loopback (the node over HTTPS with an API token, Orthanc over plain HT
 - the series' `/metadata`, cold (the first request) and warm (p50 of the next five);
 - WADO-RS of the whole series as stored (`transfer-syntax=*`), MB/s;
 - `/frames/1` of every instance of the series, one request after the other, frames/s;
-- STOW-RS of `--stow` (500) new small instances in one request, instances/s.
+- STOW-RS of `--stow` (500) new small instances in one request, instances/s;
+- OHIF (served by the node, in Debian chromium) opened on the series: seconds to its first slice drawn, the
+  first time after a restart of the node (nothing cached) and then again in fresh browser contexts.
 
 Prints a Markdown table. Not a test: nothing is asserted.
 
-    .venv/bin/python bench/dicomweb.py [--series 600] [--studies 200] [--repeat 30] [--stow 500] [--no-orthanc]
+    .venv/bin/python bench/dicomweb.py [--series 600] [--studies 200] [--repeat 30] [--stow 500] [--no-orthanc] [--no-ohif]
 """
 from __future__ import annotations
 
 import argparse
+import math
+import secrets
 import shutil
 import statistics
 import sys
@@ -87,6 +91,41 @@ def measure(target: Target, study: str, series: str, sops: list[str], stow: list
     return out
 
 
+def ohif_first_image(url: str, password: str, study: str, count: int = 3) -> list[float]:
+    """Seconds from opening OHIF on the study (its viewer page, logged in) to its first image drawn, as OHIF
+    itself reports it (its console's `studyToFirstImage` timer fires once the first image is rendered):
+    Debian chromium, Playwright, 1280x860, `count` times, each in a fresh browser context (OHIF's own code
+    loads from the browser's cache after the first)."""
+    from playwright.sync_api import sync_playwright
+
+    from test_viewer_browser import ARGS, CHROMIUM
+
+    times = []
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            for _ in range(count):
+                context = chromium.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860})
+                page = context.new_page()
+                page.goto(f"{url}/login")
+                page.fill("input[name=user]", "admin")
+                page.fill("input[name=password]", password)
+                page.click("button[type=submit]")
+                page.wait_for_url(lambda u: "/login" not in u)
+                drawn: list[float] = []
+                page.on("console", lambda m: drawn.append(time.perf_counter()) if m.text.startswith(
+                    "studyToFirstImage") else None)
+                started = time.perf_counter()
+                page.goto(f"{url}/ohif/viewer?StudyInstanceUIDs={study}")
+                while not drawn and time.perf_counter() - started < 300:
+                    page.wait_for_timeout(50)
+                times.append((drawn[0] if drawn else math.inf) - started)
+                context.close()
+        finally:
+            chromium.close()
+    return times
+
+
 def stow_set(directory: Path, count: int) -> list[bytes]:
     """`count` small instances with UIDs of their own (each target gets its own set)."""
     return [p.read_bytes() for p in synthetic_instances(directory, count, patient="Stow^Bench")]
@@ -99,6 +138,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--stow", type=int, default=500)
     parser.add_argument("--no-orthanc", action="store_true")
+    parser.add_argument("--no-ohif", action="store_true", help="no OHIF time to the first image (chromium)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-dicomweb-"))
     orthanc = node = None
@@ -113,6 +153,7 @@ def main() -> None:
         others = [p for n in range(args.studies)
                   for p in synthetic_instances(work / f"s{n}", 1, patient=f"Bench^{n:05d}", patient_id=f"BENCH-{n}")]
         node = Node(work / "node", pki, viewer={"enabled": True, "port": free_port()})
+        password = node.env["M3DICOM_ADMIN_PASSWORD"] = secrets.token_urlsafe(16)
         node.start()
         node.storescu(*series_files, *others, timeout=3600)
         total = len(series_files) + len(others)
@@ -127,6 +168,17 @@ def main() -> None:
         rows = {"m3dicom (HTTPS)": measure(Target("m3dicom", f"https://127.0.0.1:{node.settings['viewer']['port']}"
                                                   "/dicomweb", ours), study, series, sops,
                                            stow_set(work / "stow-m3", args.stow), args.repeat)}
+        if not args.no_ohif:
+            from viewer import ohif
+
+            if ohif.installed():
+                node.stop()                             # a restart: OHIF's first open finds nothing cached
+                node.start()
+                base = f"https://127.0.0.1:{node.settings['viewer']['port']}"
+                wait_for(lambda: requests.get(base + "/login", verify=str(pki / "ca.pem")).ok, what="the viewer")
+                cold, *warm = ohif_first_image(base, password, study)
+                rows["m3dicom (HTTPS)"][f"OHIF, first slice of the {len(sops)}-instance series: after a restart, "
+                                        "then p50 (s)"] = f"{cold:.1f}, {statistics.median(warm):.1f}"
         if not args.no_orthanc and PLUGIN.exists():
             from test_orthanc import Orthanc
 

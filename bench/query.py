@@ -39,6 +39,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -222,7 +223,7 @@ def settle(url: str) -> int:
 def answers(index: Index, asked: dict[str, list[Dataset]]) -> dict[str, list[list[tuple]]]:
     """Every query's rows as the C-FIND SCP reads them."""
     with index.reader() as conn:
-        return {kind: [list(Query(STUDY_ROOT, identifier)._rows(conn, None, None)) for identifier in identifiers]
+        return {kind: [Query(STUDY_ROOT, identifier).rows(conn, None, None) for identifier in identifiers]
                 for kind, identifiers in asked.items()}
 
 
@@ -236,7 +237,7 @@ def database_only(index: Index, asked: dict[str, list[Dataset]]) -> dict[str, tu
             times, matches = [], []
             for identifier in identifiers:
                 t0 = time.perf_counter()
-                rows = list(Query(STUDY_ROOT, identifier)._rows(conn, None, None))
+                rows = Query(STUDY_ROOT, identifier).rows(conn, None, None)
                 times.append((time.perf_counter() - t0) * 1000)
                 matches.append(len(rows))
             times.sort()
@@ -428,16 +429,19 @@ class Databases:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def node(work: Path, pki: Path, data_dir: Path, index_url: str = "") -> tuple[subprocess.Popen, int]:
+def node(work: Path, pki: Path, data_dir: Path, index_url: str = "",
+         viewer_port: int = 0) -> tuple[subprocess.Popen, int]:
     port = free_port()
     config = work / "m3.toml"
     config.write_text(f'[node]\nae_title = "M3DICOM"\ndata_dir = "{data_dir}"\n'
                       + (f'[index]\nurl = "{index_url}"\n' if index_url else "") +
                       f'[dicom]\nport = {port}\ncertificate = "{pki}/server.pem"\nprivate_key = "{pki}/server.key"\n'
                       f'ca_certificates = "{pki}/ca.pem"\n[query]\nmax_results = 5000\n[log]\nlevel = "WARNING"\n'
-                      "[viewer]\nenabled = false\n")
+                      + (f"[viewer]\nenabled = true\nport = {viewer_port}\n" if viewer_port
+                         else "[viewer]\nenabled = false\n"))
     proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=open(work / "m3.log", "ab"))
+                            stdout=subprocess.DEVNULL, stderr=open(work / "m3.log", "ab"),
+                            env={**os.environ, "M3DICOM_ADMIN_PASSWORD": secrets.token_urlsafe(16)})
     t0 = time.perf_counter()
     wait_port(port, timeout=600)            # at start the node reads every blob id of the index (recover)
     print(f"the node listened after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -487,13 +491,49 @@ def orthanc_filled(work: Path, pki: Path, size: int) -> tuple[subprocess.Popen, 
     return proc, port, Synthetic(sorted(names), ids, studies)
 
 
+QIDO_KEYS = {"PatientName": "PatientName", "PatientID": "PatientID", "StudyDate": "StudyDate"}
+
+
+def run_qido(base: str, token: str, pki: Path, asked: dict[str, list[Dataset]]) -> dict[str, tuple]:
+    """The same queries over QIDO-RS (HTTPS, a read token, one kept-alive connection, gzip): each timed from
+    request to the whole JSON answer parsed."""
+    import requests
+
+    session = requests.Session()
+    session.trust_env, session.verify = False, str(pki / "ca.pem")
+    session.headers["Authorization"] = f"Bearer {token}"
+    results = {}
+    for kind, identifiers in asked.items():
+        times, matches = [], []
+        for identifier in identifiers:
+            if identifier.QueryRetrieveLevel == "SERIES":
+                url, params = f"{base}/studies/{identifier.StudyInstanceUID}/series", {}
+            else:
+                url = f"{base}/studies"
+                params = {key: str(identifier.get(key)) for key in QIDO_KEYS if identifier.get(key)}
+                params["includefield"] = "ModalitiesInStudy,NumberOfStudyRelatedInstances,AccessionNumber"
+            t0 = time.perf_counter()
+            answer = session.get(url, params=params)
+            found = answer.json() if answer.status_code == 200 else []
+            times.append((time.perf_counter() - t0) * 1000)
+            if answer.status_code not in (200, 204):
+                raise RuntimeError(f"QIDO {kind}: {answer.status_code} {answer.text[:200]}")
+            matches.append(len(found))
+        times.sort()
+        results[kind] = (statistics.median(times), times[int(len(times) * 0.95) - 1], statistics.mean(matches))
+    return results
+
+
 def measure(name: str, proc: subprocess.Popen, port: int, aec: str, pki: Path, data: Synthetic,
-            count: int, work: Path) -> list[tuple[str, str, dict]]:
-    """Run the queries against a started receiver from both clients, then stop it."""
+            count: int, work: Path, qido: tuple[str, str] | None = None) -> list[tuple[str, str, dict]]:
+    """Run the queries against a started receiver from both clients (and QIDO-RS: (base URL, token)), then
+    stop it."""
     try:
         asked = queries(data, count)
         rows = [(name, "findscu", run_findscu(port, aec, pki, asked, work)),
                 (name, "pynetdicom", run_queries(port, aec, pki, asked))]
+        if qido:
+            rows.append((name, "QIDO-RS (requests)", run_qido(*qido, pki, asked)))
     finally:
         proc.terminate()
         proc.wait(20)
@@ -559,6 +599,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-fills", action="store_true",
                     help="fill each size both ways, compare the answers (PostgreSQL), and stop")
     ap.add_argument("--explain", action="store_true", help="print each kind's query plan")
+    ap.add_argument("--qido", action="store_true", help="the same queries over QIDO-RS too (the node's viewer on)")
     args = ap.parse_args(argv)
     cluster = private_cluster() if args.postgresql else None
     index_url = cluster.url() if cluster else args.index_url
@@ -601,10 +642,18 @@ def main(argv=None) -> int:
                 print(f"database only, {kind}: {result[0]:.1f} / {result[1]:.1f} ms ({result[2]:.0f})"
                       + (f"; (generic, custom) plans: {result[3]}" if len(result) > 3 else ""), file=sys.stderr)
             index.close()
-            proc, port = node(work, pki, data_dir, url)
+            viewer_port = free_port() if args.qido else 0
+            proc, port = node(work, pki, data_dir, url, viewer_port)
+            qido = None
+            if args.qido:
+                wait_port(viewer_port, timeout=120)
+                token = subprocess.run([sys.executable, "-m", "node.cli", "token", "create", "qbench", "--scope",
+                                        "read", "--config", str(work / "m3.toml")], cwd=ROOT, check=True,
+                                       capture_output=True, text=True).stdout.strip()
+                qido = (f"https://127.0.0.1:{viewer_port}/dicomweb", token)
             engine = "PostgreSQL" if url else "SQLite"
             rows += measure(f"m3dicom ({engine}), {size:,} instances", proc, port, "M3DICOM", pki, data,
-                            args.queries, work)
+                            args.queries, work, qido)
             shutil.rmtree(data_dir)
             if databases:
                 databases.drop(f"m3qbench_{size}")
