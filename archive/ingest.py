@@ -192,7 +192,8 @@ class Archive:
 
     def ingest_file(self, path: Path, sop_class_uid: str | None = None,
                     sop_instance_uid: str | None = None, calling_ae: str | None = None,
-                    job_id: str | None = None, staged: BlobInfo | None = None) -> IngestResult:
+                    job_id: str | None = None, staged: BlobInfo | None = None,
+                    inspected: InstanceHeader | None = None) -> IngestResult:
         """Store the DICOM Part 10 file at `path` exactly as it is.
 
         `sop_class_uid` / `sop_instance_uid` are what the peer announced (C-STORE's
@@ -201,10 +202,12 @@ class Archive:
         again) instead of "stored". `staged`: a blob of the local store that already holds
         exactly these bytes (`path` was read from it: a worker sharing this storage staged a
         result), adopted as it is instead of encrypted again; from then on it is the
-        archive's, removed like a blob it wrote when the instance is not kept.
+        archive's, removed like a blob it wrote when the instance is not kept. `inspected`: what
+        `inspect(path, limits=self.limits)` gave the caller (STOW-RS looks at a part before storing it):
+        the file is not inspected twice.
         """
         try:
-            header = inspect(Path(path), sop_class_uid, sop_instance_uid, self.limits)
+            header = inspected or inspect(Path(path), sop_class_uid, sop_instance_uid, self.limits)
         except InvalidInstance as exc:
             outcome = Outcome.MISMATCH if exc.status == "mismatch" else Outcome.INVALID
             return IngestResult(outcome, str(exc), sop_instance_uid)

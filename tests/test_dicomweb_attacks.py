@@ -3,6 +3,7 @@ what a share link may learn and do, queries that matched everything, a flood of 
 instance with other content, clients that trickle their request, a job nobody would run. One node (no router)."""
 from __future__ import annotations
 
+import io
 import socket
 import ssl
 import time
@@ -126,6 +127,31 @@ def test_a_resent_instance_with_other_content_is_a_warning_an_identical_one_plai
     assert item.ReferencedSOPInstanceUID == ds.SOPInstanceUID and item.WarningReason == 0xB006
     assert "stored copy was kept" in other.headers["Warning"]
     assert node.stored_bytes(ds.SOPInstanceUID)[-len(first) // 2:] == first[-len(first) // 2:]    # the first kept
+
+
+def test_parts_stored_a_few_at_once_keep_their_order_and_an_instance_sent_twice_keeps_its_first(site, pki, tmp_path):
+    """STOW-RS stores several parts at once (dicomweb.STOW_PARALLEL); two parts of one instance with other
+    content are still taken in the body's order: the first is kept, the second is answered as discarded."""
+    node, url, writer, _ = site
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    parts = []
+    for n in range(12):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.InstanceNumber = n + 1
+        ds.save_as(tmp_path / f"{n}.dcm", enforce_file_format=True)
+        parts.append((tmp_path / f"{n}.dcm").read_bytes())
+    ds.InstanceNumber = 99                                   # the last instance again, other content
+    ds.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+    parts.insert(6, (tmp_path / "changed.dcm").read_bytes())   # before the original in the body: it is first
+    answer = session(pki, writer).post(f"{url}/dicomweb/studies", headers={"Content-Type": STOW_TYPE},
+                                       data=body(*map(part, parts)))
+    assert answer.status_code == 202, answer.text
+    items = pydicom.Dataset.from_json(answer.json()).ReferencedSOPSequence
+    assert [i.ReferencedSOPInstanceUID for i in items] == [pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID
+                                                           for p in parts]
+    assert [n for n, i in enumerate(items) if "WarningReason" in i] == [12]
+    assert pydicom.dcmread(io.BytesIO(node.stored_bytes(ds.SOPInstanceUID))).InstanceNumber == 99
 
 
 # -- queries ------------------------------------------------------------------------------------------

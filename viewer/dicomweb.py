@@ -21,6 +21,7 @@ import logging
 import re
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -422,6 +423,7 @@ class _Parts(MultipartReader):
 
 
 MAX_BOUNDARY = 200
+STOW_PARALLEL = 4                  # parts of one STOW-RS stored at once
 
 
 async def _receive(request: web.Request, work: Path, limit: int, file_limit: int, count_limit: int) -> list:
@@ -464,27 +466,45 @@ def _store(archive, received: list, study: str | None, who: str,
             setattr(ds, keyword, value)
         return ds
 
-    for number, (path, media) in enumerate(received, 1):
+    def looked_at(number: int, path: Path, media: str):
+        """(the part's header or None, None to store it, or its FailureReason)"""
         if media.split(";")[0].strip().lower() not in ("application/dicom", ""):
             log.warning("STOW-RS from %s: part %d refused: its type is %.60r, not application/dicom", who, number,
                         media)
-            failed.append(item("", "", FailureReason=0xC000))
-            continue
+            return None, 0xC000
         try:
             header = inspect(path, limits=archive.limits)
         except Exception as exc:                      # not DICOM, or not within the limits: this part's outcome
             why = str(exc) if isinstance(exc, InvalidInstance) else f"cannot be read ({type(exc).__name__})"
             log.warning("STOW-RS from %s: part %d refused: %s", who, number, why[:200])
-            failed.append(item("", "", FailureReason=0xC000))
-            continue
+            return None, 0xC000
         if study is not None and header.study_uid != study:
-            failed.append(item(header.sop_class_uid, header.sop_instance_uid, FailureReason=STUDY_MISMATCH))
-            continue
+            return header, STUDY_MISMATCH
+        return header, None
+
+    def ingested(n: int):
         try:
-            result = archive.ingest_file(path, calling_ae=f"stow:{who}"[:64])
+            return archive.ingest_file(received[n][0], calling_ae=f"stow:{who}"[:64], inspected=outcomes[n][0])
         except Exception as exc:                      # the reader met bytes it did not expect
             log.warning("STOW-RS: a part refused: %s while reading it", type(exc).__name__)
-            failed.append(item(header.sop_class_uid, header.sop_instance_uid, FailureReason=0xC000))
+            return 0xC000
+
+    outcomes = [looked_at(number, path, media) for number, (path, media) in enumerate(received, 1)]
+    first, again, seen = [], [], set()               # an instance sent twice: its parts stored in their order
+    for n, (header, refused) in enumerate(outcomes):
+        if refused is None:
+            (again if header.sop_instance_uid in seen else first).append(n)
+            seen.add(header.sop_instance_uid)
+    # a few parts at once: one part's fsyncs (blob, index) overlap another's encrypting
+    with ThreadPoolExecutor(STOW_PARALLEL, thread_name_prefix="stow") as pool:
+        for n, result in zip(first, pool.map(ingested, first)):
+            outcomes[n] = outcomes[n][0], result
+    for n in again:
+        outcomes[n] = outcomes[n][0], ingested(n)
+    for header, result in outcomes:
+        if isinstance(result, int):
+            failed.append(item(header.sop_class_uid if header else "", header.sop_instance_uid if header else "",
+                               FailureReason=result))
             continue
         if result.outcome.ok or result.outcome.value == "quarantined":
             kept_first = result.outcome.value == "duplicate kept"     # as a C-STORE: success, the stored copy kept
