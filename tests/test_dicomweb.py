@@ -443,8 +443,11 @@ def test_frames_read_from_their_place_in_the_file_equal_pydicoms_pixels(tmp_path
                     (name, n)
             with pytest.raises(wado._NoSuchFrame):
                 wado._frames(archive, match, [pixels.shape[0] + 1])
-            metadata = json.loads(wado._metadata(archive, match, "https://node/dicomweb", wado.Cache(1 << 20)))
-            assert metadata["00080018"]["Value"] == [ds.SOPInstanceUID] and "BulkDataURI" in metadata["7FE00010"]
+            kept = wado._metadata(archive, match, wado.Cache(1 << 20))       # kept once, whatever the base URL
+            for base in ("https://node/dicomweb", "https://other:8443/x/dicomweb"):
+                metadata = json.loads(wado._based(kept, base))
+                assert metadata["00080018"]["Value"] == [ds.SOPInstanceUID]
+                assert metadata["7FE00010"]["BulkDataURI"].startswith(f"{base}/studies/{ds.StudyInstanceUID}/")
         assert not any(archive.exports.iterdir())
     finally:
         archive.close()

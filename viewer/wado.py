@@ -59,7 +59,8 @@ METADATA_PARALLEL = 8              # instances read at once for a study's or ser
 METADATA_CACHE = 64 << 20          # bytes of instances' metadata kept (keyed by content: never stale)
 
 
-METADATA = web.AppKey("dicomweb_metadata", Cache)    # instances' metadata by (SHA-256, base URL)
+METADATA = web.AppKey("dicomweb_metadata", Cache)    # instances' metadata by SHA-256
+BASE = f"m3base-{secrets.token_hex(16)}"   # where the base URL goes in kept metadata: no value can name it
 INLINE = 4 << 20                   # an instance up to this size is retrieved in memory (larger: a private file)
 BATCH = 8 << 20                    # bytes of instances read by one worker call for a retrieve
 RETRIEVE_SLOTS = web.AppKey("dicomweb_retrieve_slots", asyncio.Semaphore)
@@ -337,39 +338,45 @@ def _read_header(plain: Path | io.BytesIO) -> tuple[Dataset, dict[int, str]]:
     return ds, bulk
 
 
-def _metadata(archive, match: archive_query.Match, base: str, cache: Cache) -> bytes:
-    """The instance's metadata as DICOM JSON, encoded (kept so: a series' answer joins them)."""
-    found = cache.get((match.sha256, base))
+def _metadata(archive, match: archive_query.Match, cache: Cache) -> bytes:
+    """The instance's metadata as DICOM JSON, encoded, its bulk data URIs starting with BASE (kept so, by
+    content: a series' answer joins them, and `_based` puts the base URL of the request in)."""
+    found = cache.get(match.sha256)
     if found is not None:
         return found
     with archive.readable(match.blob_id, match.sha256, INLINE) as plain:
         ds, bulk = _read_header(plain)
     out = dicomjson.to_json_dict(ds)
-    url = (f"{base}/studies/{ds.get('StudyInstanceUID', '')}/series/{ds.get('SeriesInstanceUID', '')}"
+    url = (f"{BASE}/studies/{ds.get('StudyInstanceUID', '')}/series/{ds.get('SeriesInstanceUID', '')}"
            f"/instances/{match.sop_instance_uid}")
     for tag, vr in bulk.items():
         out[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"{url}/bulkdata/{tag:08X}"}
     encoded = json.dumps(dict(sorted(out.items()))).encode()
-    cache.put((match.sha256, base), encoded, 256 + len(encoded))
+    cache.put(match.sha256, encoded, 256 + len(encoded))
     return encoded
+
+
+def _based(encoded: bytes, base: str) -> bytes:
+    """The metadata with the base URL of this request's answers (viewer.public_url, or its Host)."""
+    return encoded.replace(BASE.encode(), json.dumps(base)[1:-1].encode())
 
 
 async def metadata(request: web.Request) -> web.Response:
     study, found = await _named(request)
     headers = _validators(request, found, "metadata")
-    archive, base, cache = request.app[ARCHIVE], base_url(request), request.app[METADATA]
-    out = [cache.get((match.sha256, base)) for match in found]      # known ones without a thread each
+    archive, cache = request.app[ARCHIVE], request.app[METADATA]
+    out = [cache.get(match.sha256) for match in found]      # known ones without a thread each
     missing = [n for n, item in enumerate(out) if item is None]
     try:
         for start in range(0, len(missing), METADATA_PARALLEL):
             numbers = missing[start:start + METADATA_PARALLEL]
-            read = await asyncio.gather(*(run(request, _metadata, archive, found[n], base, cache) for n in numbers))
+            read = await asyncio.gather(*(run(request, _metadata, archive, found[n], cache) for n in numbers))
             for n, item in zip(numbers, read):
                 out[n] = item
     except Exception as exc:
         raise _unreadable(found[0].sop_instance_uid if len(found) == 1 else study, exc) from None
     await audit(request, f"WADO metadata of {len(found)} instances", study)
-    return json_answer(request, b"[" + b",".join(out) + b"]", **headers)
+    return json_answer(request, _based(b"[" + b",".join(out) + b"]", base_url(request)), **headers)
 
 
 # -- frames and bulk data --------------------------------------------------------------------------
