@@ -8,6 +8,7 @@ import io
 import json
 import socket
 import ssl
+import time
 from pathlib import Path
 
 import numpy as np
@@ -404,6 +405,31 @@ def test_the_viewers_session_and_a_share_link_limited_to_its_study(site, pki):
                  f"/studies/{studies['jones']}/series"):
         assert guest.get(f"{url}/dicomweb{path}").status_code == 404, path
     assert guest.post(f"{url}/dicomweb/studies", data=b"", headers={"X-CSRF-Token": "x"}).status_code == 403
+
+
+def test_a_new_studys_metadata_is_made_ahead_of_its_first_request(site, pki):
+    """viewer.prefetch: once a study has received nothing for wado.PREFETCH_QUIET seconds, its metadata is read
+    into the cache, so OHIF's first request waits for no instance: here its one blob is taken away first, and
+    the metadata is still answered (only a prefetched copy can say it)."""
+    from viewer import wado
+
+    node, url, tokens, studies, _ = site
+    (blob_id,), = node.rows("SELECT i.blob_id FROM instances i JOIN series s ON s.pk = i.series_pk JOIN studies t "
+                            "ON t.pk = s.study_pk WHERE t.study_uid = ?", (studies["jones"],))
+    blob = node.data_dir / "blobs" / blob_id[:2] / blob_id
+    stored_at = blob.stat().st_mtime
+    wait_for(lambda: time.time() - stored_at > wado.PREFETCH_QUIET + 4 * wado.PREFETCH_POLL + 5, timeout=60,
+             what="the study to be quiet long enough")
+    aside = blob.with_name(blob.name + ".aside")
+    blob.rename(aside)
+    try:
+        answer = session(pki, tokens["reader"]).get(f"{url}/dicomweb/studies/{studies['jones']}/metadata")
+    finally:
+        aside.rename(blob)
+    assert answer.status_code == 200, answer.text
+    found, = answer.json()
+    assert found["00100010"]["Value"] == [{"Alphabetic": "Jones^Ann"}]
+    assert found["7FE00010"]["BulkDataURI"].startswith(f"{url}/dicomweb/studies/{studies['jones']}/")
 
 
 def test_every_call_is_audited_with_who_what_study_and_bytes(site):

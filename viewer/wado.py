@@ -23,6 +23,8 @@ import math
 import os
 import secrets
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
 from email.utils import formatdate
 from pathlib import Path
@@ -37,12 +39,13 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, UID
 
-from archive import query as archive_query
+from archive import changes, query as archive_query
+from archive.db import RoundFailures
 from archive.dicomfile import check_pixels, undeflated
 from archive.query import STUDY_ROOT, Query
 
 from . import dicomjson
-from .base import ARCHIVE, IMAGES, run
+from .base import ARCHIVE, CONFIG, IMAGES, run
 from .dicomweb import INSTANCE, SERIES, STUDY, audit, base_url, checked_uid, error, json_answer, study_in_reach
 from .images import IMAGE_LIMIT, NotAnImage
 from .images import _Cache as Cache         # a byte-bounded LRU, shared with the images' caches
@@ -64,6 +67,10 @@ BASE = f"m3base-{secrets.token_hex(16)}"   # where the base URL goes in kept met
 INLINE = 4 << 20                   # an instance up to this size is retrieved in memory (larger: a private file)
 BATCH = 8 << 20                    # bytes of instances read by one worker call for a retrieve
 RETRIEVE_SLOTS = web.AppKey("dicomweb_retrieve_slots", asyncio.Semaphore)
+PREFETCH_QUIET = 10.0              # seconds a study receives nothing before its metadata is made ahead
+PREFETCH_POLL = 2.0
+PREFETCH_MAX = 2000                # instances of one study made ahead (of a larger one: its first)
+PREFETCH_BACK = 1000               # changes before the viewer's start whose studies are made ahead
 RETRIEVE_BATCHES = 16              # batches in memory for all retrieves at once (at most ~200 MB)
 
 
@@ -379,6 +386,72 @@ async def metadata(request: web.Request) -> web.Response:
     return json_answer(request, _based(b"[" + b",".join(out) + b"]", base_url(request)), **headers)
 
 
+class Prefetch:
+    """The metadata of a study that has just received instances, made ahead (OHIF asks for a series'
+    metadata before it draws anything): once the study has received nothing for PREFETCH_QUIET seconds,
+    one thread of low priority reads its instances (at most PREFETCH_MAX) into the metadata cache, never
+    filling more than three quarters of it (what viewers asked for is not pushed out); at the viewer's start,
+    the studies of the last PREFETCH_BACK changes. `viewer.prefetch`."""
+
+    def __init__(self, archive, cache: Cache):
+        self.archive, self.cache = archive, cache
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="metadata-prefetch")
+        self._failed = RoundFailures(log, "making studies' metadata ahead")
+        self._niced = False
+
+    async def run(self) -> None:
+        loop, index = asyncio.get_running_loop(), self.archive.index
+        # from the studies of the last PREFETCH_BACK changes: those that came while the viewer started, and
+        # after a restart the latest ones
+        last, pending = max(0, await loop.run_in_executor(self.pool, changes.latest, index) - PREFETCH_BACK), {}
+        try:
+            while True:
+                await asyncio.sleep(PREFETCH_POLL)
+                try:
+                    upto = await loop.run_in_executor(self.pool, changes.latest, index)
+                    stored = await loop.run_in_executor(self.pool, index.studies_stored, last, upto, 500)
+                    last = stored[-1][0] if len(stored) == 500 else upto
+                    pending.update((uid, loop.time()) for _, uid in stored)
+                    for uid in [uid for uid, at in pending.items() if loop.time() - at >= PREFETCH_QUIET]:
+                        del pending[uid]
+                        await loop.run_in_executor(self.pool, self.warm, uid)
+                except Exception as exc:
+                    self._failed(exc)
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def warm(self, study: str) -> int:
+        """Make the study's metadata (in this thread); how many instances' were made."""
+        if not self._niced:
+            self._niced = True
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)     # Linux: this thread only
+            except OSError:
+                pass
+        made = 0
+        for match in _instances(self.archive.index, study, None, None)[:PREFETCH_MAX]:
+            if self.cache.size > self.cache.limit * 3 // 4:
+                break
+            try:
+                if self.cache.get(match.sha256) is None:
+                    _metadata(self.archive, match, self.cache)
+                    made += 1
+            except Exception as exc:                # its reader will be told; here it is only not made ahead
+                log.debug("metadata of %s not made ahead: %s", match.sop_instance_uid, type(exc).__name__)
+        log.debug("metadata of study %s made ahead: %d instances", study, made)
+        return made
+
+
+async def prefetching(app: web.Application):
+    task = None
+    if app[CONFIG].viewer.prefetch:
+        task = asyncio.create_task(Prefetch(app[ARCHIVE], app[METADATA]).run())
+    yield
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 # -- frames and bulk data --------------------------------------------------------------------------
 
 def _frame_numbers(text: str) -> list[int]:
@@ -619,6 +692,7 @@ def routes(app: web.Application) -> None:
     study, series, instance = STUDY, STUDY + SERIES, STUDY + SERIES + INSTANCE
     app[METADATA] = Cache(METADATA_CACHE)
     app[RETRIEVE_SLOTS] = asyncio.Semaphore(RETRIEVE_BATCHES)
+    app.cleanup_ctx.append(prefetching)
     r = app.router
     for path in (study, series, instance):
         r.add_get(path, retrieve)
