@@ -105,10 +105,11 @@ class MammoCad:
                 normal.append(NothingFound(f"image {number}: {NO_CLUSTER}" if len(images) > 1 else NO_CLUSTER,
                                            CLUSTER, [source]))
             sc = secondary_capture(source, render(image, source, marks), ctx, name="sc",
-                                   description="CAD: micro-calcifications", instance_number=number)
+                                   description=f"CAD: micro-calcifications{_view(source)}", instance_number=number)
             datasets.append(sc)
             sources.append(source)
-        sr = measurement_report(sr_findings, sources, ctx, name="sr", title="CAD: micro-calcifications",
+        views = "".join(dict.fromkeys(_view(source) for source in sources))    # "R MLO", or each image's
+        sr = measurement_report(sr_findings, sources, ctx, name="sr", title=f"CAD: micro-calcifications{views}",
                                 procedure=MAMMOGRAPHY, nothing_found=normal)
         datasets.append(sr)
         outcome = CLUSTERS_FOUND if findings["clusters"] else NO_CLUSTER
@@ -210,3 +211,11 @@ def render(image: detect.Mammogram, source: Dataset, marks: list[tuple]) -> np.n
               f"m3dicom mammo-cad: {NO_CLUSTER} - CAD, not a diagnosis")
     draw.text((10 * scale, 10 * scale), banner, fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
     return np.asarray(canvas)
+
+
+def _view(source) -> str:
+    """' R MLO': the image's laterality and view, to tell the CAD's series of a four-view study apart (OHIF lists
+    them by description); '' when the image says neither."""
+    side = source.get("ImageLaterality") or source.get("Laterality") or ""
+    view = " ".join(str(v) for v in (side, source.get("ViewPosition") or "") if v)
+    return f" {view}" if view else ""
