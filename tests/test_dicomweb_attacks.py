@@ -154,6 +154,14 @@ def test_parts_stored_a_few_at_once_keep_their_order_and_an_instance_sent_twice_
     assert pydicom.dcmread(io.BytesIO(node.stored_bytes(ds.SOPInstanceUID))).InstanceNumber == 99
 
 
+def test_a_base_url_ending_in_a_slash_is_told_so(site, pki):
+    """The new-user pass: dicomweb-client given "https://host:port/dicomweb/" asks /dicomweb//studies and got
+    aiohttp's bare "404: Not Found"."""
+    _, url, writer, _ = site
+    answer = session(pki, writer).get(f"{url}/dicomweb//studies")
+    assert answer.status_code == 404 and "without a '/' at its end" in answer.json()["error"]
+
+
 # -- queries ------------------------------------------------------------------------------------------
 
 def test_an_empty_value_in_a_list_and_a_uid_with_a_leading_zero_are_refused_over_qido_and_c_find(site, pki):

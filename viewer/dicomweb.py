@@ -133,6 +133,9 @@ async def authenticate(request: web.Request, handler):
     preflight, which carries no token, is answered here)."""
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         return _preflight(request)
+    if "//" in request.path:                      # dicomweb-client given ".../dicomweb/" asks "/dicomweb//studies"
+        raise error(web.HTTPNotFound, "no such path: it has an empty segment ('//'); the base URL is "
+                    "https://HOST:PORT/dicomweb, without a '/' at its end")
     app = request.app
     index, now = app[ARCHIVE].index, app[CLOCK]()
     authorization = request.headers.get("Authorization")
