@@ -616,7 +616,9 @@ async def _send_octets(request: web.Request, study: str, match, headers: dict, n
     """Frames (`numbers`; None: all, as the pixel data's bulk data) or the value of the bulk data `tag`."""
     archive = request.app[ARCHIVE]
     try:
-        parts = await _decoded_frames(request, match, numbers) if tag is None else None
+        # compressed pixels: the viewer's decoded image (decoded once, kept); native ones are read from their place
+        compressed = UID(match.transfer_syntax).is_compressed
+        parts = await _decoded_frames(request, match, numbers) if tag is None and compressed else None
         if parts is None:
             parts = await run(request, _frames, archive, match, numbers) if tag is None else \
                 [await run(request, _bulk, archive, match, tag)]
