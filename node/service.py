@@ -124,10 +124,22 @@ def _keep_seen(config: Config, stop: threading.Event) -> None:
 def serve(config: Config, ready=print) -> None:
     """Run the node until SIGTERM / SIGINT."""
     configure_libraries()
+    _more_files()
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with lock.exclusive(config.data_dir):   # before anything in it is touched
         os.chmod(config.data_dir, 0o700)
         _serve(config, ready)
+
+
+def _more_files(wanted: int = 65536) -> None:
+    """The soft limit of open files raised to the hard one (at most `wanted`), for this process and the ones it
+    starts: a service manager's default soft limit (1,024) is a few hundred idle connections away."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _serve(config: Config, ready) -> None:

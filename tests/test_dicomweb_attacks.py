@@ -334,3 +334,39 @@ def test_plain_http_to_the_https_port_is_told_to_use_https(site):
         assert silent.recv(100) == b""
     finally:
         silent.close()
+
+
+def viewer_process(node):
+    """The node's process that listens on the viewer's port."""
+    import psutil
+
+    port = node.settings["viewer"]["port"]
+    for process in psutil.Process(node.proc.pid).children(recursive=True):
+        if any(c.status == "LISTEN" and c.laddr.port == port for c in process.net_connections("tcp")):
+            return process
+    raise AssertionError("no process listens on the viewer's port")
+
+
+def test_running_out_of_file_descriptors_does_not_close_the_viewer_for_good(site, pki):
+    """The attack pass: 1,100 silent connections against a service's 1,024 open files made accept() fail once,
+    which ended the accepting task: the port stayed open, and nobody was ever answered again. Here the
+    viewer's process is given 128 files, 200 silent connections come and go, and it answers again."""
+    import resource
+    import subprocess
+
+    node, url, writer, _ = site
+    viewer = viewer_process(node)
+    before = viewer.rlimit(resource.RLIMIT_NOFILE)
+    subprocess.run(["prlimit", f"--pid={viewer.pid}", "--nofile=128:%d" % before[1]], check=True)
+    port, held = int(url.rsplit(":", 1)[1]), []
+    try:
+        for _ in range(200):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(1)
+    finally:
+        for conn in held:
+            conn.close()
+        subprocess.run(["prlimit", f"--pid={viewer.pid}", "--nofile=%d:%d" % before], check=True)
+    wait_for(lambda: session(pki, writer).get(f"{url}/dicomweb/studies", timeout=5).status_code == 200,
+             timeout=30, what="the viewer answering again")
+    assert "cannot accept connections" in node.log()

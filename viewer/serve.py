@@ -143,6 +143,10 @@ class MalformedRequestsInOneLine(logging.Filter):
         return True
 
 
+ACCEPT_RETRY = 0.1            # seconds before accepting again after accept() failed (file descriptors ran out)
+MAX_FIRST_BYTE_WAITING = 512  # connections that have sent nothing yet (and are in their TLS handshake); more: closed
+
+
 class HttpsSite(web.SockSite):
     """The viewer's HTTPS socket, each connection's first byte looked at before its TLS handshake: plain
     http:// sent to this port (not a TLS handshake record, 0x16) gets a plain-text 400 naming the https://
@@ -152,7 +156,7 @@ class HttpsSite(web.SockSite):
     def __init__(self, runner: web.AppRunner, sock: socket.socket, ssl_context: ssl.SSLContext,
                  first_byte_timeout: float):
         super().__init__(runner, sock, ssl_context=ssl_context)
-        self._wait, self._connections = first_byte_timeout, set()
+        self._wait, self._connections, self._refused = first_byte_timeout, set(), 0
 
     async def start(self) -> None:
         await web.BaseSite.start(self)                   # registered with the runner; the socket is ours to serve
@@ -165,7 +169,18 @@ class HttpsSite(web.SockSite):
 
     async def _accept(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
-            conn, _ = await loop.sock_accept(self._sock)
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:                       # out of file descriptors (EMFILE), of memory ...: the
+                self._refused += 1                       # port must not die of it (asyncio's server pauses too)
+                if self._refused == 1 or self._refused % 1000 == 0:
+                    log.error("viewer: cannot accept connections (%s; %d refused so far): %d connections wait for "
+                              "their first byte", exc.strerror or exc, self._refused, len(self._connections))
+                await asyncio.sleep(ACCEPT_RETRY)
+                continue
+            if len(self._connections) >= MAX_FIRST_BYTE_WAITING:     # a flood of silent connections: no more
+                conn.close()
+                continue
             task = asyncio.create_task(self._first_byte(loop, conn))
             self._connections.add(task)                  # held until done (the loop keeps weak references)
             task.add_done_callback(self._connections.discard)
