@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+import math
 import struct
 import warnings
 from pathlib import Path
@@ -33,15 +35,26 @@ def _pydicoms(read) -> dict:
         return read().to_json_dict(suppress_invalid_tags=True)
 
 
+def _nulled(value):
+    """pydicom's JSON with NaN and infinities as null (JSON has none; dicomjson writes null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nulled(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nulled(v) for v in value]
+    return value
+
+
 def _same_as_pydicom(data: bytes) -> None:
     def read() -> Dataset:
         return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
 
-    ours, theirs = to_json_dict(read()), _pydicoms(read)
+    ours, theirs = to_json_dict(read()), _nulled(_pydicoms(read))
     for key in theirs:
         assert ours.get(key) == theirs[key], key
     for key in set(ours) - set(theirs):        # only where pydicom's suppressing dropped more than it had to
-        assert ours[key] == read()[int(key, 16)].to_json_dict(None, 0), key
+        assert ours[key] == _nulled(read()[int(key, 16)].to_json_dict(None, 0)), key
 
 
 @pytest.fixture(autouse=True)
@@ -108,3 +121,14 @@ def test_generated_values_are_written_as_pydicom_writes_them(values, numbers, im
         elements += [(0x00280010, "US", struct.pack("<H", numbers[0])),
                      (0x00280106, "US", struct.pack(f"<{len(numbers)}H", *numbers))]
     _same_as_pydicom(_part10(elements, implicit))
+
+
+def test_nan_and_infinities_are_null_and_the_json_strict():
+    """The attack pass: one FD of NaN or a DS of 1e400 made a whole study's metadata answer invalid JSON
+    (NaN, Infinity), which browsers' JSON.parse, and so OHIF, refuse."""
+    data = _part10([(0x00189087, "FD", struct.pack("<2d", float("nan"), 2.5)), (0x00180050, "DS", b"1e400 "),
+                    (0x00281050, "DS", b"40\\-inf"), (0x00189089, "FL", struct.pack("<f", float("inf")))], False)
+    out = to_json_dict(pydicom.dcmread(io.BytesIO(data), force=True))
+    assert out["00189087"]["Value"] == [None, 2.5] and out["00180050"]["Value"] == [None]
+    assert out["00281050"]["Value"] == [40.0, None] and out["00189089"]["Value"] == [None]
+    json.dumps(out, allow_nan=False)

@@ -7,7 +7,10 @@ dictionary VR, text in ASCII, numbers, small binary values) are written straight
 as pydicom would write them; any other element (a sequence, a name with several groups, a text with
 another character set, a number pydicom would refuse, an ambiguous VR ...) is handed to pydicom
 itself, one element at a time. tests/test_dicomjson.py compares the two on every element of every
-test file of pydicom and of this project.
+test file of pydicom and of this project, and on generated values: the same JSON as pydicom's
+`to_json_dict()` when it reads values leniently (as it does by default; with suppress_invalid_tags it
+reads strictly and drops a value it finds invalid, such as an IS of "1.0" or an LO over 64
+characters, which is kept here), except that NaN and infinities are null (JSON has no such numbers).
 """
 from __future__ import annotations
 
@@ -42,8 +45,21 @@ def to_json_dict(ds: Dataset) -> dict[str, dict]:
                 element = ds[tag].to_json_dict(None, 0)
             except Exception:                 # as pydicom's suppress_invalid_tags: the element is left out
                 continue
-        out[f"{int(tag):08X}"] = element
+        out[f"{int(tag):08X}"] = _finite(element)
     return out
+
+
+def _finite(element: dict) -> dict:
+    """NaN and infinities (an FD, FL or DS may hold them) as null: JSON has no such numbers, and one of them
+    makes a browser's JSON.parse refuse a whole study's metadata (pydicom would write NaN)."""
+    values = element.get("Value")
+    if values and element.get("vr") in ("FD", "FL", "DS", "OD", "OF"):
+        element["Value"] = [v if not isinstance(v, float) or math.isfinite(v) else None for v in values]
+    elif values and element.get("vr") == "SQ":
+        for item in values:
+            for key, nested in item.items():
+                item[key] = _finite(nested)
+    return element
 
 
 def _vr(raw: RawDataElement) -> str | None:

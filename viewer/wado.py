@@ -358,7 +358,7 @@ def _metadata(archive, match: archive_query.Match, cache: Cache) -> bytes:
            f"/instances/{match.sop_instance_uid}")
     for tag, vr in bulk.items():
         out[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"{url}/bulkdata/{tag:08X}"}
-    encoded = json.dumps(dict(sorted(out.items()))).encode()
+    encoded = json.dumps(dict(sorted(out.items())), allow_nan=False).encode()
     cache.put(match.sha256, encoded, 256 + len(encoded))
     return encoded
 
