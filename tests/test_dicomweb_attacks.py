@@ -370,3 +370,83 @@ def test_running_out_of_file_descriptors_does_not_close_the_viewer_for_good(site
     wait_for(lambda: session(pki, writer).get(f"{url}/dicomweb/studies", timeout=5).status_code == 200,
              timeout=30, what="the viewer answering again")
     assert "cannot accept connections" in node.log()
+
+
+# -- WADO-RS retrieves that stall or fail ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def big_study(site, tmp_path_factory):
+    """12 instances of 2 MB: three batches in memory (wado.BATCH), more than sockets buffer."""
+    node, _, _, _ = site
+    study = pydicom.uid.generate_uid()
+    files = synthetic_instances(tmp_path_factory.mktemp("big"), 12, pixel_bytes=2 << 20, study=study,
+                                patient="Big^Study", patient_id="P-BIG")
+    node.storescu(*files)
+    wait_for(lambda: node.rows("SELECT COUNT(*) FROM instances i JOIN series s ON s.pk = i.series_pk JOIN studies "
+                               "t ON t.pk = s.study_pk WHERE t.study_uid = ?", (study,))[0][0] == 12,
+             what="the 12 instances")
+    return study, files
+
+
+def stalled_retrieve(url: str, pki, token: str, study: str) -> socket.socket:
+    """A retrieve asked for over TLS and never read."""
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    tls = context.wrap_socket(socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))),
+                              server_hostname="127.0.0.1")
+    tls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    tls.sendall(f"GET /dicomweb/studies/{study} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+                "Accept: multipart/related; type=\"application/dicom\"; transfer-syntax=*\r\n\r\n".encode())
+    return tls
+
+
+def test_stalled_readers_hold_only_their_callers_share_and_are_cut_off(site, pki, big_study):
+    """The attack pass: 8 connections that asked for a study and read nothing held all 16 batches of the
+    viewer for as long as they stayed (245 s tried): every other retrieve waited. Now one caller holds at most
+    wado.RETRIEVE_PER_CALLER batches, and a piece not taken within viewer.body_timeout cuts the answer off."""
+    node, url, writer, _ = site
+    study, files = big_study
+    stalled = [stalled_retrieve(url, pki, writer, study) for _ in range(6)]
+    try:
+        reader = node.cli("token", "create", f"other-{time.time_ns()}", "--scope", "read").stdout.strip()
+        started = time.monotonic()
+        answer = session(pki, reader).get(f"{url}/dicomweb/studies/{study}/series/"
+                                          f"{pydicom.dcmread(files[0]).SeriesInstanceUID}/instances/"
+                                          f"{pydicom.dcmread(files[0]).SOPInstanceUID}", timeout=60)
+        assert answer.status_code == 200 and time.monotonic() - started < BODY_TIMEOUT + 10
+        wait_for(lambda: len(node.rows("SELECT 1 FROM audit WHERE study_uid = ? AND detail LIKE '%broken off%'",
+                                       (study,))) >= 2, timeout=BODY_TIMEOUT + 30, what="the stalled ones cut off")
+    finally:
+        for tls in stalled:
+            tls.close()
+    assert "read nothing for" in node.log()
+
+
+def test_an_instance_found_damaged_mid_answer_ends_it_without_a_second_status_line(site, pki, big_study):
+    """The attack pass: a blob that failed its check after the answer had begun made the errors middleware
+    write 'HTTP/1.1 500' inside the multipart body, audited 'ok'. Now the connection is closed, the audit row
+    says failed, and the log names the instance and its blob."""
+    node, url, writer, _ = site
+    study, files = big_study
+    uid = pydicom.dcmread(files[6]).SOPInstanceUID
+    (blob_id,), = node.rows("SELECT blob_id FROM instances WHERE sop_instance_uid = ?", (uid,))
+    blob = node.data_dir / "blobs" / blob_id[:2] / blob_id
+    original = blob.read_bytes()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0xFF
+    blob.write_bytes(bytes(damaged))
+    try:
+        context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))),
+                                 server_hostname="127.0.0.1") as tls:
+            tls.sendall(f"GET /dicomweb/studies/{study} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {writer}"
+                        "\r\nAccept: multipart/related; type=\"application/dicom\"; transfer-syntax=*\r\n\r\n".encode())
+            tls.settimeout(30)
+            got = bytearray()
+            while chunk := tls.recv(1 << 16):
+                got += chunk
+    finally:
+        blob.write_bytes(original)
+    assert got.startswith(b"HTTP/1.1 200") and got.count(b"HTTP/1.1 ") == 1 and len(got) > 6 << 20
+    row = wait_for(lambda: node.rows("SELECT outcome FROM audit WHERE study_uid = ? AND outcome = 'failed'",
+                                     (study,)), what="the failed retrieve's audit row")
+    assert row and f"SOP Instance {uid} (blob {blob_id}) cannot be read" in node.log()

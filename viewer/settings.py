@@ -41,7 +41,8 @@ class ViewerSection:
     header_timeout: float = setting(60.0, "Seconds a client has to send a request's headers, from its connection or "
                                     "its previous answer (an idle kept-alive connection is closed after it too).")
     body_timeout: float = setting(60.0, "Seconds a request body (an upload, STOW-RS, a form) may go without a byte; "
-                                  "past it: 408 and the connection closed, nothing stored of it.")
+                                  "past it: 408 and the connection closed, nothing stored of it. Also how long a "
+                                  "WADO-RS client may leave a piece of its answer untaken before it is cut off.")
     min_body_rate: int = setting(1024, "Bytes per second a request body must arrive at, over each minute; slower "
                                  "(a client trickling bytes to hold a connection and a spool directory): 408, "
                                  "closed. 0 = no rate.")

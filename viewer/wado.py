@@ -24,6 +24,7 @@ import os
 import secrets
 import tempfile
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
 from email.utils import formatdate
@@ -46,7 +47,7 @@ from archive.query import STUDY_ROOT, Query
 
 from . import dicomjson
 from .base import ARCHIVE, CONFIG, IMAGES, run
-from .dicomweb import INSTANCE, SERIES, STUDY, audit, base_url, checked_uid, error, json_answer, study_in_reach
+from .dicomweb import CALLER, INSTANCE, SERIES, STUDY, audit, base_url, checked_uid, error, json_answer, study_in_reach
 from .images import IMAGE_LIMIT, NotAnImage
 from .images import _Cache as Cache         # a byte-bounded LRU, shared with the images' caches
 from .views import _unreadable, _with_pixels
@@ -71,6 +72,10 @@ PREFETCH_QUIET = 10.0              # seconds a study receives nothing before its
 PREFETCH_POLL = 2.0
 PREFETCH_MAX = 2000                # instances of one study made ahead (of a larger one: its first)
 PREFETCH_BACK = 1000               # changes before the viewer's start whose studies are made ahead
+RETRIEVE_CALLERS = web.AppKey("dicomweb_retrieve_callers", Counter)
+RETRIEVE_PER_CALLER = 4            # of those, for one caller (a token, a user, a share link): two retrieves' worth
+RETRIEVE_WAIT = 30.0               # seconds a retrieve waits for its first batch's turn; then 503 (Retry-After)
+SEND_PIECE = 256 << 10             # bytes written at a time: each must be taken within viewer.body_timeout
 RETRIEVE_BATCHES = 16              # batches in memory for all retrieves at once (at most ~200 MB)
 
 
@@ -223,10 +228,50 @@ def _batch(archive, found: list, start: int, syntax: str | None) -> tuple[_Batch
         raise
 
 
+class _Slots:
+    """The batches in memory one retrieve holds: within the process's RETRIEVE_BATCHES, and its caller's
+    RETRIEVE_PER_CALLER (a few stalled readers of one token or share link cannot take them all)."""
+
+    def __init__(self, app: web.Application, who: str):
+        self.total, self.callers, self.who, self.held = app[RETRIEVE_SLOTS], app[RETRIEVE_CALLERS], who, 0
+
+    def free(self) -> bool:
+        return not self.total.locked() and self.callers[self.who] < RETRIEVE_PER_CALLER
+
+    async def take(self) -> None:
+        """One more, waited for (only while none is held: no deadlock), at most RETRIEVE_WAIT seconds."""
+        async with asyncio.timeout(RETRIEVE_WAIT):
+            while self.callers[self.who] >= RETRIEVE_PER_CALLER:
+                await asyncio.sleep(0.05)
+            await self.total.acquire()
+        self._count(1)
+
+    async def take_now(self) -> bool:
+        """One more if one is free now (acquire() does not wait then)."""
+        if not self.free():
+            return False
+        await self.total.acquire()
+        self._count(1)
+        return True
+
+    def give(self, count: int = 1) -> None:
+        for _ in range(count):
+            self.total.release()
+        self._count(-count)
+
+    def _count(self, change: int) -> None:
+        self.held += change
+        self.callers[self.who] += change
+        if self.callers[self.who] <= 0:
+            del self.callers[self.who]
+
+
 async def retrieve(request: web.Request) -> web.StreamResponse:
     """The instances as multipart/related, streamed: read and verified a batch at a time (small instances
     in memory, a large one through a private file), the next batch made while this one is sent. The
-    batches in memory are bounded for the whole process (RETRIEVE_SLOTS)."""
+    batches in memory are bounded for the whole process and per caller (_Slots); a client that reads
+    nothing of a piece for viewer.body_timeout seconds is cut off; an instance found damaged once the
+    answer has begun ends it (the connection is closed: no second status line inside the body)."""
     syntax = _wanted_syntax(request)
     study, found = await _named(request)
     if syntax is not None and (bad := {m.transfer_syntax for m in found if m.transfer_syntax != EVLE
@@ -234,7 +279,8 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         raise error(web.HTTPNotAcceptable, f"instances stored in {', '.join(sorted(bad))} cannot be sent in Explicit "
                     "VR Little Endian here: ask for them as stored (transfer-syntax=*)")
     headers = _validators(request, found, f"dicom:{syntax}")
-    archive, boundary, slots = request.app[ARCHIVE], secrets.token_hex(16), request.app[RETRIEVE_SLOTS]
+    archive, boundary = request.app[ARCHIVE], secrets.token_hex(16)
+    slots, patience = _Slots(request.app, request[CALLER].who), request.app[CONFIG].viewer.body_timeout
     response = web.StreamResponse(headers={
         **headers, "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
     loop = asyncio.get_running_loop()
@@ -246,59 +292,73 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         return (f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax_sent}\r\n"
                 f"Content-Length: {size}\r\n\r\n").encode()
 
-    sent, written, whole, held = 0, 0, False, 0
-    await slots.acquire()                       # a slot is awaited only while none is held: no deadlock
-    held, upcoming, following = 1, make(0), 0
+    async def send(data: bytes | memoryview) -> None:
+        """A piece at a time, each taken by the client within `patience` seconds."""
+        for start in range(0, len(data), SEND_PIECE):
+            async with asyncio.timeout(patience):
+                await response.write(data[start:start + SEND_PIECE])
+
+    try:
+        await slots.take()
+    except TimeoutError:
+        raise error(web.HTTPServiceUnavailable, "the node is sending as much as it may: try again in a moment",
+                    **{"Retry-After": "5"}) from None
+    sent, written, whole, outcome, upcoming, following = 0, 0, False, "ok", make(0), 0
     try:
         while upcoming is not None:
             try:
                 batch, following = await upcoming
             except Exception as exc:
                 upcoming = None
-                if following:                   # the answer has begun: it ends here, short
-                    raise
-                raise _unreadable(found[0].sop_instance_uid, exc) from None
+                if not response.prepared:
+                    raise _unreadable(found[0].sop_instance_uid, exc) from None
+                match = found[following]                # the answer has begun: it ends here, short
+                log.error("WADO of study %s: SOP Instance %s (blob %s) cannot be read: %s; the answer is cut "
+                          "short after %d bytes", study, match.sop_instance_uid, match.blob_id, exc, written)
+                outcome = "failed"
+                request.transport and request.transport.abort()
+                return response
             upcoming = None
             with batch.stack:
-                if following < len(found) and not slots.locked():   # the next batch is made meanwhile
-                    await slots.acquire()
-                    held += 1
+                if following < len(found) and await slots.take_now():     # the next batch made meanwhile
                     upcoming = make(following)
                 if not response.prepared:
                     await response.prepare(request)
-                inline = [part_header(len(body), syntax_sent) + body + b"\r\n"
-                          for body, syntax_sent in batch.parts if isinstance(body, bytes)]
-                if inline:
-                    await response.write(b"".join(inline))
-                    written += sum(len(body) for body, _ in batch.parts)
-                for path, syntax_sent in (p for p in batch.parts if isinstance(p[0], Path)):
-                    await response.write(part_header(path.stat().st_size, syntax_sent))
-                    with open(path, "rb") as fh:
-                        while chunk := await run(request, fh.read, CHUNK):
-                            await response.write(chunk)
-                            written += len(chunk)
-                    await response.write(b"\r\n")
+                for body, syntax_sent in batch.parts:
+                    size = len(body) if isinstance(body, bytes) else body.stat().st_size
+                    await send(part_header(size, syntax_sent))
+                    if isinstance(body, bytes):
+                        with memoryview(body) as view:
+                            await send(view)
+                        written += size
+                    else:
+                        with open(body, "rb") as fh:
+                            while chunk := await run(request, fh.read, CHUNK):
+                                await send(chunk)
+                                written += len(chunk)
+                    await send(b"\r\n")
                 sent += batch.size
-            del batch, inline
-            held -= 1
-            slots.release()
+            del batch
+            slots.give()
             if upcoming is None and following < len(found):
-                await slots.acquire()
-                held += 1
+                await slots.take()
                 upcoming = make(following)
-        await response.write(f"--{boundary}--\r\n".encode())
+        await send(f"--{boundary}--\r\n".encode())
         await response.write_eof()
         whole = True
     except ConnectionError:                     # the client went away: what it took is audited below
         log.info("WADO of study %s: the client went away after %d bytes", study, written)
+    except TimeoutError:
+        log.warning("WADO of study %s: the client read nothing for %.0f s (viewer.body_timeout): cut off after %d "
+                    "bytes", study, patience, written)
+        request.transport and request.transport.abort()
     finally:
         if upcoming is not None:                # the answer ended early: the next batch is dropped once made
             upcoming.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result()[0].stack.close())
-        for _ in range(held):
-            slots.release()
+        slots.give(slots.held)
         if written or whole:                    # every byte that left is audited, a retrieve broken off too
             await audit(request, f"WADO {len(found)} instances, {written if not whole else sent} bytes"
-                        + ("" if whole else " (broken off)"), study)
+                        + ("" if whole else " (broken off)"), study, outcome)
     return response
 
 
@@ -694,6 +754,7 @@ def routes(app: web.Application) -> None:
     study, series, instance = STUDY, STUDY + SERIES, STUDY + SERIES + INSTANCE
     app[METADATA] = Cache(METADATA_CACHE)
     app[RETRIEVE_SLOTS] = asyncio.Semaphore(RETRIEVE_BATCHES)
+    app[RETRIEVE_CALLERS] = Counter()
     app.cleanup_ctx.append(prefetching)
     r = app.router
     for path in (study, series, instance):
