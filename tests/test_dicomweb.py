@@ -479,6 +479,37 @@ def test_frames_read_from_their_place_in_the_file_equal_pydicoms_pixels(tmp_path
         archive.close()
 
 
+def test_a_huge_sequence_is_left_out_of_metadata_in_bounded_memory(tmp_path):
+    """The attack pass: a 3.9 MB top-level sequence of tiny items took a metadata request 24 s and 476 MB
+    (pydicom's items are ~120 times their bytes), and prefetch made it on its own at every start. A top-level
+    sequence over wado.SEQUENCE_INLINE is left out; a small one stays inline."""
+    import tracemalloc
+
+    from archive import Archive
+    from viewer import wado
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5"
+    ds.ReferencedImageSequence = [item] * 30000                     # ~2 MB of items
+    ds.ReferencedStudySequence = [item]
+    ds.save_as(tmp_path / "huge.dcm", enforce_file_format=True)
+    archive = Archive(tmp_path / "var")
+    try:
+        assert archive.ingest_file(tmp_path / "huge.dcm").outcome.ok
+        match, = wado._instances(archive.index, str(ds.StudyInstanceUID), None, str(ds.SOPInstanceUID))
+        tracemalloc.start()
+        kept = wado._metadata(archive, match, wado.Cache(64 << 20))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    finally:
+        archive.close()
+    metadata = json.loads(wado._based(kept, "https://node/dicomweb"))
+    assert "00081140" not in metadata and metadata["00081110"]["Value"][0]["00081155"]["Value"] == ["1.2.3.4.5"]
+    assert peak < 40 << 20, peak
+
+
 # -- Orthanc's DICOMweb plug-in as a client ------------------------------------------------------------
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")

@@ -56,6 +56,7 @@ EVLE = str(ExplicitVRLittleEndian)
 BIG_ENDIAN = "1.2.840.10008.1.2.2"
 CHUNK = 1 << 20
 log = logging.getLogger(__name__)
+SEQUENCE_INLINE = 512 << 10        # a top-level sequence larger than this is left out of metadata
 BULK_BYTES = 1024                  # top-level binary values larger than this are bulk data URIs in metadata
 PIXEL_TAGS = {0x7FE00008: "OF", 0x7FE00009: "OD", 0x7FE00010: None}
 MAX_FRAMES = 1000                  # frames one request may name
@@ -396,9 +397,13 @@ def _read_header(plain: Path | io.BytesIO) -> tuple[Dataset, dict[int, str]]:
         raw = ds.get_item(tag, keep_deferred=True)
         vr = raw.VR if isinstance(raw, RawDataElement) else ds[tag].VR
         vr = vr or dictionary_VR(tag).split(" ")[0]
+        if isinstance(raw, RawDataElement) and vr == "SQ" and (
+                raw.length if raw.value is None else len(raw.value)) > SEQUENCE_INLINE:
+            del ds[tag]               # a sequence is never bulk data (PS3.18 F.2.7); one this large is left out:
+            continue                  # its items, read, take ~120 times its bytes (a 4 MB one: 480 MB)
         if isinstance(raw, RawDataElement) and raw.value is None and raw.length:    # deferred: large
-            if vr == "SQ":            # a sequence is never bulk data (PS3.18 F.2.7): an SR's content tree
-                ds[tag]               # read now, in place (OHIF found no ContentSequence in a large SR)
+            if vr == "SQ":            # an SR's content tree: read now, in place (OHIF found no ContentSequence
+                ds[tag]               # in a large SR)
                 continue
             bulk[int(tag)] = vr
             del ds[tag]
