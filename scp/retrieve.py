@@ -119,6 +119,11 @@ class Retrieve:
 
     def __init__(self, archive: Archive, sop_class_uid: str, identifier: Dataset, limit: int):
         self.archive = archive
+        asked = str(identifier.get("QueryRetrieveLevel", "") or "").strip()
+        for level in LEVELS[:LEVELS.index(asked) + 1] if asked in LEVELS else ():    # said first: clearer than
+            key = UNIQUE[level]                                                     # the matcher's UID check
+            if any("*" in v or "?" in v for v in _values(identifier, key)):
+                raise QueryError(f"{key}: no wildcards in a retrieve's unique keys")
         query = Query(model_of(sop_class_uid), identifier)
         for level in LEVELS[:LEVELS.index(query.level) + 1]:
             key = UNIQUE[level]

@@ -101,6 +101,22 @@ def thumbnail(page, modality: str):
         has=page.locator("[data-cy=series-modality-label]", has_text=re.compile(f"^{modality}$")))
 
 
+def open_series(page, modality: str) -> None:
+    """Double-click the series' thumbnail; OHIF's first-run tour may come up at any moment and take the
+    click (its overlay covers the page), so it is dismissed and the click tried again."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    def clicked() -> bool:
+        _dismiss_first_run(page)
+        try:
+            thumbnail(page, modality).dblclick(timeout=3000)
+            return True
+        except PlaywrightTimeout:
+            return False
+
+    until(page, clicked, f"the {modality} series opened", timeout=60)
+
+
 def circles(page) -> list[dict]:
     """The ellipses of cornerstone's annotation layer, in page pixels, with the layer's box."""
     return page.evaluate("""[...document.querySelectorAll('[data-cy=viewport-pane] svg.svg-layer ellipse')].map(e => {
@@ -134,7 +150,7 @@ def test_ohif_draws_the_cads_findings_on_the_mammogram_and_lists_its_sc(site, br
     assert circles(page) == []
     page.screenshot(path=str(ARTIFACTS / "ohif-sr-desktop-mammogram.png"))
 
-    thumbnail(page, "SR").dblclick()                           # the SR into the viewport, as a reader does
+    open_series(page, "SR")                                     # the SR into the viewport, as a reader does
     until(page, lambda: len(circles(page)) == len(expected), f"{len(expected)} circles drawn", timeout=30)
     page.wait_for_timeout(500)
     _dismiss_first_run(page)
@@ -169,13 +185,13 @@ def test_a_normal_images_report_leaves_ohif_working(site, browser):
     page.on("console", lambda m: said.append(m.text))
     open_study(watched, url, normal["study"])
     viewport_drawn(page)
-    thumbnail(page, "SR").dblclick()
+    open_series(page, "SR")
     # OHIF has read the report's groups (it says whether it can track them) and drawn what it could
     until(page, lambda: any("rehydratable" in text for text in said), "OHIF reading the report", timeout=30)
     page.wait_for_timeout(500)
     errors = [text for text in said if "Error Boundary" in text]
     assert not errors and circles(page) == []
-    thumbnail(page, "MG").dblclick()                            # the viewer still works: the mammogram again
+    open_series(page, "MG")                                     # the viewer still works: the mammogram again
     viewport_drawn(page)
     errors = [text for text in said if "Error Boundary" in text]
     assert not errors and not page.get_by_text("Something went wrong").count()
@@ -192,7 +208,7 @@ def test_the_findings_on_a_phone(site, browser):
     open_study(watched, url, found["study"])
     page.wait_for_selector("canvas.cornerstone-canvas", timeout=60000)
     _dismiss_first_run(page)
-    thumbnail(page, "SR").dblclick()
+    open_series(page, "SR")
     until(page, lambda: len(circles(page)) == len(regions(found["sr"])), "the circles drawn on a phone", timeout=30)
     _dismiss_first_run(page)
     page.screenshot(path=str(ARTIFACTS / "ohif-sr-phone-findings.png"))
