@@ -216,6 +216,9 @@ def _date_range(value: str, keyword: str) -> tuple[str | None, str | None]:
         if part and not (_DATE.match(part) and _real_date(part)):
             raise QueryError(f"{keyword}: {_quoted(value)} is not a date or a date range (YYYYMMDD-YYYYMMDD)",
                              reason=f"{keyword}: not a date or a date range (YYYYMMDD-YYYYMMDD)")
+    if dash and not low and not high:              # "-" matched nothing, with success: say it
+        raise QueryError(f"{keyword}: a range needs a start or an end (YYYYMMDD-, -YYYYMMDD); leave the key "
+                         "empty to match any", reason=f"{keyword}: a range without a start or an end")
     return (low or None, high or None) if dash else (low, low)
 
 
@@ -235,6 +238,9 @@ def _time_range(value: str, keyword: str) -> tuple[str | None, str | None]:
         if part and not _TIME.match(part):
             raise QueryError(f"{keyword}: {_quoted(value)} is not a time or a time range (HHMMSS-HHMMSS)",
                              reason=f"{keyword}: not a time or a time range (HHMMSS-HHMMSS)")
+    if dash and not low and not high:
+        raise QueryError(f"{keyword}: a range needs a start or an end (HHMMSS-, -HHMMSS); leave the key "
+                         "empty to match any", reason=f"{keyword}: a range without a start or an end")
     if not dash:
         high = low
     return time_key(low) if low else None, time_key(high, upper=True) if high else None

@@ -325,6 +325,9 @@ def test_findscu_result_limit_and_hostile_values(served):
     assert results == []
     results, log = findscu(node, "-S", "QueryRetrieveLevel=STUDY", "StudyDate=2024-13", check=False)
     assert results == [] and "StudyDate" in log
+    for key in ("StudyDate=-", "StudyTime=-"):           # matched nothing, with success (the attack pass)
+        results, log = findscu(node, "-S", "QueryRetrieveLevel=STUDY", key, check=False)
+        assert results == [] and "Failed: UnableToProcess" in log, log              # 0xC000, with the reason
     results, _ = findscu(node, "-S", "QueryRetrieveLevel=STUDY", "PatientName=" + "X" * 60 + "*")
     assert results == []
     results, _ = findscu(node, "-S", "QueryRetrieveLevel=STUDY", "PatientID=P2", "InstitutionName")
