@@ -67,6 +67,7 @@ bench: install
 	$(BIN)/python bench/router.py
 	$(BIN)/python bench/mammo_froc.py
 	$(BIN)/python bench/bone_mesh.py
+	$(BIN)/python bench/gpu.py --backend numpy
 	$(BIN)/python bench/viewer.py
 	$(BIN)/python bench/dicomweb.py
 

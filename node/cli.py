@@ -570,7 +570,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("worker", help="a Dask worker for an external cluster (router.scheduler)"))
     p.add_argument("--scheduler", required=True, help="the scheduler's address, tcp://host:8786")
-    p.add_argument("--gpus", type=int, help="GPUs offered (resource GPU=N); default: the CUDA devices found")
+    p.add_argument("--gpus", type=int, help="GPUs offered (resource GPU=N); default: the CUDA devices found; 0: jobs "
+                   "here run with NumPy, even where a GPU is")
     p.add_argument("--nworkers", type=int, default=1, help="worker processes (one thread each)")
     p.set_defaults(func=cmd_worker)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import time
 from contextlib import ExitStack
@@ -24,6 +25,7 @@ from pathlib import Path
 from archive import Archive
 from archive import open as open_archive
 from archive.inputs import InputInstance, InputSeries
+from gpu_workers.backend import ENV as ARRAY_BACKEND_ENV
 from gpu_workers.backend import array_module
 from gpu_workers.plugin import Algorithm, Context, Instance, PluginError, Result, Series, check_params, discover
 from gpu_workers.results import encode
@@ -31,7 +33,7 @@ from gpu_workers.results import encode
 from .settings import Settings
 
 __all__ = ["InputInstance", "InputSeries", "JobOutput", "JobSpec", "PROGRESS_TOPIC", "SETTINGS_PLUGIN",
-           "StagedOutput", "run_job", "stage"]
+           "StagedOutput", "run_job", "stage", "worker_backend"]
 
 log = logging.getLogger(__name__)
 PROGRESS_TOPIC = "m3dicom-progress"
@@ -103,6 +105,21 @@ def _progress(job_id: str):
     return report
 
 
+def worker_backend() -> str | None:
+    """'numpy' on a Dask worker that declares no GPU resource (`m3dicom worker --gpus 0` on a machine
+    with a GPU, say): a job there never takes a GPU the scheduler did not give it. None elsewhere:
+    the default choice (CuPy when a device is there), or what M3DICOM_ARRAY_BACKEND forces."""
+    if os.environ.get(ARRAY_BACKEND_ENV, "").strip():
+        return None
+    try:
+        from distributed import get_worker
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    state = getattr(worker, "state", worker)
+    return None if getattr(state, "total_resources", {}).get("GPU", 0) else "numpy"
+
+
 def run_job(spec: JobSpec) -> JobOutput:
     """Run one job on this worker; exceptions travel back to the router as the attempt's error."""
     started, started_at = time.perf_counter(), time.time()
@@ -113,7 +130,7 @@ def run_job(spec: JobSpec) -> JobOutput:
         raise PluginError(f"plug-in {spec.plugin!r} is not installed on worker (have: {', '.join(plugins) or 'none'})")
     plugin = plugins[spec.plugin]
     params = check_params(plugin, spec.params)
-    xp, backend = array_module()
+    xp, backend = array_module(worker_backend())
     spool = spec.config.data_dir / "spool" / "jobs"
     spool.mkdir(mode=0o700, parents=True, exist_ok=True)
     with ExitStack() as stack:

@@ -158,6 +158,33 @@ def test_a_sphere_has_the_area_and_volume_of_a_sphere_in_patient_coordinates(tmp
     assert levels[0][0] == summary["triangles"]
 
 
+def test_two_surfaces_joined_at_an_edge_are_mended_locally_without_meshfix(monkeypatch):
+    import pymeshfix
+
+    from gpu_workers.bone import mesh as meshing
+
+    # two cubes sharing one edge: its 8 segments have four triangles each, as where decimation joins thin bone
+    def cube():
+        return trimesh.creation.box().subdivide().subdivide().subdivide()     # 768 triangles
+    joined = trimesh.util.concatenate([cube(), cube().apply_translation([1, 1, 0])])
+    joined.merge_vertices()
+    edges = np.sort(joined.edges, axis=1)
+    assert (np.unique(edges, axis=0, return_counts=True)[1] > 2).sum() == 8 and not joined.is_watertight
+    assert meshing._mend_locally(joined) is None           # 6% of the surface to cut: not a local defect
+    monkeypatch.setattr(meshing, "MEND_SHARE", 0.2)
+
+    def no_meshfix(*args, **kwargs):
+        raise AssertionError("MeshFix was called for a defect the local mend closes")
+    monkeypatch.setattr(pymeshfix, "MeshFix", no_meshfix)
+    closed = meshing._closed(joined)
+    assert closed.is_watertight and closed.is_winding_consistent and closed.volume > 0
+    assert 1.9 < closed.volume < 2.0 and len(closed.split()) == 2   # two unit cubes, less what was cut at the edge
+    # a surface that is only open (a hole, nothing joined) is not the local mend's
+    open_box = trimesh.creation.box()
+    open_box.update_faces(np.arange(1, 12))
+    assert meshing._mend_locally(open_box) is None
+
+
 def test_values_that_are_not_hu_get_an_automatic_threshold(tmp_path):
     files = sphere_series(tmp_path / "cbct", 15.0, hu_inside=2400.0, air=400.0, tissue=1100.0)   # arbitrary grey values
     summary = run_local(BoneModel(), files, {"smoothing_mm": 0.0}, tmp_path / "out")

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
-from skimage.feature import graycomatrix
 
 from gpu_workers.backend import to_numpy
 from gpu_workers.plugin import PluginError
@@ -171,6 +170,7 @@ SCALES_MM = (0.05, 0.09, 0.15)   # Gaussian widths matched to calcifications of 
 SURROUND = 3.0                   # each scale minus a blur SURROUND times as wide (a difference of Gaussians)
 NOISE_MM = 4.0                   # window of the local noise estimate
 _STRIPE = 64
+BOX_SIGMA = 2.5                  # from this width on, a Gaussian blur is three box passes
 
 
 def _columns(image: np.ndarray, filter1d, **kwargs) -> np.ndarray:
@@ -181,20 +181,25 @@ def _columns(image: np.ndarray, filter1d, **kwargs) -> np.ndarray:
     return out
 
 
+def _box_width(sigma: float) -> int:
+    """The width of the box filter whose three passes make a Gaussian of width `sigma` (odd)."""
+    return int(round((4 * sigma * sigma + 1) ** 0.5)) | 1
+
+
 def _blur_numpy(image: np.ndarray, sigma: float) -> np.ndarray:
     """A separable Gaussian blur (three box passes when wide), the two halves in two threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     from scipy import ndimage
 
-    if sigma < 2.5:
+    if sigma < BOX_SIGMA:
         def rows(part):
             return ndimage.gaussian_filter1d(part, sigma, axis=1, truncate=3.0)
 
         def cols(part):
             return _columns(part, ndimage.gaussian_filter1d, sigma=sigma, truncate=3.0)
     else:
-        width = int(round((4 * sigma * sigma + 1) ** 0.5)) | 1
+        width = _box_width(sigma)
 
         def rows(part):
             for _ in range(3):
@@ -214,10 +219,19 @@ def _blur_numpy(image: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def blur(image, sigma: float, xp):
-    """A Gaussian blur of width `sigma` pixels, on either backend."""
+    """A Gaussian blur of width `sigma` pixels, on either backend: the same passes on both (rows,
+    then columns; three box passes when wide), so that CuPy finds what NumPy finds."""
     if xp.__name__ == "numpy":
         return _blur_numpy(image, sigma)
-    return ndimage_of(xp).gaussian_filter(image, sigma, truncate=3.0)
+    ndi = ndimage_of(xp)
+    if sigma < BOX_SIGMA:
+        rows = ndi.gaussian_filter1d(image, sigma, axis=1, truncate=3.0)
+        return ndi.gaussian_filter1d(rows, sigma, axis=0, truncate=3.0)
+    width = _box_width(sigma)
+    for axis in (1, 0):
+        for _ in range(3):
+            image = ndi.uniform_filter1d(image, width, axis=axis)
+    return image
 
 
 def _coarse(image, factor: int, xp):
@@ -349,47 +363,65 @@ def candidates(image: Mammogram, mask, skin_small: np.ndarray, xp, *, seed: floa
     rows, cols = crop.values.shape
     ys = np.clip(peak_y[index][:, None] + offsets, 0, rows - 1)
     xs = np.clip(peak_x[index][:, None] + offsets, 0, cols - 1)
-    take = (ys[:, :, None], xs[:, None, :])
-    values = to_numpy(crop.values[take])
-    zs = to_numpy(z[take])
-    regions = to_numpy(labels[take]) == order[:, None, None]
+    take = (xp.asarray(ys[:, :, None]), xp.asarray(xs[:, None, :]))   # patches, where the image is
+    regions = labels[take] == xp.asarray(order)[:, None, None]
     density = to_numpy(_coarse(crop.values, 8, xp))
     dens = density[np.minimum(peak_y[index] // 8, density.shape[0] - 1), np.minimum(peak_x[index] // 8,
                                                                                     density.shape[1] - 1)]
     full_rows, full_cols = image.values.shape
-    features, cy, cx = _features(values, zs, regions, image.spacing, dens, skin_small,
-                                 peak_y[index] + box_rows.start, peak_x[index] + box_cols.start, full_rows, full_cols)
+    shape, cy, cx = (to_numpy(a) for a in _features(crop.values[take], z[take], regions, image.spacing, xp))
+    iy, ix = peak_y[index] + box_rows.start, peak_x[index] + box_cols.start
+    sy = np.minimum((iy * skin_small.shape[0] / full_rows).astype(int), skin_small.shape[0] - 1)
+    sx = np.minimum((ix * skin_small.shape[1] / full_cols).astype(int), skin_small.shape[1] - 1)
+    features = np.column_stack([shape, dens, skin_small[sy, sx]])
     return Candidates(cx + box_cols.start + peak_x[index] - half, cy + box_rows.start + peak_y[index] - half, features)
 
 
 _LEVELS = 16
 _I, _J = np.meshgrid(np.arange(_LEVELS), np.arange(_LEVELS), indexing="ij")
+_OFFSETS = ((0, 1), (1, 1), (1, 0), (1, -1))     # distance 1 at 0, 45, 90 and 135 degrees (as skimage's)
 
 
-def _texture(patch: np.ndarray) -> list[float]:
-    """GLCM contrast, homogeneity, energy and correlation (distance 1, four directions averaged)."""
-    span = patch.max() - patch.min()
-    quantised = np.clip(((patch - patch.min()) / (span + 1e-9) * (_LEVELS - 1)).astype(np.uint8), 0, _LEVELS - 1)
-    glcm = graycomatrix(quantised, [1], [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4], levels=_LEVELS,
-                        symmetric=True, normed=True)[:, :, 0, :].mean(axis=2)
-    mean_i = (glcm * _I).sum()
-    std_i = np.sqrt((glcm * (_I - mean_i) ** 2).sum()) + 1e-12
-    difference = (_I - _J) ** 2
-    return [float((glcm * difference).sum()), float((glcm / (1 + difference)).sum()),
-            float(np.sqrt((glcm ** 2).sum())), float((glcm * (_I - mean_i) * (_J - mean_i)).sum() / std_i ** 2)]
+def textures(patches, xp=np):
+    """GLCM contrast, homogeneity, energy and correlation of each patch (n, p, p): 16 grey levels,
+    distance 1, the four directions' symmetric, normalised matrices averaged. The same values as
+    skimage's `graycomatrix` patch by patch, counted for all patches at once (on `xp`)."""
+    n, rows, cols = patches.shape
+    if n == 0:
+        return xp.zeros((0, 4))
+    low = patches.min(axis=(1, 2), keepdims=True)
+    span = patches.max(axis=(1, 2), keepdims=True) - low
+    levels = xp.clip(((patches - low) / (span + 1e-9) * (_LEVELS - 1)).astype(xp.uint8), 0, _LEVELS - 1)
+    base = (xp.arange(n) * _LEVELS * _LEVELS)[:, None, None]
+    glcm = xp.zeros((n, _LEVELS, _LEVELS))
+    for dr, dc in _OFFSETS:
+        first = levels[:, :rows - dr, max(0, -dc):cols - max(0, dc)].astype(xp.int64)
+        second = levels[:, dr:, max(0, dc):cols + min(0, dc)].astype(xp.int64)
+        counts = xp.bincount((base + first * _LEVELS + second).ravel(), minlength=n * _LEVELS * _LEVELS)
+        counts = counts.reshape(n, _LEVELS, _LEVELS).astype(xp.float64)
+        counts += counts.transpose(0, 2, 1)
+        glcm += counts / xp.maximum(counts.sum(axis=(1, 2), keepdims=True), 1)
+    glcm /= len(_OFFSETS)
+    i, j = xp.asarray(_I), xp.asarray(_J)
+    mean_i = (glcm * i).sum(axis=(1, 2))
+    std_i = xp.sqrt((glcm * (i - mean_i[:, None, None]) ** 2).sum(axis=(1, 2))) + 1e-12
+    difference = (i - j) ** 2
+    centred = (i - mean_i[:, None, None]) * (j - mean_i[:, None, None])
+    return xp.column_stack([(glcm * difference).sum(axis=(1, 2)), (glcm / (1 + difference)).sum(axis=(1, 2)),
+                            xp.sqrt((glcm ** 2).sum(axis=(1, 2))), (glcm * centred).sum(axis=(1, 2)) / std_i ** 2])
 
 
-def _features(patches: np.ndarray, zpatches: np.ndarray, regions: np.ndarray, spacing: float, density: np.ndarray,
-              skin_small: np.ndarray, iy: np.ndarray, ix: np.ndarray, rows: int, cols: int):
-    """FEATURES of every candidate at once, from stacked patches (n, p, p) centred on their peaks.
+def _features(patches, zpatches, regions, spacing: float, xp):
+    """The FEATURES of every candidate but the last two (density, skin distance), from stacked
+    patches (n, p, p) centred on their peaks, on `xp` (float64, as on the CPU).
 
     Returns (features, centroid row, centroid column), the centroids in patch coordinates.
     """
     n, size, _ = patches.shape
-    patches = patches.astype(np.float64)
-    count = regions.sum(axis=(1, 2)).astype(np.float64)
-    gy, gx = np.mgrid[0:size, 0:size].astype(np.float64)
-    weight = np.maximum(zpatches, 0) * regions
+    patches = patches.astype(xp.float64)
+    count = regions.sum(axis=(1, 2)).astype(xp.float64)
+    gy, gx = (a.astype(xp.float64) for a in xp.mgrid[0:size, 0:size])
+    weight = xp.maximum(zpatches, 0) * regions
     total = weight.sum(axis=(1, 2)) + 1e-12
     cy = (weight * gy).sum(axis=(1, 2)) / total
     cx = (weight * gx).sum(axis=(1, 2)) / total
@@ -400,20 +432,20 @@ def _features(patches: np.ndarray, zpatches: np.ndarray, regions: np.ndarray, sp
     syy = (regions * dy * dy).sum(axis=(1, 2)) / count + 1 / 12
     sxx = (regions * dx * dx).sum(axis=(1, 2)) / count + 1 / 12
     sxy = (regions * dy * dx).sum(axis=(1, 2)) / count
-    mean_s, root = (syy + sxx) / 2, np.sqrt(((syy - sxx) / 2) ** 2 + sxy ** 2)
-    large, small = mean_s + root, np.maximum(mean_s - root, 1e-9)
-    eccentricity = np.sqrt(np.clip(1 - small / large, 0, 1))
-    elongation = np.sqrt(large / small)
-    padded = np.pad(regions, ((0, 0), (1, 1), (1, 1)))
+    mean_s, root = (syy + sxx) / 2, xp.sqrt(((syy - sxx) / 2) ** 2 + sxy ** 2)
+    large, small = mean_s + root, xp.maximum(mean_s - root, 1e-9)
+    eccentricity = xp.sqrt(xp.clip(1 - small / large, 0, 1))
+    elongation = xp.sqrt(large / small)
+    padded = xp.pad(regions, ((0, 0), (1, 1), (1, 1)))
     interior = padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1] & padded[:, 1:-1, :-2] & padded[:, 1:-1, 2:]
-    perimeter = np.maximum((regions & ~interior).sum(axis=(1, 2)), 1) * spacing
+    perimeter = xp.maximum((regions & ~interior).sum(axis=(1, 2)), 1) * spacing
     area = count * spacing ** 2
     # contrast against a ring around the region
-    radius = np.hypot(dy, dx)
-    ring = ~regions & (radius > (np.sqrt(count / np.pi) + 1.5)[:, None, None])
-    ring_n = np.maximum(ring.sum(axis=(1, 2)), 1)
+    radius = xp.hypot(dy, dx)
+    ring = ~regions & (radius > (xp.sqrt(count / np.pi) + 1.5)[:, None, None])
+    ring_n = xp.maximum(ring.sum(axis=(1, 2)), 1)
     ring_mean = (patches * ring).sum(axis=(1, 2)) / ring_n
-    ring_std = np.sqrt(np.maximum(((patches - ring_mean[:, None, None]) ** 2 * ring).sum(axis=(1, 2)) / ring_n, 0))
+    ring_std = xp.sqrt(xp.maximum(((patches - ring_mean[:, None, None]) ** 2 * ring).sum(axis=(1, 2)) / ring_n, 0))
     inside_mean = (patches * regions).sum(axis=(1, 2)) / count
     ring_contrast = (inside_mean - ring_mean) / (ring_std + 1e-6)
     # statistics of the patch
@@ -422,12 +454,8 @@ def _features(patches: np.ndarray, zpatches: np.ndarray, regions: np.ndarray, sp
     variance = (centred ** 2).mean(axis=1) + 1e-12
     skewness = (centred ** 3).mean(axis=1) / variance ** 1.5
     kurtosis = (centred ** 4).mean(axis=1) / variance ** 2 - 3
-    peak_z = np.where(regions, zpatches, -np.inf).reshape(n, -1).max(axis=1)
+    peak_z = xp.where(regions, zpatches, -xp.inf).reshape(n, -1).max(axis=1)
     mean_z = (zpatches * regions).sum(axis=(1, 2)) / count
-    texture = np.array([_texture(patch) for patch in patches]).reshape(n, 4)
-    sy = np.minimum((iy * skin_small.shape[0] / rows).astype(int), skin_small.shape[0] - 1)
-    sx = np.minimum((ix * skin_small.shape[1] / cols).astype(int), skin_small.shape[1] - 1)
-    features = np.column_stack([area, 2 * np.sqrt(area / np.pi), perimeter ** 2 / (4 * np.pi * area), eccentricity,
-                                elongation, peak_z, mean_z, ring_contrast, skewness, kurtosis, texture, density,
-                                skin_small[sy, sx]])
+    features = xp.column_stack([area, 2 * xp.sqrt(area / np.pi), perimeter ** 2 / (4 * np.pi * area), eccentricity,
+                                elongation, peak_z, mean_z, ring_contrast, skewness, kurtosis, textures(patches, xp)])
     return features, cy, cx

@@ -104,7 +104,7 @@ class MammoCad:
             if not groups:
                 normal.append(NothingFound(f"image {number}: {NO_CLUSTER}" if len(images) > 1 else NO_CLUSTER,
                                            CLUSTER, [source]))
-            sc = secondary_capture(source, render(image, source, marks), ctx, name="sc",
+            sc = secondary_capture(source, render(image, source, marks, ctx.xp), ctx, name="sc",
                                    description=f"CAD: micro-calcifications{_view(source)}", instance_number=number)
             datasets.append(sc)
             sources.append(source)
@@ -161,28 +161,29 @@ class MammoCad:
         return marks
 
 
-def _window(values: np.ndarray, source: Dataset, monochrome1: bool) -> np.ndarray:
-    """The mammogram as 8-bit grey at its default window (or its breast's range), bright = dense."""
-    raw = np.asarray(source.pixel_array, dtype=np.float32)
+def _window(values, source: Dataset, monochrome1: bool, xp=np) -> np.ndarray:
+    """The mammogram as 8-bit grey at its default window (or its breast's range), bright = dense
+    (computed on `xp`: only the 8-bit image comes back)."""
     center, width = source.get("WindowCenter"), source.get("WindowWidth")
     if center is not None and width is not None:
+        raw = xp.asarray(source.pixel_array, dtype=xp.float32)
         center = float(center[0] if hasattr(center, "__len__") and not isinstance(center, str) else center)
         width = float(width[0] if hasattr(width, "__len__") and not isinstance(width, str) else width)
-        grey = np.clip((raw - (center - width / 2)) / max(width, 1.0), 0, 1)
+        grey = xp.clip((raw - (center - width / 2)) / max(width, 1.0), 0, 1)
         if monochrome1:
             grey = 1 - grey
     else:
         inside = values[values > 0.02]
-        low, high = np.percentile(inside, [1, 99.5]) if inside.size else (0.0, 1.0)
-        grey = np.clip((values - low) / max(high - low, 1e-6), 0, 1)
-    return (grey * 255).astype(np.uint8)
+        low, high = (float(v) for v in xp.percentile(inside, xp.asarray([1, 99.5]))) if inside.size else (0.0, 1.0)
+        grey = xp.clip((values - low) / max(high - low, 1e-6), 0, 1)
+    return to_numpy((grey * 255).astype(xp.uint8))
 
 
-def render(image: detect.Mammogram, source: Dataset, marks: list[tuple]) -> np.ndarray:
+def render(image: detect.Mammogram, source: Dataset, marks: list[tuple], xp=np) -> np.ndarray:
     """RGB: the mammogram with each finding circled, an arrow pointing at it and its id written."""
     from PIL import Image, ImageDraw, ImageFont
 
-    grey = _window(to_numpy(image.values), source, image.monochrome1)
+    grey = _window(image.values, source, image.monochrome1, xp)
     canvas = Image.fromarray(grey).convert("RGB")
     draw = ImageDraw.Draw(canvas)
     rows, cols = grey.shape
