@@ -48,14 +48,16 @@ _TEXT = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDat
          "AccessionNumber", "StudyDescription", "ReferringPhysicianName", "StudyID", "Modality",
          "SeriesDescription", "BodyPartExamined", "SpecificCharacterSet")
 _UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-_WANTED = frozenset(tag_for_keyword(kw) for kw in _TEXT + _UIDS + ("SeriesNumber", "InstanceNumber"))
+_IMAGE = ("Rows", "Columns", "BitsAllocated", "NumberOfFrames")    # what QIDO-RS returns of an instance
+_WANTED = frozenset(tag_for_keyword(kw) for kw in _TEXT + _UIDS + _IMAGE + ("SeriesNumber", "InstanceNumber"))
 
 # The longest value the index takes, per VR: its maximum length in characters (PS3.5 Table
 # 6.2-1; PN: 64 per component group, three groups) times 4 bytes, the widest UTF-8 character,
 # which also leaves room for ISO 2022 escape sequences and for writers that overrun the
 # standard a little. A longer value is refused (it would be copied into memory, the index and
 # every C-FIND match); values the index does not take are skipped, whatever their length.
-_VR_MAX_CHARACTERS = {"CS": 16, "DA": 8, "IS": 12, "LO": 64, "PN": 3 * 64 + 2, "SH": 16, "TM": 14, "UI": 64}
+_VR_MAX_CHARACTERS = {"CS": 16, "DA": 8, "IS": 12, "LO": 64, "PN": 3 * 64 + 2, "SH": 16, "TM": 14, "UI": 64,
+                      "US": 16}   # US: 2 bytes a value; a longer one is stored, not indexed
 _MAX_VALUES = {"SpecificCharacterSet": 8}   # the collected attributes with more than one value
 MAX_VALUE_BYTES = {tag: 4 * _VR_MAX_CHARACTERS[dictionary_VR(tag)] * _MAX_VALUES.get(keyword_for_tag(tag), 1)
                    for tag in _WANTED}
@@ -567,6 +569,8 @@ def _header(data_set, start: int, syntax: str, sop_class: str | None, sop_instan
     attrs = {kw: _text(values.get(kw)) for kw in _TEXT}
     attrs["SeriesNumber"] = _int(values.get("SeriesNumber"))
     attrs["InstanceNumber"] = _int(values.get("InstanceNumber"))
+    for keyword in _IMAGE:
+        attrs[keyword] = _int(values.get(keyword))
     return InstanceHeader(uids["SOPClassUID"], uids["SOPInstanceUID"], uids["StudyInstanceUID"],
                           uids["SeriesInstanceUID"], syntax, start, attrs)
 

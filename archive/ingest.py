@@ -48,18 +48,26 @@ _CHUNK = 1 << 20
 ERROR_COMMENT_MAX = 64   # a reason a DIMSE Error Comment (LO) carries whole
 _NEW_INSTANCE = Prepared(
     "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, transfer_syntax, size, "
-    "sha256, blob_id, calling_ae, received_at, job_id, node) VALUES (:uid, :series_pk, :sop_class_uid, "
-    ":instance_number, :transfer_syntax, :size, :sha256, :blob_id, :calling_ae, :now, :job_id, :node)")
+    "sha256, blob_id, calling_ae, received_at, job_id, node, pixel_rows, pixel_columns, bits_allocated, frames) "
+    "VALUES (:uid, :series_pk, :sop_class_uid, :instance_number, :transfer_syntax, :size, :sha256, :blob_id, "
+    ":calling_ae, :now, :job_id, :node, :pixel_rows, :pixel_columns, :bits_allocated, :frames)")
 _REPLACE_INSTANCE = Prepared(
     "UPDATE instances SET series_pk = :series_pk, sop_class_uid = :sop_class_uid, instance_number = :instance_number, "
     "transfer_syntax = :transfer_syntax, size = :size, sha256 = :sha256, blob_id = :blob_id, calling_ae = :calling_ae, "
-    "received_at = :now, node = :node WHERE pk = :pk AND blob_id = :old_blob")     # (not replaced meanwhile)
+    "received_at = :now, node = :node, pixel_rows = :pixel_rows, pixel_columns = :pixel_columns, "
+    "bits_allocated = :bits_allocated, frames = :frames WHERE pk = :pk AND blob_id = :old_blob")  # not replaced since
 _QUARANTINED = text("SELECT 1 FROM quarantine WHERE sop_instance_uid = :uid AND sha256 = :sha256")
 _QUARANTINE = text(
     "INSERT INTO quarantine (sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax, size, sha256, "
     "blob_id, calling_ae, job_id, reason, received_at) VALUES (:uid, :sop_class_uid, :study_uid, :series_uid, "
     ":transfer_syntax, :size, :sha256, :blob_id, :calling_ae, :job_id, :reason, :now)")
 SHORT_OF_DISK = "the node is short of disk space"
+
+
+def _image(header) -> dict:
+    """The instance's image size (what QIDO-RS returns at instance level); None where it has none."""
+    return {"pixel_rows": header.attrs.get("Rows"), "pixel_columns": header.attrs.get("Columns"),
+            "bits_allocated": header.attrs.get("BitsAllocated"), "frames": header.attrs.get("NumberOfFrames")}
 
 
 class Outcome(enum.Enum):
@@ -351,7 +359,7 @@ class Archive:
                         "uid": header.sop_instance_uid, "series_pk": series_pk, "sop_class_uid": header.sop_class_uid,
                         "instance_number": header.attrs["InstanceNumber"], "transfer_syntax": header.transfer_syntax,
                         "size": blob.size, "sha256": sha256, "blob_id": blob.blob_id, "calling_ae": calling_ae,
-                        "now": now, "job_id": job_id, "node": self.node})
+                        "now": now, "job_id": job_id, "node": self.node, **_image(header)})
                     Index.add_stored_change(conn, "result_stored" if job_id else "stored", header)
                     outcome = Outcome.STORED
                 elif row.sha256 == sha256:
@@ -361,7 +369,8 @@ class Archive:
                         "series_pk": series_pk, "sop_class_uid": header.sop_class_uid,
                         "instance_number": header.attrs["InstanceNumber"], "transfer_syntax": header.transfer_syntax,
                         "size": blob.size, "sha256": sha256, "blob_id": blob.blob_id, "calling_ae": calling_ae,
-                        "now": now, "pk": row.instance_pk, "node": self.node, "old_blob": row.blob_id})
+                        "now": now, "pk": row.instance_pk, "node": self.node, "old_blob": row.blob_id,
+                        **_image(header)})
                     if replaced != 1:
                         raise _Replaced(header.sop_instance_uid)
                     Index.add_change(conn, "replaced", row.instance_pk, header, blob.blob_id, now)

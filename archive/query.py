@@ -133,6 +133,10 @@ ATTRIBUTES = {a.keyword: a for a in (
     Attribute("SOPInstanceUID", "IMAGE", "i.sop_instance_uid", "uid"),
     Attribute("SOPClassUID", "IMAGE", "i.sop_class_uid", "uid"),
     Attribute("InstanceNumber", "IMAGE", "i.instance_number", "int"),
+    Attribute("Rows", "IMAGE", "i.pixel_rows", "int"),
+    Attribute("Columns", "IMAGE", "i.pixel_columns", "int"),
+    Attribute("BitsAllocated", "IMAGE", "i.bits_allocated", "int"),
+    Attribute("NumberOfFrames", "IMAGE", "i.frames", "int"),
 )}
 _NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "InstanceAvailability"}
 
@@ -426,8 +430,8 @@ class Query:
         fixed.append((0x00080052, header(0x00080052, "CS"), _pad(self.level)))
         if self.retrieve_ae:
             fixed.append((0x00080054, header(0x00080054, "AE"), _pad(self.retrieve_ae)))
-        keys = [(tag_for_keyword(k), k, ATTRIBUTES[k].kind, header(tag_for_keyword(k), dictionary_VR(k)))
-                for k in self.return_keys]
+        keys = [(tag_for_keyword(k), k, "us" if dictionary_VR(k) == "US" else ATTRIBUTES[k].kind,
+                 header(tag_for_keyword(k), dictionary_VR(k))) for k in self.return_keys]
         charset = header(0x00080005, "CS")
 
         def encode(row) -> bytes:
@@ -439,6 +443,8 @@ class Query:
                     value = "\\".join(sorted(value.split(","))).encode()
                 elif kind in ("int", "count"):
                     value = str(int(value)).encode()
+                elif kind == "us":                   # Rows, Columns, Bits Allocated: binary
+                    value = _U16.pack(int(value))
                 elif kind == "uid":
                     value = _pad(value, b"\0")
                 elif isinstance(value, str):

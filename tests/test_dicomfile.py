@@ -11,7 +11,7 @@ import pytest
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import CTImageStorage
 
-from archive.dicomfile import MAX_VALUE_BYTES, InvalidInstance, _TEXT, inspect
+from archive.dicomfile import MAX_VALUE_BYTES, InvalidInstance, _IMAGE, _TEXT, inspect
 from helpers import _PYDICOM_FILES, _pydicom_data_dir, data_file
 from test_hostile_data import element, item, part10, text_value, uid_value
 
@@ -65,6 +65,13 @@ def test_inspect_agrees_with_pydicom_on_every_shipped_file():
             value = ds.get(keyword)
             expected = None if value in (None, "") else (
                 "\\".join(map(str, value)) if isinstance(value, pydicom.multival.MultiValue) else str(value))
+            assert header.attrs[keyword] == expected, f"{path.name} {keyword}"
+        for keyword in _IMAGE:                      # numbers: any byte order, explicit or implicit VR
+            value = ds.get(keyword)
+            try:
+                expected = None if value in (None, "") else int(value)
+            except (TypeError, ValueError):         # a list of values: not indexed
+                expected = None
             assert header.attrs[keyword] == expected, f"{path.name} {keyword}"
         checked += 1
     assert checked > 150

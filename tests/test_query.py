@@ -311,9 +311,10 @@ def test_findscu_image_level_uid_list(served):
     node, studies = served
     series = studies["P1"]["series"]
     results, _ = findscu(node, "-S", "QueryRetrieveLevel=IMAGE", f"SeriesInstanceUID={series['CT']}\\{series['MR']}",
-                         "SOPInstanceUID", "InstanceNumber=2")
+                         "SOPInstanceUID", "InstanceNumber=2", "Rows", "Columns=128", "BitsAllocated", "NumberOfFrames")
     assert sorted(str(r.SeriesInstanceUID) for r in results) == sorted([series["CT"], series["MR"]])
-    assert {r.InstanceNumber for r in results} == {2}
+    assert {(r.InstanceNumber, r.Rows, r.Columns, r.BitsAllocated) for r in results} == {(2, 128, 128, 16)}
+    assert all(r.NumberOfFrames in (None, "") for r in results)                # single-frame: empty
 
 
 @pytest.mark.interop

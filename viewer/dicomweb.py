@@ -220,7 +220,7 @@ LEVEL_KEYS = {
               "StudyDescription", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"),
     "SERIES": ("Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber",
                "NumberOfSeriesRelatedInstances"),
-    "IMAGE": ("SOPClassUID", "SOPInstanceUID", "InstanceNumber"),
+    "IMAGE": ("SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames"),
 }
 PARAMETERS = ("limit", "offset", "fuzzymatching", "includefield")
 PATIENT_COUNTS = ("NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances")
