@@ -14,7 +14,7 @@ OHIF_MENDS := 2
 OHIF := viewer/vendor/ohif/.installed-$(OHIF_VERSION)-$(OHIF_MENDS)
 CONFIG ?=
 
-.PHONY: install run test test-fast fuzz bench clean
+.PHONY: install run test test-stock-path test-fast fuzz bench clean
 
 $(BIN)/m3dicom: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,8 +49,15 @@ certs/server.pem: | $(BIN)/m3dicom
 run: install certs/server.pem
 	$(BIN)/m3dicom serve $(if $(CONFIG),--config $(CONFIG))
 
+# the whole suite, then the receive, query and retrieve tests again on pynetdicom's generic path
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-stock-path
+
+# dicom.fast_path = false on every node the tests start: the stock path stays correct
+STOCK_PATH_TESTS = tests/test_interop_dcmtk.py tests/test_query.py tests/test_retrieve.py
+test-stock-path: install
+	M3DICOM_TEST_STOCK_PATH=1 $(BIN)/python -m pytest -q $(STOCK_PATH_TESTS) $(PYTEST_ARGS)
 
 # the quick loop: no browser, no slow tests (about a third of the time)
 test-fast: install

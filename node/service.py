@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from archive import check_storage, nodes, open as open_archive, open_index
+from scp.server import check_fast_path
 from scp.tls import server_context
 from viewer import accounts as viewer_accounts
 
@@ -146,6 +147,8 @@ def _serve(config: Config, ready) -> None:
     prepare_spool(config)
     d = config.dicom
     server_context(d.certificate, d.private_key, d.ca_certificates)   # a missing certificate stops the start first
+    if d.fast_path:
+        check_fast_path()                       # another pynetdicom: the start stops here, saying what to do
     s3_warning = check_storage(config)          # no credentials, no such bucket: the start stops here
     if s3_warning:
         log.warning("%s", s3_warning)

@@ -27,7 +27,21 @@ is at most `MAX_COMMAND_SET`, and a data set that pynetdicom assembles in memory
 identifiers, N-ACTION lists) at most `dicom.max_identifier_size`. Past any of these the
 association is aborted (A-ABORT) and one line is logged. The hand-written wire code (encoders,
 PDU reader, command-set parser) is in `scp.wire`; the path is only installed on the
-pynetdicom version it was written against.
+pynetdicom version it was written against: on another one the node refuses to start unless
+`dicom.fast_path = false` (`scp.server.check_fast_path`), and CI runs the receive, query and
+retrieve tests with it off too (`make test-stock-path`).
+
+pynetdicom 3.0.4 internals this relies on (check each when PYNETDICOM_VERSION changes):
+- `RequestHandler._create_association` builds the association, whose `dimse` is replaced and
+  whose `dul` and `dul.socket` get their classes swapped after construction (`FastDUL`,
+  `FastSocket`): their `__init__` state is what ours extend.
+- `DIMSEServiceProvider.receive_primitive(P_DATA)` is called by the DUL thread for each
+  P-DATA; `get_msg(block)` is how the association thread takes a whole message.
+- `Association._accepted_cx`: the accepted presentation contexts by context ID.
+- `DULServiceProvider._read_pdu_data` (reads a PDU off the socket), `_decode_pdu`,
+  `_recv_pdu` (its queue of decoded PDUs) and `receive_pdu(wait, timeout)`.
+- `AssociationSocket.ready` and `recv(n)`, and its attributes as its `__init__` sets them.
+- `pynetdicom._config.LOG_HANDLER_LEVEL` and the event-driven reactors (`scp.server.configure_pynetdicom`).
 """
 from __future__ import annotations
 

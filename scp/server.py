@@ -172,6 +172,19 @@ def event_handlers(archive: Archive, config: Settings, committer: Committer | No
     ]
 
 
+class FastPathError(RuntimeError):
+    """The fast path is asked for on a pynetdicom it was not written for."""
+
+
+def check_fast_path() -> None:
+    """Refuse, saying what to do, to run the fast path on another pynetdicom than the one whose
+    internals it relies on (scp/fastpath.py lists them): it could answer wrongly, not only slowly."""
+    if not fastpath.ENABLED:
+        raise FastPathError(f"pynetdicom {pynetdicom.__version__} is installed, but the C-STORE fast path was written "
+                            f"for {fastpath.PYNETDICOM_VERSION}: install pynetdicom=={fastpath.PYNETDICOM_VERSION}, "
+                            "or set dicom.fast_path = false (pynetdicom's generic path, slower)")
+
+
 def start_servers(ae: AE, config: Settings, archive: Archive, sockets: dict[int, socket.socket],
                   committer: Committer | None = None) -> list:
     """Serve the listening `sockets` (by port: TLS, and plain when configured); non-blocking."""
@@ -182,13 +195,13 @@ def start_servers(ae: AE, config: Settings, archive: Archive, sockets: dict[int,
     # copies, which pynetdicom would deep-copy for every association
     contexts = supported_contexts()
     handler = None
-    if fastpath.ENABLED:
+    if d.fast_path:
+        check_fast_path()
         handler = fastpath.request_handler(partial(handlers.store, archive), partial(handlers.find, archive, config),
                                            limits=wire.Limits.of(d), reception=handlers.Reception.of(config))
     else:
-        log.warning("pynetdicom %s is not %s: C-STORE and C-FIND take pynetdicom's slower generic path, and "
-                    "PDU lengths and command sets are not bounded by the node", pynetdicom.__version__,
-                    fastpath.PYNETDICOM_VERSION)
+        log.warning("dicom.fast_path = false: C-STORE and C-FIND take pynetdicom's slower generic path, and PDU "
+                    "lengths and command sets are not bounded by the node")
     slots = Slots.of(ae, d)   # one pool for both ports: a share per address, a reserve for TLS
     servers = [serve(ae, sockets[d.port], bound, contexts, tls, config, handler, slots)]
     if d.plain_port:

@@ -56,6 +56,9 @@ class DicomSection:
     min_store_rate: int = setting(1024, "Bytes per second a C-STORE's data set must arrive at, over each minute; "
                                   "slower (a peer trickling to hold its spool file) aborts the association. "
                                   "0 = no limit.")
+    fast_path: bool = setting(True, "C-STORE and C-FIND through the node's own wire code (scp/fastpath.py), "
+                              "written for pynetdicom 3.0.4: the node refuses to start on another version "
+                              "unless this is false (pynetdicom's generic path, slower).")
 
     def validate(self) -> None:
         check_port("dicom.port", self.port, allow_zero=False)

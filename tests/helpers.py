@@ -16,6 +16,7 @@ import pydicom
 
 ROOT = Path(__file__).resolve().parent.parent
 M3DICOM = [sys.executable, "-m", "node.cli"]
+STOCK_PATH_ENV = "M3DICOM_TEST_STOCK_PATH"   # set: the nodes tests start take pynetdicom's generic path
 _PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
 
@@ -98,6 +99,8 @@ class Node:
             "client": {"certificate": str(pki / "client.pem"), "private_key": str(pki / "client.key")},
             "viewer": {"enabled": False, "port": free_port()},   # tests that use it turn it on
         }
+        if os.environ.get(STOCK_PATH_ENV):      # `make test-stock-path`: pynetdicom's own path
+            settings["dicom"]["fast_path"] = False
         for name, values in sections.items():
             settings.setdefault(name, {}).update(values)
         self.data_dir = Path(settings["node"]["data_dir"])

@@ -94,6 +94,10 @@ def test_all_present_reported_on_the_same_association(node):
     try:
         assert modality.commit(assoc, transaction, uids) == 0x0000
         assert modality.arrived.wait(30), node.log()[-2000:]
+        # our answer to the report goes out after `arrived` is set: released before it has, the report would
+        # count as undelivered (a loaded CI machine did that once)
+        wait_for(lambda: node.rows("SELECT state FROM commitments") == [("reported",)], timeout=30,
+                 what="the report acknowledged")
     finally:
         assoc.release()
     again = modality.associate()

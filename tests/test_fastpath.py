@@ -131,6 +131,24 @@ def test_fast_path_is_on_for_the_pinned_pynetdicom():
     assert fastpath.ENABLED, "pynetdicom differs from the version the fast path was written for"
 
 
+def test_on_another_pynetdicom_the_node_refuses_to_start_unless_the_fast_path_is_off(monkeypatch, pki, tmp_path):
+    from node.config import from_dict
+    from node.service import serve
+    from scp.server import FastPathError, check_fast_path
+
+    monkeypatch.setattr(fastpath, "ENABLED", False)
+    monkeypatch.setattr(fastpath.pynetdicom, "__version__", "9.9.9")
+    with pytest.raises(FastPathError, match=r"pynetdicom 9\.9\.9 .* written for 3\.0\.4: install pynetdicom==3\.0\.4, "
+                                            r"or set dicom\.fast_path = false"):
+        check_fast_path()
+    config = from_dict({"node": {"data_dir": str(tmp_path / "var")},
+                        "dicom": {"certificate": str(pki / "server.pem"), "private_key": str(pki / "server.key"),
+                                  "ca_certificates": str(pki / "ca.pem")}}, tmp_path)
+    with pytest.raises(RuntimeError, match="dicom.fast_path = false"):      # `m3dicom serve` prints it, exits 2
+        serve(config)
+    assert not (tmp_path / "var" / "index.sqlite3").exists()               # nothing opened before the refusal
+
+
 # -- on a live node --------------------------------------------------------------------------
 
 @pytest.fixture(autouse=True)
