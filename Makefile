@@ -8,9 +8,9 @@ X3DOM_VERSION := 1.8.3
 # OHIF's prebuilt viewer (npm @ohif/app, its dist/), served at /ohif/; the SHA-512 is npm's "integrity"
 OHIF_VERSION := 3.13.2
 OHIF_SHA512 := sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA==
-# the install mends two of its bugs (viewer/ohif.py's _rewrite): a new mend gets a new number, so that
-# `make install` installs again where the release is already installed
-OHIF_MENDS := 2
+# the install mends two of its bugs (viewer/ohif.py's _rewrite): a new mend, or a change in what the install writes, gets
+# a new number, so that `make install` installs again where the release is already installed
+OHIF_MENDS := 3
 OHIF := viewer/vendor/ohif/.installed-$(OHIF_VERSION)-$(OHIF_MENDS)
 CONFIG ?=
 

@@ -34,6 +34,7 @@ from .base import SESSION
 HERE = Path(__file__).resolve().parent
 OHIF = HERE / "vendor" / "ohif"
 PREFIX = "/ohif/"
+REWRITTEN = "REWRITTEN"                  # the files the install changed, one name a line
 # what OHIF needs beyond the node's policy: compiling its WebAssembly codecs ('wasm-unsafe-eval'),
 # the workers it makes from blob: URLs, the <style> elements its components inject; images and
 # fetches stay on this site (and the blob:/data: URLs it makes itself)
@@ -55,8 +56,9 @@ HASHED = re.compile(r"(^|/)[^/]*[0-9a-f]{16}\.[a-z0-9]+$")        # content-hash
 
 # -- install: unpack the npm package's dist/ and move it under /ohif/ ---------------------------
 
-def _rewrite(dist: Path) -> None:
-    """The absolute paths of a build made for "/": each must be where this release has it."""
+def _rewrite(dist: Path) -> set[str]:
+    """The absolute paths of a build made for "/": each must be where this release has it. Returns the
+    names of the files changed (their content-hashed names no longer name their content)."""
     changed: dict[str, int] = {}
 
     def sub(path: Path, old: str, new: str, at_least: int = 1) -> None:
@@ -107,6 +109,7 @@ def _rewrite(dist: Path) -> None:
     if count < 3 or "<script" not in html:
         raise SystemExit("OHIF install: index.html does not load its scripts from / any more")
     index.write_text(html, encoding="utf-8")
+    return set(changed) | {"index.html"}
 
 
 def _compress(dist: Path) -> None:
@@ -138,7 +141,7 @@ def install(tarball: Path, sha512: str, target: Path = OHIF) -> Path:
             member.name = name
             members.append(member)
         tar.extractall(staging, members=members, filter="data")
-    _rewrite(staging)
+    (staging / REWRITTEN).write_text("".join(f"{name}\n" for name in sorted(_rewrite(staging))))
     _compress(staging)
     (staging / "VERSION").write_text(json.loads(tar_file(tarball, "package/package.json"))["version"] + "\n")
     shutil.rmtree(target, ignore_errors=True)
@@ -237,8 +240,29 @@ async def serve(request: web.Request) -> web.StreamResponse:
         if path.suffix == ".js":
             headers["Content-Security-Policy"] = WORKER_CSP
         headers["Cache-Control"] = ("private, max-age=31536000, immutable" if HASHED.search(name)
-                                    else "private, no-cache")
+                                    and path.name not in _rewritten() else "private, no-cache")
     return web.FileResponse(path, headers=headers)
+
+
+def _rewritten() -> frozenset[str]:
+    """Files the install changed: their hashed names may have named other content in an earlier
+    install, so a browser revalidates them instead of keeping them a year (all, before this list)."""
+    global _REWRITTEN
+    listing = OHIF / REWRITTEN
+    stamp = listing.stat().st_mtime_ns if listing.is_file() else None
+    if _REWRITTEN[0] != stamp:
+        names = frozenset(listing.read_text().split()) if stamp is not None else None
+        _REWRITTEN = (stamp, names)
+    return _REWRITTEN[1] if _REWRITTEN[1] is not None else _EVERYTHING
+
+
+class _Everything(frozenset):
+    def __contains__(self, item) -> bool:
+        return True
+
+
+_EVERYTHING = _Everything()
+_REWRITTEN: tuple[int | None, frozenset[str] | None] = (-1, None)
 
 
 def installed() -> bool:
