@@ -52,7 +52,7 @@ run: install certs/server.pem
 # the whole suite, then the receive, query and retrieve tests again on pynetdicom's generic path
 test: install
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
-	$(MAKE) --no-print-directory test-stock-path
+	$(MAKE) --no-print-directory test-stock-path PYTEST_ARGS=   # the main run's selection is not this one's
 
 # dicom.fast_path = false on every node the tests start: the stock path stays correct
 STOCK_PATH_TESTS = tests/test_interop_dcmtk.py tests/test_query.py tests/test_retrieve.py

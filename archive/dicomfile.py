@@ -49,6 +49,8 @@ _TEXT = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDat
          "SeriesDescription", "BodyPartExamined", "SpecificCharacterSet")
 _UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _IMAGE = ("Rows", "Columns", "BitsAllocated", "NumberOfFrames")    # what QIDO-RS returns of an instance
+_IMAGE_TAGS = frozenset(tag_for_keyword(kw) for kw in _IMAGE)       # indexed when sound, never a refusal
+_US_IMAGE = ("Rows", "Columns", "BitsAllocated")                     # US: 0-65535 whatever VR a file wrote
 _WANTED = frozenset(tag_for_keyword(kw) for kw in _TEXT + _UIDS + _IMAGE + ("SeriesNumber", "InstanceNumber"))
 
 # The longest value the index takes, per VR: its maximum length in characters (PS3.5 Table
@@ -57,7 +59,7 @@ _WANTED = frozenset(tag_for_keyword(kw) for kw in _TEXT + _UIDS + _IMAGE + ("Ser
 # standard a little. A longer value is refused (it would be copied into memory, the index and
 # every C-FIND match); values the index does not take are skipped, whatever their length.
 _VR_MAX_CHARACTERS = {"CS": 16, "DA": 8, "IS": 12, "LO": 64, "PN": 3 * 64 + 2, "SH": 16, "TM": 14, "UI": 64,
-                      "US": 16}   # US: 2 bytes a value; a longer one is stored, not indexed
+                      "US": 16}   # US: 2 bytes a value; a longer image attribute is stored, not indexed
 _MAX_VALUES = {"SpecificCharacterSet": 8}   # the collected attributes with more than one value
 MAX_VALUE_BYTES = {tag: 4 * _VR_MAX_CHARACTERS[dictionary_VR(tag)] * _MAX_VALUES.get(keyword_for_tag(tag), 1)
                    for tag in _WANTED}
@@ -316,9 +318,11 @@ class _Walker:
                     raise _Malformed(f"element ({group:04X},{elem:04X}) is longer than the data left")
                 if collect is not None and tag in _WANTED:
                     if length > MAX_VALUE_BYTES[tag]:    # checked before a byte of it is copied
-                        raise _Refused(f"{keyword_for_tag(tag)} longer than {MAX_VALUE_BYTES[tag]} bytes")
-                    collect[tag] = RawDataElement(BaseTag(tag), vr and vr.decode("ascii", "replace"), length,
-                                                  bytes(buf[pos:pos + length]), pos, implicit, self.little)
+                        if tag not in _IMAGE_TAGS:       # an odd image size is not indexed, not refused
+                            raise _Refused(f"{keyword_for_tag(tag)} longer than {MAX_VALUE_BYTES[tag]} bytes")
+                    else:
+                        collect[tag] = RawDataElement(BaseTag(tag), vr and vr.decode("ascii", "replace"), length,
+                                                      bytes(buf[pos:pos + length]), pos, implicit, self.little)
                 if length >= 8 and _is_sequence(vr, group, elem, implicit):
                     try:                         # walked for its depth; bounded by its length either way
                         self.items(pos, pos + length, implicit, depth, defined=True)
@@ -570,7 +574,8 @@ def _header(data_set, start: int, syntax: str, sop_class: str | None, sop_instan
     attrs["SeriesNumber"] = _int(values.get("SeriesNumber"))
     attrs["InstanceNumber"] = _int(values.get("InstanceNumber"))
     for keyword in _IMAGE:
-        attrs[keyword] = _int(values.get(keyword))
+        number = _int(values.get(keyword))
+        attrs[keyword] = None if keyword in _US_IMAGE and number is not None and not 0 <= number <= 0xFFFF else number
     return InstanceHeader(uids["SOPClassUID"], uids["SOPInstanceUID"], uids["StudyInstanceUID"],
                           uids["SeriesInstanceUID"], syntax, start, attrs)
 

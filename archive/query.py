@@ -443,8 +443,8 @@ class Query:
                     value = "\\".join(sorted(value.split(","))).encode()
                 elif kind in ("int", "count"):
                     value = str(int(value)).encode()
-                elif kind == "us":                   # Rows, Columns, Bits Allocated: binary
-                    value = _U16.pack(int(value))
+                elif kind == "us":                   # Rows, Columns, Bits Allocated: binary (empty if not a US)
+                    value = _U16.pack(int(value)) if 0 <= int(value) <= 0xFFFF else b""
                 elif kind == "uid":
                     value = _pad(value, b"\0")
                 elif isinstance(value, str):
@@ -479,6 +479,8 @@ class Query:
                 value = sorted(value.split(","))
             elif kind in ("int", "count"):
                 value = int(value)
+                if dictionary_VR(keyword) == "US" and not 0 <= value <= 0xFFFF:
+                    value = ""                      # not a US: answered empty, as the encoder does
             elif kind == "uid":
                 value = UID(value)
             elif isinstance(value, str):

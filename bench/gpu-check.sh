@@ -27,7 +27,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 $PY -c "import cupy; print('CuPy', cupy.__version__, 'devices', cupy.cuda.runtime.getDeviceCount())" \
     | tee -a "$OUT/nvidia.txt"
 timeout ${TEST_TIMEOUT:-400} $PY -m pytest -p no:cacheprovider -p no:warnings -o addopts="" -s -rA \
-    --timeout 300 tests/test_gpu.py 2>&1 | tee "$OUT/pytest.log" | grep -E "GPU-|passed|failed|Error|error|assert" \
-    | head -60
-timeout ${BENCH_TIMEOUT:-300} $PY bench/gpu.py --backend cupy --json "$OUT/cupy.json" ${BENCH_ARGS:-} 2>&1 \
-    | tee "$OUT/bench.log" | grep -v '^{'
+    --timeout 300 tests/test_gpu.py > "$OUT/pytest.log" 2>&1
+tests=$?
+grep -E "GPU-|passed|failed|Error|error|assert" "$OUT/pytest.log" | head -60
+timeout ${BENCH_TIMEOUT:-300} $PY bench/gpu.py --backend cupy --json "$OUT/cupy.json" ${BENCH_ARGS:-} \
+    > "$OUT/bench.log" 2>&1
+bench=$?
+grep -v '^{' "$OUT/bench.log"
+exit $(( tests || bench ))

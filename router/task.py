@@ -107,8 +107,9 @@ def _progress(job_id: str):
 
 def worker_backend() -> str | None:
     """'numpy' on a Dask worker that declares no GPU resource (`m3dicom worker --gpus 0` on a machine
-    with a GPU, say): a job there never takes a GPU the scheduler did not give it. None elsewhere:
-    the default choice (CuPy when a device is there), or what M3DICOM_ARRAY_BACKEND forces."""
+    with a GPU, say): no job there takes a GPU. None elsewhere: the default choice (CuPy when a device
+    is there; on a GPU worker, also for jobs that did not ask for the GPU), or what
+    M3DICOM_ARRAY_BACKEND forces."""
     if os.environ.get(ARRAY_BACKEND_ENV, "").strip():
         return None
     try:

@@ -18,7 +18,7 @@ from sqlalchemy import text
 from archive import changes
 from archive import index as index_module
 from archive.index import Index
-from archive.ingest import _NEW_INSTANCE
+from archive.ingest import _NEW_INSTANCE, _image
 
 _WAITING = text("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
                 "AND wait_event_type = 'Lock'")
@@ -53,7 +53,7 @@ def _stored_change(conn, writer: int) -> None:
     _NEW_INSTANCE.run(conn, {"uid": header.sop_instance_uid, "series_pk": series_pk, "sop_class_uid": "1.2.3.4",
                              "instance_number": 1, "transfer_syntax": "1.2.840.10008.1.2.1", "size": 1,
                              "sha256": "0" * 64, "blob_id": f"blob-{writer}", "calling_ae": "TEST", "now": time.time(),
-                             "job_id": None, "node": None})
+                             "job_id": None, "node": None, **_image(header)})
     Index.add_stored_change(conn, "stored", header)
 
 

@@ -77,6 +77,22 @@ def test_inspect_agrees_with_pydicom_on_every_shipped_file():
     assert checked > 150
 
 
+def test_an_image_size_the_index_cannot_take_is_stored_not_indexed(tmp_path):
+    """Rows, Columns, Bits Allocated and Number of Frames are indexed for QIDO-RS; an odd value (33 values, a
+    VR of 4 bytes, a number out of range) was never a reason to refuse an image and is not one now."""
+    from pydicom.dataelem import DataElement
+
+    for keyword, vr, value in (("Rows", "US", list(range(33))), ("Columns", "UL", 70000), ("BitsAllocated", "SS", -1),
+                               ("NumberOfFrames", "IS", "99999999999")):
+        ds = pydicom.dcmread(data_file("CT_small.dcm"))
+        ds[keyword] = DataElement(ds[keyword].tag if keyword in ds else 0x00280008, vr, value)
+        path = tmp_path / f"{keyword}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        header = inspect(path)
+        assert header.attrs[keyword] is None, keyword
+        assert header.attrs["Rows" if keyword != "Rows" else "Columns"] == 128
+
+
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "MR_small_implicit.dcm",
                                   "MR_small_bigendian.dcm", "image_dfl.dcm", "rtplan.dcm"])
 def test_cut_inside_an_element_is_refused(name, tmp_path):

@@ -131,8 +131,12 @@ def _backend_here() -> str:
     return str(worker_backend())
 
 
-def test_a_worker_without_the_gpu_resource_runs_numpy_one_with_it_the_default():
+def test_a_worker_without_the_gpu_resource_runs_numpy_one_with_it_the_default(monkeypatch):
     from distributed import Client, LocalCluster
+
+    from gpu_workers.backend import ENV
+
+    monkeypatch.delenv(ENV, raising=False)          # a forced backend wins over the resources (docs/gpu.md)
 
     for resources, expected in ((None, "numpy"), ({"GPU": 1}, "None")):
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources=resources,

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
-from helpers import data_file, dataset_offset, dataset_sha256, shows_part10_header
+from helpers import STOCK_PATH_ENV, data_file, dataset_offset, dataset_sha256, shows_part10_header
 
 pytestmark = pytest.mark.interop
 
@@ -38,6 +38,9 @@ def test_echoscu_tls(node):
     result = subprocess.run(["echoscu", *node.tls_args(), "-aec", "M3DICOM", "127.0.0.1", str(node.port)],
                             capture_output=True, text=True, timeout=30, env={**os.environ, "TCP_NODELAY": "1"})
     assert result.returncode == 0, result.stderr
+    # `make test-stock-path` runs these tests on pynetdicom's generic path: the node must really take it
+    stock = bool(os.environ.get(STOCK_PATH_ENV))
+    assert ("dicom.fast_path = false" in node.log()) == stock, "the node did not take the path the run asked for"
 
 
 def unique_copies(names, directory):

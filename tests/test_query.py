@@ -171,6 +171,11 @@ def test_levels_and_models(filled):
     assert len(images) == 1 and images[0].InstanceNumber == 2 and images[0].SOPClassUID == pydicom.dcmread(
         data_file("CT_small.dcm")).SOPClassUID
     assert images[0].StudyInstanceUID == studies["P1"]["study"]  # unique keys of the levels above
+    sized = find(archive, QueryRetrieveLevel="IMAGE", SeriesInstanceUID=studies["P1"]["series"]["CT"], Columns="128",
+                 Rows="", BitsAllocated="", NumberOfFrames="")
+    assert [(r.Rows, r.Columns, r.BitsAllocated, r.NumberOfFrames) for r in sized] == [(128, 128, 16, "")] * 2
+    assert find(archive, QueryRetrieveLevel="IMAGE", SeriesInstanceUID=studies["P1"]["series"]["CT"],
+                Columns="64") == []                             # the key matches, not only comes back
     with pytest.raises(QueryError) as exc:
         find(archive, STUDY_ROOT, QueryRetrieveLevel="PATIENT")
     assert exc.value.status == 0xA900
@@ -204,7 +209,7 @@ ENCODED = [
                   "BodyPartExamined": "", "NumberOfSeriesRelatedInstances": "", "SeriesInstanceUID": ""}),
     (PATIENT_ROOT, {"QueryRetrieveLevel": "IMAGE", "PatientID": "P4", "SOPClassUID": "", "InstanceNumber": "",
                     "SOPInstanceUID": "", "Modality": "", "StudyDate": "", "ImageComments": "",
-                    (0x0009, 0x1010): "LO"}),
+                    "Rows": "", "Columns": "", "BitsAllocated": "", "NumberOfFrames": "", (0x0009, 0x1010): "LO"}),
 ]
 
 
@@ -227,6 +232,36 @@ def test_encoded_matches_are_the_bytes_pydicom_writes(filled, model, keys, expli
     assert len(encoded) == len(datasets) >= 2
     for dataset, ours in zip(datasets, encoded):
         assert ours == encode(dataset, not explicit_vr, True, False), dataset
+
+
+@pytest.mark.parametrize("explicit_vr", [True, False], ids=["explicit", "implicit"])
+def test_an_image_size_that_is_not_a_us_is_answered_empty_on_both_paths(tmp_path, explicit_vr):
+    """Rows written by a file as UL 70000 (pydicom reads what the file says) is not indexed; a value the index
+    holds out of US range (an older node's) is answered empty by the fast path and pydicom's alike."""
+    from pydicom.dataelem import DataElement
+    from pynetdicom.dsutils import encode
+
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    ds["Rows"] = DataElement(0x00280010, "UL", 70000)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = tmp_path / "ul-rows.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    archive = Archive(tmp_path / "var")
+    try:
+        assert archive.ingest_file(path).outcome.ok
+        assert archive.index.read(text("SELECT pixel_rows, pixel_columns FROM instances")) == [(None, 128)]
+        with archive.index.write() as conn:
+            conn.execute(text("UPDATE instances SET pixel_rows = 70000, bits_allocated = -1"))
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "IMAGE"
+        identifier.Rows = identifier.BitsAllocated = identifier.Columns = ""
+        with archive.index.reader() as conn:
+            query = Query(STUDY_ROOT, identifier)
+            (dataset,), (ours,) = list(query.run(conn)), list(query.encoded(conn, explicit_vr))
+        assert (dataset.Rows, dataset.BitsAllocated, dataset.Columns) == ("", "", 128)
+        assert ours == encode(dataset, not explicit_vr, True, False)
+    finally:
+        archive.close()
 
 
 @pytest.mark.parametrize("keys,message", [

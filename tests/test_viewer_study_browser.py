@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 import cranium
 from gpu_workers.mammo import phantom
@@ -112,10 +113,17 @@ def open_page(browser, url: str, device: str = "desktop", **options):
 
 
 def loaded(page, selector: str, count: int = 1) -> None:
-    """Wait until `count` images match `selector`, each rendered by the server and decoded."""
-    page.wait_for_function("([selector, count]) => { const found = [...document.querySelectorAll(selector)]; "
-                           "return found.length === count && found.every((i) => i.src.includes('/render') && "
-                           "i.complete && i.naturalWidth > 0); }", arg=[selector, count], timeout=60000)
+    """Wait until `count` images match `selector`, each rendered by the server and decoded; when they do not
+    come, say what the page had (the four-view hanging once timed out in CI, with nothing to tell why)."""
+    try:
+        page.wait_for_function("([selector, count]) => { const found = [...document.querySelectorAll(selector)]; "
+                               "return found.length === count && found.every((i) => i.src.includes('/render') && "
+                               "i.complete && i.naturalWidth > 0); }", arg=[selector, count], timeout=90000)
+    except PlaywrightTimeout:
+        state = page.evaluate("(selector) => [...document.querySelectorAll(selector)].map((i) => "
+                              "[i.src.slice(-80), i.complete, i.naturalWidth])", selector)
+        raise AssertionError(f"{selector}: {count} images expected, the page has {state}; "
+                             f"script errors {page.errors}") from None
 
 
 def open_study(page, url: str, study: str, hanging: bool = False) -> None:

@@ -249,10 +249,12 @@ def _rewritten() -> frozenset[str]:
     install, so a browser revalidates them instead of keeping them a year (all, before this list)."""
     global _REWRITTEN
     listing = OHIF / REWRITTEN
-    stamp = listing.stat().st_mtime_ns if listing.is_file() else None
-    if _REWRITTEN[0] != stamp:
-        names = frozenset(listing.read_text().split()) if stamp is not None else None
-        _REWRITTEN = (stamp, names)
+    try:
+        stamp = listing.stat().st_mtime_ns
+        if _REWRITTEN[0] != stamp:
+            _REWRITTEN = (stamp, frozenset(listing.read_text().split()))
+    except OSError:                   # not there (an older install), or being replaced: revalidate everything
+        _REWRITTEN = (-1, None)
     return _REWRITTEN[1] if _REWRITTEN[1] is not None else _EVERYTHING
 
 

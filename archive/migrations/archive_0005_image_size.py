@@ -1,6 +1,6 @@
 """Each instance's Rows, Columns, Bits Allocated and Number of Frames, which QIDO-RS returns at instance
-level (PS3.18 Table 10.6.3-5) and C-FIND matches. Instances stored before this migration have none
-(answered empty) until they are stored again."""
+level (PS3.18 Table 10.6.3-5) and C-FIND matches. Instances stored before this migration have none:
+answered empty, and a key on them (Rows=512) does not match them."""
 import sqlalchemy as sa
 from alembic import op
 

