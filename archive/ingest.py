@@ -38,7 +38,7 @@ from .dicomfile import (DEFAULT_LIMITS, InstanceHeader, InvalidInstance, Limits,
                         dataset_offset as inspect_offset, dataset_offset_of, inspect, inspect_bytes, syntax_of,
                         undeflated)
 from .db import SQLITE_FILE, Prepared, brief
-from . import nodes
+from . import metrics, nodes
 from .index import SAME_UID_OTHER_CONTENT, Difference, HierarchyConflict, Index
 from .settings import default_node_name
 from .storage import BlobInfo, Elsewhere, LocalStorage, StorageFull, TieredStorage
@@ -243,7 +243,8 @@ class Archive:
         try:
             for attempt in range(1, _COMMIT_ATTEMPTS + 1):
                 try:
-                    return self._commit(header, blob, digest.hexdigest(), calling_ae, job_id)
+                    with metrics.get().index_transaction_seconds.time():
+                        return self._commit(header, blob, digest.hexdigest(), calling_ae, job_id)
                 except (sa_exc.IntegrityError, _Replaced) as exc:
                     if isinstance(exc, sa_exc.IntegrityError) and not _lost_race(exc) or attempt == _COMMIT_ATTEMPTS:
                         raise

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import text
 
-from . import db, nodes
+from . import db, metrics, nodes
 from .changes import consume, position
 from .crypto import IntegrityError, KmsError, rewrapped_header
 from .ingest import Archive
@@ -133,6 +133,7 @@ class Offloader:
             else:
                 aborted = self.remote.abort_incomplete()
         except (BotoCoreError, ClientError) as exc:
+            metrics.get().s3_errors.labels("list").inc()
             if self._reachable:
                 log.warning("S3 cannot be reached (%s): uploads wait and retry", _describe(exc))
             self._reachable = False
@@ -231,8 +232,10 @@ class Offloader:
         except IntegrityError as exc:
             return _Outcome(blob_id, "failed", f"the local blob is damaged: {exc}")
         except (ObjectExists, UploadMismatch) as exc:
+            metrics.get().s3_errors.labels("upload").inc()
             return _Outcome(blob_id, "failed", str(exc))
         except (BotoCoreError, ClientError, KmsError, OSError) as exc:
+            metrics.get().s3_errors.labels("upload").inc()
             return _Outcome(blob_id, "retry", _describe(exc))
 
     def _remove(self, blob_id: str) -> _Outcome:
@@ -241,6 +244,7 @@ class Offloader:
             self.archive.local.remove(blob_id)      # replaced on another node: that node's ingest cannot
             return _Outcome(blob_id, "removed")
         except (BotoCoreError, ClientError, OSError) as exc:
+            metrics.get().s3_errors.labels("remove").inc()
             return _Outcome(blob_id, "retry", _describe(exc))
 
     def _record(self, outcomes: list[_Outcome], attempts: dict[str, int]) -> None:

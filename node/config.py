@@ -18,12 +18,12 @@ from archive.settings import (CryptoSection, IndexSection, IngestSection, NodeSe
                               SettingsError, StorageSection, check_shared, setting)
 from router.settings import MATCH_KEYS, Rule, RouterSection
 from scp.settings import ClientSection, CommitmentSection, DicomSection, RemoteNode
-from viewer.settings import ViewerSection
+from viewer.settings import MetricsSection, ViewerSection, loopback
 
 ConfigError = SettingsError          # a setting is unknown, has the wrong type or an invalid value
 
 __all__ = ["ClientSection", "CommitmentSection", "Config", "ConfigError", "CryptoSection", "DicomSection",
-           "IndexSection", "IngestSection", "LogSection", "MATCH_KEYS", "NodeSection", "QuerySection", "RemoteNode",
+           "IndexSection", "IngestSection", "LogSection", "MATCH_KEYS", "MetricsSection", "NodeSection", "QuerySection", "RemoteNode",
            "RouterSection",
            "Rule", "S3Section", "StorageSection", "ViewerSection", "documented_settings", "from_dict", "load"]
 
@@ -46,6 +46,7 @@ class Config:
     ingest: IngestSection = field(default_factory=IngestSection)
     router: RouterSection = field(default_factory=RouterSection)
     viewer: ViewerSection = field(default_factory=ViewerSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     log: LogSection = field(default_factory=LogSection)
     remote: dict = field(default_factory=dict)   # name -> RemoteNode
 
@@ -150,11 +151,27 @@ def from_dict(data: dict, base: Path) -> Config:
             raise ConfigError(f"{kind}: AE title {duplicate!r} is used by two nodes")
         sections[kind] = named
     check_shared(sections["index"], sections["storage"])
+    _check_metrics(sections["metrics"], sections["viewer"], sections["dicom"])
     for i, rule in enumerate(sections["router"].rules):
         unknown_remote = next((n for n in rule.forward_to if n not in sections["remote"]), None)
         if unknown_remote:
             raise ConfigError(f"router.rules[{i}].forward_to: no [remote.{unknown_remote}] node")
     return Config(**sections)
+
+
+def _check_metrics(metrics: MetricsSection, viewer: ViewerSection, dicom) -> None:
+    """The operator's endpoints on a port of their own, and beyond loopback only with a token."""
+    if not metrics.port:
+        return
+    taken = {"viewer.port": viewer.port if viewer.enabled else 0, "dicom.port": dicom.port,
+             "dicom.plain_port": dicom.plain_port}
+    clash = next((name for name, port in taken.items() if port == metrics.port), None)
+    if clash:
+        raise ConfigError(f"metrics.port: {metrics.port} is {clash} too; the operator's endpoints need a port of "
+                          "their own")
+    if metrics.token_file is None and not loopback(metrics.host):
+        raise ConfigError(f"metrics.host: {metrics.host!r} is reachable from other machines: set metrics.token_file "
+                          "(the token Prometheus sends), or listen on 127.0.0.1")
 
 
 def load(path: Path | None) -> Config:

@@ -24,6 +24,7 @@ from typing import Callable
 
 import pydicom.config
 
+from archive import metrics
 from scp.commitment import Committer
 from scp.server import PeerChatter, build_ae, configure_pynetdicom, start_servers
 
@@ -157,14 +158,17 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
     archive = open_archive(config)
     ae = build_ae(config)
     committer = Committer(archive, config)
+    listening = metrics.get().receivers_listening
     try:
         start_servers(ae, config, archive, sockets, committer)
+        listening.inc()
         if index == 0 and (pending := committer.resume_pending()):
             log.info("%d storage commitment reports to deliver from before the restart", pending)
         on_ready()
         while not stop.wait(1.0):
             tick()
     finally:
+        listening.set(0)
         ae.shutdown()
         archive.close()
 
@@ -239,6 +243,7 @@ class Children:
             if time.monotonic() - self._started[name] < _RESTART_DELAY:
                 continue
             log.error("%s exited (code %s): restarting it", name, proc.exitcode)
+            metrics.process_gone(proc.pid)
             self._start(name)
 
     def stop(self, timeout: float = 15.0) -> None:

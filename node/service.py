@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from archive import check_storage, nodes, open as open_archive, open_index
+from archive import check_storage, metrics, nodes, open as open_archive, open_index
 from scp.server import check_fast_path
 from scp.tls import server_context
 from viewer import accounts as viewer_accounts
@@ -85,6 +85,14 @@ def view(config: Config, sock, stop: threading.Event, parent_alive) -> None:
     run(config, sock, stop)
 
 
+def operate(config: Config, sock, receivers: int, stop: threading.Event, parent_alive) -> None:
+    """The process of the operator's endpoints (`Children` worker): /metrics, /healthz, /readyz."""
+    from viewer.ops import run
+
+    _watch_parent(stop, parent_alive)
+    run(config, sock, stop, receivers)
+
+
 def offload(config: Config, stop: threading.Event, parent_alive) -> None:
     """The offloader process (`Children` worker): push blobs to S3 until stopped."""
     from archive.offload import Offloader, Policy
@@ -144,6 +152,8 @@ def _more_files(wanted: int = 65536) -> None:
 
 
 def _serve(config: Config, ready) -> None:
+    if config.metrics.port:   # before any metric is made: every process counts into these files
+        metrics.shared(config.data_dir / "metrics")
     prepare_spool(config)
     d = config.dicom
     server_context(d.certificate, d.private_key, d.ca_certificates)   # a missing certificate stops the start first
@@ -166,8 +176,13 @@ def _serve(config: Config, ready) -> None:
     archive.recover()   # before any receiver ingests; after the owners' migrations (the router holds its files)
     # every port is taken and every setting checked before the first admin is made: a start
     # that fails must not have printed a password shown only once
-    sockets, viewer_socket = receivers.listen(config), None
+    sockets, viewer_socket, ops_socket = receivers.listen(config), None, None
     try:
+        if config.metrics.port:
+            from viewer import ops
+
+            ops.token_of(config)                        # an unreadable token file stops the start
+            ops_socket = ops.listen(config)
         if config.viewer.enabled:
             from viewer import serve as viewer_serve
 
@@ -177,7 +192,7 @@ def _serve(config: Config, ready) -> None:
             viewer_serve.first_admin(archive.index, ready)
             viewer_serve.check(config, archive.index)
     except BaseException:
-        for sock in [*sockets.values(), *([viewer_socket] if viewer_socket else [])]:
+        for sock in [*sockets.values(), *(s for s in (viewer_socket, ops_socket) if s)]:
             sock.close()
         raise
     finally:
@@ -193,6 +208,8 @@ def _serve(config: Config, ready) -> None:
         workers["router"] = (route,)
     if viewer_socket is not None:
         workers["viewer"] = (view, viewer_socket)
+    if ops_socket is not None:
+        workers["ops"] = (operate, ops_socket, count)
     children = receivers.Children(config, workers)
     _keep_seen(config, stop)
 
@@ -208,11 +225,14 @@ def _serve(config: Config, ready) -> None:
         if viewer_socket is not None:
             from viewer.serve import address
             ready(f"viewer: {address(config)}")
+        if ops_socket is not None:
+            from viewer.ops import address as metrics_address
+            ready(f"metrics: {metrics_address(config)} (and /healthz, /readyz)")
 
     try:
         receivers.receive(config, 0, sockets, stop, announce, children.supervise)
         log.info("stopping")
     finally:
         children.stop()
-        for sock in [*sockets.values(), *([viewer_socket] if viewer_socket else [])]:
+        for sock in [*sockets.values(), *(s for s in (viewer_socket, ops_socket) if s)]:
             sock.close()

@@ -312,6 +312,12 @@ def record_results(conn: Connection, job_id: str, study_uid: str, found: list[Re
         Index.add_job_change(conn, "file_stored", job_id, study_uid, blob_id=blob_id)
 
 
+def counts_by_state(index: Index) -> dict[str, int]:
+    """Jobs in each state (for the metrics)."""
+    with index.reader() as conn:
+        return {state: count for state, count in conn.execute(text("SELECT state, COUNT(*) FROM jobs GROUP BY state"))}
+
+
 def queued(index: Index, limit: int = 100, skip: Collection[str] = ()) -> list[str]:
     """Ids of queued jobs, the oldest first (but those in `skip`)."""
     return [r.id for r in index.read(_QUEUED, {"limit": limit, "skip": list(skip)})]

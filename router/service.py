@@ -26,7 +26,7 @@ import time
 from concurrent.futures import Future as ThreadFuture, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from archive import Archive, nodes
+from archive import Archive, metrics, nodes
 from archive.changes import consume
 from archive.db import RoundFailures
 from archive.index import Index
@@ -369,6 +369,7 @@ class Router:
         if future.status == "finished":
             output = future.result()
             if isinstance(output, Refused):            # the plug-in refused its input: final, one line
+                metrics.get().jobs_finished.labels(job.plugin, "refused").inc()
                 job = self._apply(job_id, Fail(now, str(output)[:2000], final=True, worker=self.name))
                 if job is not None:
                     log.warning("job %s attempt %d failed (%s): %s", job_id, job.attempts, job.state,
@@ -378,6 +379,7 @@ class Router:
                 count = take_results(self.archive, job_id, job.study_uid, output.outputs, self.spool)
             except (IntakeError, OSError) as exc:
                 discard(self.archive, output.outputs)
+                metrics.get().jobs_finished.labels(job.plugin, "failed").inc()
                 self._apply(job_id, Fail(self.clock(), f"results not stored: {exc}", worker=self.name))
                 return
             timings = {"worker_started": output.started_at, "plugin_returned": output.returned_at,
@@ -386,12 +388,16 @@ class Router:
                            timings=timings) is None:
                 return
             log.info("job %s succeeded: %d results in %.1f s (%s)", job_id, count, output.seconds, output.backend)
+            measure = metrics.get()
+            measure.jobs_finished.labels(job.plugin, "succeeded").inc()
+            measure.plugin_run_seconds.labels(job.plugin).observe(output.seconds)
             if job.forward_to:
                 store.queue_forwards(self.index, job_id, job.forward_to, now)
             return
         exc = future.exception() if future.status == "error" else None
         final = isinstance(exc, (PluginError, ParamError))
         error = f"{type(exc).__name__}: {exc}" if exc is not None else f"the task was {future.status}"
+        metrics.get().jobs_finished.labels(job.plugin, "failed").inc()
         job = self._apply(job_id, Fail(now, error[:2000], final=final, worker=self.name))
         if job is not None:
             log.warning("job %s attempt %d failed (%s): %s", job_id, job.attempts, job.state, error[:300])

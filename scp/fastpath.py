@@ -65,6 +65,8 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelFind)
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from archive import metrics
+
 from .tls import Reports, source_of
 from .wire import (DISCARD_LIMIT, MAX_COMMAND_SET, PDU_NAMES, Limits, PDUError, PeerClosed, StoreRequest,
                    encode_find_rsp, encode_store_rsp, file_meta, p_data, p_data_tf, parse_store_rq, read_pdu)
@@ -321,18 +323,21 @@ class FastDIMSE(DIMSEServiceProvider):
             if incoming.refusal is not None:                  # the node's limits on one C-STORE
                 status, comment = incoming.refusal.status, incoming.refusal.comment
                 log.warning("C-STORE from %s refused (0x%04X): %s", _peer(self.assoc), status, comment)
+                _refused(status)
             elif incoming.error is not None:
                 full = incoming.error.errno in (errno.ENOSPC, errno.EDQUOT)
                 log.error("spooling %s failed: %s", request.sop_instance, incoming.error)
                 status, comment = (0xA700, "no space left on the node") if full else (
                     0x0110, "processing failure")
-            else:
+                _refused(status)
+            else:   # counted by the store function
                 status, comment = self._store(incoming.path, request.sop_class, request.sop_instance,
                                               self.assoc.requestor.ae_title)
         except Exception as exc:
             log.debug("C-STORE from %s failed", _peer(self.assoc), exc_info=True)
             log.error("C-STORE from %s failed (%s): answered 0x0110", _peer(self.assoc), _brief(exc))
             status, comment = 0x0110, "processing failure"
+            _refused(status)
         finally:
             incoming.discard()
         rsp = encode_store_rsp(request.message_id, request.sop_class, request.sop_instance, status, comment)
@@ -472,6 +477,10 @@ class FastSocket(AssociationSocket):
         if received < nr_bytes:  # the peer closed the connection: what came, as pynetdicom's recv does
             del buffer[received:]
         return buffer
+
+
+def _refused(status: int) -> None:
+    metrics.get().stores_refused.labels(f"0x{status:04X}").inc()
 
 
 def _peer(assoc) -> str:

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from archive import Archive, Outcome
+from archive import Archive, Outcome, metrics
 from archive.ingest import SHORT_OF_DISK
 from archive import db as archive_db
 from archive import query as archive_query
@@ -56,15 +56,30 @@ def store(archive: Archive, path, sop_class: str, sop_instance: str, calling_ae:
     Success only once the instance is durable (blob fsynced, index committed). Shared by
     the fast path (`scp.fastpath`) and pynetdicom's own C-STORE path below.
     """
+    started, measure = time.perf_counter(), metrics.get()
     try:
         result = archive.ingest_file(path, sop_class, sop_instance, calling_ae)
     except Exception:
         log.exception("C-STORE from %s failed", calling_ae)
+        measure.stores_refused.labels("0x0110").inc()
         return 0x0110, "processing failure"
     code = _STATUS[result.outcome]
     if code:
         log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae, code, result.reason)
+        measure.stores_refused.labels(f"0x{code:04X}").inc()
+    else:
+        title = metrics.ae_label(calling_ae)
+        measure.instances_received.labels(title).inc()
+        measure.bytes_received.labels(title).inc(_size_of(path))
+        measure.store_seconds.observe(time.perf_counter() - started)
     return code, result.reason if code else ""
+
+
+def _size_of(path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:   # moved or removed by the ingest: counted as nothing rather than failing the answer
+        return 0
 
 
 # -- what one C-STORE may take while its data set arrives -----------------------------------------
@@ -175,6 +190,45 @@ def handle_closed(event) -> None:
     drop = getattr(event.assoc.dimse, "drop", None)
     if drop is not None:
         drop()
+    if getattr(event.assoc, "m3dicom_counted", False):
+        event.assoc.m3dicom_counted = False
+        metrics.get().associations_open.dec()
+
+
+def outcome(status: int | None) -> str:
+    """A final DIMSE status as a metric label: success, warning, cancel, failure (pending: not final)."""
+    if status is None:
+        return "abandoned"          # the association ended before the final answer
+    if status == 0x0000:
+        return "success"
+    if status == 0xFE00:
+        return "cancel"
+    if status in (0xFF00, 0xFF01):
+        return "abandoned"
+    if 0xB000 <= status <= 0xBFFF or status in (0x0001, 0x0107, 0x0116):
+        return "warning"
+    return "failure"
+
+
+def measured(service: str, answers: Iterator, status_of: Callable[[object, int | None], int | None]) -> Iterator:
+    """`answers` (a C-FIND, C-MOVE or C-GET handler's generator) passed on, counted and timed by service and
+    outcome (`metrics.dimse_requests`, `dimse_seconds`); `status_of(item, last)` reads the status of each
+    item. A generator run to its end without a final status ended in success."""
+    started, status, ended = time.perf_counter(), None, False
+    try:
+        for item in answers:
+            status = status_of(item, status)
+            yield item
+        ended = True
+    finally:
+        close = getattr(answers, "close", None)
+        if close is not None:
+            close()
+        if ended and status in (None, 0xFF00, 0xFF01):
+            status = 0x0000
+        measure = metrics.get()
+        measure.dimse_requests.labels(service, outcome(status)).inc()
+        measure.dimse_seconds.labels(service).observe(time.perf_counter() - started)
 
 
 def find(archive: Archive, config: Settings, calling_ae: str, sop_class: str, identifier: Callable[[], Dataset],
@@ -186,6 +240,12 @@ def find(archive: Archive, config: Settings, calling_ae: str, sop_class: str, id
     encoded in the context's Little Endian transfer syntax (`explicit_vr`) for the fast
     path (`scp.fastpath`).
     """
+    return measured("find", _find(archive, config, calling_ae, sop_class, identifier, cancelled, explicit_vr),
+                    lambda item, last: item[0])
+
+
+def _find(archive: Archive, config: Settings, calling_ae: str, sop_class: str, identifier: Callable[[], Dataset],
+          cancelled: Callable[[], bool], explicit_vr: bool | None) -> Iterator[tuple[int, str, object]]:
     try:
         query = Query(model_of(sop_class), identifier(), case_insensitive_names=config.query.case_insensitive_names,
                       retrieve_ae=config.node.ae_title)
@@ -239,22 +299,27 @@ def handle_established(event) -> None:
     assoc = event.assoc
     log.info("association from %s (%s:%s)", assoc.requestor.ae_title,
              assoc.requestor.address, assoc.requestor.port)
+    measure = metrics.get()
+    measure.associations.labels(metrics.ae_label(assoc.requestor.ae_title)).inc()
+    measure.associations_open.inc()
+    assoc.m3dicom_counted = True     # read by handle_closed: it counts this association as closed
 
 
 def handle_rejected(event) -> None:
     assoc = event.assoc
-    log.warning("association from %s (%s) rejected: %s", assoc.requestor.ae_title, assoc.requestor.address,
-                _why_rejected(assoc))
+    reason, why = _why_rejected(assoc)
+    log.warning("association from %s (%s) rejected: %s", assoc.requestor.ae_title, assoc.requestor.address, why)
+    metrics.get().associations_rejected.labels(reason).inc()
 
 
-def _why_rejected(assoc) -> str:
-    """What pynetdicom checked when it rejected the request (it does not say which)."""
+def _why_rejected(assoc) -> tuple[str, str]:
+    """What pynetdicom checked when it rejected the request (it does not say which): a metric label and words."""
     ae, calling = assoc.ae, assoc.requestor.ae_title
     called = getattr(assoc.requestor.primitive, "called_ae_title", None) or assoc.acceptor.ae_title
     if ae.require_called_aet and called.strip() != assoc.acceptor.ae_title.strip():
-        return f"called AE title {called.strip()!r} is not {assoc.acceptor.ae_title.strip()!r}"
+        return "called-ae", f"called AE title {called.strip()!r} is not {assoc.acceptor.ae_title.strip()!r}"
     if ae.require_calling_aet and calling.strip() not in [a.strip() for a in ae.require_calling_aet]:
-        return f"calling AE title {calling.strip()!r} is not in dicom.allowed_calling_aets"
+        return "calling-ae", f"calling AE title {calling.strip()!r} is not in dicom.allowed_calling_aets"
     if len(ae.active_associations) > ae.maximum_associations:
-        return f"already {ae.maximum_associations} associations (dicom.max_associations)"
-    return "no acceptable presentation context or protocol version"
+        return "limit", f"already {ae.maximum_associations} associations (dicom.max_associations)"
+    return "presentation", "no acceptable presentation context or protocol version"

@@ -26,6 +26,7 @@ from archive import query as archive_query
 from archive.query import LEVELS, UNIQUE, Match, Query, QueryError, model_of
 from archive.storage import BlobNotFound
 
+from .handlers import measured
 from .settings import Settings
 from .tls import no_delay, remote_tls
 
@@ -194,9 +195,26 @@ def _instances(event, archive: Archive, found):
             yield 0xFF00, StoredInstance(match.sop_class_uid, match.sop_instance_uid, path)
 
 
+def _status_of(item, last: int | None) -> int | None:
+    """The status in one item of a retrieve handler's answers (see `handlers.measured`)."""
+    if isinstance(item, tuple) and len(item) == 2:
+        first = item[0]
+        if first is None:
+            return 0xA801                         # unknown destination: pynetdicom answers it
+        if isinstance(first, int):
+            return first
+        if isinstance(first, Dataset):
+            return int(first.Status)
+    return last
+
+
 def handle_move(event, archive: Archive, config: Settings):
     """EVT_C_MOVE: to a [remote.NAME] node known by its AE title; unknown: 0xA801. A refused
     identifier gets its failure status without a connection to the destination."""
+    return measured("move", _move(event, archive, config), _status_of)
+
+
+def _move(event, archive: Archive, config: Settings):
     request = event.request
     calling = event.assoc.requestor.ae_title
     try:
@@ -247,6 +265,10 @@ def handle_move(event, archive: Archive, config: Settings):
 
 def handle_get(event, archive: Archive, config: Settings | None = None):
     """EVT_C_GET: the instances come back on the requestor's association (it is the storage SCP)."""
+    return measured("get", _get(event, archive, config), _status_of)
+
+
+def _get(event, archive: Archive, config: Settings | None):
     limit = config.query.max_retrieve_instances if config is not None else 65535
     try:
         found = matches(archive, str(event.request.AffectedSOPClassUID), event.identifier, limit)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from archive import metrics
+
 from .wire import PDUError, PDURefused, PDUTimeout, abort_pdu, read_pdu, reject_pdu
 
 log = logging.getLogger(__name__)
@@ -323,6 +325,7 @@ class TLSAssociationServer(ThreadedAssociationServer):
         if entry is None:
             self._reports.warning("refused", source_of(client_address), "connection from %s refused: %s",
                                   _peer(client_address), refusal)
+            metrics.get().connections_refused.labels("pending-limit").inc()
             self.shutdown_request(request)
             return
         with self._lock:
@@ -374,6 +377,7 @@ class TLSAssociationServer(ThreadedAssociationServer):
         if refusal:
             self.slots.reports.warning("slots", entry.source, "association from %s rejected: %s",
                                        _peer(client_address), refusal)
+            metrics.get().associations_rejected.labels("limit").inc()
             self._reject(sock, pdu is not None)
 
     def take_association_request(self, sock: socket.socket) -> bytearray | None:
@@ -391,11 +395,12 @@ class TLSAssociationServer(ThreadedAssociationServer):
             return tls
         except (ssl.SSLError, OSError) as exc:
             if entry.evicted:
-                reason = "closed to make room for other addresses (dicom.max_pending_connections)"
+                kind, reason = "evicted", "closed to make room for other addresses (dicom.max_pending_connections)"
             elif isinstance(exc, TimeoutError):
-                reason = f"timed out after {self.handshake_timeout:g} s (dicom.tls_handshake_timeout)"
+                kind, reason = "timeout", f"timed out after {self.handshake_timeout:g} s (dicom.tls_handshake_timeout)"
             else:
-                reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+                kind, reason = "error", getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            metrics.get().tls_handshake_failures.labels(kind).inc()
             self._reports.warning("handshake", entry.source, "TLS handshake from %s failed: %s", _peer(peer), reason)
             return None
 
@@ -408,8 +413,10 @@ class TLSAssociationServer(ThreadedAssociationServer):
         except PDURefused as exc:
             self._reports.warning("request", entry.source, "association request from %s aborted: %s",
                                   _peer(peer), exc)
+            metrics.get().connections_refused.labels("bad-request").inc()
             self._abort(sock, exc.reason)
         except PDUTimeout as exc:
+            metrics.get().connections_refused.labels("request-timeout").inc()
             self._reports.warning("request", entry.source, "association request from %s closed: not complete "
                                   "within %g s (dicom.artim_timeout; %s)", _peer(peer), self.artim_timeout, exc)
         except PDUError as exc:

@@ -98,6 +98,7 @@ class Node:
                       "ca_certificates": str(pki / "ca.pem")},
             "client": {"certificate": str(pki / "client.pem"), "private_key": str(pki / "client.key")},
             "viewer": {"enabled": False, "port": free_port()},   # tests that use it turn it on
+            "metrics": {"port": 0},                              # and so do those of /metrics
         }
         if os.environ.get(STOCK_PATH_ENV):      # `make test-stock-path`: pynetdicom's own path
             settings["dicom"]["fast_path"] = False

@@ -24,7 +24,7 @@ import jinja2
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from archive import Archive
+from archive import Archive, metrics
 from archive.storage import BlobNotOffloaded
 
 from . import accounts, dicomweb, events, ohif, views, wado
@@ -43,6 +43,33 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 PUBLIC = ("/login", "/static/", "/s/", "/favicon.ico")
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+
+@web.middleware
+async def counted(request: web.Request, handler):
+    """Each request counted and timed by route (its pattern, never the path: it holds UIDs and share
+    tokens), method and status (`archive.metrics`)."""
+    started, status = time.perf_counter(), 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499                 # the client went away first (nginx's word for it)
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "(no route)"
+        measure = metrics.get()
+        measure.http_requests.labels(route, request.method if request.method in _METHODS else "other",
+                                     str(status)).inc()
+        measure.http_request_seconds.labels(route).observe(time.perf_counter() - started)
 
 
 @web.middleware
@@ -187,7 +214,7 @@ async def csrf(request: web.Request, handler):
 
 def create_app(config: Settings, archive: Archive | None = None, clock=time.time) -> web.Application:
     """The viewer for `config`'s node (its own archive connection unless one is given)."""
-    app = web.Application(middlewares=[security_headers, errors, sessions, csrf],
+    app = web.Application(middlewares=[counted, security_headers, errors, sessions, csrf],
                           client_max_size=(config.viewer.max_upload_mb + 1) << 20)
     app[CONFIG] = config
     app[CLOCK] = clock

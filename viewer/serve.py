@@ -3,7 +3,6 @@ patient data."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import re
@@ -20,7 +19,7 @@ from yarl import URL
 from archive.index import Index
 
 from . import accounts
-from .settings import Settings
+from .settings import Settings, loopback
 
 log = logging.getLogger(__name__)
 ADMIN_PASSWORD_ENV = "M3DICOM_ADMIN_PASSWORD"
@@ -28,15 +27,6 @@ ADMIN_PASSWORD_ENV = "M3DICOM_ADMIN_PASSWORD"
 
 class ViewerRefused(RuntimeError):
     """The viewer will not start with these settings (it says which and why)."""
-
-
-def loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check(config: Settings, index: Index, users: bool = True) -> None:

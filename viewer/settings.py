@@ -1,6 +1,7 @@
 """The web viewer's settings: [viewer]."""
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,31 @@ class ViewerSection:
                                     "no path)")
         if self.public_url and not re.match(r"^https?://[^\s/]+(:\d+)?(/.*)?$", self.public_url):
             raise SettingsError(f"viewer.public_url: {self.public_url!r} is not an http(s) address")
+
+
+def loopback(host: str) -> bool:
+    """Whether `host` (an address or "localhost") is reached from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    host: str = setting("127.0.0.1", "Address of the operator's endpoints: /metrics (Prometheus), /healthz and "
+                        "/readyz, plain HTTP on their own port, never the viewer's. Beyond loopback it needs "
+                        "metrics.token_file, or the node refuses to start.")
+    port: int = setting(9762, "Port of /metrics, /healthz and /readyz; 0 turns them off (and the counting with "
+                        "them).")
+    token_file: Path | None = setting(None, "A file (0600) holding the bearer token Prometheus must send for "
+                                      "/metrics (`Authorization: Bearer ...`); empty: none asked on loopback.",
+                                      path=True)
+
+    def validate(self) -> None:
+        check_port("metrics.port", self.port, allow_zero=True)
 
 
 class Settings(ArchiveSettings, Protocol):

@@ -1,0 +1,296 @@
+"""The operator's endpoints, on an address of their own ([metrics]), plain HTTP, never on the viewer's port.
+
+- `/metrics`: Prometheus' text format. What the node's processes counted (archive/metrics.py, added up
+  across processes by prometheus-client's multiprocess mode), and what is read at each scrape: the offload
+  queue by state and the age of its oldest item, jobs by state, the data directory's free space. With
+  `metrics.token_file` it asks for `Authorization: Bearer <token>` (401 otherwise, without a hint).
+- `/healthz`: 200 while this process answers (liveness).
+- `/readyz`: 200 when the node can take instances, else 503; both with each check and, when one fails,
+  why: the index takes a write, the data directory's disk is above storage.min_free_bytes, the key file
+  is readable, S3 answers (when blobs go there), every receiving process is listening.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from archive import metrics
+from archive.index import Index
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+S3_CHECK_EVERY = 30.0        # seconds a reachable bucket's answer is trusted (a scrape every 15 s must not hit S3)
+CHECK_TIMEOUT = 5.0          # seconds one readiness check may take before it counts as failed
+
+
+class OpsRefused(RuntimeError):
+    """The endpoints cannot start (the port is taken, the token file is unreadable or empty)."""
+
+
+def token_of(config: Settings) -> str | None:
+    """The bearer token /metrics asks for (metrics.token_file), or None."""
+    path = config.metrics.token_file
+    if path is None:
+        return None
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+        mode = path.stat().st_mode & 0o077
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OpsRefused(f"metrics.token_file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") \
+            from None
+    if len(token) < 16:
+        raise OpsRefused(f"metrics.token_file {path} holds no token of 16 characters or more")
+    if mode:
+        log.warning("metrics.token_file %s can be read by other users: chmod 600 it", path)
+    return token
+
+
+def listen(config: Settings) -> socket.socket:
+    m = config.metrics
+    family = socket.AF_INET6 if ":" in m.host else socket.AF_INET
+    try:
+        return socket.create_server((m.host, m.port), family=family, backlog=64)
+    except OSError as exc:
+        raise OpsRefused(f"cannot listen on {m.host}:{m.port} for /metrics: {exc.strerror or exc}") from None
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    reason: str = ""
+
+
+class Readiness:
+    """The checks behind /readyz, each bounded in time; S3's answer is kept S3_CHECK_EVERY seconds."""
+
+    def __init__(self, config: Settings, index: Index, receivers: int, clock=time.monotonic):
+        self.config, self.index, self.receivers, self.clock = config, index, receivers, clock
+        self._s3: tuple[float, Check] | None = None
+        self._client = None
+        self._s3_lock = threading.Lock()
+
+    def checks(self) -> list[Check]:
+        return [self.index_writable(), self.disk(), self.key_file(), self.s3(), self.listening()]
+
+    def index_writable(self) -> Check:
+        from archive import nodes
+
+        try:   # the write the node makes every few seconds anyway: it runs, under its own name
+            if not nodes.seen(self.index, self.config.node.name, self.config.data_dir):
+                return Check("index", False, f"node name {self.config.node.name!r} is another data directory's now")
+            return Check("index", True)
+        except Exception as exc:   # whatever the engine says, in one line, without values
+            return Check("index", False, f"the index does not take a write ({type(exc).__name__})")
+
+    def disk(self) -> Check:
+        s = self.config.storage
+        try:
+            stat = os.statvfs(self.config.data_dir)
+        except OSError as exc:
+            return Check("disk", False, f"the data directory cannot be read: {exc.strerror}")
+        free = stat.f_bavail * stat.f_frsize
+        if free < s.min_free_bytes:
+            return Check("disk", False, f"{free >> 20} MiB free on the data directory's disk, under "
+                                        f"storage.min_free_bytes ({s.min_free_bytes >> 20} MiB): C-STOREs are refused")
+        return Check("disk", True)
+
+    def key_file(self) -> Check:
+        """Every key-encryption key in the data directory reads whole (the newest wraps each new blob)."""
+        from archive.crypto import LocalKeyring
+
+        directory = self.config.data_dir / "keys"
+        try:
+            if LocalKeyring.open(directory, create=False).current is None:
+                return Check("key", False, f"no key file (*.kek) in {directory}")
+        except Exception as exc:   # unreadable, damaged (IntegrityError says which file)
+            return Check("key", False, f"the key files in {directory} cannot be read: "
+                                       f"{getattr(exc, 'strerror', None) or exc}")
+        return Check("key", True)
+
+    def s3(self) -> Check:
+        if self.config.storage.backend != "s3":
+            return Check("s3", True, "not used (storage.backend = \"local\")")
+        with self._s3_lock:
+            now = self.clock()
+            if self._s3 is not None and now - self._s3[0] < S3_CHECK_EVERY and self._s3[1].ok:
+                return self._s3[1]
+            from archive import s3 as archive_s3
+
+            st = self.config.storage.s3
+            try:
+                if self._client is None:
+                    self._client = archive_s3.client(st.endpoint_url, st.region, CHECK_TIMEOUT, attempts=1)
+                problem = archive_s3.check_bucket(self._client, st.bucket)
+            except archive_s3.S3SettingsError as exc:
+                problem = str(exc)
+            except Exception as exc:   # anything else boto3 may raise: not ready, in one line
+                problem = f"S3 cannot be checked: {type(exc).__name__}"
+            checked = Check("s3", problem is None, problem or "")
+            self._s3 = (now, checked)
+            return checked
+
+    def listening(self) -> Check:
+        registry = _registry()
+        up = sum(sample.value for family in registry.collect() if family.name == "m3dicom_receivers_listening"
+                 for sample in family.samples)
+        if up < self.receivers:
+            return Check("receivers", False, f"{int(up)} of {self.receivers} receiving processes listening")
+        return Check("receivers", True)
+
+
+def _registry():
+    """A registry of what the node's processes counted: their files (multiprocess mode), else this process's
+    own counts (the metrics port off, a test running the endpoints in-process)."""
+    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    directory = metrics.multiprocess()
+    if directory is None:
+        registry.register(_Own(REGISTRY))
+    else:
+        MultiProcessCollector(registry, path=directory)
+    return registry
+
+
+class _Own:
+    """This process's default registry, read through (registering its collectors again would not do)."""
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def collect(self):
+        yield from self.registry.collect()
+
+
+class NodeState:
+    """Gauges read from the index and the disk at each scrape (a prometheus-client custom collector)."""
+
+    def __init__(self, config: Settings, index: Index, clock=time.time):
+        self.config, self.index, self.clock = config, index, clock
+
+    def collect(self):
+        try:
+            yield from self._read()
+        except Exception as exc:   # the counters are still served; the index's state is what is missing
+            log.warning("/metrics: the index's state could not be read (%s)", type(exc).__name__)
+
+    def _read(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        from archive import offload
+        from router import queue
+
+        free = GaugeMetricFamily("m3dicom_data_dir_free_bytes", "Free bytes on the data directory's disk.")
+        stat = os.statvfs(self.config.data_dir)
+        free.add_metric([], stat.f_bavail * stat.f_frsize)
+        yield free
+        jobs = GaugeMetricFamily("m3dicom_jobs", "Analysis jobs in the index, by state.", labels=["state"])
+        for state, count in sorted(queue.counts_by_state(self.index).items()):
+            jobs.add_metric([state], count)
+        yield jobs
+        if self.config.storage.backend != "s3":
+            return
+        shared = bool(self.config.index.url)
+        s = offload.status(self.index, self.config.node.name if shared else None)
+        queued = GaugeMetricFamily("m3dicom_offload_queue", "Blobs in the offload queue, by state.", labels=["state"])
+        for state, count in (("pending", s.pending), ("retrying", s.retrying), ("failed", s.failed),
+                             ("removing", s.removing)):
+            queued.add_metric([state], count)
+        yield queued
+        oldest = GaugeMetricFamily("m3dicom_offload_oldest_pending_seconds",
+                                   "Age of the oldest blob waiting for S3 (0: none).")
+        oldest.add_metric([], max(0.0, self.clock() - s.oldest_pending) if s.oldest_pending else 0.0)
+        yield oldest
+
+
+OPS = web.AppKey("ops", dict)
+
+
+def create_app(config: Settings, index: Index, receivers: int, token: str | None) -> web.Application:
+    """/metrics, /healthz and /readyz for `config`'s node, reading `index` (this process's own connection)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    readiness = Readiness(config, index, receivers)
+    registry = _registry()
+    registry.register(NodeState(config, index))
+    app = web.Application(client_max_size=1024)
+    app[OPS] = {"readiness": readiness}
+    lock = asyncio.Lock()     # one scrape or readiness check at a time: a flood waits, it does not multiply work
+
+    def authorised(request: web.Request) -> bool:
+        if token is None:
+            return True
+        sent = request.headers.get("Authorization", "")
+        return sent.startswith("Bearer ") and hmac.compare_digest(sent[7:].encode(), token.encode())
+
+    async def scrape(request: web.Request) -> web.Response:
+        if not authorised(request):
+            raise web.HTTPUnauthorized(text="401: Unauthorized\n", headers={"WWW-Authenticate": "Bearer"})
+        async with lock:
+            body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n", headers={"Cache-Control": "no-store"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        async with lock:
+            try:
+                checks = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, readiness.checks),
+                                                CHECK_TIMEOUT * 3)
+            except asyncio.TimeoutError:
+                checks = [Check("checks", False, f"the checks took over {CHECK_TIMEOUT * 3:g} s")]
+        ready = all(c.ok for c in checks)
+        body = {"ready": ready, "checks": {c.name: {"ok": c.ok, **({"reason": c.reason} if c.reason else {})}
+                                           for c in checks}}
+        return web.json_response(body, status=200 if ready else 503, headers={"Cache-Control": "no-store"},
+                                 dumps=lambda v: json.dumps(v, indent=1))
+
+    app.router.add_get("/metrics", scrape)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def _run(config: Settings, sock: socket.socket, stop: threading.Event, receivers: int) -> None:
+    from archive import open_index
+
+    token = token_of(config)
+    index = open_index(config)
+    try:
+        runner = web.AppRunner(create_app(config, index, receivers, token), access_log=None,
+                               keepalive_timeout=30.0)
+        await runner.setup()
+        site = web.SockSite(runner, sock)
+        await site.start()
+        try:
+            while not stop.is_set():
+                await asyncio.sleep(0.5)
+        finally:
+            await runner.cleanup()
+    finally:
+        index.close()
+
+
+def run(config: Settings, sock: socket.socket, stop: threading.Event, receivers: int) -> None:
+    """Serve the endpoints on `sock` until `stop` (the node's "ops" process)."""
+    asyncio.run(_run(config, sock, stop, receivers))
+
+
+def address(config: Settings) -> str:
+    m = config.metrics
+    host = f"[{m.host}]" if ":" in m.host else m.host
+    return f"http://{host}:{m.port}/metrics"
+
