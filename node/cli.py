@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -17,11 +16,11 @@ def _config(args) -> Config:
 
 
 def cmd_serve(args) -> int:
-    from .receivers import LOG_FORMAT
+    from .receivers import configure_logging
     from .service import serve
 
     config = _config(args)
-    logging.basicConfig(level=config.log.level, format=LOG_FORMAT, stream=sys.stderr)
+    configure_logging(config, sys.stderr)
     try:
         serve(config, ready=lambda line: print(line, flush=True))
     except RuntimeError as exc:
@@ -373,10 +372,10 @@ def cmd_viewer(args) -> int:
     from viewer import serve as viewer_serve
 
     from .owners import open_index
-    from .receivers import LOG_FORMAT
+    from .receivers import configure_logging
 
     config = _config(args)
-    logging.basicConfig(level=config.log.level, format=LOG_FORMAT, stream=sys.stderr)
+    configure_logging(config, sys.stderr)
     index = open_index(config)
     try:
         viewer_serve.check(config, index)

@@ -31,6 +31,8 @@ __all__ = ["ClientSection", "CommitmentSection", "Config", "ConfigError", "Crypt
 @dataclass(frozen=True)
 class LogSection:
     level: str = setting("INFO", "Log level of the node.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    format: str = setting("text", "\"text\": one line per record; \"json\": one JSON object per line.",
+                          choices=("text", "json"))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ are stopped with it, and are restarted if one of them exits on its own.
 from __future__ import annotations
 
 import ctypes
+import datetime
+import json
 import logging
 import multiprocessing
 import os
@@ -76,7 +78,33 @@ class OneLineFormatter(logging.Formatter):
             message = f"{record.msg!r} {record.args!r}"
         clone.msg, clone.args = _cut(message, MAX_LOG_MESSAGE), None
         text = self.inner.format(clone) if self.inner is not None else super().format(clone)
+        if isinstance(self.inner, JsonFormatter):   # one line already; cut, it would be JSON no more
+            return text
         return _cut(one_line(text), MAX_LOG_LINE)
+
+
+class JsonFormatter(logging.Formatter):
+    """`[log] format = "json"`: one JSON object per line (time in UTC, level, process, logger, message and
+    any traceback), ASCII only, so that no character a peer sent can break the line or the object."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+                 .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                 "level": record.levelname, "process": record.processName, "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = _cut(self.formatException(record.exc_info), MAX_LOG_LINE)
+        return json.dumps(entry)
+
+
+def configure_logging(config: Config, stream=None) -> None:
+    """The node's log in this process: `log.level`, `log.format`, one line per record (`one_line_logs`)."""
+    logging.basicConfig(level=config.log.level, format=LOG_FORMAT, stream=stream)
+    if config.log.format == "json":
+        for handler in logging.getLogger().handlers:
+            if not isinstance(handler.formatter, (JsonFormatter, OneLineFormatter)):
+                handler.setFormatter(JsonFormatter())
+    one_line_logs()
 
 
 def _short(arg):
@@ -182,7 +210,7 @@ def _child(config: Config, parent: int, target: Callable, *args) -> None:
     """Entry point of a spawned process: dies with the node, stops on SIGTERM, runs `target`."""
     _die_with(parent)
 
-    logging.basicConfig(level=config.log.level, format=LOG_FORMAT)
+    configure_logging(config)
     configure_libraries()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

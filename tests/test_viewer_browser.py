@@ -34,7 +34,7 @@ def site(tmp_path_factory, pki):
     from helpers import Node
 
     work = tmp_path_factory.mktemp("browser")
-    node = Node(work / "node", pki, viewer={"enabled": True, "port": free_port()},
+    node = Node(work / "node", pki, viewer={"enabled": True, "port": free_port()}, log={"level": "DEBUG"},
                 router={"plugins": ["plugins_for_tests:HostileScene"], "rules": [
                     {"name": "mammo", "match": {"Modality": "MG"}, "plugin": "mammo-cad", "quiet_seconds": 1},
                     {"name": "head", "match": {"Modality": "CT", "BodyPartExamined": "HEAD"}, "plugin": "bone-model",
@@ -279,7 +279,7 @@ def test_a_search_session_leaves_no_patient_data_in_the_logs(site, browser):
     assert page.locator("#studies tbody tr[data-study]").count() == 1
     context.close()
     log = node.log().lower()
-    assert "/api/studies?" in log                                    # the searches were logged...
+    assert "/api/studies?" in log                                    # the searches were logged (DEBUG)...
     values = [*used.values(), *absent.values(), head]
     found = [v for v in values if any(form.lower() in log for form in (v, quote(v), quote_plus(v)))]
     assert not found, f"patient data in the node's log: {found}"     # ...without their values

@@ -484,7 +484,7 @@ def test_a_study_search_leaves_no_patient_data_in_the_node_log(make_node, tmp_pa
 
     import pydicom
 
-    node = make_node(start=False, viewer={"enabled": True, "port": free_port()})
+    node = make_node(start=False, viewer={"enabled": True, "port": free_port()}, log={"level": "DEBUG"})
     node.env["M3DICOM_ADMIN_PASSWORD"] = PASSWORD
     node.start()
     patient = {"name": "Quillfeather^Zenobia", "id": "QZ-5521-77", "accession": "ACX90417"}

@@ -119,6 +119,16 @@ class RedactedAccessLogger(AccessLogger):
         return [(key, first if key == "first_request_line" else value) for key, value in line]
 
 
+class AtDebug(logging.Filter):
+    """The access log's line per request belongs to DEBUG (at INFO the node writes a line per association and
+    per job; requests are counted by /metrics): aiohttp writes it at INFO, so it is lowered here, and
+    dropped unless the node logs at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 class MalformedRequestsInOneLine(logging.Filter):
     """aiohttp logs a request it cannot parse (a request line over 8190 bytes, a bad header) with
     a traceback that quotes the start of the request, a study search's patient name included:
@@ -210,8 +220,10 @@ async def _run(config: Settings, sock: socket.socket, stop: threading.Event, rea
 
     # keepalive_timeout: aiohttp closes a connection whose request is not complete this long after it opened or
     # after its previous answer (whatever arrived meanwhile): the header timeout (bodies: base.paced)
-    runner = web.AppRunner(create_app(config), access_log_class=RedactedAccessLogger,
-                           access_log=logging.getLogger("viewer.access"),
+    access = logging.getLogger("viewer.access")
+    if not any(isinstance(f, AtDebug) for f in access.filters):
+        access.addFilter(AtDebug())
+    runner = web.AppRunner(create_app(config), access_log_class=RedactedAccessLogger, access_log=access,
                            keepalive_timeout=config.viewer.header_timeout)
     await runner.setup()
     context = ssl_context(config)
