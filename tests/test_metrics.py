@@ -108,6 +108,7 @@ def test_what_peers_did_is_counted_across_the_receiving_processes(busy):
     assert value(s, "m3dicom_dimse_seconds_count", service="find") == 1
     wait_for(lambda: value(scrape(node), "m3dicom_associations_open") == 0, what="every association closed")
     assert value(s, "m3dicom_data_dir_free_bytes") > 0
+    assert [value(s, "m3dicom_ready", check=c) for c in ("index", "disk", "key", "s3", "receivers")] == [1] * 5
     # both receiving processes count into files in the data directory, added up at the scrape
     listening = {p.name for p in (node.data_dir / "metrics").glob("gauge_livesum_*.db")}
     assert len(listening) >= 2, listening
@@ -163,6 +164,7 @@ def test_a_disk_short_of_space_is_not_ready(tmp_path, pki):
     try:
         status, body = get(f"{node.url}/readyz")
         assert status == 503 and "storage.min_free_bytes" in body and '"disk"' in body, body
+        assert value(scrape(node), "m3dicom_ready", check="disk") == 0
     finally:
         node.stop()
 
@@ -246,3 +248,29 @@ def test_counts_start_at_zero_with_the_node(tmp_path, pki):
         assert value(scrape(node), "m3dicom_instances_received_total", calling_ae="STORESCU") == 0
     finally:
         node.stop()
+
+
+def test_the_sample_dashboard_asks_for_metrics_the_node_serves(busy):
+    """docs/grafana-dashboard.json: every metric its panels query is one the node serves."""
+    import json
+    import re
+
+    from helpers import ROOT as root
+
+    dashboard = json.loads((root / "docs" / "grafana-dashboard.json").read_text())
+    asked = {name for panel in dashboard["panels"] for target in panel["targets"]
+             for name in re.findall(r"\bm3dicom_[a-z_]+", target["expr"])}
+    from prometheus_client import REGISTRY
+
+    from archive import metrics
+
+    metrics.get()   # the catalogue, in this process: a labelled metric shows in a scrape once it has counted
+    kinds = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""]}
+    catalogue = {f.name + suffix for f in REGISTRY.collect() if f.name.startswith("m3dicom_")
+                 for suffix in kinds[f.type]}
+    _, body = get(f"{busy.url}/metrics")
+    read_at_scrape = {f.name for f in text_string_to_metric_families(body)}
+    # the offload gauges exist only with storage.backend = "s3"
+    offload = {"m3dicom_offload_queue", "m3dicom_offload_oldest_pending_seconds"}
+    assert {"m3dicom_jobs", "m3dicom_ready", "m3dicom_data_dir_free_bytes"} <= read_at_scrape
+    assert len(asked) >= 15 and not asked - catalogue - read_at_scrape - offload, asked - catalogue - read_at_scrape

@@ -175,12 +175,20 @@ class _Own:
 
 
 class NodeState:
-    """Gauges read from the index and the disk at each scrape (a prometheus-client custom collector)."""
+    """Gauges read from the index and the disk at each scrape (a prometheus-client custom collector), and
+    the readiness checks, one gauge each (alert on `m3dicom_ready == 0`)."""
 
-    def __init__(self, config: Settings, index: Index, clock=time.time):
-        self.config, self.index, self.clock = config, index, clock
+    def __init__(self, config: Settings, index: Index, readiness: Readiness, clock=time.time):
+        self.config, self.index, self.readiness, self.clock = config, index, readiness, clock
 
     def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        ready = GaugeMetricFamily("m3dicom_ready", "1 when the check passes (as /readyz says), by check.",
+                                  labels=["check"])
+        for check in self.readiness.checks():
+            ready.add_metric([check.name], 1.0 if check.ok else 0.0)
+        yield ready
         try:
             yield from self._read()
         except Exception as exc:   # the counters are still served; the index's state is what is missing
@@ -224,7 +232,7 @@ def create_app(config: Settings, index: Index, receivers: int, token: str | None
 
     readiness = Readiness(config, index, receivers)
     registry = _registry()
-    registry.register(NodeState(config, index))
+    registry.register(NodeState(config, index, readiness))
     app = web.Application(client_max_size=1024)
     app[OPS] = {"readiness": readiness}
     lock = asyncio.Lock()     # one scrape or readiness check at a time: a flood waits, it does not multiply work
