@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBIAN_PACKAGES := dcmtk orthanc orthanc-dicomweb invesalius-examples chromium postgresql
+DEBIAN_PACKAGES := dcmtk orthanc orthanc-dicomweb invesalius-examples chromium postgresql rsyslog rsyslog-gnutls
 X3DOM := viewer/vendor/node_modules/x3dom/x3dom.js
 X3DOM_VERSION := 1.8.3
 # OHIF's prebuilt viewer (npm @ohif/app, its dist/), served at /ohif/; the SHA-512 is npm's "integrity"

@@ -35,10 +35,16 @@ def open(settings: Settings) -> Archive:                      # noqa: A001 (arch
                          cr.kms_key_id)
     limits = Limits(max_inflated_bytes=ig.max_inflated_bytes, max_inflate_ratio=ig.max_inflate_ratio,
                     max_sequence_depth=ig.max_sequence_depth, max_pixel_bytes=ig.max_pixel_bytes)
-    return Archive(settings.data_dir, duplicates=st.duplicates, segment_size=st.segment_size, kms=kms,
-                   remote=s3_tier if st.backend == "s3" else None, limits=limits, on_conflict=ig.on_conflict,
-                   min_free_bytes=st.min_free_bytes, index_url=settings.index.url, node=settings.node.name,
-                   remote_wait=st.remote_wait_seconds)
+    opened = Archive(settings.data_dir, duplicates=st.duplicates, segment_size=st.segment_size, kms=kms,
+                     remote=s3_tier if st.backend == "s3" else None, limits=limits, on_conflict=ig.on_conflict,
+                     min_free_bytes=st.min_free_bytes, index_url=settings.index.url, node=settings.node.name,
+                     remote_wait=st.remote_wait_seconds)
+    audit = getattr(settings, "audit", None)
+    if audit is not None and audit.repository:   # the audit trail: what the node does, queued for the repository
+        from .atna import Recorder
+
+        opened.audit = Recorder(opened.index, audit.source_id or settings.node.ae_title, audit.site_id)
+    return opened
 
 
 def check_storage(settings: Settings) -> str | None:

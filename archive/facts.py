@@ -90,6 +90,17 @@ def study_of_instance(index: Index, sop_instance_uid: str) -> str | None:
         return conn.execute(_STUDY_OF_INSTANCE, {"uid": sop_instance_uid}).scalar()
 
 
+_PATIENT_OF_STUDY = text("SELECT p.patient_id, p.patient_name, s.accession_number FROM studies s "
+                         "JOIN patients p ON s.patient_pk = p.pk WHERE s.study_uid = :uid")
+
+
+def patient_of_study(index: Index, study_uid: str) -> tuple[str, str, str] | None:
+    """(Patient ID, patient's name, accession number) of a study (None: no such study)."""
+    with index.reader() as conn:
+        row = conn.execute(_PATIENT_OF_STUDY, {"uid": study_uid}).first()
+    return (row[0] or "", row[1] or "", row[2] or "") if row else None
+
+
 def stored_instance(index: Index, sop_instance_uid: str) -> StoredInstance | None:
     """The blob of a stored instance (None: no such instance)."""
     with index.reader() as conn:

@@ -95,6 +95,7 @@ class IngestResult:
     reason: str = ""
     sop_instance_uid: str | None = None
     study_uid: str | None = None
+    header: InstanceHeader | None = None     # what was filed (its patient, study, SOP class): for the audit trail
 
 
 _COMMIT_ATTEMPTS = 3
@@ -153,8 +154,11 @@ class Archive:
         self.limits = limits
         self.on_conflict = on_conflict
         self.min_free_bytes = min_free_bytes
+        self.audit = None        # an atna.Recorder when [audit] repository is set (archive.open)
 
     def close(self) -> None:
+        if self.audit is not None:
+            self.audit.close()   # what it holds goes to the outbox first
         self.index.close()
 
     def _elsewhere(self, blob_id: str) -> Elsewhere | None:
@@ -404,7 +408,7 @@ class Archive:
                         _short(header), calling_ae)
         elif outcome is Outcome.REPLACED:
             log.warning("%s from %s received again with different content: replaced", _short(header), calling_ae)
-        return IngestResult(outcome, "", header.sop_instance_uid, header.study_uid)
+        return IngestResult(outcome, "", header.sop_instance_uid, header.study_uid, header)
 
     def _conflict(self, conn, conflict: HierarchyConflict, header: InstanceHeader, blob: BlobInfo, sha256: str,
                   calling_ae: str | None, job_id: str | None, now: float) -> tuple[Outcome, bool]:

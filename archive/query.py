@@ -589,6 +589,35 @@ def instance_kinds(index: Index, query: Query, limit: int) -> list[tuple[str, st
             f"LIMIT {int(limit)}"), params)]
 
 
+@dataclass(frozen=True)
+class StudyShare:
+    """A study a retrieve sends instances of, with its patient (for the audit trail)."""
+    study_uid: str
+    patient_id: str
+    patient_name: str
+    accession: str
+    sop_classes: dict
+
+
+def studies_named(index: Index, query: Query, limit: int = 100) -> list[StudyShare]:
+    """The studies (at most `limit`) whose instances the query names, each with the count of its instances by
+    SOP class."""
+    found: dict[str, StudyShare] = {}
+    with index.reader() as conn:
+        where, params = _where(query, conn)
+        for study, patient_id, name, accession, sop_class, count in conn.execute(text(
+                f"SELECT s.study_uid, p.patient_id, p.patient_name, s.accession_number, i.sop_class_uid, COUNT(*) "
+                f"FROM {FROM['IMAGE']} WHERE {where} GROUP BY s.study_uid, p.patient_id, p.patient_name, "
+                f"s.accession_number, i.sop_class_uid ORDER BY s.study_uid LIMIT {int(limit) * 8}"), params):
+            share = found.get(study)
+            if share is None:
+                if len(found) == limit:
+                    break
+                share = found[study] = StudyShare(study, patient_id or "", name or "", accession or "", {})
+            share.sop_classes[sop_class] = int(count)
+    return list(found.values())
+
+
 def instances(index: Index, query: Query, after: int, limit: int) -> list[Match]:
     """The next `limit` of those instances with `pk` above `after`, in `pk` order: a retrieve reads
     them a page at a time and never holds them all."""

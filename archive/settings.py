@@ -238,6 +238,26 @@ def check_shared(index: IndexSection, storage: StorageSection) -> None:
                             "so that every node can read what another received")
 
 
+@dataclass(frozen=True)
+class AuditSection:
+    repository: str = setting("", "IHE ATNA audit repository, \"host:port\" (syslog over TLS, RFC 5425; 6514 is its "
+                              "port): every association, query, retrieve, login and start or stop of the node is "
+                              "sent there as a DICOM audit message (PS3.15 A.5). Empty: none are made.")
+    ca_certificates: Path | None = setting(None, "CA certificates (PEM) the repository's certificate must chain to; "
+                                           "default: dicom.ca_certificates.", path=True)
+    certificate: Path | None = setting(None, "The node's certificate (PEM) for the repository; default: "
+                                       "dicom.certificate.", path=True)
+    private_key: Path | None = setting(None, "Its private key; default: dicom.private_key.", path=True)
+    source_id: str = setting("", "AuditSourceID of the messages; empty: node.ae_title.")
+    site_id: str = setting("", "AuditEnterpriseSiteID of the messages (the hospital); empty: none.")
+
+    def validate(self) -> None:
+        if self.repository:
+            host, _, port = self.repository.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise SettingsError(f"audit.repository: {self.repository!r} is not host:port")
+
+
 class Settings(Protocol):
     """What the archive reads: the node's data directory, index, crypto, query and ingest settings."""
     node: NodeSection
@@ -246,6 +266,7 @@ class Settings(Protocol):
     crypto: CryptoSection
     query: QuerySection
     ingest: IngestSection
+    audit: AuditSection
 
     @property
     def data_dir(self) -> Path: ...

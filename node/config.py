@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from archive.settings import (CryptoSection, IndexSection, IngestSection, NodeSection, QuerySection, S3Section,
+from archive.settings import (AuditSection, CryptoSection, IndexSection, IngestSection, NodeSection, QuerySection, S3Section,
                               SettingsError, StorageSection, check_shared, setting)
 from router.settings import MATCH_KEYS, Rule, RouterSection
 from scp.settings import ClientSection, CommitmentSection, DicomSection, RemoteNode
@@ -22,7 +22,7 @@ from viewer.settings import MetricsSection, ViewerSection, loopback
 
 ConfigError = SettingsError          # a setting is unknown, has the wrong type or an invalid value
 
-__all__ = ["ClientSection", "CommitmentSection", "Config", "ConfigError", "CryptoSection", "DicomSection",
+__all__ = ["AuditSection", "ClientSection", "CommitmentSection", "Config", "ConfigError", "CryptoSection", "DicomSection",
            "IndexSection", "IngestSection", "LogSection", "MATCH_KEYS", "MetricsSection", "NodeSection", "QuerySection", "RemoteNode",
            "RouterSection",
            "Rule", "S3Section", "StorageSection", "ViewerSection", "documented_settings", "from_dict", "load"]
@@ -49,6 +49,7 @@ class Config:
     router: RouterSection = field(default_factory=RouterSection)
     viewer: ViewerSection = field(default_factory=ViewerSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    audit: AuditSection = field(default_factory=AuditSection)
     log: LogSection = field(default_factory=LogSection)
     remote: dict = field(default_factory=dict)   # name -> RemoteNode
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from archive import check_storage, metrics, nodes, open as open_archive, open_index
@@ -93,6 +94,51 @@ def operate(config: Config, sock, receivers: int, stop: threading.Event, parent_
     run(config, sock, stop, receivers)
 
 
+def send_audit(config: Config, stop: threading.Event, parent_alive) -> None:
+    """The audit sender process (`Children` worker): the outbox to [audit] repository, syslog over TLS."""
+    from archive.syslog import Sender
+    from scp.tls import client_context
+
+    a, d = config.audit, config.dicom
+    host, _, port = a.repository.rpartition(":")
+    context = client_context(a.ca_certificates or d.ca_certificates, a.certificate or d.certificate,
+                             a.private_key or d.private_key)
+    _watch_parent(stop, parent_alive)
+    index = open_index(config)
+    try:
+        Sender(index, host.strip("[]"), int(port), context).run(stop)
+    finally:
+        index.close()
+
+
+def audit_application(config: Config, index, start: bool) -> None:
+    """Application Activity: the node started or stops (with [audit] repository)."""
+    import getpass
+
+    from archive import atna
+
+    if not config.audit.repository:
+        return
+    event = atna.Event("application-activity", action="E", time=time.time(),
+                       event_type="application-start" if start else "application-stop",
+                       participants=(atna.Participant(config.node.ae_title, False, "application",
+                                                      alternative_id=str(os.getpid())),
+                                     atna.Participant(getpass.getuser(), True, "application-launcher")))
+    atna.put(index, [(event.time, atna.to_xml(event, config.audit.source_id or config.node.ae_title,
+                                              config.audit.site_id))])
+
+
+def _audit_stop(config: Config) -> None:
+    try:
+        index = open_index(config)
+        try:
+            audit_application(config, index, start=False)
+        finally:
+            index.close()
+    except Exception as exc:     # the index away: the stop is still a stop
+        log.error("audit: the node's stop could not be recorded (%s)", type(exc).__name__)
+
+
 def offload(config: Config, stop: threading.Event, parent_alive) -> None:
     """The offloader process (`Children` worker): push blobs to S3 until stopped."""
     from archive.offload import Offloader, Policy
@@ -174,6 +220,13 @@ def _serve(config: Config, ready) -> None:
         archive.close()
         raise
     archive.recover()   # before any receiver ingests; after the owners' migrations (the router holds its files)
+    if config.audit.repository:
+        from scp.tls import client_context
+
+        a, d = config.audit, config.dicom   # a certificate that cannot be read stops the start, not the sender
+        client_context(a.ca_certificates or d.ca_certificates, a.certificate or d.certificate,
+                       a.private_key or d.private_key)
+        audit_application(config, archive.index, start=True)
     # every port is taken and every setting checked before the first admin is made: a start
     # that fails must not have printed a password shown only once
     sockets, viewer_socket, ops_socket = receivers.listen(config), None, None
@@ -210,6 +263,8 @@ def _serve(config: Config, ready) -> None:
         workers["viewer"] = (view, viewer_socket)
     if ops_socket is not None:
         workers["ops"] = (operate, ops_socket, count)
+    if config.audit.repository:
+        workers["audit"] = (send_audit,)
     children = receivers.Children(config, workers)
     _keep_seen(config, stop)
 
@@ -233,6 +288,8 @@ def _serve(config: Config, ready) -> None:
         receivers.receive(config, 0, sockets, stop, announce, children.supervise)
         log.info("stopping")
     finally:
+        if config.audit.repository:
+            _audit_stop(config)
         children.stop()
         for sock in [*sockets.values(), *(s for s in (viewer_socket, ops_socket) if s)]:
             sock.close()

@@ -67,6 +67,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from archive import metrics
 
+from .handlers import counted_query
 from .tls import Reports, source_of
 from .wire import (DISCARD_LIMIT, MAX_COMMAND_SET, PDU_NAMES, Limits, PDUError, PeerClosed, StoreRequest,
                    encode_find_rsp, encode_store_rsp, file_meta, p_data, p_data_tf, parse_store_rq, read_pdu)
@@ -77,7 +78,7 @@ PYNETDICOM_VERSION = "3.0.4"
 ENABLED = pynetdicom.__version__ == PYNETDICOM_VERSION
 
 # (status, error comment) for a stored file: what the archive decided
-StoreFunction = Callable[[str, str, str, str], tuple[int, str]]
+StoreFunction = Callable[[str, str, str, object], tuple[int, str]]   # (path, SOP class, SOP instance, association)
 # (calling AE, SOP class, identifier, cancelled?, explicit VR?) -> (status, comment, encoded match | None)...
 FindFunction = Callable[[str, str, Callable[[], Dataset], Callable[[], bool], bool],
                         Iterator[tuple[int, str, bytes | None]]]
@@ -183,6 +184,7 @@ class FastDIMSE(DIMSEServiceProvider):
         one P-DATA-TF; the final response through pynetdicom. A query that fails on the way
         ends with 0xC001 (unable to process)."""
         explicit = self.assoc._accepted_cx[context_id].transfer_syntax[0] == ExplicitVRLittleEndian
+        counted_query(self.assoc, request)
         message_id = request.MessageID
         self.cancel_req = {}
         commands: dict[int, bytes] = {}
@@ -331,8 +333,7 @@ class FastDIMSE(DIMSEServiceProvider):
                     0x0110, "processing failure")
                 _refused(status)
             else:   # counted by the store function
-                status, comment = self._store(incoming.path, request.sop_class, request.sop_instance,
-                                              self.assoc.requestor.ae_title)
+                status, comment = self._store(incoming.path, request.sop_class, request.sop_instance, self.assoc)
         except Exception as exc:
             log.debug("C-STORE from %s failed", _peer(self.assoc), exc_info=True)
             log.error("C-STORE from %s failed (%s): answered 0x0110", _peer(self.assoc), _brief(exc))

@@ -24,6 +24,7 @@ from archive import db as archive_db
 from archive import query as archive_query
 from archive.query import Query, QueryError, model_of
 
+from . import audit
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,28 +51,68 @@ def _status(code: int, comment: str = "") -> Dataset:
     return status
 
 
-def store(archive: Archive, path, sop_class: str, sop_instance: str, calling_ae: str) -> tuple[int, str]:
-    """Ingest one received file: the C-STORE status and its error comment.
+class Visit:
+    """What one association did: its closing log line, and the audit trail's messages (`scp.audit`)."""
+
+    def __init__(self, calling_ae: str, address: str, port: int):
+        self.calling_ae, self.address, self.port = calling_ae, address, port
+        self.started = time.monotonic()
+        self.stored = self.bytes = self.refused = self.queries = self.retrieves = 0
+        self.studies: dict[str, dict] = {}   # study UID -> {"patient": (id, name), "accession", "classes": {}}
+        self.audit = None                     # the archive's atna.Recorder, when the node keeps an audit trail
+
+    def filed(self, header, size: int) -> None:
+        self.stored += 1
+        self.bytes += size
+        if header is None:
+            return
+        study = self.studies.setdefault(header.study_uid, {
+            "patient": (header.attrs.get("PatientID") or "", header.attrs.get("PatientName") or ""),
+            "accession": header.attrs.get("AccessionNumber") or "", "classes": {}})
+        study["classes"][header.sop_class_uid] = study["classes"].get(header.sop_class_uid, 0) + 1
+
+    def summary(self) -> str:
+        parts = [f"{self.stored} instances stored ({self.bytes / 1e6:.1f} MB)"] if self.stored or not (
+            self.queries or self.retrieves) else []
+        parts += [f"{self.refused} refused"] if self.refused else []
+        parts += [f"{self.queries} queries"] if self.queries else []
+        parts += [f"{self.retrieves} retrieves"] if self.retrieves else []
+        return f"{', '.join(parts)} in {time.monotonic() - self.started:.1f} s"
+
+
+def visit_of(assoc) -> Visit | None:
+    return getattr(assoc, "m3dicom_visit", None)
+
+
+def store(archive: Archive, path, sop_class: str, sop_instance: str, assoc) -> tuple[int, str]:
+    """Ingest one received file (on association `assoc`): the C-STORE status and its error comment.
 
     Success only once the instance is durable (blob fsynced, index committed). Shared by
     the fast path (`scp.fastpath`) and pynetdicom's own C-STORE path below.
     """
+    calling_ae, visit = assoc.requestor.ae_title, visit_of(assoc)
     started, measure = time.perf_counter(), metrics.get()
     try:
         result = archive.ingest_file(path, sop_class, sop_instance, calling_ae)
     except Exception:
         log.exception("C-STORE from %s failed", calling_ae)
         measure.stores_refused.labels("0x0110").inc()
+        if visit is not None:
+            visit.refused += 1
         return 0x0110, "processing failure"
     code = _STATUS[result.outcome]
     if code:
         log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae, code, result.reason)
         measure.stores_refused.labels(f"0x{code:04X}").inc()
+        if visit is not None:
+            visit.refused += 1
     else:
-        title = metrics.ae_label(calling_ae)
+        title, size = metrics.ae_label(calling_ae), _size_of(path)
         measure.instances_received.labels(title).inc()
-        measure.bytes_received.labels(title).inc(_size_of(path))
+        measure.bytes_received.labels(title).inc(size)
         measure.store_seconds.observe(time.perf_counter() - started)
+        if visit is not None:
+            visit.filed(result.header, size)
     return code, result.reason if code else ""
 
 
@@ -180,8 +221,7 @@ def handle_store(event, archive: Archive) -> Dataset | int:
         comment = f"{UID(announced).name} sent on a {UID(context).name} context"
         log.warning("C-STORE from %s refused (0xA900): %s", event.assoc.requestor.ae_title, comment)
         return _status(0xA900, comment)
-    code, comment = store(archive, event.dataset_path, context, str(request.AffectedSOPInstanceUID),
-                          event.assoc.requestor.ae_title)
+    code, comment = store(archive, event.dataset_path, context, str(request.AffectedSOPInstanceUID), event.assoc)
     return code if code == 0 else _status(code, comment)
 
 
@@ -190,9 +230,13 @@ def handle_closed(event) -> None:
     drop = getattr(event.assoc.dimse, "drop", None)
     if drop is not None:
         drop()
-    if getattr(event.assoc, "m3dicom_counted", False):
-        event.assoc.m3dicom_counted = False
+    visit = visit_of(event.assoc)
+    if visit is not None:
+        event.assoc.m3dicom_visit = None
         metrics.get().associations_open.dec()
+        log.info("association from %s (%s:%s): %s", visit.calling_ae, visit.address, visit.port, visit.summary())
+        if visit.audit is not None and visit.studies:
+            audit.stored(visit.audit, event.assoc, visit)
 
 
 def outcome(status: int | None) -> str:
@@ -284,8 +328,21 @@ def _find(archive: Archive, config: Settings, calling_ae: str, sop_class: str, i
     yield 0x0000, "", None
 
 
+def counted_query(assoc, request) -> None:
+    """A C-FIND request: counted for the association's line, and audited (the identifier as it came)."""
+    visit = visit_of(assoc)
+    if visit is None:
+        return
+    visit.queries += 1
+    if visit.audit is not None:
+        identifier = request.Identifier
+        audit.queried(visit.audit, assoc, str(request.AffectedSOPClassUID),
+                      identifier.getvalue() if hasattr(identifier, "getvalue") else b"", True)
+
+
 def handle_find(event, archive: Archive, config: Settings):
     """EVT_C_FIND, for the queries the fast path leaves to pynetdicom."""
+    counted_query(event.assoc, event.request)
     for code, comment, match in find(archive, config, event.assoc.requestor.ae_title,
                                      str(event.request.AffectedSOPClassUID), lambda: event.identifier,
                                      lambda: event.is_cancelled):
@@ -295,14 +352,14 @@ def handle_find(event, archive: Archive, config: Settings):
             yield _status(code, comment) if comment else code, None
 
 
-def handle_established(event) -> None:
+def handle_established(event, archive: Archive | None = None) -> None:
     assoc = event.assoc
-    log.info("association from %s (%s:%s)", assoc.requestor.ae_title,
-             assoc.requestor.address, assoc.requestor.port)
     measure = metrics.get()
     measure.associations.labels(metrics.ae_label(assoc.requestor.ae_title)).inc()
     measure.associations_open.inc()
-    assoc.m3dicom_counted = True     # read by handle_closed: it counts this association as closed
+    # what it does, for its line at the end (handle_closed), which also counts it as closed
+    visit = assoc.m3dicom_visit = Visit(assoc.requestor.ae_title, assoc.requestor.address, assoc.requestor.port)
+    visit.audit = archive.audit if archive is not None else None
 
 
 def handle_rejected(event) -> None:

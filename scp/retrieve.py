@@ -26,7 +26,8 @@ from archive import query as archive_query
 from archive.query import LEVELS, UNIQUE, Match, Query, QueryError, model_of
 from archive.storage import BlobNotFound
 
-from .handlers import measured
+from . import audit
+from .handlers import measured, visit_of
 from .settings import Settings
 from .tls import no_delay, remote_tls
 
@@ -195,6 +196,18 @@ def _instances(event, archive: Archive, found):
             yield 0xFF00, StoredInstance(match.sop_class_uid, match.sop_instance_uid, path)
 
 
+def _audited(assoc, archive: Archive, found: Retrieve, destination: tuple[str, str] | None) -> None:
+    visit = visit_of(assoc)
+    if visit is not None and visit.audit is not None:
+        audit.retrieving(visit.audit, assoc, archive_query.studies_named(archive.index, found.query), destination)
+
+
+def _counted(assoc) -> None:
+    visit = visit_of(assoc)
+    if visit is not None:
+        visit.retrieves += 1
+
+
 def _status_of(item, last: int | None) -> int | None:
     """The status in one item of a retrieve handler's answers (see `handlers.measured`)."""
     if isinstance(item, tuple) and len(item) == 2:
@@ -211,6 +224,7 @@ def _status_of(item, last: int | None) -> int | None:
 def handle_move(event, archive: Archive, config: Settings):
     """EVT_C_MOVE: to a [remote.NAME] node known by its AE title; unknown: 0xA801. A refused
     identifier gets its failure status without a connection to the destination."""
+    _counted(event.assoc)
     return measured("move", _move(event, archive, config), _status_of)
 
 
@@ -238,6 +252,7 @@ def _move(event, archive: Archive, config: Settings):
         log.warning("C-MOVE to %s: more than %d kinds of instances, only %d presentation contexts: the rest fail",
                     destination.ae_title, MAX_CONTEXTS, MAX_CONTEXTS)
     log.info("C-MOVE from %s: %d instances to %s", calling, found.count, destination.ae_title)
+    _audited(event.assoc, archive, found, (destination.ae_title, destination.host))
     options = {"ae_title": destination.ae_title, "max_pdu": config.dicom.max_pdu_size,
                "contexts": [build_context(sop_class, [syntax]) for sop_class, syntax in pairs[:MAX_CONTEXTS]],
                "evt_handlers": [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_ESTABLISHED, sends_stored_files)]}
@@ -265,6 +280,7 @@ def _move(event, archive: Archive, config: Settings):
 
 def handle_get(event, archive: Archive, config: Settings | None = None):
     """EVT_C_GET: the instances come back on the requestor's association (it is the storage SCP)."""
+    _counted(event.assoc)
     return measured("get", _get(event, archive, config), _status_of)
 
 
@@ -278,5 +294,6 @@ def _get(event, archive: Archive, config: Settings | None):
         yield refusal
         return
     log.info("C-GET from %s: %d instances", event.assoc.requestor.ae_title, found.count)
+    _audited(event.assoc, archive, found, None)
     yield found.count
     yield from _instances(event, archive, found)

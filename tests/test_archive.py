@@ -152,7 +152,7 @@ def test_migrations_are_recorded(tmp_path):
     Archive(tmp_path / "d").close()
     again = Archive(tmp_path / "d")  # reopening applies nothing twice
     assert [tuple(r) for r in again.index.read(text("SELECT version_num FROM alembic_version_archive"))] == [
-        ("archive_0005",)]
+        ("archive_0006",)]
     assert [writer_pragma(again.index, name) for name in ("journal_mode", "synchronous", "foreign_keys")] == [
         "wal", 2, 1]
 
@@ -296,7 +296,7 @@ def test_the_integrity_migration_keeps_what_an_older_index_holds(tmp_path):
     assert writer_pragma(index, "foreign_keys") == 1
     assert "patients_patient_id" in {r[1] for r in index.read(text("PRAGMA index_list(patients)"))}
     # brought to the last sqlite-utils schema, stamped at the archive's first Alembic revision, then upgraded
-    assert [r[0] for r in index.read(text("SELECT version_num FROM alembic_version_archive"))] == ["archive_0005"]
+    assert [r[0] for r in index.read(text("SELECT version_num FROM alembic_version_archive"))] == ["archive_0006"]
     assert len(index.read(text("SELECT name FROM _sqlite_migrations WHERE migration_set='m3dicom'"))) == 8
     index.close()
 

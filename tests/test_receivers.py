@@ -31,7 +31,9 @@ def test_every_receiver_starts_and_serves(make_node):
     finally:
         os.kill(node.proc.pid, signal.SIGCONT)
     assert node.rows("SELECT calling_ae FROM instances") == [("STORESCU",)]
-    assert "receiver-" in next(line for line in node.log().splitlines() if "association from" in line)
+    line = wait_for(lambda: next((line for line in node.log().splitlines() if "association from" in line), None),
+                    what="the association's line, written at its end")
+    assert "receiver-" in line and "1 instances stored" in line, line
 
 
 def test_parallel_senders_over_two_receivers_lose_nothing(make_node, tmp_path):

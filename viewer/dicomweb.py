@@ -38,7 +38,7 @@ from archive import query as archive_query
 from archive.dicomfile import InvalidInstance, inspect
 from archive.query import ATTRIBUTES, LEVELS, STUDY_ROOT, Query, QueryError
 
-from . import accounts, tokens
+from . import accounts, atna, tokens
 from .base import ARCHIVE, CLOCK, CONFIG, COOKIE, REFUSALS, SESSION, SlowBody, paced, run, too_slow, valid_uid
 from .logins import source_of
 
@@ -164,9 +164,14 @@ async def authenticate(request: web.Request, handler):
 
 async def audit(request: web.Request, detail: str, study_uid: str | None = None, outcome: str = "ok") -> None:
     caller = request[CALLER]
-    await run(request, lambda: accounts.audit(request.app[ARCHIVE].index, caller.who, "dicomweb", outcome,
-                                              study_uid=study_uid, detail=f"{request.method} {detail}",
-                                              address=request.remote))
+    archive = request.app[ARCHIVE]
+
+    def write() -> None:
+        accounts.audit(archive.index, caller.who, "dicomweb", outcome, study_uid=study_uid,
+                       detail=f"{request.method} {detail}", address=request.remote)
+        atna.record(archive, request.app[CONFIG].node.ae_title, caller.who, "dicomweb", outcome, request.remote,
+                    study_uid)
+    await run(request, write)
 
 
 def checked_uid(request: web.Request, name: str) -> str | None:

@@ -33,7 +33,7 @@ from router import queue
 from router.api import JobRequestError, plugins_for_study, request_job
 from router.jobs import IllegalTransition
 
-from . import accounts, analysis, upload
+from . import accounts, analysis, atna, upload
 from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, JOB_ID, LOGINS, OHIF_ON, PLUGINS, SECRET, SESSION,
                    json_body, render, run, valid_uid)
 from .base import form as read_form
@@ -132,8 +132,13 @@ async def _audit(request: web.Request, action: str, outcome: str = "ok", *, who:
     """An audit record; `who` (an attempted login, a link) names the actor instead of the session's user."""
     session = request.get(SESSION)
     actor = who or (session.who if session else None)
-    await run(request, lambda: accounts.audit(request.app[ARCHIVE].index, actor, action, outcome,
-                                              address=_address(request), **extra))
+    archive = request.app[ARCHIVE]
+
+    def write() -> None:
+        accounts.audit(archive.index, actor, action, outcome, address=_address(request), **extra)
+        atna.record(archive, request.app[CONFIG].node.ae_title, actor, action, outcome, _address(request),
+                    extra.get("study_uid"))
+    await run(request, write)
 
 
 def _bad_request(why: str) -> web.HTTPBadRequest:

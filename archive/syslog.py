@@ -1,0 +1,127 @@
+"""The audit trail on its way to the repository: syslog over TLS (RFC 5424 messages in RFC 5425's octet
+counting framing), as IHE ATNA's Record Audit Event transaction (ITI-20) sends it.
+
+`Sender` takes the oldest messages of the outbox (`archive.atna`), sends them on one TLS connection and only
+then removes them. Syslog over TLS has no acknowledgement: after a batch the connection is looked at, and a
+repository that has closed it gets the batch again on a new connection. A message may so arrive twice; none
+is lost. While the repository cannot be reached the messages wait in the index, and the sender tries again,
+after 1 s, then longer, up to a minute.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import select
+import socket
+import ssl
+import threading
+
+from . import atna
+from .index import Index
+
+log = logging.getLogger(__name__)
+
+PRI = 10 * 8 + 5          # facility 10 (security/authorization), severity 5 (notice): IHE ITI TF-2 3.20.6
+MSGID = "IHE+RFC-3881"
+BOM = b"\xef\xbb\xbf"
+BATCH = 100
+CONNECT_TIMEOUT = 10.0
+MAX_RETRY_DELAY = 60.0
+
+
+def frame(xml: bytes, hostname: str, app: str, procid: str, when: float) -> bytes:
+    """One RFC 5424 message carrying `xml`, with RFC 5425's length in front."""
+    stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+    message = f"<{PRI}>1 {stamp} {_printable(hostname, 255)} {_printable(app, 48)} {_printable(procid, 128)} " \
+              f"{MSGID} - ".encode("ascii") + BOM + xml
+    return f"{len(message)} ".encode("ascii") + message
+
+
+def _printable(value: str, limit: int) -> str:
+    """RFC 5424 header fields: printable US-ASCII without spaces, or "-"."""
+    cleaned = "".join(c for c in value if 33 <= ord(c) <= 126)[:limit]
+    return cleaned or "-"
+
+
+class Sender:
+    """Sends the outbox to `host:port` over TLS (`context`: the node's certificate, the repository's CA)."""
+
+    def __init__(self, index: Index, host: str, port: int, context: ssl.SSLContext, app: str = "m3dicom",
+                 hostname: str | None = None):
+        self.index, self.host, self.port, self.context = index, host, port, context
+        self.app, self.hostname = app, hostname or socket.gethostname()
+        self.procid = str(os.getpid())
+        self.sock: ssl.SSLSocket | None = None
+        self.delay, self.failing = 1.0, False
+
+    def run(self, stop: threading.Event, idle: float = 0.5) -> None:
+        while not stop.is_set():
+            try:
+                sent = self.step()
+            except Exception as exc:      # the index away: the next round tries again
+                log.warning("audit: the outbox could not be read (%s)", type(exc).__name__)
+                sent = -1
+            if sent == 0:
+                stop.wait(idle)
+            elif sent < 0:
+                stop.wait(self.delay)
+                self.delay = min(MAX_RETRY_DELAY, self.delay * 2)
+        self.close()
+
+    def step(self) -> int:
+        """Send one batch: the number sent, 0 when none waited, -1 when the repository could not take them."""
+        batch = atna.take(self.index, BATCH)
+        if not batch:
+            return 0
+        data = b"".join(frame(xml, self.hostname, self.app, self.procid, when) for _, when, xml in batch)
+        try:
+            sock = self.sock or self._connect()
+            sock.sendall(data)
+            if self._closed_by_peer(sock):
+                raise ConnectionError("the repository closed the connection")
+        except (OSError, ssl.SSLError) as exc:
+            self.close()
+            if not self.failing:
+                waiting = atna.waiting(self.index)[0]
+                log.warning("audit: repository %s:%s cannot take messages (%s); %d wait in the index, sent once it "
+                            "answers", self.host, self.port, getattr(exc, "strerror", None) or exc, waiting)
+            self.failing = True
+            return -1
+        atna.sent(self.index, batch[-1][0])
+        if self.failing:
+            log.info("audit: repository %s:%s takes messages again", self.host, self.port)
+        self.failing, self.delay = False, 1.0
+        return len(batch)
+
+    def _connect(self) -> ssl.SSLSocket:
+        raw = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
+        try:
+            self.sock = self.context.wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
+        return self.sock
+
+    @staticmethod
+    def _closed_by_peer(sock: ssl.SSLSocket, wait: float = 0.05) -> bool:
+        """A repository sends nothing: a readable connection is one it closed (or aborted)."""
+        readable, _, _ = select.select([sock], [], [], wait)
+        if not readable:
+            return False
+        try:
+            sock.settimeout(wait)
+            return sock.recv(1) == b""
+        except (OSError, ssl.SSLError):
+            return True
+        finally:
+            sock.settimeout(CONNECT_TIMEOUT)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = None

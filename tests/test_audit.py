@@ -1,0 +1,233 @@
+"""IHE ATNA audit messages (issue 19): valid DICOM audit messages (PS3.15 A.5.1; the schema is in
+tests/data), sent by syslog over TLS to a real repository, Debian's rsyslog with its TLS input (gtls,
+mutual TLS) started here; what a storescu / findscu / getscu / viewer session did arrives with its peer,
+patient and study; while the repository is down messages wait in the index, and none is lost.
+"""
+from __future__ import annotations
+
+import base64
+import http.cookiejar
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+from lxml import etree
+
+from archive import atna
+from archive.syslog import frame
+from helpers import ROOT, Node, free_port, synthetic_instances, wait_for
+from test_viewer_browser import PASSWORD
+
+SCHEMA = etree.RelaxNG(etree.parse(str(ROOT / "tests" / "data" / "dicom-audit-message.rng")))
+RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
+
+
+def valid(xml: bytes) -> etree._Element:
+    doc = etree.fromstring(xml)
+    assert SCHEMA.validate(doc), SCHEMA.error_log
+    return doc
+
+
+def test_every_kind_of_message_is_valid_and_hostile_values_stay_inside_it():
+    user = atna.Participant("SCAN\x01NER<\"&'>", True, "source", "127.0.0.1")
+    node = atna.Participant("M3DICOM", False, "destination", "::1", alternative_id="4242")
+    patient = atna.Patient("ID-\x07<1>", "Doe^J\u0000ane")
+    events = [
+        atna.Event("application-activity", action="E", event_type="application-start",
+                   participants=(node, atna.Participant("root", True, "application-launcher"))),
+        atna.Event("instances-transferred", action="C", participants=(user, node), patient=patient,
+                   studies=(atna.Study("1.2.3", {"1.2.840.10008.5.1.4.1.1.2": 3}, "ACC<1>"),)),
+        atna.Event("query", action="E", participants=(user, node), query=("1.2.840.10008.5.1.4.1.2.2.1", b"\x00\xff<")),
+        atna.Event("begin-transferring", action="E", participants=(node, user), patient=patient,
+                   studies=(atna.Study("1.2.3", {}),)),
+        atna.Event("user-authentication", action="E", outcome="4", event_type="login",
+                   participants=(atna.Participant("mallory", True, None, "203.0.113.9"), node)),
+        atna.Event("instances-accessed", action="R", participants=(user, node), studies=(atna.Study("1.2.3"),)),
+        atna.Event("security-alert", action="E", outcome="4", event_type="node-authentication",
+                   participants=(atna.Participant("198.51.100.7", False, None, "198.51.100.7"), node),
+                   description="TLS handshake failed: <bad certificate>"),
+    ]
+    for event in events:
+        doc = valid(atna.to_xml(event, "M3DICOM", "Site <A>"))
+        assert doc.find("EventIdentification/EventID").get("csd-code") == atna.EVENTS[event.kind][0]
+    said = atna.to_xml(events[2], "M3DICOM")
+    assert base64.b64decode(etree.fromstring(said).find(".//ParticipantObjectQuery").text) == b"\x00\xff<"
+    # the schema is no rubber stamp: a message without its source, or with an unknown outcome, fails it
+    broken = etree.fromstring(atna.to_xml(events[1], "M3DICOM"))
+    broken.remove(broken.find("AuditSourceIdentification"))
+    assert not SCHEMA.validate(broken)
+    odd = etree.fromstring(atna.to_xml(events[1], "M3DICOM"))
+    odd.find("EventIdentification").set("EventOutcomeIndicator", "2")
+    assert not SCHEMA.validate(odd)
+
+
+def test_a_syslog_frame_is_rfc5424_in_rfc5425_octet_counting():
+    data = frame(b"<AuditMessage/>", "host name\x00", "m3dicom", "123", 1_700_000_000.25)
+    length, _, message = data.partition(b" ")
+    assert int(length) == len(message)
+    assert message.startswith(b"<85>1 2023-11-14T22:13:20.250Z hostname m3dicom 123 IHE+RFC-3881 - \xef\xbb\xbf<")
+
+
+class Rsyslog:
+    """rsyslogd in the foreground, TLS input (gtls, x509/certvalid: the node must show a certificate of the
+    CA), every message's MSGID and text written one per line to `out`."""
+
+    def __init__(self, work: Path, pki: Path, port: int):
+        self.work, self.port, self.out = work, port, work / "received.log"
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "spool").mkdir(exist_ok=True)
+        self.conf = work / "rsyslog.conf"
+        self.conf.write_text(f'''
+global(maxMessageSize="256k" workDirectory="{work / 'spool'}"
+       DefaultNetstreamDriver="gtls" DefaultNetstreamDriverCAFile="{pki / 'ca.pem'}"
+       DefaultNetstreamDriverCertFile="{pki / 'server.pem'}" DefaultNetstreamDriverKeyFile="{pki / 'server.key'}")
+module(load="imtcp" StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="x509/certvalid")
+input(type="imtcp" address="127.0.0.1" port="{port}")
+template(name="audit" type="string" string="%msgid% %msg%\\n")
+action(type="omfile" file="{self.out}" template="audit")
+''')
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Rsyslog":
+        self.proc = subprocess.Popen([RSYSLOGD, "-n", "-f", str(self.conf), "-i", str(self.work / "pid")],
+                                     stdout=open(self.work / "rsyslogd.out", "ab"), stderr=subprocess.STDOUT)
+        import socket
+
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            except OSError:
+                assert self.proc.poll() is None, (self.work / "rsyslogd.out").read_text()
+                return False
+        wait_for(listening, timeout=20, what="rsyslogd listening")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+    def messages(self) -> list[etree._Element]:
+        if not self.out.exists():
+            return []
+        found = []
+        for line in self.out.read_bytes().splitlines():
+            msgid, _, text = line.partition(b" ")
+            assert msgid == b"IHE+RFC-3881", line[:200]
+            found.append(valid(text.lstrip(b"\xef\xbb\xbf").strip()))
+        return found
+
+
+def kind(doc) -> str:
+    code = doc.find("EventIdentification/EventID").get("csd-code")
+    return next(k for k, (c, _) in atna.EVENTS.items() if c == code)
+
+
+def objects(doc, role: str) -> list[str]:
+    return [o.get("ParticipantObjectID") for o in doc.findall("ParticipantObjectIdentification")
+            if o.get("ParticipantObjectTypeCodeRole") == role]
+
+
+def users(doc) -> list[str]:
+    return [p.get("UserID") for p in doc.findall("ActiveParticipant")]
+
+
+@pytest.fixture
+def repository(tmp_path, pki):
+    if not os.path.exists(RSYSLOGD):
+        pytest.fail("rsyslogd is not installed: `make install` installs Debian's rsyslog and rsyslog-gnutls")
+    server = Rsyslog(tmp_path / "rsyslog", pki, free_port()).start()
+    yield server
+    server.stop()
+
+
+def _login(node: Node, password: str) -> int:
+    context = ssl.create_default_context(cafile=str(node.pki / "ca.pem"))
+    context.check_hostname = False
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()),
+                                         urllib.request.HTTPSHandler(context=context))
+    base = f"https://127.0.0.1:{node.settings['viewer']['port']}"
+    request = urllib.request.Request(base + "/login", urllib.parse.urlencode({"user": "admin", "password": password})
+                                     .encode(), headers={"Origin": base})
+    try:
+        with opener.open(request, timeout=60) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.slow
+def test_a_session_reaches_the_repository_and_nothing_is_lost_while_it_is_down(tmp_path, pki, repository):
+    node = Node(tmp_path / "node", pki, viewer={"enabled": True, "port": free_port()},
+                audit={"repository": f"127.0.0.1:{repository.port}", "site_id": "TEST-HOSPITAL"})
+    node.env["M3DICOM_ADMIN_PASSWORD"] = PASSWORD
+    node.start()
+    try:
+        files = synthetic_instances(tmp_path / "study", 2, patient="Audit^Anna", patient_id="AUD-001")
+        study = pydicom.dcmread(files[0]).StudyInstanceUID
+        node.storescu(*files, aet="MODALITY1")
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        subprocess.run(["findscu", *node.tls_args(), "-aet", "PACSQUERY", "-aec", "M3DICOM", "-S", "-k",
+                        "QueryRetrieveLevel=STUDY", "-k", "PatientID=AUD-001", "-k", "StudyInstanceUID", "127.0.0.1",
+                        str(node.port)], check=True, capture_output=True, env=env)
+        (tmp_path / "got").mkdir()
+        subprocess.run(["getscu", "-aet", "WORKSTATION", "-aec", "M3DICOM", "-S", "-k", "QueryRetrieveLevel=STUDY",
+                        "-k", f"StudyInstanceUID={study}", "-od", str(tmp_path / "got"), "127.0.0.1",
+                        str(node.plain_port)], check=True, capture_output=True, env=env)
+        assert _login(node, "not the password") == 401 and _login(node, PASSWORD) == 200
+
+        def arrived(wanted: dict[str, int]):
+            got = repository.messages()
+            kinds = [kind(d) for d in got]
+            return got if all(kinds.count(k) >= n for k, n in wanted.items()) else None
+        got = wait_for(lambda: arrived({"application-activity": 1, "instances-transferred": 1, "query": 1,
+                                        "begin-transferring": 1, "user-authentication": 2}),
+                       timeout=30, what="the session's messages")
+        by = {}
+        for doc in got:
+            by.setdefault(kind(doc), []).append(doc)
+        stored = by["instances-transferred"][0]
+        assert objects(stored, "3") == [study] and objects(stored, "1") == ["AUD-001"]
+        assert "MODALITY1" in users(stored) and "M3DICOM" in users(stored)
+        assert stored.find(".//SOPClass").get("NumberOfInstances") == "2"
+        assert stored.find("AuditSourceIdentification").get("AuditEnterpriseSiteID") == "TEST-HOSPITAL"
+        query = by["query"][0]
+        assert "PACSQUERY" in users(query)
+        assert b"AUD-001" in base64.b64decode(query.find(".//ParticipantObjectQuery").text)
+        sent = by["begin-transferring"][0]
+        assert "WORKSTATION" in users(sent) and objects(sent, "3") == [study] and objects(sent, "1") == ["AUD-001"]
+        outcomes = sorted(d.find("EventIdentification").get("EventOutcomeIndicator") for d in by["user-authentication"])
+        assert outcomes == ["0", "4"] and all("admin" in users(d) for d in by["user-authentication"])
+        start = by["application-activity"][0]
+        assert start.find("EventIdentification/EventTypeCode").get("csd-code") == "110120"
+
+        # the repository goes away: what happens meanwhile waits in the index, and arrives once it is back
+        before = len(got)
+        repository.stop()
+        later = []
+        for n in range(3):
+            (path,) = synthetic_instances(tmp_path / f"later{n}", 1, patient="Audit^Anna", patient_id="AUD-001")
+            node.storescu(path, aet="MODALITY2")
+            later.append(pydicom.dcmread(path).StudyInstanceUID)
+        wait_for(lambda: node.rows("SELECT COUNT(*) FROM audit_outbox")[0][0] >= 3, timeout=15,
+                 what="the messages waiting in the index")
+        time.sleep(2)                                       # the sender tries, and tries again
+        repository.start()
+        got = wait_for(lambda: (lambda m: m if {s for d in m for s in objects(d, "3")} >= set(later) else None)(
+            repository.messages()), timeout=90, what="the waiting messages delivered")
+        assert len(got) >= before + 3
+        wait_for(lambda: node.rows("SELECT COUNT(*) FROM audit_outbox")[0][0] == 0, what="the outbox emptied")
+    finally:
+        node.stop()
+    assert "audit: repository" in node.log()             # the outage was said once, and its end

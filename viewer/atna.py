@@ -1,0 +1,31 @@
+"""The viewer's audit records (`accounts.audit`) as IHE ATNA messages too, when the node keeps an audit trail
+([audit] repository): logins and logouts as User Authentication, a study looked at (its page, a share link,
+a model, a download, DICOMweb) as DICOM Instances Accessed, with its patient."""
+from __future__ import annotations
+
+import os
+
+from archive import Archive
+from archive.atna import Event, Participant, Patient, Study
+from archive.facts import patient_of_study
+
+ACCESSES = frozenset({"view", "share_open", "view_model", "download", "dicomweb"})
+
+
+def record(archive: Archive, node_ae: str, who: str | None, action: str, outcome: str, address: str | None,
+           study_uid: str | None = None) -> None:
+    """Record one of the viewer's audit records as an ATNA message (nothing when there is no audit trail)."""
+    recorder = archive.audit
+    if recorder is None:
+        return
+    node = Participant(node_ae, False, "application", alternative_id=str(os.getpid()))
+    user = Participant(who or "-", True, None, address if address and address != "?" else None)
+    failed = "0" if outcome == "ok" else "4"
+    if action in ("login", "logout"):
+        recorder.record(Event("user-authentication", action="E", outcome=failed, event_type=action,
+                              participants=(user, node)))
+    elif action in ACCESSES and study_uid:
+        found = patient_of_study(archive.index, study_uid)
+        patient = Patient(found[0], found[1] or None) if found else None
+        recorder.record(Event("instances-accessed", action="R", outcome=failed, participants=(user, node),
+                              studies=(Study(study_uid, {}, (found[2] or None) if found else None),), patient=patient))
