@@ -76,8 +76,11 @@ class LocalKeyring:
 
     @classmethod
     def open(cls, directory: Path, create: bool = True) -> "LocalKeyring":
+        """The keys in `directory`; with `create`, the directory and a first key made when there are none
+        (without: nothing is made, and a missing directory raises FileNotFoundError)."""
         ring = cls(directory)
-        ring.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if create:
+            ring.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         ring._load()
         if ring.current is None and create:
             ring.current = ring.add_new()

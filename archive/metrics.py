@@ -13,15 +13,19 @@ process, then "other" (a peer choosing a new title per association must not grow
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import shutil
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 ENVIRONMENT = "PROMETHEUS_MULTIPROC_DIR"
 AE_TITLES_KEPT = 64
 # seconds: from a few milliseconds (a small instance on a fast disk) to minutes (a slow sender's 2 GB)
@@ -80,12 +84,97 @@ def process_gone(pid: int) -> None:
         mp.mark_process_dead(pid)
 
 
+class _Safe:
+    """A metric whose failure never reaches the work it counts: a C-STORE stored is answered stored even when
+    its count cannot be written (data_dir/metrics removed under the node: the file of a process that had not
+    counted yet cannot be made). The failure is logged, once a minute at most."""
+
+    __slots__ = ("_metric",)
+
+    def __init__(self, metric):
+        self._metric = metric
+
+    def labels(self, *values) -> "_Safe":
+        try:
+            return _Safe(self._metric.labels(*values))
+        except Exception as exc:
+            _failed(exc)
+            return _NOTHING
+
+    def inc(self, amount: float = 1) -> None:
+        try:
+            self._metric.inc(amount)
+        except Exception as exc:
+            _failed(exc)
+
+    def dec(self, amount: float = 1) -> None:
+        try:
+            self._metric.dec(amount)
+        except Exception as exc:
+            _failed(exc)
+
+    def set(self, value: float) -> None:
+        try:
+            self._metric.set(value)
+        except Exception as exc:
+            _failed(exc)
+
+    def observe(self, value: float) -> None:
+        try:
+            self._metric.observe(value)
+        except Exception as exc:
+            _failed(exc)
+
+    @contextlib.contextmanager
+    def time(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.observe(time.perf_counter() - started)
+
+
+class _Nothing(_Safe):
+    def __init__(self):
+        super().__init__(None)
+
+    def labels(self, *values) -> "_Safe":
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    dec = inc
+
+    def set(self, value: float) -> None:
+        pass
+
+    observe = set
+
+
+_NOTHING = _Nothing()
+_last_failure = [0.0]
+
+
+def _failed(exc: Exception) -> None:
+    now = time.monotonic()
+    if now - _last_failure[0] >= 60.0:
+        _last_failure[0] = now
+        log.error("metrics: a count could not be written (%s: %s); the work it counts goes on",
+                  type(exc).__name__, exc)
+
+
 @functools.cache
 def get() -> Metrics:
     """The catalogue, made on first use (in each process)."""
     from prometheus_client import Counter, Gauge, Histogram
 
-    return Metrics(
+    made = _catalogue(Counter, Gauge, Histogram)
+    return Metrics(**{name: _Safe(metric) for name, metric in made.items()})
+
+
+def _catalogue(Counter, Gauge, Histogram) -> dict:
+    return dict(
         associations_open=Gauge("m3dicom_associations_open", "DICOM associations open now.",
                                 multiprocess_mode="livesum"),
         associations=Counter("m3dicom_associations", "DICOM associations accepted, by calling AE title.",

@@ -16,13 +16,13 @@ def _config(args) -> Config:
 
 
 def cmd_serve(args) -> int:
-    from .receivers import configure_logging
+    from .receivers import banner, configure_logging
     from .service import serve
 
     config = _config(args)
     configure_logging(config, sys.stderr)
     try:
-        serve(config, ready=lambda line: print(line, flush=True))
+        serve(config, ready=banner(config))
     except RuntimeError as exc:
         print(f"m3dicom: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -95,6 +96,19 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = _cut(self.formatException(record.exc_info), MAX_LOG_LINE)
         return json.dumps(entry)
+
+
+def banner(config: Config):
+    """How `m3dicom serve` prints its start lines on standard output (where to send, the first admin's
+    password): as they are, or as JSON records with `log.format = "json"`."""
+    if config.log.format != "json":
+        return lambda line: print(line, flush=True)
+    formatter = JsonFormatter()
+
+    def say(line: str) -> None:
+        record = logging.LogRecord("m3dicom", logging.INFO, __file__, 0, line, None, None)
+        print(formatter.format(record), flush=True)
+    return say
 
 
 def configure_logging(config: Config, stream=None) -> None:
@@ -220,7 +234,11 @@ def _child(config: Config, parent: int, target: Callable, *args) -> None:
         if os.getppid() != parent:
             stop.set()
 
-    target(config, *args, stop, parent_alive)
+    try:
+        target(config, *args, stop, parent_alive)
+    except Exception:   # one record in the node's log format (multiprocessing would print a bare traceback)
+        log.exception("%s failed", multiprocessing.current_process().name)
+        sys.exit(1)
 
 
 def _die_with(parent: int) -> None:

@@ -234,7 +234,7 @@ def _serve(config: Config, ready) -> None:
         if config.metrics.port:
             from viewer import ops
 
-            ops.token_of(config)                        # an unreadable token file stops the start
+            ops.token_of(config, warn=False)            # an unreadable token file stops the start
             ops_socket = ops.listen(config)
         if config.viewer.enabled:
             from viewer import serve as viewer_serve

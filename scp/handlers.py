@@ -254,10 +254,13 @@ def outcome(status: int | None) -> str:
     return "failure"
 
 
-def measured(service: str, answers: Iterator, status_of: Callable[[object, int | None], int | None]) -> Iterator:
+def measured(service: str, answers: Iterator, status_of: Callable[[object, int | None], int | None],
+             ended_as: str = "success") -> Iterator:
     """`answers` (a C-FIND, C-MOVE or C-GET handler's generator) passed on, counted and timed by service and
     outcome (`metrics.dimse_requests`, `dimse_seconds`); `status_of(item, last)` reads the status of each
-    item. A generator run to its end without a final status ended in success."""
+    item. A generator run to its end without a final status ended as `ended_as`: a C-FIND's in success; a
+    retrieve's "completed", every sub-operation tried (pynetdicom, not the handler, then weighs their
+    outcomes into the final status)."""
     started, status, ended = time.perf_counter(), None, False
     try:
         for item in answers:
@@ -268,10 +271,9 @@ def measured(service: str, answers: Iterator, status_of: Callable[[object, int |
         close = getattr(answers, "close", None)
         if close is not None:
             close()
-        if ended and status in (None, 0xFF00, 0xFF01):
-            status = 0x0000
+        said = ended_as if ended and status in (None, 0xFF00, 0xFF01) else outcome(status)
         measure = metrics.get()
-        measure.dimse_requests.labels(service, outcome(status)).inc()
+        measure.dimse_requests.labels(service, said).inc()
         measure.dimse_seconds.labels(service).observe(time.perf_counter() - started)
 
 

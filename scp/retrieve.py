@@ -225,7 +225,7 @@ def handle_move(event, archive: Archive, config: Settings):
     """EVT_C_MOVE: to a [remote.NAME] node known by its AE title; unknown: 0xA801. A refused
     identifier gets its failure status without a connection to the destination."""
     _counted(event.assoc)
-    return measured("move", _move(event, archive, config), _status_of)
+    return measured("move", _move(event, archive, config), _status_of, "completed")
 
 
 def _move(event, archive: Archive, config: Settings):
@@ -281,7 +281,7 @@ def _move(event, archive: Archive, config: Settings):
 def handle_get(event, archive: Archive, config: Settings | None = None):
     """EVT_C_GET: the instances come back on the requestor's association (it is the storage SCP)."""
     _counted(event.assoc)
-    return measured("get", _get(event, archive, config), _status_of)
+    return measured("get", _get(event, archive, config), _status_of, "completed")
 
 
 def _get(event, archive: Archive, config: Settings | None):

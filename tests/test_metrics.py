@@ -7,10 +7,12 @@ only if every receiving process's counts reach the scrape.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -24,10 +26,10 @@ from helpers import M3DICOM, ROOT, Node, data_file, free_port, wait_for
 FILES = ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "SC_rgb.dcm"]
 
 
-def get(url: str, token: str | None = None) -> tuple[int, str]:
+def get(url: str, token: str | None = None, timeout: float = 30) -> tuple[int, str]:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
             return answer.status, answer.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -274,3 +276,92 @@ def test_the_sample_dashboard_asks_for_metrics_the_node_serves(busy):
     offload = {"m3dicom_offload_queue", "m3dicom_offload_oldest_pending_seconds"}
     assert {"m3dicom_jobs", "m3dicom_ready", "m3dicom_data_dir_free_bytes"} <= read_at_scrape
     assert len(asked) >= 15 and not asked - catalogue - read_at_scrape - offload, asked - catalogue - read_at_scrape
+
+
+# -- found by an attack on the endpoints -------------------------------------------------------------------
+
+def test_counts_that_cannot_be_written_never_change_a_dicom_answer(tmp_path, pki):
+    """data_dir/metrics removed under a running node: a process that had not counted yet could not make its
+    count file, and a stored instance was answered 0x0110. It is answered stored; the scrape comes back."""
+    node = metrics_node(tmp_path, pki, dicom={"receivers": 2})
+    node.start()
+    try:
+        shutil.rmtree(node.data_dir / "metrics")
+        for name in FILES:
+            result = node.storescu(data_file(name), aet="AFTER")
+            assert result.returncode == 0
+        assert len(node.rows("SELECT 1 FROM instances")) == len(FILES)
+        assert get(f"{node.url}/metrics")[0] == 200 and (node.data_dir / "metrics").is_dir()
+        assert "metrics: " in node.log() and "0x0110" not in node.log()
+    finally:
+        node.stop()
+
+
+def test_a_hostile_authorization_header_gets_401_and_one_line(tmp_path, pki):
+    token = tmp_path / "metrics.token"
+    token.write_text("s3cret-prometheus-token-0123456789\n")
+    token.chmod(0o600)
+    node = metrics_node(tmp_path, pki, metrics={"token_file": str(token)})
+    node.start()
+    try:
+        port = node.settings["metrics"]["port"]
+        for header in (b"Bearer \xff\xfe", b"Bearer " + b"A" * 4000, b"Basic dXNlcjpwYXNz"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: " + header + b"\r\n\r\n")
+                assert sock.recv(100).startswith(b"HTTP/1.1 401"), header[:20]
+        # /readyz without the token: whether ready, not why (paths, names)
+        status, body = get(f"{node.url}/readyz")
+        assert status == 200 and "reason" not in body
+        assert "Traceback" not in node.log()
+        # the token file gone, the endpoints' process killed: /metrics says why (503), the probes still answer
+        token.unlink()
+        ops = next(p for p in node.processes() if p.pid != node.proc.pid and _listens_on(p, port))
+        os.kill(ops.pid, signal.SIGKILL)
+        wait_for(lambda: _answers(node), timeout=40, what="the endpoints back")
+        status, body = get(f"{node.url}/metrics", "s3cret-prometheus-token-0123456789")
+        assert status == 503 and "metrics.token_file" in body
+    finally:
+        node.stop()
+
+
+def _answers(node) -> bool:
+    try:
+        return get(f"{node.url}/healthz", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def test_a_two_line_token_file_is_refused_at_start(tmp_path, pki):
+    token = tmp_path / "metrics.token"
+    token.write_text("s3cret-prometheus-token\nsecond line of it\n")
+    token.chmod(0o600)
+    node = metrics_node(tmp_path, pki, metrics={"token_file": str(token)})
+    result = run_serve(node.config_path)
+    assert result.returncode == 2 and "one line" in result.stderr
+
+
+def test_readiness_has_no_side_effect_and_a_locked_index_does_not_hold_a_scrape(tmp_path, pki):
+    import sqlite3
+
+    node = metrics_node(tmp_path, pki)
+    node.start()
+    try:   # every process started (a process starting without keys makes the first one)
+        wait_for(lambda: get(f"{node.url}/readyz")[0] == 200, timeout=30, what="ready")
+        keys = node.data_dir / "keys"
+        keys.rename(tmp_path / "keys.away")
+        try:
+            status, body = get(f"{node.url}/readyz")
+            assert status == 503 and '"key"' in body and not keys.exists()     # the probe made no empty directory
+        finally:
+            (tmp_path / "keys.away").rename(keys)
+        locker = sqlite3.connect(node.data_dir / "index.sqlite3", timeout=1, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            started = time.monotonic()
+            assert get(f"{node.url}/metrics")[0] == 200 and get(f"{node.url}/readyz")[0] in (200, 503)
+            assert time.monotonic() - started < 5
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+    finally:
+        node.stop()

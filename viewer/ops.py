@@ -30,15 +30,17 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 S3_CHECK_EVERY = 30.0        # seconds a reachable bucket's answer is trusted (a scrape every 15 s must not hit S3)
-CHECK_TIMEOUT = 5.0          # seconds one readiness check may take before it counts as failed
+CHECK_TIMEOUT = 5.0          # seconds the S3 check may take before it counts as failed
+CHECK_EVERY = 5.0            # seconds between two rounds of readiness checks
+STALE = 20.0                 # seconds after which a round of checks that has not finished is a failure
 
 
 class OpsRefused(RuntimeError):
     """The endpoints cannot start (the port is taken, the token file is unreadable or empty)."""
 
 
-def token_of(config: Settings) -> str | None:
-    """The bearer token /metrics asks for (metrics.token_file), or None."""
+def token_of(config: Settings, warn: bool = True) -> str | None:
+    """The bearer token /metrics asks for (metrics.token_file: one line), or None."""
     path = config.metrics.token_file
     if path is None:
         return None
@@ -48,9 +50,10 @@ def token_of(config: Settings) -> str | None:
     except (OSError, UnicodeDecodeError) as exc:
         raise OpsRefused(f"metrics.token_file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") \
             from None
-    if len(token) < 16:
-        raise OpsRefused(f"metrics.token_file {path} holds no token of 16 characters or more")
-    if mode:
+    if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
+        raise OpsRefused(f"metrics.token_file {path} holds no token: one line of 16 printable characters or more, "
+                         "without spaces (for example: openssl rand -hex 32)")
+    if mode and warn:
         log.warning("metrics.token_file %s can be read by other users: chmod 600 it", path)
     return token
 
@@ -81,7 +84,15 @@ class Readiness:
         self._s3_lock = threading.Lock()
 
     def checks(self) -> list[Check]:
-        return [self.index_writable(), self.disk(), self.key_file(), self.s3(), self.listening()]
+        return [*self.slow(), *self.quick()]
+
+    def slow(self) -> list[Check]:
+        """The checks that wait on others (the index's write lock, S3): run in the background (`Monitor`)."""
+        return [self.index_writable(), self.s3()]
+
+    def quick(self) -> list[Check]:
+        """The checks of this machine alone, made at each request."""
+        return [self.disk(), self.key_file(), self.listening()]
 
     def index_writable(self) -> Check:
         from archive import nodes
@@ -149,6 +160,47 @@ class Readiness:
         return Check("receivers", True)
 
 
+class Monitor:
+    """The readiness checks, run every CHECK_EVERY seconds in a thread of their own: /readyz and the
+    `m3dicom_ready` gauges read the latest results, and never wait for a check (an index locked by another
+    program would hold a write for its busy timeout). Results older than STALE say the checks are stuck."""
+
+    def __init__(self, readiness: Readiness, clock=time.monotonic):
+        self.readiness, self.clock = readiness, clock
+        self._latest: tuple[float, list[Check]] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="readiness", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                checks = self.readiness.slow()
+            except Exception as exc:     # a check that raised instead of saying why: not ready, and why
+                checks = [Check("checks", False, f"a check failed: {type(exc).__name__}")]
+            self._latest = (self.clock(), checks)
+            if self._stop.wait(CHECK_EVERY):
+                return
+
+    def latest(self) -> list[Check]:
+        """The background checks' latest results, and this machine's checks made now."""
+        try:
+            quick = self.readiness.quick()
+        except Exception as exc:
+            quick = [Check("checks", False, f"a check failed: {type(exc).__name__}")]
+        if self._latest is None:
+            return [Check("index", False, "the first check is running"), *quick]
+        when, checks = self._latest
+        age = self.clock() - when
+        if age > STALE:
+            checks = [*checks, Check("checks", False, f"the index and S3 checks have not finished for {age:.0f} s "
+                                                      "(is the index locked by another program?)")]
+        return [*checks, *quick]
+
+    def close(self) -> None:
+        self._stop.set()
+
+
 def _registry():
     """A registry of what the node's processes counted: their files (multiprocess mode), else this process's
     own counts (the metrics port off, a test running the endpoints in-process)."""
@@ -160,8 +212,29 @@ def _registry():
     if directory is None:
         registry.register(_Own(REGISTRY))
     else:
-        MultiProcessCollector(registry, path=directory)
+        registry.register(_Files(directory, MultiProcessCollector(None, path=_present(directory))))
     return registry
+
+
+def _present(directory: str) -> str:
+    """The processes' count files' directory, made again if it was removed (the counts of the processes that
+    had counted before are then lost to the scrape until the node starts again: it says so)."""
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        log.error("metrics: %s was removed; it is made again, but the counts made before are lost until the node "
+                  "restarts", directory)
+    return directory
+
+
+class _Files:
+    """prometheus-client's multiprocess collector, its directory made again first if it is gone."""
+
+    def __init__(self, directory: str, inner):
+        self.directory, self.inner = directory, inner
+
+    def collect(self):
+        _present(self.directory)
+        yield from self.inner.collect()
 
 
 class _Own:
@@ -178,15 +251,15 @@ class NodeState:
     """Gauges read from the index and the disk at each scrape (a prometheus-client custom collector), and
     the readiness checks, one gauge each (alert on `m3dicom_ready == 0`)."""
 
-    def __init__(self, config: Settings, index: Index, readiness: Readiness, clock=time.time):
-        self.config, self.index, self.readiness, self.clock = config, index, readiness, clock
+    def __init__(self, config: Settings, index: Index, monitor: Monitor, clock=time.time):
+        self.config, self.index, self.monitor, self.clock = config, index, monitor, clock
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
         ready = GaugeMetricFamily("m3dicom_ready", "1 when the check passes (as /readyz says), by check.",
                                   labels=["check"])
-        for check in self.readiness.checks():
+        for check in self.monitor.latest():
             ready.add_metric([check.name], 1.0 if check.ok else 0.0)
         yield ready
         try:
@@ -226,24 +299,32 @@ class NodeState:
 OPS = web.AppKey("ops", dict)
 
 
-def create_app(config: Settings, index: Index, receivers: int, token: str | None) -> web.Application:
-    """/metrics, /healthz and /readyz for `config`'s node, reading `index` (this process's own connection)."""
+def create_app(config: Settings, index: Index, receivers: int, token: str | None,
+               refusal: str | None = None) -> web.Application:
+    """/metrics, /healthz and /readyz for `config`'s node, reading `index` (this process's own connection).
+    `refusal`: why /metrics cannot be served (its token file became unreadable): 503 with it."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    readiness = Readiness(config, index, receivers)
+    monitor = Monitor(Readiness(config, index, receivers))
     registry = _registry()
-    registry.register(NodeState(config, index, readiness))
+    registry.register(NodeState(config, index, monitor))
     app = web.Application(client_max_size=1024)
-    app[OPS] = {"readiness": readiness}
-    lock = asyncio.Lock()     # one scrape or readiness check at a time: a flood waits, it does not multiply work
+    app[OPS] = {"monitor": monitor}
+    lock = asyncio.Lock()     # one scrape at a time: a flood waits, it does not multiply the work
+
+    async def stop_monitor(app: web.Application) -> None:
+        monitor.close()
+    app.on_cleanup.append(stop_monitor)
 
     def authorised(request: web.Request) -> bool:
         if token is None:
-            return True
+            return refusal is None
         sent = request.headers.get("Authorization", "")
-        return sent.startswith("Bearer ") and hmac.compare_digest(sent[7:].encode(), token.encode())
+        return sent.startswith("Bearer ") and hmac.compare_digest(sent[7:].encode("utf-8", "replace"), token.encode())
 
     async def scrape(request: web.Request) -> web.Response:
+        if refusal is not None:
+            raise web.HTTPServiceUnavailable(text=f"503: {refusal}\n")
         if not authorised(request):
             raise web.HTTPUnauthorized(text="401: Unauthorized\n", headers={"WWW-Authenticate": "Bearer"})
         async with lock:
@@ -254,14 +335,10 @@ def create_app(config: Settings, index: Index, receivers: int, token: str | None
         return web.Response(text="ok\n", headers={"Cache-Control": "no-store"})
 
     async def readyz(request: web.Request) -> web.Response:
-        async with lock:
-            try:
-                checks = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, readiness.checks),
-                                                CHECK_TIMEOUT * 3)
-            except asyncio.TimeoutError:
-                checks = [Check("checks", False, f"the checks took over {CHECK_TIMEOUT * 3:g} s")]
+        checks = monitor.latest()
         ready = all(c.ok for c in checks)
-        body = {"ready": ready, "checks": {c.name: {"ok": c.ok, **({"reason": c.reason} if c.reason else {})}
+        said = authorised(request)    # beyond loopback, reasons (paths, names) only for the token's holder
+        body = {"ready": ready, "checks": {c.name: {"ok": c.ok, **({"reason": c.reason} if c.reason and said else {})}
                                            for c in checks}}
         return web.json_response(body, status=200 if ready else 503, headers={"Cache-Control": "no-store"},
                                  dumps=lambda v: json.dumps(v, indent=1))
@@ -275,10 +352,22 @@ def create_app(config: Settings, index: Index, receivers: int, token: str | None
 async def _run(config: Settings, sock: socket.socket, stop: threading.Event, receivers: int) -> None:
     from archive import open_index
 
-    token = token_of(config)
+    from .serve import MalformedRequestsInOneLine
+
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestsInOneLine) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestsInOneLine())
+    token, refusal = None, None
+    try:
+        token = token_of(config)
+    except OpsRefused as exc:    # the node checked it at its start: it has gone since; /metrics says so
+        refusal = str(exc)
+        log.error("%s: /metrics answers 503 until the node restarts", exc)
+    if metrics.multiprocess():
+        _present(metrics.multiprocess())
     index = open_index(config)
     try:
-        runner = web.AppRunner(create_app(config, index, receivers, token), access_log=None,
+        runner = web.AppRunner(create_app(config, index, receivers, token, refusal), access_log=None,
                                keepalive_timeout=30.0)
         await runner.setup()
         site = web.SockSite(runner, sock)
