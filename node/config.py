@@ -14,18 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from archive.settings import (AuditSection, CryptoSection, IndexSection, IngestSection, NodeSection, QuerySection, S3Section,
-                              SettingsError, StorageSection, check_shared, setting)
+from archive.settings import (AuditSection, CryptoSection, IndexSection, IngestSection, NodeSection, QuerySection,
+                              S3Section, SettingsError, StorageSection, check_shared, setting)
 from router.settings import MATCH_KEYS, Rule, RouterSection
 from scp.settings import ClientSection, CommitmentSection, DicomSection, RemoteNode
 from viewer.settings import MetricsSection, ViewerSection, loopback
 
 ConfigError = SettingsError          # a setting is unknown, has the wrong type or an invalid value
 
-__all__ = ["AuditSection", "ClientSection", "CommitmentSection", "Config", "ConfigError", "CryptoSection", "DicomSection",
-           "IndexSection", "IngestSection", "LogSection", "MATCH_KEYS", "MetricsSection", "NodeSection", "QuerySection", "RemoteNode",
-           "RouterSection",
-           "Rule", "S3Section", "StorageSection", "ViewerSection", "documented_settings", "from_dict", "load"]
+__all__ = ["AuditSection", "ClientSection", "CommitmentSection", "Config", "ConfigError", "CryptoSection",
+           "DicomSection", "IndexSection", "IngestSection", "LogSection", "MATCH_KEYS", "MetricsSection", "NodeSection",
+           "QuerySection", "RemoteNode", "RouterSection", "Rule", "S3Section", "StorageSection", "ViewerSection",
+           "documented_settings", "from_dict", "load"]
 
 
 @dataclass(frozen=True)

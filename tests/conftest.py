@@ -43,7 +43,9 @@ def make_node(tmp_path, pki):
 
 @pytest.fixture
 def node(make_node) -> Node:
-    return make_node()
+    """A started node without its router: no Dask cluster starting (and growing) beside what a test watches;
+    tests of analysis start theirs with `make_node`."""
+    return make_node(router={"enabled": False})
 
 
 @pytest.fixture(scope="session")

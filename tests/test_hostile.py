@@ -48,6 +48,25 @@ def _ct_with(**changes) -> bytes:
     return buf.getvalue()[dataset_offset(buf.getvalue()):]
 
 
+@pytest.fixture(scope="module")
+def hostile_target(tmp_path_factory, pki):
+    """One node for the refusals (each leaves nothing behind: the tests check it); started once."""
+    from helpers import Node
+
+    node = Node(tmp_path_factory.mktemp("hostile") / "node", pki, router={"enabled": False}).start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def node(hostile_target):
+    """The shared node, its log read from here on (`node.log()` is what this test made it write)."""
+    whole, start = hostile_target.log, len(hostile_target.log())
+    hostile_target.log = lambda: whole()[start:]
+    yield hostile_target
+    hostile_target.log = whole
+
+
 @pytest.fixture(autouse=True)
 def datasets_sent_from_files(monkeypatch):
     """pynetdicom's chunked send streams a file's bytes untouched (it does not parse them)."""
@@ -139,7 +158,8 @@ def test_dataset_not_matching_the_request_is_refused_with_a900(node, tmp_path):
     assert node.rows("SELECT COUNT(*) FROM instances") == [(0,)]
 
 
-def test_node_keeps_serving_after_hostile_input(node, tmp_path):
+def test_node_keeps_serving_after_hostile_input(make_node, tmp_path):
+    node = make_node(router={"enabled": False})
     _send_raw(node, _raw_file(tmp_path / "g.bin", generate_uid(), b"\xff" * 64))
     node.storescu(data_file("CT_small.dcm"))
     assert node.rows("SELECT COUNT(*) FROM instances") == [(1,)]

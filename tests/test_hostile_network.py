@@ -375,7 +375,7 @@ def test_message_assembled_by_pynetdicom_is_bounded(stored, tmp_path, case):
 def test_half_sent_association_requests_do_not_hold_the_slots(make_node, tmp_path, tls):
     """Eight A-ASSOCIATE-RQs 500 bytes short, against 4 association slots: storescu still gets in, and
     each is closed once the ARTIM timer runs out."""
-    node = make_node(dicom={"max_associations": 4, "artim_timeout": 3.0})
+    node = make_node(router={"enabled": False}, dicom={"max_associations": 4, "artim_timeout": 3.0})
     node.storescu(data_file("CT_small.dcm"))
     before = node.stored_state()
     rq = _associate_rq() + b"\0" * 400
@@ -403,7 +403,7 @@ def test_undecodable_association_requests_do_not_hold_the_slots(make_node, tmp_p
     """Eight A-ASSOCIATE-RQs whose body is garbage, against 4 association slots: each is aborted at
     once, and its slot is free at once (pynetdicom's association thread waited acse_timeout, 30 s,
     for an indication that never came)."""
-    node = make_node(dicom={"max_associations": 4})
+    node = make_node(router={"enabled": False}, dicom={"max_associations": 4})
     node.storescu(data_file("CT_small.dcm"))
     before = node.stored_state()
     garbage = struct.pack(">BBI", 0x01, 0, 200) + b"\xff" * 200
@@ -422,7 +422,7 @@ def test_undecodable_association_requests_do_not_hold_the_slots(make_node, tmp_p
 def test_half_sent_pdu_inside_an_association_is_aborted_after_the_network_timeout(make_node, tmp_path, tls):
     """A P-DATA-TF that stops half-way does not hold the association (and its slot) beyond the
     network timeout: pynetdicom's read waited for the rest as long as the socket stayed open."""
-    node = make_node(dicom={"network_timeout": 2.0})
+    node = make_node(router={"enabled": False}, dicom={"network_timeout": 2.0})
     node.storescu(data_file("CT_small.dcm"))
     before = node.stored_state()
     sock, contexts = _associate(node, tls)
@@ -439,7 +439,7 @@ def test_half_sent_pdu_inside_an_association_is_aborted_after_the_network_timeou
 @pytest.mark.interop
 @pytest.mark.parametrize("tls", PORTS)
 def test_connections_closed_at_once_free_their_slots_at_once(make_node, tmp_path, tls):
-    node = make_node(dicom={"max_associations": 4})
+    node = make_node(router={"enabled": False}, dicom={"max_associations": 4})
     node.storescu(data_file("CT_small.dcm"))
     before = node.stored_state()
     opened = [_connect(node, tls) for _ in range(12)]
@@ -517,7 +517,7 @@ def test_200_idle_connections_from_one_address_leave_room_for_others(stored, tmp
 def test_idle_connections_from_many_addresses_leave_room_for_others(make_node, tmp_path):
     """When the pending pool is full, a newcomer takes the place of the oldest connection of the
     address holding the most."""
-    node = make_node(dicom={"max_pending_connections": 16, "max_pending_per_source": 4})
+    node = make_node(router={"enabled": False}, dicom={"max_pending_connections": 16, "max_pending_per_source": 4})
     node.storescu(data_file("CT_small.dcm"))
     before = node.stored_state()
     flood = _Flood(node.port, [f"127.0.0.{n}" for n in range(2, 42)], 80)
@@ -535,7 +535,7 @@ def test_idle_tls_connection_is_closed_by_the_default_handshake_timeout(make_nod
 
     default = DicomSection().tls_handshake_timeout
     assert default <= 5.0, "held TLS connections should be closed within seconds"
-    node = make_node()
+    node = make_node(router={"enabled": False})
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", node.port)) as idle:
         assert _until_closed(idle, timeout=default + 3) == b""

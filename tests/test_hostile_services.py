@@ -175,7 +175,8 @@ def _listening(port: int) -> bool:
 
 def test_a_move_to_a_destination_that_refuses_connections_fails_its_sub_operations(make_node, tmp_path):
     closed = free_port()   # nothing listens there
-    node = make_node(remote={"DEST": {"ae_title": "DEST", "host": "127.0.0.1", "port": closed, "tls": False}})
+    node = make_node(remote={"DEST": {"ae_title": "DEST", "host": "127.0.0.1", "port": closed, "tls": False}},
+                     router={"enabled": False})
     paths = synthetic_instances(tmp_path / "study", 3, patient="Move^Test")
     node.storescu(*paths)
     study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
@@ -203,7 +204,7 @@ def test_a_move_to_a_destination_that_refuses_connections_fails_its_sub_operatio
 def test_a_start_that_fails_prints_no_admin_password_and_makes_no_user(make_node):
     """New-user pass: a busy viewer port (or viewer.tls = false beyond loopback) stopped the start
     after the admin's password, shown only once, had been printed and the user made."""
-    node = make_node(start=False, viewer={"enabled": True})
+    node = make_node(start=False, viewer={"enabled": True}, router={"enabled": False})
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", node.settings["viewer"]["port"]))
         busy.listen()
@@ -287,7 +288,7 @@ def test_wildcards_in_retrieve_keys_are_refused(two_patients, tmp_path, tls):
 def test_a_retrieve_of_more_than_the_limit_is_refused_before_any_is_sent(make_node, tmp_path):
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as STUDY_GET
 
-    node, before = _two_patients(make_node(query={"max_retrieve_instances": 3}), tmp_path)
+    node, before = _two_patients(make_node(query={"max_retrieve_instances": 3}, router={"enabled": False}), tmp_path)
     study = node.rows("SELECT study_uid FROM studies LIMIT 1")[0][0]
     assoc, got = _getter(node)
     try:   # all of both studies at once: 4 instances, over query.max_retrieve_instances (3)

@@ -95,7 +95,8 @@ def test_a_whole_session_at_debug_logs_json_lines_without_patient_data(tmp_path,
         assert _call(node, _opener(node), f"/s/{token}")[0] == 200
         for query in (f"PatientName={PATIENT['name']}", f"PatientID={PATIENT['id']}",
                       f"AccessionNumber={PATIENT['accession']}", "PatientName=Vander*&fuzzymatching=true"):
-            status, body = _call(node, opener, f"/dicomweb/studies?{query}", headers={"Accept": "application/dicom+json"})
+            status, body = _call(node, opener, f"/dicomweb/studies?{query}",
+                                 headers={"Accept": "application/dicom+json"})
             assert status == 200 and PATIENT["id"] in body, (query, status)
         status, _ = _call(node, opener, f"/dicomweb/studies/{study}/metadata")
         assert status == 200

@@ -50,6 +50,7 @@ def value(scrape: dict, name: str, **labels) -> float:
 
 def metrics_node(tmp_path, pki, **sections) -> Node:
     sections.setdefault("metrics", {})["port"] = free_port()
+    sections.setdefault("router", {"enabled": False})
     node = Node(tmp_path / "node", pki, **sections)
     node.url = f"http://127.0.0.1:{node.settings['metrics']['port']}"
     return node

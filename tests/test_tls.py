@@ -95,7 +95,7 @@ def test_tls_1_2_offers_only_forward_secret_aead_suites(node):
 
 
 def test_idle_connection_does_not_delay_storescu(make_node):
-    node = make_node(dicom={"tls_handshake_timeout": 30.0})
+    node = make_node(dicom={"tls_handshake_timeout": 30.0}, router={"enabled": False})
     idle = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(3)]
     try:
         time.sleep(0.2)
@@ -110,7 +110,7 @@ def test_idle_connection_does_not_delay_storescu(make_node):
 
 
 def test_idle_handshake_times_out_and_is_logged(make_node):
-    node = make_node(dicom={"tls_handshake_timeout": 0.5})
+    node = make_node(dicom={"tls_handshake_timeout": 0.5}, router={"enabled": False})
     with socket.create_connection(("127.0.0.1", node.port)) as idle:
         wait_for(lambda: "timed out" in node.log(), timeout=10, what="the handshake timeout")
         idle.settimeout(2)
@@ -125,7 +125,7 @@ def test_wrong_called_ae_is_rejected(node):
 
 
 def test_allowed_calling_aets(make_node):
-    node = make_node(dicom={"allowed_calling_aets": ["MODALITY1"]})
+    node = make_node(dicom={"allowed_calling_aets": ["MODALITY1"]}, router={"enabled": False})
     refused = node.storescu(CT, check=False, aet="INTRUDER")
     assert refused.returncode != 0 and _stored(node) == 0
     node.storescu(CT, aet="MODALITY1")
@@ -139,7 +139,8 @@ def test_max_associations_is_enforced(make_node):
     from scp.tls import client_context
 
     # the limit is per process; one address may take all of them here (by default: half)
-    node = make_node(dicom={"max_associations": 2, "max_associations_per_source": 2, "receivers": 1})
+    node = make_node(dicom={"max_associations": 2, "max_associations_per_source": 2, "receivers": 1},
+                     router={"enabled": False})
     tls = (client_context(node.pki / "ca.pem", node.pki / "client.pem", node.pki / "client.key"), "localhost")
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context(Verification)
