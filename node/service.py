@@ -198,8 +198,6 @@ def _more_files(wanted: int = 65536) -> None:
 
 
 def _serve(config: Config, ready) -> None:
-    if config.metrics.port:   # before any metric is made: every process counts into these files
-        metrics.shared(config.data_dir / "metrics")
     prepare_spool(config)
     d = config.dicom
     server_context(d.certificate, d.private_key, d.ca_certificates)   # a missing certificate stops the start first
@@ -229,6 +227,8 @@ def _serve(config: Config, ready) -> None:
         audit_application(config, archive.index, start=True)
     # every port is taken and every setting checked before the first admin is made: a start
     # that fails must not have printed a password shown only once
+    if config.metrics.port:   # every check passed; before any metric is made: every process counts into these files
+        metrics.shared(config.data_dir / "metrics")
     sockets, viewer_socket, ops_socket = receivers.listen(config), None, None
     try:
         if config.metrics.port:

@@ -197,6 +197,10 @@ class Monitor:
                                                       "(is the index locked by another program?)")]
         return [*checks, *quick]
 
+    @property
+    def ran(self) -> bool:
+        return self._latest is not None
+
     def close(self) -> None:
         self._stop.set()
 
@@ -335,6 +339,10 @@ def create_app(config: Settings, index: Index, receivers: int, token: str | None
         return web.Response(text="ok\n", headers={"Cache-Control": "no-store"})
 
     async def readyz(request: web.Request) -> web.Response:
+        for _ in range(30):              # just started: the first round of checks takes a moment
+            if monitor.ran:
+                break
+            await asyncio.sleep(0.1)
         checks = monitor.latest()
         ready = all(c.ok for c in checks)
         said = authorised(request)    # beyond loopback, reasons (paths, names) only for the token's holder
