@@ -61,7 +61,7 @@ _QUARANTINE = text(
     "INSERT INTO quarantine (sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax, size, sha256, "
     "blob_id, calling_ae, job_id, reason, received_at) VALUES (:uid, :sop_class_uid, :study_uid, :series_uid, "
     ":transfer_syntax, :size, :sha256, :blob_id, :calling_ae, :job_id, :reason, :now)")
-SHORT_OF_DISK = "the node is short of disk space"
+SHORT_OF_DISK = "short of disk space (storage.min_free_bytes)"   # fits an Error Comment (64)
 
 
 def _image(header) -> dict:

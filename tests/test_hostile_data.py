@@ -891,9 +891,9 @@ def test_below_the_free_space_reserve_a_c_store_is_refused_before_anything_is_sp
     node.config_path.write_text(_toml(node.settings))
     node.start()
     path, = synthetic_instances(tmp_path / "short", 1, patient="Short^Disk")
-    assert send_raw(node, path) == (0xA700, "the node is short of disk space")
+    assert send_raw(node, path) == (0xA700, "short of disk space (storage.min_free_bytes)")
     assert node.rows("SELECT COUNT(*) FROM instances WHERE sop_instance_uid=?", (uid_of(path),)) == [(0,)]
-    assert node.log().count("the node is short of disk space") == 1
+    assert node.log().count("short of disk space (storage.min_free_bytes)") == 1
     assert node.spool_files() == []
     node.stop()
     del node.settings["storage"]                               # space again: no restart needed, but the
@@ -930,9 +930,9 @@ def test_the_reception_tally_refuses_size_pace_and_short_disk_with_their_setting
     free[0] = 900 << 20                                        # another sender filled the disk meanwhile
     assert filling.add(7 * MiB, now=0) is None                 # looked at every 16 MiB, not every fragment
     assert filling.add(2 * MiB, now=0) == filling.refusal
-    assert filling.refusal.comment == "the node is short of disk space"
+    assert filling.refusal.comment == "short of disk space (storage.min_free_bytes)"
     assert not filling.refusal.abort
-    assert reception.start(now=0).refusal.comment == "the node is short of disk space"   # refused at once
+    assert reception.start(now=0).refusal.comment == "short of disk space (storage.min_free_bytes)"   # refused at once
     unlimited = Reception(1 << 40, 0, 0, 0, free_bytes=lambda: 0).start(now=0)
     assert unlimited.add(1 << 30, now=10 ** 6) is None
 
@@ -942,7 +942,7 @@ def test_the_archive_writes_no_instance_into_the_free_space_reserve(tmp_path):
     archive = Archive(tmp_path / "data", min_free_bytes=stat.f_bavail * stat.f_frsize + (1 << 40))
     try:
         result = archive.ingest_file(data_file("CT_small.dcm"))
-        assert (result.outcome, result.reason) == (Outcome.STORAGE_FULL, "the node is short of disk space")
+        assert (result.outcome, result.reason) == (Outcome.STORAGE_FULL, "short of disk space (storage.min_free_bytes)")
         assert list(archive.storage.blob_ids()) == []
     finally:
         archive.close()
