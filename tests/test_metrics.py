@@ -172,22 +172,6 @@ def test_a_disk_short_of_space_is_not_ready(tmp_path, pki):
         node.stop()
 
 
-def test_a_token_guards_the_scrape_not_the_probes(tmp_path, pki):
-    token = tmp_path / "metrics.token"
-    token.write_text("s3cret-prometheus-token-0123456789\n")
-    token.chmod(0o600)
-    node = metrics_node(tmp_path, pki, metrics={"token_file": str(token)})
-    node.start()
-    try:
-        assert get(f"{node.url}/metrics")[0] == 401
-        assert get(f"{node.url}/metrics", "wrong-token-wrong-token")[0] == 401
-        status, body = get(f"{node.url}/metrics", "s3cret-prometheus-token-0123456789")
-        assert status == 200 and "m3dicom_receivers_listening" in body
-        assert get(f"{node.url}/healthz")[0] == 200
-    finally:
-        node.stop()
-
-
 def test_viewer_requests_are_counted_by_route_never_by_path(tmp_path, pki):
     node = metrics_node(tmp_path, pki, viewer={"enabled": True, "port": free_port()})
     node.start()
@@ -298,13 +282,18 @@ def test_counts_that_cannot_be_written_never_change_a_dicom_answer(tmp_path, pki
         node.stop()
 
 
-def test_a_hostile_authorization_header_gets_401_and_one_line(tmp_path, pki):
+def test_a_token_guards_the_scrape_not_the_probes_and_hostile_headers_get_401(tmp_path, pki):
     token = tmp_path / "metrics.token"
     token.write_text("s3cret-prometheus-token-0123456789\n")
     token.chmod(0o600)
     node = metrics_node(tmp_path, pki, metrics={"token_file": str(token)})
     node.start()
     try:
+        assert get(f"{node.url}/metrics")[0] == 401
+        assert get(f"{node.url}/metrics", "wrong-token-wrong-token")[0] == 401
+        status, body = get(f"{node.url}/metrics", "s3cret-prometheus-token-0123456789")
+        assert status == 200 and "m3dicom_receivers_listening" in body
+        assert get(f"{node.url}/healthz")[0] == 200
         port = node.settings["metrics"]["port"]
         for header in (b"Bearer \xff\xfe", b"Bearer " + b"A" * 4000, b"Basic dXNlcjpwYXNz"):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:

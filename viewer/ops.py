@@ -59,12 +59,9 @@ def token_of(config: Settings, warn: bool = True) -> str | None:
 
 
 def listen(config: Settings) -> socket.socket:
-    m = config.metrics
-    family = socket.AF_INET6 if ":" in m.host else socket.AF_INET
-    try:
-        return socket.create_server((m.host, m.port), family=family, backlog=64)
-    except OSError as exc:
-        raise OpsRefused(f"cannot listen on {m.host}:{m.port} for /metrics: {exc.strerror or exc}") from None
+    from .serve import listen_on
+
+    return listen_on(config.metrics.host, config.metrics.port, "/metrics", OpsRefused, backlog=64)
 
 
 @dataclass(frozen=True)

@@ -72,13 +72,17 @@ def ssl_context(config: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def listen(config: Settings) -> socket.socket:
-    v = config.viewer
-    family = socket.AF_INET6 if ":" in v.host else socket.AF_INET
+def listen_on(host: str, port: int, what: str, refused: type[Exception], backlog: int = 128) -> socket.socket:
+    """A listening TCP socket on host:port (IPv6 when the host is); `refused` says why when it cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((v.host, v.port), family=family, backlog=128)
+        return socket.create_server((host, port), family=family, backlog=backlog)
     except OSError as exc:
-        raise ViewerRefused(f"cannot listen on {v.host}:{v.port} for the viewer: {exc.strerror or exc}") from None
+        raise refused(f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}") from None
+
+
+def listen(config: Settings) -> socket.socket:
+    return listen_on(config.viewer.host, config.viewer.port, "the viewer", ViewerRefused)
 
 
 # query keys whose values are no patient data (page and rendering parameters): written as sent;
