@@ -43,7 +43,7 @@ def open(settings: Settings) -> Archive:                      # noqa: A001 (arch
     if audit is not None and audit.repository:   # the audit trail: what the node does, queued for the repository
         from .atna import Recorder
 
-        opened.audit = Recorder(opened.index, audit.source_id or settings.node.ae_title, audit.site_id)
+        opened.audit = Recorder(opened.index, opened.node, audit.source_id or settings.node.ae_title, audit.site_id)
     return opened
 
 

@@ -3,9 +3,9 @@
 
 The events: Application Activity (the node starts and stops), User Authentication (viewer logins and
 logouts, failed ones too), DICOM Instances Transferred (received by C-STORE or STOW-RS, sent by C-MOVE or
-C-GET), Query (C-FIND, QIDO-RS), Begin Transferring DICOM Instances (C-MOVE, C-GET), Security Alert (a
-peer whose TLS handshake failed, an association refused for its AE titles). A message names its patient
-and study: the repository is where those belong, the node's log is not.
+C-GET), Query (C-FIND, QIDO-RS), Begin Transferring DICOM Instances (C-MOVE, C-GET), DICOM Instances
+Accessed (the viewer, share links, WADO-RS). A message names its patient and study: the repository is where
+those belong, the node's log is not. (Security Alert is built here but not yet sent for anything.)
 
 Writing a message never blocks the work it describes: `Recorder.record` puts it on a bounded in-memory
 queue that a thread writes to the outbox every half second, in one transaction (on a crash, what was
@@ -22,7 +22,7 @@ import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 
 from .index import Index
 
@@ -55,6 +55,7 @@ ROLES = {
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = "0", "4", "8"
 QUEUE_LIMIT = 10000          # messages waiting in memory for the outbox at most; more are dropped, and logged
 WRITE_EVERY = 0.5            # seconds between two writes of the queue into the outbox
+QUERY_MAX = 64 << 10         # bytes of a query's identifier a Query message carries at most
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class Event:
     studies: tuple[Study, ...] = ()
     patient: Patient | None = None
     query: tuple[str, bytes] | None = None  # (SOP Class UID or QIDO path, the identifier or query string)
+    query_syntax: str | None = None        # the transfer syntax the identifier is encoded in (C-FIND)
     description: str | None = None         # EventOutcomeDescription
     time: float = 0.0
 
@@ -167,10 +169,15 @@ def to_xml(event: Event, source_id: str, site_id: str = "") -> bytes:
         ET.SubElement(obj, "ParticipantObjectName").text = event.patient.name or event.patient.id or "-"
     if event.query is not None:
         what, asked = event.query
+        asked = asked[:QUERY_MAX]             # an identifier may be 4 MiB: the message carries its start
         obj = ET.SubElement(root, "ParticipantObjectIdentification", ParticipantObjectID=what,
                             ParticipantObjectTypeCode="2", ParticipantObjectTypeCodeRole="24")
-        _coded(ET.SubElement(obj, "ParticipantObjectIDTypeCode"), ("110181", "SOP Class UID"))
+        _coded(ET.SubElement(obj, "ParticipantObjectIDTypeCode"), ("110181", "SOP Class UID") if event.query_syntax
+               else ("QIDO-RS", "DICOMweb query"), DCM if event.query_syntax else "m3dicom")
         ET.SubElement(obj, "ParticipantObjectQuery").text = base64.b64encode(asked).decode("ascii")
+        if event.query_syntax:
+            ET.SubElement(obj, "ParticipantObjectDetail", type="TransferSyntax",
+                          value=base64.b64encode(event.query_syntax.encode("ascii", "replace")).decode("ascii"))
     _safe(root)
     return b'<?xml version="1.0" encoding="UTF-8"?>' + ET.tostring(root, encoding="utf-8", xml_declaration=False)
 
@@ -187,45 +194,47 @@ def _is_ip(address: str) -> bool:
 
 # -- the outbox ----------------------------------------------------------------------------------------------
 
-_PUT = text("INSERT INTO audit_outbox (created_at, message) VALUES (:created_at, :message)")
-_TAKE = text("SELECT seq, created_at, message FROM audit_outbox ORDER BY seq LIMIT :limit")
-_DONE = text("DELETE FROM audit_outbox WHERE seq <= :seq")
-_COUNT = text("SELECT COUNT(*), MIN(created_at) FROM audit_outbox")
+_PUT = text("INSERT INTO audit_outbox (node, created_at, message) VALUES (:node, :created_at, :message)")
+_TAKE = text("SELECT seq, created_at, message FROM audit_outbox WHERE node = :node ORDER BY seq LIMIT :limit")
+_DONE = text("DELETE FROM audit_outbox WHERE seq IN :seqs").bindparams(bindparam("seqs", expanding=True))
+_COUNT = text("SELECT COUNT(*), MIN(created_at) FROM audit_outbox WHERE node = :node")
 
 
-def put(index: Index, messages: list[tuple[float, bytes]]) -> None:
-    """Queue messages (time, XML) for the repository, in one transaction."""
+def put(index: Index, node: str, messages: list[tuple[float, bytes]]) -> None:
+    """Queue messages (time, XML) of `node` (nodes sharing an index each send their own), in one transaction."""
     if messages:
         with index.write() as conn:
-            conn.execute(_PUT, [{"created_at": t, "message": m} for t, m in messages])
+            conn.execute(_PUT, [{"node": node, "created_at": t, "message": m} for t, m in messages])
 
 
-def take(index: Index, limit: int = 100) -> list[tuple[int, float, bytes]]:
-    """The oldest queued messages (sequence number, time, XML), in order."""
+def take(index: Index, node: str, limit: int = 100) -> list[tuple[int, float, bytes]]:
+    """The oldest messages of `node` (sequence number, time, XML), in order."""
     with index.reader() as conn:
-        return [(row[0], row[1], bytes(row[2])) for row in conn.execute(_TAKE, {"limit": limit})]
+        return [(row[0], row[1], bytes(row[2])) for row in conn.execute(_TAKE, {"node": node, "limit": limit})]
 
 
-def sent(index: Index, through: int) -> None:
-    """Messages up to sequence number `through` have reached the repository."""
-    with index.write() as conn:
-        conn.execute(_DONE, {"seq": through})
+def sent(index: Index, seqs: list[int]) -> None:
+    """These messages reached the repository (only these: another process's message that committed later with a
+    smaller number stays)."""
+    if seqs:
+        with index.write() as conn:
+            conn.execute(_DONE, {"seqs": seqs})
 
 
-def waiting(index: Index) -> tuple[int, float | None]:
-    """(messages queued, creation time of the oldest)."""
+def waiting(index: Index, node: str) -> tuple[int, float | None]:
+    """(messages of `node` queued, creation time of the oldest)."""
     with index.reader() as conn:
-        count, oldest = conn.execute(_COUNT).one()
+        count, oldest = conn.execute(_COUNT, {"node": node}).one()
     return int(count), oldest
 
 
 class Recorder:
     """Takes events from the node's threads without waiting, and writes them to the outbox in the background."""
 
-    def __init__(self, index: Index, source_id: str, site_id: str = "", clock=None):
+    def __init__(self, index: Index, node: str, source_id: str, site_id: str = "", clock=None):
         import time
 
-        self.index, self.source_id, self.site_id = index, source_id, site_id
+        self.index, self.node, self.source_id, self.site_id = index, node, source_id, site_id
         self.clock = clock or time.time
         self._queue: queues.Queue = queues.Queue(QUEUE_LIMIT)
         self._stop = threading.Event()
@@ -259,7 +268,7 @@ class Recorder:
         if not events:
             return
         try:
-            put(self.index, [(e.time, to_xml(e, self.source_id, self.site_id)) for e in events])
+            put(self.index, self.node, [(e.time, to_xml(e, self.source_id, self.site_id)) for e in events])
         except Exception as exc:    # the index away: these messages are lost, and that is said
             log.error("audit: %d messages could not be queued (%s)", len(events), type(exc).__name__)
 

@@ -14,6 +14,7 @@ process, then "other" (a peer choosing a new title per association must not grow
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -166,10 +167,19 @@ def _failed(exc: Exception) -> None:
 
 @functools.cache
 def get() -> Metrics:
-    """The catalogue, made on first use (in each process)."""
+    """The catalogue, made on first use (in each process). Counting never stops the work it counts: when the
+    catalogue cannot be made (the processes' directory removed and not to be made again), nothing is counted
+    in this process, and that is logged."""
     from prometheus_client import Counter, Gauge, Histogram
 
-    made = _catalogue(Counter, Gauge, Histogram)
+    try:
+        directory = multiprocess()
+        if directory:
+            os.makedirs(directory, mode=0o700, exist_ok=True)     # removed under the node: its files go there
+        made = _catalogue(Counter, Gauge, Histogram)
+    except Exception as exc:
+        _failed(exc)
+        return Metrics(**{f.name: _NOTHING for f in dataclasses.fields(Metrics)})
     return Metrics(**{name: _Safe(metric) for name, metric in made.items()})
 
 

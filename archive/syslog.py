@@ -10,12 +10,16 @@ after 1 s, then longer, up to a minute.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import logging
 import os
 import select
 import socket
 import ssl
+import struct
+import termios
 import threading
+import time
 
 from . import atna
 from .index import Index
@@ -28,6 +32,7 @@ BOM = b"\xef\xbb\xbf"
 BATCH = 100
 CONNECT_TIMEOUT = 10.0
 MAX_RETRY_DELAY = 60.0
+ACK_WAIT = 10.0           # seconds a batch may wait for the repository's TCP acknowledgement
 
 
 def frame(xml: bytes, hostname: str, app: str, procid: str, when: float) -> bytes:
@@ -48,9 +53,9 @@ def _printable(value: str, limit: int) -> str:
 class Sender:
     """Sends the outbox to `host:port` over TLS (`context`: the node's certificate, the repository's CA)."""
 
-    def __init__(self, index: Index, host: str, port: int, context: ssl.SSLContext, app: str = "m3dicom",
+    def __init__(self, index: Index, node: str, host: str, port: int, context: ssl.SSLContext, app: str = "m3dicom",
                  hostname: str | None = None):
-        self.index, self.host, self.port, self.context = index, host, port, context
+        self.index, self.node, self.host, self.port, self.context = index, node, host, port, context
         self.app, self.hostname = app, hostname or socket.gethostname()
         self.procid = str(os.getpid())
         self.sock: ssl.SSLSocket | None = None
@@ -72,24 +77,26 @@ class Sender:
 
     def step(self) -> int:
         """Send one batch: the number sent, 0 when none waited, -1 when the repository could not take them."""
-        batch = atna.take(self.index, BATCH)
+        batch = atna.take(self.index, self.node, BATCH)
         if not batch:
             return 0
         data = b"".join(frame(xml, self.hostname, self.app, self.procid, when) for _, when, xml in batch)
         try:
             sock = self.sock or self._connect()
             sock.sendall(data)
+            if not self._acknowledged(sock):
+                raise ConnectionError(f"the repository acknowledged nothing for {ACK_WAIT:g} s")
             if self._closed_by_peer(sock):
                 raise ConnectionError("the repository closed the connection")
         except (OSError, ssl.SSLError) as exc:
             self.close()
             if not self.failing:
-                waiting = atna.waiting(self.index)[0]
+                waiting = atna.waiting(self.index, self.node)[0]
                 log.warning("audit: repository %s:%s cannot take messages (%s); %d wait in the index, sent once it "
                             "answers", self.host, self.port, getattr(exc, "strerror", None) or exc, waiting)
             self.failing = True
             return -1
-        atna.sent(self.index, batch[-1][0])
+        atna.sent(self.index, [seq for seq, _, _ in batch])
         if self.failing:
             log.info("audit: repository %s:%s takes messages again", self.host, self.port)
         self.failing, self.delay = False, 1.0
@@ -106,17 +113,39 @@ class Sender:
 
     @staticmethod
     def _closed_by_peer(sock: ssl.SSLSocket, wait: float = 0.05) -> bool:
-        """A repository sends nothing: a readable connection is one it closed (or aborted)."""
+        """A repository sends no application data: a connection that reads as ended (or reset) is one it
+        closed. What else arrives (a TLS 1.3 session ticket, a key update) is read and means nothing."""
         readable, _, _ = select.select([sock], [], [], wait)
-        if not readable:
+        if not readable and not sock.pending():
             return False
+        sock.setblocking(False)
         try:
-            sock.settimeout(wait)
-            return sock.recv(1) == b""
+            while True:
+                if sock.recv(4096) == b"":
+                    return True
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            return False
         except (OSError, ssl.SSLError):
             return True
         finally:
             sock.settimeout(CONNECT_TIMEOUT)
+
+    @staticmethod
+    def _acknowledged(sock: ssl.SSLSocket, within: float = ACK_WAIT) -> bool:
+        """Every byte sent acknowledged by the repository's TCP (Linux's SIOCOUTQ: bytes not yet acknowledged):
+        only then are the messages removed, so a repository that vanished without closing the connection (a
+        crash, a cut cable) has them sent again instead of lost in a send buffer."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                left = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                return True           # not Linux's TCP: the kernel cannot say; sendall's word is taken
+            if left == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
 
     def close(self) -> None:
         if self.sock is not None:

@@ -14,6 +14,10 @@ sends 2 x 250 on two associations; the whole machine has 2 cores: the two nodes 
 
     .venv/bin/python bench/ingest.py [--runs 3] [--large 50] [--only m3dicom,orthanc,storescp]
     .venv/bin/python bench/ingest.py --only m3dicom-s3,m3dicom-pg,two-nodes
+    .venv/bin/python bench/ingest.py --only m3dicom-nometrics,m3dicom,m3dicom-audit --scenarios small,parallel
+
+The cost of operating the node (issue 19): `m3dicom-nometrics` ([metrics] port = 0), `m3dicom` (/metrics on,
+the default) and `m3dicom-audit` (and an IHE ATNA audit trail, sent over TLS to a sink here that drops it).
 """
 from __future__ import annotations
 
@@ -146,11 +150,49 @@ class Receiver:
             return float("nan")
 
 
+class AuditSink:
+    """An audit repository that takes syslog over TLS and drops it (what the node's sender costs, not rsyslog's)."""
+
+    def __init__(self, pki: Path):
+        import ssl
+        import threading
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(pki / "server.pem", pki / "server.key")
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port, self.received = self.sock.getsockname()[1], 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
+
+    def _drain(self, conn) -> None:
+        try:
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                while chunk := tls.recv(65536):
+                    self.received += len(chunk)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class M3dicom(Receiver):
     name, aet = "m3dicom", "M3DICOM"
     receivers = 1  # dicom.receivers
     bare = False   # without the router and the viewer (what receiving alone costs)
+    metrics = True  # /metrics on (the default): every process counts into its files
+    audit = False   # an IHE ATNA audit trail to a repository (an `AuditSink`)
     services: "Services | None" = None     # the PostgreSQL cluster and the S3 server, for the variants below
+    sink: "AuditSink | None" = None
 
     def start(self, node: str = "a", index_url: str = "", s3: bool = False) -> None:
         data = self.work / f"m3-data-{node}"
@@ -164,6 +206,10 @@ class M3dicom(Receiver):
             extra += (f'[storage]\nbackend = "s3"\n[storage.s3]\nbucket = "{self.services.bucket}"\n'
                       f'endpoint_url = "{self.services.s3_url}"\n')
             env.update(S3_ENV)
+        extra += f"[metrics]\nport = {free_port() if self.metrics else 0}\n"
+        if self.audit:
+            M3dicom.sink = M3dicom.sink or AuditSink(self.pki)
+            extra += f'[audit]\nrepository = "127.0.0.1:{M3dicom.sink.port}"\n'
         config.write_text(f'[node]\nae_title = "M3DICOM"\ndata_dir = "{data}"\nname = "bench-{node}"\n'
                           f'[dicom]\nport = {self.port}\ncertificate = "{self.pki}/server.pem"\n'
                           f'private_key = "{self.pki}/server.key"\nca_certificates = "{self.pki}/ca.pem"\n'
@@ -175,6 +221,16 @@ class M3dicom(Receiver):
                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.work / f"m3-{node}.log", "ab"))
         wait_port(self.port)
+
+
+class M3dicomNoMetrics(M3dicom):
+    name = "m3dicom, metrics off"
+    metrics = False
+
+
+class M3dicomAudit(M3dicom):
+    name = "m3dicom, metrics and ATNA audit"
+    audit = True
 
 
 class M3dicomS3(M3dicom):
@@ -360,7 +416,8 @@ def main(argv=None) -> int:
         data["parallel"] = data["small"]
         M3dicom.receivers, M3dicom.bare = args.receivers, args.bare
         data = {k: v for k, v in data.items() if k in args.scenarios.split(",")}
-        kinds = {"m3dicom": M3dicom, "m3dicom-s3": M3dicomS3, "m3dicom-pg": M3dicomPG, "two-nodes": TwoNodes,
+        kinds = {"m3dicom": M3dicom, "m3dicom-nometrics": M3dicomNoMetrics, "m3dicom-audit": M3dicomAudit,
+                 "m3dicom-s3": M3dicomS3, "m3dicom-pg": M3dicomPG, "two-nodes": TwoNodes,
                  "orthanc": Orthanc, "storescp": Storescp}
         chosen = args.only.split(",")
         if {"m3dicom-s3", "m3dicom-pg", "two-nodes"} & set(chosen):
@@ -391,6 +448,8 @@ def main(argv=None) -> int:
     finally:
         if M3dicom.services:
             M3dicom.services.stop()
+        if M3dicom.sink:
+            M3dicom.sink.close()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

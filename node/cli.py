@@ -122,6 +122,12 @@ def cmd_status(args) -> int:
         if reports.waiting or reports.given_up:
             print(f"storage commitment: {reports.waiting} reports waiting to be delivered, {reports.given_up} "
                   "given up (the requester has to ask again)")
+        if config.audit.repository:
+            from archive import atna
+
+            count, oldest = atna.waiting(index, config.node.name)
+            print(f"audit: {count} messages waiting for {config.audit.repository}"
+                  + (f" (oldest from {time.time() - oldest:.0f} s ago)" if oldest else ""))
         if config.storage.backend != "s3":
             print("offload: off (storage.backend = \"local\")")
             return 0

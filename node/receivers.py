@@ -196,7 +196,9 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
         if not spool.is_dir():       # removed under us (by hand, or a cleaner): receiving needs it
             log.warning("spool directory %s was missing: recreated", spool)
             _make_spool(spool)
+        measure.associations_open.set(len(ae.active_associations))   # what pynetdicom holds, whatever happened
         every_second()
+    measure = metrics.get()
     archive = open_archive(config)
     ae = build_ae(config)
     committer = Committer(archive, config)

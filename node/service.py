@@ -106,7 +106,7 @@ def send_audit(config: Config, stop: threading.Event, parent_alive) -> None:
     _watch_parent(stop, parent_alive)
     index = open_index(config)
     try:
-        Sender(index, host.strip("[]"), int(port), context).run(stop)
+        Sender(index, config.node.name, host.strip("[]"), int(port), context).run(stop)
     finally:
         index.close()
 
@@ -124,8 +124,8 @@ def audit_application(config: Config, index, start: bool) -> None:
                        participants=(atna.Participant(config.node.ae_title, False, "application",
                                                       alternative_id=str(os.getpid())),
                                      atna.Participant(getpass.getuser(), True, "application-launcher")))
-    atna.put(index, [(event.time, atna.to_xml(event, config.audit.source_id or config.node.ae_title,
-                                              config.audit.site_id))])
+    atna.put(index, config.node.name, [(event.time, atna.to_xml(event, config.audit.source_id or config.node.ae_title,
+                                                                config.audit.site_id))])
 
 
 def _audit_stop(config: Config) -> None:

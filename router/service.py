@@ -379,7 +379,7 @@ class Router:
                 count = take_results(self.archive, job_id, job.study_uid, output.outputs, self.spool)
             except (IntakeError, OSError) as exc:
                 discard(self.archive, output.outputs)
-                metrics.get().jobs_finished.labels(job.plugin, "failed").inc()
+                metrics.get().jobs_finished.labels(job.plugin, "retried").inc()
                 self._apply(job_id, Fail(self.clock(), f"results not stored: {exc}", worker=self.name))
                 return
             timings = {"worker_started": output.started_at, "plugin_returned": output.returned_at,
@@ -397,9 +397,10 @@ class Router:
         exc = future.exception() if future.status == "error" else None
         final = isinstance(exc, (PluginError, ParamError))
         error = f"{type(exc).__name__}: {exc}" if exc is not None else f"the task was {future.status}"
-        metrics.get().jobs_finished.labels(job.plugin, "failed").inc()
+        plugin = job.plugin
         job = self._apply(job_id, Fail(now, error[:2000], final=final, worker=self.name))
         if job is not None:
+            metrics.get().jobs_finished.labels(plugin, "failed" if job.state == "failed" else "retried").inc()
             log.warning("job %s attempt %d failed (%s): %s", job_id, job.attempts, job.state, error[:300])
 
     def _drop(self, future) -> None:

@@ -27,11 +27,11 @@ def stored(recorder, assoc, visit, refused: bool = False) -> None:
                               patient=Patient(patient_id, patient_name or None)))
 
 
-def queried(recorder, assoc, sop_class: str, identifier: bytes, success: bool) -> None:
-    """Query: the requestor, the node, and what was asked (the identifier as the peer encoded it)."""
-    recorder.record(Event("query", action="E", outcome="0" if success else "4",
-                          participants=(_peer(assoc, "source"), _node(assoc, "destination")),
-                          query=(sop_class, identifier)))
+def queried(recorder, assoc, sop_class: str, identifier: bytes, transfer_syntax: str) -> None:
+    """Query: the requestor, the node, and what was asked (the identifier as the peer encoded it, in
+    `transfer_syntax`; the first 64 KiB of it)."""
+    recorder.record(Event("query", action="E", participants=(_peer(assoc, "source"), _node(assoc, "destination")),
+                          query=(sop_class, identifier), query_syntax=transfer_syntax))
 
 
 def retrieving(recorder, assoc, studies: list[StudyShare], destination: tuple[str, str | None] | None) -> None:

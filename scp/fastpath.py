@@ -183,8 +183,9 @@ class FastDIMSE(DIMSEServiceProvider):
         """Matches go out as they are read, each a pre-encoded command set and identifier in
         one P-DATA-TF; the final response through pynetdicom. A query that fails on the way
         ends with 0xC001 (unable to process)."""
-        explicit = self.assoc._accepted_cx[context_id].transfer_syntax[0] == ExplicitVRLittleEndian
-        counted_query(self.assoc, request)
+        syntax = self.assoc._accepted_cx[context_id].transfer_syntax[0]
+        explicit = syntax == ExplicitVRLittleEndian
+        counted_query(self.assoc, request, str(syntax))
         message_id = request.MessageID
         self.cancel_req = {}
         commands: dict[int, bytes] = {}

@@ -60,6 +60,7 @@ class Visit:
         self.stored = self.bytes = self.refused = self.queries = self.retrieves = 0
         self.studies: dict[str, dict] = {}   # study UID -> {"patient": (id, name), "accession", "classes": {}}
         self.audit = None                     # the archive's atna.Recorder, when the node keeps an audit trail
+        self.established = False              # accepted (a rejected one gets no line of this kind)
 
     def filed(self, header, size: int) -> None:
         self.stored += 1
@@ -220,6 +221,7 @@ def handle_store(event, archive: Archive) -> Dataset | int:
     if announced != context:   # PS3.7 9.1.1: the SOP class is the presentation context's
         comment = f"{UID(announced).name} sent on a {UID(context).name} context"
         log.warning("C-STORE from %s refused (0xA900): %s", event.assoc.requestor.ae_title, comment)
+        metrics.get().stores_refused.labels("0xA900").inc()
         return _status(0xA900, comment)
     code, comment = store(archive, event.dataset_path, context, str(request.AffectedSOPInstanceUID), event.assoc)
     return code if code == 0 else _status(code, comment)
@@ -231,9 +233,8 @@ def handle_closed(event) -> None:
     if drop is not None:
         drop()
     visit = visit_of(event.assoc)
-    if visit is not None:
+    if visit is not None and visit.established:
         event.assoc.m3dicom_visit = None
-        metrics.get().associations_open.dec()
         log.info("association from %s (%s:%s): %s", visit.calling_ae, visit.address, visit.port, visit.summary())
         if visit.audit is not None and visit.studies:
             audit.stored(visit.audit, event.assoc, visit)
@@ -330,7 +331,7 @@ def _find(archive: Archive, config: Settings, calling_ae: str, sop_class: str, i
     yield 0x0000, "", None
 
 
-def counted_query(assoc, request) -> None:
+def counted_query(assoc, request, transfer_syntax: str) -> None:
     """A C-FIND request: counted for the association's line, and audited (the identifier as it came)."""
     visit = visit_of(assoc)
     if visit is None:
@@ -339,12 +340,12 @@ def counted_query(assoc, request) -> None:
     if visit.audit is not None:
         identifier = request.Identifier
         audit.queried(visit.audit, assoc, str(request.AffectedSOPClassUID),
-                      identifier.getvalue() if hasattr(identifier, "getvalue") else b"", True)
+                      identifier.getvalue() if hasattr(identifier, "getvalue") else b"", transfer_syntax)
 
 
 def handle_find(event, archive: Archive, config: Settings):
     """EVT_C_FIND, for the queries the fast path leaves to pynetdicom."""
-    counted_query(event.assoc, event.request)
+    counted_query(event.assoc, event.request, str(event.context.transfer_syntax))
     for code, comment, match in find(archive, config, event.assoc.requestor.ae_title,
                                      str(event.request.AffectedSOPClassUID), lambda: event.identifier,
                                      lambda: event.is_cancelled):
@@ -354,14 +355,20 @@ def handle_find(event, archive: Archive, config: Settings):
             yield _status(code, comment) if comment else code, None
 
 
-def handle_established(event, archive: Archive | None = None) -> None:
+def handle_requested(event, archive: Archive | None = None) -> None:
+    """EVT_REQUESTED, before the A-ASSOCIATE-AC goes out (so before any C-STORE can arrive): what the association
+    will do is kept from here, for its line at the end (handle_closed) and the audit trail."""
     assoc = event.assoc
-    measure = metrics.get()
-    measure.associations.labels(metrics.ae_label(assoc.requestor.ae_title)).inc()
-    measure.associations_open.inc()
-    # what it does, for its line at the end (handle_closed), which also counts it as closed
     visit = assoc.m3dicom_visit = Visit(assoc.requestor.ae_title, assoc.requestor.address, assoc.requestor.port)
     visit.audit = archive.audit if archive is not None else None
+
+
+def handle_established(event) -> None:
+    assoc = event.assoc
+    metrics.get().associations.labels(metrics.ae_label(assoc.requestor.ae_title)).inc()
+    visit = visit_of(assoc)
+    if visit is not None:
+        visit.established = True
 
 
 def handle_rejected(event) -> None:

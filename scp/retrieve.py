@@ -197,9 +197,17 @@ def _instances(event, archive: Archive, found):
 
 
 def _audited(assoc, archive: Archive, found: Retrieve, destination: tuple[str, str] | None) -> None:
+    """Begin Transferring, a message per study (at most 100); an index that fails here fails the audit message,
+    never the retrieve."""
     visit = visit_of(assoc)
-    if visit is not None and visit.audit is not None:
-        audit.retrieving(visit.audit, assoc, archive_query.studies_named(archive.index, found.query), destination)
+    if visit is None or visit.audit is None:
+        return
+    try:
+        studies = archive_query.studies_named(archive.index, found.query)
+    except Exception as exc:
+        log.error("audit: the studies of a retrieve could not be read (%s): no message for it", type(exc).__name__)
+        return
+    audit.retrieving(visit.audit, assoc, studies, destination)
 
 
 def _counted(assoc) -> None:

@@ -166,7 +166,8 @@ def event_handlers(archive: Archive, config: Settings, committer: Committer | No
         (evt.EVT_C_MOVE, retrieve.handle_move, [archive, config]),
         (evt.EVT_C_GET, retrieve.handle_get, [archive, config]),
         (evt.EVT_ESTABLISHED, retrieve.sends_stored_files),
-        (evt.EVT_ESTABLISHED, handlers.handle_established, [archive]),
+        (evt.EVT_REQUESTED, handlers.handle_requested, [archive]),
+        (evt.EVT_ESTABLISHED, handlers.handle_established),
         (evt.EVT_REJECTED, handlers.handle_rejected),
         (evt.EVT_CONN_CLOSE, handlers.handle_closed),
     ]

@@ -77,6 +77,87 @@ def test_a_syslog_frame_is_rfc5424_in_rfc5425_octet_counting():
     assert message.startswith(b"<85>1 2023-11-14T22:13:20.250Z hostname m3dicom 123 IHE+RFC-3881 - \xef\xbb\xbf<")
 
 
+def test_a_query_message_carries_its_syntax_and_at_most_64_kib_of_the_identifier():
+    event = atna.Event("query", action="E", participants=(atna.Participant("F", True, "source"),),
+                       query=("1.2.840.10008.5.1.4.1.2.2.1", b"\x08\x00" * (1 << 20)), query_syntax="1.2.840.10008.1.2")
+    doc = valid(atna.to_xml(event, "M3DICOM"))
+    assert len(base64.b64decode(doc.find(".//ParticipantObjectQuery").text)) == atna.QUERY_MAX
+    detail = doc.find(".//ParticipantObjectDetail")
+    assert detail.get("type") == "TransferSyntax" and base64.b64decode(detail.get("value")) == b"1.2.840.10008.1.2"
+
+
+class PythonRepository:
+    """A repository on Python's ssl (OpenSSL): TLS 1.3 with session tickets, which a sender must not take for
+    the connection's end. It keeps what it receives."""
+
+    def __init__(self, pki: Path):
+        import socket
+        import threading
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(pki / "server.pem", pki / "server.key")
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port, self.data, self.connections = self.sock.getsockname()[1], bytearray(), 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn) -> None:
+        try:
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                while chunk := tls.recv(65536):
+                    self.data += chunk
+        except OSError:
+            pass
+
+    def frames(self) -> list[bytes]:
+        found, rest = [], bytes(self.data)
+        while rest:
+            length, _, rest = rest.partition(b" ")
+            found.append(rest[:int(length)])
+            rest = rest[int(length):]
+        return found
+
+
+def test_the_sender_sends_each_message_once_to_an_openssl_repository_and_only_its_nodes(tmp_path, pki):
+    """TLS 1.3 session tickets arrive after the handshake: they once read as a closed connection, and every
+    batch was sent again, forever. Nodes sharing an index send only their own messages, and a message that
+    commits late with a smaller number is not removed unsent."""
+    from archive import Archive
+    from archive.syslog import Sender
+    from scp.tls import client_context
+
+    archive = Archive(tmp_path / "data")
+    repository = PythonRepository(pki)
+    try:
+        mine = [(time.time(), f"<AuditMessage n='{i}'/>".encode()) for i in range(150)]
+        atna.put(archive.index, "n1", mine)
+        atna.put(archive.index, "n2", [(time.time(), b"<AuditMessage node='n2'/>")])
+        sender = Sender(archive.index, "n1", "127.0.0.1", repository.port,
+                        client_context(pki / "ca.pem", pki / "client.pem", pki / "client.key"))
+        assert sender.step() == 100
+        atna.put(archive.index, "n1", [(time.time(), b"<AuditMessage late='1'/>")])
+        assert sender.step() == 51 and sender.step() == 0
+        wait_for(lambda: len(repository.frames()) == 151, what="every message received")
+        got = [frame.rpartition(b"\xef\xbb\xbf")[2] for frame in repository.frames()]
+        assert got == [m for _, m in mine] + [b"<AuditMessage late='1'/>"]        # once each, in order
+        assert repository.connections == 1
+        assert atna.waiting(archive.index, "n1")[0] == 0 and atna.waiting(archive.index, "n2")[0] == 1
+        sender.close()
+    finally:
+        repository.sock.close()
+        archive.close()
+
+
 class Rsyslog:
     """rsyslogd in the foreground, TLS input (gtls, x509/certvalid: the node must show a certificate of the
     CA), every message's MSGID and text written one per line to `out`."""
@@ -169,7 +250,7 @@ def _login(node: Node, password: str) -> int:
 
 @pytest.mark.slow
 def test_a_session_reaches_the_repository_and_nothing_is_lost_while_it_is_down(tmp_path, pki, repository):
-    node = Node(tmp_path / "node", pki, viewer={"enabled": True, "port": free_port()},
+    node = Node(tmp_path / "node", pki, viewer={"enabled": True, "port": free_port()}, metrics={"port": free_port()},
                 audit={"repository": f"127.0.0.1:{repository.port}", "site_id": "TEST-HOSPITAL"})
     node.env["M3DICOM_ADMIN_PASSWORD"] = PASSWORD
     node.start()
@@ -222,6 +303,11 @@ def test_a_session_reaches_the_repository_and_nothing_is_lost_while_it_is_down(t
             later.append(pydicom.dcmread(path).StudyInstanceUID)
         wait_for(lambda: node.rows("SELECT COUNT(*) FROM audit_outbox")[0][0] >= 3, timeout=15,
                  what="the messages waiting in the index")
+        said = node.cli("status").stdout
+        assert f"messages waiting for 127.0.0.1:{repository.port}" in said, said
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{node.settings['metrics']['port']}/metrics", timeout=30)
+        waiting = [line for line in scrape.read().decode().splitlines() if line.startswith("m3dicom_audit_waiting ")]
+        assert waiting and float(waiting[0].split()[1]) >= 3, waiting
         time.sleep(2)                                       # the sender tries, and tries again
         repository.start()
         got = wait_for(lambda: (lambda m: m if {s for d in m for s in objects(d, "3")} >= set(later) else None)(

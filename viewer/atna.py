@@ -13,8 +13,11 @@ ACCESSES = frozenset({"view", "share_open", "view_model", "download", "dicomweb"
 
 
 def record(archive: Archive, node_ae: str, who: str | None, action: str, outcome: str, address: str | None,
-           study_uid: str | None = None) -> None:
-    """Record one of the viewer's audit records as an ATNA message (nothing when there is no audit trail)."""
+           study_uid: str | None = None, detail: str = "", query: tuple[str, bytes] | None = None) -> None:
+    """Record one of the viewer's audit records as an ATNA message (nothing when there is no audit trail).
+    DICOMweb's (`action` "dicomweb") say by their `detail` what they were: a QIDO-RS search (Query, with
+    `query`: the path and its query string), a STOW-RS (DICOM Instances Transferred, created), a WADO-RS
+    (DICOM Instances Accessed)."""
     recorder = archive.audit
     if recorder is None:
         return
@@ -24,6 +27,16 @@ def record(archive: Archive, node_ae: str, who: str | None, action: str, outcome
     if action in ("login", "logout"):
         recorder.record(Event("user-authentication", action="E", outcome=failed, event_type=action,
                               participants=(user, node)))
+    elif action == "dicomweb" and detail.startswith("QIDO") and query is not None:
+        recorder.record(Event("query", action="E", outcome=failed, participants=(user, node), query=query))
+    elif action == "dicomweb" and detail.startswith("STOW"):
+        found = patient_of_study(archive.index, study_uid) if study_uid else None
+        recorder.record(Event("instances-transferred", action="C", outcome=failed,
+                              participants=(Participant(who or "-", True, "source", user.address),
+                                            Participant(node_ae, False, "destination",
+                                                        alternative_id=str(os.getpid()))),
+                              studies=(Study(study_uid),) if study_uid else (),
+                              patient=Patient(found[0], found[1] or None) if found else None))
     elif action in ACCESSES and study_uid:
         found = patient_of_study(archive.index, study_uid)
         patient = Patient(found[0], found[1] or None) if found else None

@@ -170,7 +170,7 @@ async def audit(request: web.Request, detail: str, study_uid: str | None = None,
         accounts.audit(archive.index, caller.who, "dicomweb", outcome, study_uid=study_uid,
                        detail=f"{request.method} {detail}", address=request.remote)
         atna.record(archive, request.app[CONFIG].node.ae_title, caller.who, "dicomweb", outcome, request.remote,
-                    study_uid)
+                    study_uid, detail, (request.path, request.query_string.encode("utf-8", "replace")))
     await run(request, write)
 
 

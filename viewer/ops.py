@@ -282,6 +282,17 @@ class NodeState:
         for state, count in sorted(queue.counts_by_state(self.index).items()):
             jobs.add_metric([state], count)
         yield jobs
+        if getattr(self.config, "audit", None) is not None and self.config.audit.repository:
+            from archive import atna
+
+            count, oldest_audit = atna.waiting(self.index, self.config.node.name)
+            waiting = GaugeMetricFamily("m3dicom_audit_waiting", "ATNA audit messages not yet taken by the "
+                                        "repository.")
+            waiting.add_metric([], count)
+            yield waiting
+            age = GaugeMetricFamily("m3dicom_audit_oldest_waiting_seconds", "Age of the oldest of them (0: none).")
+            age.add_metric([], max(0.0, self.clock() - oldest_audit) if oldest_audit else 0.0)
+            yield age
         if self.config.storage.backend != "s3":
             return
         shared = bool(self.config.index.url)
@@ -340,8 +351,8 @@ def create_app(config: Settings, index: Index, receivers: int, token: str | None
             if monitor.ran:
                 break
             await asyncio.sleep(0.1)
-        checks = monitor.latest()
-        ready = all(c.ok for c in checks)
+        checks = await asyncio.get_running_loop().run_in_executor(None, monitor.latest)   # disk and files: a
+        ready = all(c.ok for c in checks)                                                   # hung mount waits there
         said = authorised(request)    # beyond loopback, reasons (paths, names) only for the token's holder
         body = {"ready": ready, "checks": {c.name: {"ok": c.ok, **({"reason": c.reason} if c.reason and said else {})}
                                            for c in checks}}

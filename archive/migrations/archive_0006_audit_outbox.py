@@ -12,8 +12,10 @@ depends_on = None
 
 def upgrade() -> None:
     op.create_table("audit_outbox", sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+                    sa.Column("node", sa.Text, nullable=False),          # nodes sharing an index send their own
                     sa.Column("created_at", sa.Float, nullable=False),
                     sa.Column("message", sa.LargeBinary, nullable=False))
+    op.create_index("audit_outbox_node", "audit_outbox", ["node", "seq"])
 
 
 def downgrade() -> None:
