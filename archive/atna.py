@@ -4,8 +4,9 @@
 The events: Application Activity (the node starts and stops), User Authentication (viewer logins and
 logouts, failed ones too), DICOM Instances Transferred (received by C-STORE or STOW-RS, sent by C-MOVE or
 C-GET), Query (C-FIND, QIDO-RS), Begin Transferring DICOM Instances (C-MOVE, C-GET), DICOM Instances
-Accessed (the viewer, share links, WADO-RS). A message names its patient and study: the repository is where
-those belong, the node's log is not. (Security Alert is built here but not yet sent for anything.)
+Accessed (the viewer, share links, WADO-RS), Security Alert (a peer whose TLS handshake failed: node
+authentication; at most one per address every 10 s, as the log says it). A message names its patient and
+study: the repository is where those belong, the node's log is not.
 
 Writing a message never blocks the work it describes: `Recorder.record` puts it on a bounded in-memory
 queue that a thread writes to the outbox every half second, in one transaction (on a crash, what was

@@ -22,7 +22,7 @@ from pydicom import uid
 
 from archive import Archive
 
-from . import fastpath, handlers, retrieve, wire
+from . import audit, fastpath, handlers, retrieve, wire
 from .commitment import Committer
 from .settings import Settings
 from .tls import Reports, Slots, TLSAssociationServer, server_context, source_of
@@ -204,14 +204,22 @@ def start_servers(ae: AE, config: Settings, archive: Archive, sockets: dict[int,
         log.warning("dicom.fast_path = false: C-STORE and C-FIND take pynetdicom's slower generic path, and PDU "
                     "lengths and command sets are not bounded by the node")
     slots = Slots.of(ae, d)   # one pool for both ports: a share per address, a reserve for TLS
-    servers = [serve(ae, sockets[d.port], bound, contexts, tls, config, handler, slots)]
+    alert = _security_alert(archive, config) if archive.audit is not None else None
+    servers = [serve(ae, sockets[d.port], bound, contexts, tls, config, handler, slots, alert)]
     if d.plain_port:
         servers.append(serve(ae, sockets[d.plain_port], bound, contexts, None, config, handler, slots))
     return servers
 
 
+def _security_alert(archive: Archive, config: Settings):
+    """A peer that failed node authentication (its TLS handshake): a Security Alert in the audit trail."""
+    def alert(address: str, reason: str) -> None:
+        audit.alert(archive.audit, address, config.node.ae_title, f"TLS handshake failed: {reason}")
+    return alert
+
+
 def serve(ae: AE, sock: socket.socket, bound: list, contexts: list, ssl_context, config: Settings,
-          request_handler=None, slots: Slots | None = None) -> TLSAssociationServer:
+          request_handler=None, slots: Slots | None = None, alert=None) -> TLSAssociationServer:
     """Serve the listening `sock` in a thread (TLS when `ssl_context`), with the [dicom] limits
     on connections not yet associated, and on associations (`slots`, shared between ports)."""
     d = config.dicom
@@ -222,7 +230,7 @@ def serve(ae: AE, sock: socket.socket, bound: list, contexts: list, ssl_context,
                             handshake_timeout=d.tls_handshake_timeout, artim_timeout=d.artim_timeout,
                             max_pending=d.max_pending_connections, max_pending_per_source=d.max_pending_per_source,
                             max_associate_rq_size=d.max_associate_rq_size, listening_socket=sock,
-                            slots=slots or Slots.of(ae, d), **extra)
+                            slots=slots or Slots.of(ae, d), on_handshake_failure=alert, **extra)
     ae._servers.append(server)  # as AE.start_server does: AE.shutdown() stops it, shutdown() expects it
     # a short poll: shutdown() waits for the loop to notice it (socketserver's default 0.5 s made every stop slow)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": SHUTDOWN_POLL},

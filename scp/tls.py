@@ -23,6 +23,7 @@ import ssl
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -208,13 +209,15 @@ class Reports:
             self._last[(kind, source)] = (now, 0)
         return True, skipped
 
-    def warning(self, kind: str, source: str, message: str, *args, level: int = logging.WARNING) -> None:
+    def warning(self, kind: str, source: str, message: str, *args, level: int = logging.WARNING) -> bool:
+        """Log the line unless one of its kind and source was logged within `interval`; whether it was."""
         allowed, skipped = self.allow(kind, source)
         if not allowed:
-            return
+            return False
         if skipped:
             message += f" ({skipped} more from {source} since the last report)"
         self.logger.log(level, message, *args)
+        return True
 
 
 class Slots:
@@ -281,8 +284,10 @@ class TLSAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, *args, handshake_timeout: float = 5.0, artim_timeout: float = 10.0,
                  max_pending: int = 64, max_pending_per_source: int = 32, max_associate_rq_size: int = 262144,
-                 listening_socket: socket.socket | None = None, slots: Slots | None = None, **kwargs):
+                 listening_socket: socket.socket | None = None, slots: Slots | None = None,
+                 on_handshake_failure: Callable[[str, str], None] | None = None, **kwargs):
         self.handshake_timeout, self.artim_timeout = handshake_timeout, artim_timeout
+        self.on_handshake_failure = on_handshake_failure   # (peer address, reason): the audit trail's alert
         self.max_associate_rq_size = max_associate_rq_size
         self._admission = Admission(max_pending, max_pending_per_source)
         self._reports = Reports()
@@ -401,7 +406,13 @@ class TLSAssociationServer(ThreadedAssociationServer):
             else:
                 kind, reason = "error", getattr(exc, "reason", None) or str(exc) or type(exc).__name__
             metrics.get().tls_handshake_failures.labels(kind).inc()
-            self._reports.warning("handshake", entry.source, "TLS handshake from %s failed: %s", _peer(peer), reason)
+            said = self._reports.warning("handshake", entry.source, "TLS handshake from %s failed: %s", _peer(peer),
+                                         reason)
+            if said and kind == "error" and self.on_handshake_failure is not None:   # as often as the log says it
+                try:
+                    self.on_handshake_failure(str(peer[0]), str(reason))
+                except Exception as exc:
+                    log.error("audit: the failed handshake could not be recorded (%s)", type(exc).__name__)
             return None
 
     def _association_request(self, sock: socket.socket, peer, entry: _Pending) -> bytearray | None:

@@ -267,13 +267,20 @@ def test_a_session_reaches_the_repository_and_nothing_is_lost_while_it_is_down(t
                         "-k", f"StudyInstanceUID={study}", "-od", str(tmp_path / "got"), "127.0.0.1",
                         str(node.plain_port)], check=True, capture_output=True, env=env)
         assert _login(node, "not the password") == 401 and _login(node, PASSWORD) == 200
+        import socket
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as garbage:   # a port scanner
+            garbage.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            try:
+                garbage.recv(100)
+            except OSError:
+                pass
 
         def arrived(wanted: dict[str, int]):
             got = repository.messages()
             kinds = [kind(d) for d in got]
             return got if all(kinds.count(k) >= n for k, n in wanted.items()) else None
         got = wait_for(lambda: arrived({"application-activity": 1, "instances-transferred": 1, "query": 1,
-                                        "begin-transferring": 1, "user-authentication": 2}),
+                                        "begin-transferring": 1, "user-authentication": 2, "security-alert": 1}),
                        timeout=30, what="the session's messages")
         by = {}
         for doc in got:
@@ -290,6 +297,9 @@ def test_a_session_reaches_the_repository_and_nothing_is_lost_while_it_is_down(t
         assert "WORKSTATION" in users(sent) and objects(sent, "3") == [study] and objects(sent, "1") == ["AUD-001"]
         outcomes = sorted(d.find("EventIdentification").get("EventOutcomeIndicator") for d in by["user-authentication"])
         assert outcomes == ["0", "4"] and all("admin" in users(d) for d in by["user-authentication"])
+        alert = by["security-alert"][0]
+        assert "127.0.0.1" in users(alert) and alert.find("EventIdentification").get("EventOutcomeIndicator") == "4"
+        assert "TLS handshake failed" in alert.find("EventIdentification/EventOutcomeDescription").text
         start = by["application-activity"][0]
         assert start.find("EventIdentification/EventTypeCode").get("csd-code") == "110120"
 
