@@ -107,6 +107,18 @@ class _Replaced(Exception):
     (else the other writer's new blob would be left behind, referenced by nothing)."""
 
 
+def _local_keys(data_dir: Path) -> LocalKeyring:
+    """The key-encryption keys of `data_dir/keys`, the first one made on a new data directory; refused when
+    the keys are gone but blobs they encrypted are here (a new key would read none of them, and every process
+    starting meanwhile would make one of its own)."""
+    keys, blobs = data_dir / "keys", data_dir / "blobs"
+    if not (keys.is_dir() and any(keys.glob("*.kek"))) and blobs.is_dir() and \
+            any(p.is_file() for p in blobs.rglob("*")):
+        raise IntegrityError(f"no key file (*.kek) in {keys}, but {blobs} holds blobs they encrypted: restore the "
+                             "key files (from the node's backup), or no stored instance can be read")
+    return LocalKeyring.open(keys)
+
+
 def _lost_race(exc: sa_exc.IntegrityError) -> bool:
     """A unique key that another transaction took between our look-up and our insert (PostgreSQL, READ COMMITTED:
     two nodes or processes filing the same new patient, study, series or SOP Instance UID at once). The
@@ -141,7 +153,7 @@ class Archive:
             raise ValueError(f"on_conflict: {on_conflict!r} is not refuse or quarantine")
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.keyring = Keyring(LocalKeyring.open(self.data_dir / "keys"), kms)
+        self.keyring = Keyring(_local_keys(self.data_dir), kms)
         self.local = LocalStorage(self.data_dir / "blobs", self.keyring, segment_size)
         self.node = node or default_node_name()
         self.remote = remote(self.keyring) if remote else None

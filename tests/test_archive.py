@@ -514,3 +514,26 @@ def test_two_nodes_replacing_one_instance_at_once_leave_no_blob_behind(tmp_path,
     finally:
         a.close()
         b.close()
+
+
+def test_keys_gone_from_a_data_directory_with_blobs_are_refused_not_replaced(tmp_path):
+    """A process that opened the archive while `keys/` was missing made a new key, which reads none of the
+    blobs stored before (found by the readiness test: the router started after the keys were moved)."""
+    archive = Archive(tmp_path / "d")
+    assert archive.ingest_file(data_file("CT_small.dcm")).outcome is Outcome.STORED
+    archive.close()
+    keys = tmp_path / "d" / "keys"
+    keys.rename(tmp_path / "keys.away")
+    with pytest.raises(IntegrityError, match=r"no key file \(\*\.kek\) in .*keys, but .*blobs holds blobs"):
+        Archive(tmp_path / "d")
+    assert not keys.exists()                               # and no key was made meanwhile
+    (tmp_path / "keys.away").rename(keys)
+    again = Archive(tmp_path / "d")
+    try:
+        assert [r[0] for r in again.index.read(text("SELECT COUNT(*) FROM instances"))] == [1]
+        assert len(list(keys.glob("*.kek"))) == 1
+    finally:
+        again.close()
+    fresh = Archive(tmp_path / "new")                      # a new data directory still gets its first key
+    fresh.close()
+    assert len(list((tmp_path / "new" / "keys").glob("*.kek"))) == 1
