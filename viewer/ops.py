@@ -78,10 +78,6 @@ class Readiness:
         self.config, self.index, self.receivers, self.clock = config, index, receivers, clock
         self._s3: tuple[float, Check] | None = None
         self._client = None
-        self._s3_lock = threading.Lock()
-
-    def checks(self) -> list[Check]:
-        return [*self.slow(), *self.quick()]
 
     def slow(self) -> list[Check]:
         """The checks that wait on others (the index's write lock, S3): run in the background (`Monitor`)."""
@@ -129,24 +125,23 @@ class Readiness:
     def s3(self) -> Check:
         if self.config.storage.backend != "s3":
             return Check("s3", True, "not used (storage.backend = \"local\")")
-        with self._s3_lock:
-            now = self.clock()
-            if self._s3 is not None and now - self._s3[0] < S3_CHECK_EVERY and self._s3[1].ok:
-                return self._s3[1]
-            from archive import s3 as archive_s3
+        now = self.clock()
+        if self._s3 is not None and now - self._s3[0] < S3_CHECK_EVERY and self._s3[1].ok:
+            return self._s3[1]
+        from archive import s3 as archive_s3
 
-            st = self.config.storage.s3
-            try:
-                if self._client is None:
-                    self._client = archive_s3.client(st.endpoint_url, st.region, CHECK_TIMEOUT, attempts=1)
-                problem = archive_s3.check_bucket(self._client, st.bucket)
-            except archive_s3.S3SettingsError as exc:
-                problem = str(exc)
-            except Exception as exc:   # anything else boto3 may raise: not ready, in one line
-                problem = f"S3 cannot be checked: {type(exc).__name__}"
-            checked = Check("s3", problem is None, problem or "")
-            self._s3 = (now, checked)
-            return checked
+        st = self.config.storage.s3
+        try:
+            if self._client is None:
+                self._client = archive_s3.client(st.endpoint_url, st.region, CHECK_TIMEOUT, attempts=1)
+            problem = archive_s3.check_bucket(self._client, st.bucket)
+        except archive_s3.S3SettingsError as exc:
+            problem = str(exc)
+        except Exception as exc:   # anything else boto3 may raise: not ready, in one line
+            problem = f"S3 cannot be checked: {type(exc).__name__}"
+        checked = Check("s3", problem is None, problem or "")
+        self._s3 = (now, checked)
+        return checked
 
     def listening(self) -> Check:
         registry = _registry()
