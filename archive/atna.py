@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DCM = "DCM"
 EVENTS = {   # EventID: code, meaning
     "application-activity": ("110100", "Application Activity"),
+    "audit-log-used": ("110101", "Audit Log Used"),
     "begin-transferring": ("110102", "Begin Transferring DICOM Instances"),
     "instances-accessed": ("110103", "DICOM Instances Accessed"),
     "instances-transferred": ("110104", "DICOM Instances Transferred"),
@@ -45,6 +46,8 @@ EVENT_TYPES = {
     "login": ("110122", "Login"),
     "logout": ("110123", "Logout"),
     "node-authentication": ("110126", "Node Authentication"),
+    "security-roles-changed": ("110136", "Security Roles Changed"),
+    "user-security-attributes-changed": ("110137", "User security Attributes Changed"),
     "use-of-restricted-function": ("110132", "Use of a restricted function"),
 }
 ROLES = {
@@ -96,6 +99,8 @@ class Event:
     query: tuple[str, bytes] | None = None  # (SOP Class UID or QIDO path, the identifier or query string)
     query_syntax: str | None = None        # the transfer syntax the identifier is encoded in (C-FIND)
     description: str | None = None         # EventOutcomeDescription
+    audit_log: str | None = None           # Audit Log Used: the URI of the audit log that was read
+    account: str | None = None             # Security Alert about a user account: its name
     time: float = 0.0
 
 
@@ -179,6 +184,16 @@ def to_xml(event: Event, source_id: str, site_id: str = "") -> bytes:
         if event.query_syntax:
             ET.SubElement(obj, "ParticipantObjectDetail", type="TransferSyntax",
                           value=base64.b64encode(event.query_syntax.encode("ascii", "replace")).decode("ascii"))
+    if event.audit_log is not None:          # PS3.15 A.5.3.2
+        obj = ET.SubElement(root, "ParticipantObjectIdentification", ParticipantObjectID=event.audit_log,
+                            ParticipantObjectTypeCode="2", ParticipantObjectTypeCodeRole="13")
+        _coded(ET.SubElement(obj, "ParticipantObjectIDTypeCode"), ("12", "URI"), "RFC-3881")
+        ET.SubElement(obj, "ParticipantObjectName").text = "Security Audit Log"
+    if event.account is not None:            # PS3.15 A.5.3.11: the alert's subject, a user account
+        obj = ET.SubElement(root, "ParticipantObjectIdentification", ParticipantObjectID=event.account,
+                            ParticipantObjectTypeCode="1", ParticipantObjectTypeCodeRole="11")
+        _coded(ET.SubElement(obj, "ParticipantObjectIDTypeCode"), ("11", "User Identifier"), "RFC-3881")
+        ET.SubElement(obj, "ParticipantObjectName").text = event.account
     _safe(root)
     return b'<?xml version="1.0" encoding="UTF-8"?>' + ET.tostring(root, encoding="utf-8", xml_declaration=False)
 

@@ -434,16 +434,17 @@ def cmd_user_add(args) -> int:
     try:
         config = _config(args)
         password = _password(args)
-        check_user(args.name, password, args.role)            # before anything is made
+        check_user(args.name, password, args.role, args.referring)           # before anything is made
         with _index_made(config) as (index, made):
-            user = add_user(index, args.name, password, args.role, replace=args.replace)
+            user = add_user(index, args.name, password, args.role, replace=args.replace, referring=args.referring)
     except (AccountError, RuntimeError, OSError) as exc:
         print(f"m3dicom: {exc}", file=sys.stderr)
         return 1
     if made:
         print(f"made the node's index at {config.data_dir / 'index.sqlite3'} (the node had not started yet; "
               "its first start uses it and, since a user exists, makes no `admin` user)")
-    print(f"user {user.name} ({user.role}) {'updated' if args.replace else 'added'}")
+    sees = f", sees the studies referred by {user.referring}" if user.referring else ""
+    print(f"user {user.name} ({user.role}{sees}) {'updated' if args.replace else 'added'}")
     return 0
 
 
@@ -602,7 +603,11 @@ def parser() -> argparse.ArgumentParser:
     user = sub.add_parser("user", help="people who use the viewer").add_subparsers(dest="user", required=True)
     p = with_config(user.add_parser("add", help="add a user (password prompted, or one line on stdin)"))
     p.add_argument("name")
-    p.add_argument("--role", choices=("clinician", "admin"), default="clinician")
+    p.add_argument("--role", choices=("reader", "clinician", "admin"), default="clinician",
+                   help="reader: reads the studies of one referring physician (--referring); clinician: reads "
+                        "all, runs analyses, shares, uploads; admin: also the admin page (default: clinician)")
+    p.add_argument("--referring", metavar="'FAMILY^GIVEN'",
+                   help="a reader's studies: those whose Referring Physician's Name matches this (wildcards * ?)")
     p.add_argument("--replace", action="store_true", help="set a new password (and role) for an existing user")
     p.set_defaults(func=cmd_user_add)
     p = with_config(user.add_parser("disable", help="a user can no longer log in; their sessions end at once"))

@@ -55,6 +55,11 @@ def test_every_kind_of_message_is_valid_and_hostile_values_stay_inside_it():
         atna.Event("security-alert", action="E", outcome="4", event_type="node-authentication",
                    participants=(atna.Participant("198.51.100.7", False, None, "198.51.100.7"), node),
                    description="TLS handshake failed: <bad certificate>"),
+        atna.Event("audit-log-used", action="R", participants=(atna.Participant("admin", True, None, "::1"), node),
+                   audit_log="https://node.example/admin/audit?who=<x>"),
+        atna.Event("security-alert", action="E", event_type="security-roles-changed",
+                   participants=(atna.Participant("admin", True, None, "::1"), node), account="bob\x01",
+                   description="role: reader -> clinician"),
     ]
     for event in events:
         doc = valid(atna.to_xml(event, "M3DICOM", "Site <A>"))

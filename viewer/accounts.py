@@ -35,7 +35,7 @@ from archive.crypto import KMS_PREFIX, IntegrityError, Keyring
 from archive.index import Index
 
 log = logging.getLogger(__name__)
-ROLES = ("clinician", "admin")
+ROLES = ("reader", "clinician", "admin")       # what each may do: viewer/roles.py
 _NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1
 MAX_DELAY = 8.0
@@ -51,12 +51,21 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 TABLES = ("users", "sessions", "login_failures", "share_links", "audit")
 
 _USER_EXISTS = text("SELECT 1 FROM users WHERE name = :name")
-_PUT_USER = text("INSERT INTO users (name, role, password, created_at) VALUES (:name, :role, :password, :now) "
-                 "ON CONFLICT (name) DO UPDATE SET role = excluded.role, password = excluded.password, disabled = 0")
+_PUT_USER = text("INSERT INTO users (name, role, password, created_at, referring) "
+                 "VALUES (:name, :role, :password, :now, :referring) ON CONFLICT (name) DO UPDATE "
+                 "SET role = excluded.role, password = excluded.password, referring = excluded.referring, disabled = 0")
 _USERS = text("SELECT name, role, disabled FROM users ORDER BY name")
+_USER_ROWS = text("SELECT u.name, u.role, u.referring, u.disabled, u.created_at, COUNT(s.token_hash) AS sessions, "
+                  "MAX(s.last_seen) AS last_seen FROM users u LEFT JOIN sessions s ON s.user_name = u.name "
+                  "AND s.expires_at >= :now GROUP BY u.name, u.role, u.referring, u.disabled, u.created_at "
+                  "ORDER BY u.name")
+_SET_PASSWORD = text("UPDATE users SET password = :password WHERE name = :name")
+_SET_ROLE = text("UPDATE users SET role = :role, referring = :referring WHERE name = :name")
+_ENABLE = text("UPDATE users SET disabled = 0 WHERE name = :name")
+_COUNT_ADMINS = text("SELECT COUNT(*) FROM users WHERE role = 'admin' AND disabled = 0 AND name != :name")
 _COUNT_USERS = text("SELECT COUNT(*) FROM users WHERE disabled = 0")
 _FAILURES = text("SELECT count, last FROM login_failures WHERE key IN (:user_key, :address_key)")
-_USER = text("SELECT name, role, password, disabled FROM users WHERE name = :name")
+_USER = text("SELECT name, role, password, disabled, referring FROM users WHERE name = :name")
 _OWN_FAILURES = text("SELECT count FROM login_failures WHERE key = :key AND :now - last <= 900")
 _FORGET_FAILURES = text("DELETE FROM login_failures WHERE key = :key")
 _FORGIVE = text("UPDATE login_failures SET count = CASE WHEN count > :own THEN count - :own ELSE 0 END "
@@ -69,7 +78,7 @@ _OPEN_SESSION = text(
     "VALUES (:token_hash, :user_name, :share_id, :study_uid, :csrf, :now, :now, :expires_at)")
 _EXPIRED_SESSIONS = text("DELETE FROM sessions WHERE expires_at < :now")
 _SESSION = text("SELECT s.token_hash, s.user_name, s.share_id, s.study_uid, s.csrf, s.last_seen, s.expires_at, "
-                "u.role, u.disabled FROM sessions s LEFT JOIN users u ON u.name = s.user_name "
+                "u.role, u.disabled, u.referring FROM sessions s LEFT JOIN users u ON u.name = s.user_name "
                 "WHERE s.token_hash = :token_hash")
 _SEEN = text("UPDATE sessions SET last_seen = :now WHERE token_hash = :token_hash")
 _SESSION_SHARE = text("SELECT l.revoked_at, l.expires_at FROM sessions s JOIN share_links l ON l.id = s.share_id "
@@ -135,29 +144,95 @@ def _dummy_hash() -> str:
 class User:
     name: str
     role: str
+    referring: str | None = None      # a reader's: the Referring Physician's Name of their studies
 
 
-def check_user(name: str, password: str, role: str) -> None:
+def check_user(name: str, password: str, role: str, referring: str | None = None) -> None:
     """AccountError when the name, password or role cannot be an account's."""
     if not _NAME.match(name):
         raise AccountError(f"user name {name!r}: 1-64 letters, digits, '.', '_', '@' or '-'")
-    if role not in ROLES:
-        raise AccountError(f"role {role!r}: one of {', '.join(ROLES)}")
+    check_role(role, referring)
+    check_new_password(password)
+
+
+def check_new_password(password: str) -> None:
     if len(password) < 10:
         raise AccountError("the password needs at least 10 characters")
+    if len(password) > 1024:
+        raise AccountError("the password is longer than 1024 characters")
 
 
-def add_user(index: Index, name: str, password: str, role: str = "clinician", replace: bool = False) -> User:
-    check_user(name, password, role)
+def check_role(role: str, referring: str | None) -> None:
+    """A reader needs the Referring Physician's Name of their studies (a DICOM person name: at most 64
+    characters, FAMILY^GIVEN, `*` and `?` as wildcards); the other roles take none."""
+    if role not in ROLES:
+        raise AccountError(f"role {role!r}: one of {', '.join(ROLES)}")
+    if role == "reader":
+        if not referring or not referring.strip("*?^ "):
+            raise AccountError("a reader sees the studies of one referring physician: give their name "
+                               "(--referring 'FAMILY^GIVEN'; a name of wildcards alone would be everyone's)")
+        if len(referring) > 64 or not referring.isprintable() or "\\" in referring or not referring.isascii():
+            raise AccountError("the referring physician's name: at most 64 printable ASCII characters, no backslash")
+    elif referring:
+        raise AccountError(f"only a reader has a referring physician's name, not a {role}")
+
+
+def add_user(index: Index, name: str, password: str, role: str = "clinician", replace: bool = False,
+             referring: str | None = None) -> User:
+    check_user(name, password, role, referring)
     with index.write() as conn:
         exists = conn.execute(_USER_EXISTS, {"name": name}).first() is not None
         if exists and not replace:
             raise AccountError(f"user {name!r} exists (give it a new password with "
                                f"`m3dicom user add {name} --replace`)")
-        conn.execute(_PUT_USER, {"name": name, "role": role, "password": hash_password(password), "now": time.time()})
+        conn.execute(_PUT_USER, {"name": name, "role": role, "password": hash_password(password), "now": time.time(),
+                                 "referring": referring or None})
         if exists:   # a new password ends the sessions opened with the old one
             conn.execute(_END_SESSIONS, {"name": name})
-    return User(name, role)
+    return User(name, role, referring or None)
+
+
+def user_rows(index: Index, now: float | None = None) -> list[dict]:
+    """Every account with its open sessions (how many, the latest use), for the admin page."""
+    return [dict(r) for r in _read(index, _USER_ROWS, now=time.time() if now is None else now)]
+
+
+def set_password(index: Index, name: str, password: str) -> bool:
+    """A new password (an admin's reset); the account's sessions end. False: no such user."""
+    check_new_password(password)
+    with index.write() as conn:
+        changed = conn.execute(_SET_PASSWORD, {"name": name, "password": hash_password(password)}).rowcount
+        conn.execute(_END_SESSIONS, {"name": name})
+    return bool(changed)
+
+
+def set_role(index: Index, name: str, role: str, referring: str | None = None) -> bool:
+    """Another role (and a reader's name); the account's sessions end, so that none keeps the old rights.
+    The last enabled admin keeps their role (AccountError). False: no such user."""
+    check_role(role, referring)
+    with index.write() as conn:
+        if role != "admin" and _is_last_admin(conn, name):
+            raise AccountError(f"{name} is the only enabled admin: make another admin first")
+        changed = conn.execute(_SET_ROLE, {"name": name, "role": role, "referring": referring or None}).rowcount
+        conn.execute(_END_SESSIONS, {"name": name})
+    return bool(changed)
+
+
+def _is_last_admin(conn, name: str) -> bool:
+    row = conn.execute(_USER, {"name": name}).first()
+    return (row is not None and row.role == "admin" and not row.disabled
+            and conn.execute(_COUNT_ADMINS, {"name": name}).scalar() == 0)
+
+
+def enable_user(index: Index, name: str) -> bool:
+    with index.write() as conn:
+        return bool(conn.execute(_ENABLE, {"name": name}).rowcount)
+
+
+def end_sessions(index: Index, name: str) -> int:
+    """Log the user out everywhere: how many sessions ended."""
+    with index.write() as conn:
+        return conn.execute(_END_SESSIONS, {"name": name}).rowcount
 
 
 def _read(index: Index, statement, **params) -> list:
@@ -200,7 +275,7 @@ def authenticate(index: Index, name: str, password: str, address: str) -> User |
         else:
             for key in (user_key, address_key):
                 conn.execute(_FAILED, {"key": key, "now": now})
-    return User(rows[0]["name"], rows[0]["role"]) if ok else None
+    return User(rows[0]["name"], rows[0]["role"], rows[0]["referring"]) if ok else None
 
 
 # -- sessions ------------------------------------------------------------------------------
@@ -261,7 +336,7 @@ def session(index: Index, token: str | None, idle_minutes: float, now: float | N
     if now - row["last_seen"] > 30:     # refresh at most every 30 s: fewer writes
         with index.write() as conn:
             conn.execute(_SEEN, {"now": now, "token_hash": row["token_hash"]})
-    user = User(row["user_name"], row["role"]) if row["user_name"] else None
+    user = User(row["user_name"], row["role"], row["referring"]) if row["user_name"] else None
     return Session(row["token_hash"], user, row["study_uid"], row["share_id"], row["csrf"], row["expires_at"])
 
 
@@ -358,9 +433,12 @@ def revoke_share(index: Index, link_id: str) -> bool:
     return bool(changed)
 
 
-def disable_user(index: Index, name: str) -> bool:
-    """The user can no longer log in; their sessions end now. False: no such user."""
+def disable_user(index: Index, name: str, keep_an_admin: bool = False) -> bool:
+    """The user can no longer log in; their sessions end now. False: no such user. `keep_an_admin` (the
+    admin page): the last enabled admin is not disabled (AccountError): nobody could administer the node."""
     with index.write() as conn:
+        if keep_an_admin and _is_last_admin(conn, name):
+            raise AccountError(f"{name} is the only enabled admin: make another admin first")
         changed = conn.execute(_DISABLE, {"name": name}).rowcount
         conn.execute(_END_SESSIONS, {"name": name})
     return bool(changed)
@@ -370,7 +448,42 @@ def shares(index: Index, study_uid: str) -> list[dict]:
     return [dict(r) for r in _read(index, _SHARES, study_uid=study_uid)]
 
 
+_ALL_SHARES = text("SELECT id, study_uid, created_by, created_at, expires_at, revoked_at FROM share_links "
+                   "WHERE :everything = 1 OR (revoked_at IS NULL AND expires_at > :now) "
+                   "ORDER BY created_at DESC, id LIMIT :limit OFFSET :offset")
+
+
+def all_shares(index: Index, open_only: bool = True, limit: int = 100, offset: int = 0,
+               now: float | None = None) -> list[dict]:
+    """Everyone's share links, newest first (the admin page): the open ones, or all."""
+    return [dict(r) for r in _read(index, _ALL_SHARES, everything=0 if open_only else 1, limit=limit,
+                                   offset=offset, now=time.time() if now is None else now)]
+
+
 # -- audit ---------------------------------------------------------------------------------
+
+AUDIT_COLUMNS = ("seq", "time", "user_name", "action", "study_uid", "outcome", "detail", "address")
+_AUDIT_FILTERS = {   # a search field: its condition (only these fragments ever join the statement)
+    "who": "user_name = :who", "action": "action = :action", "study": "study_uid = :study",
+    "outcome": "outcome = :outcome", "since": "time >= :since", "until": "time < :until", "before": "seq < :before",
+}
+_AUDIT_ACTIONS = text("SELECT DISTINCT action FROM audit ORDER BY action")
+
+
+def audit_search(index: Index, filters: dict, limit: int = 100) -> list[dict]:
+    """Audit records, newest first, that meet every filter given (`_AUDIT_FILTERS`: who, action, study,
+    outcome exactly; since / until: seconds since the epoch; before: a seq, for the next page)."""
+    unknown = set(filters) - set(_AUDIT_FILTERS)
+    if unknown:
+        raise ValueError(f"no audit filter {sorted(unknown)[0]!r}")
+    where = " AND ".join(_AUDIT_FILTERS[name] for name in sorted(filters)) or "1 = 1"
+    statement = text(f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit WHERE {where} ORDER BY seq DESC LIMIT :limit")
+    return [dict(r) for r in _read(index, statement, **filters, limit=limit)]
+
+
+def audit_actions(index: Index) -> list[str]:
+    """The actions the audit table holds (the search form's choices)."""
+    return [r[0] for r in index.read(_AUDIT_ACTIONS)]
 
 def audit(index: Index, who: str | None, action: str, outcome: str = "ok", *, study_uid: str | None = None,
           detail: str | None = None, address: str | None = None) -> None:

@@ -1,6 +1,7 @@
 """The viewer's audit records (`accounts.audit`) as IHE ATNA messages too, when the node keeps an audit trail
 ([audit] repository): logins and logouts as User Authentication, a study looked at (its page, a share link,
-a model, a download, DICOMweb) as DICOM Instances Accessed, with its patient."""
+a model, a download, DICOMweb) as DICOM Instances Accessed, with its patient; an admin's change to an account
+or a token as a Security Alert, and a search or export of the audit trail as Audit Log Used."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,12 @@ from archive.atna import Event, Participant, Patient, Study
 from archive.facts import patient_of_study
 
 ACCESSES = frozenset({"view", "share_open", "view_model", "download", "dicomweb"})
+ACCOUNT_CHANGES = {   # the admin page's changes (viewer/admin.py): Security Alert of this type, "ACCOUNT: what"
+    "user_add": "user-security-attributes-changed", "user_password": "user-security-attributes-changed",
+    "user_role": "security-roles-changed", "user_disable": "user-security-attributes-changed",
+    "user_enable": "user-security-attributes-changed", "user_sessions": "user-security-attributes-changed",
+    "token_create": "user-security-attributes-changed", "token_revoke": "user-security-attributes-changed"}
+AUDIT_READS = frozenset({"audit_search", "audit_export"})
 
 
 def record(archive: Archive, node_ae: str, who: str | None, action: str, outcome: str, address: str | None,
@@ -24,7 +31,14 @@ def record(archive: Archive, node_ae: str, who: str | None, action: str, outcome
     node = Participant(node_ae, False, "application", alternative_id=str(os.getpid()))
     user = Participant(who or "-", True, None, address if address and address != "?" else None)
     failed = "0" if outcome == "ok" else "4"
-    if action in ("login", "logout"):
+    if action in AUDIT_READS:
+        recorder.record(Event("audit-log-used", action="R", outcome=failed, participants=(user, node),
+                              audit_log=f"/admin/audit?{detail}"[:1024]))
+    elif action in ACCOUNT_CHANGES:
+        account, _, what = detail.partition(": ")
+        recorder.record(Event("security-alert", action="E", outcome=failed, event_type=ACCOUNT_CHANGES[action],
+                              participants=(user, node), account=account or "-", description=what[:500] or None))
+    elif action in ("login", "logout"):
         recorder.record(Event("user-authentication", action="E", outcome=failed, event_type=action,
                               participants=(user, node)))
     elif action == "dicomweb" and detail.startswith("QIDO") and query is not None:

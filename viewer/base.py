@@ -141,7 +141,9 @@ async def run(request: web.Request, function, *args):
 
 
 def render(request: web.Request, template: str, **context) -> web.Response:
+    from .roles import rights          # roles.py builds on this module
+
     session = request.get(SESSION)
     html = request.app[TEMPLATES].get_template(template).render(session=session, csrf=session.csrf if session else "",
-                                                               **context)
+                                                               may=rights(session), **context)
     return web.Response(text=html, content_type="text/html")

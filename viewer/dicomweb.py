@@ -38,7 +38,7 @@ from archive import query as archive_query
 from archive.dicomfile import InvalidInstance, inspect
 from archive.query import ATTRIBUTES, LEVELS, STUDY_ROOT, Query, QueryError
 
-from . import accounts, atna, tokens
+from . import accounts, atna, roles, tokens
 from .base import ARCHIVE, CLOCK, CONFIG, COOKIE, REFUSALS, SESSION, SlowBody, paced, run, too_slow, valid_uid
 from .logins import source_of
 
@@ -355,7 +355,11 @@ async def qido(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     cap = config.query.max_results
     limit, offset = _number(request.query, "limit", cap), _number(request.query, "offset", 0)
-    ds = identifier(request.query, level, fixed, request[CALLER].study_uid)
+    ds = roles.restrict(identifier(request.query, level, fixed, request[CALLER].study_uid),
+                        roles.limited(request[SESSION]))
+    if ds is None:                                # a reader without a name: none of the studies is theirs
+        await audit(request, f"QIDO {level}: 0 matches", study)
+        return web.Response(status=204)
     fuzzy = request.query.get("fuzzymatching", "false").lower() == "true"
     try:
         query = Query(STUDY_ROOT, ds, case_insensitive_names=config.query.case_insensitive_names or fuzzy)

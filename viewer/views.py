@@ -33,7 +33,7 @@ from router import queue
 from router.api import JobRequestError, plugins_for_study, request_job
 from router.jobs import IllegalTransition
 
-from . import accounts, analysis, atna, upload
+from . import accounts, analysis, atna, roles, upload
 from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, JOB_ID, LOGINS, OHIF_ON, PLUGINS, SECRET, SESSION,
                    json_body, render, run, valid_uid)
 from .base import form as read_form
@@ -137,7 +137,7 @@ async def _audit(request: web.Request, action: str, outcome: str = "ok", *, who:
     def write() -> None:
         accounts.audit(archive.index, actor, action, outcome, address=_address(request), **extra)
         atna.record(archive, request.app[CONFIG].node.ae_title, actor, action, outcome, _address(request),
-                    extra.get("study_uid"))
+                    extra.get("study_uid"), extra.get("detail") or "")
     await run(request, write)
 
 
@@ -348,9 +348,12 @@ def _identifier(params) -> Dataset:
     return ds
 
 
-def _search(index, params: dict, page: int, order: str = "date", descending: bool = True) -> dict:
-    query = Query(STUDY_ROOT, _identifier(params))
-    rows = facts.study_page(index, query, order=order, descending=descending, limit=PAGE + 1, offset=page * PAGE)
+def _search(index, params: dict, page: int, order: str = "date", descending: bool = True,
+            referring: str | None = None) -> dict:
+    """One page of the list; `referring`: a reader's, whose studies alone are searched (roles.limited)."""
+    identifier = roles.restrict(_identifier(params), referring)
+    rows = [] if identifier is None else facts.study_page(index, Query(STUDY_ROOT, identifier), order=order,
+                                                          descending=descending, limit=PAGE + 1, offset=page * PAGE)
     found = [{"study_uid": r["StudyInstanceUID"], "patient_name": r["PatientName"], "patient_id": r["PatientID"],
               "date": r["StudyDate"], "time": r["StudyTime"], "description": r["StudyDescription"],
               "accession": r["AccessionNumber"], "modalities": r["ModalitiesInStudy"],
@@ -391,7 +394,8 @@ async def api_studies(request: web.Request) -> web.Response:
     if order not in STUDY_LIST_ORDER or direction not in ("asc", "desc"):
         raise _bad_request(f"sort by one of {', '.join(STUDY_LIST_ORDER)}, order asc or desc")
     try:
-        result = await run(request, _search, request.app[ARCHIVE].index, params, page, order, direction == "desc")
+        result = await run(request, _search, request.app[ARCHIVE].index, params, page, order, direction == "desc",
+                           roles.limited(request[SESSION]))
     except ValueError as exc:                  # QueryError, or a value pydicom will not take
         raise _bad_request(str(exc)[:300] or "this search cannot be run") from None
     except sa_exc.OperationalError as exc:       # the database refused the statement as too large
@@ -539,7 +543,7 @@ async def api_plugins(request: web.Request) -> web.Response:
     takes = await run(request, plugins_for_study, request.app[ARCHIVE].index, plugins, study_uid)
     off = _no_router(request.app[CONFIG])
     return _json({"plugins": [{**describe(plugins[name]), "series": series} for name, series in sorted(takes.items())],
-                  "can_start": not request[SESSION].is_share and off is None, "why_not": off})
+                  "can_start": roles.ANALYSE in roles.rights(request[SESSION]) and off is None, "why_not": off})
 
 
 def _no_router(config) -> str | None:
@@ -890,6 +894,7 @@ async def api_events(request: web.Request) -> web.StreamResponse:
         last_seen = request.headers.get("Last-Event-ID", "")
         backlog = await run(request, broker.missed, int(last_seen)) if _EVENT_ID.match(last_seen) else []
         sent = quiet = 0
+        referring, reach = roles.limited(session), {}       # a reader: events of their studies only
         while True:
             if backlog:
                 event = backlog.pop(0)
@@ -905,6 +910,15 @@ async def api_events(request: web.Request) -> web.StreamResponse:
                     continue
             if event["seq"] <= sent or (session.is_share and event.get("study_uid") != session.study_uid):
                 continue
+            if referring is not None:
+                study = event.get("study_uid")
+                if study not in reach:
+                    if len(reach) > 10000:
+                        reach.clear()
+                    reach[study] = bool(study) and await run(request, roles.reaches, request.app[ARCHIVE].index,
+                                                             referring, study)
+                if not reach[study]:
+                    continue
             sent = event["seq"]
             await response.write(f"id: {event['seq']}\nevent: change\ndata: {json.dumps(event, default=str)}\n\n".encode())
     except (ConnectionResetError, asyncio.CancelledError):

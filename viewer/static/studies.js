@@ -80,7 +80,7 @@ async function search(newPage = 0, { quiet = false } = {}) {
     if (!answer.studies.length) {
       const empty = FIELDS.every((f) => !form.elements[f].value.trim()) && page === 0;
       body.replaceChildren(el("tr", { class: "empty" }, el("td", { colspan: 7 },
-        empty ? "No studies yet: send one from a modality, or upload files above." : "No study matches this search.")));
+        empty ? (uploadBox ? "No studies yet: send one from a modality, or upload files above." : "No studies yet.") : "No study matches this search.")));
     }
     document.getElementById("page").textContent = `page ${page + 1}`;
     document.getElementById("previous").disabled = page === 0;
@@ -134,7 +134,7 @@ function listen() {
 
 form.addEventListener("submit", (e) => {
   e.preventDefault();
-  if (phone.matches) { fold(false); uploadBox.open = false; }      // the results, not the form, on the screen
+  if (phone.matches) { fold(false); if (uploadBox) uploadBox.open = false; }      // the results, not the form, on the screen
   search(0);
 });
 for (const th of document.querySelectorAll("#studies th[data-sort]")) {
@@ -158,9 +158,10 @@ function fold(open) {
   labelMore();
 }
 moreToggle.addEventListener("click", () => fold(!form.classList.contains("expanded")));
-const uploadBox = document.getElementById("upload-box");
+const uploadBox = document.getElementById("upload-box");     // absent for a role that stores nothing
 function layout() {
-  if (!phone.matches) { uploadBox.open = true; fold(false); } else uploadBox.open = false;
+  if (!phone.matches) fold(false);
+  if (uploadBox) uploadBox.open = !phone.matches;
 }
 phone.addEventListener("change", layout);
 layout();
@@ -168,7 +169,7 @@ layout();
 // -- uploads --------------------------------------------------------------------------------------------
 
 const uploadForm = document.getElementById("upload");
-uploadForm.addEventListener("submit", async (e) => {
+uploadForm?.addEventListener("submit", async (e) => {
   e.preventDefault();
   const input = uploadForm.elements.files;
   const results = document.getElementById("upload-results");

@@ -10,6 +10,8 @@ import { loadJobs, loadPlugins, loadShares, setUpSharing } from "./panels.js";
 const root = document.getElementById("study");
 const studyUid = root.dataset.study;
 const shared = root.dataset.share === "yes";
+const mayAnalyse = root.dataset.analyse === "yes";   // the role's rights (viewer/roles.py)
+const mayShare = root.dataset.links === "yes";
 const viewerSection = document.querySelector("section.viewer");
 const viewportBox = document.getElementById("viewport");
 const hangingBox = document.getElementById("hanging");
@@ -589,7 +591,7 @@ window.addEventListener("resize", () => {
 // -- analyses: plug-ins, jobs, notifications ----------------------------------------------------------
 
 const jobsList = document.getElementById("jobs");
-const reloadJobs = () => loadJobs(studyUid, jobsList, { shared, labelOfSeries }).catch((e) => toast(e.message, "error"));
+const reloadJobs = () => loadJobs(studyUid, jobsList, { shared: !mayAnalyse, labelOfSeries }).catch((e) => toast(e.message, "error"));
 
 function listen() {
   const events = new EventSource("/api/events");
@@ -642,6 +644,6 @@ async function settle() {
 setUpSharing(studyUid);
 loadStudy()
   .then(() => Promise.all([loadPlugins(studyUid, document.getElementById("plugins"), () => { reloadJobs(); refreshAnalysis(); }),
-                           reloadJobs(), shared ? null : loadShares(studyUid)]))
+                           reloadJobs(), mayShare ? loadShares(studyUid) : null]))
   .catch((error) => toast(error.message, "error"));
 listen();

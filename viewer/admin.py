@@ -1,0 +1,399 @@
+"""The admin pages (/admin, the role "admin" only: viewer/roles.py): the node at a glance (health, queues,
+activity), users, everyone's share links, API tokens, the audit trail (search, CSV export) and the settings.
+
+Plain server-rendered pages with forms (no script needed, a phone included); each change is a POST that
+carries the session's CSRF token, is audited (and sent to the ATNA repository as a Security Alert), and is
+answered by the page again, saying what was done. Reading the audit trail is audited too (Audit Log Used).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import io
+import logging
+import os
+import time
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from aiohttp import web
+
+from archive import metrics, status
+from router import queue
+
+from . import accounts, tokens
+from .base import ARCHIVE, CONFIG, SESSION, form, render, run
+from .views import _audit
+
+log = logging.getLogger(__name__)
+PAGE = 100                       # audit rows and share links a page
+CSV_LIMIT = 1_000_000            # audit rows one CSV export holds at most (newest first)
+_DAY = 86400
+
+
+def routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/admin", overview)
+    r.add_get("/admin/users", users_page)
+    r.add_post("/admin/users", add_user)
+    r.add_post("/admin/users/{name}/{change}", change_user)
+    r.add_get("/admin/shares", shares_page)
+    r.add_post("/admin/shares/{share}/revoke", revoke_share)
+    r.add_get("/admin/tokens", tokens_page)
+    r.add_post("/admin/tokens", create_token)
+    r.add_post("/admin/tokens/{name}/revoke", revoke_token)
+    r.add_get("/admin/audit", audit_page)
+    r.add_get("/admin/audit.csv", audit_csv)
+    r.add_get("/admin/settings", settings_page)
+
+
+def _page(request: web.Request, template: str, status: int = 200, **context) -> web.Response:
+    response = render(request, template, section=template.removeprefix("admin_").removesuffix(".html"), **context)
+    response.set_status(status)
+    return response
+
+
+def _when(seconds: float | None) -> str:
+    """A time as an admin reads it: local, to the minute ("" for none)."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds)) if seconds else ""
+
+
+# -- the node at a glance -------------------------------------------------------------------------
+
+def _health(config, index) -> list[dict]:
+    """The readiness checks of /readyz that this process can make (the receivers' is /readyz's own)."""
+    from .ops import Readiness
+
+    readiness = Readiness(config, index, receivers=0)
+    return [dataclasses.asdict(check) for check in (readiness.index_writable(), readiness.disk(),
+                                                    readiness.key_file(), readiness.s3())]
+
+
+def _queues(config, index) -> dict:
+    from archive import atna, offload
+
+    found = {"jobs": dict(sorted(queue.counts_by_state(index).items())), "offload": None, "audit": None,
+             "counts": dataclasses.asdict(status.counts(index))}
+    if config.storage.backend == "s3":
+        s = offload.status(index, config.node.name if config.index.url else None)
+        found["offload"] = {"pending": s.pending, "retrying": s.retrying, "failed": s.failed,
+                            "oldest": _when(s.oldest_pending)}
+    if config.audit.repository:
+        count, oldest = atna.waiting(index, config.node.name)
+        found["audit"] = {"waiting": count, "oldest": _when(oldest), "repository": config.audit.repository}
+    stat = os.statvfs(config.data_dir)
+    found["free_gib"] = round(stat.f_bavail * stat.f_frsize / 2 ** 30, 1)
+    return found
+
+
+ACTIVITY = (   # what /metrics counted since the node started, added up over its labels
+    ("m3dicom_associations_open", "DICOM associations open now"),
+    ("m3dicom_receivers_listening", "Receiving processes listening"),
+    ("m3dicom_associations", "Associations accepted"),
+    ("m3dicom_associations_rejected", "Associations rejected"),
+    ("m3dicom_tls_handshake_failures", "TLS handshakes failed"),
+    ("m3dicom_instances_received", "Instances received"),
+    ("m3dicom_received_bytes", "Bytes received"),
+    ("m3dicom_stores_refused", "C-STOREs refused"),
+    ("m3dicom_s3_errors", "S3 errors"),
+)
+
+
+def _activity() -> list[tuple[str, float]] | None:
+    """The node's counters at a glance (None: metrics are off, [metrics] port = 0)."""
+    if metrics.multiprocess() is None:
+        return None
+    from .ops import _registry
+
+    totals = dict.fromkeys((name for name, _ in ACTIVITY), 0.0)
+    for family in _registry().collect():
+        for sample in family.samples:
+            name = sample.name.removesuffix("_total")
+            if name in totals and not sample.name.endswith("_created"):
+                totals[name] += sample.value
+    return [(label, totals[name]) for name, label in ACTIVITY]
+
+
+async def overview(request: web.Request) -> web.Response:
+    config, index = request.app[CONFIG], request.app[ARCHIVE].index
+    health = await run(request, _health, config, index)
+    queues = await run(request, _queues, config, index)
+    activity = await run(request, _activity)
+    port = config.router.dashboard_port if config.router.enabled else 0
+    return _page(request, "admin_overview.html", health=health, queues=queues, activity=activity,
+                 dashboard=port, metrics_address=f"{config.metrics.host}:{config.metrics.port}"
+                 if config.metrics.port else None)
+
+
+# -- users ----------------------------------------------------------------------------------------
+
+async def users_page(request: web.Request, done: str | None = None, error: str | None = None,
+                     status: int = 200) -> web.Response:
+    rows = await run(request, accounts.user_rows, request.app[ARCHIVE].index)
+    for row in rows:
+        row["last_seen"] = _when(row["last_seen"])
+        row["created"] = _when(row["created_at"])
+    return _page(request, "admin_users.html", status, users=rows, roles=accounts.ROLES, done=done, error=error,
+                 me=request[SESSION].user.name)
+
+
+async def add_user(request: web.Request) -> web.Response:
+    fields = await form(request)
+    name, role = str(fields.get("name", "")).strip(), str(fields.get("role", "clinician"))
+    referring = str(fields.get("referring", "")).strip() or None
+    index = request.app[ARCHIVE].index
+    try:
+        accounts.check_user(name, str(fields.get("password", "")), role, referring)
+        user = await run(request, lambda: accounts.add_user(index, name, str(fields["password"]), role,
+                                                            referring=referring))
+    except accounts.AccountError as exc:
+        return await users_page(request, error=str(exc), status=400)
+    await _changed(request, "user_add", user.name, f"role {user.role}")
+    return await users_page(request, done=f"{user.name} added ({user.role}): give them their password in person")
+
+
+CHANGES = {"password": "user_password", "role": "user_role", "disable": "user_disable", "enable": "user_enable",
+           "sessions": "user_sessions"}
+
+
+async def change_user(request: web.Request) -> web.Response:
+    name, change = request.match_info["name"], request.match_info["change"]
+    if change not in CHANGES:
+        raise web.HTTPNotFound(text="No such change.")
+    fields = await form(request)
+    index, me = request.app[ARCHIVE].index, request[SESSION].user.name
+    try:
+        if change == "password":
+            done = await run(request, accounts.set_password, index, name, str(fields.get("password", "")))
+            said, detail = f"{name}'s password is changed and their sessions have ended", "password reset"
+        elif change == "role":
+            role, referring = str(fields.get("role", "")), str(fields.get("referring", "")).strip() or None
+            done = await run(request, accounts.set_role, index, name, role, referring)
+            said, detail = f"{name} is now a {role}; their sessions have ended", f"role {role}"
+        elif change == "disable":
+            if name == me:
+                raise accounts.AccountError("you cannot disable your own account (another admin can)")
+            done = await run(request, accounts.disable_user, index, name, True)
+            said, detail = f"{name} is disabled and their sessions have ended", "disabled"
+        elif change == "enable":
+            done = await run(request, accounts.enable_user, index, name)
+            said, detail = f"{name} can log in again", "enabled"
+        else:
+            ended = await run(request, accounts.end_sessions, index, name)
+            done, said, detail = True, f"{ended} session{'s' if ended != 1 else ''} of {name} ended", "sessions ended"
+    except accounts.AccountError as exc:
+        await _changed(request, CHANGES[change], name, str(exc), "refused")
+        return await users_page(request, error=str(exc), status=400)
+    if not done:
+        return await users_page(request, error=f"there is no user {name!r}", status=404)
+    await _changed(request, CHANGES[change], name, detail)
+    if change in ("password", "role", "disable", "sessions") and name == me:
+        raise web.HTTPSeeOther("/login")             # their own session ended with the others
+    return await users_page(request, done=said)
+
+
+async def _changed(request: web.Request, action: str, account: str, detail: str, outcome: str = "ok") -> None:
+    """An account or token changed by an admin: the viewer's audit, and a Security Alert for the ATNA
+    repository (viewer/atna.py reads the account from the detail's start)."""
+    await _audit(request, action, outcome, detail=f"{account}: {detail}"[:500])
+
+
+# -- share links ----------------------------------------------------------------------------------
+
+def _offset(request: web.Request) -> int:
+    try:
+        return max(0, min(int(request.query.get("offset", "0")), 10 ** 7))
+    except ValueError:
+        return 0
+
+
+async def shares_page(request: web.Request, done: str | None = None, error: str | None = None) -> web.Response:
+    everything, offset = request.query.get("all") == "1", _offset(request)
+    rows = await run(request, accounts.all_shares, request.app[ARCHIVE].index, not everything, PAGE + 1, offset)
+    now = time.time()
+    for row in rows:
+        row["state"] = "revoked" if row["revoked_at"] else "expired" if row["expires_at"] <= now else "open"
+        row["created"], row["expires"] = _when(row["created_at"]), _when(row["expires_at"])
+    return _page(request, "admin_shares.html", shares=rows[:PAGE], more=len(rows) > PAGE, offset=offset,
+                 everything=everything, page=PAGE, done=done, error=error)
+
+
+async def revoke_share(request: web.Request) -> web.Response:
+    link_id = request.match_info["share"]
+    index = request.app[ARCHIVE].index
+    link = await run(request, accounts.share, index, link_id) if len(link_id) <= 32 else None
+    if link is None or not await run(request, accounts.revoke_share, index, link_id):
+        return await shares_page(request, error="that link does not exist or is already revoked")
+    await _audit(request, "share_revoke", study_uid=link["study_uid"], detail=f"{link_id} (made by {link['created_by']})")
+    return await shares_page(request, done=f"the link made by {link['created_by']} on {_when(link['created_at'])} "
+                                           "is revoked: it opens nothing from now on")
+
+
+# -- API tokens -----------------------------------------------------------------------------------
+
+async def tokens_page(request: web.Request, done: str | None = None, error: str | None = None,
+                      made: str | None = None, status: int = 200) -> web.Response:
+    rows = await run(request, tokens.listed, request.app[ARCHIVE].index)
+    now = time.time()
+    for row in rows:
+        row["state"] = ("revoked" if row["revoked_at"] else
+                        "expired" if row["expires_at"] is not None and row["expires_at"] <= now else "live")
+        row["created"], row["expires"], row["used"] = (_when(row["created_at"]), _when(row["expires_at"]) or "never",
+                                                       _when(row["last_used"]) or "never")
+    return _page(request, "admin_tokens.html", status, tokens=rows, scopes=tokens.SCOPES, done=done, error=error,
+                 made=made)
+
+
+async def create_token(request: web.Request) -> web.Response:
+    fields = await form(request)
+    name, scope, days = str(fields.get("name", "")).strip(), str(fields.get("scope", "read")), fields.get("days", "")
+    try:
+        lifetime = float(days) if str(days).strip() else None
+    except ValueError:
+        return await tokens_page(request, error="days: a number, or empty for a token that lasts until revoked",
+                                 status=400)
+    try:
+        made = await run(request, tokens.create, request.app[ARCHIVE].index, name, scope, lifetime)
+    except tokens.TokenError as exc:
+        return await tokens_page(request, error=str(exc), status=400)
+    await _changed(request, "token_create", f"token:{name}", f"scope {scope}")
+    return await tokens_page(request, done=f"token {name} made: copy it now, it is not shown again", made=made)
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if not await run(request, tokens.revoke, request.app[ARCHIVE].index, name):
+        return await tokens_page(request, error="that token does not exist or is already revoked", status=404)
+    await _changed(request, "token_revoke", f"token:{name}", "revoked")
+    return await tokens_page(request, done=f"token {name} is revoked: it opens nothing from its next request on")
+
+
+# -- the audit trail ------------------------------------------------------------------------------
+
+FILTERS = {"who": "Who", "action": "Action", "study": "Study UID", "outcome": "Outcome"}
+
+
+def _filters(query) -> tuple[dict, dict, str | None]:
+    """(the search's filters for accounts.audit_search, the form's values, what is wrong with them)."""
+    values = {name: str(query.get(name, "")).strip()[:200] for name in (*FILTERS, "from", "to")}
+    filters = {name: values[name] for name in FILTERS if values[name]}
+    for name, key, shift in (("from", "since", 0), ("to", "until", _DAY)):
+        if values[name]:
+            try:
+                day = datetime.datetime.strptime(values[name], "%Y-%m-%d")
+            except ValueError:
+                return filters, values, f"{name}: a date, YYYY-MM-DD"
+            filters[key] = time.mktime(day.timetuple()) + shift      # "to" includes its day
+    before = query.get("before", "")
+    if before.isdigit() and len(before) < 19:
+        filters["before"] = int(before)
+    return filters, values, None
+
+
+async def audit_page(request: web.Request) -> web.Response:
+    filters, values, error = _filters(request.query)
+    index = request.app[ARCHIVE].index
+    rows = [] if error else await run(request, accounts.audit_search, index, filters, PAGE + 1)
+    for row in rows:
+        row["when"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["time"]))
+    actions = await run(request, accounts.audit_actions, index)
+    searched = {k: v for k, v in values.items() if v}
+    more = None
+    if len(rows) > PAGE:
+        more = "/admin/audit?" + urlencode({**searched, "before": rows[PAGE - 1]["seq"]})
+    await _audit(request, "audit_search", detail=_described(searched) or "everything")
+    return _page(request, "admin_audit.html", 400 if error else 200, rows=rows[:PAGE], values=values, error=error,
+                 actions=actions, labels=FILTERS, more=more, csv="/admin/audit.csv?" + urlencode(searched))
+
+
+def _described(searched: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in searched.items())[:300]
+
+
+def _cell(value) -> str:
+    """A CSV cell a spreadsheet shows as text: a value that starts like a formula (a user name typed at the
+    login page, "=HYPERLINK(...)") is written behind an apostrophe (OWASP's CSV injection advice)."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+async def audit_csv(request: web.Request) -> web.StreamResponse:
+    """Every record the search finds, newest first, streamed in pages (memory stays bounded)."""
+    filters, values, error = _filters(request.query)
+    if error:
+        raise web.HTTPBadRequest(text=error)
+    index = request.app[ARCHIVE].index
+    await _audit(request, "audit_export", detail=_described({k: v for k, v in values.items() if v}) or "everything")
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8",
+        "Content-Disposition": f'attachment; filename="m3dicom-audit-{time.strftime("%Y%m%d-%H%M%S")}.csv"'})
+    await response.prepare(request)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["seq", "time (UTC)", *accounts.AUDIT_COLUMNS[2:]])
+    written = 0
+    while written < CSV_LIMIT:
+        rows = await run(request, accounts.audit_search, index, filters, 1000)
+        for row in rows:
+            when = datetime.datetime.fromtimestamp(row["time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            writer.writerow([row["seq"], when, *(_cell(row[c]) for c in accounts.AUDIT_COLUMNS[2:])])
+        await response.write(out.getvalue().encode())
+        out.seek(0)
+        out.truncate()
+        written += len(rows)
+        if len(rows) < 1000:
+            break
+        filters["before"] = rows[-1]["seq"]
+    await response.write_eof()
+    return response
+
+
+# -- settings -------------------------------------------------------------------------------------
+
+def _secret_free(value) -> str:
+    """A setting as shown: a URL's password replaced by ***."""
+    text = str(value)
+    if "://" in text and "@" in text:
+        parts = urlsplit(text)
+        if parts.password:
+            netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+            return urlunsplit(parts._replace(netloc=netloc))
+    return text
+
+
+def _settings(config) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """Every setting: (section, [(name, value, help)]); a nested section ([storage.s3], [remote.NAME]) by
+    its dotted name, after its parent."""
+    found = []
+
+    def shown(value) -> str:
+        if isinstance(value, (list, tuple)):
+            return ", ".join(map(str, value)) or "(none)"
+        return _secret_free(value)
+
+    def walk(prefix: str, section) -> None:
+        rows, nested = [], []
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                nested.append((f"{prefix}.{f.name}", value))
+            else:
+                rows.append((f.name, shown(value), f.metadata.get("help", "")))
+        found.append((prefix, rows))
+        for name, value in nested:
+            walk(name, value)
+
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            walk(f.name, value)
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                if dataclasses.is_dataclass(item):
+                    walk(f"{f.name}.{name}", item)
+    return [(name, rows) for name, rows in found if rows]
+
+
+async def settings_page(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    return _page(request, "admin_settings.html", sections=_settings(config))

@@ -1,0 +1,189 @@
+"""Who may do what: the viewer's roles, the right each route needs, checked in one place (`authorized`).
+
+| right | what it allows | reader | clinician | admin | share link | API token |
+|---|---|---|---|---|---|---|
+| read | study list, pages, images, reports, downloads, OHIF, QIDO-RS and WADO-RS | own studies | all | all | its study | all |
+| analyse | start and cancel analysis jobs | - | yes | yes | - | - |
+| share | make share links, list a study's links, revoke one's own | - | yes | yes | - | - |
+| store | upload files, STOW-RS | - | yes | yes | - | scope write |
+| administer | /admin: users, everyone's share links, API tokens, audit search, queues, settings | - | - | yes | - | - |
+
+A reader's "own studies" are those whose Referring Physician's Name matches the reader's
+(`m3dicom user add NAME --role reader --referring "FAMILY^GIVEN"`, matched as C-FIND matches it:
+case-insensitively by default, `*` and `?` as wildcards): a study of anyone else's is answered 404, as
+one that does not exist, and lists and searches show only theirs. An admin also revokes anyone's share
+link. Every route the app serves has its right in ROUTES; a route missing from it is refused to
+everyone (and tests/test_roles.py fails), so a new route cannot be open by mistake.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+from pydicom.dataset import Dataset
+
+from archive import facts
+from archive.query import STUDY_ROOT, Query
+from router import queue
+
+from .base import ARCHIVE, CONFIG, JOB_ID, SESSION, run, valid_uid
+
+log = logging.getLogger(__name__)
+
+PUBLIC, SIGNED_IN = "public", "signed in"        # no session needed; any session (logging out)
+READ, ANALYSE, SHARE, STORE, ADMINISTER = "read", "analyse", "share", "store", "administer"
+RIGHTS = {
+    "reader": frozenset({READ}),
+    "clinician": frozenset({READ, ANALYSE, SHARE, STORE}),
+    "admin": frozenset({READ, ANALYSE, SHARE, STORE, ADMINISTER}),
+}
+ROLES = tuple(RIGHTS)
+LIMITED = frozenset({"reader"})                  # roles that see their own studies only
+SHARE_RIGHTS = frozenset({READ})
+TOKEN_RIGHTS = {"read": frozenset({READ}), "write": frozenset({READ, STORE})}
+WHAT = {READ: "read studies", ANALYSE: "run analyses", SHARE: "share studies", STORE: "store studies",
+        ADMINISTER: "administer the node"}
+
+# (method, route): HEAD is checked as GET. Prefixes (a route ending in "*") cover a static tree.
+ROUTES = {
+    ("GET", "/"): PUBLIC, ("GET", "/login"): PUBLIC, ("POST", "/login"): PUBLIC, ("GET", "/s/{token}"): PUBLIC,
+    ("GET", "/static*"): PUBLIC, ("GET", "/vendor/x3dom*"): PUBLIC,
+    ("POST", "/logout"): SIGNED_IN,
+    ("GET", "/studies"): READ, ("GET", "/studies/{study}"): READ, ("GET", "/studies/{study}/model/{job}"): READ,
+    ("GET", "/api/studies"): READ, ("GET", "/api/studies/{study}"): READ,
+    ("GET", "/api/studies/{study}/findings"): READ, ("GET", "/api/studies/{study}/analysis"): READ,
+    ("GET", "/api/studies/{study}/jobs"): READ, ("GET", "/api/studies/{study}/plugins"): READ,
+    ("GET", "/api/jobs/{job}/files/{name}"): READ, ("GET", "/api/instances/{instance}/info"): READ,
+    ("GET", "/api/instances/{instance}/render"): READ, ("GET", "/api/instances/{instance}/sr"): READ,
+    ("GET", "/api/instances/{instance}/download"): READ, ("GET", "/api/events"): READ,
+    ("GET", "/dicomweb*"): READ, ("GET", "/ohif*"): READ,
+    ("POST", "/api/studies/{study}/jobs"): ANALYSE, ("POST", "/api/jobs/{job}/cancel"): ANALYSE,
+    ("POST", "/api/studies/{study}/share"): SHARE, ("GET", "/api/studies/{study}/shares"): SHARE,
+    ("POST", "/api/shares/{share}/revoke"): SHARE,
+    ("POST", "/api/upload"): STORE, ("POST", "/dicomweb/studies"): STORE, ("POST", "/dicomweb/studies/{study}"): STORE,
+    ("GET", "/admin*"): ADMINISTER, ("POST", "/admin*"): ADMINISTER,
+}
+
+
+def right_of(method: str, route: str) -> str | None:
+    """The right a request needs (None: the route is not in ROUTES, which refuses it)."""
+    method = "GET" if method in ("HEAD", "OPTIONS") else method
+    found = ROUTES.get((method, route))
+    if found is not None:
+        return found
+    for (m, pattern), right in ROUTES.items():
+        if m == method and pattern.endswith("*") and (route == pattern[:-1] or route.startswith(pattern[:-1] + "/")):
+            return right
+    return None
+
+
+def rights(session) -> frozenset[str]:
+    """What a viewer session (accounts.Session) may do."""
+    if session is None:
+        return frozenset()
+    if session.is_share:
+        return SHARE_RIGHTS
+    return RIGHTS.get(session.user.role, frozenset())
+
+
+def limited(session) -> str | None:
+    """The Referring Physician's Name a reader's studies carry ("" when none is set: nothing is theirs);
+    None for everyone else (their reach is all studies, or a share link's one)."""
+    if session is None or session.is_share or session.user.role not in LIMITED:
+        return None
+    return session.user.referring or ""
+
+
+def restrict(identifier: Dataset, referring: str | None) -> Dataset | None:
+    """A C-FIND identifier narrowed to a reader's studies (`limited`): their name replaces whatever the
+    caller asked of the attribute, so a reader cannot search beyond them. None: nothing can match (a
+    reader without a name)."""
+    if referring is None:
+        return identifier
+    if not referring:
+        return None
+    identifier.ReferringPhysicianName = referring
+    return identifier
+
+
+def reaches(index, referring: str, study_uid: str, case_insensitive: bool = True) -> bool:
+    """Whether the study is one of a reader's (a study-level C-FIND for it and their name finds it)."""
+    if not referring:
+        return False
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = study_uid
+    ds.ReferringPhysicianName = referring
+    return bool(facts.study_page(index, Query(STUDY_ROOT, ds, case_insensitive_names=case_insensitive), limit=1))
+
+
+def _studies_of(index, match_info) -> list[str] | None:
+    """The studies a request's path names, each of its study, instance and job resolved (None: one of them
+    does not exist, or is not an id of its kind)."""
+    found = []
+    for name in ("study", "instance", "job"):
+        value = match_info.get(name)
+        if value is None:
+            continue
+        if name == "job":
+            if not JOB_ID.match(value):
+                return None
+            try:
+                found.append(queue.get(index, value).study_uid)
+            except queue.JobNotFound:
+                return None
+            continue
+        if not valid_uid(value):
+            return None
+        found.append(value if name == "study" else facts.study_of_instance(index, value))
+    return None if None in found else found
+
+
+def refusal(request: web.Request, status: type[web.HTTPException], why: str) -> web.HTTPException:
+    """A refusal in the request's language: JSON for the API and DICOMweb, plain words for a page."""
+    if request.path.startswith(("/api/", "/dicomweb")):
+        return status(text=json.dumps({"error": why}), content_type="application/json")
+    return status(text=why[0].upper() + why[1:] + ".")
+
+
+@web.middleware
+async def authorized(request: web.Request, handler):
+    """The right of the request's route, for the session's role, a share link or an API token; a reader's
+    request for a study of someone else's is answered as for a study that does not exist."""
+    resource = request.match_info.route.resource
+    if resource is None:                        # no route matched: aiohttp's own 404 / 405
+        return await handler(request)
+    right = right_of(request.method, resource.canonical)
+    if right is None:
+        log.error("%s %s: the route has no right in viewer/roles.py ROUTES; refused", request.method,
+                  resource.canonical)
+        raise refusal(request, web.HTTPForbidden, "this address is not open to anyone (the node's own error: "
+                                                  "its log says which route)")
+    if right == PUBLIC:
+        return await handler(request)
+    from .dicomweb import CALLER
+
+    caller = request.get(CALLER)
+    session = request.get(SESSION)
+    if session is None and caller is not None and caller.token:          # an API token
+        granted = TOKEN_RIGHTS["write" if caller.write else "read"]
+    else:
+        granted = rights(session)
+    if right == SIGNED_IN:
+        return await handler(request)
+    if right not in granted:
+        if session is not None and session.is_share:
+            raise refusal(request, web.HTTPForbidden, "a share link opens one study, read-only")
+        role = session.user.role if session is not None else "this token"
+        raise refusal(request, web.HTTPForbidden, f"{WHAT[right]} is not open to the role {role!r} "
+                                                  "(ask an administrator)")
+    referring = limited(session)
+    if referring is not None:
+        index = request.app[ARCHIVE].index
+        insensitive = request.app[CONFIG].query.case_insensitive_names
+        studies = await run(request, _studies_of, index, request.match_info)
+        if studies is None or not all([await run(request, reaches, index, referring, s, insensitive)
+                                       for s in set(studies)]):
+            raise refusal(request, web.HTTPNotFound, "no such study")
+    return await handler(request)
