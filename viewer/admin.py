@@ -225,8 +225,8 @@ async def revoke_share(request: web.Request) -> web.Response:
     if link is None or not await run(request, accounts.revoke_share, index, link_id):
         return await shares_page(request, error="that link does not exist or is already revoked")
     await _audit(request, "share_revoke", study_uid=link["study_uid"], detail=f"{link_id} (made by {link['created_by']})")
-    return await shares_page(request, done=f"the link made by {link['created_by']} on {_when(link['created_at'])} "
-                                           "is revoked: it opens nothing from now on")
+    return await shares_page(request, done=f"the link made by {link['created_by']} (open until "
+                                           f"{_when(link['expires_at'])}) is revoked: it opens nothing from now on")
 
 
 # -- API tokens -----------------------------------------------------------------------------------
