@@ -62,7 +62,7 @@ def _when(seconds: float | None) -> str:
 
 def _health(config, index) -> list[dict]:
     """The readiness checks of /readyz that this process can make (the receivers' is /readyz's own)."""
-    from .ops import Readiness
+    from .health import Readiness
 
     readiness = Readiness(config, index, receivers=0)
     return [dataclasses.asdict(check) for check in (readiness.index_writable(), readiness.disk(),
@@ -103,10 +103,10 @@ def _activity() -> list[tuple[str, float]] | None:
     """The node's counters at a glance (None: metrics are off, [metrics] port = 0)."""
     if metrics.multiprocess() is None:
         return None
-    from .ops import _registry
+    from .health import counts_registry
 
     totals = dict.fromkeys((name for name, _ in ACTIVITY), 0.0)
-    for family in _registry().collect():
+    for family in counts_registry().collect():
         for sample in family.samples:
             name = sample.name.removesuffix("_total")
             if name in totals and not sample.name.endswith("_created"):

@@ -27,7 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from archive import Archive, metrics
 from archive.storage import BlobNotOffloaded
 
-from . import accounts, admin, dicomweb, events, ohif, roles, views, wado
+from . import accounts, admin, authorize, dicomweb, events, ohif, views, wado
 from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, LOGINS, OHIF_ON, PLUGINS, REFUSALS, SECRET,
                    SESSION, TEMPLATES, form, run)
 from .images import Images
@@ -214,7 +214,7 @@ async def csrf(request: web.Request, handler):
 
 def create_app(config: Settings, archive: Archive | None = None, clock=time.time) -> web.Application:
     """The viewer for `config`'s node (its own archive connection unless one is given)."""
-    app = web.Application(middlewares=[counted, security_headers, errors, sessions, csrf, roles.authorized],
+    app = web.Application(middlewares=[counted, security_headers, errors, sessions, csrf, authorize.authorized],
                           client_max_size=(config.viewer.max_upload_mb + 1) << 20)
     app[CONFIG] = config
     app[CLOCK] = clock

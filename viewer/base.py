@@ -20,6 +20,7 @@ from archive import Archive, dicomfile
 
 from .images import Images
 from .logins import LoginGate, Refusals
+from .roles import rights
 from .settings import Settings
 
 COOKIE = "m3session"
@@ -141,8 +142,6 @@ async def run(request: web.Request, function, *args):
 
 
 def render(request: web.Request, template: str, **context) -> web.Response:
-    from .roles import rights          # roles.py builds on this module
-
     session = request.get(SESSION)
     html = request.app[TEMPLATES].get_template(template).render(session=session, csrf=session.csrf if session else "",
                                                                may=rights(session), **context)
