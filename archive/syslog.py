@@ -33,6 +33,7 @@ BATCH = 100
 CONNECT_TIMEOUT = 10.0
 MAX_RETRY_DELAY = 60.0
 ACK_WAIT = 10.0           # seconds a batch may wait for the repository's TCP acknowledgement
+LAST_ROUND = 3.0          # seconds the sender goes on sending at the node's stop
 
 
 def frame(xml: bytes, hostname: str, app: str, procid: str, when: float) -> bytes:
@@ -60,6 +61,7 @@ class Sender:
         self.procid = str(os.getpid())
         self.sock: ssl.SSLSocket | None = None
         self.delay, self.failing = 1.0, False
+        self.ack_wait = ACK_WAIT
 
     def run(self, stop: threading.Event, idle: float = 0.5) -> None:
         while not stop.is_set():
@@ -73,7 +75,20 @@ class Sender:
             elif sent < 0:
                 stop.wait(self.delay)
                 self.delay = min(MAX_RETRY_DELAY, self.delay * 2)
+        self.last_round()
         self.close()
+
+    def last_round(self, seconds: float = LAST_ROUND) -> None:
+        """At the node's stop: what waits (the node's Application Stop among it) is sent while the repository
+        takes it, for at most `seconds`; a repository that is failing is not waited for, and what is left
+        waits in the outbox for the next start."""
+        deadline, self.ack_wait = time.monotonic() + seconds, min(ACK_WAIT, seconds)
+        while not self.failing and time.monotonic() < deadline:
+            try:
+                if self.step() <= 0:
+                    return
+            except Exception:           # the index away: the next start sends it
+                return
 
     def step(self) -> int:
         """Send one batch: the number sent, 0 when none waited, -1 when the repository could not take them."""
@@ -84,8 +99,8 @@ class Sender:
         try:
             sock = self.sock or self._connect()
             sock.sendall(data)
-            if not self._acknowledged(sock):
-                raise ConnectionError(f"the repository acknowledged nothing for {ACK_WAIT:g} s")
+            if not self._acknowledged(sock, self.ack_wait):
+                raise ConnectionError(f"the repository acknowledged nothing for {self.ack_wait:g} s")
             if self._closed_by_peer(sock):
                 raise ConnectionError("the repository closed the connection")
         except (OSError, ssl.SSLError) as exc:

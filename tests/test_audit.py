@@ -332,3 +332,7 @@ def test_a_session_reaches_the_repository_and_nothing_is_lost_while_it_is_down(t
     finally:
         node.stop()
     assert "audit: repository" in node.log()             # the outage was said once, and its end
+    # the node's stop reaches the repository as it stops, not at its next start
+    stops = [d for d in repository.messages() if kind(d) == "application-activity"
+             and d.find("EventIdentification/EventTypeCode").get("csd-code") == "110121"]
+    assert len(stops) == 1 and node.rows("SELECT COUNT(*) FROM audit_outbox")[0][0] == 0
