@@ -197,6 +197,28 @@ async def test_the_overview_and_the_settings_say_how_the_node_is(setup, aiohttp_
     assert admin._secret_free("postgresql://m3:s3cret@db.example:5432/m3") == "postgresql://m3:***@db.example:5432/m3"
 
 
+async def test_a_stow_into_several_studies_is_audited_for_each(setup, aiohttp_client, tmp_path):
+    import aiohttp
+
+    config, archive, study = setup
+    carl = await _login(aiohttp_client, create_app(config, archive), "carl")
+    paths = [p for n in range(2) for p in synthetic_instances(tmp_path / f"s{n}", 1, patient=f"Stow^{n}")]
+    with aiohttp.MultipartWriter("related", boundary="m3dicom-test") as body:
+        for path in paths:
+            body.append(path.read_bytes(), {"Content-Type": "application/dicom"})
+    body.headers["Content-Type"] = 'multipart/related; type="application/dicom"; boundary=m3dicom-test'
+    answer = await carl.post("/dicomweb/studies", data=body, headers={"X-CSRF-Token": carl.csrf,
+                                                                     "Accept": "application/dicom+json"})
+    assert answer.status == 200, await answer.text()
+    import pydicom
+
+    wanted = {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in paths}
+    rows = archive.index.read(text("SELECT study_uid, detail FROM audit WHERE action = 'dicomweb'"))
+    assert {r[0] for r in rows} == wanted and all("into 2 studies" in r[1] for r in rows)
+    stored = [e for e in archive.audit.events if e.kind == "instances-transferred"]
+    assert {e.studies[0].uid for e in stored} == wanted
+
+
 @pytest.mark.browser
 @pytest.mark.slow
 def test_the_admin_pages_read_well_on_a_desktop_and_a_phone(make_node, tmp_path):

@@ -388,6 +388,7 @@ async def qido(request: web.Request) -> web.Response:
 FAILURE = {"invalid": 0xC000, "mismatch": 0xA900, "conflict": 0xC000, "storage full": 0xA700,
            "failure": 0x0110}
 STUDY_MISMATCH = 0xA900           # the instance is not of the study the path names
+AUDITED_STUDIES = 1000            # studies of one STOW-RS request audited each (a record and an ATNA message)
 # PS3.18 Table 10.5.3-2's "Elements Discarded": an instance sent again with other content under storage.duplicates
 # = "keep-first" (the stored copy kept, the one sent discarded: storage commitment will not confirm it)
 DISCARDED = 0xB006
@@ -569,11 +570,15 @@ async def stow(request: web.Request) -> web.Response:
     answer.ReferencedSOPSequence = stored
     if failed:
         answer.FailedSOPSequence = failed
-    one = next(iter(studies)) if len(studies) == 1 else study
     kept = sum("WarningReason" in item for item in stored)
-    await audit(request, f"STOW: {len(stored)} stored, {len(failed)} failed"
-                + (f", {kept} sent again with other content (the stored copy kept)" if kept else ""),
-                one, "ok" if stored else "refused")
+    said = (f"STOW: {len(stored)} stored, {len(failed)} failed"
+            + (f", {kept} sent again with other content (the stored copy kept)" if kept else "")
+            + (f", into {len(studies)} studies" if len(studies) > 1 else ""))
+    for each in sorted(studies)[:AUDITED_STUDIES] or [study]:     # one record (and ATNA message) per study
+        await audit(request, said, each, "ok" if stored else "refused")
+    if len(studies) > AUDITED_STUDIES:
+        log.warning("STOW-RS from %s stored into %d studies: the first %d are audited one by one", caller.who,
+                    len(studies), AUDITED_STUDIES)
     status = 200 if not failed and not kept else 202 if stored else 409
     headers = {"Warning": f'299 m3dicom "{kept} instance(s) already stored with other content: the stored copy '
                           f'was kept, the one sent discarded (storage.duplicates = keep-first)"'} if kept else {}
