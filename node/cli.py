@@ -461,11 +461,12 @@ def cmd_user_disable(args) -> int:
 
 
 def cmd_user_list(args) -> int:
-    from viewer.accounts import users
+    from viewer.accounts import user_rows
 
     with _index_of(args) as index:
-        for name, role, disabled in users(index):
-            print(f"{name} {role}{' (disabled)' if disabled else ''}")
+        for user in user_rows(index):
+            sees = f" (studies referred by {user['referring']})" if user["referring"] else ""
+            print(f"{user['name']} {user['role']}{sees}{' (disabled)' if user['disabled'] else ''}")
     return 0
 
 
