@@ -428,15 +428,33 @@ def _index_made(config: Config):
         index.close()
 
 
+def _cli_audit(index, action: str, detail: str) -> None:
+    """A change made from the command line, in the viewer's audit trail, by the system user who ran it."""
+    import getpass
+
+    from viewer.accounts import audit
+
+    audit(index, f"cli:{getpass.getuser()}", action, detail=detail[:500])
+
+
 def cmd_user_add(args) -> int:
-    from viewer.accounts import AccountError, add_user, check_user
+    from viewer.accounts import AccountError, add_user, check_user, user_rows
 
     try:
         config = _config(args)
         password = _password(args)
-        check_user(args.name, password, args.role, args.referring)           # before anything is made
+        role, referring = args.role or "clinician", args.referring
+        check_user(args.name, password, role, referring if args.role or referring else None)   # before anything is made
         with _index_made(config) as (index, made):
-            user = add_user(index, args.name, password, args.role, replace=args.replace, referring=args.referring)
+            old = next((u for u in user_rows(index) if u["name"] == args.name), None) if args.replace else None
+            if old is not None and args.role is None:          # a new password only: the role and reach stay
+                role, referring = old["role"], referring or old["referring"]
+            user = add_user(index, args.name, password, role, replace=args.replace, referring=referring)
+            what = "user_password" if old is not None and (old["role"], old["referring"]) == (role, referring) \
+                else "user_role" if old is not None else "user_add"
+            _cli_audit(index, what, f"{user.name}: role {user.role}"
+                       + (f" (studies referred by {user.referring})" if user.referring else "")
+                       + (", new password" if old is not None else ""))
     except (AccountError, RuntimeError, OSError) as exc:
         print(f"m3dicom: {exc}", file=sys.stderr)
         return 1
@@ -449,14 +467,34 @@ def cmd_user_add(args) -> int:
 
 
 def cmd_user_disable(args) -> int:
-    from viewer.accounts import disable_user
+    from viewer.accounts import AccountError, disable_user
 
     with _index_of(args) as index:     # migrated: an index no node has served yet has no users, not no table
-        disabled = disable_user(index, args.name)
+        try:
+            disabled = disable_user(index, args.name, keep_an_admin=True)
+        except AccountError as exc:
+            print(f"m3dicom: {exc} (`m3dicom user add NAME --role admin`)", file=sys.stderr)
+            return 1
+        if disabled:
+            _cli_audit(index, "user_disable", f"{args.name}: disabled")
     if not disabled:
         print(f"m3dicom: no user {args.name!r}", file=sys.stderr)
         return 1
-    print(f"user {args.name} disabled; their sessions have ended (`user add {args.name} --replace` enables it again)")
+    print(f"user {args.name} disabled; their sessions have ended (`m3dicom user enable {args.name}` enables it again)")
+    return 0
+
+
+def cmd_user_enable(args) -> int:
+    from viewer.accounts import enable_user
+
+    with _index_of(args) as index:
+        enabled = enable_user(index, args.name)
+        if enabled:
+            _cli_audit(index, "user_enable", f"{args.name}: enabled")
+    if not enabled:
+        print(f"m3dicom: no user {args.name!r}", file=sys.stderr)
+        return 1
+    print(f"user {args.name} enabled: they can log in again with their password")
     return 0
 
 
@@ -476,6 +514,7 @@ def cmd_token_create(args) -> int:
     try:
         with _index_made(_config(args)) as (index, _):
             token = create(index, args.name, args.scope, args.days)
+            _cli_audit(index, "token_create", f"token:{args.name}: scope {args.scope}")
     except (TokenError, RuntimeError, OSError) as exc:
         print(f"m3dicom: {exc}", file=sys.stderr)
         return 1
@@ -510,6 +549,7 @@ def cmd_token_revoke(args) -> int:
         if not revoke(index, args.name):
             print(f"m3dicom: no live token {args.name!r}", file=sys.stderr)
             return 1
+        _cli_audit(index, "token_revoke", f"token:{args.name}: revoked")
     print(f"token {args.name} revoked: it opens nothing from its next request on")
     return 0
 
@@ -604,16 +644,21 @@ def parser() -> argparse.ArgumentParser:
     user = sub.add_parser("user", help="people who use the viewer").add_subparsers(dest="user", required=True)
     p = with_config(user.add_parser("add", help="add a user (password prompted, or one line on stdin)"))
     p.add_argument("name")
-    p.add_argument("--role", choices=("reader", "clinician", "admin"), default="clinician",
+    p.add_argument("--role", choices=("reader", "clinician", "admin"),
                    help="reader: reads the studies of one referring physician (--referring); clinician: reads "
-                        "all, runs analyses, shares, uploads; admin: also the admin page (default: clinician)")
+                        "all, runs analyses, shares, uploads; admin: also the admin page (default: clinician; "
+                        "with --replace: the user's role as it is)")
     p.add_argument("--referring", metavar="'FAMILY^GIVEN'",
                    help="a reader's studies: those whose Referring Physician's Name matches this (wildcards * ?)")
-    p.add_argument("--replace", action="store_true", help="set a new password (and role) for an existing user")
+    p.add_argument("--replace", action="store_true", help="set a new password for an existing user (and a new "
+                   "role with --role); enables a disabled user")
     p.set_defaults(func=cmd_user_add)
     p = with_config(user.add_parser("disable", help="a user can no longer log in; their sessions end at once"))
     p.add_argument("name")
     p.set_defaults(func=cmd_user_disable)
+    p = with_config(user.add_parser("enable", help="a disabled user can log in again"))
+    p.add_argument("name")
+    p.set_defaults(func=cmd_user_enable)
     p = with_config(user.add_parser("list", help="the users"))
     p.set_defaults(func=cmd_user_list)
 

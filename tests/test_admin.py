@@ -169,6 +169,11 @@ async def test_the_audit_search_filters_pages_and_exports_a_csv_no_spreadsheet_r
     assert rows[0][:4] == ["seq", "time (UTC)", "user_name", "action"]
     refused = [r for r in rows[1:] if r[5] == "refused"]
     assert len(refused) == 3 and all(r[2] == "'" + formula for r in refused)    # text to a spreadsheet, not a formula
+    # found by the attack pass: formulas behind what an importer trims, full-width signs, pipes
+    for sneaky in (" =1+1", "\"=1+1", "\n=1+1", "\xa0=1+1", "\uff1d1+1", "|calc", "\t=1", "\x00=1"):
+        assert admin._cell(sneaky) == "'" + sneaky, repr(sneaky)
+    assert admin._cell("alice") == "alice" and admin._cell("1.2.840.10008") == "1.2.840.10008"
+    assert (await ada.get("/admin/audit", params={"before": "\u00b2"})).status == 200        # a digit, not ASCII
     everything = list(csv.reader(io.StringIO(await (await ada.get("/admin/audit.csv")).text())))
     assert len(everything) > 110
     # reading the audit trail is itself audited, and an Audit Log Used message for ATNA
@@ -194,7 +199,13 @@ async def test_the_overview_and_the_settings_say_how_the_node_is(setup, aiohttp_
     (tmp_path / "keys-away").rename(config.data_dir / "keys")
     settings = await (await ada.get("/admin/settings")).text()
     assert 'id="settings-storage.s3"' in settings and "min_free_bytes" in settings and "session_hours" in settings
-    assert admin._secret_free("postgresql://m3:s3cret@db.example:5432/m3") == "postgresql://m3:***@db.example:5432/m3"
+    assert admin._secret_free("postgresql://m3:s3cret@db.example:5432/m3") == "postgresql://***@db.example:5432/m3"
+    # found by the attack pass: a key as user information, a token in the query, a port that is no number
+    assert admin._secret_free("https://AKIAEXAMPLE@s3.example/") == "https://***@s3.example/"
+    assert admin._secret_free("https://kms.example/?X-Amz-Signature=abc&region=eu") == \
+        "https://kms.example/?X-Amz-Signature=***&region=eu"
+    assert admin._secret_free("http://u:p@host:abc/") == "http://***@host:abc/"
+    assert admin._secret_free("/var/lib/m3dicom") == "/var/lib/m3dicom"
 
 
 async def test_a_stow_into_several_studies_is_audited_for_each(setup, aiohttp_client, tmp_path):
@@ -289,3 +300,55 @@ def test_the_admin_pages_read_well_on_a_desktop_and_a_phone(make_node, tmp_path)
 def admin_nav(name: str) -> str:
     return {"users": "Users", "shares": "Share links", "tokens": "API tokens", "audit": "Audit",
             "settings": "Settings", "overview": "Overview"}[name]
+
+
+# -- found by the attack pass ------------------------------------------------------------------------
+
+async def test_names_that_are_path_segments_and_odd_csrf_tokens_are_refused_plainly(setup, aiohttp_client):
+    config, archive, study = setup
+    ada = await _login(aiohttp_client, create_app(config, archive), "ada")
+    for name in (".", "..", ".hidden", "-x"):
+        assert (await _post(ada, "/admin/users", name=name, password=PASSWORD, role="clinician")).status == 400
+        assert (await _post(ada, "/admin/tokens", name=name, scope="write")).status == 400
+    for sent in ("\u00e9", "\u00c3\u00a9"):
+        answer = await ada.post("/admin/users/carl/sessions", data={"csrf": sent}, allow_redirects=False)
+        assert answer.status == 403                        # not a 500 and an ERROR line
+    answer = await ada.post("/admin/users/carl/sessions", headers={"X-CSRF-Token": "\u00e9"})
+    assert answer.status == 403
+
+
+async def test_a_reader_is_promoted_with_the_form_as_shown_and_the_change_names_their_reach(setup, aiohttp_client):
+    config, archive, study = setup
+    accounts.add_user(archive.index, "rita", PASSWORD, "reader", referring="Who^Rita")
+    ada = await _login(aiohttp_client, create_app(config, archive), "ada")
+    answer = await _post(ada, "/admin/users/rita/role", role="reader", referring="Else^Body")
+    assert answer.status == 200 and "studies referred by Else^Body" in await answer.text()
+    answer = await _post(ada, "/admin/users/rita/role", role="clinician", referring="Else^Body")   # as shown
+    assert answer.status == 200 and "now a clinician" in await answer.text()
+    assert ("ada", "ok", "rita: role reader (studies referred by Else^Body)") in _audited(archive, "user_role")
+    assert accounts.user_rows(archive.index)[-1]["referring"] is None
+
+
+def test_two_admins_demoting_each_other_at_once_leave_one(tmp_path, index_url):
+    """PostgreSQL runs both transactions at once: the last-admin rule takes a lock (SQLite has one writer)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    archive = Archive(tmp_path / "d", index_url=index_url)
+    try:
+        accounts.migrate(archive.index)
+        for attempt in range(8):
+            for name in ("ann", "bob"):
+                accounts.add_user(archive.index, name, PASSWORD, "admin", replace=True)
+
+            def demote(name: str) -> str:
+                try:
+                    accounts.set_role(archive.index, name, "clinician")
+                    return "demoted"
+                except accounts.AccountError:
+                    return "refused"
+            with ThreadPoolExecutor(2) as pool:
+                outcomes = sorted(pool.map(demote, ("ann", "bob")))
+            admins = [u for u in accounts.user_rows(archive.index) if u["role"] == "admin"]
+            assert outcomes == ["demoted", "refused"] and len(admins) == 1, (attempt, outcomes, admins)
+    finally:
+        archive.close()

@@ -557,8 +557,9 @@ def test_users_are_added_listed_and_disabled_from_the_command_line(tmp_path):
         assert accounts.authenticate(archive.index, "bob", PASSWORD, "127.0.0.1") is not None
         token, _ = accounts.open_session(archive.index, user=accounts.User("bob", "admin"), hours=1)
         assert m3dicom("user", "list").stdout == "bob admin\n"
+        assert m3dicom("user", "add", "amy", "--role", "admin", password=PASSWORD + "\n").returncode == 0
         assert m3dicom("user", "disable", "bob").returncode == 0
-        assert m3dicom("user", "list").stdout == "bob admin (disabled)\n"
+        assert m3dicom("user", "list").stdout == "amy admin\nbob admin (disabled)\n"
         assert accounts.authenticate(archive.index, "bob", PASSWORD, "127.0.0.1") is None
         assert accounts.session(archive.index, token, idle_minutes=10) is None      # logged out at once
         assert m3dicom("user", "disable", "nobody").returncode == 1
@@ -566,7 +567,19 @@ def test_users_are_added_listed_and_disabled_from_the_command_line(tmp_path):
         assert refused.returncode == 1 and "--referring" in refused.stderr
         added = m3dicom("user", "add", "rita", "--role", "reader", "--referring", "Who^Rita", password=PASSWORD + "\n")
         assert added.returncode == 0 and "rita (reader, sees the studies referred by Who^Rita) added" in added.stdout
-        assert m3dicom("user", "list").stdout == "bob admin (disabled)\nrita reader (studies referred by Who^Rita)\n"
+        assert m3dicom("user", "list").stdout == ("amy admin\nbob admin (disabled)\n"
+                                                  "rita reader (studies referred by Who^Rita)\n")
+        # found by the new-user pass: a new password keeps the role and the reach; the last admin stays one
+        assert m3dicom("user", "add", "rita", "--replace", password="rita's new password\n").returncode == 0
+        assert "rita reader (studies referred by Who^Rita)" in m3dicom("user", "list").stdout
+        assert m3dicom("user", "enable", "bob").returncode == 0
+        assert m3dicom("user", "disable", "amy").returncode == 0
+        last = m3dicom("user", "disable", "bob")
+        assert last.returncode == 1 and "only enabled admin" in last.stderr
+        rows = archive.index.read(text("SELECT user_name, action, detail FROM audit WHERE user_name LIKE 'cli:%' "
+                                       "ORDER BY seq"))
+        assert [r[1] for r in rows] == ["user_add", "user_add", "user_disable", "user_add", "user_password",
+                                        "user_enable", "user_disable"]
     finally:
         archive.close()
 

@@ -36,7 +36,7 @@ from archive.index import Index
 
 log = logging.getLogger(__name__)
 ROLES = ("reader", "clinician", "admin")       # what each may do: viewer/roles.py
-_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")   # never "." or "..": a path segment
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1
 MAX_DELAY = 8.0
 
@@ -150,7 +150,8 @@ class User:
 def check_user(name: str, password: str, role: str, referring: str | None = None) -> None:
     """AccountError when the name, password or role cannot be an account's."""
     if not _NAME.match(name):
-        raise AccountError(f"user name {name!r}: 1-64 letters, digits, '.', '_', '@' or '-'")
+        raise AccountError(f"user name {name!r}: 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter "
+                           "or digit")
     check_role(role, referring)
     check_new_password(password)
 
@@ -218,7 +219,12 @@ def set_role(index: Index, name: str, role: str, referring: str | None = None) -
     return bool(changed)
 
 
+_ADMINS_LOCK = 0x6D33_6164      # "m3ad": PostgreSQL's advisory lock around the last-admin rule
+
+
 def _is_last_admin(conn, name: str) -> bool:
+    if conn.dialect.name == "postgresql":     # two admins demoting each other at once: one after the other
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADMINS_LOCK})
     row = conn.execute(_USER, {"name": name}).first()
     return (row is not None and row.role == "admin" and not row.disabled
             and conn.execute(_COUNT_ADMINS, {"name": name}).scalar() == 0)
@@ -338,6 +344,23 @@ def session(index: Index, token: str | None, idle_minutes: float, now: float | N
             conn.execute(_SEEN, {"now": now, "token_hash": row["token_hash"]})
     user = User(row["user_name"], row["role"], row["referring"]) if row["user_name"] else None
     return Session(row["token_hash"], user, row["study_uid"], row["share_id"], row["csrf"], row["expires_at"])
+
+
+def still_open(index: Index, opened: Session, idle_minutes: float, now: float | None = None) -> bool:
+    """Whether a session read earlier still is open with the same rights: not closed, expired or idle, its
+    user enabled with the same role and reach, its share link valid. It only reads (a notification stream
+    left open, an export running, is no activity that keeps a session alive)."""
+    now = time.time() if now is None else now
+    rows = _read(index, _SESSION, token_hash=opened.token_hash)
+    if not rows:
+        return False
+    row = rows[0]
+    if now > row["expires_at"] or now - row["last_seen"] > idle_minutes * 60:
+        return False
+    if opened.user is not None:
+        return (not row["disabled"] and row["role"] == opened.user.role
+                and row["referring"] == opened.user.referring)
+    return row["share_id"] is not None and share_valid(index, row["share_id"], now)
 
 
 def closed_share(index: Index, token: str | None, now: float | None = None) -> str | None:
@@ -467,7 +490,10 @@ _AUDIT_FILTERS = {   # a search field: its condition (only these fragments ever 
     "who": "user_name = :who", "action": "action = :action", "study": "study_uid = :study",
     "outcome": "outcome = :outcome", "since": "time >= :since", "until": "time < :until", "before": "seq < :before",
 }
-_AUDIT_ACTIONS = text("SELECT DISTINCT action FROM audit ORDER BY action")
+AUDIT_ACTIONS = (   # what the viewer records (the admin page's search offers these: a DISTINCT would read the table)
+    "login", "logout", "view", "view_model", "download", "upload", "share", "share_open", "share_revoke", "job",
+    "job_cancel", "dicomweb", "read_refused", "audit_search", "audit_export", "user_add", "user_password", "user_role",
+    "user_disable", "user_enable", "user_sessions", "token_create", "token_revoke")
 
 
 def audit_search(index: Index, filters: dict, limit: int = 100) -> list[dict]:
@@ -480,10 +506,6 @@ def audit_search(index: Index, filters: dict, limit: int = 100) -> list[dict]:
     statement = text(f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit WHERE {where} ORDER BY seq DESC LIMIT :limit")
     return [dict(r) for r in _read(index, statement, **filters, limit=limit)]
 
-
-def audit_actions(index: Index) -> list[str]:
-    """The actions the audit table holds (the search form's choices)."""
-    return [r[0] for r in index.read(_AUDIT_ACTIONS)]
 
 def audit(index: Index, who: str | None, action: str, outcome: str = "ok", *, study_uid: str | None = None,
           detail: str | None = None, address: str | None = None) -> None:

@@ -140,7 +140,7 @@ async def users_page(request: web.Request, done: str | None = None, error: str |
 async def add_user(request: web.Request) -> web.Response:
     fields = await form(request)
     name, role = str(fields.get("name", "")).strip(), str(fields.get("role", "clinician"))
-    referring = str(fields.get("referring", "")).strip() or None
+    referring = str(fields.get("referring", "")).strip() or None if role == "reader" else None   # "readers only"
     index = request.app[ARCHIVE].index
     try:
         accounts.check_user(name, str(fields.get("password", "")), role, referring)
@@ -148,7 +148,8 @@ async def add_user(request: web.Request) -> web.Response:
                                                             referring=referring))
     except accounts.AccountError as exc:
         return await users_page(request, error=str(exc), status=400)
-    await _changed(request, "user_add", user.name, f"role {user.role}")
+    await _changed(request, "user_add", user.name, f"role {user.role}" + (
+        f" (studies referred by {user.referring})" if user.referring else ""))
     return await users_page(request, done=f"{user.name} added ({user.role}): give them their password in person")
 
 
@@ -167,9 +168,12 @@ async def change_user(request: web.Request) -> web.Response:
             done = await run(request, accounts.set_password, index, name, str(fields.get("password", "")))
             said, detail = f"{name}'s password is changed and their sessions have ended", "password reset"
         elif change == "role":
-            role, referring = str(fields.get("role", "")), str(fields.get("referring", "")).strip() or None
+            role = str(fields.get("role", ""))
+            referring = str(fields.get("referring", "")).strip() or None if role == "reader" else None
             done = await run(request, accounts.set_role, index, name, role, referring)
-            said, detail = f"{name} is now a {role}; their sessions have ended", f"role {role}"
+            said = f"{name} is now a {role}" + (f" of the studies referred by {referring}" if referring else "")
+            said, detail = said + "; their sessions have ended", f"role {role}" + (
+                f" (studies referred by {referring})" if referring else "")
         elif change == "disable":
             if name == me:
                 raise accounts.AccountError("you cannot disable your own account (another admin can)")
@@ -285,7 +289,7 @@ def _filters(query) -> tuple[dict, dict, str | None]:
                 return filters, values, f"{name}: a date, YYYY-MM-DD"
             filters[key] = time.mktime(day.timetuple()) + shift      # "to" includes its day
     before = query.get("before", "")
-    if before.isdigit() and len(before) < 19:
+    if before.isascii() and before.isdigit() and len(before) < 19:
         filters["before"] = int(before)
     return filters, values, None
 
@@ -296,7 +300,7 @@ async def audit_page(request: web.Request) -> web.Response:
     rows = [] if error else await run(request, accounts.audit_search, index, filters, PAGE + 1)
     for row in rows:
         row["when"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["time"]))
-    actions = await run(request, accounts.audit_actions, index)
+    actions = sorted({*accounts.AUDIT_ACTIONS, *([values["action"]] if values["action"] else [])})
     searched = {k: v for k, v in values.items() if v}
     more = None
     if len(rows) > PAGE:
@@ -310,11 +314,18 @@ def _described(searched: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in searched.items())[:300]
 
 
+FORMULA = tuple("=+-@|\uff1d\uff0b\uff0d\uff20")       # and their full-width forms, which some locales read alike
+LEADING = " \t\r\n\x00\xa0\u3000\"'"                      # what an importer may trim before it reads a formula
+
+
 def _cell(value) -> str:
     """A CSV cell a spreadsheet shows as text: a value that starts like a formula (a user name typed at the
-    login page, "=HYPERLINK(...)") is written behind an apostrophe (OWASP's CSV injection advice)."""
+    login page, "=HYPERLINK(...)"), also behind spaces, quotes or control characters an importer may trim, is
+    written behind an apostrophe (OWASP's CSV injection advice)."""
     text = "" if value is None else str(value)
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+    if text[:1] in LEADING or text.lstrip(LEADING).startswith(FORMULA):
+        return "'" + text
+    return text
 
 
 async def audit_csv(request: web.Request) -> web.StreamResponse:
@@ -331,8 +342,13 @@ async def audit_csv(request: web.Request) -> web.StreamResponse:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["seq", "time (UTC)", *accounts.AUDIT_COLUMNS[2:]])
-    written = 0
+    written, session = 0, request[SESSION]
     while written < CSV_LIMIT:
+        if written and not await run(request, accounts.still_open, index, session,
+                                     request.app[CONFIG].viewer.session_idle_minutes):
+            log.warning("audit export: the session that asked for it ended (logged out, disabled or demoted): "
+                        "cut short after %d rows", written)
+            break
         rows = await run(request, accounts.audit_search, index, filters, 1000)
         for row in rows:
             when = datetime.datetime.fromtimestamp(row["time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
@@ -350,15 +366,25 @@ async def audit_csv(request: web.Request) -> web.StreamResponse:
 
 # -- settings -------------------------------------------------------------------------------------
 
+_SECRET_WORDS = ("token", "key", "secret", "password", "signature", "credential")
+
+
 def _secret_free(value) -> str:
-    """A setting as shown: a URL's password replaced by ***."""
+    """A setting as shown: a URL's credentials (its user information, the values of query parameters named
+    like a secret) replaced by ***."""
     text = str(value)
-    if "://" in text and "@" in text:
+    if "://" not in text:
+        return text
+    try:
         parts = urlsplit(text)
-        if parts.password:
-            netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-            return urlunsplit(parts._replace(netloc=netloc))
-    return text
+    except ValueError:
+        return "(a URL that cannot be read)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(f"{k}=***" if any(w in k.lower() for w in _SECRET_WORDS) else f"{k}={v}" if sep else k
+                     for k, sep, v in (item.partition("=") for item in parts.query.split("&") if item))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _settings(config) -> list[tuple[str, list[tuple[str, str, str]]]]:

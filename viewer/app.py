@@ -206,7 +206,8 @@ async def csrf(request: web.Request, handler):
         sent = request.headers.get("X-CSRF-Token")
         if sent is None and request.content_type == "application/x-www-form-urlencoded":
             sent = (await form(request)).get("csrf")
-        if session is None or not sent or not accounts.hmac.compare_digest(sent, session.csrf):
+        if session is None or not sent or not accounts.hmac.compare_digest(sent.encode("utf-8", "replace"),
+                                                                            session.csrf.encode()):
             raise web.HTTPForbidden(text='{"error": "missing or wrong CSRF token: reload the page"}',
                                     content_type="application/json")
     return await handler(request)

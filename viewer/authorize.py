@@ -13,8 +13,8 @@ from aiohttp import web
 from archive import facts
 from router import queue
 
-from . import roles
-from .base import ARCHIVE, CONFIG, JOB_ID, SESSION, run, valid_uid
+from . import accounts, roles
+from .base import ARCHIVE, CLOCK, CONFIG, JOB_ID, REFUSALS, SESSION, run, valid_uid
 from .dicomweb import CALLER
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,19 @@ def refusal(request: web.Request, status: type[web.HTTPException], why: str) -> 
     if request.path.startswith(("/api/", "/dicomweb")):
         return status(text=json.dumps({"error": why}), content_type="application/json")
     return status(text=why[0].upper() + why[1:] + ".")
+
+
+async def _refused_reach(request: web.Request, session, studies: list[str] | None) -> None:
+    """An audit record of a reader asking for a study not theirs (or none): one a minute per reader, with how
+    many more came since (a reader probing UIDs leaves a trace, not a row per request)."""
+    earlier = request.app[REFUSALS].note(f"reader:{session.user.name}", request.app[CLOCK]())
+    if earlier is None:
+        return
+    study = next(iter(studies), None) if studies else None
+    detail = (f"{request.method} {request.match_info.route.resource.canonical}: not one of the reader's studies"
+              + (f" (and {earlier} more such requests since the previous record)" if earlier else ""))
+    await run(request, lambda: accounts.audit(request.app[ARCHIVE].index, session.user.name, "read_refused",
+                                              "refused", study_uid=study, detail=detail, address=request.remote))
 
 
 @web.middleware
@@ -85,5 +98,6 @@ async def authorized(request: web.Request, handler):
         studies = await run(request, _studies_of, index, request.match_info)
         if studies is None or not all([await run(request, roles.reaches, index, referring, s, insensitive)
                                        for s in set(studies)]):
+            await _refused_reach(request, session, studies)
             raise refusal(request, web.HTTPNotFound, "no such study")
     return await handler(request)

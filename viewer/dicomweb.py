@@ -260,7 +260,7 @@ def _number(query, name: str, default: int) -> int:
     return value
 
 
-def identifier(query, level: str, fixed: dict[str, str], share_study: str | None) -> Dataset:
+def identifier(query, level: str, fixed: dict[str, str], share_study: str | None, limited: bool = False) -> Dataset:
     """The C-FIND identifier of a QIDO-RS query string (400 with the reason for what cannot be one)."""
     depth = LEVELS.index(level)
     fuzzy = query.get("fuzzymatching", "false").lower()
@@ -301,9 +301,10 @@ def identifier(query, level: str, fixed: dict[str, str], share_study: str | None
             value += "*"                         # fuzzy: a name matches by its beginning, whatever its case
         keys[keyword] = value
     keys.update(fixed)
-    if share_study is not None:                   # a share link: its one study, whatever the query asks
-        for keyword in PATIENT_COUNTS:            # they count the patient's other studies: left out
+    if share_study is not None or limited:        # a share link, a reader: they count the patient's other
+        for keyword in PATIENT_COUNTS:            # studies, which these callers may not see: left out
             keys.pop(keyword, None)
+    if share_study is not None:                   # a share link: its one study, whatever the query asks
         asked = [v for v in keys.get("StudyInstanceUID", "").split("\\") if v]
         keys["StudyInstanceUID"] = share_study if not asked or share_study in asked else "0.0"
     ds = Dataset()
@@ -355,14 +356,17 @@ async def qido(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     cap = config.query.max_results
     limit, offset = _number(request.query, "limit", cap), _number(request.query, "offset", 0)
-    ds = roles.restrict(identifier(request.query, level, fixed, request[CALLER].study_uid),
-                        roles.limited(request[SESSION]))
+    referring = roles.limited(request[SESSION])
+    ds = roles.restrict(identifier(request.query, level, fixed, request[CALLER].study_uid, referring is not None),
+                        referring)
     if ds is None:                                # a reader without a name: none of the studies is theirs
         await audit(request, f"QIDO {level}: 0 matches", study)
         return web.Response(status=204)
     fuzzy = request.query.get("fuzzymatching", "false").lower() == "true"
     try:
-        query = Query(STUDY_ROOT, ds, case_insensitive_names=config.query.case_insensitive_names or fuzzy)
+        # fuzzy matching ignores case, but not in a reader's name, matched as the node's setting says (roles.py)
+        insensitive = config.query.case_insensitive_names or (fuzzy and referring is None)
+        query = Query(STUDY_ROOT, ds, case_insensitive_names=insensitive)
         found = await run(request, archive_query.find_values, request.app[ARCHIVE].index, query,
                           min(limit, cap) or cap, config.query.timeout, offset)
     except QueryError as exc:

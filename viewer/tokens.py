@@ -22,7 +22,7 @@ from archive.index import Index
 
 SCOPES = ("read", "write")
 PREFIX = "m3t_"
-_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")   # never "." or "..": a path segment
 MAX_DAYS = 3650
 USE_RECORDED = 60.0             # a token's last use is written at most this often (seconds)
 
@@ -59,7 +59,8 @@ def create(index: Index, name: str, scope: str, days: float | None = None, now: 
     """A new token named `name` (the token itself: shown once, never stored). A name in use by a live
     token is refused; one whose token was revoked or has run out is given the new token."""
     if not _NAME.match(name):
-        raise TokenError(f"token name {name!r}: 1-64 letters, digits, '.', '_', '@' or '-'")
+        raise TokenError(f"token name {name!r}: 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter "
+                         "or digit")
     if scope not in SCOPES:
         raise TokenError(f"scope {scope!r}: one of {', '.join(SCOPES)}")
     if days is not None and not 0 < days <= MAX_DAYS:

@@ -52,6 +52,7 @@ DEFAULT_NEXT = "/studies"
 # and query (no controls, spaces, backslashes, "#" or non-ASCII, which browsers drop or rewrite)
 _NEXT = re.compile(r"^/(?![/\\])[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]{0,2000}$")
 _EVENT_ID = re.compile(r"^[0-9]{1,18}$")
+STREAM_RECHECK = 5.0     # seconds between two checks that a notification stream's session still holds its rights
 WRONG = "Wrong user name or password."
 SLOWED = (" After several failed logins each new try waits a little longer (at most {max:g} seconds); this "
           "resets 15 minutes after the last failed login.")
@@ -349,11 +350,12 @@ def _identifier(params) -> Dataset:
 
 
 def _search(index, params: dict, page: int, order: str = "date", descending: bool = True,
-            referring: str | None = None) -> dict:
+            referring: str | None = None, case_insensitive: bool = True) -> dict:
     """One page of the list; `referring`: a reader's, whose studies alone are searched (roles.limited)."""
     identifier = roles.restrict(_identifier(params), referring)
-    rows = [] if identifier is None else facts.study_page(index, Query(STUDY_ROOT, identifier), order=order,
-                                                          descending=descending, limit=PAGE + 1, offset=page * PAGE)
+    query = Query(STUDY_ROOT, identifier, case_insensitive_names=case_insensitive) if identifier is not None else None
+    rows = [] if query is None else facts.study_page(index, query, order=order, descending=descending,
+                                                     limit=PAGE + 1, offset=page * PAGE)
     found = [{"study_uid": r["StudyInstanceUID"], "patient_name": r["PatientName"], "patient_id": r["PatientID"],
               "date": r["StudyDate"], "time": r["StudyTime"], "description": r["StudyDescription"],
               "accession": r["AccessionNumber"], "modalities": r["ModalitiesInStudy"],
@@ -395,7 +397,7 @@ async def api_studies(request: web.Request) -> web.Response:
         raise _bad_request(f"sort by one of {', '.join(STUDY_LIST_ORDER)}, order asc or desc")
     try:
         result = await run(request, _search, request.app[ARCHIVE].index, params, page, order, direction == "desc",
-                           roles.limited(request[SESSION]))
+                           roles.limited(request[SESSION]), request.app[CONFIG].query.case_insensitive_names)
     except ValueError as exc:                  # QueryError, or a value pydicom will not take
         raise _bad_request(str(exc)[:300] or "this search cannot be run") from None
     except sa_exc.OperationalError as exc:       # the database refused the statement as too large
@@ -895,7 +897,15 @@ async def api_events(request: web.Request) -> web.StreamResponse:
         backlog = await run(request, broker.missed, int(last_seen)) if _EVENT_ID.match(last_seen) else []
         sent = quiet = 0
         referring, reach = roles.limited(session), {}       # a reader: events of their studies only
+        insensitive = request.app[CONFIG].query.case_insensitive_names
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         while True:
+            if loop.time() - checked >= STREAM_RECHECK:      # logged out, disabled, demoted, link revoked: it ends
+                checked = loop.time()
+                if not await run(request, accounts.still_open, request.app[ARCHIVE].index, session,
+                                 request.app[CONFIG].viewer.session_idle_minutes, request.app[CLOCK]()):
+                    break
             if backlog:
                 event = backlog.pop(0)
             else:
@@ -916,7 +926,7 @@ async def api_events(request: web.Request) -> web.StreamResponse:
                     if len(reach) > 10000:
                         reach.clear()
                     reach[study] = bool(study) and await run(request, roles.reaches, request.app[ARCHIVE].index,
-                                                             referring, study)
+                                                             referring, study, insensitive)
                 if not reach[study]:
                     continue
             sent = event["seq"]
