@@ -242,3 +242,59 @@ def test_roles_are_set_on_the_command_line_and_a_reader_needs_a_name(tmp_path):
     rows = archive.index.read(text("SELECT name, role, referring FROM users"))
     assert [tuple(r) for r in rows] == [("boss", "admin", None)]
     archive.close()
+
+
+# -- found by the attack pass ------------------------------------------------------------------------------
+
+async def test_a_notification_stream_ends_when_its_session_loses_its_rights(world, aiohttp_client):
+    config, archive, studies, share, made = world
+    callers = await _callers(aiohttp_client, world)
+
+    async def ended(caller, change) -> bool:
+        async with caller.client.get("/api/events") as stream:
+            await stream.content.readuntil(b"\n\n")
+            change()
+            try:
+                async with asyncio.timeout(15):
+                    while await stream.content.readany():
+                        pass
+            except TimeoutError:
+                return False
+            return True
+    assert await ended(callers["carl"], lambda: accounts.set_role(archive.index, "carl", "reader", "Who^Rita"))
+    link = archive.index.read(text("SELECT id FROM share_links"))[0][0]
+    assert await ended(callers["guest"], lambda: accounts.revoke_share(archive.index, link))
+    assert await ended(callers["rita"], lambda: accounts.disable_user(archive.index, "rita"))
+
+
+async def test_a_reader_learns_nothing_of_other_studies_from_counts_refusals_or_case(tmp_path, aiohttp_client):
+    config = from_dict({"node": {"data_dir": str(tmp_path / "var")}, "viewer": {"tls": False},
+                        "query": {"case_insensitive_names": False}}, tmp_path)
+    archive = Archive(config.data_dir)
+    accounts.migrate(archive.index)
+    accounts.add_user(archive.index, "rita", PASSWORD, "reader", referring="Who^Rita")
+    found = {}
+    for key, referring in (("mine", "Who^Rita"), ("upper", "WHO^RITA")):     # one patient, another physician
+        (path,) = synthetic_instances(tmp_path / key, 1, patient="Patient^One", patient_id="P1")
+        ds = pydicom.dcmread(path)
+        ds.ReferringPhysicianName = referring
+        ds.save_as(path)
+        found[key] = archive.ingest_file(path).study_uid
+    try:
+        client = await aiohttp_client(create_app(config, archive))
+        await client.post("/login", data={"user": "rita", "password": PASSWORD})
+        for path in ("/dicomweb/studies?fuzzymatching=true", "/dicomweb/studies?PatientName=Pat*&fuzzymatching=true",
+                     "/dicomweb/series?fuzzymatching=true"):
+            async with client.get(path) as answer:
+                assert {i["0020000D"]["Value"][0] for i in await answer.json()} == {found["mine"]}, path
+        listed = await (await client.get("/api/studies")).json()
+        assert [s["study_uid"] for s in listed["studies"]] == [found["mine"]]
+        counts = await (await client.get("/dicomweb/studies?includefield=all")).json()
+        assert not {"00201200", "00201202", "00201204"} & set(counts[0])       # the patient's other studies: unsaid
+        for _ in range(3):
+            assert (await client.get(f"/api/studies/{found['upper']}")).status == 404
+        refused = archive.index.read(text("SELECT user_name, outcome, study_uid FROM audit "
+                                          "WHERE action = 'read_refused'"))
+        assert [tuple(r) for r in refused] == [("rita", "refused", found["upper"])]      # one a minute
+    finally:
+        archive.close()
