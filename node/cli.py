@@ -438,7 +438,7 @@ def _cli_audit(index, action: str, detail: str) -> None:
 
 
 def cmd_user_add(args) -> int:
-    from viewer.accounts import AccountError, add_user, check_user, user_rows
+    from viewer.accounts import AccountError, UserExists, add_user, check_user, user_rows
 
     try:
         config = _config(args)
@@ -456,7 +456,9 @@ def cmd_user_add(args) -> int:
                        + (f" (studies referred by {user.referring})" if user.referring else "")
                        + (", new password" if old is not None else ""))
     except (AccountError, RuntimeError, OSError) as exc:
-        print(f"m3dicom: {exc}", file=sys.stderr)
+        hint = {UserExists: f" (give them a new password with `m3dicom user add {args.name} --replace`)"}
+        referring = " (--referring 'FAMILY^GIVEN')" if "referring physician" in str(exc) else ""
+        print(f"m3dicom: {exc}{hint.get(type(exc), referring)}", file=sys.stderr)
         return 1
     if made:
         print(f"made the node's index at {config.data_dir / 'index.sqlite3'} (the node had not started yet; "

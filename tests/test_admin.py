@@ -59,7 +59,8 @@ async def _login(aiohttp_client, app_or_server, user: str, password: str = PASSW
 
 
 async def _post(client, path: str, **fields):
-    return await client.post(path, data={"csrf": client.csrf, **fields}, allow_redirects=False)
+    """A form sent as the page sends it, its answer as the browser ends on it (a change redirects: 303)."""
+    return await client.post(path, data={"csrf": client.csrf, **fields})
 
 
 def _audited(archive, action: str) -> list[tuple]:
@@ -72,7 +73,8 @@ async def test_an_admin_adds_resets_changes_disables_and_enables_a_user(setup, a
     ada = await _login(aiohttp_client, create_app(config, archive), "ada")
     page = await _post(ada, "/admin/users", name="rita", password="rita's own password", role="reader",
                        referring="Who^Rita")
-    assert page.status == 200 and "rita added (reader)" in await page.text()
+    assert page.status == 200 and "rita added as a reader of the studies referred by Who^Rita" in await page.text()
+    assert str(page.url).startswith(str(ada.make_url("/admin/users?done=added")))     # a reload repeats nothing
     refused = await _post(ada, "/admin/users", name="rex", password="short", role="clinician")
     assert refused.status == 400 and "at least 10 characters" in await refused.text()
     rita = await _login(aiohttp_client, ada.server, "rita", "rita's own password")
@@ -86,7 +88,7 @@ async def test_an_admin_adds_resets_changes_disables_and_enables_a_user(setup, a
     assert "now a clinician" in await (await _post(ada, "/admin/users/rita/role", role="clinician")).text()
     assert (await rita.get("/api/studies")).status == 401
     rita = await _login(aiohttp_client, ada.server, "rita", "a brand new password")
-    assert "1 session of rita ended" in await (await _post(ada, "/admin/users/rita/sessions")).text()
+    assert "rita&#39;s sessions have ended (1)" in await (await _post(ada, "/admin/users/rita/sessions")).text()
     assert (await rita.get("/api/studies")).status == 401
     await _post(ada, "/admin/users/rita/disable")
     failed = await (await aiohttp_client(ada.server)).post("/login", data={"user": "rita",
@@ -112,6 +114,8 @@ async def test_an_admin_adds_resets_changes_disables_and_enables_a_user(setup, a
     # a clinician has none of it
     carl = await _login(aiohttp_client, ada.server, "carl")
     assert (await _post(carl, "/admin/users", name="x", password=PASSWORD, role="admin")).status == 403
+    refused = await carl.get("/admin")
+    assert refused.status == 403 and "Back to your studies" in await refused.text()        # a page, not bare words
     assert accounts.users(archive.index)[-1][0] == "rita"
 
 
@@ -125,7 +129,7 @@ async def test_an_admin_revokes_anyones_share_link_and_manages_tokens(setup, aio
     assert (await guest.get(f"/s/{link}", allow_redirects=False)).status == 302
     page = await (await ada.get("/admin/shares")).text()
     link_id = re.search(r'data-share="([^"]+)"', page).group(1)
-    assert "carl" in page
+    assert "carl" in page and "Patient^A" in page                 # which patient's study, at a glance
     answer = await _post(ada, f"/admin/shares/{link_id}/revoke")
     assert "is revoked" in await answer.text()
     assert (await guest.get(f"/api/studies/{study}")).status == 403                   # told it was withdrawn
@@ -133,7 +137,7 @@ async def test_an_admin_revokes_anyones_share_link_and_manages_tokens(setup, aio
     assert f'data-share="{link_id}"' in await (await ada.get("/admin/shares?all=1")).text()
     # a token made on the page opens DICOMweb; revoked, it opens nothing
     page = await (await _post(ada, "/admin/tokens", name="slicer", scope="read", days="30")).text()
-    token = re.search(r'value="(m3t_[^"]+)"', page).group(1)
+    token = re.search(r'id="made-token">(m3t_[^<]+)<', page).group(1)
     program = await aiohttp_client(ada.server)
     assert (await program.get("/dicomweb/studies", headers={"Authorization": f"Bearer {token}"})).status == 200
     assert token not in await (await ada.get("/admin/tokens")).text()                  # shown once
@@ -199,6 +203,7 @@ async def test_the_overview_and_the_settings_say_how_the_node_is(setup, aiohttp_
     (tmp_path / "keys-away").rename(config.data_dir / "keys")
     settings = await (await ada.get("/admin/settings")).text()
     assert 'id="settings-storage.s3"' in settings and "min_free_bytes" in settings and "session_hours" in settings
+    assert "= <span class=\"value\">true</span>" in settings and "(not set)" in settings and "None" not in settings
     assert admin._secret_free("postgresql://m3:s3cret@db.example:5432/m3") == "postgresql://***@db.example:5432/m3"
     # found by the attack pass: a key as user information, a token in the query, a port that is no number
     assert admin._secret_free("https://AKIAEXAMPLE@s3.example/") == "https://***@s3.example/"
@@ -282,7 +287,7 @@ def test_the_admin_pages_read_well_on_a_desktop_and_a_phone(make_node, tmp_path)
                 page.fill("#add-user input[name=referring]", "WHO^RITA")
                 page.click("#add-user button[type=submit]")
                 page.wait_for_selector(".notice.ok")
-                assert "rita added (reader)" in page.inner_text(".notice.ok")
+                assert "rita added as a reader" in page.inner_text(".notice.ok")
                 page.screenshot(path=str(ARTIFACTS / "phone-admin-user-added.png"), full_page=True)
         reader = browser.new_context(**DESKTOP).new_page()
         reader.goto(f"{url}/login")

@@ -564,7 +564,7 @@ def test_users_are_added_listed_and_disabled_from_the_command_line(tmp_path):
         assert accounts.session(archive.index, token, idle_minutes=10) is None      # logged out at once
         assert m3dicom("user", "disable", "nobody").returncode == 1
         refused = m3dicom("user", "add", "rita", "--role", "reader", password=PASSWORD + "\n")
-        assert refused.returncode == 1 and "--referring" in refused.stderr
+        assert refused.returncode == 1 and "--referring 'FAMILY^GIVEN'" in refused.stderr
         added = m3dicom("user", "add", "rita", "--role", "reader", "--referring", "Who^Rita", password=PASSWORD + "\n")
         assert added.returncode == 0 and "rita (reader, sees the studies referred by Who^Rita) added" in added.stdout
         assert m3dicom("user", "list").stdout == ("amy admin\nbob admin (disabled)\n"

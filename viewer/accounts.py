@@ -45,6 +45,10 @@ class AccountError(ValueError):
     """A user cannot be made or changed as asked."""
 
 
+class UserExists(AccountError):
+    """A new user's name is taken."""
+
+
 # -- the viewer's tables: Alembic (viewer/migrations/, branch "viewer"), one copy of each query ----------
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -171,7 +175,7 @@ def check_role(role: str, referring: str | None) -> None:
     if role == "reader":
         if not referring or not referring.strip("*?^ "):
             raise AccountError("a reader sees the studies of one referring physician: give their name "
-                               "(--referring 'FAMILY^GIVEN'; a name of wildcards alone would be everyone's)")
+                               "(FAMILY^GIVEN; a name of wildcards alone would be everyone's)")
         if len(referring) > 64 or not referring.isprintable() or "\\" in referring or not referring.isascii():
             raise AccountError("the referring physician's name: at most 64 printable ASCII characters, no backslash")
     elif referring:
@@ -184,8 +188,7 @@ def add_user(index: Index, name: str, password: str, role: str = "clinician", re
     with index.write() as conn:
         exists = conn.execute(_USER_EXISTS, {"name": name}).first() is not None
         if exists and not replace:
-            raise AccountError(f"user {name!r} exists (give it a new password with "
-                               f"`m3dicom user add {name} --replace`)")
+            raise UserExists(f"there is a user {name!r} already")
         conn.execute(_PUT_USER, {"name": name, "role": role, "password": hash_password(password), "now": time.time(),
                                  "referring": referring or None})
         if exists:   # a new password ends the sessions opened with the old one

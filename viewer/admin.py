@@ -18,7 +18,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
-from archive import metrics, status
+from archive import facts, metrics, status
 from router import queue
 
 from . import accounts, tokens
@@ -127,14 +127,51 @@ async def overview(request: web.Request) -> web.Response:
 
 # -- users ----------------------------------------------------------------------------------------
 
-async def users_page(request: web.Request, done: str | None = None, error: str | None = None,
-                     status: int = 200) -> web.Response:
+DONE = {   # what a page says after a change (Post/Redirect/Get: reloading it repeats nothing)
+    "added": "{name} added as {role}{reach}: give them their password in person",
+    "password": "{name}'s password is changed and their sessions have ended",
+    "role": "{name} is now {role}{reach}; their sessions have ended",
+    "sessions": "{name}'s sessions have ended ({count})",
+    "disable": "{name} is disabled and their sessions have ended",
+    "enable": "{name} can log in again",
+    "link": "the link made by {name} is revoked: it opens nothing from now on",
+    "token": "token {name} is revoked: it opens nothing from its next request on",
+}
+
+
+def _a(role: str) -> str:
+    return f"an {role}" if role[:1] in "aeiou" else f"a {role}" if role else ""
+
+
+def _done(request: web.Request, code: str, name: str, role: str = "", reach: str | None = None,
+          count: int = 0) -> web.HTTPSeeOther:
+    """Back to the page (303), which then says what was done."""
+    values = {"done": code, "name": name, "role": role, "reach": reach or "", "count": count}
+    page = "/admin/" + request.path.split("/")[2]          # /admin/users/NAME/role -> /admin/users
+    return web.HTTPSeeOther(f"{page}?{urlencode({k: v for k, v in values.items() if v})}")
+
+
+def _said(query) -> str | None:
+    """The message of a `_done` redirect, made from DONE's words and the values it names (escaped, short)."""
+    words = DONE.get(query.get("done", ""))
+    if words is None:
+        return None
+    role = query.get("role", "")
+    reach = query.get("reach", "")[:64]
+    count = query.get("count", "0")
+    return words.format(name=query.get("name", "")[:64], role=_a(role if role in accounts.ROLES else ""),
+                        reach=f" of the studies referred by {reach}" if reach else "",
+                        count=int(count) if count.isascii() and count.isdigit() and len(count) < 9 else 0)
+
+
+async def users_page(request: web.Request, error: str | None = None, status: int = 200,
+                     filled: dict | None = None) -> web.Response:
     rows = await run(request, accounts.user_rows, request.app[ARCHIVE].index)
     for row in rows:
         row["last_seen"] = _when(row["last_seen"])
         row["created"] = _when(row["created_at"])
-    return _page(request, "admin_users.html", status, users=rows, roles=accounts.ROLES, done=done, error=error,
-                 me=request[SESSION].user.name)
+    return _page(request, "admin_users.html", status, users=rows, roles=accounts.ROLES, done=_said(request.query),
+                 error=error, me=request[SESSION].user.name, filled=filled or {"role": "clinician"})
 
 
 async def add_user(request: web.Request) -> web.Response:
@@ -147,10 +184,12 @@ async def add_user(request: web.Request) -> web.Response:
         user = await run(request, lambda: accounts.add_user(index, name, str(fields["password"]), role,
                                                             referring=referring))
     except accounts.AccountError as exc:
-        return await users_page(request, error=str(exc), status=400)
+        await _changed(request, "user_add", name[:64] or "-", str(exc), "refused")
+        return await users_page(request, error=str(exc), status=400,
+                                filled={"name": name[:64], "role": role, "referring": referring or ""})
     await _changed(request, "user_add", user.name, f"role {user.role}" + (
         f" (studies referred by {user.referring})" if user.referring else ""))
-    return await users_page(request, done=f"{user.name} added ({user.role}): give them their password in person")
+    raise _done(request, "added", user.name, user.role, user.referring)
 
 
 CHANGES = {"password": "user_password", "role": "user_role", "disable": "user_disable", "enable": "user_enable",
@@ -166,25 +205,24 @@ async def change_user(request: web.Request) -> web.Response:
     try:
         if change == "password":
             done = await run(request, accounts.set_password, index, name, str(fields.get("password", "")))
-            said, detail = f"{name}'s password is changed and their sessions have ended", "password reset"
+            said, detail = _done(request, change, name), "password reset"
         elif change == "role":
             role = str(fields.get("role", ""))
             referring = str(fields.get("referring", "")).strip() or None if role == "reader" else None
             done = await run(request, accounts.set_role, index, name, role, referring)
-            said = f"{name} is now a {role}" + (f" of the studies referred by {referring}" if referring else "")
-            said, detail = said + "; their sessions have ended", f"role {role}" + (
+            said, detail = _done(request, change, name, role, referring), f"role {role}" + (
                 f" (studies referred by {referring})" if referring else "")
         elif change == "disable":
             if name == me:
                 raise accounts.AccountError("you cannot disable your own account (another admin can)")
             done = await run(request, accounts.disable_user, index, name, True)
-            said, detail = f"{name} is disabled and their sessions have ended", "disabled"
+            said, detail = _done(request, change, name), "disabled"
         elif change == "enable":
             done = await run(request, accounts.enable_user, index, name)
-            said, detail = f"{name} can log in again", "enabled"
+            said, detail = _done(request, change, name), "enabled"
         else:
             ended = await run(request, accounts.end_sessions, index, name)
-            done, said, detail = True, f"{ended} session{'s' if ended != 1 else ''} of {name} ended", "sessions ended"
+            done, said, detail = True, _done(request, change, name, count=ended), f"{ended} sessions ended"
     except accounts.AccountError as exc:
         await _changed(request, CHANGES[change], name, str(exc), "refused")
         return await users_page(request, error=str(exc), status=400)
@@ -193,7 +231,7 @@ async def change_user(request: web.Request) -> web.Response:
     await _changed(request, CHANGES[change], name, detail)
     if change in ("password", "role", "disable", "sessions") and name == me:
         raise web.HTTPSeeOther("/login")             # their own session ended with the others
-    return await users_page(request, done=said)
+    raise said
 
 
 async def _changed(request: web.Request, action: str, account: str, detail: str, outcome: str = "ok") -> None:
@@ -211,15 +249,18 @@ def _offset(request: web.Request) -> int:
         return 0
 
 
-async def shares_page(request: web.Request, done: str | None = None, error: str | None = None) -> web.Response:
+async def shares_page(request: web.Request, error: str | None = None) -> web.Response:
     everything, offset = request.query.get("all") == "1", _offset(request)
-    rows = await run(request, accounts.all_shares, request.app[ARCHIVE].index, not everything, PAGE + 1, offset)
+    index = request.app[ARCHIVE].index
+    rows = await run(request, accounts.all_shares, index, not everything, PAGE + 1, offset)
+    studies = await run(request, facts.listed_studies, index, [r["study_uid"] for r in rows])
     now = time.time()
     for row in rows:
         row["state"] = "revoked" if row["revoked_at"] else "expired" if row["expires_at"] <= now else "open"
         row["created"], row["expires"] = _when(row["created_at"]), _when(row["expires_at"])
+        row["study"] = studies.get(row["study_uid"]) or {}
     return _page(request, "admin_shares.html", shares=rows[:PAGE], more=len(rows) > PAGE, offset=offset,
-                 everything=everything, page=PAGE, done=done, error=error)
+                 everything=everything, page=PAGE, done=_said(request.query), error=error)
 
 
 async def revoke_share(request: web.Request) -> web.Response:
@@ -229,8 +270,7 @@ async def revoke_share(request: web.Request) -> web.Response:
     if link is None or not await run(request, accounts.revoke_share, index, link_id):
         return await shares_page(request, error="that link does not exist or is already revoked")
     await _audit(request, "share_revoke", study_uid=link["study_uid"], detail=f"{link_id} (made by {link['created_by']})")
-    return await shares_page(request, done=f"the link made by {link['created_by']} (open until "
-                                           f"{_when(link['expires_at'])}) is revoked: it opens nothing from now on")
+    raise _done(request, "link", link["created_by"])
 
 
 # -- API tokens -----------------------------------------------------------------------------------
@@ -244,7 +284,8 @@ async def tokens_page(request: web.Request, done: str | None = None, error: str 
                         "expired" if row["expires_at"] is not None and row["expires_at"] <= now else "live")
         row["created"], row["expires"], row["used"] = (_when(row["created_at"]), _when(row["expires_at"]) or "never",
                                                        _when(row["last_used"]) or "never")
-    return _page(request, "admin_tokens.html", status, tokens=rows, scopes=tokens.SCOPES, done=done, error=error,
+    return _page(request, "admin_tokens.html", status, tokens=rows, scopes=tokens.SCOPES,
+                 done=done or _said(request.query), error=error,
                  made=made)
 
 
@@ -269,7 +310,7 @@ async def revoke_token(request: web.Request) -> web.Response:
     if not await run(request, tokens.revoke, request.app[ARCHIVE].index, name):
         return await tokens_page(request, error="that token does not exist or is already revoked", status=404)
     await _changed(request, "token_revoke", f"token:{name}", "revoked")
-    return await tokens_page(request, done=f"token {name} is revoked: it opens nothing from its next request on")
+    raise _done(request, "token", name)
 
 
 # -- the audit trail ------------------------------------------------------------------------------
@@ -393,6 +434,11 @@ def _settings(config) -> list[tuple[str, list[tuple[str, str, str]]]]:
     found = []
 
     def shown(value) -> str:
+        """As the settings file writes it (TOML): true / false, a list, a string; "(not set)" for none."""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if value is None or value == "":
+            return "(not set)"
         if isinstance(value, (list, tuple)):
             return ", ".join(map(str, value)) or "(none)"
         return _secret_free(value)

@@ -14,7 +14,7 @@ from archive import facts
 from router import queue
 
 from . import accounts, roles
-from .base import ARCHIVE, CLOCK, CONFIG, JOB_ID, REFUSALS, SESSION, run, valid_uid
+from .base import ARCHIVE, CLOCK, CONFIG, JOB_ID, REFUSALS, SESSION, render, run, valid_uid
 from .dicomweb import CALLER
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,18 @@ def _studies_of(index, match_info) -> list[str] | None:
     return None if None in found else found
 
 
+PAGES = {403: ("Not open to you", "This page is not open to you"), 404: ("Not found", "There is no such study")}
+
+
 def refusal(request: web.Request, status: type[web.HTTPException], why: str) -> web.HTTPException:
-    """A refusal in the request's language: JSON for the API and DICOMweb, plain words for a page."""
-    if request.path.startswith(("/api/", "/dicomweb")):
+    """A refusal in the request's language: JSON for the API and DICOMweb, a page that says why (and leads
+    back) for a browser."""
+    if request.path.startswith(("/api/", "/dicomweb", "/ohif/")) or request.method not in ("GET", "HEAD"):
         return status(text=json.dumps({"error": why}), content_type="application/json")
-    return status(text=why[0].upper() + why[1:] + ".")
+    title, heading = PAGES[status.status_code]
+    page = render(request, "message.html", title=title, heading=heading, lines=[why[0].upper() + why[1:] + "."],
+                  action=("/", "Back to your studies"))
+    return status(text=page.text, content_type="text/html")
 
 
 async def _refused_reach(request: web.Request, session, studies: list[str] | None) -> None:
