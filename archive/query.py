@@ -572,6 +572,13 @@ def _where(query: Query, conn: Connection) -> tuple[str, dict]:
     return _dialect_sql(" AND ".join(query.conditions) or "1 = 1", conn.dialect), dict(query.params)
 
 
+def matches(index: Index, query: Query) -> bool:
+    """Whether anything matches the query's keys at its level (one row looked for: a reader's reach)."""
+    with index.reader() as conn:
+        where, params = _where(query, conn)
+        return conn.execute(text(f"SELECT 1 FROM {FROM[query.level]} WHERE {where} LIMIT 1"), params).first() is not None
+
+
 def instance_count(index: Index, query: Query) -> int:
     """How many stored instances the query's keys name (at any level: a retrieve sends instances)."""
     with index.reader() as conn:

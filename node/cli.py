@@ -443,12 +443,14 @@ def cmd_user_add(args) -> int:
     try:
         config = _config(args)
         password = _password(args)
-        role, referring = args.role or "clinician", args.referring
-        check_user(args.name, password, role, referring if args.role or referring else None)   # before anything is made
+        check_user(args.name, password, args.role or "clinician", args.referring if args.role else None,
+                   new=not args.replace)                                # before anything is made
         with _index_made(config) as (index, made):
             old = next((u for u in user_rows(index) if u["name"] == args.name), None) if args.replace else None
-            if old is not None and args.role is None:          # a new password only: the role and reach stay
+            role, referring = args.role or "clinician", args.referring
+            if old is not None and args.role is None:          # a new password (a reader's name): the role stays
                 role, referring = old["role"], referring or old["referring"]
+            check_user(args.name, password, role, referring, new=old is None)
             user = add_user(index, args.name, password, role, replace=args.replace, referring=referring)
             what = "user_password" if old is not None and (old["role"], old["referring"]) == (role, referring) \
                 else "user_role" if old is not None else "user_add"

@@ -58,6 +58,8 @@ _USER_EXISTS = text("SELECT 1 FROM users WHERE name = :name")
 _PUT_USER = text("INSERT INTO users (name, role, password, created_at, referring) "
                  "VALUES (:name, :role, :password, :now, :referring) ON CONFLICT (name) DO UPDATE "
                  "SET role = excluded.role, password = excluded.password, referring = excluded.referring, disabled = 0")
+_ADD_USER = text("INSERT INTO users (name, role, password, created_at, referring) "
+                 "VALUES (:name, :role, :password, :now, :referring) ON CONFLICT (name) DO NOTHING")
 _USERS = text("SELECT name, role, disabled FROM users ORDER BY name")
 _USER_ROWS = text("SELECT u.name, u.role, u.referring, u.disabled, u.created_at, COUNT(s.token_hash) AS sessions, "
                   "MAX(s.last_seen) AS last_seen FROM users u LEFT JOIN sessions s ON s.user_name = u.name "
@@ -151,9 +153,13 @@ class User:
     referring: str | None = None      # a reader's: the Referring Physician's Name of their studies
 
 
-def check_user(name: str, password: str, role: str, referring: str | None = None) -> None:
-    """AccountError when the name, password or role cannot be an account's."""
-    if not _NAME.match(name):
+_OLD_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")     # a name made before the first character had to be one
+
+
+def check_user(name: str, password: str, role: str, referring: str | None = None, new: bool = True) -> None:
+    """AccountError when the name, password or role cannot be an account's (an existing account, `new`
+    False, keeps a name that an older version took)."""
+    if not (_NAME if new else _OLD_NAME).match(name):
         raise AccountError(f"user name {name!r}: 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter "
                            "or digit")
     check_role(role, referring)
@@ -184,13 +190,20 @@ def check_role(role: str, referring: str | None) -> None:
 
 def add_user(index: Index, name: str, password: str, role: str = "clinician", replace: bool = False,
              referring: str | None = None) -> User:
-    check_user(name, password, role, referring)
+    check_user(name, password, role, referring, new=not replace)
     with index.write() as conn:
         exists = conn.execute(_USER_EXISTS, {"name": name}).first() is not None
-        if exists and not replace:
-            raise UserExists(f"there is a user {name!r} already")
-        conn.execute(_PUT_USER, {"name": name, "role": role, "password": hash_password(password), "now": time.time(),
-                                 "referring": referring or None})
+        if not exists:
+            check_user(name, password, role, referring)
+        if exists and role != "admin" and _is_last_admin(conn, name):
+            raise AccountError(f"{name} is the only enabled admin: make another admin first")
+        values = {"name": name, "role": role, "password": hash_password(password), "now": time.time(),
+                  "referring": referring or None}
+        if not replace:            # two admins adding one name at once: the second is told, not written over
+            if conn.execute(_ADD_USER, values).rowcount == 0:
+                raise UserExists(f"there is a user {name!r} already")
+            return User(name, role, referring or None)
+        conn.execute(_PUT_USER, values)
         if exists:   # a new password ends the sessions opened with the old one
             conn.execute(_END_SESSIONS, {"name": name})
     return User(name, role, referring or None)
@@ -222,12 +235,12 @@ def set_role(index: Index, name: str, role: str, referring: str | None = None) -
     return bool(changed)
 
 
-_ADMINS_LOCK = 0x6D33_6164      # "m3ad": PostgreSQL's advisory lock around the last-admin rule
+_LOCK_ADMINS = text("SELECT pg_advisory_xact_lock(1832083812)")    # 0x6D336164, "m3ad": the last-admin rule
 
 
 def _is_last_admin(conn, name: str) -> bool:
     if conn.dialect.name == "postgresql":     # two admins demoting each other at once: one after the other
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADMINS_LOCK})
+        conn.execute(_LOCK_ADMINS)
     row = conn.execute(_USER, {"name": name}).first()
     return (row is not None and row.role == "admin" and not row.disabled
             and conn.execute(_COUNT_ADMINS, {"name": name}).scalar() == 0)
@@ -459,9 +472,9 @@ def revoke_share(index: Index, link_id: str) -> bool:
     return bool(changed)
 
 
-def disable_user(index: Index, name: str, keep_an_admin: bool = False) -> bool:
-    """The user can no longer log in; their sessions end now. False: no such user. `keep_an_admin` (the
-    admin page): the last enabled admin is not disabled (AccountError): nobody could administer the node."""
+def disable_user(index: Index, name: str, keep_an_admin: bool = True) -> bool:
+    """The user can no longer log in; their sessions end now. False: no such user. The last enabled admin
+    is not disabled (AccountError: nobody could administer the node) unless `keep_an_admin` is False."""
     with index.write() as conn:
         if keep_an_admin and _is_last_admin(conn, name):
             raise AccountError(f"{name} is the only enabled admin: make another admin first")
@@ -495,7 +508,7 @@ _AUDIT_FILTERS = {   # a search field: its condition (only these fragments ever 
 }
 AUDIT_ACTIONS = (   # what the viewer records (the admin page's search offers these: a DISTINCT would read the table)
     "login", "logout", "view", "view_model", "download", "upload", "share", "share_open", "share_revoke", "job",
-    "job_cancel", "dicomweb", "read_refused", "audit_search", "audit_export", "user_add", "user_password", "user_role",
+    "job_cancel", "dicomweb", "read_refused", "right_refused", "audit_search", "audit_export", "user_add", "user_password", "user_role",
     "user_disable", "user_enable", "user_sessions", "token_create", "token_revoke")
 
 

@@ -23,6 +23,7 @@ from router import queue
 
 from . import accounts, tokens
 from .base import ARCHIVE, CONFIG, SESSION, form, render, run
+from .health import Check, Readiness, counts_registry
 from .views import _audit
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ _DAY = 86400
 
 
 def routes(app: web.Application) -> None:
+    app[GLANCE] = Glance()
     r = app.router
     r.add_get("/admin", overview)
     r.add_get("/admin/users", users_page)
@@ -60,20 +62,44 @@ def _when(seconds: float | None) -> str:
 
 # -- the node at a glance -------------------------------------------------------------------------
 
-def _health(config, index) -> list[dict]:
-    """The readiness checks of /readyz that this process can make (the receivers' is /readyz's own)."""
-    from .health import Readiness
+class Glance:
+    """What the overview reads, kept between page views: the readiness checks (S3's answer is kept
+    S3_CHECK_EVERY seconds) and the archive's counts (a minute: they count whole tables)."""
 
-    readiness = Readiness(config, index, receivers=0)
-    return [dataclasses.asdict(check) for check in (readiness.index_writable(), readiness.disk(),
-                                                    readiness.key_file(), readiness.s3())]
+    COUNTS_EVERY = 60.0
+
+    def __init__(self):
+        self.readiness: Readiness | None = None
+        self.counts: tuple[float, dict] | None = None
+
+    def health(self, config, index) -> list[dict]:
+        """The readiness checks of /readyz that this process can make, without writing (the index's check
+        here is a read; /readyz's own also writes, and checks the receivers)."""
+        if self.readiness is None:
+            self.readiness = Readiness(config, index, receivers=0)
+        try:
+            self.archive_counts(index)
+            answer = Check("index", True)
+        except Exception as exc:             # whatever the engine says, in one line, without values
+            answer = Check("index", False, f"the index cannot be read ({type(exc).__name__})")
+        return [dataclasses.asdict(check) for check in (answer, self.readiness.disk(), self.readiness.key_file(),
+                                                        self.readiness.s3())]
+
+    def archive_counts(self, index) -> dict:
+        now = time.monotonic()
+        if self.counts is None or now - self.counts[0] > self.COUNTS_EVERY:
+            self.counts = (now, dataclasses.asdict(status.counts(index)))
+        return self.counts[1]
 
 
-def _queues(config, index) -> dict:
+GLANCE = web.AppKey("admin_glance", Glance)
+
+
+def _queues(config, index, glance: Glance) -> dict:
     from archive import atna, offload
 
     found = {"jobs": dict(sorted(queue.counts_by_state(index).items())), "offload": None, "audit": None,
-             "counts": dataclasses.asdict(status.counts(index))}
+             "counts": glance.archive_counts(index)}
     if config.storage.backend == "s3":
         s = offload.status(index, config.node.name if config.index.url else None)
         found["offload"] = {"pending": s.pending, "retrying": s.retrying, "failed": s.failed,
@@ -103,8 +129,6 @@ def _activity() -> list[tuple[str, float]] | None:
     """The node's counters at a glance (None: metrics are off, [metrics] port = 0)."""
     if metrics.multiprocess() is None:
         return None
-    from .health import counts_registry
-
     totals = dict.fromkeys((name for name, _ in ACTIVITY), 0.0)
     for family in counts_registry().collect():
         for sample in family.samples:
@@ -115,9 +139,9 @@ def _activity() -> list[tuple[str, float]] | None:
 
 
 async def overview(request: web.Request) -> web.Response:
-    config, index = request.app[CONFIG], request.app[ARCHIVE].index
-    health = await run(request, _health, config, index)
-    queues = await run(request, _queues, config, index)
+    config, index, glance = request.app[CONFIG], request.app[ARCHIVE].index, request.app[GLANCE]
+    health = await run(request, glance.health, config, index)
+    queues = await run(request, _queues, config, index, glance)
     activity = await run(request, _activity)
     port = config.router.dashboard_port if config.router.enabled else 0
     return _page(request, "admin_overview.html", health=health, queues=queues, activity=activity,
@@ -364,7 +388,7 @@ def _cell(value) -> str:
     login page, "=HYPERLINK(...)"), also behind spaces, quotes or control characters an importer may trim, is
     written behind an apostrophe (OWASP's CSV injection advice)."""
     text = "" if value is None else str(value)
-    if text[:1] in LEADING or text.lstrip(LEADING).startswith(FORMULA):
+    if text and (text[0] in LEADING or text.lstrip(LEADING).startswith(FORMULA)):
         return "'" + text
     return text
 

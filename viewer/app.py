@@ -28,7 +28,7 @@ from archive import Archive, metrics
 from archive.storage import BlobNotOffloaded
 
 from . import accounts, admin, authorize, dicomweb, events, ohif, views, wado
-from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, EVENTS, IMAGES, LOGINS, OHIF_ON, PLUGINS, REFUSALS, SECRET,
+from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, DENIALS, EVENTS, IMAGES, LOGINS, OHIF_ON, PLUGINS, REFUSALS, SECRET,
                    SESSION, TEMPLATES, form, run)
 from .images import Images
 from .logins import LoginGate, Refusals
@@ -221,6 +221,7 @@ def create_app(config: Settings, archive: Archive | None = None, clock=time.time
     app[CLOCK] = clock
     app[LOGINS] = LoginGate(config.viewer.login_waiting)
     app[REFUSALS] = Refusals()
+    app[DENIALS] = Refusals()
     app[TEMPLATES] = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
 
     async def resources(app: web.Application):

@@ -14,7 +14,7 @@ from archive import facts
 from router import queue
 
 from . import accounts, roles
-from .base import ARCHIVE, CLOCK, CONFIG, JOB_ID, REFUSALS, SESSION, render, run, valid_uid
+from .base import ARCHIVE, CLOCK, CONFIG, DENIALS, JOB_ID, SESSION, render, run, valid_uid
 from .dicomweb import CALLER
 
 log = logging.getLogger(__name__)
@@ -56,17 +56,21 @@ def refusal(request: web.Request, status: type[web.HTTPException], why: str) -> 
     return status(text=page.text, content_type="text/html")
 
 
-async def _refused_reach(request: web.Request, session, studies: list[str] | None) -> None:
-    """An audit record of a reader asking for a study not theirs (or none): one a minute per reader, with how
-    many more came since (a reader probing UIDs leaves a trace, not a row per request)."""
-    earlier = request.app[REFUSALS].note(f"reader:{session.user.name}", request.app[CLOCK]())
+async def _refused(request: web.Request, who: str, action: str, why: str, study: str | None = None) -> None:
+    """An audit record of a refused right or reach: the first a minute for each caller, with how many more
+    came since (someone probing leaves a trace, not a row per request; DENIALS remembers 4096 callers)."""
+    denials = request.app[DENIALS]
+    earlier = denials.note(f"{action}:{who}", request.app[CLOCK]())
+    if denials.forgotten:
+        log.warning("%d refused requests of callers past the %d remembered were not audited", denials.forgotten,
+                    denials.sources)
+        denials.forgotten = 0
     if earlier is None:
         return
-    study = next(iter(studies), None) if studies else None
-    detail = (f"{request.method} {request.match_info.route.resource.canonical}: not one of the reader's studies"
-              + (f" (and {earlier} more such requests since the previous record)" if earlier else ""))
-    await run(request, lambda: accounts.audit(request.app[ARCHIVE].index, session.user.name, "read_refused",
-                                              "refused", study_uid=study, detail=detail, address=request.remote))
+    detail = (f"{request.method} {request.match_info.route.resource.canonical}: {why}"
+              + (f" (and {earlier} more such refusals since the previous record)" if earlier else ""))
+    await run(request, lambda: accounts.audit(request.app[ARCHIVE].index, who, action, "refused", study_uid=study,
+                                              detail=detail, address=request.remote))
 
 
 @web.middleware
@@ -93,6 +97,8 @@ async def authorized(request: web.Request, handler):
     if right == roles.SIGNED_IN:
         return await handler(request)
     if right not in granted:
+        who = session.who if session is not None else caller.who if caller is not None else "?"
+        await _refused(request, who, "right_refused", f"needs the right {right!r}")
         if session is not None and session.is_share:
             raise refusal(request, web.HTTPForbidden, "a share link opens one study, read-only")
         role = session.user.role if session is not None else "this token"
@@ -105,6 +111,7 @@ async def authorized(request: web.Request, handler):
         studies = await run(request, _studies_of, index, request.match_info)
         if studies is None or not all([await run(request, roles.reaches, index, referring, s, insensitive)
                                        for s in set(studies)]):
-            await _refused_reach(request, session, studies)
+            await _refused(request, session.who, "read_refused", "not one of the reader's studies",
+                           next(iter(studies), None) if studies else None)
             raise refusal(request, web.HTTPNotFound, "no such study")
     return await handler(request)

@@ -35,6 +35,7 @@ TEMPLATES = web.AppKey("templates", jinja2.Environment)
 EVENTS = web.AppKey("events", object)
 LOGINS = web.AppKey("logins", LoginGate)
 REFUSALS = web.AppKey("refusals", Refusals)      # refused API tokens per address (one audit row a minute)
+DENIALS = web.AppKey("denials", Refusals)        # refused rights and reach, per caller (one audit row a minute)
 CLOCK = web.AppKey("clock", object)
 OHIF_ON = web.AppKey("ohif", bool)                # OHIF is served at /ohif/
 SESSION = web.RequestKey("session", object)     # accounts.Session | None

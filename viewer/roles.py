@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
-from archive import facts
-from archive.query import STUDY_ROOT, Query
+from archive.query import STUDY_ROOT, Query, matches
 
 PUBLIC, SIGNED_IN = "public", "signed in"        # no session needed; any session (logging out)
 READ, ANALYSE, SHARE, STORE, ADMINISTER = "read", "analyse", "share", "store", "administer"
@@ -107,4 +106,4 @@ def reaches(index, referring: str, study_uid: str, case_insensitive: bool = True
     ds.QueryRetrieveLevel = "STUDY"
     ds.StudyInstanceUID = study_uid
     ds.ReferringPhysicianName = referring
-    return bool(facts.study_page(index, Query(STUDY_ROOT, ds, case_insensitive_names=case_insensitive), limit=1))
+    return matches(index, Query(STUDY_ROOT, ds, case_insensitive_names=case_insensitive))

@@ -397,7 +397,9 @@ async def api_studies(request: web.Request) -> web.Response:
         raise _bad_request(f"sort by one of {', '.join(STUDY_LIST_ORDER)}, order asc or desc")
     try:
         result = await run(request, _search, request.app[ARCHIVE].index, params, page, order, direction == "desc",
-                           roles.limited(request[SESSION]), request.app[CONFIG].query.case_insensitive_names)
+                           roles.limited(request[SESSION]),
+                           # the list's search ignores case (it always has); a reader's name as the node's setting says
+                           request.app[CONFIG].query.case_insensitive_names or roles.limited(request[SESSION]) is None)
     except ValueError as exc:                  # QueryError, or a value pydicom will not take
         raise _bad_request(str(exc)[:300] or "this search cannot be run") from None
     except sa_exc.OperationalError as exc:       # the database refused the statement as too large
