@@ -47,7 +47,7 @@ EVENT_TYPES = {
     "logout": ("110123", "Logout"),
     "node-authentication": ("110126", "Node Authentication"),
     "security-roles-changed": ("110136", "Security Roles Changed"),
-    "user-security-attributes-changed": ("110137", "User security Attributes Changed"),
+    "user-security-attributes-changed": ("110137", "User Security Attributes Changed"),
     "use-of-restricted-function": ("110132", "Use of a restricted function"),
 }
 ROLES = {

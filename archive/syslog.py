@@ -61,7 +61,7 @@ class Sender:
         self.procid = str(os.getpid())
         self.sock: ssl.SSLSocket | None = None
         self.delay, self.failing = 1.0, False
-        self.ack_wait = ACK_WAIT
+        self.ack_wait, self.timeout = ACK_WAIT, CONNECT_TIMEOUT
 
     def run(self, stop: threading.Event, idle: float = 0.5) -> None:
         while not stop.is_set():
@@ -82,7 +82,8 @@ class Sender:
         """At the node's stop: what waits (the node's Application Stop among it) is sent while the repository
         takes it, for at most `seconds`; a repository that is failing is not waited for, and what is left
         waits in the outbox for the next start."""
-        deadline, self.ack_wait = time.monotonic() + seconds, min(ACK_WAIT, seconds)
+        deadline = time.monotonic() + seconds            # each wait (connect, send, acknowledgement) within it
+        self.ack_wait = self.timeout = min(ACK_WAIT, CONNECT_TIMEOUT, seconds)
         while not self.failing and time.monotonic() < deadline:
             try:
                 if self.step() <= 0:
@@ -118,7 +119,7 @@ class Sender:
         return len(batch)
 
     def _connect(self) -> ssl.SSLSocket:
-        raw = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
+        raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
         try:
             self.sock = self.context.wrap_socket(raw, server_hostname=self.host)
         except BaseException:
@@ -133,6 +134,7 @@ class Sender:
         readable, _, _ = select.select([sock], [], [], wait)
         if not readable and not sock.pending():
             return False
+        timeout = sock.gettimeout()
         sock.setblocking(False)
         try:
             while True:
@@ -143,7 +145,7 @@ class Sender:
         except (OSError, ssl.SSLError):
             return True
         finally:
-            sock.settimeout(CONNECT_TIMEOUT)
+            sock.settimeout(timeout)
 
     @staticmethod
     def _acknowledged(sock: ssl.SSLSocket, within: float = ACK_WAIT) -> bool:

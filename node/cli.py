@@ -434,7 +434,11 @@ def _cli_audit(index, action: str, detail: str) -> None:
 
     from viewer.accounts import audit
 
-    audit(index, f"cli:{getpass.getuser()}", action, detail=detail[:500])
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):      # a uid without a name (a container's --user), no USER or LOGNAME
+        who = f"uid{os.getuid()}"
+    audit(index, f"cli:{who}", action, detail=detail[:500])
 
 
 def cmd_user_add(args) -> int:

@@ -18,7 +18,7 @@ def test_every_owner_migrates_the_index(tmp_path, index_url):
         owners.migrate(index)                           # nothing twice
         tables = set(sa.inspect(index.engines.writer).get_table_names())
         assert {"commitments", "users", "audit", "jobs"} <= tables
-        for owner, revision in (("archive", "archive_0006"), ("scp", "scp_0001"), ("viewer", "viewer_0004")):
+        for owner, revision in (("archive", "archive_0006"), ("scp", "scp_0001"), ("viewer", "viewer_0005")):
             assert [r[0] for r in index.read(sa.text(f"SELECT version_num FROM alembic_version_{owner}"))] == [revision]
     finally:
         index.close()

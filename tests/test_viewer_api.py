@@ -572,6 +572,10 @@ def test_users_are_added_listed_and_disabled_from_the_command_line(tmp_path):
         # found by the new-user pass: a new password keeps the role and the reach; the last admin stays one
         assert m3dicom("user", "add", "rita", "--replace", password="rita's new password\n").returncode == 0
         assert "rita reader (studies referred by Who^Rita)" in m3dicom("user", "list").stdout
+        again = m3dicom("user", "add", "rita", "--replace", "--referring", "Who^Rita\\Who^Rita^*",
+                        password="rita's new password\n")
+        assert again.returncode == 0, again.stderr
+        assert "rita reader (studies referred by Who^Rita\\Who^Rita^*)" in m3dicom("user", "list").stdout
         assert m3dicom("user", "enable", "bob").returncode == 0
         assert m3dicom("user", "disable", "amy").returncode == 0
         last = m3dicom("user", "disable", "bob")
@@ -579,7 +583,7 @@ def test_users_are_added_listed_and_disabled_from_the_command_line(tmp_path):
         rows = archive.index.read(text("SELECT user_name, action, detail FROM audit WHERE user_name LIKE 'cli:%' "
                                        "ORDER BY seq"))
         assert [r[1] for r in rows] == ["user_add", "user_add", "user_disable", "user_add", "user_password",
-                                        "user_enable", "user_disable"]
+                                        "user_role", "user_enable", "user_disable"]
     finally:
         archive.close()
 

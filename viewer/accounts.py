@@ -63,7 +63,8 @@ _ADD_USER = text("INSERT INTO users (name, role, password, created_at, referring
 _USERS = text("SELECT name, role, disabled FROM users ORDER BY name")
 _USER_ROWS = text("SELECT u.name, u.role, u.referring, u.disabled, u.created_at, COUNT(s.token_hash) AS sessions, "
                   "MAX(s.last_seen) AS last_seen FROM users u LEFT JOIN sessions s ON s.user_name = u.name "
-                  "AND s.expires_at >= :now GROUP BY u.name, u.role, u.referring, u.disabled, u.created_at "
+                  "AND s.expires_at >= :now AND s.last_seen >= :idle_since "
+                  "GROUP BY u.name, u.role, u.referring, u.disabled, u.created_at "
                   "ORDER BY u.name")
 _SET_PASSWORD = text("UPDATE users SET password = :password WHERE name = :name")
 _SET_ROLE = text("UPDATE users SET role = :role, referring = :referring WHERE name = :name")
@@ -173,17 +174,27 @@ def check_new_password(password: str) -> None:
         raise AccountError("the password is longer than 1024 characters")
 
 
+MAX_NAMES = 8            # the names a reader's physician goes by (FAMILY^GIVEN\\FAMILY^GIVEN^^DR.)
+
+
 def check_role(role: str, referring: str | None) -> None:
-    """A reader needs the Referring Physician's Name of their studies (a DICOM person name: at most 64
-    characters, FAMILY^GIVEN, `*` and `?` as wildcards); the other roles take none."""
+    """A reader needs the Referring Physician's Name of their studies: a DICOM person name (FAMILY^GIVEN, at
+    most 64 characters), or a few separated by backslashes, as C-FIND takes a list; `*` and `?` are
+    wildcards, never first (`*A*` would be most physicians'). The other roles take none."""
     if role not in ROLES:
         raise AccountError(f"role {role!r}: one of {', '.join(ROLES)}")
     if role == "reader":
-        if not referring or not referring.strip("*?^ "):
+        if not referring or not referring.strip("*?^\\ "):
             raise AccountError("a reader sees the studies of one referring physician: give their name "
                                "(FAMILY^GIVEN; a name of wildcards alone would be everyone's)")
-        if len(referring) > 64 or not referring.isprintable() or "\\" in referring or not referring.isascii():
-            raise AccountError("the referring physician's name: at most 64 printable ASCII characters, no backslash")
+        names = referring.split("\\")
+        if len(names) > MAX_NAMES or not all(names) or not referring.isascii() or not referring.isprintable():
+            raise AccountError(f"the referring physician's name: at most {MAX_NAMES} names, separated by one "
+                               "backslash, printable ASCII")
+        for name in names:
+            if len(name) > 64 or name[0] in "*? ":
+                raise AccountError(f"the referring physician's name {name[:64]!r}: at most 64 characters, not "
+                                   "starting with a wildcard or a space")
     elif referring:
         raise AccountError(f"only a reader has a referring physician's name, not a {role}")
 
@@ -193,6 +204,8 @@ def add_user(index: Index, name: str, password: str, role: str = "clinician", re
     check_user(name, password, role, referring, new=not replace)
     with index.write() as conn:
         exists = conn.execute(_USER_EXISTS, {"name": name}).first() is not None
+        if exists and not replace:
+            raise UserExists(f"user {name!r} exists already")
         if not exists:
             check_user(name, password, role, referring)
         if exists and role != "admin" and _is_last_admin(conn, name):
@@ -201,7 +214,7 @@ def add_user(index: Index, name: str, password: str, role: str = "clinician", re
                   "referring": referring or None}
         if not replace:            # two admins adding one name at once: the second is told, not written over
             if conn.execute(_ADD_USER, values).rowcount == 0:
-                raise UserExists(f"there is a user {name!r} already")
+                raise UserExists(f"user {name!r} exists already")
             return User(name, role, referring or None)
         conn.execute(_PUT_USER, values)
         if exists:   # a new password ends the sessions opened with the old one
@@ -209,9 +222,11 @@ def add_user(index: Index, name: str, password: str, role: str = "clinician", re
     return User(name, role, referring or None)
 
 
-def user_rows(index: Index, now: float | None = None) -> list[dict]:
-    """Every account with its open sessions (how many, the latest use), for the admin page."""
-    return [dict(r) for r in _read(index, _USER_ROWS, now=time.time() if now is None else now)]
+def user_rows(index: Index, now: float | None = None, idle_minutes: float = 10 ** 6) -> list[dict]:
+    """Every account with its open sessions (how many, the latest use), for the admin page; a session idle
+    past `idle_minutes` is not open any more."""
+    now = time.time() if now is None else now
+    return [dict(r) for r in _read(index, _USER_ROWS, now=now, idle_since=now - idle_minutes * 60)]
 
 
 def set_password(index: Index, name: str, password: str) -> bool:
@@ -508,7 +523,8 @@ _AUDIT_FILTERS = {   # a search field: its condition (only these fragments ever 
 }
 AUDIT_ACTIONS = (   # what the viewer records (the admin page's search offers these: a DISTINCT would read the table)
     "login", "logout", "view", "view_model", "download", "upload", "share", "share_open", "share_revoke", "job",
-    "job_cancel", "dicomweb", "read_refused", "right_refused", "audit_search", "audit_export", "user_add", "user_password", "user_role",
+    "job_cancel", "dicomweb", "read_refused", "right_refused", "audit_search", "audit_export", "user_add",
+    "user_password", "user_role",
     "user_disable", "user_enable", "user_sessions", "token_create", "token_revoke")
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import hashlib
+import hmac
 import io
 import logging
 import os
@@ -170,15 +172,25 @@ def _a(role: str) -> str:
 def _done(request: web.Request, code: str, name: str, role: str = "", reach: str | None = None,
           count: int = 0) -> web.HTTPSeeOther:
     """Back to the page (303), which then says what was done."""
-    values = {"done": code, "name": name, "role": role, "reach": reach or "", "count": count}
+    values = {k: v for k, v in {"done": code, "name": name, "role": role, "reach": reach or "", "count": count}.items()
+              if v}
+    values["sig"] = _signed(request, values)
     page = "/admin/" + request.path.split("/")[2]          # /admin/users/NAME/role -> /admin/users
-    return web.HTTPSeeOther(f"{page}?{urlencode({k: v for k, v in values.items() if v})}")
+    return web.HTTPSeeOther(f"{page}?{urlencode(values)}")
 
 
-def _said(query) -> str | None:
+def _signed(request: web.Request, values: dict) -> str:
+    """The notice's values signed with the session's CSRF token: a link made elsewhere shows no notice."""
+    message = urlencode(sorted((k, str(v)) for k, v in values.items() if k != "sig")).encode()
+    return hmac.new(request[SESSION].csrf.encode(), message, hashlib.sha256).hexdigest()[:32]
+
+
+def _said(request: web.Request) -> str | None:
     """The message of a `_done` redirect, made from DONE's words and the values it names (escaped, short)."""
+    query = request.query
     words = DONE.get(query.get("done", ""))
-    if words is None:
+    if words is None or not hmac.compare_digest(query.get("sig", "").encode("utf-8", "replace"),
+                                                _signed(request, dict(query)).encode()):
         return None
     role = query.get("role", "")
     reach = query.get("reach", "")[:64]
@@ -190,11 +202,12 @@ def _said(query) -> str | None:
 
 async def users_page(request: web.Request, error: str | None = None, status: int = 200,
                      filled: dict | None = None) -> web.Response:
-    rows = await run(request, accounts.user_rows, request.app[ARCHIVE].index)
+    rows = await run(request, accounts.user_rows, request.app[ARCHIVE].index, None,
+                     request.app[CONFIG].viewer.session_idle_minutes)
     for row in rows:
         row["last_seen"] = _when(row["last_seen"])
         row["created"] = _when(row["created_at"])
-    return _page(request, "admin_users.html", status, users=rows, roles=accounts.ROLES, done=_said(request.query),
+    return _page(request, "admin_users.html", status, users=rows, roles=accounts.ROLES, done=_said(request),
                  error=error, me=request[SESSION].user.name, filled=filled or {"role": "clinician"})
 
 
@@ -208,7 +221,7 @@ async def add_user(request: web.Request) -> web.Response:
         user = await run(request, lambda: accounts.add_user(index, name, str(fields["password"]), role,
                                                             referring=referring))
     except accounts.AccountError as exc:
-        await _changed(request, "user_add", name[:64] or "-", str(exc), "refused")
+        await _changed(request, "user_add", name[:64].replace(": ", " ") or "-", str(exc), "refused")
         return await users_page(request, error=str(exc), status=400,
                                 filled={"name": name[:64], "role": role, "referring": referring or ""})
     await _changed(request, "user_add", user.name, f"role {user.role}" + (
@@ -273,7 +286,7 @@ def _offset(request: web.Request) -> int:
         return 0
 
 
-async def shares_page(request: web.Request, error: str | None = None) -> web.Response:
+async def shares_page(request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
     everything, offset = request.query.get("all") == "1", _offset(request)
     index = request.app[ARCHIVE].index
     rows = await run(request, accounts.all_shares, index, not everything, PAGE + 1, offset)
@@ -283,8 +296,8 @@ async def shares_page(request: web.Request, error: str | None = None) -> web.Res
         row["state"] = "revoked" if row["revoked_at"] else "expired" if row["expires_at"] <= now else "open"
         row["created"], row["expires"] = _when(row["created_at"]), _when(row["expires_at"])
         row["study"] = studies.get(row["study_uid"]) or {}
-    return _page(request, "admin_shares.html", shares=rows[:PAGE], more=len(rows) > PAGE, offset=offset,
-                 everything=everything, page=PAGE, done=_said(request.query), error=error)
+    return _page(request, "admin_shares.html", status, shares=rows[:PAGE], more=len(rows) > PAGE, offset=offset,
+                 everything=everything, page=PAGE, done=_said(request), error=error)
 
 
 async def revoke_share(request: web.Request) -> web.Response:
@@ -292,8 +305,9 @@ async def revoke_share(request: web.Request) -> web.Response:
     index = request.app[ARCHIVE].index
     link = await run(request, accounts.share, index, link_id) if len(link_id) <= 32 else None
     if link is None or not await run(request, accounts.revoke_share, index, link_id):
-        return await shares_page(request, error="that link does not exist or is already revoked")
-    await _audit(request, "share_revoke", study_uid=link["study_uid"], detail=f"{link_id} (made by {link['created_by']})")
+        return await shares_page(request, error="that link does not exist or is already revoked", status=404)
+    await _audit(request, "share_revoke", study_uid=link["study_uid"],
+                 detail=f"{link_id} (made by {link['created_by']})")
     raise _done(request, "link", link["created_by"])
 
 
@@ -309,7 +323,7 @@ async def tokens_page(request: web.Request, done: str | None = None, error: str 
         row["created"], row["expires"], row["used"] = (_when(row["created_at"]), _when(row["expires_at"]) or "never",
                                                        _when(row["last_used"]) or "never")
     return _page(request, "admin_tokens.html", status, tokens=rows, scopes=tokens.SCOPES,
-                 done=done or _said(request.query), error=error,
+                 done=done or _said(request), error=error,
                  made=made)
 
 
@@ -370,13 +384,14 @@ async def audit_page(request: web.Request) -> web.Response:
     more = None
     if len(rows) > PAGE:
         more = "/admin/audit?" + urlencode({**searched, "before": rows[PAGE - 1]["seq"]})
-    await _audit(request, "audit_search", detail=_described(searched) or "everything")
+    await _audit(request, "audit_search", detail=_described(request, searched))
     return _page(request, "admin_audit.html", 400 if error else 200, rows=rows[:PAGE], values=values, error=error,
                  actions=actions, labels=FILTERS, more=more, csv="/admin/audit.csv?" + urlencode(searched))
 
 
-def _described(searched: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in searched.items())[:300]
+def _described(request: web.Request, searched: dict) -> str:
+    """What was read of the audit trail, as the address that reads it again (the ATNA message's URI)."""
+    return f"{request.path}?{urlencode(searched)}".rstrip("?")[:500]
 
 
 FORMULA = tuple("=+-@|\uff1d\uff0b\uff0d\uff20")       # and their full-width forms, which some locales read alike
@@ -399,7 +414,7 @@ async def audit_csv(request: web.Request) -> web.StreamResponse:
     if error:
         raise web.HTTPBadRequest(text=error)
     index = request.app[ARCHIVE].index
-    await _audit(request, "audit_export", detail=_described({k: v for k, v in values.items() if v}) or "everything")
+    await _audit(request, "audit_export", detail=_described(request, {k: v for k, v in values.items() if v}))
     response = web.StreamResponse(headers={
         "Content-Type": "text/csv; charset=utf-8",
         "Content-Disposition": f'attachment; filename="m3dicom-audit-{time.strftime("%Y%m%d-%H%M%S")}.csv"'})

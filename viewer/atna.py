@@ -33,7 +33,7 @@ def record(archive: Archive, node_ae: str, who: str | None, action: str, outcome
     failed = "0" if outcome == "ok" else "4"
     if action in AUDIT_READS:
         recorder.record(Event("audit-log-used", action="R", outcome=failed, participants=(user, node),
-                              audit_log=f"/admin/audit?{detail}"[:1024]))
+                              audit_log=detail or "/admin/audit"))
     elif action in ACCOUNT_CHANGES:
         account, _, what = detail.partition(": ")
         recorder.record(Event("security-alert", action="E", outcome=failed, event_type=ACCOUNT_CHANGES[action],

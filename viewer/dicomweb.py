@@ -21,6 +21,7 @@ import logging
 import re
 import shutil
 import tempfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,14 +164,21 @@ async def authenticate(request: web.Request, handler):
 
 
 async def audit(request: web.Request, detail: str, study_uid: str | None = None, outcome: str = "ok") -> None:
+    await audit_each(request, [(detail, study_uid, outcome)])
+
+
+async def audit_each(request: web.Request, records: list[tuple[str, str | None, str]]) -> None:
+    """Audit records of one call, (detail, study, outcome) each: one transaction, and an ATNA message each."""
     caller = request[CALLER]
     archive = request.app[ARCHIVE]
 
     def write() -> None:
-        accounts.audit(archive.index, caller.who, "dicomweb", outcome, study_uid=study_uid,
-                       detail=f"{request.method} {detail}", address=request.remote)
-        atna.record(archive, request.app[CONFIG].node.ae_title, caller.who, "dicomweb", outcome, request.remote,
-                    study_uid, detail, (request.path, request.query_string.encode("utf-8", "replace")))
+        accounts.audit_many(archive.index, caller.who, "dicomweb", [
+            (outcome, study_uid, f"{request.method} {detail}") for detail, study_uid, outcome in records],
+            address=request.remote)
+        for detail, study_uid, outcome in records:
+            atna.record(archive, request.app[CONFIG].node.ae_title, caller.who, "dicomweb", outcome, request.remote,
+                        study_uid, detail, (request.path, request.query_string.encode("utf-8", "replace")))
     await run(request, write)
 
 
@@ -473,7 +481,7 @@ async def _parts(request: web.Request, work: Path, limit: int, file_limit: int, 
 def _store(archive, received: list, study: str | None, who: str,
            base: str) -> tuple[list[Dataset], list[Dataset], set]:
     """(ReferencedSOPSequence items, FailedSOPSequence items, the studies stored into)."""
-    stored, failed, studies = [], [], set()
+    stored, failed, studies = [], [], Counter()       # studies: instances stored into each
 
     def item(sop_class, sop_instance, **more) -> Dataset:
         ds = Dataset()
@@ -528,7 +536,7 @@ def _store(archive, received: list, study: str | None, who: str,
             stored.append(item(header.sop_class_uid, header.sop_instance_uid, RetrieveURL=(
                 f"{base}/studies/{header.study_uid}/series/{header.series_uid}/instances/{header.sop_instance_uid}"),
                 **({"WarningReason": DISCARDED} if kept_first else {})))
-            studies.add(header.study_uid)
+            studies[header.study_uid] += 1
         else:
             failed.append(item(header.sop_class_uid, header.sop_instance_uid,
                                FailureReason=FAILURE.get(result.outcome.value, 0x0110)))
@@ -576,10 +584,13 @@ async def stow(request: web.Request) -> web.Response:
         answer.FailedSOPSequence = failed
     kept = sum("WarningReason" in item for item in stored)
     said = (f"STOW: {len(stored)} stored, {len(failed)} failed"
-            + (f", {kept} sent again with other content (the stored copy kept)" if kept else "")
-            + (f", into {len(studies)} studies" if len(studies) > 1 else ""))
-    for each in sorted(studies)[:AUDITED_STUDIES] or [study]:     # one record (and ATNA message) per study
-        await audit(request, said, each, "ok" if stored else "refused")
+            + (f", {kept} sent again with other content (the stored copy kept)" if kept else ""))
+    if len(studies) > 1:       # a record (and an ATNA message) for each study, saying what went into it
+        await audit_each(request, [(f"STOW: {count} stored into this study; the request: {said[6:]}, into "
+                                    f"{len(studies)} studies", each, "ok")
+                                   for each, count in sorted(studies.items())[:AUDITED_STUDIES]])
+    else:
+        await audit(request, said, next(iter(studies), study), "ok" if stored else "refused")
     if len(studies) > AUDITED_STUDIES:
         log.warning("STOW-RS from %s stored into %d studies: the first %d are audited one by one", caller.who,
                     len(studies), AUDITED_STUDIES)

@@ -2,15 +2,16 @@
 
 | right | what it allows | reader | clinician | admin | share link | API token |
 |---|---|---|---|---|---|---|
-| read | study list, pages, images, reports, downloads, OHIF, QIDO-RS and WADO-RS | own studies | all | all | its study | all |
+| read | the list, pages, images, reports, downloads, OHIF, QIDO, WADO | own studies | all | all | its study | all |
 | analyse | start and cancel analysis jobs | - | yes | yes | - | - |
 | share | make share links, list a study's links, revoke one's own | - | yes | yes | - | - |
 | store | upload files, STOW-RS | - | yes | yes | - | scope write |
 | administer | /admin: users, everyone's share links, API tokens, audit search, queues, settings | - | - | yes | - | - |
 
 A reader's "own studies" are those whose Referring Physician's Name matches the reader's
-(`m3dicom user add NAME --role reader --referring "FAMILY^GIVEN"`, matched as C-FIND matches it:
-case-insensitively by default, `*` and `?` as wildcards): a study of anyone else's is answered 404, as
+(`m3dicom user add NAME --role reader --referring "FAMILY^GIVEN"`, matched as C-FIND matches it: the
+whole name, case aside by default, `*` and `?` as wildcards, several names separated by backslashes):
+a study of anyone else's is answered 404, as
 one that does not exist, and lists and searches show only theirs. An admin also revokes anyone's share
 link. Every route the app serves has its right in ROUTES; a route missing from it is refused to
 everyone (and tests/test_roles.py fails), so a new route cannot be open by mistake. No HTTP here: the

@@ -53,6 +53,7 @@ DEFAULT_NEXT = "/studies"
 _NEXT = re.compile(r"^/(?![/\\])[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]{0,2000}$")
 _EVENT_ID = re.compile(r"^[0-9]{1,18}$")
 STREAM_RECHECK = 5.0     # seconds between two checks that a notification stream's session still holds its rights
+REACH_KEPT = 60.0        # seconds a reader's stream trusts its answer for a study
 WRONG = "Wrong user name or password."
 SLOWED = (" After several failed logins each new try waits a little longer (at most {max:g} seconds); this "
           "resets 15 minutes after the last failed login.")
@@ -924,12 +925,12 @@ async def api_events(request: web.Request) -> web.StreamResponse:
                 continue
             if referring is not None:
                 study = event.get("study_uid")
-                if study not in reach:
-                    if len(reach) > 10000:
+                if study not in reach or loop.time() - reach[study][1] > REACH_KEPT:   # a study's physician may be
+                    if len(reach) > 10000:                                             # corrected: asked again
                         reach.clear()
-                    reach[study] = bool(study) and await run(request, roles.reaches, request.app[ARCHIVE].index,
-                                                             referring, study, insensitive)
-                if not reach[study]:
+                    reach[study] = (bool(study) and await run(request, roles.reaches, request.app[ARCHIVE].index,
+                                                              referring, study, insensitive), loop.time())
+                if not reach[study][0]:
                     continue
             sent = event["seq"]
             await response.write(f"id: {event['seq']}\nevent: change\ndata: {json.dumps(event, default=str)}\n\n".encode())
