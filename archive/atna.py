@@ -59,7 +59,8 @@ ROLES = {
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = "0", "4", "8"
 QUEUE_LIMIT = 10000          # messages waiting in memory for the outbox at most; more are dropped, and logged
 WRITE_EVERY = 0.5            # seconds between two writes of the queue into the outbox
-QUERY_MAX = 64 << 10         # bytes of a query's identifier a Query message carries at most
+QUERY_MAX = 4 << 10          # bytes of a query's identifier a Query message carries at most: with base64 and the
+                             # rest, a message stays under rsyslog's default 8 KiB (longer ones arrive cut in pieces)
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,8 @@ class Recorder:
     def record(self, event: Event) -> None:
         if not event.time:
             event = Event(**{**event.__dict__, "time": self.clock()})
+        if event.query is not None and len(event.query[1]) > QUERY_MAX:     # what waits in memory: what is sent
+            event = Event(**{**event.__dict__, "query": (event.query[0], event.query[1][:QUERY_MAX])})
         try:
             self._queue.put_nowait(event)
         except queues.Full:

@@ -254,8 +254,12 @@ class AuditSection:
     def validate(self) -> None:
         if self.repository:
             host, _, port = self.repository.rpartition(":")
-            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-                raise SettingsError(f"audit.repository: {self.repository!r} is not host:port")
+            bare = host.removeprefix("[").removesuffix("]")
+            if (not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535
+                    or not host.isascii() or any(c.isspace() for c in host)
+                    or (":" in bare and not (host.startswith("[") and host.endswith("]")))):
+                raise SettingsError(f"audit.repository: {self.repository!r} is not host:port (an IPv6 address in "
+                                    "brackets: [::1]:6514)")
 
 
 class Settings(Protocol):

@@ -30,6 +30,7 @@ PRI = 10 * 8 + 5          # facility 10 (security/authorization), severity 5 (no
 MSGID = "IHE+RFC-3881"
 BOM = b"\xef\xbb\xbf"
 BATCH = 100
+BATCH_BYTES = 64 << 10    # a batch is cut here too: a slow link (25 KB/s) still has it acknowledged within ACK_WAIT
 CONNECT_TIMEOUT = 10.0
 MAX_RETRY_DELAY = 60.0
 ACK_WAIT = 10.0           # seconds a batch may wait for the repository's TCP acknowledgement
@@ -84,6 +85,8 @@ class Sender:
         waits in the outbox for the next start."""
         deadline = time.monotonic() + seconds            # each wait (connect, send, acknowledgement) within it
         self.ack_wait = self.timeout = min(ACK_WAIT, CONNECT_TIMEOUT, seconds)
+        if self.sock is not None:
+            self.sock.settimeout(self.timeout)
         while not self.failing and time.monotonic() < deadline:
             try:
                 if self.step() <= 0:
@@ -96,8 +99,17 @@ class Sender:
         batch = atna.take(self.index, self.node, BATCH)
         if not batch:
             return 0
-        data = b"".join(frame(xml, self.hostname, self.app, self.procid, when) for _, when, xml in batch)
+        frames = [frame(xml, self.hostname, self.app, self.procid, when) for _, when, xml in batch]
+        size = 0
+        for count, one in enumerate(frames):
+            size += len(one)
+            if size > BATCH_BYTES and count:
+                batch, frames = batch[:count], frames[:count]
+                break
+        data = b"".join(frames)
         try:
+            if self.sock is not None and self._closed_by_peer(self.sock, 0):   # closed while idle: a new one
+                self.close()
             sock = self.sock or self._connect()
             sock.sendall(data)
             if not self._acknowledged(sock, self.ack_wait):

@@ -82,11 +82,12 @@ def test_a_syslog_frame_is_rfc5424_in_rfc5425_octet_counting():
     assert message.startswith(b"<85>1 2023-11-14T22:13:20.250Z hostname m3dicom 123 IHE+RFC-3881 - \xef\xbb\xbf<")
 
 
-def test_a_query_message_carries_its_syntax_and_at_most_64_kib_of_the_identifier():
+def test_a_query_message_carries_its_syntax_and_fits_a_default_rsyslog():
     event = atna.Event("query", action="E", participants=(atna.Participant("F", True, "source"),),
                        query=("1.2.840.10008.5.1.4.1.2.2.1", b"\x08\x00" * (1 << 20)), query_syntax="1.2.840.10008.1.2")
     doc = valid(atna.to_xml(event, "M3DICOM"))
     assert len(base64.b64decode(doc.find(".//ParticipantObjectQuery").text)) == atna.QUERY_MAX
+    assert len(frame(atna.to_xml(event, "M3DICOM"), "host", "m3dicom", "1", 0)) < 8 << 10      # $MaxMessageSize
     detail = doc.find(".//ParticipantObjectDetail")
     assert detail.get("type") == "TransferSyntax" and base64.b64decode(detail.get("value")) == b"1.2.840.10008.1.2"
 
@@ -95,10 +96,11 @@ class PythonRepository:
     """A repository on Python's ssl (OpenSSL): TLS 1.3 with session tickets, which a sender must not take for
     the connection's end. It keeps what it receives."""
 
-    def __init__(self, pki: Path):
+    def __init__(self, pki: Path, idle: float | None = None):
         import socket
         import threading
 
+        self.idle = idle                   # seconds without data after which it closes a connection (as rsyslog may)
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(pki / "server.pem", pki / "server.key")
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -119,6 +121,7 @@ class PythonRepository:
     def _read(self, conn) -> None:
         try:
             with self.context.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(self.idle)
                 while chunk := tls.recv(65536):
                     self.data += chunk
         except OSError:
@@ -173,7 +176,7 @@ class Rsyslog:
         (work / "spool").mkdir(exist_ok=True)
         self.conf = work / "rsyslog.conf"
         self.conf.write_text(f'''
-global(maxMessageSize="256k" workDirectory="{work / 'spool'}"
+global(workDirectory="{work / 'spool'}"
        DefaultNetstreamDriver="gtls" DefaultNetstreamDriverCAFile="{pki / 'ca.pem'}"
        DefaultNetstreamDriverCertFile="{pki / 'server.pem'}" DefaultNetstreamDriverKeyFile="{pki / 'server.key'}")
 module(load="imtcp" StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="x509/certvalid")
@@ -336,3 +339,37 @@ def test_a_session_reaches_the_repository_and_nothing_is_lost_while_it_is_down(t
     stops = [d for d in repository.messages() if kind(d) == "application-activity"
              and d.find("EventIdentification/EventTypeCode").get("csd-code") == "110121"]
     assert len(stops) == 1 and node.rows("SELECT COUNT(*) FROM audit_outbox")[0][0] == 0
+
+
+def test_a_repository_that_closes_idle_connections_and_big_batches_and_odd_addresses(tmp_path, pki):
+    """Found by the attack pass: a connection the repository closed while idle was used again (the next message
+    waited 10 s and was reported as an outage); a batch of large messages had to pass whole within 10 s; the
+    repository setting took spaces, non-ASCII digits and a bare IPv6 address."""
+    from archive import Archive
+    from archive.settings import AuditSection, SettingsError
+    from archive.syslog import Sender
+    from scp.tls import client_context
+
+    archive = Archive(tmp_path / "data")
+    repository = PythonRepository(pki, idle=0.3)
+    try:
+        sender = Sender(archive.index, "n1", "127.0.0.1", repository.port,
+                        client_context(pki / "ca.pem", pki / "client.pem", pki / "client.key"))
+        atna.put(archive.index, "n1", [(time.time(), b"<AuditMessage n='1'/>")])
+        assert sender.step() == 1
+        time.sleep(1.0)                                              # the repository closes the connection
+        atna.put(archive.index, "n1", [(time.time(), b"<AuditMessage n='2'/>")])
+        started = time.monotonic()
+        assert sender.step() == 1 and time.monotonic() - started < 3 and not sender.failing
+        big = b"<AuditMessage d='" + b"x" * 20000 + b"'/>"
+        atna.put(archive.index, "n1", [(time.time(), big)] * 10)
+        assert sender.step() == 3                          # three 20 KB messages fit in BATCH_BYTES (64 KiB), not ten
+        wait_for(lambda: len(repository.frames()) == 5, what="the messages")
+        sender.close()
+    finally:
+        repository.sock.close()
+        archive.close()
+    for wrong in ("a b:6514", "host:\u0661\u0662", "::1:6514", "h\u00e9:6514"):
+        with pytest.raises(SettingsError, match="is not host:port"):
+            AuditSection(repository=wrong).validate()
+    AuditSection(repository="[::1]:6514").validate()
