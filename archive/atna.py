@@ -256,6 +256,8 @@ class Recorder:
         self._queue: queues.Queue = queues.Queue(QUEUE_LIMIT)
         self._stop = threading.Event()
         self._dropped = 0
+        self._unwritten: list[tuple[float, bytes]] = []   # made, not yet in the outbox (the index refused them)
+        self._failing = False
         self._thread = threading.Thread(target=self._run, name="audit-recorder", daemon=True)
         self._thread.start()
 
@@ -284,12 +286,24 @@ class Recorder:
         if self._dropped:
             log.error("audit: %d messages dropped (more than %d waited for the index)", self._dropped, QUEUE_LIMIT)
             self._dropped = 0
-        if not events:
+        self._unwritten += [(e.time, to_xml(e, self.source_id, self.site_id)) for e in events]
+        if not self._unwritten:
             return
+        if len(self._unwritten) > QUEUE_LIMIT:      # the index away for long: the oldest go, and that is said
+            log.error("audit: %d messages dropped (the index took none for a while)",
+                      len(self._unwritten) - QUEUE_LIMIT)
+            del self._unwritten[:-QUEUE_LIMIT]
         try:
-            put(self.index, self.node, [(e.time, to_xml(e, self.source_id, self.site_id)) for e in events])
-        except Exception as exc:    # the index away: these messages are lost, and that is said
-            log.error("audit: %d messages could not be queued (%s)", len(events), type(exc).__name__)
+            put(self.index, self.node, self._unwritten)
+        except Exception as exc:    # the index away or locked: kept, and tried again at the next write
+            if not self._failing:
+                log.error("audit: %d messages wait in memory: the index does not take them (%s)",
+                          len(self._unwritten), type(exc).__name__)
+            self._failing = True
+            return
+        if self._failing:
+            log.info("audit: the index takes messages again (%d written)", len(self._unwritten))
+        self._unwritten, self._failing = [], False
 
     def close(self) -> None:
         self._stop.set()

@@ -373,3 +373,26 @@ def test_a_repository_that_closes_idle_connections_and_big_batches_and_odd_addre
         with pytest.raises(SettingsError, match="is not host:port"):
             AuditSection(repository=wrong).validate()
     AuditSection(repository="[::1]:6514").validate()
+
+
+def test_the_recorder_keeps_what_the_index_refused_and_writes_it_later(tmp_path):
+    """Found by the attack pass: messages whose write failed (the index locked past its busy timeout, away)
+    were dropped. They now wait in memory and are written once the index takes them."""
+    from sqlalchemy import text
+
+    from archive import Archive
+
+    archive = Archive(tmp_path / "data")
+    recorder = atna.Recorder(archive.index, "n1", "M3DICOM")
+    try:
+        with archive.index.write() as conn:                                   # the outbox away for a while
+            conn.execute(text("ALTER TABLE audit_outbox RENAME TO audit_outbox_away"))
+        recorder.record(atna.Event("user-authentication", action="E", event_type="login",
+                                   participants=(atna.Participant("alice", True),)))
+        time.sleep(3 * atna.WRITE_EVERY)                                      # a write or two fail meanwhile
+        with archive.index.write() as conn:
+            conn.execute(text("ALTER TABLE audit_outbox_away RENAME TO audit_outbox"))
+        wait_for(lambda: atna.waiting(archive.index, "n1")[0] == 1, timeout=10, what="the message written")
+    finally:
+        recorder.close()
+        archive.close()
