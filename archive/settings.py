@@ -238,6 +238,9 @@ def check_shared(index: IndexSection, storage: StorageSection) -> None:
                             "so that every node can read what another received")
 
 
+_REPOSITORY_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?)$")
+
+
 @dataclass(frozen=True)
 class AuditSection:
     repository: str = setting("", "IHE ATNA audit repository, \"host:port\" (syslog over TLS, RFC 5425; 6514 is its "
@@ -254,10 +257,8 @@ class AuditSection:
     def validate(self) -> None:
         if self.repository:
             host, _, port = self.repository.rpartition(":")
-            bare = host.removeprefix("[").removesuffix("]")
-            if (not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535
-                    or not host.isascii() or any(c.isspace() for c in host)
-                    or (":" in bare and not (host.startswith("[") and host.endswith("]")))):
+            if (not _REPOSITORY_HOST.match(host) or not (port.isascii() and port.isdigit())
+                    or not 1 <= int(port) <= 65535):
                 raise SettingsError(f"audit.repository: {self.repository!r} is not host:port (an IPv6 address in "
                                     "brackets: [::1]:6514)")
 

@@ -88,6 +88,9 @@ class Sender:
         if self.sock is not None:
             self.sock.settimeout(self.timeout)
         while not self.failing and time.monotonic() < deadline:
+            self.ack_wait = self.timeout = max(0.1, min(self.timeout, deadline - time.monotonic()))
+            if self.sock is not None:
+                self.sock.settimeout(self.timeout)
             try:
                 if self.step() <= 0:
                     return

@@ -460,7 +460,8 @@ def cmd_user_add(args) -> int:
                 else "user_role" if old is not None else "user_add"
             _cli_audit(index, what, f"{user.name}: role {user.role}"
                        + (f" (studies referred by {user.referring})" if user.referring else "")
-                       + (", new password" if old is not None else ""))
+                       + (", new password" if old is not None else "")
+                       + (", enabled again" if old is not None and old["disabled"] else ""))
     except (AccountError, RuntimeError, OSError) as exc:
         hint = {UserExists: f" (give them a new password with `m3dicom user add {args.name} --replace`)"}
         referring = " (--referring 'FAMILY^GIVEN')" if "referring physician" in str(exc) else ""
@@ -470,7 +471,8 @@ def cmd_user_add(args) -> int:
         print(f"made the node's index at {config.data_dir / 'index.sqlite3'} (the node had not started yet; "
               "its first start uses it and, since a user exists, makes no `admin` user)")
     sees = f", sees the studies referred by {user.referring}" if user.referring else ""
-    print(f"user {user.name} ({user.role}{sees}) {'updated' if args.replace else 'added'}")
+    print(f"user {user.name} ({user.role}{sees}) {'updated' if args.replace else 'added'}"
+          + (" and enabled again" if old is not None and old["disabled"] else ""))
     return 0
 
 

@@ -174,7 +174,8 @@ async def test_the_audit_search_filters_pages_and_exports_a_csv_no_spreadsheet_r
     refused = [r for r in rows[1:] if r[5] == "refused"]
     assert len(refused) == 3 and all(r[2] == "'" + formula for r in refused)    # text to a spreadsheet, not a formula
     # found by the attack pass: formulas behind what an importer trims, full-width signs, pipes
-    for sneaky in (" =1+1", "\"=1+1", "\n=1+1", "\xa0=1+1", "\uff1d1+1", "|calc", "\t=1", "\x00=1"):
+    for sneaky in (" =1+1", "\"=1+1", "\n=1+1", "\xa0=1+1", "\uff1d1+1", "|calc", "\t=1", "\x00=1", "\x0b=1", "\x1f=1",
+                   "\u200b=1", "\ufeff=1", "\u2028=1"):
         assert admin._cell(sneaky) == "'" + sneaky, repr(sneaky)
     assert admin._cell("alice") == "alice" and admin._cell("1.2.840.10008") == "1.2.840.10008"
     assert admin._cell(None) == admin._cell("") == ""                         # an empty cell stays empty

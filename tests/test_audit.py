@@ -369,7 +369,7 @@ def test_a_repository_that_closes_idle_connections_and_big_batches_and_odd_addre
     finally:
         repository.sock.close()
         archive.close()
-    for wrong in ("a b:6514", "host:\u0661\u0662", "::1:6514", "h\u00e9:6514"):
+    for wrong in ("a b:6514", "host:\u0661\u0662", "::1:6514", "h\u00e9:6514", "[]:6514", "h/x:6514", "h\x00:6514"):
         with pytest.raises(SettingsError, match="is not host:port"):
             AuditSection(repository=wrong).validate()
     AuditSection(repository="[::1]:6514").validate()

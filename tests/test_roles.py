@@ -329,3 +329,10 @@ async def test_a_physician_of_several_names_and_refused_rights_in_the_audit(worl
         assert answer.status == 403
     rows = archive.index.read(text("SELECT user_name, detail FROM audit WHERE action = 'right_refused'"))
     assert [r[0] for r in rows] == ["token:reading-script"] and "needs the right 'store'" in rows[0][1]
+    # a name stored before the rules (a leading wildcard, by an edit of the index) opens nothing
+    with archive.index.write() as conn:
+        conn.execute(text("UPDATE users SET referring = '*' WHERE name = 'nina'"))
+    fresh = await aiohttp_client(client.server)
+    await fresh.post("/login", data={"user": "nina", "password": PASSWORD})
+    assert (await (await fresh.get("/api/studies")).json())["studies"] == []
+    assert (await fresh.get(f"/api/studies/{studies['other']['study']}")).status == 404

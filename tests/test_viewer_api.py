@@ -577,13 +577,17 @@ def test_users_are_added_listed_and_disabled_from_the_command_line(tmp_path):
         assert again.returncode == 0, again.stderr
         assert "rita reader (studies referred by Who^Rita\\Who^Rita^*)" in m3dicom("user", "list").stdout
         assert m3dicom("user", "enable", "bob").returncode == 0
+        assert m3dicom("user", "disable", "rita").returncode == 0
+        again = m3dicom("user", "add", "rita", "--replace", password="rita's third password\n")
+        assert again.returncode == 0 and "enabled again" in again.stdout
         assert m3dicom("user", "disable", "amy").returncode == 0
         last = m3dicom("user", "disable", "bob")
         assert last.returncode == 1 and "only enabled admin" in last.stderr
         rows = archive.index.read(text("SELECT user_name, action, detail FROM audit WHERE user_name LIKE 'cli:%' "
                                        "ORDER BY seq"))
         assert [r[1] for r in rows] == ["user_add", "user_add", "user_disable", "user_add", "user_password",
-                                        "user_role", "user_enable", "user_disable"]
+                                        "user_role", "user_enable", "user_disable", "user_password", "user_disable"]
+        assert "enabled again" in rows[-2][2]
     finally:
         archive.close()
 

@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import time
+import unicodedata
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
@@ -395,7 +396,11 @@ def _described(request: web.Request, searched: dict) -> str:
 
 
 FORMULA = tuple("=+-@|\uff1d\uff0b\uff0d\uff20")       # and their full-width forms, which some locales read alike
-LEADING = " \t\r\n\x00\xa0\u3000\"'"                      # what an importer may trim before it reads a formula
+
+
+def _trimmed(c: str) -> bool:
+    """What an importer may trim before it reads a formula: spaces, controls, invisible format characters, quotes."""
+    return c.isspace() or c in "\"'" or unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp")
 
 
 def _cell(value) -> str:
@@ -403,7 +408,7 @@ def _cell(value) -> str:
     login page, "=HYPERLINK(...)"), also behind spaces, quotes or control characters an importer may trim, is
     written behind an apostrophe (OWASP's CSV injection advice)."""
     text = "" if value is None else str(value)
-    if text and (text[0] in LEADING or text.lstrip(LEADING).startswith(FORMULA)):
+    if text and (_trimmed(text[0]) or text.startswith(FORMULA)):
         return "'" + text
     return text
 

@@ -176,7 +176,7 @@ async def audit_each(request: web.Request, records: list[tuple[str, str | None, 
         accounts.audit_many(archive.index, caller.who, "dicomweb", [
             (outcome, study_uid, f"{request.method} {detail}") for detail, study_uid, outcome in records],
             address=request.remote)
-        for detail, study_uid, outcome in records:
+        for detail, study_uid, outcome in records[:AUDITED_STUDIES]:      # the recorder's queue is bounded
             atna.record(archive, request.app[CONFIG].node.ae_title, caller.who, "dicomweb", outcome, request.remote,
                         study_uid, detail, (request.path, request.query_string.encode("utf-8", "replace")))
     await run(request, write)
@@ -400,7 +400,7 @@ async def qido(request: web.Request) -> web.Response:
 FAILURE = {"invalid": 0xC000, "mismatch": 0xA900, "conflict": 0xC000, "storage full": 0xA700,
            "failure": 0x0110}
 STUDY_MISMATCH = 0xA900           # the instance is not of the study the path names
-AUDITED_STUDIES = 1000            # studies of one STOW-RS request audited each (a record and an ATNA message)
+AUDITED_STUDIES = 1000            # studies of one STOW-RS request with an ATNA message each (every one is audited)
 # PS3.18 Table 10.5.3-2's "Elements Discarded": an instance sent again with other content under storage.duplicates
 # = "keep-first" (the stored copy kept, the one sent discarded: storage commitment will not confirm it)
 DISCARDED = 0xB006
@@ -588,12 +588,12 @@ async def stow(request: web.Request) -> web.Response:
     if len(studies) > 1:       # a record (and an ATNA message) for each study, saying what went into it
         await audit_each(request, [(f"STOW: {count} stored into this study; the request: {said[6:]}, into "
                                     f"{len(studies)} studies", each, "ok")
-                                   for each, count in sorted(studies.items())[:AUDITED_STUDIES]])
+                                   for each, count in sorted(studies.items())])
     else:
         await audit(request, said, next(iter(studies), study), "ok" if stored else "refused")
     if len(studies) > AUDITED_STUDIES:
-        log.warning("STOW-RS from %s stored into %d studies: the first %d are audited one by one", caller.who,
-                    len(studies), AUDITED_STUDIES)
+        log.warning("STOW-RS from %s stored into %d studies: each is in the audit trail, the first %d have an ATNA "
+                    "message", caller.who, len(studies), AUDITED_STUDIES)
     status = 200 if not failed and not kept else 202 if stored else 409
     headers = {"Warning": f'299 m3dicom "{kept} instance(s) already stored with other content: the stored copy '
                           f'was kept, the one sent discarded (storage.duplicates = keep-first)"'} if kept else {}

@@ -23,6 +23,8 @@ from pydicom.dataset import Dataset
 
 from archive.query import STUDY_ROOT, Query, matches
 
+from .accounts import AccountError, check_role
+
 PUBLIC, SIGNED_IN = "public", "signed in"        # no session needed; any session (logging out)
 READ, ANALYSE, SHARE, STORE, ADMINISTER = "read", "analyse", "share", "store", "administer"
 RIGHTS = {
@@ -84,6 +86,10 @@ def limited(session) -> str | None:
     None for everyone else (their reach is all studies, or a share link's one)."""
     if session is None or session.is_share or session.user.role not in LIMITED:
         return None
+    try:            # a name stored before the rules it must meet (a leading "*"): nothing is the reader's
+        check_role(session.user.role, session.user.referring)
+    except AccountError:
+        return ""
     return session.user.referring or ""
 
 
