@@ -476,36 +476,36 @@ def cmd_user_add(args) -> int:
     return 0
 
 
-def cmd_user_disable(args) -> int:
-    from viewer.accounts import AccountError, disable_user
+def _switch_user(args, action: str, change, done: str) -> int:
+    """Disable or enable a user (`change`: the accounts function), audited; 1 with the reason when refused."""
+    from viewer.accounts import AccountError
 
     with _index_of(args) as index:     # migrated: an index no node has served yet has no users, not no table
         try:
-            disabled = disable_user(index, args.name, keep_an_admin=True)
+            changed = change(index, args.name)
         except AccountError as exc:
             print(f"m3dicom: {exc} (`m3dicom user add NAME --role admin`)", file=sys.stderr)
             return 1
-        if disabled:
-            _cli_audit(index, "user_disable", f"{args.name}: disabled")
-    if not disabled:
+        if changed:
+            _cli_audit(index, action, f"{args.name}: {action.removeprefix('user_')}d")
+    if not changed:
         print(f"m3dicom: no user {args.name!r}", file=sys.stderr)
         return 1
-    print(f"user {args.name} disabled; their sessions have ended (`m3dicom user enable {args.name}` enables it again)")
+    print(f"user {args.name} {done}")
     return 0
+
+
+def cmd_user_disable(args) -> int:
+    from viewer.accounts import disable_user
+
+    return _switch_user(args, "user_disable", disable_user, "disabled; their sessions have ended "
+                        f"(`m3dicom user enable {args.name}` enables it again)")
 
 
 def cmd_user_enable(args) -> int:
     from viewer.accounts import enable_user
 
-    with _index_of(args) as index:
-        enabled = enable_user(index, args.name)
-        if enabled:
-            _cli_audit(index, "user_enable", f"{args.name}: enabled")
-    if not enabled:
-        print(f"m3dicom: no user {args.name!r}", file=sys.stderr)
-        return 1
-    print(f"user {args.name} enabled: they can log in again with their password")
-    return 0
+    return _switch_user(args, "user_enable", enable_user, "enabled: they can log in again with their password")
 
 
 def cmd_user_list(args) -> int:
