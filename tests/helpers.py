@@ -67,6 +67,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """Ports free now and different from each other (bound together: two calls of free_port may give one port
+    twice, which a node refuses for two of its listeners)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -84,8 +97,7 @@ class Node:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pki = pki
-        self.port = free_port()
-        self.plain_port = free_port()
+        self.port, self.plain_port, viewer_port = free_ports(3)
         self.data_dir = workdir / "var"
         self.config_path = workdir / "node.toml"
         self.log_path = workdir / "node.log"
@@ -97,7 +109,7 @@ class Node:
                       "certificate": str(pki / "server.pem"), "private_key": str(pki / "server.key"),
                       "ca_certificates": str(pki / "ca.pem")},
             "client": {"certificate": str(pki / "client.pem"), "private_key": str(pki / "client.key")},
-            "viewer": {"enabled": False, "port": free_port()},   # tests that use it turn it on
+            "viewer": {"enabled": False, "port": viewer_port},   # tests that use it turn it on
             "metrics": {"port": 0},                              # and so do those of /metrics
         }
         if os.environ.get(STOCK_PATH_ENV):      # `make test-stock-path`: pynetdicom's own path
