@@ -78,6 +78,24 @@ def input_series(index: Index, series_uid: str) -> InputSeries | None:
         InputInstance(r.sop_instance_uid, r.sop_class_uid, r.blob_id, r.sha256) for r in rows))
 
 
+@dataclass(frozen=True)
+class StudyInstance:
+    """An instance of a study, received or an analysis result (`result`: the node made it)."""
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    blob_id: str
+    sha256: str
+    result: bool
+
+
+def study_instances(index: Index, study_uid: str) -> list[StudyInstance]:
+    """Every instance of the study, results included, series by series (what a de-identified copy sends)."""
+    with index.reader() as conn:
+        return [StudyInstance(r[0], r[1], r[2], r[3], r[4], r[5] is not None)
+                for r in conn.execute(_STUDY_INSTANCES, {"study_uid": study_uid})]
+
+
 def filed(index: Index, sop_instance_uids: Iterable[str]) -> dict[str, Filed]:
     """SOP Instance UID -> where it is filed, for those of `sop_instance_uids` the archive holds."""
     uids, found = list(dict.fromkeys(sop_instance_uids)), {}
@@ -95,6 +113,10 @@ def series_changed(index: Index, study_uid: str, after: int, upto: int, kinds: C
                                                              "kinds": list(kinds)})}
 
 
+_STUDY_INSTANCES = text(
+    "SELECT i.sop_instance_uid, i.sop_class_uid, se.series_uid, i.blob_id, i.sha256, i.job_id FROM studies s "
+    "JOIN series se ON se.study_pk = s.pk JOIN instances i ON i.series_pk = se.pk WHERE s.study_uid = :study_uid "
+    "ORDER BY se.pk, i.instance_number, i.pk")
 _STUDY_SERIES = text(
     "SELECT DISTINCT se.pk, se.series_uid, se.modality, se.body_part, se.series_description, s.study_description, "
     "i.sop_class_uid, i.calling_ae FROM studies s JOIN series se ON se.study_pk = s.pk "

@@ -518,6 +518,112 @@ def cmd_user_list(args) -> int:
     return 0
 
 
+def _profile(config: Config, given: str | None) -> str:
+    if given:
+        if given not in config.deid:
+            raise RuntimeError(f"no [deid.{given}] profile (configured: {', '.join(config.deid) or 'none'})")
+        return given
+    if len(config.deid) != 1:
+        raise RuntimeError("give --profile NAME: " + (f"the profiles are {', '.join(config.deid)}" if config.deid
+                                                      else "the configuration has no [deid.NAME] profile"))
+    return next(iter(config.deid))
+
+
+def cmd_deid_secret(args) -> int:
+    from router.deid.export import make_secret
+
+    config = _config(args)
+    name = _profile(config, args.profile)
+    path = make_secret(config, name, replace=args.rotate)
+    with _index_made(config) as (index, _):
+        _cli_audit(index, "deid_secret", f"deid:{name}: {'rotated' if args.rotate else 'made'}")
+    print(f"the secret of [deid.{name}] is in {path} (mode 0600); keep a copy where the node's keys are kept"
+          + ("; copies made from now on have new pseudonyms and UIDs" if args.rotate else ""))
+    return 0
+
+
+def cmd_deid_export(args) -> int:
+    """De-identified copies of a study, made and sent from here, with a progress bar; the export is recorded
+    like the router's, so `deid list` and the study page show it."""
+    import socket
+
+    from tqdm import tqdm
+
+    from router.deid import store
+    from router.deid.export import check_destination, execute
+
+    from .owners import open_archive
+
+    config = _config(args)
+    name = _profile(config, args.profile)
+    check_destination(config, args.to)
+    archive = open_archive(config)
+    try:
+        export_id = store.create(archive.index, study_uid=args.study, profile=name, destination=args.to,
+                                 max_attempts=1, created_by="cli")
+        _cli_audit(archive.index, "deid_export", f"study {args.study} -> {args.to} (deid:{name}, export {export_id})")
+        with tqdm(total=0, unit="instance", disable=args.quiet or None) as bar:
+            def progress(outcome) -> None:
+                bar.total = outcome.total
+                bar.n = outcome.sent + outcome.dropped
+                bar.refresh()
+            done = execute(archive, config, export_id, f"{socket.gethostname()}/cli-{os.getpid()}",
+                           progress=progress)
+    finally:
+        archive.close()
+    if done.state != "succeeded":
+        print(f"m3dicom: export {export_id} failed: {done.error}", file=sys.stderr)
+        return 1
+    print(f"export {export_id}: {done.sent} copies sent to {done.destination} as {done.pseudonym}"
+          + (f", {done.dropped} dropped (may show burned-in text)" if done.dropped else ""))
+    return 0
+
+
+def cmd_deid_list(args) -> int:
+    import time
+
+    from router.deid import store
+
+    with _index_of(args) as index:
+        for e in store.exports(index, args.study, args.limit):
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created_at))
+            counts = f"{e.sent or 0}/{e.total or 0} sent" + (f", {e.dropped} dropped" if e.dropped else "")
+            print(f"{e.id} {when} {e.state} study {e.study_uid} -> {e.destination} (deid:{e.profile}, {counts})"
+                  + (f": {e.error}" if e.error else ""))
+    return 0
+
+
+def cmd_deid_lookup(args) -> int:
+    """Who a pseudonym is: for the people allowed to know (whoever may read the node's keys), audited."""
+    import json
+
+    from router.deid import store
+
+    from .owners import open_archive
+
+    archive = open_archive(_config(args))
+    try:
+        found = store.lookup(archive.index, archive.keyring, args.pseudonym)
+        _cli_audit(archive.index, "deid_lookup", f"{args.pseudonym}: {'found' if found else 'unknown'}")
+    finally:
+        archive.close()
+    if not found:
+        print(f"m3dicom: no pseudonym or copied study {args.pseudonym!r}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    for entry in found:
+        patient = entry["patient"] or {}
+        print(f"[deid.{entry['project']}] {entry['pseudonym']}: Patient ID {patient.get('patient_id', '?')}"
+              f"{' (issuer ' + patient['issuer'] + ')' if patient.get('issuer') else ''}, "
+              f"name {patient.get('patient_name', '?')}")
+        for study in entry["studies"]:
+            print(f"    copy {study['copy']} <- study {study['study_uid']}"
+                  f"{' accession ' + study['accession_number'] if study.get('accession_number') else ''}")
+    return 0
+
+
 def cmd_token_create(args) -> int:
     from viewer.tokens import TokenError, create
 
@@ -686,6 +792,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(func=cmd_token_revoke)
 
+    deid = sub.add_parser("deid", help="de-identified copies for research ([deid.NAME] profiles)").add_subparsers(
+        dest="deid", required=True)
+    p = with_config(deid.add_parser("export", help="send a de-identified copy of a study "
+                                    "(`m3dicom deid STUDY_UID --to NAME` is short for it)"))
+    p.add_argument("study", help="Study Instance UID")
+    p.add_argument("--to", required=True, help="a [remote.NAME] node, or s3://bucket/prefix/")
+    p.add_argument("--profile", help="the [deid.NAME] profile; default: the only one")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_deid_export)
+    p = with_config(deid.add_parser("secret", help="make (or --rotate) a profile's secret"))
+    p.add_argument("profile", nargs="?", help="the [deid.NAME] profile; default: the only one")
+    p.add_argument("--rotate", action="store_true", help="replace it: new pseudonyms and UIDs from now on")
+    p.set_defaults(func=cmd_deid_secret)
+    p = with_config(deid.add_parser("list", help="recent exports, newest first"))
+    p.add_argument("--study", help="only this Study Instance UID")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_deid_list)
+    p = with_config(deid.add_parser("lookup", help="who a pseudonym (or a copy's Study UID) is; audited"))
+    p.add_argument("pseudonym")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_deid_lookup)
+
     p = with_config(sub.add_parser("echo", help="C-ECHO a DICOM node (TLS by default)"))
     _client_options(p)
     p.set_defaults(func=cmd_echo)
@@ -699,6 +827,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["deid"] and argv[1:2] and argv[1][:1].isdigit():   # `m3dicom deid STUDY_UID --to NAME`
+        argv.insert(1, "export")
     args = parser().parse_args(argv)
     try:
         return args.func(args)

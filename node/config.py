@@ -16,7 +16,7 @@ from typing import Any, get_type_hints
 
 from archive.settings import (AuditSection, CryptoSection, IndexSection, IngestSection, NodeSection, QuerySection,
                               S3Section, SettingsError, StorageSection, check_shared, setting)
-from router.settings import MATCH_KEYS, Rule, RouterSection
+from router.settings import MATCH_KEYS, DeidProfile, Rule, RouterSection
 from scp.settings import ClientSection, CommitmentSection, DicomSection, RemoteNode
 from viewer.settings import MetricsSection, ViewerSection, loopback
 
@@ -52,6 +52,7 @@ class Config:
     audit: AuditSection = field(default_factory=AuditSection)
     log: LogSection = field(default_factory=LogSection)
     remote: dict = field(default_factory=dict)   # name -> RemoteNode
+    deid: dict = field(default_factory=dict)     # name -> DeidProfile
 
     def remote_by_ae(self, ae_title: str) -> RemoteNode | None:
         """The configured remote node with this AE title (C-MOVE destination, requester)."""
@@ -63,9 +64,9 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {f.name: get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
-                             if f.name != "remote"}
-NAMED_SECTIONS: dict[str, type] = {"remote": RemoteNode}   # [remote.NAME] tables
-KEYED_SECTIONS = (RemoteNode, Rule)                         # told their own key (remote.X, router.rules[i])
+                             if f.name not in ("remote", "deid")}
+NAMED_SECTIONS: dict[str, type] = {"remote": RemoteNode, "deid": DeidProfile}   # [remote.NAME], [deid.NAME] tables
+KEYED_SECTIONS = (RemoteNode, Rule, DeidProfile)            # told their own key (remote.X, router.rules[i])
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -148,7 +149,7 @@ def from_dict(data: dict, base: Path) -> Config:
             if not _NAME_RE.match(name):
                 raise ConfigError(f"{kind}.{name}: names are letters, digits, '_' and '-'")
             named[name] = _section(f"{kind}.{name}", cls, raw, base)
-        titles = [r.ae_title for r in named.values()]
+        titles = [r.ae_title for r in named.values() if kind == "remote"]
         duplicate = next((t for t in titles if titles.count(t) > 1), None)
         if duplicate:
             raise ConfigError(f"{kind}: AE title {duplicate!r} is used by two nodes")
@@ -159,6 +160,12 @@ def from_dict(data: dict, base: Path) -> Config:
         unknown_remote = next((n for n in rule.forward_to if n not in sections["remote"]), None)
         if unknown_remote:
             raise ConfigError(f"router.rules[{i}].forward_to: no [remote.{unknown_remote}] node")
+        if rule.deid and rule.deid not in sections["deid"]:
+            raise ConfigError(f"router.rules[{i}].deid: no [deid.{rule.deid}] profile")
+        unknown_remote = next((n for n in rule.deid_to if not n.startswith("s3://") and n not in sections["remote"]),
+                              None)
+        if unknown_remote:
+            raise ConfigError(f"router.rules[{i}].deid_to: no [remote.{unknown_remote}] node")
     return Config(**sections)
 
 

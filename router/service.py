@@ -34,6 +34,8 @@ from archive.inputs import input_series, series_changed, study_series
 from gpu_workers.plugin import ParamError, Plugin, PluginError, check_params, discover
 
 from . import queue, store
+from .deid import export as deid_export
+from .deid import store as deid_store
 from .executor import Executor, Refused
 from .intake import IntakeError, backoff, discard, forward, take_results
 from .jobs import Cancel, Expire, Fail, IllegalTransition, Renew, Succeed
@@ -47,6 +49,7 @@ CURSOR = "router"
 ROUTED = ("stored", "replaced")        # changes that can complete a study (results are "result_stored")
 RENEWALS = 4                           # a lease is renewed this many times per router.lease_seconds
 PROGRESS_EVERY = 1.0                   # at most one progress change per job and second
+EXPORT_WAIT = 5.0                      # seconds before an export whose study is still being analysed looks again
 INPUTS_RECHECK = 5.0                   # seconds before a job whose inputs another node holds is looked at again
 
 
@@ -61,6 +64,9 @@ def load_plugins(config: Settings) -> dict[str, Plugin]:
     except PluginError as exc:
         raise RouterError(str(exc)) from None
     for i, rule in enumerate(config.router.rules):
+        if rule.deid:
+            _check_deid(config, i, rule)
+            continue
         if rule.plugin not in plugins:
             raise RouterError(f"router.rules[{i}] ({rule.name}): no plug-in named {rule.plugin!r} "
                               f"(installed: {', '.join(sorted(plugins)) or 'none'})")
@@ -69,6 +75,17 @@ def load_plugins(config: Settings) -> dict[str, Plugin]:
         except ParamError as exc:
             raise RouterError(f"router.rules[{i}] ({rule.name}).params: {exc}") from None
     return plugins
+
+
+def _check_deid(config: Settings, i: int, rule) -> None:
+    """A rule that makes de-identified copies: its profile has a secret (a clear error at start, not a failed
+    export per study)."""
+    from .deid.export import ExportError, read_secret
+
+    try:
+        read_secret(config, rule.deid)
+    except ExportError as exc:
+        raise RouterError(f"router.rules[{i}] ({rule.name}): {exc}") from None
 
 
 def holder(config: Settings) -> str:
@@ -139,6 +156,8 @@ class Router:
         self.running: dict[str, _Running] = {}
         self._forwarding: dict[tuple[str, str], ThreadFuture] = {}
         self._forwarder = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self._exporting: dict[str, ThreadFuture] = {}
+        self._exporter = ThreadPoolExecutor(1, thread_name_prefix="deid")
         self._progress_sent: dict[str, float] = {}
         self._waiting: dict[str, float] = {}     # job -> when to look again: inputs on another node, not in S3
         self._told: set[str] = set()              # jobs whose wait was logged
@@ -162,6 +181,7 @@ class Router:
 
     def close(self) -> None:
         self._forwarder.shutdown(wait=True)
+        self._exporter.shutdown(wait=True)
         self.executor.close()
 
     def step(self) -> None:
@@ -176,6 +196,7 @@ class Router:
         self.renew(now)
         self.record_progress()
         self.forward_due(now)
+        self.export_due(now)
 
     # -- study completion -----------------------------------------------------------------
 
@@ -228,6 +249,8 @@ class Router:
 
     def _judge(self, rule: CompiledRule, study_uid: str, after: int, upto: int, now: float) -> list[str]:
         """Jobs for the series of a quiet study that `rule` matches and that changed since it last judged."""
+        if rule.rule.deid:
+            return self._judge_deid(rule, study_uid, after, upto, now)
         plugin = self.plugins[rule.rule.plugin]
         series = [s for s in rule.select(self.study_facts(study_uid))
                   if plugin.accepts.takes(s.modality, sorted(s.sop_classes))]
@@ -252,6 +275,25 @@ class Router:
                                          supersedes=earlier.id if earlier is not None else None, now=now, conn=conn))
         for job_id in made:
             log.info("rule %s: job %s (%s) for study %s", rule.name, job_id, plugin.name, study_uid)
+        return made
+
+    def _judge_deid(self, rule: CompiledRule, study_uid: str, after: int, upto: int, now: float) -> list[str]:
+        """De-identified copies of the study, one export per destination, when one of its series matches and
+        something of it changed since the rule last judged it (an export still queued is reused)."""
+        matched = {s.series_uid for s in rule.select(self.study_facts(study_uid))}
+        changed = series_changed(self.index, study_uid, after, upto, ROUTED)
+        made = []
+        with self.index.write() as conn:
+            if not store.mark_fired(conn, study_uid, rule.name, after, upto):
+                return []
+            if matched & changed:
+                for destination in rule.rule.deid_to:
+                    made.append(deid_store.create(self.index, study_uid=study_uid, profile=rule.rule.deid,
+                                                  destination=destination, rule=rule.name,
+                                                  created_by=f"rule:{rule.name}",
+                                                  max_attempts=self.config.router.max_attempts, now=now, conn=conn))
+        for export_id in made:
+            log.info("rule %s: export %s (deid %s) for study %s", rule.name, export_id, rule.rule.deid, study_uid)
         return made
 
     # -- running jobs ---------------------------------------------------------------------
@@ -445,3 +487,33 @@ class Router:
             self._forwarding[key] = self._forwarder.submit(forward, self.archive, self.config, *key)
             self._forwarding[key].add_done_callback(lambda _: self._wake.set())
 
+
+    # -- de-identified exports ---------------------------------------------------------------
+
+    def export_due(self, now: float) -> None:
+        """Run the next due export (one at a time, in a thread: reading, de-identifying and sending a study
+        takes seconds to minutes); an export whose router died is taken over once its lease ends. A study
+        with analysis jobs still queued or running waits for them, so that their results go with it."""
+        for export_id, future in list(self._exporting.items()):
+            if future.done():
+                del self._exporting[export_id]
+        if self._exporting:
+            return
+        for export_id in deid_store.due(self.index, now):
+            export = deid_store.get(self.index, export_id)
+            if export is not None and export.state == "queued" and queue.jobs(
+                    self.index, study_uid=export.study_uid, states=("queued", "running"), limit=1):
+                deid_store.defer(self.index, export_id, now + EXPORT_WAIT)   # its analysis results go with it
+                continue
+            future = self._exporter.submit(self._export, export_id)
+            future.add_done_callback(lambda _: self._wake.set())
+            self._exporting[export_id] = future
+
+    def _export(self, export_id: str) -> None:
+        try:
+            deid_export.execute(self.archive, self.config, export_id, self.name,
+                               lease=self.config.router.job_timeout, clock=self.clock)
+        except deid_export.ExportError as exc:      # claimed by another router meanwhile
+            log.info("%s", exc)
+        except Exception:
+            log.exception("export %s", export_id)

@@ -525,7 +525,8 @@ AUDIT_ACTIONS = (   # what the viewer records (the admin page's search offers th
     "login", "logout", "view", "view_model", "download", "upload", "share", "share_open", "share_revoke", "job",
     "job_cancel", "dicomweb", "read_refused", "right_refused", "audit_search", "audit_export", "user_add",
     "user_password", "user_role",
-    "user_disable", "user_enable", "user_sessions", "token_create", "token_revoke")
+    "user_disable", "user_enable", "user_sessions", "token_create", "token_revoke", "deid_export", "deid_lookup",
+    "deid_secret")
 
 
 def audit_search(index: Index, filters: dict, limit: int = 100) -> list[dict]:

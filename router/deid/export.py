@@ -1,0 +1,248 @@
+"""One export: a study's de-identified copies made and sent to one destination.
+
+1. the profile and its secret are read (a missing secret fails the export at once, with what to do);
+2. every instance of the study (analysis results included, trusted as free of burned-in text) is read
+   back decrypted and verified, de-identified (`engine.Deidentifier`), and written to a private spool
+   folder in the data directory; instances that may show burned-in text are dropped and counted;
+3. the originals behind the pseudonym and the copy's study are kept, sealed (`store.remember`);
+4. the copies go to the destination: a [remote.NAME] node by C-STORE (TLS as configured), or
+   "s3://bucket/prefix/" as Part 10 objects named by the copy's UIDs, with server-side encryption.
+The export succeeds only when every copy was accepted; otherwise it fails with the reason and is tried
+again (copies keep their UIDs, so a retry stores nothing twice). The copies never enter the archive.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from archive import Archive, IntegrityError
+from archive.dicomfile import InvalidInstance, read_dataset
+from archive.inputs import study_instances
+from archive.storage import BlobNotFound
+
+from ..settings import DeidProfile, Settings, check_s3_place
+from . import store
+from .engine import DeidError, Deidentifier
+
+log = logging.getLogger(__name__)
+
+SECRET_BYTES = 32
+
+
+class ExportError(RuntimeError):
+    """The export cannot be done (the reason is kept on the export); `final`: trying again cannot help until
+    someone changes something (the configuration, the secret), so it is not retried."""
+
+    def __init__(self, message: str, final: bool = False):
+        super().__init__(message)
+        self.final = final
+
+
+@dataclass
+class Outcome:
+    total: int = 0
+    sent: int = 0
+    dropped: int = 0
+    pseudonym: str | None = None
+    reasons: dict | None = None          # why instances were dropped -> how many
+
+
+def secret_path(config: Settings, name: str) -> Path:
+    profile = config.deid[name]
+    return profile.secret_file or config.data_dir / "deid" / f"{name}.key"
+
+
+def make_secret(config: Settings, name: str, replace: bool = False) -> Path:
+    """A new random secret for the project (0600). Replacing one gives every patient a new pseudonym, new UIDs
+    and a new date shift in the copies made from then on: they no longer link to the earlier copies."""
+    if name not in config.deid:
+        raise ExportError(f"no [deid.{name}] profile in the configuration")
+    path = secret_path(config, name)
+    if path.exists() and not replace:
+        raise ExportError(f"{path} exists (give --rotate to replace it, which changes every pseudonym)")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
+    try:
+        os.write(fd, secrets.token_bytes(SECRET_BYTES))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(temporary, 0o600)
+    os.replace(temporary, path)
+    return path
+
+
+def read_secret(config: Settings, name: str) -> bytes:
+    path = secret_path(config, name)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ExportError(f"[deid.{name}] has no secret at {path}: make one with `m3dicom deid secret {name}`",
+                          final=True) from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ExportError(f"{path} may be read by others (mode {stat.S_IMODE(info.st_mode):o}): chmod 600 it",
+                          final=True)
+    data = path.read_bytes()
+    if len(data) < 16:
+        raise ExportError(f"{path} holds {len(data)} bytes; a secret has at least 16 (`m3dicom deid secret {name} "
+                          "--rotate` makes a new one)", final=True)
+    return data
+
+
+def check_destination(config: Settings, destination: str) -> None:
+    if destination.startswith("s3://"):
+        try:
+            check_s3_place("destination", destination)
+        except ValueError as exc:
+            raise ExportError(str(exc), final=True) from None
+    elif destination not in config.remote:
+        raise ExportError(f"no [remote.{destination}] node, and not an s3://bucket/prefix/ place", final=True)
+
+
+def run(archive: Archive, config: Settings, export: store.Export, worker: str,
+        progress: Callable[[Outcome], None] = lambda outcome: None) -> Outcome:
+    """Make and send the export's copies; raises ExportError (or what sending raised) when it cannot."""
+    profile: DeidProfile | None = config.deid.get(export.profile)
+    if profile is None:
+        raise ExportError(f"no [deid.{export.profile}] profile in the configuration", final=True)
+    check_destination(config, export.destination)
+    deid = Deidentifier(profile, read_secret(config, export.profile))
+    instances = study_instances(archive.index, export.study_uid)
+    if not instances:
+        raise ExportError(f"study {export.study_uid} has no instances in the archive", final=True)
+    outcome = Outcome(total=len(instances), reasons={})
+    spool = archive.data_dir / "spool" / "deid"
+    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=spool, prefix=f"{export.id}-"))
+    try:
+        copies = _make(archive, deid, export, instances, folder, outcome, progress)
+        if copies:
+            _send(archive, config, profile, export.destination, copies, outcome, progress)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return outcome
+
+
+def _make(archive, deid, export, instances, folder, outcome, progress) -> list[tuple[Path, str]]:
+    copies, remembered = [], set()
+    for number, instance in enumerate(instances):
+        try:
+            with archive.exported(instance.blob_id, instance.sha256) as path:
+                ds = read_dataset(path, archive.limits, pixels=True)
+        except (IntegrityError, BlobNotFound, InvalidInstance, OSError) as exc:
+            raise ExportError(f"instance {number + 1} of {len(instances)} cannot be read back: {exc}") from None
+        copy = deid.apply(ds, trusted=instance.result)
+        outcome.pseudonym = copy.patient.pseudonym
+        if copy.dataset is None:
+            outcome.dropped += 1
+            outcome.reasons[copy.dropped] = outcome.reasons.get(copy.dropped, 0) + 1
+            continue
+        out = copy.dataset
+        study = str(out.StudyInstanceUID)
+        if study not in remembered:
+            store.remember(archive.index, archive.keyring, project=export.profile, pseudonym=copy.patient.pseudonym,
+                           key_mac=deid.keys.uid("patient-check\x00" + copy.patient.key),
+                           patient={"patient_id": copy.patient.original_id, "patient_name": copy.patient.original_name,
+                                    "issuer": str(ds.get("IssuerOfPatientID", "") or "")},
+                           study_uid=study, study={"study_uid": export.study_uid,
+                                                   "accession_number": str(ds.get("AccessionNumber", "") or "")})
+            remembered.add(study)
+        target = folder / f"{number:06d}.dcm"
+        try:
+            out.save_as(target, enforce_file_format=True)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise DeidError(f"the copy of instance {number + 1} cannot be written: {exc}") from None
+        key = f"{out.StudyInstanceUID}/{out.SeriesInstanceUID}/{out.SOPInstanceUID}.dcm"
+        copies.append((target, f"{copy.patient.pseudonym}/{key}"))
+        if number % 10 == 0:
+            progress(outcome)
+    return copies
+
+
+def _send(archive, config, profile, destination, copies, outcome, progress) -> None:
+    if destination.startswith("s3://"):
+        bucket, prefix = check_s3_place("destination", destination)
+        _to_s3(config, profile, bucket, prefix, copies, outcome, progress)
+        return
+    from scp.scu import SendError, send_to_remote
+
+    try:
+        report = send_to_remote(config.remote[destination], config, [path for path, _ in copies])
+    except SendError as exc:
+        raise ExportError(f"{destination}: {exc}") from None
+    outcome.sent = report.sent
+    if report.failed or report.skipped:
+        path, why = (report.failed or report.skipped)[0]
+        raise ExportError(f"{destination} accepted {report.sent} of {len(copies)} copies (refused: {why})")
+
+
+def _to_s3(config, profile, bucket, prefix, copies, outcome, progress) -> None:
+    from archive.s3 import client, error_code
+
+    s3 = client(config.storage.s3.endpoint_url, config.storage.s3.region, config.storage.s3.timeout)
+    extra = {"ServerSideEncryption": profile.s3_sse}
+    if profile.s3_sse == "aws:kms" and profile.s3_kms_key_id:
+        extra["SSEKMSKeyId"] = profile.s3_kms_key_id
+    for number, (path, key) in enumerate(copies):
+        try:
+            with path.open("rb") as body:
+                s3.put_object(Bucket=bucket, Key=prefix + key, Body=body, ContentType="application/dicom", **extra)
+        except Exception as exc:         # botocore's errors: the reason, not a traceback
+            code = error_code(exc)
+            raise ExportError(f"s3://{bucket}/{prefix}: {code or type(exc).__name__}: {exc}"[:500]) from None
+        outcome.sent = number + 1
+        if number % 10 == 0:
+            progress(outcome)
+
+
+def execute(archive: Archive, config: Settings, export_id: str, worker: str, lease: float = 300.0,
+            progress: Callable[[Outcome], None] | None = None, clock=time.time) -> store.Export:
+    """Claim the export, run it, record how it ended; its row afterwards. Used by the router and the CLI."""
+    index = archive.index
+    if not store.claim(index, export_id, worker, clock(), lease):
+        found = store.get(index, export_id)
+        raise ExportError(f"export {export_id} is not waiting to run (it is {found.state if found else 'unknown'})")
+    last = [0.0]
+
+    def report(outcome: Outcome) -> None:
+        now = clock()
+        if now - last[0] >= 1.0:
+            last[0] = now
+            store.progress(index, export_id, worker, total=outcome.total, sent=outcome.sent, dropped=outcome.dropped,
+                           pseudonym=outcome.pseudonym)
+            store.renew(index, export_id, worker, now + lease)
+        if progress is not None:
+            progress(outcome)
+
+    outcome = Outcome()
+    try:
+        outcome = run(archive, config, store.get(index, export_id), worker, report)
+    except (ExportError, DeidError, store.PseudonymClash) as exc:
+        final = getattr(exc, "final", True)         # a data set that cannot be de-identified stays so
+        store.fail(index, export_id, worker, str(exc), clock(), clock() + _backoff(export_id, index), final=final)
+        log.warning("export %s failed: %s", export_id, exc)
+    except Exception as exc:             # kept on the export, tried again
+        log.exception("export %s", export_id)
+        store.fail(index, export_id, worker, f"{type(exc).__name__}: {exc}", clock(),
+                   clock() + _backoff(export_id, index))
+    else:
+        store.progress(index, export_id, worker, total=outcome.total, sent=outcome.sent, dropped=outcome.dropped,
+                       pseudonym=outcome.pseudonym)
+        store.succeed(index, export_id, worker, clock())
+        log.info("export %s: %d copies sent to %s, %d dropped", export_id, outcome.sent, store.get(
+            index, export_id).destination, outcome.dropped)
+    return store.get(index, export_id)
+
+
+def _backoff(export_id: str, index) -> float:
+    found = store.get(index, export_id)
+    attempts = found.attempts if found else 1
+    return min(600.0, 10.0 * 2 ** min(attempts, 10))

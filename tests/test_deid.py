@@ -1,0 +1,215 @@
+"""De-identified export (issue 20) over the real path: a node, its router and the CAD, dcmtk's storescp and an S3
+bucket (moto) as destinations, the command line; every output byte scanned for what identifies the patient."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from gpu_workers.mammo import phantom
+from helpers import free_port, wait_for
+
+DCIODVFY = Path(sys.executable).parent / "dciodvfy"
+SMALL = phantom.Options(rows=900, columns=720, spacing=0.1)
+PHI = {   # identifying values put in every place the issue names: the copies must carry none of them
+    "PatientName": "Zyxwarden^Philomena^Q", "PatientID": "PID-77-SECRET", "PatientBirthDate": "19581103",
+    "AccessionNumber": "ACC99887766", "InstitutionName": "Saint Quillfeather Hospital",
+    "ReferringPhysicianName": "Drumblewick^Oswin", "DeviceSerialNumber": "SN-4418-XQ", "StationName": "MAMMOROOM7",
+    "OperatorsName": "Tallowmere^Ines",
+}
+STUDY_DATE = "20250314"
+
+
+def dciodvfy_errors(path: Path) -> set[str]:
+    out = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=60)
+    return {line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")}
+
+
+def hostile_mammogram(directory: Path, seed: int, study_date: str = STUDY_DATE, **extra) -> tuple[Path, dict]:
+    """A phantom with clusters (the CAD reports them) and identifying values everywhere: top level, free text,
+    a nested sequence, a private block, the file meta."""
+    path, _ = phantom.write(directory, seed, dataclasses.replace(SMALL, clusters=2, isolated=2, density=0.3,
+                                                                 view="CC"))
+    ds = pydicom.dcmread(path)
+    for keyword, value in PHI.items():
+        setattr(ds, keyword, value)
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = study_date
+    ds.StudyDescription = f"Screening for {PHI['PatientName']} {PHI['PatientID']} on {study_date}"
+    ds.ImageComments = f"seen by Drumblewick, accession {PHI['AccessionNumber']}"
+    request = pydicom.Dataset()
+    request.RequestedProcedureID, request.ScheduledProcedureStepID = "RP-SECRET-1", "SPS-SECRET-1"
+    request.RequestedProcedureDescription = f"mammo for {PHI['PatientID']}"
+    ds.RequestAttributesSequence = [request]
+    block = ds.private_block(0x0009, "ACME 1.0", create=True)
+    block.add_new(0x10, "LO", PHI["PatientName"])
+    ds.file_meta.SourceApplicationEntityTitle = "HOSTILE_AE"
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path, {"study": str(ds.StudyInstanceUID), "series": str(ds.SeriesInstanceUID),
+                  "sop": str(ds.SOPInstanceUID), "for": str(ds.get("FrameOfReferenceUID", ""))}
+
+
+def burned_in_twin(path: Path, out: Path) -> str:
+    """Another image of the same study (not a mammogram: the CAD leaves it) that says it shows burned-in text:
+    never sent."""
+    ds = pydicom.dcmread(path)
+    ds.BurnedInAnnotation, ds.Modality = "YES", "DX"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.save_as(out, enforce_file_format=True)
+    return str(ds.SOPInstanceUID)
+
+
+def assert_no_phi(data: bytes, originals: dict, where: str) -> None:
+    text = data.decode("latin-1").lower()
+    for keyword, value in PHI.items():
+        for part in [value, *(p for p in value.split("^") if len(p) >= 3)] if keyword.endswith("Name") else [value]:
+            assert part.lower() not in text, f"{where}: {keyword} ({part!r}) is in the copy"
+    for name, uid in originals.items():
+        assert not uid or uid not in text, f"{where}: the original {name} UID {uid} is in the copy"
+    for secret in ("rp-secret-1", "sps-secret-1", "hostile_ae", STUDY_DATE):
+        assert secret not in text, f"{where}: {secret!r} is in the copy"
+
+
+@pytest.fixture
+def research(make_node, storescp, moto, tmp_path):
+    """A node whose rules run the CAD on mammograms and send de-identified copies of them to storescp and S3."""
+    port, received = storescp
+    bucket = moto.new_bucket()
+    node = make_node(start=False, remote={"DEST": {"ae_title": "STORESCP", "host": "127.0.0.1", "port": port,
+                                                   "server_name": "localhost"}},
+                     storage={"s3": {"endpoint_url": moto.url}},
+                     deid={"research": {"options": ["retain_longitudinal_modified_dates"]}},
+                     router={"rules": [
+                         {"name": "mammo", "match": {"Modality": "MG"}, "plugin": "mammo-cad", "quiet_seconds": 1},
+                         {"name": "copies", "match": {"Modality": "MG"}, "deid": "research",
+                          "deid_to": ["DEST", f"s3://{bucket}/trial/"], "quiet_seconds": 1}]})
+    node.env.update(moto.CREDENTIALS)
+    said = node.cli("deid", "secret", "research").stdout
+    assert "0600" in said and (node.data_dir / "deid" / "research.key").stat().st_mode & 0o777 == 0o600
+    node.start()
+    return node, received, bucket
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+def test_a_rule_sends_de_identified_copies_with_the_cad_results_to_storescp_and_s3(research, moto, tmp_path):
+    node, received, bucket = research
+    image, originals = hostile_mammogram(tmp_path / "in", 5151)
+    burned = burned_in_twin(image, tmp_path / "in" / "burned.dcm")
+    node.storescu(image, tmp_path / "in" / "burned.dcm")
+
+    def exported():
+        rows = node.rows("SELECT destination, state, total, sent, dropped, error, pseudonym FROM deid_exports")
+        return rows if len(rows) == 2 and all(r[1] in ("succeeded", "failed") for r in rows) else None
+    rows = wait_for(exported, timeout=300, interval=0.5, what="both exports")
+    assert all(r[1] == "succeeded" for r in rows), rows
+    assert {(r[2], r[3], r[4]) for r in rows} == {(4, 3, 1)}, rows      # image, SR, SC sent; the burned-in one not
+    pseudonym = rows[0][6]
+    assert pseudonym.startswith("ANON-") and rows[1][6] == pseudonym
+
+    copies = {}
+    for path in received.iterdir():
+        assert_no_phi(path.read_bytes(), {**originals, "burned": burned}, path.name)
+        ds = pydicom.dcmread(path)
+        copies[ds.Modality] = (path, ds)
+    assert sorted(copies) == ["MG", "OT", "SR"]
+    image_copy = copies["MG"][1]
+    assert image_copy.PatientID == image_copy.PatientName == pseudonym and image_copy.PatientIdentityRemoved == "YES"
+    assert all(ds.StudyInstanceUID == image_copy.StudyInstanceUID and ds.PatientID == pseudonym
+               for _, ds in copies.values())
+    moved = datetime.date(2025, 3, 14) - datetime.datetime.strptime(image_copy.StudyDate, "%Y%m%d").date()
+    assert 1 <= moved.days <= 3650
+
+    # the SR's evidence and its image references point at the copied image; the SC names it as its source
+    sr = copies["SR"][1]
+    evidence = {ref.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert image_copy.SOPInstanceUID in evidence
+
+    def references(items):
+        for item in items:
+            for ref in item.get("ReferencedSOPSequence", []):
+                yield ref.ReferencedSOPInstanceUID
+            yield from references(item.get("ContentSequence", []))
+    assert image_copy.SOPInstanceUID in set(references(sr.ContentSequence))
+    sc = copies["OT"][1]
+    assert image_copy.SOPInstanceUID in {ref.ReferencedSOPInstanceUID for ref in sc.SourceImageSequence}
+
+    # dciodvfy finds nothing new in the copy of the image
+    assert dciodvfy_errors(copies["MG"][0]) <= dciodvfy_errors(image)
+
+    # S3: the same copies, encrypted at rest, under pseudonym/study/series/instance
+    s3 = moto.client()
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="trial/")["Contents"]
+    assert len(listed) == 3 and all(o["Key"].startswith(f"trial/{pseudonym}/{image_copy.StudyInstanceUID}/")
+                                    for o in listed)
+    for item in listed:
+        got = s3.get_object(Bucket=bucket, Key=item["Key"])
+        assert got["ServerSideEncryption"] == "AES256"
+        assert_no_phi(got["Body"].read(), originals, item["Key"])
+
+    # the way back, for an admin, audited
+    said = node.cli("deid", "lookup", pseudonym, "--json").stdout
+    (entry,) = json.loads(said)
+    assert entry["patient"]["patient_id"] == PHI["PatientID"]
+    assert [s["study_uid"] for s in entry["studies"]] == [originals["study"]]
+    assert node.rows("SELECT COUNT(*) FROM audit WHERE action='deid_lookup'") == [(1,)]
+    assert pseudonym not in node.cli("deid", "lookup", "ANON-NOSUCHTHING", check=False).stdout
+
+    # the same patient months later, sent by hand: the same pseudonym, the same interval between the dates
+    later, later_uids = hostile_mammogram(tmp_path / "later", 6262, study_date="20250912")
+    node.storescu(later)
+    wait_for(lambda: len(node.rows("SELECT * FROM deid_exports WHERE study_uid=? AND state='succeeded'",
+                                   (later_uids["study"],))) == 2, timeout=300, interval=0.5, what="the later exports")
+    by_hand = node.cli("deid", later_uids["study"], "--to", "DEST", "--quiet")
+    assert pseudonym in by_hand.stdout and "3 copies sent to DEST" in by_hand.stdout
+    dates = sorted({pydicom.dcmread(p).StudyDate for p in received.iterdir()})
+    assert len(dates) == 2
+    first, second = (datetime.datetime.strptime(d, "%Y%m%d").date() for d in dates)
+    assert (second - first).days == (datetime.date(2025, 9, 12) - datetime.date(2025, 3, 14)).days
+    listing = node.cli("deid", "list").stdout
+    assert listing.count(" succeeded study ") == 5 and "s3://" in listing
+
+
+def test_refusals_are_clear_and_nothing_half_sent_is_done(make_node, tmp_path):
+    """An unknown option or profile, a missing secret, a destination that refuses: one line, a failed export."""
+    from node.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="unknown option 'retain_everything'"):
+        from_dict({"deid": {"p": {"options": ["retain_everything"]}}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"no \[deid.nope\] profile"):
+        from_dict({"router": {"rules": [{"name": "r", "deid": "nope", "deid_to": ["s3://b-1/x/"]}]}}, tmp_path)
+    with pytest.raises(ConfigError, match="not \"s3://bucket/\""):
+        from_dict({"deid": {"p": {}}, "router": {"rules": [{"name": "r", "deid": "p", "deid_to": ["s3://B/x"]}]}},
+                  tmp_path)
+    with pytest.raises(ConfigError, match="needs the option retain_safe_private"):
+        from_dict({"deid": {"p": {"safe_private": ["0009,ACME,10"]}}}, tmp_path)
+
+    closed = free_port()
+    node = make_node(deid={"research": {}}, router={"enabled": False},
+                     remote={"GONE": {"ae_title": "GONE", "host": "127.0.0.1", "port": closed, "tls": False}})
+    image, uids = hostile_mammogram(tmp_path / "in", 7373)
+    node.storescu(image)
+    no_secret = node.cli("deid", uids["study"], "--to", "GONE", check=False)
+    assert no_secret.returncode == 1 and "m3dicom deid secret research" in no_secret.stderr
+    assert "Traceback" not in no_secret.stderr
+    node.cli("deid", "secret", "research")
+    again = node.cli("deid", "secret", "research", check=False)
+    assert again.returncode == 1 and "--rotate" in again.stderr
+    refused = node.cli("deid", uids["study"], "--to", "GONE", check=False)
+    assert refused.returncode == 1 and "failed" in refused.stderr and "Traceback" not in refused.stderr
+    unknown = node.cli("deid", uids["study"], "--to", "NOWHERE", check=False)
+    assert unknown.returncode == 1 and "no [remote.NOWHERE] node" in unknown.stderr
+    states = node.rows("SELECT state, sent, error FROM deid_exports ORDER BY created_at")
+    assert [s[0] for s in states] == ["failed", "failed"] and not states[1][1], states
+    assert "secret" in states[0][2] and states[1][2]
+    assert node.cli("deid", "list").stdout.count(" failed study ") == 2
