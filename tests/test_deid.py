@@ -213,3 +213,77 @@ def test_refusals_are_clear_and_nothing_half_sent_is_done(make_node, tmp_path):
     assert [s[0] for s in states] == ["failed", "failed"] and not states[1][1], states
     assert "secret" in states[0][2] and states[1][2]
     assert node.cli("deid", "list").stdout.count(" failed study ") == 2
+
+
+async def test_an_admin_queues_a_copy_from_the_study_page_and_sees_its_state(tmp_path, aiohttp_client):
+    """The study page's panel (viewer/deid.py): admins only, configured destinations only, audited; the router
+    runs what it queues (above), here its row is checked, and how a failed one reads."""
+    import re
+
+    from sqlalchemy import text
+
+    from archive import Archive
+    from helpers import synthetic_instances
+    from node import owners
+    from node.config import from_dict
+    from router.deid import store
+    from viewer import accounts
+    from viewer.app import create_app
+
+    config = from_dict({"node": {"data_dir": str(tmp_path / "var")}, "viewer": {"tls": False},
+                        "deid": {"research": {}}, "remote": {"RESEARCH": {"ae_title": "RESEARCH", "host": "h"}},
+                        "router": {"rules": [{"name": "r", "deid": "research", "deid_to": ["s3://trial-1/site/"]}]}},
+                       tmp_path)
+    archive = Archive(config.data_dir)
+    owners.migrate(archive.index)
+    password = "a long enough password"
+    accounts.add_user(archive.index, "ada", password, "admin")
+    accounts.add_user(archive.index, "carl", password, "clinician")
+    (path,) = synthetic_instances(tmp_path / "a", 1, patient="Patient^A", patient_id="P-a")
+    study = archive.ingest_file(path).study_uid
+    app = create_app(config, archive)
+
+    async def login(user):
+        client = await aiohttp_client(app) if user == "ada" else await aiohttp_client(ada.server)
+        assert (await client.post("/login", data={"user": user, "password": password},
+                                  allow_redirects=False)).status == 302
+        page = await (await client.get(f"/studies/{study}")).text()
+        client.csrf = re.search(r'name="csrf-token" content="([^"]*)"', page).group(1)
+        client.page = page
+        return client
+    try:
+        ada = await login("ada")
+        assert 'id="deid-title"' in ada.page
+        listed = await (await ada.get(f"/api/studies/{study}/exports")).json()
+        assert listed == {"exports": [], "profiles": ["research"], "why_not": None,
+                          "destinations": ["RESEARCH", "s3://trial-1/site/"]}
+
+        async def send(client, **body):
+            return await client.post(f"/api/studies/{study}/exports", json=body, headers={"X-CSRF-Token": client.csrf})
+        elsewhere = await send(ada, profile="research", to="s3://attacker-bucket/")
+        assert elsewhere.status == 400 and "not a configured destination" in (await elsewhere.json())["error"]
+        assert (await send(ada, profile="nope", to="RESEARCH")).status == 400
+        assert (await ada.post(f"/api/studies/{study}/exports", json={"profile": "research", "to": "RESEARCH"}
+                               )).status == 403                      # no CSRF token
+        made = await send(ada, profile="research", to="RESEARCH")
+        assert made.status == 201
+        export_id = (await made.json())["export"]
+        row = store.get(archive.index, export_id)
+        assert (row.state, row.study_uid, row.destination, row.created_by) == ("queued", study, "RESEARCH", "ada")
+        audited = archive.index.read(text("SELECT user_name, outcome FROM audit WHERE action = 'deid_export'"))
+        assert [tuple(r) for r in audited] == [("ada", "refused"), ("ada", "refused"), ("ada", "ok")]
+
+        import time
+        assert store.claim(archive.index, export_id, "test", time.time(), 60.0)
+        assert store.fail(archive.index, export_id, "test", "RESEARCH: association refused", time.time(), 0.0,
+                          final=True)
+        (shown,) = (await (await ada.get(f"/api/studies/{study}/exports")).json())["exports"]
+        assert shown["state"] == "failed" and shown["error"] == "RESEARCH: association refused"
+        assert "worker" not in shown
+
+        carl = await login("carl")
+        assert 'id="deid-title"' not in carl.page
+        assert (await carl.get(f"/api/studies/{study}/exports")).status == 403
+        assert (await send(carl, profile="research", to="RESEARCH")).status == 403
+    finally:
+        archive.close()

@@ -15,6 +15,7 @@ from helpers import synthetic_instances
 from node.config import from_dict
 from router import queue
 from viewer import accounts, roles, tokens
+from node import owners
 from viewer.app import create_app
 
 PASSWORD = "a long enough password"
@@ -34,7 +35,7 @@ def _study(directory, patient: str, referring: str, count: int = 1):
 def world(tmp_path):
     config = from_dict({"node": {"data_dir": str(tmp_path / "var")}, "viewer": {"tls": False}}, tmp_path)
     archive = Archive(config.data_dir)
-    accounts.migrate(archive.index)
+    owners.migrate(archive.index)           # every owner's tables, as `m3dicom serve` makes them (deid_exports)
     for name, (role, referring) in PEOPLE.items():
         accounts.add_user(archive.index, name, PASSWORD, role, referring=referring)
     studies = {}

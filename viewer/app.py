@@ -27,7 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from archive import Archive, metrics
 from archive.storage import BlobNotOffloaded
 
-from . import accounts, admin, authorize, dicomweb, events, ohif, views, wado
+from . import accounts, admin, authorize, deid, dicomweb, events, ohif, views, wado
 from .base import (ARCHIVE, CLOCK, CONFIG, COOKIE, DENIALS, EVENTS, IMAGES, LOGINS, OHIF_ON, PLUGINS, REFUSALS, SECRET,
                    SESSION, TEMPLATES, form, run)
 from .images import Images
@@ -243,6 +243,7 @@ def create_app(config: Settings, archive: Archive | None = None, clock=time.time
     app.cleanup_ctx.append(resources)
     views.routes(app)
     admin.routes(app)
+    deid.routes(app)
     dicomweb.routes(app)
     wado.routes(app)
     app.router.add_static("/static/", HERE / "static", follow_symlinks=False)

@@ -57,6 +57,7 @@ ROUTES = {
     ("POST", "/api/shares/{share}/revoke"): SHARE,
     ("POST", "/api/upload"): STORE, ("POST", "/dicomweb/studies"): STORE, ("POST", "/dicomweb/studies/{study}"): STORE,
     ("GET", "/admin*"): ADMINISTER, ("POST", "/admin*"): ADMINISTER,
+    ("GET", "/api/studies/{study}/exports"): ADMINISTER, ("POST", "/api/studies/{study}/exports"): ADMINISTER,
 }
 
 

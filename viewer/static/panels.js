@@ -97,6 +97,51 @@ export async function loadJobs(studyUid, list, { shared, labelOfSeries }) {
   if (!jobs.length) list.append(el("li", { class: "muted none" }, "No analysis has run on this study yet."));
 }
 
+// -- de-identified copies (admins) ---------------------------------------------------------------
+
+const EXPORT_WORDS = { queued: "waiting", running: "sending", succeeded: "sent", failed: "failed" };
+
+// The study's exports and a form that queues one; polls while one is waiting or being sent.
+export async function loadExports(studyUid) {
+  const box = document.getElementById("deid");
+  const list = document.getElementById("exports");
+  if (!box || !list) return;
+  const answer = await api(`/api/studies/${studyUid}/exports`);
+  if (!box.dataset.ready) {
+    box.dataset.ready = "yes";
+    if (answer.why_not) box.replaceChildren(el("p", { class: "muted" }, answer.why_not));
+    else {
+      const choose = (name, label, values) => el("label", {}, label, " ",
+        el("select", { name }, ...values.map((v) => el("option", { value: v }, v))));
+      const form = el("form", { class: "plugin", id: "deid-form" },
+        choose("profile", "Profile", answer.profiles), choose("to", "To", answer.destinations),
+        el("button", { type: "submit", disabled: !answer.destinations.length }, "Send a de-identified copy"));
+      form.addEventListener("submit", async (e) => {
+        e.preventDefault();
+        try {
+          await post(`/api/studies/${studyUid}/exports`, { profile: form.profile.value, to: form.to.value });
+          toast(`A de-identified copy will go to ${form.to.value}`);
+          loadExports(studyUid);
+        } catch (error) { toast(error.message, "error"); }
+      });
+      box.replaceChildren(form);
+    }
+  }
+  const day = (t) => new Date(t * 1000).toLocaleString();
+  list.replaceChildren(...answer.exports.map((x) => el("li", { class: `job ${x.state}`, "data-export": x.id },
+    el("div", { class: "job-head" }, el("strong", {}, x.destination), el("span", { class: "muted" }, ` ${x.profile}`),
+      el("span", { class: `state ${x.state === "running" ? "running" : x.state}` }, EXPORT_WORDS[x.state] || x.state)),
+    el("small", {}, `${day(x.created_at)} by ${x.created_by || "?"}: ${x.sent || 0} of ${x.total ?? "?"} sent`
+      + (x.dropped ? `, ${x.dropped} left out (may show burned-in text)` : "")
+      + (x.pseudonym ? `, as ${x.pseudonym}` : "")),
+    x.error ? el("p", { class: "reason" }, x.error) : null)));
+  if (!answer.exports.length) list.append(el("li", { class: "muted none" }, "No copy of this study has been sent."));
+  clearTimeout(loadExports.timer);
+  if (answer.exports.some((x) => x.state === "queued" || x.state === "running")) {
+    loadExports.timer = setTimeout(() => loadExports(studyUid).catch(() => {}), 3000);
+  }
+}
+
 // -- sharing -------------------------------------------------------------------------------------
 
 async function copy(text, input) {

@@ -5,7 +5,7 @@
 import { api, dicomDate, el, personName, toast } from "./common.js";
 import { ImageView } from "./view2d.js";
 import { renderReport } from "./report.js";
-import { loadJobs, loadPlugins, loadShares, setUpSharing } from "./panels.js";
+import { loadExports, loadJobs, loadPlugins, loadShares, setUpSharing } from "./panels.js";
 
 const root = document.getElementById("study");
 const studyUid = root.dataset.study;
@@ -644,6 +644,6 @@ async function settle() {
 setUpSharing(studyUid);
 loadStudy()
   .then(() => Promise.all([loadPlugins(studyUid, document.getElementById("plugins"), () => { reloadJobs(); refreshAnalysis(); }),
-                           reloadJobs(), mayShare ? loadShares(studyUid) : null]))
+                           reloadJobs(), mayShare ? loadShares(studyUid) : null, loadExports(studyUid)]))
   .catch((error) => toast(error.message, "error"));
 listen();

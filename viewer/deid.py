@@ -1,0 +1,64 @@
+"""De-identified copies from the study page (admins): the study's exports, and a new one queued for the router.
+
+The copies are made and sent by the router (`router/deid/`), as a rule's are; this page only queues an export
+and shows each one's state, counts and last error. An admin may send to the configured destinations only:
+the [remote.NAME] nodes and the s3:// places the rules name (`m3dicom deid` on the node takes any).
+"""
+from __future__ import annotations
+
+from aiohttp import web
+
+from router.deid import store
+
+from . import views
+from .base import ARCHIVE, CONFIG, SESSION, json_body, run
+
+
+def routes(app: web.Application) -> None:
+    app.router.add_get("/api/studies/{study}/exports", api_exports)
+    app.router.add_post("/api/studies/{study}/exports", api_export)
+
+
+def destinations(config) -> list[str]:
+    places = {d for rule in config.router.rules for d in rule.deid_to if d.startswith("s3://")}
+    return sorted(config.remote) + sorted(places)
+
+
+async def api_exports(request: web.Request) -> web.Response:
+    study_uid = views._study(request, request.match_info["study"])
+    config = request.app[CONFIG]
+    found = await run(request, lambda: store.exports(request.app[ARCHIVE].index, study_uid, limit=20))
+    off = views._no_router(config)
+    return views._json({"exports": [e.as_json() for e in found], "profiles": sorted(config.deid),
+                        "destinations": destinations(config), "why_not": off or (
+                            None if config.deid else "no [deid.NAME] profile is configured (docs/deid.md)")})
+
+
+async def api_export(request: web.Request) -> web.Response:
+    views._people_only(request)
+    study_uid = views._study(request, request.match_info["study"])
+    body = await json_body(request)
+    config = request.app[CONFIG]
+    if not isinstance(body, dict) or not isinstance(body.get("profile"), str) or not isinstance(body.get("to"), str):
+        return views._json({"error": "expected {profile, to}"}, status=400)
+    profile, to = body["profile"], body["to"]
+    why = views._no_router(config) or (
+        f"no [deid.{profile}] profile" if profile not in config.deid else
+        f"{to!r} is not a configured destination ({', '.join(destinations(config)) or 'none'})"
+        if to not in destinations(config) else None)
+    if why is None and not await run(request, _has_instances, request, study_uid):
+        why = "the study has no instances here"
+    if why:
+        await views._audit(request, "deid_export", "refused", study_uid=study_uid, detail=why[:300])
+        return views._json({"error": why}, status=409 if "router" in why else 400)
+    made = await run(request, lambda: store.create(
+        request.app[ARCHIVE].index, study_uid=study_uid, profile=profile, destination=to,
+        max_attempts=config.router.max_attempts, created_by=request[SESSION].user.name))
+    await views._audit(request, "deid_export", study_uid=study_uid, detail=f"{to} (deid:{profile}, export {made})")
+    return views._json({"export": made}, status=201)
+
+
+def _has_instances(request: web.Request, study_uid: str) -> bool:
+    from archive.inputs import study_instances
+
+    return bool(study_instances(request.app[ARCHIVE].index, study_uid))
