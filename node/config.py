@@ -16,7 +16,7 @@ from typing import Any, get_type_hints
 
 from archive.settings import (AuditSection, CryptoSection, IndexSection, IngestSection, NodeSection, QuerySection,
                               S3Section, SettingsError, StorageSection, check_shared, setting)
-from router.settings import MATCH_KEYS, DeidProfile, Rule, RouterSection
+from router.settings import MATCH_KEYS, DeidProfile, DicomwebNode, Rule, RouterSection
 from scp.settings import ClientSection, CommitmentSection, DicomSection, RemoteNode
 from viewer.settings import MetricsSection, ViewerSection, loopback
 
@@ -53,6 +53,7 @@ class Config:
     log: LogSection = field(default_factory=LogSection)
     remote: dict = field(default_factory=dict)   # name -> RemoteNode
     deid: dict = field(default_factory=dict)     # name -> DeidProfile
+    dicomweb: dict = field(default_factory=dict)  # name -> DicomwebNode
 
     def remote_by_ae(self, ae_title: str) -> RemoteNode | None:
         """The configured remote node with this AE title (C-MOVE destination, requester)."""
@@ -64,9 +65,10 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {f.name: get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
-                             if f.name not in ("remote", "deid")}
-NAMED_SECTIONS: dict[str, type] = {"remote": RemoteNode, "deid": DeidProfile}   # [remote.NAME], [deid.NAME] tables
-KEYED_SECTIONS = (RemoteNode, Rule, DeidProfile)            # told their own key (remote.X, router.rules[i])
+                             if f.name not in ("remote", "deid", "dicomweb")}
+# [remote.NAME], [deid.NAME], [dicomweb.NAME] tables
+NAMED_SECTIONS: dict[str, type] = {"remote": RemoteNode, "deid": DeidProfile, "dicomweb": DicomwebNode}
+KEYED_SECTIONS = (RemoteNode, Rule, DeidProfile, DicomwebNode)          # told their own key (remote.X, router.rules[i])
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -162,10 +164,14 @@ def from_dict(data: dict, base: Path) -> Config:
             raise ConfigError(f"router.rules[{i}].forward_to: no [remote.{unknown_remote}] node")
         if rule.deid and rule.deid not in sections["deid"]:
             raise ConfigError(f"router.rules[{i}].deid: no [deid.{rule.deid}] profile")
-        unknown_remote = next((n for n in rule.deid_to if not n.startswith("s3://") and n not in sections["remote"]),
-                              None)
+        unknown_remote = next((n for n in rule.deid_to if not n.startswith("s3://") and n not in sections["remote"]
+                               and n not in sections["dicomweb"]), None)
         if unknown_remote:
-            raise ConfigError(f"router.rules[{i}].deid_to: no [remote.{unknown_remote}] node")
+            raise ConfigError(f"router.rules[{i}].deid_to: no [remote.{unknown_remote}] node or "
+                              f"[dicomweb.{unknown_remote}] server")
+    both = sorted(set(sections["remote"]) & set(sections["dicomweb"]))
+    if both:
+        raise ConfigError(f"[remote.{both[0]}] and [dicomweb.{both[0]}]: one name, two destinations")
     return Config(**sections)
 
 

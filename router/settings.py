@@ -36,6 +36,31 @@ def safe_private_tags(entries: list) -> frozenset[tuple[int, str, int]]:
     return frozenset(found)
 
 
+_LOOPBACK_HTTP = re.compile(r"^http://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?(/|$)")
+
+
+@dataclass(frozen=True)
+class DicomwebNode:
+    """A DICOMweb server that de-identified copies may be sent to by STOW-RS ([dicomweb.NAME])."""
+    url: str = setting("", "Base URL of its DICOMweb service, e.g. \"https://research.example/dicomweb\" (STOW-RS "
+                       "posts to URL/studies); http:// only on loopback (required).")
+    token_file: Path | None = setting(None, "A file (mode 0600) holding the bearer token sent as "
+                                      "\"Authorization: Bearer ...\"; empty: no token.", path=True)
+    ca_certificates: Path | None = setting(None, "CA certificates (PEM) its server certificate must chain to; "
+                                           "default: the system's.", path=True)
+    timeout: float = setting(60.0, "Seconds one STOW-RS request may take.")
+    batch_bytes: int = setting(64 << 20, "Copies sent in one STOW-RS request, at most this many bytes together "
+                               "(one larger copy goes alone).")
+
+    def validate(self, key: str = "dicomweb") -> None:
+        if not (self.url.startswith("https://") or _LOOPBACK_HTTP.match(self.url)):
+            raise SettingsError(f"{key}.url: {self.url!r} is not an https:// URL (http:// only on loopback)")
+        if not 1 <= self.timeout <= 3600:
+            raise SettingsError(f"{key}.timeout: must be between 1 and 3600 seconds")
+        if not 1 << 20 <= self.batch_bytes <= 1 << 30:
+            raise SettingsError(f"{key}.batch_bytes: must be between 1 MiB and 1 GiB")
+
+
 @dataclass(frozen=True)
 class DeidProfile:
     """A de-identification project ([deid.NAME]): the options of PS3.15 Annex E it chooses, its secret."""
@@ -101,8 +126,9 @@ class Rule:
     forward_to: list = setting([], "[remote.NAME] nodes the results are sent to by C-STORE.")
     deid: str = setting("", "Instead of a plug-in: the [deid.NAME] profile whose de-identified copies of the "
                         "matching studies go to deid_to.")
-    deid_to: list = setting([], "Where the de-identified copies go: [remote.NAME] nodes (C-STORE) and "
-                            "\"s3://bucket/prefix/\" places (the node's S3 endpoint and credentials).")
+    deid_to: list = setting([], "Where the de-identified copies go: [remote.NAME] nodes (C-STORE), [dicomweb.NAME] "
+                            "servers (STOW-RS) and \"s3://bucket/prefix/\" places (the node's S3 endpoint and "
+                            "credentials).")
     quiet_seconds: float = setting(5.0, "Seconds without a new instance of the study before it counts as "
                                    "complete and the rule is evaluated.")
 
@@ -182,3 +208,4 @@ class Settings(ArchiveSettings, Protocol):
     router: RouterSection
     remote: dict[str, RemoteNode]
     deid: dict[str, DeidProfile]
+    dicomweb: dict[str, DicomwebNode]

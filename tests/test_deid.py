@@ -287,3 +287,33 @@ async def test_an_admin_queues_a_copy_from_the_study_page_and_sees_its_state(tmp
         assert (await send(carl, profile="research", to="RESEARCH")).status == 403
     finally:
         archive.close()
+
+
+@pytest.mark.interop
+def test_copies_go_to_a_dicomweb_server_by_stow_rs_and_a_refusal_fails_the_export(make_node, pki, tmp_path):
+    """Another m3dicom's DICOMweb (viewer on, a write token) as the destination; a read-only token is refused."""
+    archive_node = make_node(viewer={"enabled": True, "port": free_port()}, router={"enabled": False})
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    for scope in ("write", "read"):
+        (tokens / scope).write_text(archive_node.cli("token", "create", f"deid-{scope}", "--scope", scope).stdout)
+        (tokens / scope).chmod(0o600)
+    url = f"https://127.0.0.1:{archive_node.settings['viewer']['port']}/dicomweb"
+    node = make_node(router={"enabled": False}, deid={"research": {}},
+                     dicomweb={name: {"url": url, "token_file": str(tokens / scope),
+                                      "ca_certificates": str(pki / "ca.pem")}
+                               for name, scope in (("TRIAL", "write"), ("READONLY", "read"))})
+    image, uids = hostile_mammogram(tmp_path / "in", 8484)
+    node.storescu(image)
+    node.cli("deid", "secret")
+    sent = node.cli("deid", uids["study"], "--to", "TRIAL", "--quiet")
+    assert "1 copies sent to TRIAL" in sent.stdout
+    (row,) = archive_node.rows("SELECT p.patient_id, p.patient_name, i.blob_id FROM instances i JOIN series se ON "
+                               "se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk JOIN patients p ON "
+                               "p.pk = st.patient_pk")
+    assert row[0].startswith("ANON-") and row[0] in sent.stdout
+    assert_no_phi(archive_node.stored_bytes_of_blob(row[2]), uids, "the STOW-RS copy")
+    refused = node.cli("deid", uids["study"], "--to", "READONLY", "--quiet", check=False)
+    assert refused.returncode == 1 and "READONLY" in refused.stderr and "403" in refused.stderr, refused.stderr
+    assert node.rows("SELECT destination, state FROM deid_exports ORDER BY created_at") == [
+        ("TRIAL", "succeeded"), ("READONLY", "failed")]

@@ -1,8 +1,8 @@
 """De-identified copies from the study page (admins): the study's exports, and a new one queued for the router.
 
 The copies are made and sent by the router (`router/deid/`), as a rule's are; this page only queues an export
-and shows each one's state, counts and last error. An admin may send to the configured destinations only:
-the [remote.NAME] nodes and the s3:// places the rules name (`m3dicom deid` on the node takes any).
+and shows each one's state, counts and last error. An admin may send to the configured destinations only: the
+[remote.NAME] nodes, the [dicomweb.NAME] servers and the s3:// places the rules name (`m3dicom deid` takes any).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def routes(app: web.Application) -> None:
 
 def destinations(config) -> list[str]:
     places = {d for rule in config.router.rules for d in rule.deid_to if d.startswith("s3://")}
-    return sorted(config.remote) + sorted(places)
+    return sorted(config.remote) + sorted(config.dicomweb) + sorted(places)
 
 
 async def api_exports(request: web.Request) -> web.Response:

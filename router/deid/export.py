@@ -103,8 +103,9 @@ def check_destination(config: Settings, destination: str) -> None:
             check_s3_place("destination", destination)
         except ValueError as exc:
             raise ExportError(str(exc), final=True) from None
-    elif destination not in config.remote:
-        raise ExportError(f"no [remote.{destination}] node, and not an s3://bucket/prefix/ place", final=True)
+    elif destination not in config.remote and destination not in config.dicomweb:
+        raise ExportError(f"no [remote.{destination}] node or [dicomweb.{destination}] server, and not an "
+                          "s3://bucket/prefix/ place", final=True)
 
 
 def run(archive: Archive, config: Settings, export: store.Export, worker: str,
@@ -172,6 +173,9 @@ def _send(archive, config, profile, destination, copies, outcome, progress) -> N
         bucket, prefix = check_s3_place("destination", destination)
         _to_s3(config, profile, bucket, prefix, copies, outcome, progress)
         return
+    if destination in config.dicomweb:
+        _to_stow(destination, config.dicomweb[destination], copies, outcome, progress)
+        return
     from scp.scu import SendError, send_to_remote
 
     try:
@@ -200,6 +204,41 @@ def _to_s3(config, profile, bucket, prefix, copies, outcome, progress) -> None:
             raise ExportError(f"s3://{bucket}/{prefix}: {code or type(exc).__name__}: {exc}"[:500]) from None
         outcome.sent = number + 1
         if number % 10 == 0:
+            progress(outcome)
+
+
+def _to_stow(name, server, copies, outcome, progress) -> None:
+    """STOW-RS (dicomweb-client), in requests of at most `batch_bytes`; every part must be stored."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+    from pydicom import dcmread
+
+    session = requests.Session()
+    if server.ca_certificates:
+        session.verify = str(server.ca_certificates)
+        session.trust_env = False          # REQUESTS_CA_BUNDLE in the environment would win over `verify`
+    if server.token_file is not None:
+        try:
+            token = server.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ExportError(f"[dicomweb.{name}].token_file: {exc}", final=True) from None
+        session.headers["Authorization"] = f"Bearer {token}"
+    client = DICOMwebClient(server.url, session=session, timeout=server.timeout)
+    batch, size = [], 0
+    for number, (path, _) in enumerate(copies):
+        batch.append(path)
+        size += path.stat().st_size
+        if size >= server.batch_bytes or number == len(copies) - 1:
+            try:
+                answer = client.store_instances(datasets=[dcmread(p) for p in batch])
+            except requests.RequestException as exc:
+                raise ExportError(f"{name}: {type(exc).__name__}: {exc}"[:500]) from None
+            failed = answer.get("FailedSOPSequence") if answer is not None else None
+            if failed:
+                reason = failed[0].get("FailureReason", "?")
+                raise ExportError(f"{name} refused {len(failed)} of {len(batch)} copies (failure reason {reason})")
+            outcome.sent += len(batch)
+            batch, size = [], 0
             progress(outcome)
 
 
