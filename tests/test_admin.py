@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from archive import Archive
 from helpers import ROOT, free_port, synthetic_instances
+from node import owners
 from node.config import from_dict
 from viewer import accounts, admin
 from viewer.app import create_app
@@ -39,7 +40,7 @@ def setup(tmp_path):
     config = from_dict({"node": {"data_dir": str(tmp_path / "var")}, "viewer": {"tls": False},
                         "router": {"dashboard_port": 8799}}, tmp_path)
     archive = Archive(config.data_dir)
-    accounts.migrate(archive.index)
+    owners.migrate(archive.index)
     accounts.add_user(archive.index, "ada", PASSWORD, "admin")
     accounts.add_user(archive.index, "carl", PASSWORD, "clinician")
     (path,) = synthetic_instances(tmp_path / "a", 1, patient="Patient^A", patient_id="P-a")
@@ -342,7 +343,7 @@ def test_two_admins_demoting_each_other_at_once_leave_one(tmp_path, index_url):
 
     archive = Archive(tmp_path / "d", index_url=index_url)
     try:
-        accounts.migrate(archive.index)
+        owners.migrate(archive.index)
         for attempt in range(8):
             for name in ("ann", "bob"):
                 accounts.add_user(archive.index, name, PASSWORD, "admin", replace=True)

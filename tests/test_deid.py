@@ -280,6 +280,8 @@ async def test_an_admin_queues_a_copy_from_the_study_page_and_sees_its_state(tmp
         (shown,) = (await (await ada.get(f"/api/studies/{study}/exports")).json())["exports"]
         assert shown["state"] == "failed" and shown["error"] == "RESEARCH: association refused"
         assert "worker" not in shown
+        overview = await (await ada.get("/admin")).text()
+        assert re.search(r"De-identified copies</dt><dd><span class=\"badge failed\">1 failed", overview)
 
         carl = await login("carl")
         assert 'id="deid-title"' not in carl.page

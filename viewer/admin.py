@@ -100,8 +100,10 @@ GLANCE = web.AppKey("admin_glance", Glance)
 
 def _queues(config, index, glance: Glance) -> dict:
     from archive import atna, offload
+    from router.deid import store as deid_store
 
-    found = {"jobs": dict(sorted(queue.counts_by_state(index).items())), "offload": None, "audit": None,
+    found = {"jobs": dict(sorted(queue.counts_by_state(index).items())),
+             "exports": dict(sorted(deid_store.counts_by_state(index).items())), "offload": None, "audit": None,
              "counts": glance.archive_counts(index)}
     if config.storage.backend == "s3":
         s = offload.status(index, config.node.name if config.index.url else None)

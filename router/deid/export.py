@@ -35,6 +35,7 @@ from .engine import DeidError, Deidentifier
 log = logging.getLogger(__name__)
 
 SECRET_BYTES = 32
+MAX_SECRET_BYTES = 4096
 
 
 class ExportError(RuntimeError):
@@ -87,10 +88,20 @@ def read_secret(config: Settings, name: str) -> bytes:
     except FileNotFoundError:
         raise ExportError(f"[deid.{name}] has no secret at {path}: make one with `m3dicom deid secret {name}`",
                           final=True) from None
+    except OSError as exc:
+        raise ExportError(f"[deid.{name}]: its secret {path} cannot be read: {exc.strerror or exc}",
+                          final=True) from None
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_SECRET_BYTES:   # a directory, a FIFO, a device, a
+        raise ExportError(f"[deid.{name}]: {path} is not a secret (a regular file of at most {MAX_SECRET_BYTES} "
+                          f"bytes; `m3dicom deid secret {name} --rotate` makes one)", final=True)   # stray file
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ExportError(f"{path} may be read by others (mode {stat.S_IMODE(info.st_mode):o}): chmod 600 it",
                           final=True)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ExportError(f"[deid.{name}]: its secret {path} cannot be read: {exc.strerror or exc}",
+                          final=True) from None
     if len(data) < 16:
         raise ExportError(f"{path} holds {len(data)} bytes; a secret has at least 16 (`m3dicom deid secret {name} "
                           "--rotate` makes a new one)", final=True)
@@ -141,6 +152,12 @@ def _make(archive, deid, export, instances, folder, outcome, progress) -> list[t
         except (IntegrityError, BlobNotFound, InvalidInstance, OSError) as exc:
             raise ExportError(f"instance {number + 1} of {len(instances)} cannot be read back: {exc}") from None
         copy = deid.apply(ds, trusted=instance.result)
+        if outcome.pseudonym is not None and copy.patient.pseudonym != outcome.pseudonym:
+            # the archive files a study under one Patient ID, but the copy's patient is also the issuer, or the
+            # name and birth date when there is no ID: a copy must never put two pseudonyms in one study
+            raise ExportError(f"instance {number + 1} of {len(instances)} names another patient than the study's "
+                              "first (Patient ID, Issuer of Patient ID, or name and birth date without an ID): "
+                              "not exported", final=True)
         outcome.pseudonym = copy.patient.pseudonym
         if copy.dataset is None:
             outcome.dropped += 1

@@ -27,6 +27,7 @@ _CREATE = text("INSERT INTO deid_exports (id, study_uid, profile, destination, s
                ":created_by, 0, :max_attempts, :now, :now)")
 _QUEUED_LIKE = text("SELECT id FROM deid_exports WHERE study_uid = :study_uid AND profile = :profile "
                     "AND destination = :destination AND state = 'queued'")
+_COUNTS = text("SELECT state, COUNT(*) FROM deid_exports GROUP BY state")
 _GET = text(f"SELECT {_COLUMNS} FROM deid_exports WHERE id = :id")
 _LIST = text(f"SELECT {_COLUMNS} FROM deid_exports ORDER BY created_at DESC LIMIT :limit")
 _OF_STUDY = text(f"SELECT {_COLUMNS} FROM deid_exports WHERE study_uid = :study_uid ORDER BY created_at DESC "
@@ -120,6 +121,10 @@ def exports(index: Index, study_uid: str | None = None, limit: int = 100) -> lis
     if study_uid is None:
         return [Export(*r) for r in index.read(_LIST, {"limit": limit})]
     return [Export(*r) for r in index.read(_OF_STUDY, {"study_uid": study_uid, "limit": limit})]
+
+
+def counts_by_state(index: Index) -> dict[str, int]:
+    return {r[0]: r[1] for r in index.read(_COUNTS)}
 
 
 def due(index: Index, now: float, limit: int = 1) -> list[str]:
