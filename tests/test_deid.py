@@ -319,3 +319,56 @@ def test_copies_go_to_a_dicomweb_server_by_stow_rs_and_a_refusal_fails_the_expor
     assert refused.returncode == 1 and "READONLY" in refused.stderr and "403" in refused.stderr, refused.stderr
     assert node.rows("SELECT destination, state FROM deid_exports ORDER BY created_at") == [
         ("TRIAL", "succeeded"), ("READONLY", "failed")]
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_an_admin_sends_a_copy_from_the_study_page_on_a_phone_and_a_desktop(make_node, moto, tmp_path):
+    """The panel in a real browser: the admin picks a destination, the router sends the copy to S3 (moto), the
+    panel turns to "sent" by itself; screenshots on a 390x844 phone and a desktop, nothing wider than the phone."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    from helpers import ROOT, synthetic_instances
+    from test_viewer_browser import ARGS, CHROMIUM, DESKTOP
+
+    bucket = moto.new_bucket()
+    node = make_node(start=False, viewer={"enabled": True, "port": free_port()}, storage={"s3": {"endpoint_url": moto.url}},
+                     deid={"research": {"options": ["retain_longitudinal_modified_dates"]}},
+                     router={"rules": [{"name": "never", "match": {"Modality": "XX"}, "deid": "research",
+                                        "deid_to": [f"s3://{bucket}/by-hand/"]}]})
+    node.env.update({**moto.CREDENTIALS, "M3DICOM_ADMIN_PASSWORD": "a long enough password"})
+    node.cli("deid", "secret")
+    node.start()
+    paths = synthetic_instances(tmp_path / "ct", 2, patient="Zyxwarden^Philomena", patient_id="PID-77-SECRET")
+    node.storescu(*paths)
+    study = str(pydicom.dcmread(paths[0]).StudyInstanceUID)
+    url = f"https://127.0.0.1:{node.settings['viewer']['port']}"
+    phone = {"ignore_https_errors": True, "viewport": {"width": 390, "height": 844}, "is_mobile": True,
+             "has_touch": True, "device_scale_factor": 2}
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        for number, (device, options) in enumerate((("phone", phone), ("desktop", DESKTOP))):
+            page = browser.new_context(**options).new_page()
+            page.goto(f"{url}/login")
+            page.fill("input[name=user]", "admin")
+            page.fill("input[name=password]", "a long enough password")
+            page.click("button[type=submit]")
+            page.wait_for_url(re.compile(r".*/studies"))
+            page.goto(f"{url}/studies/{study}")
+            page.wait_for_selector("#deid-form")
+            assert page.locator("#deid-form select[name=to] option").all_inner_texts() == [f"s3://{bucket}/by-hand/"]
+            page.click("#deid-form button[type=submit]")
+            page.wait_for_selector(f"#exports li.succeeded >> nth={number}", timeout=60_000)
+            said = page.inner_text("#exports li.succeeded >> nth=0")
+            assert "2 of 2 sent" in said and "as ANON-" in said, said
+            page.locator("#deid-title").scroll_into_view_if_needed()
+            page.screenshot(path=str(artifacts / f"{device}-study-deid.png"), full_page=True)
+            wide = page.evaluate("document.scrollingElement.scrollWidth")
+            assert wide <= options["viewport"]["width"], f"the study page is {wide} px wide on a {device}"
+        browser.close()
+    keys = [o["Key"] for o in moto.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    assert len(keys) == 2 and all(k.startswith("by-hand/ANON-") for k in keys)    # the same copies twice

@@ -441,3 +441,102 @@ def test_deidentification_method(originals, options, longitudinal):
         assert all(item.CodingSchemeDesignator == "DCM" for item in out.DeidentificationMethodCodeSequence)
         assert out.LongitudinalTemporalInformationModified == longitudinal
         assert out.DeidentificationMethod.startswith("PS3.15")
+
+
+# 8. what a hostile source or a careless operator brings
+
+def test_public_tag_no_edition_defines_is_removed():
+    """(0010,9999) is in no dictionary: a sender's own data outside any private block, removed like private data;
+    the standard attributes that the table does not list stay."""
+    ct = image()
+    ct.add_new(0x00109999, "UN", PATIENT_NAME.encode())
+    ct.add_new(0x00231234 & 0xFFFEFFFF, "LO", PATIENT_ID)         # (0022,1234): even group, no attribute either
+    out = Deidentifier(profile(), SECRET).apply(ct).dataset
+    assert 0x00109999 not in out and 0x00221234 not in out
+    assert out.Rows == ct.Rows and out.SOPClassUID == ct.SOPClassUID
+    assert PATIENT_ID.encode() not in saved(out) and b"Wrzesniewski" not in saved(out)
+
+
+def test_blackout_region_outside_the_image_drops_it():
+    """A region made for a larger image would paint nothing (or not all of it): the image is left out, never sent
+    marked BurnedInAnnotation NO with its text."""
+    marked = image()                                    # 128 x 128
+    marked.BurnedInAnnotation = "YES"
+    for region in ([200, 200, 10, 10], [120, 0, 20, 10]):
+        copy = Deidentifier(profile(burned_in="blackout", blackout=[[0, 0, 4, 4], region]), SECRET).apply(marked)
+        assert copy.dataset is None and "outside the 128x128 image" in copy.dropped
+    assert Deidentifier(profile(burned_in="blackout", blackout=[[0, 0, 128, 128]]), SECRET).apply(marked).dataset
+
+
+@pytest.mark.parametrize("name, planar", [("SC_rgb.dcm", 1), ("SC_ybr_full_uncompressed.dcm", 0)])
+def test_blackout_keeps_colour_images_right(name, planar):
+    """pixel_array is RGB with each pixel's samples together: the copy must say so (Planar Configuration 0,
+    RGB), or every pixel outside the region comes out scrambled."""
+    ds = dcmread(get_testdata_file(name))
+    if planar:
+        ds.PlanarConfiguration = 1
+        ds.PixelData = np.ascontiguousarray(ds.pixel_array.transpose(2, 0, 1)).tobytes()
+    before = ds.pixel_array.copy()                      # RGB
+    ds.BurnedInAnnotation = "YES"
+    copy = Deidentifier(profile(burned_in="blackout", blackout=[[0, 0, 5, 5]]), SECRET).apply(ds)
+    out = dcmread(BytesIO(saved(copy.dataset)))
+    assert out.PhotometricInterpretation == "RGB" and out.PlanarConfiguration == 0
+    pixels = out.pixel_array
+    assert (pixels[:5, :5] == 0).all()
+    outside = np.ones(pixels.shape[:2], bool)
+    outside[:5, :5] = False
+    assert np.array_equal(pixels[outside], before[outside])
+
+
+def test_a_secret_that_is_not_a_file_is_refused_in_one_line(tmp_path):
+    import os
+    from types import SimpleNamespace
+
+    from router.deid.export import ExportError, read_secret
+
+    key = tmp_path / "p.key"
+    config = SimpleNamespace(deid={"p": profile(secret_file=key)}, data_dir=tmp_path)
+    key.mkdir(mode=0o700)
+    with pytest.raises(ExportError, match="is not a secret") as found:
+        read_secret(config, "p")
+    assert found.value.final
+    key.rmdir()
+    os.mkfifo(key, 0o600)                               # reading it would wait for a writer for ever
+    with pytest.raises(ExportError, match="is not a secret"):
+        read_secret(config, "p")
+    key.unlink()
+    key.write_bytes(SECRET)
+    key.chmod(0o600)
+    assert read_secret(config, "p") == SECRET
+
+
+def test_a_study_naming_two_patients_is_refused(tmp_path, monkeypatch):
+    """The archive files a study under one Patient ID; the copy's patient is also the issuer (or the name and birth
+    date without an ID): instances that give two pseudonyms fail the export rather than mix patients in one study."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from router.deid import export
+
+    first, second = image(), image()
+    second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = ORG + "99"
+    second.IssuerOfPatientID = "ANOTHER HOSPITAL"       # the same Patient ID, another patient
+    by_path = {"a": first, "b": second}
+
+    @contextmanager
+    def exported(blob_id, sha256):
+        yield blob_id
+
+    archive = SimpleNamespace(exported=exported, limits=None, index=None, keyring=None)
+    monkeypatch.setattr(export, "read_dataset", lambda path, limits, pixels: by_path[path])
+    remembered = []
+    monkeypatch.setattr(export.store, "remember", lambda *args, **kw: remembered.append(kw["pseudonym"]))
+    instances = [SimpleNamespace(blob_id=p, sha256="", result=False) for p in ("a", "b")]
+    job = SimpleNamespace(profile="p", study_uid=str(first.StudyInstanceUID))
+    deid = Deidentifier(profile(), SECRET)
+    with pytest.raises(export.ExportError, match="names another patient") as found:
+        export._make(archive, deid, job, instances, tmp_path, export.Outcome(reasons={}), lambda o: None)
+    assert found.value.final and len(remembered) == 1
+    del second.IssuerOfPatientID
+    copies = export._make(archive, deid, job, instances, tmp_path, export.Outcome(reasons={}), lambda o: None)
+    assert len(copies) == 2
