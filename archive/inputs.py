@@ -96,6 +96,12 @@ def study_instances(index: Index, study_uid: str) -> list[StudyInstance]:
                 for r in conn.execute(_STUDY_INSTANCES, {"study_uid": study_uid})]
 
 
+def uid_kind(index: Index, uid: str) -> str | None:
+    """Whether the archive holds `uid` as a study, a series or an instance ("study", "series", "sop_instance")."""
+    found = index.read(_UID_KIND, {"uid": uid})
+    return found[0][0] if found else None
+
+
 def filed(index: Index, sop_instance_uids: Iterable[str]) -> dict[str, Filed]:
     """SOP Instance UID -> where it is filed, for those of `sop_instance_uids` the archive holds."""
     uids, found = list(dict.fromkeys(sop_instance_uids)), {}
@@ -117,6 +123,9 @@ _STUDY_INSTANCES = text(
     "SELECT i.sop_instance_uid, i.sop_class_uid, se.series_uid, i.blob_id, i.sha256, i.job_id FROM studies s "
     "JOIN series se ON se.study_pk = s.pk JOIN instances i ON i.series_pk = se.pk WHERE s.study_uid = :study_uid "
     "ORDER BY se.pk, i.instance_number, i.pk")
+_UID_KIND = text(
+    "SELECT 'study' FROM studies WHERE study_uid = :uid UNION ALL SELECT 'series' FROM series WHERE series_uid = :uid "
+    "UNION ALL SELECT 'sop_instance' FROM instances WHERE sop_instance_uid = :uid LIMIT 1")
 _STUDY_SERIES = text(
     "SELECT DISTINCT se.pk, se.series_uid, se.modality, se.body_part, se.series_description, s.study_description, "
     "i.sop_class_uid, i.calling_ae FROM studies s JOIN series se ON se.study_pk = s.pk "

@@ -428,7 +428,7 @@ def _index_made(config: Config):
         index.close()
 
 
-def _cli_audit(index, action: str, detail: str) -> None:
+def _cli_audit(index, action: str, detail: str, study_uid: str | None = None) -> None:
     """A change made from the command line, in the viewer's audit trail, by the system user who ran it."""
     import getpass
 
@@ -438,7 +438,7 @@ def _cli_audit(index, action: str, detail: str) -> None:
         who = getpass.getuser()
     except (KeyError, OSError):      # a uid without a name (a container's --user), no USER or LOGNAME
         who = f"uid{os.getuid()}"
-    audit(index, f"cli:{who}", action, detail=detail[:500])
+    audit(index, f"cli:{who}", action, detail=detail[:500], study_uid=study_uid)
 
 
 def cmd_user_add(args) -> int:
@@ -523,9 +523,11 @@ def _profile(config: Config, given: str | None) -> str:
         if given not in config.deid:
             raise RuntimeError(f"no [deid.{given}] profile (configured: {', '.join(config.deid) or 'none'})")
         return given
+    if not config.deid:
+        raise RuntimeError("the configuration has no [deid.NAME] profile (give --config FILE, the node's "
+                           "configuration; docs/deid.md)")
     if len(config.deid) != 1:
-        raise RuntimeError("give --profile NAME: " + (f"the profiles are {', '.join(config.deid)}" if config.deid
-                                                      else "the configuration has no [deid.NAME] profile"))
+        raise RuntimeError(f"give --profile NAME: the profiles are {', '.join(config.deid)}")
     return next(iter(config.deid))
 
 
@@ -549,19 +551,28 @@ def cmd_deid_export(args) -> int:
 
     from tqdm import tqdm
 
+    import logging
+
+    from archive.inputs import uid_kind
     from router.deid import store
-    from router.deid.export import check_destination, execute
+    from router.deid.export import check_destination, execute, read_secret
 
     from .owners import open_archive
 
     config = _config(args)
     name = _profile(config, args.profile)
     check_destination(config, args.to)
+    read_secret(config, name)                       # refused before anything is recorded
+    logging.getLogger("router.deid.export").setLevel(logging.ERROR)     # a failure is said once, below
     archive = open_archive(config)
     try:
+        kind = uid_kind(archive.index, args.study)
+        if kind != "study":
+            raise RuntimeError(f"{args.study} is " + (f"a {kind.replace('_', ' ')} UID, not a Study Instance UID"
+                                                       if kind else "not a study this node holds"))
         export_id = store.create(archive.index, study_uid=args.study, profile=name, destination=args.to,
                                  max_attempts=1, created_by="cli")
-        _cli_audit(archive.index, "deid_export", f"study {args.study} -> {args.to} (deid:{name}, export {export_id})")
+        _cli_audit(archive.index, "deid_export", f"-> {args.to} (deid:{name}, export {export_id})", args.study)
         with tqdm(total=0, unit="instance", disable=args.quiet or None) as bar:
             def progress(outcome) -> None:
                 bar.total = outcome.total
@@ -574,7 +585,8 @@ def cmd_deid_export(args) -> int:
     if done.state != "succeeded":
         print(f"m3dicom: export {export_id} failed: {done.error}", file=sys.stderr)
         return 1
-    print(f"export {export_id}: {done.sent} copies sent to {done.destination} as {done.pseudonym}"
+    print(f"export {export_id}: {done.sent} {'copy' if done.sent == 1 else 'copies'} sent to {done.destination} "
+          f"as {done.pseudonym}"
           + (f", {done.dropped} dropped (may show burned-in text)" if done.dropped else ""))
     return 0
 
@@ -587,10 +599,26 @@ def cmd_deid_list(args) -> int:
     with _index_of(args) as index:
         for e in store.exports(index, args.study, args.limit):
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created_at))
-            counts = f"{e.sent or 0}/{e.total or 0} sent" + (f", {e.dropped} dropped" if e.dropped else "")
+            counts = (f"{e.sent or 0}/{e.total or 0} sent, {e.dropped or 0} left out"
+                      + (f", as {e.pseudonym}" if e.pseudonym else ""))
             print(f"{e.id} {when} {e.state} study {e.study_uid} -> {e.destination} (deid:{e.profile}, {counts})"
                   + (f": {e.error}" if e.error else ""))
     return 0
+
+
+def _pseudonyms_of(config: Config, patient_id: str, issuer: str) -> list[str]:
+    """The pseudonym each project (with its secret) gives this original patient."""
+    from router.deid.engine import Keys
+    from router.deid.export import ExportError, read_secret
+
+    found = []
+    for name, profile in config.deid.items():
+        try:
+            keys = Keys(read_secret(config, name))
+        except ExportError:
+            continue
+        found.append(keys.pseudonym(f"id:{issuer}\\{patient_id}", profile.pseudonym_prefix))
+    return found
 
 
 def cmd_deid_lookup(args) -> int:
@@ -601,14 +629,23 @@ def cmd_deid_lookup(args) -> int:
 
     from .owners import open_archive
 
-    archive = open_archive(_config(args))
+    config = _config(args)
+    wanted = args.pseudonym.strip()
+    if not wanted[:1].isdigit():                    # pseudonyms are capitals (a copy's Study UID is digits)
+        wanted = wanted.upper()
+    if args.patient_id:                             # the original patient: their pseudonym in each project
+        wanted = _pseudonyms_of(config, args.pseudonym.strip(), args.issuer or "")
+    archive = open_archive(config)
     try:
-        found = store.lookup(archive.index, archive.keyring, args.pseudonym)
-        _cli_audit(archive.index, "deid_lookup", f"{args.pseudonym}: {'found' if found else 'unknown'}")
+        found = [entry for name in ([wanted] if isinstance(wanted, str) else wanted)
+                 for entry in store.lookup(archive.index, archive.keyring, name)]
+        _cli_audit(archive.index, "deid_lookup", f"{'patient ' if args.patient_id else ''}{args.pseudonym}: "
+                   f"{'found' if found else 'unknown'}")
     finally:
         archive.close()
     if not found:
-        print(f"m3dicom: no pseudonym or copied study {args.pseudonym!r}", file=sys.stderr)
+        print(f"m3dicom: no {'copy of patient' if args.patient_id else 'pseudonym or copied study'} "
+              f"{args.pseudonym!r}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(found, indent=2))
@@ -810,7 +847,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=cmd_deid_list)
     p = with_config(deid.add_parser("lookup", help="who a pseudonym (or a copy's Study UID) is; audited"))
-    p.add_argument("pseudonym")
+    p.add_argument("pseudonym", help="a pseudonym, a copy's Study Instance UID, or with --patient-id an original "
+                   "Patient ID")
+    p.add_argument("--patient-id", action="store_true", help="the value is an original Patient ID: its copies")
+    p.add_argument("--issuer", help="with --patient-id: the Issuer of Patient ID, if the studies carry one")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_deid_lookup)
 

@@ -154,7 +154,9 @@ def from_dict(data: dict, base: Path) -> Config:
         titles = [r.ae_title for r in named.values() if kind == "remote"]
         duplicate = next((t for t in titles if titles.count(t) > 1), None)
         if duplicate:
-            raise ConfigError(f"{kind}: AE title {duplicate!r} is used by two nodes")
+            both = [n for n, r in named.items() if r.ae_title == duplicate]
+            raise ConfigError(f"{kind}: AE title {duplicate!r} is used by two nodes ([{kind}.{both[0]}] and "
+                              f"[{kind}.{both[1]}])")
         sections[kind] = named
     check_shared(sections["index"], sections["storage"])
     _check_metrics(sections["metrics"], sections["viewer"], sections["dicom"])

@@ -292,8 +292,9 @@ class Router:
                                                   destination=destination, rule=rule.name,
                                                   created_by=f"rule:{rule.name}",
                                                   max_attempts=self.config.router.max_attempts, now=now, conn=conn))
-        for export_id in made:
-            log.info("rule %s: export %s (deid %s) for study %s", rule.name, export_id, rule.rule.deid, study_uid)
+        for export_id, destination in zip(made, rule.rule.deid_to):
+            log.info("rule %s: export %s (deid %s) of study %s to %s", rule.name, export_id, rule.rule.deid, study_uid,
+                     destination)
         return made
 
     # -- running jobs ---------------------------------------------------------------------

@@ -91,6 +91,9 @@ class DeidProfile:
         for option in self.options:
             if option not in OPTIONS:
                 raise SettingsError(f"{key}.options: unknown option {option!r} (known: {', '.join(OPTIONS)})")
+        if {"retain_longitudinal_modified_dates", "retain_longitudinal_full_dates"} <= set(self.options):
+            raise SettingsError(f"{key}.options: retain_longitudinal_modified_dates (dates shifted) and "
+                                "retain_longitudinal_full_dates (dates kept) exclude each other: choose one")
         try:
             safe = safe_private_tags(self.safe_private)
         except ValueError as exc:

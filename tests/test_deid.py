@@ -207,12 +207,18 @@ def test_refusals_are_clear_and_nothing_half_sent_is_done(make_node, tmp_path):
     assert again.returncode == 1 and "--rotate" in again.stderr
     refused = node.cli("deid", uids["study"], "--to", "GONE", check=False)
     assert refused.returncode == 1 and "failed" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.stderr.count("\n") == 1, refused.stderr                # said once, not logged as well
     unknown = node.cli("deid", uids["study"], "--to", "NOWHERE", check=False)
-    assert unknown.returncode == 1 and "no [remote.NOWHERE] node" in unknown.stderr
+    assert unknown.returncode == 1 and "no [remote.NOWHERE] node" in unknown.stderr and "(configured: GONE)" in \
+        unknown.stderr
+    series = node.cli("deid", uids["series"], "--to", "GONE", check=False)
+    assert series.returncode == 1 and "is a series UID, not a Study Instance UID" in series.stderr
+    nothing = node.cli("deid", "1.2.3.4", "--to", "GONE", check=False)
+    assert nothing.returncode == 1 and "not a study this node holds" in nothing.stderr
+    # what was refused before it began left no export behind; the refused destination did, failed, with why
     states = node.rows("SELECT state, sent, error FROM deid_exports ORDER BY created_at")
-    assert [s[0] for s in states] == ["failed", "failed"] and not states[1][1], states
-    assert "secret" in states[0][2] and states[1][2]
-    assert node.cli("deid", "list").stdout.count(" failed study ") == 2
+    assert [s[0] for s in states] == ["failed"] and not states[0][1] and "connection refused" in states[0][2]
+    assert node.cli("deid", "list").stdout.count(" failed study ") == 1
 
 
 async def test_an_admin_queues_a_copy_from_the_study_page_and_sees_its_state(tmp_path, aiohttp_client):
@@ -309,7 +315,7 @@ def test_copies_go_to_a_dicomweb_server_by_stow_rs_and_a_refusal_fails_the_expor
     node.storescu(image)
     node.cli("deid", "secret")
     sent = node.cli("deid", uids["study"], "--to", "TRIAL", "--quiet")
-    assert "1 copies sent to TRIAL" in sent.stdout
+    assert "1 copy sent to TRIAL" in sent.stdout
     (row,) = archive_node.rows("SELECT p.patient_id, p.patient_name, i.blob_id FROM instances i JOIN series se ON "
                                "se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk JOIN patients p ON "
                                "p.pk = st.patient_pk")

@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
+from pydicom.datadict import get_entry
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -144,6 +145,10 @@ class Deidentifier:
         suspect = "" if trusted else burned_in(ds)
         if suspect and self.profile.burned_in == "drop":
             return Copy(patient, dropped=suspect)
+        if suspect:
+            outside = _outside(ds, self.profile.blackout)
+            if outside:                         # painting nothing there would send the text marked as gone
+                return Copy(patient, dropped=f"{suspect}; {outside}")
         walk = _Walk(self, patient, _identifiers(ds))
         out = walk.dataset(ds, top=True)
         out.PatientID = patient.pseudonym
@@ -197,7 +202,7 @@ class _Walk:
             if top and tag in (PATIENT_ID, PATIENT_NAME):
                 continue                                    # the pseudonym, set by apply
             row = self.deid.table.row(tag)
-            action = row.action(self.deid.chosen) if row is not None else "K"
+            action = row.action(self.deid.chosen) if row is not None else "K" if _standard(tag) else "X"
             if tag == ISSUER:
                 action = "X"
             elif tag == TEXT_VALUE and row is None:
@@ -281,6 +286,16 @@ class _Walk:
         out.add(elem)
 
 
+def _standard(tag) -> bool:
+    """A standard attribute (the table keeps what it does not list); a public tag that no edition defines, a
+    sender's own data outside any private block, is removed like a private one."""
+    try:
+        get_entry(tag)
+    except KeyError:
+        return False
+    return True
+
+
 def _dummy(elem: DataElement, uids=None) -> DataElement:
     vr = elem.VR
     if vr == "UI":
@@ -360,6 +375,15 @@ def _values(elem) -> list:
     return list(value)
 
 
+def _outside(ds: Dataset, regions: list) -> str:
+    """Why a black-out region does not lie within the image (made for another size of image), or ''."""
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    for x, y, width, height in regions:
+        if x + width > columns or y + height > rows:
+            return f"black-out region {[x, y, width, height]} lies outside the {columns}x{rows} image"
+    return ""
+
+
 def _black_out(out: Dataset, syntax: str, regions: list) -> str:
     """Paint the regions black in every frame, decoded; the copy's transfer syntax (uncompressed)."""
     import numpy as np
@@ -380,11 +404,12 @@ def _black_out(out: Dataset, syntax: str, regions: list) -> str:
     for x, y, width, height in regions:
         frames[:, y:y + height, x:x + width, ...] = black
     out.PixelData = pixels.tobytes()
+    # pixel_array gives colour as RGB (YBR converted) with the samples of each pixel together, compressed or not
+    if out.get("PhotometricInterpretation", "").startswith("YBR"):
+        out.PhotometricInterpretation = "RGB"
+    if "PlanarConfiguration" in out:
+        out.PlanarConfiguration = 0
     if UID(syntax).is_compressed:
-        if out.get("PhotometricInterpretation", "").startswith("YBR"):
-            out.PhotometricInterpretation = "RGB"
-        if "PlanarConfiguration" in out:
-            out.PlanarConfiguration = 0
         out["PixelData"].VR = "OW" if out.BitsAllocated > 8 else "OB"
     out.BurnedInAnnotation = "NO"
     return ExplicitVRLittleEndian if UID(syntax).is_compressed else syntax

@@ -86,14 +86,14 @@ def read_secret(config: Settings, name: str) -> bytes:
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise ExportError(f"[deid.{name}] has no secret at {path}: make one with `m3dicom deid secret {name}`",
-                          final=True) from None
+        raise ExportError(f"[deid.{name}] has no secret at {path}: make one with `m3dicom deid secret {name} "
+                          "--config FILE` (the node's configuration)", final=True) from None
     except OSError as exc:
         raise ExportError(f"[deid.{name}]: its secret {path} cannot be read: {exc.strerror or exc}",
                           final=True) from None
-    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_SECRET_BYTES:   # a directory, a FIFO, a device, a
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_SECRET_BYTES:   # a directory, a FIFO, a stray file
         raise ExportError(f"[deid.{name}]: {path} is not a secret (a regular file of at most {MAX_SECRET_BYTES} "
-                          f"bytes; `m3dicom deid secret {name} --rotate` makes one)", final=True)   # stray file
+                          f"bytes; `m3dicom deid secret {name} --rotate` makes one)", final=True)
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ExportError(f"{path} may be read by others (mode {stat.S_IMODE(info.st_mode):o}): chmod 600 it",
                           final=True)
@@ -115,8 +115,9 @@ def check_destination(config: Settings, destination: str) -> None:
         except ValueError as exc:
             raise ExportError(str(exc), final=True) from None
     elif destination not in config.remote and destination not in config.dicomweb:
-        raise ExportError(f"no [remote.{destination}] node or [dicomweb.{destination}] server, and not an "
-                          "s3://bucket/prefix/ place", final=True)
+        known = ", ".join([*config.remote, *config.dicomweb]) or "none"
+        raise ExportError(f"no [remote.{destination}] node or [dicomweb.{destination}] server (configured: {known}), "
+                          "and not an s3://bucket/prefix/ place", final=True)
 
 
 def run(archive: Archive, config: Settings, export: store.Export, worker: str,
@@ -217,8 +218,11 @@ def _to_s3(config, profile, bucket, prefix, copies, outcome, progress) -> None:
             with path.open("rb") as body:
                 s3.put_object(Bucket=bucket, Key=prefix + key, Body=body, ContentType="application/dicom", **extra)
         except Exception as exc:         # botocore's errors: the reason, not a traceback
-            code = error_code(exc)
-            raise ExportError(f"s3://{bucket}/{prefix}: {code or type(exc).__name__}: {exc}"[:500]) from None
+            code = error_code(exc) or type(exc).__name__
+            hint = (" (boto3 finds none: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role, "
+                    "in the environment of the node, or of this command when run by hand)"
+                    if code == "NoCredentialsError" else "")
+            raise ExportError(f"s3://{bucket}/{prefix}: {code}: {exc}"[:500] + hint) from None
         outcome.sent = number + 1
         if number % 10 == 0:
             progress(outcome)
