@@ -608,7 +608,7 @@ def cmd_deid_list(args) -> int:
 
 def _pseudonyms_of(config: Config, patient_id: str, issuer: str) -> list[str]:
     """The pseudonym each project (with its secret) gives this original patient."""
-    from router.deid.engine import Keys
+    from router.deid.engine import Keys, key_of
     from router.deid.export import ExportError, read_secret
 
     found = []
@@ -617,7 +617,7 @@ def _pseudonyms_of(config: Config, patient_id: str, issuer: str) -> list[str]:
             keys = Keys(read_secret(config, name))
         except ExportError:
             continue
-        found.append(keys.pseudonym(f"id:{issuer}\\{patient_id}", profile.pseudonym_prefix))
+        found.append(keys.pseudonym(key_of(patient_id, issuer), profile.pseudonym_prefix))
     return found
 
 

@@ -6,6 +6,7 @@ against PS3.15 Annex E (Table E.1-1).
 """
 from __future__ import annotations
 
+import datetime
 from datetime import date
 from io import BytesIO
 
@@ -440,7 +441,9 @@ def test_deidentification_method(originals, options, longitudinal):
         assert sorted(found[1:]) == sorted(OPTION_CODES[o][0] for o in options)
         assert all(item.CodingSchemeDesignator == "DCM" for item in out.DeidentificationMethodCodeSequence)
         assert out.LongitudinalTemporalInformationModified == longitudinal
-        assert out.DeidentificationMethod.startswith("PS3.15")
+        method = out.DeidentificationMethod
+        assert method.startswith("m3dicom: PS3.15 E.1-1 2026c Basic Profile") and len(method) <= 64
+        assert method.endswith(f"and {len(options)} options") if options else method.endswith("Profile")
 
 
 # 8. what a hostile source or a careless operator brings
@@ -540,3 +543,92 @@ def test_a_study_naming_two_patients_is_refused(tmp_path, monkeypatch):
     del second.IssuerOfPatientID
     copies = export._make(archive, deid, job, instances, tmp_path, export.Outcome(reasons={}), lambda o: None)
     assert len(copies) == 2
+
+
+# 9. second attack and new-user pass: what the table does not list, UIDs under the registry root, names in text
+
+def test_what_the_table_does_not_list_does_not_pass_as_it_is():
+    """A birth date in another calendar (0010,0033), a reviewer's name, a WADO link, an unlisted date and a
+    comment naming the patient: removed, a dummy, shifted or masked; a Pixel Spacing Calibration Description
+    that happens to hold a name part is masked (the new user's phantom)."""
+    from pydicom.data import get_testdata_file
+
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientName, ds.PatientID = "Wrzesniewski^Anatol", "PID-44"
+    ds.add_new(0x00100033, "LO", "19610823")                  # Patient's Birth Date in Alternative Calendar
+    ds.add_new(0x00142006, "PN", "Reviewer^Secret")           # Evaluator Name
+    ds.add_new(0x00081190, "UR", "https://pacs/wado?studyUID=1.2.3.4&patient=PID-44")
+    ds.add_new(0x00080106, "DT", "20240219101010")            # Context Group Version: an unlisted DT
+    ds.add_new(0x00400400, "LT", "call Wrzesniewski about PID-44")
+    ds.PixelSpacingCalibrationDescription = "Wrzesniewski spacing"
+    for options, date in (([], "19000101000000"), (["retain_longitudinal_modified_dates"], None)):
+        deid = Deidentifier(profile(*options), SECRET)
+        out = deid.apply(ds).dataset
+        data = saved(out).decode("latin-1")
+        for secret in ("19610823", "Reviewer", "https://pacs", "PID-44", "Wrzesniewski", "20240219"):
+            assert secret not in data, (options, secret)
+        assert 0x00100033 not in out and 0x00081190 not in out and out[0x00142006].value == "ANONYMOUS"
+        assert out.CommentsOnTheScheduledProcedureStep == "call *** about ***"
+        assert out.PixelSpacingCalibrationDescription == "*** spacing"
+        shifted = deid.patient(ds).shift_days
+        expected = date or (datetime.date(2024, 2, 19) - datetime.timedelta(days=shifted)).strftime("%Y%m%d") + \
+            "101010"
+        assert out[0x00080106].value == expected
+
+
+def test_a_uid_under_the_registry_root_that_the_registry_does_not_hold_is_replaced():
+    ds = image()
+    ds.SOPInstanceUID = "1.2.840.10008.999.19610823.123456"
+    out = Deidentifier(profile(), SECRET).apply(ds).dataset
+    assert out.SOPInstanceUID.startswith("2.25.") and out.SOPClassUID == ds.SOPClassUID   # CT Image Storage kept
+
+
+def test_names_in_sequences_and_short_name_parts_are_masked_as_words():
+    ds = image()
+    ds.PatientName = "Li^Wu=山田^太郎"
+    ds.RequestAttributesSequence = [Dataset()]
+    ds.RequestAttributesSequence[0].add_new(0x0040A123, "PN", "Nowakowska^Ewa")
+    ds.StudyDescription = "CT for Li Wu, Ewa Nowakowska; 山田 太郎 CT; Clinical Liver"
+    out = Deidentifier(profile("clean_descriptors"), SECRET).apply(ds).dataset
+    assert out.StudyDescription == "CT for *** ***, *** ***; *** *** CT; Clinical Liver"
+
+
+def test_an_allow_listed_private_sequence_has_its_items_de_identified():
+    ds = image()
+    block = ds.private_block(0x0009, "ACME 1.0", create=True)
+    inner = Dataset()
+    inner.PatientName, inner.PatientID = "Hidden^Person", "PID-HIDDEN"
+    block.add_new(0x20, "SQ", [inner])
+    out = Deidentifier(profile("retain_safe_private", safe_private=["0009,ACME 1.0,20"]), SECRET).apply(ds).dataset
+    data = saved(out).decode("latin-1")
+    assert "Hidden" not in data and "PID-HIDDEN" not in data and "ACME 1.0" in data
+
+
+def test_patient_keys_are_unambiguous_and_an_instance_naming_no_one_is_refused():
+    from router.deid.engine import DeidError, patient_key
+
+    def key(**values):
+        ds = Dataset()
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        return patient_key(ds)
+    assert key(PatientName="Doe^John^^^") == key(PatientName="Doe^John ")        # one patient, written two ways
+    assert key(PatientName="A|19500101") != key(PatientName="A", PatientBirthDate="19500101")
+    assert key(PatientID="P1", IssuerOfPatientID="X\\Y") != key(PatientID="Y\\P1", IssuerOfPatientID="X")
+    with pytest.raises(DeidError, match="no Patient ID and no Patient's Name"):
+        key(PatientBirthDate="19500101")
+
+
+def test_a_date_range_moves_both_ends():
+    ds = image()
+    ds.add_new(0x00400244, "DA", "20200101")                  # Performed Procedure Step Start Date
+    ds.StudyDate = "20200101"
+    ds.add_new(0x00321032, "PN", "Some^Body")
+    ds.add_new(0x0018700C, "DA", "20200101-20200301")         # Date of Last Detector Calibration (unlisted range)
+    deid = Deidentifier(profile("retain_longitudinal_modified_dates"), SECRET)
+    out = deid.apply(ds).dataset
+    days = deid.patient(ds).shift_days
+    first = (datetime.date(2020, 1, 1) - datetime.timedelta(days=days)).strftime("%Y%m%d")
+    last = (datetime.date(2020, 3, 1) - datetime.timedelta(days=days)).strftime("%Y%m%d")
+    assert out[0x0018700C].value in (f"{first}-{last}", "")      # shifted whole, or dropped if the table removes it
+    assert out.StudyDate == first

@@ -25,6 +25,7 @@ import base64
 import copy
 import hashlib
 import hmac
+import json
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -33,7 +34,7 @@ from pydicom.datadict import get_entry
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 from pydicom.valuerep import PersonName
 
 from ..settings import DeidProfile, safe_private_tags
@@ -97,12 +98,24 @@ class Copy:
     dropped: str = ""
 
 
+def key_of(patient_id: str, issuer: str = "") -> str:
+    """The key of a patient known by an ID (and its issuer): what `m3dicom deid lookup --patient-id` derives too."""
+    return "id:" + json.dumps([issuer.strip(), patient_id.strip()])
+
+
 def patient_key(ds: Dataset) -> str:
-    """Who the patient is for the project: issuer and Patient ID (name and birth date without an ID)."""
+    """Who the patient is for the project: issuer and Patient ID; without an ID, the name (each component
+    trimmed, trailing empty ones dropped) and the birth date. An instance naming no one cannot be given a
+    pseudonym that is theirs alone: refused."""
     pid = str(ds.get("PatientID", "") or "").strip()
     if pid:
-        return f"id:{str(ds.get('IssuerOfPatientID', '') or '').strip()}\\{pid}"
-    return f"name:{str(ds.get('PatientName', '') or '').strip()}|{ds.get('PatientBirthDate', '') or ''}"
+        return key_of(pid, str(ds.get("IssuerOfPatientID", "") or ""))
+    name = "=".join("^".join(part.strip() for part in group.split("^")).rstrip("^")
+                    for group in str(ds.get("PatientName", "") or "").split("=")).rstrip("=")
+    birth = str(ds.get("PatientBirthDate", "") or "").strip()
+    if not name:
+        raise DeidError("the instance has no Patient ID and no Patient's Name: it cannot be given a pseudonym")
+    return "name:" + json.dumps([name, birth])
 
 
 def burned_in(ds: Dataset) -> str:
@@ -171,8 +184,9 @@ class Deidentifier:
         """What PS3.15 E.1.1 asks a de-identified data set to say about itself."""
         out.PatientIdentityRemoved = "YES"
         chosen = [o for o in OPTION_CODES if o in self.chosen]
-        out.DeidentificationMethod = ("PS3.15 E.1-1 " + self.table.edition + " Basic Profile"
-                                      + "".join(f", {o}" for o in chosen))[:64]
+        out.DeidentificationMethod = (f"m3dicom: PS3.15 E.1-1 {self.table.edition} Basic Profile"
+                                      + (f" and {len(chosen)} option{'s' if len(chosen) > 1 else ''}" if chosen
+                                         else ""))      # which: the code sequence (LO holds 64 characters)
         codes = []
         for value, meaning in [BASIC_CODE] + [OPTION_CODES[o] for o in chosen]:
             item = Dataset()
@@ -202,7 +216,7 @@ class _Walk:
             if top and tag in (PATIENT_ID, PATIENT_NAME):
                 continue                                    # the pseudonym, set by apply
             row = self.deid.table.row(tag)
-            action = row.action(self.deid.chosen) if row is not None else "K" if _standard(tag) else "X"
+            action = row.action(self.deid.chosen) if row is not None else _unlisted(elem)
             if tag == ISSUER:
                 action = "X"
             elif tag == TEXT_VALUE and row is None:
@@ -250,7 +264,7 @@ class _Walk:
             return value
         values = value if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(
             value, str) else [value]
-        mapped = [v if str(v).startswith(STANDARD_UID) else self.deid.keys.uid(str(v)) for v in values]
+        mapped = [v if _registry(str(v)) else self.deid.keys.uid(str(v)) for v in values]
         return mapped if len(mapped) != 1 else mapped[0]
 
     def _clean(self, elem: DataElement) -> DataElement | None:
@@ -283,7 +297,24 @@ class _Walk:
         if (group, block) not in creators:
             creators[(group, block)] = creator
             out.add(DataElement((group << 16) | block, "LO", creator))
+        if elem.VR == "SQ":                 # an allow-listed sequence: its items are de-identified like any
+            elem = DataElement(elem.tag, "SQ", Sequence(self.dataset(item) for item in (elem.value or [])))
         out.add(elem)
+
+
+def _unlisted(elem: DataElement) -> str:
+    """The action on an attribute Table E.1-1 does not list. The table keeps those (K); here what could still
+    identify does not pass as it is: an attribute no edition defines is removed like a private one, and so is
+    the rest of the patient's own group (0010: a birth date in another calendar) and a URL (a WADO link names
+    the original UIDs); a person's name gets a dummy, a date a dummy (or the patient's shift, or kept, with a
+    longitudinal option); free text is cleaned of the instance's identifying values."""
+    if not _standard(elem.tag) or elem.tag.group == 0x0010 or elem.VR == "UR":
+        return "X"
+    if elem.VR in ("PN", "DA", "DT"):
+        return "D"
+    if elem.VR in ("LO", "SH", "ST", "LT", "UT", "UC"):
+        return "C"
+    return "K"
 
 
 def _standard(tag) -> bool:
@@ -294,6 +325,12 @@ def _standard(tag) -> bool:
     except KeyError:
         return False
     return True
+
+
+def _registry(uid: str) -> bool:
+    """A UID of the DICOM registry (a SOP class, a transfer syntax, a coding scheme): the same in every copy.
+    Being under 1.2.840.10008 is not enough: a sender can put an identifier there."""
+    return uid.startswith(STANDARD_UID) and UID(uid).name != uid
 
 
 def _dummy(elem: DataElement, uids=None) -> DataElement:
@@ -321,12 +358,16 @@ def _shift_date(value: str, days: int) -> str | None:
 
 
 def _shifted(value, vr: str, days: int):
-    """Dates moved back by `days`; a date that cannot be read whole (a year alone, a range) is removed."""
+    """Dates moved back by `days` (both ends of a range); a date that cannot be read whole (a year alone) is
+    emptied."""
     def one(text) -> str:
         if isinstance(text, date):              # pydicom's DA / DT objects (highdicom writes them), not only text
             text = getattr(text, "original_string", None) or text.strftime(
                 "%Y%m%d%H%M%S.%f%z" if isinstance(text, datetime) else "%Y%m%d")
         text = str(text or "").strip()
+        if vr == "DA" and "-" in text:
+            ends = [one(end) if end else "" for end in text.split("-", 1)]
+            return "-".join(ends) if all(e or not t for e, t in zip(ends, text.split("-", 1))) else ""
         if len(text) < 8 or not text[:8].isdigit():
             return ""
         moved = _shift_date(text[:8], days)
@@ -349,10 +390,10 @@ def _identifiers(ds: Dataset) -> re.Pattern | None:
     """The instance's identifying values as they may appear in free text (masked when text is cleaned):
     names' parts, IDs, accession number, institution, station, serial number, and every top-level date."""
     found: set[str] = set()
-    for keyword in ("PatientName", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
-                    "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "RequestingPhysician"):
-        for name in _values(ds.get(keyword)):
-            found.update(p for p in re.split(r"[\^ =,]+", str(name)) if len(p) >= 3)
+    short: set[str] = set()              # name parts of one or two letters: masked as whole words only
+    for name in _names(ds):
+        for part in re.split(r"[\^ =,]+", name):
+            (found if len(part) >= 3 else short).add(part) if part.strip(".") else None
     for keyword in ("PatientID", "OtherPatientIDs", "AccessionNumber", "InstitutionName", "InstitutionAddress",
                     "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber", "PatientAddress",
                     "PatientTelephoneNumbers", "MedicalRecordLocator", "StudyID"):
@@ -361,9 +402,24 @@ def _identifiers(ds: Dataset) -> re.Pattern | None:
         if elem.VR in ("DA", "DT") and not elem.tag.is_private:
             for value in _values(elem):
                 found.update(_dates_as_written(str(value)))
-    if not found:
+    if not found and not short:
         return None
-    return re.compile("|".join(re.escape(v) for v in sorted(found, key=len, reverse=True)), re.IGNORECASE)
+    whole = [rf"(?<!\w){re.escape(v)}(?!\w)" for v in sorted(short, key=len, reverse=True)]
+    return re.compile("|".join([re.escape(v) for v in sorted(found, key=len, reverse=True)] + whole), re.IGNORECASE)
+
+
+def _names(ds: Dataset, depth: int = 0, budget: list | None = None):
+    """Every person's name in the data set, sequences included (at most 10,000 elements looked at)."""
+    budget = [10_000] if budget is None else budget
+    for elem in ds:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return
+        if elem.VR == "PN":
+            yield from (str(v) for v in _values(elem))
+        elif elem.VR == "SQ" and depth < 8:
+            for item in elem.value or []:
+                yield from _names(item, depth + 1, budget)
 
 
 def _values(elem) -> list:

@@ -18,6 +18,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,8 +138,10 @@ def run(archive: Archive, config: Settings, export: store.Export, worker: str,
     folder = Path(tempfile.mkdtemp(dir=spool, prefix=f"{export.id}-"))
     try:
         copies = _make(archive, deid, export, instances, folder, outcome, progress)
-        if copies:
-            _send(archive, config, profile, export.destination, copies, outcome, progress)
+        if not copies:                  # nothing sent is not a copy sent: said, not reported as done
+            reasons = "; ".join(f"{n} {why}" for why, n in outcome.reasons.items())
+            raise ExportError(f"every instance was left out ({reasons})", final=True)
+        _send(archive, config, profile, export.destination, copies, outcome, progress)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return outcome
@@ -278,11 +281,22 @@ def execute(archive: Archive, config: Settings, export_id: str, worker: str, lea
             last[0] = now
             store.progress(index, export_id, worker, total=outcome.total, sent=outcome.sent, dropped=outcome.dropped,
                            pseudonym=outcome.pseudonym)
-            store.renew(index, export_id, worker, now + lease)
         if progress is not None:
             progress(outcome)
 
+    def keep_lease(done: threading.Event) -> None:
+        """The lease renewed while the export runs, sending included (one C-STORE association or STOW-RS request
+        may take longer than a lease): another router never takes over an export that is alive."""
+        while not done.wait(lease / 4):
+            try:
+                store.renew(index, export_id, worker, clock() + lease)
+            except Exception as exc:    # the index away for a moment: the next round tries again
+                log.warning("export %s: lease not renewed: %s", export_id, exc)
+
     outcome = Outcome()
+    done = threading.Event()
+    renewer = threading.Thread(target=keep_lease, args=(done,), name=f"deid-lease-{export_id}", daemon=True)
+    renewer.start()
     try:
         outcome = run(archive, config, store.get(index, export_id), worker, report)
     except (ExportError, DeidError, store.PseudonymClash) as exc:
@@ -296,9 +310,14 @@ def execute(archive: Archive, config: Settings, export_id: str, worker: str, lea
     else:
         store.progress(index, export_id, worker, total=outcome.total, sent=outcome.sent, dropped=outcome.dropped,
                        pseudonym=outcome.pseudonym)
-        store.succeed(index, export_id, worker, clock())
-        log.info("export %s: %d copies sent to %s, %d dropped", export_id, outcome.sent, store.get(
-            index, export_id).destination, outcome.dropped)
+        if store.succeed(index, export_id, worker, clock()):
+            log.info("export %s: %d copies sent to %s, %d left out", export_id, outcome.sent, store.get(
+                index, export_id).destination, outcome.dropped)
+        else:
+            log.warning("export %s: every copy was sent, but another router holds it now", export_id)
+    finally:
+        done.set()
+        renewer.join()
     return store.get(index, export_id)
 
 
