@@ -340,7 +340,8 @@ def test_an_admin_sends_a_copy_from_the_study_page_on_a_phone_and_a_desktop(make
     from test_viewer_browser import ARGS, CHROMIUM, DESKTOP
 
     bucket = moto.new_bucket()
-    node = make_node(start=False, viewer={"enabled": True, "port": free_port()}, storage={"s3": {"endpoint_url": moto.url}},
+    node = make_node(start=False, viewer={"enabled": True, "port": free_port()},
+                     storage={"s3": {"endpoint_url": moto.url}},
                      deid={"research": {"options": ["retain_longitudinal_modified_dates"]}},
                      router={"rules": [{"name": "never", "match": {"Modality": "XX"}, "deid": "research",
                                         "deid_to": [f"s3://{bucket}/by-hand/"]}]})
