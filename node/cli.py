@@ -563,7 +563,7 @@ def cmd_deid_export(args) -> int:
     name = _profile(config, args.profile)
     check_destination(config, args.to)
     read_secret(config, name)                       # refused before anything is recorded
-    logging.getLogger("router.deid.export").setLevel(logging.ERROR)     # a failure is said once, below
+    logging.getLogger("router.deid.export").setLevel(logging.CRITICAL)  # a failure is said once, below
     archive = open_archive(config)
     try:
         kind = uid_kind(archive.index, args.study)
