@@ -379,3 +379,47 @@ def test_an_admin_sends_a_copy_from_the_study_page_on_a_phone_and_a_desktop(make
         browser.close()
     keys = [o["Key"] for o in moto.client().list_objects_v2(Bucket=bucket)["Contents"]]
     assert len(keys) == 2 and all(k.startswith("by-hand/ANON-") for k in keys)    # the same copies twice
+
+
+def test_the_export_queue_and_the_sealed_way_back_on_both_engines(tmp_path, index_url):
+    """router/deid/store.py on SQLite and PostgreSQL: an export queued once, claimed by one worker, failed and
+    queued again, then failed for good; the originals sealed (not in the index in the clear) and opened."""
+    import time
+
+    from archive import Archive
+    from node import owners
+    from router.deid import store
+
+    archive = Archive(tmp_path / "var", index_url=index_url or None)
+    try:
+        index = archive.index
+        owners.migrate(index)
+        now = time.time()
+        first = store.create(index, study_uid="1.2.3", profile="p", destination="D", max_attempts=2, now=now)
+        assert store.create(index, study_uid="1.2.3", profile="p", destination="D", max_attempts=2) == first
+        assert store.due(index, now) == [first]
+        assert store.claim(index, first, "a", now, 60) and not store.claim(index, first, "b", now, 60)
+        assert store.fail(index, first, "a", "refused", now, now + 5)              # attempt 1 of 2: again
+        assert store.get(index, first).state == "queued" and store.due(index, now) == []
+        assert store.claim(index, first, "b", now + 5, 60)
+        assert not store.succeed(index, first, "a", now + 6)                      # not a's any more
+        assert store.fail(index, first, "b", "refused again", now + 6, now + 10)
+        assert (store.get(index, first).state, store.get(index, first).error) == ("failed", "refused again")
+        assert store.counts_by_state(index) == {"failed": 1}
+
+        store.remember(index, archive.keyring, project="p", pseudonym="ANON-X", key_mac="k1",
+                       patient={"patient_id": "PID-SEALED"}, study_uid="2.25.9", study={"study_uid": "1.2.3"})
+        store.remember(index, archive.keyring, project="p", pseudonym="ANON-X", key_mac="k1",
+                       patient={"patient_id": "PID-SEALED"}, study_uid="2.25.10", study={"study_uid": "1.2.4"})
+        with pytest.raises(store.PseudonymClash):
+            store.remember(index, archive.keyring, project="p", pseudonym="ANON-X", key_mac="k2",
+                           patient={"patient_id": "OTHER"}, study_uid="2.25.11", study={"study_uid": "1.2.5"})
+        (found,) = store.lookup(index, archive.keyring, "ANON-X")
+        assert found["patient"] == {"patient_id": "PID-SEALED"}
+        assert [s["study_uid"] for s in found["studies"]] == ["1.2.3", "1.2.4"]
+        assert store.lookup(index, archive.keyring, "2.25.10")[0]["pseudonym"] == "ANON-X"
+        from sqlalchemy import text
+        sealed = b"".join(bytes(r[0]) for r in index.read(text("SELECT sealed FROM deid_patients")))
+        assert b"PID-SEALED" not in sealed
+    finally:
+        archive.close()
