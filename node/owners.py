@@ -25,7 +25,8 @@ def migrations() -> list[Callable[[Index], None]]:
     """The owners' `migrate` functions, in the order they are applied (after the archive's own)."""
     return [
         scp_db.migrate,                 # commitments
-        router_store.migrate,           # jobs, job_results, forwards, router_studies, router_fired; result holds
+        router_store.migrate,           # jobs, job_results, forwards, router_studies, router_fired; result holds;
+                                        # deid_exports, deid_patients, deid_studies
         viewer_accounts.migrate,        # users, sessions, login failures, share links, audit
     ]
 

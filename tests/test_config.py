@@ -86,7 +86,8 @@ def test_the_complete_file_in_the_docs_starts_and_names_every_setting(tmp_path):
     assert config.viewer.certificate is None and config.query.timeout == 20.0
     written = {line.split("=")[0].strip() for line in block.splitlines() if "=" in line and not line.startswith("#")}
     missing = [name for name, _, _ in documented_settings()
-               if name.rsplit(".", 1)[-1] not in written and not name.startswith(("remote.", "router.rules", "deid.", "dicomweb."))]
+               if name.rsplit(".", 1)[-1] not in written
+               and not name.startswith(("remote.", "router.rules", "deid.", "dicomweb."))]
     assert not missing, f"settings missing from the complete file: {missing}"
 
 

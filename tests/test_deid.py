@@ -293,6 +293,10 @@ async def test_an_admin_queues_a_copy_from_the_study_page_and_sees_its_state(tmp
         assert 'id="deid-title"' not in carl.page
         assert (await carl.get(f"/api/studies/{study}/exports")).status == 403
         assert (await send(carl, profile="research", to="RESEARCH")).status == 403
+        # a NUL is no name (PostgreSQL's audit refused it: a 500); a name that says "router" is not the router off
+        nul = await send(ada, profile="research\x00", to="RESEARCH")
+        assert nul.status == 400 and (await nul.json())["error"] == "expected {profile, to}"
+        assert (await send(ada, profile="router", to="RESEARCH")).status == 400
     finally:
         archive.close()
 
@@ -406,6 +410,15 @@ def test_the_export_queue_and_the_sealed_way_back_on_both_engines(tmp_path, inde
         assert store.fail(index, first, "b", "refused again", now + 6, now + 10)
         assert (store.get(index, first).state, store.get(index, first).error) == ("failed", "refused again")
         assert store.counts_by_state(index) == {"failed": 1}
+        # the router running an export dies on its last attempt (an instance that kills it): failed, not taken
+        # up again after every restart
+        dying = store.create(index, study_uid="1.2.9", profile="p", destination="D", max_attempts=1, now=now)
+        assert store.claim(index, dying, "a", now, 60)
+        assert not store.claim(index, dying, "b", now + 30, 60)                  # a's lease still holds
+        assert store.due(index, now + 61) == [dying] and not store.claim(index, dying, "b", now + 61, 60)
+        found = store.get(index, dying)
+        assert found.state == "failed" and "stopped before it ended" in found.error
+        assert store.due(index, now + 61) == []
 
         store.remember(index, archive.keyring, project="p", pseudonym="ANON-X", key_mac="k1",
                        patient={"patient_id": "PID-SEALED"}, study_uid="2.25.9", study={"study_uid": "1.2.3"})

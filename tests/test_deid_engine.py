@@ -561,7 +561,7 @@ def test_what_the_table_does_not_list_does_not_pass_as_it_is():
     ds.add_new(0x00080106, "DT", "20240219101010")            # Context Group Version: an unlisted DT
     ds.add_new(0x00400400, "LT", "call Wrzesniewski about PID-44")
     ds.PixelSpacingCalibrationDescription = "Wrzesniewski spacing"
-    for options, date in (([], "19000101000000"), (["retain_longitudinal_modified_dates"], None)):
+    for options, dummy in (([], "19000101000000"), (["retain_longitudinal_modified_dates"], None)):
         deid = Deidentifier(profile(*options), SECRET)
         out = deid.apply(ds).dataset
         data = saved(out).decode("latin-1")
@@ -571,7 +571,7 @@ def test_what_the_table_does_not_list_does_not_pass_as_it_is():
         assert out.CommentsOnTheScheduledProcedureStep == "call *** about ***"
         assert out.PixelSpacingCalibrationDescription == "*** spacing"
         shifted = deid.patient(ds).shift_days
-        expected = date or (datetime.date(2024, 2, 19) - datetime.timedelta(days=shifted)).strftime("%Y%m%d") + \
+        expected = dummy or (datetime.date(2024, 2, 19) - datetime.timedelta(days=shifted)).strftime("%Y%m%d") + \
             "101010"
         assert out[0x00080106].value == expected
 
@@ -632,3 +632,54 @@ def test_a_date_range_moves_both_ends():
     last = (datetime.date(2020, 3, 1) - datetime.timedelta(days=days)).strftime("%Y%m%d")
     assert out[0x0018700C].value in (f"{first}-{last}", "")      # shifted whole, or dropped if the table removes it
     assert out.StudyDate == first
+
+
+def test_names_in_unspaced_scripts_hyphenated_names_and_deep_sequences_are_masked():
+    """CJK and Hangul names are written without spaces ("山田太郎"): their one- or two-character parts are
+    masked wherever they appear; a hyphenated part piece by piece; names nested deeper than 8 items too."""
+    ds = image()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Yamada^Taro=山田^太郎=やまだ^たろう"
+    inner = Dataset()
+    inner.PerformingPhysicianName = "Smith-Jones^Zbigniewa=김^철수"
+    for _ in range(10):
+        outer = Dataset()
+        outer.ReferencedStudySequence = [inner]
+        inner = outer
+    ds.ReferencedImageSequence = [inner]
+    ds.StudyDescription = "山田太郎 CT; 김철수님; Mrs Jones; Zbigniewa"
+    out = Deidentifier(profile("clean_descriptors"), SECRET).apply(ds).dataset
+    assert out.StudyDescription == "****** CT; ******님; Mrs ***; ***"
+    data = saved(out)
+    for part in ("山田", "太郎", "김", "철수", "Jones", "Zbigniewa"):
+        assert part.encode() not in data
+
+
+def test_a_huge_patient_name_does_not_make_cleaning_slow():
+    import random
+    import string
+    import time
+
+    rng = random.Random(2)
+    ds = image()
+    ds.PatientName = "^".join("".join(rng.choices(string.ascii_letters, k=5)) for _ in range(2000))
+    ds.ImageComments = " ".join("".join(rng.choices(string.ascii_lowercase, k=6)) for _ in range(40_000))
+    planted = ds.PatientName.components[0].split("^")[1234]
+    ds.ImageComments += f" {planted.upper()} {ds.PatientName.components[0].split('^')[7]}"
+    started = time.monotonic()
+    out = Deidentifier(profile("clean_descriptors"), SECRET).apply(ds).dataset
+    assert time.monotonic() - started < 4          # a flat alternation of 2,000 parts: about 8 s here
+    assert out.ImageComments.endswith(" *** ***")
+
+
+def test_a_date_time_with_more_than_a_time_after_its_date_is_emptied_not_half_shifted():
+    ds = image()
+    ds.AcquisitionDateTime = "20230314-20230315"                       # a range (query syntax), or garbage
+    ds.add_new(0x00189074, "DT", "20230314233000.5 20230316")          # Frame Acquisition DateTime
+    ds.add_new(0x0018A002, "DT", "20230314233000.123456+1400")         # Contribution DateTime: a DT as it should be
+    deid = Deidentifier(profile("retain_longitudinal_modified_dates"), SECRET)
+    out = deid.apply(ds).dataset
+    assert out.AcquisitionDateTime == "" and out[0x00189074].value == ""
+    moved = (datetime.date(2023, 3, 14) - datetime.timedelta(days=deid.patient(ds).shift_days)).strftime("%Y%m%d")
+    assert out[0x0018A002].value == moved + "233000.123456+1400"
+    assert b"20230315" not in saved(out) and b"20230316" not in saved(out)

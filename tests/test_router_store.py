@@ -33,7 +33,7 @@ def test_the_router_migrations_are_recorded_once(tmp_path, index_url):
     store.migrate(archive.index)
     store.migrate(archive.index)
     assert [tuple(r) for r in archive.index.read(sa.text("SELECT version_num FROM alembic_version_router"))] == [
-        ("router_0001",)]
+        ("router_0002",)]
     assert set(ROUTER_TABLES) <= set(sa.inspect(archive.index.engines.writer).get_table_names())
 
 
@@ -63,7 +63,8 @@ def test_result_files_are_kept_and_a_replaced_one_is_let_go(tmp_path, index_url)
 
 # -- one schema for the router's tables, however the index was made ---------------------------------
 
-ROUTER_TABLES = ("jobs", "job_results", "forwards", "router_studies", "router_fired")
+ROUTER_TABLES = ("jobs", "job_results", "forwards", "router_studies", "router_fired", "deid_exports", "deid_patients",
+                 "deid_studies")
 
 
 def _schema(engine) -> dict:
@@ -122,7 +123,7 @@ def test_new_old_and_postgresql_indexes_have_one_router_schema(tmp_path, pg_clus
     _from_before_alembic(tmp_path / "old" / "index.sqlite3")
     old = Index(tmp_path / "old" / "index.sqlite3")
     store.migrate(old)
-    assert [r[0] for r in old.read(sa.text("SELECT version_num FROM alembic_version_router"))] == ["router_0001"]
+    assert [r[0] for r in old.read(sa.text("SELECT version_num FROM alembic_version_router"))] == ["router_0002"]
     postgresql = Index(pg_cluster.create_database("t_schema_new"))
     store.migrate(postgresql)
     indexes = {"an old SQLite index": old, "a new PostgreSQL index": postgresql,
@@ -137,7 +138,8 @@ def test_new_old_and_postgresql_indexes_have_one_router_schema(tmp_path, pg_clus
 
 def test_an_index_from_before_alembic_is_stamped_and_keeps_its_rows_and_result_files(tmp_path):
     """Made by the sqlite-utils migrations before the router held its result files (0002): stamped at
-    router_0001 after the frozen migrations ran, its rows kept, its result files held."""
+    router_0001 after the frozen migrations ran (then brought to the newest revision), its rows kept, its result files
+    held."""
     _from_before_alembic(tmp_path / "var" / "index.sqlite3", before="0002_result_holds")
     archive = Archive(tmp_path / "var")
     job, blob = _job(archive), _file(archive, b"an X3D scene")
@@ -151,7 +153,7 @@ def test_an_index_from_before_alembic_is_stamped_and_keeps_its_rows_and_result_f
     assert archive.index.blob_referenced(blob)
     assert archive.recover() == 0 and archive.local.path(blob).exists()
     assert [r[0] for r in archive.index.read(sa.text("SELECT version_num FROM alembic_version_router"))] == [
-        "router_0001"]
+        "router_0002"]
     assert [r[0] for r in archive.index.read(sa.text(
         "SELECT name FROM _sqlite_migrations WHERE migration_set = 'router' ORDER BY name"))] == [
         "0001_tables", "0002_result_holds"]

@@ -28,7 +28,7 @@ async def api_exports(request: web.Request) -> web.Response:
     study_uid = views._study(request, request.match_info["study"])
     config = request.app[CONFIG]
     found = await run(request, lambda: store.exports(request.app[ARCHIVE].index, study_uid, limit=20))
-    off = views._no_router(config)
+    off = _no_router(config)
     return views._json({"exports": [e.as_json() for e in found], "profiles": sorted(config.deid),
                         "destinations": destinations(config), "why_not": off or (
                             None if config.deid else "no [deid.NAME] profile is configured (docs/deid.md)")})
@@ -39,10 +39,13 @@ async def api_export(request: web.Request) -> web.Response:
     study_uid = views._study(request, request.match_info["study"])
     body = await json_body(request)
     config = request.app[CONFIG]
-    if not isinstance(body, dict) or not isinstance(body.get("profile"), str) or not isinstance(body.get("to"), str):
+    if (not isinstance(body, dict) or not isinstance(body.get("profile"), str) or not isinstance(body.get("to"), str)
+            or not (body["profile"].isprintable() and body["to"].isprintable())):
+        # a control character (NUL) is no profile's or destination's name; PostgreSQL's audit could not keep it
         return views._json({"error": "expected {profile, to}"}, status=400)
     profile, to = body["profile"], body["to"]
-    why = views._no_router(config) or (
+    off = _no_router(config)
+    why = off or (
         f"no [deid.{profile}] profile" if profile not in config.deid else
         f"{to!r} is not a configured destination ({', '.join(destinations(config)) or 'none'})"
         if to not in destinations(config) else None)
@@ -50,12 +53,20 @@ async def api_export(request: web.Request) -> web.Response:
         why = "the study has no instances here"
     if why:
         await views._audit(request, "deid_export", "refused", study_uid=study_uid, detail=why[:300])
-        return views._json({"error": why}, status=409 if "router" in why else 400)
+        return views._json({"error": why}, status=409 if off else 400)
     made = await run(request, lambda: store.create(
         request.app[ARCHIVE].index, study_uid=study_uid, profile=profile, destination=to,
         max_attempts=config.router.max_attempts, created_by=request[SESSION].user.name))
     await views._audit(request, "deid_export", study_uid=study_uid, detail=f"{to} (deid:{profile}, export {made})")
     return views._json({"export": made}, status=201)
+
+
+def _no_router(config) -> str | None:
+    """Why an export queued here would never run (views._no_router, said of copies rather than analyses)."""
+    if views._no_router(config) is None:
+        return None
+    return ("de-identified copies cannot be sent from this node: its router is off (router.enabled = false), so "
+            "an export would wait for ever; `m3dicom deid STUDY --to DESTINATION` sends one by hand")
 
 
 def _has_instances(request: web.Request, study_uid: str) -> bool:

@@ -26,6 +26,7 @@ import copy
 import hashlib
 import hmac
 import json
+import os
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -54,6 +55,11 @@ TEXT_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"}
 NUMBER_VRS = {"FD", "FL", "SL", "SS", "UL", "US", "SV", "UV"}
 BYTES_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 MASK = "***"
+_DT_TAIL = re.compile(r"(\d{2}){0,3}(\.\d{1,6})?([+-]\d{4})?")      # a DT's time and offset (PS3.5 6.2)
+_GROUPABLE = re.compile("[\x20-\x7e]")      # but i, s and k (see _alternation)
+# letters of the scripts that do not separate words by spaces (CJK ideographs, kana, Hangul, Thai, ...)
+_UNSPACED = re.compile("[\u0e00-\u0eff\u1100-\u11ff\u2e80-\u2fdf\u3040-\u30ff\u3100-\u31ff\u3400-\u4dbf"
+                       "\u4e00-\u9fff\ua960-\ua97f\uac00-\ud7ff\uf900-\ufaff\uff66-\uffdc\U00020000-\U0003ffff]")
 
 
 class DeidError(ValueError):
@@ -370,6 +376,8 @@ def _shifted(value, vr: str, days: int):
             return "-".join(ends) if all(e or not t for e, t in zip(ends, text.split("-", 1))) else ""
         if len(text) < 8 or not text[:8].isdigit():
             return ""
+        if vr == "DT" and not _DT_TAIL.fullmatch(text[8:]):
+            return ""                           # what follows the date is no time (a second date kept as written)
         moved = _shift_date(text[:8], days)
         return "" if moved is None else moved + (text[8:] if vr == "DT" else "")
     if value is None or value == "":
@@ -393,7 +401,13 @@ def _identifiers(ds: Dataset) -> re.Pattern | None:
     short: set[str] = set()              # name parts of one or two letters: masked as whole words only
     for name in _names(ds):
         for part in re.split(r"[\^ =,]+", name):
-            (found if len(part) >= 3 else short).add(part) if part.strip(".") else None
+            # a hyphenated or apostrophed part is masked whole and each piece alone ("Smith-Jones": "Jones")
+            for piece in {part, *re.split(r"[-'\u2019]+", part)}:
+                if not piece.strip(".-'\u2019"):
+                    continue
+                # scripts written without spaces between words (CJK, kana, Hangul, Thai): "山田太郎" has no word
+                # boundary around "山田", so a part of one or two characters there is masked wherever it appears
+                (found if len(piece) >= 3 or _UNSPACED.search(piece) else short).add(piece)
     for keyword in ("PatientID", "OtherPatientIDs", "AccessionNumber", "InstitutionName", "InstitutionAddress",
                     "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber", "PatientAddress",
                     "PatientTelephoneNumbers", "MedicalRecordLocator", "StudyID"):
@@ -404,22 +418,56 @@ def _identifiers(ds: Dataset) -> re.Pattern | None:
                 found.update(_dates_as_written(str(value)))
     if not found and not short:
         return None
-    whole = [rf"(?<!\w){re.escape(v)}(?!\w)" for v in sorted(short, key=len, reverse=True)]
-    return re.compile("|".join([re.escape(v) for v in sorted(found, key=len, reverse=True)] + whole), re.IGNORECASE)
+    parts = ([f"(?:{_alternation({_folded(v) for v in found})})"] if found else []) + (
+        [rf"(?<!\w)(?:{_alternation({_folded(v) for v in short})})(?!\w)"] if short else [])
+    return re.compile("|".join(parts), re.IGNORECASE)
 
 
-def _names(ds: Dataset, depth: int = 0, budget: list | None = None):
-    """Every person's name in the data set, sequences included (at most 10,000 elements looked at)."""
-    budget = [10_000] if budget is None else budget
-    for elem in ds:
-        budget[0] -= 1
-        if budget[0] < 0:
-            return
-        if elem.VR == "PN":
-            yield from (str(v) for v in _values(elem))
-        elif elem.VR == "SQ" and depth < 8:
-            for item in elem.value or []:
-                yield from _names(item, depth + 1, budget)
+def _folded(value: str) -> str:
+    """`value` in lower case where the case-insensitive match still finds it as written (not "İ", "ß")."""
+    low = value.lower()
+    return low if len(low) == len(value) and re.fullmatch(re.escape(low), value, re.IGNORECASE) else value
+
+
+def _alternation(words: set[str], level: int = 0) -> str:
+    """A pattern matching any of `words`, the longest first, factored by leading letters (a shallow trie):
+    Python's regex tries each alternative at each position, so thousands of name parts (a hostile Patient's
+    Name) against a long text took minutes; grouped by prefix, a position tries a few. Only words starting
+    with an ASCII character no other character matches case-insensitively are grouped (not i, s, k: "İ",
+    "ſ", "K" match them); the others stay one alternation, longest first, so that the longest word at a
+    position is the one masked, as before."""
+    prefix = os.path.commonprefix(list(words)) if len(words) > 1 else ""
+    if prefix:
+        return re.escape(prefix) + f"(?:{_alternation({w[len(prefix):] for w in words}, level)})"
+    if level >= 12 or len(words) <= 8:
+        return _flat(words)
+    groups: dict[str, set[str]] = {}
+    rest = set()
+    for word in words:
+        if word and _GROUPABLE.match(word[0]) and word[0] not in "iskISK":
+            groups.setdefault(word[0].lower(), set()).add(word[1:])
+        elif word:
+            rest.add(word)
+    body = "|".join([re.escape(first) + (f"(?:{_alternation(more, level + 1)})" if more != {""} else "")
+                     for first, more in sorted(groups.items())] + ([_flat(rest)] if rest else []))
+    return f"(?:{body})?" if "" in words else body
+
+
+def _flat(words: set[str]) -> str:
+    return "|".join(re.escape(w) for w in sorted(words, key=lambda w: (-len(w), w)))
+
+
+def _names(ds: Dataset):
+    """Every person's name in the data set, in sequences at any depth: a name missed here would pass in the
+    free text the walk cleans. Looking costs no more than the walk itself (which visits every element), and
+    the depth is the archive's reading limit (ingest.max_sequence_depth)."""
+    pending = [ds]
+    while pending:
+        for elem in pending.pop():
+            if elem.VR == "PN":
+                yield from (str(v) for v in _values(elem))
+            elif elem.VR == "SQ":
+                pending.extend(elem.value or [])
 
 
 def _values(elem) -> list:

@@ -38,6 +38,11 @@ _CLAIM = text("UPDATE deid_exports SET state = 'running', worker = :worker, leas
               "attempts = attempts + 1, started_at = :now, error = NULL "
               "WHERE id = :id AND ((state = 'queued' AND next_try <= :now) "
               "OR (state = 'running' AND lease_expires < :now))")
+# a running export whose router stopped (its lease ended) on its last attempt: failed, not taken over again (an
+# export that kills the router that runs it, a hostile instance, would otherwise be taken up after every restart)
+_ABANDON = text("UPDATE deid_exports SET state = 'failed', lease_expires = NULL, finished_at = :now, "
+                "error = :error WHERE id = :id AND state = 'running' AND lease_expires < :now "
+                "AND attempts >= max_attempts")
 _DEFER = text("UPDATE deid_exports SET next_try = :next_try WHERE id = :id AND state = 'queued'")
 _RENEW = text("UPDATE deid_exports SET lease_expires = :until "
               "WHERE id = :id AND state = 'running' AND worker = :worker")
@@ -132,7 +137,12 @@ def due(index: Index, now: float, limit: int = 1) -> list[str]:
 
 
 def claim(index: Index, export_id: str, worker: str, now: float, lease: float) -> bool:
+    """Take the export (queued and due, or running with its lease ended); False when it is not to be taken, or
+    when its lease ended on its last attempt: then it is failed."""
     with index.write() as c:
+        if c.execute(_ABANDON, {"id": export_id, "now": now, "error": "the router running it stopped before it "
+                                "ended, on its last attempt: not tried again"}).rowcount:
+            return False
         return c.execute(_CLAIM, {"id": export_id, "worker": worker, "until": now + lease, "now": now}).rowcount == 1
 
 

@@ -4,7 +4,8 @@
 its state (queued, running, succeeded, failed), counts and last error, leased like a job while it runs.
 `deid_patients` / `deid_studies`: pseudonym -> the original patient, copy's Study UID -> the original study,
 per project (profile). The originals are sealed (AES-256-GCM under a data key wrapped by the node's key
-encryption key, as blobs are): a copy of the index alone re-identifies nobody.
+encryption key, as blobs are): a dump of these tables alone names no one (the rest of the index is the clinical
+archive, in the clear: docs/deid.md).
 """
 import sqlalchemy as sa
 from alembic import op
