@@ -683,3 +683,50 @@ def test_a_date_time_with_more_than_a_time_after_its_date_is_emptied_not_half_sh
     moved = (datetime.date(2023, 3, 14) - datetime.timedelta(days=deid.patient(ds).shift_days)).strftime("%Y%m%d")
     assert out[0x0018A002].value == moved + "233000.123456+1400"
     assert b"20230315" not in saved(out) and b"20230316" not in saved(out)
+
+
+# 10. the code review's findings
+
+def test_no_object_uid_of_the_dictionary_survives():
+    """Every UI attribute of pydicom's dictionary set to an original UID of its own: none is in the copy (the
+    table lists 55 of them; the others, such as SOP Instance UID of Concatenation Source, are derived too)."""
+    from pydicom.datadict import DicomDictionary
+
+    ds = image()
+    originals = {}
+    for number, (tag, entry) in enumerate(sorted(DicomDictionary.items())):
+        vr, multiplicity = entry[0], entry[1]
+        if vr != "UI" or tag >> 16 in (0x0002, 0x0000) or tag in (0x00080016, 0x00020010) or "x" in f"{tag:08x}":
+            continue
+        uid = f"1.2.826.0.1.3680043.999.{number}"
+        originals[f"{tag:08X}"] = uid
+        ds.add_new(tag, "UI", uid)
+    out = Deidentifier(profile(), SECRET).apply(ds).dataset
+    data = saved(out).decode("latin-1")
+    kept = {tag: uid for tag, uid in originals.items() if uid + "\x00" in data or uid + " " in data
+            or data.endswith(uid) or f"{uid}\\" in data}
+    assert len(originals) > 90 and not kept, kept
+
+
+def test_allow_listed_private_values_are_de_identified_and_unreadable_ones_dropped():
+    ds = image()
+    block = ds.private_block(0x0009, "ACME 1.0", create=True)
+    block.add_new(0x30, "DA", STUDY_DATE)
+    block.add_new(0x31, "UI", "1.2.826.0.1.3680043.999.7")
+    block.add_new(0x32, "UN", b"\xfe\xff\x00\xe0\x08\x00\x00\x00\x10\x00\x10\x00SECRET!!")   # an item, unread
+    block.add_new(0x33, "PN", "Hidden^Person")
+    deid = Deidentifier(profile("retain_safe_private", "retain_longitudinal_modified_dates",
+                                safe_private=[f"0009,ACME 1.0,{e}" for e in ("30", "31", "32", "33")]), SECRET)
+    out = deid.apply(ds).dataset
+    data = saved(out).decode("latin-1")
+    assert "SECRET!!" not in data and "1.2.826.0.1.3680043.999.7" not in data and "Hidden" not in data
+    assert STUDY_DATE not in data and out[0x00091030].value != STUDY_DATE and out[0x00091031].value.startswith("2.25.")
+    assert 0x00091032 not in out
+
+
+def test_an_image_that_cannot_be_blacked_out_is_left_out_alone():
+    ds = image()
+    ds.BurnedInAnnotation = "YES"
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"     # MPEG-2: no codec here decodes it
+    copy = Deidentifier(profile(burned_in="blackout", blackout=[[0, 0, 4, 4]]), SECRET).apply(ds)
+    assert copy.dataset is None and "cannot black it out" in copy.dropped

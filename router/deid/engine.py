@@ -175,7 +175,10 @@ class Deidentifier:
         self._mark(out)
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) or ExplicitVRLittleEndian
         if suspect:
-            syntax = _black_out(out, syntax, self.profile.blackout)
+            try:
+                syntax = _black_out(out, syntax, self.profile.blackout)
+            except Exception as exc:        # float pixels, a codec missing: this image is left out, not the study
+                return Copy(patient, dropped=f"{suspect}; cannot black it out ({type(exc).__name__}: {exc})"[:300])
         if "SOPInstanceUID" not in out or "SOPClassUID" not in out:
             raise DeidError("the data set has no SOP Class UID or SOP Instance UID")
         meta = FileMetaDataset()
@@ -303,8 +306,14 @@ class _Walk:
         if (group, block) not in creators:
             creators[(group, block)] = creator
             out.add(DataElement((group << 16) | block, "LO", creator))
+        if elem.VR == "UN":                 # read without its VR (implicit VR, no private dictionary entry): a
+            return                          # sequence or a date in there could not be de-identified
         if elem.VR == "SQ":                 # an allow-listed sequence: its items are de-identified like any
             elem = DataElement(elem.tag, "SQ", Sequence(self.dataset(item) for item in (elem.value or [])))
+        else:                               # a date shifted (or kept) as the options say, a UID derived, a name
+            elem = self._element(elem, "U" if elem.VR == "UI" else "D" if elem.VR == "PN" else "K", False)
+            if elem is None:
+                return
         out.add(elem)
 
 
@@ -316,6 +325,8 @@ def _unlisted(elem: DataElement) -> str:
     longitudinal option); free text is cleaned of the instance's identifying values."""
     if not _standard(elem.tag) or elem.tag.group == 0x0010 or elem.VR == "UR":
         return "X"
+    if elem.VR == "UI":
+        return "U"                      # only registry UIDs pass (`_registry`): an object's UID is derived
     if elem.VR in ("PN", "DA", "DT"):
         return "D"
     if elem.VR in ("LO", "SH", "ST", "LT", "UT", "UC"):
@@ -349,8 +360,8 @@ def _dummy(elem: DataElement, uids=None) -> DataElement:
         return DataElement(elem.tag, vr, "REMOVED")
     if vr in NUMBER_VRS:
         return DataElement(elem.tag, vr, 0)
-    if vr in BYTES_VRS:
-        return DataElement(elem.tag, vr, b"\x00\x00")
+    if vr in BYTES_VRS:                 # zeros of the VR's width (OF, OL: 4 bytes; OD, OV: 8)
+        return DataElement(elem.tag, vr, b"\x00" * {"OF": 4, "OL": 4, "OD": 8, "OV": 8}.get(vr, 2))
     if vr == "AT":
         return DataElement(elem.tag, vr, 0)
     return DataElement(elem.tag, vr, None)
@@ -501,7 +512,8 @@ def _black_out(out: Dataset, syntax: str, regions: list) -> str:
     pixels = out.pixel_array
     if pixels.dtype.kind not in "iu":
         raise DeidError("black-out needs integer pixels")
-    black = pixels.max() if out.get("PhotometricInterpretation") == "MONOCHROME1" else np.iinfo(pixels.dtype).min \
+    stored = int(out.get("BitsStored", 0) or 0) or pixels.dtype.itemsize * 8
+    black = pixels.max() if out.get("PhotometricInterpretation") == "MONOCHROME1" else -(1 << (stored - 1)) \
         if pixels.dtype.kind == "i" and out.get("PixelRepresentation") == 1 else 0
     pixels = np.array(pixels, copy=True)
     frames = pixels if int(out.get("NumberOfFrames", 1) or 1) > 1 else pixels[np.newaxis]
