@@ -199,6 +199,7 @@ def cmd_keys_rotate(args) -> int:
     from tqdm import tqdm
 
     from archive.keys import rotate, work
+    from router.deid import store as deid_store
     from viewer.accounts import rewrap_secret
 
     from .owners import open_archive
@@ -208,7 +209,8 @@ def cmd_keys_rotate(args) -> int:
     try:
         total = sum(map(len, work(archive)))
         with tqdm(total=total, unit="blob", disable=args.quiet or None) as bar:
-            report = rotate(archive, progress=bar.update, new_key=lambda: rewrap_secret(archive.index, archive.keyring))
+            report = rotate(archive, progress=bar.update, new_key=lambda: (
+                rewrap_secret(archive.index, archive.keyring), deid_store.rewrap(archive.index, archive.keyring)))
     finally:
         archive.close()
     print(f"new key-encryption key {report.key_id}: re-wrapped {report.local} local blobs and "
@@ -544,6 +546,10 @@ def cmd_deid_secret(args) -> int:
     return 0
 
 
+LEASE = 60.0          # seconds a hand-made export's lease lasts (renewed every quarter): a router takes it over
+#                       (or fails it, on its one attempt) only once this process is gone
+
+
 def cmd_deid_export(args) -> int:
     """De-identified copies of a study, made and sent from here, with a progress bar; the export is recorded
     like the router's, so `deid list` and the study page show it."""
@@ -570,16 +576,16 @@ def cmd_deid_export(args) -> int:
         if kind != "study":
             raise RuntimeError(f"{args.study} is " + (f"a {kind.replace('_', ' ')} UID, not a Study Instance UID"
                                                        if kind else "not a study this node holds"))
-        export_id = store.create(archive.index, study_uid=args.study, profile=name, destination=args.to,
-                                 max_attempts=1, created_by="cli")
+        worker = f"{socket.gethostname()}/cli-{os.getpid()}"
+        export_id = store.create_running(archive.index, study_uid=args.study, profile=name, destination=args.to,
+                                         created_by="cli", worker=worker, lease=LEASE)
         _cli_audit(archive.index, "deid_export", f"-> {args.to} (deid:{name}, export {export_id})", args.study)
         with tqdm(total=0, unit="instance", disable=args.quiet or None) as bar:
             def progress(outcome) -> None:
                 bar.total = outcome.total
                 bar.n = outcome.sent + outcome.dropped
                 bar.refresh()
-            done = execute(archive, config, export_id, f"{socket.gethostname()}/cli-{os.getpid()}",
-                           progress=progress)
+            done = execute(archive, config, export_id, worker, lease=LEASE, progress=progress, claimed=True)
     finally:
         archive.close()
     if done.state != "succeeded":
@@ -591,13 +597,23 @@ def cmd_deid_export(args) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: at least 1")
+    return value
+
+
 def cmd_deid_list(args) -> int:
     import time
 
     from router.deid import store
 
     with _index_of(args) as index:
-        for e in store.exports(index, args.study, args.limit):
+        found = store.exports(index, args.study, args.limit)
+        if not found:
+            print("no export" + (f" of study {args.study}" if args.study else "") + " yet", file=sys.stderr)
+        for e in found:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created_at))
             counts = (f"{e.sent or 0}/{e.total or 0} sent, {e.dropped or 0} left out"
                       + (f", as {e.pseudonym}" if e.pseudonym else ""))
@@ -624,6 +640,7 @@ def _pseudonyms_of(config: Config, patient_id: str, issuer: str) -> list[str]:
 def cmd_deid_lookup(args) -> int:
     """Who a pseudonym is: for the people allowed to know (whoever may read the node's keys), audited."""
     import json
+    import re
 
     from router.deid import store
 
@@ -631,7 +648,7 @@ def cmd_deid_lookup(args) -> int:
 
     config = _config(args)
     wanted = args.pseudonym.strip()
-    if not wanted[:1].isdigit():                    # pseudonyms are capitals (a copy's Study UID is digits)
+    if not re.fullmatch(r"[0-9.]+", wanted):        # pseudonyms are capitals (a copy's Study UID is digits)
         wanted = wanted.upper()
     if args.patient_id:                             # the original patient: their pseudonym in each project
         wanted = _pseudonyms_of(config, args.pseudonym.strip(), args.issuer or "")
@@ -645,7 +662,9 @@ def cmd_deid_lookup(args) -> int:
         archive.close()
     if not found:
         print(f"m3dicom: no {'copy of patient' if args.patient_id else 'pseudonym or copied study'} "
-              f"{args.pseudonym!r}", file=sys.stderr)
+              f"{args.pseudonym!r}" + (" under any project's current secret (give --issuer if the studies carry "
+                                       "one; copies made under a secret since rotated are found by their pseudonym)"
+                                       if args.patient_id else ""), file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(found, indent=2))
@@ -844,7 +863,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_deid_secret)
     p = with_config(deid.add_parser("list", help="recent exports, newest first"))
     p.add_argument("--study", help="only this Study Instance UID")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_positive, default=50)
     p.set_defaults(func=cmd_deid_list)
     p = with_config(deid.add_parser("lookup", help="who a pseudonym (or a copy's Study UID) is; audited"))
     p.add_argument("pseudonym", help="a pseudonym, a copy's Study Instance UID, or with --patient-id an original "

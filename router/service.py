@@ -280,13 +280,13 @@ class Router:
     def _judge_deid(self, rule: CompiledRule, study_uid: str, after: int, upto: int, now: float) -> list[str]:
         """De-identified copies of the study, one export per destination, when one of its series matches and
         something of it changed since the rule last judged it (an export still queued is reused)."""
-        matched = {s.series_uid for s in rule.select(self.study_facts(study_uid))}
+        matched = bool(rule.select(self.study_facts(study_uid)))
         changed = series_changed(self.index, study_uid, after, upto, ROUTED)
         made = []
         with self.index.write() as conn:
             if not store.mark_fired(conn, study_uid, rule.name, after, upto):
                 return []
-            if matched & changed:
+            if matched and changed:             # the whole study goes, so anything new of it makes a new copy
                 for destination in rule.rule.deid_to:
                     made.append(deid_store.create(self.index, study_uid=study_uid, profile=rule.rule.deid,
                                                   destination=destination, rule=rule.name,
@@ -494,7 +494,8 @@ class Router:
     def export_due(self, now: float) -> None:
         """Run the next due export (one at a time, in a thread: reading, de-identifying and sending a study
         takes seconds to minutes); an export whose router died is taken over once its lease ends. A study
-        with analysis jobs still queued or running waits for them, so that their results go with it."""
+        with analysis jobs still queued or running, or a rule still waiting for its quiet period, waits: the
+        results of its analyses go with it."""
         for export_id, future in list(self._exporting.items()):
             if future.done():
                 del self._exporting[export_id]
@@ -502,8 +503,10 @@ class Router:
             return
         for export_id in deid_store.due(self.index, now):
             export = deid_store.get(self.index, export_id)
-            if export is not None and export.state == "queued" and queue.jobs(
-                    self.index, study_uid=export.study_uid, states=("queued", "running"), limit=1):
+            busy = export is not None and export.state == "queued" and (
+                store.waiting(self.index, export.study_uid)
+                or queue.jobs(self.index, study_uid=export.study_uid, states=("queued", "running"), limit=1))
+            if busy:
                 deid_store.defer(self.index, export_id, now + EXPORT_WAIT)   # its analysis results go with it
                 continue
             future = self._exporter.submit(self._export, export_id)
@@ -513,7 +516,7 @@ class Router:
     def _export(self, export_id: str) -> None:
         try:
             deid_export.execute(self.archive, self.config, export_id, self.name,
-                               lease=self.config.router.job_timeout, clock=self.clock)
+                               lease=self.lease, clock=self.clock)
         except deid_export.ExportError as exc:      # claimed by another router meanwhile
             log.info("%s", exc)
         except Exception:

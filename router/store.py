@@ -26,6 +26,7 @@ _NOTE_STORED = text("INSERT INTO router_studies (study_uid, last_seq, last_time)
                     "WHERE router_studies.last_seq < excluded.last_seq")
 _PENDING = text("SELECT study_uid, last_seq, last_time FROM router_studies")
 _FORGET = text("DELETE FROM router_studies WHERE study_uid = :study_uid AND last_seq = :last_seq")
+_WAITING = text("SELECT 1 FROM router_studies WHERE study_uid = :study_uid")
 _FIRED_SEQ = text("SELECT seq FROM router_fired WHERE study_uid = :study_uid AND rule = :rule")
 _MARK_FIRED = text("INSERT INTO router_fired (study_uid, rule, seq) VALUES (:study_uid, :rule, :seq) "
                    "ON CONFLICT (study_uid, rule) DO UPDATE SET seq = excluded.seq WHERE router_fired.seq = :after")
@@ -73,6 +74,11 @@ def forget_study(index: Index, study: PendingStudy) -> None:
     """Every rule has judged the study up to `study.last_seq` (unless a newer instance came since)."""
     with index.write() as conn:
         conn.execute(_FORGET, {"study_uid": study.study_uid, "last_seq": study.last_seq})
+
+
+def waiting(index: Index, study_uid: str) -> bool:
+    """Whether some rule has still to judge the study (its quiet period has not ended)."""
+    return bool(index.read(_WAITING, {"study_uid": study_uid}))
 
 
 def fired_seq(index: Index, study_uid: str, rule: str) -> int:

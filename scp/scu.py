@@ -152,11 +152,12 @@ def _send_batch(peer: Peer, batch, needed, report: SendReport, progress) -> None
             assoc.release()
 
 
-def send_to_remote(remote, config, paths: Iterable[Path]) -> SendReport:
+def send_to_remote(remote, config, paths: Iterable[Path],
+                   progress: Callable[[int], None] = lambda n: None) -> SendReport:
     """C-STORE files to a [remote.NAME] node (TLS and certificates as configured for it)."""
     from .tls import remote_tls
 
     tls = remote_tls(remote, config)
     peer = Peer(remote.host, remote.port, remote.ae_title, config.node.ae_title,
                 tls[0] if tls else None, tls[1] if tls else None)
-    return send(peer, paths)
+    return send(peer, paths, progress)

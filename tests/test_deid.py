@@ -269,6 +269,10 @@ async def test_an_admin_queues_a_copy_from_the_study_page_and_sees_its_state(tmp
         elsewhere = await send(ada, profile="research", to="s3://attacker-bucket/")
         assert elsewhere.status == 400 and "not a configured destination" in (await elsewhere.json())["error"]
         assert (await send(ada, profile="nope", to="RESEARCH")).status == 400
+        no_secret = await send(ada, profile="research", to="RESEARCH")
+        assert no_secret.status == 400 and "m3dicom deid secret research" in (await no_secret.json())["error"]
+        from router.deid.export import make_secret
+        make_secret(config, "research")
         assert (await ada.post(f"/api/studies/{study}/exports", json={"profile": "research", "to": "RESEARCH"}
                                )).status == 403                      # no CSRF token
         made = await send(ada, profile="research", to="RESEARCH")
@@ -277,7 +281,7 @@ async def test_an_admin_queues_a_copy_from_the_study_page_and_sees_its_state(tmp
         row = store.get(archive.index, export_id)
         assert (row.state, row.study_uid, row.destination, row.created_by) == ("queued", study, "RESEARCH", "ada")
         audited = archive.index.read(text("SELECT user_name, outcome FROM audit WHERE action = 'deid_export'"))
-        assert [tuple(r) for r in audited] == [("ada", "refused"), ("ada", "refused"), ("ada", "ok")]
+        assert [tuple(r) for r in audited] == [("ada", "refused")] * 3 + [("ada", "ok")]
 
         import time
         assert store.claim(archive.index, export_id, "test", time.time(), 60.0)
@@ -434,5 +438,8 @@ def test_the_export_queue_and_the_sealed_way_back_on_both_engines(tmp_path, inde
         from sqlalchemy import text
         sealed = b"".join(bytes(r[0]) for r in index.read(text("SELECT sealed FROM deid_patients")))
         assert b"PID-SEALED" not in sealed
+        archive.keyring.local.add_new()                     # `m3dicom keys rotate`: the way back re-wrapped
+        assert store.rewrap(index, archive.keyring) == 3 and store.rewrap(index, archive.keyring) == 0
+        assert store.lookup(index, archive.keyring, "ANON-X")[0]["patient"] == {"patient_id": "PID-SEALED"}
     finally:
         archive.close()

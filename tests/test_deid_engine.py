@@ -513,39 +513,33 @@ def test_a_secret_that_is_not_a_file_is_refused_in_one_line(tmp_path):
     assert read_secret(config, "p") == SECRET
 
 
-def test_a_study_naming_two_patients_is_refused(tmp_path, monkeypatch):
+def test_a_study_naming_two_patients_is_refused(tmp_path):
     """The archive files a study under one Patient ID; the copy's patient is also the issuer (or the name and birth
-    date without an ID): instances that give two pseudonyms fail the export rather than mix patients in one study."""
-    from contextlib import contextmanager
-    from types import SimpleNamespace
+    date without an ID): instances that give two pseudonyms fail the export rather than mix patients in one study.
+    A real archive holds both; the export is run as the router runs it, to an S3 place it never reaches."""
+    from archive import Archive
+    from node import owners
+    from node.config import from_dict
+    from router.deid import export, store
 
-    from router.deid import export
-
+    config = from_dict({"node": {"data_dir": str(tmp_path / "var")}, "deid": {"p": {}}}, tmp_path)
     first, second = image(), image()
     second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = ORG + "99"
     second.IssuerOfPatientID = "ANOTHER HOSPITAL"       # the same Patient ID, another patient
-    by_path = {"a": first, "b": second}
+    archive = Archive(config.data_dir)
+    try:
+        owners.migrate(archive.index)
+        export.make_secret(config, "p")
+        for number, ds in enumerate((first, second)):
+            ds.save_as(tmp_path / f"{number}.dcm", enforce_file_format=True)
+            archive.ingest_file(tmp_path / f"{number}.dcm")
+        made = store.create(archive.index, study_uid=str(first.StudyInstanceUID), profile="p",
+                            destination="s3://unreached/x/", max_attempts=3)
+        done = export.execute(archive, config, made, "test")
+        assert done.state == "failed" and "names another patient" in done.error and not done.sent
+    finally:
+        archive.close()
 
-    @contextmanager
-    def exported(blob_id, sha256):
-        yield blob_id
-
-    archive = SimpleNamespace(exported=exported, limits=None, index=None, keyring=None)
-    monkeypatch.setattr(export, "read_dataset", lambda path, limits, pixels: by_path[path])
-    remembered = []
-    monkeypatch.setattr(export.store, "remember", lambda *args, **kw: remembered.append(kw["pseudonym"]))
-    instances = [SimpleNamespace(blob_id=p, sha256="", result=False) for p in ("a", "b")]
-    job = SimpleNamespace(profile="p", study_uid=str(first.StudyInstanceUID))
-    deid = Deidentifier(profile(), SECRET)
-    with pytest.raises(export.ExportError, match="names another patient") as found:
-        export._make(archive, deid, job, instances, tmp_path, export.Outcome(reasons={}), lambda o: None)
-    assert found.value.final and len(remembered) == 1
-    del second.IssuerOfPatientID
-    copies = export._make(archive, deid, job, instances, tmp_path, export.Outcome(reasons={}), lambda o: None)
-    assert len(copies) == 2
-
-
-# 9. second attack and new-user pass: what the table does not list, UIDs under the registry root, names in text
 
 def test_what_the_table_does_not_list_does_not_pass_as_it_is():
     """A birth date in another calendar (0010,0033), a reviewer's name, a WADO link, an unlisted date and a
@@ -695,7 +689,7 @@ def test_no_object_uid_of_the_dictionary_survives():
     ds = image()
     originals = {}
     for number, (tag, entry) in enumerate(sorted(DicomDictionary.items())):
-        vr, multiplicity = entry[0], entry[1]
+        vr = entry[0]
         if vr != "UI" or tag >> 16 in (0x0002, 0x0000) or tag in (0x00080016, 0x00020010) or "x" in f"{tag:08x}":
             continue
         uid = f"1.2.826.0.1.3680043.999.{number}"
@@ -730,3 +724,49 @@ def test_an_image_that_cannot_be_blacked_out_is_left_out_alone():
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"     # MPEG-2: no codec here decodes it
     copy = Deidentifier(profile(burned_in="blackout", blackout=[[0, 0, 4, 4]]), SECRET).apply(ds)
     assert copy.dataset is None and "cannot black it out" in copy.dropped
+
+
+def test_a_result_made_from_an_image_left_out_is_left_out_and_a_lost_lease_stops_the_export(tmp_path):
+    """The CAD's Secondary Capture shows its source's pixels: trusted only when its source was sent. A real
+    archive: a burned-in image and a result (an instance with a job) made from it; and an export whose lease
+    another router took stops before it sends anything."""
+    import threading
+
+    from archive import Archive
+    from node import owners
+    from node.config import from_dict
+    from router import queue
+    from router.deid import export, store
+
+    config = from_dict({"node": {"data_dir": str(tmp_path / "var")}, "deid": {"p": {}}}, tmp_path)
+    source, result = image(), image()
+    source.BurnedInAnnotation = "YES"
+    result.SOPClassUID = result.file_meta.MediaStorageSOPClassUID = SC_CLASS
+    result.SOPInstanceUID = result.file_meta.MediaStorageSOPInstanceUID = ORG + "77"
+    result.SeriesInstanceUID, result.BurnedInAnnotation = ORG + "78", "NO"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
+    result.SourceImageSequence = [ref]
+    archive = Archive(config.data_dir)
+    try:
+        owners.migrate(archive.index)
+        export.make_secret(config, "p")
+        source.save_as(tmp_path / "source.dcm", enforce_file_format=True)
+        result.save_as(tmp_path / "result.dcm", enforce_file_format=True)
+        archive.ingest_file(tmp_path / "source.dcm")
+        job = queue.create(archive.index, study_uid=str(source.StudyInstanceUID), plugin="cad", params={}, inputs=[])
+        archive.ingest_file(tmp_path / "result.dcm", job_id=job)
+        made = store.create(archive.index, study_uid=str(source.StudyInstanceUID), profile="p",
+                            destination="s3://unreached/x/", max_attempts=1)
+        done = export.execute(archive, config, made, "test")
+        assert done.state == "failed" and "every instance was left out" in done.error
+        assert "made from an image that was left out" in done.error and done.dropped == 2
+
+        lost = threading.Event()
+        lost.set()
+        again = store.get(archive.index, store.create(archive.index, study_uid=str(source.StudyInstanceUID),
+                                                       profile="p", destination="s3://unreached/y/", max_attempts=1))
+        with pytest.raises(export.ExportError, match="another router holds this export now"):
+            export.run(archive, config, again, "test", lost=lost)
+    finally:
+        archive.close()

@@ -49,6 +49,8 @@ async def api_export(request: web.Request) -> web.Response:
         f"no [deid.{profile}] profile" if profile not in config.deid else
         f"{to!r} is not a configured destination ({', '.join(destinations(config)) or 'none'})"
         if to not in destinations(config) else None)
+    if why is None:
+        why = await run(request, _secret_missing, config, profile)
     if why is None and not await run(request, _has_instances, request, study_uid):
         why = "the study has no instances here"
     if why:
@@ -67,6 +69,16 @@ def _no_router(config) -> str | None:
         return None
     return ("de-identified copies cannot be sent from this node: its router is off (router.enabled = false), so "
             "an export would wait for ever; `m3dicom deid STUDY --to DESTINATION` sends one by hand")
+
+
+def _secret_missing(config, profile: str) -> str | None:
+    from router.deid.export import ExportError, read_secret
+
+    try:
+        read_secret(config, profile)
+    except ExportError as exc:
+        return str(exc)
+    return None
 
 
 def _has_instances(request: web.Request, study_uid: str) -> bool:

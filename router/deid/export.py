@@ -31,7 +31,7 @@ from archive.storage import BlobNotFound
 
 from ..settings import DeidProfile, Settings, check_s3_place
 from . import store
-from .engine import DeidError, Deidentifier
+from .engine import Copy, DeidError, Deidentifier
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,10 @@ def check_destination(config: Settings, destination: str) -> None:
 
 
 def run(archive: Archive, config: Settings, export: store.Export, worker: str,
-        progress: Callable[[Outcome], None] = lambda outcome: None) -> Outcome:
-    """Make and send the export's copies; raises ExportError (or what sending raised) when it cannot."""
+        progress: Callable[[Outcome], None] = lambda outcome: None, outcome: Outcome | None = None,
+        lost: threading.Event | None = None) -> Outcome:
+    """Make and send the export's copies into `outcome`; raises ExportError (or what sending raised) when it
+    cannot, and stops when `lost` is set (another router holds the export now)."""
     profile: DeidProfile | None = config.deid.get(export.profile)
     if profile is None:
         raise ExportError(f"no [deid.{export.profile}] profile in the configuration", final=True)
@@ -132,30 +134,41 @@ def run(archive: Archive, config: Settings, export: store.Export, worker: str,
     instances = study_instances(archive.index, export.study_uid)
     if not instances:
         raise ExportError(f"study {export.study_uid} has no instances in the archive", final=True)
-    outcome = Outcome(total=len(instances), reasons={})
+    outcome = outcome or Outcome()
+    outcome.total, outcome.reasons = len(instances), {}
     spool = archive.data_dir / "spool" / "deid"
     spool.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(dir=spool, prefix=f"{export.id}-"))
     try:
-        copies = _make(archive, deid, export, instances, folder, outcome, progress)
+        copies = _make(archive, deid, export, instances, folder, outcome, progress, lost or threading.Event())
         if not copies:                  # nothing sent is not a copy sent: said, not reported as done
             reasons = "; ".join(f"{n} {why}" for why, n in outcome.reasons.items())
             raise ExportError(f"every instance was left out ({reasons})", final=True)
-        _send(archive, config, profile, export.destination, copies, outcome, progress)
+        _send(archive, config, profile, export.destination, copies, outcome, progress, lost or threading.Event())
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return outcome
 
 
-def _make(archive, deid, export, instances, folder, outcome, progress) -> list[tuple[Path, str]]:
-    copies, remembered = [], set()
+def _make(archive, deid, export, instances, folder, outcome, progress, lost) -> list[tuple[Path, str]]:
+    """The copies, written to `folder`: the received instances first, then the node's results, each of which is
+    trusted (no burned-in text) only when the images it was made from were sent too (the CAD's Secondary Capture
+    shows its source's pixels)."""
+    copies, remembered, left_out = [], set(), set()
+    instances = sorted(instances, key=lambda i: i.result)
     for number, instance in enumerate(instances):
+        if lost.is_set():
+            raise ExportError("another router holds this export now (its lease ended): stopped")
         try:
             with archive.exported(instance.blob_id, instance.sha256) as path:
                 ds = read_dataset(path, archive.limits, pixels=True)
         except (IntegrityError, BlobNotFound, InvalidInstance, OSError) as exc:
             raise ExportError(f"instance {number + 1} of {len(instances)} cannot be read back: {exc}") from None
-        copy = deid.apply(ds, trusted=instance.result)
+        sources = {str(ref.get("ReferencedSOPInstanceUID", "")) for ref in ds.get("SourceImageSequence", [])}
+        if instance.result and sources & left_out:
+            copy = Copy(deid.patient(ds), dropped="made from an image that was left out")
+        else:
+            copy = deid.apply(ds, trusted=instance.result)
         if outcome.pseudonym is not None and copy.patient.pseudonym != outcome.pseudonym:
             # the archive files a study under one Patient ID, but the copy's patient is also the issuer, or the
             # name and birth date when there is no ID: a copy must never put two pseudonyms in one study
@@ -164,6 +177,7 @@ def _make(archive, deid, export, instances, folder, outcome, progress) -> list[t
                               "not exported", final=True)
         outcome.pseudonym = copy.patient.pseudonym
         if copy.dataset is None:
+            left_out.add(instance.sop_instance_uid)
             outcome.dropped += 1
             outcome.reasons[copy.dropped] = outcome.reasons.get(copy.dropped, 0) + 1
             continue
@@ -171,7 +185,7 @@ def _make(archive, deid, export, instances, folder, outcome, progress) -> list[t
         study = str(out.StudyInstanceUID)
         if study not in remembered:
             store.remember(archive.index, archive.keyring, project=export.profile, pseudonym=copy.patient.pseudonym,
-                           key_mac=deid.keys.uid("patient-check\x00" + copy.patient.key),
+                           key_mac=deid.keys.check(copy.patient.key),
                            patient={"patient_id": copy.patient.original_id, "patient_name": copy.patient.original_name,
                                     "issuer": str(ds.get("IssuerOfPatientID", "") or "")},
                            study_uid=study, study={"study_uid": export.study_uid,
@@ -182,6 +196,9 @@ def _make(archive, deid, export, instances, folder, outcome, progress) -> list[t
             out.save_as(target, enforce_file_format=True)
         except (ValueError, TypeError, OverflowError) as exc:
             raise DeidError(f"the copy of instance {number + 1} cannot be written: {exc}") from None
+        if shutil.disk_usage(folder).free < max(archive.min_free_bytes, 64 << 20):
+            raise ExportError("the data directory's disk is nearly full (the copies are spooled there before they "
+                              "are sent; storage.min_free_bytes): the export waits for space")
         key = f"{out.StudyInstanceUID}/{out.SeriesInstanceUID}/{out.SOPInstanceUID}.dcm"
         copies.append((target, f"{copy.patient.pseudonym}/{key}"))
         if number % 10 == 0:
@@ -189,18 +206,21 @@ def _make(archive, deid, export, instances, folder, outcome, progress) -> list[t
     return copies
 
 
-def _send(archive, config, profile, destination, copies, outcome, progress) -> None:
+def _send(archive, config, profile, destination, copies, outcome, progress, lost) -> None:
     if destination.startswith("s3://"):
         bucket, prefix = check_s3_place("destination", destination)
-        _to_s3(config, profile, bucket, prefix, copies, outcome, progress)
+        _to_s3(config, profile, bucket, prefix, copies, outcome, progress, lost)
         return
     if destination in config.dicomweb:
-        _to_stow(destination, config.dicomweb[destination], copies, outcome, progress)
+        _to_stow(destination, config.dicomweb[destination], copies, outcome, progress, lost)
         return
     from scp.scu import SendError, send_to_remote
 
+    def one_more(_: int) -> None:
+        outcome.sent += 1
+        progress(outcome)
     try:
-        report = send_to_remote(config.remote[destination], config, [path for path, _ in copies])
+        report = send_to_remote(config.remote[destination], config, [path for path, _ in copies], one_more)
     except SendError as exc:
         raise ExportError(f"{destination}: {exc}") from None
     outcome.sent = report.sent
@@ -209,7 +229,7 @@ def _send(archive, config, profile, destination, copies, outcome, progress) -> N
         raise ExportError(f"{destination} accepted {report.sent} of {len(copies)} copies (refused: {why})")
 
 
-def _to_s3(config, profile, bucket, prefix, copies, outcome, progress) -> None:
+def _to_s3(config, profile, bucket, prefix, copies, outcome, progress, lost) -> None:
     from archive.s3 import client, error_code
 
     s3 = client(config.storage.s3.endpoint_url, config.storage.s3.region, config.storage.s3.timeout)
@@ -217,6 +237,8 @@ def _to_s3(config, profile, bucket, prefix, copies, outcome, progress) -> None:
     if profile.s3_sse == "aws:kms" and profile.s3_kms_key_id:
         extra["SSEKMSKeyId"] = profile.s3_kms_key_id
     for number, (path, key) in enumerate(copies):
+        if lost.is_set():
+            raise ExportError("another router holds this export now (its lease ended): stopped")
         try:
             with path.open("rb") as body:
                 s3.put_object(Bucket=bucket, Key=prefix + key, Body=body, ContentType="application/dicom", **extra)
@@ -231,7 +253,7 @@ def _to_s3(config, profile, bucket, prefix, copies, outcome, progress) -> None:
             progress(outcome)
 
 
-def _to_stow(name, server, copies, outcome, progress) -> None:
+def _to_stow(name, server, copies, outcome, progress, lost) -> None:
     """STOW-RS (dicomweb-client), in requests of at most `batch_bytes`; every part must be stored."""
     import requests
     from dicomweb_client.api import DICOMwebClient
@@ -243,6 +265,9 @@ def _to_stow(name, server, copies, outcome, progress) -> None:
         session.trust_env = False          # REQUESTS_CA_BUNDLE in the environment would win over `verify`
     if server.token_file is not None:
         try:
+            if stat.S_IMODE(server.token_file.stat().st_mode) & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ExportError(f"[dicomweb.{name}].token_file {server.token_file} may be read by others: chmod "
+                                  "600 it", final=True)
             token = server.token_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ExportError(f"[dicomweb.{name}].token_file: {exc}", final=True) from None
@@ -253,6 +278,8 @@ def _to_stow(name, server, copies, outcome, progress) -> None:
         batch.append(path)
         size += path.stat().st_size
         if size >= server.batch_bytes or number == len(copies) - 1:
+            if lost.is_set():
+                raise ExportError("another router holds this export now (its lease ended): stopped")
             try:
                 answer = client.store_instances(datasets=[dcmread(p) for p in batch])
             except requests.RequestException as exc:
@@ -266,11 +293,13 @@ def _to_stow(name, server, copies, outcome, progress) -> None:
             progress(outcome)
 
 
-def execute(archive: Archive, config: Settings, export_id: str, worker: str, lease: float = 300.0,
-            progress: Callable[[Outcome], None] | None = None, clock=time.time) -> store.Export:
-    """Claim the export, run it, record how it ended; its row afterwards. Used by the router and the CLI."""
+def execute(archive: Archive, config: Settings, export_id: str, worker: str, lease: float = 60.0,
+            progress: Callable[[Outcome], None] | None = None, clock=time.time, claimed: bool = False) -> store.Export:
+    """Claim the export (`claimed`: the caller made it running, `store.create_running`), run it, record how it
+    ended; its row afterwards. Used by the router and the CLI. The lease is renewed every quarter of itself,
+    sending included; when renewing fails (another router took the export over), the run stops."""
     index = archive.index
-    if not store.claim(index, export_id, worker, clock(), lease):
+    if not claimed and not store.claim(index, export_id, worker, clock(), lease):
         found = store.get(index, export_id)
         raise ExportError(f"export {export_id} is not waiting to run (it is {found.state if found else 'unknown'})")
     last = [0.0]
@@ -284,32 +313,32 @@ def execute(archive: Archive, config: Settings, export_id: str, worker: str, lea
         if progress is not None:
             progress(outcome)
 
-    def keep_lease(done: threading.Event) -> None:
-        """The lease renewed while the export runs, sending included (one C-STORE association or STOW-RS request
-        may take longer than a lease): another router never takes over an export that is alive."""
+    def keep_lease(done: threading.Event, lost: threading.Event) -> None:
         while not done.wait(lease / 4):
             try:
-                store.renew(index, export_id, worker, clock() + lease)
+                if not store.renew(index, export_id, worker, clock() + lease):
+                    lost.set()
+                    return
             except Exception as exc:    # the index away for a moment: the next round tries again
                 log.warning("export %s: lease not renewed: %s", export_id, exc)
 
-    outcome = Outcome()
-    done = threading.Event()
-    renewer = threading.Thread(target=keep_lease, args=(done,), name=f"deid-lease-{export_id}", daemon=True)
+    outcome, done, lost = Outcome(), threading.Event(), threading.Event()
+    renewer = threading.Thread(target=keep_lease, args=(done, lost), name=f"deid-lease-{export_id}", daemon=True)
     renewer.start()
     try:
-        outcome = run(archive, config, store.get(index, export_id), worker, report)
+        run(archive, config, store.get(index, export_id), worker, report, outcome, lost)
     except (ExportError, DeidError, store.PseudonymClash) as exc:
         final = getattr(exc, "final", True)         # a data set that cannot be de-identified stays so
+        _counts(index, export_id, worker, outcome)
         store.fail(index, export_id, worker, str(exc), clock(), clock() + _backoff(export_id, index), final=final)
         log.warning("export %s failed: %s", export_id, exc)
     except Exception as exc:             # kept on the export, tried again
         log.exception("export %s", export_id)
+        _counts(index, export_id, worker, outcome)
         store.fail(index, export_id, worker, f"{type(exc).__name__}: {exc}", clock(),
                    clock() + _backoff(export_id, index))
     else:
-        store.progress(index, export_id, worker, total=outcome.total, sent=outcome.sent, dropped=outcome.dropped,
-                       pseudonym=outcome.pseudonym)
+        _counts(index, export_id, worker, outcome)
         if store.succeed(index, export_id, worker, clock()):
             log.info("export %s: %d copies sent to %s, %d left out", export_id, outcome.sent, store.get(
                 index, export_id).destination, outcome.dropped)
@@ -319,6 +348,11 @@ def execute(archive: Archive, config: Settings, export_id: str, worker: str, lea
         done.set()
         renewer.join()
     return store.get(index, export_id)
+
+
+def _counts(index, export_id: str, worker: str, outcome: Outcome) -> None:
+    store.progress(index, export_id, worker, total=outcome.total, sent=outcome.sent, dropped=outcome.dropped,
+                   pseudonym=outcome.pseudonym)
 
 
 def _backoff(export_id: str, index) -> float:

@@ -19,12 +19,15 @@ from sqlalchemy.engine import Connection
 
 from archive.index import Index
 
-STATES = ("queued", "running", "succeeded", "failed")
 _COLUMNS = ("id, study_uid, profile, destination, state, rule, created_by, attempts, max_attempts, next_try, worker, "
             "lease_expires, total, sent, dropped, pseudonym, error, created_at, started_at, finished_at")
 _CREATE = text("INSERT INTO deid_exports (id, study_uid, profile, destination, state, rule, created_by, attempts, "
                "max_attempts, next_try, created_at) VALUES (:id, :study_uid, :profile, :destination, 'queued', :rule, "
                ":created_by, 0, :max_attempts, :now, :now)")
+_CREATE_RUNNING = text("INSERT INTO deid_exports (id, study_uid, profile, destination, state, rule, created_by, "
+                       "attempts, max_attempts, next_try, worker, lease_expires, created_at, started_at) VALUES (:id, "
+                       ":study_uid, :profile, :destination, 'running', NULL, :created_by, 1, 1, :now, :worker, "
+                       ":until, :now, :now)")
 _QUEUED_LIKE = text("SELECT id FROM deid_exports WHERE study_uid = :study_uid AND profile = :profile "
                     "AND destination = :destination AND state = 'queued'")
 _COUNTS = text("SELECT state, COUNT(*) FROM deid_exports GROUP BY state")
@@ -35,7 +38,7 @@ _OF_STUDY = text(f"SELECT {_COLUMNS} FROM deid_exports WHERE study_uid = :study_
 _DUE = text("SELECT id FROM deid_exports WHERE (state = 'queued' AND next_try <= :now) "
             "OR (state = 'running' AND lease_expires < :now) ORDER BY next_try LIMIT :limit")
 _CLAIM = text("UPDATE deid_exports SET state = 'running', worker = :worker, lease_expires = :until, "
-              "attempts = attempts + 1, started_at = :now, error = NULL "
+              "attempts = attempts + 1, started_at = :now, error = NULL, total = NULL, sent = NULL, dropped = NULL "
               "WHERE id = :id AND ((state = 'queued' AND next_try <= :now) "
               "OR (state = 'running' AND lease_expires < :now))")
 # a running export whose router stopped (its lease ended) on its last attempt: failed, not taken over again (an
@@ -51,7 +54,8 @@ _PROGRESS = text("UPDATE deid_exports SET total = :total, sent = :sent, dropped 
 _SUCCEED = text("UPDATE deid_exports SET state = 'succeeded', lease_expires = NULL, finished_at = :now, "
                 "error = NULL WHERE id = :id AND state = 'running' AND worker = :worker")
 _FAIL = text("UPDATE deid_exports SET state = CASE WHEN attempts >= max_attempts OR :final THEN 'failed' "
-             "ELSE 'queued' END, next_try = :next_try, lease_expires = NULL, error = :error, finished_at = :now "
+             "ELSE 'queued' END, next_try = :next_try, lease_expires = NULL, error = :error, finished_at = CASE WHEN "
+             "attempts >= max_attempts OR :final THEN :now ELSE NULL END "
              "WHERE id = :id AND state = 'running' AND worker = :worker")
 _PATIENT = text("SELECT key_mac FROM deid_patients WHERE project = :project AND pseudonym = :pseudonym")
 _ADD_PATIENT = text("INSERT INTO deid_patients (project, pseudonym, key_mac, key_id, wrapped, sealed, created_at) "
@@ -115,6 +119,18 @@ def create(index: Index, *, study_uid: str, profile: str, destination: str, max_
         return insert(conn)
     with index.write() as c:
         return insert(c)
+
+
+def create_running(index: Index, *, study_uid: str, profile: str, destination: str, created_by: str, worker: str,
+                   lease: float, now: float | None = None) -> str:
+    """An export made and taken at once (one attempt: `m3dicom deid` by hand), so no router takes it first."""
+    now = time.time() if now is None else now
+    export_id = secrets.token_hex(8)
+    with index.write() as c:
+        c.execute(_CREATE_RUNNING, {"id": export_id, "study_uid": study_uid, "profile": profile, "now": now,
+                                    "destination": destination, "created_by": created_by, "worker": worker,
+                                    "until": now + lease})
+    return export_id
 
 
 def get(index: Index, export_id: str) -> Export | None:
@@ -195,14 +211,32 @@ def remember(index: Index, keyring, *, project: str, pseudonym: str, key_mac: st
     """Keep (sealed) who `pseudonym` is and which study `study_uid` copies; refuses a pseudonym clash."""
     now = time.time() if now is None else now
     with index.write() as c:
-        found = c.execute(_PATIENT, {"project": project, "pseudonym": pseudonym}).first()
-        if found is None:
+        if c.execute(_PATIENT, {"project": project, "pseudonym": pseudonym}).first() is None:
             c.execute(_ADD_PATIENT, {"project": project, "pseudonym": pseudonym, "key_mac": key_mac, "now": now,
                                      **_seal(keyring, f"deid:{project}:{pseudonym}", patient)})
-        elif found[0] != key_mac:
+        found = c.execute(_PATIENT, {"project": project, "pseudonym": pseudonym}).first()   # also another's, if
+        if found[0] != key_mac:                                                          # it won a race
             raise PseudonymClash(f"pseudonym {pseudonym} of project {project} already names another patient")
         c.execute(_ADD_STUDY, {"project": project, "study_uid": study_uid, "pseudonym": pseudonym, "now": now,
                                **_seal(keyring, f"deid:{project}:{study_uid}", study)})
+
+
+def rewrap(index: Index, keyring) -> int:
+    """Every sealed original's data key wrapped with the current key-encryption key (`m3dicom keys rotate`);
+    how many were re-wrapped."""
+    current, changed = keyring.current_key_id(), 0
+    for table in ("deid_patients", "deid_studies"):
+        key = "pseudonym" if table == "deid_patients" else "study_uid"
+        rows = index.read(text(f"SELECT project, {key}, key_id, wrapped FROM {table} WHERE key_id <> :current"),
+                          {"current": current})
+        for project, name, key_id, wrapped in rows:
+            new_id, new_wrapped = keyring.wrap(keyring.unwrap(key_id, bytes(wrapped)))
+            with index.write() as c:
+                changed += c.execute(text(f"UPDATE {table} SET key_id = :new_id, wrapped = :wrapped WHERE project = "
+                                          f":project AND {key} = :name AND key_id = :old"),
+                                     {"new_id": new_id, "wrapped": new_wrapped, "project": project, "name": name,
+                                      "old": key_id}).rowcount
+    return changed
 
 
 def lookup(index: Index, keyring, pseudonym: str) -> list[dict]:

@@ -2,7 +2,7 @@
 
 - The Basic Profile's action for each attribute comes from dicom-anonymizer (KitwareMedical, BSD),
   whose `dicomfields_2026c` module is generated from the 2026c edition of the standard: the newest
-  edition any library ships (655 attributes and the repeating groups 50xx / 60xx).
+  edition any library ships (652 attributes and the repeating groups 50xx / 60xx).
 - The option columns (Retain Patient Characteristics, Retain Device Identity, Retain Longitudinal
   Temporal Information, Clean Descriptors, Clean Structured Content, ...) come from dicom-standard
   (Innolitics, MIT), a parse of the standard's own tables. It is the only library that carries them;
