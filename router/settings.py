@@ -138,8 +138,10 @@ class Rule:
     def validate(self, key: str) -> None:
         if not self.name or not _NAME_RE.match(self.name):
             raise SettingsError(f"{key}.name: required; letters, digits, '_' and '-'")
-        if bool(self.plugin) == bool(self.deid):
-            raise SettingsError(f"{key}: give a plugin, or a deid profile (with deid_to), not both")
+        if not self.plugin and not self.deid:
+            raise SettingsError(f"{key}.plugin: required (or deid: a [deid.NAME] profile, with deid_to)")
+        if self.plugin and self.deid:
+            raise SettingsError(f"{key}: give a plugin or a deid profile, not both")
         if self.deid and not self.deid_to:
             raise SettingsError(f"{key}.deid_to: where the de-identified copies go (required with deid)")
         for destination in self.deid_to:
