@@ -369,6 +369,7 @@ def handle_established(event) -> None:
     visit = visit_of(assoc)
     if visit is not None:
         visit.established = True
+        visit.calling_ae = assoc.requestor.ae_title     # at EVT_REQUESTED pynetdicom has not read it yet
 
 
 def handle_rejected(event) -> None:

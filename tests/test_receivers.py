@@ -34,6 +34,7 @@ def test_every_receiver_starts_and_serves(make_node):
     line = wait_for(lambda: next((line for line in node.log().splitlines() if "association from" in line), None),
                     what="the association's line, written at its end")
     assert "receiver-" in line and "1 instances stored" in line, line
+    assert "association from STORESCU (127.0.0.1:" in line, line        # the calling AE title, not an empty one
 
 
 def test_parallel_senders_over_two_receivers_lose_nothing(make_node, tmp_path):
