@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from archive.inputs import uid_kind
 from router.deid import store
 
 from . import views
@@ -51,7 +52,7 @@ async def api_export(request: web.Request) -> web.Response:
         if to not in destinations(config) else None)
     if why is None:
         why = await run(request, _secret_missing, config, profile)
-    if why is None and not await run(request, _has_instances, request, study_uid):
+    if why is None and await run(request, uid_kind, request.app[ARCHIVE].index, study_uid) != "study":
         why = "the study has no instances here"
     if why:
         await views._audit(request, "deid_export", "refused", study_uid=study_uid, detail=why[:300])
@@ -79,9 +80,3 @@ def _secret_missing(config, profile: str) -> str | None:
     except ExportError as exc:
         return str(exc)
     return None
-
-
-def _has_instances(request: web.Request, study_uid: str) -> bool:
-    from archive.inputs import study_instances
-
-    return bool(study_instances(request.app[ARCHIVE].index, study_uid))

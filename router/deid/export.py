@@ -30,12 +30,14 @@ from archive.inputs import study_instances
 from archive.storage import BlobNotFound
 
 from ..settings import DeidProfile, Settings, check_s3_place
+from ..intake import backoff
 from . import store
 from .engine import Copy, DeidError, Deidentifier
 
 log = logging.getLogger(__name__)
 
 SECRET_BYTES = 32
+RETRY_MAX_DELAY = 600.0
 MAX_SECRET_BYTES = 4096
 
 
@@ -330,13 +332,13 @@ def execute(archive: Archive, config: Settings, export_id: str, worker: str, lea
     except (ExportError, DeidError, store.PseudonymClash) as exc:
         final = getattr(exc, "final", True)         # a data set that cannot be de-identified stays so
         _counts(index, export_id, worker, outcome)
-        store.fail(index, export_id, worker, str(exc), clock(), clock() + _backoff(export_id, index), final=final)
+        store.fail(index, export_id, worker, str(exc), clock(), clock() + _retry_in(index, export_id), final=final)
         log.warning("export %s failed: %s", export_id, exc)
     except Exception as exc:             # kept on the export, tried again
         log.exception("export %s", export_id)
         _counts(index, export_id, worker, outcome)
         store.fail(index, export_id, worker, f"{type(exc).__name__}: {exc}", clock(),
-                   clock() + _backoff(export_id, index))
+                   clock() + _retry_in(index, export_id))
     else:
         _counts(index, export_id, worker, outcome)
         if store.succeed(index, export_id, worker, clock()):
@@ -355,7 +357,7 @@ def _counts(index, export_id: str, worker: str, outcome: Outcome) -> None:
                    pseudonym=outcome.pseudonym)
 
 
-def _backoff(export_id: str, index) -> float:
+def _retry_in(index, export_id: str) -> float:
+    """Seconds before the next attempt: the forwards' backoff (5 s doubling, jitter), at most 10 minutes."""
     found = store.get(index, export_id)
-    attempts = found.attempts if found else 1
-    return min(600.0, 10.0 * 2 ** min(attempts, 10))
+    return backoff(found.attempts if found else 1, RETRY_MAX_DELAY)
