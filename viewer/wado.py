@@ -185,20 +185,33 @@ def _explicit_little(archive, path: Path, stack: ExitStack) -> Path:
 # -- instances ------------------------------------------------------------------------------------
 
 class _Batch:
-    """Instances ready to send: small ones in memory, or one large (or transcoded) one in a private file."""
+    """Instances ready to send, framed as multipart parts by the worker that read them: small ones in memory
+    as pieces of about SEND_PIECE bytes (several parts in one, so that the event loop writes a few large
+    pieces instead of three small writes an instance), or one large (or transcoded) one in a private file
+    with its part header and trailer apart."""
 
     def __init__(self):
-        self.parts: list[tuple[bytes | Path, str]] = []     # (the Part 10 file, its transfer syntax)
-        self.size = 0
+        self.pieces: list[bytes] = []                       # framed parts in memory, ready to write
+        self.file: tuple[bytes, Path, bytes] | None = None  # (part header, the Part 10 file, trailer)
+        self.size = 0                                       # bytes of instances (not of framing)
+        self.count = 0                                      # instances
         self.stack = ExitStack()                            # removes the file
 
 
-def _batch(archive, found: list, start: int, syntax: str | None) -> tuple[_Batch, int]:
-    """The instances from `found[start]` on, read and verified, up to BATCH bytes; and the next index.
+def _batch(archive, found: list, start: int, syntax: str | None, header) -> tuple[_Batch, int]:
+    """The instances from `found[start]` on, read, verified and framed (`header(size, syntax)` gives a part's
+    header), up to BATCH bytes; and the next index.
 
     A failure on the batch's first instance is raised; on a later one the batch ends before it
     (the next call raises it)."""
-    batch = _Batch()
+    batch, pending, waiting = _Batch(), [], 0
+
+    def flush() -> None:
+        nonlocal pending, waiting
+        if pending:
+            batch.pieces.append(b"".join(pending))
+            pending, waiting = [], 0
+
     try:
         for number in range(start, len(found)):
             match = found[number]
@@ -206,27 +219,35 @@ def _batch(archive, found: list, start: int, syntax: str | None) -> tuple[_Batch
                 transcode = syntax is not None and match.transfer_syntax != syntax
                 data = None if transcode else archive.verified(match.blob_id, match.sha256, INLINE)
                 if data is not None:
-                    batch.parts.append((data, match.transfer_syntax))
+                    pending += (header(len(data), match.transfer_syntax), data, b"\r\n")
+                    waiting += len(data)
                     batch.size += len(data)
+                    batch.count += 1
+                    if waiting >= SEND_PIECE:
+                        flush()
                     if batch.size >= BATCH:
                         return batch, number + 1
                     continue
-                if batch.parts:                 # a file goes alone
+                if batch.count:                 # a file goes alone
                     return batch, number
                 path = batch.stack.enter_context(archive.exported(match.blob_id, match.sha256))
                 if transcode:
                     path = _explicit_little(archive, path, batch.stack)
-                batch.parts.append((path, syntax if transcode else match.transfer_syntax))
-                batch.size += path.stat().st_size
+                size = path.stat().st_size
+                batch.file = (header(size, syntax if transcode else match.transfer_syntax), path, b"\r\n")
+                batch.size += size
+                batch.count += 1
                 return batch, number + 1
             except Exception:
-                if batch.parts:
+                if batch.count:
                     return batch, number
                 raise
         return batch, len(found)
     except BaseException:
         batch.stack.close()
         raise
+    finally:
+        flush()
 
 
 class _Slots:
@@ -286,12 +307,12 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         **headers, "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
     loop = asyncio.get_running_loop()
 
-    def make(start: int) -> asyncio.Future:
-        return loop.run_in_executor(None, _batch, archive, found, start, syntax)
-
     def part_header(size: int, syntax_sent: str) -> bytes:
         return (f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax_sent}\r\n"
                 f"Content-Length: {size}\r\n\r\n").encode()
+
+    def make(start: int) -> asyncio.Future:
+        return loop.run_in_executor(None, _batch, archive, found, start, syntax, part_header)
 
     async def send(data: bytes | memoryview) -> None:
         """A piece at a time, each taken by the client within `patience` seconds."""
@@ -325,19 +346,19 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
                     upcoming = make(following)
                 if not response.prepared:
                     await response.prepare(request)
-                for body, syntax_sent in batch.parts:
-                    size = len(body) if isinstance(body, bytes) else body.stat().st_size
-                    await send(part_header(size, syntax_sent))
-                    if isinstance(body, bytes):
-                        with memoryview(body) as view:
-                            await send(view)
-                        written += size
-                    else:
-                        with open(body, "rb") as fh:
-                            while chunk := await run(request, fh.read, CHUNK):
-                                await send(chunk)
-                                written += len(chunk)
-                    await send(b"\r\n")
+                while batch.pieces:
+                    piece = batch.pieces.pop(0)
+                    with memoryview(piece) as view:
+                        await send(view)
+                    written += len(piece)
+                if batch.file:
+                    header, path, trailer = batch.file
+                    await send(header)
+                    with open(path, "rb") as fh:
+                        while chunk := await run(request, fh.read, CHUNK):
+                            await send(chunk)
+                            written += len(chunk)
+                    await send(trailer)
                 sent += batch.size
             del batch
             slots.give()
