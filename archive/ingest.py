@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import exc as sa_exc, text
@@ -133,6 +133,14 @@ def _is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, sa_exc.OperationalError) and ("full" in str(exc.orig)
                                                          or getattr(exc.orig, "sqlstate", None) == "53100")
 
+
+
+class Kept(Protocol):
+    """Verified Part 10 files a reader keeps in memory, by (blob id, SHA-256): a bounded cache (the viewer's)."""
+
+    def get(self, key: tuple[str, str]) -> bytes | None: ...
+
+    def put(self, key: tuple[str, str], value: bytes, size: int) -> bool: ...
 
 class Archive:
     """The index and the blob store of one node's data directory."""
@@ -317,23 +325,30 @@ class Archive:
         finally:
             path.unlink(missing_ok=True)
 
-    def verified(self, blob_id: str, sha256: str, limit: int) -> bytes | None:
+    def verified(self, blob_id: str, sha256: str, limit: int, kept: Kept | None = None) -> bytes | None:
         """The stored Part 10 file in memory, authenticated and checked against its indexed
         SHA-256 as `exported` does, or None when it is larger than `limit` bytes (then use
-        `exported`): small instances are read without a temporary file."""
+        `exported`): small instances are read without a temporary file. With `kept`, a file
+        verified lately is taken from there, and one read now is put there."""
+        key = (blob_id, sha256)
+        if kept is not None and (data := kept.get(key)) is not None:
+            return data
         with self.storage.open(blob_id) as reader:
             if reader.plaintext_size > limit:
                 return None
             data = b"".join(reader.iter_plaintext())
         if dataset_sha256_of(data) != sha256:
             raise IntegrityError(f"blob {blob_id}: data set does not match its indexed SHA-256")
+        if kept is not None:
+            kept.put(key, data, len(data))
         return data
 
     @contextmanager
-    def readable(self, blob_id: str, sha256: str, limit: int) -> Iterator[Path | io.BytesIO]:
+    def readable(self, blob_id: str, sha256: str, limit: int, kept: Kept | None = None) -> Iterator[Path | io.BytesIO]:
         """The stored instance as pydicom may read it, verified and checked as `undeflated` does: in
-        memory when it is at most `limit` bytes and not deflated, else a private file (removed after)."""
-        data = self.verified(blob_id, sha256, limit)
+        memory when it is at most `limit` bytes and not deflated, else a private file (removed after).
+        `kept`: as for `verified`."""
+        data = self.verified(blob_id, sha256, limit, kept)
         if data is not None and syntax_of(data) != DeflatedExplicitVRLittleEndian:
             inspect_bytes(data, self.limits, self.exports)
             yield io.BytesIO(data)

@@ -566,6 +566,7 @@ class Match:
     blob_id: str
     sha256: str
     received_at: float = 0.0     # when it was stored (a WADO-RS answer's Last-Modified)
+    size: int = 0                # bytes of its Part 10 file (a WADO-RS answer's Content-Length)
 
 
 def _where(query: Query, conn: Connection) -> tuple[str, dict]:
@@ -632,7 +633,7 @@ def instances(index: Index, query: Query, after: int, limit: int) -> list[Match]
         where, params = _where(query, conn)
         return [Match(*row) for row in conn.execute(text(
             f"SELECT i.pk, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, i.blob_id, i.sha256, "
-            f"i.received_at "
+            f"i.received_at, i.size "
             f"FROM {FROM['IMAGE']} WHERE {where} AND i.pk > :after ORDER BY i.pk LIMIT {int(limit)}"),
             {**params, "after": after})]
 

@@ -3,11 +3,14 @@ the same data, in the same run.
 
 Both receive one CT series of `--series` instances (CT_small copies with their own UIDs, 128 x 128) and
 `--studies` one-instance studies (the node by `storescu +tls`, Orthanc by its REST API). Then, one client
-each over loopback (the node over HTTPS with an API token, Orthanc over plain HTTP):
+each over loopback (the node over HTTPS with an API token, Orthanc over plain HTTP, and again over HTTPS
+through nginx when it is installed, as the Orthanc Book deploys it: Debian's Orthanc 1.10 crashes on its own
+HTTPS here), Orthanc restarted before each so that neither starts with a warm storage cache:
 
 - QIDO-RS `/studies?PatientName=BENCH*` (p50 / p95 of `--repeat` requests);
+- WADO-RS of the whole series as stored (`transfer-syntax=*`), MB/s: first as the series' first request (read
+  from the store), then again after its metadata (OHIF's order: what the first requests read may be kept);
 - the series' `/metadata`, cold (the first request) and warm (p50 of the next five);
-- WADO-RS of the whole series as stored (`transfer-syntax=*`), MB/s;
 - `/frames/1` of every instance of the series, one request after the other, frames/s;
 - STOW-RS of `--stow` (500) new small instances in one request, instances/s;
 - OHIF (served by the node, in Debian chromium) opened on the series: seconds to its first slice drawn, the
@@ -15,15 +18,18 @@ each over loopback (the node over HTTPS with an API token, Orthanc over plain HT
 
 Prints a Markdown table. Not a test: nothing is asserted.
 
-    .venv/bin/python bench/dicomweb.py [--series 600] [--studies 200] [--repeat 30] [--stow 500] [--no-orthanc] [--no-ohif]
+    .venv/bin/python bench/dicomweb.py [--series 600] [--studies 200] [--repeat 30] [--stow 500] [--no-orthanc]
+                                       [--no-ohif] [--no-nginx]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import secrets
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,14 +73,20 @@ def measure(target: Target, study: str, series: str, sops: list[str], stow: list
         qido = [_timed(lambda: target.get("/studies", params=params)) for _ in range(repeat)]
         out[f"QIDO {label}: matches, p50 / p95 (ms)"] = (
             f"{matches}, {statistics.median(qido) * 1000:.1f} / {sorted(qido)[int(len(qido) * 0.95) - 1] * 1000:.1f}")
+    size = []
+
+    def wado() -> float:
+        seconds = _timed(lambda: size.append(len(target.get(f"/studies/{study}/series/{series}",
+                                                            headers={"Accept": ACCEPT_STORED}).content)))
+        return size[-1] / 1e6 / seconds
+
+    out["WADO-RS series as stored, its first request (MB/s)"] = f"{wado():.1f}"
     metadata = f"/studies/{study}/series/{series}/metadata"
     out[f"series metadata, {len(sops)} instances, cold (ms)"] = f"{_timed(lambda: target.get(metadata)) * 1000:.0f}"
     warm = [_timed(lambda: target.get(metadata)) for _ in range(5)]
     out["series metadata, warm p50 (ms)"] = f"{statistics.median(warm) * 1000:.0f}"
-    size = []
-    seconds = _timed(lambda: size.append(len(target.get(f"/studies/{study}/series/{series}",
-                                                        headers={"Accept": ACCEPT_STORED}).content)))
-    out["WADO-RS series as stored (MB/s)"] = f"{size[0] / 1e6 / seconds:.1f}"
+    out["WADO-RS series as stored, after its metadata: p50 of 5 (MB/s)"] = \
+        f"{statistics.median(wado() for _ in range(5)):.1f}"
     seconds = _timed(lambda: [target.get(f"/studies/{study}/series/{series}/instances/{sop}/frames/1",
                                          headers={"Accept": ACCEPT_FRAMES}) for sop in sops])
     out["frames, one request each (frames/s)"] = f"{len(sops) / seconds:.0f}"
@@ -89,6 +101,37 @@ def measure(target: Target, study: str, series: str, sops: list[str], stow: list
     answer.raise_for_status()
     out[f"STOW-RS {len(stow)} instances, one request (instances/s)"] = f"{len(stow) / seconds:.0f}"
     return out
+
+
+@contextlib.contextmanager
+def nginx_tls(work: Path, pki: Path, upstream: int):
+    """nginx in front of Orthanc's HTTP port with the node's server certificate: Orthanc over HTTPS, as the
+    Orthanc Book deploys it. Yields its port."""
+    port, conf = free_port(), work / "nginx.conf"
+    temp = " ".join(f"{kind}_temp_path {work}/nginx-{kind};" for kind in ("client_body", "proxy", "fastcgi",
+                                                                          "uwsgi", "scgi"))
+    conf.write_text(f"""daemon off; worker_processes auto; pid {work}/nginx.pid; error_log {work}/nginx.log;
+events {{ worker_connections 256; }}
+http {{ access_log off; {temp}
+  upstream orthanc {{ server 127.0.0.1:{upstream}; keepalive 8; }}
+  server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {pki}/server.pem; ssl_certificate_key {pki}/server.key;
+    client_max_body_size 0;
+    location / {{ proxy_pass http://orthanc; proxy_http_version 1.1; proxy_set_header Connection "";
+                 proxy_buffering off; proxy_request_buffering off; }} }} }}
+""")
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)])
+    try:
+        def answers() -> bool:
+            try:
+                return requests.get(f"https://127.0.0.1:{port}/system", verify=str(pki / "ca.pem"), timeout=5).ok
+            except requests.ConnectionError:
+                return False
+
+        wait_for(answers, timeout=20, what="nginx in front of Orthanc")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def ohif_first_image(url: str, password: str, study: str, count: int = 3) -> list[float]:
@@ -139,12 +182,11 @@ def main() -> None:
     parser.add_argument("--stow", type=int, default=500)
     parser.add_argument("--no-orthanc", action="store_true")
     parser.add_argument("--no-ohif", action="store_true", help="no OHIF time to the first image (chromium)")
+    parser.add_argument("--no-nginx", action="store_true", help="no Orthanc over HTTPS through nginx")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-dicomweb-"))
     orthanc = node = None
     try:
-        import subprocess
-
         pki = work / "pki"
         subprocess.run(M3DICOM + ["certs", "init", "--dir", str(pki)], check=True, cwd=ROOT, capture_output=True)
         study = generate_uid()
@@ -183,15 +225,26 @@ def main() -> None:
             from test_orthanc import Orthanc
 
             (work / "orthanc").mkdir()
-            orthanc = Orthanc(work / "orthanc", pki, node, free_port(), extra={
-                "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}})
+            extra = {"Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+            orthanc = Orthanc(work / "orthanc", pki, node, free_port(), extra=extra)
             plain = requests.Session()
             plain.trust_env = False
             for path in (*series_files, *others):
                 plain.post(f"http://127.0.0.1:{orthanc.http_port}/instances", data=path.read_bytes()).raise_for_status()
+            orthanc.stop()                              # a restart: its storage cache empty, as the node's
+            orthanc = Orthanc(work / "orthanc", pki, node, free_port(), extra=extra)
             rows["Orthanc DICOMweb (HTTP)"] = measure(Target("orthanc", f"http://127.0.0.1:{orthanc.http_port}"
                                                              "/dicom-web", plain), study, series, sops,
                                                       stow_set(work / "stow-orthanc", args.stow), args.repeat)
+            if not args.no_nginx and shutil.which("nginx"):
+                orthanc.stop()
+                orthanc = Orthanc(work / "orthanc", pki, node, free_port(), extra=extra)
+                with nginx_tls(work, pki, orthanc.http_port) as port:
+                    tls = requests.Session()
+                    tls.trust_env, tls.verify = False, str(pki / "ca.pem")
+                    rows["Orthanc DICOMweb (HTTPS by nginx)"] = measure(
+                        Target("orthanc-tls", f"https://127.0.0.1:{port}/dicom-web", tls), study, series, sops,
+                        stow_set(work / "stow-orthanc-tls", args.stow), args.repeat)
         names = list(rows)
         print(f"\n{args.series}-instance CT series (CT_small copies), {args.studies} more studies\n")
         print("| | " + " | ".join(names) + " |")

@@ -2,6 +2,7 @@
 session and a share link's; QIDO-RS at every level, WADO-RS, STOW-RS, and the refusals."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import http.client
 import io
@@ -18,6 +19,7 @@ import requests
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from archive.crypto import IntegrityError
 from helpers import Node, free_port, synthetic_instances, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.interop]
@@ -257,8 +259,10 @@ def test_a_study_of_small_and_large_instances_streams_whole_and_a_broken_off_one
                                                           'transfer-syntax=*'}
     from dicomweb_client import DICOMwebClient
 
-    parts = list(DICOMwebClient(f"{url}/dicomweb", session=s)._decode_multipart_message(
-        s.get(f"{url}/dicomweb/studies/{study}", headers=accept), stream=False))
+    answer = s.get(f"{url}/dicomweb/studies/{study}", headers=accept)
+    assert int(answer.headers["Content-Length"]) == len(answer.content)     # counted from the index: not chunked
+    assert "Transfer-Encoding" not in answer.headers
+    parts = list(DICOMwebClient(f"{url}/dicomweb", session=s)._decode_multipart_message(answer, stream=False))
     sent = {pydicom.dcmread(p).SOPInstanceUID: dataset_bytes(p.read_bytes()) for p in (*small, *large)}
     got = {pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID: dataset_bytes(p) for p in parts}
     assert got == sent
@@ -482,6 +486,67 @@ def test_frames_read_from_their_place_in_the_file_equal_pydicoms_pixels(tmp_path
                 assert metadata["00080018"]["Value"] == [ds.SOPInstanceUID]
                 assert metadata["7FE00010"]["BulkDataURI"].startswith(f"{base}/studies/{ds.StudyInstanceUID}/")
         assert not any(archive.exports.iterdir())
+    finally:
+        archive.close()
+
+
+def test_a_retrieve_reads_batches_planned_from_the_indexed_sizes():
+    """Consecutive small instances up to wado.BATCH bytes a batch; one over wado.INLINE, or one to transcode,
+    alone (a private file)."""
+    from archive.query import Match
+    from viewer import wado
+
+    def found(*sizes, syntax=wado.EVLE):
+        return [Match(n, "1.2", f"1.2.{n}", syntax, f"b{n}", "00", 0.0, size) for n, size in enumerate(sizes)]
+
+    small, half, large = 1 << 20, wado.BATCH // 2, wado.INLINE + 1
+    assert wado._plan(found(small, small, small), None) == [(0, 3)]
+    assert wado._plan(found(half, half, half, small), None) == [(0, 2), (2, 4)]
+    assert wado._plan(found(small, large, small, small, large), None) == [(0, 1), (1, 2), (2, 4), (4, 5)]
+    assert wado._plan(found(large), None) == [(0, 1)] and wado._plan([], None) == []
+    jpeg = found(small, small, syntax="1.2.840.10008.1.2.4.50")
+    assert wado._plan(jpeg, wado.EVLE) == [(0, 1), (1, 2)] and wado._plan(jpeg, None) == [(0, 2)]
+
+
+def test_instances_read_lately_are_kept_verified_and_an_indexed_size_that_differs_stops_the_answer(tmp_path,
+                                                                                                    monkeypatch):
+    """viewer.instance_cache_mb: a series' metadata reads each instance from the store once, and its retrieve
+    and frames after it read nothing more; without the cache every request reads the store again. The parts
+    are framed as multipart by the worker. An instance whose size is not the one the index gave the answer's
+    Content-Length raises (the answer is then cut short)."""
+    from archive import Archive
+    from viewer import wado
+
+    archive = Archive(tmp_path / "var")
+    try:
+        paths = synthetic_instances(tmp_path / "in", 3, patient="Kept^One", patient_id="P-KEPT")
+        for path in paths:
+            assert archive.ingest_file(path).outcome.ok
+        ds = pydicom.dcmread(paths[0])
+        found = wado._instances(archive.index, str(ds.StudyInstanceUID), None, None)
+        opened = []
+        real_open = archive.storage.open
+        monkeypatch.setattr(archive.storage, "open", lambda blob: opened.append(blob) or real_open(blob))
+
+        def header(size, syntax):
+            return f"<{size}>".encode()
+
+        for kept, reads in ((None, 3 + 3 + 3), (wado.Cache(64 << 20), 3)):
+            opened.clear()
+            for match in found:
+                wado._metadata(archive, match, wado.Cache(1 << 20), kept)
+            batch, end = wado._batch(archive, found, 0, len(found), None, header, kept)
+            assert end == 3 and batch.count == 3 and batch.file is None
+            assert b"".join(batch.pieces) == b"".join(f"<{len(p.read_bytes())}>".encode() + p.read_bytes()
+                                                      + b"\r\n" for p in paths)
+            for match in found:
+                wado._frames(archive, match, [1], kept)
+            assert len(opened) == reads, kept
+        wrong = dataclasses.replace(found[1], size=found[1].size + 1)
+        batch, end = wado._batch(archive, [found[0], wrong], 0, 2, None, header, None)
+        assert (end, batch.count) == (1, 1)                 # short: the batch made from there raises
+        with pytest.raises(IntegrityError, match="the index says"):
+            wado._batch(archive, [found[0], wrong], 1, 2, None, header, None)
     finally:
         archive.close()
 

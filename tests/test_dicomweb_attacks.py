@@ -376,11 +376,14 @@ def test_running_out_of_file_descriptors_does_not_close_the_viewer_for_good(site
 
 @pytest.fixture(scope="module")
 def big_study(site, tmp_path_factory):
+    return _big_study(site[0], tmp_path_factory.mktemp("big"))
+
+
+def _big_study(node, directory):
     """12 instances of 2 MB: three batches in memory (wado.BATCH), more than sockets buffer."""
-    node, _, _, _ = site
     study = pydicom.uid.generate_uid()
-    files = synthetic_instances(tmp_path_factory.mktemp("big"), 12, pixel_bytes=2 << 20, study=study,
-                                patient="Big^Study", patient_id="P-BIG")
+    files = synthetic_instances(directory, 12, pixel_bytes=2 << 20, study=study, patient="Big^Study",
+                                patient_id="P-BIG")
     node.storescu(*files)
     wait_for(lambda: node.rows("SELECT COUNT(*) FROM instances i JOIN series s ON s.pk = i.series_pk JOIN studies "
                                "t ON t.pk = s.study_pk WHERE t.study_uid = ?", (study,))[0][0] == 12,
@@ -421,12 +424,13 @@ def test_stalled_readers_hold_only_their_callers_share_and_are_cut_off(site, pki
     assert "read nothing for" in node.log()
 
 
-def test_an_instance_found_damaged_mid_answer_ends_it_without_a_second_status_line(site, pki, big_study):
+def test_an_instance_found_damaged_mid_answer_ends_it_without_a_second_status_line(site, pki, tmp_path):
     """The attack pass: a blob that failed its check after the answer had begun made the errors middleware
     write 'HTTP/1.1 500' inside the multipart body, audited 'ok'. Now the connection is closed, the audit row
-    says failed, and the log names the instance and its blob."""
+    says failed, and the log names the instance and its blob. (A study no one has read: an instance read
+    lately is sent from viewer.instance_cache_mb as it was verified then.)"""
     node, url, writer, _ = site
-    study, files = big_study
+    study, files = _big_study(node, tmp_path / "big")
     uid = pydicom.dcmread(files[6]).SOPInstanceUID
     (blob_id,), = node.rows("SELECT blob_id FROM instances WHERE sop_instance_uid = ?", (uid,))
     blob = node.data_dir / "blobs" / blob_id[:2] / blob_id

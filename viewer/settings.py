@@ -29,6 +29,9 @@ class ViewerSection:
     max_upload_mb: int = setting(2048, "Largest upload (all files of one request together), MB.")
     max_file_mb: int = setting(1024, "Largest single file of an upload (or inside a zip), MB.")
     image_cache_mb: int = setting(512, "Memory for decoded images and rendered tiles.")
+    instance_cache_mb: int = setting(128, "Memory for stored instances DICOMweb read lately (decrypted and verified, "
+                                      "up to 4 MiB each; 0: none), so that a series' metadata and then its "
+                                      "frames or instances read the store once.")
     decode_memory_mb: int = setting(2560, "Memory the images being decoded and rendered may hold together (each "
                                     "reserves twice its decoded size, and more for a compressed one, first); "
                                     "beyond it they wait their turn, and one that needs more is not shown.")
@@ -69,6 +72,8 @@ class ViewerSection:
             raise SettingsError("viewer.max_file_mb / max_upload_mb: 1 <= max_file_mb <= max_upload_mb")
         if not 16 <= self.image_cache_mb <= 1 << 16:
             raise SettingsError("viewer.image_cache_mb: must be between 16 and 65536")
+        if not 0 <= self.instance_cache_mb <= 1 << 16:
+            raise SettingsError("viewer.instance_cache_mb: must be between 0 and 65536")
         if not 0 <= self.login_waiting <= 100:
             raise SettingsError(f"viewer.login_waiting: {self.login_waiting} is not in 0-100")
         if not 64 <= self.decode_memory_mb <= 1 << 20:

@@ -24,7 +24,7 @@ import os
 import secrets
 import tempfile
 import threading
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
 from email.utils import formatdate
@@ -41,6 +41,7 @@ from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, UID
 
 from archive import changes, query as archive_query
+from archive.crypto import IntegrityError
 from archive.db import RoundFailures
 from archive.dicomfile import check_pixels, undeflated
 from archive.query import STUDY_ROOT, Query
@@ -65,6 +66,7 @@ METADATA_CACHE = 64 << 20          # bytes of instances' metadata kept (keyed by
 
 
 METADATA = web.AppKey("dicomweb_metadata", Cache)    # instances' metadata by SHA-256
+STORED = web.AppKey("dicomweb_stored", Cache)        # verified Part 10 files read lately (viewer.instance_cache_mb)
 BASE = f"m3base-{secrets.token_hex(16)}"   # where the base URL goes in kept metadata: no value can name it
 INLINE = 4 << 20                   # an instance up to this size is retrieved in memory (larger: a private file)
 BATCH = 8 << 20                    # bytes of instances read by one worker call for a retrieve
@@ -77,6 +79,7 @@ RETRIEVE_CALLERS = web.AppKey("dicomweb_retrieve_callers", Counter)
 RETRIEVE_PER_CALLER = 4            # of those, for one caller (a token, a user, a share link): two retrieves' worth
 RETRIEVE_WAIT = 30.0               # seconds a retrieve waits for its first batch's turn; then 503 (Retry-After)
 SEND_PIECE = 256 << 10             # bytes written at a time: each must be taken within viewer.body_timeout
+READ_AHEAD = 1                     # batches one retrieve reads at once (in worker threads)
 RETRIEVE_BATCHES = 16              # batches in memory for all retrieves at once (at most ~200 MB)
 
 
@@ -198,12 +201,29 @@ class _Batch:
         self.stack = ExitStack()                            # removes the file
 
 
-def _batch(archive, found: list, start: int, syntax: str | None, header) -> tuple[_Batch, int]:
-    """The instances from `found[start]` on, read, verified and framed (`header(size, syntax)` gives a part's
-    header), up to BATCH bytes; and the next index.
+def _plan(found: list, syntax: str | None) -> list[tuple[int, int]]:
+    """The batches (start, end) a retrieve reads, by the sizes the index holds: consecutive instances up to
+    BATCH bytes; one larger than INLINE, or transcoded, alone (it goes through a private file)."""
+    plan, start, size = [], 0, 0
+    for number, match in enumerate(found):
+        if match.size > INLINE or (syntax is not None and match.transfer_syntax != syntax):
+            plan += [(start, number)] * (number > start) + [(number, number + 1)]
+            start, size = number + 1, 0
+            continue
+        size += match.size
+        if size >= BATCH:
+            plan.append((start, number + 1))
+            start, size = number + 1, 0
+    return plan + [(start, len(found))] * (len(found) > start)
+
+
+def _batch(archive, found: list, start: int, end: int, syntax: str | None, header,
+           kept: Cache | None) -> tuple[_Batch, int]:
+    """The instances `found[start:end]`, read, verified and framed (`header(size, syntax)` gives a part's
+    header); and the index after the last one read (`end`, or short of it).
 
     A failure on the batch's first instance is raised; on a later one the batch ends before it
-    (the next call raises it)."""
+    (a batch made from there raises it). A file goes alone."""
     batch, pending, waiting = _Batch(), [], 0
 
     def flush() -> None:
@@ -213,20 +233,19 @@ def _batch(archive, found: list, start: int, syntax: str | None, header) -> tupl
             pending, waiting = [], 0
 
     try:
-        for number in range(start, len(found)):
+        for number in range(start, end):
             match = found[number]
             try:
                 transcode = syntax is not None and match.transfer_syntax != syntax
-                data = None if transcode else archive.verified(match.blob_id, match.sha256, INLINE)
+                data = None if transcode else archive.verified(match.blob_id, match.sha256, INLINE, kept)
                 if data is not None:
+                    _sized(match, len(data))
                     pending += (header(len(data), match.transfer_syntax), data, b"\r\n")
                     waiting += len(data)
                     batch.size += len(data)
                     batch.count += 1
                     if waiting >= SEND_PIECE:
                         flush()
-                    if batch.size >= BATCH:
-                        return batch, number + 1
                     continue
                 if batch.count:                 # a file goes alone
                     return batch, number
@@ -234,6 +253,8 @@ def _batch(archive, found: list, start: int, syntax: str | None, header) -> tupl
                 if transcode:
                     path = _explicit_little(archive, path, batch.stack)
                 size = path.stat().st_size
+                if not transcode:
+                    _sized(match, size)
                 batch.file = (header(size, syntax if transcode else match.transfer_syntax), path, b"\r\n")
                 batch.size += size
                 batch.count += 1
@@ -242,12 +263,18 @@ def _batch(archive, found: list, start: int, syntax: str | None, header) -> tupl
                 if batch.count:
                     return batch, number
                 raise
-        return batch, len(found)
+        return batch, end
     except BaseException:
         batch.stack.close()
         raise
     finally:
         flush()
+
+
+def _sized(match: archive_query.Match, size: int) -> None:
+    """The answer's Content-Length was counted from the index: an instance of another size cannot be sent."""
+    if size != match.size:
+        raise IntegrityError(f"blob {match.blob_id}: {size} bytes, the index says {match.size}")
 
 
 class _Slots:
@@ -301,7 +328,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         raise error(web.HTTPNotAcceptable, f"instances stored in {', '.join(sorted(bad))} cannot be sent in Explicit "
                     "VR Little Endian here: ask for them as stored (transfer-syntax=*)")
     headers = _validators(request, found, f"dicom:{syntax}")
-    archive, boundary = request.app[ARCHIVE], secrets.token_hex(16)
+    archive, kept, boundary = request.app[ARCHIVE], request.app[STORED], secrets.token_hex(16)
     slots, patience = _Slots(request.app, request[CALLER].who), request.app[CONFIG].viewer.body_timeout
     response = web.StreamResponse(headers={
         **headers, "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
@@ -311,8 +338,15 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         return (f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax_sent}\r\n"
                 f"Content-Length: {size}\r\n\r\n").encode()
 
-    def make(start: int) -> asyncio.Future:
-        return loop.run_in_executor(None, _batch, archive, found, start, syntax, part_header)
+    closing = f"--{boundary}--\r\n".encode()
+    if syntax is None or all(m.transfer_syntax == syntax for m in found):     # sent as stored: sizes known
+        response.content_length = sum(len(part_header(m.size, m.transfer_syntax)) + m.size + 2
+                                      for m in found) + len(closing)
+
+    def make(start: int, end: int, first: bool = False) -> None:
+        """Read the batch `found[start:end]` in a worker (up to READ_AHEAD of them at once, sent in order)."""
+        future = loop.run_in_executor(None, _batch, archive, found, start, end, syntax, part_header, kept)
+        (reading.appendleft if first else reading.append)((start, end, future))
 
     async def send(data: bytes | memoryview) -> None:
         """A piece at a time, each taken by the client within `patience` seconds."""
@@ -325,25 +359,32 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     except TimeoutError:
         raise error(web.HTTPServiceUnavailable, "the node is sending as much as it may: try again in a moment",
                     **{"Retry-After": "5"}) from None
-    sent, written, whole, outcome, upcoming, following = 0, 0, False, "ok", make(0), 0
+    plan, reading = deque(_plan(found, syntax)), deque()
+    sent, written, whole, outcome = 0, 0, False, "ok"
+    make(*plan.popleft())
     try:
-        while upcoming is not None:
+        while plan and len(reading) < READ_AHEAD and await slots.take_now():
+            make(*plan.popleft())
+        while reading:
+            start, end, upcoming = reading[0]
             try:
                 batch, following = await upcoming
             except Exception as exc:
-                upcoming = None
                 if not response.prepared:
                     raise _unreadable(found[0].sop_instance_uid, exc) from None
-                match = found[following]                # the answer has begun: it ends here, short
+                match = found[start]                    # the answer has begun: it ends here, short
                 log.error("WADO of study %s: SOP Instance %s (blob %s) cannot be read: %s; the answer is cut "
                           "short after %d bytes", study, match.sop_instance_uid, match.blob_id, exc, written)
                 outcome = "failed"
                 request.transport and request.transport.abort()
                 return response
-            upcoming = None
+            reading.popleft()
+            short = following < end
             with batch.stack:
-                if following < len(found) and await slots.take_now():     # the next batch made meanwhile
-                    upcoming = make(following)
+                if short:                               # the rest of it next, with this batch's slot (it raises,
+                    make(following, end, first=True)    # or is a file)
+                while plan and len(reading) < READ_AHEAD and await slots.take_now():     # made meanwhile
+                    make(*plan.popleft())
                 if not response.prepared:
                     await response.prepare(request)
                 while batch.pieces:
@@ -361,11 +402,12 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
                     await send(trailer)
                 sent += batch.size
             del batch
-            slots.give()
-            if upcoming is None and following < len(found):
+            if not short:
+                slots.give()
+            if not reading and plan:
                 await slots.take()
-                upcoming = make(following)
-        await send(f"--{boundary}--\r\n".encode())
+                make(*plan.popleft())
+        await send(closing)
         await response.write_eof()
         whole = True
     except ConnectionError:                     # the client went away: what it took is audited below
@@ -375,7 +417,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
                     "bytes", study, patience, written)
         request.transport and request.transport.abort()
     finally:
-        if upcoming is not None:                # the answer ended early: the next batch is dropped once made
+        for _, _, upcoming in reading:          # the answer ended early: the batches read ahead are dropped once made
             upcoming.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result()[0].stack.close())
         slots.give(slots.held)
         if written or whole:                    # every byte that left is audited, a retrieve broken off too
@@ -431,13 +473,15 @@ def _read_header(plain: Path | io.BytesIO) -> tuple[Dataset, dict[int, str]]:
     return ds, bulk
 
 
-def _metadata(archive, match: archive_query.Match, cache: Cache) -> bytes:
+def _metadata(archive, match: archive_query.Match, cache: Cache, kept: Cache | None = None) -> bytes:
     """The instance's metadata as DICOM JSON, encoded, its bulk data URIs starting with BASE (kept so, by
-    content: a series' answer joins them, and `_based` puts the base URL of the request in)."""
+    content: a series' answer joins them, and `_based` puts the base URL of the request in). `kept`: the
+    stored instances read lately (a client that asks for metadata asks for the frames next); none when
+    made ahead."""
     found = cache.get(match.sha256)
     if found is not None:
         return found
-    with archive.readable(match.blob_id, match.sha256, INLINE) as plain:
+    with archive.readable(match.blob_id, match.sha256, INLINE, kept) as plain:
         ds, bulk = _read_header(plain)
     out = dicomjson.to_json_dict(ds)
     url = (f"{BASE}/studies/{ds.get('StudyInstanceUID', '')}/series/{ds.get('SeriesInstanceUID', '')}"
@@ -457,13 +501,13 @@ def _based(encoded: bytes, base: str) -> bytes:
 async def metadata(request: web.Request) -> web.Response:
     study, found = await _named(request)
     headers = _validators(request, found, "metadata")
-    archive, cache = request.app[ARCHIVE], request.app[METADATA]
+    archive, cache, kept = request.app[ARCHIVE], request.app[METADATA], request.app[STORED]
     out = [cache.get(match.sha256) for match in found]      # known ones without a thread each
     missing = [n for n, item in enumerate(out) if item is None]
     try:
         for start in range(0, len(missing), METADATA_PARALLEL):
             numbers = missing[start:start + METADATA_PARALLEL]
-            read = await asyncio.gather(*(run(request, _metadata, archive, found[n], cache) for n in numbers))
+            read = await asyncio.gather(*(run(request, _metadata, archive, found[n], cache, kept) for n in numbers))
             for n, item in zip(numbers, read):
                 out[n] = item
     except Exception as exc:
@@ -560,10 +604,10 @@ class _Unsupported(ValueError):
     pass
 
 
-def _frames(archive, match: archive_query.Match, numbers: list[int] | None) -> list[bytes]:
+def _frames(archive, match: archive_query.Match, numbers: list[int] | None, kept: Cache | None = None) -> list[bytes]:
     """The frames' pixels, uncompressed, little endian (None: all of them); a native frame is read
     from its place in the file, a compressed one decoded by itself."""
-    with archive.readable(match.blob_id, match.sha256, INLINE) as plain:
+    with archive.readable(match.blob_id, match.sha256, INLINE, kept) as plain:
         ds = pydicom.dcmread(plain, defer_size=BULK_BYTES)
         if "PixelData" not in ds:
             raise NotAnImage("this instance has no pixel data")
@@ -599,9 +643,9 @@ def _frames(archive, match: archive_query.Match, numbers: list[int] | None) -> l
         return out
 
 
-def _bulk(archive, match: archive_query.Match, tag: int) -> bytes:
+def _bulk(archive, match: archive_query.Match, tag: int, kept: Cache | None = None) -> bytes:
     """A top-level element's value (not the pixel data: `_frames`)."""
-    with archive.readable(match.blob_id, match.sha256, INLINE) as plain:
+    with archive.readable(match.blob_id, match.sha256, INLINE, kept) as plain:
         ds = pydicom.dcmread(plain, stop_before_pixels=True)
         if tag not in ds:
             raise _NoSuchFrame("no such bulk data")
@@ -641,7 +685,7 @@ async def frames(request: web.Request) -> web.Response:
     if as_stored and syntax.is_compressed:              # the stored codestreams, decoded by the client
         headers = _validators(request, found, f"frames:{numbers}:{syntax}")
         try:
-            parts = await run(request, _stored_frames, request.app[ARCHIVE], found[0], numbers)
+            parts = await run(request, _stored_frames, request.app[ARCHIVE], found[0], numbers, request.app[STORED])
         except _NoSuchFrame as exc:
             raise error(web.HTTPNotFound, str(exc)) from None
         except Exception as exc:
@@ -653,11 +697,11 @@ async def frames(request: web.Request) -> web.Response:
     return await _send_octets(request, study, found[0], headers, numbers)
 
 
-def _stored_frames(archive, match: archive_query.Match, numbers: list[int]) -> list[bytes]:
+def _stored_frames(archive, match: archive_query.Match, numbers: list[int], kept: Cache | None = None) -> list[bytes]:
     """Compressed frames as stored (each frame's codestream), read within the archive's limits."""
     from pydicom.encaps import get_frame
 
-    with archive.readable(match.blob_id, match.sha256, INLINE) as plain:
+    with archive.readable(match.blob_id, match.sha256, INLINE, kept) as plain:
         ds = pydicom.dcmread(plain)
         count = int(ds.get("NumberOfFrames", 1) or 1)
         if max(numbers) > count:
@@ -706,8 +750,9 @@ async def _send_octets(request: web.Request, study: str, match, headers: dict, n
         compressed = UID(match.transfer_syntax).is_compressed
         parts = await _decoded_frames(request, match, numbers) if tag is None and compressed else None
         if parts is None:
-            parts = await run(request, _frames, archive, match, numbers) if tag is None else \
-                [await run(request, _bulk, archive, match, tag)]
+            kept = request.app[STORED]
+            parts = await run(request, _frames, archive, match, numbers, kept) if tag is None else \
+                [await run(request, _bulk, archive, match, tag, kept)]
         if tag is None and numbers is None:
             parts = [b"".join(parts)]
     except (_NoSuchFrame, NotAnImage) as exc:
@@ -779,6 +824,7 @@ async def rendered(request: web.Request) -> web.Response:
 def routes(app: web.Application) -> None:
     study, series, instance = STUDY, STUDY + SERIES, STUDY + SERIES + INSTANCE
     app[METADATA] = Cache(METADATA_CACHE)
+    app[STORED] = Cache(app[CONFIG].viewer.instance_cache_mb << 20) if app[CONFIG].viewer.instance_cache_mb else None
     app[RETRIEVE_SLOTS] = asyncio.Semaphore(RETRIEVE_BATCHES)
     app[RETRIEVE_CALLERS] = Counter()
     app.cleanup_ctx.append(prefetching)
