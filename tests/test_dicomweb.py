@@ -638,7 +638,7 @@ def test_qido_json_is_what_pydicom_writes_of_the_c_find_match(tmp_path):
         for level in ("STUDY", "SERIES", "IMAGE"):
             ds = identifier(MultiDict([("includefield", "all")]), level, {}, None)
             query = Query(STUDY_ROOT, ds)
-            raw = [_as_json(query, values, level, "https://x/dicomweb") for values in find_values(archive.index, query)]
+            raw = json.loads(_as_json(query, find_values(archive.index, query), level, "https://x/dicomweb"))
             assert all(isinstance(v, (int, float)) for r in raw for e in r.values() if e["vr"] in ("IS", "US", "UL")
                        for v in e.get("Value", []))                   # numbers as JSON numbers (PS3.18 F.2.3)
             written = [pydicom.Dataset.from_json(r) for r in raw]

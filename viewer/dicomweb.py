@@ -16,6 +16,7 @@ fails by itself, with its reason (a part that is itself a multipart: not DICOM).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -329,32 +330,57 @@ def identifier(query, level: str, fixed: dict[str, str], share_study: str | None
 RETRIEVE_URL, AVAILABILITY = "00081190", "00080056"
 
 
-def _as_json(query: Query, values: tuple, level: str, base: str) -> dict:
-    """A match as DICOM JSON (PS3.18 F.2), written from the index's values."""
-    out = {}
-    for keyword, value in zip(query.return_keys, values):
-        vr, kind = dictionary_VR(keyword), ATTRIBUTES[keyword].kind
-        element: dict = {"vr": vr}
-        if value is not None and value != "":
-            if kind == "modalities":
-                element["Value"] = sorted(str(value).split(","))
+_TEXT = json.encoder.encode_basestring_ascii      # a str as a JSON string, as json.dumps writes it (C)
+_URL = object()                                    # where RetrieveURL goes among the columns
+
+
+@functools.lru_cache(maxsize=256)
+def _columns(return_keys: tuple[str, ...]) -> tuple[tuple, ...]:
+    """How each return key is written, in tag order with RetrieveURL and InstanceAvailability among them:
+    (its position in a match's values, its JSON text up to the value, VR, kind), looked up once a query."""
+    columns = [(f"{tag_for_keyword(keyword):08X}", position, dictionary_VR(keyword), ATTRIBUTES[keyword].kind)
+               for position, keyword in enumerate(return_keys)]
+    columns = [c for c in columns if c[0] not in (RETRIEVE_URL, AVAILABILITY)]     # written by the node itself
+    columns += [(RETRIEVE_URL, _URL, "UR", ""), (AVAILABILITY, None, "CS", "")]
+    return tuple((position, f'"{tag}":{{"vr":"{vr}"', vr, kind) for tag, position, vr, kind in sorted(columns))
+
+
+def _as_json(query: Query, found: list[tuple], level: str, base: str) -> bytes:
+    """The matches as DICOM JSON (PS3.18 F.2), written from the index's values straight into JSON text."""
+    keys = tuple(query.return_keys)
+    columns, where = _columns(keys), {k: keys.index(k) for k in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                                 "SOPInstanceUID") if k in keys}
+    rows = []
+    for values in found:
+        url = f"{base}/studies/{values[where['StudyInstanceUID']] if 'StudyInstanceUID' in where else ''}"
+        if level in ("SERIES", "IMAGE") and "SeriesInstanceUID" in where and values[where["SeriesInstanceUID"]]:
+            url += f"/series/{values[where['SeriesInstanceUID']]}"
+        if level == "IMAGE":
+            url += f"/instances/{values[where['SOPInstanceUID']] if 'SOPInstanceUID' in where else ''}"
+        parts = []
+        for position, head, vr, kind in columns:
+            if position is _URL:
+                parts.append(f'{head},"Value":[{_TEXT(url)}]}}')
+                continue
+            value = '"ONLINE"' if position is None else values[position]
+            if value is None or value == "":
+                parts.append(head + "}")
+                continue
+            if position is None:
+                text = value
+            elif kind == "modalities":
+                text = ",".join(map(_TEXT, sorted(str(value).split(","))))
             elif kind in ("int", "count"):
-                element["Value"] = [int(value)]
+                text = str(int(value))
             elif vr == "PN":
-                element["Value"] = [dict(zip(("Alphabetic", "Ideographic", "Phonetic"), name.split("=")))
-                                    for name in str(value).split("\\")]
+                text = ",".join("{" + ",".join(f'"{group}":{_TEXT(part)}' for group, part in zip(
+                    ("Alphabetic", "Ideographic", "Phonetic"), name.split("="))) + "}"
+                    for name in str(value).split("\\"))
             else:
-                element["Value"] = str(value).split("\\")
-        out[f"{tag_for_keyword(keyword):08X}"] = element
-    uids = dict(zip(query.return_keys, values))
-    url = f"{base}/studies/{uids.get('StudyInstanceUID', '')}"
-    if level in ("SERIES", "IMAGE") and uids.get("SeriesInstanceUID"):
-        url += f"/series/{uids['SeriesInstanceUID']}"
-    if level == "IMAGE":
-        url += f"/instances/{uids.get('SOPInstanceUID', '')}"
-    out[RETRIEVE_URL] = {"vr": "UR", "Value": [url]}
-    out[AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
-    return dict(sorted(out.items()))
+                text = ",".join(map(_TEXT, str(value).split("\\")))
+            parts.append(f'{head},"Value":[{text}]}}')
+        rows.append("{" + ",".join(parts) + "}")
+    return ("[" + ",".join(rows) + "]").encode()
 
 
 async def qido(request: web.Request) -> web.Response:
@@ -392,7 +418,7 @@ async def qido(request: web.Request) -> web.Response:
     if len(found) == cap and ("limit" not in request.query or limit > cap):     # perhaps more: say how to go on
         headers["Warning"] = (f'299 m3dicom "at most {cap} matches a request (query.max_results): ask for the '
                               f'next ones with offset={offset + cap}"')
-    return json_answer(request, [_as_json(query, values, level, base) for values in found], **headers)
+    return json_answer(request, _as_json(query, found, level, base), **headers)
 
 
 # -- STOW-RS ---------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ patient data."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import re
@@ -233,6 +234,8 @@ async def _run(config: Settings, sock: socket.socket, stop: threading.Event, rea
     context = ssl_context(config)
     site = HttpsSite(runner, sock, context, config.viewer.header_timeout) if context else web.SockSite(runner, sock)
     await site.start()
+    gc.freeze()             # what start-up made (modules, dictionaries, the app) is never collected: the collector's
+    #                         full passes no longer walk it while a request waits (QIDO's p95 at 1M instances)
     if ready:
         ready()
     try:
