@@ -4,6 +4,7 @@ instance with other content, clients that trickle their request, a job nobody wo
 from __future__ import annotations
 
 import io
+import json
 import socket
 import ssl
 import time
@@ -370,6 +371,37 @@ def test_running_out_of_file_descriptors_does_not_close_the_viewer_for_good(site
     wait_for(lambda: session(pki, writer).get(f"{url}/dicomweb/studies", timeout=5).status_code == 200,
              timeout=30, what="the viewer answering again")
     assert "cannot accept connections" in node.log()
+
+
+def test_a_head_gets_the_headers_alone_and_the_next_answer_on_the_connection_is_whole(site, pki):
+    """The attack pass: HEAD on a WADO-RS retrieve was sent the whole multipart body, which a kept-alive
+    connection (a reverse proxy's) then read as the next answer's status line: an answer forged from stored
+    DICOM text could reach another request. Now HEAD gets the headers alone (and reads nothing); the other
+    streamed routes (a download, the event stream, the audit CSV) refuse HEAD with 405."""
+    import http.client
+
+    _, url, writer, studies = site
+    port = int(url.rsplit(":", 1)[1])
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=20)
+    try:
+        for accept in ('multipart/related; type="application/dicom"; transfer-syntax=*', "*/*"):
+            connection.request("HEAD", f"/dicomweb/studies/{studies['second']}",
+                               headers={"Authorization": f"Bearer {writer}", "Accept": accept})
+            answer = connection.getresponse()
+            assert answer.status == 200 and answer.read() == b""
+            connection.request("GET", "/dicomweb/studies?PatientID=P-SMITH",
+                               headers={"Authorization": f"Bearer {writer}"})
+            answer = connection.getresponse()
+            assert answer.status == 200 and len(json.loads(answer.read())) == 2, accept
+    finally:
+        connection.close()
+    got = session(pki, writer).get(f"{url}/dicomweb/studies/{studies['second']}", headers={
+        "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    assert got.status_code == 200 and int(got.headers["Content-Length"]) == len(got.content) > 0
+    person, _ = logged_in(site, pki)
+    for path in ("/api/events", "/admin/audit.csv", "/api/instances/1.2.3/download"):
+        assert person.head(url + path).status_code == 405, path
 
 
 # -- WADO-RS retrieves that stall or fail ------------------------------------------------------------

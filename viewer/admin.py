@@ -48,7 +48,7 @@ def routes(app: web.Application) -> None:
     r.add_post("/admin/tokens", create_token)
     r.add_post("/admin/tokens/{name}/revoke", revoke_token)
     r.add_get("/admin/audit", audit_page)
-    r.add_get("/admin/audit.csv", audit_csv)
+    r.add_get("/admin/audit.csv", audit_csv, allow_head=False)     # streamed: a HEAD would get the body too
     r.add_get("/admin/settings", settings_page)
 
 

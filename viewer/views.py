@@ -107,9 +107,9 @@ def routes(app: web.Application) -> None:
     r.add_get("/api/instances/{instance}/info", api_info)
     r.add_get("/api/instances/{instance}/render", api_render)
     r.add_get("/api/instances/{instance}/sr", api_sr)
-    r.add_get("/api/instances/{instance}/download", api_download)
+    r.add_get("/api/instances/{instance}/download", api_download, allow_head=False)     # streamed (as below)
     r.add_post("/api/upload", upload.handle)
-    r.add_get("/api/events", api_events)
+    r.add_get("/api/events", api_events, allow_head=False)   # streamed: a HEAD would be sent a body
 
 
 # -- helpers ---------------------------------------------------------------------------------

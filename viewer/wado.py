@@ -1,7 +1,8 @@
 """WADO-RS (PS3.18 10.4): instances, metadata, frames, bulk data, rendered images, under /dicomweb.
 
 Every instance is read through the archive's read paths, authenticated and its SHA-256 checked
-before a byte of it leaves: instances up to INLINE bytes in memory (`Archive.verified`), a batch of
+when it is read from the store (those read lately are kept in memory as verified then,
+`viewer.instance_cache_mb`): instances up to INLINE bytes in memory (`Archive.verified`), a batch of
 them per worker call, larger ones through a private file in the data directory (`Archive.exported`)
 sent a MiB at a time. A study of any size goes out in bounded memory; the next batch is read while
 this one is sent, within a process-wide number of batches (RETRIEVE_BATCHES).
@@ -190,8 +191,8 @@ def _explicit_little(archive, path: Path, stack: ExitStack) -> Path:
 class _Batch:
     """Instances ready to send, framed as multipart parts by the worker that read them: small ones in memory
     as pieces of about SEND_PIECE bytes (several parts in one, so that the event loop writes a few large
-    pieces instead of three small writes an instance), or one large (or transcoded) one in a private file
-    with its part header and trailer apart."""
+    pieces instead of three small writes an instance; one of SEND_PIECE / 4 or more is a piece of its own,
+    not copied), or one large (or transcoded) one in a private file with its part header and trailer apart."""
 
     def __init__(self):
         self.pieces: list[bytes] = []                       # framed parts in memory, ready to write
@@ -240,8 +241,14 @@ def _batch(archive, found: list, start: int, end: int, syntax: str | None, heade
                 data = None if transcode else archive.verified(match.blob_id, match.sha256, INLINE, kept)
                 if data is not None:
                     _sized(match, len(data))
-                    pending += (header(len(data), match.transfer_syntax), data, b"\r\n")
-                    waiting += len(data)
+                    pending.append(header(len(data), match.transfer_syntax))
+                    if len(data) >= SEND_PIECE // 4:    # large enough to be written alone: not copied
+                        flush()
+                        batch.pieces.append(data)
+                    else:
+                        pending.append(data)
+                        waiting += len(data)
+                    pending.append(b"\r\n")
                     batch.size += len(data)
                     batch.count += 1
                     if waiting >= SEND_PIECE:
@@ -354,6 +361,10 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
             async with asyncio.timeout(patience):
                 await response.write(data[start:start + SEND_PIECE])
 
+    if request.method == "HEAD":                # the headers alone: nothing read, no body (a body here would be
+        await response.prepare(request)         # taken for the next answer on a kept-alive connection)
+        await response.write_eof()
+        return response
     try:
         await slots.take()
     except TimeoutError:
