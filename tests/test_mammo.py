@@ -247,7 +247,7 @@ def test_the_sc_and_sr_are_valid_and_keep_the_source_patient_and_study(results):
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert evidence.ReferencedSOPInstanceUID == source.SOPInstanceUID
     view = f"{source.ImageLaterality} {source.ViewPosition}"     # a four-view study's CAD series told apart
-    assert sc.SeriesDescription == f"CAD: micro-calcifications {view}" == sr.SeriesDescription
+    assert sc.SeriesDescription == f"CAD {view}: micro-calcifications" == sr.SeriesDescription
 
 
 def test_ids_agree_between_sr_findings_json_and_the_marks(results):

@@ -105,11 +105,11 @@ class MammoCad:
                 normal.append(NothingFound(f"image {number}: {NO_CLUSTER}" if len(images) > 1 else NO_CLUSTER,
                                            CLUSTER, [source]))
             sc = secondary_capture(source, render(image, source, marks, ctx.xp), ctx, name="sc",
-                                   description=f"CAD: micro-calcifications{_view(source)}", instance_number=number)
+                                   description=f"CAD{_view(source)}: micro-calcifications", instance_number=number)
             datasets.append(sc)
             sources.append(source)
         views = "".join(dict.fromkeys(_view(source) for source in sources))    # "R MLO", or each image's
-        sr = measurement_report(sr_findings, sources, ctx, name="sr", title=f"CAD: micro-calcifications{views}",
+        sr = measurement_report(sr_findings, sources, ctx, name="sr", title=f"CAD{views}: micro-calcifications",
                                 procedure=MAMMOGRAPHY, nothing_found=normal)
         datasets.append(sr)
         outcome = CLUSTERS_FOUND if findings["clusters"] else NO_CLUSTER
@@ -216,7 +216,7 @@ def render(image: detect.Mammogram, source: Dataset, marks: list[tuple], xp=np) 
 
 def _view(source) -> str:
     """' R MLO': the image's laterality and view, to tell the CAD's series of a four-view study apart (OHIF lists
-    them by description); '' when the image says neither."""
+    them by description, cut after some 20 characters: the view comes first); '' when the image says neither."""
     side = source.get("ImageLaterality") or source.get("Laterality") or ""
     view = " ".join(str(v) for v in (side, source.get("ViewPosition") or "") if v)
     return f" {view}" if view else ""
