@@ -34,7 +34,6 @@ from archive.inputs import input_series, series_changed, study_series
 from gpu_workers.plugin import ParamError, Plugin, PluginError, check_params, discover
 
 from . import queue, store
-from .deid import export as deid_export
 from .deid import store as deid_store
 from .executor import Executor, Refused
 from .intake import IntakeError, backoff, discard, forward, take_results
@@ -514,6 +513,8 @@ class Router:
             self._exporting[export_id] = future
 
     def _export(self, export_id: str) -> None:
+        from .deid import export as deid_export          # (its attribute tables: read only when an export runs)
+
         try:
             deid_export.execute(self.archive, self.config, export_id, self.name,
                                lease=self.lease, clock=self.clock)

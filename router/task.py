@@ -28,7 +28,6 @@ from archive.inputs import InputInstance, InputSeries
 from gpu_workers.backend import ENV as ARRAY_BACKEND_ENV
 from gpu_workers.backend import array_module
 from gpu_workers.plugin import Algorithm, Context, Instance, PluginError, Result, Series, check_params, discover
-from gpu_workers.results import encode
 
 from .settings import Settings
 
@@ -154,6 +153,8 @@ def run_job(spec: JobSpec) -> JobOutput:
 def stage(archive: Archive, result: Result, to_remote: bool = False) -> list[StagedOutput]:
     """Each output as an encrypted blob: in the node's local store when this worker shares its
     data directory, in S3 when it runs with settings of its own (another machine: `to_remote`)."""
+    from gpu_workers.results import encode           # (highdicom: imported where results are made, not by the node)
+
     store = archive.remote if to_remote and archive.remote is not None else archive.local
     in_s3 = store is not archive.local
     staged = []
