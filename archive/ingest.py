@@ -134,13 +134,13 @@ def _is_disk_full(exc: BaseException) -> bool:
                                                          or getattr(exc.orig, "sqlstate", None) == "53100")
 
 
-
 class Kept(Protocol):
     """Verified Part 10 files a reader keeps in memory, by (blob id, SHA-256): a bounded cache (the viewer's)."""
 
     def get(self, key: tuple[str, str]) -> bytes | None: ...
 
     def put(self, key: tuple[str, str], value: bytes, size: int) -> bool: ...
+
 
 class Archive:
     """The index and the blob store of one node's data directory."""

@@ -542,6 +542,17 @@ def test_instances_read_lately_are_kept_verified_and_an_indexed_size_that_differ
             for match in found:
                 wado._frames(archive, match, [1], kept)
             assert len(opened) == reads, kept
+        # the attack pass: 20 parallel retrieves held every instance twice (the cache's, the framing's copy);
+        # one of SEND_PIECE / 4 or more is now sent from the very buffer the cache holds
+        large = synthetic_instances(tmp_path / "large", 1, pixel_bytes=wado.SEND_PIECE, patient="Kept^One",
+                                    patient_id="P-KEPT")[0]
+        assert archive.ingest_file(large).outcome.ok
+        match, = wado._instances(archive.index, str(pydicom.dcmread(large).StudyInstanceUID), None,
+                                 str(pydicom.dcmread(large).SOPInstanceUID))
+        kept = wado.Cache(64 << 20)
+        batch, _ = wado._batch(archive, [found[0], match, found[1]], 0, 3, None, header, kept)
+        assert any(piece is kept.get((match.blob_id, match.sha256)) for piece in batch.pieces)
+        assert b"".join(batch.pieces).count(large.read_bytes()) == 1
         wrong = dataclasses.replace(found[1], size=found[1].size + 1)
         batch, end = wado._batch(archive, [found[0], wrong], 0, 2, None, header, None)
         assert (end, batch.count) == (1, 1)                 # short: the batch made from there raises

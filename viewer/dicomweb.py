@@ -331,7 +331,7 @@ RETRIEVE_URL, AVAILABILITY = "00081190", "00080056"
 
 
 _TEXT = json.encoder.encode_basestring_ascii      # a str as a JSON string, as json.dumps writes it (C)
-_URL = object()                                    # where RetrieveURL goes among the columns
+_URL, _ONLINE = object(), object()                 # where RetrieveURL and InstanceAvailability go among the columns
 
 
 @functools.lru_cache(maxsize=256)
@@ -341,7 +341,7 @@ def _columns(return_keys: tuple[str, ...]) -> tuple[tuple, ...]:
     columns = [(f"{tag_for_keyword(keyword):08X}", position, dictionary_VR(keyword), ATTRIBUTES[keyword].kind)
                for position, keyword in enumerate(return_keys)]
     columns = [c for c in columns if c[0] not in (RETRIEVE_URL, AVAILABILITY)]     # written by the node itself
-    columns += [(RETRIEVE_URL, _URL, "UR", ""), (AVAILABILITY, None, "CS", "")]
+    columns += [(RETRIEVE_URL, _URL, "UR", ""), (AVAILABILITY, _ONLINE, "CS", "")]
     return tuple((position, f'"{tag}":{{"vr":"{vr}"', vr, kind) for tag, position, vr, kind in sorted(columns))
 
 
@@ -362,13 +362,14 @@ def _as_json(query: Query, found: list[tuple], level: str, base: str) -> bytes:
             if position is _URL:
                 parts.append(f'{head},"Value":[{_TEXT(url)}]}}')
                 continue
-            value = '"ONLINE"' if position is None else values[position]
+            if position is _ONLINE:
+                parts.append(f'{head},"Value":["ONLINE"]}}')
+                continue
+            value = values[position]
             if value is None or value == "":
                 parts.append(head + "}")
                 continue
-            if position is None:
-                text = value
-            elif kind == "modalities":
+            if kind == "modalities":
                 text = ",".join(map(_TEXT, sorted(str(value).split(","))))
             elif kind in ("int", "count"):
                 text = str(int(value))
