@@ -1,9 +1,14 @@
 """Ingest benchmark: dcmtk storescu over DICOM TLS into m3dicom, Orthanc and dcmtk storescp.
 
-Scenarios (as issue 2 asks): (a) 500 small CT instances on one association, (b) 50
-mammography-sized instances (10-27 MB), (c) 60 short associations of one instance each,
-(d) 4 storescu processes in parallel. Prints instances/s, MB/s and the receiver's CPU
-seconds, median of N runs, as a Markdown table. Not a test: nothing is asserted.
+Workloads (issues 2 and 18), each a fresh receiver timed once it has settled: (a) 500 small CT
+instances on one association, (b) 50 mammography-sized instances (10-27 MB), (c) 60 one-instance
+associations in a row, and the receiver's CPU per association (what a sender's own cost cannot cap),
+(c') 4 and 16 loops of one-instance associations at once, (d) 4 and 16 storescu processes at once
+on the small set, (e) Orthanc's published workload: a 373-slice CT (187 MB, Explicit VR Little
+Endian) dealt out to 1, 8 and 16 storescu at once. Prints one row per workload: instances/s (or
+MB/s) and the receiver's CPU seconds (all its processes), median of N runs, the first receiver
+against Orthanc, and the peak resident memory of all the receiver's processes with 16
+associations. Not a test: nothing is asserted.
 
 The index's engines side by side (issue 16): `m3dicom-s3` (the SQLite file) and `m3dicom-pg`
 (PostgreSQL: a private cluster started here, fsync and synchronous_commit on, as the tests'
@@ -15,6 +20,7 @@ sends 2 x 250 on two associations; the whole machine has 2 cores: the two nodes 
     .venv/bin/python bench/ingest.py [--runs 3] [--large 50] [--only m3dicom,orthanc,storescp]
     .venv/bin/python bench/ingest.py --only m3dicom-s3,m3dicom-pg,two-nodes
     .venv/bin/python bench/ingest.py --only m3dicom-nometrics,m3dicom,m3dicom-audit --scenarios small,parallel
+    .venv/bin/python bench/ingest.py --only m3dicom,orthanc --scenarios short,loops4,loops16,parallel16
 
 The cost of operating the node (issue 19): `m3dicom-nometrics` ([metrics] port = 0), `m3dicom` (/metrics on,
 the default) and `m3dicom-audit` (and an IHE ATNA audit trail, sent over TLS to a sink here that drops it).
@@ -37,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pydicom
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -79,7 +85,6 @@ def small_set(directory: Path, count: int) -> list[Path]:
 def large_set(directory: Path, count: int) -> list[Path]:
     """Mammography-sized images: 16-bit, 10-27 MB, random sizes, one study."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
 
     rng = np.random.default_rng(7)
     directory.mkdir(parents=True)
@@ -101,6 +106,30 @@ def large_set(directory: Path, count: int) -> list[Path]:
         ds.PixelData = rng.integers(0, 16383, rows * cols, dtype=np.uint16).tobytes()
         path = directory / f"{i:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def ct_volume(directory: Path, count: int) -> list[Path]:
+    """Orthanc's published ingest workload: a CT of `count` 512 x 512 16-bit slices in Explicit VR
+    Little Endian (373 slices: 187 MB), one series, from CT_small's attributes."""
+    src = pydicom.dcmread(Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm")
+    del src.PixelData
+    src.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    src.StudyInstanceUID, src.SeriesInstanceUID = generate_uid(), generate_uid()
+    src.Rows = src.Columns = 512
+    src.BitsAllocated, src.BitsStored, src.HighBit, src.PixelRepresentation = 16, 12, 11, 0
+    rng = np.random.default_rng(373)
+    slab = rng.integers(0, 4095, 512 * 512 * 8, dtype=np.uint16)     # slices differ; generating 187 MB is slow
+    directory.mkdir(parents=True)
+    paths = []
+    for i in range(count):
+        src.SOPInstanceUID = src.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        src.InstanceNumber = i + 1
+        src.PixelData = np.roll(slab, i * 4099)[:512 * 512].tobytes()
+        src["PixelData"].VR = "OW"
+        path = directory / f"{i:04d}.dcm"
+        src.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
 
@@ -148,6 +177,14 @@ class Receiver:
                                            for c in p.children(recursive=True))
         except psutil.Error:
             return float("nan")
+
+    def rss_mb(self) -> float:
+        """Resident memory of the receiver and its child processes (m3dicom's router, Dask, viewer)."""
+        try:
+            p = psutil.Process(self.proc.pid)
+            return sum(q.memory_info().rss for q in (p, *p.children(recursive=True))) / 1e6
+        except psutil.Error:
+            return 0.0
 
 
 class AuditSink:
@@ -270,6 +307,9 @@ class TwoNodes(Receiver):
     def cpu_seconds(self) -> float:
         return sum(node.cpu_seconds() for node in self.nodes)
 
+    def rss_mb(self) -> float:
+        return sum(node.rss_mb() for node in self.nodes)
+
 
 class Services:
     """What the S3 and PostgreSQL variants share: moto's S3 server and a private PostgreSQL cluster
@@ -346,59 +386,71 @@ def storescu(receiver: Receiver, pki: Path, files: list[Path], port: int | None 
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def run_scenario(kind: str, receiver: Receiver, pki: Path, files: list[Path]) -> tuple[float, float]:
-    """Returns (wall seconds, receiver CPU seconds). A receiver with several `ports` (two nodes) gets
-    each sender's files spread over them: short associations alternate, parallel senders go half to each."""
+# workload -> (data set, how it is sent, senders): "senders" = that many storescu processes at once, the
+# files dealt out between them; "loops" = that many loops at once, each one storescu (one association) per file
+SCENARIOS = {
+    "small": ("small", "senders", 1), "large": ("large", "senders", 1), "short": ("short", "loops", 1),
+    "loops4": ("loops", "loops", 4), "loops16": ("loops", "loops", 16),
+    "parallel": ("small", "senders", 4), "parallel16": ("small", "senders", 16),
+    "ct1": ("ct", "senders", 1), "ct8": ("ct", "senders", 8), "ct16": ("ct", "senders", 16),
+}
+
+
+def run_scenario(kind: str, receiver: Receiver, pki: Path, files: list[Path]) -> tuple[float, float, float]:
+    """Returns (wall seconds, receiver CPU seconds, receiver peak RSS in MB: all its processes). A receiver
+    with several `ports` (two nodes) gets the senders and loops dealt out over them."""
+    import threading
+
+    _, how, count = SCENARIOS[kind]
     ports = getattr(receiver, "ports", [receiver.port])
+    count = max(count, len(ports))
+    parts = [files[i::count] for i in range(count)]
+    peak, done = [receiver.rss_mb()], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], receiver.rss_mb())
+    sampler = threading.Thread(target=sample, daemon=True)
+    failures: list[str] = []
+
+    def loop(part: list[Path], port: int) -> None:
+        for f in part:
+            p = storescu(receiver, pki, [f], port)
+            if p.wait() != 0:
+                failures.append(p.stderr.read().decode()[-500:])
+                return
     cpu0 = receiver.cpu_seconds()
+    sampler.start()
     t0 = time.perf_counter()
-    if kind == "short" and len(ports) > 1:
-        loops = [subprocess.Popen([sys.executable, __file__, "--short-loop", str(port), str(pki), receiver.aet,
-                                   *map(str, files[i::len(ports)])]) for i, port in enumerate(ports)]
-        for p in loops:
-            if p.wait() != 0:
-                raise RuntimeError(f"{receiver.name}: a loop of short associations failed")
-    elif kind == "short":
-        for f in files:
-            p = storescu(receiver, pki, [f])
-            if p.wait() != 0:
-                raise RuntimeError(p.stderr.read().decode()[-500:])
+    if how == "loops":
+        threads = [threading.Thread(target=loop, args=(part, ports[i % len(ports)])) for i, part in enumerate(parts)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     else:
-        senders = 4 if kind == "parallel" else len(ports)
-        parts = [files[i::senders] for i in range(senders)]
         procs = [storescu(receiver, pki, part, ports[i % len(ports)]) for i, part in enumerate(parts)]
-        for p in procs:
-            if p.wait() != 0:
-                raise RuntimeError(f"{receiver.name}: {p.stderr.read().decode()[-500:]}")
-    return time.perf_counter() - t0, receiver.cpu_seconds() - cpu0
-
-
-def short_loop(port: int, pki: Path, aet: str, files: list[str]) -> int:
-    """One association per file, one after the other (the two-node short scenario runs one loop per node)."""
-    class At:
-        pass
-    at = At()
-    at.aet, at.port = aet, port
-    for f in files:
-        p = storescu(at, pki, [Path(f)])
-        if p.wait() != 0:
-            print(p.stderr.read().decode()[-500:], file=sys.stderr)
-            return 1
-    return 0
+        failures += [p.stderr.read().decode()[-500:] for p in procs if p.wait() != 0]
+    wall = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    if failures:
+        raise RuntimeError(f"{receiver.name} {kind}: {failures[0]}")
+    return wall, receiver.cpu_seconds() - cpu0, peak[0]
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--short-loop"]:
-        return short_loop(int(argv[1]), Path(argv[2]), argv[3], argv[4:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--small", type=int, default=500)
     ap.add_argument("--large", type=int, default=50)
     ap.add_argument("--short", type=int, default=60)
+    ap.add_argument("--loop-files", type=int, default=96, help="one-instance associations for loops4 and loops16")
+    ap.add_argument("--ct", type=int, default=373, help="slices of the CT for ct1, ct8 and ct16")
     ap.add_argument("--only", default="m3dicom,orthanc,storescp")
     ap.add_argument("--receivers", type=int, default=1, help="m3dicom's dicom.receivers (0 = one per core)")
-    ap.add_argument("--scenarios", default="small,large,short,parallel")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="a comma-separated list of: " + ", ".join(SCENARIOS))
     ap.add_argument("--bare", action="store_true", help="m3dicom without its router and viewer processes")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     args = ap.parse_args(argv)
@@ -409,20 +461,25 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-m", "node.cli", "certs", "init", "--dir", str(pki)], cwd=ROOT,
                        check=True, capture_output=True)
         print("generating data ...", file=sys.stderr)
-        data = {"small": small_set(work / "small", args.small),
-                "large": large_set(work / "large", args.large),
-                "short": None, "parallel": None}
-        data["short"] = data["small"][:args.short]
-        data["parallel"] = data["small"]
+        wanted = args.scenarios.split(",")
+        if unknown := set(wanted) - set(SCENARIOS):
+            ap.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+        sets = {SCENARIOS[k][0] for k in wanted}
+        small = small_set(work / "small", max(args.small, args.short, args.loop_files))
+        data_sets = {"small": small[:args.small], "short": small[:args.short], "loops": small[:args.loop_files]}
+        if "large" in sets:
+            data_sets["large"] = large_set(work / "large", args.large)
+        if "ct" in sets:
+            data_sets["ct"] = ct_volume(work / "ct", args.ct)
+        data = {k: data_sets[SCENARIOS[k][0]] for k in wanted}
         M3dicom.receivers, M3dicom.bare = args.receivers, args.bare
-        data = {k: v for k, v in data.items() if k in args.scenarios.split(",")}
         kinds = {"m3dicom": M3dicom, "m3dicom-nometrics": M3dicomNoMetrics, "m3dicom-audit": M3dicomAudit,
                  "m3dicom-s3": M3dicomS3, "m3dicom-pg": M3dicomPG, "two-nodes": TwoNodes,
                  "orthanc": Orthanc, "storescp": Storescp}
         chosen = args.only.split(",")
         if {"m3dicom-s3", "m3dicom-pg", "two-nodes"} & set(chosen):
             M3dicom.services = Services(work, postgresql=bool({"m3dicom-pg", "two-nodes"} & set(chosen)))
-        results: dict[str, dict[str, list[tuple[float, float]]]] = {}
+        results: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
         for name in chosen:
             cls = kinds[name]
             results[cls.name] = {k: [] for k in data}
@@ -434,15 +491,14 @@ def main(argv=None) -> int:
                     receiver.start()
                     receiver.settle()
                     try:
-                        wall, cpu = run_scenario(scenario, receiver, pki, files)
+                        wall, cpu, rss = run_scenario(scenario, receiver, pki, files)
                     finally:
                         receiver.stop()
                         shutil.rmtree(rdir, ignore_errors=True)
-                    results[cls.name][scenario].append((wall, cpu))
-                    print(f"{cls.name:45s} {scenario:9s} run {run + 1}: {len(files) / wall:7.1f} inst/s "
-                          f"cpu {cpu:.1f}s", file=sys.stderr)
-        sizes = {k: sum(f.stat().st_size for f in v) / 1e6 for k, v in data.items()}
-        print(table(results, data, sizes, args))
+                    results[cls.name][scenario].append((wall, cpu, rss))
+                    print(f"{cls.name:45s} {scenario:10s} run {run + 1}: {len(files) / wall:7.1f} inst/s "
+                          f"cpu {cpu:.1f}s peak RSS {rss:.0f} MB", file=sys.stderr)
+        print(table(results, data, args))
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
     finally:
@@ -454,19 +510,40 @@ def main(argv=None) -> int:
     return 0
 
 
-def table(results, data, sizes, args) -> str:
-    columns = {"small": f"(a) {args.small} small, 1 assoc: inst/s", "large": f"(b) {args.large} large: MB/s",
-               "short": f"(c) {args.short} short assocs: inst/s", "parallel": "(d) 4 parallel senders: inst/s"}
-    shown = [k for k in columns if k in data]
-    lines = ["| receiver | " + " | ".join(columns[k] for k in shown) + f" | receiver CPU s ({'/'.join(shown)}) |",
-             "|" + "---|" * (len(shown) + 2)]
-    for name, by in results.items():
-        med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in by.items()}
-        cells = []
-        for k in shown:
-            rate = (sizes[k] if k == "large" else len(data[k])) / med[k][0]
-            cells.append(f"{rate:.1f}" if k == "short" else f"{rate:.0f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " | " + "/".join(f"{med[k][1]:.1f}" for k in shown) + " |")
+def table(results, data, args) -> str:
+    """One row per workload, one column per receiver: the rate (receiver CPU seconds), median of the runs;
+    then the first receiver against Orthanc (>= 1 is ahead: for CPU per association, Orthanc's / ours)."""
+    labels = {"small": f"(a) {args.small} small, 1 association (inst/s)", "large": f"(b) {args.large} large (MB/s)",
+              "short": f"(c) {args.short} one-instance associations in a row (inst/s)",
+              "loops4": f"(c') 4 loops of one-instance associations, {args.loop_files} in all (inst/s)",
+              "loops16": f"(c') 16 loops of one-instance associations, {args.loop_files} in all (inst/s)",
+              "parallel": f"(d) 4 storescu at once, {args.small} small (inst/s)",
+              "parallel16": f"(d) 16 storescu at once, {args.small} small (inst/s)",
+              **{f"ct{n}": f"(e) {args.ct}-slice CT, {n} storescu (inst/s)" for n in (1, 8, 16)}}
+    names = list(results)
+    orthanc = next((n for n in names if n.startswith("Orthanc")), None)
+    versus = f"{names[0]} / Orthanc" if orthanc and names[0] != orthanc else None
+    lines = ["| workload | " + " | ".join(names) + (f" | {versus} |" if versus else " |"),
+             "|---|" + "---|" * (len(names) + bool(versus))]
+    med = {n: {k: [statistics.median(r[i] for r in v) for i in range(3)] for k, v in by.items()}
+           for n, by in results.items()}
+
+    def row(label: str, cells: dict[str, float], fmt, ratio: float | None) -> str:
+        return (f"| {label} | " + " | ".join(fmt(cells[n]) for n in names)
+                + (f" | {ratio:.2f}x |" if versus and ratio is not None else " | |" if versus else " |"))
+    for k in data:
+        size = sum(f.stat().st_size for f in data[k]) / 1e6 if k == "large" else len(data[k])
+        rate = {n: (size / med[n][k][0], med[n][k][1]) for n in names}
+        lines.append(row(labels[k], rate, lambda c: f"{c[0]:.1f} ({c[1]:.1f} s)" if c[0] < 100 else f"{c[0]:.0f} ({c[1]:.1f} s)",
+                         rate[names[0]][0] / rate[orthanc][0] if versus else None))
+        if k == "short":
+            per = {n: 1000 * med[n][k][1] / len(data[k]) for n in names}
+            lines.append(row("(c) receiver CPU per one-instance association (ms)", per, lambda c: f"{c:.1f}",
+                             per[orthanc] / per[names[0]] if versus else None))
+    busy = [k for k in ("loops16", "parallel16", "ct16") if k in data]
+    if busy:
+        rss = {n: max(med[n][k][2] for k in busy) for n in names}
+        lines.append(row("peak RSS with 16 associations, all processes (MB)", rss, lambda c: f"{c:.0f}", None))
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import gc
 import json
 import logging
 import multiprocessing
@@ -205,6 +206,7 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
     listening = metrics.get().receivers_listening
     try:
         start_servers(ae, config, archive, sockets, committer)
+        gc.freeze()   # the start-up heap (libraries, dictionaries) is never garbage: collections skip it
         listening.inc()
         if index == 0 and (pending := committer.resume_pending()):
             log.info("%d storage commitment reports to deliver from before the restart", pending)
