@@ -229,3 +229,100 @@ def test_abort_in_the_middle_of_a_data_set_leaves_nothing(node):
     assert node.blob_files() == []
     node.storescu(data_file("CT_small.dcm"))
     assert node.rows("SELECT COUNT(*) FROM instances") == [(1,)]
+
+
+# -- association requests seen before (fastpath.Requests) --------------------------------------
+
+def _fields(contexts) -> list:
+    return [(cx.context_id, cx.abstract_syntax, list(cx.transfer_syntax), cx.result, cx.as_scu, cx.as_scp)
+            for cx in contexts]
+
+
+def test_a_request_with_the_same_bytes_is_decoded_and_negotiated_once():
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.presentation import negotiate_as_acceptor
+
+    from scp.server import supported_contexts
+    from test_hostile_network import _associate_rq
+
+    raw = _associate_rq([Verification, CTImageStorage, MRImageStorage, "1.2.3.4.5.6"])
+    requests = fastpath.Requests(size=2)
+    first, again = requests.decoded(raw), requests.decoded(raw)
+    assert again is first and isinstance(first, fastpath._RememberedRQ)
+    fresh = A_ASSOCIATE_RQ()
+    fresh.decode(raw)
+    expected = fresh.to_primitive()
+    shared = first.to_primitive()
+    assert (shared.calling_ae_title, shared.called_ae_title) == (expected.calling_ae_title, expected.called_ae_title)
+    assert _fields(shared.presentation_context_definition_list) == _fields(expected.presentation_context_definition_list)
+
+    supported = supported_contexts()
+    truth, _ = negotiate_as_acceptor(expected.presentation_context_definition_list, supported, {})
+    once, _ = fastpath._negotiate(shared.presentation_context_definition_list, supported, {})
+    twice, _ = fastpath._negotiate(shared.presentation_context_definition_list, supported, {})
+    assert _fields(once) == _fields(twice) == _fields(truth)
+    assert [cx.result for cx in truth] == [0, 0, 0, 3]     # the unknown SOP class refused
+    assert not {id(cx) for cx in once} & {id(cx) for cx in twice}   # each association its own contexts
+
+    others = [_associate_rq([CTImageStorage], calling=f"OTHER{n}") for n in range(2)]
+    for other in others:
+        assert requests.decoded(other) is not first
+    assert requests.decoded(raw) is not first     # the least recently used went out: the bound holds
+
+
+def test_a_request_with_a_user_identity_is_decoded_every_time():
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import UserIdentityNegotiation
+
+    from test_hostile_network import _associate_rq
+
+    pdu = A_ASSOCIATE_RQ()
+    pdu.decode(_associate_rq([CTImageStorage]))
+    primitive = pdu.to_primitive()
+    identity = UserIdentityNegotiation()
+    identity.user_identity_type, identity.primary_field = 1, b"radiographer"
+    primitive.user_information.append(identity)
+    with_identity = A_ASSOCIATE_RQ()
+    with_identity.from_primitive(primitive)
+    raw = with_identity.encode()
+    requests = fastpath.Requests()
+    first = requests.decoded(raw)
+    assert type(first) is A_ASSOCIATE_RQ and requests.decoded(raw) is not first
+
+
+@pytest.mark.interop
+def test_a_request_sent_again_gets_the_same_accept_and_its_association_works(node):
+    """The second association with the same A-ASSOCIATE-RQ bytes is answered from what the first was
+    (the AC sent again, byte for byte), and goes on: released, or storing an instance."""
+    from pynetdicom.pdu import A_ASSOCIATE_AC
+
+    from test_hostile_network import _associate_rq, _connect, _read_pdu
+
+    raw = _associate_rq([Verification, CTImageStorage, "1.2.3.4.5.6"], calling="AGAIN")
+    accepts = []
+    for _ in range(3):
+        sock = _connect(node, tls=True)
+        try:
+            sock.sendall(raw)
+            accepts.append(_read_pdu(sock))
+            sock.sendall(bytes.fromhex("05 00 00000004 00000000"))   # A-RELEASE-RQ
+            assert _read_pdu(sock)[:1] == b"\x06"                     # A-RELEASE-RP
+        finally:
+            sock.close()
+    assert accepts[0][:1] == b"\x02" and accepts[1] == accepts[0] == accepts[2]
+    ac = A_ASSOCIATE_AC()
+    ac.decode(accepts[1])
+    results = [(cx.context_id, cx.result) for cx in ac.to_primitive().presentation_context_definition_results_list]
+    assert results == [(1, 0), (3, 0), (5, 3)]
+
+    ct = pydicom.dcmread(data_file("CT_small.dcm"))
+    uids = []
+    for n in range(2):     # pynetdicom sends the same request twice: the second is remembered
+        ct.SOPInstanceUID = ct.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.9.3811.77.{n}"
+        assoc = _associate(node, CTImageStorage)
+        try:
+            assert assoc.send_c_store(ct).Status == 0
+        finally:
+            assoc.release()
+        uids.append(ct.SOPInstanceUID)
+    assert [uid for (uid,) in node.rows("SELECT sop_instance_uid FROM instances ORDER BY pk")] == uids
