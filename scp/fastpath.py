@@ -59,6 +59,9 @@ import errno
 import hashlib
 import logging
 import os
+import queue
+import select
+import ssl
 import tempfile
 import threading
 import time
@@ -67,15 +70,17 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pynetdicom
-from pynetdicom import acse, presentation
+from pynetdicom import acse, evt, presentation
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.association import LOGGER as ASSOCIATION_LOGGER
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import LOGGER as DUL_LOGGER
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import decode
 from pynetdicom.fsm import StateMachine
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (A_ASSOCIATE, P_DATA, ImplementationClassUIDNotification,
                                        ImplementationVersionNameNotification, MaximumLengthNotification,
                                        SCP_SCU_RoleSelectionNegotiation)
@@ -86,6 +91,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 from archive import metrics
 
 from .handlers import counted_query
+from .retrieve import FileSendingAssociation
 from .tls import Reports, source_of
 from .wire import (DISCARD_LIMIT, MAX_COMMAND_SET, PDU_NAMES, Limits, PDUError, PeerClosed, StoreRequest,
                    encode_find_rsp, encode_store_rsp, file_meta, p_data, p_data_tf, parse_store_rq, read_pdu)
@@ -147,6 +153,87 @@ class _Incoming:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+WAIT_CAP = 1.0   # seconds: the longest a reactor waits without an event (its timers are looked at that often)
+
+
+class WakingQueue(queue.Queue):
+    """A queue whose `put` also wakes the thread that waits for it (`wake`)."""
+    wake: Callable[[], None]
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.wake()
+
+
+class FastAssociation(FileSendingAssociation):
+    """pynetdicom's association, whose reactor waits for an event instead of polling every millisecond.
+
+    pynetdicom's association thread and DUL thread each wake a thousand times a second to look at
+    their queues: with 16 associations that is 32,000 wake-ups a second, each taking the GIL, which
+    is what made several associations at once slower than one. Here the association's thread
+    sleeps until a DIMSE message or a primitive is queued for it, its DUL stops, it is killed, or its
+    network timeout comes (`wake`). The class is set on the association before it starts."""
+
+    def wait_for_events(self) -> None:
+        self._wakeup = threading.Event()
+        self.wake = self._wakeup.set
+        for waiting in (self.dimse.msg_queue, self.dul.to_user_queue):
+            waiting.__class__ = WakingQueue
+            waiting.wake = self.wake
+
+    def kill(self) -> None:
+        self._kill = True
+        self.wake()
+        super().kill()
+
+    def _run_reactor(self) -> None:
+        """pynetdicom's `Association._run_reactor`, waiting where it slept a millisecond."""
+        self._is_paused = False
+        idle = False
+        while not self._kill:
+            if idle:
+                timer = self.dul._idle_timer
+                remaining = WAIT_CAP if timer.timeout is None else max(0.0, min(WAIT_CAP, timer.remaining))
+                self._wakeup.wait(remaining)
+            self._wakeup.clear()
+            self._is_paused = True            # as pynetdicom's: a local send_*() may pause the reactor
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, context_id)
+            idle = self.dimse.msg_queue.empty()
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                ASSOCIATION_LOGGER.info("Association Released")
+                self.is_released, self.is_established = True, False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                ASSOCIATION_LOGGER.info("Association Aborted" + (" (A-P-ABORT)" if self.acse.is_aborted("a-p-abort")
+                                                                 else ""))
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted, self.is_established = True, False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                ASSOCIATION_LOGGER.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
 
 
 class FastDIMSE(DIMSEServiceProvider):
@@ -445,6 +532,110 @@ class FastDUL(DULServiceProvider):
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
+    _wakeup_fd = -1                      # an eventfd: written to wake the reactor (`_wake`)
+    _wakeup_lock: threading.Lock
+
+    def wait_for_events(self) -> None:
+        """Make the reactor wait for an event instead of polling every millisecond: data on the socket,
+        a primitive to send or an event queued by another thread, being stopped (called before start)."""
+        self._wakeup_lock = threading.Lock()
+        self._wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        for waiting in (self.event_queue, self.to_provider_queue):
+            waiting.__class__ = WakingQueue
+            waiting.wake = self._wake
+
+    def run(self) -> None:
+        """The thread's body: this reactor (the thread's target is pynetdicom's, bound before the class was set)."""
+        self.run_reactor()
+
+    def _wake(self) -> None:
+        with self._wakeup_lock:              # never a write to a closed (perhaps reused) descriptor
+            if self._wakeup_fd >= 0:
+                os.eventfd_write(self._wakeup_fd, 1)
+
+    def run_reactor(self) -> None:
+        """pynetdicom's DUL reactor, except that where it slept a millisecond before looking again, it
+        waits (`_wait`) until there is something to do. Each pass does what pynetdicom's does."""
+        self._idle_timer.start()
+        busy = True
+        try:
+            while True:
+                if not self.assoc._dul_ready.is_set():
+                    self.assoc._dul_ready.set()
+                if not busy:
+                    self._wait()
+                if self._kill_thread:
+                    break
+                if self.artim_timer.expired:
+                    self.event_queue.put("Evt18")
+                try:
+                    if self._process_recv_primitive():
+                        pass
+                    elif self._is_transport_event():
+                        self._idle_timer.restart()
+                except Exception as exc:   # as pynetdicom: an A-ABORT bypassing the state machine
+                    DUL_LOGGER.error("Exception in DUL.run(), aborting association")
+                    DUL_LOGGER.exception(exc)
+                    abort_pdu = A_ABORT_RQ()
+                    abort_pdu.source, abort_pdu.reason_diagnostic = 0x02, 0x00
+                    self.socket.send(abort_pdu.encode())
+                    self.assoc.is_aborted, self.assoc.is_established = True, False
+                    self.assoc._kill = self._kill_thread = True
+                    return
+                try:
+                    event = self.event_queue.get(block=False)
+                except queue.Empty:
+                    busy = False
+                    continue
+                self.state_machine.do_action(event)
+                busy = True
+        finally:
+            with self._wakeup_lock:
+                if self._wakeup_fd >= 0:
+                    os.close(self._wakeup_fd)
+                    self._wakeup_fd = -1
+            wake = getattr(self.assoc, "wake", None)
+            if wake is not None:
+                wake()                        # the association's reactor sees the DUL has stopped
+
+    def _wait(self) -> None:
+        """Until the socket has data, something is queued, the reactor is woken, or WAIT_CAP (the ARTIM
+        timer's remaining time when sooner) has passed."""
+        if not self.event_queue.empty() or not self.to_provider_queue.empty():
+            return
+        poller = select.poll()
+        poller.register(self._wakeup_fd, select.POLLIN)
+        sock = self.socket
+        if sock is not None and sock.socket is not None and sock._is_connected:
+            if sock.pending is not None or (isinstance(sock.socket, ssl.SSLSocket) and sock.socket.pending()):
+                return
+            try:
+                poller.register(sock.socket.fileno(), select.POLLIN)
+            except (OSError, ValueError):
+                return
+        timeout = WAIT_CAP
+        if self.artim_timer._start_time is not None:
+            timeout = min(timeout, max(0.0, self.artim_timer.remaining))
+        poller.poll(timeout * 1000)
+        try:
+            os.eventfd_read(self._wakeup_fd)
+        except (BlockingIOError, OSError):
+            pass
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def stop_dul(self) -> bool:
+        """As pynetdicom's (stopped only in Sta1), waking the reactor so that it sees it is stopped."""
+        if self.state_machine.current_state != "Sta1":
+            return False
+        self._kill_thread = True
+        self._wake()
+        while self.is_alive():
+            self.join(0.05)
+        return True
+
     def _send(self, pdu) -> None:
         """As pynetdicom's; the A-ASSOCIATE-AC answering a remembered request is kept, encoded."""
         known = self.negotiated
@@ -668,6 +859,9 @@ def request_handler(store: StoreFunction, find: FindFunction | None = None, *,
             assoc.dul.reports = assoc.dimse.reports = reports
             assoc.dul.requests = requests
             assoc.dul.state_machine.__class__ = FastStateMachine
+            assoc.__class__ = FastAssociation
+            assoc.dul.wait_for_events()
+            assoc.wait_for_events()
             sock = assoc.dul.socket
             sock.__class__ = FastSocket
             take = getattr(self.server, "take_association_request", None)

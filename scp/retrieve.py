@@ -106,8 +106,10 @@ def _why_not(assoc, addr: str, port: int) -> str:
 
 
 def sends_stored_files(event) -> None:
-    """EVT_ESTABLISHED on the C-MOVE destination association."""
-    event.assoc.__class__ = FileSendingAssociation
+    """EVT_ESTABLISHED on the C-MOVE destination association (and on a C-GET's, which the node's
+    request handler makes a FileSendingAssociation from the start: scp.fastpath.FastAssociation)."""
+    if not isinstance(event.assoc, FileSendingAssociation):
+        event.assoc.__class__ = FileSendingAssociation
 
 
 class Retrieve:
