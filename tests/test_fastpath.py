@@ -326,3 +326,29 @@ def test_a_request_sent_again_gets_the_same_accept_and_its_association_works(nod
             assoc.release()
         uids.append(ct.SOPInstanceUID)
     assert [uid for (uid,) in node.rows("SELECT sop_instance_uid FROM instances ORDER BY pk")] == uids
+
+
+@pytest.mark.interop
+def test_open_associations_that_say_nothing_cost_the_receiver_almost_no_cpu(make_node):
+    """Eight established associations, silent for 3 s: the receiving process's CPU stays under 5% of a
+    core (pynetdicom's two threads per association each woke a thousand times a second: ~40% here),
+    and each association still answers at once, and is released."""
+    import psutil
+
+    node = make_node(router={"enabled": False}, viewer={"enabled": False})
+    receiver = psutil.Process(node.proc.pid)
+    associations = [_associate(node, Verification) for _ in range(8)]
+    try:
+        time.sleep(0.5)
+        before, start = sum(receiver.cpu_times()[:2]), time.monotonic()
+        time.sleep(3)
+        share = (sum(receiver.cpu_times()[:2]) - before) / (time.monotonic() - start)
+        started = time.monotonic()
+        assert all(assoc.send_c_echo().Status == 0 for assoc in associations)
+        answered = time.monotonic() - started
+    finally:
+        for assoc in associations:
+            assoc.release()
+    assert share < 0.05, f"{share:.0%} of a core for 8 silent associations"
+    assert answered < 1.0, f"8 C-ECHOs took {answered:.2f} s"
+    assert all(assoc.is_released for assoc in associations)
