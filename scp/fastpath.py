@@ -54,7 +54,6 @@ pynetdicom 3.0.4 internals this relies on (check each when PYNETDICOM_VERSION ch
 """
 from __future__ import annotations
 
-import copy
 import errno
 import hashlib
 import logging
@@ -836,7 +835,14 @@ def _negotiate(rq_contexts, ac_contexts, roles=None):
     if known.results is None:
         known.results = _NEGOTIATE(rq_contexts, ac_contexts, roles)
     results, ac_roles = known.results
-    return [copy.copy(cx) for cx in results], list(ac_roles)
+    return [_clone(cx) for cx in results], list(ac_roles)
+
+
+def _clone(context):
+    """A copy of a negotiated presentation context (its attributes, as they are; copy.copy costs 4x)."""
+    clone = object.__new__(type(context))
+    clone.__dict__.update(context.__dict__)
+    return clone
 
 
 def request_handler(store: StoreFunction, find: FindFunction | None = None, *,
