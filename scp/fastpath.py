@@ -642,6 +642,8 @@ class FastDUL(DULServiceProvider):
             return super()._send(pdu)
         known.accepted = pdu.encode()
         self.socket.send(known.accepted)
+        if self.requests is not None:
+            self.requests.remember(known)
 
     def receive_pdu(self, wait: bool = False, timeout: float | None = None):
         """As pynetdicom's, but a wait ends as soon as the DUL has stopped (the connection is
@@ -736,6 +738,7 @@ def _brief(exc: BaseException) -> str:
 # -- association requests seen before -----------------------------------------------------
 
 REMEMBERED_REQUESTS = 32   # distinct A-ASSOCIATE-RQ PDUs whose decoding and negotiation a server keeps
+REMEMBERED_REQUEST_BYTES = 32768   # and the largest kept (a modality's, ~130 contexts: 5-10 KB; decoded ~30x)
 
 # user information a request may carry and still be remembered: items that no event handler answers
 _PLAIN_USER_ITEMS = (MaximumLengthNotification, ImplementationClassUIDNotification,
@@ -745,10 +748,10 @@ _PLAIN_USER_ITEMS = (MaximumLengthNotification, ImplementationClassUIDNotificati
 class _Negotiated:
     """What one A-ASSOCIATE-RQ (its exact bytes) gives: the request as pynetdicom decodes it, and the
     presentation contexts' results, filled by the first association that negotiates them."""
-    __slots__ = ("pdu", "results", "accepted")
+    __slots__ = ("key", "pdu", "results", "accepted")
 
-    def __init__(self, pdu: "_RememberedRQ"):
-        self.pdu, self.results = pdu, None
+    def __init__(self, key: bytes, pdu: "_RememberedRQ"):
+        self.key, self.pdu, self.results = key, pdu, None
         self.accepted: bytes | None = None    # the A-ASSOCIATE-AC PDU sent to it, encoded
 
 
@@ -777,8 +780,11 @@ class Requests:
     receiver. A request with the same bytes is decoded, and its contexts negotiated, once. What
     depends on the peer or the moment (its address, the AE title and limit checks, the event
     handlers that may reject it, user identity) runs for every association; requests with user
-    information beyond `_PLAIN_USER_ITEMS` are not remembered. Bounded: `REMEMBERED_REQUESTS`,
-    least recently used out first; a peer sending endless different requests only evicts."""
+    information beyond `_PLAIN_USER_ITEMS` are not remembered. A request is remembered once it has
+    been accepted (its A-ASSOCIATE-AC sent: a peer that is refused fills nothing), and only up to
+    `REMEMBERED_REQUEST_BYTES`: a decoded request holds ~30 times its size. Bounded:
+    `REMEMBERED_REQUESTS`, least recently used out first (~30 MB at most); a peer sending endless
+    different requests only evicts."""
 
     def __init__(self, size: int = REMEMBERED_REQUESTS):
         self._size, self._lock, self._entries = size, threading.Lock(), OrderedDict()
@@ -792,21 +798,27 @@ class Requests:
                 return known.pdu
         pdu = A_ASSOCIATE_RQ()
         pdu.decode(raw)
+        if len(raw) > REMEMBERED_REQUEST_BYTES:
+            return pdu
         primitive = pdu.to_primitive()
         if pdu.protocol_version != 0x0001 or not all(isinstance(item, _PLAIN_USER_ITEMS)
                                                       for item in primitive.user_information):
             return pdu
         pdu.__class__ = _RememberedRQ
         pdu.primitive = primitive
-        known = pdu.negotiated = _Negotiated(pdu)
+        known = pdu.negotiated = _Negotiated(key, pdu)
         proposed = _Proposed(primitive.presentation_context_definition_list)
         proposed.negotiated = known
         primitive._presentation_context_definition_list = proposed
+        return pdu
+
+    def remember(self, known: _Negotiated) -> None:
+        """Keep `known` (its request was accepted, its A-ASSOCIATE-AC sent)."""
         with self._lock:
-            self._entries[key] = known
+            self._entries[known.key] = known
+            self._entries.move_to_end(known.key)
             while len(self._entries) > self._size:
                 self._entries.popitem(last=False)
-        return pdu
 
 
 class FastStateMachine(StateMachine):

@@ -13,7 +13,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RSP, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE
-from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ, P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from helpers import data_file, dataset_offset, wait_for
@@ -239,7 +239,6 @@ def _fields(contexts) -> list:
 
 
 def test_a_request_with_the_same_bytes_is_decoded_and_negotiated_once():
-    from pynetdicom.pdu import A_ASSOCIATE_RQ
     from pynetdicom.presentation import negotiate_as_acceptor
 
     from scp.server import supported_contexts
@@ -247,8 +246,12 @@ def test_a_request_with_the_same_bytes_is_decoded_and_negotiated_once():
 
     raw = _associate_rq([Verification, CTImageStorage, MRImageStorage, "1.2.3.4.5.6"])
     requests = fastpath.Requests(size=2)
-    first, again = requests.decoded(raw), requests.decoded(raw)
-    assert again is first and isinstance(first, fastpath._RememberedRQ)
+    first = requests.decoded(raw)
+    assert isinstance(first, fastpath._RememberedRQ)
+    assert requests.decoded(raw) is not first       # not kept before it is accepted (a refused peer fills nothing)
+    requests.remember(first.negotiated)             # what sending its A-ASSOCIATE-AC does
+    again = requests.decoded(raw)
+    assert again is first
     fresh = A_ASSOCIATE_RQ()
     fresh.decode(raw)
     expected = fresh.to_primitive()
@@ -266,12 +269,34 @@ def test_a_request_with_the_same_bytes_is_decoded_and_negotiated_once():
 
     others = [_associate_rq([CTImageStorage], calling=f"OTHER{n}") for n in range(2)]
     for other in others:
-        assert requests.decoded(other) is not first
+        decoded = requests.decoded(other)
+        assert decoded is not first
+        requests.remember(decoded.negotiated)
     assert requests.decoded(raw) is not first     # the least recently used went out: the bound holds
 
 
+def test_a_large_request_is_never_remembered():
+    """A decoded request holds ~30 times its bytes: one over REMEMBERED_REQUEST_BYTES is decoded every time
+    (the attack pass kept 300 MB in one receiver with 32 refused requests of 250 KB each)."""
+
+    from test_hostile_network import _associate_rq
+
+    small = _associate_rq([CTImageStorage] * 128)
+    pdu = A_ASSOCIATE_RQ()
+    pdu.decode(small)
+    primitive = pdu.to_primitive()
+    for cx in primitive.presentation_context_definition_list:    # 128 contexts of 40 transfer syntaxes
+        cx.transfer_syntax = [f"1.2.840.10008.1.2.4.{n}" for n in range(40)]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    large = pdu.encode()
+    assert len(small) <= fastpath.REMEMBERED_REQUEST_BYTES < len(large)
+    requests = fastpath.Requests()
+    assert isinstance(requests.decoded(small), fastpath._RememberedRQ)
+    assert type(requests.decoded(large)) is A_ASSOCIATE_RQ
+
+
 def test_a_request_with_a_user_identity_is_decoded_every_time():
-    from pynetdicom.pdu import A_ASSOCIATE_RQ
     from pynetdicom.pdu_primitives import UserIdentityNegotiation
 
     from test_hostile_network import _associate_rq
@@ -294,7 +319,6 @@ def test_a_request_with_a_user_identity_is_decoded_every_time():
 def test_a_request_sent_again_gets_the_same_accept_and_its_association_works(node):
     """The second association with the same A-ASSOCIATE-RQ bytes is answered from what the first was
     (the AC sent again, byte for byte), and goes on: released, or storing an instance."""
-    from pynetdicom.pdu import A_ASSOCIATE_AC
 
     from test_hostile_network import _associate_rq, _connect, _read_pdu
 
