@@ -430,7 +430,7 @@ def run_scenario(kind: str, receiver: Receiver, pki: Path, files: list[Path]) ->
             t.join()
     else:
         procs = [storescu(receiver, pki, part, ports[i % len(ports)]) for i, part in enumerate(parts)]
-        failures += [p.stderr.read().decode()[-500:] for p in procs if p.wait() != 0]
+        failures += [f"storescu exit {p.returncode}: {p.stderr.read().decode()[-500:]}" for p in procs if p.wait() != 0]
     wall = time.perf_counter() - t0
     done.set()
     sampler.join()
@@ -492,10 +492,15 @@ def main(argv=None) -> int:
                     receiver.settle()
                     try:
                         wall, cpu, rss = run_scenario(scenario, receiver, pki, files)
+                    except RuntimeError as exc:    # a sender failed: this run is left out, the others go on
+                        print(f"{cls.name} {scenario} run {run + 1} left out: {exc}", file=sys.stderr)
+                        continue
                     finally:
                         receiver.stop()
                         shutil.rmtree(rdir, ignore_errors=True)
                     results[cls.name][scenario].append((wall, cpu, rss))
+                    if args.json:                   # what is measured so far, should a later run fail
+                        args.json.write_text(json.dumps(results, indent=1))
                     print(f"{cls.name:45s} {scenario:10s} run {run + 1}: {len(files) / wall:7.1f} inst/s "
                           f"cpu {cpu:.1f}s peak RSS {rss:.0f} MB", file=sys.stderr)
         print(table(results, data, args))
@@ -525,7 +530,7 @@ def table(results, data, args) -> str:
     versus = f"{names[0]} / Orthanc" if orthanc and names[0] != orthanc else None
     lines = ["| workload | " + " | ".join(names) + (f" | {versus} |" if versus else " |"),
              "|---|" + "---|" * (len(names) + bool(versus))]
-    med = {n: {k: [statistics.median(r[i] for r in v) for i in range(3)] for k, v in by.items()}
+    med = {n: {k: [statistics.median(r[i] for r in v) if v else float("nan") for i in range(3)] for k, v in by.items()}
            for n, by in results.items()}
 
     def row(label: str, cells: dict[str, float], fmt, ratio: float | None) -> str:

@@ -205,8 +205,9 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
     committer = Committer(archive, config)
     listening = metrics.get().receivers_listening
     try:
-        start_servers(ae, config, archive, sockets, committer)
+        gc.collect()
         gc.freeze()   # the start-up heap (libraries, dictionaries) is never garbage: collections skip it
+        start_servers(ae, config, archive, sockets, committer)
         listening.inc()
         if index == 0 and (pending := committer.resume_pending()):
             log.info("%d storage commitment reports to deliver from before the restart", pending)

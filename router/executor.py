@@ -64,8 +64,8 @@ def dashboard(port: int) -> tuple[dict, dict]:
 
 # What an idle embedded cluster spends (measured: its scheduler and nanny ~5.6% of a core, its worker ~3.8%,
 # waking every 10-20 ms; 3.0% and 0.9% with these), cut: the event loops' blocked-loop check every 500 ms
-# instead of 20 ms (a blocked loop is still reported, past `tick.limit`); and the worker's statistical
-# profiler (a sample every 10 ms) runs only when there is a dashboard to show it.
+# instead of 20 ms (a blocked loop is still reported, past `tick.limit`). The worker's statistical profiler
+# (a sample every 10 ms) runs only when there is a dashboard to show it (`_start`).
 QUIET = {"distributed.admin.tick.interval": "500ms"}
 
 

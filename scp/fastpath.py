@@ -41,7 +41,20 @@ pynetdicom 3.0.4 internals this relies on (check each when PYNETDICOM_VERSION ch
 - `DULServiceProvider._read_pdu_data` (reads a PDU off the socket), `_decode_pdu`,
   `_recv_pdu` (its queue of decoded PDUs) and `receive_pdu(wait, timeout)`.
 - `AssociationSocket.ready` and `recv(n)`, and its attributes as its `__init__` sets them.
-- `pynetdicom._config.LOG_HANDLER_LEVEL` and the event-driven reactors (`scp.server.configure_pynetdicom`).
+- `pynetdicom._config.LOG_HANDLER_LEVEL` (`scp.server.configure_pynetdicom`).
+- Reactors that wait for events (`FastAssociation._run_reactor`, `FastDUL.run_reactor`): copies of
+  pynetdicom's `Association._run_reactor` and `DULServiceProvider.run_reactor` loops with the 1 ms
+  sleeps replaced by waits; the association is given its class before it starts (`assoc.__class__`,
+  as `scp.retrieve.sends_stored_files` does); `FastDUL.run` replaces the thread's target (bound before
+  the class swap; `PASS_CONTEXTVARS` not honoured). They rely on: every put to `event_queue`,
+  `to_provider_queue`, `to_user_queue` and `dimse.msg_queue` going through `Queue.put` (swapped to
+  `WakingQueue`); `_reactor_checkpoint` cleared by a local `send_*()`, which then waits for
+  `_is_paused` (`WakingCheckpoint`); `Association._kill`, `kill()`, `_dul_ready`, `is_established`,
+  `network_timeout_response`, `_serve_request`; `DULServiceProvider._kill_thread`, `kill_dul`,
+  `stop_dul` (the FSM calls `kill_dul` on every move to Sta1), `artim_timer`, `_idle_timer`
+  (`Timer._start_time`, `remaining`, `timeout`), `_process_recv_primitive`, `_is_transport_event`;
+  `AssociationSocket._is_connected`. EVT_FSM_TRANSITION and EVT_PDU_SENT are not triggered for the
+  replayed A-ASSOCIATE-AC (the node binds neither).
 - Association requests seen before (`Requests`): `_read_pdu_data` decodes an A-ASSOCIATE-RQ itself
   (so `_decode_pdu`'s EVT_DATA_RECV / EVT_PDU_RECV are not triggered for it: the node binds neither);
   AE-6 calls `A_ASSOCIATE_RQ.to_primitive()` and writes to the primitive only when it rejects the
@@ -166,6 +179,15 @@ class WakingQueue(queue.Queue):
         self.wake()
 
 
+class WakingCheckpoint(threading.Event):
+    """An Event whose `clear` also wakes the association's reactor (`wake`), so that it pauses at once."""
+    wake: Callable[[], None]
+
+    def clear(self) -> None:
+        super().clear()
+        self.wake()
+
+
 class FastAssociation(FileSendingAssociation):
     """pynetdicom's association, whose reactor waits for an event instead of polling every millisecond.
 
@@ -181,6 +203,10 @@ class FastAssociation(FileSendingAssociation):
         for waiting in (self.dimse.msg_queue, self.dul.to_user_queue):
             waiting.__class__ = WakingQueue
             waiting.wake = self.wake
+        # a local send_*() (a commitment report on the open association) clears the checkpoint, then waits
+        # for the reactor to pause there: it is woken to do so at once
+        self._reactor_checkpoint.__class__ = WakingCheckpoint
+        self._reactor_checkpoint.wake = self.wake
 
     def kill(self) -> None:
         self._kill = True
@@ -219,7 +245,7 @@ class FastAssociation(FileSendingAssociation):
                 evt.trigger(self, evt.EVT_ABORTED, {})
                 self.kill()
                 return
-            if not self.dul.is_alive():
+            if self.dul.stopped or not self.dul.is_alive():
                 self.kill()
                 return
             if self.dul.idle_timer_expired():
@@ -531,20 +557,23 @@ class FastDUL(DULServiceProvider):
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
-    _wakeup_fd = -1                      # an eventfd: written to wake the reactor (`_wake`)
+    _wakeup_fd = -1                      # an eventfd, open while the reactor runs: written to wake it (`_wake`)
     _wakeup_lock: threading.Lock
+    stopped = False                      # the reactor has ended (set before the association is woken)
 
     def wait_for_events(self) -> None:
         """Make the reactor wait for an event instead of polling every millisecond: data on the socket,
         a primitive to send or an event queued by another thread, being stopped (called before start)."""
         self._wakeup_lock = threading.Lock()
-        self._wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         for waiting in (self.event_queue, self.to_provider_queue):
             waiting.__class__ = WakingQueue
             waiting.wake = self._wake
 
     def run(self) -> None:
-        """The thread's body: this reactor (the thread's target is pynetdicom's, bound before the class was set)."""
+        """The thread's body: this reactor (the thread's target is pynetdicom's, bound before the class was
+        set; pynetdicom's `PASS_CONTEXTVARS`, off in the node, is not honoured)."""
+        with self._wakeup_lock:          # opened here: a thread that never starts leaves no descriptor
+            self._wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.run_reactor()
 
     def _wake(self) -> None:
@@ -561,13 +590,13 @@ class FastDUL(DULServiceProvider):
             while True:
                 if not self.assoc._dul_ready.is_set():
                     self.assoc._dul_ready.set()
-                if not busy:
-                    self._wait()
                 if self._kill_thread:
                     break
                 if self.artim_timer.expired:
                     self.event_queue.put("Evt18")
                 try:
+                    if not busy:
+                        self._wait()
                     if self._process_recv_primitive():
                         pass
                     elif self._is_transport_event():
@@ -593,9 +622,10 @@ class FastDUL(DULServiceProvider):
                 if self._wakeup_fd >= 0:
                     os.close(self._wakeup_fd)
                     self._wakeup_fd = -1
+            self.stopped = True
             wake = getattr(self.assoc, "wake", None)
             if wake is not None:
-                wake()                        # the association's reactor sees the DUL has stopped
+                wake()                        # the association's reactor sees `stopped`, and ends
 
     def _wait(self) -> None:
         """Until the socket has data, something is queued, the reactor is woken, or WAIT_CAP (the ARTIM
@@ -839,8 +869,8 @@ _NEGOTIATE = presentation.negotiate_as_acceptor
 
 def _negotiate(rq_contexts, ac_contexts, roles=None):
     """`pynetdicom.presentation.negotiate_as_acceptor`, computed once for a remembered request (the
-    server's supported contexts are the same for all its associations): each association gets its own
-    copies of the result contexts."""
+    server's supported contexts are the same for all its associations: `Requests` is kept per server): each
+    association gets its own shallow copies of the result contexts."""
     known = getattr(rq_contexts, "negotiated", None)
     if known is None:
         return _NEGOTIATE(rq_contexts, ac_contexts, roles)
@@ -851,7 +881,8 @@ def _negotiate(rq_contexts, ac_contexts, roles=None):
 
 
 def _clone(context):
-    """A copy of a negotiated presentation context (its attributes, as they are; copy.copy costs 4x)."""
+    """A shallow copy of a negotiated presentation context (its attributes, as they are: its transfer syntax
+    list is shared, and never changed after negotiation; copy.copy costs 4x)."""
     clone = object.__new__(type(context))
     clone.__dict__.update(context.__dict__)
     return clone
@@ -863,7 +894,6 @@ def request_handler(store: StoreFunction, find: FindFunction | None = None, *,
     `reception` (a `scp.handlers.Reception`) bounds each C-STORE's data set as it arrives."""
     lengths = limits.pdu_lengths()
     reports = Reports(logger=log)   # a peer's aborted associations: one line per address every 10 s
-    requests = Requests()
     acse.negotiate_as_acceptor = _negotiate   # the same for any other request
 
     class FastRequestHandler(RequestHandler):
@@ -875,6 +905,10 @@ def request_handler(store: StoreFunction, find: FindFunction | None = None, *,
             assoc.dul.__class__ = FastDUL
             assoc.dul.pdu_lengths = lengths
             assoc.dul.reports = assoc.dimse.reports = reports
+            # one memory per server: what a request gave depends on the server's contexts and settings too
+            requests = getattr(self.server, "remembered_requests", None)
+            if requests is None:
+                requests = self.server.remembered_requests = Requests()
             assoc.dul.requests = requests
             assoc.dul.state_machine.__class__ = FastStateMachine
             assoc.__class__ = FastAssociation

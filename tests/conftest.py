@@ -5,11 +5,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 from hypothesis import HealthCheck, settings
 
 
-from helpers import M3DICOM, ROOT, MotoServer, Node, free_port
+from helpers import M3DICOM, ROOT, MotoServer, Node, free_port, wait_for
 
 # Fuzzing: a short run in `make test`, a long one in `make fuzz` (HYPOTHESIS_PROFILE=fuzz).
 # Examples found failing are kept in .hypothesis/ and replayed first next time.
@@ -65,6 +66,10 @@ def storescp(tmp_path, pki):
                              "+cf", str(pki / "ca.pem"), "-aet", "STORESCP", "+xa", "+B", "-od", str(out), str(port)],
                             env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
+    listener = psutil.Process(proc.pid)   # listening before the test sends (a loaded machine refused a C-MOVE)
+    wait_for(lambda: proc.poll() is not None or any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                                                    for c in listener.net_connections(kind="tcp")),
+             what="storescp listening")
     yield port, out
     proc.terminate()
     proc.wait(10)

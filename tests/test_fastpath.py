@@ -354,9 +354,9 @@ def test_a_request_sent_again_gets_the_same_accept_and_its_association_works(nod
 
 @pytest.mark.interop
 def test_open_associations_that_say_nothing_cost_the_receiver_almost_no_cpu(make_node):
-    """Eight established associations, silent for 3 s: the receiving process's CPU stays under 5% of a
-    core (pynetdicom's two threads per association each woke a thousand times a second: ~40% here),
-    and each association still answers at once, and is released."""
+    """Eight established associations, silent for 3 s: the receiving process (the node's only one, by
+    default) stays under 10% of a core (~1% measured; pynetdicom's two threads per association each woke
+    a thousand times a second: 47% here), and each association still answers at once, and is released."""
     import psutil
 
     node = make_node(router={"enabled": False}, viewer={"enabled": False})
@@ -373,6 +373,31 @@ def test_open_associations_that_say_nothing_cost_the_receiver_almost_no_cpu(make
     finally:
         for assoc in associations:
             assoc.release()
-    assert share < 0.05, f"{share:.0%} of a core for 8 silent associations"
+    assert share < 0.10, f"{share:.0%} of a core for 8 silent associations"
     assert answered < 1.0, f"8 C-ECHOs took {answered:.2f} s"
     assert all(assoc.is_released for assoc in associations)
+
+
+def test_whatever_an_association_waits_for_wakes_its_reactor():
+    """The association's reactor sleeps until woken: by a DIMSE message or a primitive queued for it, by a
+    local send_*() clearing its checkpoint (a commitment report sent on the open association waited up to a
+    second before the review pass), or by being killed; the DUL's by a primitive or an event to handle."""
+    from pynetdicom import AE
+    from pynetdicom.association import Association
+
+    assoc = Association(AE(), "acceptor")
+    assoc.__class__ = fastpath.FastAssociation
+    assoc.dul.__class__ = fastpath.FastDUL
+    assoc.wait_for_events()
+    assoc.dul.wait_for_events()
+    woken = []
+    assoc.dul._wake = lambda: woken.append("dul")
+    assoc.dul.event_queue.wake = assoc.dul.to_provider_queue.wake = assoc.dul._wake
+    for wake in (lambda: assoc.dimse.msg_queue.put((1, None)), lambda: assoc.dul.to_user_queue.put(None),
+                 assoc._reactor_checkpoint.clear):
+        assoc._wakeup.clear()
+        wake()
+        assert assoc._wakeup.is_set()
+    assoc.dul.event_queue.put("Evt17")
+    assoc.dul.to_provider_queue.put(None)
+    assert woken == ["dul", "dul"]
