@@ -20,6 +20,7 @@ sends 2 x 250 on two associations; the whole machine has 2 cores: the two nodes 
     .venv/bin/python bench/ingest.py [--runs 3] [--large 50] [--only m3dicom,orthanc,storescp]
     .venv/bin/python bench/ingest.py --only m3dicom-s3,m3dicom-pg,two-nodes
     .venv/bin/python bench/ingest.py --only m3dicom-nometrics,m3dicom,m3dicom-audit --scenarios small,parallel
+    .venv/bin/python bench/ingest.py --only m3dicom,m3dicom-2,orthanc,storescp    # m3dicom-2: dicom.receivers = 2
     .venv/bin/python bench/ingest.py --only m3dicom,orthanc --scenarios short,loops4,loops16,parallel16
 
 The cost of operating the node (issue 19): `m3dicom-nometrics` ([metrics] port = 0), `m3dicom` (/metrics on,
@@ -260,6 +261,11 @@ class M3dicom(Receiver):
         wait_port(self.port)
 
 
+class M3dicomTwoReceivers(M3dicom):
+    name = "m3dicom, dicom.receivers = 2"
+    receivers = 2
+
+
 class M3dicomNoMetrics(M3dicom):
     name = "m3dicom, metrics off"
     metrics = False
@@ -473,7 +479,7 @@ def main(argv=None) -> int:
             data_sets["ct"] = ct_volume(work / "ct", args.ct)
         data = {k: data_sets[SCENARIOS[k][0]] for k in wanted}
         M3dicom.receivers, M3dicom.bare = args.receivers, args.bare
-        kinds = {"m3dicom": M3dicom, "m3dicom-nometrics": M3dicomNoMetrics, "m3dicom-audit": M3dicomAudit,
+        kinds = {"m3dicom": M3dicom, "m3dicom-2": M3dicomTwoReceivers, "m3dicom-nometrics": M3dicomNoMetrics, "m3dicom-audit": M3dicomAudit,
                  "m3dicom-s3": M3dicomS3, "m3dicom-pg": M3dicomPG, "two-nodes": TwoNodes,
                  "orthanc": Orthanc, "storescp": Storescp}
         chosen = args.only.split(",")
