@@ -456,7 +456,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ct", type=int, default=373, help="slices of the CT for ct1, ct8 and ct16")
     ap.add_argument("--only", default="m3dicom,orthanc,storescp")
     ap.add_argument("--receivers", type=int, default=1, help="m3dicom's dicom.receivers (0 = one per core)")
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="a comma-separated list of: " + ", ".join(SCENARIOS))
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help="a comma-separated list of: " + ", ".join(SCENARIOS))
     ap.add_argument("--bare", action="store_true", help="m3dicom without its router and viewer processes")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     args = ap.parse_args(argv)
@@ -479,7 +480,8 @@ def main(argv=None) -> int:
             data_sets["ct"] = ct_volume(work / "ct", args.ct)
         data = {k: data_sets[SCENARIOS[k][0]] for k in wanted}
         M3dicom.receivers, M3dicom.bare = args.receivers, args.bare
-        kinds = {"m3dicom": M3dicom, "m3dicom-2": M3dicomTwoReceivers, "m3dicom-nometrics": M3dicomNoMetrics, "m3dicom-audit": M3dicomAudit,
+        kinds = {"m3dicom": M3dicom, "m3dicom-2": M3dicomTwoReceivers, "m3dicom-nometrics": M3dicomNoMetrics,
+                 "m3dicom-audit": M3dicomAudit,
                  "m3dicom-s3": M3dicomS3, "m3dicom-pg": M3dicomPG, "two-nodes": TwoNodes,
                  "orthanc": Orthanc, "storescp": Storescp}
         chosen = args.only.split(",")
@@ -545,7 +547,7 @@ def table(results, data, args) -> str:
     for k in data:
         size = sum(f.stat().st_size for f in data[k]) / 1e6 if k == "large" else len(data[k])
         rate = {n: (size / med[n][k][0], med[n][k][1]) for n in names}
-        lines.append(row(labels[k], rate, lambda c: f"{c[0]:.1f} ({c[1]:.1f} s)" if c[0] < 100 else f"{c[0]:.0f} ({c[1]:.1f} s)",
+        lines.append(row(labels[k], rate, lambda c: f"{c[0]:.{1 if c[0] < 100 else 0}f} ({c[1]:.1f} s)",
                          rate[names[0]][0] / rate[orthanc][0] if versus else None))
         if k == "short":
             per = {n: 1000 * med[n][k][1] / len(data[k]) for n in names}

@@ -257,7 +257,8 @@ def test_a_request_with_the_same_bytes_is_decoded_and_negotiated_once():
     expected = fresh.to_primitive()
     shared = first.to_primitive()
     assert (shared.calling_ae_title, shared.called_ae_title) == (expected.calling_ae_title, expected.called_ae_title)
-    assert _fields(shared.presentation_context_definition_list) == _fields(expected.presentation_context_definition_list)
+    proposed = shared.presentation_context_definition_list
+    assert _fields(proposed) == _fields(expected.presentation_context_definition_list)
 
     supported = supported_contexts()
     truth, _ = negotiate_as_acceptor(expected.presentation_context_definition_list, supported, {})
