@@ -20,7 +20,7 @@ sends 2 x 250 on two associations; the whole machine has 2 cores: the two nodes 
     .venv/bin/python bench/ingest.py [--runs 3] [--large 50] [--only m3dicom,orthanc,storescp]
     .venv/bin/python bench/ingest.py --only m3dicom-s3,m3dicom-pg,two-nodes
     .venv/bin/python bench/ingest.py --only m3dicom-nometrics,m3dicom,m3dicom-audit --scenarios small,parallel
-    .venv/bin/python bench/ingest.py --only m3dicom,m3dicom-2,orthanc,storescp    # m3dicom-2: dicom.receivers = 2
+    .venv/bin/python bench/ingest.py --only m3dicom,m3dicom-1,orthanc,storescp    # m3dicom-1: dicom.receivers = 1
     .venv/bin/python bench/ingest.py --only m3dicom,orthanc --scenarios short,loops4,loops16,parallel16
 
 The cost of operating the node (issue 19): `m3dicom-nometrics` ([metrics] port = 0), `m3dicom` (/metrics on,
@@ -225,7 +225,7 @@ class AuditSink:
 
 class M3dicom(Receiver):
     name, aet = "m3dicom", "M3DICOM"
-    receivers = 1  # dicom.receivers
+    receivers = 0  # dicom.receivers (0, the default: one per core)
     bare = False   # without the router and the viewer (what receiving alone costs)
     metrics = True  # /metrics on (the default): every process counts into its files
     audit = False   # an IHE ATNA audit trail to a repository (an `AuditSink`)
@@ -259,6 +259,11 @@ class M3dicom(Receiver):
                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.work / f"m3-{node}.log", "ab"))
         wait_port(self.port)
+
+
+class M3dicomOneReceiver(M3dicom):
+    name = "m3dicom, dicom.receivers = 1"
+    receivers = 1
 
 
 class M3dicomTwoReceivers(M3dicom):
@@ -455,7 +460,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loop-files", type=int, default=96, help="one-instance associations for loops4 and loops16")
     ap.add_argument("--ct", type=int, default=373, help="slices of the CT for ct1, ct8 and ct16")
     ap.add_argument("--only", default="m3dicom,orthanc,storescp")
-    ap.add_argument("--receivers", type=int, default=1, help="m3dicom's dicom.receivers (0 = one per core)")
+    ap.add_argument("--receivers", type=int, default=0, help="m3dicom's dicom.receivers (0, the node's default: "
+                    "one per core)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help="a comma-separated list of: " + ", ".join(SCENARIOS))
     ap.add_argument("--bare", action="store_true", help="m3dicom without its router and viewer processes")
@@ -480,7 +486,8 @@ def main(argv=None) -> int:
             data_sets["ct"] = ct_volume(work / "ct", args.ct)
         data = {k: data_sets[SCENARIOS[k][0]] for k in wanted}
         M3dicom.receivers, M3dicom.bare = args.receivers, args.bare
-        kinds = {"m3dicom": M3dicom, "m3dicom-2": M3dicomTwoReceivers, "m3dicom-nometrics": M3dicomNoMetrics,
+        kinds = {"m3dicom": M3dicom, "m3dicom-1": M3dicomOneReceiver, "m3dicom-2": M3dicomTwoReceivers,
+                 "m3dicom-nometrics": M3dicomNoMetrics,
                  "m3dicom-audit": M3dicomAudit,
                  "m3dicom-s3": M3dicomS3, "m3dicom-pg": M3dicomPG, "two-nodes": TwoNodes,
                  "orthanc": Orthanc, "storescp": Storescp}

@@ -30,6 +30,7 @@ import pydicom.config
 
 from archive import metrics
 from scp.commitment import Committer
+from scp.slots import Held, SharedCounts, Table
 from scp.server import PeerChatter, build_ae, configure_pynetdicom, start_servers
 
 from .config import Config
@@ -174,6 +175,12 @@ def listen(config: Config) -> dict[int, socket.socket]:
     return sockets
 
 
+def association_table(config: Config, count: int) -> Table:
+    """The shared memory in which the `count` receivers publish their associations, so that the limits
+    hold for the node (scp.slots)."""
+    return Table.create(count, config.dicom.max_associations)
+
+
 def spool_dir(config: Config, index: int) -> Path:
     return config.data_dir / "spool" / f"r{index}"
 
@@ -185,8 +192,9 @@ def _make_spool(spool: Path) -> None:
 
 def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop: threading.Event,
             on_ready: Callable[[], None] = lambda: None,
-            every_second: Callable[[], None] = lambda: None) -> None:
-    """One receiver: serve the sockets until `stop` is set."""
+            every_second: Callable[[], None] = lambda: None, table: Table | None = None) -> None:
+    """One receiver: serve the sockets until `stop` is set; its associations count in `table`
+    (`association_table`, row `index`) with the other receivers'."""
     from archive import open as open_archive   # the node migrated the index before it started this process
 
     spool = spool_dir(config, index)
@@ -198,16 +206,23 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
             log.warning("spool directory %s was missing: recreated", spool)
             _make_spool(spool)
         measure.associations_open.set(len(ae.active_associations))   # what pynetdicom holds, whatever happened
+        for server in servers[:1]:
+            server.slots.publish()      # in case a closed association's EVT_CONN_CLOSE never came
         every_second()
     measure = metrics.get()
     archive = open_archive(config)
     ae = build_ae(config)
     committer = Committer(archive, config)
     listening = metrics.get().receivers_listening
+    shared = SharedCounts(table, index) if table is not None else None
+    servers = []
     try:
+        if shared is not None:
+            with shared:
+                shared.publish(Held())   # a restarted receiver: what its predecessor held is gone
         gc.collect()
         gc.freeze()   # the start-up heap (libraries, dictionaries) is never garbage: collections skip it
-        start_servers(ae, config, archive, sockets, committer)
+        servers = start_servers(ae, config, archive, sockets, committer, shared)
         listening.inc()
         if index == 0 and (pending := committer.resume_pending()):
             log.info("%d storage commitment reports to deliver from before the restart", pending)
@@ -218,11 +233,13 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
         listening.set(0)
         ae.shutdown()
         archive.close()
+        if shared is not None:
+            shared.close()
 
 
-def _receiver(config: Config, index: int, sockets: dict[int, socket.socket], stop: threading.Event,
+def _receiver(config: Config, index: int, sockets: dict[int, socket.socket], table: Table, stop: threading.Event,
               parent_alive: Callable[[], None]) -> None:
-    receive(config, index, sockets, stop, lambda: log.info("receiver %d ready", index), parent_alive)
+    receive(config, index, sockets, stop, lambda: log.info("receiver %d ready", index), parent_alive, table)
 
 
 def _child(config: Config, parent: int, target: Callable, *args) -> None:
@@ -256,9 +273,9 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def receiver_workers(config: Config, sockets: dict[int, socket.socket], count: int) -> dict[str, tuple]:
+def receiver_workers(config: Config, sockets: dict[int, socket.socket], count: int, table: Table) -> dict[str, tuple]:
     """The spawned receivers 1..count-1, as `Children` workers."""
-    return {f"receiver-{index}": (_receiver, index, sockets) for index in range(1, count)}
+    return {f"receiver-{index}": (_receiver, index, sockets, table) for index in range(1, count)}
 
 
 class Children:

@@ -254,7 +254,8 @@ def _serve(config: Config, ready) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     count = receivers.receiver_count(config)
-    workers = receivers.receiver_workers(config, sockets, count)
+    table = receivers.association_table(config, count)
+    workers = receivers.receiver_workers(config, sockets, count, table)
     if config.storage.backend == "s3":
         workers["offloader"] = (offload,)
     if config.router.enabled:
@@ -285,7 +286,7 @@ def _serve(config: Config, ready) -> None:
             ready(f"metrics: {metrics_address(config)} (and /healthz, /readyz)")
 
     try:
-        receivers.receive(config, 0, sockets, stop, announce, children.supervise)
+        receivers.receive(config, 0, sockets, stop, announce, children.supervise, table)
         log.info("stopping")
     finally:
         if config.audit.repository:

@@ -24,6 +24,7 @@ from archive import Archive
 from . import audit, fastpath, handlers, retrieve, wire
 from .commitment import Committer
 from .settings import Settings
+from .slots import SharedCounts
 from .tls import Reports, Slots, TLSAssociationServer, server_context, source_of
 
 log = logging.getLogger(__name__)
@@ -187,8 +188,9 @@ def check_fast_path() -> None:
 
 
 def start_servers(ae: AE, config: Settings, archive: Archive, sockets: dict[int, socket.socket],
-                  committer: Committer | None = None) -> list:
-    """Serve the listening `sockets` (by port: TLS, and plain when configured); non-blocking."""
+                  committer: Committer | None = None, shared: SharedCounts | None = None) -> list:
+    """Serve the listening `sockets` (by port: TLS, and plain when configured); non-blocking. With `shared`,
+    the association limits count the other receiving processes' associations too (scp.slots)."""
     d = config.dicom
     tls = server_context(d.certificate, d.private_key, d.ca_certificates, d.require_client_certificate)
     bound = event_handlers(archive, config, committer)
@@ -203,7 +205,9 @@ def start_servers(ae: AE, config: Settings, archive: Archive, sockets: dict[int,
     else:
         log.warning("dicom.fast_path = false: C-STORE and C-FIND take pynetdicom's slower generic path, and PDU "
                     "lengths and command sets are not bounded by the node")
-    slots = Slots.of(ae, d)   # one pool for both ports: a share per address, a reserve for TLS
+    slots = Slots.of(ae, d, shared)   # one pool for both ports: a share per address, a reserve for TLS
+    if shared is not None:
+        bound = [*bound, (evt.EVT_CONN_CLOSE, slots.publish)]   # a closed association's slot is free for all
     alert = _security_alert(archive, config) if archive.audit is not None else None
     servers = [serve(ae, sockets[d.port], bound, contexts, tls, config, handler, slots, alert)]
     if d.plain_port:

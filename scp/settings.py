@@ -23,16 +23,16 @@ class DicomSection:
     allowed_calling_aets: list = setting([], "Calling AE titles allowed to associate; empty = any AE "
                                          "that passes TLS.")
     require_called_aet: bool = setting(True, "Refuse associations whose called AE title is not node.ae_title.")
-    receivers: int = setting(1, "Receiving processes sharing the DICOM ports (pynetdicom uses one core "
-                             "per process); 0 = one per CPU core, at most 4.")
-    max_associations: int = setting(16, "Maximum simultaneous associations per receiving process; "
-                                    "more are rejected.")
-    max_associations_per_source: int = setting(0, "Associations from one address (IPv6: one /64) per receiving "
-                                               "process; more are rejected (A-ASSOCIATE-RJ, local limit "
-                                               "exceeded). 0 (default): half of dicom.max_associations.")
-    plain_max_associations: int = setting(0, "Associations the plain port may hold per receiving process, the "
-                                          "rest kept for TLS peers; 0 (default): three quarters of "
-                                          "dicom.max_associations.")
+    receivers: int = setting(0, "Receiving processes sharing the DICOM ports (pynetdicom uses one core "
+                             "per process); 0 (default) = one per CPU core, at most 4.")
+    max_associations: int = setting(16, "Maximum simultaneous associations of the node (all its receiving "
+                                    "processes together); more are rejected.")
+    max_associations_per_source: int = setting(0, "Associations from one address (IPv6: one /64), all receiving "
+                                               "processes together; more are rejected (A-ASSOCIATE-RJ, local "
+                                               "limit exceeded). 0 (default): half of dicom.max_associations.")
+    plain_max_associations: int = setting(0, "Associations the plain port may hold, all receiving processes "
+                                          "together, the rest kept for TLS peers; 0 (default): three quarters "
+                                          "of dicom.max_associations.")
     max_pdu_size: int = setting(1048576, "Maximum PDU length advertised to peers, bytes "
                                 "(1 MiB doubles large-instance throughput).")
     tls_handshake_timeout: float = setting(5.0, "Seconds a TLS peer has to finish its handshake.")

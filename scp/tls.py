@@ -22,13 +22,15 @@ import socket
 import ssl
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from pynetdicom.transport import ThreadedAssociationServer
 
 from archive import metrics
 
+from .slots import Held, SharedCounts
 from .wire import PDUError, PDURefused, PDUTimeout, abort_pdu, read_pdu, reject_pdu
 
 log = logging.getLogger(__name__)
@@ -221,50 +223,79 @@ class Reports:
 
 
 class Slots:
-    """The association slots of one receiving process, shared by its TLS and plain servers.
+    """The association slots of the node, shared by the TLS and plain servers of every receiving process.
 
-    pynetdicom counts all associations together (`dicom.max_associations`). Before an
-    association is created, the servers ask here: at most `total`, at most `per_source` from
-    one source (`source_of`), and at most `plain` on the plain port, so that neither one
-    address nor peers without a certificate can take every slot. Associations are counted
-    as pynetdicom counts them, by their live threads: a slot is free the moment its
-    association's thread ends, whatever ended it. A refused request is answered with an
-    A-ASSOCIATE-RJ (rejected-transient, local-limit-exceeded) and logged at most once per
-    address every 10 s.
+    pynetdicom counts the associations of its own process. Before an association is created, the
+    servers ask here: at most `total`, at most `per_source` from one source (`source_of`), and at
+    most `plain` on the plain port, so that neither one address nor peers without a certificate
+    can take every slot. This process's associations are counted as pynetdicom counts them, by
+    their live threads; those of the other receiving processes by what they publish in `shared`
+    (scp.slots). A refused request is answered with an A-ASSOCIATE-RJ (rejected-transient,
+    local-limit-exceeded) and logged at most once per address every 10 s.
 
     An association counts while its thread lives and its connection is open: one that was
     aborted or released frees its slot as soon as its socket is closed (pynetdicom sets
-    `AssociationSocket.socket` to None then), not when its threads have wound down.
+    `AssociationSocket.socket` to None then, and EVT_CONN_CLOSE publishes it to the others),
+    not when its threads have wound down.
     """
 
-    def __init__(self, ae, total: int, per_source: int | None = None, plain: int | None = None):
+    def __init__(self, ae, total: int, per_source: int | None = None, plain: int | None = None,
+                 shared: SharedCounts | None = None):
         self._ae = ae
         self.total = total
         self.per_source = per_source or total
         self.plain = plain or total
+        self.shared = shared
         self.lock = threading.Lock()   # held from the check until the new association's thread runs
         self.reports = Reports()
 
     @classmethod
-    def of(cls, ae, dicom) -> "Slots":
+    def of(cls, ae, dicom, shared: SharedCounts | None = None) -> "Slots":
         """From the [dicom] settings (0: the documented share of `max_associations`)."""
         total = dicom.max_associations
         return cls(ae, total, dicom.max_associations_per_source or max(1, total // 2),
-                   dicom.plain_max_associations or max(1, total * 3 // 4))
+                   dicom.plain_max_associations or max(1, total * 3 // 4), shared)
+
+    def held(self) -> Held:
+        """The associations this process holds."""
+        held = Held()
+        for a in self._ae.active_associations:
+            if a.is_acceptor and _connected(a):
+                held.total += 1
+                held.by_source[source_of(a.requestor.address)] += 1
+                if getattr(getattr(a, "_server", None), "ssl_context", None) is None:
+                    held.plain += 1
+        return held
+
+    @contextmanager
+    def admitting(self, source: str, tls: bool) -> Iterator[str]:
+        """Why one more association from `source` is refused, or "": start it inside the block,
+        which no other thread or receiving process enters meanwhile."""
+        with self.lock, (self.shared or nullcontext()):
+            yield self.refusal(source, tls)
+            if self.shared is not None:
+                self.shared.publish(self.held())
 
     def refusal(self, source: str, tls: bool) -> str:
-        """Why one more association from `source` is refused, or "" (call with `lock` held)."""
-        held = [a for a in self._ae.active_associations if a.is_acceptor and _connected(a)]
-        if len(held) >= self.total:
-            return f"already {len(held)} associations (dicom.max_associations)"
-        mine = sum(1 for a in held if source_of(a.requestor.address) == source)
+        """Why one more association from `source` is refused, or "" (call inside `admitting`)."""
+        held = self.held()
+        total, plain, mine = held.total, held.plain, held.by_source[source]
+        if self.shared is not None:
+            others = self.shared.others(source)
+            total, plain, mine = total + others[0], plain + others[1], mine + others[2]
+        if total >= self.total:
+            return f"already {total} associations (dicom.max_associations)"
         if mine >= self.per_source:
             return f"already {mine} associations from {source} (dicom.max_associations_per_source)"
-        if not tls:
-            plain = sum(1 for a in held if getattr(getattr(a, "_server", None), "ssl_context", None) is None)
-            if plain >= self.plain:
-                return f"already {plain} associations on the plain port (dicom.plain_max_associations)"
+        if not tls and plain >= self.plain:
+            return f"already {plain} associations on the plain port (dicom.plain_max_associations)"
         return ""
+
+    def publish(self, event=None) -> None:
+        """Tell the other receiving processes what this one holds (EVT_CONN_CLOSE, and every second)."""
+        if self.shared is not None:
+            with self.shared:
+                self.shared.publish(self.held())
 
 
 class TLSAssociationServer(ThreadedAssociationServer):
@@ -378,8 +409,7 @@ class TLSAssociationServer(ThreadedAssociationServer):
                 self._requests[sock] = pdu
         refusal = ""
         try:
-            with self.slots.lock:
-                refusal = self.slots.refusal(entry.source, self.ssl_context is not None)
+            with self.slots.admitting(entry.source, self.ssl_context is not None) as refusal:
                 if not refusal:
                     super().process_request_thread(sock, client_address)   # starts the association's thread
         finally:

@@ -105,7 +105,9 @@ class Node:
         self.env: dict[str, str] = {}   # extra environment of the node process
         settings = {
             "node": {"ae_title": "M3DICOM", "data_dir": str(self.data_dir)},
-            "dicom": {"host": "127.0.0.1", "port": self.port, "plain_port": self.plain_port,
+            # one receiving process unless a test asks for more: each more takes ~0.7 s to start on 2 cores,
+            # paid by every node of the suite (the node's default, one per core, is tested where it matters)
+            "dicom": {"host": "127.0.0.1", "port": self.port, "plain_port": self.plain_port, "receivers": 1,
                       "certificate": str(pki / "server.pem"), "private_key": str(pki / "server.key"),
                       "ca_certificates": str(pki / "ca.pem")},
             "client": {"certificate": str(pki / "client.pem"), "private_key": str(pki / "client.key")},
@@ -129,11 +131,19 @@ class Node:
                  timeout=30, what="the node to listen")
         if self.proc.poll() is not None:
             raise AssertionError(f"node exited at start:\n{self.log()}")
-        receivers = self.settings.get("dicom", {}).get("receivers", 1)   # the others are processes of their own
+        receivers = self.settings["dicom"]["receivers"] or min(4, len(os.sched_getaffinity(0)))   # 0: one per core
         wait_for(lambda: all(f"receiver {i} ready".encode() in self.log_path.read_bytes()[offset:]
                              for i in range(1, receivers)) or self.proc.poll() is not None,
                  timeout=30, what="every receiving process to be ready")
         return self
+
+    def receiving_processes(self) -> list:
+        """The node process and the receivers it spawned (psutil handles): those listening on the DICOM port."""
+        import psutil
+
+        node = psutil.Process(self.proc.pid)
+        return [p for p in [node, *node.children()]
+                if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in p.net_connections("tcp"))]
 
     def stop(self, sig=signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
@@ -43,36 +44,68 @@ def check_consistent(node) -> dict[str, str]:
     return rows
 
 
+def one_sender_per_receiver(node, parts: list[list[Path]], extra=()) -> list[subprocess.Popen]:
+    """A storescu for each part, each received by its own receiving process of the node (the others
+    paused while it connects: the kernel gives a connection to whichever process accepts first)."""
+    processes = node.receiving_processes()
+    assert len(processes) >= len(parts), f"{len(processes)} receiving processes for {len(parts)} senders"
+    senders = []
+    for part, process in zip(parts, processes):
+        paused = [p for p in processes if p.pid != process.pid]
+        for p in paused:
+            p.suspend()
+        try:
+            sender = subprocess.Popen(["storescu", *extra, *node.tls_args(), "-aec", "M3DICOM", "127.0.0.1",
+                                       str(node.port), *map(str, part)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, env={**os.environ, "TCP_NODELAY": "1"})
+            senders.append(sender)
+            wait_for(lambda: node.port in {c.raddr.port for c in psutil.Process(sender.pid).net_connections("tcp")
+                                           if c.raddr} and any(c.status == psutil.CONN_ESTABLISHED
+                                                               and c.laddr.port == node.port
+                                                               for c in process.net_connections("tcp")),
+                     timeout=20, what=f"storescu to be received by process {process.pid}")
+        finally:
+            for p in paused:
+                p.resume()
+    return senders
+
+
 def test_kill_9_during_transfer_loses_nothing_acknowledged(make_node, tmp_path, index_url, request):
-    """On SQLite and on PostgreSQL: what the node acknowledged is in the index and its blob intact."""
+    """On SQLite and on PostgreSQL, with two receiving processes each receiving: what the node
+    acknowledged is in the index and its blob intact."""
     files = make_copies(tmp_path / "study", 1000)
+    receiving = {"dicom": {"receivers": 2}}
     if index_url:           # a shared index: blobs are kept locally and offloaded to S3 (moto)
         moto = request.getfixturevalue("moto")
-        node = make_node(start=False, index={"url": index_url},
+        node = make_node(start=False, index={"url": index_url}, **receiving,
                          storage={"backend": "s3", "s3": {"bucket": moto.new_bucket(), "endpoint_url": moto.url}})
         node.env.update(MotoServer.CREDENTIALS)
         node.start()
     else:
-        node = make_node()
-    sender = subprocess.Popen(["storescu", "-v", *node.tls_args(), "-aec", "M3DICOM", "127.0.0.1",
-                               str(node.port), *map(str, files)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "TCP_NODELAY": "1"})
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(sender.stdout), daemon=True)
-    reader.start()
+        node = make_node(**receiving)
+    outputs: list[list[str]] = [[], []]
+    senders = one_sender_per_receiver(node, [files[0::2], files[1::2]], ["-v"])
+    readers = [threading.Thread(target=lambda out=output, p=sender: out.extend(p.stdout), daemon=True)
+               for output, sender in zip(outputs, senders)]
+    for reader in readers:
+        reader.start()
     wait_for(lambda: node.rows("SELECT COUNT(*) FROM instances")[0][0] >= 150, timeout=120,
              what="some instances to arrive")
     node.kill9()
-    sender.wait(timeout=60)
-    reader.join(timeout=10)
-    # Which files did storescu see acknowledged with Success?
-    acknowledged, current = [], None
-    for line in output:
-        if m := re.search(r"Sending file: (.+)$", line.strip()):
-            current = m.group(1).strip()
-        elif "Received Store Response (Success)" in line and current:
-            acknowledged.append(Path(current))
-    assert len(acknowledged) >= 100, "\n".join(output[-20:])
+    for sender, reader in zip(senders, readers):
+        sender.wait(timeout=60)
+        reader.join(timeout=10)
+    # Which files did each storescu see acknowledged with Success?
+    acknowledged = []
+    for output in outputs:
+        current, mine = None, []
+        for line in output:
+            if m := re.search(r"Sending file: (.+)$", line.strip()):
+                current = m.group(1).strip()
+            elif "Received Store Response (Success)" in line and current:
+                mine.append(Path(current))
+        assert len(mine) >= 30, "\n".join(output[-20:])
+        acknowledged += mine
     assert len(acknowledged) < len(files), "the node was killed after the transfer ended"
 
     node.start()  # recovery runs at start
@@ -101,9 +134,11 @@ def tmpfs(tmp_path):
 def test_disk_full_answers_a700_and_recovers(make_node, tmpfs, tmp_path):
     files = make_copies(tmp_path / "study", 120)  # ~4.7 MB: more than the 3 MB volume
     # no free-space reserve: this is about the disk really filling up (ENOSPC) under the node
-    node = make_node(node={"data_dir": str(tmpfs / "var")}, storage={"min_free_bytes": 0})
-    result = node.storescu(*files, check=False, timeout=300, extra=["-v"])
-    assert "Received Store Response (Refused: OutOfResources)" in result.stdout + result.stderr
+    node = make_node(node={"data_dir": str(tmpfs / "var")}, storage={"min_free_bytes": 0}, dicom={"receivers": 2})
+    senders = one_sender_per_receiver(node, [files[0::2], files[1::2]], ["-v"])   # both processes fill it
+    outputs = [sender.communicate(timeout=300)[0] for sender in senders]
+    assert all("Received Store Response (Refused: OutOfResources)" in output for output in outputs), \
+        [output[-2000:] for output in outputs]
     assert "refused (0xA700)" in node.log()
     assert node.spool_files() == []
     stored = check_consistent(node)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
+import time
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -64,3 +67,82 @@ def test_receivers_die_with_the_node_and_restart(make_node):
     node.start()  # and the port is free again
     node.storescu(data_file("CT_small.dcm"))
     assert len(check_consistent(node)) == 1
+
+
+# -- the association limits hold for the node, whichever process holds the associations (scp.slots) --
+
+class _Assoc:
+    def __init__(self, address, tls=True):
+        self.is_acceptor = True
+        self.requestor = SimpleNamespace(address=address)
+        self._server = SimpleNamespace(ssl_context=object() if tls else None)
+        self.dul = SimpleNamespace(socket=SimpleNamespace(socket=object()))
+
+
+def test_slots_count_what_every_receiving_process_holds():
+    from scp.slots import SharedCounts, Table
+    from scp.tls import Slots
+
+    table = Table.create(rows=3, capacity=6)
+    aes = [SimpleNamespace(active_associations=[]) for _ in range(3)]
+    slots = [Slots(ae, total=8, per_source=3, plain=3, shared=SharedCounts(table, i)) for i, ae in enumerate(aes)]
+
+    def start(i, address, tls=True):
+        with slots[i].admitting(address[0], tls) as refusal:
+            if not refusal:
+                aes[i].active_associations.append(_Assoc(address, tls))
+        return refusal
+
+    assert start(0, ("10.0.0.1", 1)) == "" and start(1, ("10.0.0.1", 2)) == "" and start(2, ("10.0.0.1", 3)) == ""
+    assert "3 associations from 10.0.0.1 (dicom.max_associations_per_source)" in start(1, ("10.0.0.1", 4))
+    assert start(1, ("10.0.0.2", 1), tls=False) == "" and start(2, ("10.0.0.3", 1), tls=False) == ""
+    assert start(0, ("10.0.0.4", 1), tls=False) == ""
+    assert "3 associations on the plain port (dicom.plain_max_associations)" in start(0, ("10.0.0.5", 1), tls=False)
+    assert start(1, ("10.0.0.5", 1)) == "" and start(2, ("10.0.0.6", 1)) == ""
+    assert "8 associations (dicom.max_associations)" in start(0, ("10.0.0.7", 1))
+    assert [len(ae.active_associations) for ae in aes] == [2, 3, 3]
+    # one closes in process 0: once it has published (EVT_CONN_CLOSE), its slot is free in the others
+    aes[0].active_associations[0].dul.socket.socket = None
+    assert start(2, ("10.0.0.7", 1)) != ""
+    slots[0].publish()
+    assert start(2, ("10.0.0.7", 1)) == "" and start(1, ("10.0.0.8", 1)) != ""
+    # a receiver that died: its row does not count once its pid is gone
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    struct.pack_into("<q", slots[2].shared._map, 8 + 2 * slots[2].shared._row, dead.pid)
+    assert start(1, ("10.0.0.8", 1)) == ""
+    with pytest.raises(ValueError, match="not an association table"):
+        SharedCounts(table, 3)
+
+
+def test_the_node_limits_associations_across_its_receiving_processes(make_node, tmp_path):
+    from test_hostile_network import REJECTED_LOCAL_LIMIT, _hold_associations
+
+    node = make_node(dicom={"receivers": 2, "max_associations": 4, "max_associations_per_source": 4},
+                     router={"enabled": False})
+    (child,) = receivers_of(node)
+    held = []
+    try:
+        os.kill(node.proc.pid, signal.SIGSTOP)   # two associations held by receiver 1 ...
+        try:
+            held, rejections = _hold_associations(node, True, ["127.0.0.1"], 2)
+        finally:
+            os.kill(node.proc.pid, signal.SIGCONT)
+        assert len(held) == 2
+        child.suspend()                           # ... and the others asked of receiver 0
+        try:
+            more, rejections = _hold_associations(node, True, ["127.0.0.1"], 8)
+        finally:
+            child.resume()
+        held += more
+        assert len(more) == 2 and rejections == [REJECTED_LOCAL_LIMIT] * 6, (len(more), rejections)
+        held.pop(0).close()   # a slot freed in receiver 1 is free in receiver 0 at once
+        time.sleep(0.5)
+        more, rejections = _hold_associations(node, True, ["127.0.0.1"], 4)
+        held += more
+        assert len(more) == 1 and len(rejections) == 3, (len(more), rejections)
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: node.storescu(data_file("CT_small.dcm"), check=False).returncode == 0, timeout=10,
+             what="the slots to be free again")
