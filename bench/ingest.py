@@ -251,6 +251,7 @@ class M3dicom(Receiver):
         config.write_text(f'[node]\nae_title = "M3DICOM"\ndata_dir = "{data}"\nname = "bench-{node}"\n'
                           f'[dicom]\nport = {self.port}\ncertificate = "{self.pki}/server.pem"\n'
                           f'private_key = "{self.pki}/server.key"\nca_certificates = "{self.pki}/ca.pem"\n'
+                          # 64: 16 senders from one address fit in its share (half)
                           f'max_associations = 64\nreceivers = {self.receivers}\n[log]\nlevel = "WARNING"\n'
                           + extra
                           + ("[router]\nenabled = false\n[viewer]\nenabled = false\n" if self.bare
@@ -407,6 +408,12 @@ SCENARIOS = {
 }
 
 
+KINDS = {"m3dicom": M3dicom, "m3dicom-1": M3dicomOneReceiver, "m3dicom-2": M3dicomTwoReceivers,
+         "m3dicom-nometrics": M3dicomNoMetrics, "m3dicom-audit": M3dicomAudit,
+         "m3dicom-s3": M3dicomS3, "m3dicom-pg": M3dicomPG, "two-nodes": TwoNodes,
+         "orthanc": Orthanc, "storescp": Storescp}
+
+
 def run_scenario(kind: str, receiver: Receiver, pki: Path, files: list[Path]) -> tuple[float, float, float]:
     """Returns (wall seconds, receiver CPU seconds, receiver peak RSS in MB: all its processes). A receiver
     with several `ports` (two nodes) gets the senders and loops dealt out over them."""
@@ -453,13 +460,15 @@ def run_scenario(kind: str, receiver: Receiver, pki: Path, files: list[Path]) ->
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--small", type=int, default=500)
-    ap.add_argument("--large", type=int, default=50)
-    ap.add_argument("--short", type=int, default=60)
+    ap.add_argument("--runs", type=int, default=3, help="runs of each workload (the table shows the median)")
+    ap.add_argument("--small", type=int, default=500, help="small instances for (a) and (d)")
+    ap.add_argument("--large", type=int, default=50, help="large mammograms for (b)")
+    ap.add_argument("--short", type=int, default=60, help="one-instance associations for (c)")
     ap.add_argument("--loop-files", type=int, default=96, help="one-instance associations for loops4 and loops16")
     ap.add_argument("--ct", type=int, default=373, help="slices of the CT for ct1, ct8 and ct16")
-    ap.add_argument("--only", default="m3dicom,orthanc,storescp")
+    ap.add_argument("--only", default="m3dicom,orthanc,storescp",
+                    help="a comma-separated list of receivers: "
+                    + "; ".join(f"{k} ({v.name})" for k, v in KINDS.items()))
     ap.add_argument("--receivers", type=int, default=0, help="m3dicom's dicom.receivers (0, the node's default: "
                     "one per core)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
@@ -486,17 +495,12 @@ def main(argv=None) -> int:
             data_sets["ct"] = ct_volume(work / "ct", args.ct)
         data = {k: data_sets[SCENARIOS[k][0]] for k in wanted}
         M3dicom.receivers, M3dicom.bare = args.receivers, args.bare
-        kinds = {"m3dicom": M3dicom, "m3dicom-1": M3dicomOneReceiver, "m3dicom-2": M3dicomTwoReceivers,
-                 "m3dicom-nometrics": M3dicomNoMetrics,
-                 "m3dicom-audit": M3dicomAudit,
-                 "m3dicom-s3": M3dicomS3, "m3dicom-pg": M3dicomPG, "two-nodes": TwoNodes,
-                 "orthanc": Orthanc, "storescp": Storescp}
         chosen = args.only.split(",")
         if {"m3dicom-s3", "m3dicom-pg", "two-nodes"} & set(chosen):
             M3dicom.services = Services(work, postgresql=bool({"m3dicom-pg", "two-nodes"} & set(chosen)))
         results: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
         for name in chosen:
-            cls = kinds[name]
+            cls = KINDS[name]
             results[cls.name] = {k: [] for k in data}
             for run in range(args.runs):
                 for scenario, files in data.items():

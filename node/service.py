@@ -273,7 +273,8 @@ def _serve(config: Config, ready) -> None:
         d = config.dicom
         ready(f"m3dicom {config.node.ae_title} listening on {d.host}:{d.port} (DICOM TLS)"
               + (f" and {d.host}:{d.plain_port} (plain DICOM)" if d.plain_port else "")
-              + f", {count} receiving process{'es' if count > 1 else ''}")
+              + f", {count} receiving process{'es' if count > 1 else ''} (dicom.receivers = {d.receivers}"
+              + (": one per CPU core)" if d.receivers == 0 else ")"))
         ready(f"data directory: {config.data_dir}"
               + (f", offloading to s3://{config.storage.s3.bucket}/{config.storage.s3.prefix}"
                  if config.storage.backend == "s3" else ""))
