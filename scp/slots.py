@@ -20,8 +20,10 @@ import mmap
 import os
 import struct
 import threading
+import time
 from collections import Counter
 
+ADMISSION_TIMEOUT = 2.0   # seconds a new association waits for the table at most (then it is refused)
 _HEAD = struct.Struct("<qIII")   # pid, associations, of them on the plain port, entries that follow
 _ENTRY = struct.Struct("<QI")    # source hash, associations from it
 
@@ -90,19 +92,37 @@ class SharedCounts:
 
     def __enter__(self) -> "SharedCounts":
         """Exclusive: no other process (or thread) reads or writes the table meanwhile. Re-entrant."""
-        self._local.acquire()
-        if self._depth == 0:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-            except BaseException:
-                self._local.release()
-                raise
-        self._depth += 1
+        self.hold(None)
         return self
+
+    def hold(self, deadline: float | None) -> None:
+        """Take the table (release with `__exit__`); by `deadline` (time.monotonic) or raise `Busy`: a
+        receiver that stalls while it holds the table (stopped, swapping) makes the others refuse
+        associations, not wait for it."""
+        if not self._local.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
+            raise Busy("the association table is held by another thread of this process")
+        try:
+            if self._fd < 0:
+                raise Busy("the association table is closed (the receiver is stopping)")
+            if self._depth == 0:
+                pause = 0.0005
+                while True:
+                    try:
+                        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if deadline is not None and time.monotonic() >= deadline:
+                            raise Busy("another receiving process holds the association table (stalled?)") from None
+                        time.sleep(pause)
+                        pause = min(pause * 2, 0.02)
+        except BaseException:
+            self._local.release()
+            raise
+        self._depth += 1
 
     def __exit__(self, *exc) -> None:
         self._depth -= 1
-        if self._depth == 0:
+        if self._depth == 0 and self._fd >= 0:   # closing the file (`close`) let go of the lock already
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._local.release()
 
@@ -137,10 +157,16 @@ class SharedCounts:
         return total, plain, mine
 
     def close(self) -> None:
+        """Publish an empty row and let go of the table: admissions still asked of it are `Busy`."""
         with self:
             self.publish(Held())
-        self._map.close()
-        os.close(self._fd)
+            self._map.close()
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Busy(OSError):
+    """The table could not be taken in time (or is closed): the association is refused, not kept waiting."""
 
 
 def _alive(pid: int) -> bool:

@@ -22,7 +22,7 @@ import socket
 import ssl
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,7 +30,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from archive import metrics
 
-from .slots import Held, SharedCounts
+from .slots import ADMISSION_TIMEOUT, Busy, Held, SharedCounts
 from .wire import PDUError, PDURefused, PDUTimeout, abort_pdu, read_pdu, reject_pdu
 
 log = logging.getLogger(__name__)
@@ -256,11 +256,11 @@ class Slots:
         return cls(ae, total, dicom.max_associations_per_source or max(1, total // 2),
                    dicom.plain_max_associations or max(1, total * 3 // 4), shared)
 
-    def held(self) -> Held:
-        """The associations this process holds."""
+    def held(self, closed=None) -> Held:
+        """The associations this process holds (not counting `closed`, whose connection has ended)."""
         held = Held()
         for a in self._ae.active_associations:
-            if a.is_acceptor and _connected(a):
+            if a.is_acceptor and a is not closed and _connected(a):
                 held.total += 1
                 held.by_source[source_of(a.requestor.address)] += 1
                 if getattr(getattr(a, "_server", None), "ssl_context", None) is None:
@@ -270,11 +270,28 @@ class Slots:
     @contextmanager
     def admitting(self, source: str, tls: bool) -> Iterator[str]:
         """Why one more association from `source` is refused, or "": start it inside the block,
-        which no other thread or receiving process enters meanwhile."""
-        with self.lock, (self.shared or nullcontext()):
-            yield self.refusal(source, tls)
-            if self.shared is not None:
+        which no other thread or receiving process enters meanwhile. Refused too when the other
+        receiving processes' counts cannot be read within `ADMISSION_TIMEOUT` (one of them stalled)."""
+        deadline = time.monotonic() + ADMISSION_TIMEOUT
+        if not self.lock.acquire(timeout=ADMISSION_TIMEOUT):
+            yield "associations from other peers still wait for admission"
+            return
+        try:
+            if self.shared is None:
+                yield self.refusal(source, tls)
+                return
+            try:
+                self.shared.hold(deadline)
+            except Busy as exc:
+                yield str(exc)
+                return
+            try:
+                yield self.refusal(source, tls)
                 self.shared.publish(self.held())
+            finally:
+                self.shared.__exit__()
+        finally:
+            self.lock.release()
 
     def refusal(self, source: str, tls: bool) -> str:
         """Why one more association from `source` is refused, or "" (call inside `admitting`)."""
@@ -292,10 +309,18 @@ class Slots:
         return ""
 
     def publish(self, event=None) -> None:
-        """Tell the other receiving processes what this one holds (EVT_CONN_CLOSE, and every second)."""
-        if self.shared is not None:
-            with self.shared:
-                self.shared.publish(self.held())
+        """Tell the other receiving processes what this one holds (EVT_CONN_CLOSE, and every second):
+        skipped when the table cannot be had within a second (the next one tries again)."""
+        if self.shared is None:
+            return
+        try:
+            self.shared.hold(time.monotonic() + 1.0)
+        except Busy:
+            return
+        try:   # a connection the peer closed (FIN) keeps its socket object until its threads end
+            self.shared.publish(self.held(closed=getattr(event, "assoc", None)))
+        finally:
+            self.shared.__exit__()
 
 
 class TLSAssociationServer(ThreadedAssociationServer):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -88,6 +89,30 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, what: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@contextmanager
+def paused(*processes):
+    """The processes (psutil handles) stopped, every thread of them, for the block: a process that
+    has only been sent SIGSTOP may still accept a connection in a thread not yet stopped."""
+    for process in processes:
+        process.suspend()
+    try:
+        for process in processes:
+            wait_for(lambda: all(_state(process.pid, task) in ("T", "t", None)
+                                 for task in os.listdir(f"/proc/{process.pid}/task")),
+                     timeout=10, interval=0.005, what=f"every thread of process {process.pid} to stop")
+        yield
+    finally:
+        for process in processes:
+            process.resume()
+
+
+def _state(pid: int, task: str) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/task/{task}/stat").read_text().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 class Node:

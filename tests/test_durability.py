@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from helpers import MotoServer, data_file, dataset_sha256, wait_for
+from helpers import MotoServer, data_file, dataset_sha256, paused, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.interop]
 
@@ -51,10 +51,7 @@ def one_sender_per_receiver(node, parts: list[list[Path]], extra=()) -> list[sub
     assert len(processes) >= len(parts), f"{len(processes)} receiving processes for {len(parts)} senders"
     senders = []
     for part, process in zip(parts, processes):
-        paused = [p for p in processes if p.pid != process.pid]
-        for p in paused:
-            p.suspend()
-        try:
+        with paused(*(p for p in processes if p.pid != process.pid)):
             sender = subprocess.Popen(["storescu", *extra, *node.tls_args(), "-aec", "M3DICOM", "127.0.0.1",
                                        str(node.port), *map(str, part)], stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, env={**os.environ, "TCP_NODELAY": "1"})
@@ -64,9 +61,6 @@ def one_sender_per_receiver(node, parts: list[list[Path]], extra=()) -> list[sub
                                                                and c.laddr.port == node.port
                                                                for c in process.net_connections("tcp")),
                      timeout=20, what=f"storescu to be received by process {process.pid}")
-        finally:
-            for p in paused:
-                p.resume()
     return senders
 
 
