@@ -218,8 +218,8 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
     servers = []
     try:
         if shared is not None:
-            with shared:
-                shared.publish(Held())   # a restarted receiver: what its predecessor held is gone
+            # a restarted receiver: what its predecessor held is gone (its pid, in the row, is dead anyway)
+            shared.publish_within(Held, 1.0)
         gc.collect()
         gc.freeze()   # the start-up heap (libraries, dictionaries) is never garbage: collections skip it
         servers = start_servers(ae, config, archive, sockets, committer, shared)

@@ -22,6 +22,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from typing import Callable
 
 ADMISSION_TIMEOUT = 2.0   # seconds a new association waits for the table at most (then it is refused)
 _HEAD = struct.Struct("<qIII")   # pid, associations, of them on the plain port, entries that follow
@@ -156,13 +157,32 @@ class SharedCounts:
                     break
         return total, plain, mine
 
+    def publish_within(self, held: Callable[[], Held], seconds: float) -> bool:
+        """`publish` what `held()` counts (inside the lock: no admission in between) if the table can
+        be had within `seconds`; whether it was. A stalled receiver holding the table delays nothing
+        for longer: not a start, not a stop, not the once-a-second tick."""
+        try:
+            self.hold(time.monotonic() + seconds)
+        except Busy:
+            return False
+        try:
+            self.publish(held())
+            return True
+        finally:
+            self.__exit__()
+
     def close(self) -> None:
-        """Publish an empty row and let go of the table: admissions still asked of it are `Busy`."""
-        with self:
-            self.publish(Held())
+        """Publish an empty row (if the table can be had within a second) and let go of the table:
+        admissions still asked of it are `Busy`. A row not emptied stops counting with this process."""
+        self.publish_within(Held, 1.0)
+        if not self._local.acquire(timeout=1.0):
+            return   # a thread of ours still in the table at exit: the process's end closes the file
+        try:
+            self._fd, fd = -1, self._fd
             self._map.close()
-            os.close(self._fd)
-            self._fd = -1
+            os.close(fd)
+        finally:
+            self._local.release()
 
 
 class Busy(OSError):

@@ -23,6 +23,7 @@ import ssl
 import threading
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -311,16 +312,8 @@ class Slots:
     def publish(self, event=None) -> None:
         """Tell the other receiving processes what this one holds (EVT_CONN_CLOSE, and every second):
         skipped when the table cannot be had within a second (the next one tries again)."""
-        if self.shared is None:
-            return
-        try:
-            self.shared.hold(time.monotonic() + 1.0)
-        except Busy:
-            return
-        try:   # a connection the peer closed (FIN) keeps its socket object until its threads end
-            self.shared.publish(self.held(closed=getattr(event, "assoc", None)))
-        finally:
-            self.shared.__exit__()
+        if self.shared is not None:   # a connection the peer closed (FIN) keeps its socket object until its threads end
+            self.shared.publish_within(partial(self.held, closed=getattr(event, "assoc", None)), 1.0)
 
 
 class TLSAssociationServer(ThreadedAssociationServer):
