@@ -59,11 +59,15 @@ def moto(tmp_path_factory):
 
 @pytest.fixture
 def storescp(tmp_path, pki):
-    """dcmtk storescp over TLS, writing what it receives bit for bit: (port, folder)."""
+    """dcmtk storescp over TLS, writing what it receives bit for bit: (port, folder). It names a file
+    before it has written it all: `helpers.arrived(folder)` lists those it has finished (each marked
+    by its exec-on-reception in the folder beside)."""
     port, out = free_port(), tmp_path / "received"
     out.mkdir()
+    (tmp_path / "received.done").mkdir()
     proc = subprocess.Popen(["storescp", "+tls", str(pki / "server.key"), str(pki / "server.pem"),
-                             "+cf", str(pki / "ca.pem"), "-aet", "STORESCP", "+xa", "+B", "-od", str(out), str(port)],
+                             "+cf", str(pki / "ca.pem"), "-aet", "STORESCP", "+xa", "+B", "-od", str(out),
+                             "-xcr", f"touch {tmp_path / 'received.done'}/#f", str(port)],
                             env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     listener = psutil.Process(proc.pid)   # listening before the test sends (a loaded machine refused a C-MOVE)

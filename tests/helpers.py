@@ -91,6 +91,13 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, what: str
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def arrived(folder: Path) -> list[Path]:
+    """The files the `storescp` fixture has finished writing in `folder` (it names a file before it
+    has written it all; its exec-on-reception marks each whole one in the folder beside)."""
+    done = folder.with_name(folder.name + ".done")
+    return sorted(p for p in folder.iterdir() if (done / p.name).exists())
+
+
 @contextmanager
 def paused(*processes):
     """The processes (psutil handles) stopped, every thread of them, for the block: a process that

@@ -21,7 +21,7 @@ from gpu_workers.mammo.evaluate import analyse, cluster_marks, sensitivity_at
 from gpu_workers.mammo.model import Model, ModelError
 from gpu_workers.mammo.plugin import MammoCad
 from gpu_workers.plugin import PluginError
-from helpers import M3DICOM, ROOT, data_file, wait_for
+from helpers import M3DICOM, ROOT, arrived, data_file, wait_for
 
 DCIODVFY = Path(sys.executable).parent / "dciodvfy"
 SMALL = phantom.Options(rows=900, columns=720, spacing=0.1)
@@ -438,7 +438,7 @@ def test_the_node_runs_the_cad_on_a_normal_mammogram_and_records_found_nothing_a
     kinds = sorted(r[0] for r in node.rows("SELECT s.modality FROM instances i JOIN series s ON s.pk = i.series_pk "
                                            "WHERE i.job_id IS NOT NULL"))
     assert kinds == ["OT", "SR"]
-    forwarded = wait_for(lambda: [p for p in received.iterdir() if pydicom.dcmread(p).Modality == "SR"] or None,
+    forwarded = wait_for(lambda: [p for p in arrived(received) if pydicom.dcmread(p).Modality == "SR"] or None,
                          timeout=60, what="the report at storescp")
     assert_says_no_cluster(forwarded[0], normal, {})
 

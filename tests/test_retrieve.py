@@ -13,7 +13,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from pydicom.uid import generate_uid
 
-from helpers import data_file, dataset_sha256, wait_for
+from helpers import arrived, data_file, dataset_sha256, wait_for
 from test_interop_dcmtk import unique_copies
 
 pytestmark = pytest.mark.interop
@@ -65,8 +65,7 @@ def test_movescu_study_arrives_byte_identical(filled, storescp):
     same_study = [f for f in files if _study(f) == study]
     result = movescu(node, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}")
     assert result.returncode == 0, result.stderr
-    got = wait_for(lambda: len(list(received.iterdir())) >= len(same_study) and list(received.iterdir()),
-                   what="the moved instances")
+    got = wait_for(lambda: len(arrived(received)) >= len(same_study) and arrived(received), what="the moved instances")
     assert sorted(dataset_sha256(p) for p in got) == sorted(dataset_sha256(f) for f in same_study)
     assert len(same_study) == 3 and "Final Move Response (Success)" in result.stderr
 
@@ -80,8 +79,8 @@ def test_movescu_each_syntax_and_unknown_destination(filled, storescp):
         result = movescu(node, "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={_study(path)}",
                          f"SeriesInstanceUID={series}", f"SOPInstanceUID={uid}")
         assert result.returncode == 0, result.stderr
-        arrived = wait_for(lambda: [p for p in received.iterdir() if uid in p.name], what=path.name)
-        assert dataset_sha256(arrived[0]) == dataset_sha256(path)
+        got = wait_for(lambda: [p for p in arrived(received) if uid in p.name], what=path.name)
+        assert dataset_sha256(got[0]) == dataset_sha256(path)
     unknown = movescu(node, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={_study(files[0])}",
                       destination="NOWHERE")
     assert "Refused: MoveDestinationUnknown" in unknown.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from helpers import M3DICOM, ROOT, free_port, wait_for
+from helpers import M3DICOM, ROOT, arrived, free_port, wait_for
 from test_query import findscu
 from test_retrieve import one_study
 
@@ -76,9 +76,8 @@ def test_a_rule_fires_after_the_quiet_period_and_results_are_found_forwarded_and
     assert sorted(str(d.Modality) for d in found) == ["CT", "OT", "SR"]
 
     wait_for(lambda: node.rows("SELECT state FROM forwards") == [("sent",)], timeout=60, what="the forward")
-    arrived = wait_for(lambda: len(list(received.iterdir())) >= 2 and sorted(received.iterdir()),
-                       what="results at storescp")
-    for path in arrived:
+    results = wait_for(lambda: len(arrived(received)) >= 2 and arrived(received), what="results at storescp")
+    for path in results:
         ds = pydicom.dcmread(path)
         assert str(ds.StudyInstanceUID) == study and ds.PatientID == pydicom.dcmread(files[0]).PatientID
         assert dciodvfy_errors(path) == [], path
@@ -92,7 +91,7 @@ def test_a_rule_fires_after_the_quiet_period_and_results_are_found_forwarded_and
     first, second = job_in(node, "succeeded", 2)
     assert second["supersedes"] == first["id"]
     (sr_uid,) = [uid for uid, cls in results_of(node, second["id"]) if cls.startswith("1.2.840.10008.5.1.4.1.1.88.")]
-    sr_path = wait_for(lambda: [p for p in received.iterdir() if sr_uid in p.name], what="the second report")[0]
+    sr_path = wait_for(lambda: [p for p in arrived(received) if sr_uid in p.name], what="the second report")[0]
     predecessor = pydicom.dcmread(sr_path).PredecessorDocumentsSequence[0]
     (first_sr,) = [uid for uid, cls in results_of(node, first["id"]) if cls.startswith("1.2.840.10008.5.1.4.1.1.88.")]
     assert predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first_sr
