@@ -61,9 +61,6 @@ class Table:
 
         return _rebuild, (reduction.DupFd(self.fd),)
 
-    def close(self) -> None:
-        os.close(self.fd)
-
 
 def _rebuild(duplicate) -> Table:
     return Table(duplicate.detach())
@@ -88,11 +85,10 @@ class SharedCounts:
             os.close(fd)
             raise
         self._fd = fd
-        self._local = threading.RLock()   # flock is per open file: threads of one process take this first
-        self._depth = 0
+        self._local = threading.Lock()   # flock is per open file: threads of one process take this first
 
     def __enter__(self) -> "SharedCounts":
-        """Exclusive: no other process (or thread) reads or writes the table meanwhile. Re-entrant."""
+        """Exclusive: no other process (or thread) reads or writes the table meanwhile."""
         self.hold(None)
         return self
 
@@ -105,25 +101,22 @@ class SharedCounts:
         try:
             if self._fd < 0:
                 raise Busy("the association table is closed (the receiver is stopping)")
-            if self._depth == 0:
-                pause = 0.0005
-                while True:
-                    try:
-                        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if deadline is not None and time.monotonic() >= deadline:
-                            raise Busy("another receiving process holds the association table (stalled?)") from None
-                        time.sleep(pause)
-                        pause = min(pause * 2, 0.02)
+            pause = 0.0005
+            while True:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise Busy("another receiving process holds the association table (stalled?)") from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.02)
         except BaseException:
             self._local.release()
             raise
-        self._depth += 1
 
     def __exit__(self, *exc) -> None:
-        self._depth -= 1
-        if self._depth == 0 and self._fd >= 0:   # closing the file (`close`) let go of the lock already
+        if self._fd >= 0:   # closing the file (`close`) let go of the lock already
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._local.release()
 
