@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager, Iterable, Iterator, NamedTuple
+from typing import Callable, ContextManager, Iterable, Iterator, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import bindparam, text
@@ -72,6 +72,8 @@ def _same(keyword: str, held: str | None, said: str | None) -> bool:
 NOT_KEPT = ("refused", "quarantined", "discarded")
 SAME_UID_OTHER_CONTENT = "received again with different content"
 
+
+T = TypeVar("T")
 
 _NOT_KEPT = bindparam("not_kept", NOT_KEPT, expanding=True)
 _BLOBS_REFERENCED = text(
@@ -188,6 +190,11 @@ class Index:
         """One write transaction (SQLite: IMMEDIATE, under the writer lock); committed (and durable)
         when the block ends, rolled back when it raises."""
         return self.engines.write()
+
+    def write_together(self, work: Callable[[Connection], T]) -> T:
+        """`work(conn)` committed with what other threads write at the same moment (`Engines.write_together`:
+        group commit on SQLite)."""
+        return self.engines.write_together(work)
 
     @contextmanager
     def reader(self) -> Iterator[Connection]:

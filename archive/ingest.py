@@ -370,9 +370,11 @@ class Archive:
     def _commit(self, header: InstanceHeader, blob: BlobInfo, sha256: str,
                 calling_ae: str | None, job_id: str | None = None) -> IngestResult:
         now = time.time()
-        obsolete_blob = conflict = None
         differences: list[Difference] = []
-        with self.index.write() as conn:
+
+        def file(conn) -> tuple[Outcome, str | None, HierarchyConflict | None]:
+            """The instance filed in the index: (outcome, a blob no longer needed, the conflict found)."""
+            obsolete_blob = conflict = None
             filed = Index.filed(conn, header)     # the instance of this UID, its series, study and patient
             row = filed if filed.instance_pk is not None else None
             other_content = row is not None and row.sha256 != sha256
@@ -415,6 +417,10 @@ class Archive:
                         SAME_UID_OTHER_CONTENT)], "discarded", calling_ae, now)
                 if differences:
                     Index.record_conflicts(conn, header, differences, "stored", calling_ae, now)
+            return outcome, obsolete_blob, conflict
+
+        # one transaction with the instances other threads of this receiver file at the same moment
+        outcome, obsolete_blob, conflict = self.index.write_together(file)
         if obsolete_blob:
             self.storage.remove(obsolete_blob)
         if conflict is not None:          # UIDs only: no patient value reaches the log

@@ -92,6 +92,86 @@ def test_the_held_sqlite_writer_survives_a_transaction_that_could_not_begin(tmp_
         index.close()
 
 
+def _hold_writer_lock(path, held, release) -> None:
+    """In another process: take the index's writer lock, say so, keep it until told."""
+    from archive.db import WriterLock
+
+    with WriterLock(path):
+        held.set()
+        release.wait(30)
+
+
+def test_sqlite_writers_of_several_processes_wait_for_each_other_woken_at_once_within_a_deadline(tmp_path):
+    """One SQLite writer on the whole node: a write waits for another process's (its `flock`), is woken
+    when that one ends (not after SQLite's busy handler's next sleep), and gives up at its deadline,
+    leaving the lock to whoever comes next; a killed holder's lock is the kernel's to release."""
+    import multiprocessing
+    import threading
+    import time
+
+    from archive import db
+
+    index = Index(tmp_path / "index.sqlite3")
+    lock = index.engines.lock
+    spawn = multiprocessing.get_context("spawn")
+    try:
+        held, release = spawn.Event(), spawn.Event()
+        other = spawn.Process(target=_hold_writer_lock, args=(lock.path, held, release))
+        other.start()
+        assert held.wait(30)
+        done: list[float] = []
+
+        def write() -> None:
+            with index.write() as conn:
+                done.append(time.monotonic())
+                Prepared(_INSERT).rows(conn, {"name": "a", "seq": 1})
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        time.sleep(0.5)
+        assert not done                             # waiting for the other process
+        released = time.monotonic()
+        release.set()
+        writer.join(10)
+        other.join(10)
+        assert done and done[0] - released < 0.3    # woken, not polling
+        assert index.read(text("SELECT seq FROM cursors"))[0].seq == 1
+
+        # a holder that stalls: the write fails at its deadline; the lock is not kept by the one that gave up
+        held, release = spawn.Event(), spawn.Event()
+        other = spawn.Process(target=_hold_writer_lock, args=(lock.path, held, release))
+        other.start()
+        assert held.wait(30)
+        lock.timeout = 0.5
+        started = time.monotonic()
+        with pytest.raises(sa_exc.OperationalError, match="locked"):
+            with index.write():
+                pass
+        assert 0.4 < time.monotonic() - started < 3
+        release.set()
+        other.join(10)
+        time.sleep(0.2)                             # the taker got it after the writer gave up, and let it go
+        held, release = spawn.Event(), spawn.Event()
+        other = spawn.Process(target=_hold_writer_lock, args=(lock.path, held, release))
+        other.start()
+        assert held.wait(10)
+        release.set()
+        other.join(10)
+
+        # killed while holding it
+        held, release = spawn.Event(), spawn.Event()
+        other = spawn.Process(target=_hold_writer_lock, args=(lock.path, held, release))
+        other.start()
+        assert held.wait(30)
+        other.kill()
+        other.join(10)
+        lock.timeout = db.LOCK_TIMEOUT
+        with index.write() as conn:
+            Prepared(_INSERT).rows(conn, {"name": "b", "seq": 2})
+    finally:
+        index.close()
+
+
 def test_postgresql_writes_wait_for_the_disk_even_where_the_server_says_not_to(pg_cluster):
     """Success is answered only once the row is durable: a database set to synchronous_commit = off
     (a tuning some guides suggest) would lose acknowledged instances in a crash; the node's sessions
