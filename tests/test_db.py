@@ -1,4 +1,5 @@
-"""archive.db.Prepared: the same rows and effects as `conn.execute(text(...))`, on SQLite and PostgreSQL."""
+"""archive.db: Prepared gives the same rows and effects as `conn.execute(text(...))` on SQLite and PostgreSQL; the
+writer lock and group commit; PostgreSQL's durability and lock timeouts."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +7,7 @@ from sqlalchemy import exc as sa_exc, text
 
 from archive.db import Prepared
 from archive.index import Index
+from helpers import wait_for
 
 _INSERT = "INSERT INTO cursors (name, seq) VALUES (:name, :seq) RETURNING name, seq"
 _SELECT = ("SELECT name, seq, :seq + 1 AS next, name LIKE 'a%' AS percent FROM cursors "
@@ -168,6 +170,83 @@ def test_sqlite_writers_of_several_processes_wait_for_each_other_woken_at_once_w
         lock.timeout = db.LOCK_TIMEOUT
         with index.write() as conn:
             Prepared(_INSERT).rows(conn, {"name": "b", "seq": 2})
+    finally:
+        index.close()
+
+
+def test_writes_asked_together_commit_together_each_failing_alone(tmp_path, monkeypatch):
+    """Group commit: the writes threads ask for while a transaction is under way go into the next one,
+    with one COMMIT; a work that raises is rolled back alone and raises in its own thread; a COMMIT that
+    fails fails every work of its transaction, and none of them is stored."""
+    import multiprocessing
+    import threading
+
+    from archive import db
+
+    index = Index(tmp_path / "index.sqlite3")
+    commits: list[str] = []
+    real = db._on_driver
+    failing: list[str] = []
+
+    def counted(conn, sql):
+        if sql == "COMMIT":
+            commits.append(sql)
+            if failing:
+                raise db.sa.exc.OperationalError(sql, (), failing.pop())
+        return real(conn, sql)
+
+    monkeypatch.setattr(db, "_on_driver", counted)
+    spawn = multiprocessing.get_context("spawn")
+    group = index.engines._group
+
+    def together(names: list[str], bad: str = "") -> dict[str, object]:
+        """Each name inserted by its own thread while another process holds the writer lock."""
+        held, release = spawn.Event(), spawn.Event()
+        other = spawn.Process(target=_hold_writer_lock, args=(index.engines.lock.path, held, release))
+        other.start()
+        assert held.wait(30)
+        answers: dict[str, object] = {}
+
+        def write(name: str) -> None:
+            def work(conn):
+                Prepared(_INSERT).rows(conn, {"name": name, "seq": len(name)})
+                if name == bad:
+                    raise ValueError(name)
+                return name.upper()
+            try:
+                answers[name] = index.write_together(work)
+            except Exception as exc:
+                answers[name] = exc
+
+        threads = [threading.Thread(target=write, args=(name,)) for name in names]
+        threads[0].start()       # leads a transaction of its own, waiting for the lock; the others queue
+        wait_for(lambda: group.leading, timeout=10, what="the first write waiting for the lock")
+        for thread in threads[1:]:
+            thread.start()
+        wait_for(lambda: len(group.queue) == len(names) - 1, timeout=10, what="the writes queued")
+        release.set()
+        for thread in threads:
+            thread.join(10)
+        other.join(10)
+        return answers
+
+    try:
+        names = [f"n{i}" for i in range(8)]
+        answers = together(names, bad="n5")
+        assert len(commits) == 2                                    # the leader's own, then the 7 queued
+        assert isinstance(answers.pop("n5"), ValueError)
+        assert answers == {name: name.upper() for name in names if name != "n5"}
+        stored = {row.name for row in index.read(text("SELECT name FROM cursors"))}
+        assert stored == set(answers)
+
+        commits.clear()
+        failing.append(db.sqlite3.OperationalError("disk I/O error"))
+        failing.append(db.sqlite3.OperationalError("disk I/O error"))
+        answers = together([f"m{i}" for i in range(5)])
+        assert len(commits) == 2 and all(isinstance(a, sa_exc.OperationalError) for a in answers.values())
+        assert {row.name for row in index.read(text("SELECT name FROM cursors"))} == stored
+        with index.write() as conn:                                  # the writer is usable after it
+            Prepared(_INSERT).rows(conn, {"name": "after", "seq": 1})
     finally:
         index.close()
 
