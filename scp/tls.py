@@ -533,8 +533,14 @@ class TLSAssociationServer(ThreadedAssociationServer):
 
 
 def _connected(assoc) -> bool:
+    """Whether the association still holds its slot: its connection is open, and it is not in Sta13 (released
+    or aborted, only waiting for the peer to close; a slot counted until that close was processed refused
+    the next association of a peer that sends again at once)."""
     sock = getattr(assoc.dul, "socket", None)
-    return sock is not None and sock.socket is not None
+    if sock is None or sock.socket is None:
+        return False
+    machine = getattr(assoc.dul, "state_machine", None)
+    return getattr(machine, "current_state", None) != "Sta13"
 
 
 def _peer(address) -> str:
