@@ -11,6 +11,7 @@ the ingest's statements (one copy too, compiled once per dialect) without `execu
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import logging
 import os
@@ -77,9 +78,19 @@ class WriterLock:
         self._state = threading.Condition()     # what the taker and the waiting writer tell each other
         self._wanted = self._taken = self._taking = False
         self._taker: threading.Thread | None = None
+        self._until = float("inf")              # no wait past this (monotonic): `stop_waiting`
+
+    def stop_waiting(self, within: float = 1.0) -> None:
+        """The process is stopping: from now on a write waits at most `within` seconds for another process's
+        lock, those waiting already too. A free lock is still taken (a stop does not fail what can be
+        stored); one that another process keeps (stalled, stopped) fails the write instead of holding the
+        stop for LOCK_TIMEOUT per association."""
+        with self._state:
+            self._until = min(self._until, time.monotonic() + within)
+            self._state.notify_all()
 
     def __enter__(self) -> "WriterLock":
-        if not self.local.acquire(timeout=self.timeout):
+        if not self.local.acquire(timeout=max(0.0, min(self.timeout, self._until - time.monotonic()))):
             raise _locked(self.timeout)
         try:
             self._take()
@@ -113,9 +124,13 @@ class WriterLock:
                 self._taker = threading.Thread(target=self._take_for_writers, name="index-writer-lock", daemon=True)
                 self._taker.start()
             self._state.notify_all()
-            if not self._state.wait_for(lambda: self._taken, self.timeout):
-                self._wanted = False            # the taker releases it when it comes
-                raise _locked(self.timeout)
+            deadline = time.monotonic() + self.timeout
+            while not self._taken:
+                remaining = min(deadline, self._until) - time.monotonic()
+                if remaining <= 0:
+                    self._wanted = False        # the taker releases it when it comes
+                    raise _locked(self.timeout if deadline <= self._until else 0)
+                self._state.wait(remaining)
             self._taken = self._wanted = False
             self._state.notify_all()
 
@@ -147,7 +162,9 @@ class WriterLock:
 
 
 def _locked(waited: float) -> sa.exc.OperationalError:
-    cause = sqlite3.OperationalError(f"database is locked (another writer held it for over {waited:g} s)")
+    """`waited` 0: the process is stopping."""
+    cause = sqlite3.OperationalError(f"database is locked (another writer held it for over {waited:g} s)" if waited
+                                     else "database is locked by another process, and this one is stopping")
     return sa.exc.OperationalError("BEGIN IMMEDIATE", (), cause)
 
 
@@ -165,6 +182,16 @@ class _Work:
         if self.error is not None:
             raise self.error
         return self.result
+
+    def failed(self, exc: BaseException, shared: bool) -> None:
+        """The transaction failed with `exc`: a copy of its own for each thread but the leader (`shared`),
+        whose traceback would otherwise collect every thread's frames (and keep their locals alive)."""
+        if shared:
+            try:
+                exc = copy.copy(exc)
+            except Exception:           # an exception that cannot be rebuilt from its arguments: this one
+                pass
+        self.error = exc
 
 
 class _Group:
@@ -256,7 +283,7 @@ class Engines:
                 return mine.outcome()
             group.leading, batch, group.queue = True, group.queue, []
         try:
-            self._write_batch(batch)
+            self._write_batch(batch, mine)
         finally:
             with group.state:
                 for queued in batch:
@@ -265,7 +292,7 @@ class Engines:
                 group.state.notify_all()
         return mine.outcome()
 
-    def _write_batch(self, batch: list["_Work"]) -> None:
+    def _write_batch(self, batch: list["_Work"], leader: "_Work") -> None:
         try:
             with self.write() as conn:
                 if len(batch) == 1:
@@ -281,7 +308,8 @@ class Engines:
                     _on_driver(conn, "RELEASE work")
         except BaseException as exc:
             for queued in batch:
-                queued.error = queued.error if len(batch) > 1 and queued.error else exc
+                if not (len(batch) > 1 and queued.error):    # a work that failed alone keeps its own error
+                    queued.failed(exc, shared=queued is not leader)
             if not isinstance(exc, Exception):
                 raise
 

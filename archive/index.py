@@ -186,6 +186,11 @@ class Index:
     def close(self) -> None:
         self.engines.dispose()
 
+    def stopping(self) -> None:
+        """The process is stopping: a write waits at most a second more for another process's (SQLite)."""
+        if isinstance(self.engines.lock, db.WriterLock):
+            self.engines.lock.stop_waiting()
+
     def write(self) -> ContextManager[Connection]:
         """One write transaction (SQLite: IMMEDIATE, under the writer lock); committed (and durable)
         when the block ends, rolled back when it raises."""

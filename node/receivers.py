@@ -192,9 +192,10 @@ def _make_spool(spool: Path) -> None:
 
 def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop: threading.Event,
             on_ready: Callable[[], None] = lambda: None,
-            every_second: Callable[[], None] = lambda: None, table: Table | None = None) -> None:
+            every_second: Callable[[], None] = lambda: None, table: Table | None = None,
+            on_stop: Callable[[], None] = lambda: None) -> None:
     """One receiver: serve the sockets until `stop` is set; its associations count in `table`
-    (`association_table`, row `index`) with the other receivers'."""
+    (`association_table`, row `index`) with the other receivers'. `on_stop`: called first when it stops."""
     from archive import open as open_archive   # the node migrated the index before it started this process
 
     spool = spool_dir(config, index)
@@ -230,7 +231,9 @@ def receive(config: Config, index: int, sockets: dict[int, socket.socket], stop:
         while not stop.wait(1.0):
             tick()
     finally:
+        on_stop()
         listening.set(0)
+        archive.index.stopping()     # an index another process keeps locked fails what waits, not the stop
         ae.shutdown()
         archive.close()
         if shared is not None:
@@ -314,10 +317,14 @@ class Children:
             metrics.process_gone(proc.pid)
             self._start(name)
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def terminate(self) -> None:
+        """Tell every process to stop (SIGTERM), without waiting."""
         for proc in self._procs.values():
             if proc.is_alive():
                 proc.terminate()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.terminate()
         deadline = time.monotonic() + timeout
         for proc in self._procs.values():
             proc.join(max(0.0, deadline - time.monotonic()))

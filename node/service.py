@@ -287,7 +287,8 @@ def _serve(config: Config, ready) -> None:
             ready(f"metrics: {metrics_address(config)} (and /healthz, /readyz)")
 
     try:
-        receivers.receive(config, 0, sockets, stop, announce, children.supervise, table)
+        # the children told to stop with receiver 0, not after it: its stop may wait for one of them (the index)
+        receivers.receive(config, 0, sockets, stop, announce, children.supervise, table, children.terminate)
         log.info("stopping")
     finally:
         if config.audit.repository:

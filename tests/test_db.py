@@ -244,6 +244,8 @@ def test_writes_asked_together_commit_together_each_failing_alone(tmp_path, monk
         failing.append(db.sqlite3.OperationalError("disk I/O error"))
         answers = together([f"m{i}" for i in range(5)])
         assert len(commits) == 2 and all(isinstance(a, sa_exc.OperationalError) for a in answers.values())
+        # each thread its own exception: one shared would collect every thread's traceback (attack, session 33)
+        assert len({id(a) for a in answers.values()}) == len(answers)
         assert {row.name for row in index.read(text("SELECT name FROM cursors"))} == stored
         with index.write() as conn:                                  # the writer is usable after it
             Prepared(_INSERT).rows(conn, {"name": "after", "seq": 1})

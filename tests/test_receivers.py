@@ -194,3 +194,45 @@ def test_a_receiver_stalled_in_the_association_table_delays_nothing_for_long(mak
         assert time.monotonic() - began < 10
     finally:
         os.close(table)
+
+
+def test_the_node_stops_promptly_while_another_process_keeps_the_index_locked(make_node, tmp_path):
+    """SIGTERM while every write waits for an index lock another process keeps (a stalled receiver; here
+    the test): the waiting C-STOREs fail (the senders are told), nothing unanswered is stored, and the node
+    stops within seconds. Each association waited out the 10 s lock timeout before, one after the other:
+    over 80 s (attack, session 33)."""
+    import fcntl
+
+    node = make_node(router={"enabled": False}, dicom={"receivers": 2})
+    files = make_copies(tmp_path / "in", 40)
+    fd = os.open(node.data_dir / "index.sqlite3-writer", os.O_RDWR)
+    senders = []
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        senders = [subprocess.Popen(["storescu", *node.tls_args(), "-aet", "STORESCU", "-aec", "M3DICOM",
+                                     "127.0.0.1", str(node.port), *map(str, files[i::4])],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                   for i in range(4)]
+        wait_for(lambda: _receiving(node) >= 4, timeout=30, what="four associations")
+        time.sleep(1.0)                                                 # each with a C-STORE waiting
+        proc, started = node.proc, time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        os.close(fd)
+        for sender in senders:
+            sender.wait(30)
+    assert took < 10, f"the node took {took:.1f} s to stop"
+    node.proc = None
+    node.start()
+    assert node.rows("SELECT count(*) FROM instances")[0][0] == 0      # nothing was answered Success
+    check_consistent(node)
+
+
+def _receiving(node) -> int:
+    """The connections the node's processes hold on its DICOM TLS port now."""
+    node_process = psutil.Process(node.proc.pid)
+    return sum(1 for p in [node_process, *node_process.children()] for c in p.net_connections("tcp")
+               if c.status == "ESTABLISHED" and c.laddr.port == node.port)
