@@ -103,11 +103,22 @@ def _hold_writer_lock(path, held, release) -> None:
         release.wait(30)
 
 
+def _holder(path):
+    """Another process that holds the index's writer lock (once it returns) until `release` is set."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    held, release = spawn.Event(), spawn.Event()
+    other = spawn.Process(target=_hold_writer_lock, args=(path, held, release))
+    other.start()
+    assert held.wait(30), "the other process never took the lock"
+    return other, release
+
+
 def test_sqlite_writers_of_several_processes_wait_for_each_other_woken_at_once_within_a_deadline(tmp_path):
     """One SQLite writer on the whole node: a write waits for another process's (its `flock`), is woken
     when that one ends (not after SQLite's busy handler's next sleep), and gives up at its deadline,
     leaving the lock to whoever comes next; a killed holder's lock is the kernel's to release."""
-    import multiprocessing
     import threading
     import time
 
@@ -115,12 +126,8 @@ def test_sqlite_writers_of_several_processes_wait_for_each_other_woken_at_once_w
 
     index = Index(tmp_path / "index.sqlite3")
     lock = index.engines.lock
-    spawn = multiprocessing.get_context("spawn")
     try:
-        held, release = spawn.Event(), spawn.Event()
-        other = spawn.Process(target=_hold_writer_lock, args=(lock.path, held, release))
-        other.start()
-        assert held.wait(30)
+        other, release = _holder(lock.path)
         done: list[float] = []
 
         def write() -> None:
@@ -140,10 +147,7 @@ def test_sqlite_writers_of_several_processes_wait_for_each_other_woken_at_once_w
         assert index.read(text("SELECT seq FROM cursors"))[0].seq == 1
 
         # a holder that stalls: the write fails at its deadline; the lock is not kept by the one that gave up
-        held, release = spawn.Event(), spawn.Event()
-        other = spawn.Process(target=_hold_writer_lock, args=(lock.path, held, release))
-        other.start()
-        assert held.wait(30)
+        other, release = _holder(lock.path)
         lock.timeout = 0.5
         started = time.monotonic()
         with pytest.raises(sa_exc.OperationalError, match="locked"):
@@ -153,18 +157,12 @@ def test_sqlite_writers_of_several_processes_wait_for_each_other_woken_at_once_w
         release.set()
         other.join(10)
         time.sleep(0.2)                             # the taker got it after the writer gave up, and let it go
-        held, release = spawn.Event(), spawn.Event()
-        other = spawn.Process(target=_hold_writer_lock, args=(lock.path, held, release))
-        other.start()
-        assert held.wait(10)
+        other, release = _holder(lock.path)
         release.set()
         other.join(10)
 
         # killed while holding it
-        held, release = spawn.Event(), spawn.Event()
-        other = spawn.Process(target=_hold_writer_lock, args=(lock.path, held, release))
-        other.start()
-        assert held.wait(30)
+        other, release = _holder(lock.path)
         other.kill()
         other.join(10)
         lock.timeout = db.LOCK_TIMEOUT
@@ -178,7 +176,6 @@ def test_writes_asked_together_commit_together_each_failing_alone(tmp_path, monk
     """Group commit: the writes threads ask for while a transaction is under way go into the next one,
     with one COMMIT; a work that raises is rolled back alone and raises in its own thread; a COMMIT that
     fails fails every work of its transaction, and none of them is stored."""
-    import multiprocessing
     import threading
 
     from archive import db
@@ -196,15 +193,11 @@ def test_writes_asked_together_commit_together_each_failing_alone(tmp_path, monk
         return real(conn, sql)
 
     monkeypatch.setattr(db, "_on_driver", counted)
-    spawn = multiprocessing.get_context("spawn")
     group = index.engines._group
 
     def together(names: list[str], bad: str = "") -> dict[str, object]:
         """Each name inserted by its own thread while another process holds the writer lock."""
-        held, release = spawn.Event(), spawn.Event()
-        other = spawn.Process(target=_hold_writer_lock, args=(index.engines.lock.path, held, release))
-        other.start()
-        assert held.wait(30)
+        other, release = _holder(index.engines.lock.path)
         answers: dict[str, object] = {}
 
         def write(name: str) -> None:
