@@ -317,10 +317,10 @@ class Children:
             metrics.process_gone(proc.pid)
             self._start(name)
 
-    def terminate(self) -> None:
-        """Tell every process to stop (SIGTERM), without waiting."""
-        for proc in self._procs.values():
-            if proc.is_alive():
+    def terminate(self, but: tuple[str, ...] = ()) -> None:
+        """Tell every process (`but` those named) to stop (SIGTERM), without waiting."""
+        for name, proc in self._procs.items():
+            if name not in but and proc.is_alive():
                 proc.terminate()
 
     def stop(self, timeout: float = 15.0) -> None:

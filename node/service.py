@@ -287,8 +287,10 @@ def _serve(config: Config, ready) -> None:
             ready(f"metrics: {metrics_address(config)} (and /healthz, /readyz)")
 
     try:
-        # the children told to stop with receiver 0, not after it: its stop may wait for one of them (the index)
-        receivers.receive(config, 0, sockets, stop, announce, children.supervise, table, children.terminate)
+        # the children told to stop with receiver 0, not after it: its stop may wait for one of them (the index);
+        # the audit sender last, once the node's stop is in its outbox (_audit_stop)
+        receivers.receive(config, 0, sockets, stop, announce, children.supervise, table,
+                          lambda: children.terminate(but=("audit",)))
         log.info("stopping")
     finally:
         if config.audit.repository:
