@@ -49,6 +49,7 @@ ROUTED = ("stored", "replaced")        # changes that can complete a study (resu
 RENEWALS = 4                           # a lease is renewed this many times per router.lease_seconds
 PROGRESS_EVERY = 1.0                   # at most one progress change per job and second
 EXPORT_WAIT = 5.0                      # seconds before an export whose study is still being analysed looks again
+RESTING = 1.0                          # seconds between rounds while nothing runs (Router.resting)
 INPUTS_RECHECK = 5.0                   # seconds before a job whose inputs another node holds is looked at again
 
 
@@ -169,14 +170,25 @@ class Router:
         return self.archive.index
 
     def run(self, stop: threading.Event, idle: float = 0.25) -> None:
-        """Step, then sleep until the next quiet period ends, a task finishes, or `idle` passes."""
+        """Step, then sleep until the next quiet period ends, a task finishes, or `idle` passes; `self.resting`
+        while nothing of this router runs."""
+        resting = self.resting(idle)
         while not stop.is_set():
             try:
                 self.step()
             except Exception as exc:
                 self._failed(exc)
-            self._wake.wait(max(0.0, min(idle, self._next_due - self.clock())))
+            pause = idle if self.running or self._forwarding or self._exporting else resting
+            self._wake.wait(max(0.0, min(pause, self._next_due - self.clock())))
             self._wake.clear()
+
+    def resting(self, idle: float) -> float:
+        """Seconds between rounds while nothing runs: RESTING, or the shortest quiet period when shorter (a study
+        noticed that much later is judged no later than its quiet period ends), never under `idle`. Each round
+        reads the index ~9 times: at `idle` (0.25 s) an idle node's router took 3.5% of a core, and ~2 ms of the
+        node's CPU per one-instance association while studies came in."""
+        quiet = min((rule.rule.quiet_seconds for rule in self.rules), default=RESTING)
+        return max(idle, min(RESTING, quiet))
 
     def close(self) -> None:
         self._forwarder.shutdown(wait=True)

@@ -169,3 +169,32 @@ def test_jobs_requested_through_the_api(setup, tmp_path):
     kinds = [r[0] for r in archive.index.read(text("SELECT kind FROM changes WHERE job_id = :job ORDER BY seq"),
                                                {"job": job_id})]
     assert kinds[0] == "job_queued" and kinds[-1] == "job_succeeded" and "job_running" in kinds
+
+
+@pytest.mark.parametrize("quiet, resting", [(5, 1.0), (0.5, 0.5), (0, 0.25)])
+def test_a_router_with_nothing_running_rests_between_rounds(setup, quiet, resting):
+    """Each round reads the index ~9 times: while nothing of its own runs, the router steps every RESTING second
+    (or its shortest quiet period, never under `idle`), not every `idle`; something running brings `idle` back."""
+    import threading
+    import time
+
+    make, _ = setup
+    router, _ = make([{"name": "ct", "match": {"Modality": "CT"}, "plugin": "test-sc", "quiet_seconds": quiet}])
+    assert router.resting(0.25) == resting
+    rounds: list[float] = []
+    router.step = lambda: rounds.append(time.monotonic())
+
+    def rounds_in(seconds: float) -> int:
+        rounds.clear()
+        stop = threading.Event()
+        runner = threading.Thread(target=router.run, args=(stop,), kwargs={"idle": 0.25})
+        runner.start()
+        time.sleep(seconds)
+        stop.set()
+        router._wake.set()
+        runner.join(5)
+        return len(rounds)
+
+    assert rounds_in(2.1) <= 2.1 / resting + 1
+    router.running["job"] = object()                  # a job of this router's runs: every `idle`
+    assert rounds_in(2.1) >= 7
