@@ -23,7 +23,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, ContextManager, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 from urllib.parse import quote
 
 import sqlalchemy as sa
@@ -90,8 +90,8 @@ class WriterLock:
             self._state.notify_all()
 
     def __enter__(self) -> "WriterLock":
-        if not self.local.acquire(timeout=max(0.0, min(self.timeout, self._until - time.monotonic()))):
-            raise _locked(self.timeout)
+        if not _wait_running(lambda seconds: self.local.acquire(timeout=seconds), self.timeout, lambda: self._until):
+            raise self._locked()
         try:
             self._take()
         except BaseException:
@@ -124,15 +124,19 @@ class WriterLock:
                 self._taker = threading.Thread(target=self._take_for_writers, name="index-writer-lock", daemon=True)
                 self._taker.start()
             self._state.notify_all()
-            deadline = time.monotonic() + self.timeout
-            while not self._taken:
-                remaining = min(deadline, self._until) - time.monotonic()
-                if remaining <= 0:
-                    self._wanted = False        # the taker releases it when it comes
-                    raise _locked(self.timeout if deadline <= self._until else 0)
-                self._state.wait(remaining)
+
+            def taken(seconds: float) -> bool:     # (woken by `stop_waiting` too: the slice ends there)
+                if not self._taken:
+                    self._state.wait(seconds)
+                return self._taken
+            if not _wait_running(taken, self.timeout, lambda: self._until):
+                self._wanted = False            # the taker releases it when it comes
+                raise self._locked()
             self._taken = self._wanted = False
             self._state.notify_all()
+
+    def _locked(self) -> sa.exc.OperationalError:
+        return _locked(0 if time.monotonic() >= self._until else self.timeout)
 
     def _take_for_writers(self) -> None:
         """The taker: waits, blocked in the kernel, for the file lock whenever a writer wants it."""
@@ -159,6 +163,44 @@ class WriterLock:
                 os.close(self._fd)
                 self._fd, self._taker = None, None
                 self._state.notify_all()
+
+
+class NoWriterLock:
+    """PostgreSQL's writers: the server orders them, nothing to take."""
+    local = nullcontext()
+
+    def __enter__(self) -> "NoWriterLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def stop_waiting(self, within: float = 1.0) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+STALL = 1.0     # seconds a wait may come back late before the lateness counts as time the process was not running
+
+
+def _wait_running(wait: Callable[[float], bool], seconds: float, until: Callable[[], float]) -> bool:
+    """`wait(s)` (True once what it waits for has come) in slices, until `seconds` of waiting have passed or the
+    monotonic time `until()`. A slice that came back over STALL seconds late counts only as long as it was
+    asked to be: the process was not running (SIGSTOP, a paused virtual machine), and the writer of its own that
+    held it up resumed with it (the attack pass: a receiver stopped 15 s while it held the lock failed its own
+    queued writes on resume)."""
+    left = seconds
+    while True:
+        asked = max(0.0, min(left, STALL, until() - time.monotonic()))
+        started = time.monotonic()
+        if wait(asked):
+            return True
+        took = time.monotonic() - started
+        left -= asked if took > asked + STALL else took
+        if left <= 0 or time.monotonic() >= until():
+            return False
 
 
 def _locked(waited: float) -> sa.exc.OperationalError:
@@ -209,7 +251,7 @@ class Engines:
     lock writers take in this process (SQLite has one writer; PostgreSQL orders its own)."""
     writer: Engine
     readers: Engine
-    lock: ContextManager
+    lock: WriterLock | NoWriterLock
     where: str                      # the SQLite file, or the URL without a password
     _held: Connection | None = None  # SQLite: the writer's one connection, kept out of its pool (below)
     _group: "_Group" = field(default_factory=lambda: _Group())   # SQLite: `write_together`'s queue
@@ -319,13 +361,16 @@ class Engines:
             self._held = self.writer.connect().execution_options(isolation_level="AUTOCOMMIT")
         return self._held
 
+    def stopping(self) -> None:
+        """The process is stopping: a write waits at most a second more for another process's lock (SQLite)."""
+        self.lock.stop_waiting()
+
     def dispose(self) -> None:
-        with getattr(self.lock, "local", self.lock):     # this process's writers only: nothing waits on others
+        with self.lock.local:           # this process's writers only: nothing waits on others
             if self._held is not None:
                 self._held.close()
                 self._held = None
-        if isinstance(self.lock, WriterLock):
-            self.lock.close()
+        self.lock.close()
         self.readers.dispose()
         self.writer.dispose()
 
@@ -420,7 +465,7 @@ def _postgresql(url: str) -> Engines:
             cursor.execute(f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION * 1000:.0f}ms'")
         dbapi.commit()
 
-    return Engines(writer, readers, nullcontext(), parsed.render_as_string(hide_password=True))
+    return Engines(writer, readers, NoWriterLock(), parsed.render_as_string(hide_password=True))
 
 
 def brief(exc: BaseException) -> str:

@@ -188,8 +188,7 @@ class Index:
 
     def stopping(self) -> None:
         """The process is stopping: a write waits at most a second more for another process's (SQLite)."""
-        if isinstance(self.engines.lock, db.WriterLock):
-            self.engines.lock.stop_waiting()
+        self.engines.stopping()
 
     def write(self) -> ContextManager[Connection]:
         """One write transaction (SQLite: IMMEDIATE, under the writer lock); committed (and durable)

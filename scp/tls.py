@@ -60,11 +60,12 @@ def server_context(certificate: Path, private_key: Path, ca_certificates: Path,
                            f"and dicom.ca_certificates ({certificate}, {private_key}, {ca_certificates}); "
                            "`m3dicom certs init` makes development ones") from None
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_certificate else ssl.CERT_OPTIONAL
-    # No TLS 1.3 session tickets: DICOM peers open a new TLS session per association (storescu, a modality's
-    # process per study), so the two tickets sent after each handshake were never used, and made and encrypted
-    # they cost 1.3 ms of the receiver's CPU per association (a third of its handshake). Without tickets, no
-    # resumption can skip the client certificate's check either.
+    # No session tickets: DICOM peers open a new TLS session per association (storescu, a modality's process
+    # per study), so the two TLS 1.3 tickets sent after each handshake were never used, and made and encrypted
+    # they cost 1.3 ms of the receiver's CPU per association (a third of its handshake). (A TLS 1.2 peer can
+    # still resume by session ID from OpenSSL's cache, for 5 minutes: Python cannot turn that cache off.)
     ctx.num_tickets = 0
+    ctx.options |= ssl.OP_NO_TICKET
     return ctx
 
 

@@ -115,6 +115,87 @@ def _holder(path):
     return other, release
 
 
+def _wait_across_a_stop(path, waiting, release, result) -> None:
+    """In another process: one thread holds the writer lock until told, another waits for it (2 s at most);
+    the test stops this process meanwhile."""
+    import threading
+
+    from archive.db import WriterLock
+
+    lock, inside = WriterLock(path, timeout=2.0), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            inside.set()
+            release.wait(30)
+    threading.Thread(target=hold).start()
+    inside.wait(10)
+    threading.Timer(0.2, waiting.set).start()
+    try:
+        with lock:
+            result.put("taken")
+    except Exception as exc:
+        result.put(str(exc))
+
+
+def test_time_a_process_was_stopped_does_not_count_against_its_writers(tmp_path):
+    """The attack pass stopped (SIGSTOP) a receiver 15 s while it held the lock: on resume, its own writers that
+    had waited behind it failed ("held it for over 10 s") though the lock was theirs a moment later. A wait
+    that comes back late counts as long as it was asked to be."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    spawn = multiprocessing.get_context("spawn")
+    waiting, release, result = spawn.Event(), spawn.Event(), spawn.Queue()
+    other = spawn.Process(target=_wait_across_a_stop,
+                          args=(tmp_path / "index.sqlite3-writer", waiting, release, result))
+    other.start()
+    try:
+        assert waiting.wait(30)
+        os.kill(other.pid, signal.SIGSTOP)
+        time.sleep(3.5)                             # past the writer's 2 s
+        os.kill(other.pid, signal.SIGCONT)
+        time.sleep(0.3)                             # the holder goes on a moment after it resumed
+        release.set()
+        assert result.get(timeout=20) == "taken"
+    finally:
+        other.join(20)
+        if other.is_alive():
+            other.kill()
+
+
+def test_a_write_waiting_while_the_process_stops_fails_saying_so(tmp_path):
+    """A writer waiting behind another of its process once the process is stopping: it gives up within a
+    second or so and says why (it said "another writer held it for over 10 s")."""
+    import threading
+    import time
+
+    from archive import db
+
+    lock, inside, release = db.WriterLock(tmp_path / "index.sqlite3-writer"), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            inside.set()
+            release.wait(30)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert inside.wait(10)
+        lock.stop_waiting(0.2)
+        started = time.monotonic()
+        with pytest.raises(sa_exc.OperationalError, match="this one is stopping"):
+            with lock:
+                pass
+        assert time.monotonic() - started < 2.0
+    finally:
+        release.set()
+        holder.join(10)
+        lock.close()
+
+
 def test_sqlite_writers_of_several_processes_wait_for_each_other_woken_at_once_within_a_deadline(tmp_path):
     """One SQLite writer on the whole node: a write waits for another process's (its `flock`), is woken
     when that one ends (not after SQLite's busy handler's next sleep), and gives up at its deadline,

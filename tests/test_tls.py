@@ -89,8 +89,9 @@ def test_the_dicom_port_sends_no_session_tickets(pki):
     never used and cost a third of the receiver's handshake (1.3 ms of CPU), so the node sends none."""
     from scp.tls import client_context, server_context
 
-    def tickets(server: ssl.SSLContext) -> bool:
+    def tickets(server: ssl.SSLContext, version: str = "TLSv1.3") -> bool:
         client = client_context(pki / "ca.pem", pki / "client.pem", pki / "client.key", check_hostname=False)
+        client.maximum_version = ssl.TLSVersion[version.replace(".", "_")]
         bios = [ssl.MemoryBIO() for _ in range(4)]
         s = server.wrap_bio(bios[0], bios[1], server_side=True)
         c = client.wrap_bio(bios[2], bios[3])
@@ -103,13 +104,14 @@ def test_the_dicom_port_sends_no_session_tickets(pki):
                 (bios[0] if side is c else bios[2]).write(outbox.read())
         with pytest.raises(ssl.SSLWantReadError):
             c.read(1)                                   # takes what the server sent after the handshake
-        assert c.version() == "TLSv1.3"
+        assert c.version() == version
         return c.session is not None and c.session.has_ticket
 
     node_side = server_context(pki / "server.pem", pki / "server.key", pki / "ca.pem")
-    assert not tickets(node_side)
-    node_side.num_tickets = 2                          # OpenSSL's default: the check can tell
-    assert tickets(node_side)
+    assert not tickets(node_side) and not tickets(node_side, "TLSv1.2")
+    node_side.num_tickets = 2                          # OpenSSL's defaults: the check can tell
+    node_side.options &= ~ssl.OP_NO_TICKET
+    assert tickets(node_side) and tickets(node_side, "TLSv1.2")
 
 
 def test_tls_1_2_offers_only_forward_secret_aead_suites(node):
