@@ -509,6 +509,7 @@ def main(argv=None) -> int:
                     receiver = cls(rdir, pki)
                     receiver.start()
                     receiver.settle()
+                    os.sync()   # the last workload's writes (a GB of mammograms) on disk now, not during this one's fsyncs
                     try:
                         wall, cpu, rss = run_scenario(scenario, receiver, pki, files)
                     except RuntimeError as exc:    # a sender failed: this run is left out, the others go on
