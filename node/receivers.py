@@ -318,10 +318,16 @@ class Children:
             self._start(name)
 
     def terminate(self, but: tuple[str, ...] = ()) -> None:
-        """Tell every process (`but` those named) to stop (SIGTERM), without waiting."""
+        """Tell every process (`but` those named) to stop (SIGTERM), without waiting; then SIGCONT, as systemd
+        does: a process someone stopped (SIGSTOP, a debugger) acts on the SIGTERM instead of being killed at
+        the end of `stop`'s wait (the attack pass: a node with a stopped receiver took 17 s to stop)."""
         for name, proc in self._procs.items():
             if name not in but and proc.is_alive():
                 proc.terminate()
+                try:
+                    os.kill(proc.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
 
     def stop(self, timeout: float = 15.0) -> None:
         self.terminate()

@@ -62,8 +62,8 @@ def server_context(certificate: Path, private_key: Path, ca_certificates: Path,
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_certificate else ssl.CERT_OPTIONAL
     # No session tickets: DICOM peers open a new TLS session per association (storescu, a modality's process
     # per study), so the two TLS 1.3 tickets sent after each handshake were never used, and made and encrypted
-    # they cost 1.3 ms of the receiver's CPU per association (a third of its handshake). (A TLS 1.2 peer can
-    # still resume by session ID from OpenSSL's cache, for 5 minutes: Python cannot turn that cache off.)
+    # they cost 1.3 ms of the receiver's CPU per association (a third of its handshake). (TLS 1.2 resumption by
+    # session ID is OpenSSL's cache's, which Python cannot turn off: docs/security.md.)
     ctx.num_tickets = 0
     ctx.options |= ssl.OP_NO_TICKET
     return ctx

@@ -231,6 +231,25 @@ def test_the_node_stops_promptly_while_another_process_keeps_the_index_locked(ma
     check_consistent(node)
 
 
+def test_the_node_stops_promptly_with_its_processes_stopped(make_node):
+    """SIGTERM while every process of the node but the first is stopped (SIGSTOP: a debugger, an operator):
+    each is continued to act on it, and the node is gone within seconds, its processes too (it waited 15 s,
+    then killed them: attack, session 34)."""
+    node = make_node(dicom={"receivers": 2})
+    node.storescu(data_file("CT_small.dcm"))
+    children = [c for c in psutil.Process(node.proc.pid).children() if "resource_tracker" not in " ".join(c.cmdline())]
+    assert len(children) >= 2                         # the second receiver, and what else the node runs
+    for child in children:
+        child.send_signal(signal.SIGSTOP)
+    proc, started = node.proc, time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=40)
+    took = time.monotonic() - started
+    node.proc = None
+    assert took < 10, f"the node took {took:.1f} s to stop"
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
 def _receiving(node) -> int:
     """The connections the node's processes hold on its DICOM TLS port now."""
     node_process = psutil.Process(node.proc.pid)
