@@ -171,10 +171,10 @@ def test_jobs_requested_through_the_api(setup, tmp_path):
     assert kinds[0] == "job_queued" and kinds[-1] == "job_succeeded" and "job_running" in kinds
 
 
-@pytest.mark.parametrize("quiet, resting", [(5, 1.0), (0.5, 0.5), (0, 0.25)])
+@pytest.mark.parametrize("quiet, resting", [(5, 1.0), (1, 0.5), (0.2, 0.25)])
 def test_a_router_with_nothing_running_rests_between_rounds(setup, quiet, resting):
     """Each round reads the index ~9 times: while nothing of its own runs, the router steps every RESTING second
-    (or its shortest quiet period, never under `idle`), not every `idle`; something running brings `idle` back."""
+    (or half its shortest quiet period, never under `idle`), not every `idle`; something running brings `idle` back."""
     import threading
     import time
 
