@@ -7,7 +7,7 @@ the one message a receiving node gets by the thousand, a C-STORE-RQ on an accept
 context, in the DUL thread where the P-DATA arrives:
 
     command set (Implicit VR LE, group 0000) -> parsed here with struct
-    data set fragments                       -> spool file (Part 10: file meta + data set)
+    data set fragments                       -> spool file (Part 10: file meta + data set), not copied before
     last fragment                            -> store(...) -> C-STORE-RSP, pre-encoded, sent
 
 C-FIND requests, once pynetdicom has read them, are answered in the association thread
@@ -35,10 +35,14 @@ pynetdicom 3.0.4 internals this relies on (check each when PYNETDICOM_VERSION ch
 - `RequestHandler._create_association` builds the association, whose `dimse` is replaced and
   whose `dul` and `dul.socket` get their classes swapped after construction (`FastDUL`,
   `FastSocket`): their `__init__` state is what ours extend. It deep-copies `server.contexts` into
-  `acceptor.supported_contexts`, which nothing writes to afterwards (`_SharedContexts` skips the copy).
+  `acceptor.supported_contexts`, which nothing writes to afterwards (`SharedContexts`, the servers'
+  contexts, skip the copy).
 - `DIMSEServiceProvider.receive_primitive(P_DATA)` is called by the DUL thread for each
   P-DATA; `get_msg(block)` is how the association thread takes a whole message.
 - `Association._accepted_cx`: the accepted presentation contexts by context ID.
+- A P-DATA-TF is not decoded by pynetdicom (`wire.PDataValues`: no copies of the fragments): the state
+  machine's DT-2 and AR-7 take it off `_recv_pdu` and give its `to_primitive()` to `dimse.receive_primitive`
+  alone (`FastDIMSE`'s); EVT_DATA_RECV and EVT_PDU_RECV are not triggered for it (the node binds neither).
 - `DULServiceProvider._read_pdu_data` (reads a PDU off the socket), `_decode_pdu`,
   `_recv_pdu` (its queue of decoded PDUs) and `receive_pdu(wait, timeout)`.
 - `AssociationSocket.ready` and `recv(n)`, and its attributes as its `__init__` sets them.
@@ -106,8 +110,9 @@ from archive import metrics
 from .handlers import counted_query
 from .retrieve import FileSendingAssociation
 from .tls import Reports, source_of
-from .wire import (DISCARD_LIMIT, MAX_COMMAND_SET, PDU_NAMES, Limits, PDUError, PeerClosed, StoreRequest,
-                   encode_find_rsp, encode_store_rsp, file_meta, p_data, p_data_tf, parse_store_rq, read_pdu)
+from .wire import (DISCARD_LIMIT, MAX_COMMAND_SET, PDU_NAMES, Limits, PDataValues, PDUError, PeerClosed,
+                   StoreRequest, encode_find_rsp, encode_store_rsp, file_meta, p_data, p_data_tf, parse_store_rq,
+                   read_pdu)
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +286,7 @@ class FastDIMSE(DIMSEServiceProvider):
         self._stock_command = self._stock_data = 0
         self.aborted = False
 
-    def receive_primitive(self, primitive: P_DATA) -> None:
+    def receive_primitive(self, primitive: PDataValues) -> None:
         try:
             for context_id, data in primitive.presentation_data_value_list:
                 if self.aborted:
@@ -367,14 +372,14 @@ class FastDIMSE(DIMSEServiceProvider):
         while (sock := self.dul.socket) is not None and sock.ready and time.monotonic() < deadline:
             time.sleep(0.0005)
 
-    def _stock(self, context_id: int, data: bytes) -> None:
+    def _stock(self, context_id: int, data: bytes | memoryview) -> None:
         single = P_DATA()
-        single.presentation_data_value_list = [[context_id, data]]
+        single.presentation_data_value_list = [[context_id, bytes(data)]]
         super().receive_primitive(single)
         if self.message is None:   # complete (or not started): the next message counts from zero
             self._stock_command = self._stock_data = 0
 
-    def _fragment(self, context_id: int, data: bytes) -> None:
+    def _fragment(self, context_id: int, data: memoryview) -> None:
         if not data:
             self._abort("a presentation data value without its message control header")
             return
@@ -544,7 +549,9 @@ class FastDUL(DULServiceProvider):
                 self.event_queue.put("Evt19")
                 return
         try:
-            if raw[0] == 0x01 and self.requests is not None:
+            if raw[0] == 0x04:
+                pdu, event = PDataValues(raw), "Evt10"
+            elif raw[0] == 0x01 and self.requests is not None:
                 pdu, event = self.requests.decoded(bytes(raw)), "Evt6"
                 self.negotiated = getattr(pdu, "negotiated", None)
             else:
@@ -889,11 +896,12 @@ def _clone(context):
     return clone
 
 
-class _SharedContexts(list):
+class SharedContexts(list):
     """The server's supported presentation contexts, given to each association as they are: pynetdicom
     deep-copies them for every association (~0.7 ms of CPU, a tenth of what the receiver does in Python per
     one-instance association), yet only reads them (to negotiate, which `_negotiate` even does once per kind
-    of request). Each association still gets its own list."""
+    of request). Each association still gets its own list. `scp.server.start_servers` gives them to its
+    servers when the fast path is on (the pynetdicom version this was checked against)."""
 
     def __deepcopy__(self, memo):
         return list(self)
@@ -911,8 +919,6 @@ def request_handler(store: StoreFunction, find: FindFunction | None = None, *,
         takes_association_request = True   # the server may read the A-ASSOCIATE-RQ first (scp.tls)
 
         def _create_association(self):
-            if type(self.server.contexts) is not _SharedContexts:
-                self.server.contexts = _SharedContexts(self.server.contexts)
             assoc = super()._create_association()
             assoc.dimse = FastDIMSE(assoc, store, find, limits, reception)
             assoc.dul.__class__ = FastDUL

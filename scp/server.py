@@ -195,11 +195,12 @@ def start_servers(ae: AE, config: Settings, archive: Archive, sockets: dict[int,
     tls = server_context(d.certificate, d.private_key, d.ca_certificates, d.require_client_certificate)
     bound = event_handlers(archive, config, committer)
     # the contexts go to the servers, not to AE.supported_contexts: that setter makes plain
-    # copies, which pynetdicom would deep-copy for every association
+    # copies, which pynetdicom would deep-copy for every association (SharedContexts: not even those)
     contexts = supported_contexts()
     handler = None
     if d.fast_path:
         check_fast_path()
+        contexts = fastpath.SharedContexts(contexts)
         handler = fastpath.request_handler(partial(handlers.store, archive), partial(handlers.find, archive, config),
                                            limits=wire.Limits.of(d), reception=handlers.Reception.of(config))
     else:

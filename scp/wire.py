@@ -1,4 +1,5 @@
-"""DICOM wire code the node writes by hand: the few encoders, reading a PDU, parsing a command set.
+"""DICOM wire code the node writes by hand: the few encoders, reading a PDU and its data values, parsing a
+command set.
 
 Speed forces it (../shared/notes/ingest-performance.md): pynetdicom builds and parses every
 command set through pydicom (~3 ms per C-STORE) and reads a PDU in 4 KiB pieces after
@@ -12,6 +13,7 @@ gives up at a deadline.
 """
 from __future__ import annotations
 
+import socket
 import struct
 import time
 from dataclasses import dataclass
@@ -26,6 +28,12 @@ C_STORE_RQ, C_STORE_RSP, C_FIND_RSP, NO_DATA_SET, DATA_SET = 0x0001, 0x8001, 0x8
 MAX_COMMAND_SET = 64 << 10
 # A PDU buffer is allocated at most this far ahead of the bytes that have arrived.
 GROW_STEP = 1 << 20
+# While most of a long PDU is still to come, the reading thread sleeps until this much has arrived
+# (SO_RCVLOWAT) instead of waking for every TLS record (16 KiB): with many associations in one
+# process, each wake-up took the GIL from another thread.
+LOW_WATER = 256 << 10
+# Ciphertext a TLS layer may hold back from the kernel's count (one partial record), with room to spare.
+TLS_HELD = 20 << 10
 # After the node aborted an association, what the peer still sends is read and dropped up to this.
 DISCARD_LIMIT = 4 << 20
 PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
@@ -172,20 +180,48 @@ def read_pdu(sock, lengths: Mapping[int, int], deadline: float, exclusive: bool 
     buffer = bytearray(min(total, 6 + GROW_STEP))
     buffer[:6] = header
     received = 6
-    while received < total:
-        if received == len(buffer):
-            buffer.extend(bytes(min(GROW_STEP, total - len(buffer))))
-        received = _fill(sock, buffer, received, deadline, exclusive, name, total)
+    water = _Water(sock) if total - received > 2 * TLS_HELD and not exclusive else None
+    try:
+        while received < total:
+            if received == len(buffer):
+                buffer.extend(bytes(min(GROW_STEP, total - len(buffer))))
+            received = _fill(sock, buffer, received, deadline, exclusive, name, total, water)
+    finally:
+        if water is not None:
+            water.set(1)
     return buffer
 
 
+class _Water:
+    """A socket's receive low-water mark (SO_RCVLOWAT), set only when it changes."""
+
+    def __init__(self, sock):
+        self.sock, self.mark = sock, 1
+
+    def set(self, mark: int) -> None:
+        if mark != self.mark:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
+            except OSError:   # closed under us: the read says so
+                pass
+            self.mark = mark
+
+    def before_read(self, left: int) -> None:
+        """`left` bytes of the PDU are still to come: wait for the most that surely arrives (a
+        power of two up to LOW_WATER, so it changes a few times per PDU), or for anything."""
+        want = min(LOW_WATER, left - TLS_HELD)
+        self.set(1 << (want.bit_length() - 1) if want >= 2 * TLS_HELD else 1)
+
+
 def _fill(sock, buffer: bytearray, start: int, deadline: float, exclusive: bool, name: str = "PDU header",
-          total: int = 6) -> int:
+          total: int = 6, water: _Water | None = None) -> int:
     """Read into buffer[start:] until it is full; returns its length."""
     end = len(buffer)
     with memoryview(buffer) as view:
         while start < end:
             try:
+                if water is not None:
+                    water.before_read(total - start)
                 if exclusive:
                     sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 count = sock.recv_into(view[start:], end - start)
@@ -200,6 +236,33 @@ def _fill(sock, buffer: bytearray, start: int, deadline: float, exclusive: bool,
             if start < end and time.monotonic() >= deadline:
                 raise PDUTimeout(f"{name} stalled at {start} of {total} bytes")
     return end
+
+
+class PDataValues:
+    """A P-DATA-TF as read (`read_pdu`): its presentation data values as [context ID, value] pairs, each
+    value (message control header, then the fragment) a memoryview into the PDU, where pynetdicom's
+    decoding copies every fragment four times. The DUL's state machine takes it as it takes pynetdicom's
+    P_DATA_TF (`to_primitive`), and hands the values to the association's DIMSE provider."""
+
+    __slots__ = ("presentation_data_value_list",)
+
+    def __init__(self, pdu: bytearray):
+        """Raises ValueError when the items do not add up to the PDU (PS3.8 9.3.5.1)."""
+        values = []
+        offset, end = 6, len(pdu)
+        view = memoryview(pdu)
+        while offset < end:
+            if end - offset < 5:
+                raise ValueError(f"a presentation data value item cut off at {offset} of {end} bytes")
+            length, context_id = struct.unpack_from(">IB", pdu, offset)
+            if length < 1 or length > end - offset - 4:
+                raise ValueError(f"a presentation data value item of {length} bytes at {offset} of {end}")
+            values.append([context_id, view[offset + 5:offset + 4 + length]])
+            offset += 4 + length
+        self.presentation_data_value_list = values
+
+    def to_primitive(self) -> "PDataValues":
+        return self
 
 
 def abort_pdu(reason: int = 0x00) -> bytes:

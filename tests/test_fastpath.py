@@ -286,7 +286,7 @@ def test_associations_share_the_supported_contexts_which_negotiation_leaves_unch
     from scp.server import supported_contexts
     from test_hostile_network import _associate_rq
 
-    shared = fastpath._SharedContexts(supported_contexts())
+    shared = fastpath.SharedContexts(supported_contexts())
     given = copy.deepcopy(shared)
     assert type(given) is list and given is not shared and all(a is b for a, b in zip(given, shared, strict=True))
 

@@ -10,6 +10,7 @@ command sets to the receiving code in-process and to a live node.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import selectors
 import socket
@@ -39,7 +40,7 @@ from pynetdicom.sop_class import (CTImageStorage, StorageCommitmentPushModel,
 
 from helpers import data_file
 from scp import fastpath, wire
-from scp.tls import client_context
+from scp.tls import client_context, server_context
 
 MiB = 1 << 20
 ABORT = 0x07
@@ -940,6 +941,117 @@ def test_pdu_reader_never_allocates_a_claim(pdu_type, length, body, close):
         assert isinstance(outcome, wire.PeerClosed if close else wire.PDUTimeout)
     else:
         assert pdu == struct.pack(">BBI", pdu_type, 0, length) + body[:length]
+
+
+class _BytesPeer:
+    """The sending end of a connection that writes the wire bytes itself, in pieces it chooses: with
+    `tls`, TLS records (through memory BIOs) cut anywhere, as TCP may deliver them."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext | None):
+        self.sock, self.tls = sock, None
+        if context is not None:
+            self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+            while True:
+                try:
+                    self.tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    self.sock.sendall(self.outgoing.read())
+                    self.incoming.write(self.sock.recv(65536))
+            self.sock.sendall(self.outgoing.read())
+
+    def wire(self, data: bytes, record: int = 16384) -> bytes:
+        """What goes on the wire for `data`, written `record` bytes at a time."""
+        if self.tls is None:
+            return data
+        for start in range(0, len(data), record):
+            self.tls.write(data[start:start + record])
+        return self.outgoing.read()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_long_pdu_is_read_whole_however_slowly_its_last_bytes_come(pki, tls):
+    """The reader sleeps until much of a long PDU has arrived (SO_RCVLOWAT, instead of waking for each
+    TLS record), but never waits for more than surely comes: a PDU whose tail comes slowly, its TLS
+    records cut in pieces (the reader's TLS layer holds part of one), is read whole at once, and the
+    PDU after it too (the socket wakes for any byte again)."""
+    body = os.urandom(MiB)
+    pdu = struct.pack(">BBI", 0x04, 0, len(body)) + body
+    release = struct.pack(">BBI", 0x05, 0, 4) + bytes(4)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        theirs = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    if tls:
+        node_side = server_context(pki / "server.pem", pki / "server.key", pki / "ca.pem")
+        wrapped = []
+        handshake = threading.Thread(target=lambda: wrapped.append(node_side.wrap_socket(ours, server_side=True)))
+        handshake.start()
+    peer = _BytesPeer(theirs, client_context(pki / "ca.pem", pki / "client.pem", pki / "client.key") if tls else None)
+    if tls:
+        handshake.join()
+        ours = wrapped[0]
+    head, tail = peer.wire(pdu[:600_000]), peer.wire(pdu[600_000:])
+    marks = []
+
+    def send():
+        theirs.sendall(head)
+        time.sleep(0.3)
+        marks.append(ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT))   # while the reader waits
+        theirs.sendall(tail[:-60_000])
+        for start in range(len(tail) - 60_000, len(tail), 7000):                # records cut in pieces
+            theirs.sendall(tail[start:start + 7000])
+            time.sleep(0.02)
+        time.sleep(0.2)
+        theirs.sendall(peer.wire(release))
+
+    sender = threading.Thread(target=send)
+    try:
+        ours.settimeout(10)
+        started = time.monotonic()
+        sender.start()
+        first = wire.read_pdu(ours, {0x04: 2 * MiB, 0x05: 64}, time.monotonic() + 20)
+        took = time.monotonic() - started
+        after = ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+        second = wire.read_pdu(ours, {0x04: 2 * MiB, 0x05: 64}, time.monotonic() + 20)
+        sender.join()
+    finally:
+        ours.close()
+        theirs.close()
+    assert first == pdu and second == release
+    assert took < 2.5, f"the PDU took {took:.1f} s: the reader waited for bytes that were not coming"
+    assert marks[0] >= 64 << 10 and after == 1, (marks, after)
+
+
+@pytest.mark.fuzz
+@given(st.one_of(st.lists(st.tuples(st.integers(1, 255), st.binary(min_size=1, max_size=300)), min_size=1, max_size=6),
+                 st.binary(max_size=64)))
+def test_p_data_values_are_what_pynetdicom_decodes_without_copies(items):
+    """`wire.PDataValues` (the fast path's P-DATA-TF, memoryviews into the PDU) gives the values pynetdicom's
+    P_DATA_TF decodes, byte for byte; items that do not add up to the PDU are refused (ValueError)."""
+    from pynetdicom.pdu import P_DATA_TF
+
+    if isinstance(items, list):
+        primitive = P_DATA()
+        primitive.presentation_data_value_list = [[context_id, value] for context_id, value in items]
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        raw = bytearray(pdu.encode())
+    else:
+        raw = bytearray(struct.pack(">BBI", 0x04, 0, len(items)) + items)   # any body
+    try:
+        ours = wire.PDataValues(raw).to_primitive().presentation_data_value_list
+    except ValueError:
+        assert not isinstance(items, list)
+        event("refused")
+        return
+    theirs = P_DATA_TF()
+    theirs.decode(bytes(raw))
+    expected = [[context_id, bytes(value)] for context_id, value in theirs.to_primitive().presentation_data_value_list]
+    assert [[context_id, bytes(value)] for context_id, value in ours] == expected
+    assert all(isinstance(value, memoryview) and value.obj is raw for _, value in ours)
+    if isinstance(items, list):
+        assert expected == [[context_id, value] for context_id, value in items]
 
 
 def _uid(draw_int) -> str:
