@@ -13,7 +13,6 @@ gives up at a deadline.
 """
 from __future__ import annotations
 
-import socket
 import struct
 import time
 from dataclasses import dataclass
@@ -28,12 +27,6 @@ C_STORE_RQ, C_STORE_RSP, C_FIND_RSP, NO_DATA_SET, DATA_SET = 0x0001, 0x8001, 0x8
 MAX_COMMAND_SET = 64 << 10
 # A PDU buffer is allocated at most this far ahead of the bytes that have arrived.
 GROW_STEP = 1 << 20
-# While most of a long PDU is still to come, the reading thread sleeps until this much has arrived
-# (SO_RCVLOWAT) instead of waking for every TLS record (16 KiB): with many associations in one
-# process, each wake-up took the GIL from another thread.
-LOW_WATER = 256 << 10
-# Ciphertext a TLS layer may hold back from the kernel's count (one partial record), with room to spare.
-TLS_HELD = 20 << 10
 # After the node aborted an association, what the peer still sends is read and dropped up to this.
 DISCARD_LIMIT = 4 << 20
 PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
@@ -180,48 +173,20 @@ def read_pdu(sock, lengths: Mapping[int, int], deadline: float, exclusive: bool 
     buffer = bytearray(min(total, 6 + GROW_STEP))
     buffer[:6] = header
     received = 6
-    water = _Water(sock) if total - received > 2 * TLS_HELD and not exclusive else None
-    try:
-        while received < total:
-            if received == len(buffer):
-                buffer.extend(bytes(min(GROW_STEP, total - len(buffer))))
-            received = _fill(sock, buffer, received, deadline, exclusive, name, total, water)
-    finally:
-        if water is not None:
-            water.set(1)
+    while received < total:
+        if received == len(buffer):
+            buffer.extend(bytes(min(GROW_STEP, total - len(buffer))))
+        received = _fill(sock, buffer, received, deadline, exclusive, name, total)
     return buffer
 
 
-class _Water:
-    """A socket's receive low-water mark (SO_RCVLOWAT), set only when it changes."""
-
-    def __init__(self, sock):
-        self.sock, self.mark = sock, 1
-
-    def set(self, mark: int) -> None:
-        if mark != self.mark:
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
-            except OSError:   # closed under us: the read says so
-                pass
-            self.mark = mark
-
-    def before_read(self, left: int) -> None:
-        """`left` bytes of the PDU are still to come: wait for the most that surely arrives (a
-        power of two up to LOW_WATER, so it changes a few times per PDU), or for anything."""
-        want = min(LOW_WATER, left - TLS_HELD)
-        self.set(1 << (want.bit_length() - 1) if want >= 2 * TLS_HELD else 1)
-
-
 def _fill(sock, buffer: bytearray, start: int, deadline: float, exclusive: bool, name: str = "PDU header",
-          total: int = 6, water: _Water | None = None) -> int:
+          total: int = 6) -> int:
     """Read into buffer[start:] until it is full; returns its length."""
     end = len(buffer)
     with memoryview(buffer) as view:
         while start < end:
             try:
-                if water is not None:
-                    water.before_read(total - start)
                 if exclusive:
                     sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 count = sock.recv_into(view[start:], end - start)

@@ -972,10 +972,10 @@ class _BytesPeer:
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_a_long_pdu_is_read_whole_however_slowly_its_last_bytes_come(pki, tls):
-    """The reader sleeps until much of a long PDU has arrived (SO_RCVLOWAT, instead of waking for each
-    TLS record), but never waits for more than surely comes: a PDU whose tail comes slowly, its TLS
-    records cut in pieces (the reader's TLS layer holds part of one), is read whole at once, and the
-    PDU after it too (the socket wakes for any byte again)."""
+    """A PDU whose tail comes slowly, its TLS records cut in pieces (the reader's TLS layer holds part of
+    one), is read whole as soon as it has come, and the PDU after it too. (A reader that sleeps until
+    much of the PDU has arrived, SO_RCVLOWAT, without a margin for the record held, fails this: tried,
+    session 35; no faster here, so not kept.)"""
     body = os.urandom(MiB)
     pdu = struct.pack(">BBI", 0x04, 0, len(body)) + body
     release = struct.pack(">BBI", 0x05, 0, 4) + bytes(4)
@@ -992,12 +992,10 @@ def test_a_long_pdu_is_read_whole_however_slowly_its_last_bytes_come(pki, tls):
         handshake.join()
         ours = wrapped[0]
     head, tail = peer.wire(pdu[:600_000]), peer.wire(pdu[600_000:])
-    marks = []
 
     def send():
         theirs.sendall(head)
         time.sleep(0.3)
-        marks.append(ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT))   # while the reader waits
         theirs.sendall(tail[:-60_000])
         for start in range(len(tail) - 60_000, len(tail), 7000):                # records cut in pieces
             theirs.sendall(tail[start:start + 7000])
@@ -1012,7 +1010,6 @@ def test_a_long_pdu_is_read_whole_however_slowly_its_last_bytes_come(pki, tls):
         sender.start()
         first = wire.read_pdu(ours, {0x04: 2 * MiB, 0x05: 64}, time.monotonic() + 20)
         took = time.monotonic() - started
-        after = ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
         second = wire.read_pdu(ours, {0x04: 2 * MiB, 0x05: 64}, time.monotonic() + 20)
         sender.join()
     finally:
@@ -1020,7 +1017,6 @@ def test_a_long_pdu_is_read_whole_however_slowly_its_last_bytes_come(pki, tls):
         theirs.close()
     assert first == pdu and second == release
     assert took < 2.5, f"the PDU took {took:.1f} s: the reader waited for bytes that were not coming"
-    assert marks[0] >= 64 << 10 and after == 1, (marks, after)
 
 
 @pytest.mark.fuzz
