@@ -111,7 +111,16 @@ class Executor:
         return self.client.scheduler_info(n_workers=-1).get("workers", {})
 
     def capacity(self) -> int:
-        """Jobs that can run at once: the cluster's worker threads (at least 1)."""
+        """Jobs that can run at once: the cluster's worker threads (at least 1); none while the client has lost
+        its scheduler. Asking a client that is reconnecting blocks until it has (up to the 15 s it tries): the
+        router's loop, and a stop of the node, waited that long. A client that gave up is dropped: the next round
+        connects again."""
+        client = self.client
+        if client.status != "running":
+            if client.status == "closed":
+                log.warning("lost the Dask scheduler at %s: connecting again", self.config.router.scheduler)
+                self._client = None
+            return 0
         return max(1, sum(w.get("nthreads", 1) for w in self._workers().values()))
 
     def has_gpus(self) -> bool:

@@ -234,11 +234,14 @@ class Node:
 
     def stored_bytes_of_blob(self, blob_id: str) -> bytes:
         """The plaintext of a local blob (an instance, or a job's file)."""
+        return self.local_storage().read_all(blob_id)
+
+    def local_storage(self):
+        """The node's local blob store, read with its keys as they are now."""
         from archive.crypto import LocalKeyring
         from archive.storage import LocalStorage
 
-        storage = LocalStorage(self.data_dir / "blobs", LocalKeyring.open(self.data_dir / "keys", create=False))
-        return storage.read_all(blob_id)
+        return LocalStorage(self.data_dir / "blobs", LocalKeyring.open(self.data_dir / "keys", create=False))
 
     def stored_dataset_sha256(self, blob_id: str) -> str:
         """SHA-256 of a stored instance's data set, streamed (never whole in memory)."""

@@ -35,9 +35,11 @@ def make_copies(directory: Path, count: int, name: str = "CT_small.dcm") -> list
 
 def check_consistent(node) -> dict[str, str]:
     """Every row has an intact blob matching its SHA-256, and no blob lacks a row."""
-    rows = dict(node.rows("SELECT sop_instance_uid, sha256 FROM instances"))
-    for uid, sha in rows.items():
-        assert dataset_sha256(node.stored_bytes(uid)) == sha, f"{uid} damaged"
+    listed = node.rows("SELECT sop_instance_uid, sha256, blob_id FROM instances")   # one read: PostgreSQL too
+    storage = node.local_storage()
+    for uid, sha, blob_id in listed:
+        assert dataset_sha256(storage.read_all(blob_id)) == sha, f"{uid} damaged"
+    rows = {uid: sha for uid, sha, _ in listed}
     assert len(node.blob_files()) == len(rows), "orphan blobs remain"
     changes = node.rows("SELECT COUNT(*) FROM changes WHERE kind='stored'")[0][0]
     assert changes == len(rows), "change log and instances disagree"

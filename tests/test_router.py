@@ -11,6 +11,7 @@ import signal
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -119,6 +120,10 @@ def test_an_external_cluster_runs_the_jobs(routed, tmp_path):
             if proc is not None:
                 proc.terminate()
                 proc.wait(15)
+    # the scheduler is gone and the client tries to reconnect for 15 s: the router no longer waits for it
+    started = time.monotonic()
+    node.stop()
+    assert time.monotonic() - started < 6, f"the node took {time.monotonic() - started:.1f} s to stop"
 
 
 def test_a_worker_killed_mid_job_the_job_is_retried_and_stored_once(routed, tmp_path):
