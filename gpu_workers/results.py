@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import highdicom as hd
 import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
@@ -20,6 +19,9 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from .plugin import Context
+
+if TYPE_CHECKING:
+    import highdicom as hd
 
 MANUFACTURER = "m3dicom"
 ABSENT = codes.cid240.Absent           # (272519000, SCT, "Absent"): CID 240 Present-Absent
@@ -33,6 +35,8 @@ def encode(dataset: Dataset) -> bytes:
 
 
 def _equipment(ctx: Context) -> list[hd.ContributingEquipment]:
+    import highdicom as hd
+
     return [hd.ContributingEquipment(manufacturer=MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
                                      manufacturer_model_name=ctx.algorithm.name[:64],
                                      software_versions=ctx.algorithm.version[:64])]
@@ -56,6 +60,7 @@ def secondary_capture(source: Dataset, pixels: np.ndarray, ctx: Context, *, name
 
     `pixels`: uint8 (rows, columns) grey or (rows, columns, 3) RGB, or uint16 grey.
     """
+    import highdicom as hd   # here: every process that loads the plug-ins (the node's, at start) paid 0.2 s for it
     pixels = np.ascontiguousarray(pixels)
     rgb = pixels.ndim == 3
     if pixels.dtype not in (np.uint8, np.uint16) or (rgb and pixels.dtype != np.uint8):
@@ -115,6 +120,7 @@ def measurement_report(findings: Sequence[Finding], evidence: Sequence[Dataset],
     An earlier job's report that this one supersedes is listed in the Predecessor Documents
     Sequence (`ctx.predecessors`).
     """
+    import highdicom as hd
     if not findings and not nothing_found:
         raise ValueError("a measurement report needs a finding or a statement that none was found "
                          "(pass nothing_found=[NothingFound(...)] for a normal result)")
