@@ -70,10 +70,14 @@ QUIET = {"distributed.admin.tick.interval": "500ms"}
 
 
 class Executor:
+    CONNECT = "15s"     # how long a first connection to an external scheduler, and the client's reconnecting, may take
+    RECONNECT = "3s"    # each later attempt, once the client gave up (one a round)
+
     def __init__(self, config: Settings):
         self.config = config
         self._client = None
         self._cluster = None
+        self._lost = False   # the external scheduler was lost: connect again with a short timeout, each round
         self.progress: queue.SimpleQueue = queue.SimpleQueue()   # {"job", "fraction", "message"} from workers
 
     @property
@@ -90,7 +94,9 @@ class Executor:
         r = self.config.router
         if r.scheduler:
             log.info("connecting to the Dask scheduler at %s", r.scheduler)
-            self._client = Client(r.scheduler, timeout="15s", set_as_default=False)
+            self._client = Client(r.scheduler, timeout=self.RECONNECT if self._lost else self.CONNECT,
+                                  set_as_default=False)
+            self._lost = False
         else:
             gpus = gpu_count()
             dask.config.set({"distributed.scheduler.allowed-failures": 0, **QUIET,
@@ -113,13 +119,13 @@ class Executor:
     def capacity(self) -> int:
         """Jobs that can run at once: the cluster's worker threads (at least 1); none while the client has lost
         its scheduler. Asking a client that is reconnecting blocks until it has (up to the 15 s it tries): the
-        router's loop, and a stop of the node, waited that long. A client that gave up is dropped: the next round
-        connects again."""
+        router's loop, and a stop of the node, waited that long. A client that gave up is dropped: the next rounds
+        connect again, each waiting at most RECONNECT for the scheduler."""
         client = self.client
         if client.status != "running":
             if client.status == "closed":
                 log.warning("lost the Dask scheduler at %s: connecting again", self.config.router.scheduler)
-                self._client = None
+                self._client, self._lost = None, True
             return 0
         return max(1, sum(w.get("nthreads", 1) for w in self._workers().values()))
 

@@ -198,3 +198,53 @@ def test_a_router_with_nothing_running_rests_between_rounds(setup):
     assert rounds_in(1.6) <= 2                        # at 0 s and 1 s
     router.running["job"] = object()                  # a job of this router's runs: every `idle`
     assert rounds_in(1.6) >= 5
+
+
+def test_a_lost_scheduler_holds_nothing_and_is_connected_again_when_back(monkeypatch):
+    """While an external scheduler is away the router gets no capacity at once (asking the reconnecting client
+    blocked the router, and a stop of the node, for 15 s); once the client gives up, each round connects again,
+    briefly, and jobs flow when the scheduler is back (the closed client raised TypeError every round before)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from helpers import free_port, wait_for
+    from router.executor import Executor
+
+    monkeypatch.setattr(Executor, "CONNECT", "2s")
+    monkeypatch.setattr(Executor, "RECONNECT", "1s")
+    port = free_port()
+
+    def scheduler():
+        return subprocess.Popen([str(Path(sys.executable).parent / "dask"), "scheduler", "--host", "127.0.0.1",
+                                 "--port", str(port), "--no-dashboard"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    running = scheduler()
+    executor = Executor(SimpleNamespace(router=SimpleNamespace(scheduler=f"tcp://127.0.0.1:{port}")))
+    try:
+        wait_for(lambda: _capacity(executor) == 1, timeout=20, what="the scheduler")
+        running.terminate()
+        running.wait(10)
+        started = time.monotonic()
+        assert executor.capacity() == 0 and time.monotonic() - started < 0.5     # reconnecting: not waited for
+        wait_for(lambda: executor.capacity() == 0 and executor._lost, timeout=10, interval=0.2,
+                 what="the client to give up")
+        started = time.monotonic()
+        assert _capacity(executor) is None and time.monotonic() - started < 2.5    # one short attempt
+        running = scheduler()
+        wait_for(lambda: _capacity(executor) == 1, timeout=20, interval=0.2, what="a connection to it again")
+    finally:
+        executor.close()
+        running.terminate()
+        running.wait(10)
+
+
+def _capacity(executor) -> int | None:
+    """The capacity, or None when connecting failed (as a router round does: it logs, and tries next round)."""
+    try:
+        return executor.capacity()
+    except OSError:
+        return None
