@@ -42,7 +42,11 @@ pynetdicom 3.0.4 internals this relies on (check each when PYNETDICOM_VERSION ch
 - `Association._accepted_cx`: the accepted presentation contexts by context ID.
 - A P-DATA-TF is not decoded by pynetdicom (`wire.PDataValues`: no copies of the fragments): the state
   machine's DT-2 and AR-7 take it off `_recv_pdu` and give its `to_primitive()` to `dimse.receive_primitive`
-  alone (`FastDIMSE`'s); EVT_DATA_RECV and EVT_PDU_RECV are not triggered for it (the node binds neither).
+  alone (`FastDIMSE`'s), which reads its values once; EVT_DATA_RECV and EVT_PDU_RECV are not triggered for it
+  (the node binds neither). A fragment on a context not in `_accepted_cx` aborts the association.
+- `StateMachine.do_action` raises `InvalidEventError` for an event its state has no action for (having
+  logged it): pynetdicom's reactor thread dies of it; `FastDUL.run_reactor` ends there the same way, quietly,
+  and drops the message being received (`FastDIMSE.drop`: its spool file).
 - `DULServiceProvider._read_pdu_data` (reads a PDU off the socket), `_decode_pdu`,
   `_recv_pdu` (its queue of decoded PDUs) and `receive_pdu(wait, timeout)`.
 - `AssociationSocket.ready` and `recv(n)`, and its attributes as its `__init__` sets them.
@@ -96,7 +100,7 @@ from pynetdicom.dul import LOGGER as DUL_LOGGER
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import decode
-from pynetdicom.fsm import StateMachine
+from pynetdicom.fsm import InvalidEventError, StateMachine
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (A_ASSOCIATE, P_DATA, ImplementationClassUIDNotification,
                                        ImplementationVersionNameNotification, MaximumLengthNotification,
@@ -384,6 +388,9 @@ class FastDIMSE(DIMSEServiceProvider):
             self._abort("a presentation data value without its message control header")
             return
         control, size = data[0], len(data) - 1
+        if context_id not in self.assoc._accepted_cx:       # PS3.8 9.3.5.1: only an accepted context
+            self._abort(f"a presentation data value on presentation context {context_id}, which was not accepted")
+            return
         if self.message is not None:                       # pynetdicom is assembling this one
             if self._within_limits(control, size):
                 self._stock(context_id, data)
@@ -623,9 +630,18 @@ class FastDUL(DULServiceProvider):
                 except queue.Empty:
                     busy = False
                     continue
-                self.state_machine.do_action(event)
+                try:
+                    self.state_machine.do_action(event)
+                except InvalidEventError:
+                    # pynetdicom logged it: e.g. the association thread's A-RELEASE-RP after the peer's P-DATA
+                    # in Sta8 made the DUL abort (Sta13). pynetdicom's reactor ended here with a traceback, its
+                    # spool file left: this one ends as it did, quietly, and drops the file (below).
+                    break
                 busy = True
         finally:
+            drop = getattr(self.assoc.dimse, "drop", None)
+            if drop is not None:
+                drop()                        # a data set cut off by the end: its spool file goes
             with self._wakeup_lock:
                 if self._wakeup_fd >= 0:
                     os.close(self._wakeup_fd)
