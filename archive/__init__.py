@@ -4,15 +4,28 @@
 """
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
-from .crypto import IntegrityError
-from .dicomfile import InvalidInstance, Limits, PixelsTooLarge
-from .ingest import Archive, IngestResult, Outcome
-
 if TYPE_CHECKING:
+    from .crypto import IntegrityError
+    from .dicomfile import InvalidInstance, Limits, PixelsTooLarge
     from .index import Index
+    from .ingest import Archive, IngestResult, Outcome
     from .settings import Settings
+
+# imported when first asked for: `archive.settings` (every CLI command, the node's start) needs neither
+# pydicom nor SQLAlchemy, which take half a second to import
+_LAZY = {"IntegrityError": "crypto", "InvalidInstance": "dicomfile", "Limits": "dicomfile",
+         "PixelsTooLarge": "dicomfile", "Archive": "ingest", "IngestResult": "ingest", "Outcome": "ingest"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["Archive", "IngestResult", "IntegrityError", "InvalidInstance", "Limits", "Outcome", "PixelsTooLarge",
            "check_storage", "open", "open_index"]
@@ -22,6 +35,8 @@ def open(settings: Settings) -> Archive:                      # noqa: A001 (arch
     """The node's archive; with storage.backend = "s3", with its S3 tier (and KMS when set)."""
     from . import s3
     from .crypto import KmsKeyring
+    from .dicomfile import Limits
+    from .ingest import Archive
 
     st, cr, ig = settings.storage, settings.crypto, settings.ingest
 

@@ -1,6 +1,7 @@
 """Test helpers: test data, `m3dicom serve` as a real subprocess, polling with a deadline."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -101,18 +102,53 @@ def arrived(folder: Path) -> list[Path]:
 @contextmanager
 def paused(*processes):
     """The processes (psutil handles) stopped, every thread of them, for the block: a process that
-    has only been sent SIGSTOP may still accept a connection in a thread not yet stopped."""
-    for process in processes:
-        process.suspend()
-    try:
+    has only been sent SIGSTOP may still accept a connection in a thread not yet stopped. Never
+    stopped while one of them holds the receivers' association table (scp.slots): the others would
+    refuse every association as long as it is held (as they should, for a receiver that stalls)."""
+    for _ in range(200):
         for process in processes:
-            wait_for(lambda: all(_state(process.pid, task) in ("T", "t", None)
-                                 for task in os.listdir(f"/proc/{process.pid}/task")),
-                     timeout=10, interval=0.005, what=f"every thread of process {process.pid} to stop")
+            process.suspend()
+        try:
+            for process in processes:
+                wait_for(lambda: all(_state(process.pid, task) in ("T", "t", None)
+                                     for task in os.listdir(f"/proc/{process.pid}/task")),
+                         timeout=10, interval=0.005, what=f"every thread of process {process.pid} to stop")
+            if _association_table_free(processes):
+                break
+        except BaseException:
+            for process in processes:
+                process.resume()
+            raise
+        for process in processes:
+            process.resume()
+        time.sleep(0.01)
+    else:
+        raise AssertionError("the association table was held at every one of 200 pauses")
+    try:
         yield
     finally:
         for process in processes:
             process.resume()
+
+
+def _association_table_free(processes) -> bool:
+    """Whether no process holds the association table's lock (True where there is no table)."""
+    for process in processes:
+        for fd in os.listdir(f"/proc/{process.pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{process.pid}/fd/{fd}").startswith("/memfd:m3dicom-associations"):
+                    continue
+                table = os.open(f"/proc/{process.pid}/fd/{fd}", os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(table, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            finally:
+                os.close(table)   # closing the only descriptor of this open file lets go of the lock
+            return True
+    return True
 
 
 def _state(pid: int, task: str) -> str | None:

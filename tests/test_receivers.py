@@ -28,11 +28,8 @@ def test_every_receiver_starts_and_serves(make_node):
     assert len(receivers_of(node)) == 2
     assert "3 receiving processes" in node.log()
     # with the node process stopped, only the spawned receivers can accept
-    os.kill(node.proc.pid, signal.SIGSTOP)
-    try:
+    with paused(psutil.Process(node.proc.pid)):
         node.storescu(data_file("CT_small.dcm"), timeout=60)
-    finally:
-        os.kill(node.proc.pid, signal.SIGCONT)
     assert node.rows("SELECT calling_ae FROM instances") == [("STORESCU",)]
     line = wait_for(lambda: next((line for line in node.log().splitlines() if "association from" in line), None),
                     what="the association's line, written at its end")
