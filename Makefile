@@ -42,6 +42,9 @@ install: $(BIN)/m3dicom $(X3DOM) $(OHIF)
 		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+	@# the packages' bytecode, made now: where PYTHONDONTWRITEBYTECODE is set (containers, CI) every process would
+	@# compile them again at its start (0.3 s a node, a receiver, a CLI command); only changed files are compiled
+	$(BIN)/python -m compileall -q -j0 -x /vendor/ node scp archive router gpu_workers viewer certs >/dev/null
 
 certs/server.pem: | $(BIN)/m3dicom
 	$(BIN)/m3dicom certs init --dir certs
