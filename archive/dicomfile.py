@@ -412,7 +412,7 @@ def _file_meta(buf, read_syntax: bool = True) -> tuple[int, str]:
         if tag <= previous:
             raise InvalidInstance(f"file meta element (0002,{elem:04X}) repeated or out of order")
         previous = tag
-        if tag == _TRANSFER_SYNTAX:
+        if tag == _TRANSFER_SYNTAX and read_syntax:
             if length > MAX_VALUE_BYTES[0x00080016]:       # a UID's limit, as SOP Class UID's
                 raise InvalidInstance("file meta information: Transfer Syntax UID too long")
             meta[tag] = RawDataElement(BaseTag(tag), vr.decode("ascii", "replace"), length,

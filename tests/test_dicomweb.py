@@ -499,7 +499,7 @@ def test_a_retrieve_reads_batches_planned_from_the_indexed_sizes():
     def found(*sizes, syntax=wado.EVLE):
         return [Match(n, "1.2", f"1.2.{n}", syntax, f"b{n}", "00", 0.0, size) for n, size in enumerate(sizes)]
 
-    small, half, large = 1 << 20, wado.BATCH // 2, wado.INLINE + 1
+    small, half, large = wado.BATCH // 4, wado.BATCH // 2, wado.INLINE + 1
     assert wado._plan(found(small, small, small), None) == [(0, 3)]
     assert wado._plan(found(half, half, half, small), None) == [(0, 2), (2, 4)]
     assert wado._plan(found(small, large, small, small, large), None) == [(0, 1), (1, 2), (2, 4), (4, 5)]

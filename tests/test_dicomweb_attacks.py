@@ -412,7 +412,7 @@ def big_study(site, tmp_path_factory):
 
 
 def _big_study(node, directory):
-    """12 instances of 2 MB: three batches in memory (wado.BATCH), more than sockets buffer."""
+    """12 instances of 2 MB: a batch each in memory (over wado.BATCH), more than sockets buffer."""
     study = pydicom.uid.generate_uid()
     files = synthetic_instances(directory, 12, pixel_bytes=2 << 20, study=study, patient="Big^Study",
                                 patient_id="P-BIG")

@@ -70,7 +70,7 @@ METADATA = web.AppKey("dicomweb_metadata", Cache)    # instances' metadata by SH
 STORED = web.AppKey("dicomweb_stored", Cache)        # verified Part 10 files read lately (viewer.instance_cache_mb)
 BASE = f"m3base-{secrets.token_hex(16)}"   # where the base URL goes in kept metadata: no value can name it
 INLINE = 4 << 20                   # an instance up to this size is retrieved in memory (larger: a private file)
-BATCH = 8 << 20                    # bytes of instances read by one worker call for a retrieve
+BATCH = 1 << 20                    # bytes of instances read by one worker call for a retrieve
 RETRIEVE_SLOTS = web.AppKey("dicomweb_retrieve_slots", asyncio.Semaphore)
 PREFETCH_QUIET = 10.0              # seconds a study receives nothing before its metadata is made ahead
 PREFETCH_POLL = 2.0
@@ -81,7 +81,7 @@ RETRIEVE_PER_CALLER = 4            # of those, for one caller (a token, a user, 
 RETRIEVE_WAIT = 30.0               # seconds a retrieve waits for its first batch's turn; then 503 (Retry-After)
 SEND_PIECE = 256 << 10             # bytes written at a time: each must be taken within viewer.body_timeout
 READ_AHEAD = 1                     # batches one retrieve reads at once (in worker threads)
-RETRIEVE_BATCHES = 16              # batches in memory for all retrieves at once (at most ~200 MB)
+RETRIEVE_BATCHES = 16              # batches in memory for all retrieves at once (at most ~80 MB)
 
 
 # -- what the path names --------------------------------------------------------------------------
