@@ -46,6 +46,7 @@ from .storage import BlobInfo, Elsewhere, LocalStorage, StorageFull, TieredStora
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 ERROR_COMMENT_MAX = 64   # a reason a DIMSE Error Comment (LO) carries whole
+INSPECTED_KEPT = 65536    # blobs `Archive.readable` remembers it inspected (a set of ids; then it starts again)
 _NEW_INSTANCE = Prepared(
     "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, transfer_syntax, size, "
     "sha256, blob_id, calling_ae, received_at, job_id, node, pixel_rows, pixel_columns, bits_allocated, frames) "
@@ -172,6 +173,7 @@ class Archive:
         self.exports.mkdir(mode=0o700, exist_ok=True)
         self.duplicates = duplicates
         self.limits = limits
+        self._inspected: set[tuple[str, str]] = set()   # blobs `readable` found within the limits
         self.on_conflict = on_conflict
         self.min_free_bytes = min_free_bytes
         self.audit = None        # an atna.Recorder when [audit] repository is set (archive.open)
@@ -350,7 +352,11 @@ class Archive:
         `kept`: as for `verified`."""
         data = self.verified(blob_id, sha256, limit, kept)
         if data is not None and syntax_of(data) != DeflatedExplicitVRLittleEndian:
-            inspect_bytes(data, self.limits, self.exports)
+            if (blob_id, sha256) not in self._inspected:   # a blob is never rewritten, and these bytes are it: once
+                inspect_bytes(data, self.limits, self.exports)
+                if len(self._inspected) >= INSPECTED_KEPT:
+                    self._inspected.clear()
+                self._inspected.add((blob_id, sha256))
             yield io.BytesIO(data)
             return
         with self.exported(blob_id, sha256) as path, undeflated(path, self.limits) as plain:

@@ -537,3 +537,31 @@ def test_keys_gone_from_a_data_directory_with_blobs_are_refused_not_replaced(tmp
     fresh = Archive(tmp_path / "new")                      # a new data directory still gets its first key
     fresh.close()
     assert len(list((tmp_path / "new" / "keys").glob("*.kek"))) == 1
+
+
+def test_readable_inspects_a_blob_once_and_one_that_fails_every_time(archive, tmp_path, monkeypatch):
+    """`Archive.readable` checks the stored bytes within the limits before pydicom reads them. A blob is
+    never rewritten and its bytes are checked against their SHA-256, so a blob found within the limits is
+    not walked again (each frame request of a series walked its instance again: ~1.5 ms); one that is not
+    is refused every time it is asked for."""
+    import archive.ingest as ingest_module
+
+    first, second = (archive.ingest_file(copy_with(tmp_path, SOPInstanceUID=generate_uid())) for _ in range(2))
+    (row_1,), (row_2,) = ([archive.index.read(text("SELECT blob_id, sha256 FROM instances WHERE sop_instance_uid = :u"),
+                                              {"u": r.sop_instance_uid})[0]] for r in (first, second))
+    walked, real = [], ingest_module.inspect_bytes
+
+    def counted(data, limits, spool):
+        walked.append(limits)
+        return real(data, limits, spool)
+
+    monkeypatch.setattr(ingest_module, "inspect_bytes", counted)
+    for _ in range(3):
+        with archive.readable(*row_1, 1 << 20) as plain:
+            assert pydicom.dcmread(plain).SOPInstanceUID == first.sop_instance_uid
+    assert len(walked) == 1
+    archive.limits = ingest_module.Limits(max_sequence_depth=0)     # CT_small holds a sequence
+    for _ in range(2):
+        with pytest.raises(ingest_module.InvalidInstance), archive.readable(*row_2, 1 << 20):
+            pass
+    assert len(walked) == 3

@@ -121,3 +121,25 @@ def test_old_blobs_stay_readable_after_a_new_key(ring):
 def test_not_a_blob(ring):
     with pytest.raises(IntegrityError, match="magic"):
         open_(ring, b"\0" * 128 + b"DICM" + b"\0" * 100)
+
+
+@pytest.mark.parametrize("segment", [4096, 1 << 20])
+def test_blobs_read_from_the_disk_at_once_or_not_read_back_whole_and_in_ranges(tmp_path, ring, segment):
+    """LocalStorage.open reads a blob up to READ_BUFFER bytes in one go (header and segments from the buffer),
+    a larger one as it goes: the same bytes either way, a range too, and a blob cut short on disk still fails."""
+    from archive.storage import READ_BUFFER, BlobNotFound, LocalStorage
+
+    storage = LocalStorage(tmp_path / "blobs", ring, segment)
+    for size in (0, 1, READ_BUFFER - 200, READ_BUFFER + 5000, 3 * READ_BUFFER):
+        data = os.urandom(size)
+        blob = storage.create([data[:size // 3], data[size // 3:]]).blob_id
+        assert storage.read_all(blob) == data
+        assert storage.read_range(blob, size // 2, 70_000) == data[size // 2:size // 2 + 70_000]
+        path = storage.path(blob)
+        path.write_bytes(path.read_bytes()[:-1])
+        with pytest.raises(IntegrityError):
+            storage.read_all(blob)
+    with pytest.raises(BlobNotFound):
+        storage.read_all("0" * 32)
+    with pytest.raises(ValueError):
+        storage.read_all("../" + "0" * 29)

@@ -615,11 +615,15 @@ class _Unsupported(ValueError):
     pass
 
 
+FRAME_TAGS = ["NumberOfFrames", "BitsAllocated", "SamplesPerPixel", "Rows", "Columns", "PlanarConfiguration",
+              "PixelData", "FloatPixelData", "DoubleFloatPixelData"]   # what `_frames` reads of a data set
+
+
 def _frames(archive, match: archive_query.Match, numbers: list[int] | None, kept: Cache | None = None) -> list[bytes]:
     """The frames' pixels, uncompressed, little endian (None: all of them); a native frame is read
     from its place in the file, a compressed one decoded by itself."""
     with archive.readable(match.blob_id, match.sha256, INLINE, kept) as plain:
-        ds = pydicom.dcmread(plain, defer_size=BULK_BYTES)
+        ds = pydicom.dcmread(plain, defer_size=BULK_BYTES, specific_tags=FRAME_TAGS)
         if "PixelData" not in ds:
             raise NotAnImage("this instance has no pixel data")
         check_pixels(ds, archive.limits.max_pixel_bytes)
