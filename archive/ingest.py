@@ -173,7 +173,7 @@ class Archive:
         self.exports.mkdir(mode=0o700, exist_ok=True)
         self.duplicates = duplicates
         self.limits = limits
-        self._inspected: set[tuple[str, str]] = set()   # blobs `readable` found within the limits
+        self._inspected: set[tuple[str, str, str]] = set()   # blobs `readable` found within the limits
         self.on_conflict = on_conflict
         self.min_free_bytes = min_free_bytes
         self.audit = None        # an atna.Recorder when [audit] repository is set (archive.open)
@@ -351,12 +351,15 @@ class Archive:
         memory when it is at most `limit` bytes and not deflated, else a private file (removed after).
         `kept`: as for `verified`."""
         data = self.verified(blob_id, sha256, limit, kept)
-        if data is not None and syntax_of(data) != DeflatedExplicitVRLittleEndian:
-            if (blob_id, sha256) not in self._inspected:   # a blob is never rewritten, and these bytes are it: once
+        syntax = syntax_of(data) if data is not None else None
+        if data is not None and syntax != DeflatedExplicitVRLittleEndian:
+            # once per blob: a blob is never rewritten, and these bytes are its data set (checked against its
+            # SHA-256) read in the transfer syntax its file meta names (which the SHA-256 does not cover)
+            if (blob_id, sha256, syntax) not in self._inspected:
                 inspect_bytes(data, self.limits, self.exports)
                 if len(self._inspected) >= INSPECTED_KEPT:
                     self._inspected.clear()
-                self._inspected.add((blob_id, sha256))
+                self._inspected.add((blob_id, sha256, syntax))
             yield io.BytesIO(data)
             return
         with self.exported(blob_id, sha256) as path, undeflated(path, self.limits) as plain:

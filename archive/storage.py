@@ -9,13 +9,14 @@ import errno
 import os
 import re
 import secrets
+import stat
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .crypto import EnvelopeReader, EnvelopeWriter, KeyWrapper, fsync_directory
+from .crypto import EnvelopeReader, EnvelopeWriter, IntegrityError, KeyWrapper, fsync_directory
 
 _BLOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _PARTIAL = ".partial"
@@ -129,12 +130,15 @@ class LocalStorage(BlobReads):
         disk at once: its header and segments then come from the buffer (a retrieve of a series opens
         hundreds of them, in the process that serves the viewer)."""
         check_blob_id(blob_id)
-        try:
-            fd = os.open(f"{self._root}/{blob_id[:2]}/{blob_id}", os.O_RDONLY | os.O_CLOEXEC)
+        try:      # O_NONBLOCK: a FIFO put in a blob's place would hold the reading thread (a regular file ignores it)
+            fd = os.open(f"{self._root}/{blob_id[:2]}/{blob_id}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise BlobNotFound(blob_id) from None
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise IntegrityError(f"blob {blob_id} is not a regular file")
+            size = info.st_size
             fh = open(fd, "rb", buffering=min(max(size, 1), READ_BUFFER))
         except BaseException:
             os.close(fd)

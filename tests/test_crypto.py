@@ -141,5 +141,11 @@ def test_blobs_read_from_the_disk_at_once_or_not_read_back_whole_and_in_ranges(t
             storage.read_all(blob)
     with pytest.raises(BlobNotFound):
         storage.read_all("0" * 32)
+    for kind, make in (("a FIFO", os.mkfifo), ("a directory", os.mkdir)):   # in a blob's place: refused at once
+        blob = storage.create([b"x" * 100]).blob_id                         # (a FIFO held the reading thread)
+        storage.path(blob).unlink()
+        make(storage.path(blob))
+        with pytest.raises(IntegrityError, match="not a regular file"):
+            storage.read_all(blob)
     with pytest.raises(ValueError):
         storage.read_all("../" + "0" * 29)
